@@ -1,0 +1,96 @@
+"""A1111 layer names for a loaded model, and its family.
+
+Mirrors ``extensions-builtin/Lora/networks.py: assign_network_names_to_compvis_modules``:
+
+- SDXL: every ``sd_model.conditioner.embedders[i]`` that has ``.wrapped`` contributes
+  ``f"{i}_{name.replace('.', '_')}"`` for each of ``embedder.wrapped.named_modules()``;
+- SD1/SD2: ``getattr(cond_stage_model, 'wrapped', cond_stage_model).named_modules()`` with ``.`` → ``_``;
+- all families: ``sd_model.model.named_modules()`` (so UNet names start with ``diffusion_model_``).
+
+Later entries overwrite earlier ones exactly as in A1111 (only the root names ``''``/``'{i}_'`` can collide).
+Unlike A1111 this does not set ``module.network_layer_name`` and does not read ``shared.sd_model``: it names the
+model it is given.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _is_sdxl(sd_model) -> bool:
+    flag = getattr(sd_model, "is_sdxl", None)
+    if flag is not None:
+        return bool(flag)
+    return hasattr(sd_model, "conditioner")
+
+
+def _text_embedders(sd_model):
+    """(index, module) of the SDXL text encoders, as A1111 enumerates them (those with ``.wrapped``)."""
+    embedders = list(getattr(sd_model.conditioner, "embedders", []))
+    found = [(i, e.wrapped) for i, e in enumerate(embedders) if hasattr(e, "wrapped")]
+    if found:
+        return found
+    # Bare sgm (no WebUI hijack wrappers): the text embedders are the ones holding a transformer.
+    return [(i, e) for i, e in enumerate(embedders)
+            if hasattr(e, "transformer") or hasattr(getattr(e, "model", None), "transformer")]
+
+
+def layer_mapping(sd_model) -> dict[str, nn.Module]:
+    mapping: dict[str, nn.Module] = {}
+    if _is_sdxl(sd_model):
+        for i, wrapped in _text_embedders(sd_model):
+            for name, module in wrapped.named_modules():
+                mapping[f"{i}_{name.replace('.', '_')}"] = module
+    else:
+        cond = getattr(sd_model, "cond_stage_model", None)
+        if cond is not None:
+            cond = getattr(cond, "wrapped", cond)
+            for name, module in cond.named_modules():
+                mapping[name.replace(".", "_")] = module
+    unet_root = getattr(sd_model, "model", None)
+    if unet_root is None:
+        raise ValueError("the model has no `.model` (DiffusionWrapper/OpenAIWrapper): not an SD1/SD2/SDXL model")
+    for name, module in unet_root.named_modules():
+        mapping[name.replace(".", "_")] = module
+    return mapping
+
+
+def _context_dim(sd_model) -> int | None:
+    """in_features of the first cross-attention to_k: 768 SD1, 1024 SD2, 2048 SDXL."""
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if unet is None:
+        return None
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k") and isinstance(module, nn.Linear):
+            return module.in_features
+    return None
+
+
+def model_family(sd_model) -> str:
+    """'sd1' | 'sd2' | 'sdxl'. A1111's flags (``is_sdxl``/``is_sd2``/``is_sd1``) win; else the structure decides."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    if hasattr(sd_model, "conditioner"):
+        return "sdxl"
+    cond = getattr(sd_model, "cond_stage_model", None)
+    if cond is not None:
+        inner = getattr(cond, "wrapped", cond)
+        # open_clip (SD2) keeps `model.transformer.resblocks`; ldm FrozenCLIPEmbedder (SD1) has an HF `transformer`.
+        if hasattr(getattr(getattr(inner, "model", None), "transformer", None), "resblocks"):
+            return "sd2"
+        if hasattr(inner, "transformer"):
+            return "sd1"
+    ctx = _context_dim(sd_model)
+    if ctx == 1024:
+        return "sd2"
+    if ctx == 2048:
+        return "sdxl"
+    if ctx == 768:
+        return "sd1"
+    raise ValueError("could not tell the model family (no A1111 flags, no known text encoder, no cross-attention)")
