@@ -1,0 +1,826 @@
+"""Training config (sd-scripts ``--config_file`` TOML) and dataset config (``--dataset_config`` TOML) parsing.
+
+Training TOML: every ``[section]`` is merged into one flat set of keys, as ``train_util.read_config_from_file`` does,
+so the tutorial file with ``[model]``, ``[dataset]``, ``[training]`` works. Each key is either a ``TrainConfig``
+field, an alias we translate (with a note), an sd-scripts option we recognise but do not use (accepted, with a note
+saying why), or unknown: unknown keys stop the load with one error naming each, with close-match suggestions.
+
+Defaults are sd-scripts' argparse defaults (train_util.py / train_network.py @48d368fa) with one deliberate
+exception: ``caption_extension`` defaults to ``.txt`` (sd-scripts: ``.caption``; kohya_ss GUI and every tutorial
+use ``.txt``; sd-scripts silently ignores ``.txt`` captions with its default).
+
+Dataset TOML: ``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]`` with the DreamBooth-style keys of
+``config_util.ConfigSanitizer``; a value is looked up subset -> dataset -> general -> training config -> default
+(``BlueprintGenerator.generate_params_by_fallbacks``). Keys sd-scripts would reject are refused, with where they
+belong when they are at the wrong level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .captions import CaptionOptions
+
+from lib_lora.formats.errors import LoraError
+
+
+class TrainConfigError(LoraError, ValueError):
+    """A training or dataset config that cannot be used as written; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TrainConfig
+
+
+@dataclass
+class TrainConfig:
+    # --- model (train_util.add_sd_models_arguments, add_training_arguments)
+    pretrained_model_name_or_path: str | None = None
+    v2: bool = False
+    v_parameterization: bool = False
+    vae: str | None = None
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+    no_half_vae: bool = False
+
+    # --- dataset (train_util.add_dataset_arguments)
+    train_data_dir: str | None = None
+    reg_data_dir: str | None = None
+    dataset_config: str | None = None
+    resolution: tuple[int, int] | None = None  # (width, height)
+    train_batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    caption_extension: str = ".txt"  # sd-scripts: ".caption" (see module docstring)
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: int | float = 0
+    weighted_captions: bool = False
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    alpha_mask: bool = False
+    resize_interpolation: str | None = None
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    vae_batch_size: int = 1
+    prior_loss_weight: float = 1.0
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    max_validation_steps: int | None = None
+
+    # --- run length, precision, optimiser
+    output_dir: str | None = None
+    output_name: str | None = None
+    max_train_steps: int = 1600
+    max_train_epochs: int | None = None
+    seed: int | None = None
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    full_bf16: bool = False
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
+    learning_rate: float = 2e-6
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int | float = 0
+    lr_decay_steps: int | float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str = ""
+    lr_scheduler_args: list[str] | None = None
+    optimizer_type: str = ""  # "" means AdamW
+    optimizer_args: list[str] | None = None
+    max_grad_norm: float = 1.0
+
+    # --- network (train_network.setup_parser)
+    network_module: str | None = None
+    network_dim: int | None = None  # None -> 4 in networks.lora.create_network
+    network_alpha: float = 1.0
+    network_dropout: float | None = None
+    network_args: list[str] | None = None
+    network_weights: str | None = None
+    dim_from_weights: bool = False
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    scale_weight_norms: float | None = None
+
+    # --- noise and loss
+    noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    zero_terminal_snr: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    min_snr_gamma: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
+    masked_loss: bool = False
+
+    # --- saving
+    save_model_as: str = "safetensors"
+    save_precision: str | None = None
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_n_epoch_ratio: int | None = None
+    save_last_n_epochs: int | None = None
+    save_last_n_steps: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    resume: str | None = None
+    no_metadata: bool = False
+    training_comment: str | None = None
+    metadata_title: str | None = None
+    metadata_author: str | None = None
+    metadata_description: str | None = None
+    metadata_license: str | None = None
+    metadata_tags: str | None = None
+
+    # --- samples and logs
+    sample_prompts: str | None = None
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
+    sample_sampler: str = "ddim"
+    logging_dir: str | None = None
+    log_prefix: str | None = None
+
+    # --- bookkeeping (not config keys)
+    notes: list[str] = field(default_factory=list, metadata={"internal": True})
+    ignored: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
+    source: str | None = field(default=None, metadata={"internal": True})
+    base_dir: str | None = field(default=None, metadata={"internal": True})
+
+    def resolve(self, path: str | os.PathLike | None) -> Path | None:
+        """A path from the config, made absolute against the config file's folder (the tutorial runs sd-scripts
+        from that folder; the WebUI's working directory is elsewhere)."""
+        if path is None:
+            return None
+        p = Path(os.path.expanduser(os.fspath(path)))
+        if p.is_absolute() or self.base_dir is None:
+            return p
+        return Path(self.base_dir) / p
+
+    def caption_options(self) -> CaptionOptions:
+        return CaptionOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CaptionOptions)})
+
+    def keys(self) -> list[str]:
+        return config_keys()
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")]
+
+
+# Names sd-scripts also accepts for one of our fields.
+ALIASES = {
+    "batch_size": ("train_batch_size", "`batch_size` read as train_batch_size (sd-scripts' name; sd-scripts itself "
+                   "ignores `batch_size` in a training config and would train at batch 1)"),
+    "caption_extention": ("caption_extension", "`caption_extention` (old misspelling) read as caption_extension"),
+}
+
+# Legacy optimiser switches sd-scripts maps to optimizer_type (train_util.get_optimizer).
+_LEGACY_OPTIMIZER_FLAGS = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
+
+_R_ATTN = "the WebUI's own cross-attention optimisation is used"
+_R_LOADER = "images are loaded in-process"
+_R_DIST = "single-GPU trainer inside the WebUI"
+_R_HUB = "nothing is uploaded"
+_R_LOG = "progress and losses are shown in the UI and written to the run's log"
+_R_MODEL = "the model the WebUI has loaded is trained"
+# sd-scripts options we recognise and do not use: accepted with a note giving the reason.
+KNOWN_UNUSED = {
+    **{k: _R_ATTN for k in ("xformers", "sdpa", "mem_eff_attn")},
+    **{k: "not used: " + _R_MODEL for k in ("torch_compile", "dynamo_backend", "lowram", "highvram",
+                                            "disable_mmap_load_safetensors", "tokenizer_cache_dir")},
+    **{k: _R_LOADER for k in ("max_data_loader_n_workers", "persistent_data_loader_workers")},
+    **{k: _R_DIST for k in ("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "deepspeed",
+                            "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
+                            "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
+                            "zero3_save_16bit_model", "fp16_master_weights_and_gradients", "blocks_to_swap",
+                            "cpu_offload_checkpointing", "fused_backward_pass")},
+    **{k: _R_HUB for k in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
+                           "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface",
+                           "resume_from_huggingface", "async_upload")},
+    **{k: _R_LOG for k in ("log_with", "log_tracker_name", "log_tracker_config", "wandb_run_name", "wandb_api_key",
+                           "log_config")},
+    **{k: "not needed: the dataset is planned and checked before training" for k in ("debug_dataset", "cache_info",
+                                                                                      "skip_cache_check")},
+    **{k: "command-line only in sd-scripts" for k in ("config_file", "output_config")},
+    "use_safetensors": "files are always written as .safetensors",
+    "save_last_n_epochs_state": "not supported yet",
+    "save_last_n_steps_state": "not supported yet",
+    "initial_epoch": "not supported yet; resume restores the epoch",
+    "initial_step": "not supported yet; resume restores the step",
+    "skip_until_initial_step": "not supported yet",
+    "base_weights": "not supported yet",
+    "base_weights_multiplier": "not supported yet",
+    "cache_text_encoder_outputs": "not supported yet",
+    "cache_text_encoder_outputs_to_disk": "not supported yet",
+    "text_encoder_batch_size": "not supported yet",
+    "optimizer_schedulefree_wrapper": "not supported yet",
+    "schedulefree_wrapper_args": "not supported yet",
+    "lr_scheduler_timescale": "not supported yet",
+    "perlin_noise": "not supported",
+    "in_json": "fine-tuning metadata datasets are not supported; use folders with caption files",
+    "dataset_repeats": "fine-tuning metadata datasets are not supported; use folder repeats",
+    "dataset_class": "custom dataset classes are not supported",
+    "conditioning_data_dir": "ControlNet training is not supported",
+    "weighting_scheme": "used by SD3/Flux trainers only",
+    "logit_mean": "used by SD3/Flux trainers only",
+    "logit_std": "used by SD3/Flux trainers only",
+    "mode_scale": "used by SD3/Flux trainers only",
+    **{k: "not written" for k in ("metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from",
+                                  "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding")},
+}
+
+CHOICES = {
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "save_precision": (None, "float", "fp16", "bf16"),
+    "save_model_as": ("safetensors", "ckpt", "pt"),
+    "max_token_length": (None, 75, 150, 225),
+    "loss_type": ("l1", "l2", "huber", "smooth_l1"),
+    "huber_schedule": ("constant", "exponential", "snr"),
+    "resize_interpolation": (None, "lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                     "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor"),
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# value coercion shared by both parsers
+
+
+class _Bad(Exception):
+    pass
+
+
+def _kind(annotation: str) -> str:
+    a = annotation.replace(" ", "")
+    table = {
+        "bool": "bool",
+        "int": "int", "int|None": "int",
+        "float": "float", "float|None": "float",
+        "int|float": "num", "int|float|None": "num",
+        "str": "str", "str|None": "str",
+        "tuple[int,int]|None": "reso",
+        "tuple[float,float]|None": "pair_float",
+        "list[str]|None": "list_str",
+        "dict": "dict", "dict|None": "dict", "dict[str,Any]|None": "dict",
+    }
+    if a not in table:
+        raise TypeError(f"internal: no coercion for annotation {annotation!r}")
+    return table[a]
+
+
+def parse_resolution(value: Any, key: str = "resolution") -> tuple[tuple[int, int], str | None]:
+    """``512`` -> (512, 512); ``"512"`` / ``"512,768"`` -> (w, h); ``[512, 768]`` -> (512, 768).
+    Returns ``(reso, note_or_None)``; the note says when sd-scripts would have read the value differently."""
+    note = None
+    if isinstance(value, bool):
+        raise _Bad(f"{key} must be a size like 512 or \"512,768\", got {value!r}")
+    if isinstance(value, int):
+        parts = [value]
+        note = (f"{key} = {value} (a TOML integer) read as {value}x{value}; sd-scripts' training config expects a "
+                f"string and stops with \"'int' object has no attribute 'split'\"")
+    elif isinstance(value, float) and value.is_integer():
+        parts = [int(value)]
+    elif isinstance(value, str):
+        try:
+            parts = [int(float(p.strip())) for p in value.replace("x", ",").split(",")]
+        except ValueError:
+            raise _Bad(f"{key} must be 'size' or 'width,height' (e.g. \"512\" or \"512,768\"), got {value!r}") from None
+    elif isinstance(value, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise _Bad(f"{key} as a list must hold integers [width, height], got {value!r}")
+        parts = list(value)
+    else:
+        raise _Bad(f"{key} must be a size like 512 or \"512,768\", got {value!r}")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise _Bad(f"{key} must be one or two positive sizes (width,height), got {value!r}")
+    return (int(parts[0]), int(parts[1])), note
+
+
+def _coerce(key: str, value: Any, kind: str, notes: list[str]) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            notes.append(f"{key} = {value!r} (a string) read as {value.strip().lower()}")
+            return value.strip().lower() == "true"
+        raise _Bad(f"{key} must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise _Bad(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            notes.append(f"{key} = {value!r} read as the integer {int(value)}")
+            return int(value)
+        if isinstance(value, str):
+            try:
+                v = int(value.strip())
+            except ValueError:
+                raise _Bad(f"{key} must be an integer, got {value!r}") from None
+            notes.append(f"{key} = {value!r} (a string) read as the integer {v}")
+            return v
+        raise _Bad(f"{key} must be an integer, got {value!r}")
+    if kind in ("float", "num"):
+        if isinstance(value, bool):
+            raise _Bad(f"{key} must be a number, got {value!r}")
+        if isinstance(value, int):
+            return value if kind == "num" else float(value)
+        if isinstance(value, float):
+            return value
+        if isinstance(value, str):
+            try:
+                v = float(value.strip())
+            except ValueError:
+                raise _Bad(f"{key} must be a number, got {value!r}") from None
+            if kind == "num" and v.is_integer() and "." not in value and "e" not in value.lower():
+                v = int(v)
+            notes.append(f"{key} = {value!r} (a string) read as the number {v!r}")
+            return v
+        raise _Bad(f"{key} must be a number, got {value!r}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise _Bad(f"{key} must be a string, got {value!r}")
+    if kind == "reso":
+        reso, note = parse_resolution(value, key)
+        if note:
+            notes.append(note)
+        return reso
+    if kind == "pair_float":
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            try:
+                a, b = float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                raise _Bad(f"{key} must be two numbers 'low,high', got {value!r}") from None
+            if a > b:
+                raise _Bad(f"{key} must be 'low,high' with low <= high, got {value!r}")
+            return (a, b)
+        raise _Bad(f"{key} must be two numbers 'low,high', got {value!r}")
+    if kind == "list_str":
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, dict):
+            notes.append(f"{key} given as a table; read as the list of 'key=value' strings sd-scripts expects")
+            return [f"{k}={v}" for k, v in value.items()]
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        raise _Bad(f"{key} must be a list of strings like [\"conv_dim=8\"], got {value!r}")
+    if kind == "dict":
+        if isinstance(value, dict):
+            return dict(value)
+        raise _Bad(f"{key} must be a table, got {value!r}")
+    raise TypeError(f"internal: unknown kind {kind}")
+
+
+def _suggest(key: str, names) -> str:
+    close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _field_kinds() -> dict[str, str]:
+    return {f.name: _kind(f.type) for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training config
+
+
+def _flatten_sections(data: dict, notes: list[str]) -> dict[str, Any]:
+    """Merge all ``[section]`` tables into one dict, later sections winning, as sd-scripts does."""
+    flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for section, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(section, value)]
+        label = f"[{section}]" if isinstance(value, dict) else "the top level"
+        for k, v in items:
+            if k in flat and flat[k] != v:
+                notes.append(f"{k} is set in both {where[k]} and {label}; the value from {label} ({v!r}) is used, as in sd-scripts")
+            flat[k] = v
+            where[k] = label
+    return flat
+
+
+def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.PathLike | None = None) -> TrainConfig:
+    """Build a ``TrainConfig`` from an already-parsed TOML dict (sections allowed)."""
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{source}: a training config must be a TOML table of keys, got {type(data).__name__}")
+    if "datasets" in data or "general" in data:
+        raise TrainConfigError(
+            f"{source}: this looks like a dataset config ([general] / [[datasets]]), not a training config. "
+            f"Give it as dataset_config = \"{Path(source).name}\" in the training config instead."
+        )
+    notes: list[str] = []
+    flat = _flatten_sections(data, notes)
+    kinds = _field_kinds()
+    known_names = set(kinds) | set(ALIASES) | set(KNOWN_UNUSED) | set(_LEGACY_OPTIMIZER_FLAGS)
+
+    unknown = sorted(k for k in flat if k not in known_names)
+    if unknown:
+        lines = [f"  - {k}{_suggest(k, known_names)}" for k in unknown]
+        raise TrainConfigError(
+            f"{source}: unknown key(s), nothing was started:\n" + "\n".join(lines)
+            + "\nFix the spelling or remove them; the accepted keys are sd-scripts' option names."
+        )
+
+    values: dict[str, Any] = {}
+    ignored: dict[str, Any] = {}
+    problems: list[str] = []
+    for k, v in flat.items():
+        target = k
+        if k in ALIASES:
+            target, note = ALIASES[k]
+            if target in flat and flat[target] != v:
+                problems.append(f"both {k} = {v!r} and {target} = {flat[target]!r} are set; keep only {target}")
+                continue
+            notes.append(note)
+        elif k in _LEGACY_OPTIMIZER_FLAGS:
+            if v is True:
+                if flat.get("optimizer_type"):
+                    notes.append(f"{k} ignored: optimizer_type = {flat['optimizer_type']!r} is set")
+                else:
+                    values["optimizer_type"] = _LEGACY_OPTIMIZER_FLAGS[k]
+                    notes.append(f"{k} = true read as optimizer_type = {_LEGACY_OPTIMIZER_FLAGS[k]!r}")
+            continue
+        elif k in KNOWN_UNUSED:
+            ignored[k] = v
+            notes.append(f"{k} is an sd-scripts option this trainer does not use ({KNOWN_UNUSED[k]}); ignored")
+            continue
+        try:
+            if target == "text_encoder_lr" and isinstance(v, list):
+                # sd-scripts takes a list but networks.lora uses only the first value, for both SDXL encoders
+                if not v:
+                    raise _Bad("text_encoder_lr = [] holds no value")
+                if len(v) > 1:
+                    notes.append(f"text_encoder_lr = {v!r}: only the first value {v[0]!r} is used (as networks.lora "
+                                 "in sd-scripts does, for both SDXL text encoders)")
+                v = v[0]
+            values[target] = _coerce(target, v, kinds[target], notes)
+        except _Bad as e:
+            problems.append(str(e))
+    for k, allowed in CHOICES.items():
+        if k in values:
+            val = values[k]
+            cmp = val.lower() if isinstance(val, str) else val
+            if cmp not in allowed:
+                problems.append(f"{k} = {val!r} is not one of {', '.join(repr(a) for a in allowed if a is not None)}"
+                                + _suggest(str(val), [a for a in allowed if isinstance(a, str)]))
+            elif cmp != val:
+                values[k] = cmp
+    if problems:
+        raise TrainConfigError(f"{source}: invalid value(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+    cfg = TrainConfig(**values)
+    cfg.source = source
+    cfg.base_dir = os.fspath(base_dir) if base_dir is not None else None
+    cfg.ignored = ignored
+    _post_checks(cfg, flat, notes)
+    cfg.notes = notes
+    return cfg
+
+
+def _post_checks(cfg: TrainConfig, flat: dict, notes: list[str]) -> None:
+    if cfg.caption_extension and not cfg.caption_extension.startswith("."):
+        notes.append(f"caption_extension {cfg.caption_extension!r} read as '.{cfg.caption_extension}'")
+        cfg.caption_extension = "." + cfg.caption_extension
+    if "caption_extension" not in flat and "caption_extention" not in flat:
+        notes.append("captions are read from .txt files next to the images (sd-scripts' default would be "
+                     ".caption and would skip .txt files)")
+    if cfg.network_module is None:
+        cfg.network_module = "networks.lora"
+        notes.append("network_module not set: a standard kohya LoRA (networks.lora) is trained "
+                     "(sd-scripts requires network_module and stops without it)")
+    if cfg.max_train_epochs is not None and "max_train_steps" in flat:
+        notes.append(f"max_train_epochs = {cfg.max_train_epochs} overrides max_train_steps = {cfg.max_train_steps} "
+                     "(sd-scripts' rule)")
+    if cfg.dataset_config and (cfg.train_data_dir or cfg.reg_data_dir):
+        notes.append("dataset_config is set, so train_data_dir / reg_data_dir are ignored (sd-scripts' rule)")
+    if cfg.resolution is None and cfg.dataset_config is None:
+        notes.append("resolution is not set; sd-scripts requires it (e.g. resolution = 512)")
+
+
+def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a training TOML file. Relative paths inside it are resolved against its folder (``TrainConfig.resolve``)."""
+    p = Path(path)
+    data = _read_toml(p)
+    return parse_train_config(data, source=str(p), base_dir=p.parent.resolve())
+
+
+def parse_train_config_text(text: str, source: str = "<pasted config>", base_dir: str | os.PathLike | None = None) -> TrainConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise TrainConfigError(f"{source}: not valid TOML: {e}") from e
+    return parse_train_config(data, source=source, base_dir=base_dir)
+
+
+def _read_toml(p: Path) -> dict:
+    if not p.is_file():
+        raise TrainConfigError(f"config file {str(p)!r} not found")
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise TrainConfigError(f"{p}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise TrainConfigError(f"{p}: not UTF-8 text: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataset config
+
+
+@dataclass
+class SubsetSpec:
+    """One image folder of a dataset with its settings (sd-scripts' DreamBoothSubset)."""
+
+    image_dir: str
+    num_repeats: int = 1
+    is_reg: bool = False
+    class_tokens: str | None = None
+    caption_extension: str = ".txt"
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    alpha_mask: bool = False
+    cache_info: bool = False
+    custom_attributes: dict = field(default_factory=dict)
+    resize_interpolation: str | None = None
+    from_folder_name: bool = False  # repeats/class tokens came from an `N_name` folder name
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.image_dir))
+
+
+@dataclass
+class DatasetSpec:
+    """Settings shared by the subsets of one dataset (sd-scripts' DreamBoothDataset)."""
+
+    resolution: tuple[int, int] | None
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    network_multiplier: float = 1.0
+    resize_interpolation: str | None = None
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    subsets: list[SubsetSpec] = field(default_factory=list)
+
+
+# Key -> kind, grouped as config_util.ConfigSanitizer groups them.
+_SUBSET_ASCENDABLE = {
+    "color_aug": "bool", "face_crop_aug_range": "pair_float", "flip_aug": "bool", "num_repeats": "int",
+    "random_crop": "bool", "shuffle_caption": "bool", "keep_tokens": "int", "keep_tokens_separator": "str",
+    "secondary_separator": "str", "caption_separator": "str", "enable_wildcard": "bool", "token_warmup_min": "int",
+    "token_warmup_step": "num", "caption_prefix": "str", "caption_suffix": "str", "custom_attributes": "dict",
+    "resize_interpolation": "str",
+}
+_DROPOUT_ASCENDABLE = {"caption_dropout_every_n_epochs": "int", "caption_dropout_rate": "float",
+                       "caption_tag_dropout_rate": "float"}
+_DB_SUBSET_ASCENDABLE = {"caption_extension": "str", "class_tokens": "str", "cache_info": "bool"}
+_DB_SUBSET_DISTINCT = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
+_DATASET_ASCENDABLE = {
+    "batch_size": "int", "bucket_no_upscale": "bool", "bucket_reso_steps": "int", "enable_bucket": "bool",
+    "max_bucket_reso": "int", "min_bucket_reso": "int", "validation_seed": "int", "validation_split": "float",
+    "resolution": "reso", "network_multiplier": "float", "resize_interpolation": "str",
+}
+_GENERAL_KEYS = {**_DATASET_ASCENDABLE, **_SUBSET_ASCENDABLE, **_DB_SUBSET_ASCENDABLE, **_DROPOUT_ASCENDABLE}
+_DATASET_KEYS = {**_GENERAL_KEYS}
+_SUBSET_KEYS = {**_SUBSET_ASCENDABLE, **_DB_SUBSET_DISTINCT, **_DB_SUBSET_ASCENDABLE, **_DROPOUT_ASCENDABLE}
+_ARGPARSE_ONLY = ("prior_loss_weight", "max_token_length", "debug_dataset")
+_UNSUPPORTED_SUBSET_KINDS = {
+    "metadata_file": "fine-tuning subsets (metadata_file) are not supported; use image_dir with caption files",
+    "conditioning_data_dir": "ControlNet subsets (conditioning_data_dir) are not supported",
+}
+# TrainConfig names for dataset keys where they differ.
+_FROM_TRAIN_CONFIG = {"batch_size": "train_batch_size"}
+
+
+def _check_level(table: dict, allowed: dict, level: str, where: str, problems: list[str]) -> dict:
+    out = {}
+    all_levels = set(_GENERAL_KEYS) | set(_SUBSET_KEYS) | {"subsets"}
+    for k, v in table.items():
+        if k in allowed:
+            out[k] = v
+        elif k == "subsets" and level == "dataset":
+            continue
+        elif k in _UNSUPPORTED_SUBSET_KINDS:
+            problems.append(f"{where}: {_UNSUPPORTED_SUBSET_KINDS[k]}")
+        elif k in _ARGPARSE_ONLY:
+            problems.append(f"{where}: {k} cannot be set in a dataset config (sd-scripts takes it from the training "
+                            f"config only); move it to the training config")
+        elif k in all_levels:
+            if k in _DB_SUBSET_DISTINCT or k == "subsets":
+                home = "[[datasets.subsets]]" if k != "subsets" else "[[datasets]]"
+            else:
+                home = "[general] or [[datasets]]"
+            problems.append(f"{where}: {k} is not allowed here; it belongs in {home}")
+        else:
+            problems.append(f"{where}: unknown key {k!r}{_suggest(k, all_levels)}")
+    return out
+
+
+def parse_dataset_config(
+    data: dict, defaults: TrainConfig | None = None, source: str = "<dataset config>",
+    base_dir: str | os.PathLike | None = None,
+) -> tuple[list[DatasetSpec], list[str]]:
+    """``[general]`` / ``[[datasets]]`` / ``[[datasets.subsets]]`` -> dataset specs plus notes.
+
+    Every problem in the file is collected and raised together as one ``TrainConfigError``."""
+    defaults = defaults or TrainConfig()
+    notes: list[str] = []
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{source}: a dataset config must be a TOML table")
+    for k in data:
+        if k not in ("general", "datasets"):
+            problems.append(f"{source}: unknown top-level key {k!r}{_suggest(k, ['general', 'datasets'])}; "
+                            "a dataset config holds [general] and [[datasets]] only")
+    general_raw = data.get("general", {})
+    if not isinstance(general_raw, dict):
+        problems.append(f"{source}: [general] must be a table")
+        general_raw = {}
+    datasets_raw = data.get("datasets", [])
+    if not isinstance(datasets_raw, list):
+        problems.append(f"{source}: datasets must be an array of tables ([[datasets]])")
+        datasets_raw = []
+    if not datasets_raw and not problems:
+        problems.append(f"{source}: no [[datasets]] defined")
+
+    def coerce_table(table: dict, kinds: dict, where: str) -> dict:
+        out = {}
+        for k, v in table.items():
+            try:
+                out[k] = _coerce(k, v, kinds[k], notes)
+            except _Bad as e:
+                problems.append(f"{where}: {e}")
+        return out
+
+    general = coerce_table(_check_level(general_raw, _GENERAL_KEYS, "general", "[general]", problems),
+                           _GENERAL_KEYS, "[general]")
+    tc = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(TrainConfig)}
+
+    def lookup(key: str, chain: list[dict], default: Any) -> Any:
+        for d in chain:
+            v = d.get(key)
+            if v is not None:
+                return v
+        v = tc.get(_FROM_TRAIN_CONFIG.get(key, key))
+        return default if v is None else v
+
+    specs: list[DatasetSpec] = []
+    for i, ds_raw in enumerate(datasets_raw):
+        where = f"[[datasets]] #{i + 1}"
+        if not isinstance(ds_raw, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        ds = coerce_table(_check_level(ds_raw, _DATASET_KEYS, "dataset", where, problems), _DATASET_KEYS, where)
+        chain = [ds, general]
+        spec = DatasetSpec(
+            resolution=lookup("resolution", chain, None),
+            batch_size=lookup("batch_size", chain, 1),
+            enable_bucket=lookup("enable_bucket", chain, False),
+            min_bucket_reso=lookup("min_bucket_reso", chain, 256),
+            max_bucket_reso=lookup("max_bucket_reso", chain, 1024),
+            bucket_reso_steps=lookup("bucket_reso_steps", chain, 64),
+            bucket_no_upscale=lookup("bucket_no_upscale", chain, False),
+            network_multiplier=lookup("network_multiplier", chain, 1.0),
+            resize_interpolation=lookup("resize_interpolation", chain, None),
+            validation_split=lookup("validation_split", chain, 0.0),
+            validation_seed=lookup("validation_seed", chain, None),
+        )
+        if spec.resolution is None:
+            problems.append(f"{where}: resolution is required (set it here, in [general] or in the training config)")
+        subsets_raw = ds_raw.get("subsets", [])
+        if not isinstance(subsets_raw, list) or not subsets_raw:
+            problems.append(f"{where}: no [[datasets.subsets]] defined")
+            subsets_raw = []
+        seen_dirs: set[str] = set()
+        for j, sub_raw in enumerate(subsets_raw):
+            swhere = f"{where} subset #{j + 1}"
+            if not isinstance(sub_raw, dict):
+                problems.append(f"{swhere}: must be a table")
+                continue
+            sub = coerce_table(_check_level(sub_raw, _SUBSET_KEYS, "subset", swhere, problems), _SUBSET_KEYS, swhere)
+            if "image_dir" not in sub:
+                if "metadata_file" not in sub_raw and "conditioning_data_dir" not in sub_raw:
+                    problems.append(f"{swhere}: image_dir is required")
+                continue
+            image_dir = sub["image_dir"]
+            resolved = str(_resolve(image_dir, base_dir))
+            if resolved in seen_dirs:
+                notes.append(f"{swhere}: image_dir {image_dir!r} repeats an earlier subset of this dataset and is "
+                             "ignored (sd-scripts' rule)")
+                continue
+            seen_dirs.add(resolved)
+            sch = [sub, ds, general]
+            cap_ext = lookup("caption_extension", sch, ".txt")
+            if cap_ext and not cap_ext.startswith("."):
+                cap_ext = "." + cap_ext
+            captions = CaptionOptions(**{
+                f.name: lookup(f.name, sch, f.default) for f in dataclasses.fields(CaptionOptions)
+            })
+            specs_sub = SubsetSpec(
+                image_dir=resolved,
+                num_repeats=lookup("num_repeats", sch, 1),
+                is_reg=sub.get("is_reg", False),
+                class_tokens=lookup("class_tokens", sch, None),
+                caption_extension=cap_ext,
+                captions=captions,
+                color_aug=lookup("color_aug", sch, False),
+                flip_aug=lookup("flip_aug", sch, False),
+                random_crop=lookup("random_crop", sch, False),
+                face_crop_aug_range=lookup("face_crop_aug_range", sch, None),
+                alpha_mask=lookup("alpha_mask", [sub], False),
+                cache_info=lookup("cache_info", sch, False),
+                custom_attributes=lookup("custom_attributes", sch, None) or {},
+                resize_interpolation=lookup("resize_interpolation", sch, None),
+            )
+            spec.subsets.append(specs_sub)
+        for k in ("resize_interpolation",):
+            v = getattr(spec, k)
+            if v is not None and v not in CHOICES[k]:
+                problems.append(f"{where}: {k} = {v!r} is not one of {', '.join(c for c in CHOICES[k] if c)}")
+        specs.append(spec)
+    if problems:
+        raise TrainConfigError(f"{source}: the dataset config cannot be used:\n" + "\n".join(f"  - {p}" for p in problems))
+    return specs, notes
+
+
+def _resolve(path: str, base_dir) -> Path:
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or base_dir is None:
+        return p
+    return Path(base_dir) / p
+
+
+def load_dataset_config(path: str | os.PathLike, defaults: TrainConfig | None = None) -> tuple[list[DatasetSpec], list[str]]:
+    p = Path(path)
+    data = _read_toml(p)
+    return parse_dataset_config(data, defaults, source=str(p), base_dir=p.parent.resolve())
+
+
+__all__ = [
+    "ALIASES",
+    "CHOICES",
+    "DatasetSpec",
+    "KNOWN_UNUSED",
+    "SubsetSpec",
+    "TrainConfig",
+    "TrainConfigError",
+    "config_keys",
+    "load_dataset_config",
+    "load_train_config",
+    "parse_dataset_config",
+    "parse_resolution",
+    "parse_train_config",
+    "parse_train_config_text",
+]

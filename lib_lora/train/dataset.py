@@ -1,0 +1,789 @@
+"""The dataset plan: every number sd-scripts derives from a dataset, computed before anything is trained.
+
+``build_plan(config)`` reads the folders (``N_name`` convention) or the dataset TOML, probes every image, reads the
+captions, balances regularisation images, assigns buckets and counts batches and steps, all with sd-scripts' rules
+(``DreamBoothDataset.__init__`` / ``BaseDataset.make_buckets`` / ``train_network.py`` @48d368fa). Nothing is fatal:
+problems become ``Finding`` entries; ``plan.ok`` is False when an error finding exists. ``plan.report()`` is the text
+the doctor, the CLI and the tab show; the training loop reads ``ImageEntry`` objects from the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .buckets import (
+    BucketManager,
+    BucketSettingsError,
+    StepPlan,
+    adjust_min_max_bucket_reso,
+    batches_per_epoch,
+    compute_steps,
+)
+from .captions import CaptionFileError, contains_word, find_caption, caption_candidates, tag_frequency
+from .config import DatasetSpec, SubsetSpec, TrainConfig, TrainConfigError, load_dataset_config
+from .folders import Finding, split_class_tokens, subsets_from_folders
+from .images import image_extensions, is_upscaled, probe_image, sd_scripts_would_glob
+
+# extensions people drop into datasets that sd-scripts does not read
+_UNSUPPORTED_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".ico", ".psd")
+_OTHER_CAPTION_EXTS = (".txt", ".caption")
+
+
+@dataclass
+class ImageEntry:
+    path: Path
+    size: tuple[int, int]  # (w, h) used for bucketing (EXIF orientation applied)
+    caption: str  # raw caption (before prefix/suffix/shuffle); what ss_tag_frequency counts
+    caption_source: str  # 'file' | 'folder' | 'empty'
+    caption_path: Path | None
+    is_reg: bool
+    num_repeats: int  # effective: reg images carry their balanced count (0 = not used)
+    subset_index: int = -1  # index into DatasetPart.subsets
+    bucket: tuple[int, int] | None = None
+    resized_size: tuple[int, int] | None = None
+    ar_error: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def upscaled(self) -> bool:
+        return self.resized_size is not None and is_upscaled(self.size, self.resized_size)
+
+
+@dataclass
+class SubsetPlan:
+    spec: SubsetSpec
+    images: list[ImageEntry] = field(default_factory=list)  # images that train (after any validation split)
+    validation_images: list[ImageEntry] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    caption_errors: list[tuple[str, str]] = field(default_factory=list)
+    missing_trigger: list[str] = field(default_factory=list)  # image file names whose caption lacks the trigger
+    other_extension_captions: list[str] = field(default_factory=list)  # caption only under .txt/.caption (unused)
+    unsupported_files: list[str] = field(default_factory=list)
+    too_small: list[str] = field(default_factory=list)
+    tag_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.spec.image_dir)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def repeats(self) -> int:
+        return self.spec.num_repeats
+
+    @property
+    def is_reg(self) -> bool:
+        return self.spec.is_reg
+
+    @property
+    def class_tokens(self) -> str | None:
+        return self.spec.class_tokens
+
+    @property
+    def instance_token(self) -> str | None:
+        return None if self.is_reg else split_class_tokens(self.spec.class_tokens)[0]
+
+    @property
+    def class_token(self) -> str:
+        if self.is_reg:
+            return (self.spec.class_tokens or "").strip()
+        return split_class_tokens(self.spec.class_tokens)[1]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def n_captioned(self) -> int:
+        return sum(1 for e in self.images if e.caption_source == "file")
+
+    @property
+    def samples(self) -> int:
+        """images x folder repeats (what sd-scripts counts into num_train_images / num_reg_images)."""
+        return self.n_images * self.repeats
+
+    @property
+    def samples_used(self) -> int:
+        """samples per epoch after reg balancing."""
+        return sum(e.num_repeats for e in self.images)
+
+    @property
+    def upscaled(self) -> list[str]:
+        return [e.path.name for e in self.images if e.upscaled]
+
+
+@dataclass
+class DatasetPart:
+    """One dataset (sd-scripts' DreamBoothDataset): shared resolution, batch size and buckets."""
+
+    spec: DatasetSpec
+    subsets: list[SubsetPlan] = field(default_factory=list)
+    bucket_counts: dict[tuple[int, int], int] = field(default_factory=dict)  # with repeats, reg balanced
+    bucket_counts_train_only: dict[tuple[int, int], int] = field(default_factory=dict)
+    mean_ar_error: float = 0.0
+    batches: int = 0  # batches per epoch
+    batches_without_reg: int = 0
+    bucketing_ok: bool = True
+
+    @property
+    def num_train_images(self) -> int:
+        return sum(s.samples for s in self.subsets if not s.is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        """reg images x repeats BEFORE balancing (sd-scripts' num_reg_images / ss_num_reg_images)."""
+        return sum(s.samples for s in self.subsets if s.is_reg)
+
+    @property
+    def reg_samples_used(self) -> int:
+        return sum(s.samples_used for s in self.subsets if s.is_reg)
+
+    def entries(self) -> list[ImageEntry]:
+        return [e for s in self.subsets for e in s.images]
+
+    def used_entries(self) -> list[ImageEntry]:
+        return [e for e in self.entries() if e.num_repeats > 0 and e.bucket is not None]
+
+    def bucket_info(self) -> dict | None:
+        """``ss_bucket_info`` as sd-scripts stores it (None when bucketing is off)."""
+        if not self.spec.enable_bucket:
+            return None
+        return {
+            "buckets": {i: {"resolution": reso, "count": n} for i, (reso, n) in enumerate(sorted(self.bucket_counts.items()))},
+            "mean_img_ar_error": self.mean_ar_error,
+        }
+
+    def bucket_lists(self) -> dict[tuple[int, int], list[ImageEntry]]:
+        """Each bucket's sample list: every image appears ``num_repeats`` times, as sd-scripts fills buckets."""
+        out: dict[tuple[int, int], list[ImageEntry]] = {}
+        for e in self.used_entries():
+            out.setdefault(e.bucket, []).extend([e] * e.num_repeats)
+        return dict(sorted(out.items()))
+
+    def epoch_batches(self, seed: int, epoch: int) -> list[list[ImageEntry]]:
+        """The batches of one epoch (0 = the order set at load), replaying sd-scripts' shuffles
+        (``random.seed(seed + e)`` then shuffle the batch index and each bucket, for e = 0..epoch)."""
+        bs = self.spec.batch_size
+        buckets = list(self.bucket_lists().values())
+        index = [(b, k) for b, items in enumerate(buckets) for k in range(math.ceil(len(items) / bs))]
+        rng = random.Random()
+        for e in range(epoch + 1):
+            rng.seed(seed + e)
+            rng.shuffle(index)
+            for items in buckets:
+                rng.shuffle(items)
+        return [buckets[b][k * bs:(k + 1) * bs] for b, k in index]
+
+
+@dataclass
+class DatasetPlan:
+    config: TrainConfig
+    datasets: list[DatasetPart] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    steps: StepPlan | None = None
+    steps_without_reg: StepPlan | None = None
+    from_dataset_config: bool = False
+
+    # --- summaries
+    @property
+    def subsets(self) -> list[SubsetPlan]:
+        return [s for d in self.datasets for s in d.subsets]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def num_train_images(self) -> int:
+        return sum(d.num_train_images for d in self.datasets)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(d.num_reg_images for d in self.datasets)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(d.batches for d in self.datasets)
+
+    @property
+    def bucket_histogram(self) -> dict[tuple[int, int], int]:
+        hist: Counter = Counter()
+        for d in self.datasets:
+            hist.update(d.bucket_counts)
+        return dict(sorted(hist.items()))
+
+    @property
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """``ss_tag_frequency``: folder name -> tag -> count (first dataset wins for a shared folder name, as sd-scripts
+        merges datasets; within a dataset, subsets with the same folder name add up)."""
+        out: dict[str, dict[str, int]] = {}
+        for d in self.datasets:
+            per: dict[str, dict[str, int]] = {}
+            for s in d.subsets:
+                per.setdefault(s.name, {})
+                for k, v in s.tag_counts.items():
+                    per[s.name][k] = per[s.name].get(k, 0) + v
+            for name, freq in per.items():
+                out.setdefault(name, freq)
+        return out
+
+    def ss_dataset_metadata(self) -> dict[str, str]:
+        """The dataset part of the ``ss_*`` metadata, as strings, as train_network.py writes it."""
+        cfg = self.config
+        md: dict[str, str] = {
+            "ss_num_train_images": str(self.num_train_images),
+            "ss_num_reg_images": str(self.num_reg_images),
+            "ss_num_batches_per_epoch": str(self.batches_per_epoch),
+            "ss_tag_frequency": json.dumps(self.tag_frequency),
+        }
+        if not self.from_dataset_config and self.datasets:
+            d = self.datasets[0]
+            train_dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.n_images} for s in d.subsets if not s.is_reg}
+            reg_dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.n_images} for s in d.subsets if s.is_reg}
+            md.update({
+                "ss_batch_size_per_device": str(cfg.train_batch_size),
+                "ss_total_batch_size": str(cfg.train_batch_size * cfg.gradient_accumulation_steps),
+                "ss_resolution": str(cfg.resolution),
+                "ss_color_aug": str(bool(cfg.color_aug)),
+                "ss_flip_aug": str(bool(cfg.flip_aug)),
+                "ss_random_crop": str(bool(cfg.random_crop)),
+                "ss_shuffle_caption": str(bool(cfg.shuffle_caption)),
+                "ss_enable_bucket": str(bool(d.spec.enable_bucket)),
+                "ss_bucket_no_upscale": str(bool(d.spec.enable_bucket and d.spec.bucket_no_upscale)),
+                "ss_min_bucket_reso": str(d.spec.min_bucket_reso if d.spec.enable_bucket else None),
+                "ss_max_bucket_reso": str(d.spec.max_bucket_reso if d.spec.enable_bucket else None),
+                "ss_keep_tokens": str(cfg.keep_tokens),
+                "ss_dataset_dirs": json.dumps(train_dirs),
+                "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+                "ss_bucket_info": json.dumps(d.bucket_info()),
+            })
+        else:
+            datasets_md = []
+            dirs: dict[str, dict] = {}
+            for d in self.datasets:
+                subs = []
+                for s in d.subsets:
+                    c = s.spec.captions
+                    subs.append({
+                        "img_count": s.n_images, "num_repeats": s.repeats, "color_aug": bool(s.spec.color_aug),
+                        "flip_aug": bool(s.spec.flip_aug), "random_crop": bool(s.spec.random_crop),
+                        "shuffle_caption": bool(c.shuffle_caption), "keep_tokens": c.keep_tokens,
+                        "keep_tokens_separator": c.keep_tokens_separator, "secondary_separator": c.secondary_separator,
+                        "enable_wildcard": bool(c.enable_wildcard), "caption_prefix": c.caption_prefix,
+                        "caption_suffix": c.caption_suffix, "resize_interpolation": s.spec.resize_interpolation,
+                        "image_dir": s.name, "class_tokens": s.spec.class_tokens, "is_reg": s.is_reg,
+                    })
+                    if not s.is_reg:
+                        key, i = s.name, 2
+                        while key in dirs:
+                            key, i = f"{s.name} ({i})", i + 1
+                        dirs[key] = {"n_repeats": s.repeats, "img_count": s.n_images}
+                per_tags: dict[str, dict[str, int]] = {}
+                for s in d.subsets:
+                    f = per_tags.setdefault(s.name, {})
+                    for k, v in s.tag_counts.items():
+                        f[k] = f.get(k, 0) + v
+                datasets_md.append({
+                    "is_dreambooth": True, "batch_size_per_device": d.spec.batch_size,
+                    "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
+                    "resolution": d.spec.resolution, "enable_bucket": bool(d.spec.enable_bucket),
+                    "min_bucket_reso": d.spec.min_bucket_reso if d.spec.enable_bucket else None,
+                    "max_bucket_reso": d.spec.max_bucket_reso if d.spec.enable_bucket else None,
+                    "tag_frequency": per_tags, "bucket_info": d.bucket_info(),
+                    "resize_interpolation": d.spec.resize_interpolation, "subsets": subs,
+                })
+            md["ss_datasets"] = json.dumps(datasets_md)
+            md["ss_dataset_dirs"] = json.dumps(dirs)
+        return md
+
+    # --- text
+    def report(self) -> str:
+        return _report(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building
+
+
+def balance_reg_repeats(num_train_samples: int, reg_entries: list[ImageEntry]) -> None:
+    """sd-scripts' reg balancing, in place on ``num_repeats``.
+
+    First pass: reg images are taken in order, each with its folder's repeats, until the running count reaches
+    ``num_train_samples`` (images after that are unused: repeats 0). While still short, further passes add one repeat
+    per image in order, stopping as soon as the count is reached. No training samples -> no reg image is used."""
+    folder_repeats = [e.num_repeats for e in reg_entries]
+    for e in reg_entries:
+        e.num_repeats = 0
+    if not reg_entries:
+        return
+    n = 0
+    first = True
+    while n < num_train_samples:
+        for e, r in zip(reg_entries, folder_repeats):
+            if first:
+                e.num_repeats = r
+                n += r
+            else:
+                e.num_repeats += 1
+                n += 1
+            if n >= num_train_samples:
+                break
+        first = False
+
+
+def _validation_split(paths: list, split: float, seed: int) -> tuple[list, list]:
+    """sd-scripts' split_train_val: shuffle with the seed, training = first ceil(n*(1-split)), validation = last
+    round(n*split)."""
+    items = list(paths)
+    random.Random(seed).shuffle(items)
+    n = len(items)
+    return items[: math.ceil(n * (1 - split))], items[n - round(n * split):]
+
+
+def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings: list[Finding],
+                 seed: int) -> SubsetPlan:
+    plan = SubsetPlan(spec)
+    d = Path(spec.image_dir)
+    if not d.is_dir():
+        findings.append(Finding("error" if not spec.is_reg else "warning", "missing-dir",
+                                f"image_dir '{d}' does not exist or is not a folder", [str(d)]))
+        return plan
+    exts = image_extensions()
+    files = sorted((p for p in d.iterdir() if p.is_file()), key=lambda p: str(p))
+    image_files = [p for p in files if p.suffix.lower() in exts]
+    plan.unsupported_files = [p.name for p in files if p.suffix.lower() in _UNSUPPORTED_IMAGE_EXTS and p.suffix.lower() not in exts]
+    mixed = [p.name for p in image_files if not sd_scripts_would_glob(p.name)]
+    if mixed:
+        findings.append(Finding("info", "mixed-case-ext",
+                                f"'{spec.name}': {len(mixed)} file(s) with mixed-case extensions are used "
+                                f"(sd-scripts on Linux would skip them): {_names(mixed)}", [str(d / m) for m in mixed]))
+    nested = [p for p in sorted(d.iterdir()) if p.is_dir() and any(is_img(q) for q in _safe_iter(p))]
+    if nested:
+        findings.append(Finding("warning", "nested-images",
+                                f"'{spec.name}': images in subfolder(s) {', '.join(p.name for p in nested)} are not "
+                                "used (sd-scripts does not look into subfolders)", [str(p) for p in nested]))
+
+    if not spec.is_reg and ds.validation_split > 0:
+        image_files, val_files = _validation_split(image_files, ds.validation_split, seed)
+        image_files.sort(key=lambda p: str(p))
+        val_files.sort(key=lambda p: str(p))
+    else:
+        val_files = []
+
+    other_ext = [e for e in _OTHER_CAPTION_EXTS if e != spec.caption_extension]
+    for group, target in ((image_files, plan.images), (val_files, plan.validation_images)):
+        for p in group:
+            probe = probe_image(p, check_pixels=check_pixels)
+            if not probe.ok:
+                plan.unreadable.append((p.name, probe.error))
+                continue
+            try:
+                caption, cap_path = find_caption(p, spec.caption_extension, spec.captions.enable_wildcard)
+            except CaptionFileError as e:
+                plan.caption_errors.append((p.name, str(e)))
+                caption, cap_path = "", None
+            if caption is not None:
+                source = "file"
+            elif spec.class_tokens is not None:
+                caption, source = spec.class_tokens, "folder"
+                if any(c.is_file() for ext in other_ext for c in caption_candidates(p, ext)):
+                    plan.other_extension_captions.append(p.name)
+            else:
+                caption, source = "", "empty"
+                if any(c.is_file() for ext in other_ext for c in caption_candidates(p, ext)):
+                    plan.other_extension_captions.append(p.name)
+            target.append(ImageEntry(p, probe.size, caption, source, cap_path, spec.is_reg, spec.num_repeats,
+                                     notes=list(probe.notes)))
+    plan.tag_counts = tag_frequency(e.caption for e in plan.images)
+
+    trigger = plan.instance_token
+    if trigger:
+        pre, suf = spec.captions.caption_prefix or "", spec.captions.caption_suffix or ""
+        plan.missing_trigger = [e.path.name for e in plan.images
+                                if not contains_word(f"{pre} {e.caption} {suf}", trigger)]
+    return plan
+
+
+def _safe_iter(p: Path):
+    try:
+        return list(p.iterdir())
+    except OSError:
+        return []
+
+
+def is_img(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in image_extensions()
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding]) -> None:
+    ds = part.spec
+    if ds.resolution is None:
+        findings.append(Finding("error", "no-resolution",
+                                "resolution is not set; sd-scripts requires it (e.g. resolution = 512 or \"512,768\")"))
+        part.bucketing_ok = False
+        return
+    if ds.batch_size < 1:
+        findings.append(Finding("error", "batch-size", f"batch size must be at least 1, got {ds.batch_size}"))
+        part.bucketing_ok = False
+        return
+    if ds.enable_bucket:
+        try:
+            lo, hi, notes = adjust_min_max_bucket_reso(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso,
+                                                       ds.bucket_reso_steps)
+        except BucketSettingsError as e:
+            findings.append(Finding("error", "bucket-settings", str(e)))
+            part.bucketing_ok = False
+            return
+        for n in notes:
+            findings.append(Finding("info", "bucket-settings", n))
+        ds.min_bucket_reso, ds.max_bucket_reso = lo, hi
+        need = 32 if family == "sdxl" else 64
+        if ds.bucket_reso_steps % need:
+            findings.append(Finding(
+                "error" if family else "warning", "bucket-steps",
+                f"bucket_reso_steps {ds.bucket_reso_steps} is not a multiple of {need}"
+                + ("" if family else " (SD1/SD2 need 64; SDXL accepts 32)")))
+        if ds.bucket_no_upscale:
+            findings.append(Finding("info", "no-upscale",
+                                    "bucket_no_upscale: min/max_bucket_reso are not used; each image's bucket is its "
+                                    "size (shrunk to the resolution's area if larger) rounded down to "
+                                    f"{ds.bucket_reso_steps}"))
+        manager = BucketManager(ds.bucket_no_upscale, ds.resolution, lo, hi, ds.bucket_reso_steps)
+    else:
+        manager = BucketManager(False, ds.resolution, None, None, None, predefined=[ds.resolution])
+        findings.append(Finding(
+            "info", "buckets-off",
+            f"enable_bucket is off: every image is scaled to cover {ds.resolution[0]}x{ds.resolution[1]} and "
+            "centre-cropped (sd-scripts does this when caching latents; without caching it would refuse images of "
+            "any other size)"))
+
+    for s in part.subsets:
+        keep = []
+        for e in s.images:
+            choice = manager.select_bucket(*e.size)
+            if choice.reso[0] <= 0 or choice.reso[1] <= 0:
+                s.too_small.append(e.path.name)
+                continue
+            e.bucket, e.resized_size, e.ar_error = choice.reso, choice.resized_size, choice.ar_error
+            keep.append(e)
+        s.images = keep
+        if s.too_small:
+            findings.append(Finding("warning", "too-small",
+                                    f"'{s.name}': {len(s.too_small)} image(s) smaller than bucket_reso_steps "
+                                    f"{ds.bucket_reso_steps} are left out: {_names(s.too_small)}"))
+
+
+def _finish_part(part: DatasetPart, findings: list[Finding]) -> None:
+    ds = part.spec
+    for i, s in enumerate(part.subsets):
+        for e in s.images:
+            e.subset_index = i
+    reg_entries = [e for s in part.subsets if s.is_reg for e in s.images]
+    balance_reg_repeats(part.num_train_images, reg_entries)
+    if not part.bucketing_ok:
+        return
+    used = part.used_entries()
+    counts: Counter = Counter()
+    train_counts: Counter = Counter()
+    for e in used:
+        counts[e.bucket] += e.num_repeats
+        if not e.is_reg:
+            train_counts[e.bucket] += e.num_repeats
+    part.bucket_counts = dict(sorted(counts.items()))
+    part.bucket_counts_train_only = dict(sorted(train_counts.items()))
+    # sd-scripts averages |ar error| over registered images (each once, unused reg images excluded)
+    errs = [abs(e.ar_error) for e in used]
+    part.mean_ar_error = float(sum(errs) / len(errs)) if errs else 0.0
+    part.batches = batches_per_epoch(part.bucket_counts, ds.batch_size)
+    part.batches_without_reg = batches_per_epoch(part.bucket_counts_train_only, ds.batch_size)
+
+
+def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
+    for s in part.subsets:
+        where = f"'{s.name}'"
+        if s.unreadable:
+            findings.append(Finding(
+                "warning", "unreadable",
+                f"{where}: {len(s.unreadable)} file(s) cannot be read and are left out: "
+                + "; ".join(f"{n} ({why})" for n, why in s.unreadable[:5])
+                + (f"; and {len(s.unreadable) - 5} more" if len(s.unreadable) > 5 else "")
+                + ". Re-save or delete them.", [str(s.path / n) for n, _ in s.unreadable]))
+        for n, why in s.caption_errors:
+            findings.append(Finding("error", "caption-file", f"{where}: {why} (image {n}); sd-scripts stops on it",
+                                    [str(s.path / n)]))
+        if s.unsupported_files:
+            findings.append(Finding(
+                "warning", "unsupported-ext",
+                f"{where}: {len(s.unsupported_files)} file(s) in formats sd-scripts does not read are skipped: "
+                f"{_names(s.unsupported_files)} (convert them to PNG or JPEG)"))
+        if not s.images and not s.unreadable:
+            findings.append(Finding("warning", "empty-subset", f"{where}: no images found; the folder is skipped",
+                                    [str(s.path)]))
+        if s.other_extension_captions:
+            other = ".caption" if s.spec.caption_extension == ".txt" else ".txt"
+            findings.append(Finding(
+                "warning", "caption-extension",
+                f"{where}: {len(s.other_extension_captions)} image(s) have a {other} caption file but captions are "
+                f"read from {s.spec.caption_extension} files, so those captions are NOT used: "
+                f"{_names(s.other_extension_captions)}. Set caption_extension = \"{other}\" to use them."))
+        missing_caption = [e.path.name for e in s.images if e.caption_source != "file"]
+        if s.images and missing_caption and not s.is_reg:
+            fallback = f"the folder tokens '{s.class_tokens}'" if s.class_tokens else "an empty caption"
+            findings.append(Finding(
+                "info" if s.n_captioned == 0 else "warning", "no-caption",
+                f"{where}: {len(missing_caption)} of {s.n_images} image(s) have no {s.spec.caption_extension} file "
+                f"and are captioned with {fallback}: {_names(missing_caption)}"))
+        if s.missing_trigger:
+            findings.append(Finding(
+                "warning", "missing-trigger",
+                f"{where}: the trigger word '{s.instance_token}' is missing from {len(s.missing_trigger)} of "
+                f"{s.n_images} caption(s): {_names(s.missing_trigger)}. A caption file replaces the folder name, so "
+                f"the trigger must be written in it (or set caption_prefix = \"{s.instance_token}\").",
+                [str(s.path / n) for n in s.missing_trigger]))
+        up = s.upscaled
+        if up:
+            findings.append(Finding(
+                "info", "upscaled",
+                f"{where}: {len(up)} image(s) are smaller than their bucket and will be enlarged (Lanczos): "
+                f"{_names(up)}" + ("" if part.spec.bucket_no_upscale else "; bucket_no_upscale = true avoids it")))
+        rotated = [e.path.name for e in s.images if any(n.startswith("EXIF orientation") for n in e.notes)]
+        if rotated:
+            findings.append(Finding("info", "exif-rotation",
+                                    f"{where}: EXIF orientation applied to {len(rotated)} image(s): {_names(rotated)} "
+                                    "(sd-scripts ignores it and would train them unrotated)"))
+        deep = [e.path.name for e in s.images if any(n.startswith("16-bit") for n in e.notes)]
+        if deep:
+            findings.append(Finding("info", "16-bit", f"{where}: 16-bit greyscale image(s) scaled to 8 bits: "
+                                                      f"{_names(deep)} (sd-scripts would clip them to white)"))
+        alpha = [e.path.name for e in s.images if any("alpha channel is dropped" in n for n in e.notes)]
+        if alpha:
+            findings.append(Finding("info", "alpha", f"{where}: transparency is dropped, not composited, for "
+                                                     f"{len(alpha)} image(s) (as sd-scripts): {_names(alpha)}"))
+
+
+def build_plan(config: TrainConfig, family: str | None = None, check_pixels: bool = True) -> DatasetPlan:
+    """The full dataset plan for ``config`` (folder convention, or ``config.dataset_config``).
+
+    ``family`` ('sd1' | 'sd2' | 'sdxl' | None) sets the bucket-step rule (64, or 32 for SDXL). ``check_pixels``
+    decodes every image so corrupt files are found now (slower on big sets)."""
+    plan = DatasetPlan(config)
+    findings = plan.findings
+    for n in config.notes:
+        findings.append(Finding("info", "config", n))
+    seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
+
+    if config.dataset_config:
+        plan.from_dataset_config = True
+        try:
+            specs, notes = load_dataset_config(config.resolve(config.dataset_config), config)
+        except TrainConfigError as e:
+            findings.append(Finding("error", "dataset-config", str(e)))
+            return plan
+        findings.extend(Finding("info", "dataset-config", n) for n in notes)
+        for spec in specs:
+            for sub in spec.subsets:
+                _check_subset_dir_level(sub, findings)
+    else:
+        subsets, f = subsets_from_folders(config.resolve(config.train_data_dir), config.resolve(config.reg_data_dir),
+                                          config)
+        findings.extend(f)
+        specs = [DatasetSpec(
+            resolution=config.resolution, batch_size=config.train_batch_size, enable_bucket=config.enable_bucket,
+            min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
+            bucket_reso_steps=config.bucket_reso_steps, bucket_no_upscale=config.bucket_no_upscale,
+            resize_interpolation=config.resize_interpolation, validation_split=config.validation_split,
+            validation_seed=config.validation_seed, subsets=subsets,
+        )]
+
+    for spec in specs:
+        part = DatasetPart(spec)
+        ds_seed = spec.validation_seed if spec.validation_seed is not None else seed
+        for sub in spec.subsets:
+            part.subsets.append(_plan_subset(sub, spec, check_pixels, findings, ds_seed))
+        _bucket_part(part, family, findings)
+        _finish_part(part, findings)
+        _subset_findings(part, findings)
+        plan.datasets.append(part)
+
+    if plan.num_train_images == 0 and not plan.errors:
+        findings.append(Finding("error", "no-images", "no training images were found; nothing to train on"))
+    if plan.num_reg_images and plan.num_train_images < plan.num_reg_images:
+        findings.append(Finding("info", "reg-surplus",
+                                "there are more reg samples than training samples, so some reg images are not used "
+                                "(sd-scripts: 'some of reg images are not used')"))
+    if all(d.bucketing_ok for d in plan.datasets) and plan.datasets and plan.batches_per_epoch:
+        plan.steps = compute_steps(plan.batches_per_epoch, config.gradient_accumulation_steps,
+                                   config.max_train_steps, config.max_train_epochs)
+        if plan.num_reg_images:
+            plan.steps_without_reg = compute_steps(sum(d.batches_without_reg for d in plan.datasets),
+                                                   config.gradient_accumulation_steps, config.max_train_steps,
+                                                   config.max_train_epochs)
+        warm = config.lr_warmup_steps
+        warm_steps = math.floor(warm * plan.steps.max_train_steps) if isinstance(warm, float) and warm < 1 else int(warm)
+        if warm_steps >= plan.steps.max_train_steps > 0:
+            findings.append(Finding("warning", "warmup-too-long",
+                                    f"lr_warmup_steps {warm_steps} is not shorter than the whole run "
+                                    f"({plan.steps.max_train_steps} steps): the learning rate never reaches its value"))
+    return plan
+
+
+def _check_subset_dir_level(sub: SubsetSpec, findings: list[Finding]) -> None:
+    d = Path(sub.image_dir)
+    if not d.is_dir():
+        return
+    has_images = any(is_img(p) for p in _safe_iter(d))
+    numbered = sorted(p.name for p in _safe_iter(d) if p.is_dir() and any(is_img(q) for q in _safe_iter(p)))
+    if not has_images and numbered:
+        findings.append(Finding(
+            "error", "wrong-level",
+            f"image_dir '{d}' holds no images but has image folders inside ({_names(numbered)}); in a dataset config "
+            "each subset's image_dir must be the folder that holds the images, with num_repeats and class_tokens "
+            "set as keys (folder names carry no meaning there)", [str(d)]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _reg_words(part: DatasetPart) -> str | None:
+    regs = [s for s in part.subsets if s.is_reg and s.images]
+    if not regs:
+        return None
+    train = part.num_train_images
+    reg_before = part.num_reg_images
+    used = part.reg_samples_used
+    entries = [e for s in regs for e in s.images]
+    def desc(subs):
+        return " + ".join(f"{_plural(s.n_images, 'image')} x {_plural(s.repeats, 'repeat')}" for s in subs)
+
+    train_desc = desc([s for s in part.subsets if not s.is_reg and s.images])
+    lines = [f"Regularisation: {train} training samples per epoch ({train_desc or 'none'}); the reg folders "
+             f"hold {reg_before} reg samples ({desc(regs)})."]
+    if train == 0:
+        lines.append("With no training samples no reg image is used.")
+        return " ".join(lines)
+    by_rep = Counter(e.num_repeats for e in entries)
+    unused = by_rep.pop(0, 0)
+    usage = ", ".join(f"{_plural(n, 'image')} x {r}" for r, n in sorted(by_rep.items(), reverse=True))
+    if reg_before < train:
+        lines.append(f"That is fewer, so sd-scripts repeats reg images round-robin until they reach {train}: "
+                     f"{usage} = {used} reg samples per epoch.")
+    elif reg_before > train:
+        lines.append(f"That is more, so reg images are taken in order with their folder repeats until {train} is "
+                     f"reached: {usage} = {used} reg samples per epoch; {_plural(unused, 'reg image')} "
+                     "are never used.")
+    else:
+        lines.append(f"That is exactly as many: {used} reg samples per epoch.")
+    if used != train:
+        lines.append(f"(The last reg image's repeats overshoot {train} by {used - train}.)")
+    lines.append(f"Each epoch therefore holds {train + used} samples, about twice the training samples, so the "
+                 f"steps per epoch roughly double: {part.batches_without_reg} batches without reg images, "
+                 f"{part.batches} with them (batch size {part.spec.batch_size}).")
+    return " ".join(lines)
+
+
+def _report(plan: DatasetPlan) -> str:
+    cfg = plan.config
+    out: list[str] = ["Dataset plan (kohya sd-scripts rules)"]
+    if plan.from_dataset_config:
+        out.append(f"  dataset config: {cfg.dataset_config}")
+    else:
+        out.append(f"  train_data_dir: {cfg.resolve(cfg.train_data_dir)}")
+        if cfg.reg_data_dir:
+            out.append(f"  reg_data_dir:   {cfg.resolve(cfg.reg_data_dir)}")
+    for di, part in enumerate(plan.datasets):
+        ds = part.spec
+        if len(plan.datasets) > 1:
+            out.append(f"Dataset {di + 1}:")
+        reso = f"{ds.resolution[0]}x{ds.resolution[1]}" if ds.resolution else "(no resolution)"
+        if ds.enable_bucket:
+            mode = ("no upscaling: buckets follow image sizes" if ds.bucket_no_upscale else
+                    f"buckets {ds.min_bucket_reso}-{ds.max_bucket_reso} step {ds.bucket_reso_steps}")
+        else:
+            mode = "buckets off"
+        out.append(f"  resolution {reso}, batch size {ds.batch_size}, {mode}, captions from "
+                   f"{', '.join(sorted({s.spec.caption_extension for s in part.subsets})) or '-'} files")
+        for kind, subs in (("Training folders", [s for s in part.subsets if not s.is_reg]),
+                           ("Regularisation folders", [s for s in part.subsets if s.is_reg])):
+            if not subs:
+                continue
+            out.append(f"  {kind}:")
+            for s in subs:
+                if not s.is_reg and s.instance_token:
+                    tokens = f"trigger '{s.instance_token}'" + (f", class '{s.class_token}'" if s.class_token else "")
+                else:
+                    tokens = f"class '{s.class_token}'" if s.class_token else "no folder tokens"
+                line = (f"    {s.name}: {_plural(s.repeats, 'repeat')}, {tokens}; {_plural(s.n_images, 'image')} "
+                        f"({s.n_captioned} with caption files) -> {s.samples} samples")
+                if s.is_reg:
+                    line += f", {s.samples_used} used per epoch after balancing"
+                if s.validation_images:
+                    line += f"; {len(s.validation_images)} held out for validation"
+                out.append(line)
+                if s.missing_trigger:
+                    out.append(f"      trigger '{s.instance_token}' missing from {len(s.missing_trigger)} caption(s): "
+                               f"{_names(s.missing_trigger)}")
+                if s.upscaled:
+                    out.append(f"      {_plural(len(s.upscaled), 'image')} enlarged to their bucket: {_names(s.upscaled)}")
+                if s.unreadable:
+                    out.append(f"      {len(s.unreadable)} unreadable file(s) left out: "
+                               f"{_names([n for n, _ in s.unreadable])}")
+        out.append(f"  Samples per epoch: {part.num_train_images} training"
+                   + (f" + {part.reg_samples_used} reg" if part.reg_samples_used else ""))
+        words = _reg_words(part)
+        if words:
+            out.append("  " + words)
+        if part.bucketing_ok and part.bucket_counts:
+            out.append("  Buckets (samples incl. repeats -> batches):")
+            for (w, h), n in part.bucket_counts.items():
+                out.append(f"    {w}x{h}: {n} -> {math.ceil(n / ds.batch_size)}")
+            out.append(f"  {part.batches} batches per epoch (each bucket's last batch may be partial); "
+                       f"mean aspect-ratio error {part.mean_ar_error:.4f}")
+    if plan.steps:
+        st = plan.steps
+        out.append(f"Steps: {st.batches_per_epoch} batches per epoch -> {st.updates_per_epoch} optimizer steps per "
+                   f"epoch; {st.explanation}; total {st.max_train_steps} steps over {_plural(st.num_epochs, 'epoch')}.")
+        if plan.steps_without_reg:
+            out.append(f"  Without the reg images it would be {plan.steps_without_reg.max_train_steps} steps.")
+    for level in ("error", "warning", "info"):
+        items = [f for f in plan.findings if f.level == level]
+        if items:
+            out.append({"error": "Errors:", "warning": "Warnings:", "info": "Notes:"}[level])
+            out.extend(f"  - {f.message}" for f in items)
+    return "\n".join(out)
+
+
+__all__ = [
+    "DatasetPart",
+    "DatasetPlan",
+    "Finding",
+    "ImageEntry",
+    "SubsetPlan",
+    "balance_reg_repeats",
+    "build_plan",
+]

@@ -1,0 +1,314 @@
+"""Image files for training: which files count, their size, decoding to RGB uint8, resize + crop to a bucket.
+
+sd-scripts rules followed (train_util.py @48d368fa): extensions ``.png .jpg .jpeg .webp .bmp`` (``IMAGE_EXTENSIONS``,
+plus ``.avif`` when a Pillow plugin can read it), images are found non-recursively, sorted by path (``glob_images``),
+decoded with ``Image.convert("RGB")`` (``load_image``), resized with area averaging when shrinking and Lanczos when
+enlarging (``utils.resize_image``), then the overflow is trimmed: centre crop, or a random offset with ``random_crop``
+(``trim_and_resize_if_required``).
+
+Where we differ on purpose (each difference is reported by the dataset plan, never silent):
+
+- extensions match in any case (``.Jpg`` too); sd-scripts on Linux globs only all-lower or all-upper ones;
+- the EXIF orientation is applied (``ImageOps.exif_transpose``) before the size is read and the pixels used; sd-scripts
+  reads the raw size with ``imagesize`` and the raw pixels, so a phone photo tagged "rotate 90" trains sideways there;
+- 16-bit greyscale (``I;16*``/``I``) is scaled to 8 bits (value / 257, rounded); ``convert("RGB")`` would clip every
+  value above 255 to white. 32-bit float ``F`` is clipped to 0..255.
+- RGBA / LA / PA / palette-with-transparency: the alpha channel is dropped exactly as ``convert("RGB")`` does (no
+  compositing on white: transparent pixels keep whatever colour they store, often black).
+- shrinking uses Pillow's BOX filter (area average, what ``cv2.INTER_AREA`` computes) because OpenCV is not a
+  dependency; enlarging uses Pillow's LANCZOS, as sd-scripts does.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+# Same set as sd-scripts' IMAGE_EXTENSIONS; compared lower-case.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+EXIF_ORIENTATION_TAG = 0x0112
+# Orientation values 5..8 swap width and height (transpose / rotate 90 / transverse / rotate 270).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def image_extensions() -> tuple[str, ...]:
+    """The accepted extensions, with ``.avif`` when an installed Pillow plugin registers it (as sd-scripts does)."""
+    exts = list(IMAGE_EXTENSIONS)
+    if ".avif" in Image.registered_extensions():
+        exts.append(".avif")
+    return tuple(exts)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in image_extensions()
+
+
+def sd_scripts_would_glob(name: str) -> bool:
+    """sd-scripts globs ``*.png`` and ``*.PNG`` etc.; on a case-sensitive filesystem ``x.Png`` is missed."""
+    ext = os.path.splitext(name)[1]
+    return ext.lower() in image_extensions() and (ext == ext.lower() or ext == ext.upper())
+
+
+def list_images(directory: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``directory`` (not recursive), sorted by path as ``glob_images`` sorts them."""
+    d = Path(directory)
+    out = [p for p in d.iterdir() if p.is_file() and is_image_name(p.name)]
+    out.sort(key=lambda p: str(p))
+    return out
+
+
+@dataclass
+class ImageProbe:
+    """What the plan needs to know about one image file without keeping its pixels."""
+
+    path: Path
+    ok: bool
+    size: tuple[int, int] = (0, 0)  # (width, height) after the EXIF orientation is applied
+    raw_size: tuple[int, int] = (0, 0)  # (width, height) as stored, what sd-scripts' imagesize reads
+    mode: str = ""
+    format: str = ""
+    orientation: int = 1
+    error: str = ""  # why the file cannot be used (when not ok)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exif_rotated(self) -> bool:
+        return self.orientation not in (0, 1)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception as e:  # malformed EXIF must not make the picture unusable
+        warnings.warn(f"ignoring unreadable EXIF block: {e}")
+        return 1
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def probe_image(path: str | os.PathLike, check_pixels: bool = True) -> ImageProbe:
+    """Open ``path`` and report its oriented size and mode; with ``check_pixels`` the whole file is decoded so a
+    truncated or corrupt file is caught now rather than mid-training. Never raises for a bad image."""
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            raw = img.size
+            mode = img.mode
+            fmt = img.format or ""
+            orientation = _orientation(img)
+            has_transparency = "transparency" in img.info
+            if check_pixels:
+                img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
+        # OSError covers UnidentifiedImageError and "image file is truncated".
+        reason = str(e) or e.__class__.__name__
+        if p.stat().st_size == 0:
+            reason = "the file is empty (0 bytes)"
+        return ImageProbe(p, ok=False, error=f"cannot be read as an image: {reason}")
+    if check_pixels and ImageFile.LOAD_TRUNCATED_IMAGES and _looks_truncated(p, fmt):
+        # the host (e.g. the WebUI) lets Pillow pad truncated files silently; catch the common cases ourselves
+        return ImageProbe(p, ok=False, error=f"cannot be read as an image: the {fmt} file is truncated")
+    w, h = raw
+    size = (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+    probe = ImageProbe(p, ok=True, size=size, raw_size=raw, mode=mode, format=fmt, orientation=orientation)
+    if w <= 0 or h <= 0:
+        probe.ok = False
+        probe.error = f"has an invalid size {w}x{h}"
+    if probe.exif_rotated:
+        probe.notes.append(
+            f"EXIF orientation {orientation} applied: used as {size[0]}x{size[1]} (stored {w}x{h}; sd-scripts ignores "
+            "the EXIF orientation and would train it unrotated)"
+        )
+    if mode in _SIXTEEN_BIT_MODES:
+        probe.notes.append(
+            f"16-bit greyscale ({mode}) scaled to 8 bits (value/257); sd-scripts' convert('RGB') would clip it to white"
+        )
+    elif mode == "F":
+        probe.notes.append("32-bit float greyscale clipped to 0..255")
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and has_transparency):
+        probe.notes.append(f"{mode} image: the alpha channel is dropped (convert('RGB'), as sd-scripts), not composited")
+    return probe
+
+
+def _looks_truncated(p: Path, fmt: str) -> bool:
+    """End-marker check for JPEG (EOI) and PNG (IEND), used only when Pillow is told to accept truncated files."""
+    try:
+        with open(p, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            n = f.tell()
+            f.seek(max(0, n - 4096))
+            tail = f.read()
+    except OSError:
+        return True
+    if fmt == "JPEG":
+        return b"\xff\xd9" not in tail
+    if fmt == "PNG":
+        return b"IEND" not in tail[-64:]
+    return False
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to an HxWx3 uint8 array (rules in the module docstring)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode in _SIXTEEN_BIT_MODES:
+        a = np.asarray(img).astype(np.float64)
+        g = np.clip(np.rint(np.clip(a, 0, 65535) / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    with warnings.catch_warnings():
+        # Pillow warns about palette transparency; dropping alpha is the documented behaviour here.
+        warnings.simplefilter("ignore", UserWarning)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` with its EXIF orientation applied, as an HxWx3 uint8 RGB array.
+
+    Raises ``OSError`` naming the file when it cannot be decoded (the plan lists such files beforehand)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            return to_rgb_array(oriented)
+    except OSError as e:
+        raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
+
+
+def _resize(img: np.ndarray, size: tuple[int, int], interpolation: str | None) -> np.ndarray:
+    h, w = img.shape[:2]
+    tw, th = int(size[0]), int(size[1])
+    if interpolation is None:
+        # sd-scripts: "area" when shrinking in both directions, else "lanczos".
+        interpolation = "area" if (w >= tw and h >= th) else "lanczos"
+    filters = {
+        "area": Image.Resampling.BOX,
+        "box": Image.Resampling.BOX,
+        "lanczos": Image.Resampling.LANCZOS,
+        "lanczos4": Image.Resampling.LANCZOS,
+        "nearest": Image.Resampling.NEAREST,
+        "bilinear": Image.Resampling.BILINEAR,
+        "linear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "cubic": Image.Resampling.BICUBIC,
+    }
+    if interpolation not in filters:
+        raise ValueError(f"unknown resize_interpolation {interpolation!r}; use one of {sorted(filters)}")
+    pil = Image.fromarray(img)
+    return np.asarray(pil.resize((tw, th), resample=filters[interpolation]), dtype=np.uint8)
+
+
+def get_crop_ltrb(bucket_reso: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The crop box sd-scripts stores for SDXL conditioning (``BucketManager.get_crop_ltrb``).
+
+    It is computed as if the image were scaled to FIT inside the bucket and centred (Stability's preprocessing), not
+    from the actual crop; sd-scripts says so itself. Values may be floats; callers take ``int()``."""
+    bw, bh = bucket_reso
+    image_ar = image_size[0] / image_size[1]
+    if bw / bh > image_ar:
+        rw, rh = bh * image_ar, bh
+    else:
+        rw, rh = bw, bw / image_ar
+    left = (bw - rw) // 2
+    top = (bh - rh) // 2
+    return left, top, left + rw, top + rh
+
+
+@dataclass
+class PreparedImage:
+    pixels: np.ndarray  # HxWx3 uint8, exactly bucket size
+    original_size: tuple[int, int]  # (w, h) before resizing
+    crop_ltrb: tuple[float, float, float, float]
+    crop_offset: tuple[int, int]  # (x, y) of the actual trim, for debugging/inspection
+
+
+def resize_and_crop(
+    img: np.ndarray,
+    bucket_reso: tuple[int, int],
+    resized_size: tuple[int, int],
+    random_crop: bool = False,
+    rng: random.Random | None = None,
+    interpolation: str | None = None,
+) -> PreparedImage:
+    """Scale ``img`` to ``resized_size`` (which covers the bucket) and trim the overflow to ``bucket_reso``.
+
+    Centre trim uses ``overflow // 2``; with ``random_crop`` the offset is ``rng.randint(0, overflow)`` per axis,
+    width first, as sd-scripts draws them."""
+    h, w = img.shape[:2]
+    original_size = (w, h)
+    if (w, h) != tuple(resized_size):
+        img = _resize(img, resized_size, interpolation)
+    h, w = img.shape[:2]
+    bw, bh = bucket_reso
+    x = y = 0
+    if w > bw:
+        trim = w - bw
+        x = (rng or random).randint(0, trim) if random_crop else trim // 2
+        img = img[:, x : x + bw]
+    if h > bh:
+        trim = h - bh
+        y = (rng or random).randint(0, trim) if random_crop else trim // 2
+        img = img[y : y + bh]
+    if img.shape[0] != bh or img.shape[1] != bw:
+        raise ValueError(
+            f"internal error: image resized to {resized_size} does not cover bucket {bucket_reso} "
+            f"(got {img.shape[1]}x{img.shape[0]})"
+        )
+    return PreparedImage(np.ascontiguousarray(img), original_size, get_crop_ltrb(bucket_reso, original_size), (x, y))
+
+
+def sdxl_size_conditioning(
+    original_size: tuple[int, int],
+    crop_ltrb: tuple[float, float, float, float],
+    bucket_reso: tuple[int, int],
+    flipped: bool = False,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(original_size_hw, crop_top_left, target_size_hw)`` as sd-scripts feeds SDXL's size embedding.
+
+    ``original_size`` is (w, h) before resizing; under horizontal flip the left crop becomes ``target_w - right``."""
+    tw, th = bucket_reso
+    left = tw - crop_ltrb[2] if flipped else crop_ltrb[0]
+    return (
+        (int(original_size[1]), int(original_size[0])),
+        (int(crop_ltrb[1]), int(left)),
+        (int(th), int(tw)),
+    )
+
+
+def is_upscaled(image_size: tuple[int, int], resized_size: tuple[int, int]) -> bool:
+    """True when the image is enlarged on the way to its bucket (sd-scripts then uses Lanczos)."""
+    return not (image_size[0] >= resized_size[0] and image_size[1] >= resized_size[1])
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageProbe",
+    "PreparedImage",
+    "get_crop_ltrb",
+    "image_extensions",
+    "is_image_name",
+    "is_upscaled",
+    "list_images",
+    "load_image_rgb",
+    "probe_image",
+    "resize_and_crop",
+    "sd_scripts_would_glob",
+    "sdxl_size_conditioning",
+    "to_rgb_array",
+]

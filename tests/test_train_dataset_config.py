@@ -1,0 +1,200 @@
+"""Training TOML (the seed tutorial's file) and dataset TOML parsing."""
+
+import dataclasses
+
+import pytest
+
+from lib_lora.train.config import (
+    TrainConfig,
+    TrainConfigError,
+    load_dataset_config,
+    load_train_config,
+    parse_resolution,
+    parse_train_config,
+    parse_train_config_text,
+)
+
+# verbatim from /work/shared/reference/seed-config.md
+SEED_TOML = """\
+[model]
+pretrained_model_name_or_path = "./models/sd/v1-5-pruned.safetensors"
+v2 = false
+v_parameterization = false
+
+[dataset]
+train_data_dir = "./training_data"
+resolution = 512
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 256
+max_bucket_reso = 1024
+
+[training]
+output_dir = "./output"
+output_name = "my_lora"
+max_train_epochs = 10
+learning_rate = 1e-4
+unet_lr = 1e-4
+text_encoder_lr = 5e-5
+lr_scheduler = "cosine_with_restarts"
+lr_warmup_steps = 100
+network_dim = 32
+network_alpha = 16
+optimizer_type = "AdamW8bit"
+mixed_precision = "fp16"
+save_every_n_epochs = 2
+save_model_as = "safetensors"
+"""
+
+
+def test_defaults_are_sd_scripts_defaults():
+    c = TrainConfig()
+    # training-anchors §4 "sd-scripts CLI": AdamW, lr 2e-6, constant, warmup 0, 1600 steps, batch 1, alpha 1,
+    # mixed_precision no, max_grad_norm 1.0; §1.4/§1.5 bucket defaults 256/1024/64, no buckets
+    assert (c.optimizer_type, c.learning_rate, c.lr_scheduler, c.lr_warmup_steps) == ("", 2e-6, "constant", 0)
+    assert (c.max_train_steps, c.max_train_epochs, c.train_batch_size) == (1600, None, 1)
+    assert (c.network_dim, c.network_alpha, c.mixed_precision, c.max_grad_norm) == (None, 1.0, "no", 1.0)
+    assert (c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso, c.bucket_reso_steps) == (False, 256, 1024, 64)
+    assert (c.prior_loss_weight, c.multires_noise_discount, c.huber_c, c.loss_type) == (1.0, 0.3, 0.1, "l2")
+    assert (c.keep_tokens, c.caption_separator, c.token_warmup_min, c.sample_sampler) == (0, ",", 1, "ddim")
+    assert c.caption_extension == ".txt"  # our one deliberate default change (sd-scripts: .caption)
+
+
+def test_seed_toml_is_read_as_its_author_meant(tmp_path):
+    p = tmp_path / "training_config.toml"
+    p.write_text(SEED_TOML, encoding="utf-8")
+    c = load_train_config(p)
+    assert c.resolution == (512, 512)
+    assert c.train_batch_size == 2
+    assert c.caption_extension == ".txt"
+    assert c.enable_bucket is True and (c.min_bucket_reso, c.max_bucket_reso) == (256, 1024)
+    assert c.max_train_epochs == 10 and c.max_train_steps == 1600
+    assert (c.learning_rate, c.unet_lr, c.text_encoder_lr) == (1e-4, 1e-4, 5e-5)
+    assert c.lr_scheduler == "cosine_with_restarts" and c.lr_warmup_steps == 100
+    assert c.network_dim == 32 and c.network_alpha == 16.0 and isinstance(c.network_alpha, float)
+    assert (c.optimizer_type, c.mixed_precision, c.save_every_n_epochs) == ("AdamW8bit", "fp16", 2)
+    assert c.save_model_as == "safetensors" and c.output_name == "my_lora"
+    assert c.pretrained_model_name_or_path == "./models/sd/v1-5-pruned.safetensors" and c.v2 is False
+    assert c.network_module == "networks.lora"
+    # relative paths resolve against the config's folder
+    assert c.resolve(c.train_data_dir) == tmp_path.resolve() / "training_data"
+    notes = "\n".join(c.notes)
+    assert "batch_size` read as train_batch_size" in notes
+    assert "read as 512x512" in notes
+    assert ".txt files" in notes
+    assert "networks.lora" in notes
+
+
+def test_every_field_is_typed_and_defaulted():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
+
+
+def test_unknown_keys_refused_with_suggestions():
+    text = 'lerning_rate = 1e-4\n[dataset]\nbatchsize = 2\nnetwork_dimm = 8\ncompletely_new = 1\n'
+    with pytest.raises(TrainConfigError) as ei:
+        parse_train_config_text(text, source="x.toml")
+    msg = str(ei.value)
+    assert "x.toml" in msg
+    assert "lerning_rate (did you mean 'learning_rate'" in msg
+    assert "batchsize (did you mean" in msg and "'batch_size'" in msg
+    assert "network_dimm (did you mean 'network_dim'" in msg
+    assert "completely_new" in msg
+
+
+def test_values_checked_and_known_unused_keys_noted():
+    with pytest.raises(TrainConfigError, match="mixed_precision = 'fp32'"):
+        parse_train_config({"mixed_precision": "fp32"})
+    with pytest.raises(TrainConfigError, match="network_dim must be an integer"):
+        parse_train_config({"network_dim": 32.5})
+    with pytest.raises(TrainConfigError, match="keep only train_batch_size"):
+        parse_train_config({"batch_size": 2, "train_batch_size": 4})
+    c = parse_train_config({"training": {"xformers": True, "network_dim": 16.0, "learning_rate": "1e-4",
+                                         "use_8bit_adam": True, "text_encoder_lr": [5e-5, 1e-5]}})
+    assert c.network_dim == 16 and c.learning_rate == 1e-4 and c.optimizer_type == "AdamW8bit"
+    assert c.text_encoder_lr == 5e-5
+    assert c.ignored == {"xformers": True}
+    assert any("xformers" in n and "ignored" in n for n in c.notes)
+
+
+def test_dataset_toml_is_flagged_when_given_as_training_config():
+    with pytest.raises(TrainConfigError, match="dataset config"):
+        parse_train_config({"general": {}, "datasets": []})
+
+
+def test_resolution_forms():
+    assert parse_resolution(512)[0] == (512, 512)
+    assert parse_resolution("512")[0] == (512, 512)
+    assert parse_resolution("512,768")[0] == (512, 768)  # (width, height)
+    assert parse_resolution([640, 448])[0] == (640, 448)
+    c = parse_train_config({"resolution": "512,768"})
+    assert c.resolution == (512, 768)
+    with pytest.raises(TrainConfigError, match="resolution"):
+        parse_train_config({"resolution": "big"})
+
+
+DATASET_TOML = """\
+[general]
+shuffle_caption = true
+keep_tokens = 1
+caption_extension = "txt"
+
+[[datasets]]
+resolution = [640, 512]
+batch_size = 4
+enable_bucket = true
+
+  [[datasets.subsets]]
+  image_dir = "imgs"
+  num_repeats = 5
+  class_tokens = "svs cat"
+
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  class_tokens = "cat"
+  keep_tokens = 0
+
+[[datasets]]
+resolution = 768
+
+  [[datasets.subsets]]
+  image_dir = "imgs"
+"""
+
+
+def test_dataset_toml_fallback_chain(tmp_path):
+    p = tmp_path / "ds.toml"
+    p.write_text(DATASET_TOML, encoding="utf-8")
+    defaults = TrainConfig(train_batch_size=3, flip_aug=True)
+    specs, notes = load_dataset_config(p, defaults)
+    a, b = specs
+    assert a.resolution == (640, 512) and a.batch_size == 4 and a.enable_bucket is True
+    s1, s2 = a.subsets
+    assert s1.image_dir == str(tmp_path.resolve() / "imgs")
+    assert (s1.num_repeats, s1.class_tokens, s1.is_reg) == (5, "svs cat", False)
+    assert s1.captions.shuffle_caption is True and s1.captions.keep_tokens == 1  # from [general]
+    assert s1.caption_extension == ".txt"  # leading dot added
+    assert s1.flip_aug is True  # from the training config (sd-scripts' argparse fallback)
+    assert s2.is_reg is True and s2.captions.keep_tokens == 0  # subset value wins
+    # second dataset: int resolution, batch size from the training config's train_batch_size, repeats default 1
+    assert b.resolution == (768, 768) and b.batch_size == 3 and b.enable_bucket is False
+    assert b.subsets[0].num_repeats == 1 and b.subsets[0].class_tokens is None
+
+
+def test_dataset_toml_refuses_bad_keys_and_levels(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text(
+        '[general]\nimage_dir = "x"\nshufle_caption = true\nprior_loss_weight = 1.0\n'
+        '[[datasets]]\nresolution = 512\n'
+        '  [[datasets.subsets]]\n  image_dir = "a"\n  batch_size = 2\n'
+        '  [[datasets.subsets]]\n  metadata_file = "meta.json"\n',
+        encoding="utf-8")
+    with pytest.raises(TrainConfigError) as ei:
+        load_dataset_config(p)
+    msg = str(ei.value)
+    assert "[general]: image_dir is not allowed here; it belongs in [[datasets.subsets]]" in msg
+    assert "unknown key 'shufle_caption' (did you mean 'shuffle_caption'" in msg
+    assert "prior_loss_weight cannot be set in a dataset config" in msg
+    assert "batch_size is not allowed here; it belongs in [general] or [[datasets]]" in msg
+    assert "fine-tuning subsets (metadata_file) are not supported" in msg

@@ -1,0 +1,409 @@
+"""Dataset plans built from real image trees in tmp_path.
+
+Expected counts are literals derived by hand from sd-scripts' rules (training-anchors.md §1.1-§1.5, §2):
+samples = images x repeats; reg samples balanced to the training samples; buckets by nearest aspect ratio; each
+bucket gives ceil(count / batch) batches; steps = epochs x ceil(batches / grad_accum)."""
+
+import io
+import json
+import zlib
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_lora.train.config import TrainConfig, parse_train_config
+from lib_lora.train.dataset import ImageEntry, balance_reg_repeats, build_plan
+from lib_lora.train.images import load_image_rgb, probe_image
+
+
+def _img(path, size=(64, 64), color=(200, 30, 30), mode="RGB", **save):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **save)
+    return path
+
+
+def _cfg(train, reg=None, **kw):
+    base = dict(train_data_dir=str(train), reg_data_dir=str(reg) if reg else None, resolution=(512, 512),
+                enable_bucket=True, train_batch_size=2, max_train_epochs=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _four_train_images(root):
+    d = root / "train" / "10_svs cat"
+    # buckets (512 list): 512x512 exact; 600x400 -> 640x384; 400x600 -> 384x640; 1024x768 -> 576x448
+    _img(d / "a.png", (512, 512))
+    _img(d / "b.png", (600, 400))
+    _img(d / "c.jpg", (400, 600))
+    _img(d / "d.png", (1024, 768))
+    return root / "train"
+
+
+def test_repeats_buckets_and_steps(tmp_path):
+    train = _four_train_images(tmp_path)
+    plan = build_plan(_cfg(train))
+    assert plan.ok, plan.report()
+    (s,) = plan.subsets
+    assert (s.name, s.repeats, s.instance_token, s.class_token) == ("10_svs cat", 10, "svs", "cat")
+    # 4 images x 10 repeats
+    assert plan.num_train_images == 40
+    assert plan.bucket_histogram == {(384, 640): 10, (512, 512): 10, (576, 448): 10, (640, 384): 10}
+    # 4 buckets x ceil(10/2) = 20 batches; 3 epochs x 20 = 60 steps
+    assert plan.batches_per_epoch == 20
+    assert (plan.steps.max_train_steps, plan.steps.num_epochs) == (60, 3)
+    # grad accumulation 3: ceil(20/3) = 7 per epoch -> 21
+    assert build_plan(_cfg(train, gradient_accumulation_steps=3)).steps.max_train_steps == 21
+    # max_train_steps alone: 50 steps, ceil(50/20) = 3 epochs
+    st = build_plan(_cfg(train, max_train_epochs=None, max_train_steps=50)).steps
+    assert (st.max_train_steps, st.num_epochs) == (50, 3)
+    # upscaled: b (600x400 -> 640x427), c (-> 427x640); d shrinks (1024x768 -> 597x448); a exact
+    assert s.upscaled == ["b.png", "c.jpg"]
+    # mean |ar error|: a 0; b 1.6667-1.5; c |0.6-0.6667|; d |1.2857-1.3333|
+    want = (0 + (640 / 384 - 1.5) + abs(384 / 640 - 400 / 600) + abs(576 / 448 - 1024 / 768)) / 4
+    assert plan.datasets[0].mean_ar_error == pytest.approx(want)
+    # everything the same but batch 3: ceil(10/3) = 4 per bucket -> 16
+    assert build_plan(_cfg(train, train_batch_size=3)).batches_per_epoch == 16
+
+
+def test_reg_fewer_than_train_are_repeated_and_steps_double(tmp_path):
+    train = _four_train_images(tmp_path)
+    for i in range(6):
+        _img(tmp_path / "reg" / "1_cat" / f"r{i}.png", (512, 512))
+    plan = build_plan(_cfg(train, tmp_path / "reg"))
+    assert plan.ok, plan.report()
+    reg = [s for s in plan.subsets if s.is_reg][0]
+    assert (reg.class_token, reg.instance_token) == ("cat", None)
+    # train 40; reg 6 x 1 = 6 before balancing. first pass 6, then +1 per image per pass: 5 more passes -> 36,
+    # then r0..r3 get one more -> 40. repeats: r0-r3 = 1+5+1 = 7, r4-r5 = 6
+    assert plan.num_reg_images == 6
+    assert [e.num_repeats for e in reg.images] == [7, 7, 7, 7, 6, 6]
+    assert reg.samples_used == 40
+    # buckets: 512x512 = 10 train + 40 reg = 50 -> 25 batches; 3 other buckets x 5 -> 40 batches (20 without reg)
+    assert plan.bucket_histogram[(512, 512)] == 50
+    assert plan.batches_per_epoch == 40 and plan.datasets[0].batches_without_reg == 20
+    assert plan.steps.max_train_steps == 120 and plan.steps_without_reg.max_train_steps == 60
+    text = plan.report()
+    assert "fewer, so sd-scripts repeats reg images" in text
+    assert "4 images x 7, 2 images x 6 = 40 reg samples per epoch" in text
+    assert "20 batches without reg images, 40 with them" in text
+    md = plan.ss_dataset_metadata()
+    assert md["ss_num_reg_images"] == "6" and md["ss_num_train_images"] == "40"
+    assert md["ss_num_batches_per_epoch"] == "40"
+    assert json.loads(md["ss_reg_dataset_dirs"]) == {"1_cat": {"n_repeats": 1, "img_count": 6}}
+
+
+def test_reg_more_than_train_surplus_unused(tmp_path):
+    train = _four_train_images(tmp_path)
+    for i in range(25):
+        _img(tmp_path / "reg" / "2_cat" / f"r{i:02d}.png", (16, 16))
+    plan = build_plan(_cfg(train, tmp_path / "reg"))
+    reg = [s for s in plan.subsets if s.is_reg][0]
+    # 25 x 2 = 50 > 40: images taken in order with 2 repeats until 40 -> the first 20 used, last 5 never
+    assert plan.num_reg_images == 50
+    assert [e.num_repeats for e in reg.images] == [2] * 20 + [0] * 5
+    assert reg.samples_used == 40
+    # 16x16 squares -> 512x512 bucket: 10 + 40 = 50 -> 25 batches, + 15 -> 40
+    assert plan.batches_per_epoch == 40
+    assert "5 reg images are never used" in plan.report()
+    assert any(f.code == "reg-surplus" for f in plan.findings)
+
+
+def test_reg_balancing_overshoots_by_the_last_repeats():
+    entries = [ImageEntry(None, (1, 1), "", "folder", None, True, 3) for _ in range(20)]
+    # 40 training samples, repeats 3: after 13 images n = 39, the 14th makes 42 >= 40 -> 14 used, total 42
+    balance_reg_repeats(40, entries)
+    assert [e.num_repeats for e in entries] == [3] * 14 + [0] * 6
+    entries = [ImageEntry(None, (1, 1), "", "folder", None, True, 1) for _ in range(3)]
+    balance_reg_repeats(0, entries)  # no training samples -> nothing used
+    assert [e.num_repeats for e in entries] == [0, 0, 0]
+
+
+def test_no_upscale_buckets(tmp_path):
+    d = tmp_path / "train" / "1_x"
+    _img(d / "a.png", (300, 300))  # -> bucket 256x256, not resized
+    _img(d / "b.png", (2000, 1000))  # -> resized 640x320, bucket 640x320
+    _img(d / "c.png", (200, 130))  # -> bucket 192x128
+    plan = build_plan(_cfg(tmp_path / "train", bucket_no_upscale=True, train_batch_size=1))
+    assert plan.ok, plan.report()
+    assert plan.bucket_histogram == {(192, 128): 1, (256, 256): 1, (640, 320): 1}
+    assert plan.subsets[0].upscaled == []
+    assert json.loads(plan.ss_dataset_metadata()["ss_bucket_info"])["buckets"] == {
+        "0": {"resolution": [192, 128], "count": 1}, "1": {"resolution": [256, 256], "count": 1},
+        "2": {"resolution": [640, 320], "count": 1}}
+
+
+def test_captions_trigger_and_tag_frequency(tmp_path):
+    d = tmp_path / "train" / "5_svs cat"
+    for n in "abcd":
+        _img(d / f"{n}.png")
+    (d / "a.txt").write_text("svs, Cat, red\nignored second line", encoding="utf-8")
+    (d / "b.txt").write_text("a cat, sitting", encoding="utf-8")  # trigger missing
+    (d / "c.caption").write_text("svs, cat", encoding="utf-8")  # wrong extension: not used
+    plan = build_plan(_cfg(tmp_path / "train"))
+    (s,) = plan.subsets
+    assert s.n_images == 4 and s.n_captioned == 2
+    assert s.missing_trigger == ["b.png"]
+    assert s.other_extension_captions == ["c.png"]
+    assert {e.path.name: e.caption for e in s.images} == {
+        "a.png": "svs, Cat, red", "b.png": "a cat, sitting", "c.png": "svs cat", "d.png": "svs cat"}
+    # raw captions split on ",", lower-cased: svs 1, cat 1, red 1, a cat 1, sitting 1, "svs cat" 2 (fallbacks)
+    assert plan.tag_frequency == {"5_svs cat": {"svs": 1, "cat": 1, "red": 1, "a cat": 1, "sitting": 1, "svs cat": 2}}
+    codes = {f.code for f in plan.findings}
+    assert {"missing-trigger", "caption-extension", "no-caption"} <= codes
+    text = plan.report()
+    assert "trigger word 'svs' is missing from 1 of 4 caption(s): b.png" in text
+    assert 'caption_extension = ".caption"' in text
+    # a prefix carrying the trigger satisfies it
+    assert build_plan(_cfg(tmp_path / "train", caption_prefix="svs")).subsets[0].missing_trigger == []
+    # with .caption configured, c's caption is read and the .txt ones are not
+    s2 = build_plan(_cfg(tmp_path / "train", caption_extension=".caption")).subsets[0]
+    assert s2.n_captioned == 1 and sorted(s2.other_extension_captions) == ["a.png", "b.png"]
+
+
+def test_bad_caption_files_are_errors(tmp_path):
+    d = tmp_path / "train" / "5_svs"
+    _img(d / "a.png")
+    (d / "a.txt").write_text("", encoding="utf-8")
+    plan = build_plan(_cfg(tmp_path / "train"))
+    assert not plan.ok and any(f.code == "caption-file" and "empty" in f.message for f in plan.errors)
+
+
+def _png16_rgb(path, rgb16):
+    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
+    h, w = rgb16.shape[:2]
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(t, data):
+        return struct.pack(">I", len(data)) + t + data + struct.pack(">I", zlib.crc32(t + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_image_modes_convert_predictably(tmp_path):
+    # 16-bit greyscale: 25700/257 = 100, 65535/257 = 255
+    a = np.full((8, 10), 25700, np.uint16)
+    a[0, 0] = 65535
+    Image.fromarray(a, mode="I;16").save(tmp_path / "g16.png")
+    arr = load_image_rgb(tmp_path / "g16.png")
+    assert arr.shape == (8, 10, 3) and arr.dtype == np.uint8
+    assert tuple(arr[1, 1]) == (100, 100, 100) and tuple(arr[0, 0]) == (255, 255, 255)
+    assert any("16-bit" in n for n in probe_image(tmp_path / "g16.png").notes)
+    # 16-bit RGB: Pillow keeps the high byte: 0x1234 -> 0x12 = 18
+    _png16_rgb(tmp_path / "rgb16.png", np.full((4, 5, 3), 0x1234, np.uint16))
+    assert tuple(load_image_rgb(tmp_path / "rgb16.png")[0, 0]) == (18, 18, 18)
+    # CMYK JPEG: C0 M255 Y255 K0 is red
+    _img(tmp_path / "cmyk.jpg", (16, 16), (0, 255, 255, 0), mode="CMYK", quality=95)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    r, g, b = (int(v) for v in load_image_rgb(tmp_path / "cmyk.jpg")[8, 8])
+    assert r > 240 and g < 15 and b < 15
+    # RGBA: alpha dropped as convert("RGB") does -> stored colour, not white
+    _img(tmp_path / "rgba.png", (4, 4), (10, 20, 30, 0), mode="RGBA")
+    assert tuple(load_image_rgb(tmp_path / "rgba.png")[0, 0]) == (10, 20, 30)
+    # LA -> grey triplet; palette -> palette colour; 1-bit -> 0/255
+    _img(tmp_path / "la.png", (4, 4), (77, 0), mode="LA")
+    assert tuple(load_image_rgb(tmp_path / "la.png")[0, 0]) == (77, 77, 77)
+    p = Image.new("P", (4, 4), 1)
+    p.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
+    p.save(tmp_path / "pal.png")
+    assert tuple(load_image_rgb(tmp_path / "pal.png")[0, 0]) == (12, 34, 56)
+    _img(tmp_path / "bw.bmp", (4, 4), 1, mode="1")
+    assert tuple(load_image_rgb(tmp_path / "bw.bmp")[0, 0]) == (255, 255, 255)
+    _img(tmp_path / "w.webp", (4, 4), (0, 0, 255), lossless=True)
+    assert tuple(load_image_rgb(tmp_path / "w.webp")[0, 0]) == (0, 0, 255)
+
+
+def test_exif_orientation_applied(tmp_path):
+    d = tmp_path / "train" / "1_x"
+    d.mkdir(parents=True)
+    im = Image.new("RGB", (60, 40), (255, 0, 0))
+    im.paste((0, 0, 255), (30, 0, 60, 40))  # stored: left half red, right half blue
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(d / "rot.jpg", exif=exif.tobytes(), quality=95)
+    arr = load_image_rgb(d / "rot.jpg")
+    # displayed 40 wide, 60 tall; the stored left (red) half ends up on top
+    assert arr.shape == (60, 40, 3)
+    assert arr[5, 20, 0] > 200 and arr[5, 20, 2] < 60
+    assert arr[55, 20, 2] > 200 and arr[55, 20, 0] < 60
+    plan = build_plan(_cfg(tmp_path / "train"))
+    e = plan.subsets[0].images[0]
+    # oriented 40x60 (ar .667) -> bucket 384x640 (stored 60x40 would have gone to 640x384)
+    assert e.size == (40, 60) and e.bucket == (384, 640)
+    assert any(f.code == "exif-rotation" for f in plan.findings)
+
+
+def test_corrupt_files_listed_never_crash(tmp_path):
+    d = tmp_path / "train" / "3_svs"
+    _img(d / "ok.png", (512, 512))
+    (d / "garbage.png").write_bytes(b"this is not an image")
+    (d / "empty.webp").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), np.uint8)).save(buf, "JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (d / "anim.gif").write_bytes(b"GIF89a")
+    (d / "notes.txt.bak").write_text("x")
+    (d / "UPPER.PNG").write_bytes((d / "ok.png").read_bytes())
+    (d / "Mixed.Png").write_bytes((d / "ok.png").read_bytes())
+    plan = build_plan(_cfg(tmp_path / "train"))
+    (s,) = plan.subsets
+    assert sorted(n for n, _ in s.unreadable) == ["empty.webp", "garbage.png", "truncated.jpg"]
+    assert dict(s.unreadable)["empty.webp"].endswith("the file is empty (0 bytes)")
+    assert sorted(e.path.name for e in s.images) == ["Mixed.Png", "UPPER.PNG", "ok.png"]
+    # 3 usable x 3 repeats, one 512x512 bucket -> ceil(9/2) = 5 batches
+    assert plan.num_train_images == 9 and plan.batches_per_epoch == 5
+    assert s.unsupported_files == ["anim.gif"]
+    assert plan.ok  # unreadable files are left out with a warning, not fatal
+    text = plan.report()
+    assert "3 file(s) cannot be read and are left out" in text and "truncated.jpg" in text
+    assert any(f.code == "mixed-case-ext" and "Mixed.Png" in f.message for f in plan.findings)
+
+
+def test_truncated_detected_even_when_pillow_allows_truncation(tmp_path, monkeypatch):
+    from PIL import ImageFile
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (128, 128, 3), np.uint8)).save(buf, "JPEG")
+    (tmp_path / "t.jpg").write_bytes(buf.getvalue()[:-600])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # the WebUI may set this globally
+    pr = probe_image(tmp_path / "t.jpg")
+    assert not pr.ok and "truncated" in pr.error
+
+
+def test_folder_name_problems(tmp_path):
+    t = tmp_path / "train"
+    _img(t / "10_svs cat" / "a.png")
+    _img(t / "cats" / "b.png")
+    _img(t / "dog_20" / "c.png")
+    _img(t / "0_bird" / "d.png")
+    _img(t / "loose.png")
+    (t / "logs").mkdir()
+    plan = build_plan(_cfg(t))
+    msgs = {f.code: f.message for f in plan.findings}
+    assert [s.name for s in plan.subsets] == ["10_svs cat"]
+    named = [f.message for f in plan.findings if f.code == "folder-name"]
+    assert any("'cats'" in m and "'10_cats'" in m for m in named)
+    assert any("'dog_20'" in m and "'20_dog'" in m for m in named)
+    assert "repeat count 0" in msgs["zero-repeats"]
+    assert "directly inside train_data_dir" in msgs["loose-images"]
+    assert plan.ok
+
+
+def test_wrong_level_folders(tmp_path):
+    t = tmp_path / "training_data"
+    _img(t / "10_svs cat" / "a.png")
+    _img(tmp_path / "reg" / "1_cat" / "r.png")
+    _img(tmp_path / "flat_reg" / "r.png")
+    # reg dir given one level too deep: the `1_cat` folder itself
+    plan = build_plan(_cfg(t, tmp_path / "reg" / "1_cat"))
+    f = [f for f in plan.findings if f.code == "wrong-level"]
+    assert f and f"Give reg_data_dir = '{tmp_path / 'reg'}'" in f[0].message
+    # a flat folder of reg images
+    plan = build_plan(_cfg(t, tmp_path / "flat_reg"))
+    f = [f for f in plan.findings if f.code == "wrong-level"]
+    assert f and "1_<class>" in f[0].message and "kohya_ss#3322" in f[0].message
+    # training dir given one level too deep
+    plan = build_plan(_cfg(t / "10_svs cat"))
+    f = [f for f in plan.findings if f.code == "wrong-level"]
+    assert f and f"Give train_data_dir = '{t}'" in f[0].message and not plan.ok
+    # reg dir given one level too high (its parent)
+    plan = build_plan(_cfg(t, tmp_path))
+    f = [f for f in plan.findings if f.code == "nested-data-dir" and "'reg'" in f.message]
+    assert f and f"reg_data_dir = '{tmp_path / 'reg'}'" in f[0].message
+    # reg folder put inside the training folder with no reg_data_dir
+    _img(t / "reg" / "1_cat" / "r.png")
+    plan = build_plan(_cfg(t))
+    f = [f for f in plan.findings if f.code == "nested-data-dir"]
+    assert f and f[0].level == "error" and "give reg_data_dir" in f[0].message
+    # ...and with reg_data_dir pointing at it, it is simply the reg set
+    plan = build_plan(_cfg(t, t / "reg"))
+    assert [s.name for s in plan.subsets if s.is_reg] == ["1_cat"] and plan.ok
+    # same folder for both
+    plan = build_plan(_cfg(t, t))
+    assert any(f.code == "reg-is-train" for f in plan.errors)
+
+
+def test_seed_tutorial_end_to_end(tmp_path):
+    from test_train_dataset_config import SEED_TOML
+    (tmp_path / "training_config.toml").write_text(SEED_TOML, encoding="utf-8")
+    d = tmp_path / "training_data" / "10_concept_name"
+    _img(d / "image001.jpg", (512, 512))
+    _img(d / "image002.jpg", (768, 512))
+    _img(d / "image003.jpg", (512, 768))
+    (d / "image001.txt").write_text("concept_name, a photo", encoding="utf-8")
+    (d / "image002.txt").write_text("concept_name, outdoors", encoding="utf-8")
+    from lib_lora.train.config import load_train_config
+    plan = build_plan(load_train_config(tmp_path / "training_config.toml"))
+    assert plan.ok, plan.report()
+    s = plan.subsets[0]
+    assert s.n_captioned == 2 and s.images[0].caption == "concept_name, a photo"
+    assert s.images[2].caption == "concept_name"  # no .txt -> folder tokens
+    # 768x512 (1.5) -> 640x384; 512x768 -> 384x640; 10 repeats each; batch 2 -> 3 x 5 = 15 batches; 10 epochs -> 150
+    assert plan.bucket_histogram == {(384, 640): 10, (512, 512): 10, (640, 384): 10}
+    assert plan.batches_per_epoch == 15 and plan.steps.max_train_steps == 150
+    # lr_warmup_steps 100 < 150: no warmup warning; with 5 epochs (75 steps) there is one
+    assert not any(f.code == "warmup-too-long" for f in plan.findings)
+    c = load_train_config(tmp_path / "training_config.toml")
+    c.max_train_epochs = 5
+    assert any(f.code == "warmup-too-long" for f in build_plan(c).findings)
+
+
+def test_dataset_config_plan(tmp_path):
+    _img(tmp_path / "imgs" / "a.png", (512, 512))
+    _img(tmp_path / "imgs" / "b.png", (600, 400))
+    _img(tmp_path / "parent" / "5_x" / "c.png")
+    (tmp_path / "ds.toml").write_text(
+        '[general]\nenable_bucket = true\n[[datasets]]\nresolution = 512\nbatch_size = 4\n'
+        '  [[datasets.subsets]]\n  image_dir = "imgs"\n  num_repeats = 3\n  class_tokens = "svs cat"\n'
+        '  [[datasets.subsets]]\n  image_dir = "parent"\n', encoding="utf-8")
+    cfg = parse_train_config({"dataset_config": "ds.toml", "max_train_epochs": 2}, base_dir=tmp_path)
+    plan = build_plan(cfg)
+    # imgs: 2 images x 3 = 6 samples: 512x512 3 -> 1 batch, 640x384 3 -> 1 batch (batch 4) -> 2 per epoch
+    assert plan.num_train_images == 6 and plan.batches_per_epoch == 2 and plan.steps.max_train_steps == 4
+    f = [f for f in plan.findings if f.code == "wrong-level"]
+    assert f and "folder names carry no meaning" in f[0].message
+    md = plan.ss_dataset_metadata()
+    ds = json.loads(md["ss_datasets"])
+    assert ds[0]["subsets"][0]["image_dir"] == "imgs" and ds[0]["num_train_images"] == 6
+    assert json.loads(md["ss_dataset_dirs"]) == {"imgs": {"n_repeats": 3, "img_count": 2}, "parent": {"n_repeats": 1, "img_count": 0}}
+
+
+def test_bucket_setting_errors_and_epoch_batches(tmp_path):
+    train = _four_train_images(tmp_path)
+    plan = build_plan(_cfg(train, min_bucket_reso=640))
+    assert not plan.ok and plan.steps is None
+    assert any(f.code == "bucket-settings" and "min_bucket_reso 640" in f.message for f in plan.errors)
+    plan = build_plan(_cfg(train, bucket_reso_steps=32), family="sd1")
+    assert any(f.code == "bucket-steps" for f in plan.errors)
+    plan = build_plan(_cfg(train))
+    part = plan.datasets[0]
+    batches = part.epoch_batches(seed=1, epoch=2)
+    assert len(batches) == part.batches == 20
+    assert sum(len(b) for b in batches) == 40
+    assert all(len({e.bucket for e in b}) == 1 for b in batches)
+    assert batches == part.epoch_batches(seed=1, epoch=2)
+
+
+def test_buckets_off_single_bucket(tmp_path):
+    train = _four_train_images(tmp_path)
+    plan = build_plan(_cfg(train, enable_bucket=False))
+    # everything in the one 512x512 bucket: 40 samples -> 20 batches; no ss bucket info
+    assert plan.bucket_histogram == {(512, 512): 40} and plan.batches_per_epoch == 20
+    assert plan.ss_dataset_metadata()["ss_bucket_info"] == "null"
+    assert any(f.code == "buckets-off" for f in plan.findings)
+
+
+def test_validation_split_and_missing_resolution(tmp_path):
+    train = _four_train_images(tmp_path)
+    plan = build_plan(_cfg(train, validation_split=0.25, validation_seed=0))
+    (s,) = plan.subsets
+    # sd-scripts split_train_val: training = first ceil(4 * 0.75) = 3 after a seeded shuffle, validation = last
+    # round(4 * 0.25) = 1; training samples 3 x 10 = 30
+    assert (s.n_images, len(s.validation_images)) == (3, 1)
+    assert plan.num_train_images == 30
+    assert {e.path.name for e in s.images} | {e.path.name for e in s.validation_images} == {"a.png", "b.png", "c.jpg", "d.png"}
+    plan = build_plan(_cfg(train, resolution=None))
+    assert not plan.ok and any(f.code == "no-resolution" for f in plan.errors)
+    assert "resolution is not set" in plan.report()
