@@ -1,0 +1,467 @@
+"""HTTP routes for headless / batch training: ``/lora-studio/v1/...`` on the WebUI's FastAPI app.
+
+The glue calls ``mount(app, queue, ...)`` from ``on_app_started(demo, app)`` (``demo`` is None under ``--nowebui``;
+the routes are the same). Nothing here imports ``modules.*``: what the WebUI knows (``--api-auth``,
+``cmd_opts.disable_extension_access``, the allowed folders, the loaded model) comes in as values or callables.
+
+Safety rules (A1111 gives extension routes no auth and no path policy of their own, reference §10):
+- ``--api-auth u:p,u2:p2`` -> HTTP Basic on every route here (401 otherwise), compared with ``secrets.compare_digest``;
+- ``cmd_opts.disable_extension_access`` (A1111 v1.10.1 ``shared_cmd_options.py``: set by ``--share``, ``--listen``,
+  ``--ngrok`` or ``--server-name`` unless ``--enable-insecure-extension-access``) -> no route is mounted; every
+  path under the prefix answers 403 saying which flag to use;
+- every path in a submitted config must resolve (realpath, symlinks followed) inside an allowed root; relative paths
+  resolve against the default root; otherwise 403 naming the setting that lists the roots;
+- downloads serve only the files a job recorded as its outputs, looked up by name (no path from the request is used).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Union
+from urllib.parse import quote
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, conint
+
+from .jobs.queue import FINISHED, QUEUED, INTERRUPTED, RUNNING
+from .train.config import TrainConfigError, load_dataset_config, parse_train_config, parse_train_config_text
+
+PREFIX = "/lora-studio/v1"
+API_VERSION = 1
+
+# Config keys holding a filesystem path the trainer reads or writes.
+PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "output_dir", "network_weights", "sample_prompts",
+             "resume", "logging_dir", "vae")
+# Keys used as file-name parts inside output_dir / logging_dir: a separator there would write elsewhere.
+NAME_KEYS = ("output_name", "log_prefix")
+
+DEFAULT_ROOTS_SETTING = "Settings → LoRA Studio → \"Folders the HTTP API may read and write\" (lora_studio_api_roots)"
+
+DISABLED_MESSAGE = (
+    "LoRA Studio's HTTP API is off: the WebUI was started with --listen, --share, --ngrok or --server-name, and "
+    "A1111 then disables extension access (cmd_opts.disable_extension_access). A training job reads and writes "
+    "files on this machine, so it is not offered to the network by default. To use it anyway, restart with "
+    "--enable-insecure-extension-access and also --api-auth user:password so the routes require a password."
+)
+
+ValueOrCallable = Union[Any, Callable[[], Any]]
+
+
+def _value(v: ValueOrCallable):
+    return v() if callable(v) else v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# path policy
+
+
+class PathRefused(Exception):
+    """A path in a request points outside the allowed roots; the message says which key and what to change."""
+
+
+class PathPolicy:
+    """Resolves request paths and refuses those outside the allowed roots.
+
+    ``roots`` and ``default_root`` may be callables so a settings change applies without a restart. The runner can
+    call ``check_config`` again when a job starts: a symlink swapped after submit is caught then.
+    """
+
+    def __init__(self, roots: ValueOrCallable, default_root: ValueOrCallable = None,
+                 setting: str = DEFAULT_ROOTS_SETTING):
+        self._roots = roots
+        self._default_root = default_root
+        self.setting = setting
+
+    def roots(self) -> list[str]:
+        out = []
+        for r in _value(self._roots) or []:
+            if r:
+                out.append(os.path.realpath(os.path.expanduser(os.fspath(r))))
+        return out
+
+    def default_root(self) -> str | None:
+        d = _value(self._default_root)
+        if d:
+            return os.path.realpath(os.path.expanduser(os.fspath(d)))
+        roots = self.roots()
+        return roots[0] if roots else None
+
+    @staticmethod
+    def _inside(path: str, root: str) -> bool:
+        p, r = os.path.normcase(path), os.path.normcase(root)
+        try:
+            return os.path.commonpath([p, r]) == r
+        except ValueError:  # different drives on Windows
+            return False
+
+    def is_allowed(self, real_path: str) -> bool:
+        return any(self._inside(real_path, r) for r in self.roots())
+
+    def resolve(self, value: str, key: str, base: str | None = None) -> str:
+        """The real absolute path of ``value`` (relative to ``base`` or the default root), or PathRefused."""
+        roots = self.roots()
+        if not roots:
+            raise PathRefused(f"{key} = {value!r} refused: no folders are allowed for the HTTP API. "
+                              f"Add one in {self.setting}.")
+        try:
+            p = os.path.expanduser(os.fspath(value))
+            if not os.path.isabs(p):
+                base = base or self.default_root()
+                p = os.path.join(base, p)
+            real = os.path.realpath(p)
+        except (TypeError, ValueError) as e:  # NUL bytes, non-string values
+            raise PathRefused(f"{key} = {value!r} is not a usable path ({e})") from e
+        if not self.is_allowed(real):
+            raise PathRefused(
+                f"{key} = {value!r} resolves to {real!r}, which is outside the folders the HTTP API may use "
+                f"({', '.join(roots)}). Move the files into one of them, or add the folder in {self.setting}."
+            )
+        return real
+
+    def check_config(self, config: dict) -> dict:
+        """A copy of ``config`` (sections or flat keys) with every path key replaced by its checked real path.
+
+        Every occurrence is checked, not only the one sd-scripts' merge keeps. A dataset config's image_dir
+        entries are checked too (resolved against the dataset file's folder, as the trainer does).
+        """
+        out = copy.deepcopy(config)
+        tables = [out] + [v for v in out.values() if isinstance(v, dict)]
+        dataset_files = []
+        for table in tables:
+            for key in PATH_KEYS:
+                v = table.get(key)
+                if isinstance(v, str) and v.strip():
+                    table[key] = self.resolve(v, key)
+                    if key == "dataset_config":
+                        dataset_files.append(table[key])
+            for key in NAME_KEYS:
+                v = table.get(key)
+                if isinstance(v, str) and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v):
+                    raise PathRefused(f"{key} = {v!r} refused: it must be a plain file name, not a path "
+                                      "(the files are written into output_dir)")
+        for path in dataset_files:
+            specs, _notes = load_dataset_config(path)
+            for ds in specs:
+                for sub in ds.subsets:
+                    self.resolve(sub.image_dir, f"image_dir in {os.path.basename(path)}")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# auth
+
+
+def parse_api_auth(api_auth: str | None) -> list[tuple[bytes, bytes]] | None:
+    """``--api-auth`` as A1111 reads it (``u:p,u2:p2``); None when not set. Entries without ':' are skipped,
+    so a typo locks the routes instead of opening them."""
+    if not api_auth:
+        return None
+    creds = []
+    for entry in api_auth.split(","):
+        user, sep, password = entry.partition(":")
+        if sep:
+            creds.append((user.encode("utf-8"), password.encode("utf-8")))
+    return creds
+
+
+def _make_auth(creds: list[tuple[bytes, bytes]] | None):
+    basic = HTTPBasic(auto_error=False)
+
+    def auth(credentials: Optional[HTTPBasicCredentials] = Depends(basic)):
+        if creds is None:
+            return True
+        if credentials is not None:
+            u, p = credentials.username.encode("utf-8"), credentials.password.encode("utf-8")
+            ok = False
+            for cu, cp in creds:  # no early exit: timing does not tell which user exists
+                ok |= secrets.compare_digest(u, cu) & secrets.compare_digest(p, cp)
+            if ok:
+                return True
+        raise HTTPException(status_code=401, detail="LoRA Studio API: incorrect or missing username/password "
+                            "(the WebUI was started with --api-auth; send HTTP Basic credentials)",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return auth
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# request models (pydantic v1)
+
+
+class MoveRequest(BaseModel):
+    position: conint(ge=0)  # 0 = next waiting job to run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _json_safe(v):
+    """Starlette's JSONResponse refuses NaN/inf (allow_nan=False); a diverged loss must not break status."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if v is None or isinstance(v, (str, int, bool)):
+        return v
+    return str(v)
+
+
+def _public(job) -> dict:
+    for _ in range(3):
+        try:
+            return job.public()
+        except RuntimeError:  # a list/dict grew while the worker thread appended to it: read again
+            continue
+    return job.public()
+
+
+@dataclass
+class _OutputFile:
+    name: str
+    path: str
+    kind: str  # lora | sample | state
+
+
+def _outputs(job) -> list[_OutputFile]:
+    """The files the job itself recorded, each under its base name (first one wins on a clash)."""
+    seen: dict[str, _OutputFile] = {}
+    items: list[tuple[str, str]] = [(p, "lora") for p in list(job.files)]
+    items += [(s.get("path"), "sample") for s in list(job.samples) if isinstance(s, dict)]
+    if job.resume_state:
+        items.append((job.resume_state, "state"))
+    for path, kind in items:
+        if not path:
+            continue
+        name = os.path.basename(os.fspath(path))
+        if name and name not in seen:
+            seen[name] = _OutputFile(name, os.fspath(path), kind)
+    return list(seen.values())
+
+
+class _Api:
+    def __init__(self, queue, policy: PathPolicy, get_model, default_output_dir, prefix):
+        self.queue = queue
+        self.policy = policy
+        self.get_model = get_model
+        self.default_output_dir = default_output_dir
+        self.prefix = prefix
+
+    # ---- helpers
+    def _job(self, job_id: str):
+        job = self.queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, detail=f"no job with id {job_id!r}")
+        return job
+
+    def _position(self, job) -> int | None:
+        waiting = [j.id for j in self.queue.list() if j.status in (QUEUED, INTERRUPTED)]
+        return waiting.index(job.id) if job.id in waiting else None
+
+    def _describe(self, job, since: int | None = None, with_losses: bool = True) -> dict:
+        d = _public(job)
+        losses = d.get("losses") or []
+        d["loss_points"] = len(losses)
+        if not with_losses:
+            d.pop("losses", None)
+        elif since is not None:
+            d["losses"] = [pt for pt in losses if pt and pt[0] > since]
+        d["queue_position"] = self._position(job)
+        d["files_url"] = f"{self.prefix}/jobs/{job.id}/files"
+        return d
+
+    def _model_info(self) -> dict | None:
+        if self.get_model is None:
+            return None
+        info = self.get_model()
+        return dict(info) if info else None
+
+    # ---- routes
+    def submit(self, body: Dict[str, Any] = Body(..., description="training config (sections or flat keys) or "
+                                                                 "{\"toml\": \"<text>\"}"),
+               name: Optional[str] = Query(None, description="job name (default: output_name)"),
+               dry_run: bool = Query(False, description="validate only; queue nothing")):
+        try:
+            if isinstance(body.get("toml"), str):
+                extra = set(body) - {"toml"}
+                if extra:
+                    raise TrainConfigError(f"with \"toml\" the body takes no other keys; got {sorted(extra)}")
+                cfg = parse_train_config_text(body["toml"], source="<request toml>")
+                raw = tomllib.loads(body["toml"])
+            else:
+                cfg = parse_train_config(body, source="<request>")
+                raw = body
+        except TrainConfigError as e:
+            raise HTTPException(422, detail=str(e)) from e
+        notes = list(cfg.notes)
+        if not cfg.train_data_dir and not cfg.dataset_config:
+            raise HTTPException(422, detail="no train_data_dir (and no dataset_config) is set: say where the images are")
+        if not cfg.output_dir:
+            default_out = _value(self.default_output_dir)
+            if not default_out:
+                raise HTTPException(422, detail="output_dir is not set: choose the folder the LoRA files are written to")
+            raw = {**raw, "output_dir": os.fspath(default_out)}
+            notes.append(f"output_dir not set: the files are written to {os.fspath(default_out)}")
+        try:
+            config = self.policy.check_config(raw)
+        except PathRefused as e:
+            raise HTTPException(403, detail=str(e)) from e
+        except TrainConfigError as e:  # the dataset config named in the request is unreadable or invalid
+            raise HTTPException(422, detail=str(e)) from e
+        if dry_run:
+            return JSONResponse(_json_safe({"ok": True, "config": config, "notes": notes}))
+        try:
+            model = self._model_info()
+        except Exception as e:  # the job is still worth queueing; say why the model is unknown
+            model = None
+            notes.append(f"the loaded model could not be read ({type(e).__name__}: {e})")
+        job = self.queue.submit(config, name=name or cfg.output_name, model=model or {})
+        # the parse notes show while the job waits; the runner's result replaces them with its full list
+        job.notes.extend([n for n in notes if n not in job.notes])
+        return JSONResponse(_json_safe(self._describe(job)), status_code=201)
+
+    def list_jobs(self):
+        return JSONResponse(_json_safe({"jobs": [self._describe(j, with_losses=False) for j in self.queue.list()]}))
+
+    def get_job(self, job_id: str, since: Optional[int] = Query(None, description="only loss points after this step")):
+        return JSONResponse(_json_safe(self._describe(self._job(job_id), since=since)))
+
+    def cancel(self, job_id: str):
+        job = self._job(job_id)
+        if job.status in FINISHED:
+            raise HTTPException(409, detail=f"job {job.name} ({job_id}) has already {job.status}; nothing to cancel")
+        job = self.queue.cancel(job_id)
+        return JSONResponse(_json_safe(self._describe(job, with_losses=False)))
+
+    def remove(self, job_id: str):
+        job = self._job(job_id)
+        if job.status == RUNNING:
+            raise HTTPException(409, detail=f"job {job.name} ({job_id}) is running; cancel it first "
+                                            f"(POST {self.prefix}/jobs/{job_id}/cancel)")
+        try:
+            self.queue.remove(job_id)
+        except KeyError as e:
+            raise HTTPException(404, detail=str(e).strip("'\"")) from e
+        except ValueError as e:  # it started between the check and the removal
+            raise HTTPException(409, detail=str(e)) from e
+        return {"removed": job_id}
+
+    def move(self, job_id: str, req: MoveRequest):
+        self._job(job_id)
+        try:
+            self.queue.move(job_id, req.position)
+        except ValueError as e:
+            raise HTTPException(409, detail=str(e)) from e
+        except KeyError as e:
+            raise HTTPException(404, detail=str(e).strip("'\"")) from e
+        waiting = [self._describe(j, with_losses=False) for j in self.queue.list()
+                   if j.status in (QUEUED, INTERRUPTED)]
+        return JSONResponse(_json_safe({"job": job_id, "waiting": [{"id": w["id"], "name": w["name"]} for w in waiting]}))
+
+    def files(self, job_id: str):
+        job = self._job(job_id)
+        out = []
+        for f in _outputs(job):
+            real = os.path.realpath(f.path)
+            exists = os.path.isfile(real)
+            out.append({"name": f.name, "kind": f.kind, "exists": exists,
+                        "size": os.path.getsize(real) if exists else None,
+                        "url": f"{self.prefix}/jobs/{job_id}/files/{quote(f.name)}"})
+        return JSONResponse(_json_safe({"job": job_id, "files": out}))
+
+    def download(self, job_id: str, name: str):
+        job = self._job(job_id)
+        # the name is only a key into the job's own list: no path from the request reaches the filesystem
+        match = next((f for f in _outputs(job) if f.name == name), None)
+        if match is None:
+            raise HTTPException(404, detail=f"job {job_id} has no output file named {name!r}; "
+                                            f"see GET {self.prefix}/jobs/{job_id}/files")
+        real = os.path.realpath(match.path)
+        if not self.policy.is_allowed(real):
+            raise HTTPException(403, detail=f"{name!r} now resolves to {real!r}, outside the folders the HTTP API may "
+                                            f"use; it is not served. Check {self.policy.setting}.")
+        if not os.path.isfile(real):
+            raise HTTPException(404, detail=f"{name!r} was recorded by the job but is no longer at {match.path!r} "
+                                            "(moved or deleted)")
+        return FileResponse(real, filename=name)
+
+    def model(self):
+        try:
+            info = self._model_info()
+        except Exception as e:  # report, do not 500 with a traceback
+            raise HTTPException(503, detail=f"the loaded model could not be read: {type(e).__name__}: {e}") from e
+        if not info:
+            return {"loaded": False, "message": "no model is loaded yet (the WebUI loads it in the background at "
+                                                "startup; select one in the checkpoint list)"}
+        return JSONResponse(_json_safe({"loaded": True, **info}))
+
+    def info(self):
+        return {"api_version": API_VERSION, "allowed_roots": self.policy.roots(),
+                "default_root": self.policy.default_root(), "roots_setting": self.policy.setting}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mounting
+
+
+def _drop_routes(app, prefix: str) -> int:
+    """Remove routes an earlier mount added (Reload UI on the same app): Starlette serves the first match, so old
+    routes would keep serving the old queue."""
+    keep = [r for r in app.router.routes if not getattr(r, "path", "").startswith(prefix)]
+    dropped = len(app.router.routes) - len(keep)
+    app.router.routes[:] = keep
+    app.openapi_schema = None
+    return dropped
+
+
+def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCallable = None,
+          api_auth: str | None = None, access_disabled: ValueOrCallable = False,
+          get_model: Callable[[], dict | None] | None = None, default_output_dir: ValueOrCallable = None,
+          roots_setting: str = DEFAULT_ROOTS_SETTING, prefix: str = PREFIX) -> PathPolicy | None:
+    """Add the ``/lora-studio/v1`` routes to ``app`` (a FastAPI app; the WebUI's, or a fresh one in tests).
+
+    queue: the ``JobQueue`` the tab and CLI share. allowed_roots: folders (list, or a callable returning one)
+    request paths must stay in. default_root: where relative paths resolve (default: the first root).
+    api_auth: ``cmd_opts.api_auth``. access_disabled: ``cmd_opts.disable_extension_access``.
+    get_model: returns ``{name, hash, family, parameterization}`` of the loaded model, or None.
+    default_output_dir: used when a config has no output_dir (else such a config is refused).
+    Returns the PathPolicy (the runner can re-check a job's paths with it), or None when access is disabled.
+    """
+    _drop_routes(app, prefix)
+    if _value(access_disabled):
+        def refused(rest: str = ""):
+            raise HTTPException(403, detail=DISABLED_MESSAGE)
+        methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        app.add_api_route(prefix, refused, methods=methods, include_in_schema=False)
+        app.add_api_route(prefix + "/{rest:path}", refused, methods=methods, include_in_schema=False)
+        return None
+
+    policy = PathPolicy(allowed_roots, default_root, roots_setting)
+    api = _Api(queue, policy, get_model, default_output_dir, prefix)
+    router = APIRouter(prefix=prefix, tags=["LoRA Studio"], dependencies=[Depends(_make_auth(parse_api_auth(api_auth)))])
+    router.add_api_route("/jobs", api.submit, methods=["POST"], status_code=201,
+                         summary="Queue a training job (config as JSON sections/flat keys, or {\"toml\": text})")
+    router.add_api_route("/jobs", api.list_jobs, methods=["GET"], summary="All jobs, in queue order")
+    router.add_api_route("/jobs/{job_id}", api.get_job, methods=["GET"], summary="Status, progress, loss, ETA")
+    router.add_api_route("/jobs/{job_id}", api.remove, methods=["DELETE"], summary="Remove a waiting or finished job")
+    router.add_api_route("/jobs/{job_id}/cancel", api.cancel, methods=["POST"], summary="Cancel a job")
+    router.add_api_route("/jobs/{job_id}/move", api.move, methods=["POST"], summary="Reorder a waiting job")
+    router.add_api_route("/jobs/{job_id}/files", api.files, methods=["GET"], summary="The job's output files")
+    router.add_api_route("/jobs/{job_id}/files/{name}", api.download, methods=["GET"], summary="Download one output")
+    router.add_api_route("/model", api.model, methods=["GET"], summary="The loaded model")
+    router.add_api_route("/info", api.info, methods=["GET"], summary="API version and allowed folders")
+    app.include_router(router)
+    return policy
+
+
+__all__ = ["DISABLED_MESSAGE", "PATH_KEYS", "PREFIX", "MoveRequest", "PathPolicy", "PathRefused", "mount",
+           "parse_api_auth"]

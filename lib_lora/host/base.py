@@ -1,0 +1,63 @@
+"""What the engine needs from whoever holds the model: the WebUI adapter or the headless loader.
+
+Training and applying talk to this small interface only, so the same job runs inside the WebUI (queue lock,
+progress bar, the WebUI's sampler) and on a rented GPU from the command line.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+
+
+def detect_family(sd_model) -> str:
+    """'sd1' | 'sd2' | 'sdxl' from the WebUI's flags, else from the module tree."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    if hasattr(sd_model, "conditioner"):
+        return "sdxl"
+    cond = getattr(sd_model, "cond_stage_model", None)
+    cond = getattr(cond, "wrapped", cond)
+    if cond is not None and hasattr(cond, "model") and hasattr(cond.model, "transformer"):
+        return "sd2"
+    return "sd1"
+
+
+class ModelHost:
+    """A host around an already-built ldm/sgm model object (used headless and in tests)."""
+
+    def __init__(self, sd_model, name: str = "model", path: str | None = None, device: torch.device | None = None,
+                 sha256: str | None = None, legacy_hash: str | None = None):
+        self.sd_model = sd_model
+        self.family = detect_family(sd_model)
+        self.model_name = name
+        self.model_path = path
+        self.model_sha256 = sha256
+        self.model_legacy_hash = legacy_hash
+        self.device = device or next(sd_model.parameters()).device
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        """Identifies the weights for cache validation (latents depend on the VAE)."""
+        return self.model_sha256 or self.model_legacy_hash or f"{self.model_name}:{id(self.sd_model)}"
+
+    @property
+    def parameterization(self) -> str:
+        return getattr(self.sd_model, "parameterization", "eps")
+
+    @contextmanager
+    def lock(self):
+        """Held for a whole training job; in the WebUI this is its queue lock (no generation meanwhile)."""
+        with self._lock:
+            yield
+
+    def describe(self) -> dict:
+        return {"name": self.model_name, "family": self.family, "parameterization": self.parameterization,
+                "hash": self.model_sha256[:10] if self.model_sha256 else self.model_legacy_hash}

@@ -1,0 +1,270 @@
+"""The training queue: jobs run one at a time, survive a restart, can be reordered, removed and cancelled.
+
+The queue knows nothing about how a job trains: it calls a ``runner(job, emit, should_cancel)`` given by whoever
+owns the model (the WebUI glue, the CLI or a test) and records the events it emits. The CLI, the HTTP API and the
+tab all drive this same object and read the same events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
+
+QUEUED, RUNNING, DONE, CANCELLED, FAILED, INTERRUPTED = "queued", "running", "done", "cancelled", "failed", "interrupted"
+FINISHED = (DONE, CANCELLED, FAILED)
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    config: dict                      # the training config as parsed TOML sections / flat keys
+    status: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    model: dict = field(default_factory=dict)    # the model that was loaded when the job was queued
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    loss: float | None = None
+    avg_loss: float | None = None
+    lr: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    losses: list = field(default_factory=list)   # [step, loss]
+    samples: list = field(default_factory=list)  # [{"epoch", "step", "path"}]
+    files: list = field(default_factory=list)    # saved LoRA files
+    notes: list = field(default_factory=list)
+    error: str | None = None
+    resume_state: str | None = None
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d["progress"] = (self.step / self.total) if self.total else 0.0
+        return d
+
+
+class JobQueue:
+    def __init__(self, store_dir: str, runner=None, autostart: bool = True):
+        self.store_dir = store_dir
+        os.makedirs(store_dir, exist_ok=True)
+        self.path = os.path.join(store_dir, "queue.json")
+        self.runner = runner
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._cancel: set[str] = set()
+        self._listeners = []
+        self.jobs: list[Job] = []
+        self.load_error: str | None = None
+        self._load()
+        self._thread = None
+        self._stop = False
+        if autostart and runner is not None:
+            self.start()
+
+    # ---- persistence --------------------------------------------------------------------------------------
+    def _load(self):
+        if not os.path.exists(self.path):
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            # never lose the user's queue silently: keep the unreadable file aside and say so
+            bad = self.path + f".unreadable-{int(time.time())}"
+            os.replace(self.path, bad)
+            self.load_error = f"the saved queue could not be read ({e}); it was kept as {bad}"
+            return
+        for d in data.get("jobs", []):
+            known = {k: v for k, v in d.items() if k in Job.__dataclass_fields__}
+            job = Job(**known)
+            if job.status == RUNNING:
+                # the WebUI stopped mid-job: it goes back in line and resumes from its last saved state
+                job.status = INTERRUPTED
+                job.message = "the WebUI stopped while this job ran; it will resume from its last saved state"
+            self.jobs.append(job)
+
+    def _save(self):
+        data = {"version": 1, "jobs": [asdict(j) for j in self.jobs]}
+        fd, tmp = tempfile.mkstemp(prefix=".queue-", suffix=".json", dir=self.store_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, default=str)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    # ---- public operations --------------------------------------------------------------------------------
+    def subscribe(self, fn):
+        self._listeners.append(fn)
+
+    def submit(self, config: dict, name: str | None = None, model: dict | None = None) -> Job:
+        with self._lock:
+            job = Job(id=uuid.uuid4().hex[:12], name=name or str(config.get("output_name") or "lora"),
+                      config=config, model=model or {})
+            self.jobs.append(job)
+            self._save()
+            self._wake.notify_all()
+        self._notify(job, "queued")
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return next((j for j in self.jobs if j.id == job_id), None)
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return list(self.jobs)
+
+    def pending(self) -> list[Job]:
+        with self._lock:
+            return [j for j in self.jobs if j.status in (QUEUED, INTERRUPTED)]
+
+    def cancel(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._need(job_id)
+            if job.status in (QUEUED, INTERRUPTED):
+                job.status, job.finished, job.message = CANCELLED, time.time(), "cancelled before it started"
+                self._save()
+            elif job.status == RUNNING:
+                self._cancel.add(job_id)  # the runner sees it at the next step
+                job.message = "cancelling…"
+        self._notify(job, "cancel")
+        return job
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            job = self._need(job_id)
+            if job.status == RUNNING:
+                raise ValueError(f"job {job.name} is running; cancel it first")
+            self.jobs.remove(job)
+            self._save()
+
+    def move(self, job_id: str, position: int) -> None:
+        """Reorder waiting jobs; position counts among the waiting ones (0 = next to run)."""
+        with self._lock:
+            job = self._need(job_id)
+            if job.status not in (QUEUED, INTERRUPTED):
+                raise ValueError(f"only waiting jobs can be reordered; {job.name} is {job.status}")
+            waiting = [j for j in self.jobs if j.status in (QUEUED, INTERRUPTED)]
+            waiting.remove(job)
+            position = max(0, min(position, len(waiting)))
+            waiting.insert(position, job)
+            rest = [j for j in self.jobs if j.status not in (QUEUED, INTERRUPTED)]
+            self.jobs = rest + waiting
+            self._save()
+
+    def _need(self, job_id):
+        job = self.get(job_id)
+        if job is None:
+            raise KeyError(f"no job with id {job_id}")
+        return job
+
+    # ---- worker -------------------------------------------------------------------------------------------
+    def start(self):
+        if self._thread and self._thread.is_alive():
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._worker, name="lora-studio-queue", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None):
+        with self._lock:
+            self._stop = True
+            for j in self.jobs:
+                if j.status == RUNNING:
+                    self._cancel.add(j.id)
+            self._wake.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        end = time.time() + timeout
+        while time.time() < end:
+            with self._lock:
+                if not any(j.status in (QUEUED, INTERRUPTED, RUNNING) for j in self.jobs):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def _next(self) -> Job | None:
+        for j in self.jobs:
+            if j.status in (QUEUED, INTERRUPTED):
+                return j
+        return None
+
+    def _worker(self):
+        while True:
+            with self._lock:
+                job = self._next()
+                while job is None and not self._stop:
+                    self._wake.wait(0.5)
+                    job = self._next()
+                if self._stop:
+                    return
+                job.status, job.started, job.message = RUNNING, time.time(), "starting"
+                self._save()
+            self.run_one(job)
+
+    def run_one(self, job: Job):
+        self._notify(job, "start")
+        try:
+            result = self.runner(job, lambda ev: self._on_event(job, ev), lambda: job.id in self._cancel)
+            with self._lock:
+                job.status = CANCELLED if getattr(result, "status", "done") == "cancelled" else DONE
+                job.files = list(getattr(result, "files", job.files))
+                job.resume_state = getattr(result, "state_file", None)
+                job.notes = list(getattr(result, "notes", job.notes))
+                job.message = "cancelled; the work so far is kept as a resumable state" if job.status == CANCELLED \
+                    else "finished"
+        except Exception as e:  # any failure is recorded on the job and shown; the queue keeps going
+            with self._lock:
+                job.status = FAILED
+                job.error = f"{type(e).__name__}: {e}"
+                job.message = str(e)
+                job.notes.append(traceback.format_exc(limit=8))
+        finally:
+            with self._lock:
+                self._cancel.discard(job.id)
+                job.finished = time.time()
+                self._save()
+        self._notify(job, job.status)
+
+    def _on_event(self, job: Job, ev):
+        with self._lock:
+            kind = ev.kind
+            if kind in ("step", "cache"):
+                job.step = ev.step if kind == "step" else job.step
+                job.total = ev.total or job.total
+                job.epoch, job.epochs = ev.epoch or job.epoch, ev.epochs or job.epochs
+                if kind == "step":
+                    job.loss, job.avg_loss, job.lr, job.eta_s = ev.loss, ev.avg_loss, ev.lr, ev.eta_s
+                    job.losses.append([ev.step, ev.loss])
+            if kind == "save" and ev.path:
+                job.files.append(ev.path)
+            if kind == "sample" and ev.path:
+                job.samples.append({"epoch": ev.epoch, "step": ev.step, "path": ev.path})
+            if kind == "note":
+                job.notes.append(ev.message)
+            if ev.message:
+                job.message = ev.message
+            if kind in ("save", "epoch", "sample", "note", "start"):
+                self._save()
+        self._notify(job, kind)
+
+    def _notify(self, job, kind):
+        for fn in list(self._listeners):
+            try:
+                fn(job, kind)
+            except Exception:  # a broken listener (a closed browser tab) must not stop training
+                traceback.print_exc()

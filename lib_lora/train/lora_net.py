@@ -1,0 +1,213 @@
+"""The trainable LoRA network attached to the host's own modules.
+
+Linear/Conv2d targets get kohya's activation-path LoRA (``org(x) + up(down(x)) * m * alpha/dim``) by replacing the
+instance's ``forward`` (the class stays untouched, so the WebUI's attention hijack and other class patches keep
+working). An ``nn.MultiheadAttention`` (SD2 TE, SDXL TE2) has no per-projection modules, so its q/k/v/out LoRAs are
+added to the weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes every trace.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .targets import TrainTarget, text_encoder_targets, unet_targets
+
+
+class LoRAPair(nn.Module):
+    """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names."""
+
+    def __init__(self, in_dim: int, out_dim: int, dim: int, alpha: float, kernel=None, stride=1, padding=0):
+        super().__init__()
+        if kernel is None:
+            self.lora_down = nn.Linear(in_dim, dim, bias=False)
+            self.lora_up = nn.Linear(dim, out_dim, bias=False)
+        else:
+            self.lora_down = nn.Conv2d(in_dim, dim, kernel, stride, padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, out_dim, 1, 1, bias=False)
+        # kohya init: the network starts as an exact no-op.
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        if alpha is None or alpha == 0:
+            alpha = dim
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.dim = dim
+        self.scale = float(alpha) / dim
+
+    def delta_weight(self) -> torch.Tensor:
+        """up @ down * scale as a 2-D matrix (for MHA, where the weight path is used)."""
+        return (self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)) * self.scale
+
+
+class LoRANetwork(nn.Module):
+    def __init__(self, sd_model, family: str, dim: int = 4, alpha: float = 1.0, conv_dim: int | None = None,
+                 conv_alpha: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
+                 dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__()
+        self.family = family
+        self.multiplier = 1.0
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        targets: list[TrainTarget] = []
+        if train_unet:
+            targets += unet_targets(sd_model.model.diffusion_model, family, conv=bool(conv_dim))
+        if train_text_encoder:
+            targets += text_encoder_targets(sd_model, family)
+        self.targets = targets
+        self.pairs = nn.ModuleDict()
+        self._mha: list[tuple[TrainTarget, list[str]]] = []
+        for t in targets:
+            m = t.module
+            if t.kind == "mha":
+                e = m.embed_dim
+                names = [f"{t.kohya_name}_{p}_proj" for p in ("q", "k", "v", "out")]
+                for n in names:
+                    self.pairs[n] = LoRAPair(e, e, dim, alpha)
+                self._mha.append((t, names))
+            elif t.kind == "conv":
+                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, conv_dim,
+                                                    1.0 if conv_alpha is None else conv_alpha,
+                                                    m.kernel_size, m.stride, m.padding)
+            elif t.kind == "conv1x1":
+                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, dim, alpha, (1, 1), m.stride, m.padding)
+            else:
+                self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, dim, alpha)
+        self._attached = False
+
+    # ---- counts, parameters -------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.targets:
+            out[t.component] = out.get(t.component, 0) + (4 if t.kind == "mha" else 1)
+        return out
+
+    def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
+        unet, te = [], []
+        for name, pair in self.pairs.items():
+            (unet if name.startswith("lora_unet_") else te).extend(pair.parameters())
+        groups = []
+        if unet and unet_lr:
+            groups.append({"params": unet, "lr": unet_lr, "name": "unet"})
+        if te and te_lr:
+            groups.append({"params": te, "lr": te_lr, "name": "text_encoder"})
+        return groups
+
+    def trained_prefixes(self, unet_lr: float, te_lr: float):
+        """An LR of 0 freezes that part: its LoRA stays at the no-op init and is not saved."""
+        return tuple(p for p, lr in (("lora_unet_", unet_lr), ("lora_te", te_lr)) if lr)
+
+    # ---- attach / detach ----------------------------------------------------------------------------------
+    def _pair_forward(self, pair: LoRAPair, org_forward):
+        net = self
+
+        def forward(x, *args, **kwargs):
+            y = org_forward(x, *args, **kwargs)
+            if net.multiplier == 0:
+                return y
+            if net.training and net.module_dropout and torch.rand(()) < net.module_dropout:
+                return y
+            h = pair.lora_down(x.to(pair.lora_down.weight.dtype) if not torch.is_autocast_enabled() else x)
+            scale = pair.scale
+            if net.training and net.dropout:
+                h = F.dropout(h, p=net.dropout)
+            if net.training and net.rank_dropout:
+                # kohya: whole rank channels dropped per sample, scale compensated
+                r = h.shape[1] if h.dim() == 4 else h.shape[-1]
+                shape = {4: (h.shape[0], r, 1, 1), 3: (h.shape[0], 1, r)}.get(h.dim(), (h.shape[0], r))
+                mask_shape = shape
+                h = h * (torch.rand(mask_shape, device=h.device) > net.rank_dropout).to(h.dtype)
+                scale = scale / (1.0 - net.rank_dropout)
+            return y + (pair.lora_up(h) * (net.multiplier * scale)).to(y.dtype)
+
+        return forward
+
+    def _mha_forward(self, mha: nn.MultiheadAttention, names: list[str]):
+        net = self
+        q, k, v, o = (self.pairs[n] for n in names)
+
+        def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            m = net.multiplier
+            w_in = mha.in_proj_weight
+            w_out = mha.out_proj.weight
+            if m:
+                d_in = torch.cat([q.delta_weight(), k.delta_weight(), v.delta_weight()], 0)
+                w_in = w_in + (d_in * m).to(w_in.dtype)
+                w_out = w_out + (o.delta_weight() * m).to(w_out.dtype)
+            batch_first = getattr(mha, "batch_first", False)
+            if batch_first:
+                query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+            out, weights = F.multi_head_attention_forward(
+                query, key, value, mha.embed_dim, mha.num_heads, w_in, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+                mha.add_zero_attn, mha.dropout, w_out, mha.out_proj.bias, training=mha.training,
+                key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights, is_causal=is_causal)
+            if batch_first:
+                out = out.transpose(0, 1)
+            return out, weights
+
+        return forward
+
+    def attach(self):
+        if self._attached:
+            return
+        for t in self.targets:
+            if "forward" in t.module.__dict__:
+                raise RuntimeError(f"{t.host_name} already has an instance-level forward; refusing to stack patches")
+        for t in self.targets:
+            if t.kind == "mha":
+                names = next(n for tt, n in self._mha if tt is t)
+                t.module.forward = self._mha_forward(t.module, names)
+            else:
+                t.module.forward = self._pair_forward(self.pairs[t.kohya_name], type(t.module).forward.__get__(t.module))
+        self._attached = True
+
+    def detach(self):
+        for t in self.targets:
+            t.module.__dict__.pop("forward", None)
+        self._attached = False
+
+    @contextmanager
+    def attached(self):
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    # ---- state dict in kohya format -----------------------------------------------------------------------
+    def kohya_state_dict(self, dtype: torch.dtype | None = None, prefixes: tuple | None = None) -> dict[str, torch.Tensor]:
+        save_4d = {t.kohya_name for t in self.targets if t.save_4d}
+        out = {}
+        for name, pair in self.pairs.items():
+            if prefixes is not None and not name.startswith(prefixes):
+                continue
+            down, up = pair.lora_down.weight.detach(), pair.lora_up.weight.detach()
+            if name in save_4d:
+                down, up = down[:, :, None, None], up[:, :, None, None]
+            alpha = pair.alpha.detach()
+            if dtype is not None:
+                down, up, alpha = down.to(dtype), up.to(dtype), alpha.to(dtype)
+            out[f"{name}.lora_down.weight"] = down.contiguous().cpu()
+            out[f"{name}.lora_up.weight"] = up.contiguous().cpu()
+            out[f"{name}.alpha"] = alpha.cpu()
+        return out
+
+    def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]):
+        missing = []
+        with torch.no_grad():
+            for name, pair in self.pairs.items():
+                for part in ("lora_down", "lora_up"):
+                    key = f"{name}.{part}.weight"
+                    if key not in sd:
+                        missing.append(key)
+                        continue
+                    w = getattr(pair, part).weight
+                    w.copy_(sd[key].reshape(w.shape).to(w.dtype))
+                if f"{name}.alpha" in sd:
+                    pair.alpha.copy_(sd[f"{name}.alpha"].float())
+                    pair.scale = float(pair.alpha) / pair.dim
+        return missing

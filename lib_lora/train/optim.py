@@ -1,0 +1,147 @@
+"""Optimizers and learning-rate schedules as sd-scripts offers them.
+
+Schedules are the formulas of transformers'/diffusers' ``get_scheduler`` (which sd-scripts uses), written as
+LambdaLR multipliers so their state is just the step count (resumable, no host sync).
+Optional optimizers (bitsandbytes, prodigyopt, lion-pytorch) are used when importable and never installed for the
+user: a missing one is a clear error that says what to install or which optimizer to pick instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov")
+
+
+class OptimizerUnavailable(RuntimeError):
+    pass
+
+
+def _lr_lambda(name: str, warmup: int, total: int, cycles: int = 1, power: float = 1.0, lr_end_ratio: float = 1e-7):
+    warmup = max(0, int(warmup))
+    total = max(1, int(total))
+
+    def warm(step):
+        return float(step) / float(max(1, warmup))
+
+    if name == "constant":
+        return lambda step: 1.0
+    if name == "constant_with_warmup":
+        return lambda step: warm(step) if step < warmup else 1.0
+    if name == "linear":
+        return lambda step: warm(step) if step < warmup else max(0.0, float(total - step) / float(max(1, total - warmup)))
+    if name == "cosine":
+        def f(step):
+            if step < warmup:
+                return warm(step)
+            progress = float(step - warmup) / float(max(1, total - warmup))
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+        return f
+    if name == "cosine_with_restarts":
+        def f(step):
+            if step < warmup:
+                return warm(step)
+            progress = float(step - warmup) / float(max(1, total - warmup))
+            if progress >= 1.0:
+                return 0.0
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(cycles) * progress) % 1.0))))
+        return f
+    if name == "polynomial":
+        def f(step):
+            if step < warmup:
+                return warm(step)
+            if step > total:
+                return lr_end_ratio
+            remaining = 1 - (step - warmup) / max(1, total - warmup)
+            return (1 - lr_end_ratio) * remaining ** power + lr_end_ratio
+        return f
+    raise ValueError(f"unknown lr_scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0):
+    f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [f] * len(optimizer.param_groups))
+
+
+def _import(module: str, what: str, hint: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # an ImportError or a broken native build: both mean "not usable here"
+        raise OptimizerUnavailable(f"{what} needs the '{module}' package, which is not usable here ({e}). {hint}") from e
+
+
+def make_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float = 0.01, args: dict | None = None,
+                   device: torch.device | None = None) -> tuple[torch.optim.Optimizer, str]:
+    """Returns (optimizer, description for ss_optimizer)."""
+    args = dict(args or {})
+    key = name.lower().replace("_", "").replace("-", "")
+    if key in ("adamw", "adamw32bit", "adam"):
+        kw = {"weight_decay": weight_decay, **args}
+        if device is not None and device.type == "cuda":
+            kw.setdefault("fused", True)  # one kernel for every LoRA tensor instead of one per tensor
+        opt = torch.optim.AdamW(param_groups, lr=lr, **kw)
+        return opt, _describe("torch.optim.adamw.AdamW", kw)
+    if key == "adamw8bit":
+        bnb = _import("bitsandbytes", "AdamW8bit",
+                      "Install bitsandbytes into the WebUI's Python yourself, or choose AdamW (same results, more memory).")
+        kw = {"weight_decay": weight_decay, **args}
+        return bnb.optim.AdamW8bit(param_groups, lr=lr, **kw), _describe("bitsandbytes.optim.adamw.AdamW8bit", kw)
+    if key == "lion8bit":
+        bnb = _import("bitsandbytes", "Lion8bit", "Install bitsandbytes yourself, or choose Lion.")
+        kw = {"weight_decay": weight_decay, **args}
+        return bnb.optim.Lion8bit(param_groups, lr=lr, **kw), _describe("bitsandbytes.optim.lion.Lion8bit", kw)
+    if key == "lion":
+        kw = {"weight_decay": weight_decay, **args}
+        try:
+            lion = importlib.import_module("lion_pytorch")
+            return lion.Lion(param_groups, lr=lr, **kw), _describe("lion_pytorch.lion_pytorch.Lion", kw)
+        except ImportError:
+            return Lion(param_groups, lr=lr, **kw), _describe("lib_lora.train.optim.Lion", kw)
+    if key == "prodigy":
+        prodigy = _import("prodigyopt", "Prodigy", "Install prodigyopt yourself, or choose AdamW.")
+        kw = {"weight_decay": weight_decay, **args}
+        return prodigy.Prodigy(param_groups, lr=lr, **kw), _describe("prodigyopt.prodigy.Prodigy", kw)
+    if key == "adafactor":
+        tr = _import("transformers.optimization", "Adafactor", "Choose AdamW instead.")
+        # sd-scripts defaults: relative_step off when an lr is given
+        kw = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}
+        return tr.Adafactor(param_groups, lr=lr, weight_decay=weight_decay, **kw), _describe(
+            "transformers.optimization.Adafactor", kw)
+    if key == "sgdnesterov":
+        kw = {"momentum": 0.9, "nesterov": True, "weight_decay": weight_decay, **args}
+        return torch.optim.SGD(param_groups, lr=lr, **kw), _describe("torch.optim.sgd.SGD", kw)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def _describe(cls: str, kw: dict) -> str:
+    shown = {k: v for k, v in kw.items() if k != "fused"}
+    return cls + ("(" + ",".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else "")
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023), the update lion-pytorch implements; used when that package is absent."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = (m * b1 + p.grad * (1 - b1)).sign_()
+                p.add_(update, alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+        return loss

@@ -1,0 +1,154 @@
+"""Which host modules a kohya-style LoRA trains, and the kohya key each one is saved under.
+
+kohya's ``networks/lora.py`` wraps every Linear / 1x1 Conv2d inside the UNet's transformer blocks (plus, with
+``conv_dim``, the convolutions of resnets and down/up-samplers) and the text encoders' attention and MLP layers.
+We train on the WebUI's own ldm/sgm modules, so we find the same layers there and emit kohya's names: the
+diffusers-tree names for SD1/SD2 UNets and the sgm names for SDXL (training-anchors §3.1-3.2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+# ldm resnet child names -> diffusers names (kohya SD1/SD2 keys use the diffusers tree).
+_RESNET_TAIL = {
+    "in_layers_2": "conv1",
+    "out_layers_3": "conv2",
+    "emb_layers_1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+
+# open_clip text tower child names -> HF CLIP names (kohya keys for SD2 TE and SDXL TE2).
+_OPENCLIP_TAIL = {
+    "attn_out_proj": "self_attn_out_proj",
+    "mlp_c_fc": "mlp_fc1",
+    "mlp_c_proj": "mlp_fc2",
+}
+
+_TRANSFORMER_CLASSES = ("SpatialTransformer", "SpatialVideoTransformer")
+_CONV_BLOCK_CLASSES = ("ResBlock", "Downsample", "Upsample")
+
+
+@dataclass
+class TrainTarget:
+    kohya_name: str          # e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    host_name: str           # A1111 network_layer_name, e.g. diffusion_model_input_blocks_1_1_proj_in
+    module: nn.Module        # Linear, Conv2d or MultiheadAttention
+    component: str           # unet | te1 | te2
+    kind: str                # linear | conv1x1 | conv | mha
+    save_4d: bool = False    # kohya trains SD2 proj_in/out as 1x1 convs: save 4-D so kohya tools load it
+
+
+def _sd_unet_kohya(name: str, cls_path: list[str]) -> str | None:
+    """ldm UNet module name (underscored, without 'diffusion_model_') -> kohya SD1/SD2 diffusers-tree name."""
+    m = re.match(r"input_blocks_(\d+)_(\d+)_(.+)$", name)
+    if m:
+        n, sub, tail = int(m.group(1)), int(m.group(2)), m.group(3)
+        blk, j = (n - 1) // 3, (n - 1) % 3
+        if j == 2:  # downsampler
+            return f"down_blocks_{blk}_downsamplers_0_conv" if tail == "op" else None
+        if sub == 1:
+            return f"down_blocks_{blk}_attentions_{j}_{tail}"
+        return f"down_blocks_{blk}_resnets_{j}_{_RESNET_TAIL.get(tail, tail)}"
+    m = re.match(r"middle_block_(\d+)_(.+)$", name)
+    if m:
+        k, tail = int(m.group(1)), m.group(2)
+        if k == 1:
+            return f"mid_block_attentions_0_{tail}"
+        return f"mid_block_resnets_{k // 2}_{_RESNET_TAIL.get(tail, tail)}"
+    m = re.match(r"output_blocks_(\d+)_(\d+)_(.+)$", name)
+    if m:
+        n, sub, tail = int(m.group(1)), int(m.group(2)), m.group(3)
+        blk, j = n // 3, n % 3
+        if "Upsample" in cls_path:
+            return f"up_blocks_{blk}_upsamplers_0_conv"
+        if sub == 0:
+            return f"up_blocks_{blk}_resnets_{j}_{_RESNET_TAIL.get(tail, tail)}"
+        return f"up_blocks_{blk}_attentions_{j}_{tail}"
+    return None
+
+
+def _walk(root: nn.Module, prefix: str = "", classes: tuple = ()):
+    """Yield (dotted name, module, class names of ancestors)."""
+    stack = [(prefix, root, list(classes))]
+    while stack:
+        name, mod, anc = stack.pop()
+        yield name, mod, anc
+        here = anc + [type(mod).__name__]
+        for child_name, child in reversed(list(mod.named_children())):
+            stack.append((f"{name}.{child_name}" if name else child_name, child, here))
+
+
+def unet_targets(diffusion_model: nn.Module, family: str, conv: bool = False) -> list[TrainTarget]:
+    out: list[TrainTarget] = []
+    for dotted, mod, anc in _walk(diffusion_model):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        in_transformer = any(c in _TRANSFORMER_CLASSES for c in anc)
+        in_conv_block = any(c in _CONV_BLOCK_CLASSES for c in anc) and not in_transformer
+        is_1x1 = isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)
+        if not (in_transformer or (conv and in_conv_block)):
+            continue
+        # inside transformers kohya wraps Linear and 1x1 conv only
+        if in_transformer and not is_1x1:
+            continue
+        under = dotted.replace(".", "_")
+        host_name = "diffusion_model_" + under
+        if family == "sdxl":
+            kohya = "lora_unet_" + under
+        else:
+            tail = _sd_unet_kohya(under, anc + [type(mod).__name__])
+            if tail is None:
+                continue
+            kohya = "lora_unet_" + tail
+        kind = "linear" if isinstance(mod, nn.Linear) else ("conv1x1" if is_1x1 else "conv")
+        save_4d = family == "sd2" and isinstance(mod, nn.Linear) and re.search(r"_proj_(in|out)$", under) is not None
+        out.append(TrainTarget(kohya, host_name, mod, "unet", kind, save_4d))
+    return out
+
+
+def _hf_clip_targets(transformer: nn.Module, host_prefix: str, kohya_prefix: str, component: str) -> list[TrainTarget]:
+    """HF CLIPTextModel (SD1 TE, SDXL TE1): q/k/v/out_proj and fc1/fc2 of every encoder layer."""
+    out = []
+    for dotted, mod in transformer.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if not re.search(r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$", dotted):
+            continue
+        under = dotted.replace(".", "_")
+        out.append(TrainTarget(kohya_prefix + under, host_prefix + "transformer_" + under, mod, component, "linear"))
+    return out
+
+
+def _open_clip_targets(model: nn.Module, host_prefix: str, kohya_prefix: str, component: str,
+                       n_layers_used: int) -> list[TrainTarget]:
+    """open_clip text tower (SD2 TE, SDXL TE2): the MHA (q/k/v + out_proj) and c_fc/c_proj of each resblock."""
+    out = []
+    for i, block in enumerate(model.transformer.resblocks):
+        if i >= n_layers_used:
+            break
+        base = f"{host_prefix}model_transformer_resblocks_{i}_"
+        kbase = f"{kohya_prefix}text_model_encoder_layers_{i}_"
+        out.append(TrainTarget(kbase + "self_attn", base + "attn", block.attn, component, "mha"))
+        for child, tail in (("c_fc", "mlp_c_fc"), ("c_proj", "mlp_c_proj")):
+            out.append(TrainTarget(kbase + _OPENCLIP_TAIL[tail], base + tail, getattr(block.mlp, child), component, "linear"))
+    return out
+
+
+def text_encoder_targets(sd_model, family: str) -> list[TrainTarget]:
+    if family == "sdxl":
+        emb = sd_model.conditioner.embedders
+        te1 = getattr(emb[0], "wrapped", emb[0])
+        te2 = getattr(emb[1], "wrapped", emb[1])
+        # TE2 feeds both the penultimate hidden state and the pooled (last-layer) output, so every layer trains.
+        return (_hf_clip_targets(te1.transformer, "0_", "lora_te1_", "te1")
+                + _open_clip_targets(te2.model, "1_", "lora_te2_", "te2", len(te2.model.transformer.resblocks)))
+    cond = getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model)
+    if family == "sd2":
+        n = len(cond.model.transformer.resblocks) - getattr(cond, "layer_idx", 1)
+        # Layers past the one SD2 reads never see a gradient; kohya leaves them out (23 of 24).
+        return _open_clip_targets(cond.model, "", "lora_te_", "te1", n)
+    return _hf_clip_targets(cond.transformer, "", "lora_te_", "te1")

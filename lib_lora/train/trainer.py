@@ -1,0 +1,586 @@
+"""The training loop: our own step on the host's loaded model (no sd-scripts, diffusers, peft or accelerate).
+
+Data flows one way: config + dataset plan -> latent / text caches -> steps with the LoRA attached to the host's
+modules -> kohya-format files. Every randomness of a step (caption processing, noise, timesteps, LoRA dropout) is
+seeded from (seed, step), and the data order from (seed, epoch), so a resumed run makes the same steps as an
+uninterrupted one. The host comes back exactly as it was on every exit path (``host_guard``).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import math
+import os
+import random
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..formats.safetensors_io import load_tensors, save_file_atomic
+from .captions import process_caption
+from .conditioning import TextEncoder, sdxl_vector
+from .host_guard import guarded
+from .images import load_image_rgb, resize_and_crop, sdxl_size_conditioning
+from .lora_net import LoRANetwork
+from .loss import NoiseSchedule, denoising_loss, sample_noise, sample_timesteps
+from .optim import make_optimizer, make_scheduler
+from .saving import (BASE_MODEL_VERSION, SAVE_DTYPES, ckpt_name, load_state, metadata_strings, modelspec, prune_old,
+                     save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can fix; the message says what happened and what to do."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Sample:
+    """One distinct image of the dataset plan with what a step needs to know about it."""
+    path: str
+    caption: str
+    bucket: tuple[int, int]          # (w, h)
+    resized: tuple[int, int]         # size the image is scaled to before the crop
+    is_reg: bool = False
+    caption_options: object = None   # captions.CaptionOptions
+    flip_aug: bool = False
+
+
+@dataclass
+class TrainEvent:
+    kind: str                 # start | cache | step | epoch | save | sample | note | done | cancelled | error
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    loss: float | None = None
+    avg_loss: float | None = None
+    lr: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    status: str               # done | cancelled
+    files: list[str]
+    final: str | None
+    steps: int
+    losses: list[tuple[int, float]]
+    notes: list[str]
+    state_file: str | None = None
+
+
+def _seed_for(*parts) -> int:
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class PlanData:
+    """The dataset plan seen as the loop needs it: distinct images (cached once) and each epoch's batches of
+    indices into them, in the order sd-scripts' bucket shuffles give (``DatasetPart.epoch_batches``)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.samples: list[Sample] = []
+        self._index: dict[int, int] = {}
+        for part in plan.datasets:
+            for e in part.used_entries():
+                sub = part.subsets[e.subset_index].spec
+                self._index[id(e)] = len(self.samples)
+                self.samples.append(Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), e.is_reg,
+                                           sub.captions, bool(getattr(sub, "flip_aug", False))))
+
+    def epoch_batches(self, seed: int, epoch: int) -> list[list[int]]:
+        batches = []
+        for part in self.plan.datasets:
+            batches += [[self._index[id(e)] for e in b] for b in part.epoch_batches(seed, epoch)]
+        if len(self.plan.datasets) > 1:  # several datasets: interleave their batches
+            random.Random(_seed_for(seed, "datasets", epoch)).shuffle(batches)
+        return batches
+
+
+class Trainer:
+    def __init__(self, host, cfg, plan, *, on_event=None, should_cancel=None, device: torch.device | None = None,
+                 sample_fn=None):
+        self.host = host
+        self.cfg = cfg
+        self.plan = plan
+        self.data = PlanData(plan)
+        self.samples = self.data.samples
+        self.epochs = plan.steps.num_epochs
+        self.total_steps = plan.steps.max_train_steps
+        self.metadata_extra = plan.ss_dataset_metadata()
+        self.on_event = on_event or (lambda e: None)
+        self.should_cancel = should_cancel or (lambda: False)
+        self.sample_fn = sample_fn
+        self.sd_model = host.sd_model
+        self.family = host.family
+        self.device = device or host.device
+        self.notes: list[str] = list(getattr(cfg, "notes", []) or [])
+        self.files: list[str] = []
+        self.losses: list[tuple[int, float]] = []
+        # reading the loss back syncs the host with the GPU: do it every N steps there
+        self.log_every = 1 if self.device.type == "cpu" else 10
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _emit(self, kind, **kw):
+        self.on_event(TrainEvent(kind, total=self.total_steps, epochs=self.epochs, **kw))
+
+    def _note(self, text):
+        self.notes.append(text)
+        self._emit("note", message=text)
+
+    def _precision(self):
+        mp = (self.cfg.mixed_precision or "no").lower()
+        dev = self.device.type
+        if mp == "fp16" and dev != "cuda":
+            self._note("mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead.")
+            mp = "no"
+        if mp == "bf16" and dev == "cuda" and not torch.cuda.is_bf16_supported():
+            self._note("this GPU has no bf16; using fp16 mixed precision instead.")
+            mp = "fp16"
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
+        return mp, dtype
+
+    def _lrs(self):
+        c = self.cfg
+        unet_lr = c.unet_lr if c.unet_lr is not None else c.learning_rate
+        te_lr = c.text_encoder_lr if c.text_encoder_lr is not None else c.learning_rate
+        if c.network_train_unet_only:
+            te_lr = 0.0
+        if c.network_train_text_encoder_only:
+            unet_lr = 0.0
+        return float(unet_lr or 0.0), float(te_lr or 0.0)
+
+    def _network_args(self) -> dict:
+        out = {}
+        for item in self.cfg.network_args or []:
+            if "=" not in item:
+                raise TrainingError(f"network_args entry {item!r} is not key=value (e.g. conv_dim=8)")
+            k, v = item.split("=", 1)
+            out[k.strip()] = v.strip()
+        return out
+
+    # ---- caches -------------------------------------------------------------------------------------------
+    def _vae_encode(self, pixels: np.ndarray) -> torch.Tensor:
+        m = self.sd_model
+        vae = m.first_stage_model
+        dtype = next(vae.parameters()).dtype
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+        with torch.no_grad():
+            post = vae.encode(x.to(self.device, dtype))
+            z = post.mode() if hasattr(post, "mode") else post
+            if not torch.isfinite(z).all() and dtype != torch.float32:
+                # fp16 VAEs overflow on some images (SDXL especially): redo this one in fp32
+                self._note("the VAE produced NaN in half precision; re-encoding in fp32 (consider --no-half-vae)")
+                # a private fp32 copy: the host's VAE is never converted in place
+                z = copy.deepcopy(vae).float().encode(x.to(self.device, torch.float32))
+                z = z.mode() if hasattr(z, "mode") else z
+        scale = float(getattr(m, "scale_factor", 0.18215))
+        return (z.float() * scale).cpu()
+
+    def _latent_key(self, s: Sample, flip: bool) -> str:
+        st = os.stat(s.path)
+        return hashlib.sha256(
+            f"{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}|{s.bucket}|{s.resized}|{flip}|"
+            f"{self.host.model_id}".encode()).hexdigest()[:32]
+
+    def _cache_latents(self, cache_dir: str | None):
+        self.latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self.size_cond: dict[tuple[int, bool], tuple] = {}
+        done = {}
+        n = sum(2 if s.flip_aug else 1 for s in self.samples)
+        k = 0
+        for i, s in enumerate(self.samples):
+            for flip in ((False, True) if s.flip_aug else (False,)):
+                k += 1
+                key = self._latent_key(s, flip)
+                if key in done:
+                    self.latents[(i, flip)], self.size_cond[(i, flip)] = done[key]
+                    continue
+                if self.should_cancel():
+                    raise Cancelled()
+                img = load_image_rgb(s.path)
+                prep = resize_and_crop(img, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
+                px = prep.pixels[:, ::-1].copy() if flip else prep.pixels
+                cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
+                z = None
+                path = os.path.join(cache_dir, key + ".safetensors") if cache_dir else None
+                if path and os.path.exists(path):
+                    try:
+                        z = load_tensors(path)["latent"]
+                    except Exception as e:  # a damaged cache file is rebuilt, never trusted
+                        self._note(f"latent cache {os.path.basename(path)} unreadable ({e}); re-encoding")
+                if z is None:
+                    z = self._vae_encode(px)[0]
+                    if path:
+                        save_file_atomic({"latent": z.contiguous()}, path, {"image": os.path.basename(s.path)})
+                done[key] = (z, cond)
+                self.latents[(i, flip)], self.size_cond[(i, flip)] = z, cond
+                self._emit("cache", step=k, message=f"caching latents {k}/{n}", extra={"n": n})
+
+    # ---- the run ------------------------------------------------------------------------------------------
+    def run(self, resume_state: str | None = None) -> TrainResult:
+        c = self.cfg
+        if not self.samples:
+            raise TrainingError("the dataset has no usable images; check the training folder (see the dataset report)")
+        out_dir = str(c.resolve(c.output_dir)) if c.output_dir else None
+        if not out_dir:
+            raise TrainingError("output_dir is not set: choose the folder the LoRA files are written to")
+        os.makedirs(out_dir, exist_ok=True)
+        name = c.output_name or "lora"
+        seed = int(c.seed if c.seed is not None else random.randint(0, 2 ** 31 - 1))
+        self.seed = seed
+        unet_lr, te_lr = self._lrs()
+        if not unet_lr and not te_lr:
+            raise TrainingError("both learning rates are 0, so nothing would train; set unet_lr or text_encoder_lr")
+        mp, amp_dtype = self._precision()
+        nargs = self._network_args()
+        started = time.time()
+
+        with ExitStack() as stack:
+            stack.enter_context(self.host.lock())
+            stack.enter_context(guarded([self.sd_model]))
+            dim = int(c.network_dim or 4)
+            net = LoRANetwork(
+                self.sd_model, self.family, dim=dim, alpha=c.network_alpha,
+                conv_dim=int(nargs["conv_dim"]) if "conv_dim" in nargs else None,
+                conv_alpha=float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None,
+                train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=c.network_dropout,
+                rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
+                module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None)
+            torch.manual_seed(_seed_for(seed, "init"))
+            for pair in net.pairs.values():  # deterministic kohya init from the run's seed
+                torch.nn.init.kaiming_uniform_(pair.lora_down.weight, a=math.sqrt(5))
+            net.to(self.device)
+            if c.network_weights:
+                missing = net.load_kohya_state_dict(load_tensors(str(c.resolve(c.network_weights))))
+                self._note(f"started from {c.network_weights} ({len(missing)} tensors not in that file)")
+            self._emit("start", message=f"LoRA for {net.counts()} modules; seed {seed}")
+
+            cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None
+            if cache_dir:
+                os.makedirs(cache_dir, exist_ok=True)
+            self._cache_latents(cache_dir)
+
+            te = TextEncoder(self.sd_model, self.family, clip_skip=c.clip_skip or 1,
+                             max_token_length=c.max_token_length or 75)
+            schedule = NoiseSchedule(getattr(self.sd_model, "alphas_cumprod_original", None)
+                                     if getattr(self.sd_model, "alphas_cumprod_original", None) is not None
+                                     else self.sd_model.alphas_cumprod,
+                                     getattr(self.sd_model, "parameterization", "eps")).to(self.device)
+            groups = net.param_groups(unet_lr, te_lr)
+            opt_args = {}
+            for item in c.optimizer_args or []:
+                k, v = item.split("=", 1)
+                try:
+                    opt_args[k.strip()] = ast.literal_eval(v.strip())  # numbers, tuples, bools
+                except (ValueError, SyntaxError):
+                    opt_args[k.strip()] = v.strip()
+            optimizer, opt_desc = make_optimizer(c.optimizer_type or "AdamW", groups, lr=unet_lr or te_lr,
+                                                 args=opt_args, device=self.device)
+            warmup = c.lr_warmup_steps
+            warmup = int(warmup * self.total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+            if warmup >= self.total_steps > 0:
+                self._note(f"lr_warmup_steps {warmup} is not shorter than the run ({self.total_steps} steps): "
+                           f"the learning rate never reaches its set value")
+            scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
+                                       c.lr_scheduler_num_cycles, c.lr_scheduler_power)
+            scaler = torch.cuda.amp.GradScaler() if mp == "fp16" else None
+
+            step, first_epoch, skip_batches = 0, 1, 0
+            if resume_state:
+                st = load_state(resume_state)
+                net.load_kohya_state_dict(st["network"])
+                optimizer.load_state_dict(st["optimizer"])
+                scheduler.load_state_dict(st["scheduler"])
+                if scaler is not None and st.get("scaler"):
+                    scaler.load_state_dict(st["scaler"])
+                step, first_epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
+                self.losses = list(st.get("losses", []))
+                set_rng_state(st["rng"])
+                seed = self.seed = st["seed"]
+                self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
+
+            stack.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing))
+            stack.enter_context(net.attached())
+            net.train()
+            accum = max(1, int(c.gradient_accumulation_steps or 1))
+            loss_acc = None
+            t0 = time.time()
+            t_steps0 = step
+            te_cache: dict[str, dict] = {}
+            cache_te = not te_lr and not any(getattr(s.caption_options, "changes_per_step", False) for s in self.samples)
+            save_dtype = SAVE_DTYPES.get((c.save_precision or "fp16").lower(), torch.float16)
+            prefixes = net.trained_prefixes(unet_lr, te_lr)
+
+            def save(path_name, epoch_no, final=False):
+                path = os.path.join(out_dir, path_name)
+                md = self._metadata(net, epoch_no, step, started, seed, opt_desc, unet_lr, te_lr, mp, dim)
+                spec = modelspec(self._family_key(), name, c.resolution or (512, 512),
+                                 getattr(self.sd_model, "parameterization", "eps"), c.clip_skip, started,
+                                 {"title": c.metadata_title, "author": c.metadata_author,
+                                  "description": c.metadata_description, "license": c.metadata_license,
+                                  "tags": c.metadata_tags})
+                if c.metadata_title:
+                    spec["modelspec.title"] = c.metadata_title
+                save_lora(path, net.kohya_state_dict(save_dtype, prefixes), md, spec)
+                self.files.append(path)
+                self._emit("save", step=step, epoch=epoch_no, path=path, message=f"saved {path_name}")
+                return path
+
+            def save_resume(epoch_no, batch_in_epoch, tag):
+                path = os.path.join(out_dir, f"{name}-{tag}-state.pt")
+                save_state(path, {"network": net.kohya_state_dict(torch.float32), "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                                  "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
+                                  "losses": self.losses, "rng": rng_state(), "config_source": c.source})
+                return path
+
+            status, state_file = "done", None
+            cur_epoch, window_start = first_epoch, skip_batches
+            try:
+                for epoch in range(first_epoch, self.epochs + 1):
+                    batches = self.data.epoch_batches(seed, epoch)
+                    start_b = skip_batches if epoch == first_epoch else 0
+                    cur_epoch, window_start = epoch, start_b
+                    for b_idx in range(start_b, len(batches)):
+                        if step >= self.total_steps:
+                            break
+                        if loss_acc is None:
+                            window_start = b_idx  # a cancel resumes from the start of this accumulation window
+                        if self.should_cancel():
+                            raise Cancelled()
+                        batch = batches[b_idx]
+                        micro = (b_idx + 1)
+                        torch.manual_seed(_seed_for(seed, "step", epoch, b_idx))  # LoRA dropout etc.
+                        gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, "noise", epoch, b_idx))
+                        crng = random.Random(_seed_for(seed, "caption", epoch, b_idx))
+                        flips = [self.samples[i].flip_aug and crng.random() < 0.5 for i in batch]
+                        x0 = torch.stack([self.latents[(i, f)] for i, f in zip(batch, flips)]).to(self.device)
+                        caps = [process_caption(self.samples[i].caption, self.samples[i].caption_options, crng,
+                                                epoch=epoch, step=step, max_train_steps=self.total_steps)
+                                if self.samples[i].caption_options is not None else self.samples[i].caption
+                                for i in batch]
+                        weights = torch.tensor([c.prior_loss_weight if self.samples[i].is_reg else 1.0 for i in batch],
+                                               device=self.device)
+                        amp = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+                        with amp:
+                            cond = self._encode(te, caps, te_cache if cache_te else None, bool(te_lr))
+                            ctx = cond["crossattn"]
+                            y = None
+                            if self.family == "sdxl":
+                                sc = [self.size_cond[(i, f)] for i, f in zip(batch, flips)]
+                                y = sdxl_vector(cond["pooled"], [s[0] for s in sc], [s[1] for s in sc],
+                                                [s[2] for s in sc])
+                            noise = sample_noise(x0, gen, c.noise_offset or 0.0)
+                            t = sample_timesteps(x0.shape[0], gen, self.device, c.min_timestep or 0,
+                                                 c.max_timestep or schedule.num_timesteps)
+                            noisy = schedule.add_noise(x0, noise, t)
+                            unet = self.sd_model.model.diffusion_model
+                            pred = unet(noisy, t, context=ctx, y=y) if y is not None else unet(noisy, t, context=ctx)
+                            loss = denoising_loss(pred, schedule.target(x0, noise, t), t, schedule, weights,
+                                                  c.min_snr_gamma)
+                        (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                        loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
+                        if micro % accum != 0 and b_idx != len(batches) - 1:
+                            continue
+                        if scaler:
+                            scaler.unscale_(optimizer)
+                        if c.max_grad_norm:
+                            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], c.max_grad_norm)
+                        if scaler:
+                            scaler.step(optimizer)
+                            scaler.update()
+                        else:
+                            optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        # one host sync per logged step keeps the GPU queue full; the CPU path is cheap anyway
+                        if step % max(1, getattr(self, "log_every", 1)) == 0 or step == self.total_steps:
+                            lv = float(loss_acc) / accum
+                            self.losses.append((step, lv))
+                            avg = sum(v for _, v in self.losses[-50:]) / len(self.losses[-50:])
+                            rate = (time.time() - t0) / max(1, step - t_steps0)
+                            self._emit("step", step=step, epoch=epoch, loss=lv, avg_loss=avg,
+                                       lr=scheduler.get_last_lr()[0], eta_s=rate * (self.total_steps - step))
+                        loss_acc = None
+                        if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < self.total_steps:
+                            save(step_ckpt_name(name, step), epoch)
+                    skip_batches = 0
+                    last = step >= self.total_steps or epoch == self.epochs
+                    self._emit("epoch", step=step, epoch=epoch, message=f"epoch {epoch}/{self.epochs} done")
+                    if self.sample_fn and c.sample_every_n_epochs and (epoch % c.sample_every_n_epochs == 0 or last):
+                        self._sample(net, epoch, step)
+                    if last:
+                        break
+                    if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0:
+                        save(ckpt_name(name, epoch), epoch)
+                        if c.save_state:
+                            save_resume(epoch + 1, 0, f"{epoch:06d}")
+                        if c.save_last_n_epochs:
+                            for f in prune_old(out_dir, name, c.save_last_n_epochs):
+                                self._note(f"removed old save {f} (keep last {c.save_last_n_epochs})")
+                net.eval()
+                final = save(ckpt_name(name, None), self.epochs, final=True)
+                if c.save_state or c.save_state_on_train_end:
+                    state_file = save_resume(self.epochs + 1, 0, "final")
+            except Cancelled:
+                status = "cancelled"
+                final = None
+                # keep what was learned: a resumable state, so cancelling never loses work
+                state_file = save_resume(cur_epoch, window_start, "cancelled")
+                self._emit("cancelled", step=step, message=f"cancelled at step {step}; resume with {state_file}",
+                           path=state_file)
+            finally:
+                net.eval()
+        result = TrainResult(status, self.files, final, step, self.losses, self.notes, state_file)
+        if status == "done":
+            self._emit("done", step=step, path=final, message=f"finished: {final}")
+        return result
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+    def _encode(self, te: TextEncoder, caps: list[str], cache: dict | None, grad: bool) -> dict:
+        if cache is not None and all(cp in cache for cp in caps):
+            return {k: torch.cat([cache[cp][k] for cp in caps]) for k in cache[caps[0]]}
+        tokens, truncated = te.tokenize(caps)
+        if truncated:
+            self._note(f"{truncated} caption(s) longer than max_token_length were cut")
+        with (nullcontext() if grad else torch.no_grad()):
+            out = te.encode(tokens, self.device)
+        if cache is not None:
+            for j, cp in enumerate(caps):
+                cache[cp] = {k: v[j:j + 1].detach() for k, v in out.items()}
+        return out
+
+    def _sample(self, net, epoch, step):
+        was = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                paths = self.sample_fn(epoch=epoch, step=step)
+            for p in paths or []:
+                self._emit("sample", step=step, epoch=epoch, path=p)
+        finally:
+            net.train(was)
+
+    def _family_key(self):
+        if self.family == "sd2" and getattr(self.sd_model, "parameterization", "eps") == "v":
+            return "sd2v"
+        return self.family
+
+    def _metadata(self, net, epoch_no, step, started, seed, opt_desc, unet_lr, te_lr, mp, dim) -> dict[str, str]:
+        c = self.cfg
+        v = {
+            "ss_session_id": _seed_for(started, seed) % (2 ** 31),
+            "ss_training_started_at": started,
+            "ss_output_name": c.output_name or "lora",
+            "ss_learning_rate": c.learning_rate,
+            "ss_text_encoder_lr": te_lr,
+            "ss_unet_lr": unet_lr,
+            "ss_num_epochs": self.epochs,
+            "ss_gradient_checkpointing": bool(c.gradient_checkpointing),
+            "ss_gradient_accumulation_steps": c.gradient_accumulation_steps,
+            "ss_max_train_steps": self.total_steps,
+            "ss_lr_warmup_steps": c.lr_warmup_steps,
+            "ss_lr_scheduler": c.lr_scheduler,
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": dim,
+            "ss_network_alpha": float(c.network_alpha),
+            "ss_network_dropout": c.network_dropout,
+            "ss_mixed_precision": mp,
+            "ss_full_fp16": False,
+            "ss_v2": self.family == "sd2",
+            "ss_base_model_version": BASE_MODEL_VERSION[self._family_key()],
+            "ss_clip_skip": c.clip_skip,
+            "ss_max_token_length": c.max_token_length,
+            "ss_cache_latents": True,
+            "ss_seed": seed,
+            "ss_lowram": False,
+            "ss_noise_offset": c.noise_offset,
+            "ss_multires_noise_iterations": c.multires_noise_iterations,
+            "ss_multires_noise_discount": c.multires_noise_discount,
+            "ss_adaptive_noise_scale": c.adaptive_noise_scale,
+            "ss_zero_terminal_snr": c.zero_terminal_snr,
+            "ss_training_comment": c.training_comment,
+            "ss_sd_scripts_commit_hash": "lora-studio",
+            "ss_optimizer": opt_desc,
+            "ss_max_grad_norm": c.max_grad_norm,
+            "ss_caption_dropout_rate": c.caption_dropout_rate,
+            "ss_caption_dropout_every_n_epochs": c.caption_dropout_every_n_epochs,
+            "ss_caption_tag_dropout_rate": c.caption_tag_dropout_rate,
+            "ss_face_crop_aug_range": c.face_crop_aug_range,
+            "ss_prior_loss_weight": c.prior_loss_weight,
+            "ss_min_snr_gamma": c.min_snr_gamma,
+            "ss_scale_weight_norms": c.scale_weight_norms,
+            "ss_ip_noise_gamma": c.ip_noise_gamma,
+            "ss_debiased_estimation": c.debiased_estimation_loss,
+            "ss_noise_offset_random_strength": c.noise_offset_random_strength,
+            "ss_ip_noise_gamma_random_strength": c.ip_noise_gamma_random_strength,
+            "ss_loss_type": c.loss_type,
+            "ss_huber_schedule": c.huber_schedule,
+            "ss_huber_scale": c.huber_scale,
+            "ss_huber_c": c.huber_c,
+            "ss_fp8_base": False,
+            "ss_fp8_base_unet": False,
+            "ss_steps": step,
+            "ss_epoch": epoch_no,
+            "ss_training_finished_at": time.time(),
+            "ss_sd_model_name": self.host.model_name,
+        }
+        if c.network_args:
+            v["ss_network_args"] = dict(a.split("=", 1) for a in c.network_args)
+        if getattr(self.host, "model_legacy_hash", None):
+            v["ss_sd_model_hash"] = self.host.model_legacy_hash
+        if getattr(self.host, "model_sha256", None):
+            v["ss_new_sd_model_hash"] = self.host.model_sha256
+        v.update(self.metadata_extra)
+        return metadata_strings(v)
+
+
+class _grad_checkpointing:
+    """Checkpoint each UNet block with torch's non-reentrant checkpoint.
+
+    ldm's own ``checkpoint`` passes only the block's own parameters to autograd, so LoRA weights living outside the
+    block would get no gradient; the non-reentrant torch version follows whatever the forward uses.
+    """
+
+    def __init__(self, sd_model, enabled: bool):
+        self.blocks = []
+        if not enabled:
+            return
+        unet = sd_model.model.diffusion_model
+        from torch.utils.checkpoint import checkpoint
+
+        for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
+            org = type(block).forward.__get__(block)
+
+            def fwd(*args, _org=org, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_org, *args, use_reentrant=False, **kwargs)
+                return _org(*args, **kwargs)
+
+            if "forward" in block.__dict__:
+                continue
+            block.forward = fwd
+            self.blocks.append(block)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for b in self.blocks:
+            b.__dict__.pop("forward", None)
+        self.blocks = []
+        return False

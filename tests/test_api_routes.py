@@ -1,0 +1,403 @@
+"""HTTP API (/lora-studio/v1): submit/validate, path policy, auth, disabled access, queue control, downloads."""
+
+import math
+import os
+import threading
+import tomllib
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from lib_lora.api import DISABLED_MESSAGE, PREFIX, mount
+from lib_lora.jobs.queue import JobQueue
+from lib_lora.train.config import parse_train_config
+from lib_lora.train.trainer import TrainEvent, TrainResult
+
+SETTING = "Settings > LoRA Studio > API folders (lora_studio_api_roots)"
+
+# /work/shared/reference/seed-config.md: the tutorial config users paste
+SEED_TOML = """
+[model]
+pretrained_model_name_or_path = "./models/sd/v1-5-pruned.safetensors"
+v2 = false
+v_parameterization = false
+
+[dataset]
+train_data_dir = "./training_data"
+resolution = 512
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 256
+max_bucket_reso = 1024
+
+[training]
+output_dir = "./output"
+output_name = "my_lora"
+max_train_epochs = 10
+learning_rate = 1e-4
+unet_lr = 1e-4
+text_encoder_lr = 5e-5
+lr_scheduler = "cosine_with_restarts"
+lr_warmup_steps = 100
+network_dim = 32
+network_alpha = 16
+optimizer_type = "AdamW8bit"
+mixed_precision = "fp16"
+save_every_n_epochs = 2
+save_model_as = "safetensors"
+"""
+
+MODEL = {"name": "v1-5-pruned", "hash": "6ce0161689", "family": "sd1", "parameterization": "eps"}
+
+
+def fake_runner(gate=None, nan_at=None):
+    """Emits TrainEvent-like progress, writes one dummy LoRA + one sample into output_dir, honours cancel."""
+    def run(job, emit, should_cancel):
+        cfg = parse_train_config(job.config)
+        out = cfg.output_dir
+        assert os.path.isabs(out), "the API stores checked absolute paths"
+        os.makedirs(out, exist_ok=True)
+        emit(TrainEvent("start", total=4, epochs=2, message="training"))
+        for step in range(1, 5):
+            if gate is not None:
+                gate.wait(5)
+            if should_cancel():
+                return TrainResult("cancelled", [], None, step, [], ["cancelled at step %d" % step])
+            loss = float("nan") if step == nan_at else 1.0 / step
+            emit(TrainEvent("step", step=step, total=4, epoch=1 + (step > 2), epochs=2, loss=loss, avg_loss=loss,
+                            lr=1e-4, eta_s=float(4 - step)))
+        sample = os.path.join(out, "sample", f"{cfg.output_name}_e2.png")
+        os.makedirs(os.path.dirname(sample), exist_ok=True)
+        with open(sample, "wb") as f:
+            f.write(b"\x89PNG fake")
+        emit(TrainEvent("sample", step=4, epoch=2, path=sample))
+        path = os.path.join(out, f"{cfg.output_name}.safetensors")
+        with open(path, "wb") as f:
+            f.write(b"dummy lora bytes")
+        emit(TrainEvent("save", step=4, total=4, epoch=2, epochs=2, path=path, message="saved"))
+        return TrainResult("done", [path], path, 4, [], ["trained 4 steps"])
+    return run
+
+
+@pytest.fixture
+def env(tmp_path):
+    root = tmp_path / "root"
+    (root / "training_data" / "10_cat").mkdir(parents=True)
+    (root / "output").mkdir()
+    (tmp_path / "outside" / "data").mkdir(parents=True)
+    return tmp_path, root
+
+
+def make_client(tmp_path, root, runner=None, autostart=False, **kw):
+    q = JobQueue(str(tmp_path / "queue"), runner, autostart=autostart)
+    app = FastAPI()
+    kw.setdefault("get_model", lambda: dict(MODEL))
+    mount(app, q, allowed_roots=[str(root)], default_root=str(root), roots_setting=SETTING, **kw)
+    return TestClient(app), q
+
+
+def cfg_for(**kw):
+    d = {"train_data_dir": "training_data", "output_dir": "output", "resolution": 512, "output_name": "t"}
+    d.update(kw)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# submit and validation
+
+
+def test_seed_config_accepted_as_dict_and_as_toml_text(env):
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    for body in (tomllib.loads(SEED_TOML), {"toml": SEED_TOML}):
+        r = c.post(PREFIX + "/jobs", json=body)
+        assert r.status_code == 201, r.text
+        j = r.json()
+        assert j["status"] == "queued" and j["name"] == "my_lora" and j["id"]
+        assert any("batch_size" in n for n in j["notes"]), j["notes"]
+        # sections kept, relative paths rewritten to checked real paths under the default root
+        assert j["config"]["dataset"]["train_data_dir"] == os.path.realpath(root / "training_data")
+        assert j["config"]["training"]["output_dir"] == os.path.realpath(root / "output")
+        assert j["model"] == MODEL
+        assert parse_train_config(j["config"]).train_batch_size == 2
+    assert [j.name for j in q.list()] == ["my_lora", "my_lora"]
+
+
+def test_dry_run_queues_nothing(env):
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    r = c.post(PREFIX + "/jobs", params={"dry_run": "true"}, json=cfg_for())
+    assert r.status_code == 200 and r.json()["ok"] and q.list() == []
+
+
+def test_unknown_keys_and_bad_input_are_422(env):
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    r = c.post(PREFIX + "/jobs", json={"training": {"learning_rat": 1e-4, "netwrk_dim": 8}, **cfg_for()})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "learning_rat" in detail and "'learning_rate'" in detail and "netwrk_dim" in detail
+    assert c.post(PREFIX + "/jobs", json={"toml": "learning_rate = = 1"}).status_code == 422
+    assert "lr_scheduler" in c.post(PREFIX + "/jobs", json=cfg_for(lr_scheduler="cosin")).json()["detail"]
+    r = c.post(PREFIX + "/jobs", json={"output_dir": "output", "resolution": 512})
+    assert r.status_code == 422 and "train_data_dir" in r.json()["detail"]
+    r = c.post(PREFIX + "/jobs", json={"train_data_dir": "training_data"})
+    assert r.status_code == 422 and "output_dir" in r.json()["detail"]
+    assert c.post(PREFIX + "/jobs", json=[1, 2]).status_code == 422
+    assert q.list() == []
+
+
+def test_default_output_dir_used_when_missing(env):
+    tmp, root = env
+    c, _ = make_client(tmp, root, default_output_dir=str(root / "output"))
+    r = c.post(PREFIX + "/jobs", json={"train_data_dir": "training_data", "resolution": 512})
+    assert r.status_code == 201 and r.json()["config"]["output_dir"] == os.path.realpath(root / "output")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# path policy
+
+
+def test_paths_outside_the_roots_are_refused(env):
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    outside = tmp / "outside" / "data"
+    (root / "link_out").symlink_to(outside, target_is_directory=True)
+    bad = [
+        {"train_data_dir": "../outside/data"},
+        {"train_data_dir": str(outside)},
+        {"train_data_dir": "link_out"},                       # symlink escape
+        {"output_dir": "output/../../outside"},
+        {"network_weights": "/etc/passwd"},
+        {"sample_prompts": "../outside/prompts.txt"},
+        {"resume": str(tmp / "outside" / "state")},
+        {"reg_data_dir": "training_data/../../outside"},
+        {"logging_dir": "~/logs"},
+    ]
+    for override in bad:
+        r = c.post(PREFIX + "/jobs", json=cfg_for(**override))
+        assert r.status_code == 403, (override, r.text)
+        detail = r.json()["detail"]
+        assert SETTING in detail and next(iter(override)) in detail, detail
+    # inside a section too
+    r = c.post(PREFIX + "/jobs", json={"dataset": {"train_data_dir": "../outside/data"}, "training": {"output_dir": "output"}})
+    assert r.status_code == 403
+    r = c.post(PREFIX + "/jobs", json=cfg_for(output_name="../../evil"))
+    assert r.status_code == 403 and "output_name" in r.json()["detail"]
+    assert q.list() == []
+
+
+def test_symlink_within_roots_and_second_root_are_allowed(env):
+    tmp, root = env
+    other = tmp / "other_root"
+    (other / "imgs").mkdir(parents=True)
+    (root / "link_in").symlink_to(root / "training_data", target_is_directory=True)
+    q = JobQueue(str(tmp / "queue"), None, autostart=False)
+    app = FastAPI()
+    mount(app, q, allowed_roots=lambda: [str(root), str(other)], default_root=str(root))
+    c = TestClient(app)
+    assert c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir="link_in")).status_code == 201
+    r = c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir=str(other / "imgs")))
+    assert r.status_code == 201 and r.json()["config"]["train_data_dir"] == os.path.realpath(other / "imgs")
+    info = c.get(PREFIX + "/info").json()
+    assert os.path.realpath(other) in info["allowed_roots"]
+
+
+def test_dataset_config_image_dirs_are_checked(env):
+    tmp, root = env
+    c, _ = make_client(tmp, root)
+    (root / "ds_ok.toml").write_text('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "training_data/10_cat"\n')
+    (root / "ds_bad.toml").write_text('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "../outside/data"\n')
+    base = {"output_dir": "output"}
+    assert c.post(PREFIX + "/jobs", json={**base, "dataset_config": "ds_ok.toml"}).status_code == 201
+    r = c.post(PREFIX + "/jobs", json={**base, "dataset_config": "ds_bad.toml"})
+    assert r.status_code == 403 and "image_dir" in r.json()["detail"]
+    assert c.post(PREFIX + "/jobs", json={**base, "dataset_config": "missing.toml"}).status_code == 422
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# auth and disabled access
+
+
+def test_api_auth_basic(env):
+    tmp, root = env
+    c, _ = make_client(tmp, root, api_auth="alice:s3cret,bob:pa:ss")
+    r = c.get(PREFIX + "/jobs")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Basic"
+    assert c.get(PREFIX + "/jobs", auth=("alice", "wrong")).status_code == 401
+    assert c.get(PREFIX + "/jobs", auth=("mallory", "s3cret")).status_code == 401
+    assert c.get(PREFIX + "/jobs", auth=("alice", "s3cret")).status_code == 200
+    assert c.get(PREFIX + "/jobs", auth=("bob", "pa:ss")).status_code == 200     # ':' inside the password
+    assert c.post(PREFIX + "/jobs", json=cfg_for()).status_code == 401
+    assert c.post(PREFIX + "/jobs", json=cfg_for(), auth=("alice", "s3cret")).status_code == 201
+    assert c.get(PREFIX + "/model").status_code == 401
+
+
+def test_malformed_api_auth_locks_instead_of_opening(env):
+    tmp, root = env
+    c, _ = make_client(tmp, root, api_auth="justauser")
+    assert c.get(PREFIX + "/jobs").status_code == 401
+    assert c.get(PREFIX + "/jobs", auth=("justauser", "")).status_code == 401
+
+
+def test_no_api_auth_means_open(env):
+    tmp, root = env
+    c, _ = make_client(tmp, root, api_auth=None)
+    assert c.get(PREFIX + "/jobs").status_code == 200
+
+
+def test_disabled_extension_access_refuses_everything(env):
+    tmp, root = env
+    c, q = make_client(tmp, root, access_disabled=True, api_auth="alice:s3cret")
+    for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/model"), ("DELETE", "/jobs/abc"),
+                         ("GET", "/jobs/abc/files/x.safetensors"), ("GET", "")):
+        r = c.request(method, PREFIX + path, json=cfg_for(), auth=("alice", "s3cret"))
+        assert r.status_code == 403, (method, path)
+        assert r.json()["detail"] == DISABLED_MESSAGE
+    assert "--enable-insecure-extension-access" in DISABLED_MESSAGE and q.list() == []
+
+
+def test_remount_replaces_old_routes(env):
+    tmp, root = env
+    app = FastAPI()
+    q1 = JobQueue(str(tmp / "q1"), None, autostart=False)
+    q2 = JobQueue(str(tmp / "q2"), None, autostart=False)
+    mount(app, q1, allowed_roots=[str(root)], access_disabled=True)
+    mount(app, q2, allowed_roots=[str(root)])
+    c = TestClient(app)
+    assert c.post(PREFIX + "/jobs", json=cfg_for()).status_code == 201
+    assert len(q2.list()) == 1 and q1.list() == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# queue control
+
+
+def test_list_move_cancel_remove(env):
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    ids = [c.post(PREFIX + "/jobs", json=cfg_for(output_name=n)).json()["id"] for n in ("a", "b", "c")]
+    jobs = c.get(PREFIX + "/jobs").json()["jobs"]
+    assert [j["name"] for j in jobs] == ["a", "b", "c"] and "losses" not in jobs[0]
+    assert [j["queue_position"] for j in jobs] == [0, 1, 2]
+
+    r = c.post(PREFIX + f"/jobs/{ids[2]}/move", json={"position": 0})
+    assert r.status_code == 200 and [w["name"] for w in r.json()["waiting"]] == ["c", "a", "b"]
+    assert c.post(PREFIX + f"/jobs/{ids[2]}/move", json={"position": -1}).status_code == 422
+    assert c.post(PREFIX + f"/jobs/{ids[2]}/move", json={}).status_code == 422
+    assert c.post(PREFIX + "/jobs/nope/move", json={"position": 0}).status_code == 404
+
+    r = c.post(PREFIX + f"/jobs/{ids[0]}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert c.post(PREFIX + f"/jobs/{ids[0]}/cancel").status_code == 409
+    assert c.post(PREFIX + f"/jobs/{ids[0]}/move", json={"position": 0}).status_code == 409
+    assert c.post(PREFIX + "/jobs/nope/cancel").status_code == 404
+
+    assert c.delete(PREFIX + f"/jobs/{ids[0]}").json() == {"removed": ids[0]}   # finished
+    assert c.delete(PREFIX + f"/jobs/{ids[1]}").status_code == 200               # waiting
+    assert c.get(PREFIX + f"/jobs/{ids[0]}").status_code == 404
+    assert c.delete(PREFIX + f"/jobs/{ids[0]}").status_code == 404
+    assert [j.id for j in q.list()] == [ids[2]]
+
+
+def test_cancel_running_job_and_refuse_removing_it(env):
+    tmp, root = env
+    gate = threading.Event()
+    c, q = make_client(tmp, root, runner=fake_runner(gate=gate), autostart=True)
+    try:
+        jid = c.post(PREFIX + "/jobs", json=cfg_for()).json()["id"]
+        for _ in range(200):
+            if q.get(jid).status == "running":
+                break
+            threading.Event().wait(0.01)
+        assert c.get(PREFIX + f"/jobs/{jid}").json()["status"] == "running"
+        r = c.delete(PREFIX + f"/jobs/{jid}")
+        assert r.status_code == 409 and "cancel it first" in r.json()["detail"]
+        assert c.post(PREFIX + f"/jobs/{jid}/cancel").status_code == 200
+        gate.set()
+        assert q.wait_idle(10)
+        j = c.get(PREFIX + f"/jobs/{jid}").json()
+        assert j["status"] == "cancelled" and j["files"] == []
+    finally:
+        gate.set()
+        q.stop(5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress and files
+
+
+def test_run_progress_since_and_downloads(env):
+    tmp, root = env
+    c, q = make_client(tmp, root, runner=fake_runner(nan_at=3), autostart=True)
+    try:
+        jid = c.post(PREFIX + "/jobs", json=cfg_for(output_name="cat")).json()["id"]
+        assert q.wait_idle(10)
+    finally:
+        q.stop(5)
+    j = c.get(PREFIX + f"/jobs/{jid}").json()
+    assert j["status"] == "done" and j["progress"] == 1.0 and j["step"] == 4 and j["total"] == 4
+    assert j["eta_s"] == 0.0 and j["loss"] == 0.25 and j["loss_points"] == 4
+    assert j["losses"][2] == [3, None]            # NaN loss reported as null, not a 500
+    assert j["notes"] == ["trained 4 steps"] and j["queue_position"] is None
+    since = c.get(PREFIX + f"/jobs/{jid}", params={"since": 2}).json()["losses"]
+    assert [p[0] for p in since] == [3, 4]
+
+    files = c.get(PREFIX + f"/jobs/{jid}/files").json()["files"]
+    by_name = {f["name"]: f for f in files}
+    assert set(by_name) == {"cat.safetensors", "cat_e2.png"}
+    assert by_name["cat.safetensors"]["kind"] == "lora" and by_name["cat.safetensors"]["size"] == 16
+    r = c.get(by_name["cat.safetensors"]["url"])
+    assert r.status_code == 200 and r.content == b"dummy lora bytes"
+    assert "cat.safetensors" in r.headers["content-disposition"]
+    assert c.get(by_name["cat_e2.png"]["url"]).content == b"\x89PNG fake"
+
+    # only the job's own outputs, by name: no traversal, no other files of the folder
+    (root / "output" / "other.safetensors").write_bytes(b"x")
+    for name in ("other.safetensors", "..%2F..%2Fqueue%2Fqueue.json", "%2e%2e", "sample%2Fcat_e2.png",
+                 "..%5C..%5Cqueue.json"):
+        assert c.get(PREFIX + f"/jobs/{jid}/files/{name}").status_code == 404, name
+    assert c.get(PREFIX + f"/jobs/{jid}/files/../../../queue/queue.json").status_code == 404
+    assert c.get(PREFIX + "/jobs/nope/files").status_code == 404
+
+    # a recorded output replaced by a symlink out of the roots is not served
+    target = tmp / "outside" / "secret.txt"
+    target.write_text("secret")
+    lora = root / "output" / "cat.safetensors"
+    lora.unlink()
+    lora.symlink_to(target)
+    r = c.get(by_name["cat.safetensors"]["url"])
+    assert r.status_code == 403 and "secret" not in r.text.replace("secret.txt", "")
+    lora.unlink()
+    assert c.get(by_name["cat.safetensors"]["url"]).status_code == 404
+
+
+def test_model_route(env):
+    tmp, root = env
+    c, _ = make_client(tmp, root)
+    assert c.get(PREFIX + "/model").json() == {"loaded": True, **MODEL}
+    c2, _ = make_client(tmp, root, get_model=lambda: None)
+    assert c2.get(PREFIX + "/model").json()["loaded"] is False
+
+    def boom():
+        raise RuntimeError("model is being reloaded")
+    c3, _ = make_client(tmp, root, get_model=boom)
+    r = c3.get(PREFIX + "/model")
+    assert r.status_code == 503 and "being reloaded" in r.json()["detail"]
+    # a failing model callable does not stop a submit
+    r = c3.post(PREFIX + "/jobs", json=cfg_for())
+    assert r.status_code == 201 and any("could not be read" in n for n in r.json()["notes"])
+
+
+def test_nan_is_json_safe():
+    from lib_lora.api import _json_safe
+    assert _json_safe({"a": [float("inf"), 1.5, (2, math.nan)]}) == {"a": [None, 1.5, [2, None]]}
+
+
+def test_openapi_schema_builds(env):
+    # /docs of the whole WebUI breaks if one route's schema cannot be generated
+    tmp, root = env
+    c, _ = make_client(tmp, root)
+    paths = c.get("/openapi.json").json()["paths"]
+    assert PREFIX + "/jobs/{job_id}/files/{name}" in paths and PREFIX + "/jobs" in paths

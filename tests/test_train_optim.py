@@ -1,0 +1,74 @@
+"""Schedules against transformers' own get_*_schedule_with_warmup (what diffusers/sd-scripts use); optimizers step."""
+
+import pytest
+import torch
+from transformers import optimization as tro
+
+from lib_lora.train.optim import Lion, OptimizerUnavailable, make_optimizer, make_scheduler
+
+
+def _lrs(sched_factory, steps=120):
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = sched_factory(opt)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("name,ref", [
+    ("constant", lambda o: tro.get_constant_schedule(o)),
+    ("constant_with_warmup", lambda o: tro.get_constant_schedule_with_warmup(o, 10)),
+    ("linear", lambda o: tro.get_linear_schedule_with_warmup(o, 10, 100)),
+    ("cosine", lambda o: tro.get_cosine_schedule_with_warmup(o, 10, 100)),
+    ("cosine_with_restarts", lambda o: tro.get_cosine_with_hard_restarts_schedule_with_warmup(o, 10, 100, num_cycles=3)),
+    ("polynomial", lambda o: tro.get_polynomial_decay_schedule_with_warmup(o, 10, 100, lr_end=1e-7, power=2.0)),
+])
+def test_schedules_match_transformers(name, ref):
+    ours = _lrs(lambda o: make_scheduler(o, name, 10, 100, num_cycles=3, power=2.0))
+    theirs = _lrs(ref)
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+
+
+def test_unknown_names_are_explained():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="choose one of"):
+        make_optimizer("adamw9bit", [{"params": [p]}], 1e-3)
+    with pytest.raises(ValueError, match="choose one of"):
+        make_scheduler(torch.optim.SGD([p], lr=1), "cosineish", 0, 10)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov"])
+def test_optimizers_step(name):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128))  # > 4096 elements so bitsandbytes uses its 8-bit state
+    try:
+        opt, desc = make_optimizer(name, [{"params": [p]}], lr=1e-2 if name != "Prodigy" else 1.0)
+    except OptimizerUnavailable as e:
+        assert "install" in str(e).lower() or "choose" in str(e).lower()
+        pytest.skip(str(e))
+    before = p.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        (p ** 2).sum().backward()
+        opt.step()
+    assert not torch.equal(before, p.detach())
+    assert desc
+
+
+def test_own_lion_matches_lion_pytorch():
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(32, 8))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = Lion([a], lr=1e-2, weight_decay=0.1)
+    ob = lion_pytorch.Lion([b], lr=1e-2, weight_decay=0.1)
+    for i in range(5):
+        for p, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            ((p - i) ** 3).sum().backward()
+            o.step()
+    torch.testing.assert_close(a, b)
