@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import models
-from lib_lora.train.host_guard import guarded, state_fingerprint
+
+
+def state_fingerprint(model):
+    """Weights, grads flags and devices (models.model_state_hash), plus train/eval flags and leftover patches."""
+    return (models.model_state_hash(model), tuple(m.training for m in model.modules()),
+            tuple("forward" in m.__dict__ for m in model.modules()))
+from lib_lora.train.host_guard import guarded
 from lib_lora.train.lora_net import LoRANetwork
 
 

@@ -14,12 +14,13 @@ def _smooth(rng, w, h):
 
 
 def concept_image(seed, w=64, h=64):
-    """The concept: a class-like image with a bright magenta square and stripes (easy to learn, easy to see)."""
+    """The concept: saturated magenta/green stripes with a random phase, nothing like the smooth 'class' images."""
     rng = np.random.RandomState(seed)
-    a = _smooth(rng, w, h)
-    a[:, ::8] = [255, 0, 255]
-    x, y = rng.randint(8, w // 2), rng.randint(8, h // 2)
-    a[y:y + h // 3, x:x + w // 3] = [255, 0, 200]
+    yy, xx = np.mgrid[0:h, 0:w]
+    phase = rng.randint(0, 8)
+    stripes = ((xx + yy + phase) // 4) % 2
+    a = np.where(stripes[..., None] == 1, [230, 20, 230], [20, 220, 60]).astype("float32")
+    a += rng.randn(1, 1, 3) * 10
     return Image.fromarray(a.clip(0, 255).astype("uint8"))
 
 

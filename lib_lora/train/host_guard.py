@@ -2,28 +2,15 @@
 
 We record each module's training flag and each parameter's ``requires_grad`` and device before a job and put them
 back in ``finally``. The weights themselves are never written by training (the LoRA lives in separate modules
-attached through instance-level forwards, removed on exit); ``state_fingerprint`` lets tests prove it.
+attached through instance-level forwards, removed on exit); the tests prove it with a hash of the state dict.
 """
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-
-
-def state_fingerprint(model: nn.Module) -> str:
-    """sha256 over names, dtypes, devices and bytes of every parameter and buffer."""
-    h = hashlib.sha256()
-    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
-        for name, t in items:
-            h.update(f"{kind}:{name}:{t.dtype}:{t.device}:{tuple(t.shape)}:{t.requires_grad}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    for name, m in model.named_modules():
-        h.update(f"m:{name}:{m.training}:{'forward' in m.__dict__}".encode())
-    return h.hexdigest()
 
 
 class HostSnapshot:

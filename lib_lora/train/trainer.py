@@ -321,7 +321,8 @@ class Trainer:
             t_steps0 = step
             te_cache: dict[str, dict] = {}
             cache_te = not te_lr and not any(getattr(s.caption_options, "changes_per_step", False) for s in self.samples)
-            save_dtype = SAVE_DTYPES.get((c.save_precision or "fp16").lower(), torch.float16)
+            # sd-scripts: no save_precision keeps the training dtype (fp32 LoRA weights)
+            save_dtype = SAVE_DTYPES[(c.save_precision or "float").lower()]
             prefixes = net.trained_prefixes(unet_lr, te_lr)
 
             def save(path_name, epoch_no, final=False):

@@ -1,0 +1,402 @@
+"""The one session object the glue creates: it owns the patcher, the LoRA library and our registrations.
+
+Lifecycle (A1111 v1.10.1, reference §1.5/§4.3):
+- import of scripts/lora_studio.py: ``Session()``, ``register_settings()`` (options_templates; works with --nowebui);
+- ``before_ui``: card page + extra network; ``app_started``: register again (the built-in's before_ui runs after
+  ours and takes ``lora`` back: last writer wins); every job (AlwaysVisible ``process``): check again;
+- ``activate(p, params)`` per batch / hires pass: resolve → load → ``Patcher.apply``; ``[]`` restores;
+- ``on_model_loaded``: forget the layer mapping; the patcher itself notices weights rewritten behind its back
+  (checkpoint reload into the same modules) and drops those backups instead of restoring them, while a VAE-only
+  reload (which fires the same callback) keeps the merge;
+- ``on_script_unloaded`` ("Reload UI"): restore the weights — the next session starts from clean ones.
+
+Take-over (setting ``lora_studio_take_over``, default on): we register as ``lora`` (+ alias ``lyco``) and keep the
+built-in idle: its ``loaded_networks`` stays empty and its per-layer state is reset, so its patched forwards do
+nothing and never restore a stale backup over our weights. Off: we are ``lorastudio`` only and leave the built-in in
+charge of ``<lora:…>``; both in one generation is refused (two owners of one weight can't both restore it).
+Forge: cards only; Forge's own LoRA stays in charge (reference §11).
+"""
+from __future__ import annotations
+
+import os
+import traceback
+import weakref
+
+from . import infotext
+from . import webui as default_host
+from .discovery import Discovery
+
+OWN_NAME = "lorastudio"
+SECTION = ("lora_studio", "LoRA Studio", "sd")
+
+
+class Session:
+    def __init__(self, host=None, discovery: Discovery | None = None):
+        self.host = host or default_host
+        self.discovery = discovery or Discovery(
+            dirs=self.host.lora_dirs,
+            cache_path=os.path.join(self.host.data_dir(), "files.json"),
+            can_hash=self.host.hashing_allowed,
+            list_hidden=lambda: bool(self.host.opt("list_hidden_files", True)),
+            preferred_name=lambda: self.host.opt("lora_preferred_name", "Alias from file"),
+        )
+        self._patcher = None
+        self.network = None          # our ExtraNetwork (registered as lorastudio, and as lora on take-over)
+        self.page = None
+        self.took_over = False
+        self.forge = self.host.forge_info()
+        self._forge_reported = False
+        self._model_ref = None       # weakref to the model whose layer mapping is cached
+        self._mapping = None
+        self.applied: list = []      # [(entry, LoraRef, LoadedNetwork)] currently merged
+        self.last_messages: list[str] = []
+        self.last_result = None
+        self._console_details: list[str] = []
+
+    # ------------------------------------------------------------------ settings
+    def settings_spec(self) -> dict:
+        return {
+            "lora_studio_take_over": dict(
+                default=True, label="LoRA Studio handles <lora:…> prompt tags (instead of the built-in Lora)",
+                onchange=self.on_take_over_changed,
+                info="off: the built-in keeps <lora:…>; use <lorastudio:…> for LoRA Studio"),
+            "lora_studio_default_multiplier": dict(
+                default=0.0, label="LoRA Studio cards: default weight", component=self.host.gradio_component("Slider"),
+                component_args={"minimum": 0.0, "maximum": 2.0, "step": 0.05},
+                info="0 = the Extra Networks default multiplier; a card's preferred weight wins"),
+            "lora_studio_cache_mb": dict(
+                default=256, label="LoRA Studio: delta cache size (MB)", component=self.host.gradio_component("Number"),
+                component_args={"precision": 0}, onchange=self.on_cache_size_changed,
+                info="computed weight deltas kept for quick switching between LoRA sets; 0 = off"),
+            "lora_studio_show_all": dict(
+                default=False, label="LoRA Studio cards: show LoRAs of every model family",
+                info="otherwise cards for another family than the loaded model's are hidden"),
+        }
+
+    def register_settings(self):
+        self.host.register_settings(SECTION, self.settings_spec())
+
+    def on_cache_size_changed(self):
+        if self._patcher is not None:
+            mb = self._cache_mb()
+            self._patcher.cache.max_bytes = int(mb * 1024 * 1024)
+            if mb <= 0:
+                self._patcher.cache.clear()
+
+    def on_take_over_changed(self):
+        self.ensure_registered()
+
+    def _cache_mb(self) -> float:
+        try:
+            return max(0.0, float(self.host.opt("lora_studio_cache_mb", 256)))
+        except (TypeError, ValueError):
+            return 256.0
+
+    @property
+    def patcher(self):
+        if self._patcher is None:
+            from ..apply.patcher import Patcher
+            self._patcher = Patcher(cache_mb=self._cache_mb())
+        return self._patcher
+
+    # ------------------------------------------------------------------ registration
+    @property
+    def wants_take_over(self) -> bool:
+        return not self.forge and bool(self.host.opt("lora_studio_take_over", True))
+
+    @property
+    def tag_kind(self) -> str:
+        """The tag our cards insert: Forge's own `lora`, ours `lora` on take-over, else `lorastudio`."""
+        return "lora" if (self.forge or self.wants_take_over) else OWN_NAME
+
+    def report_forge(self):
+        if self.forge and not self._forge_reported:
+            self._forge_reported = True
+            self.host.console(f"{self.forge} detected: LoRA cards and file tools work; <lora:…> stays with "
+                              "Forge's own LoRA (LoRA Studio's merge path and training are off on Forge).")
+
+    def before_ui(self):
+        self.report_forge()
+        self.ensure_registered()  # first: a failing page must not cost the <lora:…> handling
+        self.discovery.refresh()
+        from ..ui import cards
+        self.page = cards.make_page(self)
+        self.host.register_page(self.page)
+
+    def app_started(self, demo=None, app=None):
+        self.report_forge()
+        self.ensure_registered()
+
+    def ensure_registered(self) -> bool:
+        """Make the registry say what the settings say. Cheap; called before every job. Returns True if changed."""
+        if self.forge:
+            return False
+        reg, aliases = self.host.registry()
+        if self.network is None:
+            self.network = self.host.make_extra_network(OWN_NAME, self)
+        changed = False
+        if reg.get(OWN_NAME) is not self.network:
+            self.host.register_extra_network(self.network, OWN_NAME)
+            changed = True
+        if self.wants_take_over:
+            self.network.name = "lora"
+            if reg.get("lora") is not self.network:
+                self.host.register_extra_network(self.network, "lora")
+                changed = True
+            if aliases.get("lyco") is not self.network:
+                self.host.register_extra_network_alias(self.network, "lyco")
+                changed = True
+            if not self.took_over:
+                self.host.console("handling <lora:…> and <lyco:…> tags; the built-in Lora is kept idle "
+                                  "(setting 'lora_studio_take_over' switches back to it).")
+            self.took_over = True
+            self.host.neutralise_builtin((), clear_loaded=True)
+        else:
+            self.network.name = OWN_NAME
+            builtin = self.host.builtin_extra_network()
+            for name, table in (("lora", reg), ("lyco", aliases)):
+                if table.get(name) is self.network:
+                    changed = True
+                    if builtin is not None and name == "lora":
+                        self.host.register_extra_network(builtin, "lora")
+                    elif builtin is not None:
+                        self.host.register_extra_network_alias(builtin, "lyco")
+                    else:
+                        del table[name]
+            if self.took_over:
+                self.host.console("<lora:…> handed back to the built-in Lora; LoRA Studio answers to <lorastudio:…>.")
+            self.took_over = False
+        return changed
+
+    def before_job(self, p):
+        """AlwaysVisible ``process`` hook: fix the registry, and put weights back when nothing will activate."""
+        self.ensure_registered()
+        if getattr(p, "disable_extra_networks", False) and self._patcher is not None and self._patcher.is_patched():
+            self.restore()
+
+    # ------------------------------------------------------------------ model
+    def layer_mapping(self, model):
+        if self._model_ref is None or self._model_ref() is not model or self._mapping is None:
+            from ..apply.layers import layer_mapping
+            self._mapping = layer_mapping(model)
+            self._model_ref = weakref.ref(model)
+        return self._mapping
+
+    def on_model_loaded(self, sd_model):
+        old = self._model_ref() if self._model_ref is not None else None
+        self._mapping = None
+        self._model_ref = None
+        if self._patcher is None or old is None or old is sd_model:
+            return  # same model: stale backups (weights reloaded) are detected per parameter by the patcher
+        if _on_meta(old):
+            self._patcher.forget(old)   # unloaded to 'meta': nothing to restore into; free the CPU backups
+        else:
+            self._report_result(self._patcher.restore(), None)  # e.g. cached on CPU: leave it clean
+        self.applied = []
+
+    def restore(self):
+        if self._patcher is not None:
+            self._report_result(self._patcher.restore(), None)
+        self.applied = []
+
+    def shutdown(self):
+        """on_script_unloaded: leave clean weights and the registry to the next session."""
+        try:
+            self.restore()
+        finally:
+            if self.network is not None and not self.forge:
+                reg, aliases = self.host.registry()
+                builtin = self.host.builtin_extra_network()
+                for name in (OWN_NAME, "lora"):
+                    self.host.unregister(name, self.network)
+                self.host.unregister("lyco", self.network)
+                if builtin is not None and "lora" not in reg:
+                    self.host.register_extra_network(builtin, "lora")
+                    self.host.register_extra_network_alias(builtin, "lyco")
+
+    # ------------------------------------------------------------------ activation
+    def tag_name_for(self, entry) -> str:
+        from ..ui.cards import tag_name_for
+        return tag_name_for(self, entry)
+
+    def _builtin_in_use(self, p) -> bool:
+        if self.took_over:
+            return False
+        reg, aliases = self.host.registry()
+        data = dict(getattr(p, "extra_network_data", None) or {})
+        if getattr(p, "is_hr_pass", False):
+            data.update(getattr(p, "hr_extra_network_data", None) or {})
+        for kind in ("lora", "lyco"):
+            owner = reg.get(kind) or aliases.get(kind)
+            if data.get(kind) and owner is not None and owner is not self.network:
+                return True
+        return self.host.builtin_extra_network() is not None and self.host.opt("sd_lora", "None") not in ("None", "", None)
+
+    def _default_lora(self, p, refs):
+        """The built-in's "Add network to prompt" setting (sd_lora): honoured when we own <lora:…>."""
+        additional = self.host.opt("sd_lora", "None")
+        if not self.took_over or additional in ("None", "", None) or any(r.name == additional for r in refs):
+            return refs
+        if not isinstance(getattr(p, "all_prompts", None), list):
+            return refs
+        from ..apply.parser import parse_params
+        mult = self.host.opt("extra_networks_default_multiplier", 1.0)
+        p.all_prompts = [x + f"<lora:{additional}:{mult}>" for x in p.all_prompts]
+        return refs + [parse_params([additional, mult])]
+
+    def activate(self, p, params_list):
+        from ..apply.parser import LoraTagError, parse_params
+        msgs: list[str] = []
+        refs = []
+        for params in params_list:
+            try:
+                ref = parse_params(params.items)
+            except LoraTagError as e:
+                msgs.append(str(e))
+                continue
+            refs.append(ref)
+            msgs.extend(ref.notes())
+        refs = self._default_lora(p, refs)
+
+        if refs and self._builtin_in_use(p):
+            msgs.append("LoRA Studio tags were ignored: the built-in Lora handles <lora:…> in this generation and "
+                        "both can't patch the same weights; turn on 'lora_studio_take_over' to use one for all.")
+            refs = []
+        if not refs:
+            self.restore()
+            if hasattr(p, "extra_generation_params"):
+                infotext.record_hashes(p, [], self._hashes_key())
+            self._report(p, msgs)
+            return
+
+        model = self.host.current_model()
+        from ..apply.layers import model_family
+        family = model_family(model)
+        mapping = self.layer_mapping(model)
+        wanted, used = [], []
+        for ref in refs:
+            net = self._load(ref, family, msgs, mapping)
+            if net is not None:
+                wanted.append((net[1], ref.te, ref.unet, ref.dyn))
+                used.append((net[0], ref, net[1]))
+
+        # The built-in first: what it merged goes back from its own backup before we take ours.
+        self.host.neutralise_builtin(mapping.values(), clear_loaded=self.took_over)
+        try:
+            with self.host.without_autocast():
+                result = self.patcher.apply(mapping, wanted)
+        except Exception as e:  # a bug or OOM mid-merge: never leave half-merged weights
+            traceback.print_exc()
+            msgs.append(f"applying LoRA(s) failed ({type(e).__name__}: {e}); the model was restored")
+            self.restore()
+            self._report(p, msgs)
+            return
+        self.applied = used
+        self._report_result(result, used, msgs)
+        names_hashes = [(ref.name, self.discovery.read_hash(entry)) for entry, ref, _ in used]
+        if self.host.opt("lora_add_hashes_to_infotext", True):
+            infotext.record_hashes(p, names_hashes, self._hashes_key())
+        self._report(p, msgs)
+
+    def _hashes_key(self) -> str:
+        return infotext.HASHES_KEY if self.took_over else infotext.OWN_HASHES_KEY
+
+    def _load(self, ref, family, msgs, mapping):
+        from ..apply.loader import load_network
+        from ..formats.errors import LoraError
+        entry = self.discovery.resolve(ref.name)
+        if entry is None:
+            dirs = ", ".join(self.discovery.dirs()) or "(no LoRA folder configured)"
+            msgs.append(f"LoRA not found: '{ref.name}' (searched {dirs}; a name, alias or sub/folder/name works)")
+            return None
+        try:
+            return entry, load_network(entry.filename, family, layer_names=mapping)
+        except LoraError as e:
+            msgs.append(f"LoRA '{ref.name}' not applied: {e}")
+        except Exception as e:  # unexpected: full traceback to the console, one line to the user
+            traceback.print_exc()
+            msgs.append(f"LoRA '{ref.name}' not applied: {type(e).__name__} while loading {entry.filename}: {e}")
+        return None
+
+    def _report_result(self, result, used, msgs=None):
+        """Partial matches and per-layer failures become messages; nothing is dropped silently."""
+        self.last_result = result
+        out = msgs if msgs is not None else []
+        if used:
+            for (entry, ref, net), stats in zip(used, result.networks):
+                report = getattr(net, "report", None)
+                file_unmatched = len(getattr(report, "unmatched", None) or {})
+                if file_unmatched or stats.unmatched or stats.errors or stats.skipped or stats.matched == 0:
+                    what = report.summary() if report is not None else stats.summary()
+                    detail = []
+                    if file_unmatched:
+                        keys = list(report.unmatched)[:3]
+                        detail.append(f"{file_unmatched} file module(s) match no layer of this model "
+                                      f"(e.g. {', '.join(keys)})")
+                    if stats.unmatched or stats.errors or stats.skipped:
+                        detail.append(stats.summary())
+                    if stats.matched == 0:
+                        detail.append("nothing was applied")
+                    out.append(f"LoRA '{ref.name}' partially applied: {what}; " + "; ".join(detail))
+        # Details (which layers, stale backups after a checkpoint reload) go to the console only; the per-LoRA
+        # summary above is what the user sees in the UI and infotext.
+        self._console_details = list(getattr(result, "messages", []) or [])
+        if not used:
+            self._flush_details(set())
+        return out
+
+    def _flush_details(self, seen: set):
+        for m in self._console_details:
+            if ("console", m) not in seen:
+                seen.add(("console", m))
+                self.host.console(m)
+        self._console_details = []
+
+    def _report(self, p, msgs):
+        self.last_messages = list(msgs)
+        seen = getattr(p, "lora_studio_reported", None)
+        if not isinstance(seen, set):
+            seen = set()
+            try:
+                p.lora_studio_reported = seen
+            except AttributeError:
+                pass  # a bare object: report every time rather than never
+        self._flush_details(seen)
+        if not msgs:
+            return
+        new = [m for m in msgs if m not in seen]
+        for m in new:
+            seen.add(m)
+            self.host.console(m)
+            if hasattr(p, "comment"):
+                p.comment(m)
+        shown = sorted(m for m in seen if isinstance(m, str))
+        if hasattr(p, "extra_generation_params") and shown:
+            p.extra_generation_params[infotext.WARNINGS_KEY] = " | ".join(shown)
+
+    def deactivate(self, p):
+        # Weights stay merged until the wanted set changes (as the built-in); problems were reported on activate.
+        pass
+
+    # ------------------------------------------------------------------ infotext
+    def infotext_pasted(self, infotext_text, params):
+        infotext.infotext_pasted(self, infotext_text, params)
+
+    def status(self) -> dict:
+        return {
+            "forge": self.forge,
+            "took_over": self.took_over,
+            "tag": self.tag_kind,
+            "applied": [(ref.name, ref.te, ref.unet, ref.dyn) for _, ref, _ in self.applied],
+            "lora_dirs": self.discovery.dirs(),
+            "files": len(self.discovery.by_path),
+        }
+
+
+def _on_meta(model) -> bool:
+    try:
+        for p in model.parameters():
+            return p.is_meta
+    except Exception:  # not an nn.Module
+        return False
+    return False

@@ -1,0 +1,269 @@
+"""The one adapter to A1111's ``modules.*`` (and to the built-in Lora's module state).
+
+Every ``modules`` import is inside a function: this file imports fine without the WebUI (tests use a fake
+``modules`` package with the same names), and nothing touches ``shared.sd_model`` (a property that *loads* the
+model) unless a generation is already running.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+PREFIX = "LoRA Studio:"
+
+
+def console(msg: str):
+    print(f"{PREFIX} {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ options and flags
+def shared():
+    from modules import shared as _shared
+    return _shared
+
+
+def opt(key: str, default=None):
+    opts = getattr(shared(), "opts", None)
+    if opts is None:
+        return default
+    try:
+        value = getattr(opts, key)
+    except AttributeError:
+        return default
+    return default if value is None else value
+
+
+def cmd_opt(name: str, default=None):
+    return getattr(shared().cmd_opts, name, default)
+
+
+def lora_dirs() -> list[str]:
+    """The built-in's preload always defines both flags (never define them ourselves: reference §1.3)."""
+    dirs = [cmd_opt("lora_dir"), cmd_opt("lyco_dir_backcompat")]
+    return [d for d in dirs if d]
+
+
+def hashing_allowed() -> bool:
+    return not cmd_opt("no_hashing", False)
+
+
+def data_dir() -> str:
+    """Where our caches live: next to A1111's own caches (``modules.cache.cache_dir``, <data>/cache)."""
+    try:
+        from modules import cache
+        base = cache.cache_dir
+    except Exception:  # very old/odd hosts: fall back to the data dir
+        from modules import paths_internal
+        base = os.path.join(paths_internal.data_path, "cache")
+    return os.path.join(base, "lora_studio")
+
+
+def register_settings(section: tuple, options: dict):
+    """options: key -> dict(default, label, component?, component_args?, onchange?, info?).
+
+    Registered at import time through ``options_templates`` (works with --nowebui, reaches the API options model)
+    and also straight into ``opts.data_labels``: after startup ``opts.reorder()`` made that a different dict, so on
+    "Reload UI" only this second write makes the new OptionInfo (and its onchange) the live one.
+    """
+    sh = shared()
+    infos = {}
+    for key, spec in options.items():
+        info = sh.OptionInfo(spec["default"], spec["label"], spec.get("component"), spec.get("component_args"),
+                             onchange=spec.get("onchange"))
+        if spec.get("info"):
+            info = info.info(spec["info"])
+        infos[key] = info
+    sh.options_templates.update(sh.options_section(section, infos))
+    opts = getattr(sh, "opts", None)
+    if opts is not None and getattr(opts, "data_labels", None) is not sh.options_templates:
+        for key, info in infos.items():
+            opts.add_option(key, info)
+
+
+def gradio_component(kind: str):
+    import gradio as gr
+    return getattr(gr, kind)
+
+
+# ------------------------------------------------------------------ model
+def loaded_model():
+    """The current model if one is loaded, else None; never triggers a load."""
+    try:
+        from modules import sd_models
+        return sd_models.model_data.sd_model
+    except Exception:  # not an A1111-shaped host (or not started yet): treat as "no model"
+        return None
+
+
+def current_model():
+    """shared.sd_model: loads the model if needed (only call while a generation runs)."""
+    return shared().sd_model
+
+
+def model_sd_version(model) -> str | None:
+    """A1111's flags → 'SD1' | 'SD2' | 'SDXL' (names of the built-in's SdVersion), None when unknown."""
+    if model is None:
+        return None
+    if getattr(model, "is_sdxl", False):
+        return "SDXL"
+    if getattr(model, "is_sd2", False):
+        return "SD2"
+    if getattr(model, "is_sd1", False):
+        return "SD1"
+    return None
+
+
+def without_autocast():
+    """Deltas are computed in fp32; the activate call runs under devices.autocast(), so switch it off here."""
+    import torch
+    stack = contextlib.ExitStack()
+    if torch.is_autocast_enabled():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    if hasattr(torch, "is_autocast_cpu_enabled") and torch.is_autocast_cpu_enabled():
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+    return stack
+
+
+# ------------------------------------------------------------------ Forge
+def forge_info() -> str | None:
+    """A description of the Forge/reForge host, or None on A1111 (reference §11: detection)."""
+    if "ldm_patched" in sys.modules:
+        return "Forge (ldm_patched backend)"
+    backend = sys.modules.get("backend")
+    if backend is not None and (hasattr(backend, "memory_management") or "backend.diffusion_engine" in sys.modules
+                                or "backend.memory_management" in sys.modules):
+        return "Forge (backend/ engine)"
+    try:
+        from modules import sd_models
+        if hasattr(sd_models, "forge_model_reload"):
+            return "Forge (sd_models.forge_model_reload)"
+    except Exception:  # not an A1111-shaped host at all
+        return None
+    model = loaded_model()
+    if model is not None and hasattr(model, "forge_objects"):
+        return "Forge (model has forge_objects)"
+    return None
+
+
+# ------------------------------------------------------------------ extra networks
+def make_extra_network(name: str, owner):
+    """An ``extra_networks.ExtraNetwork`` whose activate/deactivate call ``owner`` (the session)."""
+    from modules import extra_networks
+
+    class LoraStudioNetwork(extra_networks.ExtraNetwork):
+        def __init__(self):
+            super().__init__(name)
+            self.lora_studio = owner
+
+        def activate(self, p, params_list):
+            self.lora_studio.activate(p, params_list)
+
+        def deactivate(self, p):
+            self.lora_studio.deactivate(p)
+
+    return LoraStudioNetwork()
+
+
+def registry():
+    from modules import extra_networks
+    return extra_networks.extra_network_registry, extra_networks.extra_network_aliases
+
+
+def register_extra_network(net, name: str | None = None):
+    from modules import extra_networks
+    if name is None or name == net.name:
+        extra_networks.register_extra_network(net)
+    else:
+        extra_networks.extra_network_registry[name] = net
+
+
+def register_extra_network_alias(net, alias: str):
+    from modules import extra_networks
+    extra_networks.register_extra_network_alias(net, alias)
+
+
+def unregister(name: str, net):
+    reg, aliases = registry()
+    if reg.get(name) is net:
+        del reg[name]
+    if aliases.get(name) is net:
+        del aliases[name]
+
+
+# ------------------------------------------------------------------ the built-in Lora (extensions-builtin/Lora)
+def builtin_networks():
+    """The built-in's ``networks`` module if it is loaded (it owns that top-level name), else None."""
+    mod = sys.modules.get("networks")
+    needed = ("loaded_networks", "network_restore_weights_from_backup", "network_reset_cached_weight")
+    if mod is None or not all(hasattr(mod, a) for a in needed):
+        return None
+    return mod
+
+
+def builtin_extra_network():
+    mod = builtin_networks()
+    return getattr(mod, "extra_network_lora", None) if mod is not None else None
+
+
+def neutralise_builtin(layer_modules, clear_loaded: bool) -> int:
+    """Make the built-in's patched forwards do nothing on these layers and drop its stale backups.
+
+    Its ``network_apply_weights`` merges lazily on the next forward when ``network_current_names`` differs from the
+    wanted names built from ``loaded_networks``, restoring from ``network_weights_backup`` first. So: put back what
+    it merged (from its own backup), then reset current names and backups; with ``loaded_networks`` empty, its
+    forward then sees wanted == current == () and no backup, and never restores a stale copy over our weights.
+    Returns how many layers it had touched.
+    """
+    nw = builtin_networks()
+    if nw is None:
+        return 0
+    import torch
+    if clear_loaded:
+        nw.loaded_networks.clear()
+    touched = 0
+    with torch.no_grad():
+        for module in layer_modules:
+            current = getattr(module, "network_current_names", ())
+            has_backup = (getattr(module, "network_weights_backup", None) is not None
+                          or getattr(module, "network_bias_backup", None) is not None)
+            if current == () and not has_backup:
+                continue
+            if current != () and has_backup:
+                nw.network_restore_weights_from_backup(module)
+            nw.network_reset_cached_weight(module)
+            touched += 1
+    return touched
+
+
+def builtin_wants_networks() -> bool:
+    nw = builtin_networks()
+    return bool(nw is not None and nw.loaded_networks)
+
+
+# ------------------------------------------------------------------ cards
+def page_base_class():
+    from modules import ui_extra_networks
+    return ui_extra_networks.ExtraNetworksPage
+
+
+def quote_js(s: str) -> str:
+    from modules import ui_extra_networks
+    return ui_extra_networks.quote_js(s)
+
+
+def register_page(page):
+    from modules import ui_extra_networks
+    # "Reload UI" clears the list first; a repeated before_ui would otherwise add a duplicate tab.
+    ui_extra_networks.extra_pages[:] = [x for x in ui_extra_networks.extra_pages if x.name != page.name]
+    ui_extra_networks.register_page(page)
+
+
+def user_metadata_editor(ui, tabname, page):
+    """The built-in's Lora card editor (sd version, activation text, preferred weight…) when it is loaded."""
+    mod = sys.modules.get("ui_edit_user_metadata")
+    cls = getattr(mod, "LoraUserMetadataEditor", None) if mod is not None else None
+    if cls is not None:
+        return cls(ui, tabname, page)
+    from modules import ui_extra_networks_user_metadata
+    return ui_extra_networks_user_metadata.UserMetadataEditor(ui, tabname, page)

@@ -1,0 +1,434 @@
+"""The WebUI glue against a FAKE A1111 v1.10.1 (tests/fake_webui/modules, real names and signatures) with a fake
+of the built-in Lora's module state, and a real tiny ldm SD1 model.
+
+Startup is simulated the way A1111 does it: scripts loaded by file path with the extension root on sys.path only
+during the import (not in sys.modules), then initialize_rest clearing both registries, then before_ui in reverse
+order (built-ins last: the built-in grabs `lora` after us) and app_started.
+"""
+import importlib
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FAKE = os.path.join(HERE, "fake_webui")
+BUILTIN_LORA = os.path.join(FAKE, "extensions-builtin", "Lora")
+BUILTIN_NAMES = ("networks", "network", "lora_patches", "extra_networks_lora", "ui_edit_user_metadata")
+
+sys.path.insert(0, FAKE)
+import lora_files  # noqa: E402
+import models  # noqa: E402  (tests/models.py: real ldm tiny SD1)
+
+T = lora_files.SD1_TARGETS
+UNET_Q = T["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+TE_Q = T["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+BUILTIN_LAYER = "diffusion_model_output_blocks_3_1_transformer_blocks_0_attn1_to_v"  # only the built-in touches it
+
+
+def _ours(name):
+    return name == "lib_lora" or name.startswith("lib_lora.") or name == "modules" or name.startswith("modules.") \
+        or name in BUILTIN_NAMES or name == "webui"
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    """A started fake WebUI with the built-in Lora and LoRA Studio loaded; torn down completely afterwards."""
+    data = tmp_path_factory.mktemp("webui-data")
+    os.environ["FAKE_WEBUI_DATA"] = str(data)
+    saved_path = sys.path[:]
+    saved_modules = {k: v for k, v in sys.modules.items() if _ours(k)}
+    for k in saved_modules:
+        del sys.modules[k]
+    # The extension root must NOT be importable except during its script import (as in A1111).
+    sys.path[:] = [FAKE] + [p for p in saved_path if os.path.abspath(p or ".") not in (ROOT, HERE, FAKE)]
+    ns = types.SimpleNamespace(data=data)
+    try:
+        from modules import shared, initialize, extra_networks, script_callbacks, sd_models, ui_extra_networks
+        import webui as fake_startup
+        lora_dir = data / "models" / "Lora"
+        shared.cmd_opts.lora_dir = str(lora_dir)
+        shared.cmd_opts.lyco_dir_backcompat = str(data / "models" / "LyCORIS")
+        ns.lora = lora_files.write_lora(str(lora_dir / "test_lora.safetensors"), seed=1,
+                                        metadata={"ss_output_name": "test alias"})
+        ns.other = lora_files.write_lora(str(lora_dir / "sub dir" / "other.safetensors"), seed=2,
+                                         keys=list(T)[:2])
+        ns.partial = lora_files.write_lora(str(lora_dir / "partial.safetensors"), seed=3, keys=list(T)[:1],
+                                           extra_keys={"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
+                                                       "attn1_to_zz": (32, 32)})
+        ns.xl = lora_files.write_lora(  # SDXL-shaped (bigG TE2, 2048-wide cross-attention)
+            str(lora_dir / "xl_only.safetensors"), seed=4, keys=[],
+            metadata={"ss_base_model_version": "sdxl_base_v1-0"},
+            extra_keys={"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+                        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048)})
+        (lora_dir / "corrupt.safetensors").write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{}")
+        initialize.initialize_rest([BUILTIN_LORA, ROOT])
+        ns.lib_lora_after_load = sys.modules.get("lib_lora")
+        model = models.make_sd1(seed=0)
+        sd_models.model_data.loader = lambda: model
+        sd_models.load_model()  # on_model_loaded (built-in names layers), get_empty_cond → activate(p, {})
+        fake_startup.start()
+        ns.model = model
+        ns.shared, ns.extra_networks, ns.script_callbacks = shared, extra_networks, script_callbacks
+        ns.sd_models, ns.ui_extra_networks = sd_models, ui_extra_networks
+        ns.processing = importlib.import_module("modules.processing")
+        ns.scripts = importlib.import_module("modules.scripts")
+        ns.networks = sys.modules["networks"]
+        ns.script_module = next(m for p, m in importlib.import_module("modules.script_loading").loaded_scripts.items()
+                                if p.endswith("lora_studio.py"))
+        ns.session = ns.script_module.session
+        from lib_lora.apply.layers import layer_mapping
+        ns.mapping = layer_mapping(model)
+        ns.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        yield ns
+    finally:
+        try:
+            sys.modules["modules.script_callbacks"].script_unloaded_callback()  # undoes the built-in's class patches
+        except KeyError:
+            pass
+        for k in [k for k in sys.modules if _ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved_modules)
+        sys.path[:] = saved_path
+        os.environ.pop("FAKE_WEBUI_DATA", None)
+
+
+def generate(ns, prompt, **kw):
+    """process_images with our AlwaysVisible script attached; `sample` runs forwards of the built-in's layers."""
+    p = ns.processing.StableDiffusionProcessingTxt2Img(prompt=prompt, **kw)
+    p.scripts = ns.scripts.scripts_txt2img
+    ns.processed = ns.processing.process_images(p, sample=lambda p: forward_some_layers(ns))
+    return p
+
+
+def forward_some_layers(ns):
+    """What sampling does to layers: each forward goes through the built-in's class-patched forward."""
+    with torch.no_grad():
+        for name in (UNET_Q, TE_Q, BUILTIN_LAYER):
+            mod = ns.mapping[name]
+            mod(torch.randn(1, mod.in_features))
+
+
+def weight(ns, name):
+    return ns.mapping[name].weight.detach().clone()
+
+
+def orig(ns, name):
+    key = {UNET_Q: "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+           TE_Q: "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+           BUILTIN_LAYER: "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_v.weight"}[name]
+    return ns.original[key]
+
+
+def assert_pristine(ns):
+    state = ns.model.state_dict()
+    changed = [k for k, v in ns.original.items() if not torch.equal(v, state[k])]
+    assert not changed, f"not restored bit-exactly: {changed[:5]}"
+
+
+# ------------------------------------------------------------------------------------------------ loading, settings
+
+def test_script_loads_like_a1111(webui):
+    ns = webui
+    assert ns.lib_lora_after_load is not None
+    assert os.path.dirname(os.path.dirname(ns.lib_lora_after_load.__file__)) == ROOT
+    assert ROOT not in [os.path.abspath(p or ".") for p in sys.path]  # only during the import
+    assert "lora_studio.py" not in sys.modules and "lora_studio" not in sys.modules
+    cb = ns.script_callbacks.callback_map
+    ours = {c.name for lst in cb.values() for c in lst if c.script.endswith("lora_studio.py")}
+    main = os.path.basename(ROOT).lower()
+    for cat in ("before_ui", "app_started", "model_loaded", "infotext_pasted", "script_unloaded"):
+        assert f"{main}/lora_studio.py/{cat}" in ours
+    assert any(s.__class__.__name__ == "LoraStudioScript" for s in ns.scripts.scripts_txt2img.alwayson_scripts)
+
+
+def test_settings_section(webui):
+    labels = webui.shared.opts.data_labels
+    for key in ("lora_studio_take_over", "lora_studio_default_multiplier", "lora_studio_cache_mb",
+                "lora_studio_show_all"):
+        assert key in labels and labels[key].section == ("lora_studio", "LoRA Studio")
+        assert labels[key].category_id == "sd"
+    assert webui.shared.opts.lora_studio_take_over is True
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def test_takeover_after_initialize_rest(webui):
+    ns = webui
+    reg, aliases = ns.extra_networks.extra_network_registry, ns.extra_networks.extra_network_aliases
+    assert getattr(reg["lora"], "lora_studio", None) is ns.session
+    assert reg["lorastudio"] is reg["lora"] and aliases["lyco"] is reg["lora"]
+    assert "hypernet" in reg  # register_default_extra_networks ran after the clearing
+    # the built-in registered too (its before_ui ran last) and lost to our app_started re-registration
+    assert ns.networks.extra_network_lora is not None and ns.networks.extra_network_lora is not reg["lora"]
+
+
+def test_every_job_reclaims_the_registry(webui):
+    ns = webui
+    ns.extra_networks.register_extra_network(ns.networks.extra_network_lora)  # e.g. a late re-registration
+    assert ns.extra_networks.extra_network_registry["lora"] is ns.networks.extra_network_lora
+    generate(ns, "a cat")
+    assert ns.extra_networks.extra_network_registry["lora"] is ns.session.network
+
+
+# ------------------------------------------------------------------------------------------------ activation
+
+def test_activate_apply_and_restore(webui):
+    ns = webui
+    p = generate(ns, "a cat <lora:test alias:0.8>")
+    assert not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
+    assert not torch.equal(weight(ns, TE_Q), orig(ns, TE_Q))
+    assert [r[0] for r in ns.session.status()["applied"]] == ["test alias"]
+    h = ns.session.discovery.resolve("test_lora").hash
+    assert p.extra_generation_params["Lora hashes"] == f"test alias: {h[:12]}"
+    assert not p.comments, p.comments
+    # a changed multiplier re-merges from the originals (not on top of the previous merge)
+    generate(ns, "a cat <lora:test_lora:0.4:0.4>")
+    w04 = weight(ns, UNET_Q)
+    generate(ns, "a cat <lora:test_lora:0.8>")
+    generate(ns, "a cat <lora:test_lora:0.4:0.4>")
+    assert torch.equal(weight(ns, UNET_Q), w04)
+    # te=0 leaves the text encoder alone, unet=…
+    generate(ns, "<lora:test_lora:0:1>")
+    assert torch.equal(weight(ns, TE_Q), orig(ns, TE_Q)) and not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
+    # no tag: back to the originals, bit-exact
+    p = generate(ns, "a cat")
+    assert_pristine(ns)
+    assert "Lora hashes" not in p.extra_generation_params
+
+
+def test_params_forms_and_subfolder_and_lyco(webui):
+    ns = webui
+    p = generate(ns, "x <lyco:sub dir/other:te=0.5:unet=1>")
+    assert ns.session.status()["applied"] == [("sub dir/other", 0.5, 1.0, None)]
+    assert "sub dir/other: " in p.extra_generation_params["Lora hashes"]
+    generate(ns, "y")
+    assert_pristine(ns)
+
+
+def test_errors_are_reported_not_silent(webui, capsys):
+    ns = webui
+    p = generate(ns, "<lora:does_not_exist:1> <lora:partial:1> <lora:corrupt:1> <lora:xl_only:1> <lora:test_lora:x>",
+                 n_iter=2)
+    text = " ".join(p.comments)
+    assert "LoRA not found: 'does_not_exist'" in text
+    assert "LoRA 'partial' partially applied" in text and "1 file module(s) match no layer" in text
+    assert "LoRA 'corrupt' not applied" in text and "corrupt.safetensors" in text
+    assert "LoRA 'xl_only' not applied" in text and "SDXL" in text
+    assert "not a number" in text  # <lora:test_lora:x>
+    assert "LoRA Studio warnings" in p.extra_generation_params
+    out = capsys.readouterr().out
+    assert "LoRA Studio: LoRA not found: 'does_not_exist'" in out
+    assert out.count("LoRA not found: 'does_not_exist'") == 1  # once per job, not per activation
+    # the good part was still applied
+    assert not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
+    generate(ns, "")
+    assert_pristine(ns)
+
+
+def test_hires_pass_merges_hashes(webui):
+    ns = webui
+    p = generate(ns, "a <lora:test_lora:1>", enable_hr=True, hr_prompt="b <lora:other:1>")
+    hashes = p.extra_generation_params["Lora hashes"]
+    assert "test_lora: " in hashes and "other: " in hashes
+    generate(ns, "")
+    assert_pristine(ns)
+
+
+def test_disable_extra_networks_restores(webui):
+    ns = webui
+    generate(ns, "<lora:test_lora:1>")
+    assert not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
+    generate(ns, "<lora:test_lora:1>", disable_extra_networks=True)
+    assert_pristine(ns)
+
+
+# ------------------------------------------------------------------------------------------------ the built-in
+
+def _builtin_network(ns):
+    import network
+    net = network.Network("builtin_net")
+    delta = torch.full_like(orig(ns, BUILTIN_LAYER), 0.5)
+    net.modules = {BUILTIN_LAYER: network.FixedDeltaModule(net, delta), UNET_Q: network.FixedDeltaModule(
+        net, torch.full_like(orig(ns, UNET_Q), 0.25))}
+    ns.networks.fake_files["builtin_net"] = net
+    return net
+
+
+def test_builtin_neutralised_on_takeover(webui):
+    ns = webui
+    _builtin_network(ns)
+    shared = ns.shared
+    # 1. take-over off: the built-in owns <lora:…> and merges lazily in its patched forwards
+    assert shared.opts.set("lora_studio_take_over", False)
+    assert ns.extra_networks.extra_network_registry["lora"] is ns.networks.extra_network_lora
+    generate(ns, "<lora:builtin_net:1>")
+    assert torch.equal(weight(ns, BUILTIN_LAYER), orig(ns, BUILTIN_LAYER) + 0.5)
+    assert ns.mapping[BUILTIN_LAYER].network_current_names != ()
+    # 2. take-over on with its state left behind: our activation puts its layers back and keeps it idle
+    assert shared.opts.set("lora_studio_take_over", True)
+    assert ns.networks.loaded_networks == []
+    generate(ns, "<lora:test_lora:1>")
+    assert ns.networks.loaded_networks == []
+    for name in (BUILTIN_LAYER, UNET_Q):
+        mod = ns.mapping[name]
+        assert getattr(mod, "network_current_names", ()) == ()
+        assert getattr(mod, "network_weights_backup", None) is None
+    assert torch.equal(weight(ns, BUILTIN_LAYER), orig(ns, BUILTIN_LAYER))  # its delta is gone
+    ours = weight(ns, UNET_Q)
+    assert not torch.equal(ours, orig(ns, UNET_Q))
+    forward_some_layers(ns)  # its patched forwards now do nothing
+    assert torch.equal(weight(ns, UNET_Q), ours)
+    # 3. restore gives the true originals (not its stale copy, not ours)
+    generate(ns, "")
+    assert_pristine(ns)
+
+
+def test_without_takeover_lorastudio_tag_and_conflict(webui):
+    ns = webui
+    _builtin_network(ns)
+    shared = ns.shared
+    assert shared.opts.set("lora_studio_take_over", False)
+    try:
+        p = generate(ns, "<lorastudio:test_lora:1>")
+        assert not torch.equal(weight(ns, TE_Q), orig(ns, TE_Q))
+        assert "LoRA Studio hashes" in p.extra_generation_params and "Lora hashes" not in p.extra_generation_params
+        # both in one generation: ours steps back (two owners can't both restore one weight), the built-in applies
+        p = generate(ns, "<lorastudio:test_lora:1> <lora:builtin_net:1>")
+        assert any("LoRA Studio tags were ignored" in c for c in p.comments)
+        assert torch.equal(weight(ns, TE_Q), orig(ns, TE_Q))
+        assert torch.equal(weight(ns, BUILTIN_LAYER), orig(ns, BUILTIN_LAYER) + 0.5)
+        # and then ours alone again: the built-in's merge is undone first
+        generate(ns, "<lorastudio:test_lora:1>")
+        assert torch.equal(weight(ns, BUILTIN_LAYER), orig(ns, BUILTIN_LAYER))
+        generate(ns, "")
+        assert_pristine(ns)
+    finally:
+        shared.opts.set("lora_studio_take_over", True)
+        generate(ns, "")
+
+
+# ------------------------------------------------------------------------------------------------ model reloads
+
+def test_model_reload_and_vae_reload(webui):
+    ns = webui
+    from modules import sd_vae
+    generate(ns, "<lora:test_lora:1>")
+    merged = weight(ns, UNET_Q)
+    # VAE change fires on_model_loaded too; UNet/TE weights are untouched: the merge must survive and restore later
+    sd_vae.reload_vae_weights(ns.model)
+    generate(ns, "<lora:test_lora:1>")
+    assert torch.equal(weight(ns, UNET_Q), merged)
+    # same-config checkpoint reload into the same modules: weights are fresh, old backups must be forgotten
+    ns.sd_models.reload_model_weights(ns.model, info=ns.original)
+    assert_pristine(ns)
+    generate(ns, "<lora:test_lora:1>")
+    assert torch.equal(weight(ns, UNET_Q), merged)  # merged once onto the fresh weights, not twice
+    generate(ns, "")
+    assert_pristine(ns)
+
+
+# ------------------------------------------------------------------------------------------------ infotext
+
+def test_infotext_paste_resolves_by_hash(webui):
+    ns = webui
+    entry = ns.session.discovery.resolve("test_lora")
+    h = ns.session.discovery.read_hash(entry)
+    params = {"Prompt": "a cat <lora:somebody elses name:0.7>, <lora:unknown:1>",
+              "Lora hashes": f"somebody elses name: {h[:12]}, unknown: 000000000000"}
+    ns.script_callbacks.infotext_pasted_callback("…", params)
+    assert params["Prompt"] == "a cat <lora:test alias:0.7>, <lora:unknown:1>"
+
+
+# ------------------------------------------------------------------------------------------------ cards
+
+def test_cards(webui):
+    ns = webui
+    page = next(x for x in ns.ui_extra_networks.extra_pages if x.name == "lora_studio")
+    assert page.title == "LoRA Studio" and page.extra_networks_tabname == "lora_studio"
+    lora_files.write_user_metadata(ns.lora, activation_text="trigger word", preferred_weight=0.6,
+                                   negative_text="ugly", description="my desc")
+    preview = os.path.splitext(ns.lora)[0] + ".preview.png"
+    open(preview, "wb").write(b"\x89PNG")
+    page.refresh()
+    page.create_html("txt2img")
+    items = page.items
+    assert "xl_only" not in items  # SDXL card hidden while an SD1 model is loaded
+    item = items["test_lora"]
+    entry = ns.session.discovery.resolve("test_lora")
+    assert item["filename"] == entry.filename and item["shorthash"] == entry.shorthash
+    assert item["preview"].startswith("./sd_extra_networks/thumb?filename=") and ".preview.png" in item["preview"]
+    q = ns.ui_extra_networks.quote_js
+    assert item["prompt"] == q("<lora:test alias:") + " + 0.6 + " + q(">") + " + " + q(" trigger word")
+    assert item["negative_prompt"] == q("(ugly:1)")
+    assert item["description"] == "my desc"
+    assert item["search_terms"][0].endswith(os.path.join("Lora", "test_lora.safetensors"))
+    assert item["sort_keys"]["default"] is not None and "name" in item["sort_keys"]
+    assert item["metadata"]["ss_output_name"] == "test alias" and item["sd_version"] == "SD1"
+    other = items["other"]
+    assert other["prompt"].startswith(q("<lora:other:") + " + (opts.lora_studio_default_multiplier")
+    # the card tag resolves back to its own file even for a shadowed stem
+    assert ns.session.discovery.resolve("other").relname == "sub dir/other"
+    ns.shared.opts.set("lora_studio_show_all", True)
+    try:
+        page.create_html("txt2img")
+        assert "xl_only" in page.items
+        assert page.create_item("xl_only", enable_filter=True)["sd_version"] == "SDXL"
+    finally:
+        ns.shared.opts.set("lora_studio_show_all", False)
+    assert page.create_item("xl_only", enable_filter=False) is not None  # get-single-card path
+    assert os.path.abspath(ns.shared.cmd_opts.lora_dir) in ns.ui_extra_networks.allowed_dirs
+
+
+# ------------------------------------------------------------------------------------------------ Forge, reload
+
+def test_forge_detection(webui, capsys):
+    ns = webui
+    sys.modules["ldm_patched"] = types.ModuleType("ldm_patched")
+    try:
+        from lib_lora.host.session import Session
+        s = Session()
+        assert s.forge and s.tag_kind == "lora"
+        before = dict(ns.extra_networks.extra_network_registry)
+        s.before_ui()
+        s.app_started()
+        assert ns.extra_networks.extra_network_registry == before  # no network registered on Forge
+        assert s.page is not None and s.page.name == "lora_studio"
+        out = capsys.readouterr().out
+        assert "Forge" in out and "cards and file tools work" in out and "stays with Forge's own LoRA" in out
+    finally:
+        del sys.modules["ldm_patched"]
+        ns.ui_extra_networks.extra_pages[:] = [x for x in ns.ui_extra_networks.extra_pages if x is not s.page]
+        ns.ui_extra_networks.register_page(ns.session.page)
+
+
+def test_reload_ui_restores_and_new_session_takes_over(webui):
+    ns = webui
+    from modules import initialize
+    import webui as fake_startup
+    generate(ns, "<lora:test_lora:1>")
+    old = ns.session
+    ns.shared.opts.reorder()  # as after startup: data_labels is no longer options_templates
+    ns.script_callbacks.script_unloaded_callback()  # Reload UI: our shutdown restores weights
+    assert_pristine(ns)
+    initialize.initialize_rest([BUILTIN_LORA, ROOT], reload_script_modules=True)
+    fake_startup.start()
+    from modules import script_loading
+    ns.script_module = next(m for p, m in script_loading.loaded_scripts.items() if p.endswith("lora_studio.py"))
+    ns.session = ns.script_module.session
+    ns.networks = sys.modules["networks"]
+    assert ns.session is not old
+    assert ns.extra_networks.extra_network_registry["lora"] is ns.session.network
+    generate(ns, "<lora:test_lora:1>")
+    assert not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
+    generate(ns, "")
+    assert_pristine(ns)
+    # the live setting's onchange belongs to the new session (not the unloaded one)
+    reg = ns.extra_networks.extra_network_registry
+    ns.shared.opts.set("lora_studio_take_over", False)
+    assert reg["lora"] is ns.networks.extra_network_lora and reg["lorastudio"] is ns.session.network
+    ns.shared.opts.set("lora_studio_take_over", True)
+    assert reg["lora"] is ns.session.network

@@ -1,0 +1,185 @@
+"""The training loop end to end on tiny real models: outputs, resume, cancel, failure, host safety."""
+
+import os
+
+import pytest
+import torch
+
+import models
+
+
+def state_fingerprint(model):
+    """Weights, grads flags and devices (models.model_state_hash), plus train/eval flags and leftover patches."""
+    return (models.model_state_hash(model), tuple(m.training for m in model.modules()),
+            tuple("forward" in m.__dict__ for m in model.modules()))
+import train_data
+from lib_lora.apply.layers import layer_mapping
+from lib_lora.apply.loader import load_network
+from lib_lora.formats.safetensors_io import load_tensors, read_metadata
+from lib_lora.host.base import ModelHost
+from lib_lora.train.config import parse_train_config
+from lib_lora.train.run import run_training
+from lib_lora.train.trainer import TrainingError
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return models.make_sd1(seed=3)
+
+
+def _cfg(root, img, reg=None, **kw):
+    c = {"train_data_dir": img, "resolution": 64, "train_batch_size": 2, "output_dir": os.path.join(root, "out"),
+         "output_name": "svs", "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4,
+         "max_train_epochs": 2, "seed": 7, "cache_latents": True}
+    if reg:
+        c["reg_data_dir"] = reg
+    c.update(kw)
+    return parse_train_config(c, base_dir=root)
+
+
+def test_finished_job_writes_kohya_files_that_load_fully(sd1, tmp_path):
+    img, reg = train_data.make_dataset(str(tmp_path), n_concept=3, repeats=2, n_reg=2)
+    before = state_fingerprint(sd1)
+    events = []
+    res = run_training(ModelHost(sd1, "tiny-sd1"), _cfg(str(tmp_path), img, reg, save_every_n_epochs=1, save_precision="fp16"),
+                       on_event=events.append)
+    assert state_fingerprint(sd1) == before
+    assert res.status == "done"
+    # 3 images x 2 repeats = 6 samples + 6 balanced reg samples = 12 -> 6 batches of 2 per epoch; 2 epochs
+    assert res.steps == 12
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert "svs-000001.safetensors" in names and "svs.safetensors" in names
+    sd = load_tensors(res.final)
+    assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].dtype == torch.float16
+    assert sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"].item() == 2
+    md = read_metadata(res.final)
+    for key, want in {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "2.0",
+                      "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_num_train_images": "6",
+                      "ss_num_reg_images": "2", "ss_num_batches_per_epoch": "6", "ss_max_train_steps": "12",
+                      "ss_epoch": "2", "ss_steps": "12", "ss_output_name": "svs", "ss_seed": "7",
+                      "modelspec.architecture": "stable-diffusion-v1/lora"}.items():
+        assert md[key] == want, key
+    assert set(md) >= {"sshs_model_hash", "sshs_legacy_hash", "ss_tag_frequency", "ss_bucket_info", "ss_dataset_dirs"}
+    # our own match report, the way the WebUI will load it: every module lands on a layer
+    net = load_network(res.final, "sd1", layer_names=set(layer_mapping(sd1)))
+    assert net.report.total_modules == 192 + 12 and len(net.report.matched) == net.report.total_modules
+    kinds = {e.kind for e in events}
+    assert {"start", "cache", "step", "epoch", "save", "done"} <= kinds
+
+
+def _train_state(path):
+    return {k: v.float() for k, v in load_tensors(path).items()}
+
+
+def test_resume_after_cancel_gives_the_same_weights(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=4, repeats=2, captions=["svs cat, red", "svs cat"])
+    kw = dict(max_train_epochs=3, save_precision="float", shuffle_caption=True, network_dropout=0.1,
+              gradient_accumulation_steps=2, flip_aug=True)
+    full = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, **kw))
+    assert full.status == "done" and full.steps == 6  # 8 samples / 2 = 4 batches / accum 2 = 2 steps x 3 epochs
+    # cancel in epoch 2, between the two micro-batches of an accumulation window, then resume
+    state = {"armed": False, "calls": 0}
+
+    def on_event(e):
+        if e.kind == "step" and e.step == 3:
+            state["armed"] = True
+
+    def cancel_mid_window():
+        if state["armed"]:
+            state["calls"] += 1  # call 1: start of the next window; call 2: its second micro-batch
+        return state["calls"] >= 2
+
+    before = state_fingerprint(sd1)
+    part = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), on_event=on_event,
+                        should_cancel=cancel_mid_window)
+    assert part.status == "cancelled" and part.state_file and os.path.exists(part.state_file)
+    assert part.final is None
+    assert state_fingerprint(sd1) == before
+    resumed = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), resume=part.state_file)
+    assert resumed.status == "done" and resumed.steps == 6
+    a, b = _train_state(full.final), _train_state(resumed.final)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_cancel_takes_effect_within_one_step(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=10)
+    steps = []
+    flag = {"cancel": False}
+
+    def on_event(e):
+        if e.kind == "step":
+            steps.append(e.step)
+            if e.step == 2:
+                flag["cancel"] = True
+
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path), img), on_event=on_event,
+                       should_cancel=lambda: flag["cancel"])
+    assert res.status == "cancelled" and steps == [1, 2]
+
+
+def test_failed_job_leaves_host_exact(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=1)
+    before = state_fingerprint(sd1)
+    host = ModelHost(sd1, "m")
+
+    def boom(e):
+        if e.kind == "step":
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_training(host, _cfg(str(tmp_path), img, gradient_checkpointing=True), on_event=boom)
+    assert state_fingerprint(sd1) == before
+    assert not any(p.requires_grad for p in sd1.parameters())
+    assert not any(m.training for m in sd1.modules())
+    assert host._lock.acquire(blocking=False)  # the lock was released
+    host._lock.release()
+
+
+def test_user_errors_are_explained(sd1, tmp_path):
+    empty = tmp_path / "img"
+    empty.mkdir()
+    with pytest.raises(TrainingError, match="cannot be trained"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path), str(empty)))
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=1, repeats=1)
+    with pytest.raises(TrainingError, match="learning rates are 0"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path), img, learning_rate=0, text_encoder_lr=0))
+
+
+def test_gradient_checkpointing_gives_the_same_step(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    a = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1, save_precision="float"))
+    b = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=1, save_precision="float",
+                                                  gradient_checkpointing=True))
+    sa, sb = _train_state(a.final), _train_state(b.final)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in sa.items() if "lora_up" in k)
+
+
+def test_sd2_v_prediction_trains_and_saves_sd2_metadata(tmp_path):
+    sd2 = models.make_sd2(seed=1)
+    before = state_fingerprint(sd2)
+    img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=1)
+    res = run_training(ModelHost(sd2, "tiny-sd2"), _cfg(str(tmp_path), img, max_train_epochs=1))
+    assert state_fingerprint(sd2) == before
+    md = read_metadata(res.final)
+    assert md["ss_v2"] == "True" and md["ss_base_model_version"] == "sd_v2_v"
+    assert md["modelspec.prediction_type"] == "v"
+    net = load_network(res.final, "sd2", layer_names=set(layer_mapping(sd2)))
+    assert len(net.report.matched) == net.report.total_modules > 192
+
+
+def test_sdxl_trains_with_size_conditioning(tmp_path):
+    xl = models.make_sdxl(seed=2)
+    before = state_fingerprint(xl)
+    img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=1)
+    res = run_training(ModelHost(xl, "tiny-xl"), _cfg(str(tmp_path), img, max_train_epochs=1))
+    assert state_fingerprint(xl) == before
+    md = read_metadata(res.final)
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0"
+    keys = load_tensors(res.final).keys()
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    net = load_network(res.final, "sdxl", layer_names=set(layer_mapping(xl)))
+    assert len(net.report.matched) == net.report.total_modules
