@@ -1,0 +1,86 @@
+"""Test fake of A1111 v1.10.1 ``modules/processing.py``, written from the documented order of a job (reference
+§1.4, §4.2, §4.3): ``before_process``, prompts, ``process``; then per batch ``before_process_batch``, tag parsing
+(``p.prompts`` stripped, ``p.all_prompts`` untouched), ``extra_networks.activate`` (unless
+``disable_extra_networks``), ``process_batch``, sampling, and with hires fix a second activation with the hires
+prompt's tags while ``p.is_hr_pass`` is True; finally ``deactivate`` with the last batch's data, only if it is
+non-empty. Sampling is whatever the test passes as ``sample(p)``."""
+from modules import extra_networks
+
+
+class StableDiffusionProcessing:
+    def __init__(self, prompt="", negative_prompt="", n_iter=1, batch_size=1, disable_extra_networks=False,
+                 enable_hr=False, hr_prompt="", extra_generation_params=None, override_settings=None):
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.n_iter = n_iter
+        self.batch_size = batch_size
+        self.disable_extra_networks = disable_extra_networks
+        self.enable_hr = enable_hr
+        self.hr_prompt = hr_prompt
+        self.extra_generation_params = extra_generation_params or {}
+        self.override_settings = override_settings or {}
+        self.comments = {}
+        self.scripts = None
+        self.script_args = []
+        self.all_prompts = None
+        self.prompts = None
+        self.extra_network_data = None
+        self.hr_extra_network_data = None
+        self.is_hr_pass = False
+        self.iteration = 0
+        self.seeds = []
+        self.subseeds = []
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def setup_prompts(self):
+        self.all_prompts = [self.prompt] * (self.n_iter * self.batch_size)
+
+    def parse_extra_network_prompts(self):
+        self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    pass
+
+
+class Processed:
+    def __init__(self, p):
+        self.all_prompts = p.all_prompts
+        self.comments = "".join(f"{text}\n" for text in p.comments)
+        self.extra_generation_params = p.extra_generation_params
+
+
+def process_images(p, sample=None):
+    def hook(name, **kwargs):
+        if p.scripts is not None:
+            getattr(p.scripts, name)(p, **kwargs)
+
+    def activate(data):
+        if not p.disable_extra_networks:
+            extra_networks.activate(p, data)
+
+    hook("before_process")
+    p.setup_prompts()
+    hook("process")
+    for n in range(p.n_iter):
+        p.iteration = n
+        p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+        batch = dict(batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
+        hook("before_process_batch", **batch)
+        p.parse_extra_network_prompts()
+        activate(p.extra_network_data)
+        hook("process_batch", **batch)
+        if sample is not None:
+            sample(p)
+        if p.enable_hr:
+            _, p.hr_extra_network_data = extra_networks.parse_prompts([p.hr_prompt or p.prompt])
+            p.is_hr_pass = True
+            activate(p.hr_extra_network_data)
+            if sample is not None:
+                sample(p)
+            p.is_hr_pass = False
+    if p.extra_network_data and not p.disable_extra_networks:
+        extra_networks.deactivate(p, p.extra_network_data)
+    return Processed(p)
