@@ -202,7 +202,7 @@ def _module_device(module: nn.Module) -> torch.device | None:
 class Patcher:
     """Keeps a model's weights merged with a wanted list of networks. One instance per process/model host."""
 
-    def __init__(self, cache_mb: float = 256.0, cache: DeltaCache | None = None):
+    def __init__(self, cache_mb: float = 1024.0, cache: DeltaCache | None = None):
         self.cache = cache if cache is not None else DeltaCache(cache_mb)
         self._state: dict[nn.Module, _ModState] = {}
         self._lock = threading.RLock()
@@ -404,27 +404,38 @@ class Patcher:
         return cache[pname]
 
     def _delta(self, st, c: _Contrib, w: torch.Tensor, b: torch.Tensor | None, pname: str, dtype, dev, result):
-        key = (c.net_key, c.target.name, getattr(c.target, "part", None), c.mult, c.dyn, str(dtype), str(dev),
+        # Linear types are cached once at m=1 in the weight's dtype (half the memory of fp32 for fp16 models, and
+        # a changed weight costs a multiply, not a recompute); the same rounding applies to fresh deltas, so a cache
+        # hit and a miss merge to identical weights.
+        linear = bool(getattr(c.module, "linear_in_multiplier", lambda: False)())  # unknown: recompute per m
+        mult = 1.0 if linear else c.mult
+        key = (c.net_key, c.target.name, getattr(c.target, "part", None), mult, c.dyn, str(dtype), str(dev),
                st.base_fp.get(pname))
         got = self.cache.get(key) if self.cache.max_bytes > 0 else None
         if got is not None:
             result.cache_hits += 1
-            return got
-        dW, dB = self._compute(st, c, w, b)
-        self.deltas_computed += 1
-        result.deltas_computed += 1
-        if self.cache.max_bytes > 0:
-            self.cache.put(key, (dW, dB))
-        return dW, dB
+        else:
+            dW, dB = self._compute(st, c, w, b, mult)
+            store = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+            got = (None if dW is None else dW.to(store), None if dB is None else dB.to(store))
+            self.deltas_computed += 1
+            result.deltas_computed += 1
+            if self.cache.max_bytes > 0:
+                # kept in RAM, not VRAM: the cache must never cost the GPU memory generation needs
+                self.cache.put(key, tuple(None if t is None else t.to("cpu") for t in got))
+        dW, dB = got
+        scale = c.mult if linear else 1.0
+        return (None if dW is None else dW.to(dev).float() * scale,
+                None if dB is None else dB.to(dev).float() * scale)
 
-    def _compute(self, st, c: _Contrib, w, b):
+    def _compute(self, st, c: _Contrib, w, b, mult: float):
         module = st.module
         try:
-            dW, dB = c.module.delta(w, c.mult, dyn=c.dyn, bias=b)
+            dW, dB = c.module.delta(w, mult, dyn=c.dyn, bias=b)
         except Exception as e:  # noqa: BLE001 - retried below for the inpainting case, else re-raised
             # Inpainting UNet: conv_in has 9 input channels, LoRAs are trained on 4 (A1111 pads with zeros).
             if isinstance(module, nn.Conv2d) and w.dim() == 4 and w.shape[1] == 9:
-                dW, dB = c.module.delta(w[:, :4].contiguous(), c.mult, dyn=c.dyn, bias=b)
+                dW, dB = c.module.delta(w[:, :4].contiguous(), mult, dyn=c.dyn, bias=b)
                 if dW is not None:
                     dW = torch.nn.functional.pad(dW, (0, 0, 0, 0, 0, 5))
             else:

@@ -65,7 +65,7 @@ class Session:
                 component_args={"minimum": 0.0, "maximum": 2.0, "step": 0.05},
                 info="0 = the Extra Networks default multiplier; a card's preferred weight wins"),
             "lora_studio_cache_mb": dict(
-                default=256, label="LoRA Studio: delta cache size (MB)", component=self.host.gradio_component("Number"),
+                default=1024, label="LoRA Studio: delta cache size (MB, in RAM)", component=self.host.gradio_component("Number"),
                 component_args={"precision": 0}, onchange=self.on_cache_size_changed,
                 info="computed weight deltas kept for quick switching between LoRA sets; 0 = off"),
             "lora_studio_show_all": dict(
@@ -88,9 +88,9 @@ class Session:
 
     def _cache_mb(self) -> float:
         try:
-            return max(0.0, float(self.host.opt("lora_studio_cache_mb", 256)))
+            return max(0.0, float(self.host.opt("lora_studio_cache_mb", 1024)))
         except (TypeError, ValueError):
-            return 256.0
+            return 1024.0
 
     @property
     def patcher(self):

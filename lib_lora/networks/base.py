@@ -167,6 +167,10 @@ class NetworkModule:
     def rank(self) -> int | None:
         return None
 
+    def linear_in_multiplier(self) -> bool:
+        """True when delta(m) == m * delta(1): the patcher then caches one delta for every multiplier."""
+        return True
+
     def delta(self, weight: torch.Tensor, multiplier: float, dyn: int | None = None,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         raise NotImplementedError

@@ -17,6 +17,9 @@ PEFT_KEYS = ("lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_magn
 
 class DoRA(NetworkModule):
     kind = "dora"
+
+    def linear_in_multiplier(self) -> bool:
+        return False  # both DoRA formulas renormalise with m inside
     is_dora = True
 
     def __init__(self, ctx, base: NetworkModule, magnitude: torch.Tensor, formula: str):

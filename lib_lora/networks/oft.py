@@ -37,6 +37,9 @@ class OFT(NetworkModule):
     kind = "oft"
     suffixes = frozenset({"oft_blocks", "oft_diag", "rescale"})
 
+    def linear_in_multiplier(self) -> bool:
+        return self.rescale is None  # with rescale, m=0 still leaves rescale * W
+
     def __init__(self, ctx, blocks, is_r: bool, alpha: float, rescale):
         super().__init__(ctx)
         self.blocks, self.is_r, self.alpha, self.rescale = blocks, is_r, alpha, rescale
@@ -95,6 +98,9 @@ class OFT(NetworkModule):
 
 class BOFT(NetworkModule):
     kind = "boft"
+
+    def linear_in_multiplier(self) -> bool:
+        return False  # LyCORIS applies m to every butterfly factor
     suffixes = frozenset({"oft_blocks", "rescale"})
 
     def __init__(self, ctx, blocks, alpha: float, rescale):

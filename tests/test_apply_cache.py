@@ -1,0 +1,41 @@
+"""The delta cache: a changed multiplier or a switch back costs no recompute, and gives the same weights."""
+
+import torch
+
+import models
+from lib_lora.apply import Patcher, layer_mapping, load_network
+from test_apply_integration import SD1_KEYS, _with_parts, expected_delta, write_kohya
+
+
+def test_multiplier_change_and_switch_back_hit_the_cache(tmp_path):
+    sd1 = models.make_sd1(seed=4)
+    mapping = layer_mapping(sd1)
+    keys = _with_parts(SD1_KEYS)
+    ta = write_kohya(tmp_path / "a.safetensors", keys, mapping, {"ss_network_module": "networks.lora"}, seed=1)
+    write_kohya(tmp_path / "b.safetensors", keys, mapping, {"ss_network_module": "networks.lora"}, seed=2)
+    a = load_network(str(tmp_path / "a.safetensors"), "sd1")
+    b = load_network(str(tmp_path / "b.safetensors"), "sd1")
+    p = Patcher(cache_mb=64)
+    r1 = p.apply(mapping, [(a, 1.0, 1.0, None)])
+    assert r1.deltas_computed == len(keys) and r1.cache_hits == 0
+    r2 = p.apply(mapping, [(a, 0.5, 0.7, None)])  # new weights: a multiply, not a recompute
+    assert r2.deltas_computed == 0 and r2.cache_hits == len(keys)
+    key = "lora_unet_mid_block_attentions_0_proj_out"
+    layer = mapping[SD1_KEYS[key]]
+    w0 = p._state[layer].backups["weight"].float()
+    # merged weight = original + 0.7 * delta (the UNet multiplier), closed form written in the test
+    torch.testing.assert_close(layer.weight.float(), w0 + expected_delta(ta, key, w0.shape, 0.7),
+                               rtol=1e-5, atol=1e-6)
+    p.apply(mapping, [(b, 1.0, 1.0, None)])
+    merged_b = layer.weight.clone()
+    r4 = p.apply(mapping, [(a, 0.5, 0.7, None)])  # switch back
+    assert r4.deltas_computed == 0
+    fresh = Patcher(cache_mb=0)
+    p.restore()
+    fresh.apply(mapping, [(a, 0.5, 0.7, None)])
+    want = layer.weight.clone()
+    fresh.restore()
+    p.apply(mapping, [(a, 0.5, 0.7, None)])
+    assert torch.equal(layer.weight, want)  # cache hit == fresh computation, bit for bit
+    assert not torch.equal(merged_b, want)
+    p.restore()
