@@ -1,9 +1,12 @@
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# the tokenizer and checkpoint-hash caches go to a throwaway folder, never the user's ~/.cache
+os.environ.setdefault("LORA_STUDIO_CACHE", tempfile.mkdtemp(prefix="lora-studio-test-cache-"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.join(ROOT, "tests")):

@@ -179,13 +179,14 @@ class Trainer:
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
         with torch.no_grad():
             post = vae.encode(x.to(self.device, dtype))
-            z = post.mode() if hasattr(post, "mode") else post
+            # ldm returns a distribution; newer sgm returns the latent tensor itself (which also has .mode())
+            z = post if isinstance(post, torch.Tensor) else post.mode()
             if not torch.isfinite(z).all() and dtype != torch.float32:
                 # fp16 VAEs overflow on some images (SDXL especially): redo this one in fp32
                 self._note("the VAE produced NaN in half precision; re-encoding in fp32 (consider --no-half-vae)")
                 # a private fp32 copy: the host's VAE is never converted in place
                 z = copy.deepcopy(vae).float().encode(x.to(self.device, torch.float32))
-                z = z.mode() if hasattr(z, "mode") else z
+                z = z if isinstance(z, torch.Tensor) else z.mode()
         scale = float(getattr(m, "scale_factor", 0.18215))
         return (z.float() * scale).cpu()
 

@@ -1,0 +1,138 @@
+"""Training on the WebUI's loaded model: the queue lock, progress bar, attention and low-VRAM handling, samples.
+
+``modules.*`` is imported inside functions only (this module is part of the one adapter to the WebUI).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from .base import ModelHost
+from .webui import cmd_opt, forge_info, loaded_model, shared
+
+# attention replacements that support backward without surprises; others are swapped for the stock one
+_TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
+
+
+class WebUINotReady(RuntimeError):
+    pass
+
+
+class WebUIHost(ModelHost):
+    """The model the WebUI has loaded, as the trainer sees it."""
+
+    def __init__(self, session, job_id: str | None = None):
+        forge = forge_info()
+        if forge:
+            raise WebUINotReady(f"{forge} Training needs A1111's ldm/sgm model objects; use A1111 v1.10.x or the "
+                                f"command line (python -m lib_lora train).")
+        model = loaded_model()
+        if model is None:
+            raise WebUINotReady("no checkpoint is loaded: choose one in the WebUI's checkpoint list first")
+        if cmd_opt("lowvram", False):
+            raise WebUINotReady("--lowvram moves every UNet block on and off the GPU per step, which training "
+                                "cannot do; restart without --lowvram (--medvram is fine)")
+        info = getattr(model, "sd_checkpoint_info", None)
+        from modules import devices
+
+        super().__init__(model, name=getattr(info, "name_for_extra", "model"), path=getattr(info, "filename", None),
+                         device=devices.device, sha256=getattr(info, "sha256", None),
+                         legacy_hash=getattr(info, "hash", None))
+        self.session = session
+        self.job_id = job_id
+
+    @contextmanager
+    def lock(self):
+        """Hold the WebUI's queue lock for the whole job: no image generation runs meanwhile."""
+        from modules import call_queue, devices, sd_hijack
+
+        st = shared().state
+        with call_queue.queue_lock:
+            # our own <lora:> merges must not be trained into (and restored over) the new LoRA
+            self.session.restore()
+            undo_attention = shared().opts.data.get("cross_attention_optimization", "Automatic") not in (
+                "Automatic", *_TRAINABLE_ATTENTION) and getattr(sd_hijack.model_hijack, "optimization_method",
+                                                                None) not in _TRAINABLE_ATTENTION
+            medvram = bool(getattr(self.sd_model, "lowvram", False))
+            if undo_attention:
+                sd_hijack.undo_optimizations()
+            if medvram:
+                from modules import lowvram
+                lowvram.send_everything_to_cpu()
+                for part in self._parts():
+                    part.to(devices.device)
+            st.begin(job="lora-studio-train")
+            try:
+                yield
+            finally:
+                st.end()
+                if medvram:
+                    from modules import lowvram
+                    for part in self._parts():
+                        part.to(devices.cpu)
+                    lowvram.send_everything_to_cpu()
+                if undo_attention:
+                    sd_hijack.apply_optimizations()
+                devices.torch_gc()
+
+    def _parts(self):
+        m = self.sd_model
+        parts = [m.model, m.first_stage_model]
+        parts.append(m.conditioner if hasattr(m, "conditioner") else m.cond_stage_model)
+        return parts
+
+    # ---- progress ----------------------------------------------------------------------------------------
+    def progress(self, ev):
+        st = shared().state
+        if ev.kind == "step":
+            st.job_count = ev.total
+            st.job_no = ev.step
+            st.sampling_step, st.sampling_steps = 0, 0
+            st.textinfo = (f"LoRA Studio: step {ev.step}/{ev.total}, epoch {ev.epoch}/{ev.epochs}, "
+                           f"loss {ev.loss:.4f} (avg {ev.avg_loss:.4f})")
+        elif ev.message:
+            st.textinfo = f"LoRA Studio: {ev.message}"
+
+    def interrupted(self) -> bool:
+        return bool(shared().state.interrupted)
+
+    # ---- samples with the WebUI's own sampler ------------------------------------------------------------
+    def make_sample_fn(self, cfg, out_dir: str):
+        from ..train.sampling import load_prompt_file
+
+        if not cfg.sample_prompts:
+            return None
+        prompts = load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))
+        folder = os.path.join(out_dir, "samples")
+        name = cfg.output_name or "lora"
+
+        def sample_fn(epoch: int, step: int):
+            from modules import processing
+
+            os.makedirs(folder, exist_ok=True)
+            paths = []
+            cpu_rng = torch.get_rng_state()
+            try:
+                for i, sp in enumerate(prompts):
+                    p = processing.StableDiffusionProcessingTxt2Img(
+                        sd_model=self.sd_model, prompt=sp.prompt, negative_prompt=sp.negative, steps=sp.steps,
+                        width=sp.width, height=sp.height, cfg_scale=sp.cfg_scale,
+                        seed=sp.seed if sp.seed is not None else -1,
+                        do_not_save_grid=True, do_not_save_samples=True)
+                    p.disable_extra_networks = True  # the LoRA being trained is already attached
+                    try:
+                        res = processing.process_images(p)
+                    finally:
+                        p.close()
+                    for j, img in enumerate(res.images):
+                        path = os.path.join(folder, f"{name}_e{epoch:06d}_{i:02d}{'_' + str(j) if j else ''}.png")
+                        img.save(path)
+                        paths.append(path)
+            finally:
+                torch.set_rng_state(cpu_rng)
+            return paths
+
+        return sample_fn

@@ -1,0 +1,458 @@
+"""A small sampler of our own for headless sample images: DDIM (eta 0) and Euler (k-diffusion style), with
+classifier-free guidance, on the ldm/sgm model the host holds (``sd_model.model.diffusion_model`` + the text
+encoders through ``TextEncoder`` + ``first_stage_model.decode``). Inside the WebUI its own samplers are used.
+
+Also: sd-scripts' sample prompt files (``--sample_prompts``): ``.txt`` with one prompt per line and options
+``--n negative --w 512 --h 512 --s 20 --d seed --l cfg_scale --ss sampler`` (``#`` starts a comment line), or
+``.toml`` / ``.json`` with sd-scripts' key names. Each bad line is reported with its file and line number.
+
+Conventions: noise comes from a CPU generator seeded per image, so a seed gives the same image on every device;
+a prompt without ``--d`` gets ``seed + index`` (sd-scripts draws a random one), so the images of successive epochs
+are comparable. The last DDIM step goes to alpha = 1 (the model's x0 estimate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..formats.errors import LoraError
+
+DEFAULTS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 7.5}  # sd-scripts' sample_image_inference
+SAMPLERS = ("ddim", "euler")
+# sd-scripts' names (train_util.SCHEDULER_NAMES ...); the ones we do not implement run as the closest we have
+_ALIASES = {"ddim": "ddim", "euler": "euler", "k_euler": "euler"}
+_FALLBACK = {"euler_a": "euler", "k_euler_a": "euler", "heun": "euler", "dpm_2": "euler", "k_dpm_2": "euler",
+             "dpm_2_a": "euler", "k_dpm_2_a": "euler", "lms": "euler", "k_lms": "euler", "pndm": "ddim",
+             "dpmsolver": "ddim", "dpmsolver++": "ddim", "dpmsingle": "ddim"}
+
+
+class SamplePromptError(LoraError, ValueError):
+    """A sample prompt (file) that cannot be used; the message names the file and line."""
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+    width: int = DEFAULTS["width"]
+    height: int = DEFAULTS["height"]
+    steps: int = DEFAULTS["steps"]
+    seed: int | None = None
+    cfg_scale: float = DEFAULTS["cfg_scale"]
+    sampler: str | None = None          # None: the run's sample_sampler
+    where: str = ""                     # "file:line" for messages
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_sampler(name: str | None, where: str = "") -> tuple[str, str | None]:
+    """(our sampler, note or None) for an sd-scripts sampler name."""
+    key = (name or "ddim").strip().lower()
+    if key in _ALIASES:
+        return _ALIASES[key], None
+    if key in _FALLBACK:
+        return _FALLBACK[key], (f"{where + ': ' if where else ''}sampler '{name}' is not implemented headless; "
+                                f"using {_FALLBACK[key]}")
+    known = ", ".join(sorted(set(_ALIASES) | set(_FALLBACK)))
+    raise SamplePromptError(f"{where + ': ' if where else ''}unknown sampler '{name}' (known: {known})")
+
+
+def _size(v: str, key: str, where: str, notes: list[str]) -> int:
+    n = _int(v, key, where)
+    # sd-scripts: max(64, n - n % 8); the latent is 1/8 of the image
+    fixed = max(64, n - n % 8)
+    if fixed != n:
+        notes.append(f"{where}: --{key} {n} rounded to {fixed} (a multiple of 8, at least 64)")
+    return fixed
+
+
+def _int(v: str, key: str, where: str) -> int:
+    try:
+        return int(v.strip())
+    except ValueError:
+        raise SamplePromptError(f"{where}: --{key} needs a whole number, got {v.strip()!r}") from None
+
+
+def _float(v: str, key: str, where: str) -> float:
+    try:
+        x = float(v.strip())
+    except ValueError:
+        raise SamplePromptError(f"{where}: --{key} needs a number, got {v.strip()!r}") from None
+    if not math.isfinite(x):
+        raise SamplePromptError(f"{where}: --{key} must be a finite number, got {v.strip()!r}")
+    return x
+
+
+_OPT = re.compile(r"^(ss|cn|[a-z])(?:\s+(.*))?$", re.S | re.I)
+_KNOWN = "--n negative, --w width, --h height, --s steps, --d seed, --l cfg scale, --ss sampler"
+
+
+def parse_prompt_line(line: str, where: str = "<prompt>") -> SamplePrompt | None:
+    """One line of a sd-scripts .txt prompt file; None for blank and ``#`` comment lines."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    parts = text.split(" --")  # sd-scripts' split: options are ' --x value'
+    prompt = parts[0].strip()
+    if prompt.startswith("--"):
+        raise SamplePromptError(f"{where}: the line starts with an option; write the prompt first, then the options "
+                                f"({_KNOWN})")
+    sp = SamplePrompt(prompt=prompt, where=where)
+    for raw in parts[1:]:
+        m = _OPT.match(raw.strip())
+        if not m:
+            raise SamplePromptError(f"{where}: cannot read option '--{raw.strip()}' (known: {_KNOWN})")
+        key, value = m.group(1).lower(), (m.group(2) or "")
+        if key != "n" and not value.strip():
+            raise SamplePromptError(f"{where}: --{key} needs a value")
+        if key == "n":
+            sp.negative = value.strip()
+        elif key == "w":
+            sp.width = _size(value, key, where, sp.notes)
+        elif key == "h":
+            sp.height = _size(value, key, where, sp.notes)
+        elif key == "s":
+            sp.steps = max(1, min(1000, _int(value, key, where)))
+        elif key == "d":
+            sp.seed = _int(value, key, where)
+        elif key == "l":
+            sp.cfg_scale = _float(value, key, where)
+        elif key == "g":
+            _float(value, key, where)
+            sp.notes.append(f"{where}: --g (guidance scale for guidance-distilled models) ignored for SD models")
+        elif key == "ss":
+            sp.sampler = value.strip()
+            _, note = resolve_sampler(sp.sampler, where)
+            if note:
+                sp.notes.append(note)
+        elif key == "cn":
+            raise SamplePromptError(f"{where}: --cn (ControlNet image) is not supported for sample images")
+        else:
+            raise SamplePromptError(f"{where}: unknown option --{key} (known: {_KNOWN})")
+    if not sp.prompt:
+        sp.notes.append(f"{where}: empty prompt (an unconditional sample)")
+    return sp
+
+
+_DICT_KEYS = {"prompt": "prompt", "negative_prompt": "negative", "width": "width", "height": "height",
+              "seed": "seed", "sample_steps": "steps", "scale": "cfg_scale", "sample_sampler": "sampler",
+              "enum": None, "guidance_scale": None}
+
+
+def _from_dict(d: dict, where: str) -> SamplePrompt:
+    if not isinstance(d, dict):
+        raise SamplePromptError(f"{where}: expected a table/object with a 'prompt', got {type(d).__name__}")
+    unknown = [k for k in d if k not in _DICT_KEYS and k != "subset"]
+    if unknown:
+        raise SamplePromptError(f"{where}: unknown key(s) {', '.join(unknown)} (known: "
+                                f"{', '.join(k for k, v in _DICT_KEYS.items() if v)})")
+    if not isinstance(d.get("prompt"), str):
+        raise SamplePromptError(f"{where}: 'prompt' (text) is required")
+    sp = SamplePrompt(prompt=d["prompt"].strip(), where=where)
+    for k, attr in _DICT_KEYS.items():
+        if not attr or attr == "prompt" or d.get(k) is None:
+            continue
+        v = str(d[k])
+        if attr in ("width", "height"):
+            setattr(sp, attr, _size(v, k, where, sp.notes))
+        elif attr == "steps":
+            sp.steps = max(1, min(1000, _int(v, k, where)))
+        elif attr == "seed":
+            sp.seed = _int(v, k, where)
+        elif attr == "cfg_scale":
+            sp.cfg_scale = _float(v, k, where)
+        elif attr == "sampler":
+            sp.sampler = v
+            resolve_sampler(v, where)
+        else:
+            setattr(sp, attr, v)
+    return sp
+
+
+def parse_prompt_text(text: str, source: str = "<prompts>") -> list[SamplePrompt]:
+    """The lines of a .txt prompt file. All problems are collected and raised together."""
+    out, problems = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            sp = parse_prompt_line(line, f"{source}:{i}")
+        except SamplePromptError as e:
+            problems.append(str(e))
+            continue
+        if sp is not None:
+            out.append(sp)
+    if problems:
+        raise SamplePromptError(f"{len(problems)} problem(s) in the sample prompts:\n" +
+                                "\n".join(f"  - {p}" for p in problems))
+    return out
+
+
+def load_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
+    """sd-scripts' sample prompt file: .txt (lines), .toml (``[prompt]`` defaults + ``[[prompt.subset]]``) or
+    .json (a list of objects, or of prompt lines)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SamplePromptError(f"sample prompt file {path} not found")
+    name = os.path.basename(path)
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise SamplePromptError(f"{path}: not UTF-8 text ({e})") from None
+    if ext == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise SamplePromptError(f"{path}: not valid TOML: {e}") from None
+        base = data.get("prompt")
+        if not isinstance(base, dict) or not isinstance(base.get("subset"), list):
+            raise SamplePromptError(f"{path}: expected [prompt] with [[prompt.subset]] entries (sd-scripts' layout)")
+        defaults = {k: v for k, v in base.items() if k != "subset"}
+        prompts = [_from_dict({**defaults, **sub}, f"{name} subset #{i + 1}") for i, sub in enumerate(base["subset"])]
+    elif ext == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise SamplePromptError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise SamplePromptError(f"{path}: expected a JSON list of prompts")
+        prompts = []
+        for i, d in enumerate(data):
+            if isinstance(d, str):
+                sp = parse_prompt_line(d, f"{name} item #{i + 1}")
+                if sp is not None:
+                    prompts.append(sp)
+            else:
+                prompts.append(_from_dict(d, f"{name} item #{i + 1}"))
+    else:
+        prompts = parse_prompt_text(text, name)
+    if not prompts:
+        raise SamplePromptError(f"{path}: no prompts in the file (every line is blank or a # comment)")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the samplers (pure functions of an eps predictor, testable without a model)
+
+def ddim_timesteps(num_train: int, steps: int) -> list[int]:
+    """ldm's 'uniform' DDIM discretisation (steps_offset 1), highest first: 951, 901, ... 1 for 20 of 1000."""
+    steps = max(1, min(int(steps), num_train))
+    c = num_train // steps
+    ts = (np.arange(0, num_train, c)[:steps] + 1).clip(max=num_train - 1)
+    return [int(t) for t in ts[::-1]]
+
+
+@torch.no_grad()
+def ddim_sample(eps_fn, alphas_cumprod: torch.Tensor, x: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from x = x_T. ``eps_fn(x_t, t: int, alpha_t: float) -> eps``."""
+    ac = alphas_cumprod.detach().double().cpu()
+    ts = ddim_timesteps(len(ac), steps)
+    for i, t in enumerate(ts):
+        a = float(ac[t])
+        a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        eps = eps_fn(x, t, a)
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        if callback:
+            callback(i + 1, len(ts))
+    return x
+
+
+def discrete_sigmas(alphas_cumprod: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's DiscreteSchedule.get_sigmas(n): t evenly from T-1 to 0, sigma interpolated in log space;
+    a final 0 appended. Returns (sigmas [n+1], the matching continuous timesteps [n])."""
+    ac = alphas_cumprod.detach().double().cpu()
+    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
+    t = torch.linspace(len(ac) - 1, 0, max(1, int(steps)), dtype=torch.float64)
+    lo = t.floor().long()
+    hi = t.ceil().long()
+    w = t - lo
+    sig = ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
+    return torch.cat([sig, sig.new_zeros(1)]), t
+
+
+@torch.no_grad()
+def euler_sample(eps_fn, alphas_cumprod: torch.Tensor, noise: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
+    """k-diffusion ``sample_euler`` with a CompVis (eps) denoiser, from unit ``noise``. The model sees
+    x / sqrt(sigma² + 1) at continuous timestep t(sigma). ``eps_fn(x_in, t: float, alpha: float) -> eps``."""
+    sigmas, ts = discrete_sigmas(alphas_cumprod, steps)
+    x = noise * float(sigmas[0])
+    for i in range(len(ts)):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        c_in = 1.0 / math.sqrt(s * s + 1)
+        eps = eps_fn(x * c_in, float(ts[i]), 1.0 / (1 + s * s))
+        # denoised = x - s*eps, d = (x - denoised)/s = eps
+        x = x + (s_next - s) * eps
+        if callback:
+            callback(i + 1, len(ts))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on a model
+
+def _chunks_needed(te, texts: list[str]) -> int:
+    from .conditioning import chunk_ids
+
+    spec = te.spec1 if te.family == "sdxl" else te.spec
+    n = 1
+    for text in texts:
+        ids, _ = chunk_ids(spec.encode(text), spec, 64)
+        empty = chunk_ids([], spec, 1)[0][0]
+        used = max((i + 1 for i, row in enumerate(ids) if not torch.equal(row, empty)), default=1)
+        n = max(n, used)
+    return n
+
+
+class ModelSampler:
+    """Text encoding + guided UNet calls + VAE decode for one host model (the LoRA attached or merged, or not)."""
+
+    def __init__(self, sd_model, family: str, device, clip_skip: int = 1):
+        from .conditioning import TextEncoder
+
+        self.m = sd_model
+        self.family = family
+        self.device = torch.device(device)
+        self.te = TextEncoder(sd_model, family, clip_skip=clip_skip or 1)
+        self.unet = sd_model.model.diffusion_model
+        self.unet_dtype = next(self.unet.parameters()).dtype
+        self.v = getattr(sd_model, "parameterization", "eps") == "v"
+        ac = getattr(sd_model, "alphas_cumprod_original", None)
+        self.alphas_cumprod = (ac if ac is not None else sd_model.alphas_cumprod).detach().float().cpu()
+
+    def _autocast(self):
+        """Half-precision weights run under autocast, as the WebUI samples (ldm's timestep embedding is fp32)."""
+        from contextlib import nullcontext
+        if self.unet_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.unet_dtype)
+
+    def _encode(self, texts: list[str], width: int, height: int, zero: list[bool]) -> dict:
+        from .conditioning import sdxl_vector
+
+        self.te.n_chunks = _chunks_needed(self.te, texts)  # cond and uncond padded to the same length (A1111)
+        tokens, _ = self.te.tokenize(texts)
+        with self._autocast():
+            out = self.te.encode(tokens, self.device)
+        ctx = out["crossattn"]
+        y = None
+        if self.family == "sdxl":
+            pooled = out["pooled"]
+            keep = torch.tensor([0.0 if z else 1.0 for z in zero], device=ctx.device, dtype=ctx.dtype)
+            # A1111 zeroes an all-empty SDXL negative prompt (crossattn and pooled) before the size embeddings
+            ctx = ctx * keep.view(-1, 1, 1)
+            pooled = pooled * keep.view(-1, 1).to(pooled.dtype)
+            b = len(texts)
+            y = sdxl_vector(pooled, [(height, width)] * b, [(0, 0)] * b, [(height, width)] * b)
+        return {"ctx": ctx, "y": y}
+
+    @torch.no_grad()
+    def image(self, sp: SamplePrompt, seed: int, sampler: str = "ddim", callback=None):
+        from PIL import Image
+
+        w, h = sp.width, sp.height
+        cond = self._encode([sp.negative, sp.prompt], w, h,
+                            zero=[self.family == "sdxl" and sp.negative == "", False])
+        ctx = cond["ctx"].to(self.unet_dtype)
+        y = cond["y"].to(self.unet_dtype) if cond["y"] is not None else None
+        scale = float(sp.cfg_scale)
+
+        def eps_fn(x, t, a):
+            xin = torch.cat([x, x]).to(self.device, self.unet_dtype)
+            tt = torch.full((2,), t, device=self.device,
+                            dtype=torch.long if isinstance(t, int) else torch.float32)
+            with self._autocast():
+                out = (self.unet(xin, tt, context=ctx, y=y) if y is not None
+                       else self.unet(xin, tt, context=ctx)).float()
+            if self.v:  # eps = sqrt(a)·v + sqrt(1-a)·x_t
+                out = math.sqrt(a) * out + math.sqrt(1 - a) * xin.float()
+            u, c = out.chunk(2)
+            return (u + scale * (c - u)).to(x.device)
+
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((1, 4, h // 8, w // 8), generator=g).to(self.device)
+        name, _ = resolve_sampler(sampler)
+        run = ddim_sample if name == "ddim" else euler_sample
+        z = run(eps_fn, self.alphas_cumprod, noise, sp.steps, callback)
+        return Image.fromarray(self.decode(z)[0])
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        vae = self.m.first_stage_model
+        scale = float(getattr(self.m, "scale_factor", 0.18215))
+        img = vae.decode((z / scale).to(self.device, next(vae.parameters()).dtype)).float()
+        img = ((img + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def infotext(sp: SamplePrompt, seed: int, sampler: str, model_name: str | None = None) -> str:
+    """A1111's PNG 'parameters' text, so the WebUI's PNG Info tab reads our samples."""
+    lines = [sp.prompt]
+    if sp.negative:
+        lines.append(f"Negative prompt: {sp.negative}")
+    extra = f", Model: {model_name}" if model_name else ""
+    lines.append(f"Steps: {sp.steps}, Sampler: {'DDIM' if sampler == 'ddim' else 'Euler'}, CFG scale: "
+                 f"{sp.cfg_scale:g}, Seed: {seed}, Size: {sp.width}x{sp.height}{extra}")
+    return "\n".join(lines)
+
+
+def save_png(img, path: str, text: str | None = None) -> str:
+    from PIL import PngImagePlugin
+
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+    tmp = path + ".tmp"
+    img.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path
+
+
+def generate(host, prompts: list[SamplePrompt], *, sampler: str = "ddim", clip_skip: int = 1, base_seed: int = 0,
+             callback=None) -> list[tuple[object, int, str]]:
+    """(image, seed, sampler) per prompt, on the host's model as it is now (LoRA attached/merged or not)."""
+    ms = ModelSampler(host.sd_model, host.family, host.device, clip_skip)
+    out = []
+    for i, sp in enumerate(prompts):
+        seed = sp.seed if sp.seed is not None else base_seed + i
+        name, _ = resolve_sampler(sp.sampler or sampler, sp.where)
+        out.append((ms.image(sp, seed, name, callback), seed, name))
+    return out
+
+
+def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None = None, on_note=None):
+    """The trainer's ``sample_fn(epoch=, step=)``: renders cfg.sample_prompts (or ``prompts``) with the LoRA as it
+    is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call)."""
+    if prompts is None:
+        if not cfg.sample_prompts:
+            raise SamplePromptError("sample_prompts is not set: write a prompt file (one prompt per line)")
+        prompts = load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))
+    sampler = cfg.sample_sampler or "ddim"
+    resolve_sampler(sampler, "sample_sampler")
+    for sp in prompts:
+        for n in sp.notes:
+            (on_note or (lambda _m: None))(n)
+    folder = os.path.join(out_dir, "samples")
+    name = cfg.output_name or "lora"
+    base_seed = int(cfg.seed) if cfg.seed is not None else 0
+    clip_skip = cfg.clip_skip or 1
+
+    def sample_fn(epoch=None, step=None):
+        os.makedirs(folder, exist_ok=True)
+        tag = f"e{int(epoch):06d}" if epoch is not None else f"s{int(step or 0):06d}"
+        paths = []
+        for i, (img, seed, used) in enumerate(generate(host, prompts, sampler=sampler, clip_skip=clip_skip,
+                                                       base_seed=base_seed)):
+            path = os.path.join(folder, f"{name}_{tag}_{i:02d}.png")
+            paths.append(save_png(img, path, infotext(prompts[i], seed, used, getattr(host, "model_name", None))))
+        return paths
+
+    return sample_fn

@@ -1,0 +1,322 @@
+"""``python -m lib_lora train CONFIG.toml`` and ``python -m lib_lora quickstart``: training from the command line.
+
+Wired into ``lib_lora/cli.py`` through ``add_commands(subparsers)``; handlers follow cli.py's convention
+``func(args, out) -> exit code``: a user-fixable problem raises a ``LoraError`` (cli.main prints it as one line,
+exit 1); bad arguments raise ``cli.UsageError`` (exit 2). A Ctrl-C during training saves a resumable state and
+returns 130 with the command that resumes it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import threading
+import time
+
+from .formats.errors import LoraError
+
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 130
+PROG = "python -m lib_lora"
+
+
+class TrainCliError(LoraError):
+    """A training problem the user can fix (wraps the trainer's TrainingError for cli.main)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments
+
+def add_commands(subparsers) -> None:
+    """Add ``train`` and ``quickstart`` to cli.py's subparsers."""
+    pt = subparsers.add_parser(
+        "train", help="train a LoRA from an sd-scripts style TOML config (headless, no WebUI needed)",
+        description=textwrap.fill(
+            "Train a LoRA headless from an sd-scripts training config (TOML). The checkpoint comes from "
+            "pretrained_model_name_or_path (a local SD1.x/SD2.x .safetensors; SDXL needs --webui). The dataset plan "
+            "and every config note are printed first; Ctrl-C stops after the current step and saves a state you "
+            "can --resume.", 100),
+        epilog=f"examples:\n  {PROG} train my_lora.toml --dry-run\n  {PROG} train my_lora.toml --device cuda\n"
+               f"  {PROG} train my_lora.toml --resume out/my_lora-cancelled-state.pt",
+        formatter_class=_raw())
+    pt.add_argument("config", metavar="CONFIG.toml", help="training config (sd-scripts --config_file format)")
+    pt.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and configs "
+                                                    "(required for SDXL)")
+    pt.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (default: cpu)")
+    pt.add_argument("--resume", metavar="STATE", help="continue from a state file (*-state.pt) of a cancelled or "
+                                                      "saved run")
+    pt.add_argument("--dry-run", action="store_true", help="check the config, the checkpoint header and the "
+                                                           "dataset, print the plan, and stop before loading")
+    pt.add_argument("--model", metavar="CKPT", help="checkpoint to use instead of pretrained_model_name_or_path")
+    pt.set_defaults(func=cmd_train)
+
+    pq = subparsers.add_parser(
+        "quickstart", help="train a tiny LoRA end to end on an embedded model (CPU, ~1 min, nothing downloaded)",
+        description="Build an embedded tiny SD1.5-shaped model, write a small dataset, train a LoRA, measure the "
+                    "loss before/after, apply the file through the <lora:...> path and restore it, and write a "
+                    "loss plot and a before/after sample grid.")
+    pq.add_argument("--out", metavar="DIR", default="lora-studio-quickstart",
+                    help="output folder (default: ./lora-studio-quickstart)")
+    pq.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: 80)")
+    pq.add_argument("--seed", type=int, default=0, help="seed of the model, data order and noise (default: 0)")
+    pq.set_defaults(func=cmd_quickstart)
+
+
+def _raw():
+    import argparse
+    return argparse.RawDescriptionHelpFormatter
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress
+
+def _fmt_eta(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(max(0, s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class ProgressPrinter:
+    """Turns TrainEvents into lines: every step line (step/total, loss, avg, lr, ETA) at most every
+    ``every_s`` seconds, plus the first and last step; notes, saves, samples and epochs always."""
+
+    def __init__(self, out, every_s: float = 2.0, already_shown: set[str] | None = None):
+        self.out = out
+        self.every_s = every_s
+        self.already_shown = already_shown or set()  # notes printed before training (the plan's warnings)
+        self._last = 0.0
+        self._last_cache = 0.0
+
+    def _w(self, line: str):
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def __call__(self, e) -> None:
+        now = time.time()
+        if e.kind == "step":
+            if e.step in (1, e.total) or now - self._last >= self.every_s:
+                self._last = now
+                pct = 100.0 * e.step / e.total if e.total else 0.0
+                self._w(f"step {e.step}/{e.total} ({pct:.0f}%)  loss {e.loss:.4f}  avg {e.avg_loss:.4f}  "
+                        f"lr {e.lr:.2e}  ETA {_fmt_eta(e.eta_s)}")
+        elif e.kind == "cache":
+            n = e.extra.get("n", 0)
+            if e.step == n or now - self._last_cache >= self.every_s:
+                self._last_cache = now
+                self._w(e.message)
+        elif e.kind == "note":
+            if e.message not in self.already_shown:
+                self._w(f"note: {e.message}")
+        elif e.kind in ("save", "sample"):
+            self._w(f"{'saved' if e.kind == 'save' else 'sample'}: {e.path}")
+        elif e.kind == "epoch":
+            self._w(e.message)
+        elif e.kind in ("start", "cancelled", "done", "error"):
+            if e.message:
+                self._w(e.message)
+
+
+class _CtrlC:
+    """First Ctrl-C asks the trainer to stop after the current step (it saves a resumable state); a second one
+    aborts at once. Only the main thread can own signal handlers; elsewhere Ctrl-C keeps its default."""
+
+    def __init__(self, err):
+        self.err = err
+        self.event = threading.Event()
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        self.err.write("\nCtrl-C: stopping after this step and saving a resumable state "
+                       "(press Ctrl-C again to abort without saving)\n")
+        self.err.flush()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+def _checkpoint_path(cfg, override: str | None) -> str:
+    raw = override or cfg.pretrained_model_name_or_path
+    if not raw:
+        raise TrainCliError(f"{cfg.source}: pretrained_model_name_or_path is not set; point it at a local "
+                            "SD1.x/SD2.x/SDXL .safetensors checkpoint (or pass --model)")
+    path = os.path.expanduser(raw) if override else str(cfg.resolve(raw))
+    if not os.path.exists(path):
+        looks_hub = "/" in raw and not raw.startswith((".", "/", "~")) and raw.count("/") == 1 and \
+            not os.path.splitext(raw)[1]
+        if looks_hub:
+            raise TrainCliError(f"pretrained_model_name_or_path = {raw!r} looks like a Hugging Face repo id; "
+                                "downloads are not supported: download the single-file .safetensors and give its "
+                                "path")
+        raise TrainCliError(f"checkpoint not found: {path}")
+    return path
+
+
+def _family_notes(cfg, family: str) -> list[str]:
+    notes = []
+    if family == "sd2" and not cfg.v2:
+        notes.append("the checkpoint is SD2.x but v2 is not set (sd-scripts would need v2 = true); trained as SD2")
+    if family != "sd2" and cfg.v2:
+        notes.append(f"v2 = true but the checkpoint is {family.upper()}; v2 is ignored")
+    if cfg.v_parameterization and family == "sd1":
+        notes.append("v_parameterization = true on an SD1 checkpoint: training it as v-prediction as asked")
+    return notes
+
+
+def cmd_train(args, out) -> int:
+    from .train.config import load_train_config
+
+    cfg = load_train_config(args.config)
+    out.write(f"config: {os.path.abspath(args.config)}\n")  # its notes are listed in the dataset plan below
+    ckpt = _checkpoint_path(cfg, args.model)
+
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TrainCliError("--device cuda: no CUDA GPU is available to this torch build; use --device cpu")
+    vae_path = str(cfg.resolve(cfg.vae)) if cfg.vae else None
+    if vae_path and not os.path.isfile(vae_path):
+        raise TrainCliError(f"vae = {cfg.vae!r}: file not found ({vae_path})")
+    if args.resume and not os.path.isfile(args.resume):
+        raise TrainCliError(f"--resume: state file not found: {args.resume}")
+
+    from .host.headless import SDXL_NEEDS_WEBUI, CheckpointError, checkpoint_family, load_checkpoint
+    from .train.run import plan_for
+    from .train.trainer import Cancelled, TrainingError
+
+    family = checkpoint_family(ckpt)
+    if family == "sdxl" and not args.webui:
+        import importlib.util
+        if importlib.util.find_spec("sgm") is None:
+            raise CheckpointError(SDXL_NEEDS_WEBUI, ckpt)
+    for n in _family_notes(cfg, family):
+        out.write(f"note: {n}\n")
+
+    class _FamilyOnly:  # the plan needs the family only; the model is loaded after the plan is known good
+        pass
+    probe = _FamilyOnly()
+    probe.family = family
+    try:
+        plan = plan_for(probe, cfg)
+    except TrainingError as e:
+        raise TrainCliError(str(e)) from None
+    out.write(plan.report() + "\n")  # includes the config's notes and the dataset's warnings
+
+    sample_prompts = None
+    if cfg.sample_prompts:
+        from .train.sampling import load_prompt_file
+        sample_prompts = load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))  # bad lines fail before loading
+        if not cfg.sample_every_n_epochs and not cfg.sample_at_first:
+            out.write("note: sample_prompts is set but sample_every_n_epochs is not: no sample images will be made"
+                      + (" (sample_every_n_steps is not supported yet)" if cfg.sample_every_n_steps else "") + "\n")
+    elif cfg.sample_every_n_epochs:
+        out.write("note: sample_every_n_epochs is set but sample_prompts is not: no sample images will be made\n")
+
+    if args.dry_run:
+        steps = plan.steps
+        out.write(f"dry run: {family.upper()} checkpoint {ckpt}; would train {steps.max_train_steps} steps over "
+                  f"{steps.num_epochs} epoch(s) into {cfg.resolve(cfg.output_dir) if cfg.output_dir else '(output_dir not set)'}\n")
+        return EXIT_OK
+
+    out.write(f"loading {ckpt} ...\n")
+    out.flush()
+    host = load_checkpoint(ckpt, webui=args.webui, device=args.device,
+                           v_parameterization=True if cfg.v_parameterization else None)
+    out.write(host.load_report.summary() + "\n")
+    for n in host.notes:
+        out.write(f"note: {n}\n")
+    if vae_path:
+        out.write(host.load_vae(vae_path) + "\n")
+
+    sample_fn = None
+    out_dir = str(cfg.resolve(cfg.output_dir)) if cfg.output_dir else None
+    if sample_prompts is not None and out_dir:
+        from .train.sampling import make_sample_fn
+        sample_fn = make_sample_fn(host, cfg, out_dir, prompts=sample_prompts,
+                                   on_note=lambda m: out.write(f"note: {m}\n"))
+        if cfg.sample_at_first and not args.resume:
+            for p in sample_fn(epoch=0, step=0):
+                out.write(f"sample: {p}\n")
+        if not cfg.sample_every_n_epochs:
+            sample_fn = None
+
+    from .train.run import run_training
+    printer = ProgressPrinter(out, already_shown={str(w) for w in plan.warnings})
+    with _CtrlC(out) as ctrl:
+        try:
+            result = run_training(host, cfg, on_event=printer, should_cancel=ctrl.event.is_set,
+                                  resume=args.resume, sample_fn=sample_fn, plan=plan)
+        except Cancelled:
+            out.write("cancelled before the first step (while caching latents); nothing to resume\n")
+            return EXIT_CANCELLED
+        except TrainingError as e:
+            raise TrainCliError(str(e)) from None
+
+    if result.status == "cancelled":
+        out.write(f"cancelled at step {result.steps}.\n")
+        if result.state_file:
+            out.write(f"resumable state: {result.state_file}\n")
+            out.write(f"resume with: {PROG} train {args.config} --resume {result.state_file}"
+                      + (f" --webui {args.webui}" if args.webui else "")
+                      + (f" --device {args.device}" if args.device != "cpu" else "") + "\n")
+        return EXIT_CANCELLED
+    out.write(f"done: {result.steps} steps\n")
+    for f in result.files:
+        out.write(f"  {'final' if f == result.final else 'saved'}: {f}\n")
+    if result.state_file:
+        out.write(f"  state: {result.state_file}\n")
+    if sample_fn is not None:
+        out.write(f"  samples: {os.path.join(out_dir, 'samples')}\n")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quickstart
+
+def cmd_quickstart(args, out) -> int:
+    from .quickstart import run_quickstart
+
+    if args.steps is not None and args.steps < 1:
+        from .cli import UsageError
+        raise UsageError("--steps must be at least 1")
+    import torch
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # small model: more threads only contend
+
+    def log(line):
+        out.write(line + "\n")
+        out.flush()
+
+    from .train.trainer import Cancelled, TrainingError
+    with _CtrlC(out) as ctrl:
+        try:
+            res = run_quickstart(args.out, steps=args.steps, seed=args.seed, log=log,
+                                 on_event=ProgressPrinter(out), should_cancel=ctrl.event.is_set)
+        except Cancelled:
+            out.write("cancelled\n")
+            return EXIT_CANCELLED
+        except TrainingError as e:
+            raise TrainCliError(str(e)) from None
+    out.write("\n" + res.summary() + "\n")
+    if not res.restored_exact:
+        raise TrainCliError("the model's weights did not come back bit-exact after removing the LoRA (a bug: "
+                            "please report it with this output)")
+    if not res.loss_after < res.loss_before:
+        out.write(f"warning: the loss did not go down in {res.steps} steps; try more --steps\n")
+        return EXIT_ERROR
+    out.write(f"\nnext: copy {res.lora_path} into the WebUI's models/Lora folder, or train your own:\n"
+              f"  {PROG} train your_config.toml --dry-run\n")
+    return EXIT_OK

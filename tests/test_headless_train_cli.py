@@ -1,0 +1,155 @@
+"""`python -m lib_lora train CONFIG.toml`: a tiny checkpoint written by the test, trained for 2 epochs headless."""
+
+import io
+import os
+
+import pytest
+
+import train_data
+from lib_lora.formats.safetensors_io import read_metadata, save_file_atomic
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """cli.main with our `train`/`quickstart` commands (added here if cli.py does not wire them yet)."""
+    from lib_lora import cli, train_cli
+    orig = cli.build_parser
+
+    def build():
+        p = orig()
+        sub = p._subparsers._group_actions[0]
+        if "train" not in sub.choices:
+            train_cli.add_commands(sub)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", build)
+
+    def run(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main([str(a) for a in argv], out=out, err=err)
+        return code, out.getvalue(), err.getvalue()
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from lib_lora.host.tiny import make_tiny_sd15
+    path = tmp_path_factory.mktemp("models") / "tiny-sd15.safetensors"
+    save_file_atomic({k: v.contiguous() for k, v in make_tiny_sd15(seed=6).state_dict().items()}, str(path))
+    return path
+
+
+def _write_config(root, ckpt, extra=""):
+    train_data.make_dataset(str(root), n_concept=2, repeats=2, captions=["svs cat, red", "svs cat"])
+    (root / "prompts.txt").write_text("# samples\nsvs cat --w 64 --h 64 --s 3 --d 1\n", encoding="utf-8")
+    cfg = root / "lora.toml"
+    cfg.write_text(f"""
+[model]
+pretrained_model_name_or_path = "{ckpt}"
+
+[dataset]
+train_data_dir = "img"
+resolution = "64"
+caption_extension = ".txt"
+train_batch_size = 2
+
+[training]
+output_dir = "out"
+output_name = "svs"
+network_module = "networks.lora"
+network_dim = 4
+network_alpha = 2
+learning_rate = 1e-3
+max_train_epochs = 2
+save_every_n_epochs = 1
+seed = 5
+sample_prompts = "prompts.txt"
+sample_every_n_epochs = 1
+{extra}
+""", encoding="utf-8")
+    return cfg
+
+
+def test_train_two_epochs_writes_epoch_and_final_files(run_cli, tiny_ckpt, tmp_path):
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    code, out, err = run_cli("train", cfg)
+    assert code == 0, out + err
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert "svs-000001.safetensors" in files and "svs.safetensors" in files
+    assert sorted(os.listdir(tmp_path / "out" / "samples")) == ["svs_e000001_00.png", "svs_e000002_00.png"]
+    # the report: dataset plan, load summary, progress lines, where files went
+    assert "Dataset plan" in out and "tiny-sd15.safetensors: SD1.x (eps-prediction)" in out
+    assert "step 4/4 (100%)  loss " in out and " avg " in out and " lr 1.00e-03" in out and "ETA" in out
+    assert f"final: {tmp_path / 'out' / 'svs.safetensors'}" in out
+    md = read_metadata(str(tmp_path / "out" / "svs.safetensors"))
+    assert md["ss_sd_model_name"] == "tiny-sd15" and md["ss_epoch"] == "2"
+    assert len(md["ss_new_sd_model_hash"]) == 64 and len(md["ss_sd_model_hash"]) == 8
+
+
+def test_dry_run_stops_before_loading(run_cli, tiny_ckpt, tmp_path):
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    code, out, err = run_cli("train", cfg, "--dry-run")
+    assert code == 0, err
+    assert "dry run: SD1 checkpoint" in out and "would train 4 steps over 2 epoch(s)" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_exits_1_with_the_suggestion(run_cli, tiny_ckpt, tmp_path):
+    cfg = _write_config(tmp_path, tiny_ckpt, extra="network_dimm = 8")
+    code, out, err = run_cli("train", cfg)
+    assert code == 1
+    assert "network_dimm" in err and "did you mean 'network_dim'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_sdxl_checkpoint_without_webui_exits_1_with_the_message(run_cli, tmp_path):
+    import models
+    xl = models.make_sdxl(seed=0)
+    path = tmp_path / "xl.safetensors"
+    save_file_atomic({k.replace(".wrapped.", "."): v.contiguous().clone() for k, v in xl.state_dict().items()
+                      if not k.startswith("cond_stage_model.")}, str(path))
+    cfg = _write_config(tmp_path, path)
+    code, out, err = run_cli("train", cfg)
+    assert code == 1
+    assert "SDXL checkpoint" in err and "--webui PATH" in err
+
+
+def test_user_errors_are_one_line(run_cli, tiny_ckpt, tmp_path):
+    code, _, err = run_cli("train", tmp_path / "missing.toml")
+    assert code == 1 and "not found" in err
+    cfg = _write_config(tmp_path, "org/some-model")
+    code, _, err = run_cli("train", cfg)
+    assert code == 1 and "Hugging Face repo id" in err
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    (tmp_path / "prompts.txt").write_text("a cat --w wide\n", encoding="utf-8")
+    code, _, err = run_cli("train", cfg)
+    assert code == 1 and "prompts.txt:1: --w needs a whole number" in err
+    code, _, err = run_cli("train", cfg, "--resume", tmp_path / "nope-state.pt")
+    assert code == 1 and "state file not found" in err
+    code, _, err = run_cli("train")
+    assert code == 2
+
+
+def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_path, monkeypatch):
+    """Ctrl-C is the trainer's should_cancel; simulate it after the first step."""
+    from lib_lora import train_cli
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    orig = train_cli.ProgressPrinter.__call__
+
+    def press_ctrl_c_after_step_1(self, e):
+        orig(self, e)
+        if e.kind == "step" and e.step == 1:
+            import signal
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", press_ctrl_c_after_step_1)
+    code, out, err = run_cli("train", cfg)
+    assert code == 130, out + err
+    assert "Ctrl-C: stopping after this step" in out
+    state = tmp_path / "out" / "svs-cancelled-state.pt"
+    assert state.exists()
+    assert f"--resume {state}" in out
+    monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", orig)
+    code, out, err = run_cli("train", cfg, "--resume", state)
+    assert code == 0, out + err
+    assert (tmp_path / "out" / "svs.safetensors").exists()

@@ -1,0 +1,78 @@
+"""`python -m lib_lora quickstart`: the embedded pipeline end to end, small step count."""
+
+import io
+import os
+import time
+
+import pytest
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    from lib_lora import cli, train_cli
+    out_dir = tmp_path_factory.mktemp("qs") / "run"
+    orig = cli.build_parser
+
+    def build():
+        p = orig()
+        sub = p._subparsers._group_actions[0]
+        if "quickstart" not in sub.choices:
+            train_cli.add_commands(sub)
+        return p
+
+    cli.build_parser = build
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        t0 = time.time()
+        code = cli.main(["quickstart", "--out", str(out_dir), "--steps", str(STEPS)], out=out, err=err)
+        seconds = time.time() - t0
+    finally:
+        cli.build_parser = orig
+    return code, out.getvalue(), err.getvalue(), out_dir, seconds
+
+
+def test_quickstart_runs_end_to_end(quickstart):
+    code, out, err, out_dir, seconds = quickstart
+    assert code == 0, out + err
+    assert seconds < 60, f"quickstart with {STEPS} steps took {seconds:.0f} s"
+    for rel in ("lora/svs_cat.safetensors", "loss.png", "before_after.png", "dataset/img/10_svs cat/c0.png",
+                "dataset/img/10_svs cat/c0.txt"):
+        assert os.path.isfile(out_dir / rel), rel
+    assert f"step {STEPS}/{STEPS} (100%)" in out
+    assert "weights bit-exact after restore" in out
+
+
+def test_loss_went_down_and_the_file_matches_fully(quickstart):
+    import re
+
+    from lib_lora.apply.layers import layer_mapping
+    from lib_lora.apply.loader import load_network
+    from lib_lora.host.tiny import make_tiny_sd15
+    _, out, _, out_dir, _ = quickstart
+    m = re.search(r"loss:\s+([\d.]+) before -> ([\d.]+) after", out)
+    before, after = float(m.group(1)), float(m.group(2))
+    assert after < before
+    assert re.search(r"<lora:svs_cat:1> -> (\d+)/\1 modules matched \(100%\)", out)
+    # independently of the quickstart's own report: the saved file maps onto every layer it names
+    net = load_network(str(out_dir / "lora" / "svs_cat.safetensors"), "sd1", cache=None,
+                       layer_names=set(layer_mapping(make_tiny_sd15(0))))
+    assert net.report.total_modules == 192 + 12 and len(net.report.matched) == net.report.total_modules
+
+
+def test_images_are_real_pngs(quickstart):
+    from PIL import Image
+    _, _, _, out_dir, _ = quickstart
+    grid = Image.open(out_dir / "before_after.png")
+    plot = Image.open(out_dir / "loss.png")
+    assert grid.size[0] > 4 * 64 and grid.size[1] > 3 * 64  # dataset, base, LoRA rows of 4
+    assert plot.size == (700, 400)
+
+
+def test_refuses_a_folder_with_other_files(tmp_path):
+    from lib_lora.quickstart import QuickstartError, run_quickstart
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(QuickstartError, match="already holds other files"):
+        run_quickstart(str(tmp_path), steps=1, log=lambda _: None)
+    assert os.listdir(tmp_path) == ["notes.txt"]
