@@ -63,6 +63,8 @@ def test_finished_job_writes_kohya_files_that_load_fully(sd1, tmp_path):
     # our own match report, the way the WebUI will load it: every module lands on a layer
     net = load_network(res.final, "sd1", layer_names=set(layer_mapping(sd1)))
     assert net.report.total_modules == 192 + 12 and len(net.report.matched) == net.report.total_modules
+    saves = [e.message for e in events if e.kind == "save"]
+    assert len(saves) == 2 and all("204/204 modules matched" in m for m in saves), saves
     kinds = {e.kind for e in events}
     assert {"start", "cache", "step", "epoch", "save", "done"} <= kinds
 

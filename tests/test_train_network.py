@@ -134,3 +134,19 @@ def test_sd2_proj_in_saved_4d_like_kohya():
     assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].dim() == 4
     assert sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].dim() == 2
     assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"].dtype == torch.float16
+
+
+def test_sdpa_attention_matches_stock_attention(sd1):
+    from lib_lora.train.attention import sdpa_attention
+
+    unet = sd1.model.diffusion_model
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 900])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = unet(x, t, context=ctx)
+        with sdpa_attention(unet) as s:
+            assert len(s.mods) == 32  # 16 transformers x (attn1, attn2)
+            got = unet(x, t, context=ctx)
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -43,6 +43,7 @@ class WebUIHost(ModelHost):
                          legacy_hash=getattr(info, "hash", None))
         self.session = session
         self.job_id = job_id
+        self.use_sdpa = False  # the WebUI's own attention optimisation stays in charge
 
     @contextmanager
     def lock(self):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..formats.safetensors_io import load_tensors, save_file_atomic
+from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder, sdxl_vector
 from .host_guard import guarded
@@ -314,6 +315,8 @@ class Trainer:
                 self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
 
             stack.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing))
+            # the WebUI has its own attention hijack; headless we switch the stock einsum attention to SDPA
+            stack.enter_context(sdpa_attention(self.sd_model.model, getattr(self.host, "use_sdpa", True)))
             stack.enter_context(net.attached())
             net.train()
             accum = max(1, int(c.gradient_accumulation_steps or 1))
@@ -338,7 +341,8 @@ class Trainer:
                     spec["modelspec.title"] = c.metadata_title
                 save_lora(path, net.kohya_state_dict(save_dtype, prefixes), md, spec)
                 self.files.append(path)
-                self._emit("save", step=step, epoch=epoch_no, path=path, message=f"saved {path_name}")
+                self._emit("save", step=step, epoch=epoch_no, path=path,
+                           message=f"saved {path_name}; {self._match_summary(path)}")
                 return path
 
             def save_resume(epoch_no, batch_in_epoch, tag):
@@ -465,6 +469,19 @@ class Trainer:
             for j, cp in enumerate(caps):
                 cache[cp] = {k: v[j:j + 1].detach() for k, v in out.items()}
         return out
+
+    def _match_summary(self, path: str) -> str:
+        """Load the file we just wrote the way <lora:> will, and say how much of it matches the model."""
+        from ..apply.layers import layer_mapping
+        from ..apply.loader import load_network
+
+        try:
+            rep = load_network(path, self.family, layer_names=set(layer_mapping(self.sd_model))).report
+        except Exception as e:  # reported, never fatal: the file itself was written
+            return f"could not check the saved file against the model: {e}"
+        if len(rep.matched) != rep.total_modules:
+            self._note(f"the saved file does not fully match the model: {rep.summary()}\n{rep.details()}")
+        return rep.summary()
 
     def _sample(self, net, epoch, step):
         was = net.training
