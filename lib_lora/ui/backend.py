@@ -1,0 +1,482 @@
+"""What the training tab needs from the world, as one small protocol, and ``LocalBackend``: an implementation over
+the engine's own objects (a ``ModelHost``, the ``JobQueue``, ``run_training``, the apply package).
+
+The tab calls only the methods of ``Backend``. Inside the WebUI the glue builds a ``LocalBackend`` with:
+
+- ``host``: a callable returning the ``ModelHost`` for the checkpoint loaded right now (its ``lock()`` is the
+  WebUI's queue lock), or None while no model is loaded;
+- ``sampler``: the WebUI's own sampler (``process_images``) with the signature of ``ddim_sampler``;
+- ``interrogators``: ``{"blip": fn(PIL) -> str, "deepbooru": fn(PIL) -> str}`` from the WebUI's interrogators;
+- ``hooks``: a ``ProgressHooks`` that drives A1111's progress bar (``progress.add_task_to_queue / start_task /
+  finish_task`` and ``shared.state``) and reports the Interrupt button;
+
+and may subclass it to override ``lora_tag`` (the WebUI's alias rules) or ``prepare_model`` (restore LoRA weights a
+generation left merged before the tab samples).
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..jobs.queue import INTERRUPTED, QUEUED, RUNNING, JobQueue
+from ..train.config import parse_train_config
+
+
+class UiError(Exception):
+    """A problem the user can fix; the message says what happened and what to do."""
+
+
+class ProgressHooks:
+    """No-op progress reporting; the WebUI glue subclasses it (A1111 progress API, ``shared.state``).
+
+    When each is called (``task_id`` is the id the page gave ``requestProgress``; ``job`` a ``jobs.queue.Job``):
+
+    - ``queued``: at submit (``progress.add_task_to_queue``);
+    - ``started``: once, when the trainer holds the model (inside ``host.lock()``, the WebUI's queue lock), so a
+      generation that still runs keeps its own progress bar (``progress.start_task``);
+    - ``update``: on every step / cache / epoch / save / sample event, all inside the lock (``shared.state.job_no``,
+      ``job_count``, ``textinfo``);
+    - ``finished``: once, when the job is done, cancelled, failed or removed; the lock may already be released, so
+      touch only the task bookkeeping here (``progress.finish_task``). ``shared.state.begin/end`` belong in the
+      host's ``lock()``.
+    """
+
+    def queued(self, task_id: str, job) -> None:
+        pass
+
+    def started(self, task_id: str, job) -> None:
+        pass
+
+    def update(self, task_id: str, job) -> None:
+        pass
+
+    def finished(self, task_id: str, job) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        """True when the user asked the host to stop (A1111's Interrupt button)."""
+        return False
+
+
+class Backend(Protocol):
+    def model_info(self) -> dict: ...
+    def default_output_dir(self) -> str: ...
+    def interrogate(self, image: Image.Image, method: str) -> str: ...
+    def generate(self, prompt: str, n: int, seed: int, width: int, height: int, negative_prompt: str = "",
+                 steps: int | None = None, on_image: Callable | None = None) -> list[Image.Image]: ...
+    def render_grid(self, files: list[str], strengths: list[float], seeds: list[int], prompt: str,
+                    negative_prompt: str = "", width: int | None = None, height: int | None = None,
+                    steps: int | None = None, progress: Callable | None = None) -> list[list[list[Image.Image]]]: ...
+    def submit(self, config: dict, name: str | None = None, task_id: str | None = None,
+               front: bool = False) -> dict: ...
+    def jobs(self) -> list[dict]: ...
+    def job(self, job_id: str) -> dict | None: ...
+    def cancel(self, job_id: str) -> dict: ...
+    def remove(self, job_id: str) -> None: ...
+    def move(self, job_id: str, delta: int) -> None: ...
+    def queue_problem(self) -> str | None: ...
+    def lora_tag(self, path: str, weight: float) -> str: ...
+    def save_preview(self, lora_path: str, image: Image.Image) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a plain DDIM sampler over an ldm / sgm-shaped model (tests, headless); the WebUI passes its own
+
+
+def _cond(m, prompts: list[str], width: int, height: int):
+    if hasattr(m, "conditioner"):
+        class _P(list):  # A1111's SdConditioning carries the size for SDXL's size embedding
+            pass
+        batch = _P(prompts)
+        batch.width, batch.height = width, height
+        return m.get_learned_conditioning(batch)
+    return m.get_learned_conditioning(prompts)
+
+
+def _cat(a, b):
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+@torch.no_grad()
+def ddim_sampler(host, prompts: list[str], negative: str, seeds: list[int], width: int, height: int,
+                 steps: int = 20, cfg_scale: float = 7.0) -> list[Image.Image]:
+    """Deterministic DDIM (eta 0) with classifier-free guidance; one image per prompt/seed."""
+    m = host.sd_model
+    dev = host.device
+    unet_dtype = next(m.model.diffusion_model.parameters()).dtype
+    n = len(prompts)
+    c = _cond(m, list(prompts), width, height)
+    uc = _cond(m, [negative] * n, width, height)
+    cond = _cat(uc, c)
+    if isinstance(cond, dict):
+        cond = {k: v.to(dev, unet_dtype) for k, v in cond.items()}
+    else:
+        cond = cond.to(dev, unet_dtype)
+    ac = m.alphas_cumprod.detach().to("cpu", torch.float64)
+    ts = np.linspace(len(ac) - 1, 0, max(1, int(steps))).round().astype(int)
+    x = torch.stack([torch.randn(4, height // 8, width // 8, generator=torch.Generator().manual_seed(int(s)))
+                     for s in seeds]).to(dev, torch.float32)
+    v_pred = getattr(m, "parameterization", "eps") == "v"
+    for i, t in enumerate(ts):
+        a = float(ac[t])
+        a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        tt = torch.full((2 * n,), int(t), device=dev, dtype=torch.long)
+        out = m.apply_model(torch.cat([x, x]).to(unet_dtype), tt, cond).float()
+        ou, oc = out.chunk(2)
+        o = ou + cfg_scale * (oc - ou)
+        if v_pred:
+            eps = a ** 0.5 * o + (1 - a) ** 0.5 * x
+            x0 = a ** 0.5 * x - (1 - a) ** 0.5 * o
+        else:
+            eps = o
+            x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    vae = m.first_stage_model
+    z = x / float(getattr(m, "scale_factor", 0.18215))
+    img = vae.decode(z.to(dev, next(vae.parameters()).dtype)).float()
+    img = ((img + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in img]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sd-scripts sample prompt files
+
+
+_OPTS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "cfg_scale", "s": "steps"}
+
+
+def parse_sample_prompts(path: str) -> list[dict]:
+    """sd-scripts' prompt file: one prompt per line, options ``--n negative --w --h --d seed --l cfg --s steps``;
+    ``#`` lines are comments."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = re.split(r"\s+--(?=[nwhdls]\s)", " " + line + " ")
+            entry = {"prompt": parts[0].strip()}
+            for p in parts[1:]:
+                k, _, v = p.strip().partition(" ")
+                key = _OPTS.get(k)
+                v = v.strip()
+                if key in ("width", "height", "seed", "steps"):
+                    try:
+                        entry[key] = int(v)
+                    except ValueError:
+                        raise UiError(f"sample prompt file {path}: --{k} {v!r} is not a whole number") from None
+                elif key == "cfg_scale":
+                    entry[key] = float(v)
+                elif key:
+                    entry[key] = v
+            out.append(entry)
+    return out
+
+
+def write_sample_prompts(path: str, prompt: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(prompt.strip() + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _public(job) -> dict:
+    return job.public() if job is not None else None
+
+
+STATUS_PAST = {"done": "finished", "cancelled": "been cancelled", "failed": "failed"}
+_EPOCH_RE = re.compile(r"-(\d{6})\.safetensors$")
+_STEP_RE = re.compile(r"-step(\d+)\.safetensors$")
+
+
+def describe_file(path: str) -> str:
+    """'epoch 2' / 'step 500' / 'final' for a saved LoRA file name."""
+    b = os.path.basename(path)
+    m = _EPOCH_RE.search(b)
+    if m:
+        return f"epoch {int(m.group(1))}"
+    m = _STEP_RE.search(b)
+    if m:
+        return f"step {int(m.group(1))}"
+    return "final"
+
+
+class LocalBackend:
+    def __init__(self, host, store_dir: str, *, output_dir: str | None = None,
+                 interrogators: dict[str, Callable] | None = None, sampler: Callable | None = None,
+                 sample_steps: int = 20, cfg_scale: float = 7.0, hooks: ProgressHooks | None = None,
+                 autostart: bool = True):
+        self._host = host if callable(host) else (lambda: host)
+        self.store_dir = store_dir
+        self.output_dir = output_dir
+        self.interrogators = dict(interrogators or {})
+        self.sampler = sampler or ddim_sampler
+        self.sample_steps = sample_steps
+        self.cfg_scale = cfg_scale
+        self.hooks = hooks or ProgressHooks()
+        self._tasks: dict[str, str] = {}
+        self._started: set[str] = set()
+        self._lock = threading.RLock()
+        self.queue = JobQueue(store_dir, self._run, autostart=False)
+        self.queue.subscribe(self._on_queue_event)
+        if autostart:
+            self.queue.start()
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def host(self):
+        return self._host()
+
+    def _need_host(self):
+        h = self._host()
+        if h is None:
+            raise UiError("No checkpoint is loaded. Choose one in the WebUI's checkpoint list at the top and wait "
+                          "until it has loaded, then try again.")
+        return h
+
+    def model_info(self) -> dict:
+        h = self._host()
+        if h is None:
+            return {"loaded": False, "name": None, "hash": None, "family": None, "parameterization": None}
+        d = dict(h.describe())
+        d["loaded"] = True
+        d["path"] = getattr(h, "model_path", None)
+        try:
+            p = next(h.sd_model.parameters())
+            d["dtype"] = str(p.dtype).replace("torch.", "")
+            d["device"] = p.device.type
+        except (StopIteration, AttributeError):
+            d["dtype"], d["device"] = None, None
+        return d
+
+    def prepare_model(self, host) -> None:
+        """Called with the host locked before the tab samples; the glue restores merged prompt LoRAs here."""
+
+    def default_output_dir(self) -> str:
+        return self.output_dir or os.path.join(self.store_dir, "output")
+
+    # ---- captions and images ------------------------------------------------------------------------------
+    def interrogate(self, image: Image.Image, method: str) -> str:
+        fn = self.interrogators.get(method)
+        if fn is None:
+            names = {"blip": "BLIP", "deepbooru": "DeepBooru"}
+            raise UiError(f"Captioning with {names.get(method, method)} is not available here. Write the captions "
+                          "by hand in the editor below, or use the other captioner.")
+        return str(fn(image) or "").strip()
+
+    def _steps(self, steps):
+        return int(steps or self.sample_steps)
+
+    def generate(self, prompt: str, n: int, seed: int, width: int, height: int, negative_prompt: str = "",
+                 steps: int | None = None, on_image: Callable | None = None, batch: int = 4) -> list[Image.Image]:
+        host = self._need_host()
+        images: list[Image.Image] = []
+        with host.lock():
+            self.prepare_model(host)
+            for start in range(0, n, batch):
+                k = min(batch, n - start)
+                seeds = [int(seed) + start + j for j in range(k)]
+                for img in self.sampler(host, [prompt] * k, negative_prompt, seeds, width, height,
+                                        self._steps(steps), self.cfg_scale):
+                    images.append(img)
+                    if on_image:
+                        on_image(len(images), n, img)
+        return images
+
+    def render_grid(self, files: list[str], strengths: list[float], seeds: list[int], prompt: str,
+                    negative_prompt: str = "", width: int | None = None, height: int | None = None,
+                    steps: int | None = None, progress: Callable | None = None) -> list[list[list[Image.Image]]]:
+        """images[file][strength][seed], each LoRA merged at that strength into the loaded model, then restored."""
+        from ..apply import Patcher, layer_mapping, load_network
+
+        host = self._need_host()
+        width, height = int(width or 512), int(height or 512)
+        out: list[list[list[Image.Image]]] = []
+        total, done = len(files) * len(strengths), 0
+        with host.lock():
+            self.prepare_model(host)
+            mapping = layer_mapping(host.sd_model)
+            patcher = Patcher(cache_mb=0)
+            try:
+                for f in files:
+                    net = load_network(f, host.family)
+                    rows = []
+                    for s in strengths:
+                        patcher.apply(mapping, [(net, float(s), float(s), None)])
+                        rows.append(self.sampler(host, [prompt] * len(seeds), negative_prompt, list(seeds), width,
+                                                 height, self._steps(steps), self.cfg_scale))
+                        done += 1
+                        if progress:
+                            progress(done, total)
+                    out.append(rows)
+            finally:
+                patcher.restore()
+        return out
+
+    # ---- jobs ---------------------------------------------------------------------------------------------
+    def submit(self, config: dict, name: str | None = None, task_id: str | None = None,
+               front: bool = False) -> dict:
+        parse_train_config(dict(config), source="the job's settings")  # refuse now what would fail later
+        with self._lock:  # the worker's "start" event waits here until the task id is known
+            if task_id:
+                self.hooks.queued(task_id, None)
+            job = self.queue.submit(dict(config), name=name, model=self.model_info())
+            if task_id:
+                self._tasks[job.id] = task_id
+            if front:
+                try:
+                    self.queue.move(job.id, 0)
+                except ValueError:
+                    pass  # it already started: nothing to move ahead of
+        return _public(job)
+
+    def jobs(self) -> list[dict]:
+        return [j.public() for j in self.queue.list()]
+
+    def job(self, job_id: str) -> dict | None:
+        return _public(self.queue.get(job_id))
+
+    def _need_job(self, job_id):
+        job = self.queue.get(job_id) if job_id else None
+        if job is None:
+            raise UiError("That job is no longer in the list (it was removed). Pick another job.")
+        return job
+
+    def cancel(self, job_id: str) -> dict:
+        job = self._need_job(job_id)
+        if job.status not in (QUEUED, INTERRUPTED, RUNNING):
+            raise UiError(f"'{job.name}' has already {STATUS_PAST.get(job.status, job.status)}; there is nothing to "
+                          "cancel. Use Remove to take it off the list.")
+        return _public(self.queue.cancel(job_id))
+
+    def remove(self, job_id: str) -> None:
+        job = self._need_job(job_id)
+        if job.status == RUNNING:
+            raise UiError(f"'{job.name}' is training right now. Cancel it first, then remove it.")
+        self.queue.remove(job_id)
+        with self._lock:
+            task = self._tasks.pop(job_id, None)
+        if task:
+            self.hooks.finished(task, job)  # a removed waiting job must not keep a progress bar waiting
+
+    def move(self, job_id: str, delta: int) -> None:
+        job = self._need_job(job_id)
+        if job.status not in (QUEUED, INTERRUPTED):
+            raise UiError(f"'{job.name}' is {job.status}; only jobs that are still waiting can be moved.")
+        waiting = [j.id for j in self.queue.pending()]
+        self.queue.move(job_id, max(0, waiting.index(job_id) + int(delta)))
+
+    def queue_problem(self) -> str | None:
+        return self.queue.load_error
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self.queue.stop(timeout)
+
+    # ---- results ------------------------------------------------------------------------------------------
+    def lora_tag(self, path: str, weight: float) -> str:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return f"<lora:{stem}:{float(weight):g}>"
+
+    def save_preview(self, lora_path: str, image: Image.Image) -> str:
+        """``<stem>.preview.png`` next to the LoRA: the WebUI's card thumbnail (find_preview)."""
+        stem = os.path.splitext(lora_path)[0]
+        path = stem + ".preview.png"
+        tmp = path + ".tmp"
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+        return path
+
+    # ---- the runner the queue calls -----------------------------------------------------------------------
+    def _sample_fn(self, host, cfg):
+        prompts_path = str(cfg.resolve(cfg.sample_prompts))
+        if not os.path.isfile(prompts_path):
+            raise UiError(f"The sample prompt file {prompts_path} does not exist. Clear 'Sample images every N "
+                          "epochs' or write a sample prompt.")
+        entries = parse_sample_prompts(prompts_path)
+        out_dir = os.path.join(str(cfg.resolve(cfg.output_dir)), "sample")
+        reso = cfg.resolution or (512, 512)
+        name = cfg.output_name or "lora"
+
+        def sample(epoch, step):
+            os.makedirs(out_dir, exist_ok=True)
+            paths = []
+            for i, e in enumerate(entries):
+                seed = e.get("seed", (cfg.seed or 0) + i)
+                img = self.sampler(host, [e["prompt"]], e.get("negative", ""), [seed], e.get("width", reso[0]),
+                                   e.get("height", reso[1]), e.get("steps", self.sample_steps),
+                                   e.get("cfg_scale", self.cfg_scale))[0]
+                p = os.path.join(out_dir, f"{name}_e{epoch:06d}_{i:02d}.png")
+                img.save(p)
+                paths.append(p)
+            return paths
+
+        return sample
+
+    def _run(self, job, emit, should_cancel):
+        from ..train.run import run_training
+
+        host = self._need_host()
+        cfg = parse_train_config(dict(job.config), source=f"job '{job.name}'")
+        sample_fn = self._sample_fn(host, cfg) if cfg.sample_every_n_epochs and cfg.sample_prompts else None
+        resume = job.resume_state if job.resume_state and os.path.exists(job.resume_state) else None
+
+        def on_event(ev):
+            emit(ev)
+            if ev.kind == "start":  # the trainer emits it once it holds host.lock()
+                self._task_event(job, "started")
+
+        return run_training(host, cfg, on_event=on_event,
+                            should_cancel=lambda: should_cancel() or self.hooks.interrupted(),
+                            resume=resume, sample_fn=sample_fn)
+
+    def _task_event(self, job, what):
+        """``started`` once per job, when the trainer announces it holds the model."""
+        with self._lock:
+            task = self._tasks.get(job.id)
+            first = job.id not in self._started
+            self._started.add(job.id)
+        if task and first:
+            self.hooks.started(task, job)
+
+    def _on_queue_event(self, job, kind):
+        with self._lock:
+            task = self._tasks.get(job.id)
+        if not task:
+            return
+        if kind in ("step", "cache", "epoch", "save", "sample"):
+            self.hooks.update(task, job)
+        # the trainer's own done/cancelled events come while the job still runs; the queue's final one after
+        elif (kind in ("done", "cancelled", "failed") or kind == "cancel") and job.status != RUNNING:
+            with self._lock:
+                self._tasks.pop(job.id, None)
+                self._started.discard(job.id)
+            self.hooks.finished(task, job)
+
+
+def parse_numbers(text: str, kind=float, what: str = "values") -> list:
+    """'0.5, 0.7 1.0' -> [0.5, 0.7, 1.0] with a plain-words error."""
+    items = [t for t in re.split(r"[,\s]+", str(text or "").strip()) if t]
+    out = []
+    for t in items:
+        try:
+            out.append(kind(float(t)) if kind is int else kind(t))
+        except ValueError:
+            raise UiError(f"'{t}' in the {what} is not a number. Write numbers separated by commas, e.g. "
+                          + ("1, 2, 3, 4, 5" if kind is int else "0.5, 0.7, 0.8, 1.0")) from None
+    if not out:
+        raise UiError(f"No {what} given. Write numbers separated by commas.")
+    return out
+
+
+__all__ = ["Backend", "LocalBackend", "ProgressHooks", "UiError", "ddim_sampler", "describe_file",
+           "parse_numbers", "parse_sample_prompts", "write_sample_prompts"]

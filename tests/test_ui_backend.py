@@ -1,0 +1,162 @@
+"""LocalBackend over the tiny CPU SD1 model: the queue runs a real training with samples, progress hooks get the
+task id, the results grid merges each file at each strength and restores the model exactly."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import models
+from lib_lora.host.base import ModelHost
+from lib_lora.train.config import TrainConfigError
+from lib_lora.ui.backend import (LocalBackend, ProgressHooks, UiError, ddim_sampler, describe_file, parse_numbers,
+                                 parse_sample_prompts, write_sample_prompts)
+from lib_lora.ui.tab import model_mismatches
+
+
+class Hooks(ProgressHooks):
+    def __init__(self):
+        self.calls = []
+
+    def queued(self, task, job):
+        self.calls.append(("queued", task))
+
+    def started(self, task, job):
+        self.calls.append(("started", task))
+
+    def finished(self, task, job):
+        self.calls.append(("finished", task, job.status))
+
+
+@pytest.fixture(scope="module")
+def host():
+    m = models.make_sd1(seed=3)
+    info = m.sd_checkpoint_info
+    return ModelHost(m, name=info.name, path=info.filename, sha256=info.sha256)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bk")
+    d = root / "img" / "2_svs bear"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _config(dataset, out, **kw):
+    cfg = {"train_data_dir": str(dataset / "img"), "resolution": "64", "train_batch_size": 1, "max_train_epochs": 2,
+           "network_dim": 4, "network_alpha": 4.0, "unet_lr": 1e-2, "text_encoder_lr": 0.0,
+           "optimizer_type": "AdamW", "output_dir": str(out), "output_name": "bear", "save_every_n_epochs": 1,
+           "seed": 5}
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(host, dataset, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    hooks = Hooks()
+    b = LocalBackend(host, str(store), output_dir=str(store / "Lora"), sample_steps=2, hooks=hooks)
+    out = store / "Lora"
+    prompts = write_sample_prompts(str(out / "sample" / "bear-prompts.txt"), "svs bear --d 3 --s 2")
+    job = b.submit(_config(dataset, out, sample_every_n_epochs=1, sample_prompts=prompts), name="bear",
+                   task_id="task(abc)")
+    assert b.queue.wait_idle(120)
+    yield b, b.job(job["id"]), hooks
+    b.stop()
+
+
+def test_queue_trains_with_samples_and_reports_progress(trained, host):
+    b, job, hooks = trained
+    assert job["status"] == "done", job
+    assert [os.path.basename(f) for f in job["files"]] == ["bear-000001.safetensors", "bear.safetensors"]
+    assert [(s["epoch"], os.path.basename(s["path"])) for s in job["samples"]] == [
+        (1, "bear_e000001_00.png"), (2, "bear_e000002_00.png")]
+    assert all(os.path.exists(s["path"]) for s in job["samples"])
+    assert job["total"] == 12 and job["step"] == 12 and len(job["losses"]) == 12
+    assert job["model"]["name"] == host.model_name and job["model"]["family"] == "sd1"
+    assert hooks.calls == [("queued", "task(abc)"), ("started", "task(abc)"), ("finished", "task(abc)", "done")]
+    assert [describe_file(f) for f in job["files"]] == ["epoch 1", "final"]
+
+
+def test_results_grid_merges_each_file_and_restores_the_model(trained, host):
+    b, job, _ = trained
+    before = models.model_state_hash(host.sd_model)
+    seeds = [1, 2]
+    grid = b.render_grid(job["files"], [0.0, 1.0], seeds, "svs bear", width=64, height=64, steps=2)
+    assert len(grid) == 2 and all(len(row) == 2 and len(row[0]) == 2 for row in grid)
+    assert grid[0][0][0].size == (64, 64)
+    assert models.model_state_hash(host.sd_model) == before  # every merge undone, bit for bit
+    base = ddim_sampler(host, ["svs bear"] * 2, "", seeds, 64, 64, 2, b.cfg_scale)
+    assert np.array_equal(np.asarray(grid[1][0][0]), np.asarray(base[0]))   # strength 0 = the bare model
+    assert not np.array_equal(np.asarray(grid[1][1][0]), np.asarray(base[0]))  # strength 1 changes the image
+    again = ddim_sampler(host, ["svs bear"] * 2, "", seeds, 64, 64, 2, b.cfg_scale)
+    assert np.array_equal(np.asarray(again[1]), np.asarray(base[1]))  # deterministic per seed
+
+
+def test_preview_and_tag(trained, tmp_path):
+    b, job, _ = trained
+    final = job["files"][-1]
+    assert b.lora_tag(final, 0.7) == "<lora:bear:0.7>"
+    assert b.lora_tag(job["files"][0], 1.0) == "<lora:bear-000001:1>"
+    p = b.save_preview(final, Image.new("RGB", (8, 8), "blue"))
+    assert p == final[: -len(".safetensors")] + ".preview.png" and Image.open(p).size == (8, 8)
+
+
+def test_queue_operations_and_restart(host, dataset, tmp_path):
+    hooks = Hooks()
+    b = LocalBackend(host, str(tmp_path / "s"), hooks=hooks, autostart=False)
+    cfg = _config(dataset, tmp_path / "o")
+    j1 = b.submit(cfg, name="one", task_id="t1")
+    j2 = b.submit(cfg, name="two", task_id="t2")
+    j3 = b.submit(cfg, name="three", task_id="t3", front=True)
+    assert [j["name"] for j in b.jobs()] == ["three", "one", "two"]
+    b.move(j2["id"], -1)
+    assert [j["name"] for j in b.jobs()] == ["three", "two", "one"]
+    b.cancel(j3["id"])
+    assert ("finished", "t3", "cancelled") in hooks.calls
+    with pytest.raises(UiError, match="nothing to cancel"):
+        b.cancel(j3["id"])
+    with pytest.raises(UiError, match="only jobs that are still waiting"):
+        b.move(j3["id"], 1)
+    b.remove(j1["id"])
+    assert ("finished", "t1", "queued") in hooks.calls
+    with pytest.raises(UiError, match="no longer in the list"):
+        b.remove(j1["id"])
+    with pytest.raises(TrainConfigError, match="unknown key"):
+        b.submit({**cfg, "batchsize": 2}, name="typo")
+    # the queue is kept across a restart, in the same order
+    b2 = LocalBackend(host, str(tmp_path / "s"), autostart=False)
+    assert [(j["name"], j["status"]) for j in b2.jobs()] == [("three", "cancelled"), ("two", "queued")]
+
+
+def test_model_mismatch_warning():
+    jobs = [{"name": "a", "status": "queued", "model": {"name": "x.safetensors", "hash": "111"}},
+            {"name": "b", "status": "done", "model": {"name": "x.safetensors", "hash": "111"}},
+            {"name": "c", "status": "queued", "model": {"name": "y.safetensors", "hash": "222"}}]
+    warn = model_mismatches({"loaded": True, "name": "y.safetensors", "hash": "222"}, jobs)
+    assert len(warn) == 1 and "'a'" in warn[0] and "x.safetensors" in warn[0]
+
+
+def test_sample_prompt_file_and_number_lists(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("# comment\nsvs bear, smiling --n blurry, ugly --w 64 --h 96 --d 42 --l 5.5 --s 12\nplain\n")
+    assert parse_sample_prompts(str(p)) == [
+        {"prompt": "svs bear, smiling", "negative": "blurry, ugly", "width": 64, "height": 96, "seed": 42,
+         "cfg_scale": 5.5, "steps": 12}, {"prompt": "plain"}]
+    assert parse_numbers("0.5, 0.7 1") == [0.5, 0.7, 1.0]
+    assert parse_numbers("1,2,3", int) == [1, 2, 3]
+    with pytest.raises(UiError, match="'x' in the seeds is not a number"):
+        parse_numbers("1, x", int, "seeds")
+
+
+def test_no_model_loaded_is_said_plainly(tmp_path):
+    b = LocalBackend(lambda: None, str(tmp_path / "s"), autostart=False)
+    assert b.model_info()["loaded"] is False
+    with pytest.raises(UiError, match="No checkpoint is loaded"):
+        b.generate("a bear", 1, 0, 64, 64)
+    with pytest.raises(UiError, match="BLIP is not available"):
+        b.interrogate(Image.new("RGB", (8, 8)), "blip")

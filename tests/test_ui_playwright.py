@@ -1,0 +1,327 @@
+"""End to end: the tab served by a real gradio 3.41.2 app (tests/ui_app.py, A1111's layout) over the tiny CPU SD1
+model, driven with Debian's chromium: dataset doctor, preset, three jobs (reorder, remove, cancel, finish), live
+progress and loss curve, samples, the results grid and "Use this one" into txt2img's prompt.
+
+Screenshots of each step go to tests/_artifacts/ui/NN-step.png (gitignored).
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = os.path.join(ROOT, "tests", "_artifacts", "ui")
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"Debian chromium is not installed at {CHROMIUM} "
+                                       "(apt-get install -y --no-install-recommends chromium)")
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _dataset(root: str) -> str:
+    d = os.path.join(root, "ds", "img", "2_svs bear")
+    os.makedirs(d)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(os.path.join(d, f"im{i}.png"))
+    with open(os.path.join(d, "im0.txt"), "w") as f:
+        f.write("svs bear, smiling\n")
+    with open(os.path.join(d, "im1.txt"), "w") as f:
+        f.write("a bear in a forest\n")  # no trigger: the doctor must say so
+    return os.path.dirname(d)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ui"))
+    train_dir = _dataset(root)
+    port = _free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_path = os.path.join(root, "server.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "ui_app.py"), "--port", str(port),
+                             "--root", root, "--sample-steps", "3"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.flush()
+            pytest.fail("the UI server exited:\n" + open(log_path).read()[-4000:])
+        if "READY" in open(log_path).read():
+            break
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("the UI server did not start in 180 s:\n" + open(log_path).read()[-4000:])
+    yield {"url": url, "root": root, "train_dir": train_dir, "log": log_path}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    os.makedirs(SHOTS, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        pg = browser.new_page(viewport={"width": 1366, "height": 768})
+        pg.errors = []
+        pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+        pg.set_default_timeout(30000)
+        pg.goto(server["url"], wait_until="networkidle")
+        yield pg
+        browser.close()
+
+
+def shot(page, name):
+    page.screenshot(path=os.path.join(SHOTS, name), full_page=False)
+
+
+def sub_tab(page, name):
+    page.locator("#lora_studio_tabs > .tab-nav button", has_text=name).first.click()
+
+
+def fill(page, elem_id, value):
+    loc = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    loc.fill(str(value))
+    loc.press("Tab")  # gradio commits on blur
+
+
+def choose(page, elem_id, text):
+    # the job list refreshes itself every 1.5 s and may re-render the options under the pointer: retry
+    for attempt in range(4):
+        try:
+            page.locator(f"#{elem_id} input").first.click()
+            page.locator(f"#{elem_id} ul.options li", has_text=text).first.click(timeout=5000)
+            page.wait_for_function(
+                "([id, t]) => { const i = document.querySelector('#' + id + ' input'); return i && i.value.includes(t); }",
+                arg=[elem_id, text], timeout=5000)
+            return
+        except Exception:
+            if attempt == 3:
+                raise
+            page.keyboard.press("Escape")
+
+
+def checkbox(page, elem_id, on: bool):
+    box = page.locator(f"#{elem_id} input[type=checkbox]")
+    if box.is_checked() != on:
+        box.click()
+
+
+def html_text(page, elem_id) -> str:
+    return page.locator(f"#{elem_id}").first.inner_text()
+
+
+def wait_text(page, elem_id, pattern, timeout=60):
+    deadline = time.time() + timeout
+    last = ""
+    while time.time() < deadline:
+        last = html_text(page, elem_id)
+        if re.search(pattern, last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"#{elem_id} never matched {pattern!r}; last text:\n{last}")
+
+
+def test_full_flow(server, page):
+    t0 = time.time()
+    page.locator("#tabs > .tab-nav button", has_text="LoRA Studio").first.click()
+    wait_text(page, "lora_studio_model", r"tiny-sd1-s0\.safetensors.*SD1")
+    shot(page, "01-model.png")
+
+    # --- dataset doctor
+    fill(page, "lora_studio_train_dir", server["train_dir"])
+    page.click("#lora_studio_check")
+    text = wait_text(page, "lora_studio_doctor", r"training images")
+    assert re.search(r"3\s+training images", text), text
+    assert "missing in 1: im1.png" in text, text
+    assert "2_svs bear" in text and "1/3" not in text and "2/3" in text, text  # 2 of 3 have caption files
+    shot(page, "02-doctor.png")
+
+    # --- preset, then the tiny-run overrides
+    sub_tab(page, "Parameters")
+    choose(page, "lora_studio_preset", "SD1.5 style")
+    wait_text(page, "lora_studio_toml_status", r"Preset 'SD1.5 style' applied")
+    assert page.locator("#lora_studio_shuffle_caption input[type=checkbox]").is_checked()
+    choose(page, "lora_studio_preset", "SD1.5 character")
+    wait_text(page, "lora_studio_toml_status", r"Preset 'SD1.5 character' applied")
+    assert page.locator("#lora_studio_network_dim input").input_value() == "32"
+    assert page.locator("#lora_studio_text_encoder_lr input").input_value() in ("0.00005", "5e-05", "5e-5")
+    shot(page, "03-preset.png")
+    for key, value in (("network_dim", 4), ("network_alpha", 2), ("train_batch_size", 1), ("resolution", 64),
+                       ("lr_warmup_steps", 0), ("save_every_n_epochs", 1), ("sample_every_n_epochs", 1),
+                       ("max_train_epochs", 100), ("ui_sample_prompt", "svs bear")):
+        fill(page, f"lora_studio_{key}", value)
+    checkbox(page, "lora_studio_enable_bucket", False)
+    choose(page, "lora_studio_optimizer_type", "AdamW")
+    choose(page, "lora_studio_mixed_precision", "no")
+    wait_text(page, "lora_studio_vram", r"Estimated VRAM: about [\d.]+ GB")
+
+    # --- three jobs: a long one (cancelled), a short one (finishes), one moved and removed
+    sub_tab(page, "Train")
+    fill(page, "lora_studio_output_name", "job_a")
+    page.click("#lora_studio_train")
+    wait_text(page, "lora_studio_train_status", r"Queued 'job_a'")
+    sub_tab(page, "Parameters")
+    fill(page, "lora_studio_max_train_epochs", 2)
+    sub_tab(page, "Train")
+    # job_a went in without A1111's requestProgress (standalone); from here on a stand-in records its calls
+    page.evaluate("window.__lsCalls = []; window.requestProgress = function(id, anchor) {"
+                  " window.__lsCalls.push([id, anchor && anchor.id]); }; 0")
+    fill(page, "lora_studio_output_name", "job_b")
+    page.click("#lora_studio_queue")
+    wait_text(page, "lora_studio_train_status", r"Queued 'job_b'.*waits behind 1")
+    fill(page, "lora_studio_output_name", "job_c")
+    page.click("#lora_studio_queue")
+    wait_text(page, "lora_studio_train_status", r"Queued 'job_c'.*waits behind 2")
+    # job_c is selected after queueing: move it ahead of job_b, check the order, then remove it
+    page.click("#lora_studio_up")
+    wait_text(page, "lora_studio_jobs", r"1\s+job_c[\s\S]*2\s+job_b")
+    page.click("#lora_studio_remove")
+    wait_text(page, "lora_studio_train_status", r"Removed 'job_c'")
+    assert "job_c" not in html_text(page, "lora_studio_jobs")
+
+    # progress and the loss curve update by themselves (the tab's refresh timer)
+    choose(page, "lora_studio_job", "job_a")
+    wait_text(page, "lora_studio_progress", r"job_a.*training[\s\S]*step ([3-9]|\d\d+) of \d+", timeout=90)
+    page.wait_for_selector("#lora_studio_loss img", timeout=30000)
+    shot(page, "04-progress.png")
+    page.click("#lora_studio_cancel")
+    wait_text(page, "lora_studio_progress", r"job_a.*cancelled", timeout=60)
+
+    choose(page, "lora_studio_job", "job_b")
+    wait_text(page, "lora_studio_progress", r"job_b.*finished", timeout=120)
+    wait_text(page, "lora_studio_jobs", r"job_a\s+cancelled[\s\S]*job_b\s+finished")
+    page.wait_for_function("document.querySelectorAll('#lora_studio_samples .thumbnail-item').length >= 2",
+                           timeout=30000)
+    assert os.path.exists(os.path.join(server["root"], "Lora", "job_b.safetensors"))
+    # the task id the page handed to requestProgress is the one the job reported its progress under
+    calls = page.evaluate("window.__lsCalls")
+    assert len(calls) == 2 and all(a == "lora_studio_progressbar" for _, a in calls), calls
+    task_b = calls[0][0]
+    assert re.fullmatch(r"task\(\w+\)", task_b), task_b
+    hooks = open(os.path.join(server["root"], "hooks.log")).read().split("\n")
+    assert [f"queued {task_b} -", f"started {task_b} job_b", f"finished {task_b} job_b"] == \
+        [h for h in hooks if task_b in h], hooks
+    task_c = calls[1][0]
+    assert f"finished {task_c} job_c" in hooks, hooks  # removed while waiting: its progress bar is released
+    assert os.path.exists(os.path.join(server["root"], "Lora", "job_b-000001.safetensors"))
+    page.screenshot(path=os.path.join(SHOTS, "05-trained.png"), full_page=True)
+
+    # --- results grid: 2 saved epochs x 4 strengths x 5 seeds
+    sub_tab(page, "Results")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#lora_studio_r_job input'); return i && /job_b/.test(i.value); }",
+        timeout=30000)
+    page.wait_for_function("document.querySelectorAll('#lora_studio_r_files input[type=checkbox]:checked').length"
+                           " == 2", timeout=30000)
+    for key, value in (("r_w", 64), ("r_h", 64), ("r_steps", 2)):
+        fill(page, f"lora_studio_{key}", value)
+    page.click("#lora_studio_r_render")
+    wait_text(page, "lora_studio_r_status", r"Rendered 40 images", timeout=120)
+    page.wait_for_function("document.querySelectorAll('#lora_studio_r_gallery .thumbnail-item').length == 40")
+    page.wait_for_selector("#lora_studio_r_grid img", state="attached")
+    page.screenshot(path=os.path.join(SHOTS, "06-grid.png"), full_page=True)
+
+    # --- pick one (epoch 1, strength 0.7, seed 3: index 0*20 + 1*5 + 2) and use it
+    page.locator("#lora_studio_r_gallery .thumbnail-item").nth(7).click()
+    wait_text(page, "lora_studio_r_use_status", r"Chosen: epoch 1 at strength 0\.7, seed 3")
+    page.click("#lora_studio_r_use")
+    wait_text(page, "lora_studio_r_use_status", r"Added <lora:job_b-000001:0\.7> to the txt2img prompt")
+    preview = os.path.join(server["root"], "Lora", "job_b-000001.preview.png")
+    assert os.path.exists(preview)
+    shot(page, "07-use.png")
+    page.locator("#tabs > .tab-nav button", has_text="txt2img").first.click()
+    assert page.locator("#txt2img_prompt textarea").input_value() == "<lora:job_b-000001:0.7>"
+    shot(page, "08-txt2img.png")
+
+    # the same LoRA again changes its weight instead of adding a second tag; without txt2img the tag is shown
+    page.evaluate("lora_studio_use_tag('<lora:job_b-000001:1>', '')")
+    assert page.locator("#txt2img_prompt textarea").input_value() == "<lora:job_b-000001:1>"
+    alone = page.evaluate("() => { const el = document.querySelector('#txt2img_prompt'); el.id = 'elsewhere';"
+                          " const r = lora_studio_use_tag('<lora:x:1>', ''); el.id = 'txt2img_prompt'; return r; }")
+    assert "not on this page" in alone and "&lt;lora:x:1&gt;" in alone
+
+    assert not page.errors, page.errors
+    assert time.time() - t0 < 170
+
+
+def test_dataset_helper_flow(server, page):
+    src = os.path.join(server["root"], "plain")
+    os.makedirs(src)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (100 * i, 50, 50)).save(os.path.join(src, f"pic{i}.png"))
+    page.locator("#tabs > .tab-nav button", has_text="LoRA Studio").first.click()
+    sub_tab(page, "Dataset helper")
+    fill(page, "lora_studio_h_src", src)
+    fill(page, "lora_studio_h_dest", os.path.join(server["root"], "made"))
+    fill(page, "lora_studio_h_trigger", "zkx")
+    fill(page, "lora_studio_h_class", "dog")
+    page.click("#lora_studio_h_create")
+    wait_text(page, "lora_studio_h_status", r"Copied 2 image\(s\)")
+    page.click("#lora_studio_h_caption_all")
+    wait_text(page, "lora_studio_h_status", r"Captioned 2 image\(s\) with BLIP")
+    page.wait_for_function("() => { const t = document.querySelector('#lora_studio_h_caption textarea');"
+                           " return t && t.value === 'zkx, a bear standing in the grass'; }")
+    made = os.path.join(server["root"], "made", "img", "10_zkx dog")
+    assert open(os.path.join(made, "pic0.txt")).read().strip() == "zkx, a bear standing in the grass"
+    assert sorted(os.listdir(src)) == ["pic0.png", "pic1.png"]  # originals untouched, no captions written there
+    fill(page, "lora_studio_h_caption", "zkx dog, sitting")
+    page.click("#lora_studio_h_save")
+    wait_text(page, "lora_studio_h_status", r"Saved the caption of pic0\.png")
+    assert open(os.path.join(made, "pic0.txt")).read().strip() == "zkx dog, sitting"
+    page.screenshot(path=os.path.join(SHOTS, "09-helper.png"), full_page=True)
+    # regularisation images from the loaded model into reg/1_dog (count defaulted to 2 images x 5)
+    page.locator("#lora_studio_h_reg_acc .label-wrap").first.click()
+    assert page.locator("#lora_studio_h_reg_count input").input_value() == "10"
+    for key, value in (("h_reg_count", 2), ("h_reg_w", 64), ("h_reg_h", 64)):
+        fill(page, f"lora_studio_{key}", value)
+    page.click("#lora_studio_h_reg_go")
+    wait_text(page, "lora_studio_h_status", r"Wrote 2 regularisation image\(s\)", timeout=60)
+    assert sorted(os.listdir(os.path.join(server["root"], "made", "reg", "1_dog"))) == ["reg_00001.png",
+                                                                                       "reg_00002.png"]
+    # the layout went to the Dataset tab, whose doctor ran on it
+    sub_tab(page, "Dataset")
+    text = wait_text(page, "lora_studio_doctor", r"10_zkx dog")
+    assert re.search(r"2\s+training images", text), text
+    assert not page.errors, page.errors
+
+
+def test_toml_export_and_import(server, page):
+    page.locator("#tabs > .tab-nav button", has_text="LoRA Studio").first.click()
+    sub_tab(page, "Parameters")
+    page.locator("#lora_studio_toml_acc .label-wrap").first.click()
+    page.click("#lora_studio_export")
+    wait_text(page, "lora_studio_toml_status", r"Exported")
+    text = page.locator("#lora_studio_toml textarea").input_value()
+    assert "[dataset]" in text and "[training]" in text and 'network_module = "networks.lora"' in text
+    fill(page, "lora_studio_toml", text.replace("network_dim = 4", "network_dim = 8") + "\nbatch_size = 3\n")
+    page.click("#lora_studio_import")
+    wait_text(page, "lora_studio_toml_status", r"both batch_size = 3 and train_batch_size")  # a plain-words error
+    fill(page, "lora_studio_toml", text.replace("network_dim = 4", "network_dim = 8"))
+    page.click("#lora_studio_import")
+    wait_text(page, "lora_studio_toml_status", r"Imported into the form")
+    assert page.locator("#lora_studio_network_dim input").input_value() == "8"
+    page.screenshot(path=os.path.join(SHOTS, "10-toml.png"), full_page=False)
+    assert not page.errors, page.errors

@@ -1,0 +1,161 @@
+"""The tab without a browser: it builds as A1111 needs it (standalone Blocks, unique prefixed ids, plain-string
+labels, the JS it names exists), and its pure pieces (job table, progress, errors, loss plot, grid) behave."""
+import os
+import re
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from lib_lora.train.config import TrainConfigError
+from lib_lora.ui import tab as T
+from lib_lora.ui.backend import UiError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeBackend:
+    store_dir = "/tmp/lora-studio-fake"
+
+    def model_info(self):
+        return {"loaded": True, "name": "v1-5.safetensors", "hash": "abcdef1234", "family": "sdxl",
+                "parameterization": "eps", "dtype": "float16", "device": "cuda"}
+
+    def jobs(self):
+        return []
+
+    def queue_problem(self):
+        return "the saved queue could not be read; it was kept as queue.json.unreadable-1"
+
+    def default_output_dir(self):
+        return "/models/Lora"
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return T.build_tab(FakeBackend())
+
+
+def _components(blocks):
+    return [b for b in blocks.blocks.values() if isinstance(b, gr.components.Component)]
+
+
+def test_builds_standalone_with_prefixed_unique_ids(blocks):
+    assert isinstance(blocks, gr.Blocks)
+    assert T.on_ui_tabs_entry(FakeBackend())[0][1:] == ("LoRA Studio", "lora_studio")
+    ids = [b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)]
+    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
+    assert all(i.startswith("lora_studio") for i in ids), [i for i in ids if not i.startswith("lora_studio")]
+    for needed in ("lora_studio_train_dir", "lora_studio_reg_dir", "lora_studio_doctor", "lora_studio_preset",
+                   "lora_studio_train", "lora_studio_queue", "lora_studio_cancel", "lora_studio_refresh",
+                   "lora_studio_jobs", "lora_studio_loss", "lora_studio_samples", "lora_studio_r_gallery",
+                   "lora_studio_r_use", "lora_studio_toml", "lora_studio_h_create", "lora_studio_progress"):
+        assert needed in ids, needed
+
+
+def test_labels_are_plain_strings_and_fields_have_tooltips(blocks):
+    for c in _components(blocks):
+        label = getattr(c, "label", None)
+        assert label is None or type(label) is str, (c, label)
+    for f in T.FIELDS:
+        comp = next(c for c in _components(blocks) if c.elem_id == f"lora_studio_{f.key}")
+        assert comp.info == f.info and comp.label == f.label
+
+
+def test_family_picks_the_preset_and_queue_problem_is_shown(blocks):
+    preset = next(c for c in _components(blocks) if c.elem_id == "lora_studio_preset")
+    assert preset.value == "SDXL character"
+    res = next(c for c in _components(blocks) if c.elem_id == "lora_studio_resolution")
+    assert res.value == "1024"
+    htmls = " ".join(str(c.value) for c in _components(blocks) if isinstance(c, gr.HTML))
+    assert "could not be read" in htmls and "v1-5.safetensors" in htmls
+
+
+def test_javascript_functions_named_by_the_tab_exist(blocks):
+    js = open(os.path.join(ROOT, "javascript", "lora_studio.js"), encoding="utf-8").read()
+    named = {d.get("js") for d in blocks.config["dependencies"] if d.get("js")}
+    assert named == {"lora_studio_start_training", "lora_studio_use_tag"}
+    for fn in named:
+        assert re.search(rf"function {fn}\(", js), fn
+    assert "typeof requestProgress === \"function\"" in js  # degrades without A1111's progress bar
+    css = re.sub(r"/\*.*?\*/", "", open(os.path.join(ROOT, "style.css"), encoding="utf-8").read(), flags=re.S)
+    selectors = [s.strip() for rule in re.findall(r"([^{}]+)\{", css) for s in rule.split(",")]
+    for s in selectors:
+        if s and not s.startswith("@"):
+            assert s.startswith(".lora-studio") or s.startswith("#tab_lora_studio"), s
+
+
+def _job(**kw):
+    j = {"id": "0123456789ab", "name": "bear", "status": "running", "step": 30, "total": 120, "epoch": 2,
+         "epochs": 8, "loss": 0.1234, "avg_loss": 0.11, "lr": 1e-4, "eta_s": 95, "message": "", "files": [],
+         "notes": [], "error": None, "losses": [], "samples": [], "model": {}}
+    j.update(kw)
+    return j
+
+
+def test_job_table_progress_and_labels():
+    jobs = [_job(), _job(id="aaaaaaaaaaaa", name="next", status="queued", step=0, total=0)]
+    html = T.jobs_table_html(jobs, "aaaaaaaaaaaa")
+    assert 'data-active="1"' in html and "1m 35s" in html and "waiting" in html and "ls-selected" in html
+    assert 'data-active="0"' in T.jobs_table_html([_job(status="done", eta_s=None)])
+    p = T.job_progress_html(_job())
+    assert "step 30 of 120 (25%)" in p and "epoch 2 of 8" in p and "about 1m 35s left" in p
+    failed = T.job_progress_html(_job(status="failed", message="CUDA out of memory. Tried to allocate 2 GiB"))
+    assert "Training failed" in failed and "gradient checkpointing" in failed and 'role="alert"' in failed
+    assert T.job_id_of(T.job_label(_job())) == "0123456789ab"
+    assert T.job_id_of(None) is None
+
+
+def test_error_messages_are_plain(capsys):
+    assert "Error:</b> No checkpoint" in T.error_html(UiError("No checkpoint is loaded."))
+    assert "not valid TOML" in T.error_html(TrainConfigError("x: not valid TOML"))
+    fnf = T.error_html(FileNotFoundError(2, "No such file", "/x/y"))
+    assert "was not found: /x/y" in fnf
+    bug = T.error_html(ZeroDivisionError("division by zero"))
+    assert "bug in LoRA Studio" in bug and "console" in bug
+    status = gr.HTML()
+
+    @T.guarded(status)
+    def boom(x):
+        raise UiError(f"bad {x}")
+
+    out = boom(1)
+    assert list(out) == [status] and "bad 1" in out[status]
+
+    @T.guarded(status)
+    def gen():
+        yield {status: "working"}
+        raise UiError("stopped halfway")
+
+    steps = list(gen())
+    assert steps[0] == {status: "working"} and "stopped halfway" in steps[1][status]
+
+
+def test_loss_plot_and_smoothing(tmp_path):
+    assert T.smooth([2.0] * 5) == pytest.approx([2.0] * 5)
+    s = T.smooth([0.0, 10.0])
+    assert 0.0 < s[1] < 10.0
+    path = T.render_loss_png([(i, 1.0 / (i + 1)) for i in range(1, 40)], str(tmp_path / "p" / "loss.png"), "bear")
+    img = Image.open(path)
+    assert img.format == "PNG" and img.size == (640, 280)
+
+
+def test_grid_index_and_picture():
+    # gallery order: file, then strength, then seed
+    assert T.grid_index(0, 4, 5) == (0, 0, 0)
+    assert T.grid_index(7, 4, 5) == (0, 1, 2)
+    assert T.grid_index(23, 4, 5) == (1, 0, 3)
+    cells = [[[Image.new("RGB", (64, 48), (i * 60, j * 60, k * 40)) for k in range(3)] for j in range(2)]
+             for i in range(2)]
+    grid = T.compose_grid(cells, ["epoch 1", "final"], [0.5, 1.0], [1, 2, 3])
+    assert grid.size == (150 + 3 * (64 + 4), 22 + 4 * (48 + 4))
+    # the cell of file 1, strength 1.0, seed 3 is where the row/column maths says
+    x, y = 150 + 2 * 68 + 10, 22 + 3 * 52 + 10
+    assert grid.getpixel((x, y)) == (60, 60, 80)
+
+
+def test_model_panel():
+    assert "No checkpoint is loaded" in T.model_html({"loaded": False})
+    html = T.model_html(FakeBackend().model_info(),
+                        [{"name": "old", "status": "queued", "model": {"name": "x.ckpt", "hash": "999"}}])
+    assert "SDXL" in html and "float16 on cuda" in html and "Job &#x27;old&#x27; was queued with x.ckpt" in html
