@@ -26,6 +26,7 @@ class LoraStudioScript(scripts.Script):
 
 script_callbacks.on_before_ui(session.before_ui)
 script_callbacks.on_app_started(session.app_started)
+script_callbacks.on_ui_tabs(session.ui_tabs)
 script_callbacks.on_model_loaded(session.on_model_loaded)
 script_callbacks.on_infotext_pasted(session.infotext_pasted)
 script_callbacks.on_script_unloaded(session.shutdown)

@@ -72,3 +72,23 @@ def test_own_lion_matches_lion_pytorch():
             ((p - i) ** 3).sum().backward()
             o.step()
     torch.testing.assert_close(a, b)
+
+
+def test_missing_bitsandbytes_falls_back_with_a_note(monkeypatch):
+    from lib_lora.train import optim
+
+    real = optim._import
+
+    def no_bnb(module, what, hint):
+        if module == "bitsandbytes":
+            raise OptimizerUnavailable(f"{what} needs the 'bitsandbytes' package, which is not usable here. {hint}")
+        return real(module, what, hint)
+
+    monkeypatch.setattr(optim, "_import", no_bnb)
+    p = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(OptimizerUnavailable, match="bitsandbytes"):
+        make_optimizer("AdamW8bit", [{"params": [p]}], 1e-3)
+    notes = []
+    opt, desc = make_optimizer("AdamW8bit", [{"params": [p]}], 1e-3, notes=notes)
+    assert isinstance(opt, torch.optim.AdamW) and desc.startswith("torch.optim.adamw.AdamW")
+    assert len(notes) == 1 and "Training with AdamW instead" in notes[0]

@@ -10,7 +10,7 @@ import models
 from lib_lora.host.base import ModelHost
 from lib_lora.train.config import TrainConfigError
 from lib_lora.ui.backend import (LocalBackend, ProgressHooks, UiError, ddim_sampler, describe_file, parse_numbers,
-                                 parse_sample_prompts, write_sample_prompts)
+                                 write_sample_prompts)
 from lib_lora.ui.tab import model_mismatches
 
 
@@ -61,7 +61,7 @@ def trained(host, dataset, tmp_path_factory):
     hooks = Hooks()
     b = LocalBackend(host, str(store), output_dir=str(store / "Lora"), sample_steps=2, hooks=hooks)
     out = store / "Lora"
-    prompts = write_sample_prompts(str(out / "sample" / "bear-prompts.txt"), "svs bear --d 3 --s 2")
+    prompts = write_sample_prompts(str(out / "samples" / "bear-prompts.txt"), "svs bear --d 3 --s 2")
     job = b.submit(_config(dataset, out, sample_every_n_epochs=1, sample_prompts=prompts), name="bear",
                    task_id="task(abc)")
     assert b.queue.wait_idle(120)
@@ -141,12 +141,7 @@ def test_model_mismatch_warning():
     assert len(warn) == 1 and "'a'" in warn[0] and "x.safetensors" in warn[0]
 
 
-def test_sample_prompt_file_and_number_lists(tmp_path):
-    p = tmp_path / "p.txt"
-    p.write_text("# comment\nsvs bear, smiling --n blurry, ugly --w 64 --h 96 --d 42 --l 5.5 --s 12\nplain\n")
-    assert parse_sample_prompts(str(p)) == [
-        {"prompt": "svs bear, smiling", "negative": "blurry, ugly", "width": 64, "height": 96, "seed": 42,
-         "cfg_scale": 5.5, "steps": 12}, {"prompt": "plain"}]
+def test_number_lists(tmp_path):
     assert parse_numbers("0.5, 0.7 1") == [0.5, 0.7, 1.0]
     assert parse_numbers("1,2,3", int) == [1, 2, 3]
     with pytest.raises(UiError, match="'x' in the seeds is not a number"):

@@ -71,6 +71,12 @@ class Session:
             "lora_studio_show_all": dict(
                 default=False, label="LoRA Studio cards: show LoRAs of every model family",
                 info="otherwise cards for another family than the loaded model's are hidden"),
+            "lora_studio_output_dir": dict(
+                default="", label="LoRA Studio training: default output folder",
+                info="empty = the first LoRA folder (models/Lora or --lora-dir), so new LoRAs show up as cards"),
+            "lora_studio_api_roots": dict(
+                default="", label="LoRA Studio HTTP API: extra folders requests may read and write",
+                info="comma-separated; the LoRA folders and the extension's data folder are always allowed"),
         }
 
     def register_settings(self):
@@ -126,6 +132,24 @@ class Session:
     def app_started(self, demo=None, app=None):
         self.report_forge()
         self.ensure_registered()
+        if app is not None and not self.forge:
+            try:
+                self.studio.mount_api(app)
+            except Exception:  # the WebUI must start even if our routes cannot be added
+                self.host.console("could not add the training API routes:\n" + traceback.format_exc())
+
+    @property
+    def studio(self):
+        """The training side (queue, tab backend, API); created on first use so importing starts no thread."""
+        if getattr(self, "_studio", None) is None:
+            from .webui_studio import Studio
+            self._studio = Studio(self)
+        return self._studio
+
+    def ui_tabs(self):
+        if self.forge:
+            return None  # Forge has no ldm/sgm model to train on (reference §11)
+        return self.studio.tab()
 
     def ensure_registered(self) -> bool:
         """Make the registry say what the settings say. Cheap; called before every job. Returns True if changed."""
@@ -202,6 +226,8 @@ class Session:
     def shutdown(self):
         """on_script_unloaded: leave clean weights and the registry to the next session."""
         try:
+            if getattr(self, "_studio", None) is not None:
+                self._studio.stop()  # a running job is cancelled and keeps a resumable state
             self.restore()
         finally:
             if self.network is not None and not self.forge:

@@ -18,7 +18,7 @@ _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
 
 
 class WebUINotReady(RuntimeError):
-    pass
+    user_error = True
 
 
 class WebUIHost(ModelHost):
@@ -48,54 +48,50 @@ class WebUIHost(ModelHost):
     @contextmanager
     def lock(self):
         """Hold the WebUI's queue lock for the whole job: no image generation runs meanwhile."""
-        from modules import call_queue, devices, sd_hijack
+        from modules import call_queue, devices
 
         st = shared().state
         with call_queue.queue_lock:
-            # our own <lora:> merges must not be trained into (and restored over) the new LoRA
+            # our own <lora:> merges must not be trained into (and later restored over) a new LoRA
             self.session.restore()
-            undo_attention = shared().opts.data.get("cross_attention_optimization", "Automatic") not in (
-                "Automatic", *_TRAINABLE_ATTENTION) and getattr(sd_hijack.model_hijack, "optimization_method",
-                                                                None) not in _TRAINABLE_ATTENTION
-            medvram = bool(getattr(self.sd_model, "lowvram", False))
-            if undo_attention:
-                sd_hijack.undo_optimizations()
-            if medvram:
-                from modules import lowvram
-                lowvram.send_everything_to_cpu()
-                for part in self._parts():
-                    part.to(devices.device)
-            st.begin(job="lora-studio-train")
+            st.begin(job="lora-studio")
             try:
                 yield
             finally:
                 st.end()
-                if medvram:
-                    from modules import lowvram
-                    for part in self._parts():
-                        part.to(devices.cpu)
-                    lowvram.send_everything_to_cpu()
-                if undo_attention:
-                    sd_hijack.apply_optimizations()
                 devices.torch_gc()
+
+    @contextmanager
+    def training(self):
+        """Inside lock(), for a training job: attention that supports backward, the model on the GPU (medvram)."""
+        from modules import devices, sd_hijack
+
+        method = getattr(sd_hijack.model_hijack, "optimization_method", None)
+        undo_attention = method is not None and method not in _TRAINABLE_ATTENTION
+        medvram = bool(getattr(self.sd_model, "lowvram", False))
+        if undo_attention:
+            sd_hijack.undo_optimizations()
+        if medvram:
+            from modules import lowvram
+            lowvram.send_everything_to_cpu()
+            for part in self._parts():
+                part.to(devices.device)
+        try:
+            yield
+        finally:
+            if medvram:
+                from modules import lowvram
+                for part in self._parts():
+                    part.to(devices.cpu)
+                lowvram.send_everything_to_cpu()
+            if undo_attention:
+                sd_hijack.apply_optimizations()
 
     def _parts(self):
         m = self.sd_model
         parts = [m.model, m.first_stage_model]
         parts.append(m.conditioner if hasattr(m, "conditioner") else m.cond_stage_model)
         return parts
-
-    # ---- progress ----------------------------------------------------------------------------------------
-    def progress(self, ev):
-        st = shared().state
-        if ev.kind == "step":
-            st.job_count = ev.total
-            st.job_no = ev.step
-            st.sampling_step, st.sampling_steps = 0, 0
-            st.textinfo = (f"LoRA Studio: step {ev.step}/{ev.total}, epoch {ev.epoch}/{ev.epochs}, "
-                           f"loss {ev.loss:.4f} (avg {ev.avg_loss:.4f})")
-        elif ev.message:
-            st.textinfo = f"LoRA Studio: {ev.message}"
 
     def interrupted(self) -> bool:
         return bool(shared().state.interrupted)

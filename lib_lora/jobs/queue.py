@@ -20,6 +20,12 @@ QUEUED, RUNNING, DONE, CANCELLED, FAILED, INTERRUPTED = "queued", "running", "do
 FINISHED = (DONE, CANCELLED, FAILED)
 
 
+def _is_user_error(e: BaseException) -> bool:
+    """Errors whose message already says what to do (bad config, missing folder, no model loaded)."""
+    from ..formats.errors import LoraError
+    return isinstance(e, LoraError) or getattr(e, "user_error", False)
+
+
 @dataclass
 class Job:
     id: str
@@ -232,7 +238,8 @@ class JobQueue:
                 job.status = FAILED
                 job.error = f"{type(e).__name__}: {e}"
                 job.message = str(e)
-                job.notes.append(traceback.format_exc(limit=8))
+                if not _is_user_error(e):  # a bug: keep the traceback for the report
+                    job.notes.append(traceback.format_exc(limit=8))
         finally:
             with self._lock:
                 self._cancel.discard(job.id)

@@ -18,7 +18,7 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", 
 
 
 class OptimizerUnavailable(RuntimeError):
-    pass
+    user_error = True
 
 
 def _lr_lambda(name: str, warmup: int, total: int, cycles: int = 1, power: float = 1.0, lr_end_ratio: float = 1e-7):
@@ -74,11 +74,23 @@ def _import(module: str, what: str, hint: str):
         raise OptimizerUnavailable(f"{what} needs the '{module}' package, which is not usable here ({e}). {hint}") from e
 
 
+# 8-bit optimizers train like their 32-bit twins (more memory); a missing bitsandbytes falls back with a note
+_FALLBACK = {"adamw8bit": "AdamW", "lion8bit": "Lion"}
+
+
 def make_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float = 0.01, args: dict | None = None,
-                   device: torch.device | None = None) -> tuple[torch.optim.Optimizer, str]:
-    """Returns (optimizer, description for ss_optimizer)."""
+                   device: torch.device | None = None, notes: list | None = None) -> tuple[torch.optim.Optimizer, str]:
+    """Returns (optimizer, description for ss_optimizer). With ``notes`` given, an unusable 8-bit optimizer is
+    replaced by its 32-bit twin and the reason appended there; without, it raises OptimizerUnavailable."""
     args = dict(args or {})
     key = name.lower().replace("_", "").replace("-", "")
+    if key in _FALLBACK and notes is not None:
+        try:
+            return make_optimizer(name, param_groups, lr, weight_decay, args, device)
+        except OptimizerUnavailable as e:
+            twin = _FALLBACK[key]
+            notes.append(f"{e} Training with {twin} instead (the same updates, more optimizer memory).")
+            return make_optimizer(twin, param_groups, lr, weight_decay, args, device)
     if key in ("adamw", "adamw32bit", "adam"):
         kw = {"weight_decay": weight_decay, **args}
         if device is not None and device.type == "cuda":

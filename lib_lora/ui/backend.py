@@ -20,8 +20,6 @@ import re
 import threading
 from typing import Callable, Protocol
 
-import numpy as np
-import torch
 from PIL import Image
 
 from ..jobs.queue import INTERRUPTED, QUEUED, RUNNING, JobQueue
@@ -30,6 +28,8 @@ from ..train.config import parse_train_config
 
 class UiError(Exception):
     """A problem the user can fix; the message says what happened and what to do."""
+
+    user_error = True
 
 
 class ProgressHooks:
@@ -86,99 +86,17 @@ class Backend(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a plain DDIM sampler over an ldm / sgm-shaped model (tests, headless); the WebUI passes its own
+# the default sampler (tests, headless): our own DDIM from train/sampling.py; the WebUI passes its own
 
 
-def _cond(m, prompts: list[str], width: int, height: int):
-    if hasattr(m, "conditioner"):
-        class _P(list):  # A1111's SdConditioning carries the size for SDXL's size embedding
-            pass
-        batch = _P(prompts)
-        batch.width, batch.height = width, height
-        return m.get_learned_conditioning(batch)
-    return m.get_learned_conditioning(prompts)
-
-
-def _cat(a, b):
-    if isinstance(a, dict):
-        return {k: torch.cat([a[k], b[k]]) for k in a}
-    return torch.cat([a, b])
-
-
-@torch.no_grad()
 def ddim_sampler(host, prompts: list[str], negative: str, seeds: list[int], width: int, height: int,
                  steps: int = 20, cfg_scale: float = 7.0) -> list[Image.Image]:
-    """Deterministic DDIM (eta 0) with classifier-free guidance; one image per prompt/seed."""
-    m = host.sd_model
-    dev = host.device
-    unet_dtype = next(m.model.diffusion_model.parameters()).dtype
-    n = len(prompts)
-    c = _cond(m, list(prompts), width, height)
-    uc = _cond(m, [negative] * n, width, height)
-    cond = _cat(uc, c)
-    if isinstance(cond, dict):
-        cond = {k: v.to(dev, unet_dtype) for k, v in cond.items()}
-    else:
-        cond = cond.to(dev, unet_dtype)
-    ac = m.alphas_cumprod.detach().to("cpu", torch.float64)
-    ts = np.linspace(len(ac) - 1, 0, max(1, int(steps))).round().astype(int)
-    x = torch.stack([torch.randn(4, height // 8, width // 8, generator=torch.Generator().manual_seed(int(s)))
-                     for s in seeds]).to(dev, torch.float32)
-    v_pred = getattr(m, "parameterization", "eps") == "v"
-    for i, t in enumerate(ts):
-        a = float(ac[t])
-        a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        tt = torch.full((2 * n,), int(t), device=dev, dtype=torch.long)
-        out = m.apply_model(torch.cat([x, x]).to(unet_dtype), tt, cond).float()
-        ou, oc = out.chunk(2)
-        o = ou + cfg_scale * (oc - ou)
-        if v_pred:
-            eps = a ** 0.5 * o + (1 - a) ** 0.5 * x
-            x0 = a ** 0.5 * x - (1 - a) ** 0.5 * o
-        else:
-            eps = o
-            x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
-        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-    vae = m.first_stage_model
-    z = x / float(getattr(m, "scale_factor", 0.18215))
-    img = vae.decode(z.to(dev, next(vae.parameters()).dtype)).float()
-    img = ((img + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in img]
+    """One image per prompt/seed with classifier-free guidance (deterministic DDIM, eta 0)."""
+    from ..train.sampling import SamplePrompt, generate
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# sd-scripts sample prompt files
-
-
-_OPTS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "cfg_scale", "s": "steps"}
-
-
-def parse_sample_prompts(path: str) -> list[dict]:
-    """sd-scripts' prompt file: one prompt per line, options ``--n negative --w --h --d seed --l cfg --s steps``;
-    ``#`` lines are comments."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = re.split(r"\s+--(?=[nwhdls]\s)", " " + line + " ")
-            entry = {"prompt": parts[0].strip()}
-            for p in parts[1:]:
-                k, _, v = p.strip().partition(" ")
-                key = _OPTS.get(k)
-                v = v.strip()
-                if key in ("width", "height", "seed", "steps"):
-                    try:
-                        entry[key] = int(v)
-                    except ValueError:
-                        raise UiError(f"sample prompt file {path}: --{k} {v!r} is not a whole number") from None
-                elif key == "cfg_scale":
-                    entry[key] = float(v)
-                elif key:
-                    entry[key] = v
-            out.append(entry)
-    return out
+    sps = [SamplePrompt(prompt=p, negative=negative, width=width, height=height, steps=steps, seed=int(s),
+                        cfg_scale=cfg_scale) for p, s in zip(prompts, seeds)]
+    return [img for img, _, _ in generate(host, sps, sampler="ddim")]
 
 
 def write_sample_prompts(path: str, prompt: str) -> str:
@@ -398,29 +316,16 @@ class LocalBackend:
 
     # ---- the runner the queue calls -----------------------------------------------------------------------
     def _sample_fn(self, host, cfg):
+        """The host's own sampler when it has one (the WebUI's), else ours; files go to <output>/samples."""
+        from ..train.sampling import make_sample_fn
+
         prompts_path = str(cfg.resolve(cfg.sample_prompts))
         if not os.path.isfile(prompts_path):
             raise UiError(f"The sample prompt file {prompts_path} does not exist. Clear 'Sample images every N "
                           "epochs' or write a sample prompt.")
-        entries = parse_sample_prompts(prompts_path)
-        out_dir = os.path.join(str(cfg.resolve(cfg.output_dir)), "sample")
-        reso = cfg.resolution or (512, 512)
-        name = cfg.output_name or "lora"
-
-        def sample(epoch, step):
-            os.makedirs(out_dir, exist_ok=True)
-            paths = []
-            for i, e in enumerate(entries):
-                seed = e.get("seed", (cfg.seed or 0) + i)
-                img = self.sampler(host, [e["prompt"]], e.get("negative", ""), [seed], e.get("width", reso[0]),
-                                   e.get("height", reso[1]), e.get("steps", self.sample_steps),
-                                   e.get("cfg_scale", self.cfg_scale))[0]
-                p = os.path.join(out_dir, f"{name}_e{epoch:06d}_{i:02d}.png")
-                img.save(p)
-                paths.append(p)
-            return paths
-
-        return sample
+        out_dir = str(cfg.resolve(cfg.output_dir))
+        own = getattr(host, "make_sample_fn", None)
+        return own(cfg, out_dir) if own is not None else make_sample_fn(host, cfg, out_dir)
 
     def _run(self, job, emit, should_cancel):
         from ..train.run import run_training
@@ -479,4 +384,4 @@ def parse_numbers(text: str, kind=float, what: str = "values") -> list:
 
 
 __all__ = ["Backend", "LocalBackend", "ProgressHooks", "UiError", "ddim_sampler", "describe_file",
-           "parse_numbers", "parse_sample_prompts", "write_sample_prompts"]
+           "parse_numbers", "write_sample_prompts"]

@@ -666,7 +666,7 @@ def build_tab(backend) -> gr.Blocks:
             if prompt.strip() and cfg.get("sample_every_n_epochs") and cfg.get("output_dir"):
                 name = cfg.get("output_name") or "lora"
                 cfg["sample_prompts"] = write_sample_prompts(
-                    os.path.join(cfg["output_dir"], "sample", f"{name}-prompts.txt"), prompt)
+                    os.path.join(cfg["output_dir"], "samples", f"{name}-prompts.txt"), prompt)
             return cfg
 
         @guarded(toml_status)

@@ -1,0 +1,135 @@
+"""The training side inside the WebUI: the tab's backend, A1111's progress bar, its sampler and interrogators,
+and the HTTP routes, all over one job queue. ``modules.*`` is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from ..ui.backend import LocalBackend, ProgressHooks
+from .webui import cmd_opt, console, data_dir, lora_dirs, opt, shared
+from .webui_train import WebUIHost, WebUINotReady
+
+
+class A1111Hooks(ProgressHooks):
+    """Drives the WebUI's own progress bar (the textual-inversion pattern: a task id polled by requestProgress)."""
+
+    def queued(self, task_id, job):
+        from modules import progress
+        progress.add_task_to_queue(task_id)
+
+    def started(self, task_id, job):
+        from modules import progress
+        progress.start_task(task_id)
+
+    def update(self, task_id, job):
+        st = shared().state
+        st.job_count = max(1, int(job.total or 1))
+        st.job_no = int(job.step or 0)
+        st.textinfo = (f"LoRA Studio: {job.name} step {job.step}/{job.total}"
+                       + (f", loss {job.avg_loss:.4f}" if job.avg_loss is not None else ""))
+
+    def finished(self, task_id, job):
+        from modules import progress
+        progress.finish_task(task_id)
+
+    def interrupted(self) -> bool:
+        return bool(shared().state.interrupted)
+
+
+def webui_sampler(host, prompts, negative, seeds, width, height, steps=20, cfg_scale=7.0):
+    """Images from the WebUI's own sampler on the model as it is (a LoRA merged or attached by us)."""
+    from modules import processing
+
+    images = []
+    for prompt, seed in zip(prompts, seeds):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=host.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
+            width=int(width), height=int(height), cfg_scale=float(cfg_scale), do_not_save_grid=True,
+            do_not_save_samples=True)
+        p.disable_extra_networks = True  # the LoRA under test is already in the weights; prompt tags stay out
+        try:
+            images += processing.process_images(p).images[:1]
+        finally:
+            p.close()
+    return images
+
+
+def _interrogators():
+    def blip(image):
+        return shared().interrogator.interrogate(image.convert("RGB"))
+
+    def deepbooru(image):
+        from modules import deepbooru as db
+        return db.model.tag(image.convert("RGB"))
+
+    return {"blip": blip, "deepbooru": deepbooru}
+
+
+class WebUIBackend(LocalBackend):
+    def __init__(self, session, store_dir: str, output_dir: str):
+        self.session = session
+        self._cached_host = None
+        self._host_lock = threading.Lock()
+        super().__init__(self._current_host, store_dir, output_dir=output_dir, interrogators=_interrogators(),
+                         sampler=webui_sampler, hooks=A1111Hooks())
+
+    def _current_host(self):
+        """One WebUIHost per loaded model (the tab polls; describing must stay cheap). None: nothing loaded."""
+        from .webui import loaded_model
+
+        model = loaded_model()
+        if model is None:
+            return None
+        with self._host_lock:
+            if self._cached_host is None or self._cached_host.sd_model is not model:
+                try:
+                    self._cached_host = WebUIHost(self.session)
+                except WebUINotReady as e:
+                    console(str(e))
+                    return None
+            return self._cached_host
+
+    def prepare_model(self, host) -> None:
+        # LoRAs merged by the last generation must not be baked into a grid or a training run
+        self.session.restore()
+
+
+class Studio:
+    """Created once per session, lazily: the queue thread starts only when the WebUI is up."""
+
+    def __init__(self, session):
+        self.session = session
+        root = data_dir()
+        self.store_dir = os.path.join(root, "jobs")
+        out = (opt("lora_studio_output_dir", "") or "").strip() or (lora_dirs() or [root])[0]
+        self.backend = WebUIBackend(session, self.store_dir, out)
+        if self.backend.queue.load_error:
+            console(self.backend.queue.load_error)
+
+    def allowed_roots(self) -> list[str]:
+        extra = [p.strip() for p in (opt("lora_studio_api_roots", "") or "").replace("\n", ",").split(",")
+                 if p.strip()]
+        return [data_dir(), *lora_dirs(), *extra]
+
+    def mount_api(self, app):
+        from ..api import mount
+
+        def model():
+            info = self.backend.model_info()
+            return info if info.get("loaded") else None
+
+        return mount(app, self.backend.queue, allowed_roots=self.allowed_roots,
+                     default_root=lambda: self.backend.default_output_dir(),
+                     api_auth=cmd_opt("api_auth", None),
+                     access_disabled=lambda: bool(cmd_opt("disable_extension_access", False)),
+                     get_model=model, default_output_dir=lambda: self.backend.default_output_dir(),
+                     roots_setting="lora_studio_api_roots")
+
+    def tab(self):
+        from ..ui.tab import on_ui_tabs_entry
+        return on_ui_tabs_entry(self.backend)
+
+    def stop(self):
+        self.backend.stop(5.0)
