@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from .dataset import build_plan
+from .support import check_support
 from .trainer import Trainer, TrainingError, TrainResult
 
 
 def plan_for(host, cfg, check_pixels: bool = True):
     """The dataset plan (the doctor reports from this same object); raises TrainingError with the report."""
+    errors, _ = check_support(cfg)
+    if errors:
+        raise TrainingError("this config cannot be trained as written:\n" + "\n".join(f"- {e}" for e in errors))
     plan = build_plan(cfg, family=host.family, check_pixels=check_pixels)
     if not plan.ok or plan.steps is None:
         problems = "\n".join(f"- {f}" for f in plan.errors) or "- no batches could be formed"
@@ -21,4 +25,6 @@ def run_training(host, cfg, on_event=None, should_cancel=None, resume: str | Non
     trainer = Trainer(host, cfg, plan, on_event=on_event, should_cancel=should_cancel, sample_fn=sample_fn)
     for f in plan.warnings:
         trainer._note(str(f))
+    for n in check_support(cfg)[1]:
+        trainer._note(n)
     return trainer.run(resume_state=resume or (str(cfg.resolve(cfg.resume)) if cfg.resume else None))

@@ -1,0 +1,81 @@
+"""Which config keys the trainer honours, and a note for every key set that it does not (never ignore silently).
+
+The config parser accepts every sd-scripts key a tutorial may contain; this table says what the loop does with
+each one. A key set to a non-default value that we cannot honour gives a note (or, where training as written
+would be wrong, an error before anything starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import TrainConfig
+
+# keys whose value changes nothing here, or that we honour fully
+HONOURED = {
+    "pretrained_model_name_or_path", "v_parameterization", "vae", "clip_skip", "max_token_length", "no_half_vae",
+    "train_data_dir", "reg_data_dir", "dataset_config", "resolution", "train_batch_size", "enable_bucket",
+    "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
+    "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator", "secondary_separator",
+    "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "flip_aug", "resize_interpolation",
+    "cache_latents", "cache_latents_to_disk", "vae_batch_size", "prior_loss_weight",
+    "output_dir", "output_name", "max_train_steps", "max_train_epochs", "seed", "gradient_checkpointing",
+    "gradient_accumulation_steps", "mixed_precision", "learning_rate", "unet_lr", "text_encoder_lr",
+    "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "optimizer_type",
+    "optimizer_args", "max_grad_norm", "network_module", "network_dim", "network_alpha", "network_dropout",
+    "network_args", "network_weights", "network_train_unet_only", "network_train_text_encoder_only",
+    "noise_offset", "min_timestep", "max_timestep", "loss_type", "min_snr_gamma",
+    "save_model_as", "save_precision", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
+    "save_state", "save_state_on_train_end", "resume", "training_comment", "metadata_title", "metadata_author",
+    "metadata_description", "metadata_license", "metadata_tags", "sample_prompts", "sample_every_n_epochs",
+    "sample_sampler", "validation_split", "huber_schedule", "huber_c", "huber_scale", "multires_noise_discount",
+}
+
+SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
+SUPPORTED_SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
+
+
+def _defaults() -> dict:
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def check_support(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(errors, notes) for keys this trainer cannot honour as written."""
+    errors: list[str] = []
+    notes: list[str] = []
+    defaults = _defaults()
+    for name, default in defaults.items():
+        f = TrainConfig.__dataclass_fields__[name]
+        if f.metadata.get("internal") or name in HONOURED:
+            continue
+        value = getattr(cfg, name)
+        if value != default and value not in (None, False, 0, "", []):
+            notes.append(f"{name} = {value!r} is not supported by LoRA Studio's trainer yet and is ignored")
+    if (cfg.lr_scheduler or "constant") not in SUPPORTED_SCHEDULERS:
+        errors.append(f"lr_scheduler = {cfg.lr_scheduler!r} is not available here; choose one of "
+                      f"{', '.join(sorted(SUPPORTED_SCHEDULERS))}")
+    if (cfg.loss_type or "l2") != "l2":
+        errors.append(f"loss_type = {cfg.loss_type!r} is not available here yet; use l2 (the sd-scripts default)")
+    module = cfg.network_module or "networks.lora"
+    if module != "networks.lora":
+        errors.append(f"network_module = {module!r}: only networks.lora (LoRA, and LoCon through conv_dim) can be "
+                      f"trained here; LyCORIS types can be applied but not trained yet")
+    if (cfg.save_model_as or "safetensors") != "safetensors":
+        notes.append(f"save_model_as = {cfg.save_model_as!r}: files are written as .safetensors (pickle formats "
+                     f"can run code when loaded)")
+    for item in cfg.network_args or []:
+        key = item.split("=", 1)[0].strip()
+        if key not in SUPPORTED_NETWORK_ARGS:
+            notes.append(f"network_args {key!r} is not supported yet and is ignored "
+                         f"(supported: {', '.join(sorted(SUPPORTED_NETWORK_ARGS))})")
+    if cfg.validation_split:
+        notes.append(f"validation_split = {cfg.validation_split}: those images are held out of training, but no "
+                     f"validation loss is computed yet")
+    return errors, notes
