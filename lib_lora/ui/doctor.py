@@ -189,6 +189,10 @@ def settings_findings(cfg: TrainConfig, device_type: str | None) -> tuple[list[s
                       "common start).")
     if not cfg.output_dir:
         errors.append("No output folder is set. Choose where the LoRA files are written.")
+    from ..train.support import check_support  # the same check the trainer runs
+    unsupported_errors, unsupported_notes = check_support(cfg)
+    errors += unsupported_errors
+    warnings += unsupported_notes
     return errors, warnings
 
 
