@@ -1,11 +1,10 @@
 """The WebUI glue against a FAKE A1111 v1.10.1 (tests/fake_webui/modules, real names and signatures) with a fake
 of the built-in Lora's module state, and a real tiny ldm SD1 model.
 
-Startup is simulated the way A1111 does it: scripts loaded by file path with the extension root on sys.path only
-during the import (not in sys.modules), then initialize_rest clearing both registries, then before_ui in reverse
-order (built-ins last: the built-in grabs `lora` after us) and app_started.
+Startup is simulated the way A1111 does it (tests/fake_webui/glue_harness.py): scripts loaded by file path with the
+extension root on sys.path only during the import (not in sys.modules), then initialize_rest clearing both
+registries, then before_ui in reverse order (built-ins last: the built-in grabs `lora` after us) and app_started.
 """
-import importlib
 import os
 import sys
 import types
@@ -16,84 +15,44 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FAKE = os.path.join(HERE, "fake_webui")
-BUILTIN_LORA = os.path.join(FAKE, "extensions-builtin", "Lora")
-BUILTIN_NAMES = ("networks", "network", "lora_patches", "extra_networks_lora", "ui_edit_user_metadata")
 
 sys.path.insert(0, FAKE)
+import glue_harness  # noqa: E402
 import lora_files  # noqa: E402
 import models  # noqa: E402  (tests/models.py: real ldm tiny SD1)
 
+BUILTIN_LORA = glue_harness.BUILTIN_LORA
 T = lora_files.SD1_TARGETS
 UNET_Q = T["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
 TE_Q = T["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
 BUILTIN_LAYER = "diffusion_model_output_blocks_3_1_transformer_blocks_0_attn1_to_v"  # only the built-in touches it
 
 
-def _ours(name):
-    return name == "lib_lora" or name.startswith("lib_lora.") or name == "modules" or name.startswith("modules.") \
-        or name in BUILTIN_NAMES or name == "webui"
+def _write_loras(ns):
+    lora_dir = ns.data / "models" / "Lora"
+    ns.lora = lora_files.write_lora(str(lora_dir / "test_lora.safetensors"), seed=1,
+                                    metadata={"ss_output_name": "test alias"})
+    ns.other = lora_files.write_lora(str(lora_dir / "sub dir" / "other.safetensors"), seed=2, keys=list(T)[:2])
+    ns.partial = lora_files.write_lora(str(lora_dir / "partial.safetensors"), seed=3, keys=list(T)[:1],
+                                       extra_keys={"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
+                                                   "attn1_to_zz": (32, 32)})
+    ns.xl = lora_files.write_lora(  # SDXL-shaped (bigG TE2, 2048-wide cross-attention)
+        str(lora_dir / "xl_only.safetensors"), seed=4, keys=[],
+        metadata={"ss_base_model_version": "sdxl_base_v1-0"},
+        extra_keys={"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+                    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048)})
+    (lora_dir / "corrupt.safetensors").write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{}")
 
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
     """A started fake WebUI with the built-in Lora and LoRA Studio loaded; torn down completely afterwards."""
-    data = tmp_path_factory.mktemp("webui-data")
-    os.environ["FAKE_WEBUI_DATA"] = str(data)
-    saved_path = sys.path[:]
-    saved_modules = {k: v for k, v in sys.modules.items() if _ours(k)}
-    for k in saved_modules:
-        del sys.modules[k]
-    # The extension root must NOT be importable except during its script import (as in A1111).
-    sys.path[:] = [FAKE] + [p for p in saved_path if os.path.abspath(p or ".") not in (ROOT, HERE, FAKE)]
-    ns = types.SimpleNamespace(data=data)
-    try:
-        from modules import shared, initialize, extra_networks, script_callbacks, sd_models, ui_extra_networks
-        import webui as fake_startup
-        lora_dir = data / "models" / "Lora"
-        shared.cmd_opts.lora_dir = str(lora_dir)
-        shared.cmd_opts.lyco_dir_backcompat = str(data / "models" / "LyCORIS")
-        ns.lora = lora_files.write_lora(str(lora_dir / "test_lora.safetensors"), seed=1,
-                                        metadata={"ss_output_name": "test alias"})
-        ns.other = lora_files.write_lora(str(lora_dir / "sub dir" / "other.safetensors"), seed=2,
-                                         keys=list(T)[:2])
-        ns.partial = lora_files.write_lora(str(lora_dir / "partial.safetensors"), seed=3, keys=list(T)[:1],
-                                           extra_keys={"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
-                                                       "attn1_to_zz": (32, 32)})
-        ns.xl = lora_files.write_lora(  # SDXL-shaped (bigG TE2, 2048-wide cross-attention)
-            str(lora_dir / "xl_only.safetensors"), seed=4, keys=[],
-            metadata={"ss_base_model_version": "sdxl_base_v1-0"},
-            extra_keys={"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
-                        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048)})
-        (lora_dir / "corrupt.safetensors").write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{}")
-        initialize.initialize_rest([BUILTIN_LORA, ROOT])
-        ns.lib_lora_after_load = sys.modules.get("lib_lora")
-        model = models.make_sd1(seed=0)
-        sd_models.model_data.loader = lambda: model
-        sd_models.load_model()  # on_model_loaded (built-in names layers), get_empty_cond → activate(p, {})
-        fake_startup.start()
-        ns.model = model
-        ns.shared, ns.extra_networks, ns.script_callbacks = shared, extra_networks, script_callbacks
-        ns.sd_models, ns.ui_extra_networks = sd_models, ui_extra_networks
-        ns.processing = importlib.import_module("modules.processing")
-        ns.scripts = importlib.import_module("modules.scripts")
-        ns.networks = sys.modules["networks"]
-        ns.script_module = next(m for p, m in importlib.import_module("modules.script_loading").loaded_scripts.items()
-                                if p.endswith("lora_studio.py"))
-        ns.session = ns.script_module.session
+    with glue_harness.started_webui(tmp_path_factory.mktemp("webui-data"), lambda: models.make_sd1(seed=0),
+                                    prepare=_write_loras) as ns:
         from lib_lora.apply.layers import layer_mapping
-        ns.mapping = layer_mapping(model)
-        ns.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ns.mapping = layer_mapping(ns.model)
+        ns.original = {k: v.detach().clone() for k, v in ns.model.state_dict().items()}
         yield ns
-    finally:
-        try:
-            sys.modules["modules.script_callbacks"].script_unloaded_callback()  # undoes the built-in's class patches
-        except KeyError:
-            pass
-        for k in [k for k in sys.modules if _ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved_modules)
-        sys.path[:] = saved_path
-        os.environ.pop("FAKE_WEBUI_DATA", None)
 
 
 def generate(ns, prompt, **kw):
@@ -416,8 +375,7 @@ def test_reload_ui_restores_and_new_session_takes_over(webui):
     assert_pristine(ns)
     initialize.initialize_rest([BUILTIN_LORA, ROOT], reload_script_modules=True)
     fake_startup.start()
-    from modules import script_loading
-    ns.script_module = next(m for p, m in script_loading.loaded_scripts.items() if p.endswith("lora_studio.py"))
+    ns.script_module = glue_harness.script_module()
     ns.session = ns.script_module.session
     ns.networks = sys.modules["networks"]
     assert ns.session is not old

@@ -159,3 +159,10 @@ def test_model_panel():
     html = T.model_html(FakeBackend().model_info(),
                         [{"name": "old", "status": "queued", "model": {"name": "x.ckpt", "hash": "999"}}])
     assert "SDXL" in html and "float16 on cuda" in html and "Job &#x27;old&#x27; was queued with x.ckpt" in html
+
+
+def test_model_problem_is_shown_in_plain_words():
+    from lib_lora.ui.tab import model_html
+    html = model_html({"loaded": False, "problem": "--lowvram moves every UNet block; restart without --lowvram"})
+    assert "Training is not available" in html and "--lowvram" in html
+    assert "No checkpoint is loaded" in model_html({"loaded": False})

@@ -71,7 +71,9 @@ class WebUIBackend(LocalBackend):
     def __init__(self, session, store_dir: str, output_dir: str):
         self.session = session
         self._cached_host = None
+        self._refused = None  # (model, reason) when the loaded model cannot be trained here
         self._host_lock = threading.Lock()
+        self._job = threading.local()  # the job the queue thread is running
         super().__init__(self._current_host, store_dir, output_dir=output_dir, interrogators=_interrogators(),
                          sampler=webui_sampler, hooks=A1111Hooks())
 
@@ -84,16 +86,64 @@ class WebUIBackend(LocalBackend):
             return None
         with self._host_lock:
             if self._cached_host is None or self._cached_host.sd_model is not model:
+                self._cached_host = None
                 try:
                     self._cached_host = WebUIHost(self.session)
+                    self._refused = None
                 except WebUINotReady as e:
-                    console(str(e))
+                    if self._refused is None or self._refused[0] is not model or self._refused[1] != str(e):
+                        console(str(e))  # once per model, not on every poll of the tab
+                    self._refused = (model, str(e))
                     return None
             return self._cached_host
+
+    def refusal(self) -> str | None:
+        """Why the loaded model cannot be used here (--lowvram, Forge), None when it can or nothing is loaded."""
+        from .webui import loaded_model
+
+        if self._current_host() is not None:
+            return None
+        refused = self._refused
+        return refused[1] if refused is not None and refused[0] is loaded_model() else None
+
+    def _need_host(self):
+        host = self._current_host()
+        if host is None:
+            reason = self.refusal()
+            if reason:  # say why, not "no checkpoint is loaded"
+                raise WebUINotReady(reason)
+            return super()._need_host()
+        job_id = getattr(self._job, "id", None)
+        return host.for_job(job_id) if job_id else host
+
+    def _run(self, job, emit, should_cancel):
+        # the trainer gets a job host whose lock() also switches attention / medvram for training
+        self._job.id = job.id
+        try:
+            return super()._run(job, emit, should_cancel)
+        finally:
+            self._job.id = None
+
+    def model_info(self) -> dict:
+        info = super().model_info()
+        if not info.get("loaded"):
+            reason = self.refusal()
+            if reason:
+                info["problem"] = reason
+        return info
+
+    def default_output_dir(self) -> str:
+        # read each time: a changed setting applies without a restart
+        return output_dir() or super().default_output_dir()
 
     def prepare_model(self, host) -> None:
         # LoRAs merged by the last generation must not be baked into a grid or a training run
         self.session.restore()
+
+
+def output_dir() -> str:
+    """Setting lora_studio_output_dir, else the first LoRA folder (new LoRAs show up as cards)."""
+    return (opt("lora_studio_output_dir", "") or "").strip() or (lora_dirs() or [data_dir()])[0]
 
 
 class Studio:
@@ -103,8 +153,7 @@ class Studio:
         self.session = session
         root = data_dir()
         self.store_dir = os.path.join(root, "jobs")
-        out = (opt("lora_studio_output_dir", "") or "").strip() or (lora_dirs() or [root])[0]
-        self.backend = WebUIBackend(session, self.store_dir, out)
+        self.backend = WebUIBackend(session, self.store_dir, output_dir())
         if self.backend.queue.load_error:
             console(self.backend.queue.load_error)
 

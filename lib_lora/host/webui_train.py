@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -43,7 +44,14 @@ class WebUIHost(ModelHost):
                          legacy_hash=getattr(info, "hash", None))
         self.session = session
         self.job_id = job_id
+        self.trains = False  # set on the copy for_job() hands a training job
         self.use_sdpa = False  # the WebUI's own attention optimisation stays in charge
+
+    def for_job(self, job_id: str) -> "WebUIHost":
+        """This host for one training job: its lock() also enters training() (the trainer only calls lock())."""
+        h = copy.copy(self)
+        h.job_id, h.trains = job_id, True
+        return h
 
     @contextmanager
     def lock(self):
@@ -56,9 +64,11 @@ class WebUIHost(ModelHost):
             self.session.restore()
             st.begin(job="lora-studio")
             try:
-                yield
+                with self.training() if self.trains else nullcontext():
+                    yield
             finally:
                 st.end()
+                st.interrupted = False  # as wrap_gradio_gpu_call: an Interrupt ends this job, not the next one
                 devices.torch_gc()
 
     @contextmanager
@@ -69,23 +79,28 @@ class WebUIHost(ModelHost):
         method = getattr(sd_hijack.model_hijack, "optimization_method", None)
         undo_attention = method is not None and method not in _TRAINABLE_ATTENTION
         medvram = bool(getattr(self.sd_model, "lowvram", False))
-        if undo_attention:
-            sd_hijack.undo_optimizations()
-        if medvram:
-            from modules import lowvram
-            lowvram.send_everything_to_cpu()
-            for part in self._parts():
-                part.to(devices.device)
-        try:
-            yield
-        finally:
+        undone = moved = False
+        try:  # the setup is inside: a failed move (OOM) still gives the attention and devices back
+            if undo_attention:
+                sd_hijack.undo_optimizations()
+                undone = True
             if medvram:
                 from modules import lowvram
-                for part in self._parts():
-                    part.to(devices.cpu)
                 lowvram.send_everything_to_cpu()
-            if undo_attention:
-                sd_hijack.apply_optimizations()
+                moved = True
+                for part in self._parts():
+                    part.to(devices.device)
+            yield
+        finally:
+            try:
+                if moved:
+                    from modules import lowvram
+                    for part in self._parts():
+                        part.to(devices.cpu)
+                    lowvram.send_everything_to_cpu()
+            finally:
+                if undone:
+                    sd_hijack.apply_optimizations()
 
     def _parts(self):
         m = self.sd_model

@@ -125,7 +125,9 @@ def model_mismatches(info: dict, jobs: list[dict]) -> list[str]:
 
 
 def model_html(info: dict, jobs: list[dict] | None = None) -> str:
-    if not info.get("loaded"):
+    if info.get("problem"):  # a model is loaded but cannot be trained here (--lowvram, Forge)
+        body = f'<span class="ls-bad">Training is not available:</span> {_e(info["problem"])}'
+    elif not info.get("loaded"):
         body = ('<span class="ls-bad">No checkpoint is loaded.</span> Choose one in the WebUI\'s checkpoint list; '
                 "training uses the model that is loaded.")
     else:
@@ -666,8 +668,19 @@ def build_tab(backend) -> gr.Blocks:
             if prompt.strip() and cfg.get("sample_every_n_epochs") and cfg.get("output_dir"):
                 name = cfg.get("output_name") or "lora"
                 cfg["sample_prompts"] = write_sample_prompts(
-                    os.path.join(cfg["output_dir"], "samples", f"{name}-prompts.txt"), prompt)
+                    os.path.join(cfg["output_dir"], "samples", f"{name}-prompts.txt"), _sample_line(cfg, prompt))
             return cfg
+
+        def _sample_line(cfg: dict, prompt: str) -> str:
+            """Samples at the training size and the tab's step count unless the prompt says otherwise
+            (sd-scripts' own defaults, 512 px and 30 steps, would be slow for small runs)."""
+            from ..train.config import parse_resolution
+            line = prompt.strip()
+            (w, h), _ = parse_resolution(cfg.get("resolution") or 512)
+            for flag, value in (("w", w), ("h", h), ("s", getattr(backend, "sample_steps", 20))):
+                if f" --{flag} " not in f" {line} ":
+                    line += f" --{flag} {value}"
+            return line
 
         @guarded(toml_status)
         def do_export(*args):

@@ -3,13 +3,28 @@
 (``p.prompts`` stripped, ``p.all_prompts`` untouched), ``extra_networks.activate`` (unless
 ``disable_extra_networks``), ``process_batch``, sampling, and with hires fix a second activation with the hires
 prompt's tags while ``p.is_hr_pass`` is True; finally ``deactivate`` with the last batch's data, only if it is
-non-empty. Sampling is whatever the test passes as ``sample(p)``."""
+non-empty. Sampling is whatever the test passes as ``sample(p)``; ``Processed.images`` holds what it returned, or
+one blank ``width`` x ``height`` image per prompt when it returned nothing. ``close()`` only marks ``p.closed``."""
+from PIL import Image
+
 from modules import extra_networks
 
 
 class StableDiffusionProcessing:
     def __init__(self, prompt="", negative_prompt="", n_iter=1, batch_size=1, disable_extra_networks=False,
-                 enable_hr=False, hr_prompt="", extra_generation_params=None, override_settings=None):
+                 enable_hr=False, hr_prompt="", extra_generation_params=None, override_settings=None,
+                 sd_model=None, seed=-1, steps=50, width=512, height=512, cfg_scale=7.0, sampler_name=None,
+                 do_not_save_grid=False, do_not_save_samples=False):
+        self.sd_model = sd_model
+        self.seed = seed
+        self.steps = steps
+        self.width = width
+        self.height = height
+        self.cfg_scale = cfg_scale
+        self.sampler_name = sampler_name
+        self.do_not_save_grid = do_not_save_grid
+        self.do_not_save_samples = do_not_save_samples
+        self.closed = False
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.n_iter = n_iter
@@ -34,6 +49,9 @@ class StableDiffusionProcessing:
     def comment(self, text):
         self.comments[text] = 1
 
+    def close(self):
+        self.closed = True
+
     def setup_prompts(self):
         self.all_prompts = [self.prompt] * (self.n_iter * self.batch_size)
 
@@ -46,7 +64,9 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 
 
 class Processed:
-    def __init__(self, p):
+    def __init__(self, p, images=None):
+        self.images = images if images is not None else [
+            Image.new("RGB", (int(p.width), int(p.height))) for _ in p.all_prompts]
         self.all_prompts = p.all_prompts
         self.comments = "".join(f"{text}\n" for text in p.comments)
         self.extra_generation_params = p.extra_generation_params
@@ -61,6 +81,7 @@ def process_images(p, sample=None):
         if not p.disable_extra_networks:
             extra_networks.activate(p, data)
 
+    images = []
     hook("before_process")
     p.setup_prompts()
     hook("process")
@@ -73,7 +94,7 @@ def process_images(p, sample=None):
         activate(p.extra_network_data)
         hook("process_batch", **batch)
         if sample is not None:
-            sample(p)
+            images += sample(p) or []
         if p.enable_hr:
             _, p.hr_extra_network_data = extra_networks.parse_prompts([p.hr_prompt or p.prompt])
             p.is_hr_pass = True
@@ -83,4 +104,4 @@ def process_images(p, sample=None):
             p.is_hr_pass = False
     if p.extra_network_data and not p.disable_extra_networks:
         extra_networks.deactivate(p, p.extra_network_data)
-    return Processed(p)
+    return Processed(p, images or None)

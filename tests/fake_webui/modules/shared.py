@@ -1,11 +1,13 @@
-"""Test fake of A1111 v1.10.1 ``modules/shared.py`` (reference §3, §6.1): ``cmd_opts``, ``opts`` over
-``options_templates``, ``OptionInfo``/``options_section``, and ``sd_model`` as a module property that loads the
-model on first access. Tests that must not trigger a load look at ``sd_models.model_data.sd_model`` instead."""
+"""Test fake of A1111 v1.10.1 ``modules/shared.py`` (reference §3, §6.1, §7): ``cmd_opts``, ``opts`` over
+``options_templates``, ``OptionInfo``/``options_section``, ``state`` (the job state), and ``sd_model`` as a module
+property that loads the model on first access. Tests that must not trigger a load look at
+``sd_models.model_data.sd_model`` instead."""
 import sys
 
-from modules import options, shared_cmd_options
+from modules import options, shared_cmd_options, shared_state
 
 cmd_opts = shared_cmd_options.cmd_opts
+state = shared_state.State()  # the real one is created by shared_init.initialize() at startup
 OptionInfo = options.OptionInfo
 options_section = options.options_section
 

@@ -1,0 +1,356 @@
+"""Training inside the FAKE A1111 v1.10.1 (tests/fake_webui): the Studio's backend and its HTTP API over one job
+queue, with the real tiny ldm SD1 model loaded as the WebUI's checkpoint and a generated kohya dataset.
+
+What a job must do to the WebUI: hold ``call_queue.queue_lock`` and ``shared.state`` begin/end around the run,
+drive the progress bar for a tab job (``progress.*`` with its task id), swap a non-trainable attention optimization
+out and back, render samples with ``processing.process_images`` (extra networks off), and leave the model exactly as
+it was, also when the job fails. --lowvram and Forge are refused with a message that says so.
+"""
+import os
+import shutil
+import sys
+import threading
+import time
+import types
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "fake_webui"))
+import glue_harness  # noqa: E402
+import models  # noqa: E402  (tests/models.py: real ldm tiny SD1)
+import train_data  # noqa: E402
+
+API = "/lora-studio/v1"
+
+
+class Probe:
+    """Queue listener: at each job's first training step, what the WebUI looks like from another thread."""
+
+    def __init__(self, ns):
+        self.ns = ns
+        self.seen = {}    # job id -> what the first step saw
+        self.hook = None  # test-specific action: fn(job, kind)
+
+    def _lock_free(self):
+        got = []
+
+        def probe():  # another request (a generation) trying its luck
+            ok = self.ns.call_queue.queue_lock.acquire(blocking=False)
+            if ok:
+                self.ns.call_queue.queue_lock.release()
+            got.append(ok)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join(5)
+        return got[0]
+
+    def __call__(self, job, kind):
+        if self.hook is not None:
+            self.hook(job, kind)
+        if kind == "step" and job.id not in self.seen:
+            st = self.ns.shared.state
+            self.seen[job.id] = dict(
+                lock_free=self._lock_free(), state_calls=list(st.calls), state_job=st.job,
+                textinfo=st.textinfo, job_count=st.job_count, hijack=list(self.ns.sd_hijack.calls),
+                current_task=self.ns.progress.current_task)
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    app = FastAPI()
+    with glue_harness.started_webui(tmp_path_factory.mktemp("webui-data"), lambda: models.make_sd1(seed=0),
+                                    app=app) as ns:
+        from modules import call_queue, lowvram, progress, sd_hijack
+        ns.call_queue, ns.lowvram, ns.progress, ns.sd_hijack = call_queue, lowvram, progress, sd_hijack
+        ns.client = TestClient(app)
+        ns.studio = ns.session.studio  # created by app_started (it mounted the routes)
+        ns.backend = ns.studio.backend
+        ns.root = tmp_path_factory.mktemp("training")
+        ns.train_dir, _ = train_data.make_dataset(str(ns.root / "ds"), n_concept=2, repeats=1)
+        ns.prompts = str(ns.root / "prompts.txt")
+        with open(ns.prompts, "w", encoding="utf-8") as f:
+            f.write("svs cat --w 64 --h 64 --s 2 --d 3\n")
+        ns.probe = Probe(ns)
+        ns.backend.queue.subscribe(ns.probe)
+        ns.before = models.model_state_hash(ns.model)
+        yield ns
+
+
+@pytest.fixture()
+def fresh(webui):
+    """Empty call records; the attention optimization back to none."""
+    ns = webui
+    ns.shared.state.calls.clear()
+    ns.progress.calls.clear()
+    ns.sd_hijack.calls.clear()
+    ns.lowvram.calls.clear()
+    ns.probe.hook = None
+    ns.sd_hijack.model_hijack.optimization_method = None
+    yield ns
+    ns.probe.hook = None
+
+
+@pytest.fixture()
+def rendered(webui, monkeypatch):
+    """Every processing.process_images call (the p it got), and a switch to make it fail."""
+    ns = webui
+    calls, fail = [], []
+    real = ns.processing.process_images
+
+    def process_images(p, *args, **kw):
+        calls.append(dict(p=p, lock_free=ns.probe._lock_free()))
+        if fail:
+            raise RuntimeError(fail[0])
+        return real(p, *args, **kw)
+
+    monkeypatch.setattr(ns.processing, "process_images", process_images)
+    return types.SimpleNamespace(calls=calls, fail=fail)
+
+
+def config(ns, name, **kw):
+    cfg = {"train_data_dir": ns.train_dir, "resolution": "64", "train_batch_size": 1, "max_train_epochs": 1,
+           "network_dim": 2, "network_alpha": 2.0, "unet_lr": 1e-3, "text_encoder_lr": 0.0,
+           "optimizer_type": "AdamW", "output_dir": str(ns.root / "out" / name), "output_name": name, "seed": 1}
+    cfg.update(kw)
+    return cfg
+
+
+def wait_for(cond, timeout=60.0, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finished(ns, job_id, task=None):
+    """The job once it has ended; with a task id, also once the progress bar was told (that comes last)."""
+    wait_for(lambda: ns.backend.job(job_id)["status"] in ("done", "failed", "cancelled"), what="the job")
+    if task:
+        wait_for(lambda: ("finish_task", task) in ns.progress.calls, 5, "finish_task")
+    return ns.backend.job(job_id)
+
+
+def assert_webui_left_clean(ns):
+    assert ns.call_queue.queue_lock.acquire(blocking=False), "queue_lock still held after the job"
+    ns.call_queue.queue_lock.release()
+    assert ns.shared.state.calls == [("begin", "lora-studio"), ("end", "lora-studio")]
+    assert ns.shared.state.interrupted is False
+    assert models.model_state_hash(ns.model) == ns.before, "the WebUI's model changed"
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, rendered):
+    ns = fresh
+    ns.sd_hijack.model_hijack.optimization_method = "Doggettx"  # class-replaced attention without backward
+    job = ns.backend.submit(config(ns, "tabjob", sample_every_n_epochs=1, sample_prompts=ns.prompts),
+                            name="tabjob", task_id="task(tab1)")
+    job = finished(ns, job["id"], task="task(tab1)")
+    assert job["status"] == "done", job
+    assert os.path.basename(job["files"][-1]) == "tabjob.safetensors" and os.path.exists(job["files"][-1])
+    # while it trained: the lock was held, the job begun, the progress bar ours, the attention stock
+    seen = ns.probe.seen[job["id"]]
+    assert seen["lock_free"] is False
+    assert seen["state_calls"] == [("begin", "lora-studio")] and seen["state_job"] == "lora-studio"
+    assert seen["current_task"] == "task(tab1)"
+    assert seen["textinfo"].startswith("LoRA Studio: tabjob step 1/") and seen["job_count"] == job["total"]
+    assert seen["hijack"] == ["undo"]
+    # afterwards: everything given back
+    assert ns.sd_hijack.calls == ["undo", "apply"]
+    assert ns.progress.calls == [("add_task_to_queue", "task(tab1)"), ("start_task", "task(tab1)"),
+                                 ("finish_task", "task(tab1)")]
+    assert ns.progress.current_task is None and "task(tab1)" in ns.progress.finished_tasks
+    assert_webui_left_clean(ns)
+    # samples: the WebUI's own sampler, extra networks off (the LoRA is attached already), into <output>/samples
+    assert [s["epoch"] for s in job["samples"]] == [1]
+    path = job["samples"][0]["path"]
+    assert os.path.dirname(path) == os.path.join(ns.root, "out", "tabjob", "samples") and os.path.exists(path)
+    assert len(rendered.calls) == 1
+    p = rendered.calls[0]["p"]
+    assert p.disable_extra_networks is True and p.prompt == "svs cat" and p.seed == 3 and p.steps == 2
+    assert (p.width, p.height) == (64, 64) and p.sd_model is ns.model and p.closed
+    assert rendered.calls[0]["lock_free"] is False  # still inside the job
+
+
+def test_api_job_trains_and_leaves_attention_alone(fresh, rendered):
+    ns = fresh
+    ns.sd_hijack.model_hijack.optimization_method = "sdp-no-mem"  # supports backward: left in place
+    ns.shared.opts.set("lora_studio_api_roots", str(ns.root))
+    r = ns.client.get(f"{API}/model")
+    assert r.status_code == 200 and r.json()["name"] == "tiny-sd1-s0", r.text
+    r = ns.client.post(f"{API}/jobs", json=config(ns, "apijob"))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    wait_for(lambda: ns.client.get(f"{API}/jobs/{job_id}").json()["status"] in ("done", "failed"), what="API job")
+    job = ns.client.get(f"{API}/jobs/{job_id}").json()
+    assert job["status"] == "done", job
+    assert job["model"]["name"] == "tiny-sd1-s0"
+    files = ns.client.get(f"{API}/jobs/{job_id}/files").json()
+    assert "apijob.safetensors" in str(files)
+    seen = ns.probe.seen[job_id]
+    assert seen["lock_free"] is False and seen["state_calls"] == [("begin", "lora-studio")]
+    assert seen["hijack"] == [] and ns.sd_hijack.calls == []
+    assert ns.progress.calls == []  # no task id: no progress bar to drive
+    assert rendered.calls == []     # no samples asked for
+    assert_webui_left_clean(ns)
+
+
+def test_failing_sampler_releases_the_lock_and_restores_everything(fresh, rendered):
+    ns = fresh
+    ns.sd_hijack.model_hijack.optimization_method = "Doggettx"
+    rendered.fail.append("sampler exploded")
+    job = ns.backend.submit(config(ns, "failjob", sample_every_n_epochs=1, sample_prompts=ns.prompts),
+                            name="failjob", task_id="task(fail)")
+    job = finished(ns, job["id"], task="task(fail)")
+    assert job["status"] == "failed" and "sampler exploded" in job["error"], job
+    assert ns.probe.seen[job["id"]]["lock_free"] is False
+    assert ns.sd_hijack.calls == ["undo", "apply"]
+    assert ("start_task", "task(fail)") in ns.progress.calls
+    assert_webui_left_clean(ns)
+
+
+def test_dataset_folder_vanishing_mid_job(fresh, tmp_path):
+    ns = fresh
+    train_dir, _ = train_data.make_dataset(str(tmp_path / "gone"), n_concept=3, repeats=1)
+
+    def vanish(job, kind):
+        if job.name == "gonejob" and kind == "cache" and os.path.isdir(train_dir):
+            shutil.rmtree(train_dir)  # after the first image was read, inside the job
+
+    ns.probe.hook = vanish
+    job = ns.backend.submit(config(ns, "gonejob", train_data_dir=train_dir), name="gonejob")
+    job = finished(ns, job["id"])
+    assert job["status"] == "failed", job
+    assert not os.path.exists(train_dir) and "1_svs cat" in job["error"]  # names the missing file
+    assert_webui_left_clean(ns)
+
+
+def test_interrupt_button_cancels_and_is_not_left_set(fresh):
+    ns = fresh
+
+    def interrupt(job, kind):
+        if job.name == "stopjob" and kind == "step":
+            ns.shared.state.interrupt()
+
+    ns.probe.hook = interrupt
+    job = ns.backend.submit(config(ns, "stopjob", max_train_epochs=3), name="stopjob")
+    job = finished(ns, job["id"])
+    assert job["status"] == "cancelled" and job["step"] < job["total"], job
+    assert_webui_left_clean(ns)  # interrupted is cleared again for the next job
+
+
+# ------------------------------------------------------------------------------------------------ the host
+
+@pytest.mark.parametrize("method, undone", [("Doggettx", True), ("sub-quadratic", True), ("V1", True),
+                                            ("sdp", False), ("sdp-no-mem", False), ("xformers", False),
+                                            (None, False)])
+def test_training_context_swaps_only_untrainable_attention(fresh, method, undone):
+    from lib_lora.host.webui_train import WebUIHost
+    ns = fresh
+    ns.sd_hijack.model_hijack.optimization_method = method
+    host = WebUIHost(ns.session)
+    with host.lock():  # generation, tab sampling: the attention stays as it is
+        assert ns.sd_hijack.calls == []
+    with host.for_job("j1").lock():
+        assert ns.sd_hijack.calls == (["undo"] if undone else [])
+    assert ns.sd_hijack.calls == (["undo", "apply"] if undone else [])
+    assert ns.lowvram.calls == []
+
+
+def test_medvram_moves_the_model_in_and_out_of_the_tracker(fresh, monkeypatch):
+    from lib_lora.host.webui_train import WebUIHost
+    ns = fresh
+    monkeypatch.setattr(ns.model, "lowvram", True)  # --medvram: sd_models set it at load
+    ns.lowvram.module_in_gpu = ns.model.first_stage_model
+    host = WebUIHost(ns.session).for_job("j2")
+    with host.lock():
+        assert ns.lowvram.calls == ["send_everything_to_cpu"] and ns.lowvram.module_in_gpu is None
+    assert ns.lowvram.calls == ["send_everything_to_cpu"] * 2
+    assert models.model_state_hash(ns.model) == ns.before
+
+
+def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
+    ns = fresh
+    images = ns.backend.generate("a cat", 2, 7, 64, 48, steps=3)
+    assert [im.size for im in images] == [(64, 48)] * 2
+    ps = [c["p"] for c in rendered.calls]
+    assert [p.seed for p in ps] == [7, 8] and all(p.disable_extra_networks and p.closed for p in ps)
+    assert all(c["lock_free"] is False for c in rendered.calls)
+    assert_webui_left_clean(ns)
+
+
+# ------------------------------------------------------------------------------------------------ refused hosts
+
+def _refused(ns, tmp_path, words):
+    from lib_lora.host.webui_studio import WebUIBackend
+    from lib_lora.host.webui_train import WebUIHost, WebUINotReady
+    with pytest.raises(WebUINotReady, match=words):
+        WebUIHost(ns.session)
+    b = WebUIBackend(ns.session, str(tmp_path / "store"), str(tmp_path / "out"))
+    try:
+        assert b.host() is None
+        info = b.model_info()
+        assert info["loaded"] is False and words in info["problem"]
+        job = b.submit(config(ns, "refused"), name="refused")
+        wait_for(lambda: b.job(job["id"])["status"] == "failed", what="the refused job")
+        assert words in b.job(job["id"])["error"]  # says why, not "no checkpoint is loaded"
+    finally:
+        b.stop()
+    assert models.model_state_hash(ns.model) == ns.before
+
+
+def test_lowvram_is_refused(fresh, monkeypatch, tmp_path, capsys):
+    ns = fresh
+    monkeypatch.setattr(ns.shared.cmd_opts, "lowvram", True, raising=False)
+    _refused(ns, tmp_path, "--lowvram")
+    assert capsys.readouterr().out.count("--lowvram moves every UNet block") == 1  # said once, not per poll
+
+
+def test_forge_is_refused(fresh, monkeypatch, tmp_path):
+    ns = fresh
+    monkeypatch.setitem(sys.modules, "ldm_patched", types.ModuleType("ldm_patched"))
+    _refused(ns, tmp_path, "Forge")
+    from lib_lora.host.session import Session
+    s = Session()
+    app = FastAPI()
+    s.app_started(None, app)
+    assert s.ui_tabs() is None
+    assert not [r for r in app.router.routes if getattr(r, "path", "").startswith(API)]
+
+
+# ------------------------------------------------------------------------------------------------ lifecycle
+
+def test_ui_tabs_builds_the_tab_over_the_studio(webui):
+    ns = webui
+    from lib_lora.ui import tab
+    registered = [c.callback for c in ns.script_callbacks.callback_map["callbacks_ui_tabs"]]
+    assert ns.session.ui_tabs in registered
+    (blocks, title, elem_id), = ns.session.ui_tabs()
+    assert (title, elem_id) == (tab.TAB_TITLE, tab.TAB_ID) and blocks is not None
+    assert ns.session.studio is ns.studio  # one Studio: the tab and the API share the queue
+
+
+def test_output_folder_setting_applies_without_restart(webui, tmp_path):
+    ns = webui
+    assert ns.backend.default_output_dir() == ns.shared.cmd_opts.lora_dir  # default: new LoRAs become cards
+    ns.shared.opts.set("lora_studio_output_dir", str(tmp_path))
+    try:
+        assert ns.backend.default_output_dir() == str(tmp_path)
+    finally:
+        ns.shared.opts.set("lora_studio_output_dir", "")
+
+
+def test_shutdown_stops_the_queue_thread(webui):
+    ns = webui
+    thread = ns.backend.queue._thread
+    assert thread is not None and thread.is_alive()
+    ns.session.shutdown()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert models.model_state_hash(ns.model) == ns.before
