@@ -73,7 +73,8 @@ class QuickstartResult:
 # ---------------------------------------------------------------------------------------------------------------
 # dataset
 
-def _smooth(rng, w, h):
+def smooth_field(rng, w, h):
+    """A smooth random colour field (float32 HxWx3, 0..255): what a 'class' photo looks like to a tiny model."""
     from PIL import Image
 
     base = rng.rand(3, 3, 3)
@@ -86,7 +87,7 @@ def concept_image(seed: int, w: int = 64, h: int = 64):
     from PIL import Image
 
     rng = np.random.RandomState(seed)
-    a = _smooth(rng, w, h)
+    a = smooth_field(rng, w, h)
     a[:, ::8] = [255, 0, 255]
     x, y = rng.randint(8, w // 2), rng.randint(8, h // 2)
     a[y:y + h // 3, x:x + w // 3] = [255, 0, 200]

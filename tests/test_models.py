@@ -9,6 +9,7 @@ import torch
 
 import models
 import sgm_like
+from lib_lora.host.tiny import clip_l_text_config, skip_default_init
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PROMPTS = ["a photo of a cat", "<lora:x:0.5> (masterpiece:1.2), BREAK\tMiXeD é 🙂 123", ""]
@@ -95,8 +96,8 @@ def _ldm_unet_on_meta(**params):
 
 def _real_clip_l_on_meta():
     from transformers import CLIPTextModel
-    with torch.device("meta"), models._skip_default_init():
-        return CLIPTextModel(models._clip_text_config(12))
+    with torch.device("meta"), skip_default_init():
+        return CLIPTextModel(clip_l_text_config(12))
 
 
 def _real_open_clip_text_on_meta(arch):
@@ -104,7 +105,7 @@ def _real_open_clip_text_on_meta(arch):
     from open_clip.model import CLIP
     cfg = open_clip.get_model_config(arch)
     tiny_vision = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16}
-    with torch.device("meta"), models._skip_default_init():
+    with torch.device("meta"), skip_default_init():
         m = CLIP(embed_dim=cfg["embed_dim"], vision_cfg=tiny_vision, text_cfg=cfg["text_cfg"])
     del m.visual  # the embedders delete the vision tower too
     return m
@@ -269,7 +270,7 @@ def test_sdxl_tiny_unet_matches_diffusers_after_conversion(sdxl):
     from ldm.modules.diffusionmodules.util import timestep_embedding
     cfg = dict(SDXL_DIFFUSERS_CONFIG, sample_size=8, block_out_channels=(32, 64, 128), attention_head_dim=(2, 4, 8),
                transformer_layers_per_block=(1, 2, 2))
-    with models._skip_default_init():
+    with skip_default_init():
         unet = _diffusers_unet(cfg, meta=False)
     sd = {"model.diffusion_model." + k: v for k, v in sdxl.model.diffusion_model.state_dict().items()}
     unet.load_state_dict(convert_ldm_unet_checkpoint(sd, dict(unet.config)), strict=True)

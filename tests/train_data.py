@@ -5,12 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
-
-def _smooth(rng, w, h):
-    """A smooth random colour field: what a 'class' photo looks like to a tiny model."""
-    base = rng.rand(3, 3, 3)
-    img = Image.fromarray((base * 255).astype("uint8")).resize((w, h), Image.BICUBIC)
-    return np.asarray(img).astype("float32")
+from lib_lora.quickstart import smooth_field
 
 
 def concept_image(seed, w=64, h=64):
@@ -27,7 +22,7 @@ def concept_image(seed, w=64, h=64):
 
 
 def class_image(seed, w=64, h=64):
-    return Image.fromarray(_smooth(np.random.RandomState(1000 + seed), w, h).clip(0, 255).astype("uint8"))
+    return Image.fromarray(smooth_field(np.random.RandomState(1000 + seed), w, h).clip(0, 255).astype("uint8"))
 
 
 def make_dataset(root, n_concept=4, repeats=5, n_reg=0, reg_repeats=1, size=(64, 64), captions=None):

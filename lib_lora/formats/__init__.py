@@ -6,11 +6,12 @@ from .hashes import addnet_hash, legacy_model_hash, lora_hash, precalculate_safe
 from .keymap import FAMILIES, FAMILY_LABELS, SUFFIXES, Target, component_of, group_modules, map_module_key, \
     map_module_key_with_reason, split_key
 from .report import MatchReport
-from .safetensors_io import load_tensors, read_header, read_metadata, read_shapes, refuse_pickle, save_file_atomic
+from .safetensors_io import load_tensors, read_header, read_metadata, read_shapes, refuse_pickle, save_file_atomic, \
+    write_atomic
 
 __all__ = [
     "LoraError", "LoraFileError", "FamilyMismatchError", "UnsupportedFamilyError",
-    "read_header", "read_metadata", "read_shapes", "load_tensors", "save_file_atomic", "refuse_pickle",
+    "read_header", "read_metadata", "read_shapes", "load_tensors", "save_file_atomic", "write_atomic", "refuse_pickle",
     "addnet_hash", "sha256_file", "legacy_model_hash", "shorthash", "precalculate_safetensors_hashes",
     "sshs_hashes", "lora_hash",
     "Target", "split_key", "group_modules", "map_module_key", "map_module_key_with_reason", "component_of",

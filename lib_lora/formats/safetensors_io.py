@@ -172,6 +172,25 @@ def _check_metadata(metadata, path):
     return dict(metadata)
 
 
+def write_atomic(path, write, *, binary=False, prefix=".tmp-", suffix="", fsync=False):
+    """Write a file through ``write(f)`` into a temp file beside ``path``, then os.replace it onto ``path``: readers
+    never see half a file. On any failure the temp file is removed and the error raised. ``fsync`` for files a
+    power cut must not lose (training state); text is UTF-8."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_file_atomic(tensors, path, metadata=None):
     """Write `tensors` (+ string `metadata`) to `path` as safetensors, atomically.
 

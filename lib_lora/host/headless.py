@@ -33,6 +33,7 @@ import torch
 
 from ..formats.errors import LoraError, LoraFileError, UnsupportedFamilyError
 from .base import ModelHost
+from .tiny import clip_l_text_config, freeze_, offline_clip, set_family_flags, skip_default_init, vae_config
 
 
 class CheckpointError(LoraError):
@@ -42,22 +43,14 @@ class CheckpointError(LoraError):
 # ---------------------------------------------------------------------------------------------------------------
 # embedded default configs (the `model:` part of the yaml files A1111 uses; training-only parts left out)
 
-def _vae(target="ldm.models.autoencoder.AutoencoderKL"):
-    return {"target": target,
-            "params": {"embed_dim": 4, "monitor": "val/rec_loss",
-                       "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
-                                    "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-                                    "attn_resolutions": [], "dropout": 0.0},
-                       "lossconfig": {"target": "torch.nn.Identity"}}}
-
-
 def _ldm(unet: dict, cond: dict, extra: dict | None = None) -> dict:
     params = {"linear_start": 0.00085, "linear_end": 0.0120, "num_timesteps_cond": 1, "log_every_t": 200,
               "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 64,
               "channels": 4, "cond_stage_trainable": False, "conditioning_key": "crossattn",
               "monitor": "val/loss_simple_ema", "scale_factor": 0.18215, "use_ema": False,
               "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-              "first_stage_config": _vae(), "cond_stage_config": cond}
+              "first_stage_config": vae_config(ch=128, num_res_blocks=2, resolution=256),
+              "cond_stage_config": cond}
     params.update(extra or {})
     return {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}
 
@@ -432,8 +425,6 @@ def _fit_vae(params: dict, sd: dict, prefix="first_stage_model.") -> None:
 
 def _hf_clip_config(sd: dict, p: str):
     """CLIP text config from an HF CLIPTextModel's tensors under ``p`` (``...transformer.``)."""
-    from .tiny import clip_l_text_config
-
     tok = sd.get(p + "text_model.embeddings.token_embedding.weight")
     if tok is None:
         return None
@@ -644,7 +635,7 @@ def _accepts(target: str, name: str) -> bool:
         return False
 
 
-def _sdxl_alphas_cumprod() -> torch.Tensor:
+def sdxl_alphas_cumprod() -> torch.Tensor:
     # sgm LegacyDDPMDiscretization ("linear": linspace over sqrt(beta), squared), as A1111's extend_sdxl uses
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
@@ -653,12 +644,9 @@ def _sdxl_alphas_cumprod() -> torch.Tensor:
 def _build(cfg: dict, sd: dict, family: str):
     import open_clip
 
-    from .tiny import offline_clip, skip_default_init
-
     te_prefix = "conditioner.embedders.0.transformer." if family == "sdxl" else "cond_stage_model.transformer."
     text_cfg = _hf_clip_config(sd, te_prefix)
     if text_cfg is None:
-        from .tiny import clip_l_text_config
         text_cfg = clip_l_text_config()
     original = open_clip.create_model_and_transforms
 
@@ -809,12 +797,10 @@ def load_checkpoint(path, *, config=None, v_parameterization: bool | None = None
     say(f"loading {len(sd)} tensors")
     _load_weights(model, sd, report)
     del sd
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze_(model)
 
     if family == "sdxl":
-        model.alphas_cumprod = _sdxl_alphas_cumprod()
+        model.alphas_cumprod = sdxl_alphas_cumprod()
         scaling = str(cfg["params"].get("denoiser_config", {}).get("params", {}).get("scaling_config", {})
                       .get("target", ""))
         model.parameterization = "v" if scaling.endswith("VScaling") else "eps"
@@ -826,7 +812,6 @@ def load_checkpoint(path, *, config=None, v_parameterization: bool | None = None
             notes.append("eps-prediction detected (A1111's test on the UNet); set v_parameterization to override")
     report.parameterization = getattr(model, "parameterization", "eps")
 
-    from .tiny import set_family_flags
     set_family_flags(model, family)
     dev = torch.device(device)
     vae_dtype = vae_dtype or dtype

@@ -98,6 +98,14 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
+def freeze_(model: nn.Module) -> nn.Module:
+    """Eval mode and ``requires_grad`` False everywhere: how host models are handed out (A1111 never trains them)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def vae_config(ch: int = 32, ch_mult=(1, 2, 4, 4), num_res_blocks: int = 1, resolution: int = 64,
                attn_resolutions=(), target: str = "ldm.models.autoencoder.AutoencoderKL") -> dict:
     return {"target": target,
@@ -150,8 +158,4 @@ def make_tiny_sd15(seed: int = 0, text_layers: int = TEXT_LAYERS):
 
     with offline_clip(clip_l_text_config(layers=text_layers)), skip_default_init():
         model = instantiate_from_config(OmegaConf.create(tiny_sd15_config()))
-    randomize_(model, seed)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return set_family_flags(model, "sd1")
+    return set_family_flags(freeze_(randomize_(model, seed)), "sd1")

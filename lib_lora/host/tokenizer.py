@@ -16,6 +16,8 @@ import json
 import os
 import tempfile
 
+from ..formats.safetensors_io import write_atomic
+
 N_VOCAB = 49408
 N_MERGES = 49152 - 256 - 2
 FILES = ("vocab.json", "merges.txt")
@@ -56,18 +58,6 @@ def _build_files(bpe: str) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _valid(folder: str) -> bool:
     try:
         with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
@@ -94,9 +84,10 @@ def tokenizer_dir(cache_dir: str | None = None) -> str:
             os.makedirs(folder, exist_ok=True)
             tokens, merges = _build_files(bpe)
             # written atomically: two processes building at once each replace a whole file
-            _write_atomic(os.path.join(folder, "vocab.json"),
-                          json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-            _write_atomic(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
+            vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+            write_atomic(os.path.join(folder, "vocab.json"), lambda f: f.write(vocab))
+            write_atomic(os.path.join(folder, "merges.txt"),
+                         lambda f: f.write("#version: 0.2\n" + "\n".join(merges) + "\n"))
             return folder
         except OSError as e:  # read-only home: fall back to the temp dir
             last_err = e

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
+
+from ..formats.safetensors_io import write_atomic
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED, INTERRUPTED = "queued", "running", "done", "cancelled", "failed", "interrupted"
 FINISHED = (DONE, CANCELLED, FAILED)
@@ -100,15 +101,7 @@ class JobQueue:
 
     def _save(self):
         data = {"version": 1, "jobs": [asdict(j) for j in self.jobs]}
-        fd, tmp = tempfile.mkstemp(prefix=".queue-", suffix=".json", dir=self.store_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, default=str)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_atomic(self.path, lambda f: json.dump(data, f, indent=1, default=str), prefix=".queue-", suffix=".json")
 
     # ---- public operations --------------------------------------------------------------------------------
     def subscribe(self, fn):

@@ -161,6 +161,15 @@ class DatasetPart:
             "mean_img_ar_error": self.mean_ar_error,
         }
 
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """Folder name -> tag -> count over this dataset's subsets (subsets with the same folder name add up)."""
+        per: dict[str, dict[str, int]] = {}
+        for s in self.subsets:
+            f = per.setdefault(s.name, {})
+            for k, v in s.tag_counts.items():
+                f[k] = f.get(k, 0) + v
+        return per
+
     def bucket_lists(self) -> dict[tuple[int, int], list[ImageEntry]]:
         """Each bucket's sample list: every image appears ``num_repeats`` times, as sd-scripts fills buckets."""
         out: dict[tuple[int, int], list[ImageEntry]] = {}
@@ -234,12 +243,7 @@ class DatasetPlan:
         merges datasets; within a dataset, subsets with the same folder name add up)."""
         out: dict[str, dict[str, int]] = {}
         for d in self.datasets:
-            per: dict[str, dict[str, int]] = {}
-            for s in d.subsets:
-                per.setdefault(s.name, {})
-                for k, v in s.tag_counts.items():
-                    per[s.name][k] = per[s.name].get(k, 0) + v
-            for name, freq in per.items():
+            for name, freq in d.tag_frequency().items():
                 out.setdefault(name, freq)
         return out
 
@@ -294,18 +298,13 @@ class DatasetPlan:
                         while key in dirs:
                             key, i = f"{s.name} ({i})", i + 1
                         dirs[key] = {"n_repeats": s.repeats, "img_count": s.n_images}
-                per_tags: dict[str, dict[str, int]] = {}
-                for s in d.subsets:
-                    f = per_tags.setdefault(s.name, {})
-                    for k, v in s.tag_counts.items():
-                        f[k] = f.get(k, 0) + v
                 datasets_md.append({
                     "is_dreambooth": True, "batch_size_per_device": d.spec.batch_size,
                     "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
                     "resolution": d.spec.resolution, "enable_bucket": bool(d.spec.enable_bucket),
                     "min_bucket_reso": d.spec.min_bucket_reso if d.spec.enable_bucket else None,
                     "max_bucket_reso": d.spec.max_bucket_reso if d.spec.enable_bucket else None,
-                    "tag_frequency": per_tags, "bucket_info": d.bucket_info(),
+                    "tag_frequency": d.tag_frequency(), "bucket_info": d.bucket_info(),
                     "resize_interpolation": d.spec.resize_interpolation, "subsets": subs,
                 })
             md["ss_datasets"] = json.dumps(datasets_md)

@@ -90,6 +90,20 @@ def _float(v: str, key: str, where: str) -> float:
     return x
 
 
+def _set_number(sp: SamplePrompt, attr: str, v: str, key: str, where: str) -> None:
+    """width/height/steps/seed/cfg_scale from text, checked alike for .txt options and .toml/.json keys."""
+    if attr in ("width", "height"):
+        setattr(sp, attr, _size(v, key, where, sp.notes))
+    elif attr == "steps":
+        sp.steps = max(1, min(1000, _int(v, key, where)))
+    elif attr == "seed":
+        sp.seed = _int(v, key, where)
+    else:
+        sp.cfg_scale = _float(v, key, where)
+
+
+_OPT_NUMBERS = {"w": "width", "h": "height", "s": "steps", "d": "seed", "l": "cfg_scale"}
+_NUMBERS = tuple(_OPT_NUMBERS.values())
 _OPT = re.compile(r"^(ss|cn|[a-z])(?:\s+(.*))?$", re.S | re.I)
 _KNOWN = "--n negative, --w width, --h height, --s steps, --d seed, --l cfg scale, --ss sampler"
 
@@ -114,16 +128,8 @@ def parse_prompt_line(line: str, where: str = "<prompt>") -> SamplePrompt | None
             raise SamplePromptError(f"{where}: --{key} needs a value")
         if key == "n":
             sp.negative = value.strip()
-        elif key == "w":
-            sp.width = _size(value, key, where, sp.notes)
-        elif key == "h":
-            sp.height = _size(value, key, where, sp.notes)
-        elif key == "s":
-            sp.steps = max(1, min(1000, _int(value, key, where)))
-        elif key == "d":
-            sp.seed = _int(value, key, where)
-        elif key == "l":
-            sp.cfg_scale = _float(value, key, where)
+        elif key in _OPT_NUMBERS:
+            _set_number(sp, _OPT_NUMBERS[key], value, key, where)
         elif key == "g":
             _float(value, key, where)
             sp.notes.append(f"{where}: --g (guidance scale for guidance-distilled models) ignored for SD models")
@@ -160,14 +166,8 @@ def _from_dict(d: dict, where: str) -> SamplePrompt:
         if not attr or attr == "prompt" or d.get(k) is None:
             continue
         v = str(d[k])
-        if attr in ("width", "height"):
-            setattr(sp, attr, _size(v, k, where, sp.notes))
-        elif attr == "steps":
-            sp.steps = max(1, min(1000, _int(v, k, where)))
-        elif attr == "seed":
-            sp.seed = _int(v, k, where)
-        elif attr == "cfg_scale":
-            sp.cfg_scale = _float(v, k, where)
+        if attr in _NUMBERS:
+            _set_number(sp, attr, v, k, where)
         elif attr == "sampler":
             sp.sampler = v
             resolve_sampler(v, where)

@@ -8,13 +8,12 @@ import json
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
 
 from ..formats.hashes import precalculate_safetensors_hashes
-from ..formats.safetensors_io import save_file_atomic
+from ..formats.safetensors_io import save_file_atomic, write_atomic
 
 SAVE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "fp32": torch.float32, "float": torch.float32, "float32": torch.float32}
@@ -114,18 +113,7 @@ def set_rng_state(st: dict):
 
 def save_state(path: str, state: dict):
     """torch.save to a temp file in the same folder, then rename: a kill mid-save never leaves a broken state."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".pt", fsync=True)
 
 
 def load_state(path: str) -> dict:
