@@ -54,14 +54,6 @@ def sd1_file(tmp_path_factory):
     return m, path
 
 
-def test_tiny_model_equals_the_test_fixture():
-    """host/tiny.py is the same recipe as tests/models.make_sd1 (bit-exact), so tests may share it."""
-    from lib_lora.host.tiny import make_tiny_sd15
-    a, b = make_tiny_sd15(seed=2).state_dict(), models.make_sd1(seed=2).state_dict()
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_sd1_loads_bit_exact_and_runs_like_the_original(sd1_file):
     m, path = sd1_file
     host = load_checkpoint(path)
