@@ -16,37 +16,7 @@ from lib_lora.train.trainer import TrainEvent, TrainResult
 
 SETTING = "Settings > LoRA Studio > API folders (lora_studio_api_roots)"
 
-# /work/shared/reference/seed-config.md: the tutorial config users paste
-SEED_TOML = """
-[model]
-pretrained_model_name_or_path = "./models/sd/v1-5-pruned.safetensors"
-v2 = false
-v_parameterization = false
-
-[dataset]
-train_data_dir = "./training_data"
-resolution = 512
-batch_size = 2
-enable_bucket = true
-min_bucket_reso = 256
-max_bucket_reso = 1024
-
-[training]
-output_dir = "./output"
-output_name = "my_lora"
-max_train_epochs = 10
-learning_rate = 1e-4
-unet_lr = 1e-4
-text_encoder_lr = 5e-5
-lr_scheduler = "cosine_with_restarts"
-lr_warmup_steps = 100
-network_dim = 32
-network_alpha = 16
-optimizer_type = "AdamW8bit"
-mixed_precision = "fp16"
-save_every_n_epochs = 2
-save_model_as = "safetensors"
-"""
+from seed_config import SEED_TOML  # noqa: E402  (tests/data/seed_config.toml)
 
 MODEL = {"name": "v1-5-pruned", "hash": "6ce0161689", "family": "sd1", "parameterization": "eps"}
 

@@ -59,34 +59,7 @@ def test_toml_round_trip(preset):
 
 
 def test_import_the_tutorial_config():
-    text = """
-[model]
-pretrained_model_name_or_path = "./models/sd/v1-5-pruned.safetensors"
-v2 = false
-v_parameterization = false
-[dataset]
-train_data_dir = "./training_data"
-resolution = 512
-batch_size = 2
-enable_bucket = true
-min_bucket_reso = 256
-max_bucket_reso = 1024
-[training]
-output_dir = "./output"
-output_name = "my_lora"
-max_train_epochs = 10
-learning_rate = 1e-4
-unet_lr = 1e-4
-text_encoder_lr = 5e-5
-lr_scheduler = "cosine_with_restarts"
-lr_warmup_steps = 100
-network_dim = 32
-network_alpha = 16
-optimizer_type = "AdamW8bit"
-mixed_precision = "fp16"
-save_every_n_epochs = 2
-save_model_as = "safetensors"
-"""
+    from seed_config import SEED_TOML as text
     cfg = parse_train_config_text(text, base_dir="/work/tutorial")
     values, paths, extra = P.config_to_ui(cfg)
     assert values["train_batch_size"] == 2 and values["resolution"] == "512"
