@@ -177,6 +177,10 @@ class TrainConfig:
     sample_every_n_epochs: int | None = None
     sample_at_first: bool = False
     sample_sampler: str = "ddim"
+    # LoRA Studio only (not sd-scripts): the engine's fast step (flat LoRA buffer, fused AdamW, inputs kept on the
+    # device, no host sync in a step; same results within float tolerance) and, experimental, CUDA-graph capture
+    fast_path: bool = True
+    cuda_graphs: bool = False
     logging_dir: str | None = None
     log_prefix: str | None = None
 

@@ -18,6 +18,14 @@ import torch.nn.functional as F
 from .targets import TrainTarget, text_encoder_targets, unet_targets
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Autocast state for one device type (``torch.is_autocast_enabled()`` alone answers for CUDA only)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no per-device query
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 class LoRAPair(nn.Module):
     """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names."""
 
@@ -109,7 +117,10 @@ class LoRANetwork(nn.Module):
                 return y
             if net.training and net.module_dropout and torch.rand(()) < net.module_dropout:
                 return y
-            h = pair.lora_down(x.to(pair.lora_down.weight.dtype) if not torch.is_autocast_enabled() else x)
+            # under autocast the linear casts x itself; casting it first only adds two copies. The dtype checks
+            # in Python skip a no-op .to() dispatch per module (host time per step on a GPU)
+            wd = pair.lora_down.weight.dtype
+            h = pair.lora_down(x if x.dtype == wd or autocast_enabled(x.device.type) else x.to(wd))
             scale = pair.scale
             if net.training and net.dropout:
                 h = F.dropout(h, p=net.dropout)
@@ -120,7 +131,8 @@ class LoRANetwork(nn.Module):
                 mask_shape = shape
                 h = h * (torch.rand(mask_shape, device=h.device) > net.rank_dropout).to(h.dtype)
                 scale = scale / (1.0 - net.rank_dropout)
-            return y + (pair.lora_up(h) * (net.multiplier * scale)).to(y.dtype)
+            u = pair.lora_up(h) * (net.multiplier * scale)
+            return y + (u if u.dtype == y.dtype else u.to(y.dtype))
 
         return forward
 
@@ -191,9 +203,10 @@ class LoRANetwork(nn.Module):
             alpha = pair.alpha.detach()
             if dtype is not None:
                 down, up, alpha = down.to(dtype), up.to(dtype), alpha.to(dtype)
-            out[f"{name}.lora_down.weight"] = down.contiguous().cpu()
-            out[f"{name}.lora_up.weight"] = up.contiguous().cpu()
-            out[f"{name}.alpha"] = alpha.cpu()
+            # copies: the weights may be views into one flat buffer (fast path), which safetensors refuses to save
+            out[f"{name}.lora_down.weight"] = down.to("cpu", copy=True).contiguous()
+            out[f"{name}.lora_up.weight"] = up.to("cpu", copy=True).contiguous()
+            out[f"{name}.alpha"] = alpha.to("cpu", copy=True)
         return out
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]):

@@ -30,6 +30,7 @@ HONOURED = {
     "save_state", "save_state_on_train_end", "resume", "training_comment", "metadata_title", "metadata_author",
     "metadata_description", "metadata_license", "metadata_tags", "sample_prompts", "sample_every_n_epochs",
     "sample_sampler", "validation_split", "huber_schedule", "huber_c", "huber_scale", "multires_noise_discount",
+    "fast_path", "cuda_graphs",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}

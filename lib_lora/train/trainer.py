@@ -4,6 +4,10 @@ Data flows one way: config + dataset plan -> latent / text caches -> steps with 
 modules -> kohya-format files. Every randomness of a step (caption processing, noise, timesteps, LoRA dropout) is
 seeded from (seed, step), and the data order from (seed, epoch), so a resumed run makes the same steps as an
 uninterrupted one. The host comes back exactly as it was on every exit path (``host_guard``).
+
+The step itself (forward, backward, optimizer; no host sync inside) is ``fastpath.StepRunner``; the loop feeds it
+device tensors and reads the loss back every ``log_every`` steps. Its fast paths are on unless ``fast_path = false``
+(config), ``LORA_STUDIO_FAST_PATH=0`` (environment) or ``Trainer(fast=False)``; see fastpath.py.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ import torch
 from ..formats.safetensors_io import load_tensors, save_file_atomic
 from .attention import sdpa_attention
 from .captions import process_caption
-from .conditioning import TextEncoder, sdxl_vector
+from .conditioning import TextEncoder
 from .host_guard import guarded
 from .images import load_image_rgb, resize_and_crop, sdxl_size_conditioning
+from .fastpath import (FastPath, FlatParams, InputCache, StepBatch, StepRunner, cached_timestep_embedding,
+                       elementwise_optimizer, fused_adamw_supported, load_optimizer_state, sync_free_clip_mask,
+                       to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork
-from .loss import NoiseSchedule, denoising_loss, sample_noise, sample_timesteps
+from .loss import NoiseSchedule
 from .optim import make_optimizer, make_scheduler
 from .saving import (BASE_MODEL_VERSION, SAVE_DTYPES, ckpt_name, load_state, metadata_strings, modelspec, prune_old,
                      save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
@@ -112,7 +119,7 @@ class PlanData:
 
 class Trainer:
     def __init__(self, host, cfg, plan, *, on_event=None, should_cancel=None, device: torch.device | None = None,
-                 sample_fn=None):
+                 sample_fn=None, fast=None):
         self.host = host
         self.cfg = cfg
         self.plan = plan
@@ -132,6 +139,13 @@ class Trainer:
         self.losses: list[tuple[int, float]] = []
         # reading the loss back syncs the host with the GPU: do it every N steps there
         self.log_every = 1 if self.device.type == "cpu" else 10
+        # fast paths (fastpath.py): fast=False / "capture" here, env LORA_STUDIO_FAST_PATH, config fast_path
+        try:
+            self.fast = FastPath.resolve(fast, cfg, host)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
+        self.fast_desc = ""
+        self.runner = None
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _emit(self, kind, **kw):
@@ -281,6 +295,17 @@ class Trainer:
                                      if getattr(self.sd_model, "alphas_cumprod_original", None) is not None
                                      else self.sd_model.alphas_cumprod,
                                      getattr(self.sd_model, "parameterization", "eps")).to(self.device)
+            unet = self.sd_model.model.diffusion_model
+            fast = self.fast
+            stack.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing))
+            # the WebUI has its own attention hijack; headless we switch the stock einsum attention to SDPA
+            stack.enter_context(sdpa_attention(self.sd_model.model, getattr(self.host, "use_sdpa", True)))
+            stack.enter_context(net.attached())
+            if fast.enabled:
+                stack.enter_context(cached_timestep_embedding(unet))
+                stack.enter_context(sync_free_clip_mask())  # the text encoder runs inside the step when trained
+            net.train()
+
             groups = net.param_groups(unet_lr, te_lr)
             opt_args = {}
             for item in c.optimizer_args or []:
@@ -289,8 +314,33 @@ class Trainer:
                     opt_args[k.strip()] = ast.literal_eval(v.strip())  # numbers, tuples, bools
                 except (ValueError, SyntaxError):
                     opt_args[k.strip()] = v.strip()
-            optimizer, opt_desc = make_optimizer(c.optimizer_type or "AdamW", groups, lr=unet_lr or te_lr,
-                                                 args=opt_args, device=self.device)
+            flat, fast_desc = None, []
+            module_dropout = bool(nargs.get("module_dropout") and float(nargs["module_dropout"]))
+            if fast.enabled and elementwise_optimizer(c.optimizer_type) and not module_dropout:
+                # (module_dropout: a dropped module's weights get no gradient and no update that step; a flat
+                # buffer would give them a zero gradient, and AdamW still moves them)
+                skip = set()
+                if te_lr:
+                    probe_tokens = te.tokenize([""])[0]
+                    skip = unused_text_encoder_params(net, lambda: te.encode(probe_tokens, self.device),
+                                                      [p for g in groups if g.get("name") == "text_encoder"
+                                                       for p in g["params"]])
+                try:
+                    flat = FlatParams(groups, skip)
+                    fast_desc.append(f"flat LoRA buffer ({len(flat.groups)} group(s))")
+                except ValueError as e:
+                    self._note(f"LoRA weights not packed into one buffer ({e}); training goes on per weight")
+            opt_name = (c.optimizer_type or "AdamW").lower().replace("_", "").replace("-", "")
+            if (fast.enabled and opt_name in ("adamw", "adamw32bit", "adam") and "fused" not in opt_args
+                    and "foreach" not in opt_args and fused_adamw_supported(self.device)):
+                opt_args["fused"] = True
+                fast_desc.append("fused AdamW")
+            opt_notes: list[str] = []  # an 8-bit optimizer without bitsandbytes trains as its 32-bit twin
+            optimizer, opt_desc = make_optimizer(c.optimizer_type or "AdamW",
+                                                 flat.param_groups() if flat else groups, lr=unet_lr or te_lr,
+                                                 args=opt_args, device=self.device, notes=opt_notes)
+            for n in opt_notes:
+                self._note(n)
             warmup = c.lr_warmup_steps
             warmup = int(warmup * self.total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
             if warmup >= self.total_steps > 0:
@@ -304,7 +354,11 @@ class Trainer:
             if resume_state:
                 st = load_state(resume_state)
                 net.load_kohya_state_dict(st["network"])
-                optimizer.load_state_dict(st["optimizer"])
+                try:  # state files hold the optimizer per weight, whichever path wrote them
+                    load_optimizer_state(optimizer, flat.state_dict_flat(st["optimizer"]) if flat else st["optimizer"])
+                except ValueError as e:
+                    raise TrainingError(f"cannot resume the optimizer from {os.path.basename(resume_state)}: {e}. "
+                                        "Resume with the same network settings, or set fast_path = false") from e
                 scheduler.load_state_dict(st["scheduler"])
                 if scaler is not None and st.get("scaler"):
                     scaler.load_state_dict(st["scaler"])
@@ -314,12 +368,26 @@ class Trainer:
                 seed = self.seed = st["seed"]
                 self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
 
-            stack.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing))
-            # the WebUI has its own attention hijack; headless we switch the stock einsum attention to SDPA
-            stack.enter_context(sdpa_attention(self.sd_model.model, getattr(self.host, "use_sdpa", True)))
-            stack.enter_context(net.attached())
-            net.train()
             accum = max(1, int(c.gradient_accumulation_steps or 1))
+            runner = StepRunner(
+                unet, schedule, optimizer, scheduler, device=self.device, flat=flat,
+                params=[p for g in groups for p in g["params"]], amp_dtype=amp_dtype, scaler=scaler,
+                max_grad_norm=c.max_grad_norm, noise_offset=c.noise_offset, min_timestep=c.min_timestep,
+                max_timestep=c.max_timestep, min_snr_gamma=c.min_snr_gamma, accum=accum,
+                sdxl=self.family == "sdxl", capture=fast.enabled and fast.capture, module_dropout=module_dropout,
+                on_note=self._note)
+            self.runner = runner
+            inputs = None
+            if fast.enabled:
+                inputs = InputCache(self.latents, {k: c.prior_loss_weight if self.samples[k[0]].is_reg else 1.0
+                                                   for k in self.latents},
+                                    self.size_cond if self.family == "sdxl" else None, self.device)
+                fast_desc.append("inputs on the device" if inputs.on_device else "inputs in pinned host memory")
+                if runner.graphs is not None:
+                    fast_desc.append("CUDA graphs (experimental)")
+            self.fast_desc = ", ".join(fast_desc) if fast.enabled else f"off ({fast.source})"
+            self._emit("note", message=f"training step: fast path {self.fast_desc}",
+                       extra={"fast_path": self.fast_desc})
             loss_acc = None
             t0 = time.time()
             t_steps0 = step
@@ -347,7 +415,8 @@ class Trainer:
 
             def save_resume(epoch_no, batch_in_epoch, tag):
                 path = os.path.join(out_dir, f"{name}-{tag}-state.pt")
-                save_state(path, {"network": net.kohya_state_dict(torch.float32), "optimizer": optimizer.state_dict(),
+                opt_sd = flat.state_dict_per_weight(optimizer.state_dict()) if flat else optimizer.state_dict()
+                save_state(path, {"network": net.kohya_state_dict(torch.float32), "optimizer": opt_sd,
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                                   "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
                                   "losses": self.losses, "rng": rng_state(), "config_source": c.source})
@@ -369,49 +438,35 @@ class Trainer:
                             raise Cancelled()
                         batch = batches[b_idx]
                         micro = (b_idx + 1)
-                        torch.manual_seed(_seed_for(seed, "step", epoch, b_idx))  # LoRA dropout etc.
-                        gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, "noise", epoch, b_idx))
                         crng = random.Random(_seed_for(seed, "caption", epoch, b_idx))
                         flips = [self.samples[i].flip_aug and crng.random() < 0.5 for i in batch]
-                        x0 = torch.stack([self.latents[(i, f)] for i, f in zip(batch, flips)]).to(self.device)
+                        keys = list(zip(batch, flips))
                         caps = [process_caption(self.samples[i].caption, self.samples[i].caption_options, crng,
                                                 epoch=epoch, step=step, max_train_steps=self.total_steps)
                                 if self.samples[i].caption_options is not None else self.samples[i].caption
                                 for i in batch]
-                        weights = torch.tensor([c.prior_loss_weight if self.samples[i].is_reg else 1.0 for i in batch],
-                                               device=self.device)
-                        amp = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-                        with amp:
-                            cond = self._encode(te, caps, te_cache if cache_te else None, bool(te_lr))
-                            ctx = cond["crossattn"]
-                            y = None
+                        sizes = size_cond = None
+                        if inputs is not None:
+                            got = inputs.gather(keys)
+                            x0, weights, sizes = got["x0"], got["w"], got.get("sizes")
+                        else:
+                            x0 = torch.stack([self.latents[k] for k in keys]).to(self.device)
+                            weights = torch.tensor([c.prior_loss_weight if self.samples[i].is_reg else 1.0
+                                                    for i in batch], device=self.device)
                             if self.family == "sdxl":
-                                sc = [self.size_cond[(i, f)] for i, f in zip(batch, flips)]
-                                y = sdxl_vector(cond["pooled"], [s[0] for s in sc], [s[1] for s in sc],
-                                                [s[2] for s in sc])
-                            noise = sample_noise(x0, gen, c.noise_offset or 0.0)
-                            t = sample_timesteps(x0.shape[0], gen, self.device, c.min_timestep or 0,
-                                                 c.max_timestep or schedule.num_timesteps)
-                            noisy = schedule.add_noise(x0, noise, t)
-                            unet = self.sd_model.model.diffusion_model
-                            pred = unet(noisy, t, context=ctx, y=y) if y is not None else unet(noisy, t, context=ctx)
-                            loss = denoising_loss(pred, schedule.target(x0, noise, t), t, schedule, weights,
-                                                  c.min_snr_gamma)
-                        (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-                        loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
+                                size_cond = [self.size_cond[k] for k in keys]
+                        cond = self._cond(te, caps, te_cache if cache_te else None, bool(te_lr), runner)
+                        sb = StepBatch(x0, weights, cond, _seed_for(seed, "step", epoch, b_idx),
+                                       _seed_for(seed, "noise", epoch, b_idx), sizes, size_cond)
+                        if accum == 1:
+                            loss = runner.step(sb)  # forward, backward, optimizer: no host sync inside
+                        else:
+                            loss = runner.micro(sb)
+                        loss_acc = loss if loss_acc is None else loss_acc + loss
                         if micro % accum != 0 and b_idx != len(batches) - 1:
                             continue
-                        if scaler:
-                            scaler.unscale_(optimizer)
-                        if c.max_grad_norm:
-                            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], c.max_grad_norm)
-                        if scaler:
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        if accum != 1:
+                            runner.update()
                         step += 1
                         # one host sync per logged step keeps the GPU queue full; the CPU path is cheap anyway
                         if step % max(1, getattr(self, "log_every", 1)) == 0 or step == self.total_steps:
@@ -457,13 +512,20 @@ class Trainer:
         return result
 
     # ---- pieces -------------------------------------------------------------------------------------------
-    def _encode(self, te: TextEncoder, caps: list[str], cache: dict | None, grad: bool) -> dict:
+    def _cond(self, te: TextEncoder, caps: list[str], cache: dict | None, grad: bool, runner) -> dict:
+        """The step's text conditioning: from the cache, computed now (no grad), or, when the text encoder is
+        trained, a function the step calls (tokens are made and sent to the device here, outside the step)."""
         if cache is not None and all(cp in cache for cp in caps):
             return {k: torch.cat([cache[cp][k] for cp in caps]) for k in cache[caps[0]]}
         tokens, truncated = te.tokenize(caps)
         if truncated:
             self._note(f"{truncated} caption(s) longer than max_token_length were cut")
-        with (nullcontext() if grad else torch.no_grad()):
+        if self.fast.enabled:
+            tokens = (tuple(to_device_async(t, self.device) for t in tokens) if isinstance(tokens, tuple)
+                      else to_device_async(tokens, self.device))
+        if grad:
+            return lambda: te.encode(tokens, self.device)
+        with torch.no_grad(), runner.amp():
             out = te.encode(tokens, self.device)
         if cache is not None:
             for j, cp in enumerate(caps):

@@ -1,13 +1,19 @@
-"""Training-step benchmark: our step vs a plain-PyTorch reference step, same model, same run.
+"""Training-step benchmark: our step (plain and fast paths) vs a plain-PyTorch reference step, same model, same run.
 
 Full-size SD1.5-shaped ldm UNet with random weights (speed does not depend on values), 512 px (64x64 latents),
-LoRA dim 32 / alpha 16 on kohya's 192 targets, frozen bf16 base under autocast, latents and text conditioning
-already on the device. Prints images/s, peak memory and the ratio against the reference for each batch size.
+LoRA dim 32 / alpha 16 on kohya's 192 targets, frozen bf16 base under autocast, SDPA attention, latents and text
+conditioning already on the device. Prints images/s, peak memory and the ratio against the reference for each
+batch size and each of our modes: ``eager`` (fast_path = false), ``fast`` (flat LoRA buffer, fused AdamW, cached
+timestep frequencies) and, with --capture on CUDA, ``graph`` (fast + the whole step replayed from a CUDA graph).
 
-    python tests/bench/bench_train.py                    # cuda if available, batches 1 2 4
-    python tests/bench/bench_train.py --quick --device cpu   # smoke run on a tiny model
+    python tests/bench/bench_train.py                          # cuda if available, batches 1 2 4
+    python tests/bench/bench_train.py --capture --profile-ops  # a GPU session: everything in one run
+    python tests/bench/bench_train.py --quick --device cpu --profile-ops   # smoke run on a tiny model
 
-Not collected by pytest.
+--profile-ops counts the aten ops each step dispatches (torch.profiler; "top" = launched from Python/autograd,
+"all" = with nested ones) and lists any op that waits for the device inside a step. On CUDA, --capture also
+checks that graph replays give the same LoRA weights as the eager fast step, and runs the fast step under
+torch.cuda.set_sync_debug_mode("error") to catch any hidden sync. Not collected by pytest.
 """
 
 import argparse
@@ -21,9 +27,12 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+from lib_lora.train.attention import sdpa_attention  # noqa: E402
+from lib_lora.train.fastpath import (STEP_MARK, FlatParams, StepBatch, StepRunner,  # noqa: E402
+                                     cached_timestep_embedding, fused_adamw_supported, step_ops)
 from lib_lora.train.lora_net import LoRANetwork  # noqa: E402
-from lib_lora.train.loss import NoiseSchedule, denoising_loss, sample_noise, sample_timesteps  # noqa: E402
-from lib_lora.train.optim import make_optimizer  # noqa: E402
+from lib_lora.train.loss import NoiseSchedule  # noqa: E402
+from lib_lora.train.optim import make_optimizer, make_scheduler  # noqa: E402
 
 
 class _Host(nn.Module):
@@ -98,28 +107,88 @@ def reference_step_fn(unet, device, dtype, dim, alpha, batch, lat_hw):
     return step, close
 
 
-def our_step_fn(unet, device, dtype, dim, alpha, batch, lat_hw):
-    net = LoRANetwork(_Host(unet), "sd1", dim=dim, alpha=alpha, train_text_encoder=False).to(device)
-    opt, _ = make_optimizer("AdamW", net.param_groups(1e-4, 0), lr=1e-4, device=device)
+def our_step_fn(unet, device, dtype, dim, alpha, batch, lat_hw, mode="fast", seed=0):
+    """Our StepRunner as the trainer wires it. mode: eager (fast_path = false) | fast | graph (fast + CUDA graphs).
+    Returns (step, close, net)."""
+    fast = mode != "eager"
+    net = LoRANetwork(_Host(unet), "sd1", dim=dim, alpha=alpha, train_text_encoder=False)
+    torch.manual_seed(seed)
+    for pair in net.pairs.values():
+        nn.init.kaiming_uniform_(pair.lora_down.weight, a=5 ** 0.5)
+    net.to(device)
+    groups = net.param_groups(1e-4, 0)
+    flat = FlatParams(groups) if fast else None
+    args = {"fused": True} if fast and fused_adamw_supported(device) else {}
+    opt, _ = make_optimizer("AdamW", flat.param_groups() if flat else groups, lr=1e-4, args=args, device=device)
+    sched = make_scheduler(opt, "constant", 0, 10 ** 6)
     sch = NoiseSchedule(schedule(), "eps").to(device)
-    x0 = torch.randn(batch, 4, lat_hw, lat_hw, device=device)
-    ctx = torch.randn(batch, 77, 768, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    amp = dtype if dtype != torch.float32 else None
+    runner = StepRunner(unet, sch, opt, sched, device=device, flat=flat,
+                        params=[p for g in groups for p in g["params"]], amp_dtype=amp, max_grad_norm=1.0, capture=mode == "graph", on_note=print)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, 4, lat_hw, lat_hw, generator=g).to(device)
+    ctx = torch.randn(batch, 77, 768, generator=g).to(device)
+    w = torch.ones(batch, device=device)
+    emb = cached_timestep_embedding(unet)
+    if fast:
+        emb.__enter__()
     net.attach()
     net.train()
+    n = [0]
 
     def step():
-        noise = sample_noise(x0, gen)
-        t = sample_timesteps(batch, gen, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(sch.add_noise(x0, noise, t), t, context=ctx)
-            loss = denoising_loss(pred, noise, t, sch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()  # no host sync: read back every N steps by the loop
+        n[0] += 1
+        return runner.step(StepBatch(x0, w, {"crossattn": ctx}, 1000 + n[0], 2000 + n[0]))
 
-    return step, net.detach
+    def close():
+        net.detach()
+        if fast:
+            emb.__exit__(None, None, None)
+
+    return step, close, net
+
+
+def count_ops(step, n=3):
+    """Per-step aten op counts and sync ops for a step function (warm it up first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            with torch.autograd.profiler.record_function(STEP_MARK):
+                step()
+    c = step_ops(prof)
+    return c.top / n, c.total / n, sorted(set(c.syncs)), len(c.host_data) / n
+
+
+def sync_check(step, device, n=3):
+    """Run steps with CUDA's sync debug mode set to error: any op that waits for the GPU raises."""
+    if device.type != "cuda":
+        return "n/a (cpu)"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(n):
+            step()
+        return "no sync"
+    except RuntimeError as e:
+        return f"SYNC: {str(e).splitlines()[0][:160]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def capture_check(unet, device, dtype, batch, lat, steps=6):
+    """Same init, same seeds: LoRA weights after `steps` steps, eager fast step vs CUDA graph replays."""
+    out = []
+    for mode in ("fast", "graph"):
+        step, close, net = our_step_fn(unet, device, dtype, 32, 16, batch, lat, mode=mode, seed=3)
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        out.append(torch.cat([p.detach().float().reshape(-1) for p in net.parameters()]))
+        close()
+    a, b = out
+    return ((a - b).norm() / a.norm()).item(), (a - b).abs().max().item()
 
 
 def timeit(step, n_warm, n, device):
@@ -146,29 +215,60 @@ def main():
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, few steps (CPU smoke run)")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--modes", default="eager,fast", help="ours: eager (fast_path=false), fast, graph")
+    ap.add_argument("--capture", action="store_true", help="add the CUDA-graph mode (CUDA only) and its checks")
+    ap.add_argument("--profile-ops", action="store_true", help="count aten ops per step with torch.profiler")
+    ap.add_argument("--attention", choices=("sdpa", "einsum"), default=None,
+                    help="UNet attention (default: sdpa on cuda; einsum on cpu, where bf16 SDPA is very slow)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        torch.set_num_threads(1)  # the shared CPU machines: more threads make steps erratic
     dtype = torch.bfloat16 if (device.type == "cuda" or args.quick) else torch.float32
     lat = 8 if args.quick else 64
     n = args.steps or (3 if args.quick else 30)
+    modes = [m for m in args.modes.split(",") if m]
+    if args.capture and "graph" not in modes:
+        modes.append("graph")
+    if "graph" in modes and device.type != "cuda":
+        print("# graph mode needs CUDA; skipped")
+        modes.remove("graph")
     unet = build_unet(args.quick).to(device)
     if device.type == "cuda":
         unet = unet.to(torch.bfloat16)
+    attention = args.attention or ("sdpa" if device.type == "cuda" else "einsum")
+    sdpa = sdpa_attention(unet, enabled=attention == "sdpa")
     print(f"# bench_train: device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) "
-          f"torch {torch.__version__} dtype={dtype} latents {lat}x{lat} dim 32 alpha 16")
-    print(f"{'batch':>5} {'ref s/step':>10} {'ours s/step':>11} {'ref img/s':>9} {'ours img/s':>10} {'ratio':>6} "
-          f"{'ref peak GiB':>12} {'ours peak GiB':>13}")
-    for b in [int(x) for x in args.batches.split(",")]:
-        ref, close = reference_step_fn(unet, device, dtype, 32, 16, b, lat)
-        t_ref, p_ref = timeit(ref, 2, n, device)
-        close()
-        ours, detach = our_step_fn(unet, device, dtype, 32, 16, b, lat)
-        t_ours, p_ours = timeit(ours, 2, n, device)
-        detach()
-        print(f"{b:>5} {t_ref:>10.4f} {t_ours:>11.4f} {b / t_ref:>9.2f} {b / t_ours:>10.2f} {t_ref / t_ours:>6.2f} "
-              f"{p_ref:>12.2f} {p_ours:>13.2f}")
+          f"torch {torch.__version__} dtype={dtype} latents {lat}x{lat} dim 32 alpha 16 "
+          f"attention={attention}")
+    print(f"{'batch':>5} {'mode':>6} {'s/step':>8} {'img/s':>8} {'x ref':>6} {'peak GiB':>8}"
+          + (f" {'ops top':>8} {'ops all':>8} {'host->dev':>9}  syncs in step" if args.profile_ops else ""))
+    with sdpa:
+        for b in [int(x) for x in args.batches.split(",")]:
+            rows = []
+            ref, close = reference_step_fn(unet, device, dtype, 32, 16, b, lat)
+            rows.append(("ref", ref) + timeit(ref, 2, n, device) + ((count_ops(ref),) if args.profile_ops else ()))
+            close()
+            for mode in modes:
+                step, close, _ = our_step_fn(unet, device, dtype, 32, 16, b, lat, mode=mode)
+                r = (mode, step) + timeit(step, 3, n, device)
+                if args.profile_ops:
+                    r += (count_ops(step),)
+                if mode != "eager" and device.type == "cuda":
+                    print(f"# b{b} {mode}: cuda sync debug over 3 steps: {sync_check(step, device)}")
+                rows.append(r)
+                close()
+            t_ref = rows[0][2]
+            for r in rows:
+                mode, _, t, peak = r[:4]
+                line = f"{b:>5} {mode:>6} {t:>8.4f} {b / t:>8.2f} {t_ref / t:>6.2f} {peak:>8.2f}"
+                if args.profile_ops:
+                    top, total, syncs, h2d = r[4]
+                    line += f" {top:>8.0f} {total:>8.0f} {h2d:>9.0f}  {', '.join(syncs) or '-'}"
+                print(line)
+            if "graph" in modes:
+                rel, mx = capture_check(unet, device, dtype, b, lat)
+                print(f"# b{b} graph vs eager fast step after 6 steps: LoRA weights rel diff {rel:.2e}, max {mx:.2e}")
 
 
 if __name__ == "__main__":
