@@ -44,6 +44,8 @@ from .saving import (BASE_MODEL_VERSION, SAVE_DTYPES, ckpt_name, load_state, met
 class TrainingError(RuntimeError):
     """A problem the user can fix; the message says what happened and what to do."""
 
+    user_error = True  # the queue shows the message without a traceback
+
 
 class Cancelled(Exception):
     pass
