@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,15 @@ def test_sdxl_trains_with_size_conditioning(tmp_path):
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
     net = load_network(res.final, "sdxl", layer_names=set(layer_mapping(xl)))
     assert len(net.report.matched) == net.report.total_modules
+
+
+def test_sd_scripts_noise_and_loss_switches_train(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    before = state_fingerprint(sd1)
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path), img, max_train_epochs=1, loss_type="huber",
+                                                    huber_schedule="snr", multires_noise_iterations=6,
+                                                    ip_noise_gamma=0.1, noise_offset=0.05, adaptive_noise_scale=0.01,
+                                                    debiased_estimation_loss=True, min_snr_gamma=5))
+    assert res.status == "done" and all(np.isfinite(v) for _, v in res.losses)
+    assert not any("not supported" in n for n in res.notes), res.notes
+    assert state_fingerprint(sd1) == before

@@ -11,11 +11,12 @@ def test_seed_config_needs_no_unsupported_notes():
 
 
 def test_unsupported_keys_are_named():
-    cfg = parse_train_config({"train_data_dir": "x", "random_crop": True, "ip_noise_gamma": 0.1,
+    cfg = parse_train_config({"train_data_dir": "x", "random_crop": True, "color_aug": True,
                               "network_args": ["conv_dim=4", "loraplus_lr_ratio=16"], "lr_scheduler": "inverse_sqrt",
-                              "loss_type": "huber"})
+                              "loss_type": "huber", "ip_noise_gamma": 0.1})
     errors, notes = check_support(cfg)
     text = "\n".join(notes)
-    assert "random_crop = True" in text and "ip_noise_gamma = 0.1" in text and "'loraplus_lr_ratio'" in text
+    assert "random_crop = True" in text and "color_aug = True" in text and "'loraplus_lr_ratio'" in text
+    assert "ip_noise_gamma" not in text and "loss_type" not in text  # honoured
     assert "'conv_dim'" not in text
-    assert any("inverse_sqrt" in e for e in errors) and any("huber" in e for e in errors)
+    assert len(errors) == 1 and "inverse_sqrt" in errors[0]

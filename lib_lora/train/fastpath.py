@@ -36,7 +36,9 @@ from torch.autograd.profiler import record_function
 
 from .conditioning import timestep_embedding as _sin_embedding
 from .conditioning import sdxl_vector
-from .loss import denoising_loss, sample_noise, sample_timesteps
+import random
+
+from .loss import LossOptions, denoising_loss, input_noise, sample_noise, sample_timesteps
 
 STEP_MARK = "lora_studio::step"
 
@@ -473,7 +475,7 @@ class StepRunner:
     def __init__(self, unet, schedule, optimizer, scheduler, *, device: torch.device, params=None,
                  flat: FlatParams | None = None, amp_dtype=None, scaler=None, max_grad_norm=0.0, noise_offset=0.0,
                  min_timestep=0, max_timestep=None, min_snr_gamma=None, accum=1, sdxl=False, capture=False,
-                 module_dropout=False, on_note=None):
+                 module_dropout=False, on_note=None, loss_opts: LossOptions | None = None):
         self.unet, self.schedule, self.optimizer, self.scheduler = unet, schedule, optimizer, scheduler
         self.device = torch.device(device)
         self.flat = flat
@@ -485,6 +487,8 @@ class StepRunner:
         self.min_t = int(min_timestep or 0)
         self.max_t = int(max_timestep or schedule.num_timesteps)
         self.min_snr_gamma = min_snr_gamma
+        # sd-scripts' noise/loss switches; None keeps the plain ε/v MSE (+ min-SNR, noise offset above)
+        self.loss_opts = loss_opts
         self.accum = max(1, int(accum))
         self.sdxl = sdxl
         self.note = on_note or (lambda text: None)
@@ -512,8 +516,9 @@ class StepRunner:
     def _draw(self, b: StepBatch):
         torch.manual_seed(b.step_seed)  # LoRA dropout and anything else on the global generators
         self.gen.manual_seed(b.noise_seed)
-        noise = sample_noise(b.x0, self.gen, self.noise_offset)
+        noise = sample_noise(b.x0, self.gen, self.noise_offset, self.loss_opts, random.Random(b.noise_seed))
         t = sample_timesteps(b.x0.shape[0], self.gen, self.device, self.min_t, self.max_t)
+        self._in_noise = input_noise(noise, self.gen, self.loss_opts)  # ip_noise_gamma: what the model sees
         return noise, t
 
     def _y(self, b: StepBatch, cond: dict):
@@ -524,11 +529,11 @@ class StepRunner:
         sc = b.size_cond
         return sdxl_vector(cond["pooled"], [s[0] for s in sc], [s[1] for s in sc], [s[2] for s in sc])
 
-    def _loss(self, x0, ctx, y, weights, noise, t):
-        noisy = self.schedule.add_noise(x0, noise, t)
+    def _loss(self, x0, ctx, y, weights, noise, t, in_noise=None):
+        noisy = self.schedule.add_noise(x0, noise if in_noise is None else in_noise, t)
         pred = self.unet(noisy, t, context=ctx, y=y) if y is not None else self.unet(noisy, t, context=ctx)
         return denoising_loss(pred, self.schedule.target(x0, noise, t), t, self.schedule, weights,
-                              self.min_snr_gamma)
+                              self.min_snr_gamma, opts=self.loss_opts)
 
     def micro(self, b: StepBatch) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its loss (a detached device tensor)."""
@@ -536,7 +541,7 @@ class StepRunner:
             noise, t = self._draw(b)
             with self.amp():
                 cond = b.cond() if callable(b.cond) else b.cond
-                loss = self._loss(b.x0, cond["crossattn"], self._y(b, cond), b.weights, noise, t)
+                loss = self._loss(b.x0, cond["crossattn"], self._y(b, cond), b.weights, noise, t, self._in_noise)
             scaled = loss / self.accum if self.accum != 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             return loss.detach()
@@ -586,6 +591,8 @@ class StepRunner:
             out.append("module_dropout decides on the host")
         if not isinstance(self.optimizer, torch.optim.AdamW):
             out.append("only torch AdamW is captured")
+        if self.loss_opts is not None and self.loss_opts.ip_noise_gamma:
+            out.append("ip_noise_gamma feeds a second noise tensor")
         return out
 
     def _graph_step(self, b: StepBatch) -> torch.Tensor:

@@ -30,7 +30,9 @@ HONOURED = {
     "save_state", "save_state_on_train_end", "resume", "training_comment", "metadata_title", "metadata_author",
     "metadata_description", "metadata_license", "metadata_tags", "sample_prompts", "sample_every_n_epochs",
     "sample_sampler", "validation_split", "huber_schedule", "huber_c", "huber_scale", "multires_noise_discount",
-    "fast_path", "cuda_graphs",
+    "fast_path", "cuda_graphs", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+    "ip_noise_gamma", "ip_noise_gamma_random_strength", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+    "debiased_estimation_loss",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
@@ -62,8 +64,6 @@ def check_support(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     if (cfg.lr_scheduler or "constant") not in SUPPORTED_SCHEDULERS:
         errors.append(f"lr_scheduler = {cfg.lr_scheduler!r} is not available here; choose one of "
                       f"{', '.join(sorted(SUPPORTED_SCHEDULERS))}")
-    if (cfg.loss_type or "l2") != "l2":
-        errors.append(f"loss_type = {cfg.loss_type!r} is not available here yet; use l2 (the sd-scripts default)")
     module = cfg.network_module or "networks.lora"
     if module != "networks.lora":
         errors.append(f"network_module = {module!r}: only networks.lora (LoRA, and LoCon through conv_dim) can be "

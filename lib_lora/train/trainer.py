@@ -35,7 +35,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, StepBatch, StepRunner, 
                        elementwise_optimizer, fused_adamw_supported, load_optimizer_state, sync_free_clip_mask,
                        to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork
-from .loss import NoiseSchedule
+from .loss import LossOptions, NoiseSchedule
 from .optim import make_optimizer, make_scheduler
 from .saving import (BASE_MODEL_VERSION, SAVE_DTYPES, ckpt_name, load_state, metadata_strings, modelspec, prune_old,
                      save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
@@ -377,7 +377,7 @@ class Trainer:
                 max_grad_norm=c.max_grad_norm, noise_offset=c.noise_offset, min_timestep=c.min_timestep,
                 max_timestep=c.max_timestep, min_snr_gamma=c.min_snr_gamma, accum=accum,
                 sdxl=self.family == "sdxl", capture=fast.enabled and fast.capture, module_dropout=module_dropout,
-                on_note=self._note)
+                on_note=self._note, loss_opts=LossOptions.from_config(c))
             self.runner = runner
             inputs = None
             if fast.enabled:
