@@ -13,7 +13,7 @@ from .config import TrainConfig
 
 # keys whose value changes nothing here, or that we honour fully
 HONOURED = {
-    "pretrained_model_name_or_path", "v_parameterization", "vae", "clip_skip", "max_token_length", "no_half_vae",
+    "pretrained_model_name_or_path", "v2", "v_parameterization", "vae", "clip_skip", "max_token_length", "no_half_vae",
     "train_data_dir", "reg_data_dir", "dataset_config", "resolution", "train_batch_size", "enable_bucket",
     "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
     "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator", "secondary_separator",
