@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..formats.family import model_family  # noqa: F401  (re-exported: apply's public name)
+
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
@@ -55,42 +57,3 @@ def layer_mapping(sd_model) -> dict[str, nn.Module]:
     for name, module in unet_root.named_modules():
         mapping[name.replace(".", "_")] = module
     return mapping
-
-
-def _context_dim(sd_model) -> int | None:
-    """in_features of the first cross-attention to_k: 768 SD1, 1024 SD2, 2048 SDXL."""
-    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
-    if unet is None:
-        return None
-    for name, module in unet.named_modules():
-        if name.endswith("attn2.to_k") and isinstance(module, nn.Linear):
-            return module.in_features
-    return None
-
-
-def model_family(sd_model) -> str:
-    """'sd1' | 'sd2' | 'sdxl'. A1111's flags (``is_sdxl``/``is_sd2``/``is_sd1``) win; else the structure decides."""
-    if getattr(sd_model, "is_sdxl", False):
-        return "sdxl"
-    if getattr(sd_model, "is_sd2", False):
-        return "sd2"
-    if getattr(sd_model, "is_sd1", False):
-        return "sd1"
-    if hasattr(sd_model, "conditioner"):
-        return "sdxl"
-    cond = getattr(sd_model, "cond_stage_model", None)
-    if cond is not None:
-        inner = getattr(cond, "wrapped", cond)
-        # open_clip (SD2) keeps `model.transformer.resblocks`; ldm FrozenCLIPEmbedder (SD1) has an HF `transformer`.
-        if hasattr(getattr(getattr(inner, "model", None), "transformer", None), "resblocks"):
-            return "sd2"
-        if hasattr(inner, "transformer"):
-            return "sd1"
-    ctx = _context_dim(sd_model)
-    if ctx == 1024:
-        return "sd2"
-    if ctx == 2048:
-        return "sdxl"
-    if ctx == 768:
-        return "sd1"
-    raise ValueError("could not tell the model family (no A1111 flags, no known text encoder, no cross-attention)")

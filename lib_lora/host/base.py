@@ -11,22 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-
-def detect_family(sd_model) -> str:
-    """'sd1' | 'sd2' | 'sdxl' from the WebUI's flags, else from the module tree."""
-    if getattr(sd_model, "is_sdxl", False):
-        return "sdxl"
-    if getattr(sd_model, "is_sd2", False):
-        return "sd2"
-    if getattr(sd_model, "is_sd1", False):
-        return "sd1"
-    if hasattr(sd_model, "conditioner"):
-        return "sdxl"
-    cond = getattr(sd_model, "cond_stage_model", None)
-    cond = getattr(cond, "wrapped", cond)
-    if cond is not None and hasattr(cond, "model") and hasattr(cond.model, "transformer"):
-        return "sd2"
-    return "sd1"
+from ..formats.family import model_family
 
 
 class ModelHost:
@@ -35,7 +20,7 @@ class ModelHost:
     def __init__(self, sd_model, name: str = "model", path: str | None = None, device: torch.device | None = None,
                  sha256: str | None = None, legacy_hash: str | None = None):
         self.sd_model = sd_model
-        self.family = detect_family(sd_model)
+        self.family = model_family(sd_model)
         self.model_name = name
         self.model_path = path
         self.model_sha256 = sha256
