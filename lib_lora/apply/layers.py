@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..formats.family import model_family  # noqa: F401  (re-exported: apply's public name)
+from ..formats.keymap import hf_clip_name
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -39,18 +40,25 @@ def _text_embedders(sd_model):
             if hasattr(e, "transformer") or hasattr(getattr(e, "model", None), "transformer")]
 
 
+def _te_name(name: str) -> str:
+    """HF CLIP under ``.transformer``: the 4.x layout's names whatever the installed transformers."""
+    if name.startswith("transformer."):
+        return "transformer." + hf_clip_name(name[len("transformer."):])
+    return name
+
+
 def layer_mapping(sd_model) -> dict[str, nn.Module]:
     mapping: dict[str, nn.Module] = {}
     if _is_sdxl(sd_model):
         for i, wrapped in _text_embedders(sd_model):
             for name, module in wrapped.named_modules():
-                mapping[f"{i}_{name.replace('.', '_')}"] = module
+                mapping[f"{i}_{_te_name(name).replace('.', '_')}"] = module
     else:
         cond = getattr(sd_model, "cond_stage_model", None)
         if cond is not None:
             cond = getattr(cond, "wrapped", cond)
             for name, module in cond.named_modules():
-                mapping[name.replace(".", "_")] = module
+                mapping[_te_name(name).replace(".", "_")] = module
     unet_root = getattr(sd_model, "model", None)
     if unet_root is None:
         raise ValueError("the model has no `.model` (DiffusionWrapper/OpenAIWrapper): not an SD1/SD2/SDXL model")

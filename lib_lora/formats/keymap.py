@@ -64,6 +64,14 @@ _PEFT_ADAPTER_RE = re.compile(r"^(.*)\.(lora_[AB]|lora_magnitude_vector)\.(?!def
 _UNDERSCORE_PREFIXES = ("lora_", "oft_", "lycoris_")
 
 
+def hf_clip_name(dotted: str) -> str:
+    """A module path inside a transformers ``CLIPTextModel`` in the 4.x layout (``text_model.encoder...``), the
+    layout every LoRA file and the WebUI's layer names use; transformers 5 dropped the ``text_model`` level."""
+    if dotted.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        return "text_model." + dotted
+    return dotted
+
+
 def split_key(file_key):
     """(module_key, suffix) for one file key; suffix '' when the key has no recognisable suffix."""
     m = _PROCESSOR_RE.match(file_key)

@@ -689,6 +689,10 @@ def _load_weights(model, sd: dict, report: LoadReport) -> None:
     # position_ids: a buffer transformers builds itself; some files carry broken float copies (A1111 fixes them too)
     sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
     own = model.state_dict()
+    # transformers 5 builds CLIPTextModel without its `text_model` level; the files keep it
+    sd = {(k.replace(".transformer.text_model.", ".transformer.", 1)
+           if ".transformer.text_model." in k and k not in own
+           and k.replace(".transformer.text_model.", ".transformer.", 1) in own else k): v for k, v in sd.items()}
     wrong = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if wrong:
         k = wrong[0]

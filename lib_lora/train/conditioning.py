@@ -77,7 +77,8 @@ def _hf_hidden(transformer, ids, layer_from_end: int, final_ln: bool):
     if layer_from_end <= 1:
         return out.last_hidden_state
     z = out.hidden_states[-layer_from_end]
-    return transformer.text_model.final_layer_norm(z) if final_ln else z
+    # (transformers 5 has no `text_model` level)
+    return getattr(transformer, "text_model", transformer).final_layer_norm(z) if final_ln else z
 
 
 def _open_clip_run(model, ids, stop_before: int):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ..formats.keymap import hf_clip_name
+
 # ldm resnet child names -> diffusers names (kohya SD1/SD2 keys use the diffusers tree).
 _RESNET_TAIL = {
     "in_layers_2": "conv1",
@@ -118,7 +120,7 @@ def _hf_clip_targets(transformer: nn.Module, host_prefix: str, kohya_prefix: str
             continue
         if not re.search(r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$", dotted):
             continue
-        under = dotted.replace(".", "_")
+        under = hf_clip_name(dotted).replace(".", "_")
         out.append(TrainTarget(kohya_prefix + under, host_prefix + "transformer_" + under, mod, component, "linear"))
     return out
 
