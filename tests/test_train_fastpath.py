@@ -321,16 +321,23 @@ def test_clip_causal_mask_without_sync_is_exact_and_put_back():
 def test_fast_path_switches(monkeypatch):
     monkeypatch.delenv("LORA_STUDIO_FAST_PATH", raising=False)
     cfg = type("C", (), {})()
-    assert FastPath.resolve(None, cfg, None) == FastPath(True, False, "default")
+    # default: fast step, CUDA graphs wherever they can work, nobody asked for them explicitly
+    assert FastPath.resolve(None, cfg, None) == FastPath(True, True, "default", False)
     assert FastPath.resolve(False, cfg, None).enabled is False
-    assert FastPath.resolve("capture", cfg, None).capture is True
+    assert FastPath.resolve(False, cfg, None).capture is False
+    assert FastPath.resolve("capture", cfg, None).capture_asked is True
     host = type("H", (), {"fast_path": False})()
     assert FastPath.resolve(None, cfg, host).enabled is False
     cfg.fast_path, cfg.cuda_graphs = True, True
-    assert FastPath.resolve(None, cfg, host) == FastPath(True, True, "config")
+    assert FastPath.resolve(None, cfg, host) == FastPath(True, True, "config", True)
+    cfg.cuda_graphs = False  # graphs off, the rest of the fast path on
+    assert FastPath.resolve(None, cfg, host) == FastPath(True, False, "config", False)
+    assert FastPath.resolve(True, cfg, host).capture is False
     monkeypatch.setenv("LORA_STUDIO_FAST_PATH", "0")
     assert FastPath.resolve(None, cfg, host).enabled is False
     assert FastPath.resolve(True, cfg, host).enabled is True  # the engine call wins
+    monkeypatch.setenv("LORA_STUDIO_FAST_PATH", "capture")
+    assert FastPath.resolve(None, cfg, host).capture is True  # the environment beats the config
     monkeypatch.setenv("LORA_STUDIO_FAST_PATH", "sometimes")
     with pytest.raises(ValueError, match="not understood"):
         FastPath.resolve(None, cfg, host)

@@ -71,6 +71,14 @@ class WebUIHost(ModelHost):
                 st.interrupted = False  # as wrap_gradio_gpu_call: an Interrupt ends this job, not the next one
                 devices.torch_gc()
 
+    @property
+    def graph_blockers(self) -> list[str]:
+        """Why the training step must not be captured as a CUDA graph in this WebUI (read by the trainer)."""
+        if getattr(self.sd_model, "lowvram", False):
+            # its hooks may move model parts inside a step, and graph memory is what --medvram users lack
+            return ["--medvram (the WebUI moves model parts between devices)"]
+        return []
+
     @contextmanager
     def training(self):
         """Inside lock(), for a training job: attention that supports backward, the model on the GPU (medvram)."""

@@ -178,9 +178,11 @@ class TrainConfig:
     sample_at_first: bool = False
     sample_sampler: str = "ddim"
     # LoRA Studio only (not sd-scripts): the engine's fast step (flat LoRA buffer, fused AdamW, inputs kept on the
-    # device, no host sync in a step; same results within float tolerance) and, experimental, CUDA-graph capture
+    # device, no host sync in a step; same results within float tolerance) and CUDA-graph capture per bucket shape
+    # (None = on where it can work: a CUDA device and no setting that decides on the host; each graph is checked
+    # once against the eager step and dropped if it differs)
     fast_path: bool = True
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     logging_dir: str | None = None
     log_prefix: str | None = None
 
@@ -296,7 +298,7 @@ class _Bad(Exception):
 def _kind(annotation: str) -> str:
     a = annotation.replace(" ", "")
     table = {
-        "bool": "bool",
+        "bool": "bool", "bool|None": "bool",
         "int": "int", "int|None": "int",
         "float": "float", "float|None": "float",
         "int|float": "num", "int|float|None": "num",

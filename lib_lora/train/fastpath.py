@@ -16,9 +16,13 @@ Fast paths (``fast_path``, on by default; each one keeps results within float to
 - the UNet's sinusoidal timestep embedding uses frequencies computed once (ldm builds them on the CPU and copies
   them to the device on every call, a blocking copy that also forbids CUDA-graph capture).
 
-``cuda_graphs`` (off by default, UNTESTED until a GPU session measures it): on CUDA, each bucket shape's whole step
-(forward, backward, clip, AdamW) is captured lazily as one CUDA graph after two eager warm-up steps and replayed;
-anything it cannot handle runs the eager step (see ``StepRunner.capture_blockers``).
+``cuda_graphs`` (on where it can work, ``false`` turns it off): on CUDA, each bucket shape's whole step (text
+encoder when trained, UNet forward, backward, GradScaler with a fused AdamW, clip, AdamW) is captured lazily as one
+CUDA graph after ``GRAPH_WARMUP`` eager steps and replayed. The first replay of every graph is checked against the
+eager step from the same state; a graph that differs, or fails to capture, is dropped with a note and that shape
+runs eagerly. Settings that decide on the host block capture (``StepRunner.capture_blockers``). Everything around
+the torch.cuda calls (``CudaGraphs``) is tested on the CPU with an emulation; the GPU figures come from
+tests/bench/bench_train.py.
 """
 
 from __future__ import annotations
@@ -85,30 +89,36 @@ def _flag(value) -> bool | str | None:
 
 @dataclass
 class FastPath:
-    """Which fast paths a run uses. ``enabled`` False gives the plain eager step."""
+    """Which fast paths a run uses. ``enabled`` False gives the plain eager step. ``capture``: CUDA graphs where
+    they can work; ``capture_asked``: somebody set them explicitly (then a reason they are off is a note)."""
     enabled: bool = True
-    capture: bool = False
+    capture: bool = True
     source: str = "default"
+    capture_asked: bool = False
 
     @classmethod
     def resolve(cls, override=None, cfg=None, host=None) -> "FastPath":
         """Precedence: the engine call (``Trainer(fast=...)``), env ``LORA_STUDIO_FAST_PATH`` (0 | 1 | capture),
-        config keys ``fast_path`` / ``cuda_graphs``, the host's ``fast_path`` attribute, then on / no capture."""
+        config keys ``fast_path`` / ``cuda_graphs``, the host's ``fast_path`` attribute, then on (graphs where
+        possible). ``cuda_graphs = false`` keeps the other fast paths and turns graphs off."""
         if isinstance(override, FastPath):
             return override
+        graphs = getattr(cfg, "cuda_graphs", None)
+        capture = graphs is not False
         env = "LORA_STUDIO_FAST_PATH"
         for value, src in ((override, "engine option"), (os.environ.get(env), env)):
             f = _flag(value)
             if f is not None:
-                return cls(bool(f), f == "capture", src)
+                return cls(bool(f), f == "capture" or (bool(f) and capture), src, f == "capture" or bool(graphs))
         f = _flag(getattr(cfg, "fast_path", None))
-        graphs = bool(getattr(cfg, "cuda_graphs", False))
-        if f is not None:
-            return cls(bool(f), bool(f) and (graphs or f == "capture"), "config")
-        f = _flag(getattr(host, "fast_path", None))
-        if f is not None:
-            return cls(bool(f), bool(f) and (graphs or f == "capture"), "host")
-        return cls(True, graphs, "config" if graphs else "default")
+        if f is None:
+            f = _flag(getattr(host, "fast_path", None))
+            src = "host" if f is not None else ("config" if graphs is not None else "default")
+        else:
+            src = "config"
+        if f is None:
+            f = True
+        return cls(bool(f), bool(f) and (capture or f == "capture"), src, bool(graphs) or f == "capture")
 
 
 def elementwise_optimizer(name: str | None) -> bool:
@@ -457,11 +467,62 @@ class StepBatch:
 
 
 # ---- the step -----------------------------------------------------------------------------------------------
+class InStepCond:
+    """Text conditioning the step computes itself (text encoder trained): ``encode(tokens)``, tokens already on the
+    device (a tensor, or a tuple of them for SDXL's two encoders). Callable, for the eager step."""
+
+    def __init__(self, encode: Callable, tokens):
+        self.encode, self.tokens = encode, tokens
+
+    def __call__(self) -> dict:
+        return self.encode(self.tokens)
+
+    def token_list(self) -> list[torch.Tensor]:
+        return list(self.tokens) if isinstance(self.tokens, tuple) else [self.tokens]
+
+    def rebuild(self, toks: list[torch.Tensor]):
+        return tuple(toks) if isinstance(self.tokens, tuple) else toks[0]
+
+
+class CudaGraphs:
+    """The torch.cuda calls of the graph path, in one place: the CPU tests put an emulation in its place
+    (tests/test_train_graphs.py) to check everything around them without a GPU."""
+
+    def available(self, device: torch.device) -> bool:
+        return device.type == "cuda" and torch.cuda.is_available()
+
+    def synchronize(self):
+        torch.cuda.synchronize()
+
+    @contextmanager
+    def side_stream(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, body: Callable[[], torch.Tensor], pool):
+        """Record ``body`` (Python runs once, kernels are recorded, not run); returns (graph, output, pool)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = body()
+        return graph, out, graph.pool()
+
+
 @dataclass
 class _Graph:
     graph: object
     inputs: dict
     loss: torch.Tensor
+    checked: bool = False
+
+
+# warm-up steps per shape before capture (torch's recipe: let lazy state, cuDNN/cuBLAS choices settle first)
+GRAPH_WARMUP = 2
+# the first replay of each graph is checked against an eager step from the same state (relative difference of the
+# weight update, of the loss): a graph that does not reproduce the eager step is dropped, never trained with
+GRAPH_CHECK_TOL = 2e-2
 
 
 class StepRunner:
@@ -469,13 +530,15 @@ class StepRunner:
 
     ``flat``: a ``FlatParams`` whose buffers the optimizer holds (per-weight grads gathered into them before the
     update), else ``params`` are the LoRA weights the optimizer holds. ``capture``: CUDA graphs per input shape
-    (module doc); only whole steps (``step``) with tensor conditioning are replayed, the rest runs eagerly.
+    (module doc); only whole steps (``step``) are replayed, the rest runs eagerly. ``graphs_backend``: the
+    ``CudaGraphs`` calls (tests emulate them on the CPU).
     """
 
     def __init__(self, unet, schedule, optimizer, scheduler, *, device: torch.device, params=None,
                  flat: FlatParams | None = None, amp_dtype=None, scaler=None, max_grad_norm=0.0, noise_offset=0.0,
                  min_timestep=0, max_timestep=None, min_snr_gamma=None, accum=1, sdxl=False, capture=False,
-                 module_dropout=False, on_note=None, loss_opts: LossOptions | None = None):
+                 module_dropout=False, on_note=None, loss_opts: LossOptions | None = None, host_blockers=(),
+                 graphs_backend: CudaGraphs | None = None, capture_asked: bool = True):
         self.unet, self.schedule, self.optimizer, self.scheduler = unet, schedule, optimizer, scheduler
         self.device = torch.device(device)
         self.flat = flat
@@ -493,14 +556,18 @@ class StepRunner:
         self.sdxl = sdxl
         self.note = on_note or (lambda text: None)
         self.gen = torch.Generator(device=self.device)  # one per run, re-seeded per step
+        self.cg = graphs_backend or CudaGraphs()
         self.graphs: dict[tuple, _Graph | None] | None = None
+        self.graph_stats = {"captured": 0, "replays": 0, "eager": 0, "dropped": 0}
         self._warm: dict[tuple, int] = {}
         self._pool = None
         self._lr_t: list[torch.Tensor] = []
-        self.capture_blockers = self._capture_blockers(module_dropout) if capture else ["not asked for"]
+        self.capture_blockers = (self._capture_blockers(module_dropout) + list(host_blockers)
+                                 if capture else ["not asked for"])
         if capture:
             if self.capture_blockers:
-                self.note("CUDA graphs off: " + "; ".join(self.capture_blockers) + " (the eager step is used)")
+                if capture_asked or self.device.type == "cuda":  # default on a CPU: nothing to say
+                    self.note("CUDA graphs off: " + "; ".join(self.capture_blockers) + " (the eager step is used)")
             else:
                 self.graphs = {}
                 for g in optimizer.param_groups:  # state["step"] on the device, graph-safe step()
@@ -572,19 +639,23 @@ class StepRunner:
 
     def step(self, b: StepBatch) -> torch.Tensor:
         """A whole step (accum 1): replayed from a CUDA graph when capture is on and possible."""
-        if self.graphs is not None and not callable(b.cond):
+        if self.graphs is not None:
             return self._graph_step(b)
+        return self._eager_step(b)
+
+    def _eager_step(self, b):
         loss = self.micro(b)
         self.update()
         return loss
 
-    # ---- CUDA graphs (UNTESTED: written without a GPU; a GPU session measures and checks it) ----------------
+    # ---- CUDA graphs: one per input shape, captured lazily, each checked once against the eager step ---------
     def _capture_blockers(self, module_dropout: bool) -> list[str]:
         out = []
-        if self.device.type != "cuda" or not torch.cuda.is_available():
+        if not self.cg.available(self.device):
             out.append("needs a CUDA device")
-        if self.scaler is not None:
-            out.append("fp16 GradScaler decides on the host")
+        fused = bool(self.optimizer.defaults.get("fused")) or all(g.get("fused") for g in self.optimizer.param_groups)
+        if self.scaler is not None and not fused:
+            out.append("fp16 GradScaler reads found_inf back unless AdamW is fused")
         if self.accum != 1:
             out.append("gradient_accumulation_steps > 1")
         if module_dropout:
@@ -595,79 +666,149 @@ class StepRunner:
             out.append("ip_noise_gamma feeds a second noise tensor")
         return out
 
-    def _graph_step(self, b: StepBatch) -> torch.Tensor:
-        cond = b.cond
+    def _sources(self, b: StepBatch, noise, t) -> dict:
+        """The step's inputs by name; the graph copies them into its own buffers before each replay."""
+        src = {"x0": b.x0, "w": b.weights, "noise": noise, "t": t}
+        if isinstance(b.cond, InStepCond):
+            src.update({f"tok{i}": tk for i, tk in enumerate(b.cond.token_list())})
+        else:
+            src["ctx"] = b.cond["crossattn"]
+            if self.sdxl:
+                src["pooled"] = b.cond["pooled"]
+        if self.sdxl:
+            src["sizes"] = b.sizes
+        return src
+
+    def _graph_key(self, b: StepBatch):
+        """Inputs of one shape share a graph; None: this batch cannot be replayed (runs eagerly)."""
         if self.sdxl and b.sizes is None:  # sizes as host lists (fast path off): not graph-safe
-            return self._eager_step(b)
-        key = (tuple(b.x0.shape), tuple(cond["crossattn"].shape),
-               tuple(cond["pooled"].shape) if self.sdxl else None)
-        if key in self.graphs and self.graphs[key] is None:
+            return None
+        if isinstance(b.cond, InStepCond):
+            parts = tuple(tuple(tk.shape) for tk in b.cond.token_list())
+        elif callable(b.cond):
+            return None
+        else:
+            parts = (tuple(b.cond["crossattn"].shape), tuple(b.cond["pooled"].shape) if self.sdxl else None)
+        return (tuple(b.x0.shape),) + parts
+
+    def _graph_step(self, b: StepBatch) -> torch.Tensor:
+        key = self._graph_key(b)
+        if key is None or (key in self.graphs and self.graphs[key] is None):
+            self.graph_stats["eager"] += 1
             return self._eager_step(b)
         entry = self.graphs.get(key)
         if entry is None:
             n = self._warm.get(key, 0)
-            if n < 2:  # real steps, on a side stream as torch's capture recipe asks
+            if n < GRAPH_WARMUP:  # real steps, on a side stream as torch's capture recipe asks
                 self._warm[key] = n + 1
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                with self.cg.side_stream():
                     loss = self._eager_step(b)
-                torch.cuda.current_stream().wait_stream(side)
                 return loss
             entry = self.graphs[key] = self._capture(b)
             if entry is None:
+                self.graph_stats["eager"] += 1
                 return self._eager_step(b)
+        if not entry.checked:
+            return self._checked_replay(key, entry, b)
         noise, t = self._draw(b)
-        src = {"x0": b.x0, "ctx": cond["crossattn"], "w": b.weights, "noise": noise, "t": t}
-        if self.sdxl:
-            src.update(pooled=cond["pooled"], sizes=b.sizes)
-        for k, v in src.items():
+        self._replay(entry, b, noise, t)
+        self.scheduler.step()
+        return entry.loss.clone()
+
+    def _replay(self, entry: _Graph, b: StepBatch, noise, t):
+        for k, v in self._sources(b, noise, t).items():
             entry.inputs[k].copy_(v)
         for g, lt in zip(self.optimizer.param_groups, self._lr_t):
             lt.fill_(float(g["lr"]))
         entry.graph.replay()
+        self.graph_stats["replays"] += 1
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Everything a step changes: the LoRA weights, the optimizer state, the GradScaler's scale."""
+        ts = list(self.grad_params)
+        for st in self.optimizer.state.values():
+            ts += [v for v in st.values() if torch.is_tensor(v)]
+        if self.scaler is not None:
+            ts += [t for t in (getattr(self.scaler, "_scale", None), getattr(self.scaler, "_growth_tracker", None))
+                   if torch.is_tensor(t)]
+        return ts
+
+    def _checked_replay(self, key, entry: _Graph, b: StepBatch) -> torch.Tensor:
+        """First replay of a graph: the same step run eagerly from the same state, state put back, then the graph;
+        the graph is kept only if both give the same weight update and loss (one host read, once per shape)."""
+        state = self._state_tensors()
+        before = [s.detach().clone() for s in state]
+        loss_e = self.micro(b)  # same seeds: the same noise and timesteps as the graph gets
+        self._update_core()
+        after_e = [p.detach().clone() for p in self.grad_params]
+        with torch.no_grad():
+            for s, v in zip(state, before):
+                s.copy_(v)
+        noise, t = self._draw(b)  # re-seeds the global generators too (LoRA dropout inside the step)
+        self._replay(entry, b, noise, t)
+        with torch.no_grad():
+            num = sum(((p.detach() - e) ** 2).sum() for p, e in zip(self.grad_params, after_e))
+            den = sum(((e - v) ** 2).sum() for e, v in zip(after_e, before))
+            rel_w = float((num / den.clamp_min(1e-30)) ** 0.5)
+            rel_l = float((entry.loss.float() - loss_e.float()).abs() / loss_e.float().abs().clamp_min(1e-12))
+        if not (rel_w <= GRAPH_CHECK_TOL and rel_l <= GRAPH_CHECK_TOL):
+            self.note(f"CUDA graph for inputs {tuple(b.x0.shape)} does not reproduce the eager step (weight update "
+                      f"differs by {rel_w:.1e}, loss by {rel_l:.1e}); that shape runs the eager step")
+            with torch.no_grad():  # keep the eager step's result
+                for s, v in zip(state, before):
+                    s.copy_(v)
+            self.graphs[key] = None
+            self.graph_stats["dropped"] += 1
+            loss = self._eager_step(b)
+            return loss
+        entry.checked = True
         self.scheduler.step()
         return entry.loss.clone()
 
-    def _eager_step(self, b):
-        loss = self.micro(b)
-        self.update()
-        return loss
-
-    def _graph_body(self, i: dict) -> torch.Tensor:
+    def _graph_body(self, i: dict, cond0) -> torch.Tensor:
         # autocast's weight cache would hand the graph tensors made outside it
         with self.amp(cache_enabled=False):
-            y = sdxl_y(i["pooled"], i["sizes"]) if self.sdxl else None
-            loss = self._loss(i["x0"], i["ctx"], y, i["w"], i["noise"], i["t"])
-        loss.backward()
+            if isinstance(cond0, InStepCond):
+                cond = cond0.encode(cond0.rebuild([i[f"tok{j}"] for j in range(len(cond0.token_list()))]))
+            else:
+                cond = {"crossattn": i["ctx"], **({"pooled": i["pooled"]} if self.sdxl else {})}
+            y = sdxl_y(cond["pooled"], i["sizes"]) if self.sdxl else None
+            loss = self._loss(i["x0"], cond["crossattn"], y, i["w"], i["noise"], i["t"])
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self._update_core()
         return loss.detach()
 
     def _capture(self, b: StepBatch) -> _Graph | None:
         noise, t = self._draw(b)
-        src = {"x0": b.x0, "ctx": b.cond["crossattn"], "w": b.weights, "noise": noise, "t": t}
-        if self.sdxl:
-            src.update(pooled=b.cond["pooled"], sizes=b.sizes)
-        inputs = {k: v.detach().clone() for k, v in src.items()}
+        inputs = {k: v.detach().clone() for k, v in self._sources(b, noise, t).items()}
         groups = self.optimizer.param_groups
-        lrs = [g["lr"] for g in groups]
+        cond0 = b.cond
+
+        def body():
+            lrs = [g["lr"] for g in groups]
+            for g, lt in zip(groups, self._lr_t):
+                g["lr"] = lt  # the graph reads the LR from this tensor, filled before every replay
+            try:
+                return self._graph_body(inputs, cond0)
+            finally:
+                for g, lr in zip(groups, lrs):
+                    g["lr"] = lr
+
         try:
             for g, lt in zip(groups, self._lr_t):
                 lt.fill_(float(g["lr"]))
-                g["lr"] = lt  # the graph reads the LR from this tensor, filled before every replay
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                loss = self._graph_body(inputs)
+            self.cg.synchronize()
+            graph, loss, self._pool = self.cg.capture(body, self._pool)
         except Exception as e:  # reported, then this shape runs eagerly: the run goes on
             self.note(f"CUDA graph capture failed for inputs {tuple(b.x0.shape)} ({type(e).__name__}: {e}); "
                       "that shape runs the eager step")
-            torch.cuda.synchronize()
+            self.graph_stats["dropped"] += 1
+            try:
+                self.cg.synchronize()
+            except Exception:  # the capture error is what matters; it was reported above
+                pass
             return None
-        finally:
-            for g, lr in zip(groups, lrs):
-                g["lr"] = lr
-        self._pool = graph.pool()
+        self.graph_stats["captured"] += 1
         # capture records without running: the caller replays it for this step
         return _Graph(graph, inputs, loss)
 

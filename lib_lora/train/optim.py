@@ -78,6 +78,18 @@ def _import(module: str, what: str, hint: str):
 _FALLBACK = {"adamw8bit": "AdamW", "lion8bit": "Lion"}
 
 
+def effective_optimizer(name: str | None) -> str:
+    """The optimizer a run will really use, as a normalised key: an 8-bit one without a usable bitsandbytes trains
+    as its 32-bit twin (``make_optimizer(..., notes=...)`` says so)."""
+    key = (name or "AdamW").lower().replace("_", "").replace("-", "")
+    if key in _FALLBACK:
+        try:
+            _import("bitsandbytes", key, "")
+        except OptimizerUnavailable:
+            return _FALLBACK[key].lower()
+    return key
+
+
 def make_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float = 0.01, args: dict | None = None,
                    device: torch.device | None = None, notes: list | None = None) -> tuple[torch.optim.Optimizer, str]:
     """Returns (optimizer, description for ss_optimizer). With ``notes`` given, an unusable 8-bit optimizer is

@@ -31,12 +31,12 @@ from .captions import process_caption
 from .conditioning import TextEncoder
 from .host_guard import guarded
 from .images import load_image_rgb, resize_and_crop, sdxl_size_conditioning
-from .fastpath import (FastPath, FlatParams, InputCache, StepBatch, StepRunner, cached_timestep_embedding,
-                       elementwise_optimizer, fused_adamw_supported, load_optimizer_state, sync_free_clip_mask,
-                       to_device_async, unused_text_encoder_params)
+from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
+                       cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
+                       sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork
 from .loss import LossOptions, NoiseSchedule
-from .optim import make_optimizer, make_scheduler
+from .optim import effective_optimizer, make_optimizer, make_scheduler
 from .saving import (BASE_MODEL_VERSION, SAVE_DTYPES, ckpt_name, load_state, metadata_strings, modelspec, prune_old,
                      save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
 
@@ -318,7 +318,8 @@ class Trainer:
                     opt_args[k.strip()] = v.strip()
             flat, fast_desc = None, []
             module_dropout = bool(nargs.get("module_dropout") and float(nargs["module_dropout"]))
-            if fast.enabled and elementwise_optimizer(c.optimizer_type) and not module_dropout:
+            opt_name = effective_optimizer(c.optimizer_type)  # AdamW8bit without bitsandbytes trains as AdamW
+            if fast.enabled and elementwise_optimizer(opt_name) and not module_dropout:
                 # (module_dropout: a dropped module's weights get no gradient and no update that step; a flat
                 # buffer would give them a zero gradient, and AdamW still moves them)
                 skip = set()
@@ -332,7 +333,6 @@ class Trainer:
                     fast_desc.append(f"flat LoRA buffer ({len(flat.groups)} group(s))")
                 except ValueError as e:
                     self._note(f"LoRA weights not packed into one buffer ({e}); training goes on per weight")
-            opt_name = (c.optimizer_type or "AdamW").lower().replace("_", "").replace("-", "")
             if (fast.enabled and opt_name in ("adamw", "adamw32bit", "adam") and "fused" not in opt_args
                     and "foreach" not in opt_args and fused_adamw_supported(self.device)):
                 opt_args["fused"] = True
@@ -345,9 +345,7 @@ class Trainer:
                 self._note(n)
             warmup = c.lr_warmup_steps
             warmup = int(warmup * self.total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
-            if warmup >= self.total_steps > 0:
-                self._note(f"lr_warmup_steps {warmup} is not shorter than the run ({self.total_steps} steps): "
-                           f"the learning rate never reaches its set value")
+            # (a warm-up as long as the run is a warning of the dataset plan, shown once with the others)
             scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
                                        c.lr_scheduler_num_cycles, c.lr_scheduler_power)
             scaler = torch.cuda.amp.GradScaler() if mp == "fp16" else None
@@ -377,7 +375,8 @@ class Trainer:
                 max_grad_norm=c.max_grad_norm, noise_offset=c.noise_offset, min_timestep=c.min_timestep,
                 max_timestep=c.max_timestep, min_snr_gamma=c.min_snr_gamma, accum=accum,
                 sdxl=self.family == "sdxl", capture=fast.enabled and fast.capture, module_dropout=module_dropout,
-                on_note=self._note, loss_opts=LossOptions.from_config(c))
+                on_note=self._note, loss_opts=LossOptions.from_config(c), capture_asked=fast.capture_asked,
+                host_blockers=tuple(getattr(self.host, "graph_blockers", ()) or ()))
             self.runner = runner
             inputs = None
             if fast.enabled:
@@ -386,7 +385,7 @@ class Trainer:
                                     self.size_cond if self.family == "sdxl" else None, self.device)
                 fast_desc.append("inputs on the device" if inputs.on_device else "inputs in pinned host memory")
                 if runner.graphs is not None:
-                    fast_desc.append("CUDA graphs (experimental)")
+                    fast_desc.append("CUDA graphs per bucket shape")
             self.fast_desc = ", ".join(fast_desc) if fast.enabled else f"off ({fast.source})"
             self._emit("note", message=f"training step: fast path {self.fast_desc}",
                        extra={"fast_path": self.fast_desc})
@@ -526,7 +525,7 @@ class Trainer:
             tokens = (tuple(to_device_async(t, self.device) for t in tokens) if isinstance(tokens, tuple)
                       else to_device_async(tokens, self.device))
         if grad:
-            return lambda: te.encode(tokens, self.device)
+            return InStepCond(lambda tk: te.encode(tk, self.device), tokens)
         with torch.no_grad(), runner.amp():
             out = te.encode(tokens, self.device)
         if cache is not None:
