@@ -7,13 +7,15 @@ batch size and each of our modes: ``eager`` (fast_path = false), ``fast`` (flat 
 timestep frequencies) and, with --capture on CUDA, ``graph`` (fast + the whole step replayed from a CUDA graph).
 
     python tests/bench/bench_train.py                          # cuda if available, batches 1 2 4
-    python tests/bench/bench_train.py --capture --profile-ops  # a GPU session: everything in one run
+    python tests/bench/bench_train.py --capture --profile-ops --match --job  # a GPU session: everything
     python tests/bench/bench_train.py --quick --device cpu --profile-ops   # smoke run on a tiny model
 
 --profile-ops counts the aten ops each step dispatches (torch.profiler; "top" = launched from Python/autograd,
-"all" = with nested ones) and lists any op that waits for the device inside a step. On CUDA, --capture also
-checks that graph replays give the same LoRA weights as the eager fast step, and runs the fast step under
-torch.cuda.set_sync_debug_mode("error") to catch any hidden sync. Not collected by pytest.
+"all" = with nested ones) and lists any op that waits for the device inside a step. On CUDA the fast and graph
+steps also run under torch.cuda.set_sync_debug_mode("error") to catch any hidden sync. --match compares the LoRA
+weights after 50 steps of each mode with the plain eager step's (same init, same seeds). --job then runs
+bench_job.py: the seed's 2,500-step reference job end to end and the peak-memory jobs. tests/bench/gpu_check.sh
+runs all of it in one device call. Not collected by pytest.
 """
 
 import argparse
@@ -145,6 +147,7 @@ def our_step_fn(unet, device, dtype, dim, alpha, batch, lat_hw, mode="fast", see
         if fast:
             emb.__exit__(None, None, None)
 
+    step.runner = runner
     return step, close, net
 
 
@@ -177,18 +180,30 @@ def sync_check(step, device, n=3):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def capture_check(unet, device, dtype, batch, lat, steps=6):
-    """Same init, same seeds: LoRA weights after `steps` steps, eager fast step vs CUDA graph replays."""
-    out = []
-    for mode in ("fast", "graph"):
+def lora_vector(net):
+    return torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
+
+
+def match_check(unet, device, dtype, batch, lat, modes, steps=50):
+    """Same init, same seeds, ``steps`` steps: each mode's LoRA weights against the plain eager step's (relative
+    norm of the difference, lora_up and lora_down apart: up starts at zero, so it shows what was learned)."""
+    out = {}
+    for mode in ["eager"] + [m for m in modes if m != "eager"]:
         step, close, net = our_step_fn(unet, device, dtype, 32, 16, batch, lat, mode=mode, seed=3)
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
-        out.append(torch.cat([p.detach().float().reshape(-1) for p in net.parameters()]))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ups = torch.cat([p.lora_up.weight.detach().float().reshape(-1) for p in net.pairs.values()])
+        downs = torch.cat([p.lora_down.weight.detach().float().reshape(-1) for p in net.pairs.values()])
+        out[mode] = (ups, downs, dict(getattr(step.runner, "graph_stats", {})))
         close()
-    a, b = out
-    return ((a - b).norm() / a.norm()).item(), (a - b).abs().max().item()
+    ref_up, ref_down, _ = out.pop("eager")
+    rows = []
+    for mode, (up, down, stats) in out.items():
+        rows.append((mode, ((up - ref_up).norm() / ref_up.norm()).item(),
+                     ((down - ref_down).norm() / ref_down.norm()).item(), stats))
+    return rows
 
 
 def timeit(step, n_warm, n, device):
@@ -218,6 +233,8 @@ def main():
     ap.add_argument("--modes", default="eager,fast", help="ours: eager (fast_path=false), fast, graph")
     ap.add_argument("--capture", action="store_true", help="add the CUDA-graph mode (CUDA only) and its checks")
     ap.add_argument("--profile-ops", action="store_true", help="count aten ops per step with torch.profiler")
+    ap.add_argument("--match", action="store_true", help="LoRA weights after 50 steps: fast (and graph) vs eager")
+    ap.add_argument("--job", action="store_true", help="then the reference job and memory jobs (bench_job.py)")
     ap.add_argument("--attention", choices=("sdpa", "einsum"), default=None,
                     help="UNet attention (default: sdpa on cuda; einsum on cpu, where bf16 SDPA is very slow)")
     args = ap.parse_args()
@@ -256,6 +273,8 @@ def main():
                     r += (count_ops(step),)
                 if mode != "eager" and device.type == "cuda":
                     print(f"# b{b} {mode}: cuda sync debug over 3 steps: {sync_check(step, device)}")
+                if mode == "graph":
+                    print(f"# b{b} graph: {step.runner.graph_stats}; blockers {step.runner.capture_blockers or '-'}")
                 rows.append(r)
                 close()
             t_ref = rows[0][2]
@@ -266,9 +285,17 @@ def main():
                     top, total, syncs, h2d = r[4]
                     line += f" {top:>8.0f} {total:>8.0f} {h2d:>9.0f}  {', '.join(syncs) or '-'}"
                 print(line)
-            if "graph" in modes:
-                rel, mx = capture_check(unet, device, dtype, b, lat)
-                print(f"# b{b} graph vs eager fast step after 6 steps: LoRA weights rel diff {rel:.2e}, max {mx:.2e}")
+    if args.match:
+        steps = 5 if args.quick else 50
+        for mode, up, down, stats in match_check(unet, device, dtype, 2, lat, modes, steps):
+            print(f"# match b2, {steps} steps, {mode} vs eager: lora_up rel diff {up:.2e}, lora_down {down:.2e}"
+                  + (f"; graphs {stats}" if mode == "graph" else ""))
+    del unet
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.job:
+        import bench_job
+        bench_job.main(["--device", str(device)] + (["--quick"] if args.quick else []))
 
 
 if __name__ == "__main__":
