@@ -275,6 +275,32 @@ def test_medvram_moves_the_model_in_and_out_of_the_tracker(fresh, monkeypatch):
     assert models.model_state_hash(ns.model) == ns.before
 
 
+@pytest.mark.parametrize("choice, fast, capture", [("fast + CUDA graphs", True, True), ("fast", True, False),
+                                                    ("plain", False, False)])
+def test_speed_settings_reach_the_trainer_unless_the_config_says(fresh, monkeypatch, choice, fast, capture):
+    from lib_lora.train.config import parse_train_config
+    from lib_lora.train.fastpath import FastPath
+    from lib_lora.host.webui_train import WebUIHost
+    ns = fresh
+    monkeypatch.delenv("LORA_STUDIO_FAST_PATH", raising=False)
+    assert "lora_studio_train_speed" in ns.shared.opts.data_labels
+    ns.shared.opts.set("lora_studio_train_speed", choice)
+    ns.shared.opts.set("lora_studio_torch_compile", True)
+    try:
+        host = WebUIHost(ns.session)
+        got = FastPath.resolve(None, parse_train_config({}), host)
+        assert (got.enabled, got.capture) == (fast, capture) and got.source == "host"
+        # a config that sets the keys wins over the setting
+        got = FastPath.resolve(None, parse_train_config({"fast_path": True, "cuda_graphs": True}), host)
+        assert (got.enabled, got.capture, got.source) == (True, True, "config")
+        assert host.torch_compile is True and host.graph_blockers == []
+        monkeypatch.setattr(ns.model, "lowvram", True)  # --medvram
+        assert "--medvram" in host.graph_blockers[0]
+    finally:
+        ns.shared.opts.set("lora_studio_train_speed", "fast + CUDA graphs")
+        ns.shared.opts.set("lora_studio_torch_compile", False)
+
+
 def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
     ns = fresh
     images = ns.backend.generate("a cat", 2, 7, 64, 48, steps=3)

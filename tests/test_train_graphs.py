@@ -259,9 +259,12 @@ def test_settings_that_decide_on_the_host_are_not_captured(sd1, setting, reason)
     assert any(n.startswith("CUDA graphs off") and reason in n for n in notes), notes
 
 
-def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, tmp_path, monkeypatch):
-    """The whole trainer (text encoder trained, reg images, two buckets) with the emulated graphs standing in for
-    CUDA: graphs are on without being asked, and the LoRA file equals the one of a run with cuda_graphs = false."""
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, tmp_path, monkeypatch):
+    """The whole trainer (text encoder(s) trained, reg images; SDXL: two token streams, size conditioning) with the
+    emulated graphs standing in for CUDA: graphs are on without being asked, and the LoRA file equals the one of a
+    run with cuda_graphs = false."""
+    model = sd1 if family == "sd1" else models.make_sdxl(seed=1)
     monkeypatch.setattr(fastpath, "CudaGraphs", EmulatedGraphs)
     monkeypatch.delenv("LORA_STUDIO_FAST_PATH", raising=False)
     img, reg = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2, n_reg=2)
@@ -274,7 +277,7 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, tmp_path, monkey
         if graphs is not None:
             c["cuda_graphs"] = graphs
         cfg = parse_train_config(c, base_dir=str(tmp_path))
-        host = ModelHost(sd1, "m")
+        host = ModelHost(model, "m")
         tr = Trainer(host, cfg, plan_for(host, cfg))
         res = tr.run()
         assert res.status == "done"
@@ -283,6 +286,10 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, tmp_path, monkey
         runners.append(tr.runner)
     assert "CUDA graphs per bucket shape" in descs[0] and "CUDA graphs" not in descs[1], descs
     assert runners[0].graph_stats["replays"] >= 1 and runners[0].graph_stats["dropped"] == 0, runners[0].graph_stats
+    inputs = next(g for g in runners[0].graphs.values() if g is not None).inputs
+    assert {"tok0", "x0", "noise", "t", "w"} <= set(inputs) and "ctx" not in inputs
+    if family == "sdxl":
+        assert {"tok1", "sizes"} <= set(inputs)
     a, b = finals
     num = sum(((a[k] - b[k]) ** 2).sum() for k in a)
     den = sum((b[k] ** 2).sum() for k in b)
@@ -299,3 +306,49 @@ def test_default_on_a_cpu_says_nothing_about_graphs(sd1):
                      make_scheduler(opt, "constant", 0, 9), device=torch.device("cpu"), flat=flat, capture=True,
                      capture_asked=False, on_note=notes.append)
     assert run.graphs is None and "needs a CUDA device" in run.capture_blockers[0] and notes == []
+
+
+# ---- torch.compile ----------------------------------------------------------------------------------------------
+# aot_eager: dynamo's tracing and AOT autograd exactly as inductor gets them, without generating kernels (inductor's
+# code generation and speed are the GPU benchmark's business)
+
+def _compiled_runner(model, backend, notes):
+    net, run = _runner(model, None, dropout=0)
+    run2 = StepRunner(run.unet, run.schedule, run.optimizer, run.scheduler, device=torch.device("cpu"), flat=run.flat,
+                      params=run.params, max_grad_norm=1.0, min_snr_gamma=5.0, noise_offset=0.05,
+                      compile_backend=backend, on_note=notes.append)
+    return net, run2
+
+
+def test_compiled_unet_trains_like_the_plain_one_and_leaves_the_module_alone(sd1):
+    batches = _batches(4)[:2] + _batches(4)[:2]  # one shape: one compile
+    net_e, run_e = _runner(sd1, None, dropout=0)
+    w_e, l_e = _train(sd1, net_e, run_e, batches)
+    notes = []
+    net_c, run_c = _compiled_runner(sd1, "aot_eager", notes)
+    unet = sd1.model.diffusion_model
+    forward_before = unet.forward
+    w_c, l_c = _train(sd1, net_c, run_c, batches)
+    assert run_c.compiled is True and notes == [], notes
+    assert _rel(w_c, w_e) < 1e-4, _rel(w_c, w_e)
+    for a, b in zip(l_c, l_e):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert type(unet).__name__ == "UNetModel" and unet.forward == forward_before and "forward" not in unet.__dict__
+
+
+def test_a_compile_that_fails_falls_back_to_the_plain_unet(sd1):
+    from torch._dynamo import register_backend
+
+    @register_backend(name="lora_studio_broken_backend")
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    batches = _batches(3)
+    net_e, run_e = _runner(sd1, None, dropout=0)
+    w_e, _ = _train(sd1, net_e, run_e, batches)
+    notes = []
+    net_c, run_c = _compiled_runner(sd1, "lora_studio_broken_backend", notes)
+    w_c, _ = _train(sd1, net_c, run_c, batches)
+    assert run_c.compiled is None and run_c.unet_call is run_c.unet
+    assert any("torch_compile failed" in n and "no C++ compiler" in n for n in notes), notes
+    assert _rel(w_c, w_e) < 1e-6

@@ -30,6 +30,11 @@ OWN_NAME = "lorastudio"
 SECTION = ("lora_studio", "LoRA Studio", "sd")
 
 
+# Settings -> LoRA Studio -> step speed-ups: (fast_path, cuda_graphs) for each choice
+SPEED_CHOICES = ("fast + CUDA graphs", "fast", "plain")
+SPEED_FLAGS = {"fast + CUDA graphs": (True, None), "fast": (True, False), "plain": (False, False)}
+
+
 class Session:
     def __init__(self, host=None, discovery: Discovery | None = None):
         self.host = host or default_host
@@ -55,6 +60,7 @@ class Session:
 
     # ------------------------------------------------------------------ settings
     def settings_spec(self) -> dict:
+        """Options under Settings -> LoRA Studio (read by the WebUI host's fast_path / cuda_graphs / torch_compile)."""
         return {
             "lora_studio_take_over": dict(
                 default=True, label="LoRA Studio handles <lora:…> prompt tags (instead of the built-in Lora)",
@@ -74,6 +80,16 @@ class Session:
             "lora_studio_output_dir": dict(
                 default="", label="LoRA Studio training: default output folder",
                 info="empty = the first LoRA folder (models/Lora or --lora-dir), so new LoRAs show up as cards"),
+            "lora_studio_train_speed": dict(
+                default=SPEED_CHOICES[0], label="LoRA Studio training: step speed-ups",
+                component=self.host.gradio_component("Radio"), component_args={"choices": list(SPEED_CHOICES)},
+                info="fast: one LoRA buffer, fused AdamW, no waiting on the GPU inside a step; CUDA graphs: each "
+                     "bucket's whole step replayed as one graph, checked against the plain step first; plain: the "
+                     "unoptimised step (same results, slower). A training config's fast_path / cuda_graphs win"),
+            "lora_studio_torch_compile": dict(
+                default=False, label="LoRA Studio training: torch.compile the UNet",
+                info="faster steps after a compile of a few minutes per image size (seconds once cached): pays on "
+                     "long runs; a config's torch_compile wins"),
             "lora_studio_api_roots": dict(
                 default="", label="LoRA Studio HTTP API: extra folders requests may read and write",
                 info="comma-separated; the LoRA folders and the extension's data folder are always allowed"),

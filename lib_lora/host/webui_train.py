@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .base import ModelHost
-from .webui import cmd_opt, forge_info, loaded_model, shared
+from .webui import cmd_opt, forge_info, loaded_model, opt, shared
 
 # attention replacements that support backward without surprises; others are swapped for the stock one
 _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
@@ -70,6 +70,23 @@ class WebUIHost(ModelHost):
                 st.end()
                 st.interrupted = False  # as wrap_gradio_gpu_call: an Interrupt ends this job, not the next one
                 devices.torch_gc()
+
+    # the trainer reads these when the training config leaves them unset (Settings -> LoRA Studio)
+    def _speed(self):
+        from .session import SPEED_CHOICES, SPEED_FLAGS
+        return SPEED_FLAGS.get(opt("lora_studio_train_speed", SPEED_CHOICES[0]), SPEED_FLAGS[SPEED_CHOICES[0]])
+
+    @property
+    def fast_path(self) -> bool:
+        return self._speed()[0]
+
+    @property
+    def cuda_graphs(self) -> bool | None:
+        return self._speed()[1]
+
+    @property
+    def torch_compile(self) -> bool:
+        return bool(opt("lora_studio_torch_compile", False))
 
     @property
     def graph_blockers(self) -> list[str]:

@@ -181,8 +181,12 @@ class TrainConfig:
     # device, no host sync in a step; same results within float tolerance) and CUDA-graph capture per bucket shape
     # (None = on where it can work: a CUDA device and no setting that decides on the host; each graph is checked
     # once against the eager step and dropped if it differs)
-    fast_path: bool = True
+    fast_path: bool | None = None  # None: the WebUI setting (Settings -> LoRA Studio), else on
     cuda_graphs: bool | None = None
+    # sd-scripts' names: compile the UNet with torch.compile (None: the WebUI setting, else off: a cold compile
+    # costs minutes and pays back only on long runs)
+    torch_compile: bool | None = None
+    dynamo_backend: str | None = None
     logging_dir: str | None = None
     log_prefix: str | None = None
 
@@ -232,8 +236,8 @@ _R_MODEL = "the model the WebUI has loaded is trained"
 # sd-scripts options we recognise and do not use: accepted with a note giving the reason.
 KNOWN_UNUSED = {
     **{k: _R_ATTN for k in ("xformers", "sdpa", "mem_eff_attn")},
-    **{k: "not used: " + _R_MODEL for k in ("torch_compile", "dynamo_backend", "lowram", "highvram",
-                                            "disable_mmap_load_safetensors", "tokenizer_cache_dir")},
+    **{k: "not used: " + _R_MODEL for k in ("lowram", "highvram", "disable_mmap_load_safetensors",
+                                            "tokenizer_cache_dir")},
     **{k: _R_LOADER for k in ("max_data_loader_n_workers", "persistent_data_loader_workers")},
     **{k: _R_DIST for k in ("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "deepspeed",
                             "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",

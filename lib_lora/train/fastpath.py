@@ -104,6 +104,8 @@ class FastPath:
         if isinstance(override, FastPath):
             return override
         graphs = getattr(cfg, "cuda_graphs", None)
+        if graphs is None:
+            graphs = getattr(host, "cuda_graphs", None)
         capture = graphs is not False
         env = "LORA_STUDIO_FAST_PATH"
         for value, src in ((override, "engine option"), (os.environ.get(env), env)):
@@ -538,7 +540,8 @@ class StepRunner:
                  flat: FlatParams | None = None, amp_dtype=None, scaler=None, max_grad_norm=0.0, noise_offset=0.0,
                  min_timestep=0, max_timestep=None, min_snr_gamma=None, accum=1, sdxl=False, capture=False,
                  module_dropout=False, on_note=None, loss_opts: LossOptions | None = None, host_blockers=(),
-                 graphs_backend: CudaGraphs | None = None, capture_asked: bool = True):
+                 graphs_backend: CudaGraphs | None = None, capture_asked: bool = True, compile_backend=None,
+                 post_update: Callable[[], object] | None = None):
         self.unet, self.schedule, self.optimizer, self.scheduler = unet, schedule, optimizer, scheduler
         self.device = torch.device(device)
         self.flat = flat
@@ -557,6 +560,19 @@ class StepRunner:
         self.note = on_note or (lambda text: None)
         self.gen = torch.Generator(device=self.device)  # one per run, re-seeded per step
         self.cg = graphs_backend or CudaGraphs()
+        # device-only work after every optimizer step (scale_weight_norms); its result is kept for the log
+        self.post_update, self.post_result = post_update, None
+        # torch.compile of the UNet (``compile_backend``: 'inductor' or another dynamo backend); the module itself
+        # is untouched, the compiled wrapper only lives in this runner. A first call that fails to compile falls
+        # back to the plain UNet with a note.
+        self.unet_call = unet
+        self.compiled = None
+        if compile_backend:
+            try:
+                self.unet_call = torch.compile(unet, backend=compile_backend, dynamic=False)
+                self.compiled = "pending"
+            except Exception as e:  # no compiler stack in this torch build
+                self.note(f"torch_compile off: {type(e).__name__}: {e}")
         self.graphs: dict[tuple, _Graph | None] | None = None
         self.graph_stats = {"captured": 0, "replays": 0, "eager": 0, "dropped": 0}
         self._warm: dict[tuple, int] = {}
@@ -598,12 +614,15 @@ class StepRunner:
 
     def _loss(self, x0, ctx, y, weights, noise, t, in_noise=None):
         noisy = self.schedule.add_noise(x0, noise if in_noise is None else in_noise, t)
-        pred = self.unet(noisy, t, context=ctx, y=y) if y is not None else self.unet(noisy, t, context=ctx)
+        unet = self.unet_call
+        pred = unet(noisy, t, context=ctx, y=y) if y is not None else unet(noisy, t, context=ctx)
         return denoising_loss(pred, self.schedule.target(x0, noise, t), t, self.schedule, weights,
                               self.min_snr_gamma, opts=self.loss_opts)
 
     def micro(self, b: StepBatch) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its loss (a detached device tensor)."""
+        if self.compiled == "pending":
+            return self._first_compiled_micro(b)
         with record_function(STEP_MARK):
             noise, t = self._draw(b)
             with self.amp():
@@ -612,6 +631,28 @@ class StepRunner:
             scaled = loss / self.accum if self.accum != 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             return loss.detach()
+
+    def _first_compiled_micro(self, b: StepBatch) -> torch.Tensor:
+        """The compile happens in the first forward and backward: if it fails, say why and run this micro-batch
+        (and the rest of the run) with the plain UNet. Nothing was updated yet, only gradients may be partial."""
+        self.compiled = "running"
+        try:
+            loss = self.micro(b)
+        except Exception as e:  # any compiler failure (no C++/Triton toolchain, unsupported op, ...)
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            inner = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the compiler's error
+            text = str(inner).strip().splitlines()
+            self.note(f"torch_compile failed ({type(inner).__name__}: {text[0][:300] if text else ''}); "
+                      "training goes on with the plain UNet")
+            self.unet_call, self.compiled = self.unet, None
+            if self.flat is not None:
+                self.flat.zero_grad()
+            for p in self.params:
+                p.grad = None
+            return self.micro(b)
+        self.compiled = True
+        return loss
 
     def update(self):
         """Unscale, clip, optimizer step, LR schedule, zero grads."""
@@ -636,6 +677,8 @@ class StepRunner:
             self.flat.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=True)
+        if self.post_update is not None:
+            self.post_result = self.post_update()
 
     def step(self, b: StepBatch) -> torch.Tensor:
         """A whole step (accum 1): replayed from a CUDA graph when capture is on and possible."""

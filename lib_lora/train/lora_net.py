@@ -190,6 +190,35 @@ class LoRANetwork(nn.Module):
         finally:
             self.detach()
 
+    # ---- max-norm regularisation (scale_weight_norms) ----------------------------------------------------
+    @torch.no_grad()
+    def max_norm_regularize(self, max_norm: float, prefixes: tuple | None = None):
+        """sd-scripts' apply_max_norm_regularization: each module's ``up·down·scale`` is rescaled to a Frobenius
+        norm of at most ``max_norm`` by multiplying up and down by sqrt(ratio). Returns device tensors (keys scaled,
+        mean and max of the norms after scaling), read by the loop only when it logs: no host sync here.
+
+        ||U·D||² = Σ (UᵀU) ⊙ (D·Dᵀ) with U = up [out, r] and D = down [r, in·k·k]: r×r products instead of the
+        out×in delta (the same number; a 3×3 LoCon down composes with the 1×1 up the same way)."""
+        pairs = [p for n, p in self.pairs.items() if prefixes is None or n.startswith(prefixes)]
+        if not pairs:
+            z = torch.zeros(())
+            return z, z, z
+        norms = []
+        for p in pairs:
+            u = p.lora_up.weight.flatten(1).float()
+            d = p.lora_down.weight.flatten(1).float()
+            norms.append(((u.t() @ u) * (d @ d.t())).sum().clamp_min(0).sqrt() * p.scale)
+        norm = torch.stack(norms)
+        clamped = norm.clamp(min=max_norm / 2)
+        ratio = clamped.clamp(max=max_norm) / clamped
+        sqrt_ratio = ratio.sqrt()
+        for i, p in enumerate(pairs):
+            f = sqrt_ratio[i]
+            p.lora_up.weight.mul_(f.to(p.lora_up.weight.dtype))
+            p.lora_down.weight.mul_(f.to(p.lora_down.weight.dtype))
+        scaled = norm * ratio
+        return (ratio != 1).sum(), scaled.mean(), scaled.max()
+
     # ---- state dict in kohya format -----------------------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None, prefixes: tuple | None = None) -> dict[str, torch.Tensor]:
         save_4d = {t.kohya_name for t in self.targets if t.save_4d}

@@ -12,8 +12,26 @@ import torch
 import torch.nn.functional as F
 
 
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``zero_terminal_snr``: Lin et al. 2305.08891's rescale, as sd-scripts applies it to the betas
+    (fix_noise_scheduler_betas_for_zero_terminal_snr): sqrt(ᾱ) shifted and scaled so ᾱ_T = 0 and ᾱ_0 is kept."""
+    ac = alphas_cumprod.detach().to(torch.float64)
+    betas = 1 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
+    alphas_bar_sqrt = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return torch.cumprod(alphas, 0)
+
+
 class NoiseSchedule:
-    def __init__(self, alphas_cumprod: torch.Tensor, parameterization: str = "eps"):
+    """``snr_from``: the ᾱ the SNR weights (min-SNR, debiased, v-pred scalings) are computed from, if not these.
+    sd-scripts builds its SNR table before the zero-terminal-SNR rescale, so its weights keep the original
+    schedule's (and never divide by the new zero at t = T)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, parameterization: str = "eps",
+                 snr_from: torch.Tensor | None = None):
         if parameterization not in ("eps", "v"):
             raise ValueError(f"unsupported parameterization {parameterization!r} (eps or v)")
         ac = alphas_cumprod.detach().to(torch.float64)
@@ -21,7 +39,8 @@ class NoiseSchedule:
         self.num_timesteps = ac.shape[0]
         self.sqrt_ac = ac.sqrt().float()
         self.sqrt_1m_ac = (1 - ac).sqrt().float()
-        self.snr = (ac / (1 - ac)).float()
+        src = ac if snr_from is None else snr_from.detach().to(torch.float64)
+        self.snr = (src / (1 - src)).float()
 
     def to(self, device):
         for k in ("sqrt_ac", "sqrt_1m_ac", "snr"):

@@ -79,6 +79,26 @@ def save_lora(path: str, tensors: dict[str, torch.Tensor], ss_metadata: dict[str
     return md
 
 
+# what sd-scripts writes with --no_metadata (train_util.SS_METADATA_MINIMUM_KEYS)
+MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                         "ss_network_args")
+
+
+def prune_old_steps(folder: str, output_name: str, step: int, keep_steps: int, ext: str = ".safetensors") -> list[str]:
+    """``save_last_n_steps``: remove this run's step saves older than ``keep_steps`` steps before ``step`` (as
+    sd-scripts keeps the files of the last S steps); other files are never touched."""
+    if not keep_steps or keep_steps <= 0:
+        return []
+    pat = re.compile(re.escape(output_name) + r"-step(\d{8})" + re.escape(ext) + "$")
+    removed = []
+    for f in sorted(os.listdir(folder)):
+        m = pat.match(f)
+        if m and int(m.group(1)) < step - keep_steps:
+            os.remove(os.path.join(folder, f))
+            removed.append(f)
+    return removed
+
+
 def prune_old(folder: str, output_name: str, keep_last: int, ext: str = ".safetensors") -> list[str]:
     """Keep the newest N numbered saves of this run; never touches other files."""
     if not keep_last or keep_last <= 0:

@@ -30,9 +30,11 @@ HONOURED = {
     "save_state", "save_state_on_train_end", "resume", "training_comment", "metadata_title", "metadata_author",
     "metadata_description", "metadata_license", "metadata_tags", "sample_prompts", "sample_every_n_epochs",
     "sample_sampler", "validation_split", "huber_schedule", "huber_c", "huber_scale", "multires_noise_discount",
-    "fast_path", "cuda_graphs", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
-    "ip_noise_gamma", "ip_noise_gamma_random_strength", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
-    "debiased_estimation_loss",
+    "fast_path", "cuda_graphs", "torch_compile", "dynamo_backend", "noise_offset_random_strength",
+    "adaptive_noise_scale", "multires_noise_iterations", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss",
+    "sample_every_n_steps", "sample_at_first", "save_last_n_steps", "no_metadata", "zero_terminal_snr",
+    "scale_weight_norms",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}

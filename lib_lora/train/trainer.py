@@ -35,9 +35,10 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork
-from .loss import LossOptions, NoiseSchedule
+from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import effective_optimizer, make_optimizer, make_scheduler
-from .saving import (BASE_MODEL_VERSION, SAVE_DTYPES, ckpt_name, load_state, metadata_strings, modelspec, prune_old,
+from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, ckpt_name, load_state,
+                     metadata_strings, modelspec, prune_old, prune_old_steps,
                      save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
 
 
@@ -169,6 +170,15 @@ class Trainer:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
         return mp, dtype
 
+    def _compile_backend(self) -> str | None:
+        """torch_compile from the config, else the host's setting (WebUI: Settings -> LoRA Studio); off by default."""
+        on = self.cfg.torch_compile
+        if on is None:
+            on = getattr(self.host, "torch_compile", None)
+        if not on:
+            return None
+        return (self.cfg.dynamo_backend or "inductor").lower()
+
     def _lrs(self):
         c = self.cfg
         unet_lr = c.unet_lr if c.unet_lr is not None else c.learning_rate
@@ -293,13 +303,23 @@ class Trainer:
 
             te = TextEncoder(self.sd_model, self.family, clip_skip=c.clip_skip or 1,
                              max_token_length=c.max_token_length or 75)
-            schedule = NoiseSchedule(getattr(self.sd_model, "alphas_cumprod_original", None)
-                                     if getattr(self.sd_model, "alphas_cumprod_original", None) is not None
-                                     else self.sd_model.alphas_cumprod,
-                                     getattr(self.sd_model, "parameterization", "eps")).to(self.device)
+            base_ac = (getattr(self.sd_model, "alphas_cumprod_original", None)
+                       if getattr(self.sd_model, "alphas_cumprod_original", None) is not None
+                       else self.sd_model.alphas_cumprod)
+            prediction = getattr(self.sd_model, "parameterization", "eps")
+            if c.zero_terminal_snr:
+                if prediction != "v":
+                    self._note("zero_terminal_snr is meant for v-prediction models (sd-scripts warns the same): with "
+                               "this eps model the last timestep learns to predict noise from pure noise")
+                schedule = NoiseSchedule(zero_terminal_snr(base_ac), prediction, snr_from=base_ac).to(self.device)
+            else:
+                schedule = NoiseSchedule(base_ac, prediction).to(self.device)
             unet = self.sd_model.model.diffusion_model
             fast = self.fast
-            stack.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing))
+            # the recomputed forward must redraw the same LoRA dropout masks; without dropout the RNG state need not
+            # be saved (which also keeps the step capturable: reading the CUDA RNG state is refused while capturing)
+            lora_random = bool(net.dropout or net.rank_dropout)
+            stack.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing, lora_random))
             # the WebUI has its own attention hijack; headless we switch the stock einsum attention to SDPA
             stack.enter_context(sdpa_attention(self.sd_model.model, getattr(self.host, "use_sdpa", True)))
             stack.enter_context(net.attached())
@@ -368,6 +388,7 @@ class Trainer:
                 seed = self.seed = st["seed"]
                 self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
 
+            prefixes = net.trained_prefixes(unet_lr, te_lr)
             accum = max(1, int(c.gradient_accumulation_steps or 1))
             runner = StepRunner(
                 unet, schedule, optimizer, scheduler, device=self.device, flat=flat,
@@ -376,7 +397,12 @@ class Trainer:
                 max_timestep=c.max_timestep, min_snr_gamma=c.min_snr_gamma, accum=accum,
                 sdxl=self.family == "sdxl", capture=fast.enabled and fast.capture, module_dropout=module_dropout,
                 on_note=self._note, loss_opts=LossOptions.from_config(c), capture_asked=fast.capture_asked,
-                host_blockers=tuple(getattr(self.host, "graph_blockers", ()) or ()))
+                host_blockers=tuple(getattr(self.host, "graph_blockers", ()) or ())
+                + (("gradient checkpointing with LoRA dropout (the recompute reads the RNG state)",)
+                   if c.gradient_checkpointing and lora_random else ()),
+                compile_backend=self._compile_backend() if fast.enabled else None,
+                post_update=((lambda: net.max_norm_regularize(float(c.scale_weight_norms), prefixes))
+                             if c.scale_weight_norms else None))
             self.runner = runner
             inputs = None
             if fast.enabled:
@@ -386,6 +412,8 @@ class Trainer:
                 fast_desc.append("inputs on the device" if inputs.on_device else "inputs in pinned host memory")
                 if runner.graphs is not None:
                     fast_desc.append("CUDA graphs per bucket shape")
+                if runner.compiled:
+                    fast_desc.append(f"torch.compile ({self._compile_backend()})")
             self.fast_desc = ", ".join(fast_desc) if fast.enabled else f"off ({fast.source})"
             self._emit("note", message=f"training step: fast path {self.fast_desc}",
                        extra={"fast_path": self.fast_desc})
@@ -396,11 +424,12 @@ class Trainer:
             cache_te = not te_lr and not any(getattr(s.caption_options, "changes_per_step", False) for s in self.samples)
             # sd-scripts: no save_precision keeps the training dtype (fp32 LoRA weights)
             save_dtype = SAVE_DTYPES[(c.save_precision or "float").lower()]
-            prefixes = net.trained_prefixes(unet_lr, te_lr)
 
             def save(path_name, epoch_no, final=False):
                 path = os.path.join(out_dir, path_name)
                 md = self._metadata(net, epoch_no, step, started, seed, opt_desc, unet_lr, te_lr, mp, dim)
+                if c.no_metadata:  # sd-scripts keeps only these (SS_METADATA_MINIMUM_KEYS); modelspec stays
+                    md = {k: v for k, v in md.items() if k in MINIMUM_METADATA_KEYS}
                 spec = modelspec(self._family_key(), name, c.resolution or (512, 512),
                                  getattr(self.sd_model, "parameterization", "eps"), c.clip_skip, started,
                                  {"title": c.metadata_title, "author": c.metadata_author,
@@ -426,6 +455,8 @@ class Trainer:
             status, state_file = "done", None
             cur_epoch, window_start = first_epoch, skip_batches
             try:
+                if self.sample_fn and c.sample_at_first and step == 0:  # the base model, before any step
+                    self._sample(net, 0, 0)
                 for epoch in range(first_epoch, self.epochs + 1):
                     batches = self.data.epoch_batches(seed, epoch)
                     start_b = skip_batches if epoch == first_epoch else 0
@@ -475,15 +506,29 @@ class Trainer:
                             self.losses.append((step, lv))
                             avg = sum(v for _, v in self.losses[-50:]) / len(self.losses[-50:])
                             rate = (time.time() - t0) / max(1, step - t_steps0)
+                            extra = None
+                            if runner.post_result is not None:  # scale_weight_norms, as sd-scripts logs it
+                                ks, mean_n, max_n = (float(v) for v in runner.post_result)
+                                extra = {"keys_scaled": int(ks), "average_key_norm": mean_n, "max_key_norm": max_n}
                             self._emit("step", step=step, epoch=epoch, loss=lv, avg_loss=avg,
-                                       lr=scheduler.get_last_lr()[0], eta_s=rate * (self.total_steps - step))
+                                       lr=scheduler.get_last_lr()[0], eta_s=rate * (self.total_steps - step),
+                                       extra=extra or {})
                         loss_acc = None
                         if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < self.total_steps:
                             save(step_ckpt_name(name, step), epoch)
+                            if c.save_last_n_steps:
+                                for f in prune_old_steps(out_dir, name, step, c.save_last_n_steps):
+                                    self._note(f"removed old save {f} (keep saves of the last "
+                                               f"{c.save_last_n_steps} steps)")
+                        # sd-scripts: sample_every_n_epochs wins over sample_every_n_steps
+                        if (self.sample_fn and c.sample_every_n_steps and not c.sample_every_n_epochs
+                                and step % c.sample_every_n_steps == 0 and step < self.total_steps):
+                            self._sample(net, epoch, step)
                     skip_batches = 0
                     last = step >= self.total_steps or epoch == self.epochs
                     self._emit("epoch", step=step, epoch=epoch, message=f"epoch {epoch}/{self.epochs} done")
-                    if self.sample_fn and c.sample_every_n_epochs and (epoch % c.sample_every_n_epochs == 0 or last):
+                    if self.sample_fn and (c.sample_every_n_epochs or c.sample_every_n_steps) and (
+                            last or (c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0)):
                         self._sample(net, epoch, step)
                     if last:
                         break
@@ -638,7 +683,7 @@ class _grad_checkpointing:
     block would get no gradient; the non-reentrant torch version follows whatever the forward uses.
     """
 
-    def __init__(self, sd_model, enabled: bool):
+    def __init__(self, sd_model, enabled: bool, preserve_rng: bool = True):
         self.blocks = []
         if not enabled:
             return
@@ -650,7 +695,7 @@ class _grad_checkpointing:
 
             def fwd(*args, _org=org, **kwargs):
                 if torch.is_grad_enabled():
-                    return checkpoint(_org, *args, use_reentrant=False, **kwargs)
+                    return checkpoint(_org, *args, use_reentrant=False, preserve_rng_state=preserve_rng, **kwargs)
                 return _org(*args, **kwargs)
 
             if "forward" in block.__dict__:

@@ -109,9 +109,12 @@ def reference_step_fn(unet, device, dtype, dim, alpha, batch, lat_hw):
     return step, close
 
 
+COMPILE_BACKEND = "inductor"
+
+
 def our_step_fn(unet, device, dtype, dim, alpha, batch, lat_hw, mode="fast", seed=0):
-    """Our StepRunner as the trainer wires it. mode: eager (fast_path = false) | fast | graph (fast + CUDA graphs).
-    Returns (step, close, net)."""
+    """Our StepRunner as the trainer wires it. mode: eager (fast_path = false) | fast | graph (fast + CUDA graphs)
+    | compile (fast + torch.compile) | cgraph (fast + torch.compile + CUDA graphs). Returns (step, close, net)."""
     fast = mode != "eager"
     net = LoRANetwork(_Host(unet), "sd1", dim=dim, alpha=alpha, train_text_encoder=False)
     torch.manual_seed(seed)
@@ -126,7 +129,9 @@ def our_step_fn(unet, device, dtype, dim, alpha, batch, lat_hw, mode="fast", see
     sch = NoiseSchedule(schedule(), "eps").to(device)
     amp = dtype if dtype != torch.float32 else None
     runner = StepRunner(unet, sch, opt, sched, device=device, flat=flat,
-                        params=[p for g in groups for p in g["params"]], amp_dtype=amp, max_grad_norm=1.0, capture=mode == "graph", on_note=print)
+                        params=[p for g in groups for p in g["params"]], amp_dtype=amp, max_grad_norm=1.0,
+                        capture=mode in ("graph", "cgraph"), on_note=print,
+                        compile_backend=COMPILE_BACKEND if mode in ("compile", "cgraph") else None)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(batch, 4, lat_hw, lat_hw, generator=g).to(device)
     ctx = torch.randn(batch, 77, 768, generator=g).to(device)
@@ -230,7 +235,9 @@ def main():
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, few steps (CPU smoke run)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--modes", default="eager,fast", help="ours: eager (fast_path=false), fast, graph")
+    ap.add_argument("--modes", default="eager,fast",
+                    help="ours: eager (fast_path=false), fast, graph, compile, cgraph (compile + graph)")
+    ap.add_argument("--compile-backend", default="inductor", help="dynamo backend of the compile modes")
     ap.add_argument("--capture", action="store_true", help="add the CUDA-graph mode (CUDA only) and its checks")
     ap.add_argument("--profile-ops", action="store_true", help="count aten ops per step with torch.profiler")
     ap.add_argument("--match", action="store_true", help="LoRA weights after 50 steps: fast (and graph) vs eager")
@@ -247,9 +254,12 @@ def main():
     modes = [m for m in args.modes.split(",") if m]
     if args.capture and "graph" not in modes:
         modes.append("graph")
-    if "graph" in modes and device.type != "cuda":
-        print("# graph mode needs CUDA; skipped")
-        modes.remove("graph")
+    global COMPILE_BACKEND
+    COMPILE_BACKEND = args.compile_backend
+    for m in ("graph", "cgraph"):
+        if m in modes and device.type != "cuda":
+            print(f"# {m} mode needs CUDA; skipped")
+            modes.remove(m)
     unet = build_unet(args.quick).to(device)
     if device.type == "cuda":
         unet = unet.to(torch.bfloat16)
@@ -258,7 +268,7 @@ def main():
     print(f"# bench_train: device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) "
           f"torch {torch.__version__} dtype={dtype} latents {lat}x{lat} dim 32 alpha 16 "
           f"attention={attention}")
-    print(f"{'batch':>5} {'mode':>6} {'s/step':>8} {'img/s':>8} {'x ref':>6} {'peak GiB':>8}"
+    print(f"{'batch':>5} {'mode':>7} {'s/step':>8} {'img/s':>8} {'x ref':>6} {'peak GiB':>8}"
           + (f" {'ops top':>8} {'ops all':>8} {'host->dev':>9}  syncs in step" if args.profile_ops else ""))
     with sdpa:
         for b in [int(x) for x in args.batches.split(",")]:
@@ -268,19 +278,25 @@ def main():
             close()
             for mode in modes:
                 step, close, _ = our_step_fn(unet, device, dtype, 32, 16, b, lat, mode=mode)
+                t_first = time.perf_counter()
+                step()  # the compile modes compile here (minutes with a cold cache): timed apart
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if mode in ("compile", "cgraph"):
+                    print(f"# b{b} {mode}: first step (compile) {time.perf_counter() - t_first:.1f} s")
                 r = (mode, step) + timeit(step, 3, n, device)
                 if args.profile_ops:
                     r += (count_ops(step),)
                 if mode != "eager" and device.type == "cuda":
                     print(f"# b{b} {mode}: cuda sync debug over 3 steps: {sync_check(step, device)}")
-                if mode == "graph":
-                    print(f"# b{b} graph: {step.runner.graph_stats}; blockers {step.runner.capture_blockers or '-'}")
+                if mode in ("graph", "cgraph"):
+                    print(f"# b{b} {mode}: {step.runner.graph_stats}; blockers {step.runner.capture_blockers or '-'}")
                 rows.append(r)
                 close()
             t_ref = rows[0][2]
             for r in rows:
                 mode, _, t, peak = r[:4]
-                line = f"{b:>5} {mode:>6} {t:>8.4f} {b / t:>8.2f} {t_ref / t:>6.2f} {peak:>8.2f}"
+                line = f"{b:>5} {mode:>7} {t:>8.4f} {b / t:>8.2f} {t_ref / t:>6.2f} {peak:>8.2f}"
                 if args.profile_ops:
                     top, total, syncs, h2d = r[4]
                     line += f" {top:>8.0f} {total:>8.0f} {h2d:>9.0f}  {', '.join(syncs) or '-'}"

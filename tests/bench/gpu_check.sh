@@ -2,8 +2,9 @@
 # Everything issue 5 needs from a GPU, in one device call (at most 9.5 minutes; stages have their own limits). First, here:
 #   bash tests/bench/gpu_wheels.sh
 # then, with the device tool:  run(command="bash tests/bench/gpu_check.sh", carry=[".whl"], timeout_s=590)
-# Logs come back in $OUT: env.txt, pytest.log, bench_train.log (images/s b1/b2/b4 for ref/eager/fast/graph, peak
-# memory, syncs under set_sync_debug_mode, 50-step weight match), bench_job.log (reference job, memory jobs).
+# Logs come back in $OUT: env.txt, bench_train.log (images/s b1/b2/b4 for ref/fast/graph, peak
+# memory, syncs under set_sync_debug_mode, 50-step weight match), bench_job.log (reference job, memory jobs),
+# bench_compile.log (torch.compile + graphs at batch 4), pytest.log.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-/tmp/lora-studio-gpu-out}
@@ -19,13 +20,18 @@ export PYTHONPATH=/tmp/site
     git log -1 --format='commit %h %s' 2>/dev/null
 } 2>&1 | tee "$OUT/env.txt"
 t0=$(date +%s)
+BUDGET=${BUDGET:-560}  # seconds for all stages: the device call is limited to 600
 stage() { echo "== $1 ($(( $(date +%s) - t0 )) s)"; }
-stage "bench_train: steps per second, memory, syncs, weights"
-timeout 200 python3 tests/bench/bench_train.py --capture --match $Q 2>&1 | grep -v "Warning" \
+left() { local l=$(( BUDGET - ($(date +%s) - t0) )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+stage "bench_train: images/s b1 b2 b4 (plain reference, fast, CUDA graphs), peak memory, syncs, 50-step weights"
+timeout "$(left 150)" python3 tests/bench/bench_train.py --modes fast,graph --match $Q 2>&1 | grep -v "Warning" \
     | tee "$OUT/bench_train.log"
-stage "bench_job: reference job, memory"
-timeout 260 python3 tests/bench/bench_job.py $Q 2>&1 | grep -v "Warning" | tee "$OUT/bench_job.log"
-stage "pytest: CUDA tests"
-timeout 90 python3 -m pytest -q -x tests/test_train_fastpath.py tests/test_apply_patcher.py -k cuda 2>&1 \
+stage "bench_job: the seed's reference job end to end, memory jobs"
+timeout "$(left 200)" python3 tests/bench/bench_job.py $Q 2>&1 | grep -v "Warning" | tee "$OUT/bench_job.log"
+stage "bench_train: torch.compile + CUDA graphs at batch 4 (cold compile)"
+timeout "$(left 200)" python3 tests/bench/bench_train.py --modes fast,cgraph --batches 4 \
+    ${QUICK:+--compile-backend aot_eager --modes fast,compile} $Q 2>&1 | grep -v "Warning" | tee "$OUT/bench_compile.log"
+stage "pytest: the CUDA tests"
+timeout "$(left 90)" python3 -m pytest -q -x tests/test_train_fastpath.py tests/test_apply_patcher.py -k cuda 2>&1 \
     | tail -25 | tee "$OUT/pytest.log"
 stage "done"

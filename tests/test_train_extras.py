@@ -1,0 +1,175 @@
+"""sd-scripts keys that tutorials set and the trainer now honours: zero_terminal_snr, scale_weight_norms,
+sample_every_n_steps / sample_at_first, save_last_n_steps, no_metadata.
+
+References: diffusers' rescale_zero_terminal_snr (the paper's algorithm, written independently of ours); kohya's
+apply_max_norm_regularization (its explicit up @ down delta, reproduced here from networks/lora.py, not our
+r x r trace identity); sd-scripts' get_remove_step_no for which step files remain, worked out by hand below.
+"""
+
+import os
+
+import pytest
+import torch
+
+import models
+import train_data
+from lib_lora.formats.safetensors_io import load_tensors, read_metadata
+from lib_lora.host.base import ModelHost
+from lib_lora.train.config import parse_train_config
+from lib_lora.train.lora_net import LoRANetwork, LoRAPair
+from lib_lora.train.loss import NoiseSchedule, zero_terminal_snr
+from lib_lora.train.run import plan_for
+from lib_lora.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return models.make_sd1(seed=8)
+
+
+def _run(model, tmp_path, img, sample_fn=None, **kw):
+    c = {"train_data_dir": img, "resolution": 64, "train_batch_size": 1, "output_dir": str(tmp_path / "out"),
+         "output_name": "x", "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4,
+         "seed": 3, "save_precision": "float"}
+    c.update(kw)
+    cfg = parse_train_config(c, base_dir=str(tmp_path))
+    host = ModelHost(model, "m")
+    events = []
+    tr = Trainer(host, cfg, plan_for(host, cfg), on_event=events.append, sample_fn=sample_fn)
+    return tr, tr.run(), events
+
+
+# ---- zero_terminal_snr --------------------------------------------------------------------------------------------
+def test_zero_terminal_snr_matches_diffusers_rescale(sd1):
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    ac = sd1.alphas_cumprod.double()
+    betas = 1 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
+    want = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0)
+    got = zero_terminal_snr(ac)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert got[-1] == 0 and got[0] == pytest.approx(float(ac[0]), rel=1e-12)
+
+
+def test_zero_terminal_snr_noises_to_pure_noise_and_keeps_the_original_snr_weights(sd1, tmp_path):
+    ac = sd1.alphas_cumprod
+    sch = NoiseSchedule(zero_terminal_snr(ac), "v", snr_from=ac)
+    x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = torch.tensor([999])
+    torch.testing.assert_close(sch.add_noise(x0, noise, t), noise)
+    torch.testing.assert_close(sch.target(x0, noise, t), -x0)  # v at ᾱ = 0
+    torch.testing.assert_close(sch.snr, NoiseSchedule(ac, "v").snr)  # sd-scripts' all_snr comes first
+    assert torch.isfinite(sch.min_snr_weight(torch.arange(1000), 5.0)).all()
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    tr, res, _ = _run(sd1, tmp_path, img, max_train_steps=2, zero_terminal_snr=True, min_snr_gamma=5)
+    assert res.status == "done" and all(v == v for _, v in res.losses)  # no NaN
+    assert any("zero_terminal_snr is meant for v-prediction" in n for n in res.notes)
+    assert not any("zero_terminal_snr" in n and "not supported" in n for n in res.notes)
+    assert float(tr.runner.schedule.sqrt_ac[-1]) == 0.0
+
+
+# ---- scale_weight_norms -------------------------------------------------------------------------------------------
+def _kohya_max_norm(pairs, max_norm):
+    """networks/lora.py apply_max_norm_regularization on (up, down, alpha) tensors (explicit delta)."""
+    out, norms, scaled_keys = [], [], 0
+    for up, down, alpha in pairs:
+        up, down = up.clone(), down.clone()
+        scale = alpha / down.shape[0]
+        if up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+            updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        elif up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3):
+            updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        else:
+            updown = up @ down
+        updown *= scale
+        norm = updown.norm().clamp(min=max_norm / 2)
+        desired = torch.clamp(norm, max=max_norm)
+        ratio = desired.cpu() / norm.cpu()
+        sqrt_ratio = ratio ** 0.5
+        if ratio != 1:
+            scaled_keys += 1
+            up *= sqrt_ratio
+            down *= sqrt_ratio
+        norms.append((updown.norm() * ratio).item())
+        out.append((up, down))
+    return out, scaled_keys, sum(norms) / len(norms), max(norms)
+
+
+def test_max_norm_matches_kohya_for_linear_conv1x1_and_conv3x3():
+    torch.manual_seed(0)
+    pairs = [LoRAPair(64, 48, 8, 4.0), LoRAPair(32, 40, 4, 4.0, kernel=1), LoRAPair(16, 24, 4, 2.0, kernel=3, padding=1),
+             LoRAPair(20, 20, 2, 1.0)]
+    for i, p in enumerate(pairs):  # one module below the limit, the others above
+        torch.nn.init.normal_(p.lora_up.weight, std=0.02 if i == 3 else 0.5)
+    net = LoRANetwork.__new__(LoRANetwork)
+    torch.nn.Module.__init__(net)
+    net.pairs = torch.nn.ModuleDict({f"lora_unet_m{i}": p for i, p in enumerate(pairs)})
+    ref = [(p.lora_up.weight.detach().clone(), p.lora_down.weight.detach().clone(), float(p.alpha)) for p in pairs]
+    want, keys, mean, mx = _kohya_max_norm(ref, 1.0)
+    got_keys, got_mean, got_max = net.max_norm_regularize(1.0)
+    assert int(got_keys) == keys == 3
+    assert float(got_mean) == pytest.approx(mean, rel=1e-5) and float(got_max) == pytest.approx(mx, rel=1e-5)
+    for p, (up, down) in zip(pairs, want):
+        torch.testing.assert_close(p.lora_up.weight.detach(), up, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.lora_down.weight.detach(), down, rtol=1e-5, atol=1e-7)
+
+
+def test_scale_weight_norms_in_training_caps_every_saved_module(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    cap = 0.02
+    tr, res, events = _run(sd1, tmp_path, img, max_train_steps=4, learning_rate=5e-2, unet_lr=5e-2,
+                           text_encoder_lr=5e-2, scale_weight_norms=cap)
+    steps = [e for e in events if e.kind == "step"]
+    assert steps and all({"keys_scaled", "average_key_norm", "max_key_norm"} <= set(e.extra) for e in steps)
+    assert any(e.extra["keys_scaled"] > 0 for e in steps)
+    assert all(e.extra["max_key_norm"] <= cap * (1 + 1e-4) for e in steps)
+    w = load_tensors(res.final)
+    md = read_metadata(res.final)
+    assert md["ss_scale_weight_norms"] == str(cap)
+    for k in w:
+        if k.endswith("lora_down.weight"):
+            base = k[: -len(".lora_down.weight")]
+            up, down = w[base + ".lora_up.weight"].float().flatten(1), w[k].float().flatten(1)
+            scale = float(w[base + ".alpha"]) / down.shape[0]
+            assert float((up @ down).norm()) * scale <= cap * (1 + 1e-3), base
+
+
+# ---- samples by steps, at first --------------------------------------------------------------------------------
+def test_samples_every_n_steps_and_at_first(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)  # 4 steps per epoch at batch 1
+    calls = []
+
+    def sample_fn(epoch, step):
+        calls.append((epoch, step))
+        return []
+
+    _, res, _ = _run(sd1, tmp_path, img, sample_fn=sample_fn, max_train_steps=7, sample_every_n_steps=3,
+                     sample_at_first=True)
+    assert res.status == "done"
+    assert calls == [(0, 0), (1, 3), (2, 6), (2, 7)]  # first, every 3 steps, and the end of the last epoch
+    # epochs win when both are set (sd-scripts)
+    calls.clear()
+    _run(sd1, tmp_path / "b", img, sample_fn=sample_fn, max_train_steps=8, sample_every_n_steps=3,
+         sample_every_n_epochs=1)
+    assert calls == [(1, 4), (2, 8)]
+
+
+# ---- save_last_n_steps, no_metadata --------------------------------------------------------------------------------
+def test_save_last_n_steps_keeps_what_sd_scripts_keeps(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=3)
+    # sd-scripts' get_remove_step_no at each save: step 2 -> -2 (none), 4 -> 0 (none), 6 -> 2, 8 -> 4
+    _, res, _ = _run(sd1, tmp_path, img, max_train_steps=9, save_every_n_steps=2, save_last_n_steps=3)
+    out = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
+    assert out == ["x-step00000006.safetensors", "x-step00000008.safetensors", "x.safetensors"]
+    assert sum("removed old save" in n for n in res.notes) == 2
+
+
+def test_no_metadata_keeps_only_the_minimum_keys(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    _, res, _ = _run(sd1, tmp_path, img, max_train_steps=1, no_metadata=True)
+    md = read_metadata(res.final)
+    ss = {k for k in md if k.startswith("ss_")}
+    assert ss == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha"} \
+        or ss == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                  "ss_network_args"}, ss
+    assert {"sshs_model_hash", "sshs_legacy_hash"} <= set(md) and any(k.startswith("modelspec.") for k in md)
