@@ -415,8 +415,9 @@ class Trainer:
                 if runner.compiled:
                     fast_desc.append(f"torch.compile ({self._compile_backend()})")
             self.fast_desc = ", ".join(fast_desc) if fast.enabled else f"off ({fast.source})"
-            self._emit("note", message=f"training step: fast path {self.fast_desc}",
-                       extra={"fast_path": self.fast_desc})
+            # kept with the job's notes: which speed-ups a run used is part of its record
+            self.notes.append(f"training step: fast path {self.fast_desc}")
+            self._emit("note", message=self.notes[-1], extra={"fast_path": self.fast_desc})
             loss_acc = None
             t0 = time.time()
             t_steps0 = step
