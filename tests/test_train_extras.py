@@ -173,3 +173,54 @@ def test_no_metadata_keeps_only_the_minimum_keys(sd1, tmp_path):
         or ss == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                   "ss_network_args"}, ss
     assert {"sshs_model_hash", "sshs_legacy_hash"} <= set(md) and any(k.startswith("modelspec.") for k in md)
+
+
+# ---- validation loss ---------------------------------------------------------------------------------------------
+def test_validation_loss_on_held_out_images(sd1, tmp_path, monkeypatch):
+    """validation_split holds images out; their loss is computed at sd-scripts' 4 fixed timesteps with fixed noise,
+    LoRA dropout off, every epoch by default and every n steps when asked; it is logged, kept and written to
+    the metadata, and the same weights always give the same number."""
+    from lib_lora.train import fastpath
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=4, repeats=1)
+    seen_t, seen_training = [], []
+    orig = fastpath.StepRunner._loss
+
+    def spy(self, x0, ctx, y, weights, noise, t, in_noise=None):
+        if not torch.is_grad_enabled():  # validation runs under no_grad
+            seen_t.append(sorted(set(t.tolist())))
+        return orig(self, x0, ctx, y, weights, noise, t, in_noise)
+
+    monkeypatch.setattr(fastpath.StepRunner, "_loss", spy)
+    tr, res, events = _run(sd1, tmp_path, img, max_train_steps=4, validation_split=0.5, validate_every_n_steps=1,
+                           network_dropout=0.3)
+    val = [e for e in events if e.kind == "validation"]
+    # 2 of 4 images held out -> 2 training steps per epoch: every step, and at the end of each of the 2 epochs
+    assert [e.step for e in val] == [1, 2, 2, 3, 4, 4]
+    assert seen_t == [[200], [400], [600], [800]] * 2 * 6  # 2 held-out images at batch 1: 2 batches each time
+    assert res.val_losses == [(e.step, e.loss) for e in val]
+    assert all("divergence" in e.extra for e in val)
+    assert read_metadata(res.final)["ss_num_validation_images"] == "2"
+    # same weights -> same validation loss (no dependence on the training RNG)
+    assert val[1].loss == val[2].loss and val[4].loss == val[5].loss
+    assert not any("validate_every_n_steps" in n and "not supported" in n for n in res.notes)
+
+
+def test_loss_plot_shows_validation_points(tmp_path):
+    from PIL import Image
+    from lib_lora.ui.tab import render_loss_png
+    p = render_loss_png([[1, 1.0], [2, 0.9], [3, 0.8]], str(tmp_path / "p.png"), "x", [[2, 0.95], [3, 0.85]])
+    q = render_loss_png([[1, 1.0], [2, 0.9], [3, 0.8]], str(tmp_path / "q.png"), "x")
+    a, b = Image.open(p).convert("RGB"), Image.open(q).convert("RGB")
+    blue = sum(1 for px in a.getdata() if px[2] > 180 and px[0] < 90)
+    assert blue > 20 and sum(1 for px in b.getdata() if px[2] > 180 and px[0] < 90) == 0
+
+
+def test_queue_keeps_validation_losses_across_restarts(tmp_path):
+    from lib_lora.jobs.queue import JobQueue
+    from lib_lora.train.trainer import TrainEvent
+    q = JobQueue(str(tmp_path / "store"), runner=None, autostart=False)
+    job = q.submit({"output_name": "v"})
+    q._on_event(job, TrainEvent("validation", step=5, loss=0.25, message="validation loss 0.2500"))
+    assert job.public()["val_losses"] == [[5, 0.25]]
+    again = JobQueue(str(tmp_path / "store"), runner=None, autostart=False)
+    assert again.jobs[0].val_losses == [[5, 0.25]]

@@ -47,6 +47,7 @@ class Job:
     eta_s: float | None = None
     message: str = ""
     losses: list = field(default_factory=list)   # [step, loss]
+    val_losses: list = field(default_factory=list)  # [step, validation loss] (validation_split)
     samples: list = field(default_factory=list)  # [{"epoch", "step", "path"}]
     files: list = field(default_factory=list)    # saved LoRA files
     notes: list = field(default_factory=list)
@@ -250,6 +251,8 @@ class JobQueue:
                 if kind == "step":
                     job.loss, job.avg_loss, job.lr, job.eta_s = ev.loss, ev.avg_loss, ev.lr, ev.eta_s
                     job.losses.append([ev.step, ev.loss])
+            if kind == "validation":
+                job.val_losses.append([ev.step, ev.loss])
             if kind == "save" and ev.path:
                 job.files.append(ev.path)
             if kind == "sample" and ev.path:
@@ -258,7 +261,7 @@ class JobQueue:
                 job.notes.append(ev.message)
             if ev.message:
                 job.message = ev.message
-            if kind in ("save", "epoch", "sample", "note", "start"):
+            if kind in ("save", "epoch", "sample", "note", "start", "validation"):
                 self._save()
         self._notify(job, kind)
 

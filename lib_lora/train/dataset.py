@@ -487,6 +487,10 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
             e.bucket, e.resized_size, e.ar_error = choice.reso, choice.resized_size, choice.ar_error
             keep.append(e)
         s.images = keep
+        for e in s.validation_images:  # held-out images get buckets too (validation loss); never counted
+            choice = manager.select_bucket(*e.size)
+            if choice.reso[0] > 0 and choice.reso[1] > 0:
+                e.bucket, e.resized_size = choice.reso, choice.resized_size
         if s.too_small:
             findings.append(Finding("warning", "too-small",
                                     f"'{s.name}': {len(s.too_small)} image(s) smaller than bucket_reso_steps "

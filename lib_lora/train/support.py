@@ -34,7 +34,8 @@ HONOURED = {
     "adaptive_noise_scale", "multires_noise_iterations", "ip_noise_gamma", "ip_noise_gamma_random_strength",
     "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss",
     "sample_every_n_steps", "sample_at_first", "save_last_n_steps", "no_metadata", "zero_terminal_snr",
-    "scale_weight_norms",
+    "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
+    "max_validation_steps",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}

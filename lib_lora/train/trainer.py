@@ -66,7 +66,7 @@ class Sample:
 
 @dataclass
 class TrainEvent:
-    kind: str                 # start | cache | step | epoch | save | sample | note | done | cancelled | error
+    kind: str  # start | cache | step | validation | epoch | save | sample | note | done | cancelled | error
     step: int = 0
     total: int = 0
     epoch: int = 0
@@ -89,6 +89,7 @@ class TrainResult:
     losses: list[tuple[int, float]]
     notes: list[str]
     state_file: str | None = None
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
 
 def _seed_for(*parts) -> int:
@@ -110,6 +111,11 @@ class PlanData:
                 self._index[id(e)] = len(self.samples)
                 self.samples.append(Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), e.is_reg,
                                            sub.captions, bool(getattr(sub, "flip_aug", False))))
+        # held-out images (validation_split): plain captions, no flip, for the validation loss
+        self.validation: list[Sample] = [
+            Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False)
+            for part in plan.datasets for sub in part.subsets for e in sub.validation_images
+            if e.bucket is not None]
 
     def epoch_batches(self, seed: int, epoch: int) -> list[list[int]]:
         batches = []
@@ -128,6 +134,7 @@ class Trainer:
         self.plan = plan
         self.data = PlanData(plan)
         self.samples = self.data.samples
+        self.validation = self.data.validation
         self.epochs = plan.steps.num_epochs
         self.total_steps = plan.steps.max_train_steps
         self.metadata_extra = plan.ss_dataset_metadata()
@@ -140,6 +147,7 @@ class Trainer:
         self.notes: list[str] = list(getattr(cfg, "notes", []) or [])
         self.files: list[str] = []
         self.losses: list[tuple[int, float]] = []
+        self.val_losses: list[tuple[int, float]] = []
         # reading the loss back syncs the host with the GPU: do it every N steps there
         self.log_every = 1 if self.device.type == "cpu" else 10
         # fast paths (fastpath.py): fast=False / "capture" here, env LORA_STUDIO_FAST_PATH, config fast_path
@@ -226,36 +234,44 @@ class Trainer:
     def _cache_latents(self, cache_dir: str | None):
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.size_cond: dict[tuple[int, bool], tuple] = {}
+        self.val_latents: dict[int, tuple[torch.Tensor, tuple]] = {}
         done = {}
-        n = sum(2 if s.flip_aug else 1 for s in self.samples)
-        k = 0
-        for i, s in enumerate(self.samples):
-            for flip in ((False, True) if s.flip_aug else (False,)):
-                k += 1
-                key = self._latent_key(s, flip)
-                if key in done:
-                    self.latents[(i, flip)], self.size_cond[(i, flip)] = done[key]
-                    continue
+        jobs = [(self.latents, self.size_cond, (i, flip), s, flip) for i, s in enumerate(self.samples)
+                for flip in ((False, True) if s.flip_aug else (False,))]
+        val: dict[int, tuple] = {}
+        jobs += [(None, val, i, s, False) for i, s in enumerate(self.validation)]
+        n = len(jobs)
+        for k, (lat, conds, index, s, flip) in enumerate(jobs, 1):
+            key = self._latent_key(s, flip)
+            if key not in done:
                 if self.should_cancel():
                     raise Cancelled()
-                img = load_image_rgb(s.path)
-                prep = resize_and_crop(img, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
-                px = prep.pixels[:, ::-1].copy() if flip else prep.pixels
-                cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
-                z = None
-                path = os.path.join(cache_dir, key + ".safetensors") if cache_dir else None
-                if path and os.path.exists(path):
-                    try:
-                        z = load_tensors(path)["latent"]
-                    except Exception as e:  # a damaged cache file is rebuilt, never trusted
-                        self._note(f"latent cache {os.path.basename(path)} unreadable ({e}); re-encoding")
-                if z is None:
-                    z = self._vae_encode(px)[0]
-                    if path:
-                        save_file_atomic({"latent": z.contiguous()}, path, {"image": os.path.basename(s.path)})
-                done[key] = (z, cond)
-                self.latents[(i, flip)], self.size_cond[(i, flip)] = z, cond
+                done[key] = self._encode_cached(s, flip, key, cache_dir)
                 self._emit("cache", step=k, message=f"caching latents {k}/{n}", extra={"n": n})
+            z, cond = done[key]
+            if lat is not None:
+                lat[index], conds[index] = z, cond
+            else:
+                conds[index] = (z, cond)
+        self.val_latents = val
+
+    def _encode_cached(self, s, flip: bool, key: str, cache_dir: str | None):
+        img = load_image_rgb(s.path)
+        prep = resize_and_crop(img, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
+        px = prep.pixels[:, ::-1].copy() if flip else prep.pixels
+        cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
+        z = None
+        path = os.path.join(cache_dir, key + ".safetensors") if cache_dir else None
+        if path and os.path.exists(path):
+            try:
+                z = load_tensors(path)["latent"]
+            except Exception as e:  # a damaged cache file is rebuilt, never trusted
+                self._note(f"latent cache {os.path.basename(path)} unreadable ({e}); re-encoding")
+        if z is None:
+            z = self._vae_encode(px)[0]
+            if path:
+                save_file_atomic({"latent": z.contiguous()}, path, {"image": os.path.basename(s.path)})
+        return z, cond
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self, resume_state: str | None = None) -> TrainResult:
@@ -444,6 +460,15 @@ class Trainer:
                            message=f"saved {path_name}; {self._match_summary(path)}")
                 return path
 
+            def validate(epoch_no):
+                v = self._validation_loss(net, te, runner, seed)
+                self.val_losses.append((step, v))
+                recent = [lv for _, lv in self.losses[-50:]]
+                div = v - sum(recent) / len(recent) if recent else float("nan")
+                self._emit("validation", step=step, epoch=epoch_no, loss=v,
+                           message=f"validation loss {v:.4f} ({len(self.validation)} held-out images)",
+                           extra={"divergence": div})
+
             def save_resume(epoch_no, batch_in_epoch, tag):
                 path = os.path.join(out_dir, f"{name}-{tag}-state.pt")
                 opt_sd = flat.state_dict_per_weight(optimizer.state_dict()) if flat else optimizer.state_dict()
@@ -521,6 +546,9 @@ class Trainer:
                                 for f in prune_old_steps(out_dir, name, step, c.save_last_n_steps):
                                     self._note(f"removed old save {f} (keep saves of the last "
                                                f"{c.save_last_n_steps} steps)")
+                        if (self.validation and c.validate_every_n_steps
+                                and step % c.validate_every_n_steps == 0):
+                            validate(epoch)
                         # sd-scripts: sample_every_n_epochs wins over sample_every_n_steps
                         if (self.sample_fn and c.sample_every_n_steps and not c.sample_every_n_epochs
                                 and step % c.sample_every_n_steps == 0 and step < self.total_steps):
@@ -528,6 +556,10 @@ class Trainer:
                     skip_batches = 0
                     last = step >= self.total_steps or epoch == self.epochs
                     self._emit("epoch", step=step, epoch=epoch, message=f"epoch {epoch}/{self.epochs} done")
+                    # sd-scripts validates every epoch unless validate_every_n_epochs says otherwise
+                    if self.validation and (last or not c.validate_every_n_epochs
+                                            or epoch % c.validate_every_n_epochs == 0):
+                        validate(epoch)
                     if self.sample_fn and (c.sample_every_n_epochs or c.sample_every_n_steps) and (
                             last or (c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0)):
                         self._sample(net, epoch, step)
@@ -553,7 +585,8 @@ class Trainer:
                            path=state_file)
             finally:
                 net.eval()
-        result = TrainResult(status, self.files, final, step, self.losses, self.notes, state_file)
+        result = TrainResult(status, self.files, final, step, self.losses, self.notes, state_file,
+                             self.val_losses)
         if status == "done":
             self._emit("done", step=step, path=final, message=f"finished: {final}")
         return result
@@ -578,6 +611,47 @@ class Trainer:
             for j, cp in enumerate(caps):
                 cache[cp] = {k: v[j:j + 1].detach() for k, v in out.items()}
         return out
+
+    def _validation_loss(self, net, te, runner, seed: int) -> float:
+        """sd-scripts' validation loss: the held-out images at 4 fixed timesteps (200, 400, 600, 800 of 1000) with
+        noise from the validation seed, so the numbers of different steps and runs compare; LoRA dropout off. The
+        run's own RNGs are not touched (a generator of its own)."""
+        c = self.cfg
+        by_bucket: dict[tuple, list[int]] = {}
+        for i, s in enumerate(self.validation):
+            by_bucket.setdefault(s.bucket, []).append(i)
+        bs = max(1, int(c.train_batch_size or 1))
+        batches = [idx[k:k + bs] for idx in by_bucket.values() for k in range(0, len(idx), bs)]
+        if c.max_validation_steps:
+            batches = batches[:int(c.max_validation_steps)]
+        T = runner.schedule.num_timesteps
+        fixed = [T * k // 5 for k in (1, 2, 3, 4)]
+        vseed = c.validation_seed if c.validation_seed is not None else seed
+        gen = torch.Generator(device=self.device)
+        was = net.training
+        net.eval()
+        total, count = None, 0
+        try:
+            with torch.no_grad():
+                for bi, batch in enumerate(batches):
+                    x0 = torch.stack([self.val_latents[i][0] for i in batch]).to(self.device)
+                    with runner.amp():
+                        tokens, _ = te.tokenize([self.validation[i].caption for i in batch])
+                        cond = te.encode(tokens, self.device)
+                    sb = StepBatch(x0, torch.ones(len(batch), device=self.device), cond, 0, 0,
+                                   size_cond=[self.val_latents[i][1] for i in batch])
+                    y = runner._y(sb, cond)
+                    for tv in fixed:
+                        gen.manual_seed(_seed_for(vseed, "validation", bi, tv))
+                        noise = torch.randn(x0.shape, generator=gen, device=self.device, dtype=x0.dtype)
+                        t = torch.full((len(batch),), tv, device=self.device, dtype=torch.long)
+                        with runner.amp():
+                            loss = runner._loss(x0, cond["crossattn"], y, sb.weights, noise, t).float()
+                        total = loss if total is None else total + loss
+                        count += 1
+        finally:
+            net.train(was)
+        return float(total) / count if count else float("nan")
 
     def _match_summary(self, path: str) -> str:
         """Load the file we just wrote the way <lora:> will, and say how much of it matches the model."""
@@ -642,6 +716,12 @@ class Trainer:
             "ss_adaptive_noise_scale": c.adaptive_noise_scale,
             "ss_zero_terminal_snr": c.zero_terminal_snr,
             "ss_training_comment": c.training_comment,
+            "ss_num_validation_images": len(self.validation),
+            "ss_validation_seed": c.validation_seed,
+            "ss_validation_split": c.validation_split,
+            "ss_max_validation_steps": c.max_validation_steps,
+            "ss_validate_every_n_epochs": c.validate_every_n_epochs,
+            "ss_validate_every_n_steps": c.validate_every_n_steps,
             "ss_sd_scripts_commit_hash": "lora-studio",
             "ss_optimizer": opt_desc,
             "ss_max_grad_norm": c.max_grad_norm,

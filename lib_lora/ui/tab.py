@@ -258,8 +258,9 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def render_loss_png(losses: list, path: str, title: str = "") -> str:
-    """Raw and smoothed loss over steps as a PNG (matplotlib's Agg canvas: no global backend change)."""
+def render_loss_png(losses: list, path: str, title: str = "", val_losses: list | None = None) -> str:
+    """Raw and smoothed loss over steps as a PNG (matplotlib's Agg canvas: no global backend change), with the
+    validation loss (held-out images, fixed timesteps and noise) as points when there is one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -270,6 +271,9 @@ def render_loss_png(losses: list, path: str, title: str = "") -> str:
     vals = [v for _, v in losses]
     ax.plot(steps, vals, color="#f59e0b", alpha=0.35, linewidth=1, label="loss")
     ax.plot(steps, smooth(vals), color="#c2410c", linewidth=2, label="smoothed")
+    if val_losses:
+        ax.plot([s for s, _ in val_losses], [v for _, v in val_losses], color="#2563eb", marker="o",
+                markersize=4, linewidth=1.5, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if title:
@@ -767,13 +771,14 @@ def build_tab(backend) -> gr.Blocks:
             else:
                 out[job_select] = gr.update()
             jid = job["id"] if job else None
-            n_loss = len(job["losses"]) if job else 0
+            n_loss = (len(job["losses"]), len(job.get("val_losses") or [])) if job else (0, 0)
             if (jid, n_loss) != (state.get("plot_job"), state.get("n_loss")):
-                if job and n_loss >= 2:
+                if job and n_loss[0] >= 2:
                     with plot_lock:  # one render per new point, however many browser tabs poll
                         if plots.get(jid, (None,))[0] != n_loss:
                             path = os.path.join(getattr(backend, "store_dir", "."), "plots", f"{jid}.png")
-                            plots[jid] = (n_loss, render_loss_png(job["losses"], path, job["name"]))
+                            plots[jid] = (n_loss, render_loss_png(job["losses"], path, job["name"],
+                                                                  job.get("val_losses")))
                         out[loss_plot] = plots[jid][1]
                 else:
                     out[loss_plot] = None
