@@ -224,3 +224,39 @@ def test_queue_keeps_validation_losses_across_restarts(tmp_path):
     assert job.public()["val_losses"] == [[5, 0.25]]
     again = JobQueue(str(tmp_path / "store"), runner=None, autostart=False)
     assert again.jobs[0].val_losses == [[5, 0.25]]
+
+
+# ---- dim_from_weights, save_n_epoch_ratio --------------------------------------------------------------------------
+def test_dim_from_weights_continues_a_file_with_its_own_rank(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    _, first, _ = _run(sd1, tmp_path / "a", img, max_train_steps=2, network_dim=8, network_alpha=3,
+                       network_args=["conv_dim=2", "conv_alpha=1"])
+    _, res, _ = _run(sd1, tmp_path / "b", img, max_train_steps=1, network_dim=4, network_alpha=2,
+                     network_weights=first.final, dim_from_weights=True)
+    w = load_tensors(res.final)
+    ranks = {v.shape[0] for k, v in w.items() if k.endswith("lora_down.weight") and v.shape[2:] in ((), (1, 1))}
+    conv = {v.shape[0] for k, v in w.items() if k.endswith("lora_down.weight") and v.shape[2:] == (3, 3)}
+    assert ranks == {8} and conv == {2}
+    md = read_metadata(res.final)
+    assert md["ss_network_dim"] == "8" and md["ss_network_alpha"] == "3.0"
+    assert any("dim_from_weights: network_dim 8, network_alpha 3, conv_dim 2, conv_alpha 1" in n for n in res.notes)
+    # mixed ranks cannot be continued with one rank per kind: refused with what to do
+    mixed = dict(load_tensors(first.final))
+    k = next(k for k in mixed if k.endswith("lora_down.weight") and mixed[k].dim() == 2)
+    base = k[: -len(".lora_down.weight")]
+    mixed[k] = mixed[k][:4].clone()
+    mixed[base + ".lora_up.weight"] = mixed[base + ".lora_up.weight"][:, :4].clone()
+    from lib_lora.formats.safetensors_io import save_file_atomic
+    path = str(tmp_path / "mixed.safetensors")
+    save_file_atomic({k2: v.contiguous() for k2, v in mixed.items()}, path)
+    from lib_lora.train.trainer import TrainingError
+    with pytest.raises(TrainingError, match="several ranks"):
+        _run(sd1, tmp_path / "c", img, max_train_steps=1, network_weights=path, dim_from_weights=True)
+
+
+def test_save_n_epoch_ratio(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)  # 2 steps per epoch
+    # 6 epochs, ratio 2 -> every floor(6/2) = 3 epochs (sd-scripts), over save_every_n_epochs
+    _, res, _ = _run(sd1, tmp_path, img, max_train_epochs=6, save_n_epoch_ratio=2, save_every_n_epochs=1)
+    out = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
+    assert out == ["x-000003.safetensors", "x.safetensors"]

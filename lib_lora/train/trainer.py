@@ -178,6 +178,37 @@ class Trainer:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
         return mp, dtype
 
+    def _dims_from_weights(self):
+        """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
+        the network_weights file, which must use one rank for each kind (this trainer gives every module the same)."""
+        c = self.cfg
+        if not c.network_weights:
+            raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
+        sd = load_tensors(str(c.resolve(c.network_weights)))
+        ranks: dict[str, dict[int, int]] = {"linear": {}, "conv": {}}
+        alphas: dict[str, set] = {"linear": set(), "conv": set()}
+        for k, v in sd.items():
+            if not k.endswith(".lora_down.weight"):
+                continue
+            kind = "conv" if v.dim() == 4 and v.shape[2:] != (1, 1) else "linear"
+            r = int(v.shape[0])
+            ranks[kind][r] = ranks[kind].get(r, 0) + 1
+            a = sd.get(k[: -len(".lora_down.weight")] + ".alpha")
+            alphas[kind].add(float(a) if a is not None else float(r))
+        if not ranks["linear"]:
+            raise TrainingError(f"dim_from_weights: {c.network_weights} holds no kohya LoRA (lora_down) weights")
+        for kind in ("linear", "conv"):
+            if len(ranks[kind]) > 1 or len(alphas[kind]) > 1:
+                raise TrainingError(
+                    f"dim_from_weights: {c.network_weights} uses several ranks or alphas for its {kind} modules "
+                    f"(ranks {sorted(ranks[kind])}, alphas {sorted(alphas[kind])}); this trainer gives every module "
+                    f"the same rank, so set network_dim / network_alpha yourself")
+        dim, alpha = next(iter(ranks["linear"])), next(iter(alphas["linear"]))
+        conv = (next(iter(ranks["conv"])), next(iter(alphas["conv"]))) if ranks["conv"] else (None, None)
+        self._note(f"dim_from_weights: network_dim {dim}, network_alpha {alpha:g}"
+                   + (f", conv_dim {conv[0]}, conv_alpha {conv[1]:g}" if conv[0] else "") + " from the file")
+        return dim, alpha, conv[0], conv[1]
+
     def _compile_backend(self) -> str | None:
         """torch_compile from the config, else the host's setting (WebUI: Settings -> LoRA Studio); off by default."""
         on = self.cfg.torch_compile
@@ -295,11 +326,14 @@ class Trainer:
         with ExitStack() as stack:
             stack.enter_context(self.host.lock())
             stack.enter_context(guarded([self.sd_model]))
-            dim = int(c.network_dim or 4)
+            dim, alpha = int(c.network_dim or 4), c.network_alpha
+            conv_dim = int(nargs["conv_dim"]) if "conv_dim" in nargs else None
+            conv_alpha = float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None
+            if c.dim_from_weights:
+                dim, alpha, conv_dim, conv_alpha = self._dims_from_weights()
+            self._net_dims = (dim, alpha, conv_dim, conv_alpha)
             net = LoRANetwork(
-                self.sd_model, self.family, dim=dim, alpha=c.network_alpha,
-                conv_dim=int(nargs["conv_dim"]) if "conv_dim" in nargs else None,
-                conv_alpha=float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None,
+                self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
                 train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=c.network_dropout,
                 rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
                 module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None)
@@ -460,6 +494,10 @@ class Trainer:
                            message=f"saved {path_name}; {self._match_summary(path)}")
                 return path
 
+            save_every_epochs = c.save_every_n_epochs
+            if c.save_n_epoch_ratio:  # sd-scripts: at least this many saves over the run; overrides the above
+                save_every_epochs = math.floor(self.epochs / c.save_n_epoch_ratio) or 1
+
             def validate(epoch_no):
                 v = self._validation_loss(net, te, runner, seed)
                 self.val_losses.append((step, v))
@@ -565,7 +603,7 @@ class Trainer:
                         self._sample(net, epoch, step)
                     if last:
                         break
-                    if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0:
+                    if save_every_epochs and epoch % save_every_epochs == 0:
                         save(ckpt_name(name, epoch), epoch)
                         if c.save_state:
                             save_resume(epoch + 1, 0, f"{epoch:06d}")
@@ -699,7 +737,7 @@ class Trainer:
             "ss_lr_scheduler": c.lr_scheduler,
             "ss_network_module": "networks.lora",
             "ss_network_dim": dim,
-            "ss_network_alpha": float(c.network_alpha),
+            "ss_network_alpha": float(self._net_dims[1] if self._net_dims[1] is not None else dim),
             "ss_network_dropout": c.network_dropout,
             "ss_mixed_precision": mp,
             "ss_full_fp16": False,
@@ -747,8 +785,11 @@ class Trainer:
             "ss_training_finished_at": time.time(),
             "ss_sd_model_name": self.host.model_name,
         }
-        if c.network_args:
-            v["ss_network_args"] = dict(a.split("=", 1) for a in c.network_args)
+        net_args = dict(a.split("=", 1) for a in (c.network_args or []))
+        if c.dim_from_weights and self._net_dims[2]:  # the conv rank came from the file
+            net_args.update(conv_dim=str(self._net_dims[2]), conv_alpha=f"{self._net_dims[3]:g}")
+        if net_args:
+            v["ss_network_args"] = net_args
         if getattr(self.host, "model_legacy_hash", None):
             v["ss_sd_model_hash"] = self.host.model_legacy_hash
         if getattr(self.host, "model_sha256", None):
