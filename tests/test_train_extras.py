@@ -8,6 +8,7 @@ r x r trace identity); sd-scripts' get_remove_step_no for which step files remai
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,3 +261,54 @@ def test_save_n_epoch_ratio(sd1, tmp_path):
     _, res, _ = _run(sd1, tmp_path, img, max_train_epochs=6, save_n_epoch_ratio=2, save_every_n_epochs=1)
     out = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
     assert out == ["x-000003.safetensors", "x.safetensors"]
+
+
+# ---- alpha_mask --------------------------------------------------------------------------------------------------
+def _rgba_dataset(root, alpha_fn, n=2):
+    """Concept images as RGBA PNGs whose alpha comes from alpha_fn(x, y) (0..255)."""
+    import numpy as np
+    from PIL import Image
+    img, _ = train_data.make_dataset(str(root), n_concept=n, repeats=1)
+    folder = os.path.join(img, "1_svs cat")
+    yy, xx = np.mgrid[0:64, 0:64]
+    a = alpha_fn(xx, yy).astype(np.uint8)
+    for f in os.listdir(folder):
+        p = os.path.join(folder, f)
+        rgb = np.asarray(Image.open(p).convert("RGB"))
+        Image.fromarray(np.dstack([rgb, a]), "RGBA").save(p)
+    return img, a
+
+
+def test_alpha_mask_is_sd_scripts_area_resized_alpha(sd1, tmp_path):
+    import torch.nn.functional as F
+    img, a = _rgba_dataset(tmp_path / "d", lambda x, y: np.clip(x * 4 + (y % 7) * 9, 0, 255))
+    cfg = parse_train_config({"train_data_dir": img, "resolution": 64, "output_dir": str(tmp_path / "o"),
+                              "alpha_mask": True}, base_dir=str(tmp_path))
+    host = ModelHost(sd1, "m")
+    tr = Trainer(host, cfg, plan_for(host, cfg))
+    assert all(s.alpha_mask for s in tr.samples)
+    got = tr._alpha_mask(tr.samples[0], False)
+    # sd-scripts: alpha / 255 at pixel size, F.interpolate(..., size=loss.shape[2:], mode="area") at loss time
+    want = F.interpolate(torch.from_numpy(a.astype("float32") / 255.0)[None, None], size=(8, 8), mode="area")[0]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(tr._alpha_mask(tr.samples[0], True), want.flip(-1))
+    # the loss: per-element loss times the mask, then the mean over (C, h, w) (apply_masked_loss's order)
+    from lib_lora.train.loss import denoising_loss
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    m = torch.stack([want, want])
+    t = torch.tensor([10, 500])
+    sch = NoiseSchedule(sd1.alphas_cumprod)
+    ref = ((pred - target) ** 2 * m).mean(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(denoising_loss(pred, target, t, sch, mask=m), ref)
+
+
+def test_fully_transparent_images_teach_nothing(sd1, tmp_path):
+    img, _ = _rgba_dataset(tmp_path / "d", lambda x, y: np.zeros_like(x))
+    kw = dict(max_train_steps=3, text_encoder_lr=0, learning_rate=1e-2, unet_lr=1e-2)
+    _, masked, _ = _run(sd1, tmp_path / "m", img, alpha_mask=True, **kw)
+    _, plain, _ = _run(sd1, tmp_path / "p", img, **kw)
+    up = lambda w: max(float(v.abs().max()) for k, v in w.items() if "lora_up" in k)  # noqa: E731
+    assert up(load_tensors(masked.final)) == 0.0  # no gradient reaches the LoRA
+    assert up(load_tensors(plain.final)) > 1e-4
+    assert all(v == 0 for _, v in masked.losses)
+    assert not any("alpha_mask" in n and "not supported" in n for n in masked.notes)

@@ -111,7 +111,7 @@ def _runner(model, graphs, *, te=False, scaler=None, amp=None, fused=True, accum
     return net, runner
 
 
-def _batches(n, te=None):
+def _batches(n, te=None, mask=False):
     """Two bucket shapes, alternating in runs of two (so each shape warms up, is captured and replayed)."""
     out = []
     for i in range(n):
@@ -124,7 +124,8 @@ def _batches(n, te=None):
             cond = InStepCond(lambda tk: te.encode(tk, torch.device("cpu")), tokens)
         else:
             cond = {"crossattn": torch.randn(2, 77, 768, generator=g)}
-        out.append(StepBatch(x0, torch.rand(2, generator=g) + 0.5, cond, step_seed=40 + i, noise_seed=80 + i))
+        m = torch.rand(2, 1, *hw, generator=g) if mask else None  # alpha_mask loss weights
+        out.append(StepBatch(x0, torch.rand(2, generator=g) + 0.5, cond, step_seed=40 + i, noise_seed=80 + i, mask=m))
     return out
 
 
@@ -158,6 +159,19 @@ def test_graph_replays_train_like_the_eager_step(sd1):
     for a, b in zip(l_g, l_e):
         assert a == pytest.approx(b, rel=1e-5)
     assert run_g.scheduler.last_epoch == run_e.scheduler.last_epoch == 14
+
+
+def test_alpha_masks_reach_the_graph_through_its_buffers(sd1):
+    batches = _batches(10, mask=True)
+    net_e, run_e = _runner(sd1, None)
+    w_e, _ = _train(sd1, net_e, run_e, batches)
+    net_g, run_g = _runner(sd1, EmulatedGraphs)
+    w_g, _ = _train(sd1, net_g, run_g, batches)
+    assert all("mask" in g.inputs for g in run_g.graphs.values()) and run_g.graph_stats["dropped"] == 0
+    assert _rel(w_g, w_e) < 1e-5, _rel(w_g, w_e)
+    net_n, run_n = _runner(sd1, None)  # and the masks matter
+    w_n, _ = _train(sd1, net_n, run_n, _batches(10))
+    assert _rel(w_n, w_e) > 1e-3
 
 
 def test_a_stale_input_or_lr_would_be_caught(sd1):

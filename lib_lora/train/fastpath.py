@@ -407,7 +407,7 @@ class InputCache:
     whole cache fits ``budget`` bytes, else in (pinned) host memory."""
 
     def __init__(self, latents: dict, weights: dict, sizes: dict | None, device: torch.device,
-                 budget: int = DEVICE_CACHE_BYTES):
+                 budget: int = DEVICE_CACHE_BYTES, masks: dict | None = None):
         self.device = device
         by_shape: dict[tuple, list] = {}
         for key, z in latents.items():
@@ -424,6 +424,9 @@ class InputCache:
             if sizes is not None:
                 tab["sizes"] = torch.tensor([[float(v) for pair in sizes[k] for v in pair] for k in keys],
                                             dtype=torch.float32)
+            if masks:  # alpha_mask: images without one weigh every latent pixel 1
+                z = latents[keys[0]]
+                tab["mask"] = torch.stack([masks[k] if k in masks else torch.ones(1, *z.shape[1:]) for k in keys])
             for name, t in tab.items():
                 if self.on_device:
                     tab[name] = t.to(device)
@@ -466,6 +469,7 @@ class StepBatch:
     noise_seed: int
     sizes: torch.Tensor | None = None
     size_cond: list | None = None
+    mask: torch.Tensor | None = None  # alpha_mask loss weights [B, 1, h, w]
 
 
 # ---- the step -----------------------------------------------------------------------------------------------
@@ -612,12 +616,12 @@ class StepRunner:
         sc = b.size_cond
         return sdxl_vector(cond["pooled"], [s[0] for s in sc], [s[1] for s in sc], [s[2] for s in sc])
 
-    def _loss(self, x0, ctx, y, weights, noise, t, in_noise=None):
+    def _loss(self, x0, ctx, y, weights, noise, t, in_noise=None, mask=None):
         noisy = self.schedule.add_noise(x0, noise if in_noise is None else in_noise, t)
         unet = self.unet_call
         pred = unet(noisy, t, context=ctx, y=y) if y is not None else unet(noisy, t, context=ctx)
         return denoising_loss(pred, self.schedule.target(x0, noise, t), t, self.schedule, weights,
-                              self.min_snr_gamma, opts=self.loss_opts)
+                              self.min_snr_gamma, opts=self.loss_opts, mask=mask)
 
     def micro(self, b: StepBatch) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its loss (a detached device tensor)."""
@@ -627,7 +631,8 @@ class StepRunner:
             noise, t = self._draw(b)
             with self.amp():
                 cond = b.cond() if callable(b.cond) else b.cond
-                loss = self._loss(b.x0, cond["crossattn"], self._y(b, cond), b.weights, noise, t, self._in_noise)
+                loss = self._loss(b.x0, cond["crossattn"], self._y(b, cond), b.weights, noise, t, self._in_noise,
+                                  b.mask)
             scaled = loss / self.accum if self.accum != 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             return loss.detach()
@@ -720,6 +725,8 @@ class StepRunner:
                 src["pooled"] = b.cond["pooled"]
         if self.sdxl:
             src["sizes"] = b.sizes
+        if b.mask is not None:
+            src["mask"] = b.mask
         return src
 
     def _graph_key(self, b: StepBatch):
@@ -732,7 +739,7 @@ class StepRunner:
             return None
         else:
             parts = (tuple(b.cond["crossattn"].shape), tuple(b.cond["pooled"].shape) if self.sdxl else None)
-        return (tuple(b.x0.shape),) + parts
+        return (tuple(b.x0.shape), b.mask is not None) + parts
 
     def _graph_step(self, b: StepBatch) -> torch.Tensor:
         key = self._graph_key(b)
@@ -816,7 +823,7 @@ class StepRunner:
             else:
                 cond = {"crossattn": i["ctx"], **({"pooled": i["pooled"]} if self.sdxl else {})}
             y = sdxl_y(cond["pooled"], i["sizes"]) if self.sdxl else None
-            loss = self._loss(i["x0"], cond["crossattn"], y, i["w"], i["noise"], i["t"])
+            loss = self._loss(i["x0"], cond["crossattn"], y, i["w"], i["noise"], i["t"], mask=i.get("mask"))
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self._update_core()
         return loss.detach()

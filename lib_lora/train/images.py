@@ -191,6 +191,22 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
         raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
 
 
+def load_image_alpha(path: str | os.PathLike) -> np.ndarray | None:
+    """The alpha channel (HxW uint8, EXIF orientation applied) for ``alpha_mask``, or None when the image has
+    none (sd-scripts converts such images to RGBA: a mask of ones, i.e. no masking)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            if oriented.mode in ("RGBA", "LA", "PA") or (oriented.mode == "P" and "transparency" in oriented.info):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return np.asarray(oriented.convert("RGBA"), dtype=np.uint8)[:, :, 3].copy()
+            return None
+    except OSError as e:
+        raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
+
+
 def _resize(img: np.ndarray, size: tuple[int, int], interpolation: str | None) -> np.ndarray:
     h, w = img.shape[:2]
     tw, th = int(size[0]), int(size[1])

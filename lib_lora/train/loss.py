@@ -152,7 +152,8 @@ def _huber_c(t: torch.Tensor, schedule: NoiseSchedule, opts: LossOptions) -> tor
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
                    loss_weights: torch.Tensor | None = None, min_snr_gamma: float | None = None,
-                   reduce: bool = True, opts: LossOptions | None = None) -> torch.Tensor:
+                   reduce: bool = True, opts: LossOptions | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss (l2 / l1 / huber / smooth_l1), prior weights, then sd-scripts' post-processing in its order:
     min-SNR, v-pred scaling like noise-pred, v-pred-like loss, debiased estimation."""
     p, y = pred.float(), target.float()
@@ -165,6 +166,8 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
         c = _huber_c(t, schedule, opts).view(-1, 1, 1, 1)
         root = torch.sqrt((p - y) ** 2 + c ** 2) - c
         loss = 2 * c * root if kind == "huber" else 2 * root
+    if mask is not None:  # alpha_mask: [B, 1, h, w] at latent size (sd-scripts' apply_masked_loss, same order)
+        loss = loss * mask.to(loss.dtype)
     loss = loss.mean(dim=(1, 2, 3))
     if loss_weights is not None:
         loss = loss * loss_weights

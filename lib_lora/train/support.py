@@ -35,7 +35,7 @@ HONOURED = {
     "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss",
     "sample_every_n_steps", "sample_at_first", "save_last_n_steps", "no_metadata", "zero_terminal_snr",
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
-    "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio",
+    "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}

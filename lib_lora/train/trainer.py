@@ -30,7 +30,7 @@ from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
 from .host_guard import guarded
-from .images import load_image_rgb, resize_and_crop, sdxl_size_conditioning
+from .images import load_image_alpha, load_image_rgb, resize_and_crop, sdxl_size_conditioning
 from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
@@ -62,6 +62,7 @@ class Sample:
     is_reg: bool = False
     caption_options: object = None   # captions.CaptionOptions
     flip_aug: bool = False
+    alpha_mask: bool = False         # the image's alpha channel weights its loss (sd-scripts alpha_mask)
 
 
 @dataclass
@@ -110,10 +111,12 @@ class PlanData:
                 sub = part.subsets[e.subset_index].spec
                 self._index[id(e)] = len(self.samples)
                 self.samples.append(Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), e.is_reg,
-                                           sub.captions, bool(getattr(sub, "flip_aug", False))))
+                                           sub.captions, bool(getattr(sub, "flip_aug", False)),
+                                           bool(getattr(sub, "alpha_mask", False))))
         # held-out images (validation_split): plain captions, no flip, for the validation loss
         self.validation: list[Sample] = [
-            Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False)
+            Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False,
+                   bool(getattr(sub.spec, "alpha_mask", False)))
             for part in plan.datasets for sub in part.subsets for e in sub.validation_images
             if e.bucket is not None]
 
@@ -266,6 +269,8 @@ class Trainer:
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.size_cond: dict[tuple[int, bool], tuple] = {}
         self.val_latents: dict[int, tuple[torch.Tensor, tuple]] = {}
+        self.masks: dict = {}      # (i, flip) -> [1, h, w] loss weights at latent size, for alpha_mask samples
+        self.val_masks: dict = {}
         done = {}
         jobs = [(self.latents, self.size_cond, (i, flip), s, flip) for i, s in enumerate(self.samples)
                 for flip in ((False, True) if s.flip_aug else (False,))]
@@ -279,17 +284,22 @@ class Trainer:
                     raise Cancelled()
                 done[key] = self._encode_cached(s, flip, key, cache_dir)
                 self._emit("cache", step=k, message=f"caching latents {k}/{n}", extra={"n": n})
-            z, cond = done[key]
+            z, cond, mask = done[key]
             if lat is not None:
                 lat[index], conds[index] = z, cond
+                if mask is not None:
+                    self.masks[index] = mask
             else:
                 conds[index] = (z, cond)
+                if mask is not None:
+                    self.val_masks[index] = mask
         self.val_latents = val
 
     def _encode_cached(self, s, flip: bool, key: str, cache_dir: str | None):
         img = load_image_rgb(s.path)
         prep = resize_and_crop(img, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
         px = prep.pixels[:, ::-1].copy() if flip else prep.pixels
+        mask = self._alpha_mask(s, flip) if s.alpha_mask else None
         cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
         z = None
         path = os.path.join(cache_dir, key + ".safetensors") if cache_dir else None
@@ -302,7 +312,20 @@ class Trainer:
             z = self._vae_encode(px)[0]
             if path:
                 save_file_atomic({"latent": z.contiguous()}, path, {"image": os.path.basename(s.path)})
-        return z, cond
+        return z, cond, mask
+
+    def _alpha_mask(self, s, flip: bool):
+        """The alpha channel cropped and scaled like the pixels, then averaged over each latent pixel's 8x8
+        block: what sd-scripts' apply_masked_loss gets from F.interpolate(mode="area") at loss time. None for an
+        image without alpha (no masking)."""
+        alpha = load_image_alpha(s.path)
+        if alpha is None:
+            return None
+        prep = resize_and_crop(alpha, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
+        a = prep.pixels[:, ::-1].copy() if flip else prep.pixels
+        t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
+        h, w = t.shape[2] // 8, t.shape[3] // 8
+        return torch.nn.functional.interpolate(t, size=(h, w), mode="area")[0]
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self, resume_state: str | None = None) -> TrainResult:
@@ -458,7 +481,8 @@ class Trainer:
             if fast.enabled:
                 inputs = InputCache(self.latents, {k: c.prior_loss_weight if self.samples[k[0]].is_reg else 1.0
                                                    for k in self.latents},
-                                    self.size_cond if self.family == "sdxl" else None, self.device)
+                                    self.size_cond if self.family == "sdxl" else None, self.device,
+                                    masks=self.masks)
                 fast_desc.append("inputs on the device" if inputs.on_device else "inputs in pinned host memory")
                 if runner.graphs is not None:
                     fast_desc.append("CUDA graphs per bucket shape")
@@ -544,16 +568,18 @@ class Trainer:
                         sizes = size_cond = None
                         if inputs is not None:
                             got = inputs.gather(keys)
-                            x0, weights, sizes = got["x0"], got["w"], got.get("sizes")
+                            x0, weights, sizes, mask = got["x0"], got["w"], got.get("sizes"), got.get("mask")
                         else:
                             x0 = torch.stack([self.latents[k] for k in keys]).to(self.device)
+                            mask = (torch.stack([self.masks.get(k, torch.ones(1, *x0.shape[2:])) for k in keys])
+                                    .to(self.device) if self.masks else None)
                             weights = torch.tensor([c.prior_loss_weight if self.samples[i].is_reg else 1.0
                                                     for i in batch], device=self.device)
                             if self.family == "sdxl":
                                 size_cond = [self.size_cond[k] for k in keys]
                         cond = self._cond(te, caps, te_cache if cache_te else None, bool(te_lr), runner)
                         sb = StepBatch(x0, weights, cond, _seed_for(seed, "step", epoch, b_idx),
-                                       _seed_for(seed, "noise", epoch, b_idx), sizes, size_cond)
+                                       _seed_for(seed, "noise", epoch, b_idx), sizes, size_cond, mask)
                         if accum == 1:
                             loss = runner.step(sb)  # forward, backward, optimizer: no host sync inside
                         else:
@@ -673,6 +699,8 @@ class Trainer:
             with torch.no_grad():
                 for bi, batch in enumerate(batches):
                     x0 = torch.stack([self.val_latents[i][0] for i in batch]).to(self.device)
+                    vmask = (torch.stack([self.val_masks.get(i, torch.ones(1, *x0.shape[2:])) for i in batch])
+                             .to(self.device) if self.val_masks else None)
                     with runner.amp():
                         tokens, _ = te.tokenize([self.validation[i].caption for i in batch])
                         cond = te.encode(tokens, self.device)
@@ -684,7 +712,7 @@ class Trainer:
                         noise = torch.randn(x0.shape, generator=gen, device=self.device, dtype=x0.dtype)
                         t = torch.full((len(batch),), tv, device=self.device, dtype=torch.long)
                         with runner.amp():
-                            loss = runner._loss(x0, cond["crossattn"], y, sb.weights, noise, t).float()
+                            loss = runner._loss(x0, cond["crossattn"], y, sb.weights, noise, t, mask=vmask).float()
                         total = loss if total is None else total + loss
                         count += 1
         finally:
