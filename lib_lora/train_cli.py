@@ -220,11 +220,11 @@ def cmd_train(args, out) -> int:
     if cfg.sample_prompts:
         from .train.sampling import load_prompt_file
         sample_prompts = load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))  # bad lines fail before loading
-        if not cfg.sample_every_n_epochs and not cfg.sample_at_first:
-            out.write("note: sample_prompts is set but sample_every_n_epochs is not: no sample images will be made"
-                      + (" (sample_every_n_steps is not supported yet)" if cfg.sample_every_n_steps else "") + "\n")
-    elif cfg.sample_every_n_epochs:
-        out.write("note: sample_every_n_epochs is set but sample_prompts is not: no sample images will be made\n")
+        if not (cfg.sample_every_n_epochs or cfg.sample_every_n_steps or cfg.sample_at_first):
+            out.write("note: sample_prompts is set but none of sample_every_n_epochs, sample_every_n_steps, "
+                      "sample_at_first is: no sample images will be made\n")
+    elif cfg.sample_every_n_epochs or cfg.sample_every_n_steps or cfg.sample_at_first:
+        out.write("note: samples are asked for but sample_prompts is not set: no sample images will be made\n")
 
     if args.dry_run:
         steps = plan.steps
@@ -248,10 +248,8 @@ def cmd_train(args, out) -> int:
         from .train.sampling import make_sample_fn
         sample_fn = make_sample_fn(host, cfg, out_dir, prompts=sample_prompts,
                                    on_note=lambda m: out.write(f"note: {m}\n"))
-        if cfg.sample_at_first and not args.resume:
-            for p in sample_fn(epoch=0, step=0):
-                out.write(f"sample: {p}\n")
-        if not cfg.sample_every_n_epochs:
+        # (sample_at_first is the trainer's: before the first step, not again on resume)
+        if not (cfg.sample_every_n_epochs or cfg.sample_every_n_steps or cfg.sample_at_first):
             sample_fn = None
 
     from .train.run import run_training

@@ -147,7 +147,8 @@ def test_samples_every_n_steps_and_at_first(sd1, tmp_path):
     _, res, _ = _run(sd1, tmp_path, img, sample_fn=sample_fn, max_train_steps=7, sample_every_n_steps=3,
                      sample_at_first=True)
     assert res.status == "done"
-    assert calls == [(0, 0), (1, 3), (2, 6), (2, 7)]  # first, every 3 steps, and the end of the last epoch
+    # first (named e000000), every 3 steps (named by step: epoch None), and the end of the last epoch
+    assert calls == [(0, 0), (None, 3), (None, 6), (2, 7)]
     # epochs win when both are set (sd-scripts)
     calls.clear()
     _run(sd1, tmp_path / "b", img, sample_fn=sample_fn, max_train_steps=8, sample_every_n_steps=3,
@@ -186,10 +187,10 @@ def test_validation_loss_on_held_out_images(sd1, tmp_path, monkeypatch):
     seen_t, seen_training = [], []
     orig = fastpath.StepRunner._loss
 
-    def spy(self, x0, ctx, y, weights, noise, t, in_noise=None):
+    def spy(self, x0, ctx, y, weights, noise, t, in_noise=None, mask=None):
         if not torch.is_grad_enabled():  # validation runs under no_grad
             seen_t.append(sorted(set(t.tolist())))
-        return orig(self, x0, ctx, y, weights, noise, t, in_noise)
+        return orig(self, x0, ctx, y, weights, noise, t, in_noise, mask)
 
     monkeypatch.setattr(fastpath.StepRunner, "_loss", spy)
     tr, res, events = _run(sd1, tmp_path, img, max_train_steps=4, validation_split=0.5, validate_every_n_steps=1,
@@ -312,3 +313,32 @@ def test_fully_transparent_images_teach_nothing(sd1, tmp_path):
     assert up(load_tensors(plain.final)) > 1e-4
     assert all(v == 0 for _, v in masked.losses)
     assert not any("alpha_mask" in n and "not supported" in n for n in masked.notes)
+
+
+def test_cancel_during_a_sample_set_stops_it_between_images(sd1, tmp_path):
+    """The real headless sample function: a cancel while samples render stops after the current image, and the
+    job ends cancelled with a resumable state instead of finishing the set first."""
+    from lib_lora.train.sampling import SamplePrompt, make_sample_fn
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    cancel = {"on": False, "checks": 0}
+    prompts = [SamplePrompt(prompt=f"svs cat {i}", negative="", width=64, height=64, steps=2, seed=i,
+                            cfg_scale=5.0) for i in range(4)]
+    cfg = parse_train_config({"train_data_dir": img, "resolution": 64, "train_batch_size": 1,
+                              "output_dir": str(tmp_path / "out"), "output_name": "c", "network_dim": 4,
+                              "learning_rate": 1e-3, "max_train_steps": 4, "sample_every_n_steps": 1,
+                              "seed": 1}, base_dir=str(tmp_path))
+    host = ModelHost(sd1, "m")
+    inner = make_sample_fn(host, cfg, str(tmp_path / "out"), prompts=prompts)
+
+    def sample_fn(epoch=None, step=None, should_cancel=None):
+        def checked():
+            cancel["checks"] += 1
+            if cancel["checks"] == 2:  # the user presses Cancel while image 0 renders
+                cancel["on"] = True
+            return should_cancel()
+        return inner(epoch=epoch, step=step, should_cancel=checked)
+
+    tr = Trainer(host, cfg, plan_for(host, cfg), sample_fn=sample_fn, should_cancel=lambda: cancel["on"])
+    res = tr.run()
+    assert res.status == "cancelled" and res.steps == 1 and res.state_file
+    assert sorted(os.listdir(tmp_path / "out" / "samples")) == ["c_s000001_00.png"]  # 1 of 4 images

@@ -146,14 +146,19 @@ class WebUIHost(ModelHost):
         folder = os.path.join(out_dir, "samples")
         name = cfg.output_name or "lora"
 
-        def sample_fn(epoch: int, step: int):
+        def sample_fn(epoch: int | None, step: int, should_cancel=None):
             from modules import processing
 
+            from ..train.sampling import sample_tag
+
             os.makedirs(folder, exist_ok=True)
+            tag = sample_tag(epoch, step)
             paths = []
             cpu_rng = torch.get_rng_state()
             try:
                 for i, sp in enumerate(prompts):
+                    if should_cancel is not None and should_cancel():  # a cancel does not wait for the whole set
+                        break
                     p = processing.StableDiffusionProcessingTxt2Img(
                         sd_model=self.sd_model, prompt=sp.prompt, negative_prompt=sp.negative, steps=sp.steps,
                         width=sp.width, height=sp.height, cfg_scale=sp.cfg_scale,
@@ -165,7 +170,7 @@ class WebUIHost(ModelHost):
                     finally:
                         p.close()
                     for j, img in enumerate(res.images):
-                        path = os.path.join(folder, f"{name}_e{epoch:06d}_{i:02d}{'_' + str(j) if j else ''}.png")
+                        path = os.path.join(folder, f"{name}_{tag}_{i:02d}{'_' + str(j) if j else ''}.png")
                         img.save(path)
                         paths.append(path)
             finally:

@@ -428,6 +428,11 @@ def generate(host, prompts: list[SamplePrompt], *, sampler: str = "ddim", clip_s
     return out
 
 
+def sample_tag(epoch, step) -> str:
+    """File name part of a sample set: ``e000002`` after an epoch, ``s000100`` for a step-based set."""
+    return f"e{int(epoch):06d}" if epoch is not None else f"s{int(step or 0):06d}"
+
+
 def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None = None, on_note=None):
     """The trainer's ``sample_fn(epoch=, step=)``: renders cfg.sample_prompts (or ``prompts``) with the LoRA as it
     is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call)."""
@@ -445,14 +450,16 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
     base_seed = int(cfg.seed) if cfg.seed is not None else 0
     clip_skip = cfg.clip_skip or 1
 
-    def sample_fn(epoch=None, step=None):
+    def sample_fn(epoch=None, step=None, should_cancel=None):
         os.makedirs(folder, exist_ok=True)
-        tag = f"e{int(epoch):06d}" if epoch is not None else f"s{int(step or 0):06d}"
+        tag = sample_tag(epoch, step)
         paths = []
-        for i, (img, seed, used) in enumerate(generate(host, prompts, sampler=sampler, clip_skip=clip_skip,
-                                                       base_seed=base_seed)):
+        for i, sp in enumerate(prompts):
+            if should_cancel is not None and should_cancel():  # a cancel does not wait for the whole set
+                break
+            (img, seed, used), = generate(host, [sp], sampler=sampler, clip_skip=clip_skip, base_seed=base_seed + i)
             path = os.path.join(folder, f"{name}_{tag}_{i:02d}.png")
-            paths.append(save_png(img, path, infotext(prompts[i], seed, used, getattr(host, "model_name", None))))
+            paths.append(save_png(img, path, infotext(sp, seed, used, getattr(host, "model_name", None))))
         return paths
 
     return sample_fn

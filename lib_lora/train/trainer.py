@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import copy
 import hashlib
+import inspect
 import math
 import os
 import random
@@ -616,7 +617,7 @@ class Trainer:
                         # sd-scripts: sample_every_n_epochs wins over sample_every_n_steps
                         if (self.sample_fn and c.sample_every_n_steps and not c.sample_every_n_epochs
                                 and step % c.sample_every_n_steps == 0 and step < self.total_steps):
-                            self._sample(net, epoch, step)
+                            self._sample(net, epoch, step, by_step=True)
                     skip_batches = 0
                     last = step >= self.total_steps or epoch == self.epochs
                     self._emit("epoch", step=step, epoch=epoch, message=f"epoch {epoch}/{self.epochs} done")
@@ -732,12 +733,19 @@ class Trainer:
             self._note(f"the saved file does not fully match the model: {rep.summary()}\n{rep.details()}")
         return rep.summary()
 
-    def _sample(self, net, epoch, step):
+    def _sample(self, net, epoch, step, by_step: bool = False):
+        """One sample set; a step-based one is named by its step (epoch=None to the sample function)."""
         was = net.training
         net.eval()
+        kwargs = {"epoch": None if by_step else epoch, "step": step}
+        try:
+            if "should_cancel" in inspect.signature(self.sample_fn).parameters:
+                kwargs["should_cancel"] = self.should_cancel  # stops between images on a cancel
+        except (TypeError, ValueError):  # a callable without a signature: called the plain way
+            pass
         try:
             with torch.no_grad():
-                paths = self.sample_fn(epoch=epoch, step=step)
+                paths = self.sample_fn(**kwargs)
             for p in paths or []:
                 self._emit("sample", step=step, epoch=epoch, path=p)
         finally:

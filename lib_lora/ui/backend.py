@@ -332,7 +332,8 @@ class LocalBackend:
 
         host = self._need_host()
         cfg = parse_train_config(dict(job.config), source=f"job '{job.name}'")
-        sample_fn = self._sample_fn(host, cfg) if cfg.sample_every_n_epochs and cfg.sample_prompts else None
+        wants = cfg.sample_every_n_epochs or cfg.sample_every_n_steps or cfg.sample_at_first
+        sample_fn = self._sample_fn(host, cfg) if wants and cfg.sample_prompts else None
         resume = job.resume_state if job.resume_state and os.path.exists(job.resume_state) else None
 
         def on_event(ev):
