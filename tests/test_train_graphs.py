@@ -29,19 +29,35 @@ from lib_lora.train.trainer import Trainer
 
 
 class _Recorded:
-    def __init__(self, body, out, log):
-        self.body, self.out, self.log = body, out, log
+    """A replay: the recorded body runs on the graph's buffers, its outputs are copied into the tensors the capture
+    returned (a real graph writes its outputs in place), and Python-side state is put back as it was (a real
+    replay runs no Python: code reading Python attributes after a replay would read stale values)."""
+
+    def __init__(self, body, static, runner, log):
+        self.body, self.static, self.runner, self.log = body, static, runner, log
 
     def replay(self):
         self.log.append("replay")
-        self.out.copy_(self.body())
+        python_post = self.runner.post_result
+        out = self.body()
+        with torch.no_grad():
+            self.static["loss"].copy_(out)
+            if self.static["post"] is not None:
+                for dst, src in zip(self.static["post"], self.runner.post_result):
+                    dst.copy_(src)
+        self.runner.post_result = python_post
 
 
 class EmulatedGraphs(fastpath.CudaGraphs):
-    """torch.cuda's graph calls acted out on the CPU (see the module doc)."""
+    """torch.cuda's graph calls acted out on the CPU (see the module doc): a capture runs the body's Python once
+    and leaves every tensor as it was (kernels are recorded, not run); replays are ``_Recorded``."""
 
     def __init__(self):
         self.log = []
+        self.runner = None
+
+    def bind(self, runner):
+        self.runner = runner
 
     def available(self, device):
         return True
@@ -55,11 +71,20 @@ class EmulatedGraphs(fastpath.CudaGraphs):
 
     def capture(self, body, pool):
         self.log.append("capture")
-        out = torch.zeros(())  # the graph's static output; written by each replay
-        return self._recorded(body, out), out, pool or object()
+        r = self.runner
+        state = r._state_tensors()
+        saved = [t.detach().clone() for t in state]
+        rng = torch.get_rng_state()
+        out = body()
+        static = {"loss": out, "post": r.post_result if r.post_update is not None else None}
+        with torch.no_grad():
+            for t, v in zip(state, saved):
+                t.copy_(v)
+        torch.set_rng_state(rng)
+        return self._recorded(body, static), out, pool or object()
 
-    def _recorded(self, body, out):
-        return _Recorded(body, out, self.log)
+    def _recorded(self, body, static):
+        return _Recorded(body, static, self.runner, self.log)
 
 
 class _Null:
@@ -77,7 +102,7 @@ class DriftingGraphs(EmulatedGraphs):
         super().__init__()
         self.params = params
 
-    def _recorded(self, body, out):
+    def _recorded(self, body, static):
         params = self.params
 
         class Drift(_Recorded):
@@ -86,7 +111,7 @@ class DriftingGraphs(EmulatedGraphs):
                 with torch.no_grad():
                     for p in params:
                         p.mul_(1.5)
-        return Drift(body, out, self.log)
+        return Drift(body, static, self.runner, self.log)
 
 
 @pytest.fixture(scope="module")
@@ -366,3 +391,23 @@ def test_a_compile_that_fails_falls_back_to_the_plain_unet(sd1):
     assert run_c.compiled is None and run_c.unet_call is run_c.unet
     assert any("torch_compile failed" in n and "no C++ compiler" in n for n in notes), notes
     assert _rel(w_c, w_e) < 1e-6
+
+
+def test_max_norm_logging_follows_the_graph_replays(sd1):
+    """scale_weight_norms runs inside the graph; the numbers the loop logs must be the replay's, not a stale
+    eager step's (on a GPU they are the graph's static outputs)."""
+    batches = _batches(8)
+    results = {}
+    for graphs in (None, EmulatedGraphs):
+        net, run = _runner(sd1, graphs)
+        run.post_update = lambda net=net: net.max_norm_regularize(0.05)
+        seen = []
+        with net.attached(), cached_timestep_embedding(sd1.model.diffusion_model):
+            net.train()
+            for b in batches:
+                run.step(b)
+                seen.append(tuple(float(v) for v in run.post_result))
+        results[graphs] = seen
+    got = [v for row in results[EmulatedGraphs] for v in row]
+    assert got == pytest.approx([v for row in results[None] for v in row], rel=1e-5), results
+    assert len(set(results[None])) > 1  # the numbers change from step to step

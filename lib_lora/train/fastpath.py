@@ -522,6 +522,7 @@ class _Graph:
     inputs: dict
     loss: torch.Tensor
     checked: bool = False
+    post: dict = field(default_factory=dict)  # post_update's outputs as the body made them (static on a GPU)
 
 
 # warm-up steps per shape before capture (torch's recipe: let lazy state, cuDNN/cuBLAS choices settle first)
@@ -564,6 +565,8 @@ class StepRunner:
         self.note = on_note or (lambda text: None)
         self.gen = torch.Generator(device=self.device)  # one per run, re-seeded per step
         self.cg = graphs_backend or CudaGraphs()
+        if hasattr(self.cg, "bind"):  # the CPU emulation in the tests watches the runner's state
+            self.cg.bind(self)
         # device-only work after every optimizer step (scale_weight_norms); its result is kept for the log
         self.post_update, self.post_result = post_update, None
         # torch.compile of the UNet (``compile_backend``: 'inductor' or another dynamo backend); the module itself
@@ -772,6 +775,8 @@ class StepRunner:
             lt.fill_(float(g["lr"]))
         entry.graph.replay()
         self.graph_stats["replays"] += 1
+        if "result" in entry.post:
+            self.post_result = entry.post["result"]
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """Everything a step changes: the LoRA weights, the optimizer state, the GradScaler's scale."""
@@ -833,13 +838,17 @@ class StepRunner:
         inputs = {k: v.detach().clone() for k, v in self._sources(b, noise, t).items()}
         groups = self.optimizer.param_groups
         cond0 = b.cond
+        post: dict = {}
 
         def body():
             lrs = [g["lr"] for g in groups]
             for g, lt in zip(groups, self._lr_t):
                 g["lr"] = lt  # the graph reads the LR from this tensor, filled before every replay
             try:
-                return self._graph_body(inputs, cond0)
+                loss = self._graph_body(inputs, cond0)
+                if self.post_update is not None:
+                    post["result"] = self.post_result
+                return loss
             finally:
                 for g, lr in zip(groups, lrs):
                     g["lr"] = lr
@@ -860,7 +869,7 @@ class StepRunner:
             return None
         self.graph_stats["captured"] += 1
         # capture records without running: the caller replays it for this step
-        return _Graph(graph, inputs, loss)
+        return _Graph(graph, inputs, loss, post=post)
 
 
 # ---- counting ---------------------------------------------------------------------------------------------

@@ -128,6 +128,12 @@ FIELDS: tuple[Field, ...] = (
           "captions", off=""),
     Field("flip_aug", "Flip images", "bool", "Random horizontal flips; only for subjects that look the same mirrored.",
           "captions"),
+    Field("alpha_mask", "Use transparency as a mask", "bool",
+          "Transparent parts of PNG images teach nothing (e.g. a cut-out character without its background).",
+          "captions"),
+    Field("validation_split", "Hold out for validation", "float",
+          "Share of the training images kept out to measure a validation loss each epoch (blue points on the "
+          "loss curve): 0.1 = one in ten. 0 = off.", "captions", off=0.0, minimum=0),
     # --- advanced
     Field("seed", "Seed", "int", "Same seed and settings give the same LoRA; -1 = random.", "advanced", off=-1),
     Field("clip_skip", "Clip skip", "int", "2 for anime-based SD1.5 models, else 1.", "advanced", off=1, minimum=1),
@@ -164,7 +170,8 @@ BASE = {
     "mixed_precision": "fp16", "save_precision": "fp16", "gradient_checkpointing": False,
     "cache_latents_to_disk": False, "no_half_vae": False,
     "caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 0, "caption_dropout_rate": 0.0,
-    "caption_tag_dropout_rate": 0.0, "caption_prefix": None, "flip_aug": False,
+    "caption_tag_dropout_rate": 0.0, "caption_prefix": None, "flip_aug": False, "alpha_mask": False,
+    "validation_split": None,
     "seed": None, "clip_skip": None, "noise_offset": None, "min_snr_gamma": None, "prior_loss_weight": 1.0,
     "gradient_accumulation_steps": 1, "network_dropout": None, "network_args": None, "ui_extra_toml": "",
 }
