@@ -342,3 +342,32 @@ def test_cancel_during_a_sample_set_stops_it_between_images(sd1, tmp_path):
     res = tr.run()
     assert res.status == "cancelled" and res.steps == 1 and res.state_file
     assert sorted(os.listdir(tmp_path / "out" / "samples")) == ["c_s000001_00.png"]  # 1 of 4 images
+
+
+def test_newer_schedules_reach_the_trainer_with_sd_scripts_arguments(sd1, tmp_path):
+    """lr_decay_steps below 1 is a share of the run; min ratio and lr_scheduler_args are passed on."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=5)
+    _, res, events = _run(sd1, tmp_path, img, max_train_steps=10, lr_scheduler="warmup_stable_decay",
+                          lr_warmup_steps=2, lr_decay_steps=0.3, lr_scheduler_min_lr_ratio=0.1,
+                          learning_rate=1e-3, unet_lr=1e-3, text_encoder_lr=1e-3)
+    lrs = [e.lr for e in events if e.kind == "step"]  # the LR after each step's scheduler.step()
+    # warm-up 2 (from 0.1), stable 10-2-3 = 5, decay 3 (half cosine to 0.1), as transformers' WSD
+    import math
+    want = []
+    for s in range(1, 11):
+        if s < 2:
+            f = s / 2 * 0.9 + 0.1
+        elif s < 7:
+            f = 1.0
+        elif s < 10:
+            f = (0.5 * (1 + math.cos(math.pi * (s - 7) / 3))) * 0.9 + 0.1
+        else:
+            f = 0.1
+        want.append(1e-3 * f)
+    assert lrs == pytest.approx(want, rel=1e-9)
+    _, res2, _ = _run(sd1, tmp_path / "p", img, max_train_steps=4, lr_scheduler="piecewise_constant",
+                      lr_scheduler_args=["step_rules=1:2,0.5"])
+    assert res2.status == "done"
+    from lib_lora.train.trainer import TrainingError
+    with pytest.raises(TrainingError, match="step_rules"):
+        _run(sd1, tmp_path / "q", img, max_train_steps=4, lr_scheduler="piecewise_constant")

@@ -33,6 +33,34 @@ def test_schedules_match_transformers(name, ref):
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
 
 
+def test_newer_schedules_match_recorded_transformers_numbers():
+    """cosine_with_min_lr, warmup_stable_decay and inverse_sqrt are newer than the WebUI's transformers 4.30.2:
+    their numbers were recorded from transformers 5.17 (tests/data/lr_schedules_reference.py), with the
+    arguments sd-scripts passes (num_cycles / 2, min_lr_ratio, lr_decay_steps)."""
+    import json
+    import os
+    ref = json.load(open(os.path.join(os.path.dirname(__file__), "data", "lr_schedules_reference.json")))
+    total, warmup = ref["total"], ref["warmup"]
+    for name, want in ref["cases"].items():
+        ours = _lrs(lambda o: make_scheduler(o, name, warmup, total, num_cycles=1,
+                                             min_lr_ratio=ref["min_lr_ratio"].get(name),
+                                             decay_steps=ref["decay_steps"]), steps=len(want))
+        assert ours == pytest.approx(want, rel=1e-9, abs=1e-12), name
+
+
+def test_piecewise_constant_matches_diffusers():
+    from diffusers.optimization import get_piecewise_constant_schedule
+    rules = "1:10,0.5:25,0.1:60,0.02"
+    ours = _lrs(lambda o: make_scheduler(o, "piecewise_constant", 0, 100, args={"step_rules": rules}))
+    theirs = _lrs(lambda o: get_piecewise_constant_schedule(o, rules))
+    assert ours == theirs
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="step_rules"):
+        make_scheduler(torch.optim.SGD([p], lr=1), "piecewise_constant", 0, 10)
+    with pytest.raises(ValueError, match="more than the run"):
+        make_scheduler(torch.optim.SGD([p], lr=1), "warmup_stable_decay", 5, 10, decay_steps=8)
+
+
 def test_unknown_names_are_explained():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="choose one of"):

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "adafactor")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov")
 
 
@@ -59,11 +60,84 @@ def _lr_lambda(name: str, warmup: int, total: int, cycles: int = 1, power: float
             remaining = 1 - (step - warmup) / max(1, total - warmup)
             return (1 - lr_end_ratio) * remaining ** power + lr_end_ratio
         return f
+    if name == "adafactor":  # transformers' AdafactorSchedule: a constant multiplier (Adafactor sets its own LR)
+        return lambda step: 1.0
     raise ValueError(f"unknown lr_scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
 
 
-def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0):
-    f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power)
+def _lr_lambda_more(name: str, warmup: int, total: int, cycles: float, min_lr_ratio: float | None,
+                    decay_steps: int, args: dict):
+    """The schedules newer sd-scripts takes from transformers (and diffusers' piecewise_constant), with the
+    arguments sd-scripts hands them: num_cycles / 2, min_lr_ratio, lr_decay_steps, lr_scheduler_args.
+    Formulas as transformers 4.45+ writes them (tests/data/lr_schedules_reference.json holds its numbers)."""
+    warmup = max(0, int(warmup))
+    total = max(1, int(total))
+    half = float(cycles) / 2
+    mn = float(min_lr_ratio or 0.0)
+
+    def warm(step):
+        return float(step) / float(max(1, warmup))
+
+    if name == "cosine_with_min_lr":
+        def f(step):
+            if step < warmup:
+                return warm(step)
+            progress = float(step - warmup) / float(max(1, total - warmup))
+            factor = 0.5 * (1.0 + math.cos(math.pi * half * 2.0 * progress))
+            return max(0.0, factor * (1 - mn) + mn)
+        return f
+    if name == "warmup_stable_decay":
+        decay = int(decay_steps)
+        stable = total - warmup - decay
+        if stable < 0:
+            raise ValueError(f"lr_decay_steps {decay} + lr_warmup_steps {warmup} are more than the run's {total} "
+                             "steps: shorten one of them")
+
+        def f(step):
+            if step < warmup:
+                return max(0.0, warm(step) * (1.0 - mn) + mn)
+            if step < warmup + stable:
+                return 1.0
+            if step < warmup + stable + decay:
+                progress = float(step - warmup - stable) / float(max(1, decay))
+                value = 0.5 * (1.0 + math.cos(math.pi * half * 2.0 * progress))
+                return max(0.0, value * (1.0 - mn) + mn)
+            return mn
+        return f
+    if name == "inverse_sqrt":
+        timescale = float(args.get("timescale") or (warmup or 10_000))
+
+        def f(step):
+            if step < warmup:
+                return warm(step)
+            return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
+        return f
+    if name == "piecewise_constant":
+        rules = str(args.get("step_rules") or "").strip()
+        if not rules:
+            raise ValueError('lr_scheduler = "piecewise_constant" needs lr_scheduler_args = ["step_rules=1:10,0.1:20,'
+                             '0.01"] (LR multiple:until step, ..., last multiple)')
+        try:
+            parts = rules.split(",")
+            steps_values = sorted((int(r.split(":")[1]), float(r.split(":")[0])) for r in parts[:-1])
+            last = float(parts[-1])
+        except (ValueError, IndexError):
+            raise ValueError(f"step_rules {rules!r} not understood: write e.g. 1:10,0.1:20,0.01") from None
+
+        def f(step):
+            for until, value in steps_values:
+                if step < until:
+                    return value
+            return last
+        return f
+    return None
+
+
+def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0,
+                   min_lr_ratio: float | None = None, decay_steps: int = 0, args: dict | None = None):
+    f = _lr_lambda_more(name, warmup_steps, total_steps, num_cycles or 1, min_lr_ratio, decay_steps, args or {})
+    if f is None:
+        f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [f] * len(optimizer.param_groups))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import TrainConfig
+from .optim import SCHEDULERS
 
 # keys whose value changes nothing here, or that we honour fully
 HONOURED = {
@@ -35,11 +36,12 @@ HONOURED = {
     "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss",
     "sample_every_n_steps", "sample_at_first", "save_last_n_steps", "no_metadata", "zero_terminal_snr",
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
-    "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask",
+    "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "lr_decay_steps",
+    "lr_scheduler_min_lr_ratio", "lr_scheduler_args",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
-SUPPORTED_SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
+SUPPORTED_SCHEDULERS = set(SCHEDULERS)
 
 
 def _defaults() -> dict:

@@ -440,8 +440,19 @@ class Trainer:
             warmup = c.lr_warmup_steps
             warmup = int(warmup * self.total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
             # (a warm-up as long as the run is a warning of the dataset plan, shown once with the others)
-            scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
-                                       c.lr_scheduler_num_cycles, c.lr_scheduler_power)
+            decay = c.lr_decay_steps or 0  # sd-scripts: a fraction below 1 is a share of the run
+            decay = int(decay * self.total_steps) if isinstance(decay, float) and decay < 1 else int(decay)
+            sched_args = {}
+            for item in c.lr_scheduler_args or []:
+                k, _, v = item.partition("=")
+                sched_args[k.strip()] = v.strip()
+            try:
+                scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
+                                           c.lr_scheduler_num_cycles, c.lr_scheduler_power,
+                                           min_lr_ratio=c.lr_scheduler_min_lr_ratio, decay_steps=decay,
+                                           args=sched_args)
+            except ValueError as e:
+                raise TrainingError(str(e)) from e
             scaler = torch.cuda.amp.GradScaler() if mp == "fp16" else None
 
             step, first_epoch, skip_batches = 0, 1, 0
