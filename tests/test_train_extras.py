@@ -205,6 +205,7 @@ def test_validation_loss_on_held_out_images(sd1, tmp_path, monkeypatch):
     # same weights -> same validation loss (no dependence on the training RNG)
     assert val[1].loss == val[2].loss and val[4].loss == val[5].loss
     assert not any("validate_every_n_steps" in n and "not supported" in n for n in res.notes)
+    assert not any("validation" in n and "yet" in n for n in res.notes)  # no stale "not computed yet" note
 
 
 def test_loss_plot_shows_validation_points(tmp_path):

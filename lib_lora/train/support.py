@@ -81,7 +81,4 @@ def check_support(cfg: TrainConfig) -> tuple[list[str], list[str]]:
         if key not in SUPPORTED_NETWORK_ARGS:
             notes.append(f"network_args {key!r} is not supported yet and is ignored "
                          f"(supported: {', '.join(sorted(SUPPORTED_NETWORK_ARGS))})")
-    if cfg.validation_split:
-        notes.append(f"validation_split = {cfg.validation_split}: those images are held out of training, but no "
-                     f"validation loss is computed yet")
     return errors, notes
