@@ -372,3 +372,20 @@ def test_newer_schedules_reach_the_trainer_with_sd_scripts_arguments(sd1, tmp_pa
     from lib_lora.train.trainer import TrainingError
     with pytest.raises(TrainingError, match="step_rules"):
         _run(sd1, tmp_path / "q", img, max_train_steps=4, lr_scheduler="piecewise_constant")
+
+
+def test_logging_dir_gets_a_csv_of_the_run(sd1, tmp_path):
+    import csv
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=1)
+    _, res, events = _run(sd1, tmp_path, img, max_train_steps=3, logging_dir=str(tmp_path / "logs"),
+                          log_prefix="svs-", validation_split=0.34)
+    runs = os.listdir(tmp_path / "logs")
+    assert len(runs) == 1 and runs[0].startswith("svs-") and len(runs[0]) == len("svs-") + 14
+    rows = list(csv.DictReader(open(tmp_path / "logs" / runs[0] / "losses.csv")))
+    steps = [e for e in events if e.kind == "step"]
+    train_rows = [r for r in rows if r["loss"]]
+    assert [int(r["step"]) for r in train_rows] == [e.step for e in steps]
+    assert [float(r["loss"]) for r in train_rows] == pytest.approx([e.loss for e in steps], rel=1e-5)
+    assert [float(r["val_loss"]) for r in rows if r["val_loss"]] == pytest.approx([v for _, v in res.val_losses],
+                                                                                  rel=1e-5)
+    assert any("logging_dir: the losses are written to" in n for n in res.notes)

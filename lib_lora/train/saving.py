@@ -139,3 +139,36 @@ def save_state(path: str, state: dict):
 def load_state(path: str) -> dict:
     # our own file, written by save_state; weights_only=False because it holds RNG and optimizer objects
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class CsvLog:
+    """``logging_dir``: the run's numbers as ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/losses.csv`` (sd-scripts'
+    folder naming; TensorBoard itself is not among the WebUI's packages). One row per logged step or validation,
+    flushed as written, so a crashed or cancelled run keeps its log."""
+
+    COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "val_loss", "keys_scaled", "max_key_norm")
+
+    def __init__(self, logging_dir: str, prefix: str | None, started: float):
+        import time
+
+        self.folder = os.path.join(logging_dir, f"{prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime(started))}")
+        os.makedirs(self.folder, exist_ok=True)
+        self.path = os.path.join(self.folder, "losses.csv")
+        self._f = open(self.path, "a", encoding="utf-8", newline="")
+        if self._f.tell() == 0:
+            self._f.write(",".join(self.COLUMNS) + "\n")
+
+    def event(self, e):
+        if e.kind == "step":
+            row = {"step": e.step, "epoch": e.epoch, "loss": e.loss, "avg_loss": e.avg_loss, "lr": e.lr,
+                   "keys_scaled": e.extra.get("keys_scaled"), "max_key_norm": e.extra.get("max_key_norm")}
+        elif e.kind == "validation":
+            row = {"step": e.step, "epoch": e.epoch, "val_loss": e.loss}
+        else:
+            return
+        self._f.write(",".join("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float)
+                                                              else str(row[c])) for c in self.COLUMNS) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()

@@ -38,7 +38,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
 from .lora_net import LoRANetwork
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import effective_optimizer, make_optimizer, make_scheduler
-from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, ckpt_name, load_state,
+from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, CsvLog, ckpt_name, load_state,
                      metadata_strings, modelspec, prune_old, prune_old_steps,
                      save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
 
@@ -348,6 +348,18 @@ class Trainer:
         started = time.time()
 
         with ExitStack() as stack:
+            if c.logging_dir:
+                log = CsvLog(str(c.resolve(c.logging_dir)), c.log_prefix, started)
+                stack.callback(log.close)
+                inner = self.on_event
+
+                def on_event(e, inner=inner):
+                    log.event(e)
+                    inner(e)
+                self.on_event = on_event
+                stack.callback(setattr, self, "on_event", inner)
+                self._note(f"logging_dir: the losses are written to {log.path} (CSV; TensorBoard is not part of "
+                           "the WebUI)")
             stack.enter_context(self.host.lock())
             stack.enter_context(guarded([self.sd_model]))
             dim, alpha = int(c.network_dim or 4), c.network_alpha
