@@ -389,3 +389,45 @@ def test_logging_dir_gets_a_csv_of_the_run(sd1, tmp_path):
     assert [float(r["val_loss"]) for r in rows if r["val_loss"]] == pytest.approx([v for _, v in res.val_losses],
                                                                                   rel=1e-5)
     assert any("logging_dir: the losses are written to" in n for n in res.notes)
+
+
+# ---- random_crop ---------------------------------------------------------------------------------------------------
+def test_random_crop_encodes_a_new_crop_every_step(sd1, tmp_path, monkeypatch):
+    """Images wider than their bucket: every step encodes a real crop of the resized image at a new offset
+    (sd-scripts' trim with random.randint per axis), nothing of them is cached, and a run is reproducible."""
+    from PIL import Image
+    from lib_lora.train import trainer as T
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=4, size=(96, 64))
+    originals = {f: np.asarray(Image.open(os.path.join(img, "4_svs cat", f)).convert("RGB"))
+                 for f in os.listdir(os.path.join(img, "4_svs cat")) if f.endswith(".png")}
+    seen = []
+    orig_encode = T.Trainer._vae_encode
+
+    def spy(self, pixels):
+        seen.append(pixels.copy())
+        return orig_encode(self, pixels)
+
+    monkeypatch.setattr(T.Trainer, "_vae_encode", spy)
+    kw = dict(max_train_steps=6, enable_bucket=False, random_crop=True, cache_latents=True)
+    _, res, _ = _run(sd1, tmp_path / "a", img, **kw)
+    assert len(seen) == 6  # one per step (batch 1), none at caching time
+    offsets = set()
+    for px in seen:
+        hits = [(f, x) for f, o in originals.items() for x in range(0, 33) if np.array_equal(px, o[:, x:x + 64])]
+        assert hits, "the encoded pixels are not a crop of the training image"
+        offsets.update(x for _, x in hits)
+    assert len(offsets) > 1
+    assert any("random_crop: 2 image(s) are cropped anew" in n and "cache_latents" in n for n in res.notes)
+    assert not any("random_crop" in n and "not supported" in n for n in res.notes)
+    _, res2, _ = _run(sd1, tmp_path / "b", img, **kw)
+    a, b = load_tensors(res.final), load_tensors(res2.final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_crop_on_sdxl_feeds_the_size_conditioning(tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2, size=(96, 64))
+    model = models.make_sdxl(seed=2)
+    for fast in (True, False):  # size numbers as a device tensor (fast path) or as host lists
+        _, res, _ = _run(model, tmp_path / f"o{fast}", img, max_train_steps=2, enable_bucket=False,
+                         random_crop=True, fast_path=fast)  # (the tiny SDXL trains its text encoders)
+        assert res.status == "done" and all(v == v for _, v in res.losses)

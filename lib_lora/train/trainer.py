@@ -64,6 +64,7 @@ class Sample:
     caption_options: object = None   # captions.CaptionOptions
     flip_aug: bool = False
     alpha_mask: bool = False         # the image's alpha channel weights its loss (sd-scripts alpha_mask)
+    random_crop: bool = False        # cropped anew every step (so encoded every step, never cached)
 
 
 @dataclass
@@ -113,7 +114,8 @@ class PlanData:
                 self._index[id(e)] = len(self.samples)
                 self.samples.append(Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), e.is_reg,
                                            sub.captions, bool(getattr(sub, "flip_aug", False)),
-                                           bool(getattr(sub, "alpha_mask", False))))
+                                           bool(getattr(sub, "alpha_mask", False)),
+                                           bool(getattr(sub, "random_crop", False))))
         # held-out images (validation_split): plain captions, no flip, for the validation loss
         self.validation: list[Sample] = [
             Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False,
@@ -274,7 +276,7 @@ class Trainer:
         self.val_masks: dict = {}
         done = {}
         jobs = [(self.latents, self.size_cond, (i, flip), s, flip) for i, s in enumerate(self.samples)
-                for flip in ((False, True) if s.flip_aug else (False,))]
+                if not s.random_crop for flip in ((False, True) if s.flip_aug else (False,))]
         val: dict[int, tuple] = {}
         jobs += [(None, val, i, s, False) for i, s in enumerate(self.validation)]
         n = len(jobs)
@@ -327,6 +329,53 @@ class Trainer:
         t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
         h, w = t.shape[2] // 8, t.shape[3] // 8
         return torch.nn.functional.interpolate(t, size=(h, w), mode="area")[0]
+
+    def _fresh_latent(self, i: int, flip: bool, rng_seed: int):
+        """random_crop: a new crop of image ``i`` (offsets from ``rng_seed``, the alpha mask cut identically),
+        encoded now. Returns (latent, SDXL size conditioning, mask or None)."""
+        s = self.samples[i]
+        img = load_image_rgb(s.path)
+        prep = resize_and_crop(img, s.bucket, s.resized, random_crop=True, rng=random.Random(rng_seed),
+                               interpolation=self.cfg.resize_interpolation)
+        px = prep.pixels[:, ::-1].copy() if flip else prep.pixels
+        cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
+        mask = None
+        if s.alpha_mask:
+            alpha = load_image_alpha(s.path)
+            if alpha is not None:
+                a = resize_and_crop(alpha, s.bucket, s.resized, random_crop=True, rng=random.Random(rng_seed),
+                                    interpolation=self.cfg.resize_interpolation).pixels
+                a = a[:, ::-1].copy() if flip else a
+                t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
+                mask = torch.nn.functional.interpolate(t, size=(t.shape[2] // 8, t.shape[3] // 8), mode="area")[0]
+        return self._vae_encode(px)[0], cond, mask
+
+    def _fresh_batch(self, keys, seed: int, epoch: int, b_idx: int, fast: bool):
+        """The inputs of a batch holding random_crop images: those encoded now, the others from the cache."""
+        c = self.cfg
+        zs, conds, masks = [], [], []
+        for i, flip in keys:
+            if self.samples[i].random_crop:
+                z, cond, m = self._fresh_latent(i, flip, _seed_for(seed, "crop", epoch, b_idx, i))
+            else:
+                z, cond, m = self.latents[(i, flip)], self.size_cond[(i, flip)], self.masks.get((i, flip))
+            zs.append(z)
+            conds.append(cond)
+            masks.append(m)
+        x0 = torch.stack(zs).to(self.device)
+        weights = torch.tensor([c.prior_loss_weight if self.samples[i].is_reg else 1.0 for i, _ in keys],
+                               device=self.device)
+        mask = None
+        if any(m is not None for m in masks) or self.masks:
+            mask = torch.stack([m if m is not None else torch.ones(1, *x0.shape[2:]) for m in masks]).to(self.device)
+        sizes = size_cond = None
+        if self.family == "sdxl":
+            if fast:
+                sizes = torch.tensor([[float(v) for pair in cd for v in pair] for cd in conds],
+                                     dtype=torch.float32).to(self.device)
+            else:
+                size_cond = conds
+        return x0, weights, sizes, size_cond, mask
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self, resume_state: str | None = None) -> TrainResult:
@@ -386,6 +435,11 @@ class Trainer:
             if cache_dir:
                 os.makedirs(cache_dir, exist_ok=True)
             self._cache_latents(cache_dir)
+            n_crop = sum(1 for s in self.samples if s.random_crop)
+            if n_crop:
+                self._note(f"random_crop: {n_crop} image(s) are cropped anew and encoded by the VAE every step (their "
+                           "latents cannot be cached)" + ("; cache_latents does not apply to them (sd-scripts refuses "
+                                                         "the combination)" if c.cache_latents else ""))
 
             te = TextEncoder(self.sd_model, self.family, clip_skip=c.clip_skip or 1,
                              max_token_length=c.max_token_length or 75)
@@ -590,7 +644,10 @@ class Trainer:
                                 if self.samples[i].caption_options is not None else self.samples[i].caption
                                 for i in batch]
                         sizes = size_cond = None
-                        if inputs is not None:
+                        if any(self.samples[i].random_crop for i in batch):
+                            x0, weights, sizes, size_cond, mask = self._fresh_batch(keys, seed, epoch, b_idx,
+                                                                                    inputs is not None)
+                        elif inputs is not None:
                             got = inputs.gather(keys)
                             x0, weights, sizes, mask = got["x0"], got["w"], got.get("sizes"), got.get("mask")
                         else:
