@@ -417,7 +417,7 @@ def test_random_crop_encodes_a_new_crop_every_step(sd1, tmp_path, monkeypatch):
         assert hits, "the encoded pixels are not a crop of the training image"
         offsets.update(x for _, x in hits)
     assert len(offsets) > 1
-    assert any("random_crop: 2 image(s) are cropped anew" in n and "cache_latents" in n for n in res.notes)
+    assert any("random_crop: 2 image(s) are augmented anew" in n and "cache_latents" in n for n in res.notes)
     assert not any("random_crop" in n and "not supported" in n for n in res.notes)
     _, res2, _ = _run(sd1, tmp_path / "b", img, **kw)
     a, b = load_tensors(res.final), load_tensors(res2.final)
@@ -431,3 +431,66 @@ def test_random_crop_on_sdxl_feeds_the_size_conditioning(tmp_path):
         _, res, _ = _run(model, tmp_path / f"o{fast}", img, max_train_steps=2, enable_bucket=False,
                          random_crop=True, fast_path=fast)  # (the tiny SDXL trains its text encoders)
         assert res.status == "done" and all(v == v for _, v in res.losses)
+
+
+# ---- color_aug -----------------------------------------------------------------------------------------------------
+def _sd_scripts_color_aug(image, seed):
+    """sd-scripts' AugHelper.color_aug (library/train_util.py), with its global random seeded."""
+    import random
+    import cv2
+    random.seed(seed)
+    hue_shift_limit = 8
+    if random.random() <= 0.33:
+        if random.random() > 0.5:
+            hsv_img = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+            hue_shift = random.uniform(-hue_shift_limit, hue_shift_limit)
+            if hue_shift < 0:
+                hue_shift = 180 + hue_shift
+            hsv_img[:, :, 0] = (hsv_img[:, :, 0] + hue_shift) % 180
+            image = cv2.cvtColor(hsv_img, cv2.COLOR_HSV2BGR)
+        else:
+            gamma = random.uniform(0.95, 1.05)
+            image = np.clip(image**gamma, 0, 255).astype(np.uint8)
+    return image
+
+
+def test_color_aug_is_sd_scripts_and_the_numpy_fallback_is_within_a_level(monkeypatch):
+    import builtins
+    import random
+    from lib_lora.train.images import color_aug
+    img = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    kinds = set()
+    for seed in range(60):
+        want = _sd_scripts_color_aug(img.copy(), seed)
+        got = color_aug(img.copy(), random.Random(seed))
+        assert np.array_equal(got, want), seed
+        kinds.add("same" if np.array_equal(got, img) else "changed")
+    assert kinds == {"same", "changed"}
+    real_import = builtins.__import__
+
+    def no_cv2(name, *a, **k):
+        if name == "cv2":
+            raise ImportError("no OpenCV here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_cv2)
+    worst = 0
+    for seed in range(60):
+        got = color_aug(img.copy(), random.Random(seed))
+        monkeypatch.setattr(builtins, "__import__", real_import)
+        want = _sd_scripts_color_aug(img.copy(), seed)
+        monkeypatch.setattr(builtins, "__import__", no_cv2)
+        worst = max(worst, int(np.abs(got.astype(int) - want.astype(int)).max()))
+    assert worst <= 2, worst
+
+
+def test_color_aug_images_are_encoded_every_step(sd1, tmp_path, monkeypatch):
+    from lib_lora.train import trainer as T
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=3)
+    calls = []
+    orig = T.Trainer._vae_encode
+    monkeypatch.setattr(T.Trainer, "_vae_encode", lambda self, px: calls.append(px.copy()) or orig(self, px))
+    _, res, _ = _run(sd1, tmp_path, img, max_train_steps=6, color_aug=True)
+    assert len(calls) == 6 and res.status == "done"
+    assert any(n.startswith("color_aug: 2 image(s) are augmented anew") for n in res.notes)
+    assert not any("color_aug" in n and "not supported" in n for n in res.notes)

@@ -207,6 +207,64 @@ def load_image_alpha(path: str | os.PathLike) -> np.ndarray | None:
         raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
 
 
+def color_aug(img: np.ndarray, rng) -> np.ndarray:
+    """sd-scripts' ``color_aug`` (AugHelper.color_aug): with probability 0.33, half the time a hue shift of up to
+    ±8 on OpenCV's 0..180 hue scale (of the array read as BGR, as sd-scripts passes it), else a gamma in
+    [0.95, 1.05] applied to the 0..255 values as they are. OpenCV when importable (the WebUI has it), else the
+    same conversion in numpy (within a level or two of OpenCV's fixed-point rounding)."""
+    if rng.random() > 0.33:
+        return img
+    if rng.random() > 0.5:
+        shift = rng.uniform(-8, 8)
+        if shift < 0:
+            shift = 180 + shift
+        try:
+            import cv2
+        except ImportError:  # headless without OpenCV
+            hsv = _bgr_to_hsv8(img)
+            hsv[:, :, 0] = (hsv[:, :, 0] + shift) % 180
+            return _hsv8_to_bgr(hsv)
+        hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0] + shift) % 180
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    gamma = rng.uniform(0.95, 1.05)
+    return np.clip(img ** gamma, 0, 255).astype(np.uint8)
+
+
+_HSV_SHIFT = 12
+_SDIV = np.array([0] + [int(np.rint((255 << _HSV_SHIFT) / i)) for i in range(1, 256)], dtype=np.int64)
+_HDIV180 = np.array([0] + [int(np.rint((180 << _HSV_SHIFT) / (6.0 * i))) for i in range(1, 256)], dtype=np.int64)
+
+
+def _bgr_to_hsv8(img: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit BGR -> HSV in its own fixed-point arithmetic (H 0..179 = degrees / 2, S and V 0..255): a
+    hue level is 2 degrees, so anything less exact moves saturated colours by up to ~9 levels after a shift."""
+    x = img.astype(np.int64)
+    b, g, r = x[..., 0], x[..., 1], x[..., 2]
+    v = x.max(axis=-1)
+    diff = v - x.min(axis=-1)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _HDIV180[diff] + half) >> _HSV_SHIFT
+    h = np.where(h < 0, h + 180, h)
+    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+
+
+def _hsv8_to_bgr(hsv: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit HSV -> BGR (H 0..179)."""
+    h = hsv[..., 0].astype(np.float64) * 2.0 / 60.0
+    s = hsv[..., 1].astype(np.float64) / 255.0
+    v = hsv[..., 2].astype(np.float64) / 255.0
+    i = np.floor(h).astype(np.int64) % 6
+    f = h - np.floor(h)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    r = np.choose(i, [v, q, p, p, t, v])
+    g = np.choose(i, [t, v, v, q, p, p])
+    b = np.choose(i, [p, p, t, v, v, q])
+    return np.clip(np.rint(np.stack([b, g, r], axis=-1) * 255.0), 0, 255).astype(np.uint8)
+
+
 def _resize(img: np.ndarray, size: tuple[int, int], interpolation: str | None) -> np.ndarray:
     h, w = img.shape[:2]
     tw, th = int(size[0]), int(size[1])

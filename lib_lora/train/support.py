@@ -38,6 +38,7 @@ HONOURED = {
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
     "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "lr_decay_steps",
     "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "logging_dir", "log_prefix", "random_crop",
+    "color_aug",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}

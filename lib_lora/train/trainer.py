@@ -31,7 +31,7 @@ from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
 from .host_guard import guarded
-from .images import load_image_alpha, load_image_rgb, resize_and_crop, sdxl_size_conditioning
+from .images import color_aug, load_image_alpha, load_image_rgb, resize_and_crop, sdxl_size_conditioning
 from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
@@ -65,6 +65,12 @@ class Sample:
     flip_aug: bool = False
     alpha_mask: bool = False         # the image's alpha channel weights its loss (sd-scripts alpha_mask)
     random_crop: bool = False        # cropped anew every step (so encoded every step, never cached)
+    color_aug: bool = False          # colours jittered every step (likewise)
+
+    @property
+    def per_step(self) -> bool:
+        """Augmented anew every step, so encoded every step instead of cached (sd-scripts refuses to cache them)."""
+        return self.random_crop or self.color_aug
 
 
 @dataclass
@@ -115,7 +121,8 @@ class PlanData:
                 self.samples.append(Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), e.is_reg,
                                            sub.captions, bool(getattr(sub, "flip_aug", False)),
                                            bool(getattr(sub, "alpha_mask", False)),
-                                           bool(getattr(sub, "random_crop", False))))
+                                           bool(getattr(sub, "random_crop", False)),
+                                           bool(getattr(sub, "color_aug", False))))
         # held-out images (validation_split): plain captions, no flip, for the validation loss
         self.validation: list[Sample] = [
             Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False,
@@ -276,7 +283,7 @@ class Trainer:
         self.val_masks: dict = {}
         done = {}
         jobs = [(self.latents, self.size_cond, (i, flip), s, flip) for i, s in enumerate(self.samples)
-                if not s.random_crop for flip in ((False, True) if s.flip_aug else (False,))]
+                if not s.per_step for flip in ((False, True) if s.flip_aug else (False,))]
         val: dict[int, tuple] = {}
         jobs += [(None, val, i, s, False) for i, s in enumerate(self.validation)]
         n = len(jobs)
@@ -331,19 +338,23 @@ class Trainer:
         return torch.nn.functional.interpolate(t, size=(h, w), mode="area")[0]
 
     def _fresh_latent(self, i: int, flip: bool, rng_seed: int):
-        """random_crop: a new crop of image ``i`` (offsets from ``rng_seed``, the alpha mask cut identically),
-        encoded now. Returns (latent, SDXL size conditioning, mask or None)."""
+        """random_crop / color_aug: image ``i`` cropped (offsets from ``rng_seed``, the alpha mask cut identically)
+        and colour-jittered anew, in sd-scripts' order (crop, colours, flip), encoded now. Returns (latent, SDXL
+        size conditioning, mask or None)."""
         s = self.samples[i]
         img = load_image_rgb(s.path)
-        prep = resize_and_crop(img, s.bucket, s.resized, random_crop=True, rng=random.Random(rng_seed),
+        prep = resize_and_crop(img, s.bucket, s.resized, random_crop=s.random_crop, rng=random.Random(rng_seed),
                                interpolation=self.cfg.resize_interpolation)
-        px = prep.pixels[:, ::-1].copy() if flip else prep.pixels
+        px = prep.pixels
+        if s.color_aug:
+            px = color_aug(px, random.Random(_seed_for(rng_seed, "color")))
+        px = px[:, ::-1].copy() if flip else px
         cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
         mask = None
         if s.alpha_mask:
             alpha = load_image_alpha(s.path)
             if alpha is not None:
-                a = resize_and_crop(alpha, s.bucket, s.resized, random_crop=True, rng=random.Random(rng_seed),
+                a = resize_and_crop(alpha, s.bucket, s.resized, random_crop=s.random_crop, rng=random.Random(rng_seed),
                                     interpolation=self.cfg.resize_interpolation).pixels
                 a = a[:, ::-1].copy() if flip else a
                 t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
@@ -355,7 +366,7 @@ class Trainer:
         c = self.cfg
         zs, conds, masks = [], [], []
         for i, flip in keys:
-            if self.samples[i].random_crop:
+            if self.samples[i].per_step:
                 z, cond, m = self._fresh_latent(i, flip, _seed_for(seed, "crop", epoch, b_idx, i))
             else:
                 z, cond, m = self.latents[(i, flip)], self.size_cond[(i, flip)], self.masks.get((i, flip))
@@ -435,9 +446,11 @@ class Trainer:
             if cache_dir:
                 os.makedirs(cache_dir, exist_ok=True)
             self._cache_latents(cache_dir)
-            n_crop = sum(1 for s in self.samples if s.random_crop)
-            if n_crop:
-                self._note(f"random_crop: {n_crop} image(s) are cropped anew and encoded by the VAE every step (their "
+            n_fresh = sum(1 for s in self.samples if s.per_step)
+            if n_fresh:
+                what = " and ".join(k for k in ("random_crop", "color_aug")
+                                    if any(getattr(s, k) for s in self.samples))
+                self._note(f"{what}: {n_fresh} image(s) are augmented anew and encoded by the VAE every step (their "
                            "latents cannot be cached)" + ("; cache_latents does not apply to them (sd-scripts refuses "
                                                          "the combination)" if c.cache_latents else ""))
 
@@ -644,7 +657,7 @@ class Trainer:
                                 if self.samples[i].caption_options is not None else self.samples[i].caption
                                 for i in batch]
                         sizes = size_cond = None
-                        if any(self.samples[i].random_crop for i in batch):
+                        if any(self.samples[i].per_step for i in batch):
                             x0, weights, sizes, size_cond, mask = self._fresh_batch(keys, seed, epoch, b_idx,
                                                                                     inputs is not None)
                         elif inputs is not None:
