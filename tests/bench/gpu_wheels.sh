@@ -6,7 +6,7 @@
 # and ftfy. All pure Python, 4 MB together.
 set -e
 cd "$(dirname "$0")/../.."
-PIP=${PIP:-.venv/bin/pip}
+if [ -z "${PIP:-}" ]; then [ -x .venv/bin/pip ] && PIP=.venv/bin/pip || PIP="python3 -m pip"; fi
 mkdir -p .whl .git/info
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
