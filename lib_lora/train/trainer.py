@@ -191,6 +191,16 @@ class Trainer:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
         return mp, dtype
 
+    def _refuse_fp8_weights(self):
+        """A1111's "FP8 weight" setting stores Linear/Conv weights as float8, which the training step cannot
+        multiply with (seen in the WebUI as 'mat1 and mat2 must have the same dtype'): say what to do instead."""
+        fp8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+        if fp8 and any(p.dtype in fp8 for p in self.sd_model.parameters()):
+            raise TrainingError(
+                "the loaded model's weights are stored in FP8 (the WebUI's Settings -> Optimizations -> FP8 "
+                "weight), which training cannot use. Set FP8 weight to Disable (the model reloads), train, then "
+                "switch it back; LoRAs trained this way work with FP8 weights.")
+
     def _dims_from_weights(self):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
         the network_weights file, which must use one rank for each kind (this trainer gives every module the same)."""
@@ -405,6 +415,7 @@ class Trainer:
             raise TrainingError("both learning rates are 0, so nothing would train; set unet_lr or text_encoder_lr")
         mp, amp_dtype = self._precision()
         nargs = self._network_args()
+        self._refuse_fp8_weights()
         started = time.time()
 
         with ExitStack() as stack:
