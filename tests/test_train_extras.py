@@ -510,3 +510,11 @@ def test_fp8_weights_are_refused_with_what_to_do(tmp_path):
         _run(model, tmp_path, img, max_train_steps=1)
     assert models.model_state_hash(model) == before
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+
+
+def test_validation_split_outside_0_1_is_refused():
+    from lib_lora.train.config import TrainConfigError
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(TrainConfigError, match="validation_split .* must be at least 0 and below 1"):
+            parse_train_config({"train_data_dir": "x", "validation_split": bad})
+    assert parse_train_config({"train_data_dir": "x", "validation_split": 0.2}).validation_split == 0.2

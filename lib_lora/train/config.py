@@ -519,6 +519,10 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
                                 + _suggest(str(val), [a for a in allowed if isinstance(a, str)]))
             elif cmp != val:
                 values[k] = cmp
+    v = values.get("validation_split")
+    if isinstance(v, (int, float)) and not 0 <= v < 1:  # 1 or more would hold out every image
+        problems.append(f"validation_split = {v!r} must be at least 0 and below 1 (the share of images held out, "
+                        "e.g. 0.1)")
     if problems:
         raise TrainConfigError(f"{source}: invalid value(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
