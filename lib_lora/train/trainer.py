@@ -101,6 +101,14 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
 
+def _latent_mask(alpha: np.ndarray, flip: bool) -> torch.Tensor:
+    """An alpha channel at pixel size (uint8, cropped like the image) -> [1, h/8, w/8] loss weights, averaged
+    over each latent pixel's 8x8 block (sd-scripts: F.interpolate(mode="area") to the loss size)."""
+    a = alpha[:, ::-1].copy() if flip else alpha
+    t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
+    return torch.nn.functional.interpolate(t, size=(t.shape[2] // 8, t.shape[3] // 8), mode="area")[0]
+
+
 def _seed_for(*parts) -> int:
     h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
@@ -342,10 +350,7 @@ class Trainer:
         if alpha is None:
             return None
         prep = resize_and_crop(alpha, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
-        a = prep.pixels[:, ::-1].copy() if flip else prep.pixels
-        t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
-        h, w = t.shape[2] // 8, t.shape[3] // 8
-        return torch.nn.functional.interpolate(t, size=(h, w), mode="area")[0]
+        return _latent_mask(prep.pixels, flip)
 
     def _fresh_latent(self, i: int, flip: bool, rng_seed: int):
         """random_crop / color_aug: image ``i`` cropped (offsets from ``rng_seed``, the alpha mask cut identically)
@@ -364,11 +369,9 @@ class Trainer:
         if s.alpha_mask:
             alpha = load_image_alpha(s.path)
             if alpha is not None:
-                a = resize_and_crop(alpha, s.bucket, s.resized, random_crop=s.random_crop, rng=random.Random(rng_seed),
-                                    interpolation=self.cfg.resize_interpolation).pixels
-                a = a[:, ::-1].copy() if flip else a
-                t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
-                mask = torch.nn.functional.interpolate(t, size=(t.shape[2] // 8, t.shape[3] // 8), mode="area")[0]
+                a = resize_and_crop(alpha, s.bucket, s.resized, random_crop=s.random_crop,
+                                    rng=random.Random(rng_seed), interpolation=self.cfg.resize_interpolation)
+                mask = _latent_mask(a.pixels, flip)
         return self._vae_encode(px)[0], cond, mask
 
     def _fresh_batch(self, keys, seed: int, epoch: int, b_idx: int, fast: bool):
