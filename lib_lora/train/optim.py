@@ -22,26 +22,38 @@ class OptimizerUnavailable(RuntimeError):
     user_error = True
 
 
-def _lr_lambda(name: str, warmup: int, total: int, cycles: int = 1, power: float = 1.0, lr_end_ratio: float = 1e-7):
+def _lr_lambda(name: str, warmup: int, total: int, cycles: float = 1, power: float = 1.0,
+               min_lr_ratio: float | None = None, decay_steps: int = 0, args: dict | None = None,
+               lr_end_ratio: float = 1e-7):
+    """The LR multiplier per step, as transformers' schedules compute it (diffusers' for piecewise_constant). The
+    newer ones get the arguments sd-scripts hands them: num_cycles / 2, min_lr_ratio, lr_decay_steps,
+    lr_scheduler_args (tests/data/lr_schedules_reference.json holds transformers 5.17's numbers for them)."""
     warmup = max(0, int(warmup))
     total = max(1, int(total))
+    args = args or {}
 
     def warm(step):
         return float(step) / float(max(1, warmup))
 
-    if name == "constant":
+    def cosine(half: float, mn: float):
+        def f(step):
+            if step < warmup:
+                return warm(step)
+            progress = float(step - warmup) / float(max(1, total - warmup))
+            factor = 0.5 * (1.0 + math.cos(math.pi * half * 2.0 * progress))
+            return max(0.0, factor * (1 - mn) + mn)
+        return f
+
+    if name in ("constant", "adafactor"):  # adafactor: transformers' AdafactorSchedule, the optimizer sets its LR
         return lambda step: 1.0
     if name == "constant_with_warmup":
         return lambda step: warm(step) if step < warmup else 1.0
     if name == "linear":
         return lambda step: warm(step) if step < warmup else max(0.0, float(total - step) / float(max(1, total - warmup)))
     if name == "cosine":
-        def f(step):
-            if step < warmup:
-                return warm(step)
-            progress = float(step - warmup) / float(max(1, total - warmup))
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
-        return f
+        return cosine(0.5, 0.0)
+    if name == "cosine_with_min_lr":
+        return cosine(float(cycles or 1) / 2, float(min_lr_ratio or 0.0))
     if name == "cosine_with_restarts":
         def f(step):
             if step < warmup:
@@ -60,33 +72,8 @@ def _lr_lambda(name: str, warmup: int, total: int, cycles: int = 1, power: float
             remaining = 1 - (step - warmup) / max(1, total - warmup)
             return (1 - lr_end_ratio) * remaining ** power + lr_end_ratio
         return f
-    if name == "adafactor":  # transformers' AdafactorSchedule: a constant multiplier (Adafactor sets its own LR)
-        return lambda step: 1.0
-    raise ValueError(f"unknown lr_scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-
-
-def _lr_lambda_more(name: str, warmup: int, total: int, cycles: float, min_lr_ratio: float | None,
-                    decay_steps: int, args: dict):
-    """The schedules newer sd-scripts takes from transformers (and diffusers' piecewise_constant), with the
-    arguments sd-scripts hands them: num_cycles / 2, min_lr_ratio, lr_decay_steps, lr_scheduler_args.
-    Formulas as transformers 4.45+ writes them (tests/data/lr_schedules_reference.json holds its numbers)."""
-    warmup = max(0, int(warmup))
-    total = max(1, int(total))
-    half = float(cycles) / 2
-    mn = float(min_lr_ratio or 0.0)
-
-    def warm(step):
-        return float(step) / float(max(1, warmup))
-
-    if name == "cosine_with_min_lr":
-        def f(step):
-            if step < warmup:
-                return warm(step)
-            progress = float(step - warmup) / float(max(1, total - warmup))
-            factor = 0.5 * (1.0 + math.cos(math.pi * half * 2.0 * progress))
-            return max(0.0, factor * (1 - mn) + mn)
-        return f
     if name == "warmup_stable_decay":
+        half, mn = float(cycles or 1) / 2, float(min_lr_ratio or 0.0)
         decay = int(decay_steps)
         stable = total - warmup - decay
         if stable < 0:
@@ -130,14 +117,12 @@ def _lr_lambda_more(name: str, warmup: int, total: int, cycles: float, min_lr_ra
                     return value
             return last
         return f
-    return None
+    raise ValueError(f"unknown lr_scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
 
 
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0,
                    min_lr_ratio: float | None = None, decay_steps: int = 0, args: dict | None = None):
-    f = _lr_lambda_more(name, warmup_steps, total_steps, num_cycles or 1, min_lr_ratio, decay_steps, args or {})
-    if f is None:
-        f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power)
+    f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power, min_lr_ratio, decay_steps, args)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [f] * len(optimizer.param_groups))
 
 
