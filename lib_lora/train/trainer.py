@@ -209,21 +209,19 @@ class Trainer:
                 "weight), which training cannot use. Set FP8 weight to Disable (the model reloads), train, then "
                 "switch it back; LoRAs trained this way work with FP8 weights.")
 
-    def _dims_from_weights(self):
+    def _dims_from_weights(self, sd: dict):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
-        the network_weights file, which must use one rank for each kind (this trainer gives every module the same)."""
+        the network_weights file ``sd``, which must use one rank for each kind (this trainer gives every module the
+        same)."""
         c = self.cfg
-        if not c.network_weights:
-            raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
-        sd = load_tensors(str(c.resolve(c.network_weights)))
-        ranks: dict[str, dict[int, int]] = {"linear": {}, "conv": {}}
+        ranks: dict[str, set] = {"linear": set(), "conv": set()}
         alphas: dict[str, set] = {"linear": set(), "conv": set()}
         for k, v in sd.items():
             if not k.endswith(".lora_down.weight"):
                 continue
             kind = "conv" if v.dim() == 4 and v.shape[2:] != (1, 1) else "linear"
             r = int(v.shape[0])
-            ranks[kind][r] = ranks[kind].get(r, 0) + 1
+            ranks[kind].add(r)
             a = sd.get(k[: -len(".lora_down.weight")] + ".alpha")
             alphas[kind].add(float(a) if a is not None else float(r))
         if not ranks["linear"]:
@@ -323,12 +321,23 @@ class Trainer:
                     self.val_masks[index] = mask
         self.val_latents = val
 
-    def _encode_cached(self, s, flip: bool, key: str, cache_dir: str | None):
-        img = load_image_rgb(s.path)
-        prep = resize_and_crop(img, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
-        px = prep.pixels[:, ::-1].copy() if flip else prep.pixels
-        mask = self._alpha_mask(s, flip) if s.alpha_mask else None
+    def _prepare(self, s, flip: bool, rng_seed: int | None = None):
+        """One sample's pixels, SDXL size conditioning and alpha mask, as sd-scripts prepares them: centre crop, or
+        for a per-step sample (``rng_seed`` given) a random crop and colour jitter as its subset asks; then the
+        flip (sd-scripts' order: crop, colours, flip)."""
+        fresh = rng_seed is not None
+        prep = resize_and_crop(load_image_rgb(s.path), s.bucket, s.resized, random_crop=fresh and s.random_crop,
+                               rng=random.Random(rng_seed) if fresh else None,
+                               interpolation=self.cfg.resize_interpolation)
+        px = prep.pixels
+        if fresh and s.color_aug:
+            px = color_aug(px, random.Random(_seed_for(rng_seed, "color")))
+        px = px[:, ::-1].copy() if flip else px
         cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
+        return px, cond, self._alpha_mask(s, flip, rng_seed) if s.alpha_mask else None
+
+    def _encode_cached(self, s, flip: bool, key: str, cache_dir: str | None):
+        px, cond, mask = self._prepare(s, flip)
         z = None
         path = os.path.join(cache_dir, key + ".safetensors") if cache_dir else None
         if path and os.path.exists(path):
@@ -342,45 +351,32 @@ class Trainer:
                 save_file_atomic({"latent": z.contiguous()}, path, {"image": os.path.basename(s.path)})
         return z, cond, mask
 
-    def _alpha_mask(self, s, flip: bool):
-        """The alpha channel cropped and scaled like the pixels, then averaged over each latent pixel's 8x8
-        block: what sd-scripts' apply_masked_loss gets from F.interpolate(mode="area") at loss time. None for an
-        image without alpha (no masking)."""
+    def _alpha_mask(self, s, flip: bool, rng_seed: int | None = None):
+        """The alpha channel cropped and scaled like the pixels (the same random offsets for a per-step sample),
+        then averaged over each latent pixel's 8x8 block: what sd-scripts' apply_masked_loss gets from
+        F.interpolate(mode="area") at loss time. None for an image without alpha (no masking)."""
         alpha = load_image_alpha(s.path)
         if alpha is None:
             return None
-        prep = resize_and_crop(alpha, s.bucket, s.resized, interpolation=self.cfg.resize_interpolation)
+        fresh = rng_seed is not None
+        prep = resize_and_crop(alpha, s.bucket, s.resized, random_crop=fresh and s.random_crop,
+                               rng=random.Random(rng_seed) if fresh else None,
+                               interpolation=self.cfg.resize_interpolation)
         return _latent_mask(prep.pixels, flip)
 
-    def _fresh_latent(self, i: int, flip: bool, rng_seed: int):
-        """random_crop / color_aug: image ``i`` cropped (offsets from ``rng_seed``, the alpha mask cut identically)
-        and colour-jittered anew, in sd-scripts' order (crop, colours, flip), encoded now. Returns (latent, SDXL
-        size conditioning, mask or None)."""
-        s = self.samples[i]
-        img = load_image_rgb(s.path)
-        prep = resize_and_crop(img, s.bucket, s.resized, random_crop=s.random_crop, rng=random.Random(rng_seed),
-                               interpolation=self.cfg.resize_interpolation)
-        px = prep.pixels
-        if s.color_aug:
-            px = color_aug(px, random.Random(_seed_for(rng_seed, "color")))
-        px = px[:, ::-1].copy() if flip else px
-        cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
-        mask = None
-        if s.alpha_mask:
-            alpha = load_image_alpha(s.path)
-            if alpha is not None:
-                a = resize_and_crop(alpha, s.bucket, s.resized, random_crop=s.random_crop,
-                                    rng=random.Random(rng_seed), interpolation=self.cfg.resize_interpolation)
-                mask = _latent_mask(a.pixels, flip)
-        return self._vae_encode(px)[0], cond, mask
-
-    def _fresh_batch(self, keys, seed: int, epoch: int, b_idx: int, fast: bool):
-        """The inputs of a batch holding random_crop images: those encoded now, the others from the cache."""
+    def _batch_inputs(self, keys, seed: int, epoch: int, b_idx: int, inputs):
+        """x0, loss weights, SDXL size numbers (a device tensor on the fast path, else host lists) and alpha masks
+        of one batch: gathered from the input cache on the fast path, else stacked here; per-step samples
+        (random_crop / color_aug) are prepared and encoded now, the others come from the latent cache."""
+        if inputs is not None and not any(self.samples[i].per_step for i, _ in keys):
+            got = inputs.gather(keys)
+            return got["x0"], got["w"], got.get("sizes"), None, got.get("mask")
         c = self.cfg
         zs, conds, masks = [], [], []
         for i, flip in keys:
             if self.samples[i].per_step:
-                z, cond, m = self._fresh_latent(i, flip, _seed_for(seed, "crop", epoch, b_idx, i))
+                px, cond, m = self._prepare(self.samples[i], flip, _seed_for(seed, "crop", epoch, b_idx, i))
+                z = self._vae_encode(px)[0]
             else:
                 z, cond, m = self.latents[(i, flip)], self.size_cond[(i, flip)], self.masks.get((i, flip))
             zs.append(z)
@@ -394,7 +390,7 @@ class Trainer:
             mask = torch.stack([m if m is not None else torch.ones(1, *x0.shape[2:]) for m in masks]).to(self.device)
         sizes = size_cond = None
         if self.family == "sdxl":
-            if fast:
+            if inputs is not None:
                 sizes = torch.tensor([[float(v) for pair in cd for v in pair] for cd in conds],
                                      dtype=torch.float32).to(self.device)
             else:
@@ -439,8 +435,11 @@ class Trainer:
             dim, alpha = int(c.network_dim or 4), c.network_alpha
             conv_dim = int(nargs["conv_dim"]) if "conv_dim" in nargs else None
             conv_alpha = float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None
+            if c.dim_from_weights and not c.network_weights:
+                raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
+            start_sd = load_tensors(str(c.resolve(c.network_weights))) if c.network_weights else None
             if c.dim_from_weights:
-                dim, alpha, conv_dim, conv_alpha = self._dims_from_weights()
+                dim, alpha, conv_dim, conv_alpha = self._dims_from_weights(start_sd)
             self._net_dims = (dim, alpha, conv_dim, conv_alpha)
             net = LoRANetwork(
                 self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
@@ -452,7 +451,7 @@ class Trainer:
                 torch.nn.init.kaiming_uniform_(pair.lora_down.weight, a=math.sqrt(5))
             net.to(self.device)
             if c.network_weights:
-                missing = net.load_kohya_state_dict(load_tensors(str(c.resolve(c.network_weights))))
+                missing = net.load_kohya_state_dict(start_sd)
                 self._note(f"started from {c.network_weights} ({len(missing)} tensors not in that file)")
             self._emit("start", message=f"LoRA for {net.counts()} modules; seed {seed}")
 
@@ -670,21 +669,7 @@ class Trainer:
                                                 epoch=epoch, step=step, max_train_steps=self.total_steps)
                                 if self.samples[i].caption_options is not None else self.samples[i].caption
                                 for i in batch]
-                        sizes = size_cond = None
-                        if any(self.samples[i].per_step for i in batch):
-                            x0, weights, sizes, size_cond, mask = self._fresh_batch(keys, seed, epoch, b_idx,
-                                                                                    inputs is not None)
-                        elif inputs is not None:
-                            got = inputs.gather(keys)
-                            x0, weights, sizes, mask = got["x0"], got["w"], got.get("sizes"), got.get("mask")
-                        else:
-                            x0 = torch.stack([self.latents[k] for k in keys]).to(self.device)
-                            mask = (torch.stack([self.masks.get(k, torch.ones(1, *x0.shape[2:])) for k in keys])
-                                    .to(self.device) if self.masks else None)
-                            weights = torch.tensor([c.prior_loss_weight if self.samples[i].is_reg else 1.0
-                                                    for i in batch], device=self.device)
-                            if self.family == "sdxl":
-                                size_cond = [self.size_cond[k] for k in keys]
+                        x0, weights, sizes, size_cond, mask = self._batch_inputs(keys, seed, epoch, b_idx, inputs)
                         cond = self._cond(te, caps, te_cache if cache_te else None, bool(te_lr), runner)
                         sb = StepBatch(x0, weights, cond, _seed_for(seed, "step", epoch, b_idx),
                                        _seed_for(seed, "noise", epoch, b_idx), sizes, size_cond, mask)
