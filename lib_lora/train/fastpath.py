@@ -315,6 +315,18 @@ def unused_text_encoder_params(net, encode: Callable[[], dict], params: list[tor
 
 # ---- timestep embedding -------------------------------------------------------------------------------------
 @contextmanager
+def _swapped(mod, name: str, fn):
+    """``mod.<name> = fn`` while inside; put back on exit unless somebody else replaced it meanwhile."""
+    orig = getattr(mod, name)
+    setattr(mod, name, fn)
+    try:
+        yield
+    finally:
+        if getattr(mod, name, None) is fn:
+            setattr(mod, name, orig)
+
+
+@contextmanager
 def cached_timestep_embedding(unet: nn.Module):
     """Replace the ``timestep_embedding`` the UNet's module calls by one that keeps ldm's frequency table (same
     CPU formula, same values) on the timesteps' device, for integer timesteps; anything else goes to whatever was
@@ -342,12 +354,8 @@ def cached_timestep_embedding(unet: nn.Module):
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
         return emb
 
-    mod.timestep_embedding = timestep_embedding
-    try:
+    with _swapped(mod, "timestep_embedding", timestep_embedding):
         yield True
-    finally:
-        if getattr(mod, "timestep_embedding", None) is timestep_embedding:
-            mod.timestep_embedding = orig
 
 
 @contextmanager
@@ -385,12 +393,8 @@ def sync_free_clip_mask():
     if not same:
         yield False
         return
-    mod._make_causal_mask = _make_causal_mask
-    try:
+    with _swapped(mod, "_make_causal_mask", _make_causal_mask):
         yield True
-    finally:
-        if getattr(mod, "_make_causal_mask", None) is _make_causal_mask:
-            mod._make_causal_mask = orig
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
