@@ -417,11 +417,14 @@ def save_png(img, path: str, text: str | None = None) -> str:
 
 
 def generate(host, prompts: list[SamplePrompt], *, sampler: str = "ddim", clip_skip: int = 1, base_seed: int = 0,
-             callback=None) -> list[tuple[object, int, str]]:
-    """(image, seed, sampler) per prompt, on the host's model as it is now (LoRA attached/merged or not)."""
+             callback=None, should_cancel=None) -> list[tuple[object, int, str]]:
+    """(image, seed, sampler) per prompt, on the host's model as it is now (LoRA attached/merged or not);
+    ``should_cancel`` is asked before each image (a cancel returns the images made so far)."""
     ms = ModelSampler(host.sd_model, host.family, host.device, clip_skip)
     out = []
     for i, sp in enumerate(prompts):
+        if should_cancel is not None and should_cancel():
+            break
         seed = sp.seed if sp.seed is not None else base_seed + i
         name, _ = resolve_sampler(sp.sampler or sampler, sp.where)
         out.append((ms.image(sp, seed, name, callback), seed, name))
@@ -454,12 +457,11 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
         os.makedirs(folder, exist_ok=True)
         tag = sample_tag(epoch, step)
         paths = []
-        for i, sp in enumerate(prompts):
-            if should_cancel is not None and should_cancel():  # a cancel does not wait for the whole set
-                break
-            (img, seed, used), = generate(host, [sp], sampler=sampler, clip_skip=clip_skip, base_seed=base_seed + i)
+        # a cancel does not wait for the whole set
+        for i, (img, seed, used) in enumerate(generate(host, prompts, sampler=sampler, clip_skip=clip_skip,
+                                                       base_seed=base_seed, should_cancel=should_cancel)):
             path = os.path.join(folder, f"{name}_{tag}_{i:02d}.png")
-            paths.append(save_png(img, path, infotext(sp, seed, used, getattr(host, "model_name", None))))
+            paths.append(save_png(img, path, infotext(prompts[i], seed, used, getattr(host, "model_name", None))))
         return paths
 
     return sample_fn

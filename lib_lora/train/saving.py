@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import time
 
 import numpy as np
 import torch
@@ -149,8 +150,6 @@ class CsvLog:
     COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "val_loss", "keys_scaled", "max_key_norm")
 
     def __init__(self, logging_dir: str, prefix: str | None, started: float):
-        import time
-
         self.folder = os.path.join(logging_dir, f"{prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime(started))}")
         os.makedirs(self.folder, exist_ok=True)
         self.path = os.path.join(self.folder, "losses.csv")
