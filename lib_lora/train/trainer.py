@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -364,6 +364,10 @@ class Trainer:
                                interpolation=self.cfg.resize_interpolation)
         return _latent_mask(prep.pixels, flip)
 
+    def _loss_weight(self, i: int) -> float:
+        """prior_loss_weight for regularisation images, 1 for the others."""
+        return self.cfg.prior_loss_weight if self.samples[i].is_reg else 1.0
+
     def _batch_inputs(self, keys, seed: int, epoch: int, b_idx: int, inputs):
         """x0, loss weights, SDXL size numbers (a device tensor on the fast path, else host lists) and alpha masks
         of one batch: gathered from the input cache on the fast path, else stacked here; per-step samples
@@ -371,7 +375,6 @@ class Trainer:
         if inputs is not None and not any(self.samples[i].per_step for i, _ in keys):
             got = inputs.gather(keys)
             return got["x0"], got["w"], got.get("sizes"), None, got.get("mask")
-        c = self.cfg
         zs, conds, masks = [], [], []
         for i, flip in keys:
             if self.samples[i].per_step:
@@ -383,8 +386,7 @@ class Trainer:
             conds.append(cond)
             masks.append(m)
         x0 = torch.stack(zs).to(self.device)
-        weights = torch.tensor([c.prior_loss_weight if self.samples[i].is_reg else 1.0 for i, _ in keys],
-                               device=self.device)
+        weights = torch.tensor([self._loss_weight(i) for i, _ in keys], device=self.device)
         mask = None
         if any(m is not None for m in masks) or self.masks:
             mask = torch.stack([m if m is not None else torch.ones(1, *x0.shape[2:]) for m in masks]).to(self.device)
@@ -583,8 +585,7 @@ class Trainer:
             self.runner = runner
             inputs = None
             if fast.enabled:
-                inputs = InputCache(self.latents, {k: c.prior_loss_weight if self.samples[k[0]].is_reg else 1.0
-                                                   for k in self.latents},
+                inputs = InputCache(self.latents, {k: self._loss_weight(k[0]) for k in self.latents},
                                     self.size_cond if self.family == "sdxl" else None, self.device,
                                     masks=self.masks)
                 fast_desc.append("inputs on the device" if inputs.on_device else "inputs in pinned host memory")
