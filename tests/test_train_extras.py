@@ -184,7 +184,7 @@ def test_validation_loss_on_held_out_images(sd1, tmp_path, monkeypatch):
     the metadata, and the same weights always give the same number."""
     from lib_lora.train import fastpath
     img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=4, repeats=1)
-    seen_t, seen_training = [], []
+    seen_t = []
     orig = fastpath.StepRunner._loss
 
     def spy(self, x0, ctx, y, weights, noise, t, in_noise=None, mask=None):

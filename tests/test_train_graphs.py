@@ -168,13 +168,18 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _eager_and_graphed(sd1, graphs, batches, notes=None, **kw):
+    """The same batches through the plain step and through ``graphs``: (weights, losses, runner) of each."""
+    net_e, run_e = _runner(sd1, None, **kw)
+    w_e, l_e = _train(sd1, net_e, run_e, batches)
+    net_g, run_g = _runner(sd1, graphs, notes=notes, **kw)
+    w_g, l_g = _train(sd1, net_g, run_g, batches)
+    return (w_e, l_e, run_e), (w_g, l_g, run_g)
+
+
 def test_graph_replays_train_like_the_eager_step(sd1):
     """Two shapes, changing LR, LoRA dropout: the emulated graphs give the eager step's weights and losses."""
-    batches = _batches(14)
-    net_e, run_e = _runner(sd1, None)
-    w_e, l_e = _train(sd1, net_e, run_e, batches)
-    net_g, run_g = _runner(sd1, EmulatedGraphs)
-    w_g, l_g = _train(sd1, net_g, run_g, batches)
+    (w_e, l_e, run_e), (w_g, l_g, run_g) = _eager_and_graphed(sd1, EmulatedGraphs, _batches(14))
     assert run_g.graph_stats["captured"] == 2 and run_g.graph_stats["dropped"] == 0, run_g.graph_stats
     # 14 steps = 2 shapes x (2 warm-up + 1 checked replay) + 8 plain replays
     assert run_g.graph_stats["replays"] == 14 - 2 * GRAPH_WARMUP, run_g.graph_stats
@@ -257,12 +262,8 @@ def test_fp16_grad_scaler_with_fused_adamw_is_captured(sd1):
 
 
 def test_a_graph_that_differs_from_the_eager_step_is_dropped(sd1):
-    batches = _batches(10)
-    net_e, run_e = _runner(sd1, None)
-    w_e, l_e = _train(sd1, net_e, run_e, batches)
     notes = []
-    net_g, run_g = _runner(sd1, DriftingGraphs, notes=notes)
-    w_g, l_g = _train(sd1, net_g, run_g, batches)
+    (w_e, _, _), (w_g, _, run_g) = _eager_and_graphed(sd1, DriftingGraphs, _batches(10), notes=notes)
     assert run_g.graph_stats["dropped"] == 2 and all(v is None for v in run_g.graphs.values())
     assert sum("does not reproduce the eager step" in n for n in notes) == 2, notes
     # the run went on eagerly from the state before the failed check: the eager run's weights
@@ -274,12 +275,8 @@ def test_a_capture_that_raises_leaves_that_shape_eager(sd1):
         def capture(self, body, pool):
             raise RuntimeError("operation not permitted when stream is capturing")
 
-    batches = _batches(8)
-    net_e, run_e = _runner(sd1, None)
-    w_e, _ = _train(sd1, net_e, run_e, batches)
     notes = []
-    net_g, run_g = _runner(sd1, Failing, notes=notes)
-    w_g, _ = _train(sd1, net_g, run_g, batches)
+    (w_e, _, _), (w_g, _, _) = _eager_and_graphed(sd1, Failing, _batches(8), notes=notes)
     assert sum("capture failed" in n and "operation not permitted" in n for n in notes) == 2, notes
     assert _rel(w_g, w_e) < 1e-6
 
