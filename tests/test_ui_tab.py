@@ -1,5 +1,6 @@
 """The tab without a browser: it builds as A1111 needs it (standalone Blocks, unique prefixed ids, plain-string
 labels, the JS it names exists), and its pure pieces (job table, progress, errors, loss plot, grid) behave."""
+import html
 import os
 import re
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from lib_lora.train.config import TrainConfigError
 from lib_lora.ui import tab as T
-from lib_lora.ui.backend import UiError
+from lib_lora.ui.backend import UiError, describe_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +167,72 @@ def test_model_problem_is_shown_in_plain_words():
     html = model_html({"loaded": False, "problem": "--lowvram moves every UNet block; restart without --lowvram"})
     assert "Training is not available" in html and "--lowvram" in html
     assert "No checkpoint is loaded" in model_html({"loaded": False})
+
+
+class JobsBackend(FakeBackend):
+    """Three jobs, the first training: enough for the poll and the busy refusals."""
+
+    def __init__(self):
+        self.list = [_job(id="a" * 12, name="job_a"), _job(id="b" * 12, name="job_b", status="queued", step=0),
+                     _job(id="c" * 12, name="job_c", status="queued", step=0)]
+
+    def jobs(self):
+        return [dict(j) for j in self.list]
+
+    def job(self, jid):
+        return next((j for j in self.jobs() if j["id"] == jid), None)
+
+    def generate(self, *a, **k):
+        raise AssertionError("must not wait for the model while a job trains")
+
+    render_grid = generate
+
+
+def _handler(blocks, elem_id, trigger="click"):
+    """The function gradio calls for ``trigger`` on the component with ``elem_id``, and its outputs."""
+    target = next(i for i, b in blocks.blocks.items() if getattr(b, "elem_id", None) == elem_id)
+    for dep, fn in zip(blocks.dependencies, blocks.fns):
+        if target in dep["targets"] and dep["trigger"] == trigger:
+            return fn.fn, [blocks.blocks[i] for i in dep["outputs"]]
+    raise KeyError(elem_id)
+
+
+def _by_id(outputs, elem_id):
+    return next(o for o in outputs if getattr(o, "elem_id", None) == elem_id)
+
+
+def test_poll_never_puts_back_a_selection_the_user_has_changed_since():
+    """CI once failed on this race: a poll that read 'job_b' as selected came back after the Queue button had
+    selected job_c, and put job_b back, so 'Move up' moved the wrong job."""
+    be = JobsBackend()
+    blocks = T.build_tab(be)
+    poll, outs = _handler(blocks, "lora_studio_refresh")
+    select = _by_id(outs, "lora_studio_job")
+    labels = [T.job_label(j) for j in be.jobs()]
+    assert all("queued" not in x and "running" not in x for x in labels)  # stable while jobs run
+    # the poll read job_b and an older list (job_c was queued meanwhile): only the choices may change
+    out = poll(labels[1], {"labels": labels[:2]})
+    assert out[select]["choices"] == labels and "value" not in out[select]
+    # nothing (or a removed job) selected: the poll picks the training job
+    out = poll(None, {"labels": labels})
+    assert out[select]["value"] == labels[0]
+    out = poll("gone [ffffffffffff]", {"labels": labels})
+    assert out[select]["value"] == labels[0]
+    # unchanged: no update at all (a re-render under the pointer would close an open dropdown)
+    out = poll(labels[2], {"labels": labels})
+    assert set(out[select]) <= {"__type__"}
+
+
+def test_generating_while_a_job_trains_is_refused_at_once_with_what_to_do():
+    be = JobsBackend()
+    blocks = T.build_tab(be)
+    reg, outs = _handler(blocks, "lora_studio_h_reg_go")
+    steps = list(reg("/d/reg/1_bear", "a bear", 4, 0, 64, 64))
+    text = html.unescape(steps[-1][_by_id(outs, "lora_studio_h_status")])
+    assert "busy training 'job_a' (step 30/120)" in text and "when it has finished, or cancel it" in text
+    render, outs = _handler(blocks, "lora_studio_r_render")
+    done = "/loras/job_b-000001.safetensors"
+    be.list[1].update(status="done", files=[done])
+    out = list(render(T.job_label(be.list[1]), [f"{describe_file(done)}: job_b-000001.safetensors"], "svs bear",
+                      "", "1", "1", 64, 64, 2))
+    assert "busy training &#x27;job_a&#x27;" in out[-1][_by_id(outs, "lora_studio_r_status")]

@@ -159,7 +159,9 @@ def fmt_eta(s) -> str:
 
 
 def job_label(j: dict) -> str:
-    return f"{j['name']} ({j['status']}) [{j['id']}]"
+    # no status in it: a label that changes as the job runs would make every poll rewrite the selection, and a
+    # poll that started before the user picked another job would then put the old one back
+    return f"{j['name']} [{j['id']}]"
 
 
 _ID_RE = re.compile(r"\[([0-9a-f]+)\]\s*$")
@@ -765,11 +767,15 @@ def build_tab(backend) -> gr.Blocks:
             out = {jobs_box: jobs_table_html(jobs, job["id"] if job else None),
                    progress_box: job_progress_html(job),
                    model_box: model_html(backend.model_info(), jobs)}
-            if (labels, value) != (state.get("labels"), state.get("value")):
+            kept = job is not None and job["id"] == job_id_of(selected_label)
+            if kept and labels != state.get("labels"):
+                # the choices only: the selection this poll read may be older than what the user has picked since
+                out[job_select] = gr.update(choices=labels)
+            elif not kept and (labels, value) != (state.get("labels"), selected_label):
                 out[job_select] = gr.update(choices=labels, value=value)
-                state["labels"], state["value"] = labels, value
             else:
                 out[job_select] = gr.update()
+            state["labels"] = labels
             jid = job["id"] if job else None
             n_loss = (len(job["losses"]), len(job.get("val_losses") or [])) if job else (0, 0)
             if (jid, n_loss) != (state.get("plot_job"), state.get("n_loss")):
@@ -848,6 +854,13 @@ def build_tab(backend) -> gr.Blocks:
                         _js="lora_studio_start_training")
         queue_btn.click(guarded(train_status)(functools.partial(submit, False)), [task_id] + settings,
                         submit_outputs, _js="lora_studio_start_training")
+
+        def _refuse_while_training(what):
+            # generation waits for the training job's hold on the model: say so now instead of hanging for hours
+            for j in backend.jobs():
+                if j["status"] == "running":
+                    raise UiError(f"The model is busy training '{j['name']}' (step {j['step']}/{j['total']}). "
+                                  f"{what} when it has finished, or cancel it on the Train tab.")
 
         def _selected(label):
             jid = job_id_of(label)
@@ -997,6 +1010,7 @@ def build_tab(backend) -> gr.Blocks:
 
         @guarded(h_status)
         def h_do_reg(reg_dir, prompt, count, seed, w, h):
+            _refuse_while_training("Generate the regularisation images")
             q: _queue.Queue = _queue.Queue()
             result = {}
 
@@ -1078,6 +1092,7 @@ def build_tab(backend) -> gr.Blocks:
             seeds = parse_numbers(seeds_text, int, "seeds")
             if not str(prompt or "").strip():
                 raise UiError("Write a prompt (with the trigger word) to render.")
+            _refuse_while_training("Render the grid")
             total = len(files) * len(strengths)
             q: _queue.Queue = _queue.Queue()
             result = {}
