@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import SpatialTransformer as LdmSpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, TimestepEmbedSequential, Upsample
 from ldm.modules.diffusionmodules.util import conv_nd, linear, normalization, timestep_embedding, zero_module
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
@@ -30,8 +30,9 @@ TINY_SDXL_UNET_CONFIG = dict(SDXL_BASE_UNET_CONFIG, model_channels=32, num_head_
                              transformer_depth=[1, 2, 2])
 
 
-class SpatialTransformerSGM(SpatialTransformer):
-    """ldm's SpatialTransformer (same parameters) with sgm's forward: one context shared by all blocks."""
+class SpatialTransformer(LdmSpatialTransformer):
+    """ldm's SpatialTransformer (same parameters) with sgm's forward: one context shared by all blocks. The class
+    name is sgm's own: trainers (kohya's and ours) find the attention layers to train by it."""
 
     def forward(self, x, context=None):
         if not isinstance(context, list):
@@ -103,7 +104,7 @@ class UNetModel(nn.Module):
         def transformer(ch, depth):
             n, d = heads_for(ch)
             # ldm's SpatialTransformer indexes context_dim per block; sgm repeats a single value the same way.
-            return SpatialTransformerSGM(ch, n, d, depth=depth, context_dim=[context_dim] * depth,
+            return SpatialTransformer(ch, n, d, depth=depth, context_dim=[context_dim] * depth,
                                       use_linear=use_linear_in_transformer, use_checkpoint=use_checkpoint)
 
         def resblock(ch, out_ch=None):

@@ -184,6 +184,10 @@ def test_sdxl_trains_with_size_conditioning(tmp_path):
     assert md["ss_base_model_version"] == "sdxl_base_v1-0"
     keys = load_tensors(res.final).keys()
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    # the UNet's attention layers, under kohya's sgm names (sgm's class is SpatialTransformer, as in the WebUI)
+    for name in ("input_blocks_4_1_transformer_blocks_0_attn2_to_k", "middle_block_1_proj_in",
+                 "output_blocks_5_1_transformer_blocks_1_ff_net_2"):
+        assert f"lora_unet_{name}.lora_down.weight" in keys, name
     net = load_network(res.final, "sdxl", layer_names=set(layer_mapping(xl)))
     assert len(net.report.matched) == net.report.total_modules
 
