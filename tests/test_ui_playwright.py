@@ -98,7 +98,17 @@ def shot(page, name):
 
 
 def sub_tab(page, name):
-    page.locator("#lora_studio_tabs > .tab-nav button", has_text=name).first.click()
+    # a click while gradio re-renders after an event can be lost (seen once on a loaded 2-core CI box): retry
+    # until the tab shows as selected
+    btn = page.locator("#lora_studio_tabs > .tab-nav button", has_text=name).first
+    for attempt in range(4):
+        btn.click()
+        try:
+            page.wait_for_function("b => b.classList.contains('selected')", arg=btn.element_handle(), timeout=5000)
+            return
+        except Exception:
+            if attempt == 3:
+                raise
 
 
 def fill(page, elem_id, value):
