@@ -243,18 +243,28 @@ def test_dim_from_weights_continues_a_file_with_its_own_rank(sd1, tmp_path):
     md = read_metadata(res.final)
     assert md["ss_network_dim"] == "8" and md["ss_network_alpha"] == "3.0"
     assert any("dim_from_weights: network_dim 8, network_alpha 3, conv_dim 2, conv_alpha 1" in n for n in res.notes)
-    # mixed ranks cannot be continued with one rank per kind: refused with what to do
+    # several ranks (block_dims, a resized LoRA): every module keeps its own rank and alpha, modules the file
+    # lacks are not created (sd-scripts' create_network_from_weights)
     mixed = dict(load_tensors(first.final))
     k = next(k for k in mixed if k.endswith("lora_down.weight") and mixed[k].dim() == 2)
     base = k[: -len(".lora_down.weight")]
     mixed[k] = mixed[k][:4].clone()
     mixed[base + ".lora_up.weight"] = mixed[base + ".lora_up.weight"][:, :4].clone()
+    mixed[base + ".alpha"] = torch.tensor(1.5)
+    gone = next(k2[: -len(".alpha")] for k2 in mixed
+                if k2.startswith("lora_te_") and k2.endswith(".alpha") and not k2.startswith(base + "."))
+    mixed = {k2: v for k2, v in mixed.items() if not k2.startswith(gone + ".")}
     from lib_lora.formats.safetensors_io import save_file_atomic
     path = str(tmp_path / "mixed.safetensors")
     save_file_atomic({k2: v.contiguous() for k2, v in mixed.items()}, path)
-    from lib_lora.train.trainer import TrainingError
-    with pytest.raises(TrainingError, match="several ranks"):
-        _run(sd1, tmp_path / "c", img, max_train_steps=1, network_weights=path, dim_from_weights=True)
+    _, res, _ = _run(sd1, tmp_path / "c", img, max_train_steps=1, network_weights=path, dim_from_weights=True)
+    w = load_tensors(res.final)
+    assert set(w) == set(mixed)
+    assert all(w[k2].shape == v.shape for k2, v in mixed.items())
+    assert float(w[base + ".alpha"]) == 1.5 and w[base + ".lora_down.weight"].shape[0] == 4
+    notes = " ".join(res.notes)
+    assert "uses several ranks (2, 4, 8)" in notes and "1 module(s) get no LoRA: they are not in the" in notes
+    assert gone in notes
 
 
 def test_save_n_epoch_ratio(sd1, tmp_path):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import BlockDims, block_index
 from .targets import TrainTarget, text_encoder_targets, unet_targets
 
 
@@ -54,35 +55,54 @@ class LoRAPair(nn.Module):
 class LoRANetwork(nn.Module):
     def __init__(self, sd_model, family: str, dim: int = 4, alpha: float = 1.0, conv_dim: int | None = None,
                  conv_alpha: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
-                 dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None):
+                 dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
+                 blocks: BlockDims | None = None, module_dims: dict[str, tuple[int, float]] | None = None):
+        """``blocks``: per-block ranks (block_dims / block learning rates); ``module_dims``: a rank and alpha per
+        kohya module name (a start file with several ranks): a module without one gets no LoRA, as in sd-scripts'
+        create_network_from_weights."""
         super().__init__()
         self.family = family
         self.multiplier = 1.0
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         targets: list[TrainTarget] = []
         if train_unet:
-            targets += unet_targets(sd_model.model.diffusion_model, family, conv=bool(conv_dim))
+            conv = bool(conv_dim) or (blocks is not None and blocks.conv_dims is not None)
+            targets += unet_targets(sd_model.model.diffusion_model, family, conv=conv)
         if train_text_encoder:
             targets += text_encoder_targets(sd_model, family)
-        self.targets = targets
         self.pairs = nn.ModuleDict()
+        self.skipped: list[str] = []  # rank 0 from block_dims or a block learning-rate weight of 0
         self._mha: list[tuple[TrainTarget, list[str]]] = []
+        self.targets = []
         for t in targets:
             m = t.module
+            if t.kind == "conv":
+                d, a = conv_dim, (1.0 if conv_alpha is None else conv_alpha)
+            else:
+                d, a = dim, alpha
+            if blocks is not None and t.component == "unet":
+                d, a = blocks.for_module(t.kohya_name, family, conv=t.kind == "conv")
+            names = [f"{t.kohya_name}_{p}_proj" for p in ("q", "k", "v", "out")] if t.kind == "mha" else None
+            if module_dims is not None:
+                # an MHA needs all four projections (they share one forward)
+                dims = [module_dims.get(n) for n in (names or [t.kohya_name])]
+                d, a = (dims[0] if all(dims) else (0, None))
+            if not d:
+                self.skipped.append(t.kohya_name)
+                continue
+            self.targets.append(t)
             if t.kind == "mha":
                 e = m.embed_dim
-                names = [f"{t.kohya_name}_{p}_proj" for p in ("q", "k", "v", "out")]
-                for n in names:
-                    self.pairs[n] = LoRAPair(e, e, dim, alpha)
+                for n, (dn, an) in zip(names, dims if module_dims is not None else [(d, a)] * 4):
+                    self.pairs[n] = LoRAPair(e, e, dn, an)
                 self._mha.append((t, names))
             elif t.kind == "conv":
-                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, conv_dim,
-                                                    1.0 if conv_alpha is None else conv_alpha,
-                                                    m.kernel_size, m.stride, m.padding)
+                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
+                                                    m.padding)
             elif t.kind == "conv1x1":
-                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, dim, alpha, (1, 1), m.stride, m.padding)
+                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
             else:
-                self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, dim, alpha)
+                self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
         self._attached = False
 
     # ---- counts, parameters -------------------------------------------------------------------------------
@@ -92,16 +112,31 @@ class LoRANetwork(nn.Module):
             out[t.component] = out.get(t.component, 0) + (4 if t.kind == "mha" else 1)
         return out
 
-    def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
-        unet, te = [], []
+    def param_groups(self, unet_lr: float, te_lr: float, block_lr: list[float] | None = None,
+                     loraplus: tuple[float | None, float | None] = (None, None)) -> list[dict]:
+        """Optimizer groups as sd-scripts' prepare_optimizer_params forms them: one per part (``unet`` /
+        ``text_encoder``), per UNet block with block learning rates (``unet_blockN``), each split in two with LoRA+
+        (the lora_up weights, `` plus``, at lr x ratio). ``lr_scale``: the group's LR over its part's base LR. A group
+        whose LR is 0 is left out (that part trains nothing)."""
+        groups: dict[str, dict] = {}
+
+        def add(key, lr, scale, params):
+            groups.setdefault(key, {"params": [], "lr": lr, "name": key, "lr_scale": scale})["params"].extend(params)
+
         for name, pair in self.pairs.items():
-            (unet if name.startswith("lora_unet_") else te).extend(pair.parameters())
-        groups = []
-        if unet and unet_lr:
-            groups.append({"params": unet, "lr": unet_lr, "name": "unet"})
-        if te and te_lr:
-            groups.append({"params": te, "lr": te_lr, "name": "text_encoder"})
-        return groups
+            if name.startswith("lora_unet_"):
+                key, base, w, ratio = "unet", unet_lr, 1.0, loraplus[0]
+                if block_lr is not None:
+                    i = block_index(name, self.family)
+                    key, w = f"unet_block{i}", block_lr[i]
+            else:
+                key, base, w, ratio = "text_encoder", te_lr, 1.0, loraplus[1]
+            if ratio is None:
+                add(key, base * w, w, pair.parameters())
+            else:
+                add(key, base * w, w, [pair.lora_down.weight])
+                add(key + " plus", base * w * ratio, w * ratio, [pair.lora_up.weight])
+        return [g for g in groups.values() if g["lr"] and g["params"]]
 
     def trained_prefixes(self, unet_lr: float, te_lr: float):
         """An LR of 0 freezes that part: its LoRA stays at the no-op init and is not saved."""

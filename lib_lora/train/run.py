@@ -9,7 +9,7 @@ from .trainer import Trainer, TrainingError, TrainResult
 
 def plan_for(host, cfg, check_pixels: bool = True):
     """The dataset plan (the doctor reports from this same object); raises TrainingError with the report."""
-    errors, _ = check_support(cfg)
+    errors, _ = check_support(cfg, host.family)
     if errors:
         raise TrainingError("this config cannot be trained as written:\n" + "\n".join(f"- {e}" for e in errors))
     plan = build_plan(cfg, family=host.family, check_pixels=check_pixels)

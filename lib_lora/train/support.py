@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import blocks
 from .config import TrainConfig
 from .optim import SCHEDULERS
 
@@ -41,7 +42,7 @@ HONOURED = {
     "color_aug",
 }
 
-SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
+SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.KEYS}
 SUPPORTED_SCHEDULERS = set(SCHEDULERS)
 
 
@@ -55,8 +56,40 @@ def _defaults() -> dict:
     return out
 
 
-def check_support(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(errors, notes) for keys this trainer cannot honour as written."""
+def network_args(cfg: TrainConfig) -> dict[str, str]:
+    """``network_args`` as a dict (sd-scripts: a list of key=value strings); ValueError names a bad entry."""
+    out = {}
+    for item in cfg.network_args or []:
+        if "=" not in item:
+            raise ValueError(f"network_args entry {item!r} is not key=value (e.g. conv_dim=8)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def block_settings(cfg: TrainConfig, family: str, notes: list[str]):
+    """(block LR weights, block dims, LoRA+ ratios) from network_args; BlockArgsError / ValueError say what is
+    wrong. The trainer and the pre-flight check read them through this one function."""
+    nargs = network_args(cfg)
+    lr_weights = blocks.block_lr_weights(nargs, family, notes)
+    conv_dim = int(nargs["conv_dim"]) if "conv_dim" in nargs else None
+    conv_alpha = float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None
+    dims = blocks.block_dims(nargs, family, int(cfg.network_dim or 4), cfg.network_alpha, conv_dim, conv_alpha,
+                             lr_weights)
+    if dims is None and any(nargs.get(k) is not None for k in blocks.DIM_KEYS[1:]):
+        notes.append("network_args block_alphas / conv_block_dims / conv_block_alphas work together with "
+                      "block_dims or block learning-rate weights; without either they are ignored (as in sd-scripts)")
+    plus = blocks.loraplus_ratios(nargs)
+    opt = (cfg.optimizer_type or "").lower()
+    if any(r is not None for r in plus) and ("prodigy" in opt or "dadapt" in opt):
+        notes.append(f"LoRA+ with {cfg.optimizer_type}: these optimizers set the step size themselves, so the "
+                     "lora_up learning-rate ratio does little (sd-scripts calls the combination unsupported)")
+    return lr_weights, dims, plus
+
+
+def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str], list[str]]:
+    """(errors, notes) for keys this trainer cannot honour as written; with the model ``family`` the per-block
+    network_args are checked too (their lengths depend on it)."""
     errors: list[str] = []
     notes: list[str] = []
     defaults = _defaults()
@@ -82,4 +115,9 @@ def check_support(cfg: TrainConfig) -> tuple[list[str], list[str]]:
         if key not in SUPPORTED_NETWORK_ARGS:
             notes.append(f"network_args {key!r} is not supported yet and is ignored "
                          f"(supported: {', '.join(sorted(SUPPORTED_NETWORK_ARGS))})")
+    if family is not None:
+        try:
+            block_settings(cfg, family, notes)
+        except ValueError as e:  # BlockArgsError included
+            errors.append(str(e))
     return errors, notes

@@ -36,6 +36,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork
+from .support import block_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import effective_optimizer, make_optimizer, make_scheduler
 from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, CsvLog, ckpt_name, load_state,
@@ -211,32 +212,36 @@ class Trainer:
 
     def _dims_from_weights(self, sd: dict):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
-        the network_weights file ``sd``, which must use one rank for each kind (this trainer gives every module the
-        same)."""
+        the network_weights file ``sd``. A file with several ranks (block_dims, resized LoRAs) gives each module its
+        own rank and alpha instead (the returned per-module dict; None for one rank per kind)."""
         c = self.cfg
         ranks: dict[str, set] = {"linear": set(), "conv": set()}
         alphas: dict[str, set] = {"linear": set(), "conv": set()}
+        per_module: dict[str, tuple[int, float]] = {}
         for k, v in sd.items():
             if not k.endswith(".lora_down.weight"):
                 continue
             kind = "conv" if v.dim() == 4 and v.shape[2:] != (1, 1) else "linear"
             r = int(v.shape[0])
-            ranks[kind].add(r)
             a = sd.get(k[: -len(".lora_down.weight")] + ".alpha")
-            alphas[kind].add(float(a) if a is not None else float(r))
+            a = float(a) if a is not None else float(r)
+            ranks[kind].add(r)
+            alphas[kind].add(a)
+            per_module[k[: -len(".lora_down.weight")]] = (r, a)
         if not ranks["linear"]:
             raise TrainingError(f"dim_from_weights: {c.network_weights} holds no kohya LoRA (lora_down) weights")
-        for kind in ("linear", "conv"):
-            if len(ranks[kind]) > 1 or len(alphas[kind]) > 1:
-                raise TrainingError(
-                    f"dim_from_weights: {c.network_weights} uses several ranks or alphas for its {kind} modules "
-                    f"(ranks {sorted(ranks[kind])}, alphas {sorted(alphas[kind])}); this trainer gives every module "
-                    f"the same rank, so set network_dim / network_alpha yourself")
+        if any(len(ranks[kind]) > 1 or len(alphas[kind]) > 1 for kind in ranks):
+            used = ", ".join(map(str, sorted(ranks["linear"] | ranks["conv"])))
+            self._note(f"dim_from_weights: {c.network_weights} uses several ranks ({used}); each of its "
+                       f"{len(per_module)} modules keeps its own rank and alpha, and modules it does not have get no "
+                       "LoRA (as sd-scripts' create_network_from_weights)")
+            conv_dim = max(ranks["conv"]) if ranks["conv"] else None  # only to look for the conv layers
+            return int(c.network_dim or 4), c.network_alpha, conv_dim, None, per_module
         dim, alpha = next(iter(ranks["linear"])), next(iter(alphas["linear"]))
         conv = (next(iter(ranks["conv"])), next(iter(alphas["conv"]))) if ranks["conv"] else (None, None)
         self._note(f"dim_from_weights: network_dim {dim}, network_alpha {alpha:g}"
                    + (f", conv_dim {conv[0]}, conv_alpha {conv[1]:g}" if conv[0] else "") + " from the file")
-        return dim, alpha, conv[0], conv[1]
+        return dim, alpha, conv[0], conv[1], None
 
     def _compile_backend(self) -> str | None:
         """torch_compile from the config, else the host's setting (WebUI: Settings -> LoRA Studio); off by default."""
@@ -258,13 +263,10 @@ class Trainer:
         return float(unet_lr or 0.0), float(te_lr or 0.0)
 
     def _network_args(self) -> dict:
-        out = {}
-        for item in self.cfg.network_args or []:
-            if "=" not in item:
-                raise TrainingError(f"network_args entry {item!r} is not key=value (e.g. conv_dim=8)")
-            k, v = item.split("=", 1)
-            out[k.strip()] = v.strip()
-        return out
+        try:
+            return network_args(self.cfg)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
     # ---- caches -------------------------------------------------------------------------------------------
     def _vae_encode(self, pixels: np.ndarray) -> torch.Tensor:
@@ -440,14 +442,32 @@ class Trainer:
             if c.dim_from_weights and not c.network_weights:
                 raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
             start_sd = load_tensors(str(c.resolve(c.network_weights))) if c.network_weights else None
+            module_dims = None
             if c.dim_from_weights:
-                dim, alpha, conv_dim, conv_alpha = self._dims_from_weights(start_sd)
-            self._net_dims = (dim, alpha, conv_dim, conv_alpha)
+                dim, alpha, conv_dim, conv_alpha, module_dims = self._dims_from_weights(start_sd)
+            # (per-module ranks: no single conv rank goes into the metadata)
+            self._net_dims = (dim, alpha, None if module_dims else conv_dim, conv_alpha)
+            notes: list[str] = []
+            try:
+                block_lr, blocks, loraplus = block_settings(c, self.family, notes)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
+            for n in notes:
+                self._note(n)
             net = LoRANetwork(
                 self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
                 train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=c.network_dropout,
                 rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
-                module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None)
+                module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
+                blocks=None if module_dims else blocks, module_dims=module_dims)
+            if net.skipped:
+                why = ("are not in the network_weights file" if module_dims else
+                       "have rank 0 or a block learning-rate weight of 0")
+                self._note(f"{len(net.skipped)} module(s) get no LoRA: they {why} (e.g. "
+                           f"{', '.join(net.skipped[:3])})")
+            if not net.pairs:
+                raise TrainingError("no module is left to train: every block has rank 0 or a learning-rate weight "
+                                    "of 0 (network_args block_dims / down_lr_weight / mid_lr_weight / up_lr_weight)")
             torch.manual_seed(_seed_for(seed, "init"))
             for pair in net.pairs.values():  # deterministic kohya init from the run's seed
                 torch.nn.init.kaiming_uniform_(pair.lora_down.weight, a=math.sqrt(5))
@@ -496,7 +516,9 @@ class Trainer:
                 stack.enter_context(sync_free_clip_mask())  # the text encoder runs inside the step when trained
             net.train()
 
-            groups = net.param_groups(unet_lr, te_lr)
+            groups = net.param_groups(unet_lr, te_lr, block_lr, loraplus)
+            if block_lr is not None or any(r is not None for r in loraplus):
+                self._note("optimizer groups: " + ", ".join(f"{g['name']} lr {g['lr']:.3g}" for g in groups))
             opt_args = {}
             for item in c.optimizer_args or []:
                 k, v = item.split("=", 1)
@@ -514,7 +536,7 @@ class Trainer:
                 if te_lr:
                     probe_tokens = te.tokenize([""])[0]
                     skip = unused_text_encoder_params(net, lambda: te.encode(probe_tokens, self.device),
-                                                      [p for g in groups if g.get("name") == "text_encoder"
+                                                      [p for g in groups if g["name"].startswith("text_encoder")
                                                        for p in g["params"]])
                 try:
                     flat = FlatParams(groups, skip)
@@ -695,7 +717,9 @@ class Trainer:
                                 ks, mean_n, max_n = (float(v) for v in runner.post_result)
                                 extra = {"keys_scaled": int(ks), "average_key_norm": mean_n, "max_key_norm": max_n}
                             self._emit("step", step=step, epoch=epoch, loss=lv, avg_loss=avg,
-                                       lr=scheduler.get_last_lr()[0], eta_s=rate * (self.total_steps - step),
+                                       # the part's base LR (the first group may be a block's or LoRA+'s)
+                                       lr=scheduler.get_last_lr()[0] / groups[0]["lr_scale"],
+                                       eta_s=rate * (self.total_steps - step),
                                        extra=extra or {})
                         loss_acc = None
                         if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < self.total_steps:

@@ -163,7 +163,8 @@ class DoctorReport:
         return sum(len(f.upscaled) for f in self.folders)
 
 
-def settings_findings(cfg: TrainConfig, device_type: str | None) -> tuple[list[str], list[str]]:
+def settings_findings(cfg: TrainConfig, device_type: str | None,
+                      family: str | None = None) -> tuple[list[str], list[str]]:
     """Problems with the chosen settings the dataset plan does not cover: (errors, warnings)."""
     errors, warnings = [], []
     opt = (cfg.optimizer_type or "AdamW").lower()
@@ -190,7 +191,7 @@ def settings_findings(cfg: TrainConfig, device_type: str | None) -> tuple[list[s
     if not cfg.output_dir:
         errors.append("No output folder is set. Choose where the LoRA files are written.")
     from ..train.support import check_support  # the same check the trainer runs
-    unsupported_errors, unsupported_notes = check_support(cfg)
+    unsupported_errors, unsupported_notes = check_support(cfg, family)
     errors += unsupported_errors
     warnings += unsupported_notes
     return errors, warnings
@@ -211,7 +212,7 @@ def diagnose(plan: DatasetPlan, family: str | None, *, weight_bytes: int | None 
     errors = [f.message for f in plan.findings if f.level == "error"]
     warnings = [f.message for f in plan.findings if f.level == "warning"]
     notes = [f.message for f in plan.findings if f.level == "info"]
-    s_err, s_warn = settings_findings(cfg, device_type)
+    s_err, s_warn = settings_findings(cfg, device_type, family)
     errors += s_err
     warnings += s_warn
     buckets = plan.bucket_histogram

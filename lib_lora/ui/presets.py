@@ -148,7 +148,8 @@ FIELDS: tuple[Field, ...] = (
     Field("network_dropout", "Network dropout", "float", "Dropout inside the LoRA (0.1 is common); 0 = off.",
           "advanced", off=0.0, minimum=0),
     Field("network_args", "Network arguments", "args",
-          "Space-separated key=value, e.g. conv_dim=8 conv_alpha=4 (also trains the conv layers).", "advanced"),
+          "Space-separated key=value: conv_dim=8 conv_alpha=4 (LoCon), loraplus_lr_ratio=16, "
+          "down_lr_weight=cosine, block_dims=... (see README).", "advanced"),
     Field("ui_extra_toml", "Other sd-scripts keys (TOML)", "text",
           "Keys this form has no field for; kept on import and written on export.", "advanced"),
 )
