@@ -295,21 +295,23 @@ def test_settings_that_decide_on_the_host_are_not_captured(sd1, setting, reason)
     assert any(n.startswith("CUDA graphs off") and reason in n for n in notes), notes
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, tmp_path, monkeypatch):
-    """The whole trainer (text encoder(s) trained, reg images; SDXL: two token streams, size conditioning) with the
-    emulated graphs standing in for CUDA: graphs are on without being asked, and the LoRA file equals the one of a
-    run with cuda_graphs = false."""
+@pytest.mark.parametrize("family, weighted", [("sd1", False), ("sdxl", False), ("sdxl", True)])
+def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted, tmp_path, monkeypatch):
+    """The whole trainer (text encoder(s) trained, reg images; SDXL: two token streams, size conditioning; with
+    weighted_captions the tokens' weights too) with the emulated graphs standing in for CUDA: graphs are on without
+    being asked, and the LoRA file equals the one of a run with cuda_graphs = false."""
     model = sd1 if family == "sd1" else models.make_sdxl(seed=1)
     monkeypatch.setattr(fastpath, "CudaGraphs", EmulatedGraphs)
     monkeypatch.delenv("LORA_STUDIO_FAST_PATH", raising=False)
-    img, reg = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2, n_reg=2)
+    caps = ["svs cat, (smiling:1.4)", "svs [cat], grass", "svs cat"] if weighted else None
+    img, reg = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2, n_reg=2, captions=caps)
     finals, descs, runners = [], [], []
     for graphs in (None, False):
         c = {"train_data_dir": img, "reg_data_dir": reg, "resolution": 64, "train_batch_size": 1,
              "output_dir": str(tmp_path / f"out-{graphs}"), "output_name": "g", "network_dim": 4,
              "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4, "seed": 7, "max_train_steps": 12,
-             "save_precision": "float", "lr_scheduler": "cosine", "lr_warmup_steps": 2}
+             "save_precision": "float", "lr_scheduler": "cosine", "lr_warmup_steps": 2,
+             "weighted_captions": weighted}
         if graphs is not None:
             c["cuda_graphs"] = graphs
         cfg = parse_train_config(c, base_dir=str(tmp_path))
@@ -326,6 +328,7 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, tmp_path
     assert {"tok0", "x0", "noise", "t", "w"} <= set(inputs) and "ctx" not in inputs
     if family == "sdxl":
         assert {"tok1", "sizes"} <= set(inputs)
+    assert ({"tok2", "tok3"} <= set(inputs)) == weighted  # the weights are static inputs of the graph too
     a, b = finals
     num = sum(((a[k] - b[k]) ** 2).sum() for k in a)
     den = sum((b[k] ** 2).sum() for k in b)

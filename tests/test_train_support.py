@@ -11,14 +11,14 @@ def test_seed_config_needs_no_unsupported_notes():
 
 
 def test_unsupported_keys_are_named():
-    cfg = parse_train_config({"train_data_dir": "x", "weighted_captions": True, "face_crop_aug_range": [2.0, 4.0],
+    cfg = parse_train_config({"train_data_dir": "x", "full_bf16": True, "face_crop_aug_range": [2.0, 4.0],
                               "network_args": ["conv_dim=4", "loraplus_lr_ratio=16", "algo=loha"],
                               "lr_scheduler": "inverse_sqrt",
                               "lr_scheduler_type": "mymodule.MyScheduler",
                               "loss_type": "huber", "ip_noise_gamma": 0.1})
     errors, notes = check_support(cfg)
     text = "\n".join(notes)
-    assert "weighted_captions = True" in text and "face_crop_aug_range" in text and "'algo'" in text
+    assert "full_bf16 = True" in text and "face_crop_aug_range" in text and "'algo'" in text
     assert "'loraplus_lr_ratio' is not supported" not in text  # honoured now
     assert "random_crop" not in text and "color_aug" not in text  # honoured now
     assert "ip_noise_gamma" not in text and "loss_type" not in text  # honoured

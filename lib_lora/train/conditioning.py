@@ -1,13 +1,14 @@
 """Text conditioning for training, computed from the host's own text-encoder modules.
 
-We do not call the WebUI's prompt wrappers: they parse ``(`` and ``[`` in captions as emphasis and use a dynamic
-chunk count. We tokenize like A1111 does (75-token chunks, comma backtracking, ``<BOS> 75 ids <EOS/PAD>``), but with
+We do not call the WebUI's prompt wrappers: they parse ``(`` and ``[`` in captions as emphasis (here only with
+weighted_captions, scaled the way sd-scripts does) and use a dynamic chunk count. We tokenize like A1111 does (75-token chunks, comma backtracking, ``<BOS> 75 ids <EOS/PAD>``), but with
 a fixed number of chunks per run so every batch has the same shape, then run the inner encoder modules directly.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,75 @@ def _open_clip_spec() -> TokenizerSpec:
     return TokenizerSpec(_tokenizer.encode, enc["<start_of_text>"], enc["<end_of_text>"], 0, enc.get(",</w>"))
 
 
-def chunk_ids(ids: list[int], spec: TokenizerSpec, n_chunks: int) -> tuple[torch.Tensor, bool]:
-    """A1111 chunking into exactly n_chunks rows of 77 ids; returns (ids [n_chunks, 77], truncated)."""
-    chunks: list[list[int]] = []
-    cur: list[int] = []
+# A1111's emphasis syntax (modules/prompt_parser.py; sd-scripts' weighted_captions reads the same, without the
+# spaces A1111 allows around the number)
+_RE_ATTENTION = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:
+""", re.X)
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """``(word)`` x1.1, ``[word]`` /1.1, ``(word:1.3)`` x1.3, nesting multiplies, ``\\(`` is a literal bracket,
+    unclosed brackets still count; runs of equal weight are merged."""
+    res: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float):
+        for item in res[start:]:
+            item[1] *= factor
+
+    for m in _RE_ATTENTION.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            res.append([tok[1:], 1.0])
+        elif tok == "(":
+            round_open.append(len(res))
+        elif tok == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            multiply(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            multiply(round_open.pop(), 1.1)
+        elif tok == "]" and square_open:
+            multiply(square_open.pop(), 1 / 1.1)
+        else:
+            res.append([tok, 1.0])
+    for start in round_open:
+        multiply(start, 1.1)
+    for start in square_open:
+        multiply(start, 1 / 1.1)
+    if not res:
+        res = [["", 1.0]]
+    merged = [res[0]]
+    for item in res[1:]:
+        if item[1] == merged[-1][1]:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    return [(t, w) for t, w in merged]
+
+
+def weighted_ids(text: str, spec: TokenizerSpec) -> tuple[list[int], list[float]]:
+    """Token ids of a caption with emphasis, and each token's weight (each emphasised piece tokenized alone, as
+    A1111 and sd-scripts do)."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for piece, w in parse_prompt_attention(text):
+        toks = spec.encode(piece)
+        ids += toks
+        weights += [w] * len(toks)
+    return ids, weights
+
+
+def _chunks(ids: list[int], weights: list[float] | None, spec: TokenizerSpec, n_chunks: int):
+    """A1111 chunking into exactly n_chunks rows of 77 ids (and the tokens' weights: 1 for BOS/EOS/padding)."""
+    ws = weights if weights is not None else [1.0] * len(ids)
+    chunks: list[list[tuple[int, float]]] = []
+    cur: list[tuple[int, float]] = []
     last_comma = -1
-    for tok in ids:
+    for item in zip(ids, ws):
+        tok = item[0]
         if spec.comma is not None and tok == spec.comma:
             last_comma = len(cur)
         elif len(cur) == CHUNK and last_comma != -1 and len(cur) - last_comma <= COMMA_BACKTRACK:
@@ -56,20 +120,26 @@ def chunk_ids(ids: list[int], spec: TokenizerSpec, n_chunks: int) -> tuple[torch
         if len(cur) == CHUNK:
             chunks.append(cur)
             cur, last_comma = [], -1
-        cur.append(tok)
+        cur.append(item)
     if cur or not chunks:
         chunks.append(cur)
     truncated = len(chunks) > n_chunks
     chunks = chunks[:n_chunks]
     while len(chunks) < n_chunks:
         chunks.append([])
-    rows = []
+    rows, wrows = [], []
     for c in chunks:
         c = c[:CHUNK]
-        row = [spec.bos] + c + [spec.eos]
-        row += [spec.pad] * (CHUNK + 2 - len(row))
-        rows.append(row)
-    return torch.tensor(rows, dtype=torch.long), truncated
+        row = [spec.bos] + [t for t, _ in c] + [spec.eos]
+        rows.append(row + [spec.pad] * (CHUNK + 2 - len(row)))
+        wrows.append([1.0] + [w for _, w in c] + [1.0] * (CHUNK + 1 - len(c)))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(wrows, dtype=torch.float32), truncated
+
+
+def chunk_ids(ids: list[int], spec: TokenizerSpec, n_chunks: int) -> tuple[torch.Tensor, bool]:
+    """A1111 chunking into exactly n_chunks rows of 77 ids; returns (ids [n_chunks, 77], truncated)."""
+    rows, _, truncated = _chunks(ids, None, spec, n_chunks)
+    return rows, truncated
 
 
 def _hf_hidden(transformer, ids, layer_from_end: int, final_ln: bool):
@@ -103,8 +173,12 @@ def _open_clip_run(model, ids, stop_before: int):
 class TextEncoder:
     """Encodes captions for one host model family; output matches what the UNet gets at inference."""
 
-    def __init__(self, sd_model, family: str, clip_skip: int = 1, max_token_length: int = 75):
+    def __init__(self, sd_model, family: str, clip_skip: int = 1, max_token_length: int = 75,
+                 weighted: bool = False):
         self.family = family
+        # weighted_captions: (word:1.2) emphasis scales that word's hidden states, as sd-scripts does; the tokens
+        # then carry their weights (SD: (ids, w); SDXL: (ids1, ids2, w1, w2))
+        self.weighted = weighted
         self.clip_skip = max(1, int(clip_skip or 1))
         self.n_chunks = max(1, math.ceil((max_token_length or 75) / CHUNK))
         if family == "sdxl":
@@ -125,36 +199,42 @@ class TextEncoder:
     def tokenize(self, captions: list[str]):
         """Token ids per caption: a tensor [B, n_chunks, 77] (SDXL: a pair), plus how many were truncated."""
         truncated = 0
-        if self.family == "sdxl":
-            a, b = [], []
-            for c in captions:
-                ia, ta = chunk_ids(self.spec1.encode(c), self.spec1, self.n_chunks)
-                ib, _ = chunk_ids(self.spec2.encode(c), self.spec2, self.n_chunks)
-                a.append(ia)
-                b.append(ib)
-                truncated += ta
-            return (torch.stack(a), torch.stack(b)), truncated
-        rows = []
+        specs = [self.spec1, self.spec2] if self.family == "sdxl" else [self.spec]
+        ids: list[list] = [[] for _ in specs]
+        ws: list[list] = [[] for _ in specs]
         for c in captions:
-            ids, t = chunk_ids(self.spec.encode(c), self.spec, self.n_chunks)
-            rows.append(ids)
-            truncated += t
-        return torch.stack(rows), truncated
+            for k, spec in enumerate(specs):
+                toks, weights = weighted_ids(c, spec) if self.weighted else (spec.encode(c), None)
+                rows, wrows, t = _chunks(toks, weights, spec, self.n_chunks)
+                ids[k].append(rows)
+                ws[k].append(wrows)
+                truncated += t if k == 0 else 0
+        out = [torch.stack(x) for x in ids] + ([torch.stack(x) for x in ws] if self.weighted else [])
+        return (out[0] if len(out) == 1 else tuple(out)), truncated
+
+    def _weigh(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return h * w.reshape(h.shape[0], -1, 1).to(h.device, h.dtype)
 
     def encode(self, tokens, device) -> dict:
         """{'crossattn': [B, 77*n, C]} and for SDXL also {'pooled': [B, 1280]}."""
         if self.family == "sdxl":
-            t1, t2 = tokens
+            t1, t2 = tokens[:2]
             b, n, L = t1.shape
             h1 = _hf_hidden(self.te1.transformer, t1.reshape(b * n, L).to(device), 2, final_ln=False)
             h2, last = _open_clip_run(self.te2.model, t2.reshape(b * n, L).to(device), 1)
-            ctx = torch.cat([h1, h2.to(h1.dtype)], dim=-1).reshape(b, n * L, -1)
+            h1, h2 = h1.reshape(b, n * L, -1), h2.reshape(b, n * L, -1)
+            if self.weighted:  # the pooled output stays unweighted (sd-scripts)
+                h1, h2 = self._weigh(h1, tokens[2]), self._weigh(h2, tokens[3])
+            ctx = torch.cat([h1, h2.to(h1.dtype)], dim=-1)
             m = self.te2.model
             last = m.ln_final(last)
             first = t2[:, 0].to(device)
             pooled_tok = last.reshape(b, n, L, -1)[:, 0][torch.arange(b, device=device), first.argmax(-1)]
             pooled = pooled_tok @ m.text_projection
             return {"crossattn": ctx, "pooled": pooled}
+        weights = None
+        if self.weighted:
+            tokens, weights = tokens
         b, n, L = tokens.shape
         flat = tokens.reshape(b * n, L).to(device)
         if self.family == "sd2":
@@ -163,7 +243,8 @@ class TextEncoder:
             h = self.te.model.ln_final(h)
         else:
             h = _hf_hidden(self.te.transformer, flat, self.clip_skip, final_ln=True)
-        return {"crossattn": h.reshape(b, n * L, -1)}
+        h = h.reshape(b, n * L, -1)
+        return {"crossattn": self._weigh(h, weights) if weights is not None else h}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:

@@ -39,7 +39,7 @@ HONOURED = {
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
     "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "lr_decay_steps",
     "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "logging_dir", "log_prefix", "random_crop",
-    "color_aug",
+    "color_aug", "weighted_captions",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.KEYS}
@@ -115,6 +115,9 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         if key not in SUPPORTED_NETWORK_ARGS:
             notes.append(f"network_args {key!r} is not supported yet and is ignored "
                          f"(supported: {', '.join(sorted(SUPPORTED_NETWORK_ARGS))})")
+    if cfg.weighted_captions and (cfg.shuffle_caption or cfg.caption_tag_dropout_rate or cfg.keep_tokens):
+        notes.append("weighted_captions with shuffled or dropped tags: keep commas out of the brackets, e.g. "
+                     "'(red hair:1.2), smiling', or a tag split at its comma loses its weight (as in sd-scripts)")
     if family is not None:
         try:
             block_settings(cfg, family, notes)

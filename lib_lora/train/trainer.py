@@ -490,7 +490,7 @@ class Trainer:
                                                          "the combination)" if c.cache_latents else ""))
 
             te = TextEncoder(self.sd_model, self.family, clip_skip=c.clip_skip or 1,
-                             max_token_length=c.max_token_length or 75)
+                             max_token_length=c.max_token_length or 75, weighted=bool(c.weighted_captions))
             base_ac = (getattr(self.sd_model, "alphas_cumprod_original", None)
                        if getattr(self.sd_model, "alphas_cumprod_original", None) is not None
                        else self.sd_model.alphas_cumprod)
