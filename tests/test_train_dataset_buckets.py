@@ -83,6 +83,9 @@ def test_min_max_rounding_and_refusals():
     # 250 -> 250 - 250 % 64 = 192; 1000 -> 1000 + 64 - 1000 % 64 = 1024
     lo, hi, notes = adjust_min_max_bucket_reso((512, 512), 250, 1000, 64)
     assert (lo, hi) == (192, 1024) and len(notes) == 2
+    # below one step it would round to 0 (sd-scripts then divides by it): the smallest side is one step
+    lo, _, notes = adjust_min_max_bucket_reso((64, 64), 32, 1024, 64)
+    assert lo == 64 and "smallest bucket side is 64" in notes[0]
     with pytest.raises(BucketSettingsError, match="min_bucket_reso 768"):
         adjust_min_max_bucket_reso((512, 512), 768, 1024, 64)
     with pytest.raises(BucketSettingsError, match="max_bucket_reso 512"):

@@ -47,7 +47,13 @@ def adjust_min_max_bucket_reso(
         raise BucketSettingsError(f"bucket_reso_steps must be a positive integer, got {steps}")
     if min_bucket_reso % steps:
         new = min_bucket_reso - min_bucket_reso % steps
-        notes.append(f"min_bucket_reso {min_bucket_reso} rounded down to {new}, a multiple of bucket_reso_steps {steps}")
+        if new <= 0:  # sd-scripts would go on with 0 and divide by it
+            new = steps
+            notes.append(f"min_bucket_reso {min_bucket_reso} is below bucket_reso_steps {steps}; the smallest "
+                         f"bucket side is {steps}")
+        else:
+            notes.append(f"min_bucket_reso {min_bucket_reso} rounded down to {new}, a multiple of bucket_reso_steps "
+                         f"{steps}")
         min_bucket_reso = new
     if max_bucket_reso % steps:
         new = max_bucket_reso + steps - max_bucket_reso % steps
