@@ -16,6 +16,7 @@ import ast
 import copy
 import hashlib
 import inspect
+import json
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..formats.safetensors_io import load_tensors, save_file_atomic
+from ..formats.safetensors_io import load_tensors, read_metadata, save_file_atomic
 from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
@@ -291,7 +292,7 @@ class Trainer:
         st = os.stat(s.path)
         return hashlib.sha256(
             f"{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}|{s.bucket}|{s.resized}|{flip}|"
-            f"{self.host.model_id}".encode()).hexdigest()[:32]
+            f"{self.cfg.resize_interpolation}|{self.host.model_id}".encode()).hexdigest()[:32]
 
     def _cache_latents(self, cache_dir: str | None):
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
@@ -339,18 +340,27 @@ class Trainer:
         return px, cond, self._alpha_mask(s, flip, rng_seed) if s.alpha_mask else None
 
     def _encode_cached(self, s, flip: bool, key: str, cache_dir: str | None):
-        px, cond, mask = self._prepare(s, flip)
-        z = None
+        """The latent (from the disk cache when there is a good file), SDXL size numbers and alpha mask. A cache
+        hit does not decode the image: the size numbers are kept in the file's metadata (only an alpha mask needs
+        the image again)."""
+        z = cond = None
         path = os.path.join(cache_dir, key + ".safetensors") if cache_dir else None
         if path and os.path.exists(path):
             try:
                 z = load_tensors(path)["latent"]
+                saved = read_metadata(path).get("size_cond")
+                cond = tuple(tuple(int(v) for v in pair) for pair in json.loads(saved)) if saved else None
             except Exception as e:  # a damaged cache file is rebuilt, never trusted
                 self._note(f"latent cache {os.path.basename(path)} unreadable ({e}); re-encoding")
+                z = cond = None
+        if z is not None and cond is not None:
+            return z, cond, self._alpha_mask(s, flip) if s.alpha_mask else None
+        px, cond, mask = self._prepare(s, flip)
         if z is None:
             z = self._vae_encode(px)[0]
-            if path:
-                save_file_atomic({"latent": z.contiguous()}, path, {"image": os.path.basename(s.path)})
+        if path:  # (a file from an older version without the size numbers is rewritten with them)
+            save_file_atomic({"latent": z.contiguous()}, path,
+                             {"image": os.path.basename(s.path), "size_cond": json.dumps(cond)})
         return z, cond, mask
 
     def _alpha_mask(self, s, flip: bool, rng_seed: int | None = None):
