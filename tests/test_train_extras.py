@@ -528,3 +528,13 @@ def test_validation_split_outside_0_1_is_refused():
         with pytest.raises(TrainConfigError, match="validation_split .* must be at least 0 and below 1"):
             parse_train_config({"train_data_dir": "x", "validation_split": bad})
     assert parse_train_config({"train_data_dir": "x", "validation_split": 0.2}).validation_split == 0.2
+
+
+def test_clip_skip_past_the_text_encoder_and_bad_optimizer_args_say_what_is_wrong(sd1, tmp_path):
+    from lib_lora.train.trainer import TrainingError
+
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    with pytest.raises(TrainingError, match=r"clip_skip = 40 is more than the text encoder's \d+ layers"):
+        _run(sd1, tmp_path / "a", img, max_train_steps=1, clip_skip=40)
+    with pytest.raises(TrainingError, match=r"optimizer AdamW refused optimizer_args \['nonsense=1'\]: .*nonsense"):
+        _run(sd1, tmp_path / "b", img, max_train_steps=1, optimizer_type="AdamW", optimizer_args=["nonsense=1"])

@@ -1,6 +1,10 @@
 """Every config key the trainer cannot honour is named, never silently ignored."""
 
-from lib_lora.train.config import parse_train_config, parse_train_config_text
+import re
+
+import pytest
+
+from lib_lora.train.config import TrainConfigError, parse_train_config, parse_train_config_text
 from lib_lora.train.support import check_support
 
 
@@ -25,3 +29,31 @@ def test_unsupported_keys_are_named():
     assert "'conv_dim'" not in text
     assert errors == []  # every scheduler name sd-scripts knows is available now
     assert "lr_scheduler_type = 'mymodule.MyScheduler'" in text  # a custom scheduler class is not
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("network_dim", -4, "network_dim = -4 must be at least 1"),
+    ("learning_rate", -1e-3, "learning_rate = -0.001 must be at least 0"),
+    ("gradient_accumulation_steps", 0, "gradient_accumulation_steps = 0 must be at least 1"),
+    ("caption_dropout_rate", 2.0, "caption_dropout_rate = 2.0 must be from 0 to 1"),
+    ("network_dropout", 1.5, "network_dropout = 1.5 must be at least 0 and below 1"),
+    ("min_timestep", 2000, "min_timestep = 2000 must be at least 0 and below 1000"),
+    ("resolution", 8, "each side must be at least 64 pixels"),
+    ("output_name", "a/b", "must be a file name without folders"),
+])
+def test_values_a_run_cannot_use_are_refused_with_the_range(key, value, says):
+    """Found by feeding wrong values to a 1-step run: each of these crashed inside torch (negative tensor sizes,
+    a 1x1 latent in GroupNorm, dropout > 1, timesteps out of range) or trained something nobody wants."""
+    with pytest.raises(TrainConfigError, match=re.escape(says)):
+        parse_train_config({"train_data_dir": "x", key: value})
+
+
+def test_timestep_order_and_network_arg_numbers():
+    with pytest.raises(TrainConfigError, match="min_timestep = 500 must be below max_timestep = 400"):
+        parse_train_config({"train_data_dir": "x", "min_timestep": 500, "max_timestep": 400})
+    cfg = parse_train_config({"train_data_dir": "x", "network_args": ["conv_dim=-2", "rank_dropout=1",
+                                                                       "module_dropout=x"]})
+    errors, _ = check_support(cfg)
+    assert any("conv_dim=-2 must be at least 0" in e for e in errors)
+    assert any("rank_dropout=1 must be at least 0 and below 1" in e for e in errors)
+    assert any("module_dropout=x: not a number" in e for e in errors)

@@ -190,6 +190,11 @@ class TextEncoder:
         else:
             self.te = getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model)
             self.spec = _open_clip_spec() if family == "sd2" else _hf_spec(self.te.tokenizer)
+            if family == "sd1":
+                layers = len(getattr(self.te.transformer, "text_model", self.te.transformer).encoder.layers)
+                if self.clip_skip > layers:
+                    raise ValueError(f"clip_skip = {self.clip_skip} is more than the text encoder's {layers} "
+                                     "layers (1 = the last layer, 2 = the one before, as A1111's 'Clip skip')")
 
     def modules(self) -> list[nn.Module]:
         if self.family == "sdxl":

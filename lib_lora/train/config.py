@@ -317,6 +317,48 @@ def _kind(annotation: str) -> str:
     return table[a]
 
 
+# Values a training cannot run with (or runs with a meaning nobody wants), refused before anything starts:
+# key -> (lowest, highest, whether the highest is allowed, what the value is)
+_RANGES = {
+    "network_dim": (1, None, True, "the LoRA's rank; 4 to 128 is common"),
+    "network_alpha": (0, None, True, "0 means the rank itself"),
+    "learning_rate": (0, None, True, "e.g. 1e-4"),
+    "unet_lr": (0, None, True, "0 freezes the UNet part"),
+    "text_encoder_lr": (0, None, True, "0 freezes the text encoder part"),
+    "train_batch_size": (1, None, True, "images per step"),
+    "gradient_accumulation_steps": (1, None, True, "batches per optimizer step"),
+    "max_grad_norm": (0, None, True, "0 turns clipping off"),
+    "lr_warmup_steps": (0, None, True, "steps, or a share of the run below 1"),
+    "keep_tokens": (0, None, True, "tags kept at the front"),
+    "prior_loss_weight": (0, None, True, "the regularisation images' loss weight, 1 as usual"),
+    "caption_dropout_rate": (0, 1, True, "a share of the steps"),
+    "caption_tag_dropout_rate": (0, 1, True, "a chance per tag"),
+    "network_dropout": (0, 1, False, "a dropout probability; 0.1 is common"),
+    "min_timestep": (0, 1000, False, "of the 1000 noise steps"),
+    "max_timestep": (1, 1000, True, "of the 1000 noise steps"),
+    "clip_skip": (0, None, True, "1 = the last layer, 2 = the one before"),
+}
+
+
+def _range_problems(values: dict) -> list[str]:
+    out = []
+    for key, (lo, hi, hi_ok, what) in _RANGES.items():
+        v = values.get(key)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if v < lo or (hi is not None and (v > hi or (v == hi and not hi_ok))):
+            span = (f"at least {lo}" if hi is None else
+                    f"from {lo} to {hi}" if hi_ok else f"at least {lo} and below {hi}")
+            out.append(f"{key} = {v!r} must be {span} ({what})")
+    lo_t, hi_t = values.get("min_timestep"), values.get("max_timestep")
+    if isinstance(lo_t, int) and isinstance(hi_t, int) and lo_t >= hi_t:
+        out.append(f"min_timestep = {lo_t} must be below max_timestep = {hi_t}")
+    name = values.get("output_name")
+    if isinstance(name, str) and ("/" in name or "\\" in name):
+        out.append(f"output_name = {name!r} must be a file name without folders (the folder is output_dir)")
+    return out
+
+
 def parse_resolution(value: Any, key: str = "resolution") -> tuple[tuple[int, int], str | None]:
     """``512`` -> (512, 512); ``"512"`` / ``"512,768"`` -> (w, h); ``[512, 768]`` -> (512, 768).
     Returns ``(reso, note_or_None)``; the note says when sd-scripts would have read the value differently."""
@@ -344,6 +386,9 @@ def parse_resolution(value: Any, key: str = "resolution") -> tuple[tuple[int, in
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
         raise _Bad(f"{key} must be one or two positive sizes (width,height), got {value!r}")
+    if min(parts) < 64:
+        raise _Bad(f"{key} = {value!r} is too small: each side must be at least 64 pixels (the model works on "
+                   "1/8-size latents that the UNet halves 3 more times; SD1.5 trains at 512, SDXL at 1024)")
     return (int(parts[0]), int(parts[1])), note
 
 
@@ -523,6 +568,7 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
     if isinstance(v, (int, float)) and not 0 <= v < 1:  # 1 or more would hold out every image
         problems.append(f"validation_split = {v!r} must be at least 0 and below 1 (the share of images held out, "
                         "e.g. 0.1)")
+    problems += _range_problems(values)
     if problems:
         raise TrainConfigError(f"{source}: invalid value(s):\n" + "\n".join(f"  - {p}" for p in problems))
 

@@ -67,6 +67,32 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
     return out
 
 
+# network_args numbers: (type, lowest, below this, what it is)
+_NET_NUMBERS = {
+    "conv_dim": (int, 0, None, "the rank of the 3x3 conv layers (LoCon); 0 = off"),
+    "conv_alpha": (float, 0, None, "the conv layers' alpha"),
+    "rank_dropout": (float, 0, 1, "a dropout probability, e.g. 0.1"),
+    "module_dropout": (float, 0, 1, "a dropout probability, e.g. 0.1"),
+}
+
+
+def network_number_problems(nargs: dict) -> list[str]:
+    out = []
+    for key, (kind, lo, below, what) in _NET_NUMBERS.items():
+        if key not in nargs:
+            continue
+        try:
+            v = kind(nargs[key])
+        except ValueError:
+            out.append(f"network_args {key}={nargs[key]}: not {'a whole number' if kind is int else 'a number'} "
+                       f"({what})")
+            continue
+        if v < lo or (below is not None and v >= below):
+            span = f"at least {lo}" + (f" and below {below}" if below is not None else "")
+            out.append(f"network_args {key}={nargs[key]} must be {span} ({what})")
+    return out
+
+
 def block_settings(cfg: TrainConfig, family: str, notes: list[str]):
     """(block LR weights, block dims, LoRA+ ratios) from network_args; BlockArgsError / ValueError say what is
     wrong. The trainer and the pre-flight check read them through this one function."""
@@ -118,7 +144,11 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
     if cfg.weighted_captions and (cfg.shuffle_caption or cfg.caption_tag_dropout_rate or cfg.keep_tokens):
         notes.append("weighted_captions with shuffled or dropped tags: keep commas out of the brackets, e.g. "
                      "'(red hair:1.2), smiling', or a tag split at its comma loses its weight (as in sd-scripts)")
-    if family is not None:
+    try:
+        errors += network_number_problems(network_args(cfg))
+    except ValueError as e:  # an entry without '='
+        errors.append(str(e))
+    if family is not None and not errors:
         try:
             block_settings(cfg, family, notes)
         except ValueError as e:  # BlockArgsError included

@@ -499,8 +499,11 @@ class Trainer:
                            "latents cannot be cached)" + ("; cache_latents does not apply to them (sd-scripts refuses "
                                                          "the combination)" if c.cache_latents else ""))
 
-            te = TextEncoder(self.sd_model, self.family, clip_skip=c.clip_skip or 1,
-                             max_token_length=c.max_token_length or 75, weighted=bool(c.weighted_captions))
+            try:
+                te = TextEncoder(self.sd_model, self.family, clip_skip=c.clip_skip or 1,
+                                 max_token_length=c.max_token_length or 75, weighted=bool(c.weighted_captions))
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
             base_ac = (getattr(self.sd_model, "alphas_cumprod_original", None)
                        if getattr(self.sd_model, "alphas_cumprod_original", None) is not None
                        else self.sd_model.alphas_cumprod)
@@ -558,9 +561,13 @@ class Trainer:
                 opt_args["fused"] = True
                 fast_desc.append("fused AdamW")
             opt_notes: list[str] = []  # an 8-bit optimizer without bitsandbytes trains as its 32-bit twin
-            optimizer, opt_desc = make_optimizer(c.optimizer_type or "AdamW",
-                                                 flat.param_groups() if flat else groups, lr=unet_lr or te_lr,
-                                                 args=opt_args, device=self.device, notes=opt_notes)
+            try:
+                optimizer, opt_desc = make_optimizer(c.optimizer_type or "AdamW",
+                                                     flat.param_groups() if flat else groups, lr=unet_lr or te_lr,
+                                                     args=opt_args, device=self.device, notes=opt_notes)
+            except (TypeError, ValueError) as e:  # an argument the optimizer does not take, or a bad value
+                raise TrainingError(f"optimizer {c.optimizer_type or 'AdamW'} refused optimizer_args "
+                                    f"{c.optimizer_args or []}: {e}") from None
             for n in opt_notes:
                 self._note(n)
             warmup = c.lr_warmup_steps
