@@ -236,3 +236,24 @@ def test_resume_with_block_groups_gives_the_same_weights(sd1, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_dim_from_weights_keeps_the_files_ranks_with_block_settings(sd1, tmp_path):
+    """Block learning rates with dim_from_weights built the blocks from network_dim (4) while the file had rank 8:
+    the start weights did not fit (a raw reshape error). The file's ranks win, block_dims is ignored with a note
+    (sd-scripts' create_network_from_weights), and the block weights still drop the mid block."""
+    from lib_lora.train.run import run_training
+
+    img, _ = train_data.make_dataset(str(tmp_path / "data"), n_concept=2, repeats=1)
+    base = {"train_data_dir": img, "resolution": 64, "learning_rate": 1e-3, "max_train_steps": 1, "seed": 1,
+            "save_precision": "float"}
+    first = run_training(ModelHost(sd1, "m"), parse_train_config(dict(base, output_dir=str(tmp_path / "a"),
+                                                                      network_dim=8, network_alpha=8)))
+    res = run_training(ModelHost(sd1, "m"), parse_train_config(dict(
+        base, output_dir=str(tmp_path / "b"), network_dim=4, network_weights=first.final, dim_from_weights=True,
+        network_args=["mid_lr_weight=0", "block_dims=" + ",".join(["2"] * 25)])))
+    w = load_tensors(res.final)
+    assert {v.shape[0] for k, v in w.items() if k.endswith("lora_down.weight")} == {8}
+    assert not any("mid_block" in k for k in w)
+    assert any("block_dims ignored: dim_from_weights takes the ranks from the network_weights file" in n
+               for n in res.notes)

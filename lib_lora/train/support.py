@@ -93,15 +93,26 @@ def network_number_problems(nargs: dict) -> list[str]:
     return out
 
 
-def block_settings(cfg: TrainConfig, family: str, notes: list[str]):
+def base_dims(cfg: TrainConfig, nargs: dict) -> tuple[int, float | None, int | None, float | None]:
+    """(network_dim, network_alpha, conv_dim, conv_alpha) as the config gives them."""
+    return (int(cfg.network_dim or 4), cfg.network_alpha,
+            int(nargs["conv_dim"]) if "conv_dim" in nargs else None,
+            float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None)
+
+
+def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: tuple | None = None):
     """(block LR weights, block dims, LoRA+ ratios) from network_args; BlockArgsError / ValueError say what is
-    wrong. The trainer and the pre-flight check read them through this one function."""
+    wrong. The trainer and the pre-flight check read them through this one function. ``from_file``: the base
+    dims dim_from_weights took from the network_weights file; they win over block_dims (as in sd-scripts)."""
     nargs = network_args(cfg)
     lr_weights = blocks.block_lr_weights(nargs, family, notes)
-    conv_dim = int(nargs["conv_dim"]) if "conv_dim" in nargs else None
-    conv_alpha = float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None
-    dims = blocks.block_dims(nargs, family, int(cfg.network_dim or 4), cfg.network_alpha, conv_dim, conv_alpha,
-                             lr_weights)
+    if from_file is not None:
+        given = [k for k in blocks.DIM_KEYS if k in nargs]
+        if given:
+            notes.append(f"network_args {', '.join(given)} ignored: dim_from_weights takes the ranks from the "
+                         "network_weights file (as sd-scripts does)")
+        nargs = {k: v for k, v in nargs.items() if k not in blocks.DIM_KEYS}
+    dims = blocks.block_dims(nargs, family, *(from_file or base_dims(cfg, nargs)), lr_weights)
     if dims is None and any(nargs.get(k) is not None for k in blocks.DIM_KEYS[1:]):
         notes.append("network_args block_alphas / conv_block_dims / conv_block_alphas work together with "
                       "block_dims or block learning-rate weights; without either they are ignored (as in sd-scripts)")

@@ -37,7 +37,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork
-from .support import block_settings, network_args
+from .support import base_dims, block_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import effective_optimizer, make_optimizer, make_scheduler
 from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, CsvLog, ckpt_name, load_state,
@@ -446,9 +446,7 @@ class Trainer:
                            "the WebUI)")
             stack.enter_context(self.host.lock())
             stack.enter_context(guarded([self.sd_model]))
-            dim, alpha = int(c.network_dim or 4), c.network_alpha
-            conv_dim = int(nargs["conv_dim"]) if "conv_dim" in nargs else None
-            conv_alpha = float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None
+            dim, alpha, conv_dim, conv_alpha = base_dims(c, nargs)
             if c.dim_from_weights and not c.network_weights:
                 raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
             start_sd = load_tensors(str(c.resolve(c.network_weights))) if c.network_weights else None
@@ -459,7 +457,8 @@ class Trainer:
             self._net_dims = (dim, alpha, None if module_dims else conv_dim, conv_alpha)
             notes: list[str] = []
             try:
-                block_lr, blocks, loraplus = block_settings(c, self.family, notes)
+                block_lr, blocks, loraplus = block_settings(
+                    c, self.family, notes, (dim, alpha, conv_dim, conv_alpha) if c.dim_from_weights else None)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
             for n in notes:
@@ -470,14 +469,14 @@ class Trainer:
                 rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
                 module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
                 blocks=None if module_dims else blocks, module_dims=module_dims)
+            why = ("are not in the network_weights file" if module_dims else
+                   "have rank 0 or a block learning-rate weight of 0")
+            if not net.pairs:
+                raise TrainingError(f"no module is left to train: all {len(net.skipped)} modules {why} (network_args "
+                                    "block_dims / down_lr_weight / mid_lr_weight / up_lr_weight, or dim_from_weights)")
             if net.skipped:
-                why = ("are not in the network_weights file" if module_dims else
-                       "have rank 0 or a block learning-rate weight of 0")
                 self._note(f"{len(net.skipped)} module(s) get no LoRA: they {why} (e.g. "
                            f"{', '.join(net.skipped[:3])})")
-            if not net.pairs:
-                raise TrainingError("no module is left to train: every block has rank 0 or a learning-rate weight "
-                                    "of 0 (network_args block_dims / down_lr_weight / mid_lr_weight / up_lr_weight)")
             torch.manual_seed(_seed_for(seed, "init"))
             for pair in net.pairs.values():  # deterministic kohya init from the run's seed
                 torch.nn.init.kaiming_uniform_(pair.lora_down.weight, a=math.sqrt(5))
