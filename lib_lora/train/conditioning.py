@@ -1,7 +1,8 @@
 """Text conditioning for training, computed from the host's own text-encoder modules.
 
 We do not call the WebUI's prompt wrappers: they parse ``(`` and ``[`` in captions as emphasis (here only with
-weighted_captions, scaled the way sd-scripts does) and use a dynamic chunk count. We tokenize like A1111 does (75-token chunks, comma backtracking, ``<BOS> 75 ids <EOS/PAD>``), but with
+weighted_captions, scaled the way sd-scripts does) and use a dynamic chunk count. We tokenize like A1111 does
+(75-token chunks, comma backtracking, ``<BOS> 75 ids <EOS/PAD>``), but with
 a fixed number of chunks per run so every batch has the same shape, then run the inner encoder modules directly.
 """
 
@@ -102,7 +103,8 @@ def weighted_ids(text: str, spec: TokenizerSpec) -> tuple[list[int], list[float]
 
 
 def _chunks(ids: list[int], weights: list[float] | None, spec: TokenizerSpec, n_chunks: int):
-    """A1111 chunking into exactly n_chunks rows of 77 ids (and the tokens' weights: 1 for BOS/EOS/padding)."""
+    """A1111 chunking into exactly n_chunks rows of 77 ids, and with ``weights`` the tokens' weights in the same
+    layout (1 for BOS/EOS/padding; None without)."""
     ws = weights if weights is not None else [1.0] * len(ids)
     chunks: list[list[tuple[int, float]]] = []
     cur: list[tuple[int, float]] = []
@@ -132,8 +134,10 @@ def _chunks(ids: list[int], weights: list[float] | None, spec: TokenizerSpec, n_
         c = c[:CHUNK]
         row = [spec.bos] + [t for t, _ in c] + [spec.eos]
         rows.append(row + [spec.pad] * (CHUNK + 2 - len(row)))
-        wrows.append([1.0] + [w for _, w in c] + [1.0] * (CHUNK + 1 - len(c)))
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(wrows, dtype=torch.float32), truncated
+        if weights is not None:  # (plain captions skip this: it runs for every batch when the TE trains)
+            wrows.append([1.0] + [w for _, w in c] + [1.0] * (CHUNK + 1 - len(c)))
+    return (torch.tensor(rows, dtype=torch.long),
+            torch.tensor(wrows, dtype=torch.float32) if weights is not None else None, truncated)
 
 
 def chunk_ids(ids: list[int], spec: TokenizerSpec, n_chunks: int) -> tuple[torch.Tensor, bool]:
