@@ -337,6 +337,8 @@ _RANGES = {
     "min_timestep": (0, 1000, False, "of the 1000 noise steps"),
     "max_timestep": (1, 1000, True, "of the 1000 noise steps"),
     "clip_skip": (0, None, True, "1 = the last layer, 2 = the one before"),
+    # 1 or more would hold out every image
+    "validation_split": (0, 1, False, "the share of images held out, e.g. 0.1"),
 }
 
 
@@ -564,10 +566,6 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
                                 + _suggest(str(val), [a for a in allowed if isinstance(a, str)]))
             elif cmp != val:
                 values[k] = cmp
-    v = values.get("validation_split")
-    if isinstance(v, (int, float)) and not 0 <= v < 1:  # 1 or more would hold out every image
-        problems.append(f"validation_split = {v!r} must be at least 0 and below 1 (the share of images held out, "
-                        "e.g. 0.1)")
     problems += _range_problems(values)
     if problems:
         raise TrainConfigError(f"{source}: invalid value(s):\n" + "\n".join(f"  - {p}" for p in problems))
