@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Dict, List, Optional, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -40,10 +41,8 @@ def load_sd_scripts(path: str) -> dict:
             for item in node.body:
                 if isinstance(item, ast.Assign) and "BLOCKS" in getattr(item.targets[0], "id", ""):
                     counts[item.targets[0].id] = ast.literal_eval(item.value)
-    ns = {"re": re, "logger": logging.getLogger("sd-scripts"), "List": list, "Optional": object, "Union": object,
-          "Dict": dict, "LoRANetwork": type("LoRANetwork", (), counts)}
-    from typing import Dict, List, Optional, Union
-    ns.update(Dict=Dict, List=List, Optional=Optional, Union=Union)
+    ns = {"re": re, "logger": logging.getLogger("sd-scripts"), "Dict": Dict, "List": List, "Optional": Optional,
+          "Union": Union, "LoRANetwork": type("LoRANetwork", (), counts)}
     exec(compile(ast.Module(body=body, type_ignores=[]), src_path, "exec"), ns)
     try:
         commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
