@@ -295,11 +295,13 @@ def test_settings_that_decide_on_the_host_are_not_captured(sd1, setting, reason)
     assert any(n.startswith("CUDA graphs off") and reason in n for n in notes), notes
 
 
-@pytest.mark.parametrize("family, weighted", [("sd1", False), ("sdxl", False), ("sdxl", True)])
-def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, weighted, algo", [("sd1", False, None), ("sdxl", False, None), ("sdxl", True, None),
+                                                   ("sdxl", False, "loha")])
+def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted, algo, tmp_path, monkeypatch):
     """The whole trainer (text encoder(s) trained, reg images; SDXL: two token streams, size conditioning; with
-    weighted_captions the tokens' weights too) with the emulated graphs standing in for CUDA: graphs are on without
-    being asked, and the LoRA file equals the one of a run with cuda_graphs = false."""
+    weighted_captions the tokens' weights too; a LyCORIS LoHa, whose weight-path modules include TE2's attention)
+    with the emulated graphs standing in for CUDA: graphs are on without being asked, and the LoRA file equals the
+    one of a run with cuda_graphs = false."""
     model = sd1 if family == "sd1" else models.make_sdxl(seed=1)
     monkeypatch.setattr(fastpath, "CudaGraphs", EmulatedGraphs)
     monkeypatch.delenv("LORA_STUDIO_FAST_PATH", raising=False)
@@ -312,6 +314,8 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted
              "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4, "seed": 7, "max_train_steps": 12,
              "save_precision": "float", "lr_scheduler": "cosine", "lr_warmup_steps": 2,
              "weighted_captions": weighted}
+        if algo:
+            c.update(network_module="lycoris.kohya", network_args=[f"algo={algo}", "conv_dim=2"])
         if graphs is not None:
             c["cuda_graphs"] = graphs
         cfg = parse_train_config(c, base_dir=str(tmp_path))

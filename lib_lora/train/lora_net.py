@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
-from .targets import TrainTarget, text_encoder_targets, unet_targets
+from .lyco import LycoSettings, make_pair
+from .targets import LYCO_TE, TrainTarget, lyco_preset_convs, lycoris_unet_targets, text_encoder_targets, unet_targets
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -39,15 +40,18 @@ class LoRAPair(nn.Module):
             self.lora_down = nn.Conv2d(in_dim, dim, kernel, stride, padding, bias=False)
             self.lora_up = nn.Conv2d(dim, out_dim, 1, 1, bias=False)
         # kohya init: the network starts as an exact no-op.
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
+        self.reset_parameters()
         if alpha is None or alpha == 0:
             alpha = dim
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.dim = dim
         self.scale = float(alpha) / dim
 
-    def delta_weight(self) -> torch.Tensor:
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
         """up @ down * scale as a 2-D matrix (for MHA, where the weight path is used)."""
         return (self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)) * self.scale
 
@@ -56,20 +60,31 @@ class LoRANetwork(nn.Module):
     def __init__(self, sd_model, family: str, dim: int = 4, alpha: float = 1.0, conv_dim: int | None = None,
                  conv_alpha: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
-                 blocks: BlockDims | None = None, module_dims: dict[str, tuple[int, float]] | None = None):
+                 blocks: BlockDims | None = None, module_dims: dict[str, tuple[int, float]] | None = None,
+                 lyco: LycoSettings | None = None):
         """``blocks``: per-block ranks (block_dims / block learning rates); ``module_dims``: a rank and alpha per
         kohya module name (a start file with several ranks): a module without one gets no LoRA, as in sd-scripts'
-        create_network_from_weights."""
+        create_network_from_weights. ``lyco``: a LyCORIS network (lycoris.kohya): its preset's layers, and LoHa /
+        LoKr modules for those algorithms."""
         super().__init__()
         self.family = family
         self.multiplier = 1.0
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.lyco = lyco
         targets: list[TrainTarget] = []
-        if train_unet:
-            conv = bool(conv_dim) or (blocks is not None and blocks.conv_dims is not None)
-            targets += unet_targets(sd_model.model.diffusion_model, family, conv=conv)
-        if train_text_encoder:
-            targets += text_encoder_targets(sd_model, family)
+        if lyco is not None:
+            if train_unet:
+                conv = lyco_preset_convs(lyco.preset) and bool(conv_dim)
+                targets += lycoris_unet_targets(sd_model.model.diffusion_model, family, lyco.preset, conv)
+            if train_text_encoder and lyco.preset in LYCO_TE:
+                targets += text_encoder_targets(sd_model, family, attention_only=LYCO_TE[lyco.preset] == "attention")
+        else:
+            if train_unet:
+                conv = bool(conv_dim) or (blocks is not None and blocks.conv_dims is not None)
+                targets += unet_targets(sd_model.model.diffusion_model, family, conv=conv)
+            if train_text_encoder:
+                targets += text_encoder_targets(sd_model, family)
+        weight_path = lyco is not None and lyco.weight_path
         self.pairs = nn.ModuleDict()
         self.skipped: list[str] = []  # rank 0 from block_dims or a block learning-rate weight of 0
         self._mha: list[tuple[TrainTarget, list[str]]] = []
@@ -94,8 +109,10 @@ class LoRANetwork(nn.Module):
             if t.kind == "mha":
                 e = m.embed_dim
                 for n, (dn, an) in zip(names, dims if module_dims is not None else [(d, a)] * 4):
-                    self.pairs[n] = LoRAPair(e, e, dn, an)
+                    self.pairs[n] = make_pair(lyco, (e, e), dn, an) if weight_path else LoRAPair(e, e, dn, an)
                 self._mha.append((t, names))
+            elif weight_path:
+                self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a)
             elif t.kind == "conv":
                 self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
                                                     m.padding)
@@ -131,7 +148,7 @@ class LoRANetwork(nn.Module):
                     key, w = f"unet_block{i}", block_lr[i]
             else:
                 key, base, w, ratio = "text_encoder", te_lr, 1.0, loraplus[1]
-            if ratio is None:
+            if ratio is None or not isinstance(pair, LoRAPair):  # (LyCORIS: LoRA+ moves lora_up weights only)
                 add(key, base * w, w, pair.parameters())
             else:
                 add(key, base * w, w, [pair.lora_down.weight])
@@ -171,6 +188,31 @@ class LoRANetwork(nn.Module):
 
         return forward
 
+    def _weight_forward(self, pair, module: nn.Module, org_forward):
+        """LoHa / LoKr: the host layer's own op with the rebuilt delta weight, added to its output (LyCORIS'
+        forward: op(x, W + ΔW·m) - op(x, W), without the bias twice)."""
+        net = self
+        if isinstance(module, nn.Linear):
+            def op(x, w):
+                return F.linear(x, w)
+        else:
+            def op(x, w):
+                return F.conv2d(x, w, None, module.stride, module.padding, module.dilation, module.groups)
+
+        def forward(x, *args, **kwargs):
+            y = org_forward(x, *args, **kwargs)
+            if net.multiplier == 0:
+                return y
+            if net.training and net.module_dropout and torch.rand(()) < net.module_dropout:
+                return y
+            w = pair.delta_weight(net.rank_dropout if net.training else 0.0) * net.multiplier
+            if not autocast_enabled(x.device.type) and w.dtype != x.dtype:
+                w = w.to(x.dtype)
+            u = op(x, w)
+            return y + (u if u.dtype == y.dtype else u.to(y.dtype))
+
+        return forward
+
     def _mha_forward(self, mha: nn.MultiheadAttention, names: list[str]):
         net = self
         q, k, v, o = (self.pairs[n] for n in names)
@@ -181,9 +223,10 @@ class LoRANetwork(nn.Module):
             w_in = mha.in_proj_weight
             w_out = mha.out_proj.weight
             if m:
-                d_in = torch.cat([q.delta_weight(), k.delta_weight(), v.delta_weight()], 0)
+                rd = net.rank_dropout if net.training and net.lyco is not None else 0.0
+                d_in = torch.cat([q.delta_weight(rd), k.delta_weight(rd), v.delta_weight(rd)], 0)
                 w_in = w_in + (d_in * m).to(w_in.dtype)
-                w_out = w_out + (o.delta_weight() * m).to(w_out.dtype)
+                w_out = w_out + (o.delta_weight(rd) * m).to(w_out.dtype)
             batch_first = getattr(mha, "batch_first", False)
             if batch_first:
                 query, key, value = (x.transpose(0, 1) for x in (query, key, value))
@@ -209,7 +252,9 @@ class LoRANetwork(nn.Module):
                 names = next(n for tt, n in self._mha if tt is t)
                 t.module.forward = self._mha_forward(t.module, names)
             else:
-                t.module.forward = self._pair_forward(self.pairs[t.kohya_name], type(t.module).forward.__get__(t.module))
+                pair, org = self.pairs[t.kohya_name], type(t.module).forward.__get__(t.module)
+                t.module.forward = (self._pair_forward(pair, org) if isinstance(pair, LoRAPair)
+                                    else self._weight_forward(pair, t.module, org))
         self._attached = True
 
     def detach(self):
@@ -235,6 +280,8 @@ class LoRANetwork(nn.Module):
         ||U·D||² = Σ (UᵀU) ⊙ (D·Dᵀ) with U = up [out, r] and D = down [r, in·k·k]: r×r products instead of the
         out×in delta (the same number; a 3×3 LoCon down composes with the 1×1 up the same way)."""
         pairs = [p for n, p in self.pairs.items() if prefixes is None or n.startswith(prefixes)]
+        if any(not isinstance(p, LoRAPair) for p in pairs):
+            raise ValueError("scale_weight_norms works on LoRA (lora_up/lora_down) modules only")
         if not pairs:
             z = torch.zeros(())
             return z, z, z
@@ -261,6 +308,12 @@ class LoRANetwork(nn.Module):
         for name, pair in self.pairs.items():
             if prefixes is not None and not name.startswith(prefixes):
                 continue
+            if not isinstance(pair, LoRAPair):
+                items = dict(pair.tensors(name in save_4d), alpha=pair.alpha)
+                for k, v in items.items():
+                    v = v.detach() if dtype is None else v.detach().to(dtype)
+                    out[f"{name}.{k}"] = v.to("cpu", copy=True).contiguous()
+                continue
             down, up = pair.lora_down.weight.detach(), pair.lora_up.weight.detach()
             if name in save_4d:
                 down, up = down[:, :, None, None], up[:, :, None, None]
@@ -277,6 +330,9 @@ class LoRANetwork(nn.Module):
         missing = []
         with torch.no_grad():
             for name, pair in self.pairs.items():
+                if not isinstance(pair, LoRAPair):
+                    pair.load_tensors(sd, name, missing)
+                    continue
                 for part in ("lora_down", "lora_up"):
                     key = f"{name}.{part}.weight"
                     if key not in sd:

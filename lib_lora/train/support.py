@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import blocks
+from . import blocks, lyco
 from .config import TrainConfig
 from .optim import SCHEDULERS
 
@@ -100,6 +100,36 @@ def base_dims(cfg: TrainConfig, nargs: dict) -> tuple[int, float | None, int | N
             float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None)
 
 
+def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainConfig):
+    """LyCORIS settings (None for networks.lora) with the combinations this trainer refuses; ValueError says
+    what to change."""
+    s = lyco.lyco_settings(module, nargs, notes)
+    if s is None:
+        return None
+    given = [k for k in blocks.LR_KEYS + blocks.DIM_KEYS if k in nargs]
+    if given:
+        raise ValueError(f"network_args {', '.join(given)}: block learning rates and block ranks are networks.lora "
+                         "options that LyCORIS does not read; remove them, or train with network_module = "
+                         "networks.lora")
+    if not s.weight_path and "rank_dropout" in nargs:
+        notes.append(f"rank_dropout with algo={s.algo} works as in kohya's networks.lora (rank channels dropped per "
+                     "sample and the rest scaled up); LyCORIS drops output rows of the whole delta without scaling")
+    if s.weight_path:
+        if cfg.dim_from_weights:
+            raise ValueError(f"dim_from_weights reads the ranks of kohya LoRA files; with algo={s.algo} set "
+                             "network_dim (and conv_dim) instead")
+        if cfg.scale_weight_norms:
+            raise ValueError(f"scale_weight_norms rescales LoRA (lora_up/lora_down) modules and cannot be used with "
+                             f"algo={s.algo} here yet; remove it or use algo=locon")
+        if cfg.network_dropout:
+            notes.append(f"network_dropout is not applied to {s.algo} modules (LyCORIS does not implement it for "
+                         "them either); rank_dropout and module_dropout are")
+        if any(k in nargs for k in blocks.PLUS_KEYS):
+            notes.append(f"LoRA+ ratios change nothing with algo={s.algo}: they raise the learning rate of lora_up "
+                         "weights, which LoHa/LoKr modules do not have (as in LyCORIS)")
+    return s
+
+
 def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: tuple | None = None):
     """(block LR weights, block dims, LoRA+ ratios) from network_args; BlockArgsError / ValueError say what is
     wrong. The trainer and the pre-flight check read them through this one function. ``from_file``: the base
@@ -140,18 +170,25 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
     if (cfg.lr_scheduler or "constant") not in SUPPORTED_SCHEDULERS:
         errors.append(f"lr_scheduler = {cfg.lr_scheduler!r} is not available here; choose one of "
                       f"{', '.join(sorted(SUPPORTED_SCHEDULERS))}")
-    module = cfg.network_module or "networks.lora"
-    if module != "networks.lora":
-        errors.append(f"network_module = {module!r}: only networks.lora (LoRA, and LoCon through conv_dim) can be "
-                      f"trained here; LyCORIS types can be applied but not trained yet")
+    supported = SUPPORTED_NETWORK_ARGS
+    try:
+        nargs = network_args(cfg)
+    except ValueError:
+        nargs = None  # reported below
+    if nargs is not None:
+        try:
+            if lyco_settings(cfg.network_module, nargs, notes, cfg) is not None:
+                supported = SUPPORTED_NETWORK_ARGS | lyco.KEYS
+        except ValueError as e:
+            errors.append(str(e))
     if (cfg.save_model_as or "safetensors") != "safetensors":
         notes.append(f"save_model_as = {cfg.save_model_as!r}: files are written as .safetensors (pickle formats "
                      f"can run code when loaded)")
     for item in cfg.network_args or []:
         key = item.split("=", 1)[0].strip()
-        if key not in SUPPORTED_NETWORK_ARGS:
+        if key not in supported:
             notes.append(f"network_args {key!r} is not supported yet and is ignored "
-                         f"(supported: {', '.join(sorted(SUPPORTED_NETWORK_ARGS))})")
+                         f"(supported: {', '.join(sorted(supported))})")
     if cfg.weighted_captions and (cfg.shuffle_caption or cfg.caption_tag_dropout_rate or cfg.keep_tokens):
         notes.append("weighted_captions with shuffled or dropped tags: keep commas out of the brackets, e.g. "
                      "'(red hair:1.2), smiling', or a tag split at its comma loses its weight (as in sd-scripts)")

@@ -84,6 +84,29 @@ def _walk(root: nn.Module, prefix: str = "", classes: tuple = ()):
             stack.append((f"{name}.{child_name}" if name else child_name, child, here))
 
 
+def _unet_target(dotted: str, mod: nn.Module, anc: list[str], family: str) -> TrainTarget | None:
+    """The TrainTarget (kohya name, kind) of one UNet Linear/Conv2d; None where kohya's tree has no name for it."""
+    under = dotted.replace(".", "_")
+    host_name = "diffusion_model_" + under
+    if family == "sdxl":
+        kohya = "lora_unet_" + under
+    else:
+        tail = _SD_UNET_EXTRA.get(under) or _sd_unet_kohya(under, anc + [type(mod).__name__])
+        if tail is None:
+            return None
+        kohya = "lora_unet_" + tail
+    is_1x1 = isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)
+    kind = "linear" if isinstance(mod, nn.Linear) else ("conv1x1" if is_1x1 else "conv")
+    save_4d = family == "sd2" and isinstance(mod, nn.Linear) and re.search(r"_proj_(in|out)$", under) is not None
+    return TrainTarget(kohya, host_name, mod, "unet", kind, save_4d)
+
+
+# SD1/SD2 UNet layers outside the blocks -> their names in sd-scripts' (diffusers-tree) UNet
+_SD_UNET_EXTRA = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+                  "time_embed_2": "time_embedding_linear_2"}
+_EXTRA_GROUP = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time", "time_embed_2": "time"}
+
+
 def unet_targets(diffusion_model: nn.Module, family: str, conv: bool = False) -> list[TrainTarget]:
     out: list[TrainTarget] = []
     for dotted, mod, anc in _walk(diffusion_model):
@@ -97,22 +120,61 @@ def unet_targets(diffusion_model: nn.Module, family: str, conv: bool = False) ->
         # inside transformers kohya wraps Linear and 1x1 conv only
         if in_transformer and not is_1x1:
             continue
-        under = dotted.replace(".", "_")
-        host_name = "diffusion_model_" + under
-        if family == "sdxl":
-            kohya = "lora_unet_" + under
-        else:
-            tail = _sd_unet_kohya(under, anc + [type(mod).__name__])
-            if tail is None:
-                continue
-            kohya = "lora_unet_" + tail
-        kind = "linear" if isinstance(mod, nn.Linear) else ("conv1x1" if is_1x1 else "conv")
-        save_4d = family == "sd2" and isinstance(mod, nn.Linear) and re.search(r"_proj_(in|out)$", under) is not None
-        out.append(TrainTarget(kohya, host_name, mod, "unet", kind, save_4d))
+        t = _unet_target(dotted, mod, anc, family)
+        if t is not None:
+            out.append(t)
     return out
 
 
-def _hf_clip_targets(transformer: nn.Module, host_prefix: str, kohya_prefix: str, component: str) -> list[TrainTarget]:
+# LyCORIS presets as they land on sd-scripts' UNets: (block kinds wrapped, the four named layers outside the
+# blocks (conv_in/conv_out/time embedding; SD1/SD2 only: sd-scripts' SDXL UNet has sgm names), 3x3 convs on)
+_LYCO_PRESETS = {
+    "full": ({"transformer", "resnet", "sampler"}, ("conv_in", "conv_out", "time"), True),
+    "unet-only": ({"transformer", "resnet", "sampler"}, ("conv_in", "conv_out", "time"), True),
+    "full-lin": ({"transformer", "resnet"}, ("time",), False),
+    "attn-mlp": ({"transformer"}, (), False),
+    "unet-transformer-only": ({"transformer"}, (), False),
+    "attn-only": ({"attention"}, (), False),
+    "unet-convblock-only": ({"resnet", "sampler"}, ("conv_in", "conv_out"), True),
+}
+LYCO_TE = {"full": "all", "full-lin": "all", "attn-mlp": "all", "attn-only": "attention"}  # others: no TE
+
+
+def lyco_preset_convs(preset: str) -> bool:
+    return _LYCO_PRESETS[preset][2]
+
+
+def lycoris_unet_targets(diffusion_model: nn.Module, family: str, preset: str, conv: bool) -> list[TrainTarget]:
+    """LyCORIS' layer choice (lycoris.kohya on sd-scripts): every Linear and 1x1 conv in the preset's blocks,
+    3x3 convs too when ``conv`` (conv_dim > 0 and the preset allows convs)."""
+    kinds, names, _ = _LYCO_PRESETS[preset]
+    out: list[TrainTarget] = []
+    for dotted, mod, anc in _walk(diffusion_model):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        under = dotted.replace(".", "_")
+        in_transformer = any(c in _TRANSFORMER_CLASSES for c in anc)
+        if family != "sdxl" and under in _SD_UNET_EXTRA:
+            wanted = _EXTRA_GROUP[under] in names
+        elif in_transformer:
+            wanted = "transformer" in kinds or ("attention" in kinds and re.search(r"\.attn[12]\.", dotted))
+        elif any(c == "ResBlock" for c in anc):
+            wanted = "resnet" in kinds
+        elif any(c in ("Downsample", "Upsample") for c in anc):
+            wanted = "sampler" in kinds
+        else:
+            wanted = False
+        is_1x1 = isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)
+        if not wanted or (not is_1x1 and not conv):
+            continue
+        t = _unet_target(dotted, mod, anc, family)
+        if t is not None:
+            out.append(t)
+    return out
+
+
+def _hf_clip_targets(transformer: nn.Module, host_prefix: str, kohya_prefix: str, component: str,
+                     attention_only: bool = False) -> list[TrainTarget]:
     """HF CLIPTextModel (SD1 TE, SDXL TE1): q/k/v/out_proj and fc1/fc2 of every encoder layer."""
     out = []
     for dotted, mod in transformer.named_modules():
@@ -120,13 +182,15 @@ def _hf_clip_targets(transformer: nn.Module, host_prefix: str, kohya_prefix: str
             continue
         if not re.search(r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$", dotted):
             continue
+        if attention_only and ".mlp." in dotted:
+            continue
         under = hf_clip_name(dotted).replace(".", "_")
         out.append(TrainTarget(kohya_prefix + under, host_prefix + "transformer_" + under, mod, component, "linear"))
     return out
 
 
 def _open_clip_targets(model: nn.Module, host_prefix: str, kohya_prefix: str, component: str,
-                       n_layers_used: int) -> list[TrainTarget]:
+                       n_layers_used: int, attention_only: bool = False) -> list[TrainTarget]:
     """open_clip text tower (SD2 TE, SDXL TE2): the MHA (q/k/v + out_proj) and c_fc/c_proj of each resblock."""
     out = []
     for i, block in enumerate(model.transformer.resblocks):
@@ -135,22 +199,26 @@ def _open_clip_targets(model: nn.Module, host_prefix: str, kohya_prefix: str, co
         base = f"{host_prefix}model_transformer_resblocks_{i}_"
         kbase = f"{kohya_prefix}text_model_encoder_layers_{i}_"
         out.append(TrainTarget(kbase + "self_attn", base + "attn", block.attn, component, "mha"))
+        if attention_only:
+            continue
         for child, tail in (("c_fc", "mlp_c_fc"), ("c_proj", "mlp_c_proj")):
             out.append(TrainTarget(kbase + _OPENCLIP_TAIL[tail], base + tail, getattr(block.mlp, child), component, "linear"))
     return out
 
 
-def text_encoder_targets(sd_model, family: str) -> list[TrainTarget]:
+def text_encoder_targets(sd_model, family: str, attention_only: bool = False) -> list[TrainTarget]:
+    """kohya's text-encoder layers (attention and MLP); ``attention_only``: LyCORIS' attn-only preset."""
+    a = attention_only
     if family == "sdxl":
         emb = sd_model.conditioner.embedders
         te1 = getattr(emb[0], "wrapped", emb[0])
         te2 = getattr(emb[1], "wrapped", emb[1])
         # TE2 feeds both the penultimate hidden state and the pooled (last-layer) output, so every layer trains.
-        return (_hf_clip_targets(te1.transformer, "0_", "lora_te1_", "te1")
-                + _open_clip_targets(te2.model, "1_", "lora_te2_", "te2", len(te2.model.transformer.resblocks)))
+        return (_hf_clip_targets(te1.transformer, "0_", "lora_te1_", "te1", a)
+                + _open_clip_targets(te2.model, "1_", "lora_te2_", "te2", len(te2.model.transformer.resblocks), a))
     cond = getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model)
     if family == "sd2":
         n = len(cond.model.transformer.resblocks) - getattr(cond, "layer_idx", 1)
         # Layers past the one SD2 reads never see a gradient; kohya leaves them out (23 of 24).
-        return _open_clip_targets(cond.model, "", "lora_te_", "te1", n)
-    return _hf_clip_targets(cond.transformer, "", "lora_te_", "te1")
+        return _open_clip_targets(cond.model, "", "lora_te_", "te1", n, a)
+    return _hf_clip_targets(cond.transformer, "", "lora_te_", "te1", a)

@@ -37,7 +37,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork
-from .support import base_dims, block_settings, network_args
+from .support import base_dims, block_settings, lyco_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import effective_optimizer, make_optimizer, make_scheduler
 from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, CsvLog, ckpt_name, load_state,
@@ -447,6 +447,14 @@ class Trainer:
             stack.enter_context(self.host.lock())
             stack.enter_context(guarded([self.sd_model]))
             dim, alpha, conv_dim, conv_alpha = base_dims(c, nargs)
+            notes: list[str] = []
+            try:
+                lyco = lyco_settings(c.network_module, nargs, notes, c)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
+            if lyco is not None:  # LyCORIS' defaults: the conv layers take the linear rank and alpha
+                conv_dim = dim if conv_dim is None else conv_dim
+                conv_alpha = alpha if conv_alpha is None else conv_alpha
             if c.dim_from_weights and not c.network_weights:
                 raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
             start_sd = load_tensors(str(c.resolve(c.network_weights))) if c.network_weights else None
@@ -455,7 +463,7 @@ class Trainer:
                 dim, alpha, conv_dim, conv_alpha, module_dims = self._dims_from_weights(start_sd)
             # (per-module ranks: no single conv rank goes into the metadata)
             self._net_dims = (dim, alpha, None if module_dims else conv_dim, conv_alpha)
-            notes: list[str] = []
+            self._lyco = lyco
             try:
                 block_lr, blocks, loraplus = block_settings(
                     c, self.family, notes, (dim, alpha, conv_dim, conv_alpha) if c.dim_from_weights else None)
@@ -468,7 +476,7 @@ class Trainer:
                 train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=c.network_dropout,
                 rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
                 module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
-                blocks=None if module_dims else blocks, module_dims=module_dims)
+                blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco)
             why = ("are not in the network_weights file" if module_dims else
                    "have rank 0 or a block learning-rate weight of 0")
             if not net.pairs:
@@ -478,8 +486,8 @@ class Trainer:
                 self._note(f"{len(net.skipped)} module(s) get no LoRA: they {why} (e.g. "
                            f"{', '.join(net.skipped[:3])})")
             torch.manual_seed(_seed_for(seed, "init"))
-            for pair in net.pairs.values():  # deterministic kohya init from the run's seed
-                torch.nn.init.kaiming_uniform_(pair.lora_down.weight, a=math.sqrt(5))
+            for pair in net.pairs.values():  # deterministic kohya / LyCORIS init from the run's seed
+                pair.reset_parameters()
             net.to(self.device)
             if c.network_weights:
                 missing = net.load_kohya_state_dict(start_sd)
@@ -904,7 +912,7 @@ class Trainer:
             "ss_max_train_steps": self.total_steps,
             "ss_lr_warmup_steps": c.lr_warmup_steps,
             "ss_lr_scheduler": c.lr_scheduler,
-            "ss_network_module": "networks.lora",
+            "ss_network_module": "lycoris.kohya" if self._lyco is not None else "networks.lora",
             "ss_network_dim": dim,
             "ss_network_alpha": float(self._net_dims[1] if self._net_dims[1] is not None else dim),
             "ss_network_dropout": c.network_dropout,
