@@ -79,6 +79,18 @@ def test_extra_keys_survive_the_round_trip():
     assert tomllib.loads(extra) == {"noise_offset_random_strength": True, "max_token_length": 225}
 
 
+def test_a_lycoris_config_keeps_its_network_type_through_the_form():
+    """network_module has a field: a pasted LyCORIS config must not come back from the form as a plain LoRA."""
+    form = P.form_defaults("SD1.5 character")
+    assert form["network_module"] == "networks.lora"
+    form.update({"network_module": "lycoris.kohya", "network_args": "algo=lokr factor=8"})
+    cfg, _ = P.collect_config(form, PATHS)
+    assert cfg["network_module"] == "lycoris.kohya" and cfg["network_args"] == ["algo=lokr", "factor=8"]
+    values, _, extra = P.config_to_ui(parse_train_config_text(P.export_toml(cfg)))
+    assert values["network_module"] == "lycoris.kohya" and values["network_args"] == "algo=lokr factor=8"
+    assert extra == ""
+
+
 def test_off_values_and_bad_input():
     form = P.form_defaults("SD1.5 character")
     form.update({"seed": -1, "clip_skip": 1, "min_snr_gamma": 0, "max_train_epochs": 0, "max_train_steps": 300,

@@ -50,6 +50,9 @@ FIELDS: tuple[Field, ...] = (
     Field("network_alpha", "Network alpha", "float",
           "Scales the LoRA by alpha/dim; dim/2 is common. With alpha 1 a big dim needs a much higher learning rate.",
           "network", minimum=0),
+    Field("network_module", "Network type", "choice",
+          "networks.lora: LoRA (LoCon with conv_dim). lycoris.kohya: LyCORIS, with algo=loha or algo=lokr in "
+          "Network arguments.", "network", choices=("networks.lora", "lycoris.kohya"), off="networks.lora"),
     # --- length and saving
     Field("max_train_epochs", "Epochs", "int",
           "Passes over the dataset (images x repeats). 0 = stop after 'Max steps' instead.", "length", off=0, minimum=0),
@@ -151,7 +154,7 @@ FIELDS: tuple[Field, ...] = (
           "advanced", off=0.0, minimum=0),
     Field("network_args", "Network arguments", "args",
           "Space-separated key=value: conv_dim=8 conv_alpha=4 (LoCon), loraplus_lr_ratio=16, "
-          "down_lr_weight=cosine, block_dims=... (see README).", "advanced"),
+          "down_lr_weight=cosine; LyCORIS: algo=loha, algo=lokr (see README).", "advanced"),
     Field("ui_extra_toml", "Other sd-scripts keys (TOML)", "text",
           "Keys this form has no field for; kept on import and written on export.", "advanced"),
 )
@@ -163,7 +166,7 @@ PATH_KEYS = ("train_data_dir", "reg_data_dir", "output_dir", "output_name")
 
 # The form's starting point: the seed tutorial's values (training-anchors §8), not sd-scripts' CLI defaults.
 BASE = {
-    "network_dim": 32, "network_alpha": 16.0, "max_train_epochs": 10, "max_train_steps": 1600,
+    "network_dim": 32, "network_alpha": 16.0, "network_module": None, "max_train_epochs": 10, "max_train_steps": 1600,
     "save_every_n_epochs": 2, "sample_every_n_epochs": 2, "ui_sample_prompt": "",
     "train_batch_size": 2, "resolution": (512, 512), "enable_bucket": True, "min_bucket_reso": 256,
     "max_bucket_reso": 1024, "bucket_reso_steps": 64, "bucket_no_upscale": False,
@@ -321,8 +324,7 @@ def config_to_ui(cfg: TrainConfig) -> tuple[dict, dict, str]:
     default = TrainConfig()
     extra = {}
     for k in config_keys():
-        if k in FIELD_BY_KEY or k in PATH_KEYS or k in ("network_module", "pretrained_model_name_or_path",
-                                                        "sample_prompts"):
+        if k in FIELD_BY_KEY or k in PATH_KEYS or k in ("pretrained_model_name_or_path", "sample_prompts"):
             continue
         v = getattr(cfg, k)
         if v != getattr(default, k):
