@@ -207,8 +207,12 @@ def _cfg(tmp_path, img, out, **kw):
 def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo):
     img, _ = _dataset(tmp_path)
     before = models.model_state_hash(sd1)
-    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", network_args=[f"algo={algo}", "conv_dim=2"]))
+    events = []
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", network_args=[f"algo={algo}", "conv_dim=2"]),
+                       on_event=events.append)
     assert res.status == "done" and res.steps == 6
+    start = next(e.message for e in events if e.kind == "start")
+    assert start.startswith({"loha": "LoHa", "lokr": "LoKr", "locon": "LoRA"}[algo] + " (LyCORIS preset full)"), start
     assert models.model_state_hash(sd1) == before
     sd = load_tensors(res.final)
     md = read_metadata(res.final)

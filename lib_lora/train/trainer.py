@@ -492,7 +492,10 @@ class Trainer:
             if c.network_weights:
                 missing = net.load_kohya_state_dict(start_sd)
                 self._note(f"started from {c.network_weights} ({len(missing)} tensors not in that file)")
-            self._emit("start", message=f"LoRA for {net.counts()} modules; seed {seed}")
+            kind = "LoRA"
+            if lyco is not None:
+                kind = {"loha": "LoHa", "lokr": "LoKr"}.get(lyco.algo, "LoRA") + f" (LyCORIS preset {lyco.preset})"
+            self._emit("start", message=f"{kind} for {net.counts()} modules; seed {seed}")
 
             cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None
             if cache_dir:
