@@ -170,7 +170,8 @@ def test_forward_and_gradients_are_lycoris(layer, algo, kw):
     ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}, "m", missing)
     assert not missing
     ref.apply_to()
-    net = types.SimpleNamespace(multiplier=0.7, training=True, module_dropout=None, rank_dropout=None)
+    net = types.SimpleNamespace(multiplier=0.7, training=True, module_dropout=None, rank_dropout=None,
+                                _passes_through=lambda: False)
     ref.multiplier = 0.7
     org.forward = LoRANetwork._weight_forward(net, ours, org, type(org).forward.__get__(org))
     x = torch.randn((3, 7, org.in_features) if isinstance(org, nn.Linear) else (2, org.in_channels, 9, 9),

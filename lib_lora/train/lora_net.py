@@ -160,14 +160,17 @@ class LoRANetwork(nn.Module):
         return tuple(p for p, lr in (("lora_unet_", unet_lr), ("lora_te", te_lr)) if lr)
 
     # ---- attach / detach ----------------------------------------------------------------------------------
+    def _passes_through(self) -> bool:
+        """This module adds nothing now: multiplier 0, or dropped for this step (module_dropout)."""
+        return self.multiplier == 0 or bool(self.training and self.module_dropout
+                                            and torch.rand(()) < self.module_dropout)
+
     def _pair_forward(self, pair: LoRAPair, org_forward):
         net = self
 
         def forward(x, *args, **kwargs):
             y = org_forward(x, *args, **kwargs)
-            if net.multiplier == 0:
-                return y
-            if net.training and net.module_dropout and torch.rand(()) < net.module_dropout:
+            if net._passes_through():
                 return y
             # under autocast the linear casts x itself; casting it first only adds two copies. The dtype checks
             # in Python skip a no-op .to() dispatch per module (host time per step on a GPU)
@@ -201,9 +204,7 @@ class LoRANetwork(nn.Module):
 
         def forward(x, *args, **kwargs):
             y = org_forward(x, *args, **kwargs)
-            if net.multiplier == 0:
-                return y
-            if net.training and net.module_dropout and torch.rand(()) < net.module_dropout:
+            if net._passes_through():
                 return y
             w = pair.delta_weight(net.rank_dropout if net.training else 0.0) * net.multiplier
             if not autocast_enabled(x.device.type) and w.dtype != x.dtype:
