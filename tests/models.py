@@ -148,6 +148,40 @@ class A1111EmbedderWrapper(nn.Module):
         return self.wrapped(text)
 
 
+class EmbeddingsWithFixes(nn.Module):
+    """A1111 v1.10.1 modules/sd_hijack.py EmbeddingsWithFixes without textual-inversion vectors: the token
+    embedding the WebUI's hijack puts in place of each text encoder's own (the original sits in ``.wrapped``, so
+    the wrapper has no ``.weight``)."""
+
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+        self.fixes = None
+
+    def forward(self, input_ids):
+        self.fixes = None  # A1111 consumes the pending textual-inversion fixes here
+        return self.wrapped(input_ids)
+
+
+def a1111_embedding_hijack(model, family: str):
+    """Wrap the token embeddings as A1111's ``model_hijack.hijack`` does (sd_hijack.py: open_clip towers'
+    ``model.token_embedding``, HF CLIP's ``text_model.embeddings.token_embedding``)."""
+    def hf(embedder):
+        e = embedder.transformer.text_model.embeddings
+        e.token_embedding = EmbeddingsWithFixes(e.token_embedding)
+
+    def oc(embedder):
+        embedder.model.token_embedding = EmbeddingsWithFixes(embedder.model.token_embedding)
+
+    if family == "sdxl":
+        hf(model.conditioner.embedders[0].wrapped)
+        oc(model.conditioner.embedders[1].wrapped)
+    else:
+        cond = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
+        (oc if family == "sd2" else hf)(cond)
+    return model
+
+
 def _build_sdxl():
     import sgm_like
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder

@@ -162,7 +162,8 @@ def test_gradient_checkpointing_gives_the_same_step(sd1, tmp_path):
 
 
 def test_sd2_v_prediction_trains_and_saves_sd2_metadata(tmp_path):
-    sd2 = models.make_sd2(seed=1)
+    # with the WebUI's textual-inversion wrapper on the token embedding (it has no .weight: found in the WebUI)
+    sd2 = models.a1111_embedding_hijack(models.make_sd2(seed=1), "sd2")
     before = state_fingerprint(sd2)
     img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=1)
     res = run_training(ModelHost(sd2, "tiny-sd2"), _cfg(str(tmp_path), img, max_train_epochs=1))
@@ -175,7 +176,7 @@ def test_sd2_v_prediction_trains_and_saves_sd2_metadata(tmp_path):
 
 
 def test_sdxl_trains_with_size_conditioning(tmp_path):
-    xl = models.make_sdxl(seed=2)
+    xl = models.a1111_embedding_hijack(models.make_sdxl(seed=2), "sdxl")
     before = state_fingerprint(xl)
     img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=1)
     res = run_training(ModelHost(xl, "tiny-xl"), _cfg(str(tmp_path), img, max_train_epochs=1))

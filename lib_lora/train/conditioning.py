@@ -157,7 +157,9 @@ def _hf_hidden(transformer, ids, layer_from_end: int, final_ln: bool):
 
 def _open_clip_run(model, ids, stop_before: int):
     """Run the open_clip text tower; returns (hidden after `len-stop_before` blocks, last-layer output)."""
-    x = model.token_embedding(ids) + model.positional_embedding.to(model.token_embedding.weight.dtype)
+    emb = model.token_embedding
+    # in the WebUI the embedding is wrapped by its textual-inversion hijack (EmbeddingsWithFixes: no .weight)
+    x = emb(ids) + model.positional_embedding.to(getattr(emb, "wrapped", emb).weight.dtype)
     batch_first = getattr(model.transformer, "batch_first", False)
     if not batch_first:
         x = x.permute(1, 0, 2)
