@@ -369,8 +369,9 @@ def parse_resolution(value: Any, key: str = "resolution") -> tuple[tuple[int, in
         raise _Bad(f"{key} must be a size like 512 or \"512,768\", got {value!r}")
     if isinstance(value, int):
         parts = [value]
-        note = (f"{key} = {value} (a TOML integer) read as {value}x{value}; sd-scripts' training config expects a "
-                f"string and stops with \"'int' object has no attribute 'split'\"")
+        note = (f"{key} = {value} (a number, not a string) read as {value}x{value}; sd-scripts' training config "
+                f"expects a string such as \"{value},{value}\" and stops with \"'int' object has no attribute "
+                f"'split'\"")
     elif isinstance(value, float) and value.is_integer():
         parts = [int(value)]
     elif isinstance(value, str):
