@@ -2,8 +2,9 @@
 
 Linear/Conv2d targets get kohya's activation-path LoRA (``org(x) + up(down(x)) * m * alpha/dim``) by replacing the
 instance's ``forward`` (the class stays untouched, so the WebUI's attention hijack and other class patches keep
-working). An ``nn.MultiheadAttention`` (SD2 TE, SDXL TE2) has no per-projection modules, so its q/k/v/out LoRAs are
-added to the weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes every trace.
+working). LyCORIS LoHa/LoKr modules (lyco.py) add ``op(x, ΔW·m)`` with the layer's own op instead. An
+``nn.MultiheadAttention`` (SD2 TE, SDXL TE2) has no per-projection modules, so its q/k/v/out deltas are added to the
+weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes every trace.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class LoRAPair(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
 
     def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
-        """up @ down * scale as a 2-D matrix (for MHA, where the weight path is used)."""
+        """up @ down * scale as a 2-D matrix (for MHA, where the weight path is used). ``rank_dropout`` is for
+        the LyCORIS types' signature: kohya's LoRA drops rank channels in the activation path only."""
         return (self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)) * self.scale
 
 
