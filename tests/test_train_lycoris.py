@@ -23,7 +23,7 @@ from lib_lora.formats.safetensors_io import load_tensors, read_metadata
 from lib_lora.host.base import ModelHost
 from lib_lora.train import lyco
 from lib_lora.train.config import parse_train_config
-from lib_lora.train.lora_net import LoRANetwork
+from lib_lora.train.lora_net import LoRANetwork, LoRAPair
 from lib_lora.train.run import plan_for, run_training
 from lib_lora.train.support import check_support
 from lib_lora.train.targets import lyco_preset_convs, lycoris_unet_targets, text_encoder_targets
@@ -74,7 +74,10 @@ def test_unet_layers_of_every_preset_are_lycoris_on_sd_scripts(family, full_unet
 
 ALGO_SETTINGS = {"locon": lyco.LycoSettings("locon"), "loha": lyco.LycoSettings("loha"),
                  "lokr": lyco.LycoSettings("lokr"), "lokr_f8_both": lyco.LycoSettings("lokr", factor=8,
-                                                                                       decompose_both=True)}
+                                                                                       decompose_both=True),
+                 "locon_tucker": lyco.LycoSettings("locon", tucker=True),
+                 "loha_tucker": lyco.LycoSettings("loha", tucker=True),
+                 "lokr_tucker": lyco.LycoSettings("lokr", tucker=True)}
 
 
 @pytest.mark.parametrize("family, algo", [("sd1", a) for a in ALGO_SETTINGS] + [("sdxl", "lokr"),
@@ -88,7 +91,7 @@ def test_saved_tensors_are_lycoris_names_shapes_and_alphas(family, algo, full_un
     got: dict = {}
     for k, v in sd.items():
         name, key = k.split(".", 1)
-        got.setdefault(name, {})[key.replace(".weight", "") if algo == "locon" else key] = list(v.shape)
+        got.setdefault(name, {})[key.replace(".weight", "") if algo.startswith("locon") else key] = list(v.shape)
     want = {n: {k.replace(".weight", ""): s for k, s in d.items()} for n, d in ref[algo].items()}
     assert got == want
     alphas = {n: round(p.scale * p.dim, 6) for n, p in net.pairs.items()}
@@ -119,7 +122,8 @@ LAYERS = {
     "conv_in": lambda: nn.Conv2d(4, 32, 3, padding=1),
 }
 CASES = [("loha", {}), ("lokr", {}), ("lokr", {"factor": 4}), ("lokr", {"decompose_both": True, "factor": 4}),
-         ("lokr", {"full_matrix": True}), ("lokr", {"unbalanced_factorization": True})]
+         ("lokr", {"full_matrix": True}), ("lokr", {"unbalanced_factorization": True}),
+         ("loha", {"use_tucker": True}), ("lokr", {"use_tucker": True})]
 
 
 def _lycoris_module(algo, layer, dim, alpha, kw):
@@ -130,7 +134,8 @@ def _lycoris_module(algo, layer, dim, alpha, kw):
 def _our_pair(algo, layer, dim, alpha, kw):
     s = lyco.LycoSettings(algo, factor=kw.get("factor", -1), decompose_both=kw.get("decompose_both", False),
                           full_matrix=kw.get("full_matrix", False), unbalanced=kw.get("unbalanced_factorization",
-                                                                                      False))
+                                                                                      False),
+                          tucker=kw.get("use_tucker", False))
     return lyco.make_pair(s, tuple(layer.weight.shape), dim, alpha)
 
 
@@ -185,6 +190,43 @@ def test_forward_and_gradients_are_lycoris(layer, algo, kw):
         torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("layer", ["conv3_stride2", "conv_in"])
+def test_tucker_locon_is_lycoris(layer):
+    """algo=locon with use_tucker: 1x1 down, kxk lora_mid core, 1x1 up; init (same draws), output, gradients."""
+    from lycoris.modules.locon import LoConModule
+    torch.manual_seed(0)
+    org = LAYERS[layer]()
+    twin = LAYERS[layer]()
+    twin.load_state_dict(org.state_dict())
+    torch.manual_seed(3)
+    ref = LoConModule("x", twin, 1.0, 4, 2.0, use_tucker=True)
+    torch.manual_seed(3)
+    ours = LoRAPair(org.in_channels, org.out_channels, 4, 2.0, org.kernel_size, org.stride, org.padding, tucker=True)
+    want = {k: v for k, v in ref.state_dict().items() if k != "scalar"}
+    got = {k: v for k, v in ours.state_dict().items()}
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    ref.apply_to()
+    net = types.SimpleNamespace(multiplier=0.7, training=True, dropout=None, rank_dropout=None,
+                                _passes_through=lambda: False)
+    ref.multiplier = 0.7
+    org.forward = LoRANetwork._pair_forward(net, ours, type(org).forward.__get__(org))
+    x = torch.randn((2, org.in_channels, 9, 9), generator=g)
+    y_ref, y = twin(x), org(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    (y_ref * y_ref.detach().cos()).sum().backward()
+    (y * y.detach().cos()).sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_factorization_is_lycoris():
     from lycoris.functional import factorization
     for d in (1, 4, 7, 64, 127, 128, 250, 320, 360, 640, 768, 1024, 1280, 2816):
@@ -204,13 +246,14 @@ def _cfg(tmp_path, img, out, **kw):
     return parse_train_config(c, base_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("algo", ["loha", "lokr", "locon"])
-def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo):
+@pytest.mark.parametrize("algo, tucker", [("loha", False), ("lokr", False), ("locon", False), ("locon", True),
+                                         ("loha", True)])
+def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo, tucker):
     img, _ = _dataset(tmp_path)
     before = models.model_state_hash(sd1)
     events = []
-    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", network_args=[f"algo={algo}", "conv_dim=2"]),
-                       on_event=events.append)
+    nargs = [f"algo={algo}", "conv_dim=2"] + (["use_tucker=True"] if tucker else [])
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", network_args=nargs), on_event=events.append)
     assert res.status == "done" and res.steps == 6
     start = next(e.message for e in events if e.kind == "start")
     assert start.startswith({"loha": "LoHa", "lokr": "LoKr", "locon": "LoRA"}[algo] + " (LyCORIS preset full)"), start
@@ -218,7 +261,8 @@ def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo):
     sd = load_tensors(res.final)
     md = read_metadata(res.final)
     assert md["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(md["ss_network_args"]) == {"algo": algo, "conv_dim": "2"}
+    assert json.loads(md["ss_network_args"]) == dict({"algo": algo, "conv_dim": "2"}, **(
+        {"use_tucker": "True"} if tucker else {}))
     names = {k.split(".")[0] for k in sd}
     unet = {t.kohya_name: t.module for t in lycoris_unet_targets(sd1.model.diffusion_model, "sd1", "full", True)}
     te = {t.kohya_name for t in text_encoder_targets(sd1, "sd1")}
@@ -227,6 +271,8 @@ def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo):
     assert len(net.report.matched) == net.report.total_modules == len(names)
     # the UNet (conv_in and the time embedding included) and the text encoder learned something
     zero_half = {"loha": "hada_w2_a", "lokr": "lokr_w2_b", "locon": "lora_up.weight"}[algo]
+    if tucker:
+        assert any(k.endswith((".lora_mid.weight", ".hada_t1")) for k in sd)
     for n in ("lora_unet_conv_in", "lora_unet_time_embedding_linear_1", "lora_unet_mid_block_attentions_0_proj_in",
               "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):
         key = f"{n}.{zero_half}" if f"{n}.{zero_half}" in sd else f"{n}.lokr_w2"  # (LoKr: a whole w2)
@@ -236,8 +282,8 @@ def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo):
     for n, layer in unet.items():
         is_conv3 = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
         dim, alpha = (2, 2.0) if is_conv3 else (4, 2.0)  # conv_alpha defaults to network_alpha (LyCORIS)
-        ref = (LoConModule("x", layer, 1.0, dim, alpha) if algo == "locon"
-               else _lycoris_module(algo, layer, dim, alpha, {}))
+        ref = (LoConModule("x", layer, 1.0, dim, alpha, use_tucker=tucker) if algo == "locon"
+               else _lycoris_module(algo, layer, dim, alpha, {"use_tucker": tucker}))
         want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k != "scalar"}
         got = {k.split(".", 1)[1]: tuple(v.shape) for k, v in sd.items() if k.split(".")[0] == n}
         assert got == want, n
@@ -286,7 +332,7 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     img, _ = _dataset(tmp_path)
     cases = {
         ("algo=ia3",): r"algo=ia3: LoRA Studio trains algo=lora, locon, loha, lokr",
-        ("algo=loha", "use_tucker=True"): r"use_tucker=True: Tucker-decomposed conv factors cannot be trained",
+        ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
         ("algo=lokr", "dora_wd=True"): r"weight decomposition \(DoRA\)",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
@@ -303,6 +349,8 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert any("networks.dylora' cannot be trained here" in e for e in errors), errors
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha"], scale_weight_norms=1.0)
     assert any("scale_weight_norms" in e for e in check_support(cfg, "sd1")[0])
+    cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_cp=True"], scale_weight_norms=1.0)
+    assert any("scale_weight_norms" in e and "Tucker" in e for e in check_support(cfg, "sd1")[0])
     # what LyCORIS itself ignores is said, not dropped silently
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "factor=4", "loraplus_lr_ratio=4"],
                                   network_dropout=0.1), "sd1")

@@ -32,11 +32,18 @@ def autocast_enabled(device_type: str) -> bool:
 class LoRAPair(nn.Module):
     """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names."""
 
-    def __init__(self, in_dim: int, out_dim: int, dim: int, alpha: float, kernel=None, stride=1, padding=0):
+    def __init__(self, in_dim: int, out_dim: int, dim: int, alpha: float, kernel=None, stride=1, padding=0,
+                 tucker: bool = False):
+        """``tucker`` (LyCORIS use_tucker, kxk convs): 1x1 down, kxk ``lora_mid`` core, 1x1 up."""
         super().__init__()
+        self.lora_mid = None
         if kernel is None:
             self.lora_down = nn.Linear(in_dim, dim, bias=False)
             self.lora_up = nn.Linear(dim, out_dim, bias=False)
+        elif tucker:
+            self.lora_down = nn.Conv2d(in_dim, dim, 1, bias=False)
+            self.lora_mid = nn.Conv2d(dim, dim, kernel, stride, padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, out_dim, 1, 1, bias=False)
         else:
             self.lora_down = nn.Conv2d(in_dim, dim, kernel, stride, padding, bias=False)
             self.lora_up = nn.Conv2d(dim, out_dim, 1, 1, bias=False)
@@ -51,6 +58,8 @@ class LoRAPair(nn.Module):
     def reset_parameters(self):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+        if self.lora_mid is not None:  # (LyCORIS' order)
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
 
     def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
         """up @ down * scale as a 2-D matrix (for MHA, where the weight path is used). ``rank_dropout`` is for
@@ -117,7 +126,7 @@ class LoRANetwork(nn.Module):
                 self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a)
             elif t.kind == "conv":
                 self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
-                                                    m.padding)
+                                                    m.padding, tucker=lyco is not None and lyco.tucker)
             elif t.kind == "conv1x1":
                 self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
             else:
@@ -153,7 +162,7 @@ class LoRANetwork(nn.Module):
             if ratio is None or not isinstance(pair, LoRAPair):  # (LyCORIS: LoRA+ moves lora_up weights only)
                 add(key, base * w, w, pair.parameters())
             else:
-                add(key, base * w, w, [pair.lora_down.weight])
+                add(key, base * w, w, [p for n, p in pair.named_parameters() if not n.startswith("lora_up.")])
                 add(key + " plus", base * w * ratio, w * ratio, [pair.lora_up.weight])
         return [g for g in groups.values() if g["lr"] and g["params"]]
 
@@ -178,6 +187,8 @@ class LoRANetwork(nn.Module):
             # in Python skip a no-op .to() dispatch per module (host time per step on a GPU)
             wd = pair.lora_down.weight.dtype
             h = pair.lora_down(x if x.dtype == wd or autocast_enabled(x.device.type) else x.to(wd))
+            if pair.lora_mid is not None:
+                h = pair.lora_mid(h)
             scale = pair.scale
             if net.training and net.dropout:
                 h = F.dropout(h, p=net.dropout)
@@ -283,7 +294,7 @@ class LoRANetwork(nn.Module):
         ||U·D||² = Σ (UᵀU) ⊙ (D·Dᵀ) with U = up [out, r] and D = down [r, in·k·k]: r×r products instead of the
         out×in delta (the same number; a 3×3 LoCon down composes with the 1×1 up the same way)."""
         pairs = [p for n, p in self.pairs.items() if prefixes is None or n.startswith(prefixes)]
-        if any(not isinstance(p, LoRAPair) for p in pairs):
+        if any(not isinstance(p, LoRAPair) or p.lora_mid is not None for p in pairs):
             raise ValueError("scale_weight_norms works on LoRA (lora_up/lora_down) modules only")
         if not pairs:
             z = torch.zeros(())
@@ -326,6 +337,9 @@ class LoRANetwork(nn.Module):
             # copies: the weights may be views into one flat buffer (fast path), which safetensors refuses to save
             out[f"{name}.lora_down.weight"] = down.to("cpu", copy=True).contiguous()
             out[f"{name}.lora_up.weight"] = up.to("cpu", copy=True).contiguous()
+            if pair.lora_mid is not None:
+                mid = pair.lora_mid.weight.detach()
+                out[f"{name}.lora_mid.weight"] = (mid if dtype is None else mid.to(dtype)).to("cpu", copy=True)
             out[f"{name}.alpha"] = alpha.to("cpu", copy=True)
         return out
 
@@ -336,7 +350,7 @@ class LoRANetwork(nn.Module):
                 if not isinstance(pair, LoRAPair):
                     pair.load_tensors(sd, name, missing)
                     continue
-                for part in ("lora_down", "lora_up"):
+                for part in ("lora_down", "lora_up") + (("lora_mid",) if pair.lora_mid is not None else ()):
                     key = f"{name}.{part}.weight"
                     if key not in sd:
                         missing.append(key)

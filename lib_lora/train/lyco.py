@@ -2,7 +2,8 @@
 
 ``algo=lora``/``locon`` is a kohya LoRA on LyCORIS' wider layer set; ``algo=loha`` (Hadamard product of two
 low-rank pairs) and ``algo=lokr`` (Kronecker product) have their own modules here. Shapes, initialisation, scale
-and saved keys follow LyCORIS' LohaModule / LokrModule (non-Tucker, no DoRA, no scalar), so LyCORIS, A1111's
+and saved keys follow LyCORIS' LohaModule / LokrModule (Tucker cores for kxk convs on request; no DoRA, no scalar),
+so LyCORIS, A1111's
 built-in Lora, ComfyUI and our own ``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS'
 presets as they land on sd-scripts' UNets (tests/data/lycoris_targets_reference.json).
 """
@@ -21,10 +22,10 @@ PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-trans
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
         "bypass_mode", "rank_dropout_scale"}
+TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
 # switches that change the module and that this trainer does not build yet: refused, never silently dropped
 _NOT_YET = {
-    "use_tucker": "Tucker-decomposed conv factors", "use_cp": "Tucker-decomposed conv factors",
-    "use_conv_cp": "Tucker-decomposed conv factors", "use_scalar": "the trained scalar",
+    "use_scalar": "the trained scalar",
     "dora_wd": "weight decomposition (DoRA)", "rs_lora": "rank-stabilised scaling", "train_norm": "trained norm layers",
     "rank_dropout_scale": "rescaled rank dropout",
 }
@@ -42,6 +43,7 @@ class LycoSettings:
     decompose_both: bool = False
     full_matrix: bool = False
     unbalanced: bool = False
+    tucker: bool = False  # kxk convs as a Tucker core with 1x1 factors (use_tucker / use_cp)
 
     @property
     def weight_path(self) -> bool:
@@ -68,9 +70,9 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
         if key in nargs and _bool(nargs[key]):
             raise ValueError(f"network_args {key}={nargs[key]}: {what} cannot be trained here yet; remove the entry "
                              f"(or set it to False) to train a plain {algo}")
-    if "disable_conv_cp" in nargs and not _bool(nargs["disable_conv_cp"]):
-        raise ValueError("network_args disable_conv_cp=False asks for Tucker-decomposed conv factors, which cannot be "
-                         "trained here yet; remove the entry")
+    # LyCORIS: use_tucker = not disable_conv_cp (default True) or use_conv_cp or use_cp or use_tucker
+    tucker = (("disable_conv_cp" in nargs and not _bool(nargs["disable_conv_cp"]))
+              or any(_bool(nargs.get(k, False)) for k in TUCKER_KEYS))
     if "bypass_mode" in nargs and _bool(nargs["bypass_mode"]):
         notes.append("network_args bypass_mode: the network always runs beside the frozen weights here, so the "
                      "switch changes nothing")
@@ -82,7 +84,8 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     if factor == 0 or factor < -1:
         raise ValueError(f"network_args factor={factor}: use -1 (as square as possible) or a positive whole number")
     s = LycoSettings(algo, preset, factor, _bool(nargs.get("decompose_both", False)),
-                     _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)))
+                     _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)),
+                     tucker)
     if s.algo != "lokr" and any(k in nargs for k in ("factor", "decompose_both", "full_matrix",
                                                        "unbalanced_factorization")):
         notes.append(f"network_args factor / decompose_both / full_matrix / unbalanced_factorization shape LoKr "
@@ -147,34 +150,61 @@ class _WeightPair(nn.Module):
                 self.scale = float(self.alpha) / self.dim
 
 
+def _rebuild_tucker(t, wa, wb):
+    """LyCORIS' rebuild_tucker: core t (r, r, kh, kw) with factors wa (r, out), wb (r, in) -> (out, in, kh, kw)."""
+    return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)
+
+
+def _tucker_conv(shape: tuple, s: LycoSettings) -> bool:
+    return s.tucker and len(shape) > 2 and any(k != 1 for k in shape[2:])
+
+
 class LohaPair(_WeightPair):
-    """ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b) · alpha/dim; conv weights as (out, in·kh·kw)."""
+    """ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b) · alpha/dim; conv weights as (out, in·kh·kw), or with Tucker cores
+    (hada_t1/t2; then w*_a is (r, out) and w*_b (r, in))."""
 
     kind = "loha"
 
-    def __init__(self, shape: tuple, dim: int, alpha):
+    def __init__(self, shape: tuple, dim: int, alpha, s: LycoSettings | None = None):
         super().__init__()
         self.shape = tuple(shape)
-        out_dim, in_dim = shape[0], math.prod(shape[1:])
-        self.hada_w1_a = nn.Parameter(torch.empty(out_dim, dim))
-        self.hada_w1_b = nn.Parameter(torch.empty(dim, in_dim))
-        self.hada_w2_a = nn.Parameter(torch.empty(out_dim, dim))
-        self.hada_w2_b = nn.Parameter(torch.empty(dim, in_dim))
+        self.tucker = s is not None and _tucker_conv(self.shape, s)
+        if self.tucker:
+            out_dim, in_dim, k = shape[0], shape[1], tuple(shape[2:])
+            self.hada_t1 = nn.Parameter(torch.empty(dim, dim, *k))
+            self.hada_w1_a = nn.Parameter(torch.empty(dim, out_dim))
+            self.hada_w1_b = nn.Parameter(torch.empty(dim, in_dim))
+            self.hada_t2 = nn.Parameter(torch.empty(dim, dim, *k))
+            self.hada_w2_a = nn.Parameter(torch.empty(dim, out_dim))
+            self.hada_w2_b = nn.Parameter(torch.empty(dim, in_dim))
+        else:
+            out_dim, in_dim = shape[0], math.prod(shape[1:])
+            self.hada_w1_a = nn.Parameter(torch.empty(out_dim, dim))
+            self.hada_w1_b = nn.Parameter(torch.empty(dim, in_dim))
+            self.hada_w2_a = nn.Parameter(torch.empty(out_dim, dim))
+            self.hada_w2_b = nn.Parameter(torch.empty(dim, in_dim))
         self._set_alpha(alpha, dim)
         self.reset_parameters()
 
     def reset_parameters(self):
         # LyCORIS' init (order included): w2_a = 0 makes the start an exact no-op
+        if self.tucker:
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
         nn.init.normal_(self.hada_w1_b, std=1)
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1)
         nn.init.constant_(self.hada_w2_a, 0)
 
     def rebuild(self):
+        if self.tucker:
+            return (_rebuild_tucker(self.hada_t1, self.hada_w1_a, self.hada_w1_b)
+                    * _rebuild_tucker(self.hada_t2, self.hada_w2_a, self.hada_w2_b))
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
 
     def tensors(self, save_4d: bool = False) -> dict:
-        return {k: getattr(self, k) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") + (("hada_t1", "hada_t2") if self.tucker else ())
+        return {k: getattr(self, k) for k in keys}
 
 
 class LokrPair(_WeightPair):
@@ -197,8 +227,13 @@ class LokrPair(_WeightPair):
             self.lokr_w1_a = nn.Parameter(torch.empty(out_l, dim))
             self.lokr_w1_b = nn.Parameter(torch.empty(dim, in_m))
         self.use_w2 = dim >= max(out_k, in_n) / 2 or s.full_matrix
+        self.tucker = not self.use_w2 and _tucker_conv(self.shape, s)
         if self.use_w2:
             self.lokr_w2 = nn.Parameter(torch.empty(out_k, in_n, *k))
+        elif self.tucker:
+            self.lokr_t2 = nn.Parameter(torch.empty(dim, dim, *k))
+            self.lokr_w2_a = nn.Parameter(torch.empty(dim, out_k))
+            self.lokr_w2_b = nn.Parameter(torch.empty(dim, in_n))
         else:
             self.lokr_w2_a = nn.Parameter(torch.empty(out_k, dim))
             self.lokr_w2_b = nn.Parameter(torch.empty(dim, in_n * math.prod(k)))
@@ -211,6 +246,8 @@ class LokrPair(_WeightPair):
         if self.use_w2:
             nn.init.constant_(self.lokr_w2, 0)
         else:
+            if self.tucker:
+                nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
             nn.init.constant_(self.lokr_w2_b, 0)
         if self.use_w1:
@@ -221,18 +258,23 @@ class LokrPair(_WeightPair):
 
     def rebuild(self):
         w1 = self.lokr_w1 if self.use_w1 else self.lokr_w1_a @ self.lokr_w1_b
-        w2 = self.lokr_w2 if self.use_w2 else (self.lokr_w2_a @ self.lokr_w2_b).reshape(self._w2_shape)
+        if self.use_w2:
+            w2 = self.lokr_w2
+        elif self.tucker:
+            w2 = _rebuild_tucker(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+        else:
+            w2 = (self.lokr_w2_a @ self.lokr_w2_b).reshape(self._w2_shape)
         for _ in range(w2.dim() - w1.dim()):
             w1 = w1.unsqueeze(-1)
         return torch.kron(w1, w2.contiguous())
 
     def tensors(self, save_4d: bool = False) -> dict:
         out = {k: getattr(self, k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
-                                             "lokr_w2_b") if hasattr(self, k)}
+                                             "lokr_w2_b", "lokr_t2") if hasattr(self, k)}
         if save_4d and "lokr_w2" in out and out["lokr_w2"].dim() == 2:
             out["lokr_w2"] = out["lokr_w2"][:, :, None, None]  # the host trains this layer as a 1x1 conv
         return out
 
 
 def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha) -> _WeightPair:
-    return LohaPair(shape, dim, alpha) if s.algo == "loha" else LokrPair(shape, dim, alpha, s)
+    return LohaPair(shape, dim, alpha, s) if s.algo == "loha" else LokrPair(shape, dim, alpha, s)

@@ -111,6 +111,13 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         raise ValueError(f"network_args {', '.join(given)}: block learning rates and block ranks are networks.lora "
                          "options that LyCORIS does not read; remove them, or train with network_module = "
                          "networks.lora")
+    if s.tucker:
+        if cfg.dim_from_weights:
+            raise ValueError("dim_from_weights reads the ranks of kohya LoRA files; with Tucker factors (use_tucker / "
+                             "use_cp) set network_dim and conv_dim instead")
+        if cfg.scale_weight_norms:
+            raise ValueError("scale_weight_norms rescales two-factor modules and cannot be used with Tucker factors "
+                             "(use_tucker / use_cp) here yet; remove one of them")
     if not s.weight_path and "rank_dropout" in nargs:
         notes.append(f"rank_dropout with algo={s.algo} works as in kohya's networks.lora (rank channels dropped per "
                      "sample and the rest scaled up); LyCORIS drops output rows of the whole delta without scaling")

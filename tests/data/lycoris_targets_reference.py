@@ -17,7 +17,8 @@ import sys
 import torch
 
 PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only")
-ALGOS = {"locon": {}, "loha": {}, "lokr": {}, "lokr_f8_both": {"factor": 8, "decompose_both": True}}
+ALGOS = {"locon": {}, "loha": {}, "lokr": {}, "lokr_f8_both": {"factor": 8, "decompose_both": True},
+         "locon_tucker": {"use_tucker": True}, "loha_tucker": {"use_tucker": True}, "lokr_tucker": {"use_tucker": True}}
 DIM, ALPHA, CONV_DIM, CONV_ALPHA = 8, 4, 4, 1
 # shapes kept where they say something new (LoKr's factorisation depends on the layer sizes); SD2's layers are SD1's
 KEEP_TENSORS = {"sd1": set(ALGOS), "sd2": set(), "sdxl": {"lokr", "lokr_f8_both"}}
@@ -68,7 +69,8 @@ def main(root):
                     fam["tensors"][algo] = {
                         m.lora_name: {k: list(v.shape) for k, v in m.state_dict().items() if k != "scalar"}
                         for m in net.unet_loras}
-                    fam["tensors"][algo + ":alpha"] = {m.lora_name: round(m.scale * m.lora_dim, 6) for m in net.unet_loras}
+                    fam["tensors"][algo + ":alpha"] = {m.lora_name: round(m.scale * m.lora_dim, 6)
+                                                       for m in net.unet_loras}
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lycoris_targets_reference.json")
     with open(path, "w") as f:
         json.dump(out, f, separators=(",", ":"), sort_keys=True)
