@@ -290,6 +290,17 @@ def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo, tuck
         assert float(sd[f"{n}.alpha"]) == float(ref.alpha), n
 
 
+def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
+    """LyCORIS takes its dropout from network_args (sd-scripts' network_dropout does not reach it): honoured, in the
+    metadata, and range-checked like the other dropouts."""
+    img, _ = _dataset(tmp_path)
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", max_train_epochs=1,
+                                                 network_args=["algo=locon", "dropout=0.25"]))
+    assert res.status == "done" and read_metadata(res.final)["ss_network_dropout"] == "0.25"
+    errors, _ = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "dropout=1.5"]), "sd1")
+    assert any("dropout=1.5 must be at least 0 and below 1" in e for e in errors), errors
+
+
 def test_resume_of_a_loha_run_gives_the_same_weights(sd1, tmp_path):
     img, _ = _dataset(tmp_path)
     args = ["algo=loha", "conv_dim=2", "preset=full"]
@@ -356,5 +367,5 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
                                   network_dropout=0.1), "sd1")
     text = " ".join(notes)
     assert "shape LoKr modules only" in text and "LoRA+ ratios change nothing" in text
-    assert "network_dropout is not applied" in text
+    assert "network_dropout / network_args dropout is not applied" in text
     assert not os.path.exists(tmp_path / "x")

@@ -72,6 +72,7 @@ _NET_NUMBERS = {
     "conv_dim": (int, 0, None, "the rank of the 3x3 conv layers (LoCon); 0 = off"),
     "conv_alpha": (float, 0, None, "the conv layers' alpha"),
     "rank_dropout": (float, 0, 1, "a dropout probability, e.g. 0.1"),
+    "dropout": (float, 0, 1, "a dropout probability, e.g. 0.1 (LyCORIS' neuron dropout)"),
     "module_dropout": (float, 0, 1, "a dropout probability, e.g. 0.1"),
 }
 
@@ -128,8 +129,8 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         if cfg.scale_weight_norms:
             raise ValueError(f"scale_weight_norms rescales LoRA (lora_up/lora_down) modules and cannot be used with "
                              f"algo={s.algo} here yet; remove it or use algo=locon")
-        if cfg.network_dropout:
-            notes.append(f"network_dropout is not applied to {s.algo} modules (LyCORIS does not implement it for "
+        if cfg.network_dropout or "dropout" in nargs:
+            notes.append(f"network_dropout / network_args dropout is not applied to {s.algo} modules (LyCORIS does not implement it for "
                          "them either); rank_dropout and module_dropout are")
         if any(k in nargs for k in blocks.PLUS_KEYS):
             notes.append(f"LoRA+ ratios change nothing with algo={s.algo}: they raise the learning rate of lora_up "

@@ -464,6 +464,9 @@ class Trainer:
             # (per-module ranks: no single conv rank goes into the metadata)
             self._net_dims = (dim, alpha, None if module_dims else conv_dim, conv_alpha)
             self._lyco = lyco
+            # LyCORIS reads its neuron dropout from network_args dropout=, not from network_dropout
+            self._dropout = (float(nargs["dropout"]) if lyco is not None and "dropout" in nargs
+                             else c.network_dropout)
             try:
                 block_lr, blocks, loraplus = block_settings(
                     c, self.family, notes, (dim, alpha, conv_dim, conv_alpha) if c.dim_from_weights else None)
@@ -473,7 +476,7 @@ class Trainer:
                 self._note(n)
             net = LoRANetwork(
                 self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
-                train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=c.network_dropout,
+                train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=self._dropout,
                 rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
                 module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
                 blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco)
@@ -918,7 +921,7 @@ class Trainer:
             "ss_network_module": "lycoris.kohya" if self._lyco is not None else "networks.lora",
             "ss_network_dim": dim,
             "ss_network_alpha": float(self._net_dims[1] if self._net_dims[1] is not None else dim),
-            "ss_network_dropout": c.network_dropout,
+            "ss_network_dropout": self._dropout,
             "ss_mixed_precision": mp,
             "ss_full_fp16": False,
             "ss_v2": self.family == "sd2",
