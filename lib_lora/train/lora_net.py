@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
-from .lyco import LycoSettings, make_pair
+from .lyco import LycoSettings, PairBase, make_pair
 from .targets import LYCO_TE, TrainTarget, lyco_preset_convs, lycoris_unet_targets, text_encoder_targets, unet_targets
 
 
@@ -29,7 +29,7 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-class LoRAPair(nn.Module):
+class LoRAPair(PairBase):
     """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names."""
 
     def __init__(self, in_dim: int, out_dim: int, dim: int, alpha: float, kernel=None, stride=1, padding=0,
@@ -49,17 +49,22 @@ class LoRAPair(nn.Module):
             self.lora_up = nn.Conv2d(dim, out_dim, 1, 1, bias=False)
         # kohya init: the network starts as an exact no-op.
         self.reset_parameters()
-        if alpha is None or alpha == 0:
-            alpha = dim
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.dim = dim
-        self.scale = float(alpha) / dim
+        self._set_alpha(alpha, dim)
 
     def reset_parameters(self):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         if self.lora_mid is not None:  # (LyCORIS' order)
             nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+
+    def tensors(self, save_4d: bool = False) -> dict:
+        """kohya's keys; ``save_4d``: a Linear the host trains as a 1x1 conv (SD2 proj_in/out) saved 4-D."""
+        out = {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight}
+        if save_4d:
+            out = {k: v[:, :, None, None] for k, v in out.items()}
+        if self.lora_mid is not None:
+            out["lora_mid.weight"] = self.lora_mid.weight
+        return out
 
     def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
         """up @ down * scale as a 2-D matrix (for MHA, where the weight path is used). ``rank_dropout`` is for
@@ -322,42 +327,14 @@ class LoRANetwork(nn.Module):
         for name, pair in self.pairs.items():
             if prefixes is not None and not name.startswith(prefixes):
                 continue
-            if not isinstance(pair, LoRAPair):
-                items = dict(pair.tensors(name in save_4d), alpha=pair.alpha)
-                for k, v in items.items():
-                    v = v.detach() if dtype is None else v.detach().to(dtype)
-                    out[f"{name}.{k}"] = v.to("cpu", copy=True).contiguous()
-                continue
-            down, up = pair.lora_down.weight.detach(), pair.lora_up.weight.detach()
-            if name in save_4d:
-                down, up = down[:, :, None, None], up[:, :, None, None]
-            alpha = pair.alpha.detach()
-            if dtype is not None:
-                down, up, alpha = down.to(dtype), up.to(dtype), alpha.to(dtype)
-            # copies: the weights may be views into one flat buffer (fast path), which safetensors refuses to save
-            out[f"{name}.lora_down.weight"] = down.to("cpu", copy=True).contiguous()
-            out[f"{name}.lora_up.weight"] = up.to("cpu", copy=True).contiguous()
-            if pair.lora_mid is not None:
-                mid = pair.lora_mid.weight.detach()
-                out[f"{name}.lora_mid.weight"] = (mid if dtype is None else mid.to(dtype)).to("cpu", copy=True)
-            out[f"{name}.alpha"] = alpha.to("cpu", copy=True)
+            for k, v in dict(pair.tensors(name in save_4d), alpha=pair.alpha).items():
+                v = v.detach() if dtype is None else v.detach().to(dtype)
+                # copies: the weights may be views into one flat buffer (fast path), which safetensors refuses to save
+                out[f"{name}.{k}"] = v.to("cpu", copy=True).contiguous()
         return out
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]):
-        missing = []
-        with torch.no_grad():
-            for name, pair in self.pairs.items():
-                if not isinstance(pair, LoRAPair):
-                    pair.load_tensors(sd, name, missing)
-                    continue
-                for part in ("lora_down", "lora_up") + (("lora_mid",) if pair.lora_mid is not None else ()):
-                    key = f"{name}.{part}.weight"
-                    if key not in sd:
-                        missing.append(key)
-                        continue
-                    w = getattr(pair, part).weight
-                    w.copy_(sd[key].reshape(w.shape).to(w.dtype))
-                if f"{name}.alpha" in sd:
-                    pair.alpha.copy_(sd[f"{name}.alpha"].float())
-                    pair.scale = float(pair.alpha) / pair.dim
+        missing: list[str] = []
+        for name, pair in self.pairs.items():
+            pair.load_tensors(sd, name, missing)
         return missing

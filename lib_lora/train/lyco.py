@@ -3,8 +3,7 @@
 ``algo=lora``/``locon`` is a kohya LoRA on LyCORIS' wider layer set; ``algo=loha`` (Hadamard product of two
 low-rank pairs) and ``algo=lokr`` (Kronecker product) have their own modules here. Shapes, initialisation, scale
 and saved keys follow LyCORIS' LohaModule / LokrModule (Tucker cores for kxk convs on request; no DoRA, no scalar),
-so LyCORIS, A1111's
-built-in Lora, ComfyUI and our own ``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS'
+so LyCORIS, A1111's built-in Lora, ComfyUI and our own ``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS'
 presets as they land on sd-scripts' UNets (tests/data/lycoris_targets_reference.json).
 """
 
@@ -114,11 +113,10 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-class _WeightPair(nn.Module):
-    """A module whose contribution is a rebuilt weight delta (``delta_weight``), added with the host layer's own
-    op (F.linear / F.conv2d with its stride and padding)."""
-
-    shape: tuple  # the host weight's shape (out, in[, kh, kw])
+class PairBase(nn.Module):
+    """What every trained module (kohya LoRA, LoHa, LoKr) shares: the alpha buffer and scale, its file tensors
+    (``tensors``: suffix -> tensor, alpha added by the caller) and loading them back by parameter name (the file's
+    suffixes are the parameter names)."""
 
     def _set_alpha(self, alpha, dim):
         alpha = dim if alpha is None or alpha == 0 else float(alpha)
@@ -126,16 +124,8 @@ class _WeightPair(nn.Module):
         self.dim = dim
         self.scale = float(alpha) / dim
 
-    def rebuild(self) -> torch.Tensor:
+    def tensors(self, save_4d: bool = False) -> dict:
         raise NotImplementedError
-
-    def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
-        w = self.rebuild().reshape(self.shape) * self.scale
-        if rank_dropout:
-            # LyCORIS' rank dropout on these types: whole output rows of the delta, no rescaling
-            keep = (torch.rand(w.shape[0], device=w.device) > rank_dropout).to(w.dtype)
-            w = w * keep.view(-1, *[1] * (w.dim() - 1))
-        return w
 
     def load_tensors(self, sd: dict, name: str, missing: list):
         with torch.no_grad():
@@ -148,6 +138,24 @@ class _WeightPair(nn.Module):
             if f"{name}.alpha" in sd:
                 self.alpha.copy_(sd[f"{name}.alpha"].float())
                 self.scale = float(self.alpha) / self.dim
+
+
+class _WeightPair(PairBase):
+    """A module whose contribution is a rebuilt weight delta (``delta_weight``), added with the host layer's own
+    op (F.linear / F.conv2d with its stride and padding)."""
+
+    shape: tuple  # the host weight's shape (out, in[, kh, kw])
+
+    def rebuild(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
+        w = self.rebuild().reshape(self.shape) * self.scale
+        if rank_dropout:
+            # LyCORIS' rank dropout on these types: whole output rows of the delta, no rescaling
+            keep = (torch.rand(w.shape[0], device=w.device) > rank_dropout).to(w.dtype)
+            w = w * keep.view(-1, *[1] * (w.dim() - 1))
+        return w
 
 
 def _rebuild_tucker(t, wa, wb):
