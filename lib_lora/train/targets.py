@@ -104,7 +104,6 @@ def _unet_target(dotted: str, mod: nn.Module, anc: list[str], family: str) -> Tr
 # SD1/SD2 UNet layers outside the blocks -> their names in sd-scripts' (diffusers-tree) UNet
 _SD_UNET_EXTRA = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
                   "time_embed_2": "time_embedding_linear_2"}
-_EXTRA_GROUP = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time", "time_embed_2": "time"}
 
 
 def unet_targets(diffusion_model: nn.Module, family: str, conv: bool = False) -> list[TrainTarget]:
@@ -155,7 +154,8 @@ def lycoris_unet_targets(diffusion_model: nn.Module, family: str, preset: str, c
         under = dotted.replace(".", "_")
         in_transformer = any(c in _TRANSFORMER_CLASSES for c in anc)
         if family != "sdxl" and under in _SD_UNET_EXTRA:
-            wanted = _EXTRA_GROUP[under] in names
+            extra = _SD_UNET_EXTRA[under]  # the preset names the two time-embedding layers together
+            wanted = ("time" if extra.startswith("time_") else extra) in names
         elif in_transformer:
             wanted = "transformer" in kinds or ("attention" in kinds and re.search(r"\.attn[12]\.", dotted))
         elif any(c == "ResBlock" for c in anc):
