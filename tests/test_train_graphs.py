@@ -296,10 +296,11 @@ def test_settings_that_decide_on_the_host_are_not_captured(sd1, setting, reason)
 
 
 @pytest.mark.parametrize("family, weighted, algo", [("sd1", False, None), ("sdxl", False, None), ("sdxl", True, None),
-                                                   ("sdxl", False, "loha")])
+                                                   ("sdxl", False, "loha"), ("sdxl", False, "locon dora_wd=True")])
 def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted, algo, tmp_path, monkeypatch):
     """The whole trainer (text encoder(s) trained, reg images; SDXL: two token streams, size conditioning; with
-    weighted_captions the tokens' weights too; a LyCORIS LoHa, whose weight-path modules include TE2's attention)
+    weighted_captions the tokens' weights too; a LyCORIS LoHa, whose weight-path modules include TE2's attention;
+    a LoCon with DoRA, whose magnitudes are normalised against the host weights inside the graph)
     with the emulated graphs standing in for CUDA: graphs are on without being asked, and the LoRA file equals the
     one of a run with cuda_graphs = false."""
     model = sd1 if family == "sd1" else models.make_sdxl(seed=1)
@@ -315,7 +316,8 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted
              "save_precision": "float", "lr_scheduler": "cosine", "lr_warmup_steps": 2,
              "weighted_captions": weighted}
         if algo:
-            c.update(network_module="lycoris.kohya", network_args=[f"algo={algo}", "conv_dim=2"])
+            algo_name, *more = algo.split()
+            c.update(network_module="lycoris.kohya", network_args=[f"algo={algo_name}", "conv_dim=2", *more])
         if graphs is not None:
             c["cuda_graphs"] = graphs
         cfg = parse_train_config(c, base_dir=str(tmp_path))

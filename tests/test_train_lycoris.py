@@ -156,48 +156,72 @@ def test_init_is_lycoris_init_and_a_no_op(layer, algo, kw):
     assert float(ours.delta_weight().abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("algo, kw", CASES)
-def test_forward_and_gradients_are_lycoris(layer, algo, kw):
-    """Every factor randomised (the init zeroes one), our patched layer against LyCORIS' module on a twin layer:
-    the same output and the same gradient for every factor."""
-    torch.manual_seed(0)
-    org = LAYERS[layer]()
-    twin = LAYERS[layer]()
-    twin.load_state_dict(org.state_dict())
-    ref = _lycoris_module(algo, twin, 4, 3.0, kw)
-    g = torch.Generator().manual_seed(5)
+def _randomise(ref, g):
+    """Every factor random (the init zeroes one); DoRA's magnitude moved off the host weight's norm."""
     with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ours = _our_pair(algo, org, 4, 3.0, kw)
+        for n, p in ref.named_parameters():
+            if n == "dora_scale":
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _same_as_lycoris(ref, twin, ours, org, make_forward, g, multiplier=0.7):
+    """LyCORIS' module applied to ``twin`` against ours patched into ``org`` (same weights): the same output and
+    the same gradient for every trained tensor."""
     missing = []
     ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}, "m", missing)
     assert not missing
     ref.apply_to()
-    net = types.SimpleNamespace(multiplier=0.7, training=True, module_dropout=None, rank_dropout=None,
-                                _passes_through=lambda: False)
-    ref.multiplier = 0.7
-    org.forward = LoRANetwork._weight_forward(net, ours, org, type(org).forward.__get__(org))
+    ref.multiplier = multiplier
+    net = types.SimpleNamespace(multiplier=multiplier, training=True, module_dropout=None, dropout=None,
+                                rank_dropout=None, _passes_through=lambda: False)
+    plain = type(org).forward.__get__(org)
+    org.forward = make_forward(net, ours, org, plain)
     x = torch.randn((3, 7, org.in_features) if isinstance(org, nn.Linear) else (2, org.in_channels, 9, 9),
                     generator=g)
     y_ref, y = twin(x), org(x)
+    assert float((y - plain(x)).abs().max()) > 1e-3  # the module changes the layer
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     (y_ref * y_ref.detach().cos()).sum().backward()
     (y * y.detach().cos()).sum().backward()
     ref_grads = dict(ref.named_parameters())
+    assert {k for k, _ in ours.named_parameters()} == set(ref_grads) - {"scalar"}
     for k, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _weight_forward(net, ours, org, plain):
+    return LoRANetwork._weight_forward(net, ours, org, plain)
+
+
+def _pair_forward(net, ours, org, plain):
+    return LoRANetwork._pair_forward(net, ours, plain)
+
+
+def _twins(layer):
+    torch.manual_seed(0)
+    org = LAYERS[layer]()
+    twin = LAYERS[layer]()
+    twin.load_state_dict(org.state_dict())
+    return org, twin
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("algo, kw", CASES)
+def test_forward_and_gradients_are_lycoris(layer, algo, kw):
+    org, twin = _twins(layer)
+    ref = _lycoris_module(algo, twin, 4, 3.0, kw)
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    _same_as_lycoris(ref, twin, _our_pair(algo, org, 4, 3.0, kw), org, _weight_forward, g)
 
 
 @pytest.mark.parametrize("layer", ["conv3_stride2", "conv_in"])
 def test_tucker_locon_is_lycoris(layer):
     """algo=locon with use_tucker: 1x1 down, kxk lora_mid core, 1x1 up; init (same draws), output, gradients."""
     from lycoris.modules.locon import LoConModule
-    torch.manual_seed(0)
-    org = LAYERS[layer]()
-    twin = LAYERS[layer]()
-    twin.load_state_dict(org.state_dict())
+    org, twin = _twins(layer)
     torch.manual_seed(3)
     ref = LoConModule("x", twin, 1.0, 4, 2.0, use_tucker=True)
     torch.manual_seed(3)
@@ -208,23 +232,54 @@ def test_tucker_locon_is_lycoris(layer):
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
     g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ours.load_state_dict(ref.state_dict(), strict=False)
-    ref.apply_to()
-    net = types.SimpleNamespace(multiplier=0.7, training=True, dropout=None, rank_dropout=None,
-                                _passes_through=lambda: False)
-    ref.multiplier = 0.7
-    org.forward = LoRANetwork._pair_forward(net, ours, type(org).forward.__get__(org))
-    x = torch.randn((2, org.in_channels, 9, 9), generator=g)
-    y_ref, y = twin(x), org(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    (y_ref * y_ref.detach().cos()).sum().backward()
-    (y * y.detach().cos()).sum().backward()
-    ref_grads = dict(ref.named_parameters())
-    for k, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-5, msg=k)
+    _randomise(ref, g)
+    _same_as_lycoris(ref, twin, ours, org, _pair_forward, g)
+
+
+DORA_CASES = [("locon", {}), ("locon", {"use_tucker": True}), ("loha", {}), ("loha", {"use_tucker": True}),
+              ("lokr", {}), ("lokr", {"decompose_both": True, "factor": 4})]
+
+
+def _lycoris_dora(algo, layer, kw, on_output):
+    from lycoris.modules.locon import LoConModule
+    kw = dict(kw, weight_decompose=True, wd_on_out=on_output)
+    if algo == "locon":
+        return LoConModule("x", layer, 1.0, 4, 2.0, **kw)
+    return _lycoris_module(algo, layer, 4, 2.0, kw)
+
+
+def _our_dora(algo, layer, kw, on_output):
+    if algo != "locon":
+        ours = _our_pair(algo, layer, 4, 2.0, kw)
+    elif isinstance(layer, nn.Linear):
+        ours = LoRAPair(layer.in_features, layer.out_features, 4, 2.0)
+    else:
+        ours = LoRAPair(layer.in_channels, layer.out_channels, 4, 2.0, layer.kernel_size, layer.stride,
+                        layer.padding, tucker=kw.get("use_tucker", False) and layer.kernel_size != (1, 1))
+    ours.init_dora(layer.weight, on_output)
+    return ours
+
+
+@pytest.mark.parametrize("on_output", [True, False], ids=["per_output", "per_input"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("algo, kw", DORA_CASES)
+def test_dora_modules_are_lycoris(layer, algo, kw, on_output):
+    """dora_wd (both magnitude layouts, wd_on_output): the saved tensors at the start (magnitude = the host
+    weight's norm, same RNG draws for the factors), then with every tensor moved: output and gradients (the
+    magnitude's included) against LyCORIS' own module, at multiplier 0.7 (LyCORIS interpolates DoRA's factor)."""
+    org, twin = _twins(layer)
+    torch.manual_seed(3)
+    ref = _lycoris_dora(algo, twin, kw, on_output)
+    torch.manual_seed(3)
+    ours = _our_dora(algo, org, kw, on_output)
+    want = {k: v for k, v in ref.state_dict().items() if k != "scalar"}
+    got = ours.file_tensors()
+    assert got.keys() == want.keys() and "dora_scale" in got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    _same_as_lycoris(ref, twin, ours, org, _weight_forward, g)
 
 
 def test_factorization_is_lycoris():
@@ -246,23 +301,32 @@ def _cfg(tmp_path, img, out, **kw):
     return parse_train_config(c, base_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("algo, tucker", [("loha", False), ("lokr", False), ("locon", False), ("locon", True),
-                                         ("loha", True)])
-def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo, tucker):
+DORA_ARGS = {None: [], "output": ["dora_wd=True"], "input": ["dora_wd=True", "wd_on_output=False"]}
+
+
+@pytest.mark.parametrize("algo, tucker, dora", [("loha", False, None), ("lokr", False, None), ("locon", False, None),
+                                               ("locon", True, None), ("loha", True, None),
+                                               ("locon", False, "output"), ("loha", True, "input"),
+                                               ("lokr", False, "output")])
+def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo, tucker, dora):
     img, _ = _dataset(tmp_path)
     before = models.model_state_hash(sd1)
     events = []
-    nargs = [f"algo={algo}", "conv_dim=2"] + (["use_tucker=True"] if tucker else [])
+    nargs = [f"algo={algo}", "conv_dim=2"] + (["use_tucker=True"] if tucker else []) + DORA_ARGS[dora]
     res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", network_args=nargs), on_event=events.append)
     assert res.status == "done" and res.steps == 6
     start = next(e.message for e in events if e.kind == "start")
-    assert start.startswith({"loha": "LoHa", "lokr": "LoKr", "locon": "LoRA"}[algo] + " (LyCORIS preset full)"), start
+    kind = {"loha": "LoHa", "lokr": "LoKr", "locon": "LoRA"}[algo] + (f" + DoRA (per {dora})" if dora else "")
+    assert start.startswith(kind + " (LyCORIS preset full)"), start
+    notes = [e.message for e in events if e.kind == "note"]
+    assert len(notes) == len(set(notes)), notes  # check_support's notes are not said a second time
+    assert any("A1111's built-in Lora" in n for n in notes) == (dora == "output")
     assert models.model_state_hash(sd1) == before
     sd = load_tensors(res.final)
     md = read_metadata(res.final)
     assert md["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(md["ss_network_args"]) == dict({"algo": algo, "conv_dim": "2"}, **(
-        {"use_tucker": "True"} if tucker else {}))
+    assert json.loads(md["ss_network_args"]) == dict({a.split("=")[0]: a.split("=")[1] for a in nargs[1:]},
+                                                     algo=algo)
     names = {k.split(".")[0] for k in sd}
     unet = {t.kohya_name: t.module for t in lycoris_unet_targets(sd1.model.diffusion_model, "sd1", "full", True)}
     te = {t.kohya_name for t in text_encoder_targets(sd1, "sd1")}
@@ -279,15 +343,115 @@ def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo, tuck
         assert sd[key].abs().max() > 0, key
     # each module is what LyCORIS builds on that layer with these settings: same tensor names and shapes
     from lycoris.modules.locon import LoConModule
+    # With DoRA also: the layer with what our <lora:> loader adds gives LyCORIS' own forward of the file's module.
+    ours = {mod.ctx.module_key: mod for mods in net.modules.values() for _, mod in mods}
+    kw = {"use_tucker": tucker} if not dora else {"use_tucker": tucker, "weight_decompose": True,
+                                                   "wd_on_out": dora == "output"}
     for n, layer in unet.items():
         is_conv3 = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
         dim, alpha = (2, 2.0) if is_conv3 else (4, 2.0)  # conv_alpha defaults to network_alpha (LyCORIS)
-        ref = (LoConModule("x", layer, 1.0, dim, alpha, use_tucker=tucker) if algo == "locon"
-               else _lycoris_module(algo, layer, dim, alpha, {"use_tucker": tucker}))
+        ref = (LoConModule("x", layer, 1.0, dim, alpha, **kw) if algo == "locon"
+               else _lycoris_module(algo, layer, dim, alpha, kw))
         want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k != "scalar"}
         got = {k.split(".", 1)[1]: tuple(v.shape) for k, v in sd.items() if k.split(".")[0] == n}
         assert got == want, n
         assert float(sd[f"{n}.alpha"]) == float(ref.alpha), n
+        if dora:
+            _loaded_module_is_lycoris_forward(ref, layer, ours[n], sd, n)
+
+
+def _loaded_module_is_lycoris_forward(ref, layer, loaded, sd, name, multiplier=0.8):
+    """LyCORIS' module with the file's tensors, run on a copy of ``layer`` at ``multiplier`` (DoRA's factor is
+    interpolated there), against the layer's own op with our loader's delta added to its weight. (Not LyCORIS'
+    get_merged_weight: in lycoris-lora 4.1.3 it applies alpha/dim twice for LoHa/LoKr; its forward, the function
+    it trains and the one A1111 and ComfyUI follow, applies it once.)"""
+    import copy
+    import torch.nn.functional as F
+    twin = copy.deepcopy(layer)
+    ref.org_module = [twin]
+    ref.load_state_dict({k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == name}, strict=False)
+    ref.apply_to()
+    ref.multiplier = multiplier
+    ref.eval()
+    g = torch.Generator().manual_seed(1)
+    w = layer.weight.detach()
+    delta = loaded.delta(w, multiplier)[0]
+    assert float(delta.abs().max()) > 0, name
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            x = torch.randn(3, layer.in_features, generator=g)
+            y = F.linear(x, w + delta, layer.bias)
+        else:
+            x = torch.randn(2, layer.in_channels, 8, 8, generator=g)
+            y = F.conv2d(x, w + delta, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_dora_on_multi_head_attention_is_lycoris_on_each_projection(tmp_path):
+    """SD2's open_clip text encoder keeps q/k/v in one in_proj_weight (sd-scripts' HF CLIP has four Linears):
+    each projection gets its own magnitude, per input columns here, and the file's q/k/v/out modules are what
+    LyCORIS' LoConModule does on a Linear with that projection's weight."""
+    from lycoris.modules.locon import LoConModule
+    sd2 = models.a1111_embedding_hijack(models.make_sd2(seed=1), "sd2")
+    img, _ = _dataset(tmp_path)
+    res = run_training(ModelHost(sd2, "m"), _cfg(tmp_path, img, "o", max_train_epochs=1, network_train_text_encoder_only=True,
+                                                 network_args=["algo=locon", "dora_wd=True", "wd_on_output=False"]))
+    assert res.status == "done"
+    sd = load_tensors(res.final)
+    net = load_network(res.final, "sd2", layer_names=set(layer_mapping(sd2)))
+    assert len(net.report.matched) == net.report.total_modules
+    layers = layer_mapping(sd2)
+    checked = 0
+    for layer_name, mods in net.modules.items():
+        for target, mod in mods:
+            n = mod.ctx.module_key
+            host = layers[layer_name]
+            # a plain Linear as in sd-scripts' HF CLIP: a row block of the MHA's in_proj, or a copy of out_proj
+            if target.part is not None:
+                i = "qkv".index(target.part)
+                w, b = host.in_proj_weight.chunk(3)[i], host.in_proj_bias.chunk(3)[i]
+            else:
+                w, b = host.weight, host.bias
+            twin = nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                twin.weight.copy_(w)
+                twin.bias.copy_(b)
+            assert tuple(sd[f"{n}.dora_scale"].shape) == (1, twin.in_features), n
+            ref = LoConModule("x", twin, 1.0, 4, 2.0, weight_decompose=True, wd_on_out=False)
+            _loaded_module_is_lycoris_forward(ref, twin, mod, sd, n)
+            checked += 1
+    assert checked == len({k.split(".")[0] for k in sd}) and any(k.endswith("_q_proj.dora_scale") for k in sd)
+
+
+def test_network_weights_that_do_not_fit_are_said_not_dropped(sd1, tmp_path):
+    """Continuing a DoRA file: with the same settings it loads whole; a plain LoRA run says the magnitudes are
+    not used and how to keep them; another rank or network type stops before training with what to set."""
+    img, _ = _dataset(tmp_path)
+    dora = ["algo=locon", "dora_wd=True"]
+    first = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", max_train_epochs=1, network_args=dora))
+
+    def notes_of(out, **kw):
+        events = []
+        res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, out, max_train_epochs=1,
+                                                     network_weights=first.final, **kw), on_event=events.append)
+        assert res.status == "done"
+        return " ".join(e.message for e in events if e.kind == "note")
+
+    text = notes_of("same", network_args=dora)
+    assert "(0 tensors not in that file)" in text and "are not used" not in text
+    text = notes_of("plain", network_module="networks.lora", network_args=[])
+    assert "not used (e.g. " in text and "dora_wd=True" in text
+    before = models.model_state_hash(sd1)
+    with pytest.raises(TrainingError, match=r"other shapes than this network's .*network \(8, 32\).*dim_from_w"):
+        run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "rank", network_weights=first.final, network_dim=8,
+                                               network_args=dora))
+    # as that message says: the ranks from the file
+    text = notes_of("dims", network_dim=8, network_args=dora, dim_from_weights=True)
+    assert "(0 tensors not in that file)" in text and "are not used" not in text
+    with pytest.raises(TrainingError, match="none of its tensors belong to this network"):
+        run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "loha", network_weights=first.final,
+                                               network_args=["algo=loha"]))
+    assert models.model_state_hash(sd1) == before
 
 
 def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
@@ -301,9 +465,10 @@ def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
     assert any("dropout=1.5 must be at least 0 and below 1" in e for e in errors), errors
 
 
-def test_resume_of_a_loha_run_gives_the_same_weights(sd1, tmp_path):
+@pytest.mark.parametrize("args", [["algo=loha", "conv_dim=2", "preset=full"],
+                                  ["algo=locon", "conv_dim=2", "dora_wd=True"]], ids=["loha", "locon_dora"])
+def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
-    args = ["algo=loha", "conv_dim=2", "preset=full"]
     full = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", network_args=args, lr_scheduler="cosine"))
     seen = {"step": 0}
     part = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "b", network_args=args, lr_scheduler="cosine"),
@@ -319,9 +484,11 @@ def test_resume_of_a_loha_run_gives_the_same_weights(sd1, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path):
+@pytest.mark.parametrize("args", [["algo=lokr", "preset=attn-mlp", "factor=4"],
+                                  ["algo=lokr", "preset=attn-mlp", "factor=4", "dora_wd=True"]], ids=["lokr", "dokr"])
+def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
-    cfg = dict(network_args=["algo=lokr", "preset=attn-mlp", "factor=4"], max_train_epochs=4)
+    cfg = dict(network_args=args, max_train_epochs=4)
 
     def run(out, fast):
         host = ModelHost(sd1, "m")
@@ -337,6 +504,11 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path):
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=k)
     assert max(float(wa[k].abs().max()) for k in wa if k.endswith("lokr_w2_b")) > 1e-3  # it did learn
+    if "dora_wd=True" in args:  # the magnitudes too (they start at the host weight's norms)
+        start = LoRANetwork(sd1, "sd1", 4, 2.0, lyco=lyco.lyco_settings("lycoris.kohya", {"algo": "lokr",
+                            "preset": "attn-mlp", "dora_wd": "True"}, [])).kohya_state_dict()
+        moved = [k for k in wa if k.endswith("dora_scale") and not torch.equal(wa[k], start[k])]
+        assert len(moved) == len([k for k in wa if k.endswith("dora_scale")]) > 0
 
 
 def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
@@ -344,7 +516,7 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     cases = {
         ("algo=ia3",): r"algo=ia3: LoRA Studio trains algo=lora, locon, loha, lokr",
         ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
-        ("algo=lokr", "dora_wd=True"): r"weight decomposition \(DoRA\)",
+        ("algo=lokr", "rs_lora=True"): r"rank-stabilised scaling cannot be trained here yet",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
         ("algo=lokr", "factor=0"): r"factor=0: use -1",
@@ -368,4 +540,16 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     text = " ".join(notes)
     assert "shape LoKr modules only" in text and "LoRA+ ratios change nothing" in text
     assert "network_dropout / network_args dropout is not applied" in text
+    cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True"], scale_weight_norms=1.0)
+    assert any("scale_weight_norms" in e and "dora_wd" in e for e in check_support(cfg, "sd1")[0])
+    errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True",
+                                                                         "dropout=0.1"]), "sd1")
+    text = " ".join(notes)
+    assert not errors and "not applied with algo=locon with dora_wd" in text
+    assert "A1111's built-in Lora (1.10) assumes per-input files" in text and "wd_on_output=False" in text
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True",
+                                                                    "wd_on_output=False"]), "sd1")
+    assert not any("built-in Lora" in n for n in notes), notes
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "wd_on_output=False"]), "sd1")
+    assert any("changes nothing without dora_wd=True" in n for n in notes), notes
     assert not os.path.exists(tmp_path / "x")

@@ -37,6 +37,7 @@ class LoRAPair(PairBase):
         """``tucker`` (LyCORIS use_tucker, kxk convs): 1x1 down, kxk ``lora_mid`` core, 1x1 up."""
         super().__init__()
         self.lora_mid = None
+        self.shape = (out_dim, in_dim) if kernel is None else (out_dim, in_dim, *nn.modules.utils._pair(kernel))
         if kernel is None:
             self.lora_down = nn.Linear(in_dim, dim, bias=False)
             self.lora_up = nn.Linear(dim, out_dim, bias=False)
@@ -66,10 +67,17 @@ class LoRAPair(PairBase):
             out["lora_mid.weight"] = self.lora_mid.weight
         return out
 
+    def rebuild(self) -> torch.Tensor:
+        up, down = self.lora_up.weight.flatten(1), self.lora_down.weight.flatten(1)
+        if self.lora_mid is not None:
+            return torch.einsum("oa,abhw,bi->oihw", up, self.lora_mid.weight, down)
+        return (up @ down).reshape(self.shape)
+
     def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
-        """up @ down * scale as a 2-D matrix (for MHA, where the weight path is used). ``rank_dropout`` is for
-        the LyCORIS types' signature: kohya's LoRA drops rank channels in the activation path only."""
-        return (self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)) * self.scale
+        """up @ down * scale in the host weight's shape (MHA projections, DoRA). ``rank_dropout`` is ignored:
+        kohya's LoRA drops rank channels in the activation path only (with DoRA, weight_delta drops rows as
+        LyCORIS does)."""
+        return self.rebuild() * self.scale
 
 
 class LoRANetwork(nn.Module):
@@ -136,6 +144,13 @@ class LoRANetwork(nn.Module):
                 self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
             else:
                 self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
+            if lyco is not None and lyco.dora:
+                if t.kind == "mha":
+                    w_in = m.in_proj_weight.detach()
+                    for n, w in zip(names, (*w_in.chunk(3), m.out_proj.weight)):
+                        self.pairs[n].init_dora(w, lyco.wd_on_output)
+                else:
+                    self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
         self._attached = False
 
     # ---- counts, parameters -------------------------------------------------------------------------------
@@ -210,8 +225,8 @@ class LoRANetwork(nn.Module):
         return forward
 
     def _weight_forward(self, pair, module: nn.Module, org_forward):
-        """LoHa / LoKr: the host layer's own op with the rebuilt delta weight, added to its output (LyCORIS'
-        forward: op(x, W + ΔW·m) - op(x, W), without the bias twice)."""
+        """LoHa / LoKr and any type with DoRA: the host layer's own op with the rebuilt delta weight, added to
+        its output (LyCORIS' forward: op(x, W' - W) with W' = W + ΔW·m or DoRA's W', without the bias twice)."""
         net = self
         if isinstance(module, nn.Linear):
             def op(x, w):
@@ -224,7 +239,7 @@ class LoRANetwork(nn.Module):
             y = org_forward(x, *args, **kwargs)
             if net._passes_through():
                 return y
-            w = pair.delta_weight(net.rank_dropout if net.training else 0.0) * net.multiplier
+            w = pair.weight_delta(module.weight, net.multiplier, net.rank_dropout if net.training else 0.0)
             if not autocast_enabled(x.device.type) and w.dtype != x.dtype:
                 w = w.to(x.dtype)
             u = op(x, w)
@@ -243,9 +258,9 @@ class LoRANetwork(nn.Module):
             w_out = mha.out_proj.weight
             if m:
                 rd = net.rank_dropout if net.training and net.lyco is not None else 0.0
-                d_in = torch.cat([q.delta_weight(rd), k.delta_weight(rd), v.delta_weight(rd)], 0)
-                w_in = w_in + (d_in * m).to(w_in.dtype)
-                w_out = w_out + (o.delta_weight(rd) * m).to(w_out.dtype)
+                d_in = torch.cat([p.weight_delta(w, m, rd) for p, w in zip((q, k, v), w_in.chunk(3))], 0)
+                w_in = w_in + d_in.to(w_in.dtype)
+                w_out = w_out + o.weight_delta(w_out, m, rd).to(w_out.dtype)
             batch_first = getattr(mha, "batch_first", False)
             if batch_first:
                 query, key, value = (x.transpose(0, 1) for x in (query, key, value))
@@ -272,7 +287,8 @@ class LoRANetwork(nn.Module):
                 t.module.forward = self._mha_forward(t.module, names)
             else:
                 pair, org = self.pairs[t.kohya_name], type(t.module).forward.__get__(t.module)
-                t.module.forward = (self._pair_forward(pair, org) if isinstance(pair, LoRAPair)
+                t.module.forward = (self._pair_forward(pair, org)
+                                    if isinstance(pair, LoRAPair) and pair.dora_scale is None
                                     else self._weight_forward(pair, t.module, org))
         self._attached = True
 
@@ -299,7 +315,7 @@ class LoRANetwork(nn.Module):
         ||U·D||² = Σ (UᵀU) ⊙ (D·Dᵀ) with U = up [out, r] and D = down [r, in·k·k]: r×r products instead of the
         out×in delta (the same number; a 3×3 LoCon down composes with the 1×1 up the same way)."""
         pairs = [p for n, p in self.pairs.items() if prefixes is None or n.startswith(prefixes)]
-        if any(not isinstance(p, LoRAPair) or p.lora_mid is not None for p in pairs):
+        if any(not isinstance(p, LoRAPair) or p.lora_mid is not None or p.dora_scale is not None for p in pairs):
             raise ValueError("scale_weight_norms works on LoRA (lora_up/lora_down) modules only")
         if not pairs:
             z = torch.zeros(())
@@ -327,14 +343,33 @@ class LoRANetwork(nn.Module):
         for name, pair in self.pairs.items():
             if prefixes is not None and not name.startswith(prefixes):
                 continue
-            for k, v in dict(pair.tensors(name in save_4d), alpha=pair.alpha).items():
+            for k, v in pair.file_tensors(name in save_4d).items():
                 v = v.detach() if dtype is None else v.detach().to(dtype)
                 # copies: the weights may be views into one flat buffer (fast path), which safetensors refuses to save
                 out[f"{name}.{k}"] = v.to("cpu", copy=True).contiguous()
         return out
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]):
+        """Loads what fits; returns the network's tensor names the file lacks. ValueError when a tensor has
+        another size than the network's (another rank, type or model), before anything is copied."""
+        wrong = []
+        for name, pair in self.pairs.items():
+            for key, p in pair.named_parameters():
+                v = sd.get(f"{name}.{key}")
+                if v is not None and v.numel() != p.numel():
+                    wrong.append(f"{name}.{key}: file {tuple(v.shape)}, network {tuple(p.shape)}")
+        if wrong:
+            raise ValueError(f"{len(wrong)} tensors of the file have other shapes than this network's (e.g. "
+                             f"{'; '.join(wrong[:2])}): it was trained with another network_dim / conv_dim, network "
+                             "type or base model. Set the same values, or dim_from_weights = true to take the ranks "
+                             "from the file")
         missing: list[str] = []
         for name, pair in self.pairs.items():
             pair.load_tensors(sd, name, missing)
         return missing
+
+    def unused_tensors(self, sd: dict[str, torch.Tensor]) -> list[str]:
+        """The file's tensors this network has no place for (another network type or layer set)."""
+        known = {f"{name}.{k}" for name, pair in self.pairs.items()
+                 for k in [k for k, _ in pair.named_parameters()] + ["alpha"]}
+        return sorted(k for k in sd if k not in known)

@@ -2,7 +2,8 @@
 
 ``algo=lora``/``locon`` is a kohya LoRA on LyCORIS' wider layer set; ``algo=loha`` (Hadamard product of two
 low-rank pairs) and ``algo=lokr`` (Kronecker product) have their own modules here. Shapes, initialisation, scale
-and saved keys follow LyCORIS' LohaModule / LokrModule (Tucker cores for kxk convs on request; no DoRA, no scalar),
+and saved keys follow LyCORIS' LohaModule / LokrModule (Tucker cores for kxk convs on request; DoRA weight
+decomposition with ``dora_wd``; no scalar),
 so LyCORIS, A1111's built-in Lora, ComfyUI and our own ``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS'
 presets as they land on sd-scripts' UNets (tests/data/lycoris_targets_reference.json).
 """
@@ -20,12 +21,11 @@ PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-trans
 # network_args LyCORIS reads that we honour (conv_dim/alpha and the dropouts are shared with networks.lora)
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
-        "bypass_mode", "rank_dropout_scale"}
+        "bypass_mode", "rank_dropout_scale", "wd_on_output"}
 TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
 # switches that change the module and that this trainer does not build yet: refused, never silently dropped
 _NOT_YET = {
-    "use_scalar": "the trained scalar",
-    "dora_wd": "weight decomposition (DoRA)", "rs_lora": "rank-stabilised scaling", "train_norm": "trained norm layers",
+    "use_scalar": "the trained scalar", "rs_lora": "rank-stabilised scaling", "train_norm": "trained norm layers",
     "rank_dropout_scale": "rescaled rank dropout",
 }
 
@@ -43,11 +43,27 @@ class LycoSettings:
     full_matrix: bool = False
     unbalanced: bool = False
     tucker: bool = False  # kxk convs as a Tucker core with 1x1 factors (use_tucker / use_cp)
+    dora: bool = False  # dora_wd: weight decomposition with a trained magnitude per channel
+    wd_on_output: bool = True  # DoRA's magnitude per output row (LyCORIS' default since 2025-04) or per input column
 
     @property
     def weight_path(self) -> bool:
-        """LoHa/LoKr add a rebuilt weight delta instead of LoRA's activation path."""
+        """LoHa/LoKr modules (their own factors) instead of kohya's lora_up/lora_down."""
         return self.algo in ("loha", "lokr")
+
+    @property
+    def weight_forward(self) -> bool:
+        """The layer runs with a rebuilt weight delta (LoHa/LoKr, and every type with DoRA, as in LyCORIS)
+        instead of LoRA's activation path."""
+        return self.weight_path or self.dora
+
+    @property
+    def kind(self) -> str:
+        """What the job's start line and notes call it: "LoHa", "LoRA + DoRA (per output)"."""
+        name = {"loha": "LoHa", "lokr": "LoKr"}.get(self.algo, "LoRA")
+        if self.dora:
+            name += " + DoRA (per " + ("output" if self.wd_on_output else "input") + ")"
+        return name
 
 
 def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSettings | None:
@@ -84,7 +100,10 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
         raise ValueError(f"network_args factor={factor}: use -1 (as square as possible) or a positive whole number")
     s = LycoSettings(algo, preset, factor, _bool(nargs.get("decompose_both", False)),
                      _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)),
-                     tucker)
+                     tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)))
+    if "wd_on_output" in nargs and not s.dora:
+        notes.append("network_args wd_on_output sets the axis of DoRA's magnitude and changes nothing without "
+                     "dora_wd=True (as in LyCORIS)")
     if s.algo != "lokr" and any(k in nargs for k in ("factor", "decompose_both", "full_matrix",
                                                        "unbalanced_factorization")):
         notes.append(f"network_args factor / decompose_both / full_matrix / unbalanced_factorization shape LoKr "
@@ -113,10 +132,33 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
+def _channel_norm(w: torch.Tensor, on_output: bool) -> torch.Tensor:
+    """Norm of each output row (O, 1[, 1, 1]) or of each input column (1, I[, 1, 1]), as LyCORIS lays out
+    dora_scale."""
+    ones = [1] * (w.dim() - 1)
+    if on_output:
+        return w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *ones)
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(w.shape[1], *ones).transpose(0, 1)
+
+
+def _drop_rows(w: torch.Tensor, rank_dropout: float) -> torch.Tensor:
+    """LyCORIS' rank dropout in the weight path: whole output rows of the delta, no rescaling."""
+    if not rank_dropout:
+        return w
+    keep = (torch.rand(w.shape[0], device=w.device) > rank_dropout).to(w.dtype)
+    return w * keep.view(-1, *[1] * (w.dim() - 1))
+
+
 class PairBase(nn.Module):
-    """What every trained module (kohya LoRA, LoHa, LoKr) shares: the alpha buffer and scale, its file tensors
-    (``tensors``: suffix -> tensor, alpha added by the caller) and loading them back by parameter name (the file's
-    suffixes are the parameter names)."""
+    """What every trained module (kohya LoRA, LoHa, LoKr) shares: the alpha buffer and scale, DoRA's magnitude,
+    its file tensors (``tensors``: suffix -> tensor, alpha added by the caller) and loading them back by parameter
+    name (the file's suffixes are the parameter names)."""
+
+    shape: tuple  # the host weight's shape (out, in[, kh, kw])
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("dora_scale", None)  # DoRA (dora_wd): the trained magnitude, set by init_dora
 
     def _set_alpha(self, alpha, dim):
         alpha = dim if alpha is None or alpha == 0 else float(alpha)
@@ -124,8 +166,42 @@ class PairBase(nn.Module):
         self.dim = dim
         self.scale = float(alpha) / dim
 
+    def rebuild(self) -> torch.Tensor:
+        """The unscaled delta in the host weight's shape."""
+        raise NotImplementedError
+
+    def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
+        return _drop_rows(self.rebuild().reshape(self.shape) * self.scale, rank_dropout)
+
+    def init_dora(self, weight: torch.Tensor, on_output: bool):
+        """LyCORIS' start: the magnitude is the host weight's own norm (fp32), so the module starts as a no-op."""
+        self.wd_on_output = on_output
+        self.dora_scale = nn.Parameter(_channel_norm(weight.detach().float(), on_output))
+
+    def weight_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
+        """What this module adds to the host ``weight`` at ``multiplier``: ΔW·m, or with DoRA W' − W where
+        V = W + ΔW, W' = V·(m·(d/(‖V‖+ε) − 1) + 1) (LyCORIS' weight_decompose, in fp32; the norm is not
+        detached, as in LyCORIS)."""
+        if self.dora_scale is None:
+            return self.delta_weight(rank_dropout).reshape(weight.shape) * multiplier
+        w = weight.detach().float()
+        v = w + _drop_rows(self.rebuild().reshape(weight.shape).float() * self.scale, rank_dropout)
+        factor = self.dora_scale / (_channel_norm(v, self.wd_on_output) + torch.finfo(torch.float32).eps)
+        if multiplier != 1:
+            factor = multiplier * (factor - 1) + 1
+        return v * factor - w
+
     def tensors(self, save_4d: bool = False) -> dict:
         raise NotImplementedError
+
+    def file_tensors(self, save_4d: bool = False) -> dict:
+        """Everything the module saves under its name: its factors, DoRA's magnitude, alpha."""
+        out = dict(self.tensors(save_4d))
+        if self.dora_scale is not None:
+            d = self.dora_scale
+            out["dora_scale"] = d[:, :, None, None] if save_4d and d.dim() == 2 else d
+        out["alpha"] = self.alpha
+        return out
 
     def load_tensors(self, sd: dict, name: str, missing: list):
         with torch.no_grad():
@@ -141,21 +217,8 @@ class PairBase(nn.Module):
 
 
 class _WeightPair(PairBase):
-    """A module whose contribution is a rebuilt weight delta (``delta_weight``), added with the host layer's own
-    op (F.linear / F.conv2d with its stride and padding)."""
-
-    shape: tuple  # the host weight's shape (out, in[, kh, kw])
-
-    def rebuild(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
-        w = self.rebuild().reshape(self.shape) * self.scale
-        if rank_dropout:
-            # LyCORIS' rank dropout on these types: whole output rows of the delta, no rescaling
-            keep = (torch.rand(w.shape[0], device=w.device) > rank_dropout).to(w.dtype)
-            w = w * keep.view(-1, *[1] * (w.dim() - 1))
-        return w
+    """A module whose contribution is a rebuilt weight delta, added with the host layer's own op (F.linear /
+    F.conv2d with its stride and padding)."""
 
 
 def _rebuild_tucker(t, wa, wb):

@@ -119,19 +119,27 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         if cfg.scale_weight_norms:
             raise ValueError("scale_weight_norms rescales two-factor modules and cannot be used with Tucker factors "
                              "(use_tucker / use_cp) here yet; remove one of them")
-    if not s.weight_path and "rank_dropout" in nargs:
+    what = f"algo={s.algo}" + (" with dora_wd" if s.dora else "")
+    if not s.weight_forward and "rank_dropout" in nargs:
         notes.append(f"rank_dropout with algo={s.algo} works as in kohya's networks.lora (rank channels dropped per "
                      "sample and the rest scaled up); LyCORIS drops output rows of the whole delta without scaling")
-    if s.weight_path:
-        if cfg.dim_from_weights:
-            raise ValueError(f"dim_from_weights reads the ranks of kohya LoRA files; with algo={s.algo} set "
-                             "network_dim (and conv_dim) instead")
+    if s.weight_path and cfg.dim_from_weights:
+        raise ValueError(f"dim_from_weights reads the ranks of kohya LoRA files; with algo={s.algo} set "
+                         "network_dim (and conv_dim) instead")
+    if s.weight_forward:
         if cfg.scale_weight_norms:
             raise ValueError(f"scale_weight_norms rescales LoRA (lora_up/lora_down) modules and cannot be used with "
-                             f"algo={s.algo} here yet; remove it or use algo=locon")
+                             f"{what} here yet; remove it" + ("" if s.dora else " or use algo=locon"))
         if cfg.network_dropout or "dropout" in nargs:
-            notes.append(f"network_dropout / network_args dropout is not applied to {s.algo} modules (LyCORIS does not implement it for "
-                         "them either); rank_dropout and module_dropout are")
+            notes.append(f"network_dropout / network_args dropout is not applied with {what} (LyCORIS does not "
+                         "implement it for modules that rebuild the weight either); rank_dropout and module_dropout "
+                         "are")
+    if s.dora and s.wd_on_output:
+        notes.append("DoRA (dora_wd) with the magnitude per output row, LyCORIS' default: this extension's <lora:> "
+                     "and LyCORIS apply the file as trained; A1111's built-in Lora (1.10) assumes per-input files "
+                     "and applies it wrongly without an error. Add network_args wd_on_output=False for the "
+                     "per-input layout that tool expects")
+    if s.weight_path:
         if any(k in nargs for k in blocks.PLUS_KEYS):
             notes.append(f"LoRA+ ratios change nothing with algo={s.algo}: they raise the learning rate of lora_up "
                          "weights, which LoHa/LoKr modules do not have (as in LyCORIS)")

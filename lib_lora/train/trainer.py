@@ -211,6 +211,28 @@ class Trainer:
                 "weight), which training cannot use. Set FP8 weight to Disable (the model reloads), train, then "
                 "switch it back; LoRAs trained this way work with FP8 weights.")
 
+    def _load_start_weights(self, net: LoRANetwork, sd: dict):
+        """network_weights: continue from a file; what does not fit is said, never dropped quietly."""
+        path = self.cfg.network_weights
+        try:
+            missing = net.load_kohya_state_dict(sd)
+        except ValueError as e:
+            raise TrainingError(f"network_weights {path}: {e}") from None
+        total = sum(1 for p in net.parameters())
+        if len(missing) == total:
+            raise TrainingError(f"network_weights {path}: none of its tensors belong to this network (e.g. "
+                                f"{', '.join(sorted(sd)[:2])}); it is another network type (LoRA / LoHa / LoKr, "
+                                "DoRA) or for another model. Set network_module and network_args as the file was "
+                                "trained, or leave network_weights empty to start fresh")
+        self._note(f"started from {path} ({len(missing)} tensors not in that file)")
+        unused = net.unused_tensors(sd)
+        if unused:
+            why = ("the file has DoRA magnitudes (dora_scale): continue it with network_module = lycoris.kohya "
+                   "and network_args dora_wd=True" if any(k.endswith(".dora_scale") for k in unused) else
+                   "the file has modules or tensor kinds this network does not create (another network type, "
+                   "preset, conv_dim or trained part)")
+            self._note(f"{len(unused)} tensors of {path} are not used (e.g. {', '.join(unused[:2])}): {why}")
+
     def _dims_from_weights(self, sd: dict):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
         the network_weights file ``sd``. A file with several ranks (block_dims, resized LoRAs) gives each module its
@@ -449,7 +471,7 @@ class Trainer:
             dim, alpha, conv_dim, conv_alpha = base_dims(c, nargs)
             notes: list[str] = []
             try:
-                lyco = lyco_settings(c.network_module, nargs, notes, c)
+                lyco = lyco_settings(c.network_module, nargs, [], c)  # (its notes came with check_support's)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
             if lyco is not None:  # LyCORIS' defaults: the conv layers take the linear rank and alpha
@@ -493,11 +515,10 @@ class Trainer:
                 pair.reset_parameters()
             net.to(self.device)
             if c.network_weights:
-                missing = net.load_kohya_state_dict(start_sd)
-                self._note(f"started from {c.network_weights} ({len(missing)} tensors not in that file)")
+                self._load_start_weights(net, start_sd)
             kind = "LoRA"
             if lyco is not None:
-                kind = {"loha": "LoHa", "lokr": "LoKr"}.get(lyco.algo, "LoRA") + f" (LyCORIS preset {lyco.preset})"
+                kind = f"{lyco.kind} (LyCORIS preset {lyco.preset})"
             self._emit("start", message=f"{kind} for {net.counts()} modules; seed {seed}")
 
             cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None
