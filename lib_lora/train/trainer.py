@@ -519,6 +519,11 @@ class Trainer:
             kind = "LoRA"
             if lyco is not None:
                 kind = f"{lyco.kind} (LyCORIS preset {lyco.preset})"
+                if lyco.dora and self.family == "sd2" and any(t.save_4d for t in net.targets):
+                    self._note("DoRA on SD2: the proj_in/proj_out magnitudes are saved 4-D, as sd-scripts and "
+                               "LyCORIS write them (they train those layers as 1x1 convs). A1111's built-in Lora "
+                               "(1.10) skips such layers with a shape error in its log; this extension's <lora:> "
+                               "applies them")
             self._emit("start", message=f"{kind} for {net.counts()} modules; seed {seed}")
 
             cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None
