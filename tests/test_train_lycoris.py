@@ -530,6 +530,9 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
         ("algo=lokr", "factor=0"): r"factor=0: use -1",
+        # LyCORIS reads anything but "false" as True: "0" would train DoRA in sd-scripts
+        ("algo=locon", "dora_wd=0"): r"dora_wd=0: write True or False \(LyCORIS reads every value except 'false'",
+        ("algo=loha", "use_tucker=ture"): r"use_tucker=ture: write True or False",
     }
     for nargs, msg in cases.items():
         cfg = _cfg(tmp_path, img, "x", network_args=list(nargs))

@@ -30,8 +30,25 @@ _NOT_YET = {
 }
 
 
+BOOL_KEYS = ("decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "use_cp", "use_conv_cp",
+             "disable_conv_cp", "use_scalar", "dora_wd", "wd_on_output", "rs_lora", "train_norm", "bypass_mode",
+             "rank_dropout_scale")
+
+
 def _bool(v) -> bool:
     return str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _flag_problems(nargs: dict) -> list[str]:
+    """LyCORIS reads every value but "false" as True (utils.str_bool): "0", "no" or a typo switch a feature on
+    there. Such values are refused rather than read one way here and the other way in sd-scripts."""
+    out = []
+    for key in BOOL_KEYS:
+        v = str(nargs.get(key, "true")).strip().lower()
+        if v not in ("true", "false", "1", "yes", "on"):
+            out.append(f"network_args {key}={nargs[key]}: write True or False (LyCORIS reads every value except "
+                       f"'false' as True, so sd-scripts would switch {key} on)")
+    return out
 
 
 @dataclass
@@ -81,6 +98,9 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     if preset not in PRESETS:
         raise ValueError(f"network_args preset={preset}: use one of {', '.join(PRESETS)} (preset files are not read "
                          "here)")
+    problems = _flag_problems(nargs)
+    if problems:
+        raise ValueError("; ".join(problems))
     for key, what in _NOT_YET.items():
         if key in nargs and _bool(nargs[key]):
             raise ValueError(f"network_args {key}={nargs[key]}: {what} cannot be trained here yet; remove the entry "
