@@ -538,3 +538,31 @@ def test_clip_skip_past_the_text_encoder_and_bad_optimizer_args_say_what_is_wron
         _run(sd1, tmp_path / "a", img, max_train_steps=1, clip_skip=40)
     with pytest.raises(TrainingError, match=r"optimizer AdamW refused optimizer_args \['nonsense=1'\]: .*nonsense"):
         _run(sd1, tmp_path / "b", img, max_train_steps=1, optimizer_type="AdamW", optimizer_args=["nonsense=1"])
+
+
+# ---- lr_scheduler_type --------------------------------------------------------------------------------------------
+def test_a_torch_scheduler_drives_the_run_and_resumes(sd1, tmp_path):
+    """lr_scheduler_type = StepLR (step_size 2, gamma 0.5): the LR of every step is its closed form, and a
+    cancelled run resumes to the weights of an uninterrupted one."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2)
+    kw = dict(lr_scheduler_type="torch.optim.lr_scheduler.StepLR", lr_scheduler_args=["step_size=2", "gamma=0.5"],
+              max_train_steps=6)
+    _, full, events = _run(sd1, tmp_path / "a", img, **kw)
+    assert full.status == "done"
+    lrs = [(e.step, e.lr) for e in events if e.kind == "step"]
+    assert [s for s, _ in lrs] == list(range(1, 7))
+    for step, lr in lrs:  # read after the step's scheduler.step()
+        assert lr == pytest.approx(1e-3 * 0.5 ** (step // 2), rel=1e-9), step
+    seen = {"step": 0}
+    c = {"train_data_dir": img, "resolution": 64, "train_batch_size": 1, "output_dir": str(tmp_path / "b"),
+         "output_name": "x", "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4,
+         "seed": 3, "save_precision": "float", **kw}
+    cfg = parse_train_config(c, base_dir=str(tmp_path))
+    host = ModelHost(sd1, "m")
+    part = Trainer(host, cfg, plan_for(host, cfg), on_event=lambda e: seen.update(step=max(seen["step"], e.step)),
+                   should_cancel=lambda: seen["step"] >= 3).run()
+    assert part.status == "cancelled" and part.state_file
+    resumed = Trainer(host, cfg, plan_for(host, cfg)).run(resume_state=part.state_file)
+    a, b = load_tensors(full.final), load_tensors(resumed.final)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)

@@ -120,3 +120,32 @@ def test_missing_bitsandbytes_falls_back_with_a_note(monkeypatch):
     opt, desc = make_optimizer("AdamW8bit", [{"params": [p]}], 1e-3, notes=notes)
     assert isinstance(opt, torch.optim.AdamW) and desc.startswith("torch.optim.adamw.AdamW")
     assert len(notes) == 1 and "Training with AdamW instead" in notes[0]
+
+
+def test_torch_scheduler_by_name_follows_its_closed_form():
+    """lr_scheduler_type (sd-scripts: any torch scheduler, lr_scheduler_args read as Python literals): cosine
+    annealing per group from each group's own LR, against its closed form."""
+    import math
+    from lib_lora.train.optim import literal_args, make_torch_scheduler
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 4e-3}], lr=1e-3)
+    sched = make_torch_scheduler(opt, "torch.optim.lr_scheduler.CosineAnnealingLR", ["T_max=10", "eta_min=1e-5"])
+    for t in range(1, 11):
+        opt.step()
+        sched.step()
+        for g, base in zip(opt.param_groups, (1e-3, 4e-3)):
+            want = 1e-5 + (base - 1e-5) * (1 + math.cos(math.pi * t / 10)) / 2
+            assert g["lr"] == pytest.approx(want, rel=1e-9, abs=1e-12), t
+    assert literal_args(["T_max=10", "eta_min=1e-5", "mode=triangular2", "x=[1, 2]"]) == {
+        "T_max": 10, "eta_min": 1e-5, "mode": "triangular2", "x": [1, 2]}
+
+
+def test_torch_schedulers_that_cannot_be_built_are_explained():
+    from lib_lora.train.optim import make_torch_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1)
+    with pytest.raises(ValueError, match="classes of other packages are not imported.*CosineAnnealingLR"):
+        make_torch_scheduler(opt, "LoraEasyCustomOptimizer.CustomOptimizers.RexAnnealingWarmRestarts", [])
+    with pytest.raises(ValueError, match="'LambdaLR': this is not one of torch's schedulers that a config can build"):
+        make_torch_scheduler(opt, "LambdaLR", [])
+    with pytest.raises(ValueError, match="CosineAnnealingLR refused lr_scheduler_args .*T_max"):
+        make_torch_scheduler(opt, "CosineAnnealingLR", ["eta_min=0"])

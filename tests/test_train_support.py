@@ -27,8 +27,22 @@ def test_unsupported_keys_are_named():
     assert "random_crop" not in text and "color_aug" not in text  # honoured now
     assert "ip_noise_gamma" not in text and "loss_type" not in text  # honoured
     assert "'conv_dim'" not in text
-    assert errors == []  # every scheduler name sd-scripts knows is available now
-    assert "lr_scheduler_type = 'mymodule.MyScheduler'" in text  # a custom scheduler class is not
+    # every scheduler name sd-scripts knows is available; lr_scheduler_type takes torch's classes, not any module's
+    assert errors == ["lr_scheduler_type = 'mymodule.MyScheduler': only torch's own schedulers "
+                      "(torch.optim.lr_scheduler) can be named here; classes of other packages are not imported. "
+                      "Choose one of " + errors[0].split("Choose one of ")[1]]
+    assert "'inverse_sqrt' is not used: lr_scheduler_type = 'mymodule.MyScheduler' sets the schedule" in text
+
+
+def test_torch_scheduler_type_is_checked_before_queueing():
+    def check(**kw):
+        return check_support(parse_train_config(dict({"train_data_dir": "x", "lr_scheduler_type": "StepLR"}, **kw)))
+
+    assert check(lr_scheduler_args=["step_size=10", "gamma=0.5"]) == ([], [])
+    errors, _ = check(lr_scheduler_args=["gamma=0.5"])
+    assert any("StepLR refused lr_scheduler_args ['gamma=0.5']" in e and "step_size" in e for e in errors), errors
+    errors, _ = check(lr_scheduler_args=["step_size=10"], lr_warmup_steps=100)
+    assert any("lr_warmup_steps = 100 with lr_scheduler_type = 'StepLR'" in e for e in errors), errors
 
 
 @pytest.mark.parametrize("key, value, says", [

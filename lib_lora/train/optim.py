@@ -8,6 +8,7 @@ user: a missing one is a clear error that says what to install or which optimize
 
 from __future__ import annotations
 
+import ast
 import importlib
 import math
 
@@ -124,6 +125,61 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, nu
                    min_lr_ratio: float | None = None, decay_steps: int = 0, args: dict | None = None):
     f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power, min_lr_ratio, decay_steps, args)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [f] * len(optimizer.param_groups))
+
+
+# torch schedulers a config cannot build: they need Python callables, other schedulers or a metric at every step
+_TORCH_SCHEDULERS_REFUSED = {"LRScheduler", "_LRScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR",
+                             "ChainedScheduler", "ReduceLROnPlateau"}
+_TORCH_PREFIX = "torch.optim.lr_scheduler."
+
+
+def torch_schedulers() -> list[str]:
+    mod = torch.optim.lr_scheduler
+    return sorted(n for n in dir(mod) if not n.startswith("_") and n not in _TORCH_SCHEDULERS_REFUSED
+                  and isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), mod.LRScheduler))
+
+
+def torch_scheduler_class(type_name: str):
+    """sd-scripts' ``lr_scheduler_type``: a torch.optim.lr_scheduler class, by name or dotted path. Classes of
+    other packages are not imported (a config sent over the HTTP API must not be able to run any module's code);
+    ValueError says what to use instead."""
+    name = type_name.strip()
+    if name.startswith(_TORCH_PREFIX):
+        name = name[len(_TORCH_PREFIX):]
+    choices = torch_schedulers()
+    if name not in choices:
+        why = ("only torch's own schedulers (torch.optim.lr_scheduler) can be named here; classes of other "
+               "packages are not imported" if "." in name else
+               "this is not one of torch's schedulers that a config can build")
+        raise ValueError(f"lr_scheduler_type = {type_name!r}: {why}. Choose one of {', '.join(choices)}, or leave "
+                         f"lr_scheduler_type empty and set lr_scheduler to one of {', '.join(SCHEDULERS)}")
+    return getattr(torch.optim.lr_scheduler, name)
+
+
+def literal_args(items) -> dict:
+    """``key=value`` strings with Python-literal values, as sd-scripts reads lr_scheduler_args (ast.literal_eval;
+    a value that is no literal stays a string)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            raise ValueError(f"lr_scheduler_args entry {item!r} is not key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def make_torch_scheduler(optimizer, type_name: str, args_items):
+    cls = torch_scheduler_class(type_name)
+    kwargs = literal_args(args_items)
+    try:
+        return cls(optimizer, **kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"lr_scheduler_type {cls.__name__} refused lr_scheduler_args {list(args_items or [])}: {e} "
+                         f"(it takes what torch.optim.lr_scheduler.{cls.__name__} takes, e.g. T_max=1000 for "
+                         "CosineAnnealingLR)") from None
 
 
 def _import(module: str, what: str, hint: str):

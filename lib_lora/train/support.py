@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from . import blocks, lyco
 from .config import TrainConfig
-from .optim import SCHEDULERS
+from .optim import SCHEDULERS, make_torch_scheduler
 
 # keys whose value changes nothing here, or that we honour fully
 HONOURED = {
@@ -38,7 +40,7 @@ HONOURED = {
     "sample_every_n_steps", "sample_at_first", "save_last_n_steps", "no_metadata", "zero_terminal_snr",
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
     "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "lr_decay_steps",
-    "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "logging_dir", "log_prefix", "random_crop",
+    "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "logging_dir", "log_prefix", "random_crop",
     "color_aug", "weighted_captions",
 }
 
@@ -91,6 +93,23 @@ def network_number_problems(nargs: dict) -> list[str]:
         if v < lo or (below is not None and v >= below):
             span = f"at least {lo}" + (f" and below {below}" if below is not None else "")
             out.append(f"network_args {key}={nargs[key]} must be {span} ({what})")
+    return out
+
+
+def torch_scheduler_problems(cfg: TrainConfig) -> list[str]:
+    """lr_scheduler_type checked before queueing: the class, its lr_scheduler_args (built once on a throwaway
+    optimizer) and a warm-up, which sd-scripts refuses with these schedulers (they would ignore it)."""
+    warmup = cfg.lr_warmup_steps or 0
+    out = []
+    if warmup:
+        out.append(f"lr_warmup_steps = {warmup} with lr_scheduler_type = {cfg.lr_scheduler_type!r}: torch's "
+                   "schedulers have no warm-up of their own (sd-scripts stops here too); set lr_warmup_steps = 0, "
+                   "or use lr_scheduler (e.g. cosine) with its warm-up")
+    try:
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        make_torch_scheduler(probe, cfg.lr_scheduler_type, cfg.lr_scheduler_args)
+    except ValueError as e:
+        out.append(str(e))
     return out
 
 
@@ -183,7 +202,12 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         value = getattr(cfg, name)
         if value != default and value not in (None, False, 0, "", []):
             notes.append(f"{name} = {value!r} is not supported by LoRA Studio's trainer yet and is ignored")
-    if (cfg.lr_scheduler or "constant") not in SUPPORTED_SCHEDULERS:
+    if cfg.lr_scheduler_type:
+        errors += torch_scheduler_problems(cfg)
+        if (cfg.lr_scheduler or "constant") != "constant":
+            notes.append(f"lr_scheduler = {cfg.lr_scheduler!r} is not used: lr_scheduler_type = "
+                         f"{cfg.lr_scheduler_type!r} sets the schedule (as in sd-scripts)")
+    elif (cfg.lr_scheduler or "constant") not in SUPPORTED_SCHEDULERS:
         errors.append(f"lr_scheduler = {cfg.lr_scheduler!r} is not available here; choose one of "
                       f"{', '.join(sorted(SUPPORTED_SCHEDULERS))}")
     supported = SUPPORTED_NETWORK_ARGS

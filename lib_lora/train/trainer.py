@@ -39,7 +39,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
 from .lora_net import LoRANetwork
 from .support import base_dims, block_settings, lyco_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
-from .optim import effective_optimizer, make_optimizer, make_scheduler
+from .optim import effective_optimizer, make_optimizer, make_scheduler, make_torch_scheduler
 from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, CsvLog, ckpt_name, load_state,
                      metadata_strings, modelspec, prune_old, prune_old_steps,
                      save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
@@ -619,10 +619,13 @@ class Trainer:
                 k, _, v = item.partition("=")
                 sched_args[k.strip()] = v.strip()
             try:
-                scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
-                                           c.lr_scheduler_num_cycles, c.lr_scheduler_power,
-                                           min_lr_ratio=c.lr_scheduler_min_lr_ratio, decay_steps=decay,
-                                           args=sched_args)
+                if c.lr_scheduler_type:  # sd-scripts: the class wins over lr_scheduler
+                    scheduler = make_torch_scheduler(optimizer, c.lr_scheduler_type, c.lr_scheduler_args)
+                else:
+                    scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
+                                               c.lr_scheduler_num_cycles, c.lr_scheduler_power,
+                                               min_lr_ratio=c.lr_scheduler_min_lr_ratio, decay_steps=decay,
+                                               args=sched_args)
             except ValueError as e:
                 raise TrainingError(str(e)) from e
             scaler = torch.cuda.amp.GradScaler() if mp == "fp16" else None
