@@ -71,3 +71,16 @@ def test_timestep_order_and_network_arg_numbers():
     assert any("conv_dim=-2 must be at least 0" in e for e in errors)
     assert any("rank_dropout=1 must be at least 0 and below 1" in e for e in errors)
     assert any("module_dropout=x: not a number" in e for e in errors)
+
+
+def test_cache_text_encoder_outputs_says_what_happens():
+    """Cached by themselves when the text encoder is frozen; with a trained one sd-scripts stops, we say so."""
+    cfg = parse_train_config({"train_data_dir": "x", "cache_text_encoder_outputs": True,
+                              "network_train_unet_only": True})
+    assert any("cached in memory by themselves whenever the text encoder is not trained" in n for n in cfg.notes)
+    assert not any("not supported" in n for n in cfg.notes)
+    _, notes = check_support(cfg)
+    assert not any("sd-scripts stops here" in n for n in notes)
+    _, notes = check_support(parse_train_config({"train_data_dir": "x", "cache_text_encoder_outputs": True,
+                                                 "text_encoder_lr": 5e-5}))
+    assert any("cache_text_encoder_outputs with a trained text encoder" in n for n in notes), notes

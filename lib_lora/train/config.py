@@ -260,8 +260,10 @@ KNOWN_UNUSED = {
     "skip_until_initial_step": "not supported yet",
     "base_weights": "not supported yet",
     "base_weights_multiplier": "not supported yet",
-    "cache_text_encoder_outputs": "not supported yet",
-    "cache_text_encoder_outputs_to_disk": "not supported yet",
+    "cache_text_encoder_outputs": "text-encoder outputs are cached in memory by themselves whenever the text "
+                                  "encoder is not trained and the captions do not change between steps",
+    "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory only (when the text encoder is "
+                                          "not trained); nothing is written to disk",
     "text_encoder_batch_size": "not supported yet",
     "optimizer_schedulefree_wrapper": "not supported yet",
     "schedulefree_wrapper_args": "not supported yet",

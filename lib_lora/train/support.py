@@ -202,6 +202,13 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         value = getattr(cfg, name)
         if value != default and value not in (None, False, 0, "", []):
             notes.append(f"{name} = {value!r} is not supported by LoRA Studio's trainer yet and is ignored")
+    te_trained = not cfg.network_train_unet_only and (cfg.text_encoder_lr if cfg.text_encoder_lr is not None
+                                                       else cfg.learning_rate)
+    if any(cfg.ignored.get(k) for k in ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk")) \
+            and te_trained:
+        notes.append("cache_text_encoder_outputs with a trained text encoder: sd-scripts stops here; this run "
+                     "trains the text encoder and computes its outputs at every step. Set network_train_unet_only "
+                     "= true (or text_encoder_lr = 0) to train the UNet only with cached outputs")
     if cfg.lr_scheduler_type:
         errors += torch_scheduler_problems(cfg)
         if (cfg.lr_scheduler or "constant") != "constant":
