@@ -242,15 +242,15 @@ DORA_CASES = [("locon", {}), ("locon", {"use_tucker": True}), ("loha", {}), ("lo
               ("lokr", {}), ("lokr", {"decompose_both": True, "factor": 4})]
 
 
-def _lycoris_dora(algo, layer, kw, on_output):
+def _lycoris_dora(algo, layer, kw, on_output, dora=True):
     from lycoris.modules.locon import LoConModule
-    kw = dict(kw, weight_decompose=True, wd_on_out=on_output)
+    kw = dict(kw, weight_decompose=dora, wd_on_out=on_output)
     if algo == "locon":
         return LoConModule("x", layer, 1.0, 4, 2.0, **kw)
     return _lycoris_module(algo, layer, 4, 2.0, kw)
 
 
-def _our_dora(algo, layer, kw, on_output):
+def _our_dora(algo, layer, kw, on_output, dora=True):
     if algo != "locon":
         ours = _our_pair(algo, layer, 4, 2.0, kw)
     elif isinstance(layer, nn.Linear):
@@ -258,7 +258,8 @@ def _our_dora(algo, layer, kw, on_output):
     else:
         ours = LoRAPair(layer.in_channels, layer.out_channels, 4, 2.0, layer.kernel_size, layer.stride,
                         layer.padding, tucker=kw.get("use_tucker", False) and layer.kernel_size != (1, 1))
-    ours.init_dora(layer.weight, on_output)
+    if dora:
+        ours.init_dora(layer.weight, on_output)
     return ours
 
 
@@ -360,6 +361,28 @@ def test_training_writes_lycoris_files_that_load_fully(sd1, tmp_path, algo, tuck
         assert float(sd[f"{n}.alpha"]) == float(ref.alpha), n
         if dora:
             _loaded_module_is_lycoris_forward(ref, layer, ours[n], sd, n)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["plain", "dora"])
+@pytest.mark.parametrize("layer", ["linear", "conv3_stride2"])
+@pytest.mark.parametrize("algo, kw", [("locon", {}), ("loha", {}), ("lokr", {"decompose_both": True, "factor": 4}),
+                                      ("lokr", {"full_matrix": True})])
+def test_rank_stabilised_scale_is_lycoris(layer, algo, kw, dora):
+    """rs_lora: scale alpha/sqrt(dim); the saved alpha (alpha·sqrt(dim)) is LyCORIS' own, so loaders reading
+    alpha/dim apply the trained scale; output and gradients as LyCORIS'."""
+    org, twin = _twins(layer)
+    torch.manual_seed(3)
+    ref = _lycoris_dora(algo, twin, dict(kw, rs_lora=True), True, dora)
+    torch.manual_seed(3)
+    ours = _our_dora(algo, org, kw, True, dora)
+    ours.use_rs_scale()
+    want = {k: v for k, v in ref.state_dict().items() if k != "scalar"}
+    got = ours.file_tensors()
+    torch.testing.assert_close(got["alpha"], want["alpha"], rtol=0, atol=0)
+    assert float(got["alpha"]) / ours.dim == pytest.approx(ref.scale, rel=1e-6) and ours.scale == ref.scale
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    _same_as_lycoris(ref, twin, ours, org, _pair_forward if algo == "locon" and not dora else _weight_forward, g)
 
 
 def _loaded_module_is_lycoris_forward(ref, layer, loaded, sd, name, multiplier=0.8):
@@ -476,7 +499,8 @@ def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["algo=loha", "conv_dim=2", "preset=full"],
-                                  ["algo=locon", "conv_dim=2", "dora_wd=True"]], ids=["loha", "locon_dora"])
+                                  ["algo=locon", "conv_dim=2", "dora_wd=True", "rs_lora=True"]],
+                         ids=["loha", "locon_dora_rs"])
 def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
     full = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", network_args=args, lr_scheduler="cosine"))
@@ -492,6 +516,9 @@ def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    if "rs_lora=True" in args:  # alpha·dim/sqrt(dim): network_alpha 2 at rank 4, conv_alpha (= 2) at rank 2
+        assert float(a["lora_unet_mid_block_attentions_0_proj_in.alpha"]) == 4.0
+        assert float(a["lora_unet_conv_in.alpha"]) == pytest.approx(2 * 2 ** 0.5, rel=1e-6)
 
 
 @pytest.mark.parametrize("args", [["algo=lokr", "preset=attn-mlp", "factor=4"],
@@ -526,7 +553,7 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     cases = {
         ("algo=ia3",): r"algo=ia3: LoRA Studio trains algo=lora, locon, loha, lokr",
         ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
-        ("algo=lokr", "rs_lora=True"): r"rank-stabilised scaling cannot be trained here yet",
+        ("algo=lokr", "train_norm=True"): r"trained norm layers cannot be trained here yet",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
         ("algo=lokr", "factor=0"): r"factor=0: use -1",

@@ -151,6 +151,9 @@ class LoRANetwork(nn.Module):
                         self.pairs[n].init_dora(w, lyco.wd_on_output)
                 else:
                     self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
+        if lyco is not None and lyco.rs_lora:
+            for pair in self.pairs.values():
+                pair.use_rs_scale()
         self._attached = False
 
     # ---- counts, parameters -------------------------------------------------------------------------------

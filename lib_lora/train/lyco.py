@@ -25,7 +25,7 @@ KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced
 TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
 # switches that change the module and that this trainer does not build yet: refused, never silently dropped
 _NOT_YET = {
-    "use_scalar": "the trained scalar", "rs_lora": "rank-stabilised scaling", "train_norm": "trained norm layers",
+    "use_scalar": "the trained scalar", "train_norm": "trained norm layers",
     "rank_dropout_scale": "rescaled rank dropout",
 }
 
@@ -62,6 +62,7 @@ class LycoSettings:
     tucker: bool = False  # kxk convs as a Tucker core with 1x1 factors (use_tucker / use_cp)
     dora: bool = False  # dora_wd: weight decomposition with a trained magnitude per channel
     wd_on_output: bool = True  # DoRA's magnitude per output row (LyCORIS' default since 2025-04) or per input column
+    rs_lora: bool = False  # rank-stabilised scale alpha/sqrt(dim)
 
     @property
     def weight_path(self) -> bool:
@@ -120,7 +121,8 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
         raise ValueError(f"network_args factor={factor}: use -1 (as square as possible) or a positive whole number")
     s = LycoSettings(algo, preset, factor, _bool(nargs.get("decompose_both", False)),
                      _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)),
-                     tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)))
+                     tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)),
+                     _bool(nargs.get("rs_lora", False)))
     if "wd_on_output" in nargs and not s.dora:
         notes.append("network_args wd_on_output sets the axis of DoRA's magnitude and changes nothing without "
                      "dora_wd=True (as in LyCORIS)")
@@ -185,6 +187,13 @@ class PairBase(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.dim = dim
         self.scale = float(alpha) / dim
+
+    def use_rs_scale(self):
+        """LyCORIS' rs_lora: scale alpha/sqrt(dim), saved as alpha·dim/sqrt(dim) so that every loader's
+        alpha/dim gives the trained scale."""
+        alpha, r = float(self.alpha), math.sqrt(self.dim)
+        self.alpha.fill_(alpha * (self.dim / r))
+        self.scale = alpha / r
 
     def rebuild(self) -> torch.Tensor:
         """The unscaled delta in the host weight's shape."""

@@ -142,6 +142,9 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if not s.weight_forward and "rank_dropout" in nargs:
         notes.append(f"rank_dropout with algo={s.algo} works as in kohya's networks.lora (rank channels dropped per "
                      "sample and the rest scaled up); LyCORIS drops output rows of the whole delta without scaling")
+    if s.rs_lora and cfg.dim_from_weights:
+        raise ValueError("dim_from_weights with rs_lora: the file's alphas already hold the rank-stabilised scale; "
+                         "set network_dim and network_alpha instead")
     if s.weight_path and cfg.dim_from_weights:
         raise ValueError(f"dim_from_weights reads the ranks of kohya LoRA files; with algo={s.algo} set "
                          "network_dim (and conv_dim) instead")
