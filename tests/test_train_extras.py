@@ -20,7 +20,7 @@ from lib_lora.train.config import parse_train_config
 from lib_lora.train.lora_net import LoRANetwork, LoRAPair
 from lib_lora.train.loss import NoiseSchedule, zero_terminal_snr
 from lib_lora.train.run import plan_for
-from lib_lora.train.trainer import Trainer
+from lib_lora.train.trainer import Trainer, TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -566,3 +566,29 @@ def test_a_torch_scheduler_drives_the_run_and_resumes(sd1, tmp_path):
     a, b = load_tensors(full.final), load_tensors(resumed.final)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+# ---- NaN and overflow ---------------------------------------------------------------------------------------------
+def test_a_diverging_run_stops_with_the_causes_and_writes_no_nan_file(sd1, tmp_path):
+    """An absurd learning rate turns the LoRA into NaN within a few steps: the run stops with what to change
+    instead of writing (and epoch-saving) a LoRA that renders black images; the model is as before."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2)
+    before = models.model_state_hash(sd1)
+    with pytest.raises(TrainingError, match=r"training diverged at step \d+: the loss is nan and \d+ LoRA tensors "
+                                            r"are NaN or infinite .*a learning rate too high for AdamW"):
+        _run(sd1, tmp_path, img, learning_rate=1e6, max_train_epochs=3, save_every_n_epochs=1)
+    assert not os.path.exists(tmp_path / "out") or not any(
+        f.endswith(".safetensors") for f in os.listdir(tmp_path / "out"))
+    assert models.model_state_hash(sd1) == before
+
+
+def test_weights_beyond_fp16_are_saved_in_bf16_not_as_infinity(sd1, tmp_path):
+    """One AdamW step of 8e4 takes weights past fp16's 65504: save_precision fp16 would write inf (a black-image
+    LoRA); the file is written in bf16 instead, with a note."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2)
+    _, res, events = _run(sd1, tmp_path, img, learning_rate=8e4, max_train_steps=1, save_precision="fp16")
+    assert res.status == "done"
+    sd = load_tensors(res.final)
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in sd.values())
+    assert max(float(v.float().abs().max()) for v in sd.values()) > 65504
+    assert any("exceed the range of save_precision = fp16" in e.message for e in events if e.kind == "note")

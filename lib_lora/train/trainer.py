@@ -233,6 +233,28 @@ class Trainer:
                    "preset, conv_dim or trained part)")
             self._note(f"{len(unused)} tensors of {path} are not used (e.g. {', '.join(unused[:2])}): {why}")
 
+    def _refuse_non_finite(self, net: LoRANetwork, step: int, file: str | None, loss: float | None = None):
+        """A LoRA whose weights turned NaN/inf renders black images: stop with the causes instead of training on
+        or writing it (files already written stay). A non-finite loss with finite weights is a step fp16 loss
+        scaling skipped: said once."""
+        bad = [n.removeprefix("pairs.") for n, p in net.named_parameters() if not torch.isfinite(p).all()]
+        written = [os.path.basename(f) for f in self.files]
+        kept = f"the last file written, {written[-1]}, is fine" if written else "no LoRA file was written yet"
+        c = self.cfg
+        if bad:
+            what = f"the loss is {loss} and " if loss is not None else ""
+            raise TrainingError(
+                f"training diverged at step {step}: {what}{len(bad)} LoRA tensors are NaN or infinite (e.g. "
+                f"{bad[0]}), so the run stops here{f' and {file} is not written' if file else ''}; {kept}. Usual "
+                f"causes: a learning rate too high for {c.optimizer_type or 'AdamW'} (this run: "
+                f"{c.unet_lr if c.unet_lr is not None else c.learning_rate} for the UNet), fp16 overflow (try "
+                "mixed_precision = bf16 on GPUs that have it), or NaN latents from a half-precision VAE (SDXL: "
+                "start the WebUI with --no-half-vae). The WebUI's model is unchanged.")
+        if loss is not None and not getattr(self, "_told_skipped", False):
+            self._told_skipped = True
+            self._note(f"step {step}: the loss was not finite but the LoRA weights are, so that step was skipped "
+                       "(fp16 loss scaling does this now and then); training goes on")
+
     def _dims_from_weights(self, sd: dict):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
         the network_weights file ``sd``. A file with several ranks (block_dims, resized LoRAs) gives each module its
@@ -698,7 +720,15 @@ class Trainer:
                                   "tags": c.metadata_tags})
                 if c.metadata_title:
                     spec["modelspec.title"] = c.metadata_title
-                save_lora(path, net.kohya_state_dict(save_dtype, prefixes), md, spec)
+                self._refuse_non_finite(net, step, path_name)
+                sd = net.kohya_state_dict(save_dtype, prefixes)
+                over = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                if over:  # fp16's range (65504) is too small for these weights: bf16 keeps fp32's range
+                    sd = net.kohya_state_dict(torch.bfloat16, prefixes)
+                    self._note(f"{path_name}: {len(over)} tensors (e.g. {over[0]}) exceed the range of "
+                               f"save_precision = {c.save_precision} and would turn infinite (a black-image LoRA); "
+                               "this file is written in bf16 instead")
+                save_lora(path, sd, md, spec)
                 self.files.append(path)
                 self._emit("save", step=step, epoch=epoch_no, path=path,
                            message=f"saved {path_name}; {self._match_summary(path)}")
@@ -768,6 +798,8 @@ class Trainer:
                         # one host sync per logged step keeps the GPU queue full; the CPU path is cheap anyway
                         if step % max(1, getattr(self, "log_every", 1)) == 0 or step == self.total_steps:
                             lv = float(loss_acc) / accum
+                            if not math.isfinite(lv):
+                                self._refuse_non_finite(net, step, None, lv)
                             self.losses.append((step, lv))
                             avg = sum(v for _, v in self.losses[-50:]) / len(self.losses[-50:])
                             rate = (time.time() - t0) / max(1, step - t_steps0)
