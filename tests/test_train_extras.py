@@ -592,3 +592,35 @@ def test_weights_beyond_fp16_are_saved_in_bf16_not_as_infinity(sd1, tmp_path):
     assert all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in sd.values())
     assert max(float(v.float().abs().max()) for v in sd.values()) > 65504
     assert any("exceed the range of save_precision = fp16" in e.message for e in events if e.kind == "note")
+
+
+# ---- states at step saves, and their pruning --------------------------------------------------------------------
+def test_step_saves_with_save_state_write_resumable_states(sd1, tmp_path):
+    """save_state with save_every_n_steps writes a state with each step save (as sd-scripts does); resuming from
+    a mid-epoch one gives the uninterrupted run's weights; save_last_n_steps_state keeps the last N steps' states,
+    save_last_n_epochs_state the last N epochs' (LoRA files keep their own rule)."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2)  # 6 batches of 1 per epoch
+    kw = dict(max_train_epochs=3, save_every_n_steps=4, save_state=True, save_last_n_steps_state=5,
+              save_every_n_epochs=1, save_last_n_epochs=3, save_last_n_epochs_state=1)
+    _, full, events = _run(sd1, tmp_path / "a", img, **kw)
+    assert full.status == "done" and full.steps == 18
+    files = sorted(os.listdir(tmp_path / "a" / "out"))
+    # steps 4..16 saved; states of steps < 16 - 5 removed; epoch states: only the newest (epoch 2) is kept
+    assert [f for f in files if "-step" in f and f.endswith("-state.pt")] == [
+        "x-step00000012-state.pt", "x-step00000016-state.pt"]
+    assert [f for f in files if f.endswith("-state.pt") and "step" not in f] == ["x-000002-state.pt",
+                                                                                 "x-final-state.pt"]
+    assert {"x-000001.safetensors", "x-000002.safetensors"} <= set(files)
+    assert any("removed old state x-step00000004-state.pt" in e.message for e in events if e.kind == "note")
+    # step 16 is the 4th batch of epoch 3: resume from there
+    cfg = parse_train_config({"train_data_dir": img, "resolution": 64, "train_batch_size": 1,
+                              "output_dir": str(tmp_path / "b"), "output_name": "x", "network_dim": 4,
+                              "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4, "seed": 3,
+                              "save_precision": "float", "max_train_epochs": 3}, base_dir=str(tmp_path))
+    host = ModelHost(sd1, "m")
+    resumed = Trainer(host, cfg, plan_for(host, cfg)).run(
+        resume_state=str(tmp_path / "a" / "out" / "x-step00000016-state.pt"))
+    assert resumed.status == "done" and resumed.steps == 18
+    a, b = load_tensors(full.final), load_tensors(resumed.final)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)

@@ -160,6 +160,8 @@ class TrainConfig:
     save_n_epoch_ratio: int | None = None
     save_last_n_epochs: int | None = None
     save_last_n_steps: int | None = None
+    save_last_n_epochs_state: int | None = None  # (default: as save_last_n_epochs / save_last_n_steps)
+    save_last_n_steps_state: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
     resume: str | None = None
@@ -253,8 +255,6 @@ KNOWN_UNUSED = {
                                                                                       "skip_cache_check")},
     **{k: "command-line only in sd-scripts" for k in ("config_file", "output_config")},
     "use_safetensors": "files are always written as .safetensors",
-    "save_last_n_epochs_state": "not supported yet",
-    "save_last_n_steps_state": "not supported yet",
     "initial_epoch": "not supported yet; resume restores the epoch",
     "initial_step": "not supported yet; resume restores the step",
     "skip_until_initial_step": "not supported yet",

@@ -100,8 +100,11 @@ def prune_old_steps(folder: str, output_name: str, step: int, keep_steps: int, e
     return removed
 
 
-def prune_old(folder: str, output_name: str, keep_last: int, ext: str = ".safetensors") -> list[str]:
-    """Keep the newest N numbered saves of this run; never touches other files."""
+def prune_old(folder: str, output_name: str, keep_last: int, ext: str = ".safetensors",
+              with_state: bool = True) -> list[str]:
+    """Keep the newest N numbered saves of this run (``ext`` "-state.pt": its epoch states); never touches other
+    files. ``with_state``: a removed LoRA takes its epoch's state along (sd-scripts' default when
+    save_last_n_epochs_state is not set)."""
     if not keep_last or keep_last <= 0:
         return []
     pat = re.compile(re.escape(output_name) + r"-(\d{6})" + re.escape(ext) + "$")
@@ -110,7 +113,7 @@ def prune_old(folder: str, output_name: str, keep_last: int, ext: str = ".safete
     for _, f in found[:-keep_last]:
         os.remove(os.path.join(folder, f))
         state = os.path.join(folder, f[: -len(ext)] + "-state.pt")
-        if os.path.exists(state):
+        if with_state and os.path.exists(state):
             os.remove(state)
         removed.append(f)
     return removed

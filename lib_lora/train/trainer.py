@@ -819,6 +819,12 @@ class Trainer:
                                 for f in prune_old_steps(out_dir, name, step, c.save_last_n_steps):
                                     self._note(f"removed old save {f} (keep saves of the last "
                                                f"{c.save_last_n_steps} steps)")
+                            if c.save_state:  # sd-scripts saves the state with each step save too
+                                at = (epoch, b_idx + 1) if b_idx + 1 < len(batches) else (epoch + 1, 0)
+                                save_resume(*at, f"step{step:08d}")
+                                keep = c.save_last_n_steps_state or c.save_last_n_steps
+                                for f in prune_old_steps(out_dir, name, step, keep or 0, ext="-state.pt"):
+                                    self._note(f"removed old state {f} (keep states of the last {keep} steps)")
                         if (self.validation and c.validate_every_n_steps
                                 and step % c.validate_every_n_steps == 0):
                             validate(epoch)
@@ -843,8 +849,12 @@ class Trainer:
                         if c.save_state:
                             save_resume(epoch + 1, 0, f"{epoch:06d}")
                         if c.save_last_n_epochs:
-                            for f in prune_old(out_dir, name, c.save_last_n_epochs):
+                            for f in prune_old(out_dir, name, c.save_last_n_epochs,
+                                               with_state=not c.save_last_n_epochs_state):
                                 self._note(f"removed old save {f} (keep last {c.save_last_n_epochs})")
+                        if c.save_state and c.save_last_n_epochs_state:
+                            for f in prune_old(out_dir, name, c.save_last_n_epochs_state, ext="-state.pt"):
+                                self._note(f"removed old state {f} (keep last {c.save_last_n_epochs_state})")
                 net.eval()
                 final = save(ckpt_name(name, None), self.epochs, final=True)
                 if c.save_state or c.save_state_on_train_end:
