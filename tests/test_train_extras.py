@@ -624,3 +624,14 @@ def test_step_saves_with_save_state_write_resumable_states(sd1, tmp_path):
     a, b = load_tensors(full.final), load_tensors(resumed.final)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_lr_scheduler_timescale_sets_inverse_sqrt_timescale(sd1, tmp_path):
+    """sd-scripts hands lr_scheduler_timescale to inverse_sqrt: lr = base / sqrt((step + t) / t) without warm-up
+    (transformers' formula)."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=1)
+    _, res, events = _run(sd1, tmp_path, img, lr_scheduler="inverse_sqrt", lr_scheduler_timescale=4,
+                          max_train_steps=4)
+    assert res.status == "done"
+    for e in (e for e in events if e.kind == "step"):
+        assert e.lr == pytest.approx(1e-3 / ((e.step + 4) / 4) ** 0.5, rel=1e-9), e.step

@@ -114,6 +114,7 @@ class TrainConfig:
     lr_scheduler_power: float = 1.0
     lr_scheduler_min_lr_ratio: float | None = None
     lr_scheduler_type: str = ""
+    lr_scheduler_timescale: int | None = None  # inverse_sqrt's timescale (default: the warm-up, else 10000)
     lr_scheduler_args: list[str] | None = None
     optimizer_type: str = ""  # "" means AdamW
     optimizer_args: list[str] | None = None
@@ -267,7 +268,6 @@ KNOWN_UNUSED = {
     "text_encoder_batch_size": "not supported yet",
     "optimizer_schedulefree_wrapper": "not supported yet",
     "schedulefree_wrapper_args": "not supported yet",
-    "lr_scheduler_timescale": "not supported yet",
     "perlin_noise": "not supported",
     "in_json": "fine-tuning metadata datasets are not supported; use folders with caption files",
     "dataset_repeats": "fine-tuning metadata datasets are not supported; use folder repeats",

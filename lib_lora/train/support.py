@@ -41,7 +41,7 @@ HONOURED = {
     "save_last_n_steps_state", "no_metadata", "zero_terminal_snr",
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
     "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "lr_decay_steps",
-    "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "logging_dir", "log_prefix", "random_crop",
+    "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "lr_scheduler_timescale", "logging_dir", "log_prefix", "random_crop",
     "color_aug", "weighted_captions",
 }
 
@@ -213,6 +213,9 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         notes.append("cache_text_encoder_outputs with a trained text encoder: sd-scripts stops here; this run "
                      "trains the text encoder and computes its outputs at every step. Set network_train_unet_only "
                      "= true (or text_encoder_lr = 0) to train the UNet only with cached outputs")
+    if cfg.lr_scheduler_timescale and (cfg.lr_scheduler_type or cfg.lr_scheduler != "inverse_sqrt"):
+        notes.append(f"lr_scheduler_timescale = {cfg.lr_scheduler_timescale} is read by lr_scheduler = "
+                     "inverse_sqrt only; it changes nothing here (as in sd-scripts)")
     if cfg.lr_scheduler_type:
         errors += torch_scheduler_problems(cfg)
         if (cfg.lr_scheduler or "constant") != "constant":

@@ -640,6 +640,8 @@ class Trainer:
             for item in c.lr_scheduler_args or []:
                 k, _, v = item.partition("=")
                 sched_args[k.strip()] = v.strip()
+            if c.lr_scheduler_timescale and "timescale" not in sched_args:
+                sched_args["timescale"] = str(c.lr_scheduler_timescale)
             try:
                 if c.lr_scheduler_type:  # sd-scripts: the class wins over lr_scheduler
                     scheduler = make_torch_scheduler(optimizer, c.lr_scheduler_type, c.lr_scheduler_args)
