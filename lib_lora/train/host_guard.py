@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import torch
 import torch.nn as nn
 
 

@@ -41,7 +41,8 @@ HONOURED = {
     "save_last_n_steps_state", "no_metadata", "zero_terminal_snr",
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
     "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "lr_decay_steps",
-    "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "lr_scheduler_timescale", "logging_dir", "log_prefix", "random_crop",
+    "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "lr_scheduler_timescale", "logging_dir",
+    "log_prefix", "random_crop",
     "color_aug", "weighted_captions",
 }
 

@@ -154,7 +154,7 @@ FIELDS: tuple[Field, ...] = (
           "advanced", off=0.0, minimum=0),
     Field("network_args", "Network arguments", "args",
           "Space-separated key=value: conv_dim=8 conv_alpha=4 (LoCon), loraplus_lr_ratio=16, "
-          "down_lr_weight=cosine; LyCORIS: algo=loha, algo=lokr, dora_wd=True (see README).", "advanced"),
+          "down_lr_weight=cosine; LyCORIS: algo=loha, dora_wd=True (see README).", "advanced"),
     Field("ui_extra_toml", "Other sd-scripts keys (TOML)", "text",
           "Keys this form has no field for; kept on import and written on export.", "advanced"),
 )
