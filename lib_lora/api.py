@@ -31,7 +31,9 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, conint
 
 from .jobs.queue import FINISHED, QUEUED, INTERRUPTED, RUNNING
-from .train.config import TrainConfigError, load_dataset_config, parse_train_config, parse_train_config_text
+from .train import kohya_gui
+from .train.config import (TrainConfigError, load_dataset_config, parse_train_config, parse_train_config_text,
+                           translate_gui_preset)
 
 PREFIX = "/lora-studio/v1"
 API_VERSION = 1
@@ -300,9 +302,15 @@ class _Api:
             else:
                 cfg = parse_train_config(body, source="<request>")
                 raw = body
+            gui_notes = []
+            if kohya_gui.is_gui_preset(raw):  # the folders are checked (and the job kept) as sd-scripts keys
+                raw, gui_notes, prompt_text = translate_gui_preset(raw, "<request>")
+                if prompt_text:
+                    gui_notes.append("the preset's sample prompts are text; over the API give sample_prompts as "
+                                     "the path of a prompt file")
         except TrainConfigError as e:
             raise HTTPException(422, detail=str(e)) from e
-        notes = list(cfg.notes)
+        notes = list(cfg.notes) + [n for n in gui_notes if n not in cfg.notes]
         if not cfg.train_data_dir and not cfg.dataset_config:
             raise HTTPException(422, detail="no train_data_dir (and no dataset_config) is set: say where the images are")
         if not cfg.output_dir:

@@ -217,9 +217,9 @@ def cmd_train(args, out) -> int:
     out.write(plan.report() + "\n")  # includes the config's notes and the dataset's warnings
 
     sample_prompts = None
-    if cfg.sample_prompts:
-        from .train.sampling import load_prompt_file
-        sample_prompts = load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))  # bad lines fail before loading
+    if cfg.sample_prompts or cfg.sample_prompt_text:
+        from .train.sampling import config_prompts
+        sample_prompts = config_prompts(cfg)  # bad lines fail before loading
         if not (cfg.sample_every_n_epochs or cfg.sample_every_n_steps or cfg.sample_at_first):
             out.write("note: sample_prompts is set but none of sample_every_n_epochs, sample_every_n_steps, "
                       "sample_at_first is: no sample images will be made\n")

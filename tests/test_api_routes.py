@@ -372,3 +372,25 @@ def test_openapi_schema_builds(env):
     c, _ = make_client(tmp, root)
     paths = c.get("/openapi.json").json()["paths"]
     assert PREFIX + "/jobs/{job_id}/files/{name}" in paths and PREFIX + "/jobs" in paths
+
+
+def test_kohya_gui_preset_is_checked_and_kept_as_sd_scripts_keys(env):
+    """A kohya_ss GUI preset posted as the body: its folders go through the same policy (the GUI's
+    lora_network_weights included), and the job keeps the translated sd-scripts keys."""
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    preset = {"LoRA_type": "LyCORIS/LoHa", "network_dim": 8, "conv_dim": 4, "conv_alpha": 2, "epoch": 2,
+              "max_resolution": "512,512", "learning_rate": "0.0001", "unet_lr": "0.0001", "text_encoder_lr": "5e-05",
+              "xformers": True, "num_cpu_threads_per_process": 2, "train_data_dir": "training_data",
+              "output_dir": "output", "output_name": "gui", "sample_prompts": "a cat"}
+    r = c.post(PREFIX + "/jobs", json=dict(preset, lora_network_weights="/etc/passwd"))
+    assert r.status_code == 403 and "network_weights" in r.json()["detail"], r.text
+    r = c.post(PREFIX + "/jobs", json=preset)
+    assert r.status_code == 201, r.text
+    j = r.json()
+    assert j["config"]["network_module"] == "lycoris.kohya" and "algo=loha" in j["config"]["network_args"]
+    assert "LoRA_type" not in j["config"] and j["config"]["max_train_epochs"] == 2
+    assert j["config"]["train_data_dir"] == os.path.realpath(root / "training_data")
+    assert any("kohya_ss GUI preset" in n for n in j["notes"])
+    assert any("sample_prompts as the path of a prompt file" in n for n in j["notes"])
+    assert parse_train_config(j["config"]).network_args == parse_train_config(preset).network_args

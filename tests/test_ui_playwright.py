@@ -4,6 +4,7 @@ progress and loss curve, samples, the results grid and "Use this one" into txt2i
 
 Screenshots of each step go to tests/_artifacts/ui/NN-step.png (gitignored).
 """
+import json
 import os
 import re
 import socket
@@ -346,4 +347,15 @@ def test_toml_export_and_import(server, page):
     wait_text(page, "lora_studio_toml_status", r"Imported into the form")
     assert page.locator("#lora_studio_network_dim input").input_value() == "8"
     page.screenshot(path=os.path.join(SHOTS, "10-toml.png"), full_page=False)
+    # a kohya_ss GUI preset (its .json) goes through the same box
+    preset = {"LoRA_type": "LyCORIS/LoHa", "network_dim": 12, "conv_dim": 4, "conv_alpha": 2, "epoch": 3,
+              "max_resolution": "512,512", "learning_rate": "0.0001", "unet_lr": "0.0001",
+              "text_encoder_lr": "5e-05", "xformers": True, "sample_prompts": "a zkx dog --w 64 --h 64"}
+    fill(page, "lora_studio_toml", json.dumps(preset))
+    page.click("#lora_studio_import")
+    wait_text(page, "lora_studio_toml_status", r"read as a kohya_ss GUI preset")
+    assert page.locator("#lora_studio_network_dim input").input_value() == "12"
+    assert page.locator("#lora_studio_ui_sample_prompt textarea").input_value() == "a zkx dog --w 64 --h 64"
+    assert "algo=loha" in page.locator("#lora_studio_network_args textarea, #lora_studio_network_args input"
+                                       ).first.input_value()
     assert not page.errors, page.errors

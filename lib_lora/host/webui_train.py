@@ -138,11 +138,11 @@ class WebUIHost(ModelHost):
 
     # ---- samples with the WebUI's own sampler ------------------------------------------------------------
     def make_sample_fn(self, cfg, out_dir: str):
-        from ..train.sampling import load_prompt_file
+        from ..train.sampling import config_prompts
 
-        if not cfg.sample_prompts:
+        prompts = config_prompts(cfg)
+        if prompts is None:
             return None
-        prompts = load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))
         folder = os.path.join(out_dir, "samples")
         name = cfg.output_name or "lora"
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import kohya_gui
 from .captions import CaptionOptions
 
 from lib_lora.formats.errors import LoraError
@@ -198,6 +200,8 @@ class TrainConfig:
     ignored: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
     source: str | None = field(default=None, metadata={"internal": True})
     base_dir: str | None = field(default=None, metadata={"internal": True})
+    # a kohya_ss GUI preset holds its sample prompts as text, not as a file
+    sample_prompt_text: str | None = field(default=None, metadata={"internal": True})
 
     def resolve(self, path: str | os.PathLike | None) -> Path | None:
         """A path from the config, made absolute against the config file's folder (the tutorial runs sd-scripts
@@ -503,6 +507,15 @@ def _flatten_sections(data: dict, notes: list[str]) -> dict[str, Any]:
     return flat
 
 
+def translate_gui_preset(data: dict, source: str = "<config>") -> tuple[dict, list[str], str | None]:
+    """A kohya_ss GUI preset as sd-scripts keys (kohya_gui.py): (config, notes, sample prompt text or None)."""
+    known = set(_field_kinds()) | set(ALIASES) | set(KNOWN_UNUSED) | set(_LEGACY_OPTIMIZER_FLAGS)
+    try:
+        return kohya_gui.from_gui_preset(data, known)
+    except ValueError as e:
+        raise TrainConfigError(f"{source}: {e}") from None
+
+
 def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.PathLike | None = None) -> TrainConfig:
     """Build a ``TrainConfig`` from an already-parsed TOML dict (sections allowed)."""
     if not isinstance(data, dict):
@@ -513,9 +526,12 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
             f"Give it as dataset_config = \"{Path(source).name}\" in the training config instead."
         )
     notes: list[str] = []
-    flat = _flatten_sections(data, notes)
     kinds = _field_kinds()
     known_names = set(kinds) | set(ALIASES) | set(KNOWN_UNUSED) | set(_LEGACY_OPTIMIZER_FLAGS)
+    prompt_text = None
+    if kohya_gui.is_gui_preset(data):
+        data, notes, prompt_text = translate_gui_preset(data, source)
+    flat = _flatten_sections(data, notes)
 
     unknown = sorted(k for k in flat if k not in known_names)
     if unknown:
@@ -577,6 +593,7 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
     cfg.source = source
     cfg.base_dir = os.fspath(base_dir) if base_dir is not None else None
     cfg.ignored = ignored
+    cfg.sample_prompt_text = prompt_text
     _post_checks(cfg, flat, notes)
     cfg.notes = notes
     return cfg
@@ -610,6 +627,13 @@ def load_train_config(path: str | os.PathLike) -> TrainConfig:
 
 
 def parse_train_config_text(text: str, source: str = "<pasted config>", base_dir: str | os.PathLike | None = None) -> TrainConfig:
+    """TOML (sd-scripts), or JSON (a kohya_ss GUI preset, or the HTTP API's flat keys)."""
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"{source}: starts like JSON but is not valid JSON: {e}") from e
+        return parse_train_config(data, source=source, base_dir=base_dir)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -618,11 +642,17 @@ def parse_train_config_text(text: str, source: str = "<pasted config>", base_dir
 
 
 def _read_toml(p: Path) -> dict:
+    """A TOML file, or a .json one (a kohya_ss GUI preset)."""
     if not p.is_file():
         raise TrainConfigError(f"config file {str(p)!r} not found")
     try:
+        if p.suffix.lower() == ".json":
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
         with open(p, "rb") as f:
             return tomllib.load(f)
+    except json.JSONDecodeError as e:
+        raise TrainConfigError(f"{p}: not valid JSON: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise TrainConfigError(f"{p}: not valid TOML: {e}") from e
     except UnicodeDecodeError as e:

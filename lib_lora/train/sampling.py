@@ -436,13 +436,23 @@ def sample_tag(epoch, step) -> str:
     return f"e{int(epoch):06d}" if epoch is not None else f"s{int(step or 0):06d}"
 
 
+def config_prompts(cfg) -> list[SamplePrompt] | None:
+    """The config's sample prompts: its prompt file, or the prompt text of a kohya_ss GUI preset; None for
+    neither."""
+    if cfg.sample_prompts:
+        return load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))
+    if getattr(cfg, "sample_prompt_text", None):
+        return parse_prompt_text(cfg.sample_prompt_text, "the preset's sample_prompts")
+    return None
+
+
 def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None = None, on_note=None):
     """The trainer's ``sample_fn(epoch=, step=)``: renders cfg.sample_prompts (or ``prompts``) with the LoRA as it
     is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call)."""
     if prompts is None:
-        if not cfg.sample_prompts:
+        prompts = config_prompts(cfg)
+        if prompts is None:
             raise SamplePromptError("sample_prompts is not set: write a prompt file (one prompt per line)")
-        prompts = load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))
     sampler = cfg.sample_sampler or "ddim"
     resolve_sampler(sampler, "sample_sampler")
     for sp in prompts:

@@ -231,9 +231,10 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
     except ValueError:
         nargs = None  # reported below
     if nargs is not None:
+        if cfg.network_module == "lycoris.kohya":  # (also when a refusal below stops it: no stray notes)
+            supported = SUPPORTED_NETWORK_ARGS | lyco.KEYS
         try:
-            if lyco_settings(cfg.network_module, nargs, notes, cfg) is not None:
-                supported = SUPPORTED_NETWORK_ARGS | lyco.KEYS
+            lyco_settings(cfg.network_module, nargs, notes, cfg)
         except ValueError as e:
             errors.append(str(e))
     if (cfg.save_model_as or "safetensors") != "safetensors":

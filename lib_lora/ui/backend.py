@@ -319,8 +319,8 @@ class LocalBackend:
         """The host's own sampler when it has one (the WebUI's), else ours; files go to <output>/samples."""
         from ..train.sampling import make_sample_fn
 
-        prompts_path = str(cfg.resolve(cfg.sample_prompts))
-        if not os.path.isfile(prompts_path):
+        prompts_path = str(cfg.resolve(cfg.sample_prompts)) if cfg.sample_prompts else None
+        if prompts_path is not None and not os.path.isfile(prompts_path):
             raise UiError(f"The sample prompt file {prompts_path} does not exist. Clear 'Sample images every N "
                           "epochs' or write a sample prompt.")
         out_dir = str(cfg.resolve(cfg.output_dir))
@@ -333,7 +333,7 @@ class LocalBackend:
         host = self._need_host()
         cfg = parse_train_config(dict(job.config), source=f"job '{job.name}'")
         wants = cfg.sample_every_n_epochs or cfg.sample_every_n_steps or cfg.sample_at_first
-        sample_fn = self._sample_fn(host, cfg) if wants and cfg.sample_prompts else None
+        sample_fn = self._sample_fn(host, cfg) if wants and (cfg.sample_prompts or cfg.sample_prompt_text) else None
         resume = job.resume_state if job.resume_state and os.path.exists(job.resume_state) else None
 
         def on_event(ev):

@@ -507,7 +507,8 @@ def build_tab(backend) -> gr.Blocks:
                                                info="sd-scripts' train_network.py --config_file format; [sections] "
                                                     "are merged as sd-scripts does.")
                         with gr.Row():
-                            toml_file = gr.File(label="Or load a .toml file", file_types=[".toml"], type="file", height=120,
+                            toml_file = gr.File(label="Or load a .toml file (or a kohya_ss GUI .json preset)",
+                                                file_types=[".toml", ".json"], type="file", height=120,
                                                 elem_id="lora_studio_toml_file")
                             toml_download = gr.File(label="Exported file", interactive=False, height=120,
                                                     elem_id="lora_studio_toml_download")
@@ -715,7 +716,8 @@ def build_tab(backend) -> gr.Blocks:
                     text = f.read()
                 base_dir, source = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
             if not str(text or "").strip():
-                return {toml_status: info_html("Paste a TOML config into the box (or choose a .toml file) first.")}
+                return {toml_status: info_html("Paste a TOML config into the box (or choose a .toml file or a kohya_ss "
+                                               "GUI .json preset) first.")}
             cfg = parse_train_config_text(text, source=source, base_dir=base_dir)
             values, paths, extra = config_to_ui(cfg)
             for k in ("train_data_dir", "reg_data_dir", "output_dir"):
@@ -728,6 +730,8 @@ def build_tab(backend) -> gr.Blocks:
                         values["ui_sample_prompt"] = f.read().strip()
                 except OSError:
                     values["ui_sample_prompt"] = ""
+            elif cfg.sample_prompt_text:  # a kohya_ss GUI preset holds the prompts themselves
+                values["ui_sample_prompt"] = cfg.sample_prompt_text
             out = {comps[k]: v for k, v in values.items() if k in comps}
             out.update({comps[k]: v for k, v in paths.items() if v})
             notes = list(cfg.notes)
