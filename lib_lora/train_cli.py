@@ -39,7 +39,8 @@ def add_commands(subparsers) -> None:
         epilog=f"examples:\n  {PROG} train my_lora.toml --dry-run\n  {PROG} train my_lora.toml --device cuda\n"
                f"  {PROG} train my_lora.toml --resume out/my_lora-cancelled-state.pt",
         formatter_class=_raw())
-    pt.add_argument("config", metavar="CONFIG.toml", help="training config (sd-scripts --config_file format)")
+    pt.add_argument("config", metavar="CONFIG.toml", help="training config (sd-scripts --config_file format), or a "
+                                                          "kohya_ss GUI preset (.json)")
     pt.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and configs "
                                                     "(required for SDXL)")
     pt.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (default: cpu)")
