@@ -335,6 +335,7 @@ class _Api:
         job = self.queue.submit(config, name=name or cfg.output_name, model=model or {})
         # the parse notes show while the job waits; the runner's result replaces them with its full list
         job.notes.extend([n for n in notes if n not in job.notes])
+        job.kept_notes = list(gui_notes)
         return JSONResponse(_json_safe(self._describe(job)), status_code=201)
 
     def list_jobs(self):

@@ -394,3 +394,12 @@ def test_kohya_gui_preset_is_checked_and_kept_as_sd_scripts_keys(env):
     assert any("kohya_ss GUI preset" in n for n in j["notes"])
     assert any("sample_prompts as the path of a prompt file" in n for n in j["notes"])
     assert parse_train_config(j["config"]).network_args == parse_train_config(preset).network_args
+    # the translation notes stay on the job after its run (the run sees only the sd-scripts keys)
+    c2, q2 = make_client(tmp, root, runner=fake_runner(), autostart=True)
+    try:
+        jid = c2.post(PREFIX + "/jobs", json=preset).json()["id"]
+        assert q2.wait_idle(10)
+    finally:
+        q2.stop(5)
+    notes = c2.get(PREFIX + f"/jobs/{jid}").json()["notes"]
+    assert any("kohya_ss GUI preset" in n for n in notes) and "trained 4 steps" in notes

@@ -51,6 +51,7 @@ class Job:
     samples: list = field(default_factory=list)  # [{"epoch", "step", "path"}]
     files: list = field(default_factory=list)    # saved LoRA files
     notes: list = field(default_factory=list)
+    kept_notes: list = field(default_factory=list)  # said at submission and not known to the run (a GUI preset)
     error: str | None = None
     resume_state: str | None = None
 
@@ -224,7 +225,7 @@ class JobQueue:
                 job.status = CANCELLED if getattr(result, "status", "done") == "cancelled" else DONE
                 job.files = list(getattr(result, "files", job.files))
                 job.resume_state = getattr(result, "state_file", None)
-                job.notes = list(getattr(result, "notes", job.notes))
+                job.notes = list(dict.fromkeys(job.kept_notes + list(getattr(result, "notes", job.notes))))
                 job.message = "cancelled; the work so far is kept as a resumable state" if job.status == CANCELLED \
                     else "finished"
         except Exception as e:  # any failure is recorded on the job and shown; the queue keeps going
