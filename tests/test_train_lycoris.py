@@ -571,7 +571,7 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.dylora"), "sd1")
     assert any("networks.dylora' cannot be trained here" in e for e in errors), errors
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha"], scale_weight_norms=1.0)
-    assert any("scale_weight_norms" in e for e in check_support(cfg, "sd1")[0])
+    assert check_support(cfg, "sd1")[0] == []  # LyCORIS' max-norm for LoHa/LoKr (test below)
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_cp=True"], scale_weight_norms=1.0)
     assert any("scale_weight_norms" in e and "Tucker" in e for e in check_support(cfg, "sd1")[0])
     # what LyCORIS itself ignores is said, not dropped silently
@@ -593,3 +593,54 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "wd_on_output=False"]), "sd1")
     assert any("changes nothing without dora_wd=True" in n for n in notes), notes
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv3_stride2"])
+@pytest.mark.parametrize("algo, kw", [("loha", {}), ("loha", {"use_tucker": True}), ("lokr", {}),
+                                      ("lokr", {"decompose_both": True, "factor": 4}),
+                                      ("lokr", {"use_tucker": True, "factor": 4})])
+def test_max_norm_of_loha_and_lokr_is_lycoris(layer, algo, kw):
+    """scale_weight_norms on LoHa / LoKr: LyCORIS' apply_max_norm (LoHa through its scalar, folded into hada_w1_a
+    when saved; LoKr on every factor): the same (scaled, norm), saved tensors and output afterwards."""
+    org, twin = _twins(layer)
+    ref = _lycoris_module(algo, twin, 4, 3.0, kw)
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    ours = _our_pair(algo, org, 4, 3.0, kw)
+    missing = []
+    ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}, "m", missing)
+    assert not missing
+    for max_norm in (0.05, 1e6):  # one that caps, one that leaves it
+        want_scaled, want_norm = ref.apply_max_norm(max_norm)
+        scaled, norm = ours.apply_max_norm(max_norm)
+        assert bool(scaled) == bool(want_scaled)
+        torch.testing.assert_close(norm, torch.as_tensor(want_norm, dtype=norm.dtype), rtol=1e-5, atol=0)
+    want = ref.custom_state_dict()
+    for k, v in ours.file_tensors().items():
+        torch.testing.assert_close(v, want[k].detach(), rtol=1e-5, atol=1e-7, msg=k)
+    ref.apply_to()
+    ref.multiplier = 1.0
+    net = types.SimpleNamespace(multiplier=1.0, training=False, module_dropout=None, dropout=None,
+                                rank_dropout=None, _passes_through=lambda: False)
+    org.forward = _weight_forward(net, ours, org, type(org).forward.__get__(org))
+    x = torch.randn((3, 7, org.in_features) if isinstance(org, nn.Linear) else (2, org.in_channels, 9, 9),
+                    generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(org(x), twin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_scale_weight_norms_trains_a_loha(sd1, tmp_path):
+    """A shipped kohya_ss LoHa preset sets scale_weight_norms = 1: it runs, the job logs the max-norm numbers and
+    every saved module's delta is within the cap."""
+    img, _ = _dataset(tmp_path)
+    events = []
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", network_args=["algo=loha"], learning_rate=5e-2,
+                                                 scale_weight_norms=0.05), on_event=events.append)
+    assert res.status == "done"
+    steps = [e for e in events if e.kind == "step"]
+    assert steps and all("max_key_norm" in e.extra for e in steps)
+    assert max(e.extra["keys_scaled"] for e in steps) > 0
+    sd = load_tensors(res.final)
+    for n in {k.split(".")[0] for k in sd}:
+        d = (sd[f"{n}.hada_w1_a"] @ sd[f"{n}.hada_w1_b"]) * (sd[f"{n}.hada_w2_a"] @ sd[f"{n}.hada_w2_b"])
+        assert float(d.norm() * sd[f"{n}.alpha"] / 4) <= 0.05 * (1 + 1e-4), n

@@ -318,8 +318,13 @@ class LoRANetwork(nn.Module):
         ||U·D||² = Σ (UᵀU) ⊙ (D·Dᵀ) with U = up [out, r] and D = down [r, in·k·k]: r×r products instead of the
         out×in delta (the same number; a 3×3 LoCon down composes with the 1×1 up the same way)."""
         pairs = [p for n, p in self.pairs.items() if prefixes is None or n.startswith(prefixes)]
-        if any(not isinstance(p, LoRAPair) or p.lora_mid is not None or p.dora_scale is not None for p in pairs):
-            raise ValueError("scale_weight_norms works on LoRA (lora_up/lora_down) modules only")
+        if any(p.dora_scale is not None or isinstance(p, LoRAPair) and p.lora_mid is not None for p in pairs):
+            raise ValueError("scale_weight_norms works on LoRA (lora_up/lora_down), LoHa and LoKr modules only")
+        weight_pairs = [p for p in pairs if not isinstance(p, LoRAPair)]
+        if weight_pairs:  # LoHa / LoKr: LyCORIS' own per-module rule (lyco.py)
+            done = [p.apply_max_norm(max_norm) for p in weight_pairs]
+            scaled = torch.stack([n for _, n in done])
+            return torch.stack([s for s, _ in done]).sum(), scaled.mean(), scaled.max()
         if not pairs:
             z = torch.zeros(())
             return z, z, z

@@ -250,6 +250,12 @@ class _WeightPair(PairBase):
     F.conv2d with its stride and padding)."""
 
 
+def _max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """LyCORIS' apply_max_norm factor: what caps ``norm`` at max_norm (1 when it is under)."""
+    norm = torch.clamp(norm, max_norm / 2)
+    return torch.clamp(norm, max=max_norm) / norm
+
+
 def _rebuild_tucker(t, wa, wb):
     """LyCORIS' rebuild_tucker: core t (r, r, kh, kw) with factors wa (r, out), wb (r, in) -> (out, in, kh, kw)."""
     return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)
@@ -284,9 +290,12 @@ class LohaPair(_WeightPair):
             self.hada_w2_a = nn.Parameter(torch.empty(out_dim, dim))
             self.hada_w2_b = nn.Parameter(torch.empty(dim, in_dim))
         self._set_alpha(alpha, dim)
+        # LyCORIS' max-norm scale (scale_weight_norms), folded into hada_w1_a when saved; not a trained value
+        self.register_buffer("scalar", torch.ones(()), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
+        self.scalar.fill_(1.0)
         # LyCORIS' init (order included): w2_a = 0 makes the start an exact no-op
         if self.tucker:
             nn.init.normal_(self.hada_t1, std=0.1)
@@ -298,13 +307,26 @@ class LohaPair(_WeightPair):
 
     def rebuild(self):
         if self.tucker:
-            return (_rebuild_tucker(self.hada_t1, self.hada_w1_a, self.hada_w1_b)
-                    * _rebuild_tucker(self.hada_t2, self.hada_w2_a, self.hada_w2_b))
-        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
+            w = (_rebuild_tucker(self.hada_t1, self.hada_w1_a, self.hada_w1_b)
+                 * _rebuild_tucker(self.hada_t2, self.hada_w2_a, self.hada_w2_b))
+        else:
+            w = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
+        return w * self.scalar.to(w.dtype)
 
     def tensors(self, save_4d: bool = False) -> dict:
         keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") + (("hada_t1", "hada_t2") if self.tucker else ())
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        out["hada_w1_a"] = out["hada_w1_a"] * self.scalar.to(out["hada_w1_a"].dtype)
+        return out
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float):
+        """LyCORIS' LohaModule.apply_max_norm: the delta's norm (scale included) capped through the scalar.
+        Device tensors only: (scaled, norm after)."""
+        norm = (self.rebuild() * self.scale).norm()
+        ratio = _max_norm_ratio(norm, max_norm)
+        self.scalar.mul_(ratio)
+        return ratio != 1, norm * ratio
 
 
 class LokrPair(_WeightPair):
@@ -367,6 +389,18 @@ class LokrPair(_WeightPair):
         for _ in range(w2.dim() - w1.dim()):
             w1 = w1.unsqueeze(-1)
         return torch.kron(w1, w2.contiguous())
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float):
+        """LyCORIS' LokrModule.apply_max_norm: every factor times ratio^(1/factors). (scaled, norm after)."""
+        norm = (self.rebuild() * self.scale).norm()
+        ratio = _max_norm_ratio(norm, max_norm)
+        factors = [getattr(self, k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_t2",
+                                              "lokr_w2_a", "lokr_w2_b") if hasattr(self, k)]
+        f = ratio ** (1 / len(factors))
+        for p in factors:
+            p.mul_(f.to(p.dtype))
+        return ratio != 1, norm * ratio
 
     def tensors(self, save_4d: bool = False) -> dict:
         out = {k: getattr(self, k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
