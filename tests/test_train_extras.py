@@ -33,6 +33,8 @@ def _run(model, tmp_path, img, sample_fn=None, **kw):
          "output_name": "x", "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4,
          "seed": 3, "save_precision": "float"}
     c.update(kw)
+    if img is None:  # (a dataset_config run)
+        c.pop("train_data_dir")
     cfg = parse_train_config(c, base_dir=str(tmp_path))
     host = ModelHost(model, "m")
     events = []
@@ -635,3 +637,70 @@ def test_lr_scheduler_timescale_sets_inverse_sqrt_timescale(sd1, tmp_path):
     assert res.status == "done"
     for e in (e for e in events if e.kind == "step"):
         assert e.lr == pytest.approx(1e-3 / ((e.step + 4) / 4) ** 0.5, rel=1e-9), e.step
+
+
+# ---- masked_loss with mask images (conditioning_data_dir) -------------------------------------------------------
+def _mask_dataset(root, alpha_fn):
+    """The same images twice: as RGBA (alpha_mask) and as RGB with a mask folder whose R channel is that alpha
+    (G/B noise, which must not matter), plus dataset configs for both."""
+    import shutil
+    import numpy as np
+    from PIL import Image
+    img, a = _rgba_dataset(root / "rgba", alpha_fn)
+    src = os.path.join(img, "1_svs cat")
+    plain, masks = root / "rgb" / "img", root / "rgb" / "mask"
+    plain.mkdir(parents=True), masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in sorted(os.listdir(src)):
+        p = os.path.join(src, f)
+        if f.endswith(".png"):
+            rgba = np.asarray(Image.open(p))
+            Image.fromarray(rgba[:, :, :3]).save(plain / f)
+            gb = rng.integers(0, 255, (64, 64, 2), dtype=np.uint8)
+            Image.fromarray(np.dstack([rgba[:, :, 3], gb])).save(masks / f)
+        else:
+            shutil.copy(p, plain / f)
+    toml_alpha = (f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{src}"\nclass_tokens = "svs cat"\n'
+                  'alpha_mask = true\nflip_aug = true\n')
+    toml_masks = (f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{plain}"\n'
+                  f'class_tokens = "svs cat"\nconditioning_data_dir = "{masks}"\nflip_aug = true\n')
+    (root / "alpha.toml").write_text(toml_alpha)
+    (root / "masks.toml").write_text(toml_masks)
+    return root / "alpha.toml", root / "masks.toml", masks
+
+
+def test_mask_images_weigh_the_loss_as_the_same_alpha_does(sd1, tmp_path):
+    """sd-scripts' masked_loss with conditioning_data_dir: the mask's R channel is the loss weight, as the alpha
+    channel is for alpha_mask; both runs give the same LoRA."""
+    alpha_toml, mask_toml, _ = _mask_dataset(tmp_path, lambda x, y: np.clip(x * 4 + (y % 7) * 9, 0, 255))
+    kw = dict(max_train_steps=3, learning_rate=1e-2)
+    tr_a, with_alpha, _ = _run(sd1, tmp_path / "a", None, dataset_config=str(alpha_toml), **kw)
+    tr_m, with_masks, _ = _run(sd1, tmp_path / "m", None, dataset_config=str(mask_toml), masked_loss=True, **kw)
+    assert all(s.mask_path for s in tr_m.samples) and not any(s.alpha_mask for s in tr_m.samples)
+    torch.testing.assert_close(tr_m._alpha_mask(tr_m.samples[0], True), tr_a._alpha_mask(tr_a.samples[0], True))
+    a, b = load_tensors(with_alpha.final), load_tensors(with_masks.final)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert not any("masked_loss" in n and "not supported" in n for n in with_masks.notes)
+
+
+def test_mask_folder_problems_are_found_before_training(sd1, tmp_path):
+    from lib_lora.train.dataset import build_plan
+    _, mask_toml, masks = _mask_dataset(tmp_path, lambda x, y: x * 0 + 255)
+
+    def errors(**kw):
+        cfg = parse_train_config(dict({"dataset_config": str(mask_toml), "masked_loss": True}, **kw),
+                                 base_dir=str(tmp_path))
+        return " ".join(f.message for f in build_plan(cfg).findings if f.level == "error")
+
+    assert errors() == ""
+    assert "needs masked_loss = true" in errors(masked_loss=False)
+    first = sorted(os.listdir(masks))[0]
+    os.rename(masks / first, masks / ("zz_" + first))
+    text = errors()
+    assert "1 image(s) have no mask of the same name" in text and first in text
+    assert f"1 mask(s) in {masks} have no training image" in text and "zz_" + first in text
+    from PIL import Image
+    os.rename(masks / ("zz_" + first), masks / first)
+    Image.new("RGB", (32, 64)).save(masks / first)
+    assert "a mask must be the size of its image" in errors() and "32x64 for a 64x64 image" in errors()

@@ -276,7 +276,8 @@ KNOWN_UNUSED = {
     "in_json": "fine-tuning metadata datasets are not supported; use folders with caption files",
     "dataset_repeats": "fine-tuning metadata datasets are not supported; use folder repeats",
     "dataset_class": "custom dataset classes are not supported",
-    "conditioning_data_dir": "ControlNet training is not supported",
+    "conditioning_data_dir": "train_network reads mask images per subset: give conditioning_data_dir in a "
+                             "dataset_config subset, with masked_loss = true (ControlNet training is not supported)",
     "weighting_scheme": "used by SD3/Flux trainers only",
     "logit_mean": "used by SD3/Flux trainers only",
     "logit_std": "used by SD3/Flux trainers only",
@@ -678,6 +679,7 @@ class SubsetSpec:
     random_crop: bool = False
     face_crop_aug_range: tuple[float, float] | None = None
     alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # masked_loss: a mask image per training image (same file name)
     cache_info: bool = False
     custom_attributes: dict = field(default_factory=dict)
     resize_interpolation: str | None = None
@@ -717,7 +719,7 @@ _SUBSET_ASCENDABLE = {
 _DROPOUT_ASCENDABLE = {"caption_dropout_every_n_epochs": "int", "caption_dropout_rate": "float",
                        "caption_tag_dropout_rate": "float"}
 _DB_SUBSET_ASCENDABLE = {"caption_extension": "str", "class_tokens": "str", "cache_info": "bool"}
-_DB_SUBSET_DISTINCT = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
+_DB_SUBSET_DISTINCT = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool", "conditioning_data_dir": "str"}
 _DATASET_ASCENDABLE = {
     "batch_size": "int", "bucket_no_upscale": "bool", "bucket_reso_steps": "int", "enable_bucket": "bool",
     "max_bucket_reso": "int", "min_bucket_reso": "int", "validation_seed": "int", "validation_split": "float",
@@ -729,7 +731,6 @@ _SUBSET_KEYS = {**_SUBSET_ASCENDABLE, **_DB_SUBSET_DISTINCT, **_DB_SUBSET_ASCEND
 _ARGPARSE_ONLY = ("prior_loss_weight", "max_token_length", "debug_dataset")
 _UNSUPPORTED_SUBSET_KINDS = {
     "metadata_file": "fine-tuning subsets (metadata_file) are not supported; use image_dir with caption files",
-    "conditioning_data_dir": "ControlNet subsets (conditioning_data_dir) are not supported",
 }
 # TrainConfig names for dataset keys where they differ.
 _FROM_TRAIN_CONFIG = {"batch_size": "train_batch_size"}
@@ -842,7 +843,7 @@ def parse_dataset_config(
                 continue
             sub = coerce_table(_check_level(sub_raw, _SUBSET_KEYS, "subset", swhere, problems), _SUBSET_KEYS, swhere)
             if "image_dir" not in sub:
-                if "metadata_file" not in sub_raw and "conditioning_data_dir" not in sub_raw:
+                if "metadata_file" not in sub_raw:
                     problems.append(f"{swhere}: image_dir is required")
                 continue
             image_dir = sub["image_dir"]
@@ -871,6 +872,8 @@ def parse_dataset_config(
                 random_crop=lookup("random_crop", sch, False),
                 face_crop_aug_range=lookup("face_crop_aug_range", sch, None),
                 alpha_mask=lookup("alpha_mask", [sub], False),
+                conditioning_data_dir=(str(_resolve(sub["conditioning_data_dir"], base_dir))
+                                       if sub.get("conditioning_data_dir") else None),
                 cache_info=lookup("cache_info", sch, False),
                 custom_attributes=lookup("custom_attributes", sch, None) or {},
                 resize_interpolation=lookup("resize_interpolation", sch, None),

@@ -48,6 +48,7 @@ class ImageEntry:
     resized_size: tuple[int, int] | None = None
     ar_error: float = 0.0
     notes: list[str] = field(default_factory=list)
+    mask_path: Path | None = None  # masked_loss: its mask image from the subset's conditioning_data_dir
 
     @property
     def upscaled(self) -> bool:
@@ -624,11 +625,17 @@ def build_plan(config: TrainConfig, family: str | None = None, check_pixels: boo
         ds_seed = spec.validation_seed if spec.validation_seed is not None else seed
         for sub in spec.subsets:
             part.subsets.append(_plan_subset(sub, spec, check_pixels, findings, ds_seed))
+        _attach_masks(part, config, findings)
         _bucket_part(part, family, findings)
         _finish_part(part, findings)
         _subset_findings(part, findings)
         plan.datasets.append(part)
 
+    if config.masked_loss and not any(sub.spec.conditioning_data_dir or sub.spec.alpha_mask
+                                      for d in plan.datasets for sub in d.subsets):
+        findings.append(Finding("warning", "masked-loss-no-masks",
+                                "masked_loss = true, but no subset has conditioning_data_dir (mask images) or "
+                                "alpha_mask: nothing is masked"))
     if plan.num_train_images == 0 and not plan.errors:
         findings.append(Finding("error", "no-images", "no training images were found; nothing to train on"))
     if plan.num_reg_images and plan.num_train_images < plan.num_reg_images:
@@ -649,6 +656,63 @@ def build_plan(config: TrainConfig, family: str | None = None, check_pixels: boo
                                     f"lr_warmup_steps {warm_steps} is not shorter than the whole run "
                                     f"({plan.steps.max_train_steps} steps): the learning rate never reaches its value"))
     return plan
+
+
+def _attach_masks(part: DatasetPart, config: TrainConfig, findings: list[Finding]) -> None:
+    """masked_loss with mask images (sd-scripts' ControlNet-style subsets): every image of a subset with
+    conditioning_data_dir gets the image of the same file name there; its R channel weights the loss (white 1,
+    black 0). As in sd-scripts: every subset of the dataset needs one, no image may lack its mask, no mask may lack
+    its image, and sizes must match."""
+    with_dir = [s for s in part.subsets if s.spec.conditioning_data_dir]
+    if not with_dir:
+        return
+    if not config.masked_loss:
+        findings.append(Finding("error", "conditioning-without-masked-loss",
+                                "conditioning_data_dir is read as loss masks, which needs masked_loss = true "
+                                "(ControlNet training is not supported); set masked_loss = true or remove "
+                                "conditioning_data_dir",
+                                [with_dir[0].spec.conditioning_data_dir]))
+        return
+    if len(with_dir) != len(part.subsets):
+        names = [s.spec.name for s in part.subsets if not s.spec.conditioning_data_dir]
+        findings.append(Finding("error", "conditioning-partial",
+                                f"a dataset's mask images are read only when every subset has conditioning_data_dir "
+                                f"(sd-scripts' rule); these have none: {_names(names)}. Give them one, or put them "
+                                "in a dataset of their own"))
+        return
+    for sub in with_dir:
+        d = Path(sub.spec.conditioning_data_dir)
+        if not d.is_dir():
+            findings.append(Finding("error", "conditioning-missing-dir",
+                                    f"conditioning_data_dir '{d}' of subset {sub.spec.name} is not a folder", [str(d)]))
+            continue
+        masks = {p.stem: p for p in sorted(_safe_iter(d)) if is_img(p)}
+        missing, wrong_size = [], []
+        for e in sub.images + sub.validation_images:
+            m = masks.get(e.path.stem)
+            if m is None:
+                missing.append(e.path.name)
+                continue
+            probe = probe_image(m, check_pixels=False)
+            if not probe.ok or probe.size != e.size:
+                wrong_size.append(f"{m.name} ({'unreadable' if not probe.ok else '%dx%d' % probe.size} for a "
+                                  f"{e.size[0]}x{e.size[1]} image)")
+                continue
+            e.mask_path = m
+        images = {p.stem for p in _safe_iter(Path(sub.spec.image_dir)) if is_img(p)}
+        extra = sorted(p.name for stem, p in masks.items() if stem not in images)
+        if missing:
+            findings.append(Finding("error", "mask-missing",
+                                    f"subset {sub.spec.name}: {len(missing)} image(s) have no mask of the same name in "
+                                    f"{d}: {_names(missing)}", [str(d)]))
+        if wrong_size:
+            findings.append(Finding("error", "mask-size",
+                                    f"subset {sub.spec.name}: a mask must be the size of its image: "
+                                    f"{_names(wrong_size)}", [str(d)]))
+        if extra:
+            findings.append(Finding("error", "mask-extra",
+                                    f"subset {sub.spec.name}: {len(extra)} mask(s) in {d} have no training image "
+                                    f"(sd-scripts stops on them): {_names(extra)}", [str(d)]))
 
 
 def _check_subset_dir_level(sub: SubsetSpec, findings: list[Finding]) -> None:

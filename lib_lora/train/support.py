@@ -40,7 +40,7 @@ HONOURED = {
     "sample_every_n_steps", "sample_at_first", "save_last_n_steps", "save_last_n_epochs_state",
     "save_last_n_steps_state", "no_metadata", "zero_terminal_snr",
     "scale_weight_norms", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
-    "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "lr_decay_steps",
+    "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "masked_loss", "lr_decay_steps",
     "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "lr_scheduler_timescale", "logging_dir",
     "log_prefix", "random_crop",
     "color_aug", "weighted_captions",

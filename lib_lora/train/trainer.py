@@ -55,6 +55,11 @@ class Cancelled(Exception):
     pass
 
 
+def _mask_path(entry) -> str | None:
+    m = getattr(entry, "mask_path", None)
+    return str(m) if m is not None else None
+
+
 @dataclass
 class Sample:
     """One distinct image of the dataset plan with what a step needs to know about it."""
@@ -68,6 +73,11 @@ class Sample:
     alpha_mask: bool = False         # the image's alpha channel weights its loss (sd-scripts alpha_mask)
     random_crop: bool = False        # cropped anew every step (so encoded every step, never cached)
     color_aug: bool = False          # colours jittered every step (likewise)
+    mask_path: str | None = None     # masked_loss: a mask image whose R channel weights the loss
+
+    @property
+    def masked(self) -> bool:
+        return self.alpha_mask or self.mask_path is not None
 
     @property
     def per_step(self) -> bool:
@@ -132,11 +142,11 @@ class PlanData:
                                            sub.captions, bool(getattr(sub, "flip_aug", False)),
                                            bool(getattr(sub, "alpha_mask", False)),
                                            bool(getattr(sub, "random_crop", False)),
-                                           bool(getattr(sub, "color_aug", False))))
+                                           bool(getattr(sub, "color_aug", False)), _mask_path(e)))
         # held-out images (validation_split): plain captions, no flip, for the validation loss
         self.validation: list[Sample] = [
             Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False,
-                   bool(getattr(sub.spec, "alpha_mask", False)))
+                   bool(getattr(sub.spec, "alpha_mask", False)), mask_path=_mask_path(e))
             for part in plan.datasets for sub in part.subsets for e in sub.validation_images
             if e.bucket is not None]
 
@@ -381,7 +391,7 @@ class Trainer:
             px = color_aug(px, random.Random(_seed_for(rng_seed, "color")))
         px = px[:, ::-1].copy() if flip else px
         cond = sdxl_size_conditioning(prep.original_size, prep.crop_ltrb, s.bucket, flipped=flip)
-        return px, cond, self._alpha_mask(s, flip, rng_seed) if s.alpha_mask else None
+        return px, cond, self._alpha_mask(s, flip, rng_seed) if s.masked else None
 
     def _encode_cached(self, s, flip: bool, key: str, cache_dir: str | None):
         """The latent (from the disk cache when there is a good file), SDXL size numbers and alpha mask. A cache
@@ -398,7 +408,7 @@ class Trainer:
                 self._note(f"latent cache {os.path.basename(path)} unreadable ({e}); re-encoding")
                 z = cond = None
         if z is not None and cond is not None:
-            return z, cond, self._alpha_mask(s, flip) if s.alpha_mask else None
+            return z, cond, self._alpha_mask(s, flip) if s.masked else None
         px, cond, mask = self._prepare(s, flip)
         if z is None:
             z = self._vae_encode(px)[0]
@@ -410,8 +420,9 @@ class Trainer:
     def _alpha_mask(self, s, flip: bool, rng_seed: int | None = None):
         """The alpha channel cropped and scaled like the pixels (the same random offsets for a per-step sample),
         then averaged over each latent pixel's 8x8 block: what sd-scripts' apply_masked_loss gets from
-        F.interpolate(mode="area") at loss time. None for an image without alpha (no masking)."""
-        alpha = load_image_alpha(s.path)
+        F.interpolate(mode="area") at loss time. None for an image without alpha (no masking). masked_loss mask
+        images give their R channel instead (sd-scripts' apply_masked_loss), cropped like the image too."""
+        alpha = load_image_rgb(s.mask_path)[:, :, 0] if s.mask_path else load_image_alpha(s.path)
         if alpha is None:
             return None
         fresh = rng_seed is not None
