@@ -287,6 +287,22 @@ class _Api:
         info = self.get_model()
         return dict(info) if info else None
 
+    def _check_run(self, config: dict) -> tuple[list[str], list[str], str]:
+        """(problems, notes, the dataset plan's report) of a checked config, as the run would find them; the
+        images' headers are read, their pixels are not."""
+        from .train.dataset import build_plan
+        from .train.support import check_support
+        cfg = parse_train_config(dict(config), source="<request>")
+        try:
+            family = (self._model_info() or {}).get("family")
+        except Exception:  # (the model is read again when the job runs)
+            family = None
+        problems, notes = check_support(cfg, family)
+        plan = build_plan(cfg, family=family, check_pixels=False)
+        problems += [f.message for f in plan.errors]
+        notes += [f.message for f in plan.warnings]
+        return problems, notes, plan.report()
+
     # ---- routes
     def submit(self, body: Dict[str, Any] = Body(..., description="training config (sections or flat keys) or "
                                                                  "{\"toml\": \"<text>\"}"),
@@ -325,8 +341,14 @@ class _Api:
             raise HTTPException(403, detail=str(e)) from e
         except TrainConfigError as e:  # the dataset config named in the request is unreadable or invalid
             raise HTTPException(422, detail=str(e)) from e
-        if dry_run:
-            return JSONResponse(_json_safe({"ok": True, "config": config, "notes": notes}))
+        if dry_run:  # the whole check a run starts with: settings for the loaded model, and the dataset plan
+            problems, plan_notes, report = self._check_run(config)
+            if problems:
+                raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems)
+                                    + (f"\n\n{report}" if report else ""))
+            return JSONResponse(_json_safe({"ok": True, "config": config,
+                                            "notes": notes + [n for n in plan_notes if n not in notes],
+                                            "plan": report}))
         try:
             model = self._model_info()
         except Exception as e:  # the job is still worth queueing; say why the model is unknown

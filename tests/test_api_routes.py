@@ -94,11 +94,19 @@ def test_seed_config_accepted_as_dict_and_as_toml_text(env):
     assert [j.name for j in q.list()] == ["my_lora", "my_lora"]
 
 
-def test_dry_run_queues_nothing(env):
+def test_dry_run_checks_the_dataset_and_queues_nothing(env):
+    """?dry_run=true answers what the run would: an empty image folder (or a mask folder without masked_loss) is a
+    422 with the dataset plan, a good dataset 200 with the plan; nothing is queued either way."""
     tmp, root = env
     c, q = make_client(tmp, root)
     r = c.post(PREFIX + "/jobs", params={"dry_run": "true"}, json=cfg_for())
-    assert r.status_code == 200 and r.json()["ok"] and q.list() == []
+    assert r.status_code == 422 and "this job would not train" in r.json()["detail"], r.text
+    assert "no training images" in r.json()["detail"] and "Dataset plan" in r.json()["detail"]
+    from PIL import Image
+    Image.new("RGB", (512, 512), (200, 10, 10)).save(root / "training_data" / "10_cat" / "a.png")
+    r = c.post(PREFIX + "/jobs", params={"dry_run": "true"}, json=cfg_for())
+    assert r.status_code == 200 and r.json()["ok"] and "10_cat" in r.json()["plan"], r.text
+    assert q.list() == []
 
 
 def test_unknown_keys_and_bad_input_are_422(env):
