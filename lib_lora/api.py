@@ -314,19 +314,18 @@ class _Api:
                 if extra:
                     raise TrainConfigError(f"with \"toml\" the body takes no other keys; got {sorted(extra)}")
                 cfg = parse_train_config_text(body["toml"], source="<request toml>")
-                raw = tomllib.loads(body["toml"])
+                raw, gui_notes = tomllib.loads(body["toml"]), []
             else:
-                cfg = parse_train_config(body, source="<request>")
-                raw = body
-            gui_notes = []
-            if kohya_gui.is_gui_preset(raw):  # the folders are checked (and the job kept) as sd-scripts keys
-                raw, gui_notes, prompt_text = translate_gui_preset(raw, "<request>")
-                if prompt_text:
-                    gui_notes.append("the preset's sample prompts are text; over the API give sample_prompts as "
-                                     "the path of a prompt file")
+                raw, gui_notes = body, []
+                if kohya_gui.is_gui_preset(body):  # the folders are checked (and the job kept) as sd-scripts keys
+                    raw, gui_notes, prompt_text = translate_gui_preset(body, "<request>")
+                    if prompt_text:
+                        gui_notes.append("the preset's sample prompts are text; over the API give sample_prompts "
+                                         "as the path of a prompt file")
+                cfg = parse_train_config(raw, source="<request>")
         except TrainConfigError as e:
             raise HTTPException(422, detail=str(e)) from e
-        notes = list(cfg.notes) + [n for n in gui_notes if n not in cfg.notes]
+        notes = gui_notes + [n for n in cfg.notes if n not in gui_notes]
         if not cfg.train_data_dir and not cfg.dataset_config:
             raise HTTPException(422, detail="no train_data_dir (and no dataset_config) is set: say where the images are")
         if not cfg.output_dir:

@@ -3,9 +3,9 @@
 ``algo=lora``/``locon`` is a kohya LoRA on LyCORIS' wider layer set; ``algo=loha`` (Hadamard product of two
 low-rank pairs) and ``algo=lokr`` (Kronecker product) have their own modules here. Shapes, initialisation, scale
 and saved keys follow LyCORIS' LohaModule / LokrModule (Tucker cores for kxk convs on request; DoRA weight
-decomposition with ``dora_wd``; no scalar),
-so LyCORIS, A1111's built-in Lora, ComfyUI and our own ``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS'
-presets as they land on sd-scripts' UNets (tests/data/lycoris_targets_reference.json).
+decomposition with ``dora_wd``; no trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own
+``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS' presets as they land on sd-scripts' UNets
+(tests/data/lycoris_targets_reference.json).
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ BOOL_KEYS = ("decompose_both", "full_matrix", "unbalanced_factorization", "use_t
              "rank_dropout_scale")
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
 def _bool(v) -> bool:
-    return str(v).strip().lower() in ("1", "true", "yes", "on")
+    return str(v).strip().lower() in _TRUE
 
 
 def _flag_problems(nargs: dict) -> list[str]:
@@ -45,7 +48,7 @@ def _flag_problems(nargs: dict) -> list[str]:
     out = []
     for key in BOOL_KEYS:
         v = str(nargs.get(key, "true")).strip().lower()
-        if v not in ("true", "false", "1", "yes", "on"):
+        if v not in _TRUE + ("false",):
             out.append(f"network_args {key}={nargs[key]}: write True or False (LyCORIS reads every value except "
                        f"'false' as True, so sd-scripts would switch {key} on)")
     return out
@@ -249,11 +252,18 @@ class _WeightPair(PairBase):
     """A module whose contribution is a rebuilt weight delta, added with the host layer's own op (F.linear /
     F.conv2d with its stride and padding)."""
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float):
+        """LyCORIS' apply_max_norm for LoHa / LoKr: the delta's norm (scale included) capped at max_norm by
+        ``_rescale``. Device tensors only: (scaled, norm after)."""
+        norm = (self.rebuild() * self.scale).norm()
+        clamped = torch.clamp(norm, max_norm / 2)
+        ratio = torch.clamp(clamped, max=max_norm) / clamped
+        self._rescale(ratio)
+        return ratio != 1, norm * ratio
 
-def _max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """LyCORIS' apply_max_norm factor: what caps ``norm`` at max_norm (1 when it is under)."""
-    norm = torch.clamp(norm, max_norm / 2)
-    return torch.clamp(norm, max=max_norm) / norm
+    def _rescale(self, ratio: torch.Tensor):
+        raise NotImplementedError
 
 
 def _rebuild_tucker(t, wa, wb):
@@ -319,14 +329,8 @@ class LohaPair(_WeightPair):
         out["hada_w1_a"] = out["hada_w1_a"] * self.scalar.to(out["hada_w1_a"].dtype)
         return out
 
-    @torch.no_grad()
-    def apply_max_norm(self, max_norm: float):
-        """LyCORIS' LohaModule.apply_max_norm: the delta's norm (scale included) capped through the scalar.
-        Device tensors only: (scaled, norm after)."""
-        norm = (self.rebuild() * self.scale).norm()
-        ratio = _max_norm_ratio(norm, max_norm)
-        self.scalar.mul_(ratio)
-        return ratio != 1, norm * ratio
+    def _rescale(self, ratio):
+        self.scalar.mul_(ratio)  # (LyCORIS' LohaModule: through the scalar)
 
 
 class LokrPair(_WeightPair):
@@ -390,17 +394,13 @@ class LokrPair(_WeightPair):
             w1 = w1.unsqueeze(-1)
         return torch.kron(w1, w2.contiguous())
 
-    @torch.no_grad()
-    def apply_max_norm(self, max_norm: float):
-        """LyCORIS' LokrModule.apply_max_norm: every factor times ratio^(1/factors). (scaled, norm after)."""
-        norm = (self.rebuild() * self.scale).norm()
-        ratio = _max_norm_ratio(norm, max_norm)
+    def _rescale(self, ratio):
+        # (LyCORIS' LokrModule: every factor times ratio^(1/factors))
         factors = [getattr(self, k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_t2",
                                               "lokr_w2_a", "lokr_w2_b") if hasattr(self, k)]
         f = ratio ** (1 / len(factors))
         for p in factors:
             p.mul_(f.to(p.dtype))
-        return ratio != 1, norm * ratio
 
     def tensors(self, save_4d: bool = False) -> dict:
         out = {k: getattr(self, k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",

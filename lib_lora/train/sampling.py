@@ -441,7 +441,7 @@ def config_prompts(cfg) -> list[SamplePrompt] | None:
     neither."""
     if cfg.sample_prompts:
         return load_prompt_file(str(cfg.resolve(cfg.sample_prompts)))
-    if getattr(cfg, "sample_prompt_text", None):
+    if cfg.sample_prompt_text:
         return parse_prompt_text(cfg.sample_prompt_text, "the preset's sample_prompts")
     return None
 

@@ -56,8 +56,7 @@ class Cancelled(Exception):
 
 
 def _mask_path(entry) -> str | None:
-    m = getattr(entry, "mask_path", None)
-    return str(m) if m is not None else None
+    return str(entry.mask_path) if entry.mask_path is not None else None
 
 
 @dataclass
@@ -179,6 +178,7 @@ class Trainer:
         self.device = device or host.device
         self.notes: list[str] = list(getattr(cfg, "notes", []) or [])
         self.files: list[str] = []
+        self._told_skipped = False  # the "fp16 loss scaling skipped a step" note is said once
         self.losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
         # reading the loss back syncs the host with the GPU: do it every N steps there
@@ -260,7 +260,7 @@ class Trainer:
                 f"{c.unet_lr if c.unet_lr is not None else c.learning_rate} for the UNet), fp16 overflow (try "
                 "mixed_precision = bf16 on GPUs that have it), or NaN latents from a half-precision VAE (SDXL: "
                 "start the WebUI with --no-half-vae). The WebUI's model is unchanged.")
-        if loss is not None and not getattr(self, "_told_skipped", False):
+        if loss is not None and not self._told_skipped:
             self._told_skipped = True
             self._note(f"step {step}: the loss was not finite but the LoRA weights are, so that step was skipped "
                        "(fp16 loss scaling does this now and then); training goes on")
