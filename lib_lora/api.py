@@ -40,7 +40,7 @@ API_VERSION = 1
 
 # Config keys holding a filesystem path the trainer reads or writes.
 PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "output_dir", "network_weights", "sample_prompts",
-             "resume", "logging_dir", "vae")
+             "resume", "logging_dir", "vae", "base_weights")
 # Keys used as file-name parts inside output_dir / logging_dir: a separator there would write elsewhere.
 NAME_KEYS = ("output_name", "log_prefix")
 
@@ -143,6 +143,8 @@ class PathPolicy:
                     table[key] = self.resolve(v, key)
                     if key == "dataset_config":
                         dataset_files.append(table[key])
+                elif isinstance(v, list):  # base_weights: every file of the list
+                    table[key] = [self.resolve(x, key) if isinstance(x, str) and x.strip() else x for x in v]
             for key in NAME_KEYS:
                 v = table.get(key)
                 if isinstance(v, str) and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v):

@@ -152,6 +152,8 @@ def test_paths_outside_the_roots_are_refused(env):
         {"resume": str(tmp / "outside" / "state")},
         {"reg_data_dir": "training_data/../../outside"},
         {"logging_dir": "~/logs"},
+        {"base_weights": "/etc/passwd"},
+        {"base_weights": ["lora_a.safetensors", "../outside/b.safetensors"]},  # every file of the list
     ]
     for override in bad:
         r = c.post(PREFIX + "/jobs", json=cfg_for(**override))

@@ -508,22 +508,6 @@ def test_color_aug_images_are_encoded_every_step(sd1, tmp_path, monkeypatch):
     assert not any("color_aug" in n and "not supported" in n for n in res.notes)
 
 
-def test_fp8_weights_are_refused_with_what_to_do(tmp_path):
-    """The WebUI's "FP8 weight" setting stores Linear/Conv weights as float8 (sd_models.load_model_weights):
-    the run stops before touching anything, with the setting to change, and the model is left as it was."""
-    from lib_lora.train.trainer import TrainingError
-    model = models.make_sd1(seed=9)
-    for m in model.model.diffusion_model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            m.to(torch.float8_e4m3fn)
-    before = models.model_state_hash(model)
-    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
-    with pytest.raises(TrainingError, match="FP8 weight"):
-        _run(model, tmp_path, img, max_train_steps=1)
-    assert models.model_state_hash(model) == before
-    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
-
-
 def test_validation_split_outside_0_1_is_refused():
     from lib_lora.train.config import TrainConfigError
     for bad in (1.0, 1.5, -0.1):

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from lib_lora.ui import doctor as doc
+from lib_lora.train.config import parse_train_config
 
 
 def _img(path, w=64, h=64, seed=0):
@@ -182,3 +183,15 @@ def test_vram_formula_by_hand():
     assert xl.explanation.endswith(f"about {xl.total_gb:.1f} GB")
     # batch 4 at 512 fits a 24 GB card
     assert doc.estimate_vram("sd1", batch=4, width=512, height=512, dim=32).total_gb < 24
+    # fp8_base: UNet and text-encoder weights at 1 byte, the VAE as loaded; fp8_base_unet: the UNet only
+    f8 = doc.estimate_vram("sdxl", batch=1, width=1024, height=1024, mixed_precision="bf16", dim=32,
+                           gradient_checkpointing=True, train_te=False, optimizer="AdamW8bit", fp8=("unet", "te"))
+    assert f8.parts["model weights"] == pytest.approx((2567.5e6 + 817.6e6 + 83.7e6 * 2) / gb, abs=1e-3)
+    assert "FP8 UNet and text encoder 1" in f8.explanation
+    assert xl.total_gb - f8.total_gb == pytest.approx((2567.5e6 + 817.6e6) / gb, abs=0.01)
+    # a model the WebUI loaded in FP8 (1 byte per weight read from it): its VAE is not FP8
+    host = doc.estimate_vram("sdxl", batch=1, width=1024, height=1024, mixed_precision="bf16", dim=32,
+                             weight_bytes=1)
+    assert host.parts["model weights"] == f8.parts["model weights"]
+    cfg = parse_train_config({"train_data_dir": "x", "fp8_base_unet": True})
+    assert doc.fp8_parts_of(cfg, 2) == ("unet",) and doc.fp8_parts_of(cfg, 1) == ("unet", "te")

@@ -43,6 +43,11 @@ class ModelHost:
         with self._lock:
             yield
 
+    @contextmanager
+    def fp8_weights(self):
+        """Entered while a job stores the base weights in FP8 (fp8_base): the WebUI's sampler is told so."""
+        yield
+
     def describe(self) -> dict:
         return {"name": self.model_name, "family": self.family, "parameterization": self.parameterization,
                 "hash": self.model_sha256[:10] if self.model_sha256 else self.model_legacy_hash}

@@ -127,6 +127,19 @@ class WebUIHost(ModelHost):
                 if undone:
                     sd_hijack.apply_optimizations()
 
+    @contextmanager
+    def fp8_weights(self):
+        """fp8_base on a model loaded without FP8: the WebUI's own flag, so its samples compute FP8 weights as with
+        its FP8 weight setting (devices.autocast: bf16 on a CPU, manual casting for fp32 inference)."""
+        from modules import devices
+
+        was = devices.fp8
+        devices.fp8 = True
+        try:
+            yield
+        finally:
+            devices.fp8 = was
+
     def _parts(self):
         m = self.sd_model
         parts = [m.model, m.first_stage_model]

@@ -130,6 +130,8 @@ class TrainConfig:
     network_args: list[str] | None = None
     network_weights: str | None = None
     dim_from_weights: bool = False
+    base_weights: list[str] | None = None  # LoRA files merged into the model for the job (paths)
+    base_weights_multiplier: list[float] | None = None
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
     scale_weight_norms: float | None = None
@@ -263,8 +265,6 @@ KNOWN_UNUSED = {
     "initial_epoch": "not supported yet; resume restores the epoch",
     "initial_step": "not supported yet; resume restores the step",
     "skip_until_initial_step": "not supported yet",
-    "base_weights": "not supported yet",
-    "base_weights_multiplier": "not supported yet",
     "cache_text_encoder_outputs": "text-encoder outputs are cached in memory by themselves whenever the text "
                                   "encoder is not trained and the captions do not change between steps",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory only (when the text encoder is "
@@ -317,6 +317,7 @@ def _kind(annotation: str) -> str:
         "tuple[int,int]|None": "reso",
         "tuple[float,float]|None": "pair_float",
         "list[str]|None": "list_str",
+        "list[float]|None": "list_float",
         "dict": "dict", "dict|None": "dict", "dict[str,Any]|None": "dict",
     }
     if a not in table:
@@ -402,6 +403,9 @@ def parse_resolution(value: Any, key: str = "resolution") -> tuple[tuple[int, in
     return (int(parts[0]), int(parts[1])), note
 
 
+PATH_LIST_KEYS = ("base_weights",)
+
+
 def _coerce(key: str, value: Any, kind: str, notes: list[str]) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
@@ -464,6 +468,21 @@ def _coerce(key: str, value: Any, kind: str, notes: list[str]) -> Any:
                 raise _Bad(f"{key} must be 'low,high' with low <= high, got {value!r}")
             return (a, b)
         raise _Bad(f"{key} must be two numbers 'low,high', got {value!r}")
+    if kind == "list_str" and key in PATH_LIST_KEYS:  # (a path may hold spaces: a string is one path)
+        if isinstance(value, str):
+            return [value] if value.strip() else []
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise _Bad(f"{key} must be a file path or a list of paths, got {value!r}")
+    if kind == "list_float":
+        items = value.split() if isinstance(value, str) else value
+        items = items if isinstance(items, (list, tuple)) else [items]
+        try:
+            if any(isinstance(v, bool) for v in items):
+                raise ValueError
+            return [float(v) for v in items]
+        except (TypeError, ValueError):
+            raise _Bad(f"{key} must be a number or a list of numbers, got {value!r}") from None
     if kind == "list_str":
         if isinstance(value, str):
             return value.split()

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
+from .fp8 import is_fp8
 from .lyco import LycoSettings, PairBase, make_pair
 from .targets import LYCO_TE, TrainTarget, lyco_preset_convs, lycoris_unet_targets, text_encoder_targets, unet_targets
 
@@ -259,6 +260,8 @@ class LoRANetwork(nn.Module):
             m = net.multiplier
             w_in = mha.in_proj_weight
             w_out = mha.out_proj.weight
+            if m:  # (FP8 storage: the delta is added in fp32, never rounded to fp8)
+                w_in, w_out = (w.float() if is_fp8(w.dtype) else w for w in (w_in, w_out))
             if m:
                 rd = net.rank_dropout if net.training and net.lyco is not None else 0.0
                 d_in = torch.cat([p.weight_delta(w, m, rd) for p, w in zip((q, k, v), w_in.chunk(3))], 0)

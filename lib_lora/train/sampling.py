@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..formats.errors import LoraError
+from .fp8 import compute_dtype, is_fp8
 
 DEFAULTS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 7.5}  # sd-scripts' sample_image_inference
 SAMPLERS = ("ddim", "euler")
@@ -323,6 +324,8 @@ class ModelSampler:
         self.te = TextEncoder(sd_model, family, clip_skip=clip_skip or 1)
         self.unet = sd_model.model.diffusion_model
         self.unet_dtype = next(self.unet.parameters()).dtype
+        if is_fp8(self.unet_dtype):  # FP8 storage computes in bf16/fp16 under autocast, as the WebUI does
+            self.unet_dtype = compute_dtype(self.device)
         self.v = getattr(sd_model, "parameterization", "eps") == "v"
         ac = getattr(sd_model, "alphas_cumprod_original", None)
         self.alphas_cumprod = (ac if ac is not None else sd_model.alphas_cumprod).detach().float().cpu()

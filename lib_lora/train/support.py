@@ -43,7 +43,8 @@ HONOURED = {
     "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "masked_loss", "lr_decay_steps",
     "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "lr_scheduler_timescale", "logging_dir",
     "log_prefix", "random_crop",
-    "color_aug", "weighted_captions",
+    "color_aug", "weighted_captions", "fp8_base", "fp8_base_unet", "full_fp16", "full_bf16",
+    "base_weights", "base_weights_multiplier",
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.KEYS}
@@ -214,6 +215,11 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         notes.append("cache_text_encoder_outputs with a trained text encoder: sd-scripts stops here; this run "
                      "trains the text encoder and computes its outputs at every step. Set network_train_unet_only "
                      "= true (or text_encoder_lr = 0) to train the UNet only with cached outputs")
+    for name in ("full_fp16", "full_bf16"):
+        if getattr(cfg, name):
+            notes.append(f"{name}: the LoRA weights, their gradients and the optimizer state stay in fp32 here (a few "
+                         "hundred MB at most, more precise than half precision); the model itself computes in the "
+                         "mixed precision set")
     if cfg.lr_scheduler_timescale and (cfg.lr_scheduler_type or cfg.lr_scheduler != "inverse_sqrt"):
         notes.append(f"lr_scheduler_timescale = {cfg.lr_scheduler_timescale} is read by lr_scheduler = "
                      "inverse_sqrt only; it changes nothing here (as in sd-scripts)")

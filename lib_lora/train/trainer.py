@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +33,7 @@ from .captions import process_caption
 from .conditioning import TextEncoder
 from .host_guard import guarded
 from .images import color_aug, load_image_alpha, load_image_rgb, resize_and_crop, sdxl_size_conditioning
+from .fp8 import compute_dtype, fp8_parts, fp8_storage, text_encoder_root
 from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
@@ -199,27 +200,84 @@ class Trainer:
         self.notes.append(text)
         self._emit("note", message=text)
 
-    def _precision(self):
+    def _precision(self, fp8: bool = False):
         mp = (self.cfg.mixed_precision or "no").lower()
         dev = self.device.type
         if mp == "fp16" and dev != "cuda":
-            self._note("mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead.")
+            if not fp8:
+                self._note("mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead.")
             mp = "no"
         if mp == "bf16" and dev == "cuda" and not torch.cuda.is_bf16_supported():
             self._note("this GPU has no bf16; using fp16 mixed precision instead.")
             mp = "fp16"
+        if fp8 and mp == "no":  # sd-scripts refuses fp8_base without mixed precision; A1111 computes FP8 like this
+            mp = "bf16" if compute_dtype(self.device) == torch.bfloat16 else "fp16"
+            self._note(f"FP8 weights are computed in {mp} autocast: mixed_precision = {mp} is used for this run "
+                       f"(mixed_precision was {self.cfg.mixed_precision or 'no'!r})")
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
         return mp, dtype
 
-    def _refuse_fp8_weights(self):
-        """A1111's "FP8 weight" setting stores Linear/Conv weights as float8, which the training step cannot
-        multiply with (seen in the WebUI as 'mat1 and mat2 must have the same dtype'): say what to do instead."""
-        fp8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-        if fp8 and any(p.dtype in fp8 for p in self.sd_model.parameters()):
-            raise TrainingError(
-                "the loaded model's weights are stored in FP8 (the WebUI's Settings -> Optimizations -> FP8 "
-                "weight), which training cannot use. Set FP8 weight to Disable (the model reloads), train, then "
-                "switch it back; LoRAs trained this way work with FP8 weights.")
+    def _fp8_plan(self) -> tuple[list, list[str]]:
+        """(the model parts to store in FP8 for this run, the parts the host already holds in FP8)."""
+        c = self.cfg
+        held = fp8_parts(self.sd_model)
+        if held:
+            self._note(f"the loaded model's {' and '.join(held)} Linear/Conv weights are stored in FP8 (the WebUI's "
+                       "Settings -> Optimizations -> FP8 weight): training computes with them as stored and does "
+                       "not change them")
+        roots = []
+        if c.fp8_base or c.fp8_base_unet:
+            if "UNet" not in held:
+                roots.append(self.sd_model.model.diffusion_model)
+            te = text_encoder_root(self.sd_model)
+            if not c.fp8_base_unet and te is not None and "text encoder" not in held:
+                roots.append(te)
+            if c.fp8_base_unet and "text encoder" in held:
+                self._note("fp8_base_unet: the text encoder stays in FP8 too (the WebUI's FP8 weight setting "
+                           "stores it so)")
+        return roots, held
+
+    @contextmanager
+    def _base_weights_merged(self):
+        """base_weights: the files merged into the model for this job (sd-scripts merges them before it builds
+        the network), through the same patcher as <lora:>, so every format it reads works and the weights come
+        back bit for bit on every exit. A file that does not fit the model stops the job before training."""
+        from ..apply.layers import layer_mapping
+        from ..apply.loader import load_network
+        from ..apply.patcher import Patcher
+        from ..formats.errors import LoraError
+
+        c = self.cfg
+        mults = list(c.base_weights_multiplier or [])
+        if len(mults) > len(c.base_weights):
+            self._note(f"base_weights_multiplier has {len(mults)} values for {len(c.base_weights)} file(s); the "
+                       "extra values are not used")
+        mapping = layer_mapping(self.sd_model)
+        wanted = []
+        for i, path in enumerate(c.base_weights):
+            m = mults[i] if i < len(mults) else 1.0  # sd-scripts: a missing multiplier is 1.0
+            try:
+                net = load_network(str(c.resolve(path)), self.family, cache=None, layer_names=set(mapping))
+            except LoraError as e:
+                raise TrainingError(f"base_weights {path}: {e}") from None
+            rep = net.report
+            if not rep.matched:
+                raise TrainingError(f"base_weights {path}: none of its {rep.total_modules} modules fit the loaded "
+                                    f"model ({rep.summary()}); is it a LoRA for this model?")
+            if len(rep.matched) != rep.total_modules:
+                self._note(f"base_weights {os.path.basename(path)}: {rep.summary()}\n{rep.details()}")
+            wanted.append((net, m, m))
+        patcher = Patcher(cache_mb=0)
+        try:
+            res = patcher.apply(mapping, wanted)
+            if not res.ok:
+                raise TrainingError("base_weights could not be merged: " + "; ".join(res.messages[:5]))
+            self._note("base_weights merged into the model for this job (put back after it): " + "; ".join(
+                f"{os.path.basename(p)} x{w[1]:g} ({n.matched} layers)"
+                for p, w, n in zip(c.base_weights, wanted, res.networks)))
+            yield
+        finally:
+            patcher.restore()
 
     def _load_start_weights(self, net: LoRANetwork, sd: dict):
         """network_weights: continue from a file; what does not fit is said, never dropped quietly."""
@@ -481,9 +539,10 @@ class Trainer:
         unet_lr, te_lr = self._lrs()
         if not unet_lr and not te_lr:
             raise TrainingError("both learning rates are 0, so nothing would train; set unet_lr or text_encoder_lr")
-        mp, amp_dtype = self._precision()
+        fp8_roots, fp8_held = self._fp8_plan()
+        self.fp8 = bool(fp8_roots or fp8_held)
+        mp, amp_dtype = self._precision(self.fp8)
         nargs = self._network_args()
-        self._refuse_fp8_weights()
         started = time.time()
 
         with ExitStack() as stack:
@@ -510,6 +569,8 @@ class Trainer:
             if lyco is not None:  # LyCORIS' defaults: the conv layers take the linear rank and alpha
                 conv_dim = dim if conv_dim is None else conv_dim
                 conv_alpha = alpha if conv_alpha is None else conv_alpha
+            if c.base_weights:
+                stack.enter_context(self._base_weights_merged())
             if c.dim_from_weights and not c.network_weights:
                 raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
             start_sd = load_tensors(str(c.resolve(c.network_weights))) if c.network_weights else None
@@ -562,6 +623,14 @@ class Trainer:
             cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None
             if cache_dir:
                 os.makedirs(cache_dir, exist_ok=True)
+            unet = self.sd_model.model.diffusion_model
+            if fp8_roots:
+                # after the network is built: DoRA starts from the full-precision weight (as under sd-scripts)
+                stack.enter_context(self.host.fp8_weights())
+                n = stack.enter_context(fp8_storage(fp8_roots))
+                self._note(f"{'fp8_base_unet' if c.fp8_base_unet else 'fp8_base'}: {n} Linear/Conv weights of the "
+                           f"{' and '.join('UNet' if r is unet else 'text encoder' for r in fp8_roots)} are "
+                           "stored in FP8 for this run; the originals wait in CPU memory and are put back after it")
             self._cache_latents(cache_dir)
             n_fresh = sum(1 for s in self.samples if s.per_step)
             if n_fresh:
@@ -587,7 +656,6 @@ class Trainer:
                 schedule = NoiseSchedule(zero_terminal_snr(base_ac), prediction, snr_from=base_ac).to(self.device)
             else:
                 schedule = NoiseSchedule(base_ac, prediction).to(self.device)
-            unet = self.sd_model.model.diffusion_model
             fast = self.fast
             # the recomputed forward must redraw the same LoRA dropout masks; without dropout the RNG state need not
             # be saved (which also keeps the step capturable: reading the CUDA RNG state is refused while capturing)
@@ -620,7 +688,10 @@ class Trainer:
                 skip = set()
                 if te_lr:
                     probe_tokens = te.tokenize([""])[0]
-                    skip = unused_text_encoder_params(net, lambda: te.encode(probe_tokens, self.device),
+                    def probe():  # (under the step's autocast: FP8 weights compute only there)
+                        with torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                            return te.encode(probe_tokens, self.device)
+                    skip = unused_text_encoder_params(net, probe,
                                                       [p for g in groups if g["name"].startswith("text_encoder")
                                                        for p in g["params"]])
                 try:
@@ -1045,8 +1116,8 @@ class Trainer:
             "ss_huber_schedule": c.huber_schedule,
             "ss_huber_scale": c.huber_scale,
             "ss_huber_c": c.huber_c,
-            "ss_fp8_base": False,
-            "ss_fp8_base_unet": False,
+            "ss_fp8_base": bool(self.fp8),
+            "ss_fp8_base_unet": bool(c.fp8_base_unet and self.fp8),
             "ss_steps": step,
             "ss_epoch": epoch_no,
             "ss_training_finished_at": time.time(),

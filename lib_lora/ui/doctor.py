@@ -65,13 +65,18 @@ class VramEstimate:
 
 def estimate_vram(family: str | None, *, batch: int, width: int, height: int, mixed_precision: str = "fp16",
                   weight_bytes: int | None = None, gradient_checkpointing: bool = False, dim: int = 32,
-                  train_unet: bool = True, train_te: bool = True, optimizer: str = "AdamW") -> VramEstimate:
+                  train_unet: bool = True, train_te: bool = True, optimizer: str = "AdamW",
+                  fp8: tuple[str, ...] = ()) -> VramEstimate:
     """The formula in the module docstring. ``weight_bytes`` is the loaded model's bytes per weight (2 for the
-    WebUI's fp16); by default 4 when ``mixed_precision`` is 'no', else 2."""
+    WebUI's fp16); by default 4 when ``mixed_precision`` is 'no', else 2. ``fp8``: the parts ("unet", "te")
+    whose weights are stored in FP8 (fp8_base, or the WebUI's FP8 weight): 1 byte each (nearly all of their
+    weights are Linear/Conv ones)."""
     fam = family if family in WEIGHT_PARAMS else "sd1"
     mp = (mixed_precision or "no").lower()
     wb = weight_bytes or (4 if mp == "no" else 2)
-    weights = sum(WEIGHT_PARAMS[fam].values()) * wb / GB
+    if wb == 1:  # (a model loaded in FP8: its VAE is not)
+        fp8, wb = fp8 or ("unet", "te"), 2
+    weights = sum(n * (1 if part in fp8 else wb) for part, n in WEIGHT_PARAMS[fam].items()) / GB
     unet_pd, te_pd = LORA_PER_DIM[fam]
     lora_params = dim * ((unet_pd if train_unet else 0) + (te_pd if train_te else 0))
     okey = (optimizer or "AdamW").lower().replace("_", "").replace("-", "")
@@ -92,14 +97,15 @@ def estimate_vram(family: str | None, *, batch: int, width: int, height: int, mi
     parts = {"overhead": OVERHEAD_GB, "model weights": weights, "LoRA + optimizer": lora_state, "activations": act}
     total = sum(parts.values())
     explanation = (
-        f"{OVERHEAD_GB:g} GB overhead + {weights:.1f} GB {FAMILY_LABEL[fam]} weights ({wb} bytes each) + "
+        f"{OVERHEAD_GB:g} GB overhead + {weights:.1f} GB {FAMILY_LABEL[fam]} weights ({wb} bytes each"
+        f"{', FP8 ' + ' and '.join({'unet': 'UNet', 'te': 'text encoder'}[p] for p in fp8) + ' 1' if fp8 else ''}) + "
         f"{lora_state:.2f} GB LoRA and optimizer ({lora_params / 1e6:.1f} M parameters x {8 + obytes} bytes) + "
         f"{act:.1f} GB activations ({' '.join(steps)}) = about {total:.1f} GB")
     advice = []
     if total > 8 and not gradient_checkpointing:
         with_gc = estimate_vram(family, batch=batch, width=width, height=height, mixed_precision=mixed_precision,
                                 weight_bytes=weight_bytes, gradient_checkpointing=True, dim=dim,
-                                train_unet=train_unet, train_te=train_te, optimizer=optimizer)
+                                train_unet=train_unet, train_te=train_te, optimizer=optimizer, fp8=fp8)
         advice.append(f"Gradient checkpointing would bring it to about {with_gc.total_gb:.1f} GB.")
     if batch > 1 and total > 12:
         advice.append("A smaller batch with gradient accumulation trains alike with less memory.")
@@ -178,7 +184,7 @@ def settings_findings(cfg: TrainConfig, device_type: str | None,
         else:
             errors.append(f"The optimizer {cfg.optimizer_type} needs the '{needs[opt]}' package, which is not "
                           f"installed in the WebUI's Python. Choose AdamW or install {needs[opt]}.")
-    if device_type == "cpu" and (cfg.mixed_precision or "no") != "no":
+    if device_type == "cpu" and (cfg.mixed_precision or "no") != "no" and not (cfg.fp8_base or cfg.fp8_base_unet):
         warnings.append(f"Mixed precision {cfg.mixed_precision} needs a GPU; the model is on the CPU, so it will "
                         "train in fp32 (slowly).")
     unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
@@ -195,6 +201,13 @@ def settings_findings(cfg: TrainConfig, device_type: str | None,
     errors += unsupported_errors
     warnings += unsupported_notes
     return errors, warnings
+
+
+def fp8_parts_of(cfg, weight_bytes: int | None) -> tuple[str, ...]:
+    """The parts a run stores in FP8: a model loaded in FP8 (1 byte per weight), else fp8_base(_unet)."""
+    if weight_bytes == 1 or cfg.fp8_base:
+        return ("unet", "te")
+    return ("unet",) if cfg.fp8_base_unet else ()
 
 
 def diagnose(plan: DatasetPlan, family: str | None, *, weight_bytes: int | None = None,
@@ -227,7 +240,7 @@ def diagnose(plan: DatasetPlan, family: str | None, *, weight_bytes: int | None 
                              mixed_precision=cfg.mixed_precision, weight_bytes=weight_bytes,
                              gradient_checkpointing=cfg.gradient_checkpointing, dim=int(cfg.network_dim or 4),
                              train_unet=bool(unet_lr), train_te=bool(te_lr) and not cfg.network_train_unet_only,
-                             optimizer=cfg.optimizer_type or "AdamW")
+                             optimizer=cfg.optimizer_type or "AdamW", fp8=fp8_parts_of(cfg, weight_bytes))
     words = getattr(_dataset, "_reg_words", None)  # the engine's own wording of the reg arithmetic
     reg_words = (" ".join(w for w in (words(p) for p in plan.datasets) if w) or None) if words else None
     return DoctorReport(

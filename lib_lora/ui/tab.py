@@ -358,7 +358,7 @@ def _split_settings(args) -> tuple[dict, dict]:
 
 
 def _weight_bytes(info: dict) -> int | None:
-    return {"float16": 2, "bfloat16": 2, "float32": 4}.get(info.get("dtype") or "")
+    return {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}.get(info.get("dtype") or "")
 
 
 def _default_prompt(train_dir: str) -> str:
@@ -627,7 +627,7 @@ def build_tab(backend) -> gr.Blocks:
 
         # ------------------------------------------------------------------------ VRAM on the parameters tab
         vram_keys = ["train_batch_size", "resolution", "mixed_precision", "gradient_checkpointing", "network_dim",
-                     "optimizer_type", "text_encoder_lr", "unet_lr", "network_train_unet_only"]
+                     "optimizer_type", "text_encoder_lr", "unet_lr", "network_train_unet_only", "fp8_base"]
 
         @guarded(vram_box)
         def vram(*args):
@@ -643,7 +643,7 @@ def build_tab(backend) -> gr.Blocks:
                                     gradient_checkpointing=bool(v["gradient_checkpointing"]),
                                     dim=int(v["network_dim"] or 4), train_unet=bool(v["unet_lr"]),
                                     train_te=bool(v["text_encoder_lr"]) and not v["network_train_unet_only"],
-                                    optimizer=v["optimizer_type"])
+                                    optimizer=v["optimizer_type"], fp8=("unet", "te") if v["fp8_base"] else ())
             return (f'<p class="ls-vram"><b>Estimated VRAM: about {est.total_gb:.1f} GB</b> at the resolution, '
                     f"without larger buckets (an estimate, not a measurement). {_e(est.explanation)}. "
                     + " ".join(_e(a) for a in est.advice) + "</p>")
