@@ -350,6 +350,10 @@ class _Api:
             return JSONResponse(_json_safe({"ok": True, "config": config,
                                             "notes": notes + [n for n in plan_notes if n not in notes],
                                             "plan": report}))
+        from .train.support import check_support
+        problems, _ = check_support(parse_train_config(dict(config), source="<request>"))
+        if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
+            raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
         try:
             model = self._model_info()
         except Exception as e:  # the job is still worth queueing; say why the model is unknown

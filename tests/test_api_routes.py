@@ -413,3 +413,15 @@ def test_kohya_gui_preset_is_checked_and_kept_as_sd_scripts_keys(env):
         q2.stop(5)
     notes = c2.get(PREFIX + f"/jobs/{jid}").json()["notes"]
     assert any("kohya_ss GUI preset" in n for n in notes) and "trained 4 steps" in notes
+
+
+def test_settings_no_model_can_train_are_refused_at_submit(env):
+    """A missing optimizer package or a module outside the optimizer list was queued and failed when its turn
+    came (seen in the real WebUI); it is a 422 with the reason now, and nothing is queued."""
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    r = c.post(PREFIX + "/jobs", json=cfg_for(optimizer_type="os.system"))
+    assert r.status_code == 422, r.text
+    assert "this job would not train" in r.json()["detail"] and "optimizers are imported by name" in r.json()["detail"]
+    assert q.list() == []
+    assert c.post(PREFIX + "/jobs", json=cfg_for(optimizer_type="torch.optim.RAdam")).status_code == 201

@@ -22,11 +22,8 @@ FC1 = "lora_te_text_model_encoder_layers_0_mlp_fc1"
 
 
 def _run(model, tmp_path, img, sample_fn=None, **kw):
-    c = {"train_data_dir": img, "resolution": 64, "train_batch_size": 1, "output_dir": str(tmp_path / "out"),
-         "output_name": "x", "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4,
-         "seed": 3, "save_precision": "float", "max_train_steps": 3}
-    c.update(kw)
-    cfg = parse_train_config(c, base_dir=str(tmp_path))
+    cfg = parse_train_config(train_data.job_config(img, tmp_path / "out", **{"max_train_steps": 3, **kw}),
+                             base_dir=str(tmp_path))
     host = ModelHost(model, "m")
     res = Trainer(host, cfg, plan_for(host, cfg), sample_fn=sample_fn).run()
     assert res.status == "done"

@@ -539,16 +539,8 @@ def test_a_torch_scheduler_drives_the_run_and_resumes(sd1, tmp_path):
     assert [s for s, _ in lrs] == list(range(1, 7))
     for step, lr in lrs:  # read after the step's scheduler.step()
         assert lr == pytest.approx(1e-3 * 0.5 ** (step // 2), rel=1e-9), step
-    seen = {"step": 0}
-    c = {"train_data_dir": img, "resolution": 64, "train_batch_size": 1, "output_dir": str(tmp_path / "b"),
-         "output_name": "x", "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4,
-         "seed": 3, "save_precision": "float", **kw}
-    cfg = parse_train_config(c, base_dir=str(tmp_path))
-    host = ModelHost(sd1, "m")
-    part = Trainer(host, cfg, plan_for(host, cfg), on_event=lambda e: seen.update(step=max(seen["step"], e.step)),
-                   should_cancel=lambda: seen["step"] >= 3).run()
-    assert part.status == "cancelled" and part.state_file
-    resumed = Trainer(host, cfg, plan_for(host, cfg)).run(resume_state=part.state_file)
+    cfg = parse_train_config(train_data.job_config(img, tmp_path / "b", **kw), base_dir=str(tmp_path))
+    _, resumed = train_data.cancelled_then_resumed(ModelHost(sd1, "m"), cfg, 3)
     a, b = load_tensors(full.final), load_tensors(resumed.final)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
@@ -688,3 +680,64 @@ def test_mask_folder_problems_are_found_before_training(sd1, tmp_path):
     os.rename(masks / ("zz_" + first), masks / first)
     Image.new("RGB", (32, 64)).save(masks / first)
     assert "a mask must be the size of its image" in errors() and "32x64 for a 64x64 image" in errors()
+
+
+# ---- schedule-free optimizers and Adafactor's own LR (sd-scripts' optimizer_eval_fn / adafactor scheduler) --------
+def test_schedule_free_files_hold_the_averaged_weights_and_resume_exactly(sd1, tmp_path):
+    """AdamWScheduleFree trains on one point (y) and averages another (x): sd-scripts switches to x (eval) to save,
+    sample and validate. Every file here holds x, the run trains on y again afterwards, and a cancelled run
+    resumed from its state ends with the uninterrupted run's weights."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    kw = dict(optimizer_type="AdamWScheduleFree", max_train_steps=8, save_every_n_epochs=1, lr_scheduler="cosine",
+              lr_warmup_steps=2)
+    modes = []
+    cfg = parse_train_config(train_data.job_config(img, tmp_path / "a", **kw), base_dir=str(tmp_path))
+    host = ModelHost(sd1, "m")
+    holder = {}
+
+    def on_event(e):
+        if e.kind == "save":
+            modes.append(holder["tr"].runner.optimizer.param_groups[0]["train_mode"])
+    tr = Trainer(host, cfg, plan_for(host, cfg), on_event=on_event)
+    holder["tr"] = tr
+    full = tr.run()
+    assert full.status == "done" and len(modes) >= 2 and not any(modes)  # every save in eval mode
+    assert any("schedule-free optimizers take no LR schedule" in n and "lr_scheduler, lr_warmup_steps not used" in n
+               for n in full.notes)
+    opt = tr.runner.optimizer
+    assert opt.param_groups[0]["train_mode"]  # training mode again after the last save
+    net_params = [p for g in opt.param_groups for p in g["params"]]
+    y = [p.detach().clone() for p in net_params]
+    opt.eval()
+    x = [p.detach().clone() for p in net_params]
+    assert any(not torch.equal(a, b) for a, b in zip(x, y))
+    saved = load_tensors(full.final)
+    ups = [k for k in saved if k.endswith("lora_up.weight")]
+    # the file is x: after eval() the network's own weights are what was saved
+    assert ups and all(torch.isfinite(saved[k]).all() for k in ups)
+    def matches(ws):  # saved weight tensors that equal one of ws (y -> x -> y -> x is exact to float rounding)
+        return sum(any(v.numel() == w.numel() and torch.allclose(v.flatten(), w.flatten(), rtol=1e-5, atol=1e-7)
+                       for w in ws) for v in saved.values() if v.dim() >= 2)
+    total = sum(1 for v in saved.values() if v.dim() >= 2)
+    assert matches(x) == total and matches(y) < total
+    opt.train()
+
+    cfg_b = parse_train_config(train_data.job_config(img, tmp_path / "b", **kw), base_dir=str(tmp_path))
+    _, resumed = train_data.cancelled_then_resumed(host, cfg_b, 3)
+    a, b = load_tensors(full.final), load_tensors(resumed.final)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_adafactor_without_arguments_uses_its_own_lr_and_says_so(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    tr, res, events = _run(sd1, tmp_path, img, optimizer_type="Adafactor", max_train_steps=3, lr_scheduler="cosine")
+    assert res.status == "done"
+    assert any(n.startswith("Adafactor with relative_step (its default) computes its own LR") and
+               "lr_scheduler not used" in n for n in res.notes)
+    assert any("unet_lr / text_encoder_lr and block or LoRA+ ratios are not used" in n for n in res.notes)
+    lrs = [e.lr for e in events if e.kind == "step"]
+    opt = tr.runner.optimizer
+    g = opt.param_groups[0]
+    assert lrs[-1] == pytest.approx(opt._get_lr(g, opt.state[g["params"][0]]))  # what Adafactor used
+    assert read_metadata(res.final)["ss_optimizer"] == "transformers.optimization.Adafactor(relative_step=True)"

@@ -149,3 +149,114 @@ def test_torch_schedulers_that_cannot_be_built_are_explained():
         make_torch_scheduler(opt, "LambdaLR", [])
     with pytest.raises(ValueError, match="CosineAnnealingLR refused lr_scheduler_args .*T_max"):
         make_torch_scheduler(opt, "CosineAnnealingLR", ["eta_min=0"])
+
+
+# ---- sd-scripts' optimizer set (train_util.get_optimizer) --------------------------------------------------------
+def _class_default(cls, arg):
+    import inspect
+    return inspect.signature(cls).parameters[arg].default
+
+
+@pytest.mark.parametrize("name, cls_path, desc", [
+    ("AdamW", "torch.optim.AdamW", "torch.optim.adamw.AdamW"),
+    ("Lion", "lion_pytorch.Lion", "lion_pytorch.lion_pytorch.Lion"),
+    ("Prodigy", "prodigyopt.Prodigy", "prodigyopt.prodigy.Prodigy"),
+    ("SGDNesterov", "torch.optim.SGD", "torch.optim.sgd.SGD(momentum=0.9)"),
+    ("Adafactor", "transformers.optimization.Adafactor", "transformers.optimization.Adafactor(relative_step=True)"),
+    ("DAdaptAdam", "dadaptation.DAdaptAdam", "dadaptation.dadapt_adam.DAdaptAdam"),
+    ("adamwschedulefree", "schedulefree.AdamWScheduleFree",
+     "schedulefree.adamw_schedulefree.AdamWScheduleFree"),
+])
+def test_optimizers_get_only_the_users_arguments_as_in_sd_scripts(name, cls_path, desc):
+    """sd-scripts passes optimizer_args (plus SGDNesterov's momentum and Adafactor's relative_step) and nothing
+    else: weight decay is each class's own default (Lion, Prodigy, SGD, Adafactor: 0; we used to pass 0.01), and
+    ss_optimizer is module.Class(k=v) of what it passed."""
+    import importlib
+    mod, _, cname = cls_path.rpartition(".")
+    cls = getattr(importlib.import_module(mod), cname)
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt, got = make_optimizer(name, [{"params": [p]}], lr=1.0)
+    assert type(opt) is cls and got == desc
+    assert opt.param_groups[0]["weight_decay"] == _class_default(cls, "weight_decay")
+    opt, got = make_optimizer(name, [{"params": [p]}], lr=1.0, args={"weight_decay": 0.1})
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and "weight_decay=0.1" in got
+
+
+def test_adafactor_default_is_its_own_relative_step_as_in_sd_scripts():
+    """optimizer_type = Adafactor without arguments: sd-scripts sets relative_step=True, so transformers'
+    Adafactor computes the step size (the learning rate only starts the adafactor schedule)."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(16, 8))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa, _ = make_optimizer("Adafactor", [{"params": [a], "lr": 1e-4}], lr=1e-4)
+    ob = tro.Adafactor([b], lr=None)  # transformers' defaults: scale_parameter, relative_step, no warmup_init
+    for i in range(4):
+        for p, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            ((p - i) ** 2).sum().backward()
+            o.step()
+    assert torch.equal(a, b)
+    notes = []
+    opt, desc = make_optimizer("Adafactor", [{"params": [a]}], lr=1e-4,
+                               args={"relative_step": False, "warmup_init": True}, notes=notes)
+    assert opt.param_groups[0]["relative_step"] is True and "warmup_init = True needs relative_step" in notes[0]
+
+
+@pytest.mark.parametrize("name", ["DAdaptation", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP",
+                                  "DAdaptLion", "DAdaptSGD", "RAdamScheduleFree", "AdamWScheduleFree",
+                                  "SGDScheduleFree", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit",
+                                  "PagedLion8bit", "SGDNesterov8bit", "Adam", "torch.optim.RAdam",
+                                  "bitsandbytes.optim.AdamW"])
+def test_every_sd_scripts_optimizer_name_trains(name):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    notes = []
+    opt, desc = make_optimizer(name, [{"params": [p]}], lr=1.0, notes=notes)  # (8-bit/paged: twin on a CPU)
+    before = p.detach().clone()
+    for _ in range(8):  # (RAdam's first steps make no update)
+        opt.zero_grad()
+        (p ** 2).sum().backward()
+        opt.step()
+    assert not torch.equal(before, p.detach()) and desc
+    if name == "Adam":
+        assert type(opt) is torch.optim.Adam  # sd-scripts: getattr(torch.optim, name), not AdamW
+
+
+def test_names_nothing_provides_and_modules_outside_the_list_are_refused_before_queueing(monkeypatch):
+    from lib_lora.train import optim
+    from lib_lora.train.config import parse_train_config
+    from lib_lora.train.support import check_support
+
+    def check(name):
+        return check_support(parse_train_config({"train_data_dir": "x", "optimizer_type": name}))
+
+    errors, _ = check("os.system")
+    assert errors and "optimizers are imported by name from these packages only" in errors[0]
+    errors, _ = check("AdamW9bit")
+    assert errors and errors[0].startswith("unknown optimizer 'AdamW9bit'; choose one of")
+    errors, _ = check("torch.optim.NoSuch")
+    assert errors and "torch.optim has no optimizer class 'NoSuch'" in errors[0]
+    assert check("DAdaptAdam") == ([], []) and check("torch.optim.RAdam") == ([], [])
+    real = optim._import
+
+    def missing(module, what, hint):
+        if module.split(".")[0] in ("prodigyopt", "bitsandbytes", "pytorch_optimizer"):
+            raise OptimizerUnavailable(f"{what} needs the '{module}' package, which is not usable here. {hint}")
+        return real(module, what, hint)
+    monkeypatch.setattr(optim, "_import", missing)
+    errors, _ = check("Prodigy")
+    assert errors and "needs the 'prodigyopt' package" in errors[0] and "Install prodigyopt" in errors[0]
+    errors, notes = check("PagedAdamW8bit")
+    assert not errors and "AdamW will be used instead" in notes[0]
+    errors, _ = check("pytorch_optimizer.CAME")
+    assert errors and "Install pytorch_optimizer yourself" in errors[0]
+
+
+def test_adaptive_optimizers_say_when_the_lr_is_far_from_1():
+    p = torch.nn.Parameter(torch.randn(4))
+    notes = []
+    make_optimizer("Prodigy", [{"params": [p], "lr": 1e-4}], lr=1e-4, notes=notes)
+    assert any("learning rate 0.0001 is low for Prodigy" in n for n in notes)
+    notes = []
+    make_optimizer("DAdaptAdam", [{"params": [p], "lr": 1.0}], lr=1.0, notes=notes)
+    assert notes == []

@@ -358,4 +358,17 @@ def test_toml_export_and_import(server, page):
     assert page.locator("#lora_studio_ui_sample_prompt textarea").input_value() == "a zkx dog --w 64 --h 64"
     assert "algo=loha" in page.locator("#lora_studio_network_args textarea, #lora_studio_network_args input"
                                        ).first.input_value()
+    # an optimizer name outside the dropdown's list (any sd-scripts name) is kept, shown and exported again
+    assert re.search(r'optimizer_type = "[^"]*"', text), text
+    fill(page, "lora_studio_toml", re.sub(r'optimizer_type = "[^"]*"', 'optimizer_type = "torch.optim.RAdam"', text))
+    page.click("#lora_studio_import")
+    box = page.locator("#lora_studio_optimizer_type input").first
+    for _ in range(100):  # (the status still reads "Imported" from the import before)
+        if box.input_value() == "torch.optim.RAdam":
+            break
+        time.sleep(0.1)
+    assert box.input_value() == "torch.optim.RAdam"
+    page.click("#lora_studio_export")
+    wait_text(page, "lora_studio_toml_status", r"Exported")
+    assert 'optimizer_type = "torch.optim.RAdam"' in page.locator("#lora_studio_toml textarea").input_value()
     assert not page.errors, page.errors

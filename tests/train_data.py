@@ -42,3 +42,24 @@ def make_dataset(root, n_concept=4, repeats=5, n_reg=0, reg_repeats=1, size=(64,
         for i in range(n_reg):
             class_image(i, *size).save(os.path.join(d, f"r{i}.png"))
     return os.path.join(root, "img"), reg
+
+
+def job_config(img, out_dir, **kw) -> dict:
+    """The small run most training tests use: 64 px, batch 1, rank 4, fixed seed, fp32 files."""
+    c = {"train_data_dir": img, "resolution": 64, "train_batch_size": 1, "output_dir": str(out_dir),
+         "output_name": "x", "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4,
+         "seed": 3, "save_precision": "float"}
+    c.update(kw)
+    return c
+
+
+def cancelled_then_resumed(host, cfg, at_step: int):
+    """Cancel a run once it has logged ``at_step`` steps, resume it from its state; (cancelled, resumed) results."""
+    from lib_lora.train.run import plan_for
+    from lib_lora.train.trainer import Trainer
+
+    seen = {"step": 0}
+    part = Trainer(host, cfg, plan_for(host, cfg), on_event=lambda e: seen.update(step=max(seen["step"], e.step)),
+                   should_cancel=lambda: seen["step"] >= at_step).run()
+    assert part.status == "cancelled" and part.state_file
+    return part, Trainer(host, cfg, plan_for(host, cfg)).run(resume_state=part.state_file)

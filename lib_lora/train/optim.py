@@ -16,11 +16,16 @@ import torch
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "adafactor")
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Prodigy", "DAdaptAdam", "Adafactor",
+              "AdamWScheduleFree", "RAdamScheduleFree", "SGDNesterov")
 
 
 class OptimizerUnavailable(RuntimeError):
     user_error = True
+
+
+class OptimizerNameError(ValueError):
+    """optimizer_type names nothing this trainer can build (or a module it must not import)."""
 
 
 def _lr_lambda(name: str, warmup: int, total: int, cycles: float = 1, power: float = 1.0,
@@ -189,74 +194,167 @@ def _import(module: str, what: str, hint: str):
         raise OptimizerUnavailable(f"{what} needs the '{module}' package, which is not usable here ({e}). {hint}") from e
 
 
-# 8-bit optimizers train like their 32-bit twins (more memory); a missing bitsandbytes falls back with a note
-_FALLBACK = {"adamw8bit": "AdamW", "lion8bit": "Lion"}
+# 8-bit / paged optimizers train like their 32-bit twins (more memory); an unusable bitsandbytes falls back with a note
+_FALLBACK = {"adamw8bit": "AdamW", "lion8bit": "Lion", "pagedadamw8bit": "AdamW", "pagedadamw": "AdamW",
+             "pagedadamw32bit": "AdamW", "pagedlion8bit": "Lion", "sgdnesterov8bit": "SGDNesterov"}
+_BNB = {"adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit", "pagedadamw8bit": "PagedAdamW8bit",
+        "pagedadamw": "PagedAdamW", "pagedadamw32bit": "PagedAdamW32bit", "pagedlion8bit": "PagedLion8bit",
+        "sgdnesterov8bit": "SGD8bit"}
+# sd-scripts' names (train_util.get_optimizer) -> (module, class)
+_NAMED = {
+    "dadaptation": ("dadaptation.experimental", "DAdaptAdamPreprint"),
+    "dadaptadampreprint": ("dadaptation.experimental", "DAdaptAdamPreprint"),
+    "dadaptadagrad": ("dadaptation", "DAdaptAdaGrad"), "dadaptadam": ("dadaptation", "DAdaptAdam"),
+    "dadaptadan": ("dadaptation", "DAdaptAdan"), "dadaptadanip": ("dadaptation.experimental", "DAdaptAdanIP"),
+    "dadaptlion": ("dadaptation", "DAdaptLion"), "dadaptsgd": ("dadaptation", "DAdaptSGD"),
+    "prodigy": ("prodigyopt", "Prodigy"),
+    "radamschedulefree": ("schedulefree", "RAdamScheduleFree"),
+    "adamwschedulefree": ("schedulefree", "AdamWScheduleFree"),
+    "sgdschedulefree": ("schedulefree", "SGDScheduleFree"),
+}
+# packages whose optimizer classes a config may name as "module.Class" (sd-scripts imports any module; a job sent
+# over the HTTP API must not make the WebUI import whatever it names)
+DOTTED_PACKAGES = ("torch.optim", "bitsandbytes", "pytorch_optimizer", "came_pytorch", "prodigyplus", "prodigyopt",
+                   "dadaptation", "schedulefree", "lion_pytorch", "transformers.optimization")
+
+
+def optimizer_key(name: str | None) -> str:
+    return (name or "AdamW").lower().replace("_", "").replace("-", "")
+
+
+def is_schedule_free(name: str | None) -> bool:
+    """sd-scripts' test (is_schedulefree_optimizer): the name ends with schedulefree; these optimizers switch
+    between train and eval weights and take no LR schedule."""
+    return optimizer_key(name).endswith("schedulefree")
+
+
+def adapts_lr(name: str | None) -> bool:
+    """D-Adaptation and Prodigy find their own step size; sd-scripts warns below lr 0.1."""
+    k = optimizer_key(name).rsplit(".", 1)[-1]
+    return k.startswith("dadapt") or k.startswith("prodigy")
 
 
 def effective_optimizer(name: str | None) -> str:
     """The optimizer a run will really use, as a normalised key: an 8-bit one without a usable bitsandbytes trains
     as its 32-bit twin (``make_optimizer(..., notes=...)`` says so)."""
-    key = (name or "AdamW").lower().replace("_", "").replace("-", "")
+    key = optimizer_key(name)
     if key in _FALLBACK:
         try:
-            _import("bitsandbytes", key, "")
+            _bnb_class(key)
         except OptimizerUnavailable:
             return _FALLBACK[key].lower()
     return key
 
 
-def make_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float = 0.01, args: dict | None = None,
+def _bnb_class(key: str):
+    bnb = _import("bitsandbytes", _BNB[key], "Install bitsandbytes into the WebUI's Python yourself, or choose "
+                  f"{_FALLBACK[key]} (same results, more memory).")
+    cls = getattr(getattr(bnb, "optim", None), _BNB[key], None)
+    if cls is None:
+        raise OptimizerUnavailable(f"{_BNB[key]} is not in this bitsandbytes ({getattr(bnb, '__version__', '?')}); "
+                                   "update bitsandbytes yourself, or choose " + _FALLBACK[key])
+    return cls
+
+
+def optimizer_class(name: str):
+    """The class a name stands for, as sd-scripts resolves it; OptimizerUnavailable when its package is missing,
+    ValueError for a name nothing provides."""
+    key = optimizer_key(name)
+    if key in ("adamw", "adamw32bit"):
+        return torch.optim.AdamW
+    if key == "sgdnesterov":
+        return torch.optim.SGD
+    if key in _BNB:
+        return _bnb_class(key)
+    if key == "lion":
+        try:
+            return importlib.import_module("lion_pytorch").Lion
+        except ImportError:
+            return Lion
+    if key == "adafactor":
+        return _import("transformers.optimization", "Adafactor", "Choose AdamW instead.").Adafactor
+    if key in _NAMED:
+        module, cls = _NAMED[key]
+        pkg = module.split(".")[0]
+        return getattr(_import(module, name, f"Install {pkg} into the WebUI's Python yourself, or choose AdamW."),
+                       cls)
+    if "." in name:  # "module.Class", e.g. pytorch_optimizer.CAME
+        module, _, cls = name.rpartition(".")
+        if not any(module == p or module.startswith(p + ".") for p in DOTTED_PACKAGES):
+            raise OptimizerNameError(f"optimizer_type {name!r}: optimizers are imported by name from these packages only: "
+                             f"{', '.join(DOTTED_PACKAGES)} (a job must not make the WebUI import other modules)")
+        found = getattr(_import(module, name, f"Install {module.split('.')[0]} yourself, or choose AdamW."), cls,
+                        None)
+        if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+            raise OptimizerNameError(f"optimizer_type {name!r}: {module} has no optimizer class {cls!r}")
+        return found
+    found = getattr(torch.optim, name, None)  # sd-scripts: any other name is a torch.optim class (case as written)
+    if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
+        return found
+    raise OptimizerNameError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}, another of sd-scripts' "
+                     "names (DAdaptAdam, PagedAdamW8bit, RAdamScheduleFree, ...), a torch.optim class (e.g. Adam) or "
+                     "module.Class from " + ", ".join(DOTTED_PACKAGES[1:]))
+
+
+def shown_lr(optimizer, fallback: float) -> float:
+    """The LR to show for the first group: Adafactor with relative_step computes its own (what sd-scripts'
+    AdafactorSchedule reports); every other optimizer uses the group's."""
+    g = optimizer.param_groups[0]
+    if g.get("relative_step") and hasattr(optimizer, "_get_lr"):
+        st = optimizer.state.get(g["params"][0]) or {}
+        if "step" in st and "RMS" in st:
+            return float(optimizer._get_lr(g, st))
+    return fallback
+
+
+def make_optimizer(name: str, param_groups: list[dict], lr: float, args: dict | None = None,
                    device: torch.device | None = None, notes: list | None = None) -> tuple[torch.optim.Optimizer, str]:
-    """Returns (optimizer, description for ss_optimizer). With ``notes`` given, an unusable 8-bit optimizer is
+    """(optimizer, description for ss_optimizer), built as sd-scripts' get_optimizer builds it: the class gets
+    only the user's optimizer_args plus sd-scripts' own additions (SGDNesterov's momentum, Adafactor's
+    relative_step), every other value is the class's default. With ``notes`` given, an unusable 8-bit optimizer is
     replaced by its 32-bit twin and the reason appended there; without, it raises OptimizerUnavailable."""
     args = dict(args or {})
-    key = name.lower().replace("_", "").replace("-", "")
+    key = optimizer_key(name)
     if key in _FALLBACK and notes is not None:
         try:
-            return make_optimizer(name, param_groups, lr, weight_decay, args, device)
+            return make_optimizer(name, param_groups, lr, args, device)
         except OptimizerUnavailable as e:
             twin = _FALLBACK[key]
             notes.append(f"{e} Training with {twin} instead (the same updates, more optimizer memory).")
-            return make_optimizer(twin, param_groups, lr, weight_decay, args, device)
-    if key in ("adamw", "adamw32bit", "adam"):
-        kw = {"weight_decay": weight_decay, **args}
-        if device is not None and device.type == "cuda":
-            kw.setdefault("fused", True)  # one kernel for every LoRA tensor instead of one per tensor
-        opt = torch.optim.AdamW(param_groups, lr=lr, **kw)
-        return opt, _describe("torch.optim.adamw.AdamW", kw)
-    if key == "adamw8bit":
-        bnb = _import("bitsandbytes", "AdamW8bit",
-                      "Install bitsandbytes into the WebUI's Python yourself, or choose AdamW (same results, more memory).")
-        kw = {"weight_decay": weight_decay, **args}
-        return bnb.optim.AdamW8bit(param_groups, lr=lr, **kw), _describe("bitsandbytes.optim.adamw.AdamW8bit", kw)
-    if key == "lion8bit":
-        bnb = _import("bitsandbytes", "Lion8bit", "Install bitsandbytes yourself, or choose Lion.")
-        kw = {"weight_decay": weight_decay, **args}
-        return bnb.optim.Lion8bit(param_groups, lr=lr, **kw), _describe("bitsandbytes.optim.lion.Lion8bit", kw)
-    if key == "lion":
-        kw = {"weight_decay": weight_decay, **args}
-        try:
-            lion = importlib.import_module("lion_pytorch")
-            return lion.Lion(param_groups, lr=lr, **kw), _describe("lion_pytorch.lion_pytorch.Lion", kw)
-        except ImportError:
-            return Lion(param_groups, lr=lr, **kw), _describe("lib_lora.train.optim.Lion", kw)
-    if key == "prodigy":
-        prodigy = _import("prodigyopt", "Prodigy", "Install prodigyopt yourself, or choose AdamW.")
-        kw = {"weight_decay": weight_decay, **args}
-        return prodigy.Prodigy(param_groups, lr=lr, **kw), _describe("prodigyopt.prodigy.Prodigy", kw)
+            return make_optimizer(twin, param_groups, lr, args, device)
+    cls = optimizer_class(name)
+    kw = dict(args)
+    extra = {}  # passed but, as in sd-scripts, not part of the description
+    if key in ("sgdnesterov", "sgdnesterov8bit"):
+        kw.setdefault("momentum", 0.9)
+        extra["nesterov"] = True
     if key == "adafactor":
-        tr = _import("transformers.optimization", "Adafactor", "Choose AdamW instead.")
-        # sd-scripts defaults: relative_step off when an lr is given
-        kw = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}
-        return tr.Adafactor(param_groups, lr=lr, weight_decay=weight_decay, **kw), _describe(
-            "transformers.optimization.Adafactor", kw)
-    if key == "sgdnesterov":
-        kw = {"momentum": 0.9, "nesterov": True, "weight_decay": weight_decay, **args}
-        return torch.optim.SGD(param_groups, lr=lr, **kw), _describe("torch.optim.sgd.SGD", kw)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        kw.setdefault("relative_step", True)  # sd-scripts' default: Adafactor's own step size, lr as its start
+        if kw.get("warmup_init") and not kw["relative_step"]:
+            kw["relative_step"] = True  # (sd-scripts: warmup_init needs relative_step)
+            if notes is not None:
+                notes.append("Adafactor: warmup_init = True needs relative_step, so relative_step = True is used "
+                             "(as in sd-scripts)")
+        if kw["relative_step"]:
+            lr = None  # Adafactor computes it; the group LRs are not used
+    if cls is torch.optim.AdamW and device is not None and device.type == "cuda":
+        extra.setdefault("fused", True)  # one kernel for every LoRA tensor instead of one per tensor
+    if adapts_lr(name):
+        if notes is not None and lr is not None and lr <= 0.1:
+            notes.append(f"learning rate {lr:g} is low for {name}, which finds its own step size from the LR "
+                         "given: set learning_rate (and unet_lr) to about 1.0 (sd-scripts warns the same)")
+        if notes is not None and len({g.get("lr", lr) for g in param_groups}) > 1:
+            notes.append(f"{name} with several learning rates (UNet / text encoder / blocks): each group's LR "
+                         "multiplies the step size the optimizer finds, so they act as ratios (sd-scripts warns that "
+                         "only the first one takes effect)")
+    opt = cls(param_groups, lr=lr, **kw, **extra) if lr is not None else cls(param_groups, **kw, **extra)
+    if hasattr(opt, "train") and callable(opt.train):
+        opt.train()  # schedule-free: train mode before the first step (sd-scripts does the same)
+    return opt, _describe(f"{cls.__module__}.{cls.__name__}", kw)
 
 
 def _describe(cls: str, kw: dict) -> str:
+    """sd-scripts' ss_optimizer: module.Class, with (k=v,...) of the arguments it passed on."""
     shown = {k: v for k, v in kw.items() if k != "fused"}
     return cls + ("(" + ",".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else "")
 

@@ -195,6 +195,23 @@ def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: t
     return lr_weights, dims, plus
 
 
+def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
+    """(errors, notes) for optimizer_type before queueing: a name nothing provides, a package that is missing
+    (an 8-bit/paged one falls back to its 32-bit twin with a note instead)."""
+    from .optim import _FALLBACK, OptimizerNameError, OptimizerUnavailable, optimizer_class, optimizer_key
+
+    try:
+        optimizer_class(name or "AdamW")
+    except OptimizerNameError as e:
+        return [str(e)], []
+    except OptimizerUnavailable as e:
+        twin = _FALLBACK.get(optimizer_key(name))
+        if twin:
+            return [], [f"{e} {twin} will be used instead (same results, more memory)."]
+        return [str(e)], []
+    return [], []
+
+
 def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str], list[str]]:
     """(errors, notes) for keys this trainer cannot honour as written; with the model ``family`` the per-block
     network_args are checked too (their lengths depend on it)."""
@@ -220,6 +237,9 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
             notes.append(f"{name}: the LoRA weights, their gradients and the optimizer state stay in fp32 here (a few "
                          "hundred MB at most, more precise than half precision); the model itself computes in the "
                          "mixed precision set")
+    errors_opt, notes_opt = optimizer_problems(cfg.optimizer_type)
+    errors += errors_opt
+    notes += notes_opt
     if cfg.lr_scheduler_timescale and (cfg.lr_scheduler_type or cfg.lr_scheduler != "inverse_sqrt"):
         notes.append(f"lr_scheduler_timescale = {cfg.lr_scheduler_timescale} is read by lr_scheduler = "
                      "inverse_sqrt only; it changes nothing here (as in sd-scripts)")

@@ -40,7 +40,8 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
 from .lora_net import LoRANetwork
 from .support import base_dims, block_settings, lyco_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
-from .optim import effective_optimizer, make_optimizer, make_scheduler, make_torch_scheduler
+from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
+                    make_torch_scheduler, shown_lr)
 from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, CsvLog, ckpt_name, load_state,
                      metadata_strings, modelspec, prune_old, prune_old_steps,
                      save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
@@ -191,6 +192,7 @@ class Trainer:
             raise TrainingError(str(e)) from e
         self.fast_desc = ""
         self.runner = None
+        self.fp8 = False  # base weights stored in FP8 during the run (the host's or fp8_base)
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _emit(self, kind, **kw):
@@ -708,11 +710,29 @@ class Trainer:
                 optimizer, opt_desc = make_optimizer(c.optimizer_type or "AdamW",
                                                      flat.param_groups() if flat else groups, lr=unet_lr or te_lr,
                                                      args=opt_args, device=self.device, notes=opt_notes)
+            except OptimizerNameError as e:
+                raise TrainingError(str(e)) from None
             except (TypeError, ValueError) as e:  # an argument the optimizer does not take, or a bad value
                 raise TrainingError(f"optimizer {c.optimizer_type or 'AdamW'} refused optimizer_args "
                                     f"{c.optimizer_args or []}: {e}") from None
             for n in opt_notes:
                 self._note(n)
+            schedule_free = is_schedule_free(c.optimizer_type)
+            own_lr = bool(optimizer.param_groups[0].get("relative_step"))  # Adafactor computes its LR itself
+            scheduler_name = c.lr_scheduler
+            if schedule_free or own_lr:
+                what = ("schedule-free optimizers take no LR schedule (give a warm-up as optimizer_args "
+                        "warmup_steps=N)" if schedule_free else "Adafactor with relative_step (its default) "
+                        "computes its own LR from its step count; learning_rate is its starting point only")
+                unused = [k for k, bad in (("lr_scheduler", (c.lr_scheduler or "constant") not in (
+                    "constant", "adafactor")), ("lr_warmup_steps", bool(c.lr_warmup_steps)),
+                    ("lr_scheduler_type", bool(c.lr_scheduler_type))) if bad]
+                self._note(what + (f": {', '.join(unused)} not used" if unused else "") + " (as in sd-scripts)")
+                if own_lr and (len({g["lr"] for g in groups}) > 1):
+                    self._note("Adafactor with relative_step: unet_lr / text_encoder_lr and block or LoRA+ ratios "
+                               "are not used (as in sd-scripts); set relative_step=False in optimizer_args to use "
+                               "them")
+                scheduler_name = "adafactor" if own_lr else "constant"
             warmup = c.lr_warmup_steps
             warmup = int(warmup * self.total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
             # (a warm-up as long as the run is a warning of the dataset plan, shown once with the others)
@@ -725,7 +745,9 @@ class Trainer:
             if c.lr_scheduler_timescale and "timescale" not in sched_args:
                 sched_args["timescale"] = str(c.lr_scheduler_timescale)
             try:
-                if c.lr_scheduler_type:  # sd-scripts: the class wins over lr_scheduler
+                if schedule_free or own_lr:
+                    scheduler = make_scheduler(optimizer, scheduler_name, 0, self.total_steps)
+                elif c.lr_scheduler_type:  # sd-scripts: the class wins over lr_scheduler
                     scheduler = make_torch_scheduler(optimizer, c.lr_scheduler_type, c.lr_scheduler_args)
                 else:
                     scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
@@ -746,6 +768,8 @@ class Trainer:
                     raise TrainingError(f"cannot resume the optimizer from {os.path.basename(resume_state)}: {e}. "
                                         "Resume with the same network settings, or set fast_path = false") from e
                 scheduler.load_state_dict(st["scheduler"])
+                if schedule_free:
+                    optimizer.train()  # (states are written in eval mode, with the eval weights)
                 if scaler is not None and st.get("scaler"):
                     scaler.load_state_dict(st["scaler"])
                 step, first_epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
@@ -792,7 +816,28 @@ class Trainer:
             # sd-scripts: no save_precision keeps the training dtype (fp32 LoRA weights)
             save_dtype = SAVE_DTYPES[(c.save_precision or "float").lower()]
 
+            @contextmanager
+            def eval_weights():
+                """Schedule-free optimizers train on one point and average another: files, samples and
+                validation use the average (sd-scripts' optimizer_eval_fn / optimizer_train_fn)."""
+                if not schedule_free:
+                    yield
+                    return
+                optimizer.eval()
+                try:
+                    yield
+                finally:
+                    optimizer.train()
+
+            def sample(epoch_no, at_step, by_step=False):
+                with eval_weights():
+                    self._sample(net, epoch_no, at_step, by_step=by_step)
+
             def save(path_name, epoch_no, final=False):
+                with eval_weights():
+                    return save_now(path_name, epoch_no)
+
+            def save_now(path_name, epoch_no):
                 path = os.path.join(out_dir, path_name)
                 md = self._metadata(net, epoch_no, step, started, seed, opt_desc, unet_lr, te_lr, mp, dim)
                 if c.no_metadata:  # sd-scripts keeps only these (SS_METADATA_MINIMUM_KEYS); modelspec stays
@@ -823,7 +868,8 @@ class Trainer:
                 save_every_epochs = math.floor(self.epochs / c.save_n_epoch_ratio) or 1
 
             def validate(epoch_no):
-                v = self._validation_loss(net, te, runner, seed)
+                with eval_weights():
+                    v = self._validation_loss(net, te, runner, seed)
                 self.val_losses.append((step, v))
                 recent = [lv for _, lv in self.losses[-50:]]
                 div = v - sum(recent) / len(recent) if recent else float("nan")
@@ -831,7 +877,13 @@ class Trainer:
                            message=f"validation loss {v:.4f} ({len(self.validation)} held-out images)",
                            extra={"divergence": div})
 
-            def save_resume(epoch_no, batch_in_epoch, tag):
+            def save_resume(epoch_no, batch_in_epoch, tag, averaged=True):
+                # (a cancel keeps the training point as it is: the run it resumes never switched there, and a
+                # switch there and back is exact only to float rounding)
+                with eval_weights() if averaged else nullcontext():
+                    return save_resume_now(epoch_no, batch_in_epoch, tag)
+
+            def save_resume_now(epoch_no, batch_in_epoch, tag):
                 path = os.path.join(out_dir, f"{name}-{tag}-state.pt")
                 opt_sd = flat.state_dict_per_weight(optimizer.state_dict()) if flat else optimizer.state_dict()
                 save_state(path, {"network": net.kohya_state_dict(torch.float32), "optimizer": opt_sd,
@@ -844,7 +896,7 @@ class Trainer:
             cur_epoch, window_start = first_epoch, skip_batches
             try:
                 if self.sample_fn and c.sample_at_first and step == 0:  # the base model, before any step
-                    self._sample(net, 0, 0)
+                    sample(0, 0)
                 for epoch in range(first_epoch, self.epochs + 1):
                     batches = self.data.epoch_batches(seed, epoch)
                     start_b = skip_batches if epoch == first_epoch else 0
@@ -893,7 +945,8 @@ class Trainer:
                                 extra = {"keys_scaled": int(ks), "average_key_norm": mean_n, "max_key_norm": max_n}
                             self._emit("step", step=step, epoch=epoch, loss=lv, avg_loss=avg,
                                        # the part's base LR (the first group may be a block's or LoRA+'s)
-                                       lr=scheduler.get_last_lr()[0] / groups[0]["lr_scale"],
+                                       lr=(shown_lr(optimizer, 0.0) if own_lr
+                                           else scheduler.get_last_lr()[0] / groups[0]["lr_scale"]),
                                        eta_s=rate * (self.total_steps - step),
                                        extra=extra or {})
                         loss_acc = None
@@ -915,7 +968,7 @@ class Trainer:
                         # sd-scripts: sample_every_n_epochs wins over sample_every_n_steps
                         if (self.sample_fn and c.sample_every_n_steps and not c.sample_every_n_epochs
                                 and step % c.sample_every_n_steps == 0 and step < self.total_steps):
-                            self._sample(net, epoch, step, by_step=True)
+                            sample(epoch, step, by_step=True)
                     skip_batches = 0
                     last = step >= self.total_steps or epoch == self.epochs
                     self._emit("epoch", step=step, epoch=epoch, message=f"epoch {epoch}/{self.epochs} done")
@@ -925,7 +978,7 @@ class Trainer:
                         validate(epoch)
                     if self.sample_fn and (c.sample_every_n_epochs or c.sample_every_n_steps) and (
                             last or (c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0)):
-                        self._sample(net, epoch, step)
+                        sample(epoch, step)
                     if last:
                         break
                     if save_every_epochs and epoch % save_every_epochs == 0:
@@ -947,7 +1000,7 @@ class Trainer:
                 status = "cancelled"
                 final = None
                 # keep what was learned: a resumable state, so cancelling never loses work
-                state_file = save_resume(cur_epoch, window_start, "cancelled")
+                state_file = save_resume(cur_epoch, window_start, "cancelled", averaged=False)
                 self._emit("cancelled", step=step, message=f"cancelled at step {step}; resume with {state_file}",
                            path=state_file)
             finally:

@@ -29,7 +29,6 @@ the driver and other programs on the GPU)::
 from __future__ import annotations
 
 import html
-import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -173,17 +172,6 @@ def settings_findings(cfg: TrainConfig, device_type: str | None,
                       family: str | None = None) -> tuple[list[str], list[str]]:
     """Problems with the chosen settings the dataset plan does not cover: (errors, warnings)."""
     errors, warnings = [], []
-    opt = (cfg.optimizer_type or "AdamW").lower()
-    needs = {"adamw8bit": "bitsandbytes", "lion8bit": "bitsandbytes", "prodigy": "prodigyopt"}
-    if opt in needs and importlib.util.find_spec(needs[opt]) is None:
-        if opt.endswith("8bit"):  # the trainer falls back to the 32-bit twin (optim._FALLBACK)
-            twin = "AdamW" if opt == "adamw8bit" else "Lion"
-            warnings.append(f"The optimizer {cfg.optimizer_type} needs the '{needs[opt]}' package, which is not "
-                            f"installed in the WebUI's Python: {twin} will be used instead (same results, more "
-                            f"memory). Install {needs[opt]} yourself to save memory.")
-        else:
-            errors.append(f"The optimizer {cfg.optimizer_type} needs the '{needs[opt]}' package, which is not "
-                          f"installed in the WebUI's Python. Choose AdamW or install {needs[opt]}.")
     if device_type == "cpu" and (cfg.mixed_precision or "no") != "no" and not (cfg.fp8_base or cfg.fp8_base_unet):
         warnings.append(f"Mixed precision {cfg.mixed_precision} needs a GPU; the model is on the CPU, so it will "
                         "train in fp32 (slowly).")

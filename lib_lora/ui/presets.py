@@ -40,6 +40,7 @@ class Field:
     choices: tuple = ()
     off: Any = _UNSET   # the UI value that means "not set" (None in the config)
     minimum: float | None = None
+    custom: bool = False  # a choice field that also takes a typed value (any sd-scripts optimizer name)
 
 
 FIELDS: tuple[Field, ...] = (
@@ -98,8 +99,8 @@ FIELDS: tuple[Field, ...] = (
           "Leaves the text encoder alone (saves memory; usual for SDXL).", "lr"),
     # --- optimizer
     Field("optimizer_type", "Optimizer", "choice",
-          "AdamW8bit needs bitsandbytes (same results as AdamW, less memory); Prodigy finds its own rate.",
-          "optimizer", choices=OPTIMIZERS),
+          "Or type any sd-scripts name (DAdaptLion, torch.optim.RAdam). 8-bit ones need bitsandbytes; Prodigy and "
+          "DAdapt find their own rate.", "optimizer", choices=OPTIMIZERS, custom=True),
     Field("optimizer_args", "Optimizer arguments", "args",
           "Space-separated key=value, e.g. weight_decay=0.01 betas=0.9,0.99", "optimizer"),
     Field("max_grad_norm", "Gradient clipping", "float", "Largest gradient norm; 1.0 is sd-scripts' default, 0 = off.",

@@ -340,8 +340,8 @@ def _component(f, value):
     if f.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if f.kind == "choice":
-        v = value if value in f.choices else f.choices[0]
-        return gr.Dropdown(choices=list(f.choices), value=v, **common)
+        v = value if value in f.choices or (f.custom and value) else f.choices[0]
+        return gr.Dropdown(choices=list(f.choices), value=v, allow_custom_value=f.custom, **common)
     if f.kind == "int":
         return gr.Number(value=value, precision=0, minimum=f.minimum, **common)
     if f.kind == "float":
