@@ -260,3 +260,21 @@ def test_adaptive_optimizers_say_when_the_lr_is_far_from_1():
     notes = []
     make_optimizer("DAdaptAdam", [{"params": [p], "lr": 1.0}], lr=1.0, notes=notes)
     assert notes == []
+
+
+def test_a_missing_package_is_tried_once(monkeypatch):
+    """The doctor checks the settings on every edit: an absent or broken package is not imported again each time."""
+    import importlib
+    from lib_lora.train import optim
+    calls = []
+    real = importlib.import_module
+
+    def counting(name, *a, **k):
+        calls.append(name)
+        return real(name, *a, **k)
+    monkeypatch.setattr(optim.importlib, "import_module", counting)
+    monkeypatch.setattr(optim, "_IMPORT_FAILED", {})
+    for _ in range(3):
+        with pytest.raises(OptimizerUnavailable, match="needs the 'no_such_optimizer_pkg' package.*Restart the WebUI"):
+            optim._import("no_such_optimizer_pkg", "X", "Install it.")
+    assert calls == ["no_such_optimizer_pkg"]

@@ -187,11 +187,18 @@ def make_torch_scheduler(optimizer, type_name: str, args_items):
                          "CosineAnnealingLR)") from None
 
 
+_IMPORT_FAILED: dict[str, str] = {}  # module -> why: the doctor checks on every edit; a broken package is tried once
+
+
 def _import(module: str, what: str, hint: str):
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # an ImportError or a broken native build: both mean "not usable here"
-        raise OptimizerUnavailable(f"{what} needs the '{module}' package, which is not usable here ({e}). {hint}") from e
+    why = _IMPORT_FAILED.get(module)
+    if why is None:
+        try:
+            return importlib.import_module(module)
+        except Exception as e:  # an ImportError or a broken native build: both mean "not usable here"
+            why = _IMPORT_FAILED[module] = str(e)
+    raise OptimizerUnavailable(f"{what} needs the '{module}' package, which is not usable here ({why}). {hint} "
+                               "(Restart the WebUI after installing a package.)")
 
 
 # 8-bit / paged optimizers train like their 32-bit twins (more memory); an unusable bitsandbytes falls back with a note
