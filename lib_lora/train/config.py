@@ -269,7 +269,8 @@ KNOWN_UNUSED = {
                                   "encoder is not trained and the captions do not change between steps",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory only (when the text encoder is "
                                           "not trained); nothing is written to disk",
-    "text_encoder_batch_size": "not needed: text-encoder outputs are computed with each step's batch and kept per caption",
+    "text_encoder_batch_size": "not needed: text-encoder outputs are computed with each step's batch and kept "
+                               "per caption",
     "optimizer_schedulefree_wrapper": "not supported yet",
     "schedulefree_wrapper_args": "not supported yet",
     "perlin_noise": "not supported",
