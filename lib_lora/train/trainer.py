@@ -717,7 +717,7 @@ class Trainer:
                                     f"{c.optimizer_args or []}: {e}") from None
             for n in opt_notes:
                 self._note(n)
-            schedule_free = is_schedule_free(c.optimizer_type)
+            schedule_free = is_schedule_free(c.optimizer_type) and callable(getattr(optimizer, "eval", None))
             own_lr = bool(optimizer.param_groups[0].get("relative_step"))  # Adafactor computes its LR itself
             scheduler_name = c.lr_scheduler
             if schedule_free or own_lr:
