@@ -351,7 +351,7 @@ class _Api:
                                             "notes": notes + [n for n in plan_notes if n not in notes],
                                             "plan": report}))
         from .train.support import check_support
-        problems, _ = check_support(parse_train_config(dict(config), source="<request>"))
+        problems, _ = check_support(cfg)  # (paths play no part in it: the config parsed above will do)
         if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
             raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
         try:

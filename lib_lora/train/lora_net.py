@@ -260,9 +260,9 @@ class LoRANetwork(nn.Module):
             m = net.multiplier
             w_in = mha.in_proj_weight
             w_out = mha.out_proj.weight
-            if m:  # (FP8 storage: the delta is added in fp32, never rounded to fp8)
-                w_in, w_out = (w.float() if is_fp8(w.dtype) else w for w in (w_in, w_out))
             if m:
+                # (FP8 storage: the delta is added in fp32, never rounded to fp8)
+                w_in, w_out = (w.float() if is_fp8(w.dtype) else w for w in (w_in, w_out))
                 rd = net.rank_dropout if net.training and net.lyco is not None else 0.0
                 d_in = torch.cat([p.weight_delta(w, m, rd) for p, w in zip((q, k, v), w_in.chunk(3))], 0)
                 w_in = w_in + d_in.to(w_in.dtype)

@@ -265,7 +265,7 @@ def _bnb_class(key: str):
 
 def optimizer_class(name: str):
     """The class a name stands for, as sd-scripts resolves it; OptimizerUnavailable when its package is missing,
-    ValueError for a name nothing provides."""
+    OptimizerNameError for a name nothing provides."""
     key = optimizer_key(name)
     if key in ("adamw", "adamw32bit"):
         return torch.optim.AdamW
@@ -288,8 +288,9 @@ def optimizer_class(name: str):
     if "." in name:  # "module.Class", e.g. pytorch_optimizer.CAME
         module, _, cls = name.rpartition(".")
         if not any(module == p or module.startswith(p + ".") for p in DOTTED_PACKAGES):
-            raise OptimizerNameError(f"optimizer_type {name!r}: optimizers are imported by name from these packages only: "
-                             f"{', '.join(DOTTED_PACKAGES)} (a job must not make the WebUI import other modules)")
+            raise OptimizerNameError(f"optimizer_type {name!r}: optimizers are imported by name from these packages "
+                                     f"only: {', '.join(DOTTED_PACKAGES)} (a job must not make the WebUI import "
+                                     "other modules)")
         found = getattr(_import(module, name, f"Install {module.split('.')[0]} yourself, or choose AdamW."), cls,
                         None)
         if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
@@ -298,9 +299,9 @@ def optimizer_class(name: str):
     found = getattr(torch.optim, name, None)  # sd-scripts: any other name is a torch.optim class (case as written)
     if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
         return found
-    raise OptimizerNameError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}, another of sd-scripts' "
-                     "names (DAdaptAdam, PagedAdamW8bit, RAdamScheduleFree, ...), a torch.optim class (e.g. Adam) or "
-                     "module.Class from " + ", ".join(DOTTED_PACKAGES[1:]))
+    raise OptimizerNameError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}, another of "
+                             "sd-scripts' names (DAdaptAdam, PagedAdamW8bit, RAdamScheduleFree, ...), a torch.optim "
+                             "class (e.g. Adam) or module.Class from " + ", ".join(DOTTED_PACKAGES[1:]))
 
 
 def shown_lr(optimizer, fallback: float) -> float:

@@ -358,7 +358,8 @@ def _split_settings(args) -> tuple[dict, dict]:
 
 
 def _weight_bytes(info: dict) -> int | None:
-    return {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}.get(info.get("dtype") or "")
+    sizes = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
+    return sizes.get(info.get("dtype") or "")
 
 
 def _default_prompt(train_dir: str) -> str:
