@@ -139,13 +139,16 @@ def test_fp8_base_unet_stores_only_the_unet(tmp_path):
     assert read_metadata(res.final)["ss_fp8_base_unet"] == "True"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-@pytest.mark.parametrize("net", ["lora", "dora"])
+@pytest.mark.parametrize("family, net", [(f, n) for f in ("sd1", "sd2") for n in ("lora", "dora")]
+                         + [("sd2", "ia3"), ("sd2", "full")])
 def test_a_model_the_webui_keeps_in_fp8_is_trained_as_stored(tmp_path, family, net):
     """Was refused ("set FP8 weight to Disable"). SD2 covers open_clip's MultiheadAttention (its out_proj is a
-    Linear, so FP8) with the text encoder trained; fp32 asked on a CPU -> bf16 autocast with a note."""
+    Linear, so FP8) with the text encoder trained; fp32 asked on a CPU -> bf16 autocast with a note. IA3 scales
+    the FP8 weights themselves; full trains the MHA's FP8 biases too."""
     make = {"sd1": models.make_sd1, "sd2": models.make_sd2}[family]
-    kw = {"lora": {}, "dora": {"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]}}[net]
+    lyco = {"dora": ["algo=locon", "dora_wd=True"], "ia3": ["algo=ia3", "preset=ia3"],
+            "full": ["algo=full", "preset=attn-only"]}
+    kw = {"network_module": "lycoris.kohya", "network_args": lyco[net]} if net in lyco else {}
     img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
     model = _a1111_fp8(make(seed=6))
     before = models.model_state_hash(model)
@@ -158,7 +161,9 @@ def test_a_model_the_webui_keeps_in_fp8_is_trained_as_stored(tmp_path, family, n
     ref, want = _run(_rounded(make(seed=6), biases=True), tmp_path / "b", img, mixed_precision="bf16", **kw)
     _same(got, want)
     if family == "sd2":
-        assert any(k.startswith("lora_te_") and "self_attn_out_proj" in k for k in got)
+        assert any(k.startswith("lora_te_") and f"self_attn_{'k' if net == 'ia3' else 'out'}_proj" in k for k in got)
+    if net == "full":
+        assert float(got["lora_te_text_model_encoder_layers_0_self_attn_q_proj.diff_b"].abs().max()) > 0
 
 
 def test_samples_from_fp8_weights(tmp_path):

@@ -28,10 +28,12 @@ from lib_lora.train.config import parse_train_config
 from lib_lora.train.lora_net import LoRANetwork, LoRAPair
 from lib_lora.train.run import plan_for, run_training
 from lib_lora.train.support import check_support
-from lib_lora.train.targets import lyco_preset_convs, lycoris_unet_targets, text_encoder_targets
+from lib_lora.train.targets import LYCO_TE, lyco_preset_convs, lycoris_unet_targets, text_encoder_targets
 from lib_lora.train.trainer import Trainer, TrainingError
 
 lycoris = pytest.importorskip("lycoris")
+from lycoris.modules.full import FullModule  # noqa: E402
+from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
@@ -100,20 +102,56 @@ def test_saved_tensors_are_lycoris_names_shapes_and_alphas(family, algo, full_un
     assert alphas == ref[algo + ":alpha"]
 
 
-@pytest.mark.parametrize("preset", ["full", "attn-only"])
+def _reference_script():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "data", "lycoris_targets_reference.py")
+    spec = importlib.util.spec_from_file_location("lycoris_targets_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("preset", ["full", "attn-only", "ia3"])
 def test_text_encoder_layers_are_lycoris_on_the_same_clip(sd1, preset):
+    """The layers (and for the ia3 preset IA3's axis per layer) LyCORIS picks on the same CLIP; the ia3 preset
+    with its names read as suffixes (tests/data/lycoris_targets_reference.py says why)."""
     import lycoris.kohya as lk
     from lycoris.config import PRESET
     clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
-    p = {k: (list(v) if isinstance(v, list) else v) for k, v in PRESET[preset].items()}
-    PRESET["_te_ref"] = p
+    if preset == "ia3":
+        name, algo = _reference_script().ia3_preset(), "ia3"
+    else:
+        name, algo = "_te_ref", "loha"
+        PRESET[name] = {k: (list(v) if isinstance(v, list) else v) for k, v in PRESET[preset].items()}
     try:
-        ref = lk.create_network(1.0, 4, 1, None, clip, nn.Module(), preset="_te_ref", algo="loha")
+        ref = lk.create_network(1.0, 4, 1, None, clip, nn.Module(), preset=name, algo=algo)
     finally:
-        del PRESET["_te_ref"]
+        del PRESET[name]
+        if preset == "ia3":
+            _reference_script().ia3_preset(False)
     want = sorted(m.lora_name for m in ref.text_encoder_loras)
-    got = sorted(t.kohya_name for t in text_encoder_targets(sd1, "sd1", attention_only=preset == "attn-only"))
-    assert got == want and len(got) == models.TEXT_LAYERS * (4 if preset == "attn-only" else 6)
+    got = sorted(t.kohya_name for t in text_encoder_targets(sd1, "sd1", layers=LYCO_TE[preset]))
+    assert got == want and len(got) == models.TEXT_LAYERS * {"attn-only": 4, "ia3": 3}.get(preset, 6)
+    if preset == "ia3":
+        net = LoRANetwork(sd1, "sd1", train_unet=False, lyco=lyco.LycoSettings("ia3", preset="ia3"))
+        assert {n: int(p.on_input) for n, p in net.pairs.items()} == {
+            m.lora_name: int(m.on_input) for m in ref.text_encoder_loras}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_ia3_preset_scales_the_axes_lycoris_scales(family):
+    """On sd-scripts' full-size UNets: which ia3-preset layers IA3 scales on the input side (ff.net.2), and the
+    saved tensors' names and shapes."""
+    unet = _full_size_unet(family)
+    sd_model = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))
+    net = LoRANetwork(sd_model, family, train_text_encoder=False, lyco=lyco.LycoSettings("ia3", preset="ia3"))
+    want = REF["families"][family]["tensors"]["ia3:on_input"]
+    assert {n: int(p.on_input) for n, p in net.pairs.items()} == want and 0 < sum(want.values()) < len(want)
+    sd = net.kohya_state_dict()
+    for n, pair in net.pairs.items():
+        layer = next(t.module for t in net.targets if t.kohya_name == n)
+        assert sd[f"{n}.weight"].shape == (layer.weight.shape[1 if pair.on_input else 0],)
+        assert set(k for k in sd if k.startswith(n + ".")) == {f"{n}.weight", f"{n}.on_input"}
 
 
 LAYERS = {
@@ -168,11 +206,15 @@ def _randomise(ref, g):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def _same_as_lycoris(ref, twin, ours, org, make_forward, g, multiplier=0.7):
+def _same_as_lycoris(ref, twin, ours, org, make_forward, g, multiplier=0.7, names=None):
     """LyCORIS' module applied to ``twin`` against ours patched into ``org`` (same weights): the same output and
-    the same gradient for every trained tensor."""
+    the same gradient for every trained tensor. ``names``: our tensor names -> LyCORIS' parameters where they
+    differ (FullModule's weight/bias hold the difference until apply_to)."""
+    names = names or {}
     missing = []
-    ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}, "m", missing)
+    params = dict(ref.named_parameters())
+    ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}
+                      | {f"m.{o}": params[r].detach() for o, r in names.items()}, "m", missing)
     assert not missing
     ref.apply_to()
     ref.multiplier = multiplier
@@ -188,9 +230,9 @@ def _same_as_lycoris(ref, twin, ours, org, make_forward, g, multiplier=0.7):
     (y_ref * y_ref.detach().cos()).sum().backward()
     (y * y.detach().cos()).sum().backward()
     ref_grads = dict(ref.named_parameters())
-    assert {k for k, _ in ours.named_parameters()} == set(ref_grads) - {"scalar"}
+    assert {names.get(k, k) for k, _ in ours.named_parameters()} == set(ref_grads) - {"scalar"}
     for k, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(p.grad, ref_grads[names.get(k, k)].grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def _weight_forward(net, ours, org, plain):
@@ -400,16 +442,36 @@ def _loaded_module_is_lycoris_forward(ref, layer, loaded, sd, name, multiplier=0
     ref.eval()
     g = torch.Generator().manual_seed(1)
     w = layer.weight.detach()
-    delta = loaded.delta(w, multiplier)[0]
+    delta, db = loaded.delta(w, multiplier)[:2]
     assert float(delta.abs().max()) > 0, name
+    b = layer.bias if db is None else layer.bias + db
     with torch.no_grad():
         if isinstance(layer, nn.Linear):
             x = torch.randn(3, layer.in_features, generator=g)
-            y = F.linear(x, w + delta, layer.bias)
+            y = F.linear(x, w + delta, b)
         else:
             x = torch.randn(2, layer.in_channels, 8, 8, generator=g)
-            y = F.conv2d(x, w + delta, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            y = F.conv2d(x, w + delta, b, layer.stride, layer.padding, layer.dilation, layer.groups)
         torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _projection_twin(host: nn.Module, target) -> nn.Module:
+    """The layer sd-scripts' HF CLIP has where ours has an open_clip MHA: a Linear with a row block of the MHA's
+    in_proj (``target.part`` q/k/v), or a copy of the host layer."""
+    import copy
+    if isinstance(host, nn.Conv2d):
+        return copy.deepcopy(host)
+    if target.part is None:  # (a plain Linear: LyCORIS takes the MHA's out_proj class for a quantised one)
+        w, b = host.weight, host.bias
+    else:
+        i = "qkv".index(target.part)
+        w, b = host.in_proj_weight.chunk(3)[i], host.in_proj_bias.chunk(3)[i]
+    twin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        twin.weight.copy_(w)
+        if b is not None:
+            twin.bias.copy_(b)
+    return twin
 
 
 def test_dora_on_multi_head_attention_is_lycoris_on_each_projection(tmp_path):
@@ -435,19 +497,9 @@ def test_dora_on_multi_head_attention_is_lycoris_on_each_projection(tmp_path):
     for layer_name, mods in net.modules.items():
         for target, mod in mods:
             n = mod.ctx.module_key
-            host = layers[layer_name]
             if not n.startswith("lora_te"):
                 continue
-            # a plain Linear as in sd-scripts' HF CLIP: a row block of the MHA's in_proj, or a copy of out_proj
-            if target.part is not None:
-                i = "qkv".index(target.part)
-                w, b = host.in_proj_weight.chunk(3)[i], host.in_proj_bias.chunk(3)[i]
-            else:
-                w, b = host.weight, host.bias
-            twin = nn.Linear(w.shape[1], w.shape[0])
-            with torch.no_grad():
-                twin.weight.copy_(w)
-                twin.bias.copy_(b)
+            twin = _projection_twin(layers[layer_name], target)
             assert tuple(sd[f"{n}.dora_scale"].shape) == (1, twin.in_features), n
             ref = LoConModule("x", twin, 1.0, 4, 2.0, weight_decompose=True, wd_on_out=False)
             _loaded_module_is_lycoris_forward(ref, twin, mod, sd, n)
@@ -499,8 +551,9 @@ def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["algo=loha", "conv_dim=2", "preset=full"],
-                                  ["algo=locon", "conv_dim=2", "dora_wd=True", "rs_lora=True"]],
-                         ids=["loha", "locon_dora_rs"])
+                                  ["algo=locon", "conv_dim=2", "dora_wd=True", "rs_lora=True"],
+                                  ["algo=ia3", "preset=ia3"], ["algo=full", "preset=attn-only", "rank_dropout=0.2"]],
+                         ids=["loha", "locon_dora_rs", "ia3", "full"])
 def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
     full = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", network_args=args, lr_scheduler="cosine"))
@@ -551,7 +604,7 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
 def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     img, _ = _dataset(tmp_path)
     cases = {
-        ("algo=ia3",): r"algo=ia3: LoRA Studio trains algo=lora, locon, loha, lokr",
+        ("algo=diag-oft",): r"algo=diag-oft: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full",
         ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
         ("algo=lokr", "train_norm=True"): r"trained norm layers cannot be trained here yet",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
@@ -592,6 +645,17 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert not any("built-in Lora" in n for n in notes), notes
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "wd_on_output=False"]), "sd1")
     assert any("changes nothing without dora_wd=True" in n for n in notes), notes
+    # IA3 / full: the switches their LyCORIS modules take and ignore are named
+    errors, notes = check_support(_cfg(tmp_path, img, "x", scale_weight_norms=1.0, network_args=[
+        "algo=ia3", "dora_wd=True", "use_tucker=True", "rank_dropout=0.1"]), "sd1")
+    text = " ".join(notes)
+    assert not errors and "dora_wd, use_tucker change nothing with algo=ia3" in text
+    assert "scale_weight_norms changes nothing with algo=ia3" in text and "rank_dropout is not applied" in text
+    assert "LyCORIS recommends preset=ia3" in text and "built-in Lora (1.10) fails on those layers" in text
+    errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=full", "preset=ia3"]), "sd1")
+    assert not errors and not any("recommends" in n for n in notes)
+    assert any("dim_from_weights" in e for e in check_support(_cfg(
+        tmp_path, img, "x", network_args=["algo=ia3"], dim_from_weights=True), "sd1")[0])
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -644,3 +708,105 @@ def test_scale_weight_norms_trains_a_loha(sd1, tmp_path):
     for n in {k.split(".")[0] for k in sd}:
         d = (sd[f"{n}.hada_w1_a"] @ sd[f"{n}.hada_w1_b"]) * (sd[f"{n}.hada_w2_a"] @ sd[f"{n}.hada_w2_b"])
         assert float(d.norm() * sd[f"{n}.alpha"] / 4) <= 0.05 * (1 + 1e-4), n
+
+
+# ---- IA3 and full (native fine-tuning) ---------------------------------------------------------------------------
+NO_RANK_CASES = [("ia3", {}), ("ia3", {"train_on_input": True}), ("full", {})]
+FULL_NAMES = {"diff": "weight", "diff_b": "bias"}  # ours -> FullModule's parameters
+
+
+def _no_rank_pair(algo, layer, kw):
+    return lyco.make_pair(lyco.LycoSettings(algo), tuple(layer.weight.shape), 4, 1.0, bias=layer.bias is not None,
+                          on_input=kw.get("train_on_input", False))
+
+
+def _no_rank_module(algo, layer, kw):
+    return (IA3Module if algo == "ia3" else FullModule)("lora_test", layer, 1.0, 4, 1.0, **kw)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv3_stride2", "conv1x1"])
+@pytest.mark.parametrize("algo, kw", NO_RANK_CASES)
+def test_ia3_and_full_start_as_lycoris_and_save_its_tensors(layer, algo, kw):
+    """Zero start (an exact no-op) and the file's tensors: IA3's weight + on_input, full's diff + diff_b, no alpha."""
+    org = LAYERS[layer]()
+    w = org.weight.detach().clone()
+    ref, ours = _no_rank_module(algo, org, kw), _no_rank_pair(algo, org, kw)
+    if algo == "full":
+        ref.apply_to()  # (its custom_state_dict is weight - original, the weight being W + diff once applied)
+    want = ref.state_dict() if algo == "ia3" else ref.custom_state_dict()
+    got = ours.file_tensors()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape and torch.equal(got[k].to(want[k].dtype), want[k]), k
+    assert float(ours.weight_delta(w, 1.0).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv3_stride2", "conv1x1"])
+@pytest.mark.parametrize("algo, kw", NO_RANK_CASES)
+def test_ia3_and_full_forward_and_gradients_are_lycoris(layer, algo, kw):
+    org, twin = _twins(layer)
+    ref = _no_rank_module(algo, twin, kw)
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    _same_as_lycoris(ref, twin, _no_rank_pair(algo, org, kw), org, _weight_forward, g,
+                     names=FULL_NAMES if algo == "full" else None)
+
+
+@pytest.mark.parametrize("family, args", [
+    ("sd1", ["algo=ia3", "preset=ia3"]), ("sd2", ["algo=ia3", "preset=ia3"]), ("sd1", ["algo=ia3", "conv_dim=2"]),
+    ("sd1", ["algo=full", "preset=attn-mlp"]), ("sd2", ["algo=full", "preset=attn-only"]),
+    ("sd1", ["algo=full", "conv_dim=2", "preset=unet-convblock-only"])])
+def test_ia3_and_full_training_writes_files_lycoris_runs_as_trained(family, args, tmp_path):
+    """A short run: the model unchanged afterwards, the file's modules are the preset's layers (on SD2 the open_clip
+    MHA as sd-scripts' separate q/k/v/out Linears, only k and v for the ia3 preset), every module loads in our
+    <lora:>, and each one is what LyCORIS' own IA3Module / FullModule, loaded with the file's tensors, does on
+    that layer."""
+    model = (models.make_sd1(seed=6) if family == "sd1"
+             else models.a1111_embedding_hijack(models.make_sd2(seed=1), "sd2"))
+    img, _ = _dataset(tmp_path)
+    before = models.model_state_hash(model)
+    events = []
+    res = run_training(ModelHost(model, "m"), _cfg(tmp_path, img, "o", max_train_epochs=1, network_args=args),
+                       on_event=events.append)
+    assert res.status == "done", [e.message for e in events if e.kind == "error"]
+    assert models.model_state_hash(model) == before
+    algo = args[0].split("=")[1]
+    preset = next((a.split("=")[1] for a in args if a.startswith("preset=")), "full")
+    start = next(e.message for e in events if e.kind == "start")
+    assert start.startswith({"ia3": "IA3", "full": "Full fine-tune"}[algo] + f" (LyCORIS preset {preset})"), start
+    sd = load_tensors(res.final)
+    assert json.loads(read_metadata(res.final)["ss_network_args"])["algo"] == algo
+    assert not any(k.endswith(".alpha") for k in sd)
+    unet = {t.kohya_name for t in lycoris_unet_targets(model.model.diffusion_model, family, preset,
+                                                       lyco_preset_convs(preset))}
+    te = set()
+    for t in text_encoder_targets(model, family, layers=LYCO_TE[preset]) if preset in LYCO_TE else []:
+        te |= {f"{t.kohya_name}_{p}_proj" for p in t.parts} if t.kind == "mha" else {t.kohya_name}
+    names = {k.split(".")[0] for k in sd}
+    assert names == unet | te and unet
+    if family == "sd2" and preset == "ia3":
+        assert not any(n.endswith(("_q_proj", "_out_proj")) for n in te) and any(n.endswith("_k_proj") for n in te)
+    mha_note = [e.message for e in events
+                if e.kind == "note" and "applies its attention modules only when" in e.message]
+    assert len(mha_note) == (family == "sd2" and (algo == "full" or preset == "ia3")), mha_note
+    net = load_network(res.final, family, layer_names=set(layer_mapping(model)))
+    assert len(net.report.matched) == net.report.total_modules == len(names)
+    layers = layer_mapping(model)
+    checked = set()
+    for layer_name, mods in net.modules.items():
+        for target, mod in mods:
+            n = mod.ctx.module_key
+            twin = _projection_twin(layers[layer_name], target)
+            if algo == "ia3":
+                ref = IA3Module("x", twin, 1.0, train_on_input=bool(float(sd[f"{n}.on_input"])))
+            else:
+                ref = FullModule("x", twin, 1.0)
+            _loaded_module_is_lycoris_forward(ref, twin, mod, sd, n)  # (fails on a module that learned nothing)
+            checked.add(n)
+    assert checked == names
+    if algo == "full":  # biases train too; on SD2 those inside the MHA's in_proj_bias and out_proj
+        bias = [k for k in sd if k.endswith(".diff_b")]
+        assert bias and max(float(sd[k].abs().max()) for k in bias) > 0
+        if family == "sd2":
+            for p in ("q", "v", "out"):
+                assert float(sd[f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj.diff_b"].abs().max()) > 0

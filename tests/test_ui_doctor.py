@@ -195,3 +195,18 @@ def test_vram_formula_by_hand():
     assert host.parts["model weights"] == f8.parts["model weights"]
     cfg = parse_train_config({"train_data_dir": "x", "fp8_base_unet": True})
     assert doc.fp8_parts_of(cfg, 2) == ("unet",) and doc.fp8_parts_of(cfg, 1) == ("unet", "te")
+
+
+def test_vram_of_a_full_fine_tune_counts_every_weight_as_trained():
+    """LyCORIS algo=full: the trained difference, its gradient and the optimizer state are model-sized (SD1.5
+    UNet + text encoder in fp32 with AdamW: about 15 GB before activations), not LoRA-sized."""
+    gb = 1024 ** 3
+    est = doc.estimate_vram("sd1", batch=1, width=512, height=512, dim=32, full=True)
+    assert est.parts["LoRA + optimizer"] == pytest.approx((859.5e6 + 123.1e6) * 16 / gb, abs=1e-3)
+    assert "full fine-tune and optimizer (982.6 M parameters x 16 bytes)" in est.explanation
+    unet = doc.estimate_vram("sd1", batch=1, width=512, height=512, dim=32, full=True, train_te=False)
+    assert unet.parts["LoRA + optimizer"] == pytest.approx(859.5e6 * 16 / gb, abs=1e-3)
+    cfg = parse_train_config({"train_data_dir": "x", "network_module": "lycoris.kohya",
+                              "network_args": ["algo = full", "preset=attn-only"]})
+    assert doc.trains_full(cfg)
+    assert not doc.trains_full(parse_train_config({"train_data_dir": "x", "network_args": ["algo=full"]}))

@@ -2,7 +2,7 @@
 
 Linear/Conv2d targets get kohya's activation-path LoRA (``org(x) + up(down(x)) * m * alpha/dim``) by replacing the
 instance's ``forward`` (the class stays untouched, so the WebUI's attention hijack and other class patches keep
-working). LyCORIS LoHa/LoKr modules (lyco.py) add ``op(x, ΔW·m)`` with the layer's own op instead. An
+working). LyCORIS LoHa/LoKr/IA3/full modules (lyco.py) add ``op(x, ΔW·m)`` with the layer's own op instead. An
 ``nn.MultiheadAttention`` (SD2 TE, SDXL TE2) has no per-projection modules, so its q/k/v/out deltas are added to the
 weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes every trace.
 """
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from .blocks import BlockDims, block_index
 from .fp8 import is_fp8
 from .lyco import LycoSettings, PairBase, make_pair
-from .targets import LYCO_TE, TrainTarget, lyco_preset_convs, lycoris_unet_targets, text_encoder_targets, unet_targets
+from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, lyco_preset_convs, lycoris_unet_targets,
+                      text_encoder_targets, unet_targets)
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -102,7 +103,7 @@ class LoRANetwork(nn.Module):
                 conv = lyco_preset_convs(lyco.preset) and bool(conv_dim)
                 targets += lycoris_unet_targets(sd_model.model.diffusion_model, family, lyco.preset, conv)
             if train_text_encoder and lyco.preset in LYCO_TE:
-                targets += text_encoder_targets(sd_model, family, attention_only=LYCO_TE[lyco.preset] == "attention")
+                targets += text_encoder_targets(sd_model, family, layers=LYCO_TE[lyco.preset])
         else:
             if train_unet:
                 conv = bool(conv_dim) or (blocks is not None and blocks.conv_dims is not None)
@@ -122,7 +123,7 @@ class LoRANetwork(nn.Module):
                 d, a = dim, alpha
             if blocks is not None and t.component == "unet":
                 d, a = blocks.for_module(t.kohya_name, family, conv=t.kind == "conv")
-            names = [f"{t.kohya_name}_{p}_proj" for p in ("q", "k", "v", "out")] if t.kind == "mha" else None
+            names = [f"{t.kohya_name}_{p}_proj" for p in t.parts] if t.kind == "mha" else None
             if module_dims is not None:
                 # an MHA needs all four projections (they share one forward)
                 dims = [module_dims.get(n) for n in (names or [t.kohya_name])]
@@ -131,13 +132,17 @@ class LoRANetwork(nn.Module):
                 self.skipped.append(t.kohya_name)
                 continue
             self.targets.append(t)
+            on_input = lyco is not None and lyco.preset == "ia3" and t.kohya_name.endswith(IA3_ON_INPUT)
             if t.kind == "mha":
                 e = m.embed_dim
-                for n, (dn, an) in zip(names, dims if module_dims is not None else [(d, a)] * 4):
-                    self.pairs[n] = make_pair(lyco, (e, e), dn, an) if weight_path else LoRAPair(e, e, dn, an)
+                has_bias = m.in_proj_bias is not None
+                for n, (dn, an) in zip(names, dims if module_dims is not None else [(d, a)] * len(names)):
+                    self.pairs[n] = (make_pair(lyco, (e, e), dn, an, bias=has_bias) if weight_path
+                                     else LoRAPair(e, e, dn, an))
                 self._mha.append((t, names))
             elif weight_path:
-                self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a)
+                self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a, bias=m.bias is not None,
+                                                     on_input=on_input)
             elif t.kind == "conv":
                 self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
                                                     m.padding, tucker=lyco is not None and lyco.tucker)
@@ -147,9 +152,9 @@ class LoRANetwork(nn.Module):
                 self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
             if lyco is not None and lyco.dora:
                 if t.kind == "mha":
-                    w_in = m.in_proj_weight.detach()
-                    for n, w in zip(names, (*w_in.chunk(3), m.out_proj.weight)):
-                        self.pairs[n].init_dora(w, lyco.wd_on_output)
+                    w = dict(zip(("q", "k", "v", "out"), (*m.in_proj_weight.detach().chunk(3), m.out_proj.weight)))
+                    for n, part in zip(names, t.parts):
+                        self.pairs[n].init_dora(w[part], lyco.wd_on_output)
                 else:
                     self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
         if lyco is not None and lyco.rs_lora:
@@ -161,7 +166,7 @@ class LoRANetwork(nn.Module):
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.targets:
-            out[t.component] = out.get(t.component, 0) + (4 if t.kind == "mha" else 1)
+            out[t.component] = out.get(t.component, 0) + (len(t.parts) if t.kind == "mha" else 1)
         return out
 
     def param_groups(self, unet_lr: float, te_lr: float, block_lr: list[float] | None = None,
@@ -229,50 +234,65 @@ class LoRANetwork(nn.Module):
         return forward
 
     def _weight_forward(self, pair, module: nn.Module, org_forward):
-        """LoHa / LoKr and any type with DoRA: the host layer's own op with the rebuilt delta weight, added to
-        its output (LyCORIS' forward: op(x, W' - W) with W' = W + ΔW·m or DoRA's W', without the bias twice)."""
+        """LoHa / LoKr / IA3 / full and any type with DoRA: the host layer's own op with the rebuilt delta
+        weight, added to its output (LyCORIS' forward: op(x, W' - W) with W' = W + ΔW·m or DoRA's W', without the
+        bias twice; a full module's bias delta once)."""
         net = self
         if isinstance(module, nn.Linear):
-            def op(x, w):
-                return F.linear(x, w)
+            def op(x, w, b):
+                return F.linear(x, w, b)
         else:
-            def op(x, w):
-                return F.conv2d(x, w, None, module.stride, module.padding, module.dilation, module.groups)
+            def op(x, w, b):
+                return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
 
         def forward(x, *args, **kwargs):
             y = org_forward(x, *args, **kwargs)
             if net._passes_through():
                 return y
-            w = pair.weight_delta(module.weight, net.multiplier, net.rank_dropout if net.training else 0.0)
+            w, b = pair.weight_and_bias_delta(module.weight, net.multiplier,
+                                              net.rank_dropout if net.training else 0.0)
             if not autocast_enabled(x.device.type) and w.dtype != x.dtype:
-                w = w.to(x.dtype)
-            u = op(x, w)
+                w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+            u = op(x, w, b)
             return y + (u if u.dtype == y.dtype else u.to(y.dtype))
 
         return forward
 
-    def _mha_forward(self, mha: nn.MultiheadAttention, names: list[str]):
+    def _mha_forward(self, mha: nn.MultiheadAttention, parts: tuple, names: list[str]):
+        """The trained projections' deltas (``parts`` of q/k/v/out; full modules: their biases too) added to the
+        weights F.multi_head_attention_forward gets."""
         net = self
-        q, k, v, o = (self.pairs[n] for n in names)
+        pairs = {p: self.pairs[n] for p, n in zip(parts, names)}
 
         def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
             m = net.multiplier
-            w_in = mha.in_proj_weight
-            w_out = mha.out_proj.weight
+            w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
+            w_out, b_out = mha.out_proj.weight, mha.out_proj.bias
             if m:
                 # (FP8 storage: the delta is added in fp32, never rounded to fp8)
                 w_in, w_out = (w.float() if is_fp8(w.dtype) else w for w in (w_in, w_out))
                 rd = net.rank_dropout if net.training and net.lyco is not None else 0.0
-                d_in = torch.cat([p.weight_delta(w, m, rd) for p, w in zip((q, k, v), w_in.chunk(3))], 0)
-                w_in = w_in + d_in.to(w_in.dtype)
-                w_out = w_out + o.weight_delta(w_out, m, rd).to(w_out.dtype)
+                ws = list(w_in.chunk(3)) + [w_out]
+                bs = [b.float() if b is not None and is_fp8(b.dtype) else b
+                      for b in (list(b_in.chunk(3)) if b_in is not None else [None] * 3) + [b_out]]
+                bias_changed = False
+                for i, part in enumerate(("q", "k", "v", "out")):
+                    if part in pairs:
+                        dw, db = pairs[part].weight_and_bias_delta(ws[i], m, rd)
+                        ws[i] = ws[i] + dw.to(ws[i].dtype)
+                        if db is not None and bs[i] is not None:
+                            bs[i], bias_changed = bs[i] + db.to(bs[i].dtype), True
+                w_in, w_out = torch.cat(ws[:3], 0), ws[3]
+                if bias_changed:
+                    b_in = None if b_in is None else torch.cat(bs[:3], 0)
+                    b_out = bs[3]
             batch_first = getattr(mha, "batch_first", False)
             if batch_first:
                 query, key, value = (x.transpose(0, 1) for x in (query, key, value))
             out, weights = F.multi_head_attention_forward(
-                query, key, value, mha.embed_dim, mha.num_heads, w_in, mha.in_proj_bias, mha.bias_k, mha.bias_v,
-                mha.add_zero_attn, mha.dropout, w_out, mha.out_proj.bias, training=mha.training,
+                query, key, value, mha.embed_dim, mha.num_heads, w_in, b_in, mha.bias_k, mha.bias_v,
+                mha.add_zero_attn, mha.dropout, w_out, b_out, training=mha.training,
                 key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
                 average_attn_weights=average_attn_weights, is_causal=is_causal)
             if batch_first:
@@ -290,7 +310,7 @@ class LoRANetwork(nn.Module):
         for t in self.targets:
             if t.kind == "mha":
                 names = next(n for tt, n in self._mha if tt is t)
-                t.module.forward = self._mha_forward(t.module, names)
+                t.module.forward = self._mha_forward(t.module, t.parts, names)
             else:
                 pair, org = self.pairs[t.kohya_name], type(t.module).forward.__get__(t.module)
                 t.module.forward = (self._pair_forward(pair, org)
@@ -320,7 +340,9 @@ class LoRANetwork(nn.Module):
 
         ||U·D||² = Σ (UᵀU) ⊙ (D·Dᵀ) with U = up [out, r] and D = down [r, in·k·k]: r×r products instead of the
         out×in delta (the same number; a 3×3 LoCon down composes with the 1×1 up the same way)."""
-        pairs = [p for n, p in self.pairs.items() if prefixes is None or n.startswith(prefixes)]
+        # (IA3 / full modules: LyCORIS' apply_max_norm leaves them alone)
+        pairs = [p for n, p in self.pairs.items() if (prefixes is None or n.startswith(prefixes))
+                 and (isinstance(p, LoRAPair) or hasattr(p, "apply_max_norm"))]
         if any(p.dora_scale is not None or isinstance(p, LoRAPair) and p.lora_mid is not None for p in pairs):
             raise ValueError("scale_weight_norms works on LoRA (lora_up/lora_down), LoHa and LoKr modules only")
         weight_pairs = [p for p in pairs if not isinstance(p, LoRAPair)]
@@ -382,5 +404,5 @@ class LoRANetwork(nn.Module):
     def unused_tensors(self, sd: dict[str, torch.Tensor]) -> list[str]:
         """The file's tensors this network has no place for (another network type or layer set)."""
         known = {f"{name}.{k}" for name, pair in self.pairs.items()
-                 for k in [k for k, _ in pair.named_parameters()] + ["alpha"]}
+                 for k in [k for k, _ in pair.named_parameters()] + ["alpha", "on_input"]}
         return sorted(k for k in sd if k not in known)

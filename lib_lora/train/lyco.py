@@ -1,7 +1,8 @@
 """LyCORIS networks trained the way ``network_module = "lycoris.kohya"`` trains them in sd-scripts.
 
 ``algo=lora``/``locon`` is a kohya LoRA on LyCORIS' wider layer set; ``algo=loha`` (Hadamard product of two
-low-rank pairs) and ``algo=lokr`` (Kronecker product) have their own modules here. Shapes, initialisation, scale
+low-rank pairs), ``algo=lokr`` (Kronecker product), ``algo=ia3`` (a learned scale per channel) and ``algo=full``
+(a whole trained difference per layer, bias included) have their own modules here. Shapes, initialisation, scale
 and saved keys follow LyCORIS' LohaModule / LokrModule (Tucker cores for kxk convs on request; DoRA weight
 decomposition with ``dora_wd``; no trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own
 ``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS' presets as they land on sd-scripts' UNets
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-ALGOS = ("lora", "locon", "loha", "lokr")
-PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only")
+ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full")
+PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only",
+           "ia3")
+# modules whose whole delta is their parameter(s): no rank, alpha, factors or Tucker cores
+NO_RANK = ("ia3", "full")
 # network_args LyCORIS reads that we honour (conv_dim/alpha and the dropouts are shared with networks.lora)
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
@@ -69,8 +73,8 @@ class LycoSettings:
 
     @property
     def weight_path(self) -> bool:
-        """LoHa/LoKr modules (their own factors) instead of kohya's lora_up/lora_down."""
-        return self.algo in ("loha", "lokr")
+        """LoHa/LoKr/IA3/full modules (their own tensors) instead of kohya's lora_up/lora_down."""
+        return self.algo in ("loha", "lokr") + NO_RANK
 
     @property
     def weight_forward(self) -> bool:
@@ -81,7 +85,7 @@ class LycoSettings:
     @property
     def kind(self) -> str:
         """What the job's start line and notes call it: "LoHa", "LoRA + DoRA (per output)"."""
-        name = {"loha": "LoHa", "lokr": "LoKr"}.get(self.algo, "LoRA")
+        name = {"loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "Full fine-tune"}.get(self.algo, "LoRA")
         if self.dora:
             name += " + DoRA (per " + ("output" if self.wd_on_output else "input") + ")"
         return name
@@ -97,7 +101,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     algo = nargs.get("algo", "lora").strip().lower()
     if algo not in ALGOS:
         raise ValueError(f"network_args algo={algo}: LoRA Studio trains algo={', '.join(ALGOS)} (other LyCORIS types "
-                         "such as ia3, dylora, glora, oft, boft, full can be applied with <lora:> but not trained yet)")
+                         "such as dylora, glora, diag-oft, boft can be applied with <lora:> but not trained yet)")
     preset = nargs.get("preset", "full").strip()
     if preset not in PRESETS:
         raise ValueError(f"network_args preset={preset}: use one of {', '.join(PRESETS)} (preset files are not read "
@@ -126,7 +130,14 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
                      _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)),
                      tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)),
                      _bool(nargs.get("rs_lora", False)))
-    if "wd_on_output" in nargs and not s.dora:
+    if s.algo in NO_RANK:
+        # (LyCORIS' IA3Module / FullModule take these switches and do nothing with them)
+        given = [k for k in ("dora_wd", "wd_on_output", "rs_lora", *TUCKER_KEYS, "disable_conv_cp") if k in nargs]
+        if given:
+            notes.append(f"network_args {', '.join(given)} change nothing with algo={algo}: its modules have no rank, "
+                         "factors or magnitude (as in LyCORIS)")
+        s.tucker = s.dora = s.rs_lora = False
+    elif "wd_on_output" in nargs and not s.dora:
         notes.append("network_args wd_on_output sets the axis of DoRA's magnitude and changes nothing without "
                      "dora_wd=True (as in LyCORIS)")
     if s.algo != "lokr" and any(k in nargs for k in ("factor", "decompose_both", "full_matrix",
@@ -209,6 +220,10 @@ class PairBase(nn.Module):
         """LyCORIS' start: the magnitude is the host weight's own norm (fp32), so the module starts as a no-op."""
         self.wd_on_output = on_output
         self.dora_scale = nn.Parameter(_channel_norm(weight.detach().float(), on_output))
+
+    def weight_and_bias_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0):
+        """(weight delta, bias delta or None): only full modules train the bias."""
+        return self.weight_delta(weight, multiplier, rank_dropout), None
 
     def weight_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
         """What this module adds to the host ``weight`` at ``multiplier``: ΔW·m, or with DoRA W' − W where
@@ -410,5 +425,98 @@ class LokrPair(_WeightPair):
         return out
 
 
-def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha) -> _WeightPair:
+class _NoRankPair(PairBase):
+    """IA3 / full modules: the parameters are the delta itself (no rank, alpha or DoRA); saved without alpha.
+    LyCORIS' apply_max_norm does nothing for them, so there is none here either."""
+
+    dim, scale = 1, 1.0
+
+    def file_tensors(self, save_4d: bool = False) -> dict:
+        return self.tensors(save_4d)
+
+    def use_rs_scale(self):
+        pass
+
+
+def _host_float(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The frozen host weight in the parameters' dtype (fp16/fp8 hosts: fp8 does not promote)."""
+    w = weight.detach()
+    return w if w.dtype == like.dtype else w.to(like.dtype)
+
+
+class Ia3Pair(_NoRankPair):
+    """LyCORIS' IA3Module: W' = W·(1 + m·w), w one value per output channel, or per input channel with
+    ``on_input`` (LyCORIS' ia3 preset on the feed-forward output layers); w starts at 0. Saved as ``weight``
+    ((n,) for a Linear, (1, n, 1, 1) for a conv) and ``on_input``."""
+
+    kind = "ia3"
+
+    def __init__(self, shape: tuple, on_input: bool = False):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.on_input = bool(on_input)
+        n = self.shape[1 if self.on_input else 0]
+        conv = [1, n] + [1] * (len(self.shape) - 2)
+        self.weight = nn.Parameter(torch.zeros(n) if len(self.shape) == 2 else torch.zeros(conv))
+        self._view = [1] * len(self.shape)
+        self._view[1 if self.on_input else 0] = n
+
+    def reset_parameters(self):
+        nn.init.constant_(self.weight, 0)
+
+    def weight_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
+        """W·w·m (LyCORIS' IA3 forward has no rank dropout)."""
+        return _host_float(weight, self.weight) * (self.weight.reshape(self._view) * multiplier)
+
+    def tensors(self, save_4d: bool = False) -> dict:
+        w = self.weight
+        if save_4d and w.dim() == 1:
+            w = w[None, :, None, None]  # the host trains this layer as a 1x1 conv
+        return {"weight": w, "on_input": torch.tensor(int(self.on_input))}
+
+
+class FullPair(_NoRankPair):
+    """LyCORIS' FullModule (native fine-tuning): W' = W + m·diff, b' = b + m·diff_b, both starting at 0. Rank
+    dropout drops whole output rows of both, unscaled, as LyCORIS does."""
+
+    kind = "full"
+
+    def __init__(self, shape: tuple, bias: bool):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.diff = nn.Parameter(torch.zeros(self.shape))
+        self.diff_b = nn.Parameter(torch.zeros(self.shape[0])) if bias else None
+
+    def reset_parameters(self):
+        nn.init.constant_(self.diff, 0)
+        if self.diff_b is not None:
+            nn.init.constant_(self.diff_b, 0)
+
+    def weight_and_bias_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0):
+        dw, db = self.diff.reshape(weight.shape), self.diff_b
+        if rank_dropout:
+            keep = (torch.rand(dw.shape[0], device=dw.device) > rank_dropout).to(dw.dtype)
+            dw = dw * keep.view(-1, *[1] * (dw.dim() - 1))
+            db = None if db is None else db * keep
+        return dw * multiplier, None if db is None else db * multiplier
+
+    def weight_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
+        return self.weight_and_bias_delta(weight, multiplier, rank_dropout)[0]
+
+    def tensors(self, save_4d: bool = False) -> dict:
+        d = self.diff
+        out = {"diff": d[:, :, None, None] if save_4d and d.dim() == 2 else d}
+        if self.diff_b is not None:
+            out["diff_b"] = self.diff_b
+        return out
+
+
+def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False,
+              on_input: bool = False) -> PairBase:
+    """The module of ``s.algo`` for a host weight of ``shape`` (``bias``: the layer has one, for full;
+    ``on_input``: IA3 scales the input channels)."""
+    if s.algo == "ia3":
+        return Ia3Pair(shape, on_input)
+    if s.algo == "full":
+        return FullPair(shape, bias)
     return LohaPair(shape, dim, alpha, s) if s.algo == "loha" else LokrPair(shape, dim, alpha, s)

@@ -157,8 +157,21 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.weight_forward:
         if cfg.network_dropout or "dropout" in nargs:
             notes.append(f"network_dropout / network_args dropout is not applied with {what} (LyCORIS does not "
-                         "implement it for modules that rebuild the weight either); rank_dropout and module_dropout "
-                         "are")
+                         "implement it for modules that rebuild the weight either); "
+                         + ("module_dropout is" if s.algo == "ia3" else "rank_dropout and module_dropout are"))
+    if s.algo in lyco.NO_RANK:
+        if cfg.scale_weight_norms:
+            notes.append(f"scale_weight_norms changes nothing with algo={s.algo}: LyCORIS caps the norms of LoRA, "
+                         "LoHa and LoKr modules only")
+        if s.algo == "ia3" and "rank_dropout" in nargs:
+            notes.append("rank_dropout is not applied with algo=ia3 (LyCORIS' IA3 has none); module_dropout is")
+        if s.algo == "ia3" and s.preset != "ia3":
+            notes.append(f"algo=ia3 with preset={s.preset}: LyCORIS recommends preset=ia3 (the attention keys and "
+                         "values and the feed-forward outputs), where IA3 was made to work")
+        if s.algo == "ia3" and s.preset not in ("ia3", "attn-only"):
+            notes.append(f"algo=ia3 with preset={s.preset} scales convolution layers too (SD1's proj_in/out, the "
+                         "resnets): A1111's built-in Lora (1.10) fails on those layers of the file with a shape "
+                         "error; this extension's <lora:> and LyCORIS apply them")
     if s.dora and s.wd_on_output:
         notes.append("DoRA (dora_wd) with the magnitude per output row, LyCORIS' default: this extension's <lora:> "
                      "and LyCORIS apply the file as trained; A1111's built-in Lora (1.10) assumes per-input files "
@@ -167,7 +180,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.weight_path:
         if any(k in nargs for k in blocks.PLUS_KEYS):
             notes.append(f"LoRA+ ratios change nothing with algo={s.algo}: they raise the learning rate of lora_up "
-                         "weights, which LoHa/LoKr modules do not have (as in LyCORIS)")
+                         "weights, which its modules do not have (as in LyCORIS)")
     return s
 
 

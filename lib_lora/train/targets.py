@@ -42,6 +42,7 @@ class TrainTarget:
     component: str           # unet | te1 | te2
     kind: str                # linear | conv1x1 | conv | mha
     save_4d: bool = False    # kohya trains SD2 proj_in/out as 1x1 convs: save 4-D so kohya tools load it
+    parts: tuple = ("q", "k", "v", "out")  # an MHA's projections trained (LyCORIS' ia3 preset: k and v)
 
 
 def _sd_unet_kohya(name: str, cls_path: list[str]) -> str | None:
@@ -135,8 +136,13 @@ _LYCO_PRESETS = {
     "unet-transformer-only": ({"transformer"}, (), False),
     "attn-only": ({"attention"}, (), False),
     "unet-convblock-only": ({"resnet", "sampler"}, ("conv_in", "conv_out"), True),
+    # LyCORIS' ia3 preset names to_k, to_v and ff.net.2 (IA3 on its input): LyCORIS 4 matches the names from the
+    # start of the module path, which finds none of them, so the layers are those the preset names
+    "ia3": ({"ia3"}, (), False),
 }
-LYCO_TE = {"full": "all", "full-lin": "all", "attn-mlp": "all", "attn-only": "attention"}  # others: no TE
+LYCO_TE = {"full": "all", "full-lin": "all", "attn-mlp": "all", "attn-only": "attention", "ia3": "ia3"}
+# (other presets: no text encoder)
+IA3_ON_INPUT = ("_ff_net_2", "_mlp_fc2")  # the ia3 preset's layers whose input channels IA3 scales
 
 
 def lyco_preset_convs(preset: str) -> bool:
@@ -157,7 +163,8 @@ def lycoris_unet_targets(diffusion_model: nn.Module, family: str, preset: str, c
             extra = _SD_UNET_EXTRA[under]  # the preset names the two time-embedding layers together
             wanted = ("time" if extra.startswith("time_") else extra) in names
         elif in_transformer:
-            wanted = "transformer" in kinds or ("attention" in kinds and re.search(r"\.attn[12]\.", dotted))
+            wanted = ("transformer" in kinds or ("attention" in kinds and re.search(r"\.attn[12]\.", dotted))
+                      or ("ia3" in kinds and re.search(r"\.(attn[12]\.to_[kv]|ff\.net\.2)$", dotted)))
         elif any(c == "ResBlock" for c in anc):
             wanted = "resnet" in kinds
         elif any(c in ("Downsample", "Upsample") for c in anc):
@@ -174,15 +181,17 @@ def lycoris_unet_targets(diffusion_model: nn.Module, family: str, preset: str, c
 
 
 def _hf_clip_targets(transformer: nn.Module, host_prefix: str, kohya_prefix: str, component: str,
-                     attention_only: bool = False) -> list[TrainTarget]:
-    """HF CLIPTextModel (SD1 TE, SDXL TE1): q/k/v/out_proj and fc1/fc2 of every encoder layer."""
+                     layers: str = "all") -> list[TrainTarget]:
+    """HF CLIPTextModel (SD1 TE, SDXL TE1): q/k/v/out_proj and fc1/fc2 of every encoder layer (``layers``:
+    "attention" without the MLP, "ia3": k_proj, v_proj and fc2)."""
     out = []
     for dotted, mod in transformer.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
         if not re.search(r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$", dotted):
             continue
-        if attention_only and ".mlp." in dotted:
+        if (layers == "attention" and ".mlp." in dotted
+                or layers == "ia3" and not re.search(r"(self_attn\.[kv]_proj|mlp\.fc2)$", dotted)):
             continue
         under = hf_clip_name(dotted).replace(".", "_")
         out.append(TrainTarget(kohya_prefix + under, host_prefix + "transformer_" + under, mod, component, "linear"))
@@ -190,25 +199,31 @@ def _hf_clip_targets(transformer: nn.Module, host_prefix: str, kohya_prefix: str
 
 
 def _open_clip_targets(model: nn.Module, host_prefix: str, kohya_prefix: str, component: str,
-                       n_layers_used: int, attention_only: bool = False) -> list[TrainTarget]:
-    """open_clip text tower (SD2 TE, SDXL TE2): the MHA (q/k/v + out_proj) and c_fc/c_proj of each resblock."""
+                       n_layers_used: int, layers: str = "all") -> list[TrainTarget]:
+    """open_clip text tower (SD2 TE, SDXL TE2): the MHA (q/k/v + out_proj) and c_fc/c_proj of each resblock
+    (``layers`` as in _hf_clip_targets)."""
     out = []
     for i, block in enumerate(model.transformer.resblocks):
         if i >= n_layers_used:
             break
         base = f"{host_prefix}model_transformer_resblocks_{i}_"
         kbase = f"{kohya_prefix}text_model_encoder_layers_{i}_"
-        out.append(TrainTarget(kbase + "self_attn", base + "attn", block.attn, component, "mha"))
-        if attention_only:
+        out.append(TrainTarget(kbase + "self_attn", base + "attn", block.attn, component, "mha",
+                               parts=("k", "v") if layers == "ia3" else ("q", "k", "v", "out")))
+        if layers == "attention":
             continue
         for child, tail in (("c_fc", "mlp_c_fc"), ("c_proj", "mlp_c_proj")):
+            if layers == "ia3" and child == "c_fc":
+                continue
             out.append(TrainTarget(kbase + _OPENCLIP_TAIL[tail], base + tail, getattr(block.mlp, child), component, "linear"))
     return out
 
 
-def text_encoder_targets(sd_model, family: str, attention_only: bool = False) -> list[TrainTarget]:
-    """kohya's text-encoder layers (attention and MLP); ``attention_only``: LyCORIS' attn-only preset."""
-    a = attention_only
+def text_encoder_targets(sd_model, family: str, attention_only: bool = False, layers: str | None = None
+                         ) -> list[TrainTarget]:
+    """kohya's text-encoder layers (attention and MLP); ``attention_only``: LyCORIS' attn-only preset;
+    ``layers``: "all", "attention" or "ia3" (LyCORIS' ia3 preset: k, v and fc2)."""
+    a = layers or ("attention" if attention_only else "all")
     if family == "sdxl":
         emb = sd_model.conditioner.embedders
         te1 = getattr(emb[0], "wrapped", emb[0])

@@ -620,6 +620,13 @@ class Trainer:
                                "LyCORIS write them (they train those layers as 1x1 convs). A1111's built-in Lora "
                                "(1.10) skips such layers with a shape error in its log; this extension's <lora:> "
                                "applies them")
+                mha = [t for t in net.targets if t.kind == "mha"]
+                if mha and (len(mha[0].parts) < 4 or lyco.algo == "full"):
+                    self._note(f"{lyco.kind} on the open_clip text encoder: A1111's built-in Lora (1.10) applies "
+                               "its attention modules only when q, k, v and out are all in the file, and leaves "
+                               "out q/k/v bias differences, so there that part of the file "
+                               + ("is not used" if len(mha[0].parts) < 4 else "applies without those biases")
+                               + "; this extension's <lora:>, LyCORIS and ComfyUI apply all of it")
             self._emit("start", message=f"{kind} for {net.counts()} modules; seed {seed}")
 
             cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None

@@ -62,14 +62,21 @@ class VramEstimate:
     advice: list[str] = field(default_factory=list)
 
 
+def trains_full(cfg: TrainConfig) -> bool:
+    """LyCORIS algo=full (native fine-tuning): memory as a fine-tune, not a LoRA."""
+    return cfg.network_module == "lycoris.kohya" and any(
+        a.replace(" ", "").lower() == "algo=full" for a in cfg.network_args or [])
+
+
 def estimate_vram(family: str | None, *, batch: int, width: int, height: int, mixed_precision: str = "fp16",
                   weight_bytes: int | None = None, gradient_checkpointing: bool = False, dim: int = 32,
                   train_unet: bool = True, train_te: bool = True, optimizer: str = "AdamW",
-                  fp8: tuple[str, ...] = ()) -> VramEstimate:
+                  fp8: tuple[str, ...] = (), full: bool = False) -> VramEstimate:
     """The formula in the module docstring. ``weight_bytes`` is the loaded model's bytes per weight (2 for the
     WebUI's fp16); by default 4 when ``mixed_precision`` is 'no', else 2. ``fp8``: the parts ("unet", "te")
     whose weights are stored in FP8 (fp8_base, or the WebUI's FP8 weight): 1 byte each (nearly all of their
-    weights are Linear/Conv ones)."""
+    weights are Linear/Conv ones). ``full``: LyCORIS algo=full, a trained difference as large as each trained
+    part (its whole-model presets; fewer layers train with the others)."""
     fam = family if family in WEIGHT_PARAMS else "sd1"
     mp = (mixed_precision or "no").lower()
     wb = weight_bytes or (4 if mp == "no" else 2)
@@ -77,7 +84,11 @@ def estimate_vram(family: str | None, *, batch: int, width: int, height: int, mi
         fp8, wb = fp8 or ("unet", "te"), 2
     weights = sum(n * (1 if part in fp8 else wb) for part, n in WEIGHT_PARAMS[fam].items()) / GB
     unet_pd, te_pd = LORA_PER_DIM[fam]
-    lora_params = dim * ((unet_pd if train_unet else 0) + (te_pd if train_te else 0))
+    if full:
+        p = WEIGHT_PARAMS[fam]
+        lora_params = (p["unet"] if train_unet else 0) + (p["te"] if train_te else 0)
+    else:
+        lora_params = dim * ((unet_pd if train_unet else 0) + (te_pd if train_te else 0))
     okey = (optimizer or "AdamW").lower().replace("_", "").replace("-", "")
     obytes = OPTIMIZER_BYTES.get(okey, 8)
     lora_state = lora_params * (8 + obytes) / GB
@@ -98,13 +109,14 @@ def estimate_vram(family: str | None, *, batch: int, width: int, height: int, mi
     explanation = (
         f"{OVERHEAD_GB:g} GB overhead + {weights:.1f} GB {FAMILY_LABEL[fam]} weights ({wb} bytes each"
         f"{', FP8 ' + ' and '.join({'unet': 'UNet', 'te': 'text encoder'}[p] for p in fp8) + ' 1' if fp8 else ''}) + "
-        f"{lora_state:.2f} GB LoRA and optimizer ({lora_params / 1e6:.1f} M parameters x {8 + obytes} bytes) + "
+        f"{lora_state:.2f} GB {'full fine-tune' if full else 'LoRA'} and optimizer ({lora_params / 1e6:.1f} M "
+        f"parameters x {8 + obytes} bytes) + "
         f"{act:.1f} GB activations ({' '.join(steps)}) = about {total:.1f} GB")
     advice = []
     if total > 8 and not gradient_checkpointing:
         with_gc = estimate_vram(family, batch=batch, width=width, height=height, mixed_precision=mixed_precision,
                                 weight_bytes=weight_bytes, gradient_checkpointing=True, dim=dim,
-                                train_unet=train_unet, train_te=train_te, optimizer=optimizer, fp8=fp8)
+                                train_unet=train_unet, train_te=train_te, optimizer=optimizer, fp8=fp8, full=full)
         advice.append(f"Gradient checkpointing would bring it to about {with_gc.total_gb:.1f} GB.")
     if batch > 1 and total > 12:
         advice.append("A smaller batch with gradient accumulation trains alike with less memory.")
@@ -228,7 +240,8 @@ def diagnose(plan: DatasetPlan, family: str | None, *, weight_bytes: int | None 
                              mixed_precision=cfg.mixed_precision, weight_bytes=weight_bytes,
                              gradient_checkpointing=cfg.gradient_checkpointing, dim=int(cfg.network_dim or 4),
                              train_unet=bool(unet_lr), train_te=bool(te_lr) and not cfg.network_train_unet_only,
-                             optimizer=cfg.optimizer_type or "AdamW", fp8=fp8_parts_of(cfg, weight_bytes))
+                             optimizer=cfg.optimizer_type or "AdamW", fp8=fp8_parts_of(cfg, weight_bytes),
+                             full=trains_full(cfg))
     words = getattr(_dataset, "_reg_words", None)  # the engine's own wording of the reg arithmetic
     reg_words = (" ".join(w for w in (words(p) for p in plan.datasets) if w) or None) if words else None
     return DoctorReport(

@@ -628,7 +628,8 @@ def build_tab(backend) -> gr.Blocks:
 
         # ------------------------------------------------------------------------ VRAM on the parameters tab
         vram_keys = ["train_batch_size", "resolution", "mixed_precision", "gradient_checkpointing", "network_dim",
-                     "optimizer_type", "text_encoder_lr", "unet_lr", "network_train_unet_only", "fp8_base"]
+                     "optimizer_type", "text_encoder_lr", "unet_lr", "network_train_unet_only", "fp8_base",
+                     "network_module", "network_args"]
 
         @guarded(vram_box)
         def vram(*args):
@@ -644,7 +645,9 @@ def build_tab(backend) -> gr.Blocks:
                                     gradient_checkpointing=bool(v["gradient_checkpointing"]),
                                     dim=int(v["network_dim"] or 4), train_unet=bool(v["unet_lr"]),
                                     train_te=bool(v["text_encoder_lr"]) and not v["network_train_unet_only"],
-                                    optimizer=v["optimizer_type"], fp8=("unet", "te") if v["fp8_base"] else ())
+                                    optimizer=v["optimizer_type"], fp8=("unet", "te") if v["fp8_base"] else (),
+                                    full=v["network_module"] == "lycoris.kohya"
+                                    and "algo=full" in str(v["network_args"] or "").lower().split())
             return (f'<p class="ls-vram"><b>Estimated VRAM: about {est.total_gb:.1f} GB</b> at the resolution, '
                     f"without larger buckets (an estimate, not a measurement). {_e(est.explanation)}. "
                     + " ".join(_e(a) for a in est.advice) + "</p>")

@@ -8,6 +8,10 @@ and lycoris-lora installed::
 
 The UNets are built on the meta device at full size (SD1.5, SD2 v-model layout, SDXL); only names and shapes are
 read. Text encoders are not here: the tests run LyCORIS on the tiny models' own CLIP text encoders directly.
+
+The ia3 preset is run as written with its names anchored as suffixes (``ia3_preset``): LyCORIS 4 matches preset
+names with re.match from the start of the module path, so "to_k" finds no layer of a real UNet and the preset as
+shipped trains nothing; the suffix form is what its names say (and what its name_algo_map means by ff.net.2).
 """
 import json
 import logging
@@ -47,6 +51,24 @@ def _without_anima(preset):
     return "_ref"
 
 
+def ia3_preset(use: bool = True):
+    """LyCORIS' ia3 preset with its names as suffix patterns ("*.to_k"), registered as "_ia3"; ``use=False``
+    puts back the class defaults it changes (the wrapper keeps the last preset's settings)."""
+    import lycoris.kohya as lk
+    from lycoris.config import PRESET
+    if not use:
+        lk.LycorisNetworkKohya.USE_FNMATCH = False
+        lk.LycorisNetworkKohya.NAME_ALGO_MAP = {}
+        return None
+    p = dict(PRESET["ia3"])
+    for key in ("unet_target_name", "text_encoder_target_name"):
+        p[key] = ["*." + n for n in p[key]]
+    p["name_algo_map"] = {"*." + k: v for k, v in p["name_algo_map"].items()}
+    p["use_fnmatch"] = True
+    PRESET["_ia3"] = p
+    return "_ia3"
+
+
 def main(root):
     import lycoris.kohya as lk
     logging.disable(logging.WARNING)
@@ -65,12 +87,16 @@ def main(root):
                                         conv_dim=CONV_DIM, conv_alpha=CONV_ALPHA, **extra)
                 if algo == "locon":
                     fam["presets"][preset] = sorted(m.lora_name for m in net.unet_loras)
-                if preset == "full" and algo in KEEP_TENSORS[family]:
+                if preset == "full" and algo in KEEP_TENSORS[family]:  # (full: locon's layers)
                     fam["tensors"][algo] = {
                         m.lora_name: {k: list(v.shape) for k, v in m.state_dict().items() if k != "scalar"}
                         for m in net.unet_loras}
                     fam["tensors"][algo + ":alpha"] = {m.lora_name: round(m.scale * m.lora_dim, 6)
                                                        for m in net.unet_loras}
+        net = lk.create_network(1.0, DIM, ALPHA, None, None, unet, algo="ia3", preset=ia3_preset())
+        ia3_preset(False)
+        fam["presets"]["ia3"] = sorted(m.lora_name for m in net.unet_loras)
+        fam["tensors"]["ia3:on_input"] = {m.lora_name: int(m.on_input) for m in net.unet_loras}
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lycoris_targets_reference.json")
     with open(path, "w") as f:
         json.dump(out, f, separators=(",", ":"), sort_keys=True)
