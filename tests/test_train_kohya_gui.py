@@ -111,8 +111,10 @@ def test_gui_rules_for_length_warmup_and_unknown_types():
     # (LoRA+ ratios go on for every type, as the GUI appends them)
     assert cfg.network_args == ["preset=full", "conv_dim=1", "conv_alpha=1", "train_on_input=True", "algo=ia3",
                                 "loraplus_lr_ratio=16"]
-    errors, _ = check_support(cfg, "sd1")
-    assert any("algo=ia3" in e for e in errors)  # applied with <lora:>, not trained: said before queueing
+    errors, notes = check_support(cfg, "sd1")
+    assert not errors and any("train_on_input changes nothing" in n for n in notes)
+    errors, _ = check_support(_translate(dict(STANDARD, LoRA_type="LyCORIS/Diag-OFT")), "sd1")
+    assert any("algo=diag-oft" in e for e in errors)  # applied with <lora:>, not trained: said before queueing
     with pytest.raises(TrainConfigError, match="LoRA_type 'LyCORIS/Whatever' is not one the kohya_ss GUI knows"):
         _translate(dict(STANDARD, LoRA_type="LyCORIS/Whatever"))
     with pytest.raises(TrainConfigError, match="all 0"):

@@ -35,6 +35,7 @@ lycoris = pytest.importorskip("lycoris")
 from lycoris.modules.full import FullModule  # noqa: E402
 from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
+from lycoris.modules.norms import NormModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 REF = json.load(open(os.path.join(os.path.dirname(__file__), "data", "lycoris_targets_reference.json")))
@@ -72,6 +73,11 @@ def test_unet_layers_of_every_preset_are_lycoris_on_sd_scripts(family, full_unet
                                                           lyco_preset_convs(preset))]
         assert len(got) == len(set(got))
         assert sorted(got) == want, (preset, sorted(set(want) - set(got))[:3], sorted(set(got) - set(want))[:3])
+        if preset in REF["families"][family]["norms"]:  # train_norm: the norm layers of the same blocks
+            norms = [t.kohya_name for t in lycoris_unet_targets(full_unets[family], family, preset,
+                                                                lyco_preset_convs(preset), norms=True)
+                     if t.kind == "norm"]
+            assert sorted(norms) == REF["families"][family]["norms"][preset], preset
     # SD1: the four layers outside the blocks are the difference to kohya's LoCon (278 modules)
     assert len(REF["families"]["sd1"]["presets"]["full"]) == 278 + 4
 
@@ -606,7 +612,6 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     cases = {
         ("algo=diag-oft",): r"algo=diag-oft: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full",
         ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
-        ("algo=lokr", "train_norm=True"): r"trained norm layers cannot be trained here yet",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
         ("algo=lokr", "factor=0"): r"factor=0: use -1",
@@ -652,6 +657,9 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert not errors and "dora_wd, use_tucker change nothing with algo=ia3" in text
     assert "scale_weight_norms changes nothing with algo=ia3" in text and "rank_dropout is not applied" in text
     assert "LyCORIS recommends preset=ia3" in text and "built-in Lora (1.10) fails on those layers" in text
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=lokr", "train_norm=True",
+                                                                    "rank_dropout=0.1"]), "sd1")
+    assert any("rank_dropout is not applied to the norm modules" in n for n in notes), notes
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=full", "preset=ia3"]), "sd1")
     assert not errors and not any("recommends" in n for n in notes)
     assert any("dim_from_weights" in e for e in check_support(_cfg(
@@ -810,3 +818,86 @@ def test_ia3_and_full_training_writes_files_lycoris_runs_as_trained(family, args
         if family == "sd2":
             for p in ("q", "v", "out"):
                 assert float(sd[f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj.diff_b"].abs().max()) > 0
+
+
+# ---- train_norm ----------------------------------------------------------------------------------------------------
+NORM_LAYERS = {"groupnorm": lambda: nn.GroupNorm(4, 32), "layernorm": lambda: nn.LayerNorm(24),
+               "groupnorm32": lambda: __import__("ldm.modules.diffusionmodules.util",
+                                                 fromlist=["x"]).GroupNorm32(4, 32)}
+
+
+@pytest.mark.parametrize("layer", list(NORM_LAYERS))
+def test_norm_modules_are_lycoris(layer):
+    """train_norm: LyCORIS' NormModule on the same layer: zero start, its tensors, and with random values the same
+    output and gradients (ldm's GroupNorm32 computes in fp32, as our module does)."""
+    torch.manual_seed(0)
+    org = NORM_LAYERS[layer]()
+    with torch.no_grad():
+        org.weight.normal_(1, 0.2)
+        org.bias.normal_(0, 0.2)
+    twin = NORM_LAYERS[layer]()
+    twin.load_state_dict(org.state_dict())
+    ref = NormModule("lora_test", twin, 1.0)
+    ours = lyco.NormPair(org.weight.numel(), True)
+    assert {k: v.shape for k, v in ours.file_tensors().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    missing = []
+    ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}, "m", missing)
+    assert not missing
+    ref.apply_to()
+    ref.multiplier = 0.7
+    net = types.SimpleNamespace(multiplier=0.7, training=True, module_dropout=None, _passes_through=lambda: False)
+    plain = type(org).forward.__get__(org)
+    org.forward = LoRANetwork._norm_forward(net, ours, org, plain)
+    x = torch.randn((2, 32, 5, 5) if "group" in layer else (3, 7, 24), generator=g)
+    y_ref, y = twin(x), org(x)
+    assert float((y - plain(x)).abs().max()) > 1e-3
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    (y_ref * y_ref.detach().cos()).sum().backward()
+    (y * y.detach().cos()).sum().backward()
+    grads = dict(ref.named_parameters())
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k].grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("family, args", [("sd1", ["algo=locon", "preset=attn-mlp", "train_norm=True"]),
+                                          ("sd1", ["algo=loha", "conv_dim=2", "train_norm=True"]),
+                                          ("sd2", ["algo=ia3", "preset=unet-convblock-only", "train_norm=True"])])
+def test_train_norm_trains_the_norm_layers_lycoris_picks(family, args, tmp_path):
+    """The norm layers of the preset's blocks train (w_norm/b_norm, LyCORIS' names) beside the other modules; the
+    file loads whole in our <lora:>, each norm module is what LyCORIS' NormModule does with the file's tensors,
+    and the model is as before."""
+    model = models.make_sd1(seed=6) if family == "sd1" else models.make_sd2(seed=1)
+    img, _ = _dataset(tmp_path)
+    before = models.model_state_hash(model)
+    res = run_training(ModelHost(model, "m"), _cfg(tmp_path, img, "o", max_train_epochs=1, network_args=args))
+    assert res.status == "done" and models.model_state_hash(model) == before
+    sd = load_tensors(res.final)
+    preset = next((a.split("=")[1] for a in args if a.startswith("preset=")), "full")
+    norms = {t.kohya_name: t.module for t in lycoris_unet_targets(model.model.diffusion_model, family, preset,
+                                                                  True, norms=True) if t.kind == "norm"}
+    assert norms and {k.split(".")[0] for k in sd if k.endswith((".w_norm", ".b_norm"))} == set(norms)
+    assert any(n.endswith("_norm1") and "resnets" in n for n in norms) == (preset != "attn-mlp")
+    assert any(n.endswith("transformer_blocks_0_norm3") for n in norms) == (preset != "unet-convblock-only")
+    net = load_network(res.final, family, layer_names=set(layer_mapping(model)))
+    assert len(net.report.matched) == net.report.total_modules == len({k.split(".")[0] for k in sd})
+    loaded = {mod.ctx.module_key: mod for mods in net.modules.values() for _, mod in mods}
+    g = torch.Generator().manual_seed(1)
+    for n, layer in norms.items():
+        import copy
+        import torch.nn.functional as F
+        twin = copy.deepcopy(layer)
+        ref = NormModule("x", twin, 0.8)
+        ref.load_state_dict({k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == n}, strict=False)
+        ref.apply_to()
+        dw, db = loaded[n].delta(layer.weight.detach(), 0.8)[:2]
+        assert float(dw.abs().max()) > 0 and float(db.abs().max()) > 0, n
+        with torch.no_grad():
+            if isinstance(layer, nn.GroupNorm):
+                x = torch.randn(2, layer.num_channels, 4, 4, generator=g)
+                y = F.group_norm(x, layer.num_groups, layer.weight + dw, layer.bias + db, layer.eps)
+            else:
+                x = torch.randn(2, 5, layer.normalized_shape[0], generator=g)
+                y = F.layer_norm(x, layer.normalized_shape, layer.weight + dw, layer.bias + db, layer.eps)
+            torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=1e-5, msg=n)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
 from .fp8 import is_fp8
-from .lyco import LycoSettings, PairBase, make_pair
+from .lyco import LycoSettings, NormPair, PairBase, make_pair
 from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, lyco_preset_convs, lycoris_unet_targets,
                       text_encoder_targets, unet_targets)
 
@@ -101,7 +101,8 @@ class LoRANetwork(nn.Module):
         if lyco is not None:
             if train_unet:
                 conv = lyco_preset_convs(lyco.preset) and bool(conv_dim)
-                targets += lycoris_unet_targets(sd_model.model.diffusion_model, family, lyco.preset, conv)
+                targets += lycoris_unet_targets(sd_model.model.diffusion_model, family, lyco.preset, conv,
+                                                norms=lyco.train_norm)
             if train_text_encoder and lyco.preset in LYCO_TE:
                 targets += text_encoder_targets(sd_model, family, layers=LYCO_TE[lyco.preset])
         else:
@@ -117,6 +118,10 @@ class LoRANetwork(nn.Module):
         self.targets = []
         for t in targets:
             m = t.module
+            if t.kind == "norm":  # (LyCORIS train_norm: no rank, so neither block nor file ranks apply)
+                self.targets.append(t)
+                self.pairs[t.kohya_name] = NormPair(m.weight.numel(), m.bias is not None)
+                continue
             if t.kind == "conv":
                 d, a = conv_dim, (1.0 if conv_alpha is None else conv_alpha)
             else:
@@ -150,7 +155,7 @@ class LoRANetwork(nn.Module):
                 self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
             else:
                 self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
-            if lyco is not None and lyco.dora:
+            if lyco is not None and lyco.dora:  # (norm modules have none: continued above)
                 if t.kind == "mha":
                     w = dict(zip(("q", "k", "v", "out"), (*m.in_proj_weight.detach().chunk(3), m.out_proj.weight)))
                     for n, part in zip(names, t.parts):
@@ -258,6 +263,28 @@ class LoRANetwork(nn.Module):
 
         return forward
 
+    def _norm_forward(self, pair: NormPair, module: nn.Module, org_forward):
+        """LyCORIS' NormModule forward: norm(x) with the deltas as its affine weight and bias, added to the
+        layer's output; in fp32 as ldm's GroupNorm32 computes."""
+        net = self
+        if isinstance(module, nn.GroupNorm):
+            def op(x, w, b):
+                return F.group_norm(x, module.num_groups, w, b, module.eps)
+        else:
+            def op(x, w, b):
+                return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
+
+        def forward(x, *args, **kwargs):
+            y = org_forward(x, *args, **kwargs)
+            if net._passes_through():
+                return y
+            w, b = pair.weight_and_bias_delta(None, net.multiplier)
+            with torch.autocast(x.device.type, enabled=False):
+                u = op(x.float(), w.float(), None if b is None else b.float())
+            return y + u.to(y.dtype)
+
+        return forward
+
     def _mha_forward(self, mha: nn.MultiheadAttention, parts: tuple, names: list[str]):
         """The trained projections' deltas (``parts`` of q/k/v/out; full modules: their biases too) added to the
         weights F.multi_head_attention_forward gets."""
@@ -311,6 +338,9 @@ class LoRANetwork(nn.Module):
             if t.kind == "mha":
                 names = next(n for tt, n in self._mha if tt is t)
                 t.module.forward = self._mha_forward(t.module, t.parts, names)
+            elif t.kind == "norm":
+                org = type(t.module).forward.__get__(t.module)
+                t.module.forward = self._norm_forward(self.pairs[t.kohya_name], t.module, org)
             else:
                 pair, org = self.pairs[t.kohya_name], type(t.module).forward.__get__(t.module)
                 t.module.forward = (self._pair_forward(pair, org)

@@ -25,12 +25,11 @@ NO_RANK = ("ia3", "full")
 # network_args LyCORIS reads that we honour (conv_dim/alpha and the dropouts are shared with networks.lora)
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
-        "bypass_mode", "rank_dropout_scale", "wd_on_output"}
+        "bypass_mode", "rank_dropout_scale", "wd_on_output", "train_on_input"}
 TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
 # switches that change the module and that this trainer does not build yet: refused, never silently dropped
 _NOT_YET = {
-    "use_scalar": "the trained scalar", "train_norm": "trained norm layers",
-    "rank_dropout_scale": "rescaled rank dropout",
+    "use_scalar": "the trained scalar", "rank_dropout_scale": "rescaled rank dropout",
 }
 
 
@@ -70,6 +69,7 @@ class LycoSettings:
     dora: bool = False  # dora_wd: weight decomposition with a trained magnitude per channel
     wd_on_output: bool = True  # DoRA's magnitude per output row (LyCORIS' default since 2025-04) or per input column
     rs_lora: bool = False  # rank-stabilised scale alpha/sqrt(dim)
+    train_norm: bool = False  # the UNet's GroupNorm/LayerNorm layers in the preset's blocks get norm modules
 
     @property
     def weight_path(self) -> bool:
@@ -129,7 +129,11 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     s = LycoSettings(algo, preset, factor, _bool(nargs.get("decompose_both", False)),
                      _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)),
                      tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)),
-                     _bool(nargs.get("rs_lora", False)))
+                     _bool(nargs.get("rs_lora", False)), _bool(nargs.get("train_norm", False)))
+    if "train_on_input" in nargs:  # (the kohya_ss GUI writes it for its iA3 type)
+        notes.append("network_args train_on_input changes nothing: LyCORIS' sd-scripts wrapper does not pass it on; "
+                     "IA3 scales the input channels of the ia3 preset's feed-forward output layers and the output "
+                     "channels everywhere else (as under sd-scripts)")
     if s.algo in NO_RANK:
         # (LyCORIS' IA3Module / FullModule take these switches and do nothing with them)
         given = [k for k in ("dora_wd", "wd_on_output", "rs_lora", *TUCKER_KEYS, "disable_conv_cp") if k in nargs]
@@ -509,6 +513,33 @@ class FullPair(_NoRankPair):
         if self.diff_b is not None:
             out["diff_b"] = self.diff_b
         return out
+
+
+class NormPair(_NoRankPair):
+    """LyCORIS' NormModule (train_norm): a GroupNorm/LayerNorm's affine weight and bias plus m·w_norm and
+    m·b_norm, both starting at 0; the layer adds norm(x; w_norm·m, b_norm·m) to its output, as LyCORIS does."""
+
+    kind = "norm"
+
+    def __init__(self, n: int, bias: bool):
+        super().__init__()
+        self.shape = (n,)
+        self.w_norm = nn.Parameter(torch.zeros(n))
+        self.b_norm = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def reset_parameters(self):
+        nn.init.constant_(self.w_norm, 0)
+        if self.b_norm is not None:
+            nn.init.constant_(self.b_norm, 0)
+
+    def weight_and_bias_delta(self, weight, multiplier: float, rank_dropout: float = 0.0):
+        return self.w_norm * multiplier, None if self.b_norm is None else self.b_norm * multiplier
+
+    def weight_delta(self, weight, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
+        return self.w_norm * multiplier
+
+    def tensors(self, save_4d: bool = False) -> dict:
+        return {"w_norm": self.w_norm} | ({} if self.b_norm is None else {"b_norm": self.b_norm})
 
 
 def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False,

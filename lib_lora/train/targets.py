@@ -17,7 +17,9 @@ from ..formats.keymap import hf_clip_name
 
 # ldm resnet child names -> diffusers names (kohya SD1/SD2 keys use the diffusers tree).
 _RESNET_TAIL = {
+    "in_layers_0": "norm1",
     "in_layers_2": "conv1",
+    "out_layers_0": "norm2",
     "out_layers_3": "conv2",
     "emb_layers_1": "time_emb_proj",
     "skip_connection": "conv_shortcut",
@@ -31,6 +33,7 @@ _OPENCLIP_TAIL = {
 }
 
 _TRANSFORMER_CLASSES = ("SpatialTransformer", "SpatialVideoTransformer")
+NORMS = (nn.GroupNorm, nn.LayerNorm)
 _CONV_BLOCK_CLASSES = ("ResBlock", "Downsample", "Upsample")
 
 
@@ -40,7 +43,7 @@ class TrainTarget:
     host_name: str           # A1111 network_layer_name, e.g. diffusion_model_input_blocks_1_1_proj_in
     module: nn.Module        # Linear, Conv2d or MultiheadAttention
     component: str           # unet | te1 | te2
-    kind: str                # linear | conv1x1 | conv | mha
+    kind: str                # linear | conv1x1 | conv | mha | norm (LyCORIS train_norm)
     save_4d: bool = False    # kohya trains SD2 proj_in/out as 1x1 convs: save 4-D so kohya tools load it
     parts: tuple = ("q", "k", "v", "out")  # an MHA's projections trained (LyCORIS' ia3 preset: k and v)
 
@@ -86,7 +89,8 @@ def _walk(root: nn.Module, prefix: str = "", classes: tuple = ()):
 
 
 def _unet_target(dotted: str, mod: nn.Module, anc: list[str], family: str) -> TrainTarget | None:
-    """The TrainTarget (kohya name, kind) of one UNet Linear/Conv2d; None where kohya's tree has no name for it."""
+    """The TrainTarget (kohya name, kind) of one UNet Linear/Conv2d/norm; None where kohya's tree has no name for
+    it."""
     under = dotted.replace(".", "_")
     host_name = "diffusion_model_" + under
     if family == "sdxl":
@@ -96,6 +100,8 @@ def _unet_target(dotted: str, mod: nn.Module, anc: list[str], family: str) -> Tr
         if tail is None:
             return None
         kohya = "lora_unet_" + tail
+    if isinstance(mod, NORMS):
+        return TrainTarget(kohya, host_name, mod, "unet", "norm")
     is_1x1 = isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)
     kind = "linear" if isinstance(mod, nn.Linear) else ("conv1x1" if is_1x1 else "conv")
     save_4d = family == "sd2" and isinstance(mod, nn.Linear) and re.search(r"_proj_(in|out)$", under) is not None
@@ -149,13 +155,16 @@ def lyco_preset_convs(preset: str) -> bool:
     return _LYCO_PRESETS[preset][2]
 
 
-def lycoris_unet_targets(diffusion_model: nn.Module, family: str, preset: str, conv: bool) -> list[TrainTarget]:
+def lycoris_unet_targets(diffusion_model: nn.Module, family: str, preset: str, conv: bool,
+                         norms: bool = False) -> list[TrainTarget]:
     """LyCORIS' layer choice (lycoris.kohya on sd-scripts): every Linear and 1x1 conv in the preset's blocks,
-    3x3 convs too when ``conv`` (conv_dim > 0 and the preset allows convs)."""
+    3x3 convs too when ``conv`` (conv_dim > 0 and the preset allows convs), their GroupNorm/LayerNorm layers too
+    with ``norms`` (train_norm)."""
     kinds, names, _ = _LYCO_PRESETS[preset]
     out: list[TrainTarget] = []
     for dotted, mod, anc in _walk(diffusion_model):
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        is_norm = isinstance(mod, NORMS)
+        if not (isinstance(mod, (nn.Linear, nn.Conv2d)) or is_norm and norms):
             continue
         under = dotted.replace(".", "_")
         in_transformer = any(c in _TRANSFORMER_CLASSES for c in anc)
@@ -171,7 +180,7 @@ def lycoris_unet_targets(diffusion_model: nn.Module, family: str, preset: str, c
             wanted = "sampler" in kinds
         else:
             wanted = False
-        is_1x1 = isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)
+        is_1x1 = is_norm or isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)
         if not wanted or (not is_1x1 and not conv):
             continue
         t = _unet_target(dotted, mod, anc, family)

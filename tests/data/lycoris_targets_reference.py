@@ -93,6 +93,11 @@ def main(root):
                         for m in net.unet_loras}
                     fam["tensors"][algo + ":alpha"] = {m.lora_name: round(m.scale * m.lora_dim, 6)
                                                        for m in net.unet_loras}
+        fam["norms"] = {}  # train_norm: the GroupNorm/LayerNorm layers that get a NormModule
+        for preset in PRESETS:
+            net = lk.create_network(1.0, DIM, ALPHA, None, None, unet, algo="locon", preset=_without_anima(preset),
+                                    conv_dim=CONV_DIM, conv_alpha=CONV_ALPHA, train_norm=True)
+            fam["norms"][preset] = sorted(m.lora_name for m in net.unet_loras if type(m).__name__ == "NormModule")
         net = lk.create_network(1.0, DIM, ALPHA, None, None, unet, algo="ia3", preset=ia3_preset())
         ia3_preset(False)
         fam["presets"]["ia3"] = sorted(m.lora_name for m in net.unet_loras)
