@@ -32,6 +32,7 @@ from lib_lora.train.targets import LYCO_TE, lyco_preset_convs, lycoris_unet_targ
 from lib_lora.train.trainer import Trainer, TrainingError
 
 lycoris = pytest.importorskip("lycoris")
+from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
 from lycoris.modules.full import FullModule  # noqa: E402
 from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
@@ -558,8 +559,10 @@ def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
 
 @pytest.mark.parametrize("args", [["algo=loha", "conv_dim=2", "preset=full"],
                                   ["algo=locon", "conv_dim=2", "dora_wd=True", "rs_lora=True"],
-                                  ["algo=ia3", "preset=ia3"], ["algo=full", "preset=attn-only", "rank_dropout=0.2"]],
-                         ids=["loha", "locon_dora_rs", "ia3", "full"])
+                                  ["algo=ia3", "preset=ia3"], ["algo=full", "preset=attn-only", "rank_dropout=0.2"],
+                                  ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True",
+                                   "train_norm=True"]],
+                         ids=["loha", "locon_dora_rs", "ia3", "full", "oft_norm"])
 def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
     full = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", network_args=args, lr_scheduler="cosine"))
@@ -581,7 +584,9 @@ def test_resume_gives_the_same_weights(sd1, tmp_path, args):
 
 
 @pytest.mark.parametrize("args", [["algo=lokr", "preset=attn-mlp", "factor=4"],
-                                  ["algo=lokr", "preset=attn-mlp", "factor=4", "dora_wd=True"]], ids=["lokr", "dokr"])
+                                  ["algo=lokr", "preset=attn-mlp", "factor=4", "dora_wd=True"],
+                                  ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True"]],
+                         ids=["lokr", "dokr", "oft"])
 def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
     cfg = dict(network_args=args, max_train_epochs=4)
@@ -599,7 +604,8 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
     assert wa.keys() == wb.keys() and not any("conv_in" in k or "resnets" in k for k in wa)  # attn-mlp: no convs
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=k)
-    assert max(float(wa[k].abs().max()) for k in wa if k.endswith("lokr_w2_b")) > 1e-3  # it did learn
+    learned = "oft_blocks" if "algo=diag-oft" in args else "lokr_w2_b"
+    assert max(float(wa[k].abs().max()) for k in wa if k.endswith(learned)) > 1e-3  # it did learn
     if "dora_wd=True" in args:  # the magnitudes too (they start at the host weight's norms)
         start = LoRANetwork(sd1, "sd1", 4, 2.0, lyco=lyco.lyco_settings("lycoris.kohya", {"algo": "lokr",
                             "preset": "attn-mlp", "dora_wd": "True"}, [])).kohya_state_dict()
@@ -610,7 +616,8 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
 def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     img, _ = _dataset(tmp_path)
     cases = {
-        ("algo=diag-oft",): r"algo=diag-oft: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full",
+        ("algo=boft",): r"algo=boft: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, diag-oft",
+        ("algo=diag-oft", "constraint=-1"): r"constraint=-1: use 0 \(no cap\) or a positive number",
         ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
@@ -660,6 +667,11 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=lokr", "train_norm=True",
                                                                     "rank_dropout=0.1"]), "sd1")
     assert any("rank_dropout is not applied to the norm modules" in n for n in notes), notes
+    errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=diag-oft", "rs_lora=True",
+                                                                         "dora_wd=True"]), "sd1")
+    assert not errors and any("dora_wd, rs_lora change nothing with algo=diag-oft" in n for n in notes), notes
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "constraint=0.1"]), "sd1")
+    assert any("constraint / rescaled shape diag-OFT modules only" in n for n in notes), notes
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=full", "preset=ia3"]), "sd1")
     assert not errors and not any("recommends" in n for n in notes)
     assert any("dim_from_weights" in e for e in check_support(_cfg(
@@ -763,28 +775,33 @@ def test_ia3_and_full_forward_and_gradients_are_lycoris(layer, algo, kw):
 @pytest.mark.parametrize("family, args", [
     ("sd1", ["algo=ia3", "preset=ia3"]), ("sd2", ["algo=ia3", "preset=ia3"]), ("sd1", ["algo=ia3", "conv_dim=2"]),
     ("sd1", ["algo=full", "preset=attn-mlp"]), ("sd2", ["algo=full", "preset=attn-only"]),
-    ("sd1", ["algo=full", "conv_dim=2", "preset=unet-convblock-only"])])
-def test_ia3_and_full_training_writes_files_lycoris_runs_as_trained(family, args, tmp_path):
+    ("sd1", ["algo=full", "conv_dim=2", "preset=unet-convblock-only"]),
+    ("sd1", ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True"]),
+    ("sd2", ["algo=diag-oft", "preset=attn-only", "network_dim=8"])])
+def test_ia3_full_and_oft_training_writes_files_lycoris_runs_as_trained(family, args, tmp_path):
     """A short run: the model unchanged afterwards, the file's modules are the preset's layers (on SD2 the open_clip
     MHA as sd-scripts' separate q/k/v/out Linears, only k and v for the ia3 preset), every module loads in our
-    <lora:>, and each one is what LyCORIS' own IA3Module / FullModule, loaded with the file's tensors, does on
-    that layer."""
+    <lora:>, and each one is what LyCORIS' own IA3Module / FullModule / DiagOFTModule, loaded with the file's
+    tensors, does on that layer."""
     model = (models.make_sd1(seed=6) if family == "sd1"
              else models.a1111_embedding_hijack(models.make_sd2(seed=1), "sd2"))
     img, _ = _dataset(tmp_path)
     before = models.model_state_hash(model)
     events = []
-    res = run_training(ModelHost(model, "m"), _cfg(tmp_path, img, "o", max_train_epochs=1, network_args=args),
+    dim = next((int(a.split("=")[1]) for a in args if a.startswith("network_dim=")), 4)
+    res = run_training(ModelHost(model, "m"), _cfg(tmp_path, img, "o", max_train_epochs=1, network_dim=dim,
+                                                   network_args=[a for a in args if "network_dim" not in a]),
                        on_event=events.append)
     assert res.status == "done", [e.message for e in events if e.kind == "error"]
     assert models.model_state_hash(model) == before
     algo = args[0].split("=")[1]
     preset = next((a.split("=")[1] for a in args if a.startswith("preset=")), "full")
     start = next(e.message for e in events if e.kind == "start")
-    assert start.startswith({"ia3": "IA3", "full": "Full fine-tune"}[algo] + f" (LyCORIS preset {preset})"), start
+    kind = {"ia3": "IA3", "full": "Full fine-tune", "diag-oft": "Diag-OFT"}[algo]
+    assert start.startswith(kind + f" (LyCORIS preset {preset})"), start
     sd = load_tensors(res.final)
     assert json.loads(read_metadata(res.final)["ss_network_args"])["algo"] == algo
-    assert not any(k.endswith(".alpha") for k in sd)
+    assert any(k.endswith(".alpha") for k in sd) == (algo == "diag-oft")  # (OFT's alpha: the constraint)
     unet = {t.kohya_name for t in lycoris_unet_targets(model.model.diffusion_model, family, preset,
                                                        lyco_preset_convs(preset))}
     te = set()
@@ -807,6 +824,11 @@ def test_ia3_and_full_training_writes_files_lycoris_runs_as_trained(family, args
             twin = _projection_twin(layers[layer_name], target)
             if algo == "ia3":
                 ref = IA3Module("x", twin, 1.0, train_on_input=bool(float(sd[f"{n}.on_input"])))
+            elif algo == "diag-oft":
+                blocks = sd[f"{n}.oft_blocks"]
+                assert blocks.shape[0] * blocks.shape[1] == twin.weight.shape[0]
+                ref = DiagOFTModule("x", twin, 1.0, blocks.shape[1], constraint=float(sd[f"{n}.alpha"]),
+                                    rescaled=f"{n}.rescale" in sd)
             else:
                 ref = FullModule("x", twin, 1.0)
             _loaded_module_is_lycoris_forward(ref, twin, mod, sd, n)  # (fails on a module that learned nothing)
@@ -901,3 +923,54 @@ def test_train_norm_trains_the_norm_layers_lycoris_picks(family, args, tmp_path)
                 x = torch.randn(2, 5, layer.normalized_shape[0], generator=g)
                 y = F.layer_norm(x, layer.normalized_shape, layer.weight + dw, layer.bias + db, layer.eps)
             torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=1e-5, msg=n)
+
+
+# ---- diag-OFT ------------------------------------------------------------------------------------------------------
+OFT_CASES = [{}, {"constraint": 0.05}, {"rescaled": True}, {"constraint": 0.05, "rescaled": True}]
+
+
+def _oft_pair(layer, dim, kw):
+    s = lyco.LycoSettings("diag-oft", constraint=kw.get("constraint", 0.0), rescaled=kw.get("rescaled", False))
+    return lyco.make_pair(s, tuple(layer.weight.shape), dim, None)
+
+
+@pytest.mark.parametrize("layer", ["linear", "linear_big", "conv3_stride2", "conv1x1"])
+@pytest.mark.parametrize("kw", OFT_CASES)
+def test_diag_oft_starts_as_lycoris_and_saves_its_tensors(layer, kw):
+    org = LAYERS[layer]()
+    ref, ours = DiagOFTModule("lora_test", org, 1.0, 4, 1.0, **kw), _oft_pair(org, 4, kw)
+    want = ref.state_dict()
+    got = ours.file_tensors()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k].to(got[k].dtype)), k
+    assert float(ours.weight_delta(org.weight, 1.0).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+@pytest.mark.parametrize("layer", ["linear", "linear_big", "conv3_stride2", "conv1x1"])
+@pytest.mark.parametrize("kw", OFT_CASES)
+def test_diag_oft_forward_and_gradients_are_lycoris(layer, kw, multiplier):
+    """Random blocks (their norm past the constraint's cap where one is set) and rescales: LyCORIS' module at
+    multiplier 1 (its fused-formula path) and 0.7 (its general path), outputs and gradients."""
+    org, twin = _twins(layer)
+    ref = DiagOFTModule("lora_test", twin, 1.0, 4, 1.0, **kw)
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    if kw.get("constraint"):
+        q = ref.oft_blocks - ref.oft_blocks.transpose(1, 2)
+        assert float(q.norm()) > ref.constraint  # the cap is in play
+    _same_as_lycoris(ref, twin, _oft_pair(org, 4, kw), org, _weight_forward, g, multiplier=multiplier)
+
+
+def test_diag_oft_max_norm_is_lycoris():
+    org = LAYERS["linear_big"]()
+    ref, ours = DiagOFTModule("lora_test", org, 1.0, 8, 1.0), _oft_pair(org, 8, {})
+    _randomise(ref, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours.oft_blocks.copy_(ref.oft_blocks)
+    for max_norm in (0.5, 100.0):
+        scaled_ref, norm_ref = ref.apply_max_norm(max_norm)
+        scaled, norm = ours.apply_max_norm(max_norm)
+        assert bool(scaled) == bool(scaled_ref) and float(norm) == pytest.approx(float(norm_ref), rel=1e-6)
+        torch.testing.assert_close(ours.oft_blocks, ref.oft_blocks)

@@ -16,16 +16,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full")
+ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full", "diag-oft")
 PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only",
            "ia3")
 # modules whose whole delta is their parameter(s): no rank, alpha, factors or Tucker cores
 NO_RANK = ("ia3", "full")
+# ... and those that ignore DoRA, Tucker cores and rs_lora too (diag-OFT: its "rank" is the block size)
+NO_SCALE = NO_RANK + ("diag-oft",)
 # network_args LyCORIS reads that we honour (conv_dim/alpha and the dropouts are shared with networks.lora)
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
-        "bypass_mode", "rank_dropout_scale", "wd_on_output", "train_on_input"}
+        "bypass_mode", "rank_dropout_scale", "wd_on_output", "train_on_input", "constraint", "rescaled"}
 TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
 # switches that change the module and that this trainer does not build yet: refused, never silently dropped
 _NOT_YET = {
@@ -35,7 +38,7 @@ _NOT_YET = {
 
 BOOL_KEYS = ("decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "use_cp", "use_conv_cp",
              "disable_conv_cp", "use_scalar", "dora_wd", "wd_on_output", "rs_lora", "train_norm", "bypass_mode",
-             "rank_dropout_scale")
+             "rank_dropout_scale", "rescaled")
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -70,11 +73,13 @@ class LycoSettings:
     wd_on_output: bool = True  # DoRA's magnitude per output row (LyCORIS' default since 2025-04) or per input column
     rs_lora: bool = False  # rank-stabilised scale alpha/sqrt(dim)
     train_norm: bool = False  # the UNet's GroupNorm/LayerNorm layers in the preset's blocks get norm modules
+    constraint: float = 0.0  # diag-OFT: the Cayley generator's norm capped at constraint·out_dim (0: no cap)
+    rescaled: bool = False  # diag-OFT: a trained scale per output row
 
     @property
     def weight_path(self) -> bool:
         """LoHa/LoKr/IA3/full modules (their own tensors) instead of kohya's lora_up/lora_down."""
-        return self.algo in ("loha", "lokr") + NO_RANK
+        return self.algo in ("loha", "lokr") + NO_SCALE
 
     @property
     def weight_forward(self) -> bool:
@@ -85,7 +90,8 @@ class LycoSettings:
     @property
     def kind(self) -> str:
         """What the job's start line and notes call it: "LoHa", "LoRA + DoRA (per output)"."""
-        name = {"loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "Full fine-tune"}.get(self.algo, "LoRA")
+        name = {"loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "Full fine-tune",
+                "diag-oft": "Diag-OFT"}.get(self.algo, "LoRA")
         if self.dora:
             name += " + DoRA (per " + ("output" if self.wd_on_output else "input") + ")"
         return name
@@ -101,7 +107,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     algo = nargs.get("algo", "lora").strip().lower()
     if algo not in ALGOS:
         raise ValueError(f"network_args algo={algo}: LoRA Studio trains algo={', '.join(ALGOS)} (other LyCORIS types "
-                         "such as dylora, glora, diag-oft, boft can be applied with <lora:> but not trained yet)")
+                         "such as dylora, glora, boft can be applied with <lora:> but not trained yet)")
     preset = nargs.get("preset", "full").strip()
     if preset not in PRESETS:
         raise ValueError(f"network_args preset={preset}: use one of {', '.join(PRESETS)} (preset files are not read "
@@ -134,12 +140,23 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
         notes.append("network_args train_on_input changes nothing: LyCORIS' sd-scripts wrapper does not pass it on; "
                      "IA3 scales the input channels of the ia3 preset's feed-forward output layers and the output "
                      "channels everywhere else (as under sd-scripts)")
-    if s.algo in NO_RANK:
-        # (LyCORIS' IA3Module / FullModule take these switches and do nothing with them)
+    try:
+        s.constraint = float(nargs.get("constraint", 0) or 0)
+    except ValueError:
+        raise ValueError(f"network_args constraint={nargs['constraint']}: not a number (diag-OFT's norm cap per "
+                         "output channel; 0 = none)") from None
+    if s.constraint < 0:
+        raise ValueError(f"network_args constraint={s.constraint:g}: use 0 (no cap) or a positive number")
+    s.rescaled = _bool(nargs.get("rescaled", False))
+    if s.algo != "diag-oft" and any(k in nargs for k in ("constraint", "rescaled")):
+        notes.append(f"network_args constraint / rescaled shape diag-OFT modules only; with algo={algo} they change "
+                     "nothing (as in LyCORIS)")
+    if s.algo in NO_SCALE:
+        # (LyCORIS' IA3Module / FullModule / DiagOFTModule take these switches and do nothing with them)
         given = [k for k in ("dora_wd", "wd_on_output", "rs_lora", *TUCKER_KEYS, "disable_conv_cp") if k in nargs]
         if given:
-            notes.append(f"network_args {', '.join(given)} change nothing with algo={algo}: its modules have no rank, "
-                         "factors or magnitude (as in LyCORIS)")
+            notes.append(f"network_args {', '.join(given)} change nothing with algo={algo}: its modules have no "
+                         "alpha scale, Tucker factors or DoRA magnitude (as in LyCORIS)")
         s.tucker = s.dora = s.rs_lora = False
     elif "wd_on_output" in nargs and not s.dora:
         notes.append("network_args wd_on_output sets the axis of DoRA's magnitude and changes nothing without "
@@ -515,6 +532,84 @@ class FullPair(_NoRankPair):
         return out
 
 
+class DiagOftPair(PairBase):
+    """LyCORIS' DiagOFTModule: the weight's output rows in blocks of b, each block turned by R = (I + Q)(I - Q)^-1
+    (Cayley, Q = B - Bᵀ from the trained oft_blocks B, zero at the start: R = I), W' = blockdiag(R)ᵀ·W, times a
+    trained scale per row with ``rescaled``; at multiplier m, R·m + I·(1 - m). ``constraint`` caps ‖Q‖ at
+    constraint·out_dim (saved as alpha, as LyCORIS does). Rank dropout is LyCORIS' element dropout on m·R."""
+
+    kind = "diag-oft"
+
+    def __init__(self, shape: tuple, dim: int, s: LycoSettings):
+        super().__init__()
+        self.shape = tuple(shape)
+        out_dim = self.shape[0]
+        self.block_size, self.block_num = factorization(out_dim, dim)
+        self.oft_blocks = nn.Parameter(torch.zeros(self.block_num, self.block_size, self.block_size))
+        rescale = torch.ones(out_dim, *[1] * (len(self.shape) - 1))
+        self.rescale = nn.Parameter(rescale) if s.rescaled else None
+        self.max_q = s.constraint * out_dim
+        self.register_buffer("alpha", torch.tensor(float(s.constraint)))
+        self.dim, self.scale = dim, 1.0
+
+    def reset_parameters(self):
+        nn.init.constant_(self.oft_blocks, 0)
+        if self.rescale is not None:
+            nn.init.constant_(self.rescale, 1)
+
+    def use_rs_scale(self):
+        pass
+
+    def rotation(self) -> torch.Tensor:
+        """R per block (fp32). The cap is a factor min(1, c/‖Q‖) rather than LyCORIS' `if`: the same numbers and
+        gradients without reading the norm back to the host."""
+        b = self.oft_blocks.float()
+        q = b - b.transpose(1, 2)
+        if self.max_q > 0:
+            q = q * torch.clamp(self.max_q / (torch.norm(q) + 1e-8), max=1.0)
+        eye = torch.eye(self.block_size, device=q.device)
+        # (I - Q is always invertible for a skew-symmetric Q: inv_ex skips the error check, a host sync that
+        # a CUDA-graph capture refuses)
+        return (eye + q) @ torch.linalg.inv_ex(eye - q)[0]
+
+    def weight_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
+        with torch.autocast(weight.device.type, enabled=False):  # R and W' in fp32 (autocast would use half)
+            return self._delta(weight.detach().float(), multiplier, rank_dropout)
+
+    def _delta(self, w: torch.Tensor, multiplier: float, rank_dropout: float) -> torch.Tensor:
+        r = self.rotation() * multiplier
+        if rank_dropout:
+            r = F.dropout(r, rank_dropout)
+        eye = torch.eye(self.block_size, device=r.device)
+        m = r + eye * (1 - multiplier)
+        rest = w.shape[1:]
+        out = torch.einsum("k n m, k n ... -> k m ...", m, w.reshape(self.block_num, self.block_size, *rest))
+        out = out.reshape(w.shape)
+        if self.rescale is not None:
+            out = self.rescale.reshape(-1, *[1] * (w.dim() - 1)) * out
+        return out - w
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float):
+        """LyCORIS' DiagOFTModule.apply_max_norm: oft_blocks' norm capped (device tensors, no host sync)."""
+        norm = self.oft_blocks.norm()
+        clamped = torch.clamp(norm, max_norm / 2)
+        ratio = torch.clamp(clamped, max=max_norm) / clamped
+        self.oft_blocks.mul_(ratio)
+        return ratio != 1, norm * ratio
+
+    def load_tensors(self, sd: dict, name: str, missing: list):
+        """The file's blocks and scales; its alpha (the constraint) is not taken: this run's network_args set it."""
+        super().load_tensors({k: v for k, v in sd.items() if k != f"{name}.alpha"}, name, missing)
+
+    def tensors(self, save_4d: bool = False) -> dict:
+        out = {"oft_blocks": self.oft_blocks}
+        if self.rescale is not None:
+            r = self.rescale
+            out["rescale"] = r[:, :, None, None] if save_4d and r.dim() == 2 else r
+        return out
+
+
 class NormPair(_NoRankPair):
     """LyCORIS' NormModule (train_norm): a GroupNorm/LayerNorm's affine weight and bias plus m·w_norm and
     m·b_norm, both starting at 0; the layer adds norm(x; w_norm·m, b_norm·m) to its output, as LyCORIS does."""
@@ -550,4 +645,6 @@ def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False
         return Ia3Pair(shape, on_input)
     if s.algo == "full":
         return FullPair(shape, bias)
+    if s.algo == "diag-oft":
+        return DiagOftPair(shape, dim, s)
     return LohaPair(shape, dim, alpha, s) if s.algo == "loha" else LokrPair(shape, dim, alpha, s)
