@@ -32,6 +32,7 @@ from lib_lora.train.targets import LYCO_TE, lyco_preset_convs, lycoris_unet_targ
 from lib_lora.train.trainer import Trainer, TrainingError
 
 lycoris = pytest.importorskip("lycoris")
+from lycoris.modules.boft import ButterflyOFTModule  # noqa: E402
 from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
 from lycoris.modules.full import FullModule  # noqa: E402
 from lycoris.modules.ia3 import IA3Module  # noqa: E402
@@ -616,7 +617,7 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
 def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     img, _ = _dataset(tmp_path)
     cases = {
-        ("algo=boft",): r"algo=boft: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, diag-oft",
+        ("algo=glora",): r"algo=glora: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, diag-oft, boft",
         ("algo=diag-oft", "constraint=-1"): r"constraint=-1: use 0 \(no cap\) or a positive number",
         ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
@@ -671,7 +672,7 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
                                                                          "dora_wd=True"]), "sd1")
     assert not errors and any("dora_wd, rs_lora change nothing with algo=diag-oft" in n for n in notes), notes
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "constraint=0.1"]), "sd1")
-    assert any("constraint / rescaled shape diag-OFT modules only" in n for n in notes), notes
+    assert any("constraint / rescaled shape diag-OFT and BOFT modules only" in n for n in notes), notes
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=full", "preset=ia3"]), "sd1")
     assert not errors and not any("recommends" in n for n in notes)
     assert any("dim_from_weights" in e for e in check_support(_cfg(
@@ -777,7 +778,8 @@ def test_ia3_and_full_forward_and_gradients_are_lycoris(layer, algo, kw):
     ("sd1", ["algo=full", "preset=attn-mlp"]), ("sd2", ["algo=full", "preset=attn-only"]),
     ("sd1", ["algo=full", "conv_dim=2", "preset=unet-convblock-only"]),
     ("sd1", ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True"]),
-    ("sd2", ["algo=diag-oft", "preset=attn-only", "network_dim=8"])])
+    ("sd2", ["algo=diag-oft", "preset=attn-only", "network_dim=8"]),
+    ("sd1", ["algo=boft", "preset=attn-mlp", "network_dim=8", "rescaled=True", "constraint=0.01"])])
 def test_ia3_full_and_oft_training_writes_files_lycoris_runs_as_trained(family, args, tmp_path):
     """A short run: the model unchanged afterwards, the file's modules are the preset's layers (on SD2 the open_clip
     MHA as sd-scripts' separate q/k/v/out Linears, only k and v for the ia3 preset), every module loads in our
@@ -797,11 +799,11 @@ def test_ia3_full_and_oft_training_writes_files_lycoris_runs_as_trained(family, 
     algo = args[0].split("=")[1]
     preset = next((a.split("=")[1] for a in args if a.startswith("preset=")), "full")
     start = next(e.message for e in events if e.kind == "start")
-    kind = {"ia3": "IA3", "full": "Full fine-tune", "diag-oft": "Diag-OFT"}[algo]
+    kind = {"ia3": "IA3", "full": "Full fine-tune", "diag-oft": "Diag-OFT", "boft": "BOFT"}[algo]
     assert start.startswith(kind + f" (LyCORIS preset {preset})"), start
     sd = load_tensors(res.final)
     assert json.loads(read_metadata(res.final)["ss_network_args"])["algo"] == algo
-    assert any(k.endswith(".alpha") for k in sd) == (algo == "diag-oft")  # (OFT's alpha: the constraint)
+    assert any(k.endswith(".alpha") for k in sd) == (algo in OFT_MODULES)  # (OFT's alpha: the constraint)
     unet = {t.kohya_name for t in lycoris_unet_targets(model.model.diffusion_model, family, preset,
                                                        lyco_preset_convs(preset))}
     te = set()
@@ -824,11 +826,11 @@ def test_ia3_full_and_oft_training_writes_files_lycoris_runs_as_trained(family, 
             twin = _projection_twin(layers[layer_name], target)
             if algo == "ia3":
                 ref = IA3Module("x", twin, 1.0, train_on_input=bool(float(sd[f"{n}.on_input"])))
-            elif algo == "diag-oft":
+            elif algo in OFT_MODULES:
                 blocks = sd[f"{n}.oft_blocks"]
-                assert blocks.shape[0] * blocks.shape[1] == twin.weight.shape[0]
-                ref = DiagOFTModule("x", twin, 1.0, blocks.shape[1], constraint=float(sd[f"{n}.alpha"]),
-                                    rescaled=f"{n}.rescale" in sd)
+                assert blocks.shape[-3] * blocks.shape[-1] == twin.weight.shape[0]
+                ref = OFT_MODULES[algo][0]("x", twin, 1.0, blocks.shape[-1], constraint=float(sd[f"{n}.alpha"]),
+                                           rescaled=f"{n}.rescale" in sd)
             else:
                 ref = FullModule("x", twin, 1.0)
             _loaded_module_is_lycoris_forward(ref, twin, mod, sd, n)  # (fails on a module that learned nothing)
@@ -929,16 +931,25 @@ def test_train_norm_trains_the_norm_layers_lycoris_picks(family, args, tmp_path)
 OFT_CASES = [{}, {"constraint": 0.05}, {"rescaled": True}, {"constraint": 0.05, "rescaled": True}]
 
 
-def _oft_pair(layer, dim, kw):
-    s = lyco.LycoSettings("diag-oft", constraint=kw.get("constraint", 0.0), rescaled=kw.get("rescaled", False))
+OFT_MODULES = {"diag-oft": (DiagOFTModule, 4), "boft": (ButterflyOFTModule, 16)}  # (LyCORIS' class, dim used)
+
+
+def _oft_pair(layer, dim, kw, algo="diag-oft"):
+    s = lyco.LycoSettings(algo, constraint=kw.get("constraint", 0.0), rescaled=kw.get("rescaled", False))
     return lyco.make_pair(s, tuple(layer.weight.shape), dim, None)
 
 
+def _oft_twins(algo, layer, kw):
+    cls, dim = OFT_MODULES[algo]
+    org, twin = _twins(layer)
+    return org, twin, cls("lora_test", twin, 1.0, dim, 1.0, **kw), _oft_pair(org, dim, kw, algo)
+
+
+@pytest.mark.parametrize("algo", list(OFT_MODULES))
 @pytest.mark.parametrize("layer", ["linear", "linear_big", "conv3_stride2", "conv1x1"])
 @pytest.mark.parametrize("kw", OFT_CASES)
-def test_diag_oft_starts_as_lycoris_and_saves_its_tensors(layer, kw):
-    org = LAYERS[layer]()
-    ref, ours = DiagOFTModule("lora_test", org, 1.0, 4, 1.0, **kw), _oft_pair(org, 4, kw)
+def test_diag_oft_and_boft_start_as_lycoris_and_save_its_tensors(layer, kw, algo):
+    org, _, ref, ours = _oft_twins(algo, layer, kw)
     want = ref.state_dict()
     got = ours.file_tensors()
     assert got.keys() == want.keys()
@@ -947,20 +958,32 @@ def test_diag_oft_starts_as_lycoris_and_saves_its_tensors(layer, kw):
     assert float(ours.weight_delta(org.weight, 1.0).abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("algo", list(OFT_MODULES))
 @pytest.mark.parametrize("multiplier", [1.0, 0.7])
 @pytest.mark.parametrize("layer", ["linear", "linear_big", "conv3_stride2", "conv1x1"])
 @pytest.mark.parametrize("kw", OFT_CASES)
-def test_diag_oft_forward_and_gradients_are_lycoris(layer, kw, multiplier):
+def test_diag_oft_and_boft_forward_and_gradients_are_lycoris(layer, kw, multiplier, algo):
     """Random blocks (their norm past the constraint's cap where one is set) and rescales: LyCORIS' module at
-    multiplier 1 (its fused-formula path) and 0.7 (its general path), outputs and gradients."""
-    org, twin = _twins(layer)
-    ref = DiagOFTModule("lora_test", twin, 1.0, 4, 1.0, **kw)
+    multiplier 1 (diag-OFT: its fused-formula path) and 0.7 (its general path), outputs and gradients."""
+    org, twin, ref, ours = _oft_twins(algo, layer, kw)
     g = torch.Generator().manual_seed(5)
     _randomise(ref, g)
     if kw.get("constraint"):
-        q = ref.oft_blocks - ref.oft_blocks.transpose(1, 2)
+        q = ref.oft_blocks - ref.oft_blocks.transpose(-1, -2)
         assert float(q.norm()) > ref.constraint  # the cap is in play
-    _same_as_lycoris(ref, twin, _oft_pair(org, 4, kw), org, _weight_forward, g, multiplier=multiplier)
+    _same_as_lycoris(ref, twin, ours, org, _weight_forward, g, multiplier=multiplier)
+
+
+def test_boft_layout_is_lycoris_and_an_impossible_one_is_named():
+    from lycoris.functional.general import power2factorization
+    for d in (4, 32, 40, 48, 96, 320, 640, 768, 1024, 1280, 2048, 2816):
+        for f in (-1, 2, 4, 8, 16, 32, 64):
+            assert lyco.power2factorization(d, f) == power2factorization(d, f), (d, f)
+    with pytest.raises(ValueError, match="BOFT cannot split 320 output channels .* at most 4"):
+        _oft_pair(nn.Linear(8, 320), 4, {}, "boft")
+    sd1 = models.make_sd1(seed=1)
+    with pytest.raises(ValueError, match=r"lora_\w+: BOFT cannot split"):
+        LoRANetwork(sd1, "sd1", dim=5, lyco=lyco.LycoSettings("boft"))
 
 
 def test_diag_oft_max_norm_is_lycoris():

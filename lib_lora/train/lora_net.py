@@ -82,6 +82,10 @@ class LoRAPair(PairBase):
         return self.rebuild() * self.scale
 
 
+class NetworkShapeError(ValueError):
+    """A layer the chosen network type cannot be built on (its size); the message names the layer."""
+
+
 class LoRANetwork(nn.Module):
     def __init__(self, sd_model, family: str, dim: int = 4, alpha: float = 1.0, conv_dim: int | None = None,
                  conv_alpha: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
@@ -136,36 +140,44 @@ class LoRANetwork(nn.Module):
             if not d:
                 self.skipped.append(t.kohya_name)
                 continue
-            self.targets.append(t)
-            on_input = lyco is not None and lyco.preset == "ia3" and t.kohya_name.endswith(IA3_ON_INPUT)
-            if t.kind == "mha":
-                e = m.embed_dim
-                has_bias = m.in_proj_bias is not None
-                for n, (dn, an) in zip(names, dims if module_dims is not None else [(d, a)] * len(names)):
-                    self.pairs[n] = (make_pair(lyco, (e, e), dn, an, bias=has_bias) if weight_path
-                                     else LoRAPair(e, e, dn, an))
-                self._mha.append((t, names))
-            elif weight_path:
-                self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a, bias=m.bias is not None,
-                                                     on_input=on_input)
-            elif t.kind == "conv":
-                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
-                                                    m.padding, tucker=lyco is not None and lyco.tucker)
-            elif t.kind == "conv1x1":
-                self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
-            else:
-                self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
-            if lyco is not None and lyco.dora:  # (norm modules have none: continued above)
-                if t.kind == "mha":
-                    w = dict(zip(("q", "k", "v", "out"), (*m.in_proj_weight.detach().chunk(3), m.out_proj.weight)))
-                    for n, part in zip(names, t.parts):
-                        self.pairs[n].init_dora(w[part], lyco.wd_on_output)
-                else:
-                    self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
+            try:
+                self._add(t, d, a, names, dims if module_dims is not None else None, weight_path)
+            except ValueError as e:
+                raise NetworkShapeError(f"{t.kohya_name}: {e}") from None
         if lyco is not None and lyco.rs_lora:
             for pair in self.pairs.values():
                 pair.use_rs_scale()
         self._attached = False
+
+    def _add(self, t: TrainTarget, d: int, a, names: list[str] | None, dims: list | None, weight_path: bool):
+        """The module(s) of one target (an MHA: one per projection trained)."""
+        m, lyco = t.module, self.lyco
+        self.targets.append(t)
+        on_input = lyco is not None and lyco.preset == "ia3" and t.kohya_name.endswith(IA3_ON_INPUT)
+        if t.kind == "mha":
+            e = m.embed_dim
+            has_bias = m.in_proj_bias is not None
+            for n, (dn, an) in zip(names, dims if dims is not None else [(d, a)] * len(names)):
+                self.pairs[n] = (make_pair(lyco, (e, e), dn, an, bias=has_bias) if weight_path
+                                 else LoRAPair(e, e, dn, an))
+            self._mha.append((t, names))
+        elif weight_path:
+            self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a, bias=m.bias is not None,
+                                                 on_input=on_input)
+        elif t.kind == "conv":
+            self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
+                                                m.padding, tucker=lyco is not None and lyco.tucker)
+        elif t.kind == "conv1x1":
+            self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
+        else:
+            self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
+        if lyco is not None and lyco.dora:  # (norm modules have none: they never come here)
+            if t.kind == "mha":
+                w = dict(zip(("q", "k", "v", "out"), (*m.in_proj_weight.detach().chunk(3), m.out_proj.weight)))
+                for n, part in zip(names, t.parts):
+                    self.pairs[n].init_dora(w[part], lyco.wd_on_output)
+            else:
+                self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
 
     # ---- counts, parameters -------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -18,13 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full", "diag-oft")
+ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full", "diag-oft", "boft")
 PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only",
            "ia3")
 # modules whose whole delta is their parameter(s): no rank, alpha, factors or Tucker cores
 NO_RANK = ("ia3", "full")
-# ... and those that ignore DoRA, Tucker cores and rs_lora too (diag-OFT: its "rank" is the block size)
-NO_SCALE = NO_RANK + ("diag-oft",)
+# ... and those that ignore DoRA, Tucker cores and rs_lora too (OFT: its "rank" is the block size)
+OFT = ("diag-oft", "boft")
+NO_SCALE = NO_RANK + OFT
 # network_args LyCORIS reads that we honour (conv_dim/alpha and the dropouts are shared with networks.lora)
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
@@ -91,7 +92,7 @@ class LycoSettings:
     def kind(self) -> str:
         """What the job's start line and notes call it: "LoHa", "LoRA + DoRA (per output)"."""
         name = {"loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "Full fine-tune",
-                "diag-oft": "Diag-OFT"}.get(self.algo, "LoRA")
+                "diag-oft": "Diag-OFT", "boft": "BOFT"}.get(self.algo, "LoRA")
         if self.dora:
             name += " + DoRA (per " + ("output" if self.wd_on_output else "input") + ")"
         return name
@@ -107,7 +108,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     algo = nargs.get("algo", "lora").strip().lower()
     if algo not in ALGOS:
         raise ValueError(f"network_args algo={algo}: LoRA Studio trains algo={', '.join(ALGOS)} (other LyCORIS types "
-                         "such as dylora, glora, boft can be applied with <lora:> but not trained yet)")
+                         "such as dylora and glora can be applied with <lora:> but not trained yet)")
     preset = nargs.get("preset", "full").strip()
     if preset not in PRESETS:
         raise ValueError(f"network_args preset={preset}: use one of {', '.join(PRESETS)} (preset files are not read "
@@ -148,9 +149,9 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     if s.constraint < 0:
         raise ValueError(f"network_args constraint={s.constraint:g}: use 0 (no cap) or a positive number")
     s.rescaled = _bool(nargs.get("rescaled", False))
-    if s.algo != "diag-oft" and any(k in nargs for k in ("constraint", "rescaled")):
-        notes.append(f"network_args constraint / rescaled shape diag-OFT modules only; with algo={algo} they change "
-                     "nothing (as in LyCORIS)")
+    if s.algo not in OFT and any(k in nargs for k in ("constraint", "rescaled")):
+        notes.append(f"network_args constraint / rescaled shape diag-OFT and BOFT modules only; with algo={algo} "
+                     "they change nothing (as in LyCORIS)")
     if s.algo in NO_SCALE:
         # (LyCORIS' IA3Module / FullModule / DiagOFTModule take these switches and do nothing with them)
         given = [k for k in ("dora_wd", "wd_on_output", "rs_lora", *TUCKER_KEYS, "disable_conv_cp") if k in nargs]
@@ -544,8 +545,7 @@ class DiagOftPair(PairBase):
         super().__init__()
         self.shape = tuple(shape)
         out_dim = self.shape[0]
-        self.block_size, self.block_num = factorization(out_dim, dim)
-        self.oft_blocks = nn.Parameter(torch.zeros(self.block_num, self.block_size, self.block_size))
+        self.oft_blocks = nn.Parameter(torch.zeros(self._blocks_shape(out_dim, dim)))
         rescale = torch.ones(out_dim, *[1] * (len(self.shape) - 1))
         self.rescale = nn.Parameter(rescale) if s.rescaled else None
         self.max_q = s.constraint * out_dim
@@ -557,6 +557,10 @@ class DiagOftPair(PairBase):
         if self.rescale is not None:
             nn.init.constant_(self.rescale, 1)
 
+    def _blocks_shape(self, out_dim: int, dim: int) -> tuple:
+        self.block_size, self.block_num = factorization(out_dim, dim)
+        return self.block_num, self.block_size, self.block_size
+
     def use_rs_scale(self):
         pass
 
@@ -564,7 +568,7 @@ class DiagOftPair(PairBase):
         """R per block (fp32). The cap is a factor min(1, c/‖Q‖) rather than LyCORIS' `if`: the same numbers and
         gradients without reading the norm back to the host."""
         b = self.oft_blocks.float()
-        q = b - b.transpose(1, 2)
+        q = b - b.transpose(-1, -2)
         if self.max_q > 0:
             q = q * torch.clamp(self.max_q / (torch.norm(q) + 1e-8), max=1.0)
         eye = torch.eye(self.block_size, device=q.device)
@@ -610,6 +614,56 @@ class DiagOftPair(PairBase):
         return out
 
 
+def power2factorization(dimension: int, factor: int = -1) -> tuple[int | None, int]:
+    """LyCORIS' split of ``dimension`` for BOFT: (even block size b <= factor, as large as possible; a power of
+    two n of blocks), n = 0 where there is none."""
+    if factor == -1:
+        factor = dimension
+    m = n = 0
+    while m <= factor:
+        m += 2
+        while dimension % m != 0 and m < dimension:
+            m += 2
+        if m > factor:
+            break
+        if bin(dimension // m).count("1") == 1:
+            n = dimension // m
+    return (None, 0) if n == 0 else (dimension // n, n)
+
+
+class BoftPair(DiagOftPair):
+    """LyCORIS' ButterflyOFTModule: log2(n)+1 butterfly stages of n blocks of b, each a Cayley rotation of its own
+    trained blocks (zero start), stage i mixing rows 2^i·b/2 apart; W' = stages(W)·rescale. The multiplier turns
+    each stage toward I (LyCORIS). No rank dropout (LyCORIS' BOFT has none)."""
+
+    kind = "boft"
+
+    def _blocks_shape(self, out_dim: int, dim: int) -> tuple:
+        b, n = power2factorization(out_dim, dim)
+        if not n:
+            raise ValueError(f"BOFT cannot split {out_dim} output channels into a power of two of even blocks of at "
+                             f"most {dim} (network_dim, or conv_dim for 3x3 convs); try a larger even dim such as 16 "
+                             "or 32")
+        self.block_size, self.block_num = b, n
+        self.boft_m = bin(n - 1).count("1") + 1
+        return self.boft_m, n, b, b
+
+    def _delta(self, w: torch.Tensor, multiplier: float, rank_dropout: float) -> torch.Tensor:
+        r = self.rotation()
+        eye = torch.eye(self.block_size, device=r.device)
+        b, half = self.block_size, self.block_size // 2
+        x = w
+        for i in range(self.boft_m):
+            bi = r[i] if multiplier == 1 else r[i] * multiplier + eye * (1 - multiplier)
+            k = 2 ** i * half
+            x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+            x = torch.einsum("b i j, b j ... -> b i ...", bi, x)
+            x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+        if self.rescale is not None:
+            x = x * self.rescale.reshape(-1, *[1] * (w.dim() - 1))
+        return x - w
+
+
 class NormPair(_NoRankPair):
     """LyCORIS' NormModule (train_norm): a GroupNorm/LayerNorm's affine weight and bias plus m·w_norm and
     m·b_norm, both starting at 0; the layer adds norm(x; w_norm·m, b_norm·m) to its output, as LyCORIS does."""
@@ -647,4 +701,6 @@ def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False
         return FullPair(shape, bias)
     if s.algo == "diag-oft":
         return DiagOftPair(shape, dim, s)
+    if s.algo == "boft":
+        return BoftPair(shape, dim, s)
     return LohaPair(shape, dim, alpha, s) if s.algo == "loha" else LokrPair(shape, dim, alpha, s)

@@ -158,16 +158,18 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         if cfg.network_dropout or "dropout" in nargs:
             notes.append(f"network_dropout / network_args dropout is not applied with {what} (LyCORIS does not "
                          "implement it for modules that rebuild the weight either); "
-                         + ("module_dropout is" if s.algo == "ia3" else "rank_dropout and module_dropout are"))
+                         + ("module_dropout is" if s.algo in ("ia3", "boft")
+                            else "rank_dropout and module_dropout are"))
     if s.train_norm and "rank_dropout" in nargs:
         notes.append("rank_dropout is not applied to the norm modules of train_norm (LyCORIS' NormModule keeps "
                      "only the channels it means to drop); the other modules use it")
+    if s.algo in ("ia3", "boft") and "rank_dropout" in nargs:
+        notes.append(f"rank_dropout is not applied with algo={s.algo} (LyCORIS' {s.kind} has none); module_dropout "
+                     "is")
     if s.algo in lyco.NO_RANK:
         if cfg.scale_weight_norms:
             notes.append(f"scale_weight_norms changes nothing with algo={s.algo}: LyCORIS caps the norms of LoRA, "
-                         "LoHa and LoKr modules only")
-        if s.algo == "ia3" and "rank_dropout" in nargs:
-            notes.append("rank_dropout is not applied with algo=ia3 (LyCORIS' IA3 has none); module_dropout is")
+                         "LoHa, LoKr and OFT modules only")
         if s.algo == "ia3":
             notes.append("IA3 files apply in this extension's <lora:>, A1111's built-in Lora and LyCORIS; ComfyUI "
                          "has no IA3 loader (it reports the keys as not loaded)")

@@ -37,7 +37,7 @@ from .fp8 import compute_dtype, fp8_parts, fp8_storage, text_encoder_root
 from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
-from .lora_net import LoRANetwork
+from .lora_net import LoRANetwork, NetworkShapeError
 from .support import base_dims, block_settings, lyco_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
@@ -592,12 +592,15 @@ class Trainer:
                 raise TrainingError(str(e)) from None
             for n in notes:
                 self._note(n)
-            net = LoRANetwork(
-                self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
-                train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=self._dropout,
-                rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
-                module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
-                blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco)
+            try:
+                net = LoRANetwork(
+                    self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
+                    train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=self._dropout,
+                    rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
+                    module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
+                    blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco)
+            except NetworkShapeError as e:  # (a layer size the network type cannot split, e.g. BOFT)
+                raise TrainingError(str(e)) from None
             why = ("are not in the network_weights file" if module_dims else
                    "have rank 0 or a block learning-rate weight of 0")
             if not net.pairs:
