@@ -2,7 +2,8 @@
 
 Linear/Conv2d targets get kohya's activation-path LoRA (``org(x) + up(down(x)) * m * alpha/dim``) by replacing the
 instance's ``forward`` (the class stays untouched, so the WebUI's attention hijack and other class patches keep
-working). LyCORIS LoHa/LoKr/IA3/full modules (lyco.py) add ``op(x, ΔW·m)`` with the layer's own op instead. An
+working). LyCORIS LoHa/LoKr/IA3/full/OFT modules (lyco.py) add ``op(x, ΔW·m)`` with the layer's own op instead,
+train_norm's norm modules ``norm(x; Δw, Δb)``. An
 ``nn.MultiheadAttention`` (SD2 TE, SDXL TE2) has no per-projection modules, so its q/k/v/out deltas are added to the
 weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes every trace.
 """

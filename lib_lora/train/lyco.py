@@ -1,11 +1,12 @@
 """LyCORIS networks trained the way ``network_module = "lycoris.kohya"`` trains them in sd-scripts.
 
 ``algo=lora``/``locon`` is a kohya LoRA on LyCORIS' wider layer set; ``algo=loha`` (Hadamard product of two
-low-rank pairs), ``algo=lokr`` (Kronecker product), ``algo=ia3`` (a learned scale per channel) and ``algo=full``
-(a whole trained difference per layer, bias included) have their own modules here. Shapes, initialisation, scale
-and saved keys follow LyCORIS' LohaModule / LokrModule (Tucker cores for kxk convs on request; DoRA weight
-decomposition with ``dora_wd``; no trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own
-``<lora:>`` load the files (lora-formats.md). The layer sets are LyCORIS' presets as they land on sd-scripts' UNets
+low-rank pairs), ``algo=lokr`` (Kronecker product), ``algo=ia3`` (a learned scale per channel), ``algo=full``
+(a whole trained difference per layer, bias included), ``algo=diag-oft`` / ``boft`` (orthogonal rotations of the
+output rows) and ``train_norm`` (norm layers) have their own modules here. Shapes, initialisation, scale and saved
+keys follow LyCORIS' modules of the same names (Tucker cores for kxk convs on request; DoRA weight decomposition
+with ``dora_wd``; no trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own ``<lora:>`` load the
+files (lora-formats.md; the job's notes say where one of those tools cannot). The layer sets are LyCORIS' presets as they land on sd-scripts' UNets
 (tests/data/lycoris_targets_reference.json).
 """
 
@@ -74,12 +75,12 @@ class LycoSettings:
     wd_on_output: bool = True  # DoRA's magnitude per output row (LyCORIS' default since 2025-04) or per input column
     rs_lora: bool = False  # rank-stabilised scale alpha/sqrt(dim)
     train_norm: bool = False  # the UNet's GroupNorm/LayerNorm layers in the preset's blocks get norm modules
-    constraint: float = 0.0  # diag-OFT: the Cayley generator's norm capped at constraint·out_dim (0: no cap)
-    rescaled: bool = False  # diag-OFT: a trained scale per output row
+    constraint: float = 0.0  # OFT: the Cayley generator's norm capped at constraint·out_dim (0: no cap)
+    rescaled: bool = False  # OFT: a trained scale per output row
 
     @property
     def weight_path(self) -> bool:
-        """LoHa/LoKr/IA3/full modules (their own tensors) instead of kohya's lora_up/lora_down."""
+        """LoHa/LoKr/IA3/full/OFT modules (their own tensors) instead of kohya's lora_up/lora_down."""
         return self.algo in ("loha", "lokr") + NO_SCALE
 
     @property
