@@ -55,8 +55,18 @@ class LoRAPair(PairBase):
         self.reset_parameters()
         self._set_alpha(alpha, dim)
 
+    frozen_down = False  # LoRA-FA (networks.lora_fa): lora_down stays at its random start, only lora_up trains
+
+    def freeze_down(self):
+        self.frozen_down = True
+        self.lora_down.weight.requires_grad_(False)
+
     def reset_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.frozen_down:  # (sd-scripts' lora_fa: the paper's normal init; in_dim without the kernel)
+            rank = self.lora_down.weight.shape[0]
+            nn.init.normal_(self.lora_down.weight, std=math.sqrt(2.0 / (self.shape[1] + rank)))
+        else:
+            nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         if self.lora_mid is not None:  # (LyCORIS' order)
             nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
@@ -92,11 +102,12 @@ class LoRANetwork(nn.Module):
                  conv_alpha: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
                  blocks: BlockDims | None = None, module_dims: dict[str, tuple[int, float]] | None = None,
-                 lyco: LycoSettings | None = None):
+                 lyco: LycoSettings | None = None, lora_fa: bool = False):
         """``blocks``: per-block ranks (block_dims / block learning rates); ``module_dims``: a rank and alpha per
         kohya module name (a start file with several ranks): a module without one gets no LoRA, as in sd-scripts'
         create_network_from_weights. ``lyco``: a LyCORIS network (lycoris.kohya): its preset's layers, and LoHa /
-        LoKr modules for those algorithms."""
+        LoKr modules for those algorithms. ``lora_fa``: sd-scripts' networks.lora_fa, lora_down frozen at its
+        random start."""
         super().__init__()
         self.family = family
         self.multiplier = 1.0
@@ -148,6 +159,10 @@ class LoRANetwork(nn.Module):
         if lyco is not None and lyco.rs_lora:
             for pair in self.pairs.values():
                 pair.use_rs_scale()
+        if lora_fa:
+            for pair in self.pairs.values():
+                pair.freeze_down()
+                pair.reset_parameters()
         self._attached = False
 
     def _add(self, t: TrainTarget, d: int, a, names: list[str] | None, dims: list | None, weight_path: bool):
@@ -195,8 +210,9 @@ class LoRANetwork(nn.Module):
         whose LR is 0 is left out (that part trains nothing)."""
         groups: dict[str, dict] = {}
 
-        def add(key, lr, scale, params):
-            groups.setdefault(key, {"params": [], "lr": lr, "name": key, "lr_scale": scale})["params"].extend(params)
+        def add(key, lr, scale, params):  # (frozen tensors, LoRA-FA's lora_down, are not trained)
+            groups.setdefault(key, {"params": [], "lr": lr, "name": key, "lr_scale": scale})["params"].extend(
+                p for p in params if p.requires_grad)
 
         for name, pair in self.pairs.items():
             if name.startswith("lora_unet_"):

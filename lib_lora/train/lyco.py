@@ -101,11 +101,12 @@ class LycoSettings:
 
 def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSettings | None:
     """The LyCORIS settings of a config (None for networks.lora); ValueError says what to change."""
-    if (module or "networks.lora") == "networks.lora":
+    if (module or "networks.lora") in ("networks.lora", "networks.lora_fa"):
         return None
     if module != "lycoris.kohya":
         raise ValueError(f"network_module = {module!r} cannot be trained here; use networks.lora (LoRA, LoCon through "
-                         "conv_dim) or lycoris.kohya with network_args algo=lora/locon/loha/lokr")
+                         "conv_dim), networks.lora_fa (LoRA-FA) or lycoris.kohya with network_args algo="
+                         + "/".join(ALGOS))
     algo = nargs.get("algo", "lora").strip().lower()
     if algo not in ALGOS:
         raise ValueError(f"network_args algo={algo}: LoRA Studio trains algo={', '.join(ALGOS)} (other LyCORIS types "

@@ -209,6 +209,10 @@ def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: t
         notes.append("network_args block_alphas / conv_block_dims / conv_block_alphas work together with "
                       "block_dims or block learning-rate weights; without either they are ignored (as in sd-scripts)")
     plus = blocks.loraplus_ratios(nargs)
+    if cfg.network_module == "networks.lora_fa" and any(r is not None for r in plus):
+        notes.append("LoRA+ ratios are not used with networks.lora_fa (sd-scripts' LoRA-FA has no LoRA+; its "
+                     "lora_down does not train)")
+        plus = (None, None)
     opt = (cfg.optimizer_type or "").lower()
     if any(r is not None for r in plus) and ("prodigy" in opt or "dadapt" in opt):
         notes.append(f"LoRA+ with {cfg.optimizer_type}: these optimizers set the step size themselves, so the "
@@ -258,6 +262,9 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
             notes.append(f"{name}: the LoRA weights, their gradients and the optimizer state stay in fp32 here (a few "
                          "hundred MB at most, more precise than half precision); the model itself computes in the "
                          "mixed precision set")
+    if cfg.network_module == "networks.lora_fa" and cfg.scale_weight_norms:
+        errors.append("scale_weight_norms with networks.lora_fa: sd-scripts' LoRA-FA has no max-norm regularisation "
+                      "(sd-scripts stops with an error); remove scale_weight_norms or use networks.lora")
     errors_opt, notes_opt = optimizer_problems(cfg.optimizer_type)
     errors += errors_opt
     notes += notes_opt
