@@ -560,7 +560,7 @@ def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
 
 @pytest.mark.parametrize("args", [["algo=loha", "conv_dim=2", "preset=full"],
                                   ["algo=locon", "conv_dim=2", "dora_wd=True", "rs_lora=True"],
-                                  ["algo=ia3", "preset=ia3"], ["algo=full", "preset=attn-only", "rank_dropout=0.2"],
+                                  ["algo=ia3", "preset=ia3"], ["algo=full", "preset=attn-only", "rank_dropout=0.2", "rank_dropout_scale=True"],
                                   ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True",
                                    "train_norm=True"]],
                          ids=["loha", "locon_dora_rs", "ia3", "full", "oft_norm"])
@@ -665,6 +665,11 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert not errors and "dora_wd, use_tucker change nothing with algo=ia3" in text
     assert "scale_weight_norms changes nothing with algo=ia3" in text and "rank_dropout is not applied" in text
     assert "LyCORIS recommends preset=ia3" in text and "built-in Lora (1.10) fails on those layers" in text
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "rank_dropout_scale=True",
+                                                                    "rank_dropout=0.1"]), "sd1")
+    assert any("already scales the kept channels by 1/(1 - rank_dropout)" in n for n in notes), notes
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=boft", "rank_dropout_scale=True"]), "sd1")
+    assert any("rank_dropout_scale changes nothing with algo=boft" in n for n in notes), notes
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=lokr", "train_norm=True",
                                                                     "rank_dropout=0.1"]), "sd1")
     assert any("rank_dropout is not applied to the norm modules" in n for n in notes), notes
@@ -997,3 +1002,51 @@ def test_diag_oft_max_norm_is_lycoris():
         scaled, norm = ours.apply_max_norm(max_norm)
         assert bool(scaled) == bool(scaled_ref) and float(norm) == pytest.approx(float(norm_ref), rel=1e-6)
         torch.testing.assert_close(ours.oft_blocks, ref.oft_blocks)
+
+
+# ---- rank dropout (rank_dropout_scale) -----------------------------------------------------------------------------
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "rank_dropout_scale"])
+@pytest.mark.parametrize("algo", ["loha", "lokr", "locon_dora", "full"])
+def test_rank_dropout_is_lycoris_draw_for_draw(algo, scaled):
+    """In training, LyCORIS drops whole output rows of the rebuilt delta with one torch.rand per module and call,
+    and with rank_dropout_scale divides the mask by its mean. With the same seed before each call, its module and
+    ours give the same outputs and gradients."""
+    from lycoris.modules.locon import LoConModule
+    org, twin = _twins("linear_big")
+    kw = dict(rank_dropout=0.3, rank_dropout_scale=scaled)
+    if algo == "full":
+        ref, ours = FullModule("lora_test", twin, 1.0, **kw), _no_rank_pair("full", org, {})
+    elif algo == "locon_dora":
+        ref = LoConModule("lora_test", twin, 1.0, 4, 2.0, weight_decompose=True, wd_on_out=True, **kw)
+        ours = _our_dora("locon", org, {}, True)
+    else:
+        ref, ours = _lycoris_module(algo, twin, 4, 2.0, kw), _our_pair(algo, org, 4, 2.0, {})
+    ours.rank_dropout_scale = scaled
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    names = FULL_NAMES if algo == "full" else {}
+    params = dict(ref.named_parameters())
+    missing = []
+    ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}
+                      | {f"m.{o}": params[r].detach() for o, r in names.items()}, "m", missing)
+    assert not missing
+    ref.apply_to()
+    ref.train()
+    net = types.SimpleNamespace(multiplier=1.0, training=True, module_dropout=None, dropout=None, rank_dropout=0.3,
+                                _passes_through=lambda: False)
+    plain = type(org).forward.__get__(org)
+    org.forward = LoRANetwork._weight_forward(net, ours, org, plain)
+    x = torch.randn(3, 7, org.in_features, generator=g)
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        y_ref = twin(x)
+        torch.manual_seed(seed)
+        y = org(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        outs.append(y)
+    assert not torch.allclose(outs[0], outs[1])  # the masks differ from call to call
+    (outs[1] * outs[1].detach().cos()).sum().backward()
+    (y_ref * y_ref.detach().cos()).sum().backward()
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, params[names.get(k, k)].grad, rtol=1e-4, atol=1e-5, msg=k)

@@ -159,6 +159,9 @@ class LoRANetwork(nn.Module):
         if lyco is not None and lyco.rs_lora:
             for pair in self.pairs.values():
                 pair.use_rs_scale()
+        if lyco is not None and lyco.rank_dropout_scale:
+            for pair in self.pairs.values():
+                pair.rank_dropout_scale = True
         if lora_fa:
             for pair in self.pairs.values():
                 pair.freeze_down()

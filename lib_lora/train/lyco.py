@@ -33,9 +33,7 @@ KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced
         "bypass_mode", "rank_dropout_scale", "wd_on_output", "train_on_input", "constraint", "rescaled"}
 TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
 # switches that change the module and that this trainer does not build yet: refused, never silently dropped
-_NOT_YET = {
-    "use_scalar": "the trained scalar", "rank_dropout_scale": "rescaled rank dropout",
-}
+_NOT_YET = {"use_scalar": "the trained scalar"}
 
 
 BOOL_KEYS = ("decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "use_cp", "use_conv_cp",
@@ -77,6 +75,7 @@ class LycoSettings:
     train_norm: bool = False  # the UNet's GroupNorm/LayerNorm layers in the preset's blocks get norm modules
     constraint: float = 0.0  # OFT: the Cayley generator's norm capped at constraint·out_dim (0: no cap)
     rescaled: bool = False  # OFT: a trained scale per output row
+    rank_dropout_scale: bool = False  # rank dropout's kept rows scaled by 1/(share kept), as LyCORIS does
 
     @property
     def weight_path(self) -> bool:
@@ -139,6 +138,13 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
                      _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)),
                      tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)),
                      _bool(nargs.get("rs_lora", False)), _bool(nargs.get("train_norm", False)))
+    s.rank_dropout_scale = _bool(nargs.get("rank_dropout_scale", False))
+    if s.rank_dropout_scale and not s.weight_forward:
+        notes.append(f"network_args rank_dropout_scale with algo={algo}: the kohya-style rank dropout used here "
+                     "already scales the kept channels by 1/(1 - rank_dropout)")
+    elif s.rank_dropout_scale and s.algo in ("ia3", "diag-oft", "boft"):
+        notes.append(f"network_args rank_dropout_scale changes nothing with algo={algo} (as in LyCORIS: its rank "
+                     "dropout is none, or an element dropout that scales itself)")
     if "train_on_input" in nargs:  # (the kohya_ss GUI writes it for its iA3 type)
         notes.append("network_args train_on_input changes nothing: LyCORIS' sd-scripts wrapper does not pass it on; "
                      "IA3 scales the input channels of the ia3 preset's feed-forward output layers and the output "
@@ -201,12 +207,18 @@ def _channel_norm(w: torch.Tensor, on_output: bool) -> torch.Tensor:
     return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(w.shape[1], *ones).transpose(0, 1)
 
 
-def _drop_rows(w: torch.Tensor, rank_dropout: float) -> torch.Tensor:
-    """LyCORIS' rank dropout in the weight path: whole output rows of the delta, no rescaling."""
+def _keep_rows(n: int, rank_dropout: float, scale: bool, like: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' rank-dropout mask over n output rows; with ``scale`` (rank_dropout_scale) divided by its mean,
+    the share kept (LyCORIS divides by zero when every row drops; here that step adds nothing)."""
+    keep = (torch.rand(n, device=like.device) > rank_dropout).to(like.dtype)
+    return keep / keep.mean().clamp_min(torch.finfo(keep.dtype).tiny) if scale else keep
+
+
+def _drop_rows(w: torch.Tensor, rank_dropout: float, scale: bool = False) -> torch.Tensor:
+    """LyCORIS' rank dropout in the weight path: whole output rows of the delta."""
     if not rank_dropout:
         return w
-    keep = (torch.rand(w.shape[0], device=w.device) > rank_dropout).to(w.dtype)
-    return w * keep.view(-1, *[1] * (w.dim() - 1))
+    return w * _keep_rows(w.shape[0], rank_dropout, scale, w).view(-1, *[1] * (w.dim() - 1))
 
 
 class PairBase(nn.Module):
@@ -215,6 +227,7 @@ class PairBase(nn.Module):
     name (the file's suffixes are the parameter names)."""
 
     shape: tuple  # the host weight's shape (out, in[, kh, kw])
+    rank_dropout_scale = False  # set on the pairs of a LyCORIS network with rank_dropout_scale
 
     def __init__(self):
         super().__init__()
@@ -238,7 +251,7 @@ class PairBase(nn.Module):
         raise NotImplementedError
 
     def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
-        return _drop_rows(self.rebuild().reshape(self.shape) * self.scale, rank_dropout)
+        return _drop_rows(self.rebuild().reshape(self.shape) * self.scale, rank_dropout, self.rank_dropout_scale)
 
     def init_dora(self, weight: torch.Tensor, on_output: bool):
         """LyCORIS' start: the magnitude is the host weight's own norm (fp32), so the module starts as a no-op."""
@@ -256,7 +269,8 @@ class PairBase(nn.Module):
         if self.dora_scale is None:
             return self.delta_weight(rank_dropout).reshape(weight.shape) * multiplier
         w = weight.detach().float()
-        v = w + _drop_rows(self.rebuild().reshape(weight.shape).float() * self.scale, rank_dropout)
+        v = w + _drop_rows(self.rebuild().reshape(weight.shape).float() * self.scale, rank_dropout,
+                           self.rank_dropout_scale)
         factor = self.dora_scale / (_channel_norm(v, self.wd_on_output) + torch.finfo(torch.float32).eps)
         if multiplier != 1:
             factor = multiplier * (factor - 1) + 1
@@ -519,7 +533,7 @@ class FullPair(_NoRankPair):
     def weight_and_bias_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0):
         dw, db = self.diff.reshape(weight.shape), self.diff_b
         if rank_dropout:
-            keep = (torch.rand(dw.shape[0], device=dw.device) > rank_dropout).to(dw.dtype)
+            keep = _keep_rows(dw.shape[0], rank_dropout, self.rank_dropout_scale, dw)
             dw = dw * keep.view(-1, *[1] * (dw.dim() - 1))
             db = None if db is None else db * keep
         return dw * multiplier, None if db is None else db * multiplier
