@@ -238,7 +238,8 @@ def _same_as_lycoris(ref, twin, ours, org, make_forward, g, multiplier=0.7, name
     (y_ref * y_ref.detach().cos()).sum().backward()
     (y * y.detach().cos()).sum().backward()
     ref_grads = dict(ref.named_parameters())
-    assert {names.get(k, k) for k, _ in ours.named_parameters()} == set(ref_grads) - {"scalar"}
+    ours_names = {names.get(k, k) for k, _ in ours.named_parameters()}
+    assert ours_names == set(ref_grads) - ({"scalar"} - ours_names)  # (a trained scalar only with use_scalar)
     for k, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[names.get(k, k)].grad, rtol=1e-4, atol=1e-5, msg=k)
 
@@ -562,8 +563,10 @@ def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
                                   ["algo=locon", "conv_dim=2", "dora_wd=True", "rs_lora=True"],
                                   ["algo=ia3", "preset=ia3"], ["algo=full", "preset=attn-only", "rank_dropout=0.2", "rank_dropout_scale=True"],
                                   ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True",
-                                   "train_norm=True"]],
-                         ids=["loha", "locon_dora_rs", "ia3", "full", "oft_norm"])
+                                   "train_norm=True"],
+                                  ["algo=locon", "conv_dim=2", "use_scalar=True"],
+                                  ["algo=lokr", "preset=attn-mlp", "use_scalar=True", "factor=4"]],
+                         ids=["loha", "locon_dora_rs", "ia3", "full", "oft_norm", "locon_scalar", "lokr_scalar"])
 def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
     full = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", network_args=args, lr_scheduler="cosine"))
@@ -579,6 +582,12 @@ def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    if "use_scalar=True" in args:  # the scalar trained and went into the file folded: a whole, loadable LoRA
+        assert not any(k.endswith(".scalar") for k in a)
+        net = load_network(full.final, "sd1", layer_names=set(layer_mapping(sd1)))
+        assert len(net.report.matched) == net.report.total_modules == len({k.split(".")[0] for k in a})
+        first = "lora_up.weight" if "algo=locon" in args else "lokr_w1"
+        assert all(float(a[k].abs().max()) > 0 for k in a if k.endswith(first))
     if "rs_lora=True" in args:  # alpha·dim/sqrt(dim): network_alpha 2 at rank 4, conv_alpha (= 2) at rank 2
         assert float(a["lora_unet_mid_block_attentions_0_proj_in.alpha"]) == 4.0
         assert float(a["lora_unet_conv_in.alpha"]) == pytest.approx(2 * 2 ** 0.5, rel=1e-6)
@@ -619,7 +628,6 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     cases = {
         ("algo=glora",): r"algo=glora: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, diag-oft, boft",
         ("algo=diag-oft", "constraint=-1"): r"constraint=-1: use 0 \(no cap\) or a positive number",
-        ("algo=loha", "use_scalar=True"): r"use_scalar=True: the trained scalar cannot be trained here yet",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
         ("algo=lokr", "factor=0"): r"factor=0: use -1",
@@ -638,6 +646,12 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert any("networks.dylora' cannot be trained here" in e for e in errors), errors
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha"], scale_weight_norms=1.0)
     assert check_support(cfg, "sd1")[0] == []  # LyCORIS' max-norm for LoHa/LoKr (test below)
+    cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_scalar=True"], scale_weight_norms=1.0)
+    assert any("scale_weight_norms with use_scalar" in e for e in check_support(cfg, "sd1")[0])
+    cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha", "use_scalar=True"], scale_weight_norms=1.0)
+    assert check_support(cfg, "sd1")[0] == []  # (LoHa/LoKr's cap includes the scalar)
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=ia3", "use_scalar=True"]), "sd1")
+    assert any("use_scalar changes nothing with algo=ia3" in n for n in notes), notes
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_cp=True"], scale_weight_norms=1.0)
     assert any("scale_weight_norms" in e and "Tucker" in e for e in check_support(cfg, "sd1")[0])
     # what LyCORIS itself ignores is said, not dropped silently
@@ -1050,3 +1064,52 @@ def test_rank_dropout_is_lycoris_draw_for_draw(algo, scaled):
     (y_ref * y_ref.detach().cos()).sum().backward()
     for k, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, params[names.get(k, k)].grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---- use_scalar ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", ["linear", "conv3_stride2", "conv1x1"])
+@pytest.mark.parametrize("algo, kw", [("locon", {}), ("locon_dora", {}), ("loha", {}), ("lokr", {}),
+                                      ("lokr", {"decompose_both": True, "factor": 4}), ("lokr", {"full_matrix": True})])
+def test_use_scalar_is_lycoris(layer, algo, kw):
+    """use_scalar: LyCORIS' start (scalar 0, the usually-zero factor at random, the same draws in the same order),
+    its file (the scalar folded into lora_up / hada_w1_a / lokr_w1), its output and gradients (the scalar's too)
+    once everything is random, and a file loaded back sets the scalar to 1."""
+    from lycoris.modules.locon import LoConModule
+    org, twin = _twins(layer)
+    dora = algo == "locon_dora"
+    torch.manual_seed(11)
+    if algo.startswith("locon"):
+        ref = LoConModule("x", twin, 1.0, 4, 2.0, use_scalar=True, weight_decompose=dora, wd_on_out=True)
+    else:
+        ref = _lycoris_module(algo, twin, 4, 2.0, dict(kw, use_scalar=True))
+    ours = _our_dora("locon", org, {}, True, dora) if algo.startswith("locon") else _our_pair(algo, org, 4, 2.0, kw)
+    ours.enable_scalar()
+    torch.manual_seed(11)
+    ours.reset_parameters()
+    if dora:
+        ours.init_dora(org.weight, True)
+    # (a no-op; DoRA's renormalisation leaves float rounding, as LyCORIS' own start does)
+    assert float(ours.scalar) == 0.0 and float(ours.weight_delta(org.weight, 1.0).abs().max()) < 1e-6
+    want = ref.custom_state_dict()
+    got = ours.file_tensors()
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(want[k].reshape(got[k].shape).shape)
+                                                            for k in got}
+    if not algo.startswith("locon"):  # (LoCon's nn.Linear/Conv2d draw their own init first in LyCORIS)
+        for k in got:
+            torch.testing.assert_close(got[k], want[k].reshape(got[k].shape), rtol=0, atol=0, msg=k)
+    else:
+        assert float(got["lora_up.weight"].abs().max()) == 0.0 and float(ours.lora_up.weight.abs().max()) > 0
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    raw = {k: k for k, _ in ours.named_parameters()}  # (LyCORIS' state_dict holds the scalar folded in)
+    _same_as_lycoris(ref, twin, ours, org, _pair_forward if algo == "locon" else _weight_forward, g, names=raw)
+    want, got = ref.custom_state_dict(), ours.file_tensors()  # the scalar folded into the same factor
+    for k in got:
+        torch.testing.assert_close(got[k], want[k].reshape(got[k].shape), rtol=1e-6, atol=1e-7, msg=k)
+    saved = {f"m.{k}": v.detach() for k, v in ours.file_tensors().items()}
+    back = _our_dora("locon", org, {}, True, dora) if algo.startswith("locon") else _our_pair(algo, org, 4, 2.0, kw)
+    back.enable_scalar()
+    missing = []
+    back.load_tensors(saved, "m", missing)
+    assert not missing and float(back.scalar) == 1.0
+    torch.testing.assert_close(back.weight_delta(org.weight, 1.0), ours.weight_delta(org.weight, 1.0))

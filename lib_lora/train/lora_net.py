@@ -35,6 +35,8 @@ def autocast_enabled(device_type: str) -> bool:
 class LoRAPair(PairBase):
     """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names."""
 
+    scalar_factor = "lora_up.weight"
+
     def __init__(self, in_dim: int, out_dim: int, dim: int, alpha: float, kernel=None, stride=1, padding=0,
                  tucker: bool = False):
         """``tucker`` (LyCORIS use_tucker, kxk convs): 1x1 down, kxk ``lora_mid`` core, 1x1 up."""
@@ -67,13 +69,20 @@ class LoRAPair(PairBase):
             nn.init.normal_(self.lora_down.weight, std=math.sqrt(2.0 / (self.shape[1] + rank)))
         else:
             nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
+        if self.use_scalar:  # (LyCORIS: the scalar starts at 0, lora_up at random)
+            with torch.no_grad():
+                self.scalar.zero_()
+            nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_up.weight)
         if self.lora_mid is not None:  # (LyCORIS' order)
             nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
 
     def tensors(self, save_4d: bool = False) -> dict:
         """kohya's keys; ``save_4d``: a Linear the host trains as a 1x1 conv (SD2 proj_in/out) saved 4-D."""
-        out = {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight}
+        up = self.lora_up.weight
+        out = {"lora_down.weight": self.lora_down.weight,
+               "lora_up.weight": up * self.scalar.to(up.dtype) if self.use_scalar else up}  # (folded, as LyCORIS)
         if save_4d:
             out = {k: v[:, :, None, None] for k, v in out.items()}
         if self.lora_mid is not None:
@@ -82,6 +91,8 @@ class LoRAPair(PairBase):
 
     def rebuild(self) -> torch.Tensor:
         up, down = self.lora_up.weight.flatten(1), self.lora_down.weight.flatten(1)
+        if self.use_scalar:
+            up = up * self.scalar.to(up.dtype)
         if self.lora_mid is not None:
             return torch.einsum("oa,abhw,bi->oihw", up, self.lora_mid.weight, down)
         return (up @ down).reshape(self.shape)
@@ -162,6 +173,10 @@ class LoRANetwork(nn.Module):
         if lyco is not None and lyco.rank_dropout_scale:
             for pair in self.pairs.values():
                 pair.rank_dropout_scale = True
+        if lyco is not None and lyco.use_scalar:
+            for pair in self.pairs.values():
+                if not isinstance(pair, NormPair):
+                    pair.enable_scalar()
         if lora_fa:
             for pair in self.pairs.values():
                 pair.freeze_down()
@@ -266,6 +281,8 @@ class LoRANetwork(nn.Module):
                 h = h * (torch.rand(mask_shape, device=h.device) > net.rank_dropout).to(h.dtype)
                 scale = scale / (1.0 - net.rank_dropout)
             u = pair.lora_up(h) * (net.multiplier * scale)
+            if pair.use_scalar:
+                u = u * pair.scalar.to(u.dtype)
             return y + (u if u.dtype == y.dtype else u.to(y.dtype))
 
         return forward
@@ -432,13 +449,15 @@ class LoRANetwork(nn.Module):
         return (ratio != 1).sum(), scaled.mean(), scaled.max()
 
     # ---- state dict in kohya format -----------------------------------------------------------------------
-    def kohya_state_dict(self, dtype: torch.dtype | None = None, prefixes: tuple | None = None) -> dict[str, torch.Tensor]:
+    def kohya_state_dict(self, dtype: torch.dtype | None = None, prefixes: tuple | None = None,
+                         raw: bool = False) -> dict[str, torch.Tensor]:
+        """The file's tensors; ``raw``: for the resume state (use_scalar's scalar kept apart from its factor)."""
         save_4d = {t.kohya_name for t in self.targets if t.save_4d}
         out = {}
         for name, pair in self.pairs.items():
             if prefixes is not None and not name.startswith(prefixes):
                 continue
-            for k, v in pair.file_tensors(name in save_4d).items():
+            for k, v in pair.file_tensors(name in save_4d, raw).items():
                 v = v.detach() if dtype is None else v.detach().to(dtype)
                 # copies: the weights may be views into one flat buffer (fast path), which safetensors refuses to save
                 out[f"{name}.{k}"] = v.to("cpu", copy=True).contiguous()

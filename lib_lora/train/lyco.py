@@ -5,9 +5,9 @@ low-rank pairs), ``algo=lokr`` (Kronecker product), ``algo=ia3`` (a learned scal
 (a whole trained difference per layer, bias included), ``algo=diag-oft`` / ``boft`` (orthogonal rotations of the
 output rows) and ``train_norm`` (norm layers) have their own modules here. Shapes, initialisation, scale and saved
 keys follow LyCORIS' modules of the same names (Tucker cores for kxk convs on request; DoRA weight decomposition
-with ``dora_wd``; no trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own ``<lora:>`` load the
-files (lora-formats.md; the job's notes say where one of those tools cannot). The layer sets are LyCORIS' presets as they land on sd-scripts' UNets
-(tests/data/lycoris_targets_reference.json).
+with ``dora_wd``; ``use_scalar``'s trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own
+``<lora:>`` load the files (lora-formats.md; the job's notes say where one of those tools cannot). The layer sets
+are LyCORIS' presets as they land on sd-scripts' UNets (tests/data/lycoris_targets_reference.json).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced
         "bypass_mode", "rank_dropout_scale", "wd_on_output", "train_on_input", "constraint", "rescaled"}
 TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
 # switches that change the module and that this trainer does not build yet: refused, never silently dropped
-_NOT_YET = {"use_scalar": "the trained scalar"}
+_NOT_YET: dict[str, str] = {}
 
 
 BOOL_KEYS = ("decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "use_cp", "use_conv_cp",
@@ -76,6 +76,7 @@ class LycoSettings:
     constraint: float = 0.0  # OFT: the Cayley generator's norm capped at constraint·out_dim (0: no cap)
     rescaled: bool = False  # OFT: a trained scale per output row
     rank_dropout_scale: bool = False  # rank dropout's kept rows scaled by 1/(share kept), as LyCORIS does
+    use_scalar: bool = False  # a trained scalar (0 at the start) times the delta; the zero factor starts random
 
     @property
     def weight_path(self) -> bool:
@@ -139,6 +140,10 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
                      tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)),
                      _bool(nargs.get("rs_lora", False)), _bool(nargs.get("train_norm", False)))
     s.rank_dropout_scale = _bool(nargs.get("rank_dropout_scale", False))
+    s.use_scalar = _bool(nargs.get("use_scalar", False))
+    if s.use_scalar and algo in NO_SCALE:
+        notes.append(f"network_args use_scalar changes nothing with algo={algo} (as in LyCORIS)")
+        s.use_scalar = False
     if s.rank_dropout_scale and not s.weight_forward:
         notes.append(f"network_args rank_dropout_scale with algo={algo}: the kohya-style rank dropout used here "
                      "already scales the kept channels by 1/(1 - rank_dropout)")
@@ -233,6 +238,16 @@ class PairBase(nn.Module):
         super().__init__()
         self.register_parameter("dora_scale", None)  # DoRA (dora_wd): the trained magnitude, set by init_dora
 
+    def enable_scalar(self):
+        """LyCORIS' use_scalar: a trained scalar times the delta, 0 at the start (reset_parameters then starts the
+        zero factor at random instead); the file holds it folded into the first factor, so loading one sets it
+        to 1."""
+        self._buffers.pop("scalar", None)
+        self.scalar = nn.Parameter(torch.zeros(()))
+        self.use_scalar = True
+
+    use_scalar = False
+
     def _set_alpha(self, alpha, dim):
         alpha = dim if alpha is None or alpha == 0 else float(alpha)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
@@ -279,9 +294,15 @@ class PairBase(nn.Module):
     def tensors(self, save_4d: bool = False) -> dict:
         raise NotImplementedError
 
-    def file_tensors(self, save_4d: bool = False) -> dict:
-        """Everything the module saves under its name: its factors, DoRA's magnitude, alpha."""
+    scalar_factor = ""  # use_scalar: the parameter the file holds the scalar folded into
+
+    def file_tensors(self, save_4d: bool = False, raw: bool = False) -> dict:
+        """Everything the module saves under its name: its factors, DoRA's magnitude, alpha. ``raw`` (the
+        resume state): a trained scalar and its factor as they are, not folded together."""
         out = dict(self.tensors(save_4d))
+        if raw and self.use_scalar:
+            out[self.scalar_factor] = self.get_parameter(self.scalar_factor)
+            out["scalar"] = self.scalar
         if self.dora_scale is not None:
             d = self.dora_scale
             out["dora_scale"] = d[:, :, None, None] if save_4d and d.dim() == 2 else d
@@ -292,6 +313,9 @@ class PairBase(nn.Module):
         with torch.no_grad():
             for key, p in self.named_parameters():
                 full = f"{name}.{key}"
+                if key == "scalar" and full not in sd:  # (use_scalar: folded into the saved factors)
+                    p.fill_(1.0)
+                    continue
                 if full not in sd:
                     missing.append(full)
                     continue
@@ -333,6 +357,7 @@ class LohaPair(_WeightPair):
     (hada_t1/t2; then w*_a is (r, out) and w*_b (r, in))."""
 
     kind = "loha"
+    scalar_factor = "hada_w1_a"
 
     def __init__(self, shape: tuple, dim: int, alpha, s: LycoSettings | None = None):
         super().__init__()
@@ -358,15 +383,19 @@ class LohaPair(_WeightPair):
         self.reset_parameters()
 
     def reset_parameters(self):
-        self.scalar.fill_(1.0)
-        # LyCORIS' init (order included): w2_a = 0 makes the start an exact no-op
+        with torch.no_grad():
+            self.scalar.fill_(0.0 if self.use_scalar else 1.0)
+        # LyCORIS' init (order included): w2_a = 0 (or the scalar) makes the start an exact no-op
         if self.tucker:
             nn.init.normal_(self.hada_t1, std=0.1)
             nn.init.normal_(self.hada_t2, std=0.1)
         nn.init.normal_(self.hada_w1_b, std=1)
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1)
-        nn.init.constant_(self.hada_w2_a, 0)
+        if self.use_scalar:
+            nn.init.normal_(self.hada_w2_a, std=0.1)
+        else:
+            nn.init.constant_(self.hada_w2_a, 0)
 
     def rebuild(self):
         if self.tucker:
@@ -422,18 +451,26 @@ class LokrPair(_WeightPair):
         self.reset_parameters()
 
     def reset_parameters(self):
+        if self.use_scalar:
+            with torch.no_grad():
+                self.scalar.zero_()
+        zero = (lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))) if self.use_scalar else nn.init.zeros_
         if self.use_w2:
-            nn.init.constant_(self.lokr_w2, 0)
+            zero(self.lokr_w2)
         else:
             if self.tucker:
                 nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
-            nn.init.constant_(self.lokr_w2_b, 0)
+            zero(self.lokr_w2_b)
         if self.use_w1:
             nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
         else:
             nn.init.kaiming_uniform_(self.lokr_w1_a, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.lokr_w1_b, a=math.sqrt(5))
+
+    @property
+    def scalar_factor(self) -> str:
+        return "lokr_w1" if self.use_w1 else "lokr_w1_a"
 
     def rebuild(self):
         w1 = self.lokr_w1 if self.use_w1 else self.lokr_w1_a @ self.lokr_w1_b
@@ -445,7 +482,8 @@ class LokrPair(_WeightPair):
             w2 = (self.lokr_w2_a @ self.lokr_w2_b).reshape(self._w2_shape)
         for _ in range(w2.dim() - w1.dim()):
             w1 = w1.unsqueeze(-1)
-        return torch.kron(w1, w2.contiguous())
+        w = torch.kron(w1, w2.contiguous())
+        return w * self.scalar.to(w.dtype) if self.use_scalar else w
 
     def _rescale(self, ratio):
         # (LyCORIS' LokrModule: every factor times ratio^(1/factors))
@@ -458,6 +496,9 @@ class LokrPair(_WeightPair):
     def tensors(self, save_4d: bool = False) -> dict:
         out = {k: getattr(self, k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
                                              "lokr_w2_b", "lokr_t2") if hasattr(self, k)}
+        if self.use_scalar:  # (LyCORIS folds it into w1)
+            first = self.scalar_factor
+            out[first] = out[first] * self.scalar.to(out[first].dtype)
         if save_4d and "lokr_w2" in out and out["lokr_w2"].dim() == 2:
             out["lokr_w2"] = out["lokr_w2"][:, :, None, None]  # the host trains this layer as a 1x1 conv
         return out
@@ -469,7 +510,7 @@ class _NoRankPair(PairBase):
 
     dim, scale = 1, 1.0
 
-    def file_tensors(self, save_4d: bool = False) -> dict:
+    def file_tensors(self, save_4d: bool = False, raw: bool = False) -> dict:
         return self.tensors(save_4d)
 
     def use_rs_scale(self):

@@ -151,6 +151,9 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.weight_path and cfg.dim_from_weights:
         raise ValueError(f"dim_from_weights reads the ranks of kohya LoRA files; with algo={s.algo} set "
                          "network_dim (and conv_dim) instead")
+    if s.use_scalar and cfg.scale_weight_norms and not s.weight_path:
+        raise ValueError(f"scale_weight_norms with use_scalar and algo={s.algo} cannot be used here yet (the cap "
+                         "would miss the scalar); remove one of them, or use algo=loha / lokr")
     if s.dora and cfg.scale_weight_norms:
         raise ValueError(f"scale_weight_norms cannot be used with {what} here yet (the norm DoRA renormalises is not "
                          "the delta's); remove one of them")

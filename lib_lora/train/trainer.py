@@ -897,7 +897,7 @@ class Trainer:
             def save_resume_now(epoch_no, batch_in_epoch, tag):
                 path = os.path.join(out_dir, f"{name}-{tag}-state.pt")
                 opt_sd = flat.state_dict_per_weight(optimizer.state_dict()) if flat else optimizer.state_dict()
-                save_state(path, {"network": net.kohya_state_dict(torch.float32), "optimizer": opt_sd,
+                save_state(path, {"network": net.kohya_state_dict(torch.float32, raw=True), "optimizer": opt_sd,
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                                   "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
                                   "losses": self.losses, "rng": rng_state(), "config_source": c.source})
