@@ -167,18 +167,14 @@ class LoRANetwork(nn.Module):
                 self._add(t, d, a, names, dims if module_dims is not None else None, weight_path)
             except ValueError as e:
                 raise NetworkShapeError(f"{t.kohya_name}: {e}") from None
-        if lyco is not None and lyco.rs_lora:
-            for pair in self.pairs.values():
-                pair.use_rs_scale()
-        if lyco is not None and lyco.rank_dropout_scale:
-            for pair in self.pairs.values():
-                pair.rank_dropout_scale = True
-        if lyco is not None and lyco.use_scalar:
-            for pair in self.pairs.values():
-                if not isinstance(pair, NormPair):
+        for pair in self.pairs.values():  # the network-wide switches, on every module
+            if lyco is not None:
+                if lyco.rs_lora:
+                    pair.use_rs_scale()
+                pair.rank_dropout_scale = lyco.rank_dropout_scale
+                if lyco.use_scalar and not isinstance(pair, NormPair):
                     pair.enable_scalar()
-        if lora_fa:
-            for pair in self.pairs.values():
+            if lora_fa:
                 pair.freeze_down()
                 pair.reset_parameters()
         self._attached = False

@@ -27,6 +27,7 @@ NO_RANK = ("ia3", "full")
 # ... and those that ignore DoRA, Tucker cores and rs_lora too (OFT: its "rank" is the block size)
 OFT = ("diag-oft", "boft")
 NO_SCALE = NO_RANK + OFT
+NO_RANK_DROPOUT = ("ia3", "boft")  # LyCORIS' modules without rank dropout
 # network_args LyCORIS reads that we honour (conv_dim/alpha and the dropouts are shared with networks.lora)
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
@@ -147,7 +148,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     if s.rank_dropout_scale and not s.weight_forward:
         notes.append(f"network_args rank_dropout_scale with algo={algo}: the kohya-style rank dropout used here "
                      "already scales the kept channels by 1/(1 - rank_dropout)")
-    elif s.rank_dropout_scale and s.algo in ("ia3", "diag-oft", "boft"):
+    elif s.rank_dropout_scale and s.algo in NO_RANK_DROPOUT + ("diag-oft",):
         notes.append(f"network_args rank_dropout_scale changes nothing with algo={algo} (as in LyCORIS: its rank "
                      "dropout is none, or an element dropout that scales itself)")
     if "train_on_input" in nargs:  # (the kohya_ss GUI writes it for its iA3 type)
@@ -607,6 +608,7 @@ class DiagOftPair(PairBase):
         self.rescale = nn.Parameter(rescale) if s.rescaled else None
         self.max_q = s.constraint * out_dim
         self.register_buffer("alpha", torch.tensor(float(s.constraint)))
+        self.register_buffer("eye", torch.eye(self.block_size), persistent=False)  # (made once, not per step)
         self.dim, self.scale = dim, 1.0
 
     def reset_parameters(self):
@@ -618,9 +620,6 @@ class DiagOftPair(PairBase):
         self.block_size, self.block_num = factorization(out_dim, dim)
         return self.block_num, self.block_size, self.block_size
 
-    def use_rs_scale(self):
-        pass
-
     def rotation(self) -> torch.Tensor:
         """R per block (fp32). The cap is a factor min(1, c/‖Q‖) rather than LyCORIS' `if`: the same numbers and
         gradients without reading the norm back to the host."""
@@ -628,7 +627,7 @@ class DiagOftPair(PairBase):
         q = b - b.transpose(-1, -2)
         if self.max_q > 0:
             q = q * torch.clamp(self.max_q / (torch.norm(q) + 1e-8), max=1.0)
-        eye = torch.eye(self.block_size, device=q.device)
+        eye = self.eye
         # (I - Q is always invertible for a skew-symmetric Q: inv_ex skips the error check, a host sync that
         # a CUDA-graph capture refuses)
         return (eye + q) @ torch.linalg.inv_ex(eye - q)[0]
@@ -641,8 +640,7 @@ class DiagOftPair(PairBase):
         r = self.rotation() * multiplier
         if rank_dropout:
             r = F.dropout(r, rank_dropout)
-        eye = torch.eye(self.block_size, device=r.device)
-        m = r + eye * (1 - multiplier)
+        m = r + self.eye * (1 - multiplier)
         rest = w.shape[1:]
         out = torch.einsum("k n m, k n ... -> k m ...", m, w.reshape(self.block_num, self.block_size, *rest))
         out = out.reshape(w.shape)
@@ -706,8 +704,7 @@ class BoftPair(DiagOftPair):
         return self.boft_m, n, b, b
 
     def _delta(self, w: torch.Tensor, multiplier: float, rank_dropout: float) -> torch.Tensor:
-        r = self.rotation()
-        eye = torch.eye(self.block_size, device=r.device)
+        r, eye = self.rotation(), self.eye
         b, half = self.block_size, self.block_size // 2
         x = w
         for i in range(self.boft_m):

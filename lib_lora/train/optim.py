@@ -241,6 +241,11 @@ def adapts_lr(name: str | None) -> bool:
     return k.startswith("dadapt") or k.startswith("prodigy")
 
 
+def fallback_twin(name: str | None) -> str | None:
+    """The 32-bit optimizer an 8-bit / paged one falls back to without a usable bitsandbytes (None: no twin)."""
+    return _FALLBACK.get(optimizer_key(name))
+
+
 def effective_optimizer(name: str | None) -> str:
     """The optimizer a run will really use, as a normalised key: an 8-bit one without a usable bitsandbytes trains
     as its 32-bit twin (``make_optimizer(..., notes=...)`` says so)."""

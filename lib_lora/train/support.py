@@ -13,7 +13,7 @@ import torch
 
 from . import blocks, lyco
 from .config import TrainConfig
-from .optim import SCHEDULERS, make_torch_scheduler
+from .optim import SCHEDULERS, adapts_lr, make_torch_scheduler
 
 # keys whose value changes nothing here, or that we honour fully
 HONOURED = {
@@ -161,12 +161,12 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         if cfg.network_dropout or "dropout" in nargs:
             notes.append(f"network_dropout / network_args dropout is not applied with {what} (LyCORIS does not "
                          "implement it for modules that rebuild the weight either); "
-                         + ("module_dropout is" if s.algo in ("ia3", "boft")
+                         + ("module_dropout is" if s.algo in lyco.NO_RANK_DROPOUT
                             else "rank_dropout and module_dropout are"))
     if s.train_norm and "rank_dropout" in nargs:
         notes.append("rank_dropout is not applied to the norm modules of train_norm (LyCORIS' NormModule keeps "
                      "only the channels it means to drop); the other modules use it")
-    if s.algo in ("ia3", "boft") and "rank_dropout" in nargs:
+    if s.algo in lyco.NO_RANK_DROPOUT and "rank_dropout" in nargs:
         notes.append(f"rank_dropout is not applied with algo={s.algo} (LyCORIS' {s.kind} has none); module_dropout "
                      "is")
     if s.algo in lyco.NO_RANK:
@@ -216,8 +216,7 @@ def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: t
         notes.append("LoRA+ ratios are not used with networks.lora_fa (sd-scripts' LoRA-FA has no LoRA+; its "
                      "lora_down does not train)")
         plus = (None, None)
-    opt = (cfg.optimizer_type or "").lower()
-    if any(r is not None for r in plus) and ("prodigy" in opt or "dadapt" in opt):
+    if any(r is not None for r in plus) and adapts_lr(cfg.optimizer_type):
         notes.append(f"LoRA+ with {cfg.optimizer_type}: these optimizers set the step size themselves, so the "
                      "lora_up learning-rate ratio does little (sd-scripts calls the combination unsupported)")
     return lr_weights, dims, plus
@@ -226,14 +225,14 @@ def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: t
 def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
     """(errors, notes) for optimizer_type before queueing: a name nothing provides, a package that is missing
     (an 8-bit/paged one falls back to its 32-bit twin with a note instead)."""
-    from .optim import _FALLBACK, OptimizerNameError, OptimizerUnavailable, optimizer_class, optimizer_key
+    from .optim import OptimizerNameError, OptimizerUnavailable, fallback_twin, optimizer_class
 
     try:
         optimizer_class(name or "AdamW")
     except OptimizerNameError as e:
         return [str(e)], []
     except OptimizerUnavailable as e:
-        twin = _FALLBACK.get(optimizer_key(name))
+        twin = fallback_twin(name)
         if twin:
             return [], [f"{e} {twin} will be used instead (same results, more memory)."]
         return [str(e)], []

@@ -228,11 +228,10 @@ def _open_clip_targets(model: nn.Module, host_prefix: str, kohya_prefix: str, co
     return out
 
 
-def text_encoder_targets(sd_model, family: str, attention_only: bool = False, layers: str | None = None
-                         ) -> list[TrainTarget]:
-    """kohya's text-encoder layers (attention and MLP); ``attention_only``: LyCORIS' attn-only preset;
-    ``layers``: "all", "attention" or "ia3" (LyCORIS' ia3 preset: k, v and fc2)."""
-    a = layers or ("attention" if attention_only else "all")
+def text_encoder_targets(sd_model, family: str, layers: str = "all") -> list[TrainTarget]:
+    """kohya's text-encoder layers (attention and MLP); ``layers``: "all", "attention" (LyCORIS' attn-only
+    preset) or "ia3" (LyCORIS' ia3 preset: k, v and fc2)."""
+    a = layers
     if family == "sdxl":
         emb = sd_model.conditioner.embedders
         te1 = getattr(emb[0], "wrapped", emb[0])

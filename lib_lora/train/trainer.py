@@ -592,6 +592,7 @@ class Trainer:
                 raise TrainingError(str(e)) from None
             for n in notes:
                 self._note(n)
+            lora_fa = c.network_module == "networks.lora_fa"
             try:
                 net = LoRANetwork(
                     self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
@@ -599,7 +600,7 @@ class Trainer:
                     rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
                     module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
                     blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco,
-                    lora_fa=c.network_module == "networks.lora_fa")
+                    lora_fa=lora_fa)
             except NetworkShapeError as e:  # (a layer size the network type cannot split, e.g. BOFT)
                 raise TrainingError(str(e)) from None
             why = ("are not in the network_weights file" if module_dims else
@@ -616,7 +617,7 @@ class Trainer:
             net.to(self.device)
             if c.network_weights:
                 self._load_start_weights(net, start_sd)
-            kind = "LoRA-FA (lora_down frozen)" if c.network_module == "networks.lora_fa" else "LoRA"
+            kind = "LoRA-FA (lora_down frozen)" if lora_fa else "LoRA"
             if lyco is not None:
                 kind = f"{lyco.kind} (LyCORIS preset {lyco.preset})"
                 if lyco.dora and self.family == "sd2" and any(t.save_4d for t in net.targets):
@@ -1137,9 +1138,8 @@ class Trainer:
             "ss_max_train_steps": self.total_steps,
             "ss_lr_warmup_steps": c.lr_warmup_steps,
             "ss_lr_scheduler": c.lr_scheduler,
-            "ss_network_module": ("lycoris.kohya" if self._lyco is not None
-                                  else "networks.lora_fa" if c.network_module == "networks.lora_fa"
-                                  else "networks.lora"),
+            # (any other network_module was refused before the run)
+            "ss_network_module": "lycoris.kohya" if self._lyco is not None else c.network_module or "networks.lora",
             "ss_network_dim": dim,
             "ss_network_alpha": float(self._net_dims[1] if self._net_dims[1] is not None else dim),
             "ss_network_dropout": self._dropout,

@@ -62,10 +62,10 @@ class VramEstimate:
     advice: list[str] = field(default_factory=list)
 
 
-def trains_full(cfg: TrainConfig) -> bool:
+def trains_full(network_module: str | None, network_args: list[str] | None) -> bool:
     """LyCORIS algo=full (native fine-tuning): memory as a fine-tune, not a LoRA."""
-    return cfg.network_module == "lycoris.kohya" and any(
-        a.replace(" ", "").lower() == "algo=full" for a in cfg.network_args or [])
+    return network_module == "lycoris.kohya" and any(
+        a.replace(" ", "").lower() == "algo=full" for a in network_args or [])
 
 
 def estimate_vram(family: str | None, *, batch: int, width: int, height: int, mixed_precision: str = "fp16",
@@ -241,7 +241,7 @@ def diagnose(plan: DatasetPlan, family: str | None, *, weight_bytes: int | None 
                              gradient_checkpointing=cfg.gradient_checkpointing, dim=int(cfg.network_dim or 4),
                              train_unet=bool(unet_lr), train_te=bool(te_lr) and not cfg.network_train_unet_only,
                              optimizer=cfg.optimizer_type or "AdamW", fp8=fp8_parts_of(cfg, weight_bytes),
-                             full=trains_full(cfg))
+                             full=trains_full(cfg.network_module, cfg.network_args))
     words = getattr(_dataset, "_reg_words", None)  # the engine's own wording of the reg arithmetic
     reg_words = (" ".join(w for w in (words(p) for p in plan.datasets) if w) or None) if words else None
     return DoctorReport(

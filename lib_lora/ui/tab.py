@@ -646,8 +646,8 @@ def build_tab(backend) -> gr.Blocks:
                                     dim=int(v["network_dim"] or 4), train_unet=bool(v["unet_lr"]),
                                     train_te=bool(v["text_encoder_lr"]) and not v["network_train_unet_only"],
                                     optimizer=v["optimizer_type"], fp8=("unet", "te") if v["fp8_base"] else (),
-                                    full=v["network_module"] == "lycoris.kohya"
-                                    and "algo=full" in str(v["network_args"] or "").lower().split())
+                                    full=doc.trains_full(v["network_module"],
+                                                         str(v["network_args"] or "").split()))
             return (f'<p class="ls-vram"><b>Estimated VRAM: about {est.total_gb:.1f} GB</b> at the resolution, '
                     f"without larger buckets (an estimate, not a measurement). {_e(est.explanation)}. "
                     + " ".join(_e(a) for a in est.advice) + "</p>")
