@@ -140,14 +140,14 @@ def test_fp8_base_unet_stores_only_the_unet(tmp_path):
 
 
 @pytest.mark.parametrize("family, net", [(f, n) for f in ("sd1", "sd2") for n in ("lora", "dora")]
-                         + [("sd2", "ia3"), ("sd2", "full")])
+                         + [("sd2", "ia3"), ("sd2", "full"), ("sd2", "glora")])
 def test_a_model_the_webui_keeps_in_fp8_is_trained_as_stored(tmp_path, family, net):
     """Was refused ("set FP8 weight to Disable"). SD2 covers open_clip's MultiheadAttention (its out_proj is a
     Linear, so FP8) with the text encoder trained; fp32 asked on a CPU -> bf16 autocast with a note. IA3 scales
-    the FP8 weights themselves; full trains the MHA's FP8 biases too."""
+    the FP8 weights themselves, GLoRA multiplies them (W·a1·a2); full trains the MHA's FP8 biases too."""
     make = {"sd1": models.make_sd1, "sd2": models.make_sd2}[family]
     lyco = {"dora": ["algo=locon", "dora_wd=True"], "ia3": ["algo=ia3", "preset=ia3"],
-            "full": ["algo=full", "preset=attn-only"]}
+            "full": ["algo=full", "preset=attn-only"], "glora": ["algo=glora", "preset=attn-mlp"]}
     kw = {"network_module": "lycoris.kohya", "network_args": lyco[net]} if net in lyco else {}
     img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
     model = _a1111_fp8(make(seed=6))

@@ -115,8 +115,10 @@ def test_gui_rules_for_length_warmup_and_unknown_types():
     assert not errors and any("train_on_input changes nothing" in n for n in notes)
     errors, _ = check_support(_translate(dict(STANDARD, LoRA_type="LyCORIS/Diag-OFT", constrain=0.01)), "sd1")
     assert not errors
-    errors, _ = check_support(_translate(dict(STANDARD, LoRA_type="LyCORIS/GLoRA")), "sd1")
-    assert any("algo=glora" in e for e in errors)  # applied with <lora:>, not trained: said before queueing
+    cfg = _translate(dict(STANDARD, LoRA_type="LyCORIS/GLoRA"))
+    assert "algo=glora" in cfg.network_args and check_support(cfg, "sd1")[0] == []
+    errors, _ = check_support(_translate(dict(STANDARD, LoRA_type="LyCORIS/DyLoRA")), "sd1")
+    assert any("algo=dylora" in e for e in errors)  # applied with <lora:>, not trained: said before queueing
     with pytest.raises(TrainConfigError, match="LoRA_type 'LyCORIS/Whatever' is not one the kohya_ss GUI knows"):
         _translate(dict(STANDARD, LoRA_type="LyCORIS/Whatever"))
     with pytest.raises(TrainConfigError, match="all 0"):

@@ -565,8 +565,10 @@ def test_network_args_dropout_is_the_lycoris_neuron_dropout(sd1, tmp_path):
                                   ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True",
                                    "train_norm=True"],
                                   ["algo=locon", "conv_dim=2", "use_scalar=True"],
-                                  ["algo=lokr", "preset=attn-mlp", "use_scalar=True", "factor=4"]],
-                         ids=["loha", "locon_dora_rs", "ia3", "full", "oft_norm", "locon_scalar", "lokr_scalar"])
+                                  ["algo=lokr", "preset=attn-mlp", "use_scalar=True", "factor=4"],
+                                  ["algo=glora", "conv_dim=2", "use_scalar=True", "rs_lora=True"]],
+                         ids=["loha", "locon_dora_rs", "ia3", "full", "oft_norm", "locon_scalar", "lokr_scalar",
+                              "glora_scalar_rs"])
 def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
     full = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", network_args=args, lr_scheduler="cosine"))
@@ -586,7 +588,7 @@ def test_resume_gives_the_same_weights(sd1, tmp_path, args):
         assert not any(k.endswith(".scalar") for k in a)
         net = load_network(full.final, "sd1", layer_names=set(layer_mapping(sd1)))
         assert len(net.report.matched) == net.report.total_modules == len({k.split(".")[0] for k in a})
-        first = "lora_up.weight" if "algo=locon" in args else "lokr_w1"
+        first = {"locon": "lora_up.weight", "lokr": "lokr_w1", "glora": "b2.weight"}[args[0].split("=")[1]]
         assert all(float(a[k].abs().max()) > 0 for k in a if k.endswith(first))
     if "rs_lora=True" in args:  # alpha·dim/sqrt(dim): network_alpha 2 at rank 4, conv_alpha (= 2) at rank 2
         assert float(a["lora_unet_mid_block_attentions_0_proj_in.alpha"]) == 4.0
@@ -595,8 +597,9 @@ def test_resume_gives_the_same_weights(sd1, tmp_path, args):
 
 @pytest.mark.parametrize("args", [["algo=lokr", "preset=attn-mlp", "factor=4"],
                                   ["algo=lokr", "preset=attn-mlp", "factor=4", "dora_wd=True"],
-                                  ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True"]],
-                         ids=["lokr", "dokr", "oft"])
+                                  ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True"],
+                                  ["algo=glora", "preset=attn-mlp"]],
+                         ids=["lokr", "dokr", "oft", "glora"])
 def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
     img, _ = _dataset(tmp_path)
     cfg = dict(network_args=args, max_train_epochs=4)
@@ -614,7 +617,7 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
     assert wa.keys() == wb.keys() and not any("conv_in" in k or "resnets" in k for k in wa)  # attn-mlp: no convs
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=k)
-    learned = "oft_blocks" if "algo=diag-oft" in args else "lokr_w2_b"
+    learned = {"diag-oft": "oft_blocks", "glora": "a2.weight"}.get(args[0].split("=")[1], "lokr_w2_b")
     assert max(float(wa[k].abs().max()) for k in wa if k.endswith(learned)) > 1e-3  # it did learn
     if "dora_wd=True" in args:  # the magnitudes too (they start at the host weight's norms)
         start = LoRANetwork(sd1, "sd1", 4, 2.0, lyco=lyco.lyco_settings("lycoris.kohya", {"algo": "lokr",
@@ -626,7 +629,8 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
 def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     img, _ = _dataset(tmp_path)
     cases = {
-        ("algo=glora",): r"algo=glora: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, diag-oft, boft",
+        ("algo=dylora",): r"algo=dylora: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, diag-oft, boft, "
+                          r"glora",
         ("algo=diag-oft", "constraint=-1"): r"constraint=-1: use 0 \(no cap\) or a positive number",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
@@ -694,6 +698,15 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert any("constraint / rescaled shape diag-OFT and BOFT modules only" in n for n in notes), notes
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=full", "preset=ia3"]), "sd1")
     assert not errors and not any("recommends" in n for n in notes)
+    # GLoRA: what its LyCORIS module ignores, and the loader that cannot read its layout
+    errors, notes = check_support(_cfg(tmp_path, img, "x", scale_weight_norms=1.0, network_args=[
+        "algo=glora", "dora_wd=True", "use_tucker=True", "rank_dropout=0.1", "rs_lora=True"]), "sd1")
+    text = " ".join(notes)
+    assert not errors and "dora_wd, use_tucker change nothing with algo=glora" in text and "rs_lora" not in text
+    assert "scale_weight_norms changes nothing with algo=glora" in text
+    assert "rank_dropout is not applied with algo=glora" in text and "network with errors" in text
+    assert any("dim_from_weights" in e for e in check_support(_cfg(
+        tmp_path, img, "x", network_args=["algo=glora"], dim_from_weights=True), "sd1")[0])
     assert any("dim_from_weights" in e for e in check_support(_cfg(
         tmp_path, img, "x", network_args=["algo=ia3"], dim_from_weights=True), "sd1")[0])
     assert not os.path.exists(tmp_path / "x")
@@ -798,7 +811,8 @@ def test_ia3_and_full_forward_and_gradients_are_lycoris(layer, algo, kw):
     ("sd1", ["algo=full", "conv_dim=2", "preset=unet-convblock-only"]),
     ("sd1", ["algo=diag-oft", "preset=attn-mlp", "constraint=0.01", "rescaled=True"]),
     ("sd2", ["algo=diag-oft", "preset=attn-only", "network_dim=8"]),
-    ("sd1", ["algo=boft", "preset=attn-mlp", "network_dim=8", "rescaled=True", "constraint=0.01"])])
+    ("sd1", ["algo=boft", "preset=attn-mlp", "network_dim=8", "rescaled=True", "constraint=0.01"]),
+    ("sd1", ["algo=glora", "conv_dim=2", "use_scalar=True"]), ("sd2", ["algo=glora", "preset=attn-mlp"])])
 def test_ia3_full_and_oft_training_writes_files_lycoris_runs_as_trained(family, args, tmp_path):
     """A short run: the model unchanged afterwards, the file's modules are the preset's layers (on SD2 the open_clip
     MHA as sd-scripts' separate q/k/v/out Linears, only k and v for the ia3 preset), every module loads in our
@@ -818,11 +832,11 @@ def test_ia3_full_and_oft_training_writes_files_lycoris_runs_as_trained(family, 
     algo = args[0].split("=")[1]
     preset = next((a.split("=")[1] for a in args if a.startswith("preset=")), "full")
     start = next(e.message for e in events if e.kind == "start")
-    kind = {"ia3": "IA3", "full": "Full fine-tune", "diag-oft": "Diag-OFT", "boft": "BOFT"}[algo]
+    kind = {"ia3": "IA3", "full": "Full fine-tune", "diag-oft": "Diag-OFT", "boft": "BOFT", "glora": "GLoRA"}[algo]
     assert start.startswith(kind + f" (LyCORIS preset {preset})"), start
     sd = load_tensors(res.final)
     assert json.loads(read_metadata(res.final)["ss_network_args"])["algo"] == algo
-    assert any(k.endswith(".alpha") for k in sd) == (algo in OFT_MODULES)  # (OFT's alpha: the constraint)
+    assert any(k.endswith(".alpha") for k in sd) == (algo in OFT_MODULES or algo == "glora")  # (OFT: constraint)
     unet = {t.kohya_name for t in lycoris_unet_targets(model.model.diffusion_model, family, preset,
                                                        lyco_preset_convs(preset))}
     te = set()
@@ -850,9 +864,16 @@ def test_ia3_full_and_oft_training_writes_files_lycoris_runs_as_trained(family, 
                 assert blocks.shape[-3] * blocks.shape[-1] == twin.weight.shape[0]
                 ref = OFT_MODULES[algo][0]("x", twin, 1.0, blocks.shape[-1], constraint=float(sd[f"{n}.alpha"]),
                                            rescaled=f"{n}.rescale" in sd)
+            elif algo == "glora":
+                from lycoris.modules.glora import GLoRAModule
+                ref = GLoRAModule("x", twin, 1.0, sd[f"{n}.a2.weight"].shape[0], float(sd[f"{n}.alpha"]))
             else:
                 ref = FullModule("x", twin, 1.0)
-            _loaded_module_is_lycoris_forward(ref, twin, mod, sd, n)  # (fails on a module that learned nothing)
+            own = sd
+            if isinstance(twin, nn.Linear) and sd.get(f"{n}.a1.weight", torch.zeros(1)).dim() == 4:
+                # (SD2 proj_in/out, saved as the 1x1 convs sd-scripts trains: the same numbers on the Linear)
+                own = {k: v.flatten(1) if k.startswith(n + ".") and v.dim() == 4 else v for k, v in sd.items()}
+            _loaded_module_is_lycoris_forward(ref, twin, mod, own, n)  # (fails on a module that learned nothing)
             checked.add(n)
     assert checked == names
     if algo == "full":  # biases train too; on SD2 those inside the MHA's in_proj_bias and out_proj
@@ -1112,4 +1133,63 @@ def test_use_scalar_is_lycoris(layer, algo, kw):
     missing = []
     back.load_tensors(saved, "m", missing)
     assert not missing and float(back.scalar) == 1.0
+    torch.testing.assert_close(back.weight_delta(org.weight, 1.0), ours.weight_delta(org.weight, 1.0))
+
+
+# ---- GLoRA ----------------------------------------------------------------------------------------------------------
+def _glora_twins(layer, use_scalar=False, rs_lora=False):
+    from lycoris.modules.glora import GLoRAModule
+    org, twin = _twins(layer)
+    torch.manual_seed(11)
+    ref = GLoRAModule("x", twin, 1.0, 4, 2.0, use_scalar=use_scalar, rs_lora=rs_lora)
+    ours = lyco.make_pair(lyco.LycoSettings("glora"), tuple(org.weight.shape), 4, 2.0)
+    if rs_lora:
+        ours.use_rs_scale()
+    if use_scalar:
+        ours.enable_scalar()
+    torch.manual_seed(11)
+    ours.reset_parameters()
+    return org, twin, ref, ours
+
+
+@pytest.mark.parametrize("use_scalar", [False, True], ids=["plain", "use_scalar"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_glora_starts_as_lycoris_and_saves_its_tensors(layer, use_scalar):
+    """LyCORIS' GLoRAModule: the same draws in the same order (its layers' own start included), a no-op start, its
+    file's keys and shapes (a1/a2/b1/b2 .weight, alpha), use_scalar's scalar folded into a2 and b2."""
+    org, _, ref, ours = _glora_twins(layer, use_scalar)
+    want = ref.custom_state_dict()
+    got = ours.file_tensors()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    assert float(ours.weight_delta(org.weight, 1.0).abs().max()) == 0.0
+    assert float(got["a1.weight"].abs().max()) > 0 and ours.scale == ref.scale
+
+
+@pytest.mark.parametrize("rs_lora", [False, True], ids=["alpha", "rs_lora"])
+@pytest.mark.parametrize("use_scalar", [False, True], ids=["plain", "use_scalar"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_glora_forward_and_gradients_are_lycoris(layer, use_scalar, rs_lora):
+    """Output and gradients of every trained tensor (the scalar's included) against LyCORIS' GLoRAModule with the
+    same random factors, at multiplier 0.7; a saved file loaded back gives the same delta with the scalar at 1."""
+    org, twin, ref, ours = _glora_twins(layer, use_scalar, rs_lora)
+    assert ours.scale == pytest.approx(ref.scale, rel=1e-7)
+    # rs_lora: LyCORIS' GLoRA saves the plain alpha, which every loader (LyCORIS' own too) reads as alpha/dim, a
+    # weaker scale than it trained with; ours saves alpha·√dim as LyCORIS' LoCon/LoHa/LoKr do
+    assert float(ours.file_tensors()["alpha"]) / 4 == pytest.approx(ref.scale, rel=1e-6)
+    ref.alpha.fill_(float(ours.alpha))  # (its forward uses ref.scale; the buffer only feeds our load below)
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    raw = {k: k for k, _ in ours.named_parameters()}  # (LyCORIS' state_dict holds the scalar folded in)
+    _same_as_lycoris(ref, twin, ours, org, _weight_forward, g, names=raw)
+    want = ref.custom_state_dict()
+    for k, v in ours.file_tensors().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-7, msg=k)
+    back = lyco.make_pair(lyco.LycoSettings("glora"), tuple(org.weight.shape), 4, 2.0)
+    if use_scalar:
+        back.enable_scalar()
+    missing = []
+    back.load_tensors({f"m.{k}": v.detach() for k, v in ours.file_tensors().items()}, "m", missing)
+    assert not missing and float(back.scalar) == 1.0 and back.scale == pytest.approx(ours.scale, rel=1e-6)
     torch.testing.assert_close(back.weight_delta(org.weight, 1.0), ours.weight_delta(org.weight, 1.0))

@@ -3,7 +3,8 @@
 ``algo=lora``/``locon`` is a kohya LoRA on LyCORIS' wider layer set; ``algo=loha`` (Hadamard product of two
 low-rank pairs), ``algo=lokr`` (Kronecker product), ``algo=ia3`` (a learned scale per channel), ``algo=full``
 (a whole trained difference per layer, bias included), ``algo=diag-oft`` / ``boft`` (orthogonal rotations of the
-output rows) and ``train_norm`` (norm layers) have their own modules here. Shapes, initialisation, scale and saved
+output rows), ``algo=glora`` (W·A + B, A and B low-rank) and ``train_norm`` (norm layers) have their own modules
+here. Shapes, initialisation, scale and saved
 keys follow LyCORIS' modules of the same names (Tucker cores for kxk convs on request; DoRA weight decomposition
 with ``dora_wd``; ``use_scalar``'s trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own
 ``<lora:>`` load the files (lora-formats.md; the job's notes say where one of those tools cannot). The layer sets
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full", "diag-oft", "boft")
+ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full", "diag-oft", "boft", "glora")
 PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only",
            "ia3")
 # modules whose whole delta is their parameter(s): no rank, alpha, factors or Tucker cores
@@ -27,7 +28,9 @@ NO_RANK = ("ia3", "full")
 # ... and those that ignore DoRA, Tucker cores and rs_lora too (OFT: its "rank" is the block size)
 OFT = ("diag-oft", "boft")
 NO_SCALE = NO_RANK + OFT
-NO_RANK_DROPOUT = ("ia3", "boft")  # LyCORIS' modules without rank dropout
+# LyCORIS' modules without rank dropout (GLoRA's is in bypass mode only, which sd-scripts does not use)
+NO_RANK_DROPOUT = ("ia3", "boft", "glora")
+NO_MAX_NORM = ("ia3", "full", "glora")  # ... and those whose apply_max_norm does nothing
 # network_args LyCORIS reads that we honour (conv_dim/alpha and the dropouts are shared with networks.lora)
 KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "dropout",
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
@@ -82,7 +85,7 @@ class LycoSettings:
     @property
     def weight_path(self) -> bool:
         """LoHa/LoKr/IA3/full/OFT modules (their own tensors) instead of kohya's lora_up/lora_down."""
-        return self.algo in ("loha", "lokr") + NO_SCALE
+        return self.algo in ("loha", "lokr", "glora") + NO_SCALE
 
     @property
     def weight_forward(self) -> bool:
@@ -94,7 +97,7 @@ class LycoSettings:
     def kind(self) -> str:
         """What the job's start line and notes call it: "LoHa", "LoRA + DoRA (per output)"."""
         name = {"loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "Full fine-tune",
-                "diag-oft": "Diag-OFT", "boft": "BOFT"}.get(self.algo, "LoRA")
+                "diag-oft": "Diag-OFT", "boft": "BOFT", "glora": "GLoRA"}.get(self.algo, "LoRA")
         if self.dora:
             name += " + DoRA (per " + ("output" if self.wd_on_output else "input") + ")"
         return name
@@ -166,13 +169,18 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     if s.algo not in OFT and any(k in nargs for k in ("constraint", "rescaled")):
         notes.append(f"network_args constraint / rescaled shape diag-OFT and BOFT modules only; with algo={algo} "
                      "they change nothing (as in LyCORIS)")
-    if s.algo in NO_SCALE:
-        # (LyCORIS' IA3Module / FullModule / DiagOFTModule take these switches and do nothing with them)
-        given = [k for k in ("dora_wd", "wd_on_output", "rs_lora", *TUCKER_KEYS, "disable_conv_cp") if k in nargs]
+    if s.algo in NO_SCALE + ("glora",):
+        # (LyCORIS' IA3Module / FullModule / DiagOFTModule take these switches and do nothing with them; its
+        # GLoRAModule keeps rs_lora but never builds the Tucker core it asks for, and has no DoRA)
+        keys = ("dora_wd", "wd_on_output", *TUCKER_KEYS, "disable_conv_cp") + (("rs_lora",) if algo != "glora"
+                                                                                else ())
+        given = [k for k in keys if k in nargs]
         if given:
-            notes.append(f"network_args {', '.join(given)} change nothing with algo={algo}: its modules have no "
-                         "alpha scale, Tucker factors or DoRA magnitude (as in LyCORIS)")
-        s.tucker = s.dora = s.rs_lora = False
+            why = ("its modules have no alpha scale, Tucker factors or DoRA magnitude" if algo != "glora" else
+                   "its modules have no DoRA magnitude and no Tucker core")
+            notes.append(f"network_args {', '.join(given)} change nothing with algo={algo}: {why} (as in LyCORIS)")
+        s.tucker = s.dora = False
+        s.rs_lora = s.rs_lora and algo == "glora"
     elif "wd_on_output" in nargs and not s.dora:
         notes.append("network_args wd_on_output sets the axis of DoRA's magnitude and changes nothing without "
                      "dora_wd=True (as in LyCORIS)")
@@ -295,14 +303,16 @@ class PairBase(nn.Module):
     def tensors(self, save_4d: bool = False) -> dict:
         raise NotImplementedError
 
-    scalar_factor = ""  # use_scalar: the parameter the file holds the scalar folded into
+    scalar_factor = ""  # use_scalar: the parameter(s) the file holds the scalar folded into
 
     def file_tensors(self, save_4d: bool = False, raw: bool = False) -> dict:
         """Everything the module saves under its name: its factors, DoRA's magnitude, alpha. ``raw`` (the
         resume state): a trained scalar and its factor as they are, not folded together."""
         out = dict(self.tensors(save_4d))
         if raw and self.use_scalar:
-            out[self.scalar_factor] = self.get_parameter(self.scalar_factor)
+            factors = self.scalar_factor
+            for k in (factors,) if isinstance(factors, str) else factors:
+                out[k] = self.get_parameter(k)
             out["scalar"] = self.scalar
         if self.dora_scale is not None:
             d = self.dora_scale
@@ -745,6 +755,69 @@ class NormPair(_NoRankPair):
         return {"w_norm": self.w_norm} | ({} if self.b_norm is None else {"b_norm": self.b_norm})
 
 
+class _Factor(nn.Module):
+    """One GLoRA factor: a ``weight`` like the nn.Linear / 1x1 nn.Conv2d LyCORIS keeps it in (file key
+    ``a1.weight``...)."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+
+
+class GloraPair(PairBase):
+    """LyCORIS' GLoRAModule: ΔW = (W·a1·a2 + b1·b2) · alpha/dim, W the frozen host weight (for a conv the
+    W·a1·a2 term contracts the input-channel axis, kernel kept). a2 and b2 start at 0 (random with use_scalar),
+    a1 and b1 at random; saved as a1.weight (in, r), a2.weight (r, in), b1.weight (out, r), b2.weight (r, in[, kh,
+    kw]) and alpha. Rank dropout, neuron dropout and a max-norm do not exist for it under sd-scripts (LyCORIS'
+    GLoRA drops ranks in bypass mode only)."""
+
+    kind = "glora"
+    scalar_factor = ("a2.weight", "b2.weight")
+
+    def __init__(self, shape: tuple, dim: int, alpha):
+        super().__init__()
+        self.shape = tuple(shape)
+        out_dim, in_dim = self.shape[:2]
+        k = tuple(self.shape[2:])
+        one = (1,) * len(k)
+        self.a2, self.a1 = _Factor(dim, in_dim, *one), _Factor(in_dim, dim, *one)
+        self.b2, self.b1 = _Factor(dim, in_dim, *k), _Factor(out_dim, dim, *one)
+        self._set_alpha(alpha, dim)
+        self.register_buffer("scalar", torch.ones(()), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.scalar.fill_(0.0 if self.use_scalar else 1.0)
+        # LyCORIS' draws in its order: its nn.Linear / nn.Conv2d layers start themselves (a2, a1, b2, b1), then
+        # a1 and b1 again, then a2 and b2 with use_scalar
+        for f in (self.a2, self.a1, self.b2, self.b1, self.a1, self.b1):
+            nn.init.kaiming_uniform_(f.weight, a=math.sqrt(5))
+        for f in (self.a2, self.b2):
+            if self.use_scalar:
+                nn.init.kaiming_uniform_(f.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(f.weight)
+
+    def weight_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
+        a1, a2 = self.a1.weight.flatten(1), self.a2.weight.flatten(1)
+        w = _host_float(weight, a1)
+        wb = (self.b1.weight.flatten(1) @ self.b2.weight.flatten(1)).reshape(w.shape)
+        if w.dim() > 2:
+            wa = torch.einsum("o i ..., i j, j k -> o k ...", w, a1, a2)
+        else:
+            wa = (w @ a1) @ a2
+        return (wb + wa) * (self.scale * multiplier) * self.scalar.to(a1.dtype)
+
+    def tensors(self, save_4d: bool = False) -> dict:
+        out = {f"{k}.weight": getattr(self, k).weight for k in ("a1", "a2", "b1", "b2")}
+        for k in self.scalar_factor:  # (LyCORIS folds use_scalar's scalar into both)
+            out[k] = out[k] * self.scalar.to(out[k].dtype)
+        if save_4d:
+            out = {k: v[:, :, None, None] if v.dim() == 2 else v for k, v in out.items()}
+        return out
+
+
 def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False,
               on_input: bool = False) -> PairBase:
     """The module of ``s.algo`` for a host weight of ``shape`` (``bias``: the layer has one, for full;
@@ -757,4 +830,6 @@ def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False
         return DiagOftPair(shape, dim, s)
     if s.algo == "boft":
         return BoftPair(shape, dim, s)
+    if s.algo == "glora":
+        return GloraPair(shape, dim, alpha)
     return LohaPair(shape, dim, alpha, s) if s.algo == "loha" else LokrPair(shape, dim, alpha, s)

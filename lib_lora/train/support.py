@@ -169,10 +169,13 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.algo in lyco.NO_RANK_DROPOUT and "rank_dropout" in nargs:
         notes.append(f"rank_dropout is not applied with algo={s.algo} (LyCORIS' {s.kind} has none); module_dropout "
                      "is")
+    if s.algo in lyco.NO_MAX_NORM and cfg.scale_weight_norms:
+        notes.append(f"scale_weight_norms changes nothing with algo={s.algo}: LyCORIS caps the norms of LoRA, "
+                     "LoHa, LoKr and OFT modules only")
+    if s.algo == "glora":
+        notes.append("GLoRA files apply in this extension's <lora:>, LyCORIS and ComfyUI; A1111's built-in Lora "
+                     "(1.10) reads only LyCORIS' older GLoRA layout and reports this file as a network with errors")
     if s.algo in lyco.NO_RANK:
-        if cfg.scale_weight_norms:
-            notes.append(f"scale_weight_norms changes nothing with algo={s.algo}: LyCORIS caps the norms of LoRA, "
-                         "LoHa, LoKr and OFT modules only")
         if s.algo == "ia3":
             notes.append("IA3 files apply in this extension's <lora:>, A1111's built-in Lora and LyCORIS; ComfyUI "
                          "has no IA3 loader (it reports the keys as not loaded)")

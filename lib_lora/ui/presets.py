@@ -53,7 +53,7 @@ FIELDS: tuple[Field, ...] = (
           "network", minimum=0),
     Field("network_module", "Network type", "choice",
           "networks.lora: LoRA (LoCon with conv_dim). lora_fa: LoRA-FA. lycoris.kohya: LyCORIS, algo=loha, lokr, "
-          "ia3, full, diag-oft or boft in Network arguments.", "network",
+          "ia3, full, diag-oft, boft or glora in Network arguments.", "network",
           choices=("networks.lora", "networks.lora_fa", "lycoris.kohya"), off="networks.lora"),
     # --- length and saving
     Field("max_train_epochs", "Epochs", "int",
