@@ -83,5 +83,5 @@ def test_lora_fa_settings_sd_scripts_cannot_run_are_said(tmp_path):
     assert any("scale_weight_norms with networks.lora_fa" in e for e in errors)
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["loraplus_lr_ratio=16"]), "sd1")
     assert not errors and any("LoRA+ ratios are not used with networks.lora_fa" in n for n in notes)
-    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.dylora"), "sd1")
-    assert any("networks.lora_fa (LoRA-FA)" in e for e in errors)
+    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.oft"), "sd1")
+    assert any("networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA)" in e for e in errors)

@@ -629,8 +629,10 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
 def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     img, _ = _dataset(tmp_path)
     cases = {
-        ("algo=dylora",): r"algo=dylora: LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, diag-oft, boft, "
-                          r"glora",
+        ("algo=dylora", "block_size=2"): r"algo=dylora: .* use network_module = networks.dylora with network_args "
+                                         r"unit=2, .* LoRA Studio trains algo=lora, locon, loha, lokr, ia3, full, "
+                                         r"diag-oft, boft, glora",
+        ("algo=tlora",): r"algo=tlora: LoRA Studio trains algo=lora, locon",
         ("algo=diag-oft", "constraint=-1"): r"constraint=-1: use 0 \(no cap\) or a positive number",
         ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
@@ -646,8 +648,8 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
         host = ModelHost(sd1, "m")
         with pytest.raises(TrainingError, match=msg):
             Trainer(host, cfg, plan_for(host, cfg)).run()
-    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.dylora"), "sd1")
-    assert any("networks.dylora' cannot be trained here" in e for e in errors), errors
+    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.oft"), "sd1")
+    assert any("networks.oft' cannot be trained here" in e for e in errors), errors
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha"], scale_weight_norms=1.0)
     assert check_support(cfg, "sd1")[0] == []  # LyCORIS' max-norm for LoHa/LoKr (test below)
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_scalar=True"], scale_weight_norms=1.0)

@@ -550,7 +550,8 @@ class StepRunner:
                  min_timestep=0, max_timestep=None, min_snr_gamma=None, accum=1, sdxl=False, capture=False,
                  module_dropout=False, on_note=None, loss_opts: LossOptions | None = None, host_blockers=(),
                  graphs_backend: CudaGraphs | None = None, capture_asked: bool = True, compile_backend=None,
-                 post_update: Callable[[], object] | None = None):
+                 post_update: Callable[[], object] | None = None,
+                 pre_micro: Callable[[StepBatch], object] | None = None):
         self.unet, self.schedule, self.optimizer, self.scheduler = unet, schedule, optimizer, scheduler
         self.device = torch.device(device)
         self.flat = flat
@@ -573,6 +574,7 @@ class StepRunner:
             self.cg.bind(self)
         # device-only work after every optimizer step (scale_weight_norms); its result is kept for the log
         self.post_update, self.post_result = post_update, None
+        self.pre_micro = pre_micro  # host work before each eager micro-batch (networks.dylora's rank draws)
         # torch.compile of the UNet (``compile_backend``: 'inductor' or another dynamo backend); the module itself
         # is untouched, the compiled wrapper only lives in this runner. A first call that fails to compile falls
         # back to the plain UNet with a note.
@@ -635,6 +637,8 @@ class StepRunner:
         if self.compiled == "pending":
             return self._first_compiled_micro(b)
         with record_function(STEP_MARK):
+            if self.pre_micro is not None:
+                self.pre_micro(b)
             noise, t = self._draw(b)
             with self.amp():
                 cond = b.cond() if callable(b.cond) else b.cond

@@ -11,6 +11,7 @@ weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes ev
 from __future__ import annotations
 
 import math
+import random
 from contextlib import contextmanager
 
 import torch
@@ -104,6 +105,71 @@ class LoRAPair(PairBase):
         return self.rebuild() * self.scale
 
 
+class DyLoraPair(PairBase):
+    """sd-scripts' DyLoRAModule (networks.dylora): a kohya LoRA kept as one tensor per rank row (lora_A rows of
+    lora_down, lora_B columns of lora_up), so that a row outside the trained block gets no gradient at all and the
+    optimizer leaves it and its state alone that step, as there. In training each call uses every row with the
+    scale alpha/dim·sqrt(dim/(b+unit)) and trains rows b..b+unit-1 only, b drawn by the network; otherwise (samples,
+    validation) it is the plain LoRA the file holds: all rows, alpha/dim."""
+
+    def __init__(self, shape: tuple, dim: int, alpha, unit: int, stride=1, padding=0):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.unit = unit
+        self.stride, self.padding = stride, padding
+        k = tuple(self.shape[2:])
+        self.lora_A = nn.ParameterList([nn.Parameter(torch.zeros(1, self.shape[1], *k)) for _ in range(dim)])
+        self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(self.shape[0], 1, *[1] * len(k)))
+                                        for _ in range(dim)])
+        self._set_alpha(alpha, dim)
+        self.draw = (-1, dim - unit)  # (the network's draw number, the first trained row)
+
+    def reset_parameters(self):
+        for a in self.lora_A:  # (sd-scripts' order: row by row)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        for b in self.lora_B:
+            nn.init.zeros_(b)
+
+    def factors(self, first: int | None):
+        """(down, up, extra scale): every row; with ``first`` (training) rows outside first..first+unit-1
+        detached, and sd-scripts' sqrt(dim/(first+unit))."""
+        if first is None:
+            return torch.cat(tuple(self.lora_A)), torch.cat(tuple(self.lora_B), 1), 1.0
+        live = range(first, first + self.unit)
+        down = torch.cat([a if i in live else a.detach() for i, a in enumerate(self.lora_A)])
+        up = torch.cat([b if i in live else b.detach() for i, b in enumerate(self.lora_B)], 1)
+        return down, up, math.sqrt(self.dim / (first + self.unit))
+
+    def rebuild(self) -> torch.Tensor:
+        down, up, _ = self.factors(None)
+        return (up.flatten(1) @ down.flatten(1)).reshape(self.shape)
+
+    def tensors(self, save_4d: bool = False) -> dict:
+        down, up, _ = self.factors(None)
+        if save_4d:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        return {"lora_down.weight": down, "lora_up.weight": up}
+
+    def file_shapes(self) -> dict:
+        k = self.shape[2:]
+        return {"lora_down.weight": (self.dim, *self.shape[1:]), "lora_up.weight": (self.shape[0], self.dim,
+                                                                                    *[1] * len(k))}
+
+    def load_tensors(self, sd: dict, name: str, missing: list):
+        with torch.no_grad():
+            for key, rows, axis in (("lora_down.weight", self.lora_A, 0), ("lora_up.weight", self.lora_B, 1)):
+                v = sd.get(f"{name}.{key}")
+                if v is None:
+                    missing.append(f"{name}.{key}")
+                    continue
+                v = v.reshape(self.dim, *self.lora_A[0].shape[1:]) if axis == 0 else v.reshape(-1, self.dim)
+                for i, p in enumerate(rows):
+                    p.copy_((v[i:i + 1] if axis == 0 else v[:, i:i + 1]).reshape(p.shape).to(p.dtype))
+            if f"{name}.alpha" in sd:
+                self.alpha.copy_(sd[f"{name}.alpha"].float())
+                self.scale = float(self.alpha) / self.dim
+
+
 class NetworkShapeError(ValueError):
     """A layer the chosen network type cannot be built on (its size); the message names the layer."""
 
@@ -113,17 +179,19 @@ class LoRANetwork(nn.Module):
                  conv_alpha: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
                  blocks: BlockDims | None = None, module_dims: dict[str, tuple[int, float]] | None = None,
-                 lyco: LycoSettings | None = None, lora_fa: bool = False):
+                 lyco: LycoSettings | None = None, lora_fa: bool = False, dylora_unit: int | None = None):
         """``blocks``: per-block ranks (block_dims / block learning rates); ``module_dims``: a rank and alpha per
         kohya module name (a start file with several ranks): a module without one gets no LoRA, as in sd-scripts'
         create_network_from_weights. ``lyco``: a LyCORIS network (lycoris.kohya): its preset's layers, and LoHa /
         LoKr modules for those algorithms. ``lora_fa``: sd-scripts' networks.lora_fa, lora_down frozen at its
-        random start."""
+        random start. ``dylora_unit``: sd-scripts' networks.dylora with that unit (DyLoraPair modules)."""
         super().__init__()
         self.family = family
         self.multiplier = 1.0
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.lyco = lyco
+        self.dylora_unit = dylora_unit
+        self._draw_no, self._dylora_rng = 0, random.Random(0)  # (new_draws sets both per micro-batch)
         targets: list[TrainTarget] = []
         if lyco is not None:
             if train_unet:
@@ -184,13 +252,17 @@ class LoRANetwork(nn.Module):
         m, lyco = t.module, self.lyco
         self.targets.append(t)
         on_input = lyco is not None and lyco.preset == "ia3" and t.kohya_name.endswith(IA3_ON_INPUT)
+        unit = self.dylora_unit
         if t.kind == "mha":
             e = m.embed_dim
             has_bias = m.in_proj_bias is not None
             for n, (dn, an) in zip(names, dims if dims is not None else [(d, a)] * len(names)):
                 self.pairs[n] = (make_pair(lyco, (e, e), dn, an, bias=has_bias) if weight_path
-                                 else LoRAPair(e, e, dn, an))
+                                 else DyLoraPair((e, e), dn, an, unit) if unit else LoRAPair(e, e, dn, an))
             self._mha.append((t, names))
+        elif unit:
+            self.pairs[t.kohya_name] = DyLoraPair(tuple(m.weight.shape), d, a, unit, getattr(m, "stride", 1),
+                                                  getattr(m, "padding", 0))
         elif weight_path:
             self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a, bias=m.bias is not None,
                                                  on_input=on_input)
@@ -236,11 +308,13 @@ class LoRANetwork(nn.Module):
                     key, w = f"unet_block{i}", block_lr[i]
             else:
                 key, base, w, ratio = "text_encoder", te_lr, 1.0, loraplus[1]
-            if ratio is None or not isinstance(pair, LoRAPair):  # (LyCORIS: LoRA+ moves lora_up weights only)
+            if ratio is None or not isinstance(pair, (LoRAPair, DyLoraPair)):  # (LyCORIS: LoRA+ moves lora_up only)
                 add(key, base * w, w, pair.parameters())
-            else:
-                add(key, base * w, w, [p for n, p in pair.named_parameters() if not n.startswith("lora_up.")])
-                add(key + " plus", base * w * ratio, w * ratio, [pair.lora_up.weight])
+            else:  # (DyLoRA: its lora_B rows are lora_up)
+                up = ("lora_up.", "lora_B.")
+                add(key, base * w, w, [p for n, p in pair.named_parameters() if not n.startswith(up)])
+                add(key + " plus", base * w * ratio, w * ratio,
+                    [p for n, p in pair.named_parameters() if n.startswith(up)])
         return [g for g in groups.values() if g["lr"] and g["params"]]
 
     def trained_prefixes(self, unet_lr: float, te_lr: float):
@@ -279,6 +353,45 @@ class LoRANetwork(nn.Module):
             u = pair.lora_up(h) * (net.multiplier * scale)
             if pair.use_scalar:
                 u = u * pair.scalar.to(u.dtype)
+            return y + (u if u.dtype == y.dtype else u.to(y.dtype))
+
+        return forward
+
+    def _dylora_first(self, pair: DyLoraPair) -> int | None:
+        """The first row this micro-batch trains in ``pair`` (sd-scripts: random.randint(0, dim - 1) rounded down
+        to a multiple of unit, one draw per module in call order), drawn once per micro-batch so that a
+        gradient-checkpointing recompute sees the same rows; None outside training (every row, plain scale)."""
+        if not self.training:
+            return None
+        if pair.draw[0] != self._draw_no:
+            r = self._dylora_rng.randint(0, pair.dim - 1)
+            pair.draw = (self._draw_no, r - r % pair.unit)
+        return pair.draw[1]
+
+    def new_draws(self, seed: int):
+        """networks.dylora: the next micro-batch draws its trained rows from ``seed`` (resume-exact: the seed
+        comes from the step)."""
+        self._draw_no += 1
+        self._dylora_rng = random.Random(seed)
+
+    def _dylora_forward(self, pair: DyLoraPair, org_forward):
+        """sd-scripts' DyLoRAModule.forward: org(x) + up(down(x))·alpha/dim·sqrt(dim/(b+unit)), every row, rows
+        b..b+unit-1 trained (the multiplier applied as in our other modules; sd-scripts trains at 1)."""
+        net = self
+        conv = len(pair.shape) == 4
+
+        def forward(x, *args, **kwargs):
+            y = org_forward(x, *args, **kwargs)
+            if net._passes_through():
+                return y
+            down, up, extra = pair.factors(net._dylora_first(pair))
+            if not (x.dtype == down.dtype or autocast_enabled(x.device.type)):
+                x = x.to(down.dtype)
+            if conv:
+                u = F.conv2d(F.conv2d(x, down, None, pair.stride, pair.padding), up)
+            else:
+                u = F.linear(F.linear(x, down), up)
+            u = u * (net.multiplier * pair.scale * extra)
             return y + (u if u.dtype == y.dtype else u.to(y.dtype))
 
         return forward
@@ -350,11 +463,17 @@ class LoRANetwork(nn.Module):
                       for b in (list(b_in.chunk(3)) if b_in is not None else [None] * 3) + [b_out]]
                 bias_changed = False
                 for i, part in enumerate(("q", "k", "v", "out")):
-                    if part in pairs:
-                        dw, db = pairs[part].weight_and_bias_delta(ws[i], m, rd)
-                        ws[i] = ws[i] + dw.to(ws[i].dtype)
-                        if db is not None and bs[i] is not None:
-                            bs[i], bias_changed = bs[i] + db.to(bs[i].dtype), True
+                    if part not in pairs:
+                        continue
+                    p = pairs[part]
+                    if isinstance(p, DyLoraPair):
+                        down, up, extra = p.factors(net._dylora_first(p))
+                        dw, db = (up @ down) * (p.scale * extra * m), None
+                    else:
+                        dw, db = p.weight_and_bias_delta(ws[i], m, rd)
+                    ws[i] = ws[i] + dw.to(ws[i].dtype)
+                    if db is not None and bs[i] is not None:
+                        bs[i], bias_changed = bs[i] + db.to(bs[i].dtype), True
                 w_in, w_out = torch.cat(ws[:3], 0), ws[3]
                 if bias_changed:
                     b_in = None if b_in is None else torch.cat(bs[:3], 0)
@@ -388,7 +507,8 @@ class LoRANetwork(nn.Module):
                 t.module.forward = self._norm_forward(self.pairs[t.kohya_name], t.module, org)
             else:
                 pair, org = self.pairs[t.kohya_name], type(t.module).forward.__get__(t.module)
-                t.module.forward = (self._pair_forward(pair, org)
+                t.module.forward = (self._dylora_forward(pair, org) if isinstance(pair, DyLoraPair)
+                                    else self._pair_forward(pair, org)
                                     if isinstance(pair, LoRAPair) and pair.dora_scale is None
                                     else self._weight_forward(pair, t.module, org))
         self._attached = True
@@ -464,10 +584,10 @@ class LoRANetwork(nn.Module):
         another size than the network's (another rank, type or model), before anything is copied."""
         wrong = []
         for name, pair in self.pairs.items():
-            for key, p in pair.named_parameters():
+            for key, shape in pair.file_shapes().items():
                 v = sd.get(f"{name}.{key}")
-                if v is not None and v.numel() != p.numel():
-                    wrong.append(f"{name}.{key}: file {tuple(v.shape)}, network {tuple(p.shape)}")
+                if v is not None and v.numel() != math.prod(shape):
+                    wrong.append(f"{name}.{key}: file {tuple(v.shape)}, network {tuple(shape)}")
         if wrong:
             raise ValueError(f"{len(wrong)} tensors of the file have other shapes than this network's (e.g. "
                              f"{'; '.join(wrong[:2])}): it was trained with another network_dim / conv_dim, network "
@@ -481,5 +601,5 @@ class LoRANetwork(nn.Module):
     def unused_tensors(self, sd: dict[str, torch.Tensor]) -> list[str]:
         """The file's tensors this network has no place for (another network type or layer set)."""
         known = {f"{name}.{k}" for name, pair in self.pairs.items()
-                 for k in [k for k, _ in pair.named_parameters()] + ["alpha", "on_input"]}
+                 for k in [*pair.file_shapes(), "alpha", "on_input"]}
         return sorted(k for k in sd if k not in known)

@@ -105,16 +105,22 @@ class LycoSettings:
 
 def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSettings | None:
     """The LyCORIS settings of a config (None for networks.lora); ValueError says what to change."""
-    if (module or "networks.lora") in ("networks.lora", "networks.lora_fa"):
+    if (module or "networks.lora") in ("networks.lora", "networks.lora_fa", "networks.dylora"):
         return None
     if module != "lycoris.kohya":
         raise ValueError(f"network_module = {module!r} cannot be trained here; use networks.lora (LoRA, LoCon through "
-                         "conv_dim), networks.lora_fa (LoRA-FA) or lycoris.kohya with network_args algo="
-                         + "/".join(ALGOS))
+                         "conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) or lycoris.kohya with "
+                         "network_args algo=" + "/".join(ALGOS))
     algo = nargs.get("algo", "lora").strip().lower()
+    if algo == "dylora":
+        raise ValueError(f"network_args algo=dylora: LyCORIS' DyLoRA is not trained here (its module trains at the "
+                         "scale alpha/(blocks used) while its file applies alpha/dim, a block_size times weaker); use "
+                         f"network_module = networks.dylora with network_args unit={nargs.get('block_size', 4)}, "
+                         "sd-scripts' DyLoRA (the same idea, a plain LoRA file); LoRA Studio trains algo="
+                         + ", ".join(ALGOS))
     if algo not in ALGOS:
         raise ValueError(f"network_args algo={algo}: LoRA Studio trains algo={', '.join(ALGOS)} (other LyCORIS types "
-                         "such as dylora and glora can be applied with <lora:> but not trained yet)")
+                         "can be applied with <lora:> but not trained here)")
     preset = nargs.get("preset", "full").strip()
     if preset not in PRESETS:
         raise ValueError(f"network_args preset={preset}: use one of {', '.join(PRESETS)} (preset files are not read "
@@ -319,6 +325,10 @@ class PairBase(nn.Module):
             out["dora_scale"] = d[:, :, None, None] if save_4d and d.dim() == 2 else d
         out["alpha"] = self.alpha
         return out
+
+    def file_shapes(self) -> dict:
+        """The tensors a file may hold for this module (its parameter names) and their shapes."""
+        return {k: tuple(p.shape) for k, p in self.named_parameters()}
 
     def load_tensors(self, sd: dict, name: str, missing: list):
         with torch.no_grad():

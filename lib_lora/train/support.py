@@ -48,6 +48,8 @@ HONOURED = {
 }
 
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.KEYS}
+# networks.dylora: what its create_network reads, and the dropouts the kohya_ss GUI writes (a note says they do nothing)
+DYLORA_ARGS = {"conv_dim", "conv_alpha", "unit", "rank_dropout", "module_dropout", *blocks.KEYS}
 SUPPORTED_SCHEDULERS = set(SCHEDULERS)
 
 
@@ -79,6 +81,7 @@ _NET_NUMBERS = {
     "rank_dropout": (float, 0, 1, "a dropout probability, e.g. 0.1"),
     "dropout": (float, 0, 1, "a dropout probability, e.g. 0.1 (LyCORIS' neuron dropout)"),
     "module_dropout": (float, 0, 1, "a dropout probability, e.g. 0.1"),
+    "unit": (int, 1, None, "DyLoRA's block of ranks trained per step"),
 }
 
 
@@ -203,6 +206,12 @@ def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: t
     wrong. The trainer and the pre-flight check read them through this one function. ``from_file``: the base
     dims dim_from_weights took from the network_weights file; they win over block_dims (as in sd-scripts)."""
     nargs = network_args(cfg)
+    if cfg.network_module == "networks.dylora":
+        given = [k for k in blocks.LR_KEYS + blocks.DIM_KEYS if k in nargs]
+        if given:
+            notes.append(f"network_args {', '.join(given)} are not read by networks.dylora (sd-scripts' DyLoRA has "
+                         "no block learning rates or ranks); every module trains at network_dim and the UNet LR")
+        nargs = {k: v for k, v in nargs.items() if k not in blocks.LR_KEYS + blocks.DIM_KEYS}
     lr_weights = blocks.block_lr_weights(nargs, family, notes)
     if from_file is not None:
         given = [k for k in blocks.DIM_KEYS if k in nargs]
@@ -223,6 +232,39 @@ def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: t
         notes.append(f"LoRA+ with {cfg.optimizer_type}: these optimizers set the step size themselves, so the "
                      "lora_up learning-rate ratio does little (sd-scripts calls the combination unsupported)")
     return lr_weights, dims, plus
+
+
+def dylora_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[str]):
+    """networks.dylora: what sd-scripts' DyLoRA asserts, refuses by crashing, or ignores."""
+    dim = int(cfg.network_dim or 4)
+    try:
+        unit = int(nargs.get("unit", 1))
+        conv_dim = int(nargs["conv_dim"]) if "conv_dim" in nargs else dim
+    except ValueError:
+        return  # (network_number_problems says it)
+    if unit >= 1 and dim % unit:
+        errors.append(f"network_args unit={unit} with network_dim = {dim}: DyLoRA trains the rank in blocks of unit, "
+                      f"so network_dim must be a multiple of it (sd-scripts stops here); e.g. unit=1 or "
+                      f"network_dim = {dim - dim % unit or unit}")
+    if conv_dim != dim:
+        errors.append(f"network_args conv_dim={nargs['conv_dim']} with network_dim = {dim}: sd-scripts' DyLoRA needs "
+                      "conv_dim equal to network_dim (it stops otherwise); set conv_dim=" + str(dim) + " or remove it")
+    if "conv_alpha" in nargs and "conv_dim" in nargs:
+        notes.append("network_args conv_alpha is not read by networks.dylora: its 3x3 conv layers use network_alpha "
+                     "(as in sd-scripts)")
+    given = [k for k in ("rank_dropout", "module_dropout") if k in nargs] + (
+        ["network_dropout"] if cfg.network_dropout else [])
+    if given:
+        notes.append(f"{', '.join(given)} not applied with networks.dylora: sd-scripts' DyLoRA has no dropout")
+    if cfg.scale_weight_norms:
+        errors.append("scale_weight_norms with networks.dylora: sd-scripts' DyLoRA has no max-norm regularisation "
+                      "(sd-scripts stops with an error); remove scale_weight_norms or use networks.lora")
+    if cfg.dim_from_weights:
+        errors.append("dim_from_weights with networks.dylora: set network_dim instead (network_weights still loads "
+                      "a file of that rank)")
+    notes.append("networks.dylora: each step trains one random block of unit ranks per module while every rank "
+                 "takes part, as sd-scripts does; the LoRA weights are then kept one tensor per rank, so the step "
+                 "is slower than a plain LoRA's and CUDA graphs are off")
 
 
 def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
@@ -267,6 +309,11 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
             notes.append(f"{name}: the LoRA weights, their gradients and the optimizer state stay in fp32 here (a few "
                          "hundred MB at most, more precise than half precision); the model itself computes in the "
                          "mixed precision set")
+    if cfg.network_module == "networks.dylora":
+        try:
+            dylora_problems(cfg, network_args(cfg), errors, notes)
+        except ValueError:
+            pass  # (an entry without '=': reported below)
     if cfg.network_module == "networks.lora_fa" and cfg.scale_weight_norms:
         errors.append("scale_weight_norms with networks.lora_fa: sd-scripts' LoRA-FA has no max-norm regularisation "
                       "(sd-scripts stops with an error); remove scale_weight_norms or use networks.lora")
@@ -284,7 +331,7 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
     elif (cfg.lr_scheduler or "constant") not in SUPPORTED_SCHEDULERS:
         errors.append(f"lr_scheduler = {cfg.lr_scheduler!r} is not available here; choose one of "
                       f"{', '.join(sorted(SUPPORTED_SCHEDULERS))}")
-    supported = SUPPORTED_NETWORK_ARGS
+    supported = DYLORA_ARGS if cfg.network_module == "networks.dylora" else SUPPORTED_NETWORK_ARGS
     try:
         nargs = network_args(cfg)
     except ValueError:

@@ -593,14 +593,20 @@ class Trainer:
             for n in notes:
                 self._note(n)
             lora_fa = c.network_module == "networks.lora_fa"
+            # sd-scripts' networks.dylora: no dropout of any kind; its 3x3 convs (conv_dim = network_dim) take
+            # network_alpha
+            dylora = int(nargs.get("unit", 1)) if c.network_module == "networks.dylora" else None
+            if dylora:
+                self._dropout, conv_alpha = None, alpha
             try:
                 net = LoRANetwork(
                     self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
                     train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=self._dropout,
-                    rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs else None,
-                    module_dropout=float(nargs["module_dropout"]) if "module_dropout" in nargs else None,
+                    rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs and not dylora else None,
+                    module_dropout=(float(nargs["module_dropout"]) if "module_dropout" in nargs and not dylora
+                                    else None),
                     blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco,
-                    lora_fa=lora_fa)
+                    lora_fa=lora_fa, dylora_unit=dylora)
             except NetworkShapeError as e:  # (a layer size the network type cannot split, e.g. BOFT)
                 raise TrainingError(str(e)) from None
             why = ("are not in the network_weights file" if module_dims else
@@ -617,7 +623,7 @@ class Trainer:
             net.to(self.device)
             if c.network_weights:
                 self._load_start_weights(net, start_sd)
-            kind = "LoRA-FA (lora_down frozen)" if lora_fa else "LoRA"
+            kind = ("LoRA-FA (lora_down frozen)" if lora_fa else f"DyLoRA (unit {dylora})" if dylora else "LoRA")
             if lyco is not None:
                 kind = f"{lyco.kind} (LyCORIS preset {lyco.preset})"
                 if lyco.dora and self.family == "sd2" and any(t.save_4d for t in net.targets):
@@ -694,11 +700,11 @@ class Trainer:
                 except (ValueError, SyntaxError):
                     opt_args[k.strip()] = v.strip()
             flat, fast_desc = None, []
-            module_dropout = bool(nargs.get("module_dropout") and float(nargs["module_dropout"]))
+            module_dropout = bool(nargs.get("module_dropout") and float(nargs["module_dropout"])) and not dylora
             opt_name = effective_optimizer(c.optimizer_type)  # AdamW8bit without bitsandbytes trains as AdamW
-            if fast.enabled and elementwise_optimizer(opt_name) and not module_dropout:
-                # (module_dropout: a dropped module's weights get no gradient and no update that step; a flat
-                # buffer would give them a zero gradient, and AdamW still moves them)
+            if fast.enabled and elementwise_optimizer(opt_name) and not module_dropout and not dylora:
+                # (module_dropout, DyLoRA: a dropped module's / an untrained rank's weights get no gradient and no
+                # update that step; a flat buffer would give them a zero gradient, and AdamW still moves them)
                 skip = set()
                 if te_lr:
                     probe_tokens = te.tokenize([""])[0]
@@ -801,7 +807,9 @@ class Trainer:
                 on_note=self._note, loss_opts=LossOptions.from_config(c), capture_asked=fast.capture_asked,
                 host_blockers=tuple(getattr(self.host, "graph_blockers", ()) or ())
                 + (("gradient checkpointing with LoRA dropout (the recompute reads the RNG state)",)
-                   if c.gradient_checkpointing and lora_random else ()),
+                   if c.gradient_checkpointing and lora_random else ())
+                + (("networks.dylora draws its trained ranks on the host",) if dylora else ()),
+                pre_micro=(lambda b: net.new_draws(_seed_for(b.step_seed, "dylora"))) if dylora else None,
                 compile_backend=self._compile_backend() if fast.enabled else None,
                 post_update=((lambda: net.max_norm_regularize(float(c.scale_weight_norms), prefixes))
                              if c.scale_weight_norms else None))

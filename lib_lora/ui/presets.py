@@ -52,9 +52,9 @@ FIELDS: tuple[Field, ...] = (
           "Scales the LoRA by alpha/dim; dim/2 is common. With alpha 1 a big dim needs a much higher learning rate.",
           "network", minimum=0),
     Field("network_module", "Network type", "choice",
-          "networks.lora: LoRA (LoCon with conv_dim). lora_fa: LoRA-FA. lycoris.kohya: LyCORIS, algo=loha, lokr, "
-          "ia3, full, diag-oft, boft or glora in Network arguments.", "network",
-          choices=("networks.lora", "networks.lora_fa", "lycoris.kohya"), off="networks.lora"),
+          "networks.lora: LoRA (LoCon with conv_dim); lora_fa: LoRA-FA; dylora: DyLoRA (unit=N); lycoris.kohya: algo=loha, "
+          "lokr, ia3, full, diag-oft, boft, glora.", "network",
+          choices=("networks.lora", "networks.lora_fa", "networks.dylora", "lycoris.kohya"), off="networks.lora"),
     # --- length and saving
     Field("max_train_epochs", "Epochs", "int",
           "Passes over the dataset (images x repeats). 0 = stop after 'Max steps' instead.", "length", off=0, minimum=0),
