@@ -207,3 +207,26 @@ def test_write_failure_keeps_old_file_and_cleans_up(tmp_path, monkeypatch, err, 
     assert words in msg and "keep.safetensors" in msg and "Nothing was overwritten" in msg
     assert p.read_bytes() == before
     assert os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """A header of 0x30480 bytes starts the file with 80 04, a protocol-4 pickle's first bytes: a LoRA we trained
+    (GLoRA, a few hundred modules) was refused as a pickle. The JSON right after the length decides; a real pickle
+    and a zip named .safetensors are still refused."""
+    import pickle
+    t = {"lora_unet_a.lora_down.weight": torch.zeros(2, 3)}
+    p = tmp_path / "a.safetensors"
+    for pad in range(0, 4096, 8):  # metadata sized so that the header is exactly 0x30480 bytes long
+        save_file(t, str(p), metadata={"pad": "x" * (0x30480 - 200 + pad)})
+        if open(p, "rb").read(2) == b"\x80\x04":
+            break
+    assert open(p, "rb").read(2) == b"\x80\x04"
+    assert torch.equal(load_tensors(p)["lora_unet_a.lora_down.weight"], t["lora_unet_a.lora_down.weight"])
+    q = tmp_path / "b.safetensors"
+    q.write_bytes(pickle.dumps({"x": list(range(100))}, protocol=4))
+    with pytest.raises(LoraFileError, match="looks like a Python pickle"):
+        read_header(q)
+    z = tmp_path / "c.safetensors"
+    torch.save({"x": torch.zeros(3)}, str(z))
+    with pytest.raises(LoraFileError, match="zip archive"):
+        read_header(z)

@@ -46,7 +46,14 @@ def refuse_pickle(path):
             f"you trust), or get the .safetensors version from the author.", path)
 
 
-def _sniff_kind(first_bytes):
+def _sniff_kind(first_bytes, size):
+    """What a file that is not safetensors looks like, or None. A safetensors file's JSON header starts right after
+    its 8-byte length, so "{" there with a length that fits means safetensors, whatever the length's bytes are
+    (a header of 0x30480 bytes begins 80 04, the same two bytes as a protocol-4 pickle)."""
+    if len(first_bytes) >= 9 and first_bytes[8:9] == b"{":
+        (n,) = struct.unpack("<Q", first_bytes[:8])
+        if 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+            return None
     if first_bytes.startswith(b"PK\x03\x04"):
         return "a zip archive (a torch .pt/.ckpt pickle saved with a .safetensors name)"
     if first_bytes[:1] == b"\x80" and first_bytes[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -68,11 +75,13 @@ def read_header(path):
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise LoraFileError(f"{name} is empty (0 bytes). {_REDOWNLOAD}", path)
-            prefix = f.read(8)
+            prefix = f.read(9)
             if len(prefix) < 8:
                 raise LoraFileError(f"{name} is only {size} bytes long, too short to be a safetensors file "
                                     f"(truncated download?). {_REDOWNLOAD}", path)
-            kind = _sniff_kind(prefix)
+            kind = _sniff_kind(prefix, size)
+            prefix = prefix[:8]
+            f.seek(8)
             if kind is not None:
                 raise LoraFileError(f"{name} is not a safetensors file: it looks like {kind}. Pickle files can run "
                                     f"code when loaded, so it is refused; convert it to real .safetensors.", path)
