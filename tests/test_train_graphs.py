@@ -296,11 +296,15 @@ def test_settings_that_decide_on_the_host_are_not_captured(sd1, setting, reason)
 
 
 @pytest.mark.parametrize("family, weighted, algo", [("sd1", False, None), ("sdxl", False, None), ("sdxl", True, None),
-                                                   ("sdxl", False, "loha"), ("sdxl", False, "locon dora_wd=True")])
+                                                   ("sdxl", False, "loha"), ("sdxl", False, "locon dora_wd=True"),
+                                                   ("sd1", False, "diag-oft constraint=0.01 rescaled=True"),
+                                                   ("sd1", False, "glora use_scalar=True"),
+                                                   ("sd1", False, "full train_norm=True"), ("sd1", False, "ia3")])
 def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted, algo, tmp_path, monkeypatch):
     """The whole trainer (text encoder(s) trained, reg images; SDXL: two token streams, size conditioning; with
     weighted_captions the tokens' weights too; a LyCORIS LoHa, whose weight-path modules include TE2's attention;
-    a LoCon with DoRA, whose magnitudes are normalised against the host weights inside the graph)
+    a LoCon with DoRA, whose magnitudes are normalised against the host weights inside the graph; diag-OFT with its
+    norm cap and batched inverse, which must not read anything back; GLoRA, IA3, full with norm modules)
     with the emulated graphs standing in for CUDA: graphs are on without being asked, and the LoRA file equals the
     one of a run with cuda_graphs = false."""
     model = sd1 if family == "sd1" else models.make_sdxl(seed=1)
@@ -338,7 +342,11 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted
     a, b = finals
     num = sum(((a[k] - b[k]) ** 2).sum() for k in a)
     den = sum((b[k] ** 2).sum() for k in b)
-    assert float((num / den) ** 0.5) < 1e-5
+    # IA3 / full: some of the tiny UNet's parameters have a gradient that is zero up to float noise (the mid
+    # block's self-attention keys see one token; biases before a GroupNorm of one channel per group cancel), and
+    # AdamW turns noise into whole steps from their zero start, so last-bit differences show there (a stale input
+    # or LR would be far above either bound)
+    assert float((num / den) ** 0.5) < (3e-3 if algo and algo.split()[0] in ("full", "ia3") else 1e-5)
 
 
 def test_default_on_a_cpu_says_nothing_about_graphs(sd1):
@@ -417,3 +425,18 @@ def test_max_norm_logging_follows_the_graph_replays(sd1):
     got = [v for row in results[EmulatedGraphs] for v in row]
     assert got == pytest.approx([v for row in results[None] for v in row], rel=1e-5), results
     assert len(set(results[None])) > 1  # the numbers change from step to step
+
+
+def test_dylora_is_never_captured_and_says_why(sd1, tmp_path, monkeypatch):
+    """networks.dylora draws its trained ranks on the host per micro-batch: asked for graphs, it runs eagerly and
+    the notes say why (EmulatedGraphs would capture anything it is given)."""
+    monkeypatch.setattr(fastpath, "CudaGraphs", EmulatedGraphs)
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    cfg = parse_train_config(train_data.job_config(img, tmp_path / "o", network_module="networks.dylora",
+                                                   max_train_steps=4, cuda_graphs=True), base_dir=str(tmp_path))
+    host = ModelHost(sd1, "m")
+    tr = Trainer(host, cfg, plan_for(host, cfg))
+    assert tr.run().status == "done"
+    assert tr.runner.graphs is None and "CUDA graphs" not in tr.fast_desc
+    assert any("CUDA graphs off" in n and "networks.dylora draws its trained ranks on the host" in n
+               for n in tr.notes), tr.notes
