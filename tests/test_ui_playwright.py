@@ -187,6 +187,12 @@ def test_full_flow(server, page):
     choose(page, "lora_studio_optimizer_type", "AdamW")
     choose(page, "lora_studio_mixed_precision", "no")
     wait_text(page, "lora_studio_vram", r"Estimated VRAM: about [\d.]+ GB")
+    # a key without a field (the other-keys box) counts in the estimate too
+    page.locator("#lora_studio_group_advanced .label-wrap").first.click()
+    fill(page, "lora_studio_ui_extra_toml", "fp8_base_unet = true")
+    wait_text(page, "lora_studio_vram", r"FP8 UNet 1")
+    fill(page, "lora_studio_ui_extra_toml", "")
+    wait_text(page, "lora_studio_vram", r"Estimated VRAM: about [\d.]+ GB(?![\s\S]*FP8)")
 
     # --- three jobs: a long one (cancelled), a short one (finishes), one moved and removed
     sub_tab(page, "Train")

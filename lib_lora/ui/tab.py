@@ -552,8 +552,8 @@ def build_tab(backend) -> gr.Blocks:
                                 remove_btn = gr.Button("Remove", size="sm", elem_id="lora_studio_remove")
                                 resume_btn = gr.Button("Resume", size="sm", elem_id="lora_studio_resume")
                             with gr.Row():
-                                auto = gr.Checkbox(label="Update automatically", value=True,
-                                                   elem_id="lora_studio_auto")
+                                # (read by javascript/lora_studio.js, which polls while it is ticked)
+                                gr.Checkbox(label="Update automatically", value=True, elem_id="lora_studio_auto")
                                 refresh_btn = gr.Button("Refresh", size="sm", elem_id="lora_studio_refresh")
                             log_box = gr.Textbox(label="Job messages", lines=6, max_lines=12, interactive=False,
                                                  elem_id="lora_studio_log")
@@ -629,7 +629,7 @@ def build_tab(backend) -> gr.Blocks:
         # ------------------------------------------------------------------------ VRAM on the parameters tab
         vram_keys = ["train_batch_size", "resolution", "mixed_precision", "gradient_checkpointing", "network_dim",
                      "optimizer_type", "text_encoder_lr", "unet_lr", "network_train_unet_only", "fp8_base",
-                     "network_module", "network_args"]
+                     "network_module", "network_args", "ui_extra_toml"]
 
         @guarded(vram_box)
         def vram(*args):
@@ -640,12 +640,18 @@ def build_tab(backend) -> gr.Blocks:
             except Exception:
                 return info_html("Write the resolution as 512 or 512,768 to see the memory estimate.")
             info = backend.model_info()
+            try:  # (fp8_base_unet has no field: it can only come from the other-keys box)
+                extra, _ = collect_config({"ui_extra_toml": v["ui_extra_toml"]})
+            except Exception:  # (bad TOML: the doctor and Train say so)
+                extra = {}
+            fp8 = (("unet", "te") if v["fp8_base"] or extra.get("fp8_base")
+                   else ("unet",) if extra.get("fp8_base_unet") else ())
             est = doc.estimate_vram(info.get("family"), batch=int(v["train_batch_size"] or 1), width=w, height=h,
                                     mixed_precision=v["mixed_precision"], weight_bytes=_weight_bytes(info),
                                     gradient_checkpointing=bool(v["gradient_checkpointing"]),
                                     dim=int(v["network_dim"] or 4), train_unet=bool(v["unet_lr"]),
                                     train_te=bool(v["text_encoder_lr"]) and not v["network_train_unet_only"],
-                                    optimizer=v["optimizer_type"], fp8=("unet", "te") if v["fp8_base"] else (),
+                                    optimizer=v["optimizer_type"], fp8=fp8,
                                     full=doc.trains_full(v["network_module"],
                                                          str(v["network_args"] or "").split()))
             return (f'<p class="ls-vram"><b>Estimated VRAM: about {est.total_gb:.1f} GB</b> at the resolution, '
