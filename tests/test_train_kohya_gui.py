@@ -117,6 +117,9 @@ def test_gui_rules_for_length_warmup_and_unknown_types():
     assert not errors
     cfg = _translate(dict(STANDARD, LoRA_type="LyCORIS/GLoRA"))
     assert "algo=glora" in cfg.network_args and check_support(cfg, "sd1")[0] == []
+    for gui_type, algo in (("Kohya LoHa", "loha"), ("Kohya LoKr", "lokr")):  # (sd-scripts' branch-only modules)
+        errors, _ = check_support(_translate(dict(STANDARD, LoRA_type=gui_type)), "sdxl")
+        assert any(f"use network_module = lycoris.kohya with network_args algo={algo}" in e for e in errors), errors
     errors, _ = check_support(_translate(dict(STANDARD, LoRA_type="LyCORIS/DyLoRA")), "sd1")
     assert any("algo=dylora" in e for e in errors)  # applied with <lora:>, not trained: said before queueing
     with pytest.raises(TrainConfigError, match="LoRA_type 'LyCORIS/Whatever' is not one the kohya_ss GUI knows"):

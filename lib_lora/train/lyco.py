@@ -107,6 +107,12 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     """The LyCORIS settings of a config (None for networks.lora); ValueError says what to change."""
     if (module or "networks.lora") in ("networks.lora", "networks.lora_fa", "networks.dylora"):
         return None
+    if module in ("networks.loha", "networks.lokr"):  # (the kohya_ss GUI's Kohya LoHa / Kohya LoKr types)
+        algo = module.split(".")[1]
+        name = "LoHa" if algo == "loha" else "LoKr"
+        raise ValueError(f"network_module = {module!r} (sd-scripts' own {name}, SDXL only and not in its main "
+                         "branch yet) is not trained here; use network_module = lycoris.kohya with "
+                         f"network_args algo={algo}: LyCORIS' module of that type, whose file every LoRA loader reads")
     if module != "lycoris.kohya":
         raise ValueError(f"network_module = {module!r} cannot be trained here; use networks.lora (LoRA, LoCon through "
                          "conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) or lycoris.kohya with "
