@@ -238,3 +238,30 @@ def test_kohya_gui_dylora_preset_trains(tmp_path):
     gui["conv_dim"] = 1  # (the GUI's default: sd-scripts stops on it)
     cfg = parse_train_config(dict(gui), source="preset.json")
     assert any("conv_dim=1 with network_dim = 8" in e for e in check_support(cfg, "sd1")[0])
+
+
+def test_sdxl_with_accumulation_then_a_start_from_the_file(tmp_path):
+    """SDXL (both text encoders, TE2's open_clip MHA as q/k/v/out), two micro-batches per step (each draws its
+    own ranks), then a second run that starts from the first file (network_weights): it loads whole, row by row,
+    and the model is untouched by both."""
+    model = models.make_sdxl(seed=2)
+    before = models.model_state_hash(model)
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    host = ModelHost(model, "m")
+    cfg = _cfg(tmp_path, img, "a", network_args=["unit=2"], gradient_accumulation_steps=2, max_train_epochs=1)
+    first = Trainer(host, cfg, plan_for(host, cfg)).run()
+    assert first.status == "done" and models.model_state_hash(model) == before
+    sd = load_tensors(first.final)
+    for te in ("lora_te1_", "lora_te2_"):
+        assert any(k.startswith(te) and k.endswith("lora_up.weight") and float(sd[k].abs().max()) > 0 for k in sd)
+    net = load_network(first.final, "sdxl", layer_names=set(layer_mapping(model)))
+    assert len(net.report.matched) == net.report.total_modules == len({k.split(".")[0] for k in sd})
+    events = []
+    cfg = _cfg(tmp_path, img, "b", network_args=["unit=2"], max_train_epochs=1, network_weights=first.final,
+               learning_rate=1e-12, text_encoder_lr=1e-12)
+    second = Trainer(host, cfg, plan_for(host, cfg), on_event=events.append).run()
+    assert second.status == "done" and models.model_state_hash(model) == before
+    assert not any("not fully match" in e.message or "lacks" in (e.message or "") for e in events if e.kind == "note")
+    again = load_tensors(second.final)
+    for k in sd:  # (an LR of 1e-12: the start is the file, moved by nothing visible)
+        torch.testing.assert_close(again[k], sd[k], rtol=1e-5, atol=1e-6, msg=k)
