@@ -199,8 +199,13 @@ def test_what_sd_scripts_refuses_or_ignores_is_said(sd1, tmp_path):
         host = ModelHost(sd1, "m")
         with pytest.raises(TrainingError, match=msg):
             Trainer(host, cfg, plan_for(host, cfg)).run()
-    errors, _ = check_support(_cfg(tmp_path, img, "x", scale_weight_norms=1.0), "sd1")
-    assert any("scale_weight_norms with networks.dylora" in e for e in errors)
+    errors, notes = check_support(_cfg(tmp_path, img, "x", scale_weight_norms=1.0), "sd1")
+    assert not errors and any("scale_weight_norms is not used with networks.dylora" in n for n in notes)
+    events = []  # (and the run trains without it, as sd-scripts does after its warning)
+    cfg = _cfg(tmp_path, img, "y", scale_weight_norms=1e-6, max_train_epochs=1)
+    assert Trainer(ModelHost(sd1, "m"), cfg, plan_for(ModelHost(sd1, "m"), cfg),
+                   on_event=events.append).run().status == "done"
+    assert not any("keys_scaled" in e.extra for e in events if e.kind == "step")
     errors, _ = check_support(_cfg(tmp_path, img, "x", dim_from_weights=True, network_weights="a.safetensors"), "sd1")
     assert any("dim_from_weights with networks.dylora" in e for e in errors)
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_dropout=0.1, network_args=[
@@ -212,7 +217,7 @@ def test_what_sd_scripts_refuses_or_ignores_is_said(sd1, tmp_path):
     assert "conv_alpha is not read by networks.dylora" in text
     assert "down_lr_weight are not read by networks.dylora" in text
     assert "not supported yet" not in text  # (unit and LoRA+ are read)
-    assert not os.path.exists(tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x") and os.path.exists(tmp_path / "y")
 
 
 def test_loraplus_moves_the_lora_b_rows(sd1):

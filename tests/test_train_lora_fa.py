@@ -77,11 +77,33 @@ def test_lora_fa_optimizer_holds_the_ups_and_resume_is_exact(sd1, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_lora_fa_settings_sd_scripts_cannot_run_are_said(tmp_path):
+def test_lora_fa_settings_sd_scripts_does_not_use_are_said(tmp_path):
     img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=1, repeats=1)
-    errors, _ = check_support(_cfg(tmp_path, img, "x", scale_weight_norms=1.0), "sd1")
-    assert any("scale_weight_norms with networks.lora_fa" in e for e in errors)
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["loraplus_lr_ratio=16"]), "sd1")
     assert not errors and any("LoRA+ ratios are not used with networks.lora_fa" in n for n in notes)
-    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.oft"), "sd1")
-    assert any("networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA)" in e for e in errors)
+    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.loha2"), "sd1")
+    assert any("networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA), networks.oft (OFT)" in e for e in errors)
+
+
+def test_scale_weight_norms_caps_lora_fa_as_sd_scripts_does(sd1, tmp_path):
+    """sd-scripts' lora_fa.py has lora.py's apply_max_norm_regularization: up and down (the frozen one too) times
+    sqrt(ratio), so every module's |up·down|·alpha/dim ends at or under the cap."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    host = ModelHost(sd1, "m")
+    cfg = _cfg(tmp_path, img, "o", scale_weight_norms=0.02, learning_rate=5e-2, max_train_epochs=1)
+    assert check_support(cfg, "sd1")[0] == []
+    events = []
+    res = Trainer(host, cfg, plan_for(host, cfg), on_event=events.append).run()
+    assert res.status == "done"
+    assert max(e.extra["keys_scaled"] for e in events if e.kind == "step" and "keys_scaled" in e.extra) > 0
+    sd = load_tensors(res.final)
+    downs = [k for k in sd if k.endswith("lora_down.weight")]
+    capped = 0
+    for k in downs:
+        n = k.split(".")[0]
+        up, down = sd[f"{n}.lora_up.weight"].flatten(1), sd[k].flatten(1)
+        norm = float((up @ down).norm() * sd[f"{n}.alpha"] / down.shape[0])
+        assert norm <= 0.02 * (1 + 1e-4), n
+        spread = math.sqrt(2.0 / (sd[k].shape[1] + down.shape[0]))
+        capped += float(down.std()) < 0.9 * spread  # (a frozen down scaled with its up)
+    assert capped > 0

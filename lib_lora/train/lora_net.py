@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
 from .fp8 import is_fp8
-from .lyco import LycoSettings, NormPair, PairBase, make_pair
-from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, lyco_preset_convs, lycoris_unet_targets,
+from .lyco import KohyaOftPair, LycoSettings, NormPair, PairBase, make_pair
+from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, kohya_oft_targets, lyco_preset_convs, lycoris_unet_targets,
                       text_encoder_targets, unet_targets)
 
 
@@ -179,12 +179,15 @@ class LoRANetwork(nn.Module):
                  conv_alpha: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
                  blocks: BlockDims | None = None, module_dims: dict[str, tuple[int, float]] | None = None,
-                 lyco: LycoSettings | None = None, lora_fa: bool = False, dylora_unit: int | None = None):
+                 lyco: LycoSettings | None = None, lora_fa: bool = False, dylora_unit: int | None = None,
+                 kohya_oft: tuple[bool, bool] | None = None):
         """``blocks``: per-block ranks (block_dims / block learning rates); ``module_dims``: a rank and alpha per
         kohya module name (a start file with several ranks): a module without one gets no LoRA, as in sd-scripts'
         create_network_from_weights. ``lyco``: a LyCORIS network (lycoris.kohya): its preset's layers, and LoHa /
         LoKr modules for those algorithms. ``lora_fa``: sd-scripts' networks.lora_fa, lora_down frozen at its
-        random start. ``dylora_unit``: sd-scripts' networks.dylora with that unit (DyLoraPair modules)."""
+        random start. ``dylora_unit``: sd-scripts' networks.dylora with that unit (DyLoraPair modules).
+        ``kohya_oft``: sd-scripts' networks.oft, (enable_all_linear, enable_conv): UNet OFT modules of ``dim``
+        blocks with the constraint ``alpha``."""
         super().__init__()
         self.family = family
         self.multiplier = 1.0
@@ -192,8 +195,12 @@ class LoRANetwork(nn.Module):
         self.lyco = lyco
         self.dylora_unit = dylora_unit
         self._draw_no, self._dylora_rng = 0, random.Random(0)  # (new_draws sets both per micro-batch)
+        self.kohya_oft = kohya_oft
         targets: list[TrainTarget] = []
-        if lyco is not None:
+        if kohya_oft is not None:  # (sd-scripts' OFT has no text-encoder modules)
+            if train_unet:
+                targets += kohya_oft_targets(sd_model.model.diffusion_model, family, *kohya_oft)
+        elif lyco is not None:
             if train_unet:
                 conv = lyco_preset_convs(lyco.preset) and bool(conv_dim)
                 targets += lycoris_unet_targets(sd_model.model.diffusion_model, family, lyco.preset, conv,
@@ -253,7 +260,9 @@ class LoRANetwork(nn.Module):
         self.targets.append(t)
         on_input = lyco is not None and lyco.preset == "ia3" and t.kohya_name.endswith(IA3_ON_INPUT)
         unit = self.dylora_unit
-        if t.kind == "mha":
+        if self.kohya_oft is not None:
+            self.pairs[t.kohya_name] = KohyaOftPair(tuple(m.weight.shape), d, a)
+        elif t.kind == "mha":
             e = m.embed_dim
             has_bias = m.in_proj_bias is not None
             for n, (dn, an) in zip(names, dims if dims is not None else [(d, a)] * len(names)):
@@ -301,7 +310,7 @@ class LoRANetwork(nn.Module):
                 p for p in params if p.requires_grad)
 
         for name, pair in self.pairs.items():
-            if name.startswith("lora_unet_"):
+            if name.startswith(("lora_unet_", "oft_unet_")):
                 key, base, w, ratio = "unet", unet_lr, 1.0, loraplus[0]
                 if block_lr is not None:
                     i = block_index(name, self.family)
@@ -319,7 +328,8 @@ class LoRANetwork(nn.Module):
 
     def trained_prefixes(self, unet_lr: float, te_lr: float):
         """An LR of 0 freezes that part: its LoRA stays at the no-op init and is not saved."""
-        return tuple(p for p, lr in (("lora_unet_", unet_lr), ("lora_te", te_lr)) if lr)
+        return tuple(p for ps, lr in ((("lora_unet_", "oft_unet_"), unet_lr), (("lora_te",), te_lr)) if lr
+                     for p in ps)
 
     # ---- attach / detach ----------------------------------------------------------------------------------
     def _passes_through(self) -> bool:

@@ -105,7 +105,7 @@ class LycoSettings:
 
 def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSettings | None:
     """The LyCORIS settings of a config (None for networks.lora); ValueError says what to change."""
-    if (module or "networks.lora") in ("networks.lora", "networks.lora_fa", "networks.dylora"):
+    if (module or "networks.lora") in ("networks.lora", "networks.lora_fa", "networks.dylora", "networks.oft"):
         return None
     if module in ("networks.loha", "networks.lokr"):  # (the kohya_ss GUI's Kohya LoHa / Kohya LoKr types)
         algo = module.split(".")[1]
@@ -115,8 +115,8 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
                          f"network_args algo={algo}: LyCORIS' module of that type, whose file every LoRA loader reads")
     if module != "lycoris.kohya":
         raise ValueError(f"network_module = {module!r} cannot be trained here; use networks.lora (LoRA, LoCon through "
-                         "conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) or lycoris.kohya with "
-                         "network_args algo=" + "/".join(ALGOS))
+                         "conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA), networks.oft (OFT) or "
+                         "lycoris.kohya with network_args algo=" + "/".join(ALGOS))
     algo = nargs.get("algo", "lora").strip().lower()
     if algo == "dylora":
         raise ValueError(f"network_args algo=dylora: LyCORIS' DyLoRA is not trained here (its module trains at the "
@@ -693,6 +693,33 @@ class DiagOftPair(PairBase):
             r = self.rescale
             out["rescale"] = r[:, :, None, None] if save_4d and r.dim() == 2 else r
         return out
+
+
+class KohyaOftPair(DiagOftPair):
+    """sd-scripts' OFTModule (networks.oft): the same rotation of blocks of output rows, but ``dim`` is the number
+    of blocks (each out_dim/dim rows), the cap on ‖Q‖ (network_alpha·out_dim, saved as alpha) always applies, as
+    (min(‖Q‖, cap) + 1e-8)/(‖Q‖ + 1e-8), and there is no rescale, rank dropout or max-norm."""
+
+    kind = "oft"
+
+    def __init__(self, shape: tuple, num_blocks: int, constraint: float):
+        super().__init__(shape, num_blocks, LycoSettings("diag-oft", constraint=float(constraint)))
+
+    def _blocks_shape(self, out_dim: int, dim: int) -> tuple:
+        if out_dim % dim:
+            raise ValueError(f"networks.oft splits the {out_dim} output channels into network_dim = {dim} blocks of "
+                             "equal size, which does not divide evenly; use a divisor of the layer sizes such as 4, "
+                             "8 or 16 (SD's 320/640/1280 channels)")
+        self.block_size, self.block_num = out_dim // dim, dim
+        return self.block_num, self.block_size, self.block_size
+
+    def rotation(self) -> torch.Tensor:
+        b = self.oft_blocks.float()
+        q = b - b.transpose(-1, -2)
+        norm = torch.norm(q)
+        q = q * ((torch.clamp(norm, max=self.max_q) + 1e-8) / (norm + 1e-8))
+        eye = self.eye
+        return (eye + q) @ torch.linalg.inv_ex(eye - q)[0]
 
 
 def power2factorization(dimension: int, factor: int = -1) -> tuple[int | None, int]:

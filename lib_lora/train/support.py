@@ -50,6 +50,9 @@ HONOURED = {
 SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.KEYS}
 # networks.dylora: what its create_network reads, and the dropouts the kohya_ss GUI writes (a note says they do nothing)
 DYLORA_ARGS = {"conv_dim", "conv_alpha", "unit", "rank_dropout", "module_dropout", *blocks.KEYS}
+OFT_SWITCHES = ("enable_all_linear", "enable_conv")
+# networks.oft reads its two switches; the rest is said to do nothing (a note) rather than "not supported yet"
+OFT_ARGS = {*OFT_SWITCHES, "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.KEYS}
 SUPPORTED_SCHEDULERS = set(SCHEDULERS)
 
 
@@ -206,6 +209,8 @@ def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: t
     wrong. The trainer and the pre-flight check read them through this one function. ``from_file``: the base
     dims dim_from_weights took from the network_weights file; they win over block_dims (as in sd-scripts)."""
     nargs = network_args(cfg)
+    if cfg.network_module == "networks.oft":  # (oft_problems names them: nothing block-wise or LoRA+ applies)
+        nargs = {k: v for k, v in nargs.items() if k not in blocks.KEYS}
     if cfg.network_module == "networks.dylora":
         given = [k for k in blocks.LR_KEYS + blocks.DIM_KEYS if k in nargs]
         if given:
@@ -257,14 +262,47 @@ def dylora_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: lis
     if given:
         notes.append(f"{', '.join(given)} not applied with networks.dylora: sd-scripts' DyLoRA has no dropout")
     if cfg.scale_weight_norms:
-        errors.append("scale_weight_norms with networks.dylora: sd-scripts' DyLoRA has no max-norm regularisation "
-                      "(sd-scripts stops with an error); remove scale_weight_norms or use networks.lora")
+        notes.append("scale_weight_norms is not used with networks.dylora: sd-scripts' DyLoRA has no max-norm "
+                     "regularisation (sd-scripts warns and trains without it)")
     if cfg.dim_from_weights:
         errors.append("dim_from_weights with networks.dylora: set network_dim instead (network_weights still loads "
                       "a file of that rank)")
     notes.append("networks.dylora: each step trains one random block of unit ranks per module while every rank "
                  "takes part, as sd-scripts does; the LoRA weights are then kept one tensor per rank, so the step "
                  "is slower than a plain LoRA's and CUDA graphs are off")
+
+
+def kohya_oft_switches(nargs: dict) -> tuple[bool, bool]:
+    """networks.oft's (enable_all_linear, enable_conv), written True (values other than True/False are refused by
+    oft_problems)."""
+    return tuple(str(nargs.get(k, "false")).strip().lower() in ("true", "1", "yes") for k in OFT_SWITCHES)
+
+
+def oft_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[str]):
+    """sd-scripts' networks.oft: its switches, and what it ignores or warns about."""
+    for k in OFT_SWITCHES:
+        if k in nargs and str(nargs[k]).strip().lower() not in ("true", "1", "yes"):
+            errors.append(f"network_args {k}={nargs[k]}: sd-scripts reads any value of {k} as True (bool of the "
+                          f"text), so it would switch it on; remove the entry to leave it off, or write {k}=True")
+    if (cfg.network_alpha or 0) >= 1:  # (sd-scripts' default network_alpha is 1)
+        notes.append(f"networks.oft: network_alpha = {cfg.network_alpha:g} is OFT's constraint on each rotation, not "
+                     "a LoRA alpha; sd-scripts warns that 1 or more is too large and suggests e.g. 1e-3")
+    te = not cfg.network_train_unet_only and (cfg.text_encoder_lr if cfg.text_encoder_lr is not None
+                                              else cfg.learning_rate)
+    if te:
+        notes.append("networks.oft trains the UNet only (sd-scripts' OFT has no text-encoder modules); the text "
+                     "encoder learning rate is not used")
+    given = [k for k in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.LR_KEYS,
+                         *blocks.DIM_KEYS, *blocks.PLUS_KEYS) if k in nargs]
+    given += ["network_dropout"] if cfg.network_dropout else []
+    if given:
+        notes.append(f"{', '.join(given)} not used with networks.oft: sd-scripts' OFT reads network_dim (blocks "
+                     "per layer), network_alpha (the constraint), enable_all_linear and enable_conv only")
+    if cfg.scale_weight_norms:
+        notes.append("scale_weight_norms is not used with networks.oft: sd-scripts' OFT has no max-norm "
+                     "regularisation (sd-scripts warns and trains without it)")
+    if cfg.dim_from_weights:
+        errors.append("dim_from_weights with networks.oft: set network_dim (the number of blocks) instead")
 
 
 def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
@@ -314,9 +352,11 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
             dylora_problems(cfg, network_args(cfg), errors, notes)
         except ValueError:
             pass  # (an entry without '=': reported below)
-    if cfg.network_module == "networks.lora_fa" and cfg.scale_weight_norms:
-        errors.append("scale_weight_norms with networks.lora_fa: sd-scripts' LoRA-FA has no max-norm regularisation "
-                      "(sd-scripts stops with an error); remove scale_weight_norms or use networks.lora")
+    if cfg.network_module == "networks.oft":
+        try:
+            oft_problems(cfg, network_args(cfg), errors, notes)
+        except ValueError:
+            pass  # (an entry without '=': reported below)
     errors_opt, notes_opt = optimizer_problems(cfg.optimizer_type)
     errors += errors_opt
     notes += notes_opt
@@ -331,7 +371,8 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
     elif (cfg.lr_scheduler or "constant") not in SUPPORTED_SCHEDULERS:
         errors.append(f"lr_scheduler = {cfg.lr_scheduler!r} is not available here; choose one of "
                       f"{', '.join(sorted(SUPPORTED_SCHEDULERS))}")
-    supported = DYLORA_ARGS if cfg.network_module == "networks.dylora" else SUPPORTED_NETWORK_ARGS
+    supported = {"networks.dylora": DYLORA_ARGS, "networks.oft": OFT_ARGS}.get(cfg.network_module,
+                                                                                SUPPORTED_NETWORK_ARGS)
     try:
         nargs = network_args(cfg)
     except ValueError:

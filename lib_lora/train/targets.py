@@ -8,6 +8,7 @@ diffusers-tree names for SD1/SD2 UNets and the sgm names for SDXL (training-anch
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -130,6 +131,25 @@ def unet_targets(diffusion_model: nn.Module, family: str, conv: bool = False) ->
         if t is not None:
             out.append(t)
     return out
+
+
+_ATTENTION_CLASSES = ("CrossAttention", "MemoryEfficientCrossAttention")  # (ldm's and sgm's; sd-scripts': CrossAttention)
+
+
+def kohya_oft_targets(diffusion_model: nn.Module, family: str, all_linear: bool, conv: bool) -> list[TrainTarget]:
+    """sd-scripts' OFTNetwork (networks.oft): the Linear layers of the attention modules, or with ``all_linear``
+    every Linear and 1x1 conv of the transformer blocks; with ``conv`` every Linear and conv of the resnets and
+    down/upsamplers too. Named oft_unet_*, as sd-scripts names them."""
+    out: list[TrainTarget] = []
+    for t in unet_targets(diffusion_model, family, conv=conv):
+        if t.kohya_name.startswith("lora_unet_"):
+            t = dataclasses.replace(t, kohya_name="oft_unet_" + t.kohya_name[len("lora_unet_"):])
+        out.append(t)
+    if all_linear:
+        return out
+    attention = {id(m) for _, m, anc in _walk(diffusion_model) if any(c in _ATTENTION_CLASSES for c in anc)}
+    in_transformer = {id(m) for _, m, anc in _walk(diffusion_model) if any(c in _TRANSFORMER_CLASSES for c in anc)}
+    return [t for t in out if id(t.module) in attention or id(t.module) not in in_transformer]
 
 
 # LyCORIS presets as they land on sd-scripts' UNets: (block kinds wrapped, the four named layers outside the

@@ -38,7 +38,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork, NetworkShapeError
-from .support import base_dims, block_settings, lyco_settings, network_args
+from .support import base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
                     make_torch_scheduler, shown_lr)
@@ -598,15 +598,24 @@ class Trainer:
             dylora = int(nargs.get("unit", 1)) if c.network_module == "networks.dylora" else None
             if dylora:
                 self._dropout, conv_alpha = None, alpha
+            # sd-scripts' networks.oft: dim blocks, network_alpha the constraint, every layer alike
+            kohya_oft = None
+            if c.network_module == "networks.oft":
+                kohya_oft = kohya_oft_switches(nargs)
+                conv_dim, conv_alpha, self._dropout = dim, alpha, None
+                self._net_dims = (dim, alpha, conv_dim if kohya_oft[1] else None, alpha)
+            # (sd-scripts warns and trains without a max-norm where the network has none)
+            max_norm = c.scale_weight_norms if not (dylora or kohya_oft) else None
             try:
                 net = LoRANetwork(
                     self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
                     train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=self._dropout,
-                    rank_dropout=float(nargs["rank_dropout"]) if "rank_dropout" in nargs and not dylora else None,
-                    module_dropout=(float(nargs["module_dropout"]) if "module_dropout" in nargs and not dylora
-                                    else None),
+                    rank_dropout=(float(nargs["rank_dropout"]) if "rank_dropout" in nargs
+                                  and not (dylora or kohya_oft) else None),
+                    module_dropout=(float(nargs["module_dropout"]) if "module_dropout" in nargs
+                                    and not (dylora or kohya_oft) else None),
                     blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco,
-                    lora_fa=lora_fa, dylora_unit=dylora)
+                    lora_fa=lora_fa, dylora_unit=dylora, kohya_oft=kohya_oft)
             except NetworkShapeError as e:  # (a layer size the network type cannot split, e.g. BOFT)
                 raise TrainingError(str(e)) from None
             why = ("are not in the network_weights file" if module_dims else
@@ -623,7 +632,8 @@ class Trainer:
             net.to(self.device)
             if c.network_weights:
                 self._load_start_weights(net, start_sd)
-            kind = ("LoRA-FA (lora_down frozen)" if lora_fa else f"DyLoRA (unit {dylora})" if dylora else "LoRA")
+            kind = ("LoRA-FA (lora_down frozen)" if lora_fa else f"DyLoRA (unit {dylora})" if dylora
+                    else f"OFT ({dim} blocks per layer, constraint {alpha:g})" if kohya_oft else "LoRA")
             if lyco is not None:
                 kind = f"{lyco.kind} (LyCORIS preset {lyco.preset})"
                 if lyco.dora and self.family == "sd2" and any(t.save_4d for t in net.targets):
@@ -700,7 +710,8 @@ class Trainer:
                 except (ValueError, SyntaxError):
                     opt_args[k.strip()] = v.strip()
             flat, fast_desc = None, []
-            module_dropout = bool(nargs.get("module_dropout") and float(nargs["module_dropout"])) and not dylora
+            module_dropout = bool(nargs.get("module_dropout") and float(nargs["module_dropout"])
+                                  and not (dylora or kohya_oft))
             opt_name = effective_optimizer(c.optimizer_type)  # AdamW8bit without bitsandbytes trains as AdamW
             if fast.enabled and elementwise_optimizer(opt_name) and not module_dropout and not dylora:
                 # (module_dropout, DyLoRA: a dropped module's / an untrained rank's weights get no gradient and no
@@ -811,8 +822,7 @@ class Trainer:
                 + (("networks.dylora draws its trained ranks on the host",) if dylora else ()),
                 pre_micro=(lambda b: net.new_draws(_seed_for(b.step_seed, "dylora"))) if dylora else None,
                 compile_backend=self._compile_backend() if fast.enabled else None,
-                post_update=((lambda: net.max_norm_regularize(float(c.scale_weight_norms), prefixes))
-                             if c.scale_weight_norms else None))
+                post_update=((lambda: net.max_norm_regularize(float(max_norm), prefixes)) if max_norm else None))
             self.runner = runner
             inputs = None
             if fast.enabled:

@@ -52,9 +52,10 @@ FIELDS: tuple[Field, ...] = (
           "Scales the LoRA by alpha/dim; dim/2 is common. With alpha 1 a big dim needs a much higher learning rate.",
           "network", minimum=0),
     Field("network_module", "Network type", "choice",
-          "networks.lora: LoRA (LoCon with conv_dim); lora_fa: LoRA-FA; dylora: DyLoRA (unit=N); "
-          "lycoris.kohya: algo=loha, lokr, ia3, full, diag-oft, boft, glora.", "network",
-          choices=("networks.lora", "networks.lora_fa", "networks.dylora", "lycoris.kohya"), off="networks.lora"),
+          "networks.lora: LoRA (LoCon via conv_dim); lora_fa: LoRA-FA; dylora: DyLoRA (unit=N); oft: OFT; "
+          "lycoris.kohya: algo=loha, lokr, ia3, full, diag-oft, boft...", "network",
+          choices=("networks.lora", "networks.lora_fa", "networks.dylora", "networks.oft", "lycoris.kohya"),
+          off="networks.lora"),
     # --- length and saving
     Field("max_train_epochs", "Epochs", "int",
           "Passes over the dataset (images x repeats). 0 = stop after 'Max steps' instead.", "length", off=0, minimum=0),
