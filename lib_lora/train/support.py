@@ -278,8 +278,12 @@ def kohya_oft_switches(nargs: dict) -> tuple[bool, bool]:
     return tuple(str(nargs.get(k, "false")).strip().lower() in ("true", "1", "yes") for k in OFT_SWITCHES)
 
 
-def oft_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[str]):
+def oft_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[str], family: str | None = None):
     """sd-scripts' networks.oft: its switches, and what it ignores or warns about."""
+    if family != "sdxl":
+        notes.append(("networks.oft on SD1/SD2: " if family is None else "networks.oft: ") + "A1111's built-in Lora "
+                     "(1.10) finds none of the layers of such a file (it maps the oft_unet_ names to SDXL's layout "
+                     "only; sd-scripts' own SD1 OFT files are the same); this extension's <lora:> applies it")
     for k in OFT_SWITCHES:
         if k in nargs and str(nargs[k]).strip().lower() not in ("true", "1", "yes"):
             errors.append(f"network_args {k}={nargs[k]}: sd-scripts reads any value of {k} as True (bool of the "
@@ -354,7 +358,7 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
             pass  # (an entry without '=': reported below)
     if cfg.network_module == "networks.oft":
         try:
-            oft_problems(cfg, network_args(cfg), errors, notes)
+            oft_problems(cfg, network_args(cfg), errors, notes, family)
         except ValueError:
             pass  # (an entry without '=': reported below)
     errors_opt, notes_opt = optimizer_problems(cfg.optimizer_type)
