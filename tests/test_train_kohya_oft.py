@@ -146,7 +146,8 @@ def test_what_sd_scripts_reads_otherwise_is_refused_or_said(sd1, tmp_path):
                                                                           "down_lr_weight=cosine"]), "sd1")
     text = " ".join(notes)
     assert not errors, errors
-    assert "network_alpha = 1 is OFT's constraint" in text and "suggests e.g. 1e-3" in text and "scale_weight_norms is not used" in text
+    assert "network_alpha = 1 is OFT's constraint" in text and "suggests e.g. 1e-3" in text
+    assert "scale_weight_norms is not used" in text
     assert "conv_dim, loraplus_lr_ratio, down_lr_weight" not in text  # (one note, in the order of its list)
     assert "conv_dim, down_lr_weight, loraplus_lr_ratio, network_dropout not used with networks.oft" in text
     assert "not supported yet" not in text

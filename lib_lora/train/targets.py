@@ -133,7 +133,8 @@ def unet_targets(diffusion_model: nn.Module, family: str, conv: bool = False) ->
     return out
 
 
-_ATTENTION_CLASSES = ("CrossAttention", "MemoryEfficientCrossAttention")  # (ldm's and sgm's; sd-scripts': CrossAttention)
+# ldm's and sgm's attention classes (sd-scripts' UNets call theirs CrossAttention)
+_ATTENTION_CLASSES = ("CrossAttention", "MemoryEfficientCrossAttention")
 
 
 def kohya_oft_targets(diffusion_model: nn.Module, family: str, all_linear: bool, conv: bool) -> list[TrainTarget]:
