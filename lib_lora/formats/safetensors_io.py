@@ -46,14 +46,7 @@ def refuse_pickle(path):
             f"you trust), or get the .safetensors version from the author.", path)
 
 
-def _sniff_kind(first_bytes, size):
-    """What a file that is not safetensors looks like, or None. A safetensors file's JSON header starts right after
-    its 8-byte length, so "{" there with a length that fits means safetensors, whatever the length's bytes are
-    (a header of 0x30480 bytes begins 80 04, the same two bytes as a protocol-4 pickle)."""
-    if len(first_bytes) >= 9 and first_bytes[8:9] == b"{":
-        (n,) = struct.unpack("<Q", first_bytes[:8])
-        if 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
-            return None
+def _sniff_kind(first_bytes):
     if first_bytes.startswith(b"PK\x03\x04"):
         return "a zip archive (a torch .pt/.ckpt pickle saved with a .safetensors name)"
     if first_bytes[:1] == b"\x80" and first_bytes[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -75,17 +68,18 @@ def read_header(path):
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise LoraFileError(f"{name} is empty (0 bytes). {_REDOWNLOAD}", path)
-            prefix = f.read(9)
+            prefix = f.read(8)
             if len(prefix) < 8:
                 raise LoraFileError(f"{name} is only {size} bytes long, too short to be a safetensors file "
                                     f"(truncated download?). {_REDOWNLOAD}", path)
-            kind = _sniff_kind(prefix, size)
-            prefix = prefix[:8]
-            f.seek(8)
+            (n,) = struct.unpack("<Q", prefix)
+            # a JSON header of a length that fits means safetensors, whatever the length's bytes look like (a header
+            # of 0x30480 bytes begins 80 04, as a protocol-4 pickle does); only then are those bytes sniffed
+            raw = f.read(n) if 2 <= n <= min(MAX_HEADER_BYTES, size - 8) else b""
+            kind = None if raw[:1] == b"{" else _sniff_kind(prefix)
             if kind is not None:
                 raise LoraFileError(f"{name} is not a safetensors file: it looks like {kind}. Pickle files can run "
                                     f"code when loaded, so it is refused; convert it to real .safetensors.", path)
-            (n,) = struct.unpack("<Q", prefix)
             if n < 2 or n > MAX_HEADER_BYTES:
                 raise LoraFileError(f"{name} is not a valid safetensors file (header length field is {n}). "
                                     f"{_REDOWNLOAD}", path)
@@ -93,7 +87,6 @@ def read_header(path):
                 raise LoraFileError(f"{name} is truncated: its header says {n} header bytes but the file has only "
                                     f"{size - 8} after the length field (incomplete download or copy?). "
                                     f"{_REDOWNLOAD}", path)
-            raw = f.read(n)
     except OSError as e:
         raise LoraFileError(f"cannot read {name}: {e.strerror or e}. Check that the file exists and is readable.",
                             path) from e
