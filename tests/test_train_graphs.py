@@ -299,12 +299,15 @@ def test_settings_that_decide_on_the_host_are_not_captured(sd1, setting, reason)
                                                    ("sdxl", False, "loha"), ("sdxl", False, "locon dora_wd=True"),
                                                    ("sd1", False, "diag-oft constraint=0.01 rescaled=True"),
                                                    ("sd1", False, "glora use_scalar=True"),
-                                                   ("sd1", False, "full train_norm=True"), ("sd1", False, "ia3")])
+                                                   ("sd1", False, "full train_norm=True"), ("sd1", False, "ia3"),
+                                                   ("sd1", False, "networks.oft enable_all_linear=True"),
+                                                   ("sd1", False, "networks.lora_fa conv_dim=2")])
 def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted, algo, tmp_path, monkeypatch):
     """The whole trainer (text encoder(s) trained, reg images; SDXL: two token streams, size conditioning; with
     weighted_captions the tokens' weights too; a LyCORIS LoHa, whose weight-path modules include TE2's attention;
     a LoCon with DoRA, whose magnitudes are normalised against the host weights inside the graph; diag-OFT with its
-    norm cap and batched inverse, which must not read anything back; GLoRA, IA3, full with norm modules)
+    norm cap and batched inverse, which must not read anything back; GLoRA, IA3, full with norm modules;
+    sd-scripts' OFT and LoRA-FA, whose frozen lora_down stays outside the flat buffer)
     with the emulated graphs standing in for CUDA: graphs are on without being asked, and the LoRA file equals the
     one of a run with cuda_graphs = false."""
     model = sd1 if family == "sd1" else models.make_sdxl(seed=1)
@@ -319,7 +322,10 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted
              "network_alpha": 2, "learning_rate": 1e-3, "text_encoder_lr": 5e-4, "seed": 7, "max_train_steps": 12,
              "save_precision": "float", "lr_scheduler": "cosine", "lr_warmup_steps": 2,
              "weighted_captions": weighted}
-        if algo:
+        if algo and algo.startswith("networks."):  # (sd-scripts' own network modules)
+            module, *more = algo.split()
+            c.update(network_module=module, network_args=more, network_alpha=1e-2)
+        elif algo:
             algo_name, *more = algo.split()
             c.update(network_module="lycoris.kohya", network_args=[f"algo={algo_name}", "conv_dim=2", *more])
         if graphs is not None:
@@ -342,11 +348,12 @@ def test_trainer_uses_graphs_by_default_where_they_can_run(sd1, family, weighted
     a, b = finals
     num = sum(((a[k] - b[k]) ** 2).sum() for k in a)
     den = sum((b[k] ** 2).sum() for k in b)
-    # IA3 / full: some of the tiny UNet's parameters have a gradient that is zero up to float noise (the mid
-    # block's self-attention keys see one token; biases before a GroupNorm of one channel per group cancel), and
-    # AdamW turns noise into whole steps from their zero start, so last-bit differences show there (a stale input
-    # or LR would be far above either bound)
-    assert float((num / den) ** 0.5) < (3e-3 if algo and algo.split()[0] in ("full", "ia3") else 1e-5)
+    # IA3 / full / sd-scripts' OFT: some of the tiny UNet's parameters have a gradient that is zero up to float
+    # noise (the mid block's self-attention keys see one token; biases before a GroupNorm of one channel per group
+    # cancel), and AdamW turns noise into whole steps from their zero start, so last-bit differences show there (a
+    # stale input or LR would be far above either bound)
+    zero_start = algo is not None and algo.split()[0] in ("full", "ia3", "networks.oft")
+    assert float((num / den) ** 0.5) < (3e-3 if zero_start else 1e-5)
 
 
 def test_default_on_a_cpu_says_nothing_about_graphs(sd1):
