@@ -648,8 +648,8 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
         host = ModelHost(sd1, "m")
         with pytest.raises(TrainingError, match=msg):
             Trainer(host, cfg, plan_for(host, cfg)).run()
-    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.oft"), "sd1")
-    assert any("networks.oft' cannot be trained here" in e for e in errors), errors
+    errors, _ = check_support(_cfg(tmp_path, img, "x", network_module="networks.lora_flux"), "sd1")
+    assert any("networks.lora_flux' cannot be trained here" in e for e in errors), errors
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha"], scale_weight_norms=1.0)
     assert check_support(cfg, "sd1")[0] == []  # LyCORIS' max-norm for LoHa/LoKr (test below)
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_scalar=True"], scale_weight_norms=1.0)
