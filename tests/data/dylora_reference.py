@@ -16,7 +16,6 @@ module's own state_dict writes them).
 import os
 import random
 import sys
-import types
 
 import torch
 import torch.nn as nn
@@ -30,15 +29,9 @@ DIM, ALPHA, STEPS = 4, 2.0, 4
 
 
 def module_class(root):
-    # (the module imports these for type hints and its logging set-up only)
-    sys.modules.setdefault("diffusers", types.SimpleNamespace(AutoencoderKL=object))
-    sys.modules.setdefault("library", types.ModuleType("library"))
-    sys.modules.setdefault("library.utils", types.SimpleNamespace(setup_logging=lambda *a, **k: None))
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sds_dylora", os.path.join(root, "networks", "dylora.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.DyLoRAModule
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sd_scripts_module import load
+    return load(root, "dylora").DyLoRAModule
 
 
 def main(root):

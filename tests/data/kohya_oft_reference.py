@@ -12,7 +12,6 @@ oft_blocks.
 """
 import os
 import sys
-import types
 
 import torch
 import torch.nn as nn
@@ -25,15 +24,9 @@ LAYERS = {
 
 
 def module_class(root):
-    # (the module imports these for type hints and its logging set-up only)
-    sys.modules.setdefault("diffusers", types.SimpleNamespace(AutoencoderKL=object))
-    sys.modules.setdefault("library", types.ModuleType("library"))
-    sys.modules.setdefault("library.utils", types.SimpleNamespace(setup_logging=lambda *a, **k: None))
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sds_oft", os.path.join(root, "networks", "oft.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.OFTModule
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sd_scripts_module import load
+    return load(root, "oft").OFTModule
 
 
 def main(root):
