@@ -36,7 +36,7 @@ def autocast_enabled(device_type: str) -> bool:
 class LoRAPair(PairBase):
     """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names."""
 
-    scalar_factor = "lora_up.weight"
+    scalar_factor = ("lora_up.weight",)
 
     def __init__(self, in_dim: int, out_dim: int, dim: int, alpha: float, kernel=None, stride=1, padding=0,
                  tucker: bool = False):
@@ -70,9 +70,8 @@ class LoRAPair(PairBase):
             nn.init.normal_(self.lora_down.weight, std=math.sqrt(2.0 / (self.shape[1] + rank)))
         else:
             nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        self._reset_scalar()
         if self.use_scalar:  # (LyCORIS: the scalar starts at 0, lora_up at random)
-            with torch.no_grad():
-                self.scalar.zero_()
             nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_up.weight)

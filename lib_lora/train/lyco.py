@@ -4,11 +4,11 @@
 low-rank pairs), ``algo=lokr`` (Kronecker product), ``algo=ia3`` (a learned scale per channel), ``algo=full``
 (a whole trained difference per layer, bias included), ``algo=diag-oft`` / ``boft`` (orthogonal rotations of the
 output rows), ``algo=glora`` (W·A + B, A and B low-rank) and ``train_norm`` (norm layers) have their own modules
-here. Shapes, initialisation, scale and saved
-keys follow LyCORIS' modules of the same names (Tucker cores for kxk convs on request; DoRA weight decomposition
-with ``dora_wd``; ``use_scalar``'s trained scalar), so LyCORIS, A1111's built-in Lora, ComfyUI and our own
-``<lora:>`` load the files (lora-formats.md; the job's notes say where one of those tools cannot). The layer sets
-are LyCORIS' presets as they land on sd-scripts' UNets (tests/data/lycoris_targets_reference.json).
+here. Shapes, initialisation, scale and saved keys follow LyCORIS' modules of the same names (Tucker cores for kxk
+convs on request; DoRA weight decomposition with ``dora_wd``; ``use_scalar``'s trained scalar), so LyCORIS,
+A1111's built-in Lora, ComfyUI and our own ``<lora:>`` load the files (lora-formats.md; the job's notes say where
+one of those tools cannot). The layer sets are LyCORIS' presets as they land on sd-scripts' UNets
+(tests/data/lycoris_targets_reference.json).
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ KEYS = {"algo", "preset", "factor", "decompose_both", "full_matrix", "unbalanced
         "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar", "dora_wd", "rs_lora", "train_norm",
         "bypass_mode", "rank_dropout_scale", "wd_on_output", "train_on_input", "constraint", "rescaled"}
 TUCKER_KEYS = ("use_tucker", "use_cp", "use_conv_cp")
-# switches that change the module and that this trainer does not build yet: refused, never silently dropped
-_NOT_YET: dict[str, str] = {}
 
 
 BOOL_KEYS = ("decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "use_cp", "use_conv_cp",
@@ -134,10 +132,6 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     problems = _flag_problems(nargs)
     if problems:
         raise ValueError("; ".join(problems))
-    for key, what in _NOT_YET.items():
-        if key in nargs and _bool(nargs[key]):
-            raise ValueError(f"network_args {key}={nargs[key]}: {what} cannot be trained here yet; remove the entry "
-                             f"(or set it to False) to train a plain {algo}")
     # LyCORIS: use_tucker = not disable_conv_cp (default True) or use_conv_cp or use_cp or use_tucker
     tucker = (("disable_conv_cp" in nargs and not _bool(nargs["disable_conv_cp"]))
               or any(_bool(nargs.get(k, False)) for k in TUCKER_KEYS))
@@ -269,6 +263,13 @@ class PairBase(nn.Module):
 
     use_scalar = False
 
+    def _reset_scalar(self):
+        """use_scalar's trained scalar starts at 0; LoHa's and GLoRA's fixed scalar buffer (max-norm, none) at 1."""
+        scalar = getattr(self, "scalar", None)
+        if scalar is not None:
+            with torch.no_grad():
+                scalar.fill_(0.0 if self.use_scalar else 1.0)
+
     def _set_alpha(self, alpha, dim):
         alpha = dim if alpha is None or alpha == 0 else float(alpha)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
@@ -315,15 +316,14 @@ class PairBase(nn.Module):
     def tensors(self, save_4d: bool = False) -> dict:
         raise NotImplementedError
 
-    scalar_factor = ""  # use_scalar: the parameter(s) the file holds the scalar folded into
+    scalar_factor: tuple = ()  # use_scalar: the parameter(s) the file holds the scalar folded into
 
     def file_tensors(self, save_4d: bool = False, raw: bool = False) -> dict:
         """Everything the module saves under its name: its factors, DoRA's magnitude, alpha. ``raw`` (the
         resume state): a trained scalar and its factor as they are, not folded together."""
         out = dict(self.tensors(save_4d))
         if raw and self.use_scalar:
-            factors = self.scalar_factor
-            for k in (factors,) if isinstance(factors, str) else factors:
+            for k in self.scalar_factor:
                 out[k] = self.get_parameter(k)
             out["scalar"] = self.scalar
         if self.dora_scale is not None:
@@ -384,7 +384,7 @@ class LohaPair(_WeightPair):
     (hada_t1/t2; then w*_a is (r, out) and w*_b (r, in))."""
 
     kind = "loha"
-    scalar_factor = "hada_w1_a"
+    scalar_factor = ("hada_w1_a",)
 
     def __init__(self, shape: tuple, dim: int, alpha, s: LycoSettings | None = None):
         super().__init__()
@@ -410,8 +410,7 @@ class LohaPair(_WeightPair):
         self.reset_parameters()
 
     def reset_parameters(self):
-        with torch.no_grad():
-            self.scalar.fill_(0.0 if self.use_scalar else 1.0)
+        self._reset_scalar()
         # LyCORIS' init (order included): w2_a = 0 (or the scalar) makes the start an exact no-op
         if self.tucker:
             nn.init.normal_(self.hada_t1, std=0.1)
@@ -478,9 +477,7 @@ class LokrPair(_WeightPair):
         self.reset_parameters()
 
     def reset_parameters(self):
-        if self.use_scalar:
-            with torch.no_grad():
-                self.scalar.zero_()
+        self._reset_scalar()
         zero = (lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))) if self.use_scalar else nn.init.zeros_
         if self.use_w2:
             zero(self.lokr_w2)
@@ -496,8 +493,8 @@ class LokrPair(_WeightPair):
             nn.init.kaiming_uniform_(self.lokr_w1_b, a=math.sqrt(5))
 
     @property
-    def scalar_factor(self) -> str:
-        return "lokr_w1" if self.use_w1 else "lokr_w1_a"
+    def scalar_factor(self) -> tuple:
+        return ("lokr_w1",) if self.use_w1 else ("lokr_w1_a",)
 
     def rebuild(self):
         w1 = self.lokr_w1 if self.use_w1 else self.lokr_w1_a @ self.lokr_w1_b
@@ -524,7 +521,7 @@ class LokrPair(_WeightPair):
         out = {k: getattr(self, k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
                                              "lokr_w2_b", "lokr_t2") if hasattr(self, k)}
         if self.use_scalar:  # (LyCORIS folds it into w1)
-            first = self.scalar_factor
+            first = self.scalar_factor[0]
             out[first] = out[first] * self.scalar.to(out[first].dtype)
         if save_4d and "lokr_w2" in out and out["lokr_w2"].dim() == 2:
             out["lokr_w2"] = out["lokr_w2"][:, :, None, None]  # the host trains this layer as a 1x1 conv
@@ -830,8 +827,7 @@ class GloraPair(PairBase):
         self.reset_parameters()
 
     def reset_parameters(self):
-        with torch.no_grad():
-            self.scalar.fill_(0.0 if self.use_scalar else 1.0)
+        self._reset_scalar()
         # LyCORIS' draws in its order: its nn.Linear / nn.Conv2d layers start themselves (a2, a1, b2, b1), then
         # a1 and b1 again, then a2 and b2 with use_scalar
         for f in (self.a2, self.a1, self.b2, self.b1, self.a1, self.b1):

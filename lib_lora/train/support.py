@@ -51,6 +51,7 @@ SUPPORTED_NETWORK_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_drop
 # networks.dylora: what its create_network reads, and the dropouts the kohya_ss GUI writes (a note says they do nothing)
 DYLORA_ARGS = {"conv_dim", "conv_alpha", "unit", "rank_dropout", "module_dropout", *blocks.KEYS}
 OFT_SWITCHES = ("enable_all_linear", "enable_conv")
+_OFT_ON = ("true", "1", "yes")  # (what reads as on both here and in sd-scripts; other values are refused)
 # networks.oft reads its two switches; the rest is said to do nothing (a note) rather than "not supported yet"
 OFT_ARGS = {*OFT_SWITCHES, "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *blocks.KEYS}
 SUPPORTED_SCHEDULERS = set(SCHEDULERS)
@@ -275,7 +276,7 @@ def dylora_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: lis
 def kohya_oft_switches(nargs: dict) -> tuple[bool, bool]:
     """networks.oft's (enable_all_linear, enable_conv), written True (values other than True/False are refused by
     oft_problems)."""
-    return tuple(str(nargs.get(k, "false")).strip().lower() in ("true", "1", "yes") for k in OFT_SWITCHES)
+    return tuple(str(nargs.get(k, "false")).strip().lower() in _OFT_ON for k in OFT_SWITCHES)
 
 
 def oft_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[str], family: str | None = None):
@@ -285,7 +286,7 @@ def oft_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[s
                      "(1.10) finds none of the layers of such a file (it maps the oft_unet_ names to SDXL's layout "
                      "only; sd-scripts' own SD1 OFT files are the same); this extension's <lora:> applies it")
     for k in OFT_SWITCHES:
-        if k in nargs and str(nargs[k]).strip().lower() not in ("true", "1", "yes"):
+        if k in nargs and str(nargs[k]).strip().lower() not in _OFT_ON:
             errors.append(f"network_args {k}={nargs[k]}: sd-scripts reads any value of {k} as True (bool of the "
                           f"text), so it would switch it on; remove the entry to leave it off, or write {k}=True")
     if (cfg.network_alpha or 0) >= 1:  # (sd-scripts' default network_alpha is 1)

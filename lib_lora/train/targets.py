@@ -148,9 +148,10 @@ def kohya_oft_targets(diffusion_model: nn.Module, family: str, all_linear: bool,
         out.append(t)
     if all_linear:
         return out
-    attention = {id(m) for _, m, anc in _walk(diffusion_model) if any(c in _ATTENTION_CLASSES for c in anc)}
-    in_transformer = {id(m) for _, m, anc in _walk(diffusion_model) if any(c in _TRANSFORMER_CLASSES for c in anc)}
-    return [t for t in out if id(t.module) in attention or id(t.module) not in in_transformer]
+    # transformer layers outside the attention modules are left out
+    left_out = {id(m) for _, m, anc in _walk(diffusion_model)
+                if any(c in _TRANSFORMER_CLASSES for c in anc) and not any(c in _ATTENTION_CLASSES for c in anc)}
+    return [t for t in out if id(t.module) not in left_out]
 
 
 # LyCORIS presets as they land on sd-scripts' UNets: (block kinds wrapped, the four named layers outside the

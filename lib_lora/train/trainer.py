@@ -593,27 +593,25 @@ class Trainer:
             for n in notes:
                 self._note(n)
             lora_fa = c.network_module == "networks.lora_fa"
-            # sd-scripts' networks.dylora: no dropout of any kind; its 3x3 convs (conv_dim = network_dim) take
-            # network_alpha
             dylora = int(nargs.get("unit", 1)) if c.network_module == "networks.dylora" else None
-            if dylora:
-                self._dropout, conv_alpha = None, alpha
             # sd-scripts' networks.oft: dim blocks, network_alpha the constraint, every layer alike
-            kohya_oft = None
-            if c.network_module == "networks.oft":
-                kohya_oft = kohya_oft_switches(nargs)
-                conv_dim, conv_alpha, self._dropout = dim, alpha, None
-                self._net_dims = (dim, alpha, conv_dim if kohya_oft[1] else None, alpha)
-            # (sd-scripts warns and trains without a max-norm where the network has none)
-            max_norm = c.scale_weight_norms if not (dylora or kohya_oft) else None
+            kohya_oft = kohya_oft_switches(nargs) if c.network_module == "networks.oft" else None
+            if kohya_oft:
+                conv_dim = dim
+            # sd-scripts' DyLoRA and OFT: no dropout of any kind, no max-norm (it warns and trains without one),
+            # network_alpha for the 3x3 convs too
+            sd_scripts_plain = not (dylora or kohya_oft)
+            if not sd_scripts_plain:
+                self._dropout, conv_alpha = None, alpha
+            max_norm = c.scale_weight_norms if sd_scripts_plain else None
             try:
                 net = LoRANetwork(
                     self.sd_model, self.family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
                     train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), dropout=self._dropout,
-                    rank_dropout=(float(nargs["rank_dropout"]) if "rank_dropout" in nargs
-                                  and not (dylora or kohya_oft) else None),
-                    module_dropout=(float(nargs["module_dropout"]) if "module_dropout" in nargs
-                                    and not (dylora or kohya_oft) else None),
+                    rank_dropout=(float(nargs["rank_dropout"]) if "rank_dropout" in nargs and sd_scripts_plain
+                                  else None),
+                    module_dropout=(float(nargs["module_dropout"]) if "module_dropout" in nargs and sd_scripts_plain
+                                    else None),
                     blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco,
                     lora_fa=lora_fa, dylora_unit=dylora, kohya_oft=kohya_oft)
             except NetworkShapeError as e:  # (a layer size the network type cannot split, e.g. BOFT)
@@ -710,8 +708,7 @@ class Trainer:
                 except (ValueError, SyntaxError):
                     opt_args[k.strip()] = v.strip()
             flat, fast_desc = None, []
-            module_dropout = bool(nargs.get("module_dropout") and float(nargs["module_dropout"])
-                                  and not (dylora or kohya_oft))
+            module_dropout = net.module_dropout is not None and net.module_dropout > 0
             opt_name = effective_optimizer(c.optimizer_type)  # AdamW8bit without bitsandbytes trains as AdamW
             if fast.enabled and elementwise_optimizer(opt_name) and not module_dropout and not dylora:
                 # (module_dropout, DyLoRA: a dropped module's / an untrained rank's weights get no gradient and no
