@@ -32,6 +32,7 @@ from pydantic import BaseModel, conint
 
 from .jobs.queue import FINISHED, QUEUED, INTERRUPTED, RUNNING
 from .train import kohya_gui
+from .train.lyco import PRESETS as LYCO_PRESETS
 from .train.config import (TrainConfigError, load_dataset_config, parse_train_config, parse_train_config_text,
                            translate_gui_preset)
 
@@ -145,6 +146,15 @@ class PathPolicy:
                         dataset_files.append(table[key])
                 elif isinstance(v, list):  # base_weights: every file of the list
                     table[key] = [self.resolve(x, key) if isinstance(x, str) and x.strip() else x for x in v]
+            args = table.get("network_args")
+            if isinstance(args, (list, str)) and args:  # a LyCORIS preset file is read too
+                items = args.split() if isinstance(args, str) else list(args)
+                for i, item in enumerate(items):
+                    k, sep, v = item.partition("=") if isinstance(item, str) else ("", "", "")
+                    v = v.strip().strip("\"'")
+                    if sep and k.strip() == "preset" and v not in LYCO_PRESETS:
+                        items[i] = "preset=" + self.resolve(v, "network_args preset")
+                table["network_args"] = " ".join(items) if isinstance(args, str) else items
             for key in NAME_KEYS:
                 v = table.get(key)
                 if isinstance(v, str) and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v):
@@ -351,7 +361,8 @@ class _Api:
                                             "notes": notes + [n for n in plan_notes if n not in notes],
                                             "plan": report}))
         from .train.support import check_support
-        problems, _ = check_support(cfg)  # (paths play no part in it: the config parsed above will do)
+        # (on the checked paths: a LyCORIS preset file is read there)
+        problems, _ = check_support(parse_train_config(config, source="<request>"))
         if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
             raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
         try:

@@ -154,12 +154,16 @@ def test_paths_outside_the_roots_are_refused(env):
         {"logging_dir": "~/logs"},
         {"base_weights": "/etc/passwd"},
         {"base_weights": ["lora_a.safetensors", "../outside/b.safetensors"]},  # every file of the list
+        # a LyCORIS preset file is read too (its parse errors would quote it)
+        {"network_module": "lycoris.kohya", "network_args": ["algo=loha", "preset=/etc/passwd"]},
+        {"network_module": "lycoris.kohya", "network_args": "algo=loha preset=../outside/p.toml"},
     ]
     for override in bad:
         r = c.post(PREFIX + "/jobs", json=cfg_for(**override))
         assert r.status_code == 403, (override, r.text)
         detail = r.json()["detail"]
-        assert SETTING in detail and next(iter(override)) in detail, detail
+        key = "network_args preset" if "network_args" in override else next(iter(override))
+        assert SETTING in detail and key in detail, detail
     # inside a section too
     r = c.post(PREFIX + "/jobs", json={"dataset": {"train_data_dir": "../outside/data"}, "training": {"output_dir": "output"}})
     assert r.status_code == 403
@@ -167,6 +171,19 @@ def test_paths_outside_the_roots_are_refused(env):
     r = c.post(PREFIX + "/jobs", json=cfg_for(output_name="../../evil"))
     assert r.status_code == 422 and "output_name = '../../evil' must be a file name" in str(r.json()["detail"])
     assert q.list() == []
+
+
+def test_a_preset_file_inside_the_roots_is_read_from_there(env):
+    """A relative preset path resolves against the default root, as the other paths do; built-in names stay."""
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    (root / "p.toml").write_text('unet_target_module = ["Transformer2DModel"]\n')
+    r = c.post(PREFIX + "/jobs", json=cfg_for(network_module="lycoris.kohya",
+                                              network_args=["algo=loha", "preset=p.toml"]))
+    assert r.status_code == 201, r.text
+    assert r.json()["config"]["network_args"] == ["algo=loha", "preset=" + os.path.realpath(root / "p.toml")]
+    r = c.post(PREFIX + "/jobs", json=cfg_for(network_module="lycoris.kohya", network_args=["preset=attn-mlp"]))
+    assert r.status_code == 201 and r.json()["config"]["network_args"] == ["preset=attn-mlp"], r.text
 
 
 def test_symlink_within_roots_and_second_root_are_allowed(env):

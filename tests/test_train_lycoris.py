@@ -634,7 +634,8 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
                                          r"diag-oft, boft, glora",
         ("algo=tlora",): r"algo=tlora: LoRA Studio trains algo=lora, locon",
         ("algo=diag-oft", "constraint=-1"): r"constraint=-1: use 0 \(no cap\) or a positive number",
-        ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: use one of full, full-lin",
+        ("algo=loha", "preset=mine.toml"): r"preset=mine.toml: no such file .*a relative path is read from the "
+                                           r"config file's folder",
         ("algo=loha", "down_lr_weight=cosine"): r"down_lr_weight: block learning rates .* LyCORIS does not read",
         ("algo=lokr", "factor=0"): r"factor=0: use -1",
         # LyCORIS reads anything but "false" as True: "0" would train DoRA in sd-scripts

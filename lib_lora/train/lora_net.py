@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .blocks import BlockDims, block_index
 from .fp8 import is_fp8
 from .lyco import KohyaOftPair, LycoSettings, NormPair, PairBase, make_pair
+from .lyco_preset import custom_targets
 from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, kohya_oft_targets, lyco_preset_convs, lycoris_unet_targets,
                       text_encoder_targets, unet_targets)
 
@@ -195,10 +196,14 @@ class LoRANetwork(nn.Module):
         self.dylora_unit = dylora_unit
         self._draw_no, self._dylora_rng = 0, random.Random(0)  # (new_draws sets both per micro-batch)
         self.kohya_oft = kohya_oft
+        self.notes: list[str] = []  # what the job should say about the layer choice (a preset file's misses)
         targets: list[TrainTarget] = []
         if kohya_oft is not None:  # (sd-scripts' OFT has no text-encoder modules)
             if train_unet:
                 targets += kohya_oft_targets(sd_model.model.diffusion_model, family, *kohya_oft)
+        elif lyco is not None and lyco.custom is not None:  # a LyCORIS preset file
+            targets += custom_targets(sd_model, family, lyco.custom, bool(conv_dim), train_unet, train_text_encoder,
+                                      lyco.train_norm, self.notes)
         elif lyco is not None:
             if train_unet:
                 conv = lyco_preset_convs(lyco.preset) and bool(conv_dim)

@@ -13,12 +13,16 @@ one of those tools cannot). The layer sets are LyCORIS' presets as they land on 
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .lyco_preset import CustomPreset, read_preset
 
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full", "diag-oft", "boft", "glora")
 PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only",
@@ -79,6 +83,7 @@ class LycoSettings:
     rescaled: bool = False  # OFT: a trained scale per output row
     rank_dropout_scale: bool = False  # rank dropout's kept rows scaled by 1/(share kept), as LyCORIS does
     use_scalar: bool = False  # a trained scalar (0 at the start) times the delta; the zero factor starts random
+    custom: CustomPreset | None = None  # a preset file's layer rules (preset then holds its path as given)
 
     @property
     def weight_path(self) -> bool:
@@ -101,8 +106,9 @@ class LycoSettings:
         return name
 
 
-def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSettings | None:
-    """The LyCORIS settings of a config (None for networks.lora); ValueError says what to change."""
+def lyco_settings(module: str | None, nargs: dict, notes: list[str], resolve=None) -> LycoSettings | None:
+    """The LyCORIS settings of a config (None for networks.lora); ValueError says what to change. ``resolve``
+    makes a preset file's path absolute (None: preset files are refused)."""
     if (module or "networks.lora") in ("networks.lora", "networks.lora_fa", "networks.dylora", "networks.oft"):
         return None
     if module in ("networks.loha", "networks.lokr"):  # (the kohya_ss GUI's Kohya LoHa / Kohya LoKr types)
@@ -125,10 +131,17 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
     if algo not in ALGOS:
         raise ValueError(f"network_args algo={algo}: LoRA Studio trains algo={', '.join(ALGOS)} (other LyCORIS types "
                          "can be applied with <lora:> but not trained here)")
-    preset = nargs.get("preset", "full").strip()
+    preset = nargs.get("preset", "full").strip().strip("\"'")
+    custom = None
     if preset not in PRESETS:
-        raise ValueError(f"network_args preset={preset}: use one of {', '.join(PRESETS)} (preset files are not read "
-                         "here)")
+        path = resolve(preset) if resolve is not None else None
+        if path is None or not path.is_file() and "." not in preset and "/" not in preset and os.sep not in preset:
+            close = difflib.get_close_matches(preset.lower().replace("_", "-"), PRESETS, 1)
+            raise ValueError(f"network_args preset={preset}: "
+                             + (f"did you mean {close[0]}? " if close else "")
+                             + f"use one of {', '.join(PRESETS)} or the path of a LyCORIS preset file (.toml)")
+        custom = read_preset(path, preset)
+        notes += custom.notes
     problems = _flag_problems(nargs)
     if problems:
         raise ValueError("; ".join(problems))
@@ -149,6 +162,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str]) -> LycoSett
                      _bool(nargs.get("full_matrix", False)), _bool(nargs.get("unbalanced_factorization", False)),
                      tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)),
                      _bool(nargs.get("rs_lora", False)), _bool(nargs.get("train_norm", False)))
+    s.custom = custom
     s.rank_dropout_scale = _bool(nargs.get("rank_dropout_scale", False))
     s.use_scalar = _bool(nargs.get("use_scalar", False))
     if s.use_scalar and algo in NO_SCALE:

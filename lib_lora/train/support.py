@@ -133,7 +133,7 @@ def base_dims(cfg: TrainConfig, nargs: dict) -> tuple[int, float | None, int | N
 def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainConfig):
     """LyCORIS settings (None for networks.lora) with the combinations this trainer refuses; ValueError says
     what to change."""
-    s = lyco.lyco_settings(module, nargs, notes)
+    s = lyco.lyco_settings(module, nargs, notes, resolve=cfg.resolve)
     if s is None:
         return None
     given = [k for k in blocks.LR_KEYS + blocks.DIM_KEYS if k in nargs]

@@ -93,7 +93,6 @@ def _unet_target(dotted: str, mod: nn.Module, anc: list[str], family: str) -> Tr
     """The TrainTarget (kohya name, kind) of one UNet Linear/Conv2d/norm; None where kohya's tree has no name for
     it."""
     under = dotted.replace(".", "_")
-    host_name = "diffusion_model_" + under
     if family == "sdxl":
         kohya = "lora_unet_" + under
     else:
@@ -101,6 +100,13 @@ def _unet_target(dotted: str, mod: nn.Module, anc: list[str], family: str) -> Tr
         if tail is None:
             return None
         kohya = "lora_unet_" + tail
+    return unet_target_named(kohya, dotted, mod, family)
+
+
+def unet_target_named(kohya: str, dotted: str, mod: nn.Module, family: str) -> TrainTarget:
+    """The TrainTarget of a UNet Linear/Conv2d/norm at host path ``dotted`` saved as ``kohya``."""
+    under = dotted.replace(".", "_")
+    host_name = "diffusion_model_" + under
     if isinstance(mod, NORMS):
         return TrainTarget(kohya, host_name, mod, "unet", "norm")
     is_1x1 = isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)

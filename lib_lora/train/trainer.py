@@ -38,6 +38,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork, NetworkShapeError
+from .lyco_preset import PresetError
 from .support import base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
@@ -614,8 +615,10 @@ class Trainer:
                                     else None),
                     blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco,
                     lora_fa=lora_fa, dylora_unit=dylora, kohya_oft=kohya_oft)
-            except NetworkShapeError as e:  # (a layer size the network type cannot split, e.g. BOFT)
-                raise TrainingError(str(e)) from None
+            except (NetworkShapeError, PresetError) as e:  # (a layer size the type cannot split; a preset file
+                raise TrainingError(str(e)) from None      # that picks nothing here)
+            for n in net.notes:
+                self._note(n)
             why = ("are not in the network_weights file" if module_dims else
                    "have rank 0 or a block learning-rate weight of 0")
             if not net.pairs:
@@ -633,18 +636,19 @@ class Trainer:
             kind = ("LoRA-FA (lora_down frozen)" if lora_fa else f"DyLoRA (unit {dylora})" if dylora
                     else f"OFT ({dim} blocks per layer, constraint {alpha:g})" if kohya_oft else "LoRA")
             if lyco is not None:
-                kind = f"{lyco.kind} (LyCORIS preset {lyco.preset})"
+                kind = f"{lyco.kind} (LyCORIS preset {'file ' if lyco.custom else ''}{lyco.preset})"
                 if lyco.dora and self.family == "sd2" and any(t.save_4d for t in net.targets):
                     self._note("DoRA on SD2: the proj_in/proj_out magnitudes are saved 4-D, as sd-scripts and "
                                "LyCORIS write them (they train those layers as 1x1 convs). A1111's built-in Lora "
                                "(1.10) skips such layers with a shape error in its log; this extension's <lora:> "
                                "applies them")
                 mha = [t for t in net.targets if t.kind == "mha"]
-                if mha and (len(mha[0].parts) < 4 or lyco.algo == "full"):
+                partial = any(len(t.parts) < 4 for t in mha)
+                if mha and (partial or lyco.algo == "full"):
                     self._note(f"{lyco.kind} on the open_clip text encoder: A1111's built-in Lora (1.10) applies "
                                "its attention modules only when q, k, v and out are all in the file, and leaves "
                                "out q/k/v bias differences, so there that part of the file "
-                               + ("is not used" if len(mha[0].parts) < 4 else "applies without those biases")
+                               + ("is not used" if partial else "applies without those biases")
                                + "; this extension's <lora:>, LyCORIS and ComfyUI apply all of it")
             self._emit("start", message=f"{kind} for {net.counts()} modules; seed {seed}")
 

@@ -1,0 +1,314 @@
+"""LyCORIS preset files (network_args preset=<file>.toml) on the WebUI's ldm/sgm models.
+
+References, none of them our code:
+- tests/data/lycoris_preset_reference.json.gz: sd-scripts' own SD1/SD2/SDXL UNet module trees (path, class) and
+  the layers LyCORIS' kohya wrapper picks on them for a set of preset files (class targets, regex and fnmatch
+  names, exclude_name, enable_conv, train_norm), written by tests/data/lycoris_preset_reference.py;
+- LyCORIS itself (test-only peer): create_network with a preset file on transformers' CLIPTextModel (the tiny SD1
+  model's own, and one shaped like the tiny SD2 / SDXL open_clip towers as sd-scripts converts them).
+"""
+import gzip
+import json
+import os
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+import train_data
+from lib_lora.apply.layers import layer_mapping
+from lib_lora.apply.loader import load_network
+from lib_lora.formats.safetensors_io import load_tensors
+from lib_lora.host.base import ModelHost
+from lib_lora.train import lyco_preset as lp
+from lib_lora.train.config import parse_train_config
+from lib_lora.train.lora_net import LoRANetwork
+from lib_lora.train.lyco import LycoSettings
+from lib_lora.train.run import plan_for, run_training
+from lib_lora.train.support import check_support
+from lib_lora.train.targets import lycoris_unet_targets, text_encoder_targets
+from lib_lora.train.trainer import Trainer, TrainingError
+from test_train_lycoris import _full_size_unet
+
+REF = json.load(gzip.open(os.path.join(os.path.dirname(__file__), "data", "lycoris_preset_reference.json.gz"), "rt"))
+
+
+def _preset(d: dict, path="p.toml") -> lp.CustomPreset:
+    p = lp.CustomPreset(path)
+    for key, attr in (("unet_target_module", "unet_modules"), ("unet_target_name", "unet_names"),
+                      ("text_encoder_target_module", "te_modules"), ("text_encoder_target_name", "te_names"),
+                      ("exclude_name", "exclude")):
+        if key in d:
+            setattr(p, attr, tuple(d[key]))
+    p.enable_conv, p.use_fnmatch = d.get("enable_conv", True), d.get("use_fnmatch", False)
+    return p
+
+
+def _toml(d: dict) -> str:
+    def val(v):
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+    return "".join(f"{k} = {val(v)}\n" for k, v in d.items())
+
+
+def _names(sd_model, family, preset, conv=True, train_norm=False, unet=True, te=False, notes=None):
+    ts = lp.custom_targets(sd_model, family, preset, conv, unet, te, train_norm, notes if notes is not None else [])
+    out = []
+    for t in ts:  # (an open_clip attention: one module per projection, as LyCORIS names them)
+        out += [f"{t.kohya_name}_{p}_proj" for p in t.parts] if t.kind == "mha" else [t.kohya_name]
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def full_unets():
+    return {f: _full_size_unet(f) for f in ("sd1", "sd2", "sdxl")}
+
+
+def _as_model(unet):
+    import types
+    return types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_view_is_sd_scripts_module_tree(family, full_unets):
+    """Every Linear / conv / norm and every block class of sd-scripts' UNet, under its path and class."""
+    want = {tuple(r) for r in REF["families"][family]["tree"]}
+    classes = {c for _, c in want}
+    got = {(r.path, r.cls) for r in lp.unet_view(full_unets[family], family) if r.cls in classes}
+    assert got == want, (sorted(want - got)[:5], sorted(got - want)[:5])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_preset_files_pick_the_layers_lycoris_picks_on_sd_scripts(family, full_unets):
+    fam = REF["families"][family]
+    tree = fam["tree"]
+    for picked, train_norm in ((fam["picked"], False), (fam["picked_norms"], True)):
+        for name, ids in picked.items():
+            want = sorted("lora_unet_" + tree[i][0].replace(".", "_") for i in ids)
+            preset = _preset(REF["presets"][name])
+            if not want:
+                with pytest.raises(lp.PresetError, match="picks no layer of this SDXL model"):
+                    _names(_as_model(full_unets[family]), family, preset)
+                continue
+            assert _names(_as_model(full_unets[family]), family, preset, train_norm=train_norm) == want, name
+
+
+def test_a_file_of_lycoris_defaults_is_the_full_preset(full_unets):
+    """A file that sets nothing keeps the wrapper's defaults: the built-in full preset's layers, also on the tiny
+    models (whose block counts differ from the full-size ones)."""
+    tiny = {"sd1": models.make_sd1(seed=1), "sd2": models.make_sd2(seed=1), "sdxl": models.make_sdxl(seed=1)}
+    for family in ("sd1", "sd2", "sdxl"):
+        for m in (_as_model(full_unets[family]), tiny[family]):
+            want = sorted(t.kohya_name for t in lycoris_unet_targets(m.model.diffusion_model, family, "full", True))
+            assert _names(m, family, _preset({})) == want, family
+            # conv layers off: enable_conv = false, or conv_dim 0
+            want = sorted(t.kohya_name for t in lycoris_unet_targets(m.model.diffusion_model, family, "full", False))
+            assert _names(m, family, _preset({"enable_conv": False})) == want
+            assert _names(m, family, _preset({}), conv=False) == want
+
+
+def test_nested_target_classes_train_each_layer_once(full_unets):
+    """LyCORIS stops with "duplicated lora name" when one target class sits inside another; here each layer is
+    trained once: the union of the two classes' layers."""
+    m = _as_model(full_unets["sd1"])
+    both = _names(m, "sd1", _preset({"unet_target_module": ["BasicTransformerBlock", "FeedForward"],
+                                     "unet_target_name": []}))
+    outer = _names(m, "sd1", _preset({"unet_target_module": ["BasicTransformerBlock"], "unet_target_name": []}))
+    inner = _names(m, "sd1", _preset({"unet_target_module": ["FeedForward"], "unet_target_name": []}))
+    assert set(inner) < set(outer) and both == outer and len(both) == len(set(both)) == 16 * 10  # (q, k, v, out twice; GEGLU proj; ff out)
+
+
+def _lycoris_te_names(tmp_path, clip, d):
+    import lycoris.kohya as lk
+    cls = lk.LycorisNetworkKohya
+    keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
+                                          "USE_FNMATCH", "TARGET_EXCLUDE_NAME", "ENABLE_CONV",
+                                          "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME")}
+    path = tmp_path / "te.toml"
+    path.write_text(_toml(d))
+    try:
+        net = lk.create_network(1.0, 4, 1, None, clip, nn.Module(), preset=str(path), algo="locon")
+    finally:
+        for k, v in keep.items():
+            setattr(cls, k, v)
+    return sorted(m.lora_name for m in net.text_encoder_loras)
+
+
+TE_PRESETS = [
+    {"text_encoder_target_module": ["CLIPMLP"], "text_encoder_target_name": ["text_model.encoder.layers.0.self_attn.q_proj"]},
+    {"text_encoder_target_module": ["CLIPEncoderLayer"], "exclude_name": [".*fc1", "text_model\\.encoder\\.layers\\.1\\."]},
+    {"use_fnmatch": True, "text_encoder_target_module": ["CLIPAttention"],
+     "text_encoder_target_name": ["*.layers.1.mlp.fc2"], "exclude_name": ["*.v_proj"]},
+    {},
+]
+
+
+@pytest.mark.parametrize("d", TE_PRESETS, ids=["mlp+name", "layers-exclude", "fnmatch", "defaults"])
+def test_text_encoder_layers_are_lycoris_on_clip(d, tmp_path):
+    pytest.importorskip("lycoris")
+    sd1 = models.make_sd1(seed=2)
+    clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
+    want = _lycoris_te_names(tmp_path, clip, d)
+    assert want and _names(sd1, "sd1", _preset(d), unet=False, te=True) == want
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+@pytest.mark.parametrize("d", TE_PRESETS, ids=["mlp+name", "layers-exclude", "fnmatch", "defaults"])
+def test_open_clip_text_encoders_are_lycoris_on_their_clip_conversion(family, d, tmp_path):
+    """SD2's and SDXL's second text encoder are open_clip towers here and transformers CLIPTextModels (the layers
+    the model reads) in sd-scripts: LyCORIS on a CLIPTextModel of that shape picks what we pick."""
+    pytest.importorskip("lycoris")
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    sd = models.make_sd2(seed=2) if family == "sd2" else models.make_sdxl(seed=2)
+    if family == "sd2":
+        cond = sd.cond_stage_model.wrapped if hasattr(sd.cond_stage_model, "wrapped") else sd.cond_stage_model
+        tower, n = cond.model, len(cond.model.transformer.resblocks) - getattr(cond, "layer_idx", 1)
+    else:
+        e = sd.conditioner.embedders[1]
+        tower = getattr(e, "wrapped", e).model
+        n = len(tower.transformer.resblocks)
+    width = tower.transformer.width if hasattr(tower.transformer, "width") else tower.ln_final.weight.shape[0]
+    cfg = CLIPTextConfig(hidden_size=width, intermediate_size=width * 4, num_hidden_layers=n,
+                         num_attention_heads=tower.transformer.resblocks[0].attn.num_heads, projection_dim=width)
+    with torch.device("meta"):
+        clip = (CLIPTextModel if family == "sd2" else CLIPTextModelWithProjection)(cfg)
+    want = _lycoris_te_names(tmp_path, clip, d)
+    got = _names(sd, family, _preset(d), unet=False, te=True)
+    if family == "sdxl":  # (sd-scripts' SDXL text encoders are lora_te1_ / lora_te2_; LyCORIS got only the second)
+        got = [g.replace("lora_te2_", "lora_te_") for g in got if g.startswith("lora_te2_")]
+    assert want and got == want
+
+
+def test_text_encoder_norms_with_train_norm_are_refused():
+    sd1 = models.make_sd1(seed=2)
+    with pytest.raises(lp.PresetError, match=r"picks \d+ text-encoder norm layers .*exclude_name"):
+        lp.custom_targets(sd1, "sd1", _preset({"text_encoder_target_module": ["CLIPEncoderLayer"]}), True, False,
+                          True, True, [])
+    # without train_norm the norm layers are not picked at all (as in LyCORIS)
+    assert lp.custom_targets(sd1, "sd1", _preset({"text_encoder_target_module": ["CLIPEncoderLayer"]}), True, False,
+                             True, False, [])
+
+
+def test_misses_are_said_like_lycoris_warns():
+    sd1 = models.make_sd1(seed=2)
+    notes: list = []
+    _names(sd1, "sd1", _preset({"unet_target_module": ["Attention", "FeedForward"],
+                                "unet_target_name": ["conv_in", "down_blocks\\.9\\..*"]}), notes=notes)
+    assert any(re.search(r"UNet: no module of class Attention \(sd-scripts' model has .*CrossAttention", n)
+               for n in notes), notes
+    assert any(n.endswith("UNet: no module path matches down_blocks\\.9\\..*") for n in notes), notes
+    assert len(notes) == 2
+
+
+def _dataset(tmp_path):
+    return train_data.make_dataset(str(tmp_path / "d"), n_concept=3, repeats=2)
+
+
+def _cfg(tmp_path, img, **kw):
+    c = {"train_data_dir": img, "resolution": 64, "train_batch_size": 2, "output_dir": str(tmp_path / "o"),
+         "output_name": "pf", "network_dim": 4, "network_alpha": 2, "learning_rate": 2e-3, "text_encoder_lr": 1e-3,
+         "max_train_epochs": 1, "seed": 3, "save_precision": "float", "network_module": "lycoris.kohya"}
+    c.update(kw)
+    return parse_train_config(c, base_dir=str(tmp_path))
+
+
+def test_training_with_a_preset_file_writes_the_layers_it_picks(tmp_path):
+    """A relative preset path is read from the config's folder; the file holds exactly the picked layers, all of
+    them load, and the model is as before."""
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    d = {"unet_target_module": ["Transformer2DModel"], "unet_target_name": ["conv_in"],
+         "text_encoder_target_module": ["CLIPMLP"], "exclude_name": [".*attn1.*"]}
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "mine.toml").write_text(_toml(d))
+    cfg = _cfg(tmp_path, img, network_args=["algo=loha", "preset=presets/mine.toml", "conv_dim=2"])
+    errors, notes = check_support(cfg, "sd1")
+    assert errors == []
+    before = models.model_state_hash(sd1)
+    events = []
+    res = run_training(ModelHost(sd1, "m"), cfg, on_event=events.append)
+    assert res.status == "done", [e.message for e in events if e.kind in ("error", "note")]
+    start = next(e.message for e in events if e.kind == "start")
+    assert start.startswith("LoHa (LyCORIS preset file presets/mine.toml)"), start
+    assert models.model_state_hash(sd1) == before
+    sd = load_tensors(res.final)
+    names = {k.split(".")[0] for k in sd}
+    assert names == set(_names(sd1, "sd1", _preset(d), conv=True, te=True))
+    assert "lora_unet_conv_in" in names and not any("attn1" in n for n in names)
+    assert any(n.startswith("lora_te_") and n.endswith("mlp_fc1") for n in names)
+    assert not any("self_attn" in n for n in names)
+    net = load_network(res.final, "sd1", layer_names=set(layer_mapping(sd1)))
+    assert len(net.report.matched) == net.report.total_modules == len(names)
+
+
+def test_preset_file_mistakes_are_said_before_the_job(tmp_path):
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    files = {
+        "bad.toml": ("unet_target_module = [\"Transformer2DModel\"\n", r"bad.toml is not a TOML file"),
+        "keys.toml": ("unet_modules = [\"Transformer2DModel\"]\n", r"unknown keys unet_modules .*valid keys: enable_conv"),
+        "maps.toml": ("[module_algo_map.CrossAttention]\nalgo = \"lokr\"\n",
+                      r"module_algo_map .* is not trained here"),
+        "type.toml": ("unet_target_module = \"Transformer2DModel\"\n", r"unet_target_module must be a list of strings"),
+        "regex.toml": ("unet_target_name = [\"*.attn2.*\"]\n", r"is not a regular expression .*use_fnmatch = true"),
+    }
+    for name, (text, _) in files.items():
+        (tmp_path / name).write_text(text)
+    cases = {n: msg for n, (_, msg) in files.items()}
+    cases["missing.toml"] = r"preset=missing.toml: no such file"
+    cases["attn_mlp"] = r"preset=attn_mlp: did you mean attn-mlp\?"
+    for preset, msg in cases.items():
+        cfg = _cfg(tmp_path, img, network_args=["algo=locon", f"preset={preset}"])
+        errors, _ = check_support(cfg, "sd1")
+        assert any(re.search(msg, e) for e in errors), (preset, errors)
+    # a file that picks nothing on this model stops the job when it starts, with what the names are matched to
+    (tmp_path / "none.toml").write_text(_toml({"unet_target_module": ["Attention"], "unet_target_name": [],
+                                               "text_encoder_target_module": []}))
+    cfg = _cfg(tmp_path, img, network_args=["algo=locon", "preset=none.toml"])
+    assert check_support(cfg, "sd1")[0] == []
+    host = ModelHost(sd1, "m")
+    before = models.model_state_hash(sd1)
+    with pytest.raises(TrainingError, match=r"none.toml picks no layer of this SD1 model.*CrossAttention.*; "
+                                            r"UNet: no module of class Attention \(sd-scripts' model has"):
+        Trainer(host, cfg, plan_for(host, cfg)).run()
+    assert models.model_state_hash(sd1) == before
+
+
+def test_lycoris_loads_the_trained_file_on_its_own_model(tmp_path):
+    """The file's modules are LyCORIS' own for those layers: its create_network_from_weights builds them on the
+    same CLIP with no missing or unexpected key."""
+    lk = pytest.importorskip("lycoris.kohya")
+    sd1 = models.make_sd1(seed=5)
+    img, _ = _dataset(tmp_path)
+    d = {"unet_target_module": [], "unet_target_name": [], "text_encoder_target_module": ["CLIPAttention"],
+         "exclude_name": [".*k_proj"]}
+    (tmp_path / "te.toml").write_text(_toml(d))
+    cfg = _cfg(tmp_path, img, network_args=["algo=lokr", "preset=te.toml"], learning_rate=0)
+    res = run_training(ModelHost(sd1, "m"), cfg)
+    assert res.status == "done"
+    sd = load_tensors(res.final)
+    clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
+    net, weights = lk.create_network_from_weights(1.0, res.final, None, clip, nn.Module(), weights_sd=sd)
+    assert sorted(m.lora_name for m in net.text_encoder_loras) == sorted({k.split(".")[0] for k in sd})
+    net.apply_to(clip, nn.Module(), apply_text_encoder=True, apply_unet=False)
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    assert not unexpected and not [k for k in missing if k.startswith("lora_te")]
+    assert len(sd) and not any("k_proj" in k or "unet" in k for k in sd)
+
+
+def test_network_from_a_preset_file_keeps_lycoris_settings():
+    sd2 = models.make_sd2(seed=3)
+    d = {"unet_target_module": [], "unet_target_name": ["down_blocks\\.0\\.attentions\\.0\\.proj_(in|out)"],
+         "text_encoder_target_module": [],
+         "text_encoder_target_name": ["text_model\\.encoder\\.layers\\.0\\.self_attn\\.[qv]_proj"]}
+    net = LoRANetwork(sd2, "sd2", dim=4, alpha=2, conv_dim=4, conv_alpha=2, lyco=LycoSettings("lokr", custom=_preset(d)))
+    assert sorted(net.pairs) == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                                 "lora_te_text_model_encoder_layers_0_self_attn_v_proj",
+                                 "lora_unet_down_blocks_0_attentions_0_proj_in",
+                                 "lora_unet_down_blocks_0_attentions_0_proj_out"]
+    mha = [t for t in net.targets if t.kind == "mha"]
+    assert len(mha) == 1 and mha[0].parts == ("q", "v")
+    # SD2's linear proj_in/out save 4-D as sd-scripts trains them
+    assert all(t.save_4d for t in net.targets if t.component == "unet")
+    assert {t.kohya_name for t in text_encoder_targets(sd2, "sd2")} >= {mha[0].kohya_name}
