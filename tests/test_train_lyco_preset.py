@@ -249,7 +249,12 @@ def test_preset_file_mistakes_are_said_before_the_job(tmp_path):
         "bad.toml": ("unet_target_module = [\"Transformer2DModel\"\n", r"bad.toml is not a TOML file"),
         "keys.toml": ("unet_modules = [\"Transformer2DModel\"]\n", r"unknown keys unet_modules .*valid keys: enable_conv"),
         "maps.toml": ("[module_algo_map.CrossAttention]\nalgo = \"lokr\"\n",
-                      r"module_algo_map .* is not trained here"),
+                      r"maps layers to algo=lokr while network_args algo=locon: .* set network_args algo=lokr"),
+        "mapkey.toml": ("[module_algo_map.CrossAttention]\nlinear_dim = 8\n",
+                        r"module_algo_map.CrossAttention sets linear_dim, which is not trained per layer here; a map "
+                        r"entry may set algo, dim, alpha, factor"),
+        "mapval.toml": ("[name_algo_map.'conv_in']\ndim = 0\n", r"name_algo_map.conv_in dim = 0: use a whole number"),
+        "mapre.toml": ("[name_algo_map.'*.attn2.*']\ndim = 2\n", r"is not a regular expression"),
         "type.toml": ("unet_target_module = \"Transformer2DModel\"\n", r"unet_target_module must be a list of strings"),
         "regex.toml": ("unet_target_name = [\"*.attn2.*\"]\n", r"is not a regular expression .*use_fnmatch = true"),
     }
@@ -312,3 +317,93 @@ def test_network_from_a_preset_file_keeps_lycoris_settings():
     # SD2's linear proj_in/out save 4-D as sd-scripts trains them
     assert all(t.save_4d for t in net.targets if t.component == "unet")
     assert {t.kohya_name for t in text_encoder_targets(sd2, "sd2")} >= {mha[0].kohya_name}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("name", ["lokr_full_rank", "locon_ranks", "lokr_factors"])
+def test_map_entries_give_each_layer_lycoris_module(family, name, full_unets, tmp_path):
+    """module_algo_map / name_algo_map entries (ranks, alphas, LoKr factors; a rank also turns a 3x3 conv on with
+    enable_conv = false): the modules, tensor shapes and scales LyCORIS builds on sd-scripts' UNet, layer by
+    layer. The first map is Kohaku-XL-Delta's published full-rank LoKr preset."""
+    algo, text = REF["map_presets"][name]
+    (tmp_path / "m.toml").write_text(text)
+    preset = lp.read_preset(tmp_path / "m.toml", "m.toml")
+    tree = REF["families"][family]["tree"]
+    want = {"lora_unet_" + tree[int(i)][0].replace(".", "_"): (sc, {k: tuple(s) for k, s in shapes.items()
+                                                                    if k != "alpha"})
+            for i, (sc, shapes) in REF["families"][family]["maps"][name].items()}
+    with torch.device("meta"):
+        net = LoRANetwork(_as_model(full_unets[family]), family, dim=REF["dim"], alpha=4, conv_dim=REF["conv_dim"],
+                          conv_alpha=1, train_text_encoder=False, lyco=LycoSettings(algo, custom=preset))
+    got = {n: (round(float(p.scale), 6), p.file_shapes()) for n, p in net.pairs.items()}
+    assert sorted(got) == sorted(want)
+    bad = [n for n in want if got[n] != want[n]]
+    assert not bad, [(n, got[n], want[n]) for n in bad[:3]]
+
+
+TE_MAP = r"""text_encoder_target_module = ["CLIPAttention"]
+text_encoder_target_name = ["text_model\\.encoder\\.layers\\.0\\.mlp\\.fc.*"]
+unet_target_module = []
+unet_target_name = []
+[module_algo_map.CLIPAttention]
+dim = 2
+alpha = 1
+[name_algo_map.'text_model\.encoder\.layers\.0\.mlp\.fc2']
+dim = 3
+"""
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_text_encoder_map_entries_are_lycoris(family, tmp_path):
+    """Ranks and alphas from the maps on the text encoder: LyCORIS on the same CLIP (SD1) or on its transformers
+    conversion (SD2's open_clip) builds each module with the rank and scale ours has."""
+    lk = pytest.importorskip("lycoris.kohya")
+    from transformers import CLIPTextConfig, CLIPTextModel
+    (tmp_path / "te.toml").write_text(TE_MAP)
+    sd = models.make_sd1(seed=2) if family == "sd1" else models.make_sd2(seed=2)
+    cond = getattr(sd.cond_stage_model, "wrapped", sd.cond_stage_model)
+    if family == "sd1":
+        clip = cond.transformer
+    else:
+        tower, n = cond.model, len(cond.model.transformer.resblocks) - getattr(cond, "layer_idx", 1)
+        width = tower.ln_final.weight.shape[0]
+        cfg = CLIPTextConfig(hidden_size=width, intermediate_size=width * 4, num_hidden_layers=n,
+                             num_attention_heads=tower.transformer.resblocks[0].attn.num_heads)
+        with torch.device("meta"):
+            clip = CLIPTextModel(cfg)
+    cls = lk.LycorisNetworkKohya
+    keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
+                                          "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "UNET_TARGET_REPLACE_MODULE",
+                                          "UNET_TARGET_REPLACE_NAME")}
+    try:
+        ref = lk.create_network(1.0, 8, 4, None, clip, nn.Module(), preset=str(tmp_path / "te.toml"), algo="locon")
+    finally:
+        for k, v in keep.items():
+            setattr(cls, k, v)
+    want = {m.lora_name: (m.lora_dim, round(float(m.scale), 6)) for m in ref.text_encoder_loras}
+    net = LoRANetwork(sd, family, dim=8, alpha=4, lyco=LycoSettings("locon", custom=lp.read_preset(
+        tmp_path / "te.toml", "te.toml")))
+    got = {n: (p.dim, round(float(p.scale), 6)) for n, p in net.pairs.items()}
+    assert got == want and {d for d, _ in got.values()} == {2, 3, 8}
+
+
+def test_training_kohaku_style_full_rank_lokr_preset(tmp_path):
+    """The layout of Kohaku-XL-Delta's preset (full-rank LoKr on attention and MLP, a factor per class) trains on
+    the tiny SD1 model; the file's modules are whole-matrix LoKr where mapped, decomposed elsewhere, and every
+    module applies."""
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    (tmp_path / "kohaku.toml").write_text(REF["map_presets"]["lokr_full_rank"][1])
+    cfg = _cfg(tmp_path, img, network_args=["algo=lokr", "preset=kohaku.toml", "conv_dim=2"], network_dim=2)
+    before = models.model_state_hash(sd1)
+    res = run_training(ModelHost(sd1, "m"), cfg)
+    assert res.status == "done" and models.model_state_hash(sd1) == before
+    sd = load_tensors(res.final)
+    attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert {k for k in sd if k.startswith(attn + ".")} == {f"{attn}.lokr_w1", f"{attn}.lokr_w2", f"{attn}.alpha"}
+    proj = "lora_unet_down_blocks_0_attentions_0_proj_in"  # (not in a mapped class: network_dim 2)
+    assert f"{proj}.lokr_w2_a" in sd and sd[f"{proj}.lokr_w2_a"].shape[1] == 2
+    assert sd[f"{attn}.lokr_w2"].abs().max() > 0  # (trained: LoKr's w2 starts at zero)
+    net = load_network(res.final, "sd1", layer_names=set(layer_mapping(sd1)))
+    names = {k.split(".")[0] for k in sd}
+    assert len(net.report.matched) == net.report.total_modules == len(names)

@@ -10,6 +10,7 @@ weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes ev
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from contextlib import contextmanager
@@ -232,6 +233,8 @@ class LoRANetwork(nn.Module):
                 d, a = conv_dim, (1.0 if conv_alpha is None else conv_alpha)
             else:
                 d, a = dim, alpha
+            if t.override:  # a preset file's map entry (LyCORIS: "dim or lora_dim", "alpha or self.alpha")
+                d, a = t.override.get("dim") or d, t.override.get("alpha") or a
             if blocks is not None and t.component == "unet":
                 d, a = blocks.for_module(t.kohya_name, family, conv=t.kind == "conv")
             names = [f"{t.kohya_name}_{p}_proj" for p in t.parts] if t.kind == "mha" else None
@@ -261,6 +264,12 @@ class LoRANetwork(nn.Module):
     def _add(self, t: TrainTarget, d: int, a, names: list[str] | None, dims: list | None, weight_path: bool):
         """The module(s) of one target (an MHA: one per projection trained)."""
         m, lyco = t.module, self.lyco
+        if t.override:  # (a preset file's LoKr shape settings for this layer)
+            o = t.override
+            lyco = dataclasses.replace(lyco, factor=o.get("factor", lyco.factor),
+                                       decompose_both=o.get("decompose_both", lyco.decompose_both),
+                                       full_matrix=o.get("full_matrix", lyco.full_matrix),
+                                       unbalanced=o.get("unbalanced_factorization", lyco.unbalanced))
         self.targets.append(t)
         on_input = lyco is not None and lyco.preset == "ia3" and t.kohya_name.endswith(IA3_ON_INPUT)
         unit = self.dylora_unit

@@ -163,6 +163,18 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], resolve=Non
                      tucker, _bool(nargs.get("dora_wd", False)), _bool(nargs.get("wd_on_output", True)),
                      _bool(nargs.get("rs_lora", False)), _bool(nargs.get("train_norm", False)))
     s.custom = custom
+    if custom is not None:
+        same = {"lora", "locon"} if algo in ("lora", "locon") else {algo}
+        other = sorted(custom.algos() - same)
+        if other:
+            raise ValueError(f"preset file {os.path.basename(preset)} maps layers to algo={', '.join(other)} while "
+                             f"network_args algo={algo}: one network trains one algorithm here; set network_args "
+                             f"algo={other[0]} or remove algo from the map (its ranks, alphas and LoKr factors apply)")
+        lokr_keys = sorted({k for o in (*custom.module_map.values(), *custom.name_map.values()) for k in o
+                            if k in ("factor", "decompose_both", "full_matrix", "unbalanced_factorization")})
+        if lokr_keys and algo != "lokr":
+            notes.append(f"preset file {os.path.basename(preset)}: {', '.join(lokr_keys)} in its maps shape LoKr "
+                         f"modules only; with algo={algo} they change nothing (as in LyCORIS)")
     s.rank_dropout_scale = _bool(nargs.get("rank_dropout_scale", False))
     s.use_scalar = _bool(nargs.get("use_scalar", False))
     if s.use_scalar and algo in NO_SCALE:

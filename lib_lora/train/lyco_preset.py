@@ -6,8 +6,10 @@ those class names for SDXL, and transformers' ``CLIPTextModel`` for every text e
 one converted from open_clip). The WebUI holds other modules, so the rules run here on a *view*: every host module
 listed under the path and class it has in sd-scripts, plus the containers only sd-scripts has (``down_blocks.1``,
 ``CrossAttnDownBlock2D``). The selection itself is LyCORIS' ``create_modules`` (class matches take the whole
-subtree, names match with ``re.match`` or fnmatch, ``exclude_name`` skips a module but not its children);
-tests/data/lycoris_preset_reference.json holds what LyCORIS picks on sd-scripts' UNets for a set of presets.
+subtree, names match with ``re.match`` or fnmatch, ``exclude_name`` skips a module but not its children), with
+``module_algo_map`` / ``name_algo_map`` giving a layer its own rank, alpha and LoKr shape (one algorithm per
+network). tests/data/lycoris_preset_reference.json.gz holds what LyCORIS builds on sd-scripts' UNets for a set of
+preset files.
 """
 
 from __future__ import annotations
@@ -51,7 +53,36 @@ class CustomPreset:
     te_names: tuple = ()
     exclude: tuple = ()
     use_fnmatch: bool = False
+    module_map: dict = field(default_factory=dict)  # class name -> override (module_algo_map)
+    name_map: dict = field(default_factory=dict)  # path or pattern -> override (name_algo_map)
     notes: list = field(default_factory=list)
+
+    def algos(self) -> set:
+        return {o["algo"] for o in (*self.module_map.values(), *self.name_map.values()) if "algo" in o}
+
+
+# what a map entry may set (LyCORIS passes the rest to the module, which ignores what it does not know)
+OVERRIDE_KEYS = {"algo": str, "dim": int, "alpha": float, "factor": int, "decompose_both": bool, "full_matrix": bool,
+                 "unbalanced_factorization": bool}
+
+
+def _override(entry, where: str, fname: str) -> dict:
+    if not isinstance(entry, dict):
+        raise PresetError(f"preset file {fname}: {where} must be a table of settings, e.g. dim = 8")
+    out = {}
+    for k, v in entry.items():
+        kind = OVERRIDE_KEYS.get(k)
+        if kind is None:
+            raise PresetError(f"preset file {fname}: {where} sets {k}, which is not trained per layer here; a map "
+                              f"entry may set {', '.join(OVERRIDE_KEYS)} (the rest comes from network_args)")
+        ok = (isinstance(v, bool) if kind is bool else isinstance(v, str) if kind is str
+              else isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or v == int(v)))
+        if not ok or kind is int and (v == 0 or v < -1) or k == "dim" and v < 1 or k == "alpha" and v < 0:
+            want = {"dim": "a whole number of 1 or more", "factor": "-1 or a whole number of 1 or more",
+                    "alpha": "a number of 0 or more", "algo": "an algorithm name"}.get(k, "true or false")
+            raise PresetError(f"preset file {fname}: {where} {k} = {v!r}: use {want}")
+        out[k] = kind(v) if kind in (int, float) else v
+    return out
 
 
 def read_preset(path: Path, shown: str) -> CustomPreset:
@@ -82,11 +113,11 @@ def read_preset(path: Path, shown: str) -> CustomPreset:
     for key in ("enable_conv", "use_fnmatch"):
         if key in data and not isinstance(data[key], bool):
             raise PresetError(f"preset file {path.name}: {key} must be true or false")
-    maps = [k for k in ("module_algo_map", "name_algo_map") if data.get(k)]
-    if maps:
-        raise PresetError(f"preset file {path.name}: {' and '.join(maps)} (another algorithm or rank for some "
-                          "layers) is not trained here: every layer takes network_args algo and network_dim. Remove "
-                          "the map, or train the layers it names in a second network")
+    for key, attr in (("module_algo_map", "module_map"), ("name_algo_map", "name_map")):
+        m = data.get(key) or {}
+        if not isinstance(m, dict):
+            raise PresetError(f"preset file {path.name}: {key} must be a table, e.g. [{key}.CrossAttention]")
+        setattr(p, attr, {k: _override(v, f"{key}.{k}", path.name) for k, v in m.items()})
     p.enable_conv = data.get("enable_conv", True)
     p.use_fnmatch = data.get("use_fnmatch", False)
     for key, attr in (("unet_target_module", "unet_modules"), ("unet_target_name", "unet_names"),
@@ -100,7 +131,7 @@ def read_preset(path: Path, shown: str) -> CustomPreset:
                        "the sd-scripts one (lycoris.kohya): they change nothing, as in sd-scripts; use "
                        "unet_target_module / unet_target_name / text_encoder_target_module / text_encoder_target_name")
     if not p.use_fnmatch:
-        for pat in p.unet_names + p.te_names + p.exclude:
+        for pat in p.unet_names + p.te_names + p.exclude + tuple(p.name_map):
             try:
                 re.compile(pat)
             except re.error as e:
@@ -272,46 +303,69 @@ def open_clip_view(model: nn.Module, n_layers: int, with_projection: bool) -> li
 
 # ---- LyCORIS' selection ---------------------------------------------------------------------------------------
 
+def _cls_in(cls: str, names) -> str | None:
+    """The entry of ``names`` naming class ``cls`` (CLIP's attention under any of its kernel names)."""
+    if cls in names:
+        return cls
+    if cls in _CLIP_ATTENTION:
+        return next((m for m in names if m in _CLIP_ATTENTION), None)
+    return None
+
+
 def select(rows: list[ViewRow], modules: tuple, names: tuple, exclude: tuple, use_fnmatch: bool,
-           matched: set | None = None) -> list[ViewRow]:
+           matched: set | None = None, module_map: dict | None = None,
+           name_map: dict | None = None) -> list[tuple[ViewRow, dict]]:
     """The rows LyCORIS' create_modules hands to create_single_module, in its order, each once (LyCORIS stops on
-    a layer picked twice, e.g. by two nested target classes; it is trained once here). ``matched`` collects the
+    a layer picked twice, e.g. by two nested target classes; it is trained once here), with the map entry each
+    gets: in a picked class's subtree the innermost mapped class below it (the layer's own included), else the
+    picked class's own; for a picked name its name_algo_map entry, else its class's. ``matched`` collects the
     class names and patterns that picked something (LyCORIS warns about the others)."""
+    module_map, name_map = module_map or {}, name_map or {}
+
     def match(pat: str, name: str) -> bool:
         return fnmatch.fnmatch(name, pat) if use_fnmatch else re.match(pat, name) is not None
 
     def excluded(path: str) -> bool:
         return bool(path) and bool(exclude) and (path in exclude or any(match(t, path) for t in exclude))
 
-    def cls_hit(cls: str) -> str | None:
-        if cls in modules:
-            return cls
-        if cls in _CLIP_ATTENTION:
-            return next((m for m in modules if m in _CLIP_ATTENTION), None)
-        return None
+    def class_conf(cls: str) -> dict | None:
+        key = _cls_in(cls, module_map)
+        return None if key is None else module_map[key]
 
-    seen: dict[str, ViewRow] = {}
+    seen: dict[str, tuple[ViewRow, dict]] = {}
     matched = matched if matched is not None else set()
-    for i, row in enumerate(rows):
+    for row in rows:
         if excluded(row.path):
             continue
-        hit = cls_hit(row.cls)
+        hit = _cls_in(row.cls, modules)
         name_hits = [t for t in names if t == row.path or match(t, row.path)]
         if hit and not name_hits:
             matched.add(hit)
+            base = class_conf(row.cls) or {}
             prefix = row.path + "."
-            for sub in rows:
-                if (sub.path == row.path or not row.path or sub.path.startswith(prefix)) and not excluded(sub.path):
-                    seen.setdefault(sub.path, sub)
+            inner = [r for r in rows if (not row.path or r.path.startswith(prefix))]
+            # (a mapped class is recursed into unless excluded itself; its subtree then takes its entry)
+            mapped = sorted(((r.path, class_conf(r.cls)) for r in inner
+                             if class_conf(r.cls) is not None and not excluded(r.path)),
+                            key=lambda pc: -len(pc[0]))
+            for sub in [row] + inner:
+                if sub.path in seen or excluded(sub.path):
+                    continue
+                conf = next((c for p, c in mapped if sub.path == p or sub.path.startswith(p + ".")), base)
+                seen[sub.path] = (sub, conf)
         elif name_hits:
             matched.update(name_hits)
-            seen.setdefault(row.path, row)
+            if row.path not in seen:
+                conf = name_map.get(row.path)
+                if conf is None:
+                    conf = next((c for k, c in name_map.items() if match(k, row.path)), None)
+                seen[row.path] = (row, conf if conf is not None else class_conf(row.cls) or {})
     return list(seen.values())
 
 
-def trainable(row: ViewRow, conv: bool, train_norm: bool) -> bool:
-    """LyCORIS' create_single_module: Linear layers, 1x1 convs, kxk convs with conv layers on, norm layers with
-    train_norm (its test: "Norm" in the class name)."""
+def trainable(row: ViewRow, conv: bool, train_norm: bool, conf: dict | None = None) -> bool:
+    """LyCORIS' create_single_module: Linear layers, 1x1 convs, kxk convs with conv layers on (or a rank from the
+    map), norm layers with train_norm (its test: "Norm" in the class name)."""
     m = row.module
     if m is None:
         return False
@@ -322,7 +376,7 @@ def trainable(row: ViewRow, conv: bool, train_norm: bool) -> bool:
     if isinstance(m, nn.Linear):
         return True
     if isinstance(m, nn.Conv2d):
-        return m.kernel_size == (1, 1) or conv
+        return m.kernel_size == (1, 1) or conv or bool((conf or {}).get("dim"))
     return False
 
 
@@ -354,18 +408,21 @@ def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, trai
     if train_unet:
         rows = unet_view(sd_model.model.diffusion_model, family)
         matched: set = set()
-        for row in select(rows, preset.unet_modules, preset.unet_names, preset.exclude, preset.use_fnmatch, matched):
-            if trainable(row, conv, train_norm):
-                out.append(unet_target_named("lora_unet_" + row.path.replace(".", "_"), row.host, row.module, family))
+        for row, conf in select(rows, preset.unet_modules, preset.unet_names, preset.exclude, preset.use_fnmatch,
+                                matched, preset.module_map, preset.name_map):
+            if trainable(row, conv, train_norm, conf):
+                t = unet_target_named("lora_unet_" + row.path.replace(".", "_"), row.host, row.module, family)
+                t.override = conf or None
+                out.append(t)
         notes += _unmatched(f"preset file {name}, UNet", preset.unet_modules, preset.unet_names, matched, rows)
     if train_te:
         te_norms = []
         for view, kprefix, hprefix, component in _te_views(sd_model, family):
             matched = set()
             mha: dict = {}
-            for row in select(view, preset.te_modules, preset.te_names, preset.exclude, preset.use_fnmatch,
-                              matched):
-                if not trainable(row, False, train_norm):
+            for row, conf in select(view, preset.te_modules, preset.te_names, preset.exclude, preset.use_fnmatch,
+                                    matched, preset.module_map, preset.name_map):
+                if not trainable(row, False, train_norm, conf):
                     continue
                 under = row.path.replace(".", "_")
                 if isinstance(row.module, NORM_CLASSES):
@@ -375,12 +432,16 @@ def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, trai
                     t = mha.get(kname)
                     if t is None:
                         t = mha[kname] = TrainTarget(kname, hprefix + row.host.replace(".", "_"), row.module,
-                                                     component, "mha", parts=())
+                                                     component, "mha", parts=(), override=conf or None)
                         out.append(t)
+                    elif (conf or None) != t.override:  # (the four share one module here)
+                        raise PresetError(f"preset file {name}: the projections of {kname} get different map "
+                                          "entries; on the open_clip text encoder q, k, v and out_proj are one "
+                                          "layer here: give them the same settings")
                     t.parts = tuple(p for p in ("q", "k", "v", "out") if p in t.parts + (row.part,))
                 else:
                     out.append(TrainTarget(kprefix + under, hprefix + row.host.replace(".", "_"), row.module,
-                                           component, "linear"))
+                                           component, "linear", override=conf or None))
             notes += _unmatched(f"preset file {name}, text encoder {component[-1]}", preset.te_modules,
                                 preset.te_names, matched, view)
         if te_norms:

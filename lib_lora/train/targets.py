@@ -47,6 +47,7 @@ class TrainTarget:
     kind: str                # linear | conv1x1 | conv | mha | norm (LyCORIS train_norm)
     save_4d: bool = False    # kohya trains SD2 proj_in/out as 1x1 convs: save 4-D so kohya tools load it
     parts: tuple = ("q", "k", "v", "out")  # an MHA's projections trained (LyCORIS' ia3 preset: k and v)
+    override: dict | None = None  # a LyCORIS preset file's map entry for this layer (dim, alpha, LoKr factors)
 
 
 def _sd_unet_kohya(name: str, cls_path: list[str]) -> str | None:

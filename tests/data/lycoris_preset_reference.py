@@ -45,6 +45,61 @@ PRESETS = {
     "leaf_classes": {"unet_target_module": ["GEGLU", "Conv2d"], "unet_target_name": ["conv_in", "input_blocks\\.0\\.0"]},
     "linear_class": {"unet_target_module": ["Linear"], "unet_target_name": []},
 }
+# module_algo_map / name_algo_map (the same algorithm as the network, other ranks, alphas and LoKr factors): the
+# first is the layout of Kohaku-XL-Delta's published lyco_config.toml (full-rank LoKr, factor per class). Patterns
+# as map keys are TOML literal strings ('a\.b'): LyCORIS reads presets with the toml package, which keeps the
+# backslashes of a quoted key in double quotes ("a\\.b" stays a\\.b, matching nothing), where TOML and Python's
+# tomllib give a\.b
+MAP_PRESETS = {
+    "lokr_full_rank": ("lokr", r"""enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = [".*time_embed\\..+", ".*label_emb\\..+", ".*input_blocks\\.0.+", "^out\\..+", "conv_in",
+                    "conv_out", "time_embedding\\..+"]
+[module_algo_map]
+[module_algo_map.CrossAttention]
+algo = "lokr"
+dim = 10000
+alpha = 10000
+factor = 4
+[module_algo_map.FeedForward]
+algo = "lokr"
+dim = 10000
+alpha = 10000
+factor = 2
+"""),
+    "locon_ranks": ("locon", r"""enable_conv = false
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D"]
+unet_target_name = ["conv_in", "input_blocks\\.0\\.0", "down_blocks\\.1\\.downsamplers\\.0\\.conv",
+                    "input_blocks\\.6\\.0\\.op", "mid_block\\.resnets\\.0\\.conv1", "middle_block\\.0\\.in_layers\\.2"]
+[module_algo_map.ResnetBlock2D]
+dim = 2
+alpha = 1
+[module_algo_map.CrossAttention]
+dim = 6
+[name_algo_map.'down_blocks\.1\.downsamplers\.0\.conv']
+dim = 3
+alpha = 3
+[name_algo_map.'input_blocks\.6\.0\.op']
+dim = 3
+alpha = 3
+"""),
+    "lokr_factors": ("lokr", r"""unet_target_module = ["Transformer2DModel", "Upsample2D"]
+unet_target_name = ["output_blocks\\.[0-5]\\.0\\..*", "up_blocks\\.[01]\\.resnets\\..*"]
+[module_algo_map.ResnetBlock2D]
+factor = 8
+decompose_both = true
+[module_algo_map.GEGLU]
+dim = 2
+[module_algo_map.CrossAttention]
+factor = 2
+full_matrix = true
+[name_algo_map.'output_blocks\.[0-2]\..*']
+factor = 4
+[name_algo_map.'up_blocks\.0\..*']
+factor = 4
+dim = 4
+"""),
+}
 NORM_PRESETS = ("fnmatch_exclude", "defaults")  # also run with train_norm=True
 KEEP_CLASSES = {"Linear", "Conv2d", "GroupNorm", "GroupNorm32", "LayerNorm", "Transformer2DModel",
                 "BasicTransformerBlock", "CrossAttention", "FeedForward", "GEGLU", "ResnetBlock2D", "Downsample2D",
@@ -92,6 +147,20 @@ def main(root):
                 index = {"lora_unet_" + n.replace(".", "_"): i for i, (n, _) in enumerate(fam["tree"])}
                 (fam["picked_norms"] if train_norm else fam["picked"])[name] = sorted(index[m.lora_name]
                                                                                        for m in net.unet_loras)
+        fam["maps"] = {}  # per preset: {index: [scale, {tensor: shape}]}
+        for name, (algo, text) in MAP_PRESETS.items():
+            path = os.path.join(tmp, name + ".toml")
+            with open(path, "w") as f:
+                f.write(text)
+            for k, v in defaults.items():
+                setattr(cls, k, v)
+            net = lk.create_network(1.0, DIM, ALPHA, None, None, unet, algo=algo, preset=path,
+                                    conv_dim=CONV_DIM, conv_alpha=CONV_ALPHA)
+            index = {"lora_unet_" + n.replace(".", "_"): i for i, (n, _) in enumerate(fam["tree"])}
+            fam["maps"][name] = {index[m.lora_name]: [round(float(m.scale), 6),
+                                                      {k: list(v.shape) for k, v in m.state_dict().items()
+                                                       if k != "scalar"}] for m in net.unet_loras}
+    out["map_presets"] = MAP_PRESETS
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lycoris_preset_reference.json.gz")
     with gzip.open(path, "wt") as f:
         json.dump(out, f, separators=(",", ":"), sort_keys=True)
