@@ -32,6 +32,22 @@ from lib_lora.train.targets import lycoris_unet_targets, text_encoder_targets
 from lib_lora.train.trainer import Trainer, TrainingError
 from test_train_lycoris import _full_size_unet
 
+try:  # LyCORIS' kohya wrapper keeps the last preset in class attributes: its defaults as imported (collection
+    # runs before any test), put back before each reference run here
+    import copy
+
+    import lycoris.kohya as _lk
+    _LYCO_STATE = {k: copy.deepcopy(v) for k, v in vars(_lk.LycorisNetworkKohya).items() if k.isupper()}
+except ImportError:
+    _LYCO_STATE = {}
+
+
+def _lycoris_defaults():
+    import lycoris.kohya as lk
+    for k, v in _LYCO_STATE.items():
+        setattr(lk.LycorisNetworkKohya, k, copy.deepcopy(v))
+
+
 REF = json.load(gzip.open(os.path.join(os.path.dirname(__file__), "data", "lycoris_preset_reference.json.gz"), "rt"))
 
 
@@ -127,6 +143,7 @@ def _lycoris_te_names(tmp_path, clip, d):
                                           "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME")}
     path = tmp_path / "te.toml"
     path.write_text(_toml(d))
+    _lycoris_defaults()
     try:
         net = lk.create_network(1.0, 4, 1, None, clip, nn.Module(), preset=str(path), algo="locon")
     finally:
@@ -294,6 +311,7 @@ def test_lycoris_loads_the_trained_file_on_its_own_model(tmp_path):
     assert res.status == "done"
     sd = load_tensors(res.final)
     clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
+    _lycoris_defaults()
     net, weights = lk.create_network_from_weights(1.0, res.final, None, clip, nn.Module(), weights_sd=sd)
     assert sorted(m.lora_name for m in net.text_encoder_loras) == sorted({k.split(".")[0] for k in sd})
     net.apply_to(clip, nn.Module(), apply_text_encoder=True, apply_unet=False)
@@ -375,6 +393,7 @@ def test_text_encoder_map_entries_are_lycoris(family, tmp_path):
     keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
                                           "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "UNET_TARGET_REPLACE_MODULE",
                                           "UNET_TARGET_REPLACE_NAME")}
+    _lycoris_defaults()
     try:
         ref = lk.create_network(1.0, 8, 4, None, clip, nn.Module(), preset=str(tmp_path / "te.toml"), algo="locon")
     finally:

@@ -574,9 +574,9 @@ def test_resume_gives_the_same_weights(sd1, tmp_path, args):
     full = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "a", network_args=args, lr_scheduler="cosine"))
     seen = {"step": 0}
     part = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "b", network_args=args, lr_scheduler="cosine"),
-                        on_event=lambda e: seen.update(step=max(seen["step"], e.step)),
+                        on_event=lambda e: e.kind == "step" and seen.update(step=max(seen["step"], e.step)),
                         should_cancel=lambda: seen["step"] >= 3)
-    assert part.status == "cancelled" and part.state_file
+    assert part.status == "cancelled" and part.state_file and part.steps >= 3
     resumed = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "b", network_args=args, lr_scheduler="cosine"),
                            resume=part.state_file)
     assert resumed.status == "done" and resumed.steps == full.steps == 6
@@ -653,14 +653,15 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert any("networks.lora_flux' cannot be trained here" in e for e in errors), errors
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha"], scale_weight_norms=1.0)
     assert check_support(cfg, "sd1")[0] == []  # LyCORIS' max-norm for LoHa/LoKr (test below)
+    # LyCORIS' LoCon max-norm (through the scalar) with use_scalar, Tucker factors and DoRA (tests below)
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_scalar=True"], scale_weight_norms=1.0)
-    assert any("scale_weight_norms with use_scalar" in e for e in check_support(cfg, "sd1")[0])
+    assert check_support(cfg, "sd1")[0] == []
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=loha", "use_scalar=True"], scale_weight_norms=1.0)
     assert check_support(cfg, "sd1")[0] == []  # (LoHa/LoKr's cap includes the scalar)
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=ia3", "use_scalar=True"]), "sd1")
     assert any("use_scalar changes nothing with algo=ia3" in n for n in notes), notes
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "use_cp=True"], scale_weight_norms=1.0)
-    assert any("scale_weight_norms" in e and "Tucker" in e for e in check_support(cfg, "sd1")[0])
+    assert check_support(cfg, "sd1")[0] == []
     # what LyCORIS itself ignores is said, not dropped silently
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "factor=4", "loraplus_lr_ratio=4"],
                                   network_dropout=0.1), "sd1")
@@ -668,7 +669,8 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert "shape LoKr modules only" in text and "LoRA+ ratios change nothing" in text
     assert "network_dropout / network_args dropout is not applied" in text
     cfg = _cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True"], scale_weight_norms=1.0)
-    assert any("scale_weight_norms" in e and "dora_wd" in e for e in check_support(cfg, "sd1")[0])
+    errors, notes = check_support(cfg, "sd1")
+    assert not errors and any("caps the norm of the delta before DoRA's renormalisation" in n for n in notes)
     errors, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True",
                                                                          "dropout=0.1"]), "sd1")
     text = " ".join(notes)
@@ -747,6 +749,92 @@ def test_max_norm_of_loha_and_lokr_is_lycoris(layer, algo, kw):
                     generator=g)
     with torch.no_grad():
         torch.testing.assert_close(org(x), twin(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv3_stride2"])
+@pytest.mark.parametrize("kw", [{}, {"use_tucker": True}, {"use_scalar": True}, {"weight_decompose": True}],
+                         ids=["plain", "tucker", "use_scalar", "dora"])
+def test_max_norm_of_locon_is_lycoris(layer, kw):
+    """scale_weight_norms on LyCORIS' LoCon: its apply_max_norm caps the delta (Tucker core and scalar included,
+    DoRA's magnitude not) through the scalar, which the file holds folded into lora_up: the same (scaled, norm),
+    saved tensors and output; twice, so a second cap starts from the first one's scalar."""
+    from lycoris.modules.locon import LoConModule
+    org, twin = _twins(layer)
+    dora = kw.get("weight_decompose", False)
+    ref = LoConModule("x", twin, 1.0, 4, 3.0, **dict(kw, wd_on_out=True) if dora else kw)
+    g = torch.Generator().manual_seed(5)
+    _randomise(ref, g)
+    ours = _our_dora("locon", org, kw, True, dora)
+    if kw.get("use_scalar"):
+        ours.enable_scalar()
+    else:
+        ours.enable_fixed_scalar()
+    ours._set_alpha(3.0, 4)
+    missing = []
+    ours.load_tensors({f"m.{k}": v for k, v in ref.state_dict().items()}, "m", missing)
+    assert not missing
+    for max_norm in (0.05, 0.02, 1e6):  # two that cap, one that leaves it
+        want_scaled, want_norm = ref.apply_max_norm(max_norm)
+        scaled, norm = ours.apply_max_norm(max_norm)
+        assert bool(scaled) == bool(want_scaled)
+        torch.testing.assert_close(norm, torch.as_tensor(want_norm, dtype=norm.dtype), rtol=1e-5, atol=0)
+    assert float(ours.scalar) < 1
+    want = ref.custom_state_dict()
+    for k, v in ours.file_tensors().items():
+        torch.testing.assert_close(v, want[k].detach().reshape(v.shape), rtol=1e-5, atol=1e-7, msg=k)
+    # a resume state keeps lora_up and the scalar apart, and gives the module back as it was
+    raw = {f"m.{k}": v.detach().clone() for k, v in ours.file_tensors(raw=True).items()}
+    back = _our_dora("locon", org, kw, True, dora)
+    back.enable_scalar() if kw.get("use_scalar") else back.enable_fixed_scalar()
+    back.load_tensors(raw, "m", missing)
+    assert float(back.scalar) == float(ours.scalar) and torch.equal(back.lora_up.weight, ours.lora_up.weight)
+    ref.apply_to()
+    ref.multiplier = 1.0
+    net = types.SimpleNamespace(multiplier=1.0, training=False, module_dropout=None, dropout=None,
+                                rank_dropout=None, _passes_through=lambda: False)
+    make = _weight_forward if dora else _pair_forward
+    org.forward = make(net, ours, org, type(org).forward.__get__(org))
+    x = torch.randn((3, 7, org.in_features) if isinstance(org, nn.Linear) else (2, org.in_channels, 9, 9),
+                    generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(org(x), twin(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args", [["algo=locon", "use_tucker=True", "conv_dim=2"],
+                                  ["algo=lora", "dora_wd=True", "use_scalar=True"]], ids=["tucker", "dora_scalar"])
+def test_scale_weight_norms_trains_lycoris_locon(sd1, tmp_path, args):
+    """LoCon with Tucker factors, or DoRA with use_scalar, under scale_weight_norms: the cap applies (keys are
+    scaled and every saved module's delta is within it), the file loads fully, the model is as before, and an
+    interrupted run resumed from its state ends with the same weights as one that ran through."""
+    img, _ = _dataset(tmp_path)
+    before = models.model_state_hash(sd1)
+    events = []
+    kw = dict(network_args=args, learning_rate=5e-2, scale_weight_norms=0.05)
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "o", **kw), on_event=events.append)
+    assert res.status == "done" and models.model_state_hash(sd1) == before
+    steps = [e for e in events if e.kind == "step"]
+    assert max(e.extra["keys_scaled"] for e in steps) > 0
+    sd = load_tensors(res.final)
+    net = load_network(res.final, "sd1", layer_names=set(layer_mapping(sd1)))
+    names = {k.split(".")[0] for k in sd}
+    assert len(net.report.matched) == net.report.total_modules == len(names)
+    for n in names:
+        up, down = sd[f"{n}.lora_up.weight"].flatten(1), sd[f"{n}.lora_down.weight"]
+        if f"{n}.lora_mid.weight" in sd:
+            d = torch.einsum("oa,abhw,bi->oihw", up, sd[f"{n}.lora_mid.weight"], down.flatten(1))
+        else:
+            d = up @ down.flatten(1)
+        assert float(d.norm() * sd[f"{n}.alpha"] / down.shape[0]) <= 0.05 * (1 + 1e-4), n
+    seen = {"step": 0}
+    part = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "b", **kw),
+                        on_event=lambda e: e.kind == "step" and seen.update(step=max(seen["step"], e.step)),
+                        should_cancel=lambda: seen["step"] >= 3)
+    assert part.status == "cancelled" and part.state_file and part.steps >= 3
+    resumed = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, "b", **kw), resume=part.state_file)
+    assert resumed.status == "done" and resumed.steps == res.steps
+    again = load_tensors(resumed.final)
+    for k, v in sd.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=1e-6, msg=k)
 
 
 def test_scale_weight_norms_trains_a_loha(sd1, tmp_path):

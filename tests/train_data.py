@@ -54,12 +54,13 @@ def job_config(img, out_dir, **kw) -> dict:
 
 
 def cancelled_then_resumed(host, cfg, at_step: int):
-    """Cancel a run once it has logged ``at_step`` steps, resume it from its state; (cancelled, resumed) results."""
+    """Cancel a run once it has logged ``at_step`` training steps (not the caching progress, whose events count
+    images), resume it from its state; (cancelled, resumed) results."""
     from lib_lora.train.run import plan_for
     from lib_lora.train.trainer import Trainer
 
     seen = {"step": 0}
-    part = Trainer(host, cfg, plan_for(host, cfg), on_event=lambda e: seen.update(step=max(seen["step"], e.step)),
+    part = Trainer(host, cfg, plan_for(host, cfg), on_event=lambda e: e.kind == "step" and seen.update(step=max(seen["step"], e.step)),
                    should_cancel=lambda: seen["step"] >= at_step).run()
-    assert part.status == "cancelled" and part.state_file
+    assert part.status == "cancelled" and part.state_file and part.steps >= at_step
     return part, Trainer(host, cfg, plan_for(host, cfg)).run(resume_state=part.state_file)

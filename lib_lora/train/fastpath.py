@@ -264,8 +264,12 @@ class FlatParams:
             have = [s for s in per if s]
             if have:
                 st = {}
+                shaped = [(s, fg.params[j].shape) for j, s in zip(fg.used, per) if s]
                 for k, v0 in have[0].items():
-                    if torch.is_tensor(v0) and v0.dim() > 0:
+                    # per-element state (exp_avg...) has each weight's shape; a 0-dim weight's (use_scalar's
+                    # scalar) is 0-dim too, so it is told from "step" by the other weights of the group
+                    if all(torch.is_tensor(s[k]) and s[k].shape == shp for s, shp in shaped) and any(
+                            len(shp) for _, shp in shaped):
                         parts = []
                         for j, s in zip(fg.used, per):
                             p = fg.params[j]

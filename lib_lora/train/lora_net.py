@@ -84,7 +84,7 @@ class LoRAPair(PairBase):
         """kohya's keys; ``save_4d``: a Linear the host trains as a 1x1 conv (SD2 proj_in/out) saved 4-D."""
         up = self.lora_up.weight
         out = {"lora_down.weight": self.lora_down.weight,
-               "lora_up.weight": up * self.scalar.to(up.dtype) if self.use_scalar else up}  # (folded, as LyCORIS)
+               "lora_up.weight": up * self.scalar.to(up.dtype) if self.scalar_on else up}  # (folded, as LyCORIS)
         if save_4d:
             out = {k: v[:, :, None, None] for k, v in out.items()}
         if self.lora_mid is not None:
@@ -93,11 +93,22 @@ class LoRAPair(PairBase):
 
     def rebuild(self) -> torch.Tensor:
         up, down = self.lora_up.weight.flatten(1), self.lora_down.weight.flatten(1)
-        if self.use_scalar:
+        if self.scalar_on:
             up = up * self.scalar.to(up.dtype)
         if self.lora_mid is not None:
             return torch.einsum("oa,abhw,bi->oihw", up, self.lora_mid.weight, down)
         return (up @ down).reshape(self.shape)
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float):
+        """LyCORIS' LoConModule.apply_max_norm (a LyCORIS network, scalar on): the delta's norm (Tucker core,
+        scalar and scale included; DoRA's magnitude not) capped at max_norm through the scalar. Device tensors:
+        (scaled, norm after)."""
+        norm = (self.rebuild() * self.scale).norm()
+        clamped = torch.clamp(norm, max_norm / 2)
+        ratio = torch.clamp(clamped, max=max_norm) / clamped
+        self.scalar.mul_(ratio.to(self.scalar.dtype))
+        return ratio != 1, norm * ratio
 
     def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
         """up @ down * scale in the host weight's shape (MHA projections, DoRA). ``rank_dropout`` is ignored:
@@ -181,14 +192,15 @@ class LoRANetwork(nn.Module):
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
                  blocks: BlockDims | None = None, module_dims: dict[str, tuple[int, float]] | None = None,
                  lyco: LycoSettings | None = None, lora_fa: bool = False, dylora_unit: int | None = None,
-                 kohya_oft: tuple[bool, bool] | None = None):
+                 kohya_oft: tuple[bool, bool] | None = None, lyco_max_norm: bool = False):
         """``blocks``: per-block ranks (block_dims / block learning rates); ``module_dims``: a rank and alpha per
         kohya module name (a start file with several ranks): a module without one gets no LoRA, as in sd-scripts'
         create_network_from_weights. ``lyco``: a LyCORIS network (lycoris.kohya): its preset's layers, and LoHa /
         LoKr modules for those algorithms. ``lora_fa``: sd-scripts' networks.lora_fa, lora_down frozen at its
         random start. ``dylora_unit``: sd-scripts' networks.dylora with that unit (DyLoraPair modules).
         ``kohya_oft``: sd-scripts' networks.oft, (enable_all_linear, enable_conv): UNet OFT modules of ``dim``
-        blocks with the constraint ``alpha``."""
+        blocks with the constraint ``alpha``. ``lyco_max_norm``: scale_weight_norms on a LyCORIS network: its
+        LoCon modules get the scalar buffer LyCORIS' max-norm scales."""
         super().__init__()
         self.family = family
         self.multiplier = 1.0
@@ -256,6 +268,8 @@ class LoRANetwork(nn.Module):
                 pair.rank_dropout_scale = lyco.rank_dropout_scale
                 if lyco.use_scalar and not isinstance(pair, NormPair):
                     pair.enable_scalar()
+                elif lyco_max_norm and isinstance(pair, LoRAPair):
+                    pair.enable_fixed_scalar()
             if lora_fa:
                 pair.freeze_down()
                 pair.reset_parameters()
@@ -374,7 +388,7 @@ class LoRANetwork(nn.Module):
                 h = h * (torch.rand(mask_shape, device=h.device) > net.rank_dropout).to(h.dtype)
                 scale = scale / (1.0 - net.rank_dropout)
             u = pair.lora_up(h) * (net.multiplier * scale)
-            if pair.use_scalar:
+            if pair.scalar_on:
                 u = u * pair.scalar.to(u.dtype)
             return y + (u if u.dtype == y.dtype else u.to(y.dtype))
 
@@ -561,10 +575,14 @@ class LoRANetwork(nn.Module):
         # (IA3 / full modules: LyCORIS' apply_max_norm leaves them alone)
         pairs = [p for n, p in self.pairs.items() if (prefixes is None or n.startswith(prefixes))
                  and (isinstance(p, LoRAPair) or hasattr(p, "apply_max_norm"))]
-        if any(p.dora_scale is not None or isinstance(p, LoRAPair) and p.lora_mid is not None for p in pairs):
-            raise ValueError("scale_weight_norms works on LoRA (lora_up/lora_down), LoHa and LoKr modules only")
-        weight_pairs = [p for p in pairs if not isinstance(p, LoRAPair)]
-        if weight_pairs:  # LoHa / LoKr: LyCORIS' own per-module rule (lyco.py)
+        # LyCORIS' modules (its LoCon through the scalar buffer lyco_max_norm gave it), LoHa / LoKr: its own
+        # per-module rule; kohya's LoRA below
+        weight_pairs = [p for p in pairs if not isinstance(p, LoRAPair) or p.scalar_on]
+        pairs = [p for p in pairs if isinstance(p, LoRAPair) and not p.scalar_on]
+        if pairs and any(p.lora_mid is not None or p.dora_scale is not None for p in pairs):
+            raise ValueError("scale_weight_norms: LoCon's Tucker factors and DoRA need LyCORIS' max-norm "
+                             "(LoRANetwork(lyco_max_norm=True))")
+        if weight_pairs:
             done = [p.apply_max_norm(max_norm) for p in weight_pairs]
             scaled = torch.stack([n for _, n in done])
             return torch.stack([s for s, _ in done]).sum(), scaled.mean(), scaled.max()

@@ -288,6 +288,18 @@ class PairBase(nn.Module):
         self.use_scalar = True
 
     use_scalar = False
+    fixed_scalar = False  # an untrained scalar buffer times the delta, which LyCORIS' max-norm scales
+
+    def enable_fixed_scalar(self):
+        """The buffer LyCORIS' LoCon keeps at 1 and scales in apply_max_norm (scale_weight_norms)."""
+        if getattr(self, "scalar", None) is None:
+            self.register_buffer("scalar", torch.ones(()), persistent=False)
+        self.fixed_scalar = True
+
+    @property
+    def scalar_on(self) -> bool:
+        """The delta is multiplied by ``scalar`` (trained with use_scalar, or a max-norm buffer)."""
+        return self.use_scalar or self.fixed_scalar
 
     def _reset_scalar(self):
         """use_scalar's trained scalar starts at 0; LoHa's and GLoRA's fixed scalar buffer (max-norm, none) at 1."""
@@ -348,7 +360,7 @@ class PairBase(nn.Module):
         """Everything the module saves under its name: its factors, DoRA's magnitude, alpha. ``raw`` (the
         resume state): a trained scalar and its factor as they are, not folded together."""
         out = dict(self.tensors(save_4d))
-        if raw and self.use_scalar:
+        if raw and self.scalar_on:  # (a max-norm buffer too: a resumed run continues with the same factors)
             for k in self.scalar_factor:
                 out[k] = self.get_parameter(k)
             out["scalar"] = self.scalar
@@ -373,6 +385,9 @@ class PairBase(nn.Module):
                     missing.append(full)
                     continue
                 p.copy_(sd[full].reshape(p.shape).to(p.dtype))
+            if self.fixed_scalar and not self.use_scalar:  # (a resume state holds it; a file has it folded in)
+                v = sd.get(f"{name}.scalar")
+                self.scalar.copy_(v.reshape(()).float() if v is not None else torch.ones(()))
             if f"{name}.alpha" in sd:
                 self.alpha.copy_(sd[f"{name}.alpha"].float())
                 self.scale = float(self.alpha) / self.dim
@@ -433,6 +448,7 @@ class LohaPair(_WeightPair):
         self._set_alpha(alpha, dim)
         # LyCORIS' max-norm scale (scale_weight_norms), folded into hada_w1_a when saved; not a trained value
         self.register_buffer("scalar", torch.ones(()), persistent=False)
+        self.fixed_scalar = True  # (LyCORIS' LohaModule scales it in apply_max_norm)
         self.reset_parameters()
 
     def reset_parameters(self):

@@ -145,9 +145,6 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         if cfg.dim_from_weights:
             raise ValueError("dim_from_weights reads the ranks of kohya LoRA files; with Tucker factors (use_tucker / "
                              "use_cp) set network_dim and conv_dim instead")
-        if cfg.scale_weight_norms and not s.weight_path:
-            raise ValueError("scale_weight_norms rescales two-factor modules and cannot be used with LoCon's Tucker "
-                             "factors (use_tucker / use_cp) here yet; remove one of them")
     what = f"algo={s.algo}" + (" with dora_wd" if s.dora else "")
     if not s.weight_forward and "rank_dropout" in nargs:
         notes.append(f"rank_dropout with algo={s.algo} works as in kohya's networks.lora (rank channels dropped per "
@@ -158,12 +155,9 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.weight_path and cfg.dim_from_weights:
         raise ValueError(f"dim_from_weights reads the ranks of kohya LoRA files; with algo={s.algo} set "
                          "network_dim (and conv_dim) instead")
-    if s.use_scalar and cfg.scale_weight_norms and not s.weight_path:
-        raise ValueError(f"scale_weight_norms with use_scalar and algo={s.algo} cannot be used here yet (the cap "
-                         "would miss the scalar); remove one of them, or use algo=loha / lokr")
-    if s.dora and cfg.scale_weight_norms:
-        raise ValueError(f"scale_weight_norms cannot be used with {what} here yet (the norm DoRA renormalises is not "
-                         "the delta's); remove one of them")
+    if s.dora and cfg.scale_weight_norms and s.algo not in lyco.NO_MAX_NORM:
+        notes.append(f"scale_weight_norms with {what} caps the norm of the delta before DoRA's renormalisation, as "
+                     "LyCORIS does (the magnitude is not capped)")
     if s.weight_forward:
         if cfg.network_dropout or "dropout" in nargs:
             notes.append(f"network_dropout / network_args dropout is not applied with {what} (LyCORIS does not "

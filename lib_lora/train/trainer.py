@@ -614,7 +614,8 @@ class Trainer:
                     module_dropout=(float(nargs["module_dropout"]) if "module_dropout" in nargs and sd_scripts_plain
                                     else None),
                     blocks=None if module_dims else blocks, module_dims=module_dims, lyco=lyco,
-                    lora_fa=lora_fa, dylora_unit=dylora, kohya_oft=kohya_oft)
+                    lora_fa=lora_fa, dylora_unit=dylora, kohya_oft=kohya_oft,
+                    lyco_max_norm=bool(max_norm) and lyco is not None)
             except (NetworkShapeError, PresetError) as e:  # (a layer size the type cannot split; a preset file
                 raise TrainingError(str(e)) from None      # that picks nothing here)
             for n in net.notes:
