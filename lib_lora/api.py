@@ -263,7 +263,8 @@ def _outputs(job) -> list[_OutputFile]:
 
 
 class _Api:
-    def __init__(self, queue, policy: PathPolicy, get_model, default_output_dir, prefix):
+    def __init__(self, queue, policy: PathPolicy, get_model, default_output_dir, prefix, check_network=None):
+        self.check_network = check_network
         self.queue = queue
         self.policy = policy
         self.get_model = get_model
@@ -310,6 +311,8 @@ class _Api:
         except Exception:  # (the model is read again when the job runs)
             family = None
         problems, notes = check_support(cfg, family)
+        if not problems and self.check_network is not None:
+            problems += self.check_network(cfg)
         plan = build_plan(cfg, family=family, check_pixels=False)
         problems += [f.message for f in plan.errors]
         notes += [f.message for f in plan.warnings]
@@ -362,7 +365,10 @@ class _Api:
                                             "plan": report}))
         from .train.support import check_support
         # (on the checked paths: a LyCORIS preset file is read there)
-        problems, _ = check_support(parse_train_config(config, source="<request>"))
+        checked = parse_train_config(config, source="<request>")
+        problems, _ = check_support(checked)
+        if not problems and self.check_network is not None:  # (on the loaded model: layers the type cannot fit)
+            problems += self.check_network(checked)
         if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
             raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
         try:
@@ -473,7 +479,8 @@ def _drop_routes(app, prefix: str) -> int:
 def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCallable = None,
           api_auth: str | None = None, access_disabled: ValueOrCallable = False,
           get_model: Callable[[], dict | None] | None = None, default_output_dir: ValueOrCallable = None,
-          roots_setting: str = DEFAULT_ROOTS_SETTING, prefix: str = PREFIX) -> PathPolicy | None:
+          roots_setting: str = DEFAULT_ROOTS_SETTING, prefix: str = PREFIX,
+          check_network: Callable[[Any], list[str]] | None = None) -> PathPolicy | None:
     """Add the ``/lora-studio/v1`` routes to ``app`` (a FastAPI app; the WebUI's, or a fresh one in tests).
 
     queue: the ``JobQueue`` the tab and CLI share. allowed_roots: folders (list, or a callable returning one)
@@ -481,6 +488,7 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
     api_auth: ``cmd_opts.api_auth``. access_disabled: ``cmd_opts.disable_extension_access``.
     get_model: returns ``{name, hash, family, parameterization}`` of the loaded model, or None.
     default_output_dir: used when a config has no output_dir (else such a config is refused).
+    check_network: given the parsed config, what building its network on the loaded model would stop on.
     Returns the PathPolicy (the runner can re-check a job's paths with it), or None when access is disabled.
     """
     _drop_routes(app, prefix)
@@ -493,7 +501,7 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
         return None
 
     policy = PathPolicy(allowed_roots, default_root, roots_setting)
-    api = _Api(queue, policy, get_model, default_output_dir, prefix)
+    api = _Api(queue, policy, get_model, default_output_dir, prefix, check_network)
     router = APIRouter(prefix=prefix, tags=["LoRA Studio"], dependencies=[Depends(_make_auth(parse_api_auth(api_auth)))])
     router.add_api_route("/jobs", api.submit, methods=["POST"], status_code=201,
                          summary="Queue a training job (config as JSON sections/flat keys, or {\"toml\": text})")

@@ -380,3 +380,34 @@ def test_shutdown_stops_the_queue_thread(webui):
     thread.join(5)
     assert not thread.is_alive()
     assert models.model_state_hash(ns.model) == ns.before
+
+
+def test_a_network_that_cannot_fit_the_loaded_model_is_not_queued(fresh, tmp_path):
+    """BOFT blocks that cannot split the model's layers, or a LyCORIS preset file that picks none of them: the tab
+    and the HTTP API say so when the job is submitted (found on the loaded model, on the meta device), instead of
+    the job failing when it starts behind the others."""
+    ns = fresh
+    from lib_lora.ui.backend import UiError
+    before = len(ns.backend.jobs())
+    boft = config(ns, "boftjob", network_module="lycoris.kohya", network_args=["algo=boft"], network_dim=4,
+                  text_encoder_lr=1e-3)  # (the text encoder's 768 channels)
+    with pytest.raises(UiError, match=r"The job was not queued: .*BOFT cannot split 768 output channels"):
+        ns.backend.submit(boft, name="boftjob")
+    oft = config(ns, "oftjob", network_module="networks.oft", network_dim=3)
+    with pytest.raises(UiError, match=r"networks.oft splits the 32 output channels into network_dim = 3 blocks"):
+        ns.backend.submit(oft, name="oftjob")
+    (tmp_path / "none.toml").write_text('unet_target_module = ["Attention"]\nunet_target_name = []\n'
+                                        'text_encoder_target_module = []\n')
+    preset = config(ns, "prjob", network_module="lycoris.kohya",
+                    network_args=["algo=locon", f"preset={tmp_path / 'none.toml'}"])
+    with pytest.raises(UiError, match=r"none.toml picks no layer of this SD1 model"):
+        ns.backend.submit(preset, name="prjob")
+    ns.shared.opts.lora_studio_api_roots = str(ns.root)
+    try:
+        r = ns.client.post("/lora-studio/v1/jobs", json=boft)
+        assert r.status_code == 422 and "BOFT cannot split" in r.json()["detail"], r.text
+        r = ns.client.post("/lora-studio/v1/jobs", params={"dry_run": "true"}, json=boft)
+        assert r.status_code == 422 and "BOFT cannot split" in r.json()["detail"], r.text
+    finally:
+        ns.shared.opts.lora_studio_api_roots = ""
+    assert len(ns.backend.jobs()) == before and models.model_state_hash(ns.model) == ns.before

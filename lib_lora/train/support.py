@@ -404,3 +404,35 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         except ValueError as e:  # BlockArgsError included
             errors.append(str(e))
     return errors, notes
+
+
+def network_build_problems(sd_model, family: str, cfg: TrainConfig) -> list[str]:
+    """What building the network on this loaded model would stop on: a layer size BOFT / OFT cannot split, a
+    LyCORIS preset file that picks no layer. Found when the job is queued instead of when it starts (behind other
+    jobs, maybe hours later). The network is built on the meta device: nothing is allocated or read from the
+    weights. Settings errors are check_support's; they give no problem here."""
+    try:
+        nargs = network_args(cfg)
+        s = lyco_settings(cfg.network_module, nargs, [], cfg)
+        oft = kohya_oft_switches(nargs) if cfg.network_module == "networks.oft" else None
+    except ValueError:
+        return []
+    if oft is None and (s is None or s.custom is None and s.algo not in lyco.OFT):
+        return []  # (the other types fit any layer)
+    from .lora_net import LoRANetwork, NetworkShapeError
+    from .lyco_preset import PresetError
+    dim, alpha, conv_dim, conv_alpha = base_dims(cfg, nargs)
+    conv_dim = dim if conv_dim is None or oft else conv_dim
+    unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    if s is not None:  # (what only sets values, not shapes, and reads tensors the meta device has not)
+        s = dataclasses.replace(s, dora=False, rs_lora=False)
+    try:
+        with torch.device("meta"):
+            LoRANetwork(sd_model, family, dim=dim, alpha=alpha or dim, conv_dim=conv_dim,
+                        conv_alpha=conv_alpha or alpha, train_unet=bool(unet_lr) and not
+                        cfg.network_train_text_encoder_only, train_text_encoder=bool(te_lr) and not
+                        cfg.network_train_unet_only, lyco=s, kohya_oft=oft)
+    except (NetworkShapeError, PresetError) as e:
+        return [str(e)]
+    return []

@@ -177,6 +177,15 @@ class LocalBackend:
             d["dtype"], d["device"] = None, None
         return d
 
+    def network_problems(self, cfg) -> list[str]:
+        """What building the network on the loaded model would stop on (support.network_build_problems); none
+        without a model (the job then checks when it starts)."""
+        h = self._host()
+        if h is None:
+            return []
+        from ..train.support import network_build_problems
+        return network_build_problems(h.sd_model, h.family, cfg)
+
     def prepare_model(self, host) -> None:
         """Called with the host locked before the tab samples; the glue restores merged prompt LoRAs here."""
 
@@ -244,7 +253,10 @@ class LocalBackend:
     # ---- jobs ---------------------------------------------------------------------------------------------
     def submit(self, config: dict, name: str | None = None, task_id: str | None = None,
                front: bool = False) -> dict:
-        parse_train_config(dict(config), source="the job's settings")  # refuse now what would fail later
+        cfg = parse_train_config(dict(config), source="the job's settings")  # refuse now what would fail later
+        problems = self.network_problems(cfg)
+        if problems:
+            raise UiError("The job was not queued: " + " ".join(problems))
         with self._lock:  # the worker's "start" event waits here until the task id is known
             if task_id:
                 self.hooks.queued(task_id, None)
