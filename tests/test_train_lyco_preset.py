@@ -426,3 +426,19 @@ def test_training_kohaku_style_full_rank_lokr_preset(tmp_path):
     net = load_network(res.final, "sd1", layer_names=set(layer_mapping(sd1)))
     names = {k.split(".")[0] for k in sd}
     assert len(net.report.matched) == net.report.total_modules == len(names)
+
+
+def test_a_double_quoted_pattern_key_is_read_as_toml_and_the_difference_said(tmp_path):
+    """TOML unescapes "a\\\\.b" to the regex a\\.b (tomllib); LyCORIS' toml package keeps both backslashes, so
+    under sd-scripts the entry matches nothing: the job says so."""
+    pytest.importorskip("toml")
+    import toml
+    text = '[name_algo_map."conv_in\\\\..*"]\ndim = 2\n'
+    (tmp_path / "q.toml").write_text(text)
+    assert list(toml.loads(text)["name_algo_map"]) == ["conv_in\\\\..*"]  # (LyCORIS' reader)
+    p = lp.read_preset(tmp_path / "q.toml", "q.toml")
+    assert list(p.name_map) == ["conv_in\\..*"]
+    assert any("LyCORIS' own reader keeps both backslashes" in n for n in p.notes), p.notes
+    (tmp_path / "l.toml").write_text("[name_algo_map.'conv_in\\..*']\ndim = 2\n")
+    p = lp.read_preset(tmp_path / "l.toml", "l.toml")
+    assert list(p.name_map) == ["conv_in\\..*"] and not p.notes

@@ -93,7 +93,8 @@ def read_preset(path: Path, shown: str) -> CustomPreset:
                           "the settings come from the tab) or a built-in preset")
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
+        data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PresetError(f"network_args preset={shown}: {path.name} is not a TOML file ({e}); LyCORIS reads preset "
                           "files as TOML, e.g. unet_target_module = [\"Transformer2DModel\"]") from None
@@ -125,6 +126,12 @@ def read_preset(path: Path, shown: str) -> CustomPreset:
                       ("exclude_name", "exclude")):
         if key in data:
             setattr(p, attr, tuple(data[key]))
+    # (LyCORIS reads presets with the toml package, which keeps the backslashes of a double-quoted key)
+    quoted = re.findall(r'name_algo_map\.("[^"\n]*\\[^"\n]*")', raw.decode("utf-8", "replace"))
+    if quoted:
+        p.notes.append(f"preset file {path.name}: name_algo_map key {quoted[0]} is read as TOML says (\\\\. is a "
+                       "regex \\.); LyCORIS' own reader keeps both backslashes, so under sd-scripts that entry "
+                       "matches nothing. Write it as a literal key in single quotes to mean the same in both")
     ignored = [k for k in ("target_module", "target_name", "lora_prefix") if k in data]
     if ignored:
         p.notes.append(f"preset file {path.name}: {', '.join(ignored)} are read by LyCORIS' generic wrapper, not by "
