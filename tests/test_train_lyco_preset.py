@@ -442,3 +442,14 @@ def test_a_double_quoted_pattern_key_is_read_as_toml_and_the_difference_said(tmp
     (tmp_path / "l.toml").write_text("[name_algo_map.'conv_in\\..*']\ndim = 2\n")
     p = lp.read_preset(tmp_path / "l.toml", "l.toml")
     assert list(p.name_map) == ["conv_in\\..*"] and not p.notes
+
+
+def test_a_layer_sd_scripts_has_and_the_webui_holds_as_a_tensor_is_said():
+    sdxl = models.make_sdxl(seed=2)
+    notes: list = []
+    got = _names(sdxl, "sdxl", _preset({"unet_target_module": [], "unet_target_name": ["input_blocks\\.0\\.0"],
+                                         "text_encoder_target_module": [],
+                                         "text_encoder_target_name": ["text_projection"]}), te=True, notes=notes)
+    assert got == ["lora_unet_input_blocks_0_0"]
+    assert any("lora_te2_text_projection is a Linear layer in sd-scripts' model but a plain tensor" in n
+               for n in notes), notes

@@ -429,6 +429,9 @@ def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, trai
             mha: dict = {}
             for row, conf in select(view, preset.te_modules, preset.te_names, preset.exclude, preset.use_fnmatch,
                                     matched, preset.module_map, preset.name_map):
+                if row.module is None and row.cls == "Linear":  # (SDXL's text_projection: a bare tensor here)
+                    notes.append(f"preset file {name}: {kprefix}{row.path.replace('.', '_')} is a Linear layer in "
+                                 "sd-scripts' model but a plain tensor in the WebUI's: it is not trained")
                 if not trainable(row, False, train_norm, conf):
                     continue
                 under = row.path.replace(".", "_")
@@ -460,7 +463,8 @@ def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, trai
                           "paths are matched against sd-scripts' model (Transformer2DModel, ResnetBlock2D, "
                           "CrossAttention, down_blocks.1.attentions.0 for SD1/SD2; input_blocks.4.1 for SDXL; "
                           "CLIPAttention, CLIPMLP, text_model.encoder.layers.0 for the text encoders)"
-                          + "".join(f"; {n.split(', ', 1)[1]}" for n in notes if n.startswith(f"preset file {name}")))
+                          + "".join(f"; {n[len(f'preset file {name}'):].lstrip(',: ')}" for n in notes
+                                    if n.startswith(f"preset file {name}")))
     return out
 
 
