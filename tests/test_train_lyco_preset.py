@@ -132,7 +132,8 @@ def test_nested_target_classes_train_each_layer_once(full_unets):
                                      "unet_target_name": []}))
     outer = _names(m, "sd1", _preset({"unet_target_module": ["BasicTransformerBlock"], "unet_target_name": []}))
     inner = _names(m, "sd1", _preset({"unet_target_module": ["FeedForward"], "unet_target_name": []}))
-    assert set(inner) < set(outer) and both == outer and len(both) == len(set(both)) == 16 * 10  # (q, k, v, out twice; GEGLU proj; ff out)
+    # (16 blocks: q, k, v, out twice, GEGLU's proj, ff out)
+    assert set(inner) < set(outer) and both == outer and len(both) == len(set(both)) == 16 * 10
 
 
 def _lycoris_te_names(tmp_path, clip, d):
@@ -153,8 +154,10 @@ def _lycoris_te_names(tmp_path, clip, d):
 
 
 TE_PRESETS = [
-    {"text_encoder_target_module": ["CLIPMLP"], "text_encoder_target_name": ["text_model.encoder.layers.0.self_attn.q_proj"]},
-    {"text_encoder_target_module": ["CLIPEncoderLayer"], "exclude_name": [".*fc1", "text_model\\.encoder\\.layers\\.1\\."]},
+    {"text_encoder_target_module": ["CLIPMLP"],
+     "text_encoder_target_name": ["text_model.encoder.layers.0.self_attn.q_proj"]},
+    {"text_encoder_target_module": ["CLIPEncoderLayer"],
+     "exclude_name": [".*fc1", "text_model\\.encoder\\.layers\\.1\\."]},
     {"use_fnmatch": True, "text_encoder_target_module": ["CLIPAttention"],
      "text_encoder_target_name": ["*.layers.1.mlp.fc2"], "exclude_name": ["*.v_proj"]},
     {},

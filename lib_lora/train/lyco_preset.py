@@ -89,8 +89,8 @@ def read_preset(path: Path, shown: str) -> CustomPreset:
     """A LyCORIS preset file; PresetError says what is wrong and what to do."""
     if not path.is_file():
         raise PresetError(f"network_args preset={shown}: no such file ({path}); give the path of a LyCORIS preset "
-                          "TOML file (a relative path is read from the config file's folder, or from the WebUI's folder when "
-                          "the settings come from the tab) or a built-in preset")
+                          "TOML file (a relative path is read from the config file's folder, or from the WebUI's "
+                          "folder when the settings come from the tab) or a built-in preset")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -189,13 +189,12 @@ def _subtree(prefix: str, mod: nn.Module, host: str, sd12: bool, rename=None) ->
 
 
 def _resnet_rename(name: str) -> str | None:
-    if name in _RES_CHILDREN:
-        return _RES_CHILDREN[name]
-    return None  # (in_layers / emb_layers / out_layers containers, SiLU, Dropout: diffusers has none of them)
+    # (None: the in_layers / emb_layers / out_layers containers, SiLU, Dropout, which diffusers' resnet lacks)
+    return _RES_CHILDREN.get(name)
 
 
 def unet_view(diffusion_model: nn.Module, family: str) -> list[ViewRow]:
-    """The UNet as sd-scripts holds it (names and classes; tests/data/lycoris_preset_reference.json)."""
+    """The UNet as sd-scripts holds it (names and classes; tests/data/lycoris_preset_reference.json.gz)."""
     if family == "sdxl":  # sd-scripts' SDXL UNet keeps sgm's paths
         rows = _subtree("", diffusion_model, "", False)
         rows[0].cls = "SdxlUNet2DConditionModel"
@@ -293,7 +292,8 @@ def open_clip_view(model: nn.Module, n_layers: int, with_projection: bool) -> li
         if i >= n_layers:
             break
         b, h = f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
-        rows += [ViewRow(b, "CLIPEncoderLayer", blk, h), ViewRow(f"{b}.self_attn", "CLIPAttention", blk.attn, f"{h}.attn")]
+        rows += [ViewRow(b, "CLIPEncoderLayer", blk, h),
+                 ViewRow(f"{b}.self_attn", "CLIPAttention", blk.attn, f"{h}.attn")]
         for part in ("k", "v", "q", "out"):
             rows.append(ViewRow(f"{b}.self_attn.{part}_proj", "Linear", blk.attn, f"{h}.attn", part))
         rows += [ViewRow(f"{b}.layer_norm1", "LayerNorm", blk.ln_1, f"{h}.ln_1"),
