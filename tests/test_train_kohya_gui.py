@@ -160,3 +160,22 @@ def test_a_gui_loha_preset_trains_here(tmp_path):
     md = read_metadata(res.final)
     assert md["ss_network_module"] == "lycoris.kohya" and json.loads(md["ss_network_args"])["algo"] == "loha"
     assert os.path.basename(res.final) == "gui.safetensors"
+
+
+def test_a_gui_preset_naming_a_lycoris_preset_file_reads_it_beside_the_json(tmp_path):
+    """The GUI's LyCORIS Preset box takes "path_to_config_file.toml": a relative one is read from the JSON's folder,
+    and its layer choice is the network's."""
+    from lib_lora.train.support import lyco_settings, network_args
+    (tmp_path / "attn.toml").write_text('unet_target_module = ["CrossAttention"]\nunet_target_name = []\n'
+                                        'text_encoder_target_module = []\n')
+    p = tmp_path / "preset.json"
+    p.write_text(json.dumps(dict(LOKR_SDXL, LyCORIS_preset="attn.toml")))
+    cfg = load_train_config(p)
+    assert "preset=attn.toml" in cfg.network_args
+    errors, _ = check_support(cfg, "sdxl")
+    assert errors == []
+    s = lyco_settings(cfg.network_module, network_args(cfg), [], cfg)
+    assert s.custom is not None and s.custom.unet_modules == ("CrossAttention",) and s.custom.te_modules == ()
+    p.write_text(json.dumps(dict(LOKR_SDXL, LyCORIS_preset="missing.toml")))
+    errors, _ = check_support(load_train_config(p), "sdxl")
+    assert any(f"no such file ({tmp_path / 'missing.toml'})" in e for e in errors), errors
