@@ -456,3 +456,48 @@ def test_a_layer_sd_scripts_has_and_the_webui_holds_as_a_tensor_is_said():
     assert got == ["lora_unet_input_blocks_0_0"]
     assert any("lora_te2_text_projection is a Linear layer in sd-scripts' model but a plain tensor" in n
                for n in notes), notes
+
+
+@pytest.mark.parametrize("algo", ["loha", "glora", "ia3"])
+def test_dim_from_weights_builds_each_module_as_lycoris_does(algo, tmp_path):
+    """dim_from_weights with a LyCORIS file of several ranks (a preset file's map gave the text encoder's attention
+    rank 2 and its MLP rank 6): each module keeps its rank and alpha, layers the file lacks get none, as LyCORIS'
+    create_network_from_weights builds them on the same CLIP; the run continues from the file."""
+    lk = pytest.importorskip("lycoris.kohya")
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    (tmp_path / "maps.toml").write_text('unet_target_module = []\nunet_target_name = []\n'
+                                        'text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]\n'
+                                        '[module_algo_map.CLIPAttention]\ndim = 2\nalpha = 1\n'
+                                        '[module_algo_map.CLIPMLP]\ndim = 6\nalpha = 3\n')
+    first = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, network_args=[f"algo={algo}", "preset=maps.toml"]))
+    assert first.status == "done"
+    sd = load_tensors(first.final)
+    cfg = _cfg(tmp_path, img, output_dir=str(tmp_path / "o2"), network_args=[f"algo={algo}"], network_dim=8,
+               network_weights=first.final, dim_from_weights=True)
+    assert check_support(cfg, "sd1")[0] == []
+    events = []
+    res = run_training(ModelHost(sd1, "m"), cfg, on_event=events.append)
+    assert res.status == "done"
+    again = load_tensors(res.final)
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in sd.items()}
+    if algo != "ia3":  # (IA3 has no rank; LyCORIS 4.1.3's create_network_from_weights fails on IA3 files)
+        clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
+        _lycoris_defaults()
+        ref, _ = lk.create_network_from_weights(1.0, first.final, None, clip, nn.Module(), weights_sd=sd)
+        want = {m.lora_name: (m.lora_dim, round(float(m.scale), 6)) for m in ref.text_encoder_loras}
+        got = {}
+        for k, v in again.items():
+            n, key = k.split(".", 1)
+            if key == {"loha": "hada_w1_b", "glora": "a2.weight"}[algo]:
+                got[n] = (v.shape[0], round(float(again[n + ".alpha"]) / v.shape[0], 6))
+        assert got == want and {d for d, _ in got.values()} == {2, 6}
+    notes = [e.message for e in events if e.kind == "note"]
+    assert any("keeps its own" in n and "layers it does not have get none" in n for n in notes), notes
+    assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in notes), notes
+    # a file of another type: what to set
+    cfg = _cfg(tmp_path, img, output_dir=str(tmp_path / "o3"), network_args=["algo=locon"],
+               network_weights=first.final, dim_from_weights=True)
+    host = ModelHost(sd1, "m")
+    with pytest.raises(TrainingError, match=f"holds {algo} modules, not lora ones: .*algo={algo}"):
+        Trainer(host, cfg, plan_for(host, cfg)).run()

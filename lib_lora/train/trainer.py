@@ -326,11 +326,42 @@ class Trainer:
             self._note(f"step {step}: the loss was not finite but the LoRA weights are, so that step was skipped "
                        "(fp16 loss scaling does this now and then); training goes on")
 
-    def _dims_from_weights(self, sd: dict):
+    # dim_from_weights: the tensor whose first axis is a module's rank, per LyCORIS algorithm (IA3 and full have no
+    # rank: their marker only says which modules the file has)
+    _RANK_KEYS = {"loha": ".hada_w1_b", "glora": ".a2.weight", "ia3": ".on_input", "full": ".diff"}
+
+    def _dims_from_weights(self, sd: dict, lyco=None):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
         the network_weights file ``sd``. A file with several ranks (block_dims, resized LoRAs) gives each module its
-        own rank and alpha instead (the returned per-module dict; None for one rank per kind)."""
+        own rank and alpha instead (the returned per-module dict; None for one rank per kind). LyCORIS LoHa /
+        GLoRA / IA3 / full networks: always per module, as LyCORIS' create_network_from_weights builds them."""
         c = self.cfg
+        algo = lyco.algo if lyco is not None and lyco.weight_path else "lora"
+        markers = {"lora": ".lora_down.weight", **self._RANK_KEYS}
+        found = sorted(a for a, m in markers.items() if any(k.endswith(m) for k in sd))
+        if algo not in found:
+            if algo == "lora" and not found:
+                raise TrainingError(f"dim_from_weights: {c.network_weights} holds no kohya LoRA (lora_down) weights")
+            have = (f"{found[0]} modules, not {algo} ones: train them with network_module = \"lycoris.kohya\" and "
+                    f"network_args algo={found[0]}" if found else f"no {algo} modules")
+            raise TrainingError(f"dim_from_weights: {c.network_weights} holds {have} (LyCORIS takes each module's "
+                                "type from the file)")
+        if len(found) > 1:
+            self._note(f"dim_from_weights: {c.network_weights} also holds {', '.join(a for a in found if a != algo)} "
+                       f"modules; only its algo={algo} modules train here (one network trains one algorithm)")
+        if algo != "lora":
+            per_module = {}
+            for k, v in sd.items():
+                if k.endswith(markers[algo]):
+                    name = k[: -len(markers[algo])]
+                    a = sd.get(name + ".alpha")
+                    per_module[name] = ((int(v.shape[0]), float(a) if a is not None else float(v.shape[0]))
+                                        if algo in ("loha", "glora") else (1, 1.0))
+            self._note(f"dim_from_weights: each of the {len(per_module)} {lyco.kind} modules of {c.network_weights} "
+                       "keeps its own " + ("rank and alpha" if algo in ("loha", "glora") else "layer") + ", and "
+                       "layers it does not have get none (as LyCORIS' create_network_from_weights)")
+            # (a conv rank only so that the file's 3x3 conv modules are looked for; each takes its own)
+            return int(c.network_dim or 4), c.network_alpha, int(c.network_dim or 4), None, per_module
         ranks: dict[str, set] = {"linear": set(), "conv": set()}
         alphas: dict[str, set] = {"linear": set(), "conv": set()}
         per_module: dict[str, tuple[int, float]] = {}
@@ -579,7 +610,7 @@ class Trainer:
             start_sd = load_tensors(str(c.resolve(c.network_weights))) if c.network_weights else None
             module_dims = None
             if c.dim_from_weights:
-                dim, alpha, conv_dim, conv_alpha, module_dims = self._dims_from_weights(start_sd)
+                dim, alpha, conv_dim, conv_alpha, module_dims = self._dims_from_weights(start_sd, lyco)
             # (per-module ranks: no single conv rank goes into the metadata)
             self._net_dims = (dim, alpha, None if module_dims else conv_dim, conv_alpha)
             self._lyco = lyco
