@@ -300,19 +300,24 @@ class _Api:
         info = self.get_model()
         return dict(info) if info else None
 
+    def _settings_problems(self, cfg, family: str | None = None) -> tuple[list[str], list[str]]:
+        """check_support's (problems, notes), then what building the network on the loaded model would stop on."""
+        from .train.support import check_support
+        problems, notes = check_support(cfg, family)
+        if not problems and self.check_network is not None:
+            problems += self.check_network(cfg)
+        return problems, notes
+
     def _check_run(self, config: dict) -> tuple[list[str], list[str], str]:
         """(problems, notes, the dataset plan's report) of a checked config, as the run would find them; the
         images' headers are read, their pixels are not."""
         from .train.dataset import build_plan
-        from .train.support import check_support
         cfg = parse_train_config(dict(config), source="<request>")
         try:
             family = (self._model_info() or {}).get("family")
         except Exception:  # (the model is read again when the job runs)
             family = None
-        problems, notes = check_support(cfg, family)
-        if not problems and self.check_network is not None:
-            problems += self.check_network(cfg)
+        problems, notes = self._settings_problems(cfg, family)
         plan = build_plan(cfg, family=family, check_pixels=False)
         problems += [f.message for f in plan.errors]
         notes += [f.message for f in plan.warnings]
@@ -363,12 +368,8 @@ class _Api:
             return JSONResponse(_json_safe({"ok": True, "config": config,
                                             "notes": notes + [n for n in plan_notes if n not in notes],
                                             "plan": report}))
-        from .train.support import check_support
         # (on the checked paths: a LyCORIS preset file is read there)
-        checked = parse_train_config(config, source="<request>")
-        problems, _ = check_support(checked)
-        if not problems and self.check_network is not None:  # (on the loaded model: layers the type cannot fit)
-            problems += self.check_network(checked)
+        problems, _ = self._settings_problems(parse_train_config(config, source="<request>"))
         if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
             raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
         try:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
 from .fp8 import is_fp8
-from .lyco import KohyaOftPair, LycoSettings, NormPair, PairBase, make_pair
+from .lyco import KohyaOftPair, LycorisMaxNorm, LycoSettings, NormPair, PairBase, make_pair
 from .lyco_preset import custom_targets
 from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, kohya_oft_targets, lyco_preset_convs, lycoris_unet_targets,
                       text_encoder_targets, unet_targets)
@@ -35,8 +35,10 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-class LoRAPair(PairBase):
-    """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names."""
+class LoRAPair(LycorisMaxNorm, PairBase):
+    """One kohya LoRA module: lora_down, lora_up and the alpha buffer, saved under kohya's key names. In a LyCORIS
+    network with scale_weight_norms its max-norm is LyCORIS' (through the scalar buffer ``enable_fixed_scalar``
+    gives it); otherwise the network applies sd-scripts' rule to up and down."""
 
     scalar_factor = ("lora_up.weight",)
 
@@ -98,17 +100,6 @@ class LoRAPair(PairBase):
         if self.lora_mid is not None:
             return torch.einsum("oa,abhw,bi->oihw", up, self.lora_mid.weight, down)
         return (up @ down).reshape(self.shape)
-
-    @torch.no_grad()
-    def apply_max_norm(self, max_norm: float):
-        """LyCORIS' LoConModule.apply_max_norm (a LyCORIS network, scalar on): the delta's norm (Tucker core,
-        scalar and scale included; DoRA's magnitude not) capped at max_norm through the scalar. Device tensors:
-        (scaled, norm after)."""
-        norm = (self.rebuild() * self.scale).norm()
-        clamped = torch.clamp(norm, max_norm / 2)
-        ratio = torch.clamp(clamped, max=max_norm) / clamped
-        self.scalar.mul_(ratio.to(self.scalar.dtype))
-        return ratio != 1, norm * ratio
 
     def delta_weight(self, rank_dropout: float = 0.0) -> torch.Tensor:
         """up @ down * scale in the host weight's shape (MHA projections, DoRA). ``rank_dropout`` is ignored:

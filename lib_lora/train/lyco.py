@@ -170,7 +170,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], resolve=Non
             raise ValueError(f"preset file {os.path.basename(preset)} maps layers to algo={', '.join(other)} while "
                              f"network_args algo={algo}: one network trains one algorithm here; set network_args "
                              f"algo={other[0]} or remove algo from the map (its ranks, alphas and LoKr factors apply)")
-        lokr_keys = sorted({k for o in (*custom.module_map.values(), *custom.name_map.values()) for k in o
+        lokr_keys = sorted({k for o in custom.entries() for k in o
                             if k in ("factor", "decompose_both", "full_matrix", "unbalanced_factorization")})
         if lokr_keys and algo != "lokr":
             notes.append(f"preset file {os.path.basename(preset)}: {', '.join(lokr_keys)} in its maps shape LoKr "
@@ -393,14 +393,14 @@ class PairBase(nn.Module):
                 self.scale = float(self.alpha) / self.dim
 
 
-class _WeightPair(PairBase):
-    """A module whose contribution is a rebuilt weight delta, added with the host layer's own op (F.linear /
-    F.conv2d with its stride and padding)."""
+class LycorisMaxNorm:
+    """LyCORIS' apply_max_norm for its LoCon, LoHa and LoKr modules (scale_weight_norms): the delta's norm (scale,
+    Tucker core and scalar included; DoRA's magnitude not) capped at max_norm by ``_rescale``, which scales the
+    scalar (LoCon, LoHa; folded into the first factor when saved) unless a module says otherwise (LoKr)."""
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float):
-        """LyCORIS' apply_max_norm for LoHa / LoKr: the delta's norm (scale included) capped at max_norm by
-        ``_rescale``. Device tensors only: (scaled, norm after)."""
+        """Device tensors only: (scaled, norm after)."""
         norm = (self.rebuild() * self.scale).norm()
         clamped = torch.clamp(norm, max_norm / 2)
         ratio = torch.clamp(clamped, max=max_norm) / clamped
@@ -408,7 +408,12 @@ class _WeightPair(PairBase):
         return ratio != 1, norm * ratio
 
     def _rescale(self, ratio: torch.Tensor):
-        raise NotImplementedError
+        self.scalar.mul_(ratio.to(self.scalar.dtype))
+
+
+class _WeightPair(LycorisMaxNorm, PairBase):
+    """A module whose contribution is a rebuilt weight delta, added with the host layer's own op (F.linear /
+    F.conv2d with its stride and padding)."""
 
 
 def _rebuild_tucker(t, wa, wb):
@@ -478,9 +483,6 @@ class LohaPair(_WeightPair):
         out = {k: getattr(self, k) for k in keys}
         out["hada_w1_a"] = out["hada_w1_a"] * self.scalar.to(out["hada_w1_a"].dtype)
         return out
-
-    def _rescale(self, ratio):
-        self.scalar.mul_(ratio)  # (LyCORIS' LohaModule: through the scalar)
 
 
 class LokrPair(_WeightPair):

@@ -57,8 +57,12 @@ class CustomPreset:
     name_map: dict = field(default_factory=dict)  # path or pattern -> override (name_algo_map)
     notes: list = field(default_factory=list)
 
+    def entries(self) -> list[dict]:
+        """Every map entry (module_algo_map's and name_algo_map's)."""
+        return [*self.module_map.values(), *self.name_map.values()]
+
     def algos(self) -> set:
-        return {o["algo"] for o in (*self.module_map.values(), *self.name_map.values()) if "algo" in o}
+        return {o["algo"] for o in self.entries() if "algo" in o}
 
 
 # what a map entry may set (LyCORIS passes the rest to the module, which ignores what it does not know)

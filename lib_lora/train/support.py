@@ -123,11 +123,25 @@ def torch_scheduler_problems(cfg: TrainConfig) -> list[str]:
     return out
 
 
-def base_dims(cfg: TrainConfig, nargs: dict) -> tuple[int, float | None, int | None, float | None]:
-    """(network_dim, network_alpha, conv_dim, conv_alpha) as the config gives them."""
-    return (int(cfg.network_dim or 4), cfg.network_alpha,
-            int(nargs["conv_dim"]) if "conv_dim" in nargs else None,
-            float(nargs["conv_alpha"]) if "conv_alpha" in nargs else None)
+def base_dims(cfg: TrainConfig, nargs: dict, lyco: bool = False) -> tuple[int, float | None, int | None, float | None]:
+    """(network_dim, network_alpha, conv_dim, conv_alpha) as the config gives them; ``lyco``: with LyCORIS'
+    defaults (the conv layers take the linear rank and alpha)."""
+    dim, alpha = int(cfg.network_dim or 4), cfg.network_alpha
+    conv_dim = int(nargs["conv_dim"]) if "conv_dim" in nargs else (dim if lyco else None)
+    conv_alpha = float(nargs["conv_alpha"]) if "conv_alpha" in nargs else (alpha if lyco else None)
+    return dim, alpha, conv_dim, conv_alpha
+
+
+def part_lrs(cfg: TrainConfig) -> tuple[float, float]:
+    """(UNet, text encoder) learning rates: learning_rate where a part's own is not set, 0 for a part
+    network_train_unet_only / network_train_text_encoder_only leave out (0: that part trains nothing)."""
+    unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    if cfg.network_train_unet_only:
+        te_lr = 0.0
+    if cfg.network_train_text_encoder_only:
+        unet_lr = 0.0
+    return float(unet_lr or 0.0), float(te_lr or 0.0)
 
 
 def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainConfig):
@@ -421,18 +435,16 @@ def network_build_problems(sd_model, family: str, cfg: TrainConfig) -> list[str]
         return []  # (the other types fit any layer)
     from .lora_net import LoRANetwork, NetworkShapeError
     from .lyco_preset import PresetError
-    dim, alpha, conv_dim, conv_alpha = base_dims(cfg, nargs)
-    conv_dim = dim if conv_dim is None or oft else conv_dim
-    unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    dim, alpha, conv_dim, conv_alpha = base_dims(cfg, nargs, lyco=s is not None)
+    if oft:  # (as the trainer builds it: every layer dim blocks)
+        conv_dim = dim
+    unet_lr, te_lr = part_lrs(cfg)
     if s is not None:  # (what only sets values, not shapes, and reads tensors the meta device has not)
         s = dataclasses.replace(s, dora=False, rs_lora=False)
     try:
         with torch.device("meta"):
-            LoRANetwork(sd_model, family, dim=dim, alpha=alpha or dim, conv_dim=conv_dim,
-                        conv_alpha=conv_alpha or alpha, train_unet=bool(unet_lr) and not
-                        cfg.network_train_text_encoder_only, train_text_encoder=bool(te_lr) and not
-                        cfg.network_train_unet_only, lyco=s, kohya_oft=oft)
+            LoRANetwork(sd_model, family, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
+                        train_unet=bool(unet_lr), train_text_encoder=bool(te_lr), lyco=s, kohya_oft=oft)
     except (NetworkShapeError, PresetError) as e:
         return [str(e)]
     return []

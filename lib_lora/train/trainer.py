@@ -39,7 +39,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork, NetworkShapeError
 from .lyco_preset import PresetError
-from .support import base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args
+from .support import base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args, part_lrs
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
                     make_torch_scheduler, shown_lr)
@@ -399,15 +399,6 @@ class Trainer:
             return None
         return (self.cfg.dynamo_backend or "inductor").lower()
 
-    def _lrs(self):
-        c = self.cfg
-        unet_lr = c.unet_lr if c.unet_lr is not None else c.learning_rate
-        te_lr = c.text_encoder_lr if c.text_encoder_lr is not None else c.learning_rate
-        if c.network_train_unet_only:
-            te_lr = 0.0
-        if c.network_train_text_encoder_only:
-            unet_lr = 0.0
-        return float(unet_lr or 0.0), float(te_lr or 0.0)
 
     def _network_args(self) -> dict:
         try:
@@ -570,7 +561,7 @@ class Trainer:
         name = c.output_name or "lora"
         seed = int(c.seed if c.seed is not None else random.randint(0, 2 ** 31 - 1))
         self.seed = seed
-        unet_lr, te_lr = self._lrs()
+        unet_lr, te_lr = part_lrs(c)
         if not unet_lr and not te_lr:
             raise TrainingError("both learning rates are 0, so nothing would train; set unet_lr or text_encoder_lr")
         fp8_roots, fp8_held = self._fp8_plan()
@@ -594,15 +585,12 @@ class Trainer:
                            "the WebUI)")
             stack.enter_context(self.host.lock())
             stack.enter_context(guarded([self.sd_model]))
-            dim, alpha, conv_dim, conv_alpha = base_dims(c, nargs)
             notes: list[str] = []
             try:
                 lyco = lyco_settings(c.network_module, nargs, [], c)  # (its notes came with check_support's)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
-            if lyco is not None:  # LyCORIS' defaults: the conv layers take the linear rank and alpha
-                conv_dim = dim if conv_dim is None else conv_dim
-                conv_alpha = alpha if conv_alpha is None else conv_alpha
+            dim, alpha, conv_dim, conv_alpha = base_dims(c, nargs, lyco=lyco is not None)
             if c.base_weights:
                 stack.enter_context(self._base_weights_merged())
             if c.dim_from_weights and not c.network_weights:
