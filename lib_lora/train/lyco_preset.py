@@ -345,6 +345,9 @@ def select(rows: list[ViewRow], modules: tuple, names: tuple, exclude: tuple, us
 
     seen: dict[str, tuple[ViewRow, dict]] = {}
     matched = matched if matched is not None else set()
+    # mapped classes, innermost first (one LyCORIS recurses into unless excluded itself; its subtree takes its entry)
+    mapped_all = sorted(((r.path, c) for r in rows if (c := class_conf(r.cls)) is not None and not excluded(r.path)),
+                        key=lambda pc: -len(pc[0]))
     for row in rows:
         if excluded(row.path):
             continue
@@ -355,10 +358,7 @@ def select(rows: list[ViewRow], modules: tuple, names: tuple, exclude: tuple, us
             base = class_conf(row.cls) or {}
             prefix = row.path + "."
             inner = [r for r in rows if (not row.path or r.path.startswith(prefix))]
-            # (a mapped class is recursed into unless excluded itself; its subtree then takes its entry)
-            mapped = sorted(((r.path, class_conf(r.cls)) for r in inner
-                             if class_conf(r.cls) is not None and not excluded(r.path)),
-                            key=lambda pc: -len(pc[0]))
+            mapped = [(p, c) for p, c in mapped_all if not row.path or p.startswith(prefix)]
             for sub in [row] + inner:
                 if sub.path in seen or excluded(sub.path):
                     continue
