@@ -197,13 +197,62 @@ def compute_steps(
     return StepPlan(batches, grad_accum, per_epoch, steps, epochs, from_epochs, why)
 
 
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run begins with sd-scripts' ``initial_epoch`` / ``initial_step`` / ``skip_until_initial_step``."""
+
+    first_epoch: int  # 1-based epoch the loop starts in
+    skip_batches: int  # batches of that epoch read over (skip_until_initial_step only)
+    step: int  # the step counter's first value (0 unless skipping; the LR schedule starts at 0 either way)
+    end_step: int  # the step the run stops at
+    explanation: str
+
+
+def start_point(steps: StepPlan, initial_epoch: int | None = None, initial_step: int | None = None,
+                skip_until_initial_step: bool = False) -> StartPoint:
+    """train_network.py's start (L1232-1273 @48d368fa) for one process. ``initial_step`` wins over
+    ``initial_epoch`` ((epoch-1) x optimizer steps per epoch). Without ``skip_until_initial_step`` only the epoch
+    number moves: the loop starts at that epoch with the step counter and the LR schedule at 0 and stops at the
+    last epoch. With it, the run continues the uninterrupted one: the epochs and batches before the step are passed
+    over (the data of each later step is the same) and the step counter starts at ``initial_step``. (sd-scripts
+    counts the skip in micro-batches against optimizer steps per epoch, which lands in the wrong epoch with
+    gradient accumulation, and sets its step counter to the batches skipped in the last epoch; here the counter
+    is the step the run is at, so step-named files and sample steps are numbered as in the uninterrupted run.)
+    Raises ValueError with what to change."""
+    if initial_epoch is not None and initial_epoch < 0:  # (0, as 1, is the first epoch: sd-scripts runs it so)
+        raise ValueError(f"initial_epoch must be 1 or more (1 = the first epoch), got {initial_epoch}")
+    if initial_step is not None and initial_step < 0:
+        raise ValueError(f"initial_step must be 0 or more, got {initial_step}")
+    per = steps.updates_per_epoch
+    at = initial_step if initial_step is not None else (initial_epoch - 1) * per if initial_epoch else 0
+    src = (f"initial_step {initial_step}" if initial_step is not None
+           else f"initial_epoch {initial_epoch} = step {at}" if initial_epoch else "")
+    if at <= 0 or not per:
+        return StartPoint(1, 0, 0, steps.max_train_steps, "")
+    if at >= steps.max_train_steps:
+        raise ValueError(f"{src} is not before the end of the run (max_train_steps {steps.max_train_steps}); "
+                         "give an earlier start or a longer run")
+    epoch = at // per + 1
+    if skip_until_initial_step:
+        skip = (at % per) * steps.gradient_accumulation_steps
+        why = (f"{src}: starts at step {at} (epoch {epoch}" + (f", after its first {skip} batches" if skip else "")
+               + "), the batches before it passed over (skip_until_initial_step)")
+        return StartPoint(epoch, skip, at, steps.max_train_steps, why)
+    end = min(steps.max_train_steps, (steps.num_epochs - epoch + 1) * per)
+    why = (f"{src}: starts at epoch {epoch} with the step count at 0 and runs {end} steps to the end of epoch "
+           f"{steps.num_epochs} (without skip_until_initial_step only the epoch number moves, as in sd-scripts)")
+    return StartPoint(epoch, 0, 0, end, why)
+
+
 __all__ = [
     "BucketChoice",
     "BucketManager",
     "BucketSettingsError",
+    "StartPoint",
     "StepPlan",
     "adjust_min_max_bucket_reso",
     "batches_per_epoch",
     "compute_steps",
+    "start_point",
     "make_bucket_resolutions",
 ]

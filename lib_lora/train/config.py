@@ -170,6 +170,10 @@ class TrainConfig:
     save_state: bool = False
     save_state_on_train_end: bool = False
     resume: str | None = None
+    # sd-scripts: start at this epoch / step (numbering only), or continue there with skip_until_initial_step
+    initial_epoch: int | None = None
+    initial_step: int | None = None
+    skip_until_initial_step: bool = False
     no_metadata: bool = False
     training_comment: str | None = None
     metadata_title: str | None = None
@@ -262,9 +266,6 @@ KNOWN_UNUSED = {
                                                                                       "skip_cache_check")},
     **{k: "command-line only in sd-scripts" for k in ("config_file", "output_config")},
     "use_safetensors": "files are always written as .safetensors",
-    "initial_epoch": "not supported yet; resume restores the epoch",
-    "initial_step": "not supported yet; resume restores the step",
-    "skip_until_initial_step": "not supported yet",
     "cache_text_encoder_outputs": "text-encoder outputs are cached in memory by themselves whenever the text "
                                   "encoder is not trained and the captions do not change between steps",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory only (when the text encoder is "

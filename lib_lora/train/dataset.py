@@ -22,7 +22,9 @@ from .buckets import (
     StepPlan,
     adjust_min_max_bucket_reso,
     batches_per_epoch,
+    StartPoint,
     compute_steps,
+    start_point,
 )
 from .captions import CaptionFileError, contains_word, find_caption, caption_candidates, tag_frequency
 from .config import DatasetSpec, SubsetSpec, TrainConfig, TrainConfigError, load_dataset_config
@@ -200,6 +202,7 @@ class DatasetPlan:
     findings: list[Finding] = field(default_factory=list)
     steps: StepPlan | None = None
     steps_without_reg: StepPlan | None = None
+    start: StartPoint | None = None  # initial_epoch / initial_step
     from_dataset_config: bool = False
 
     # --- summaries
@@ -649,6 +652,21 @@ def build_plan(config: TrainConfig, family: str | None = None, check_pixels: boo
             plan.steps_without_reg = compute_steps(sum(d.batches_without_reg for d in plan.datasets),
                                                    config.gradient_accumulation_steps, config.max_train_steps,
                                                    config.max_train_epochs)
+        try:
+            plan.start = start_point(plan.steps, config.initial_epoch, config.initial_step,
+                                     config.skip_until_initial_step)
+        except ValueError as e:
+            findings.append(Finding("error", "initial-step", str(e)))
+        if plan.start and plan.start.explanation:
+            runs = plan.start.end_step - plan.start.step
+            findings.append(Finding("info", "initial-step-schedule",
+                                    "initial_epoch / initial_step do not move the learning-rate schedule or restore "
+                                    "the optimizer (as in sd-scripts): the schedule starts from its beginning and "
+                                    f"this run makes {runs} of its {plan.steps.max_train_steps} steps. To continue a "
+                                    "run exactly, resume from its state file (save_state) instead"))
+        elif config.skip_until_initial_step:
+            findings.append(Finding("info", "skip-without-initial-step",
+                                    "skip_until_initial_step does nothing without initial_step or initial_epoch"))
         warm = config.lr_warmup_steps
         warm_steps = math.floor(warm * plan.steps.max_train_steps) if isinstance(warm, float) and warm < 1 else int(warm)
         if warm_steps >= plan.steps.max_train_steps > 0:
@@ -837,6 +855,8 @@ def _report(plan: DatasetPlan) -> str:
                    f"epoch; {st.explanation}; total {st.max_train_steps} steps over {_plural(st.num_epochs, 'epoch')}.")
         if plan.steps_without_reg:
             out.append(f"  Without the reg images it would be {plan.steps_without_reg.max_train_steps} steps.")
+        if plan.start and plan.start.explanation:
+            out.append(f"  Start: {plan.start.explanation}.")
     for level in ("error", "warning", "info"):
         items = [f for f in plan.findings if f.level == level]
         if items:

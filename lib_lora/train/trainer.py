@@ -172,6 +172,8 @@ class Trainer:
         self.validation = self.data.validation
         self.epochs = plan.steps.num_epochs
         self.total_steps = plan.steps.max_train_steps
+        start = getattr(plan, "start", None)  # (initial_epoch without skip_until_initial_step stops earlier)
+        self.end_step = start.end_step if start is not None else self.total_steps
         self.metadata_extra = plan.ss_dataset_metadata()
         self.on_event = on_event or (lambda e: None)
         self.should_cancel = should_cancel or (lambda: False)
@@ -197,7 +199,7 @@ class Trainer:
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _emit(self, kind, **kw):
-        self.on_event(TrainEvent(kind, total=self.total_steps, epochs=self.epochs, **kw))
+        self.on_event(TrainEvent(kind, total=self.end_step, epochs=self.epochs, **kw))
 
     def _note(self, text):
         self.notes.append(text)
@@ -823,10 +825,19 @@ class Trainer:
                 if scaler is not None and st.get("scaler"):
                     scaler.load_state_dict(st["scaler"])
                 step, first_epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
+                self.end_step = int(st.get("end_step") or self.total_steps)
                 self.losses = list(st.get("losses", []))
                 set_rng_state(st["rng"])
                 seed = self.seed = st["seed"]
                 self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
+                if c.initial_epoch is not None or c.initial_step is not None:
+                    self._note("initial_epoch / initial_step are not used with resume: the state file continues "
+                               f"its run exactly where it stopped (step {step})")
+            elif self.plan.start is not None and self.plan.start.explanation:
+                start = self.plan.start
+                step, first_epoch, skip_batches, self.end_step = (start.step, start.first_epoch, start.skip_batches,
+                                                                  start.end_step)
+                self._note(f"start: {start.explanation}")
 
             prefixes = net.trained_prefixes(unet_lr, te_lr)
             accum = max(1, int(c.gradient_accumulation_steps or 1))
@@ -940,13 +951,14 @@ class Trainer:
                 save_state(path, {"network": net.kohya_state_dict(torch.float32, raw=True), "optimizer": opt_sd,
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                                   "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
+                                  "end_step": self.end_step,
                                   "losses": self.losses, "rng": rng_state(), "config_source": c.source})
                 return path
 
             status, state_file = "done", None
             cur_epoch, window_start = first_epoch, skip_batches
             try:
-                if self.sample_fn and c.sample_at_first and step == 0:  # the base model, before any step
+                if self.sample_fn and c.sample_at_first and (step == 0 or not resume_state):  # before any step
                     sample(0, 0)
                 for epoch in range(first_epoch, self.epochs + 1):
                     batches = self.data.epoch_batches(seed, epoch)
@@ -983,7 +995,7 @@ class Trainer:
                             runner.update()
                         step += 1
                         # one host sync per logged step keeps the GPU queue full; the CPU path is cheap anyway
-                        if step % max(1, getattr(self, "log_every", 1)) == 0 or step == self.total_steps:
+                        if step % max(1, getattr(self, "log_every", 1)) == 0 or step == self.end_step:
                             lv = float(loss_acc) / accum
                             if not math.isfinite(lv):
                                 self._refuse_non_finite(net, step, None, lv)
@@ -998,10 +1010,10 @@ class Trainer:
                                        # the part's base LR (the first group may be a block's or LoRA+'s)
                                        lr=(shown_lr(optimizer, 0.0) if own_lr
                                            else scheduler.get_last_lr()[0] / groups[0]["lr_scale"]),
-                                       eta_s=rate * (self.total_steps - step),
+                                       eta_s=rate * (self.end_step - step),
                                        extra=extra or {})
                         loss_acc = None
-                        if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < self.total_steps:
+                        if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < self.end_step:
                             save(step_ckpt_name(name, step), epoch)
                             if c.save_last_n_steps:
                                 for f in prune_old_steps(out_dir, name, step, c.save_last_n_steps):
@@ -1018,7 +1030,7 @@ class Trainer:
                             validate(epoch)
                         # sd-scripts: sample_every_n_epochs wins over sample_every_n_steps
                         if (self.sample_fn and c.sample_every_n_steps and not c.sample_every_n_epochs
-                                and step % c.sample_every_n_steps == 0 and step < self.total_steps):
+                                and step % c.sample_every_n_steps == 0 and step < self.end_step):
                             sample(epoch, step, by_step=True)
                     skip_batches = 0
                     last = step >= self.total_steps or epoch == self.epochs
