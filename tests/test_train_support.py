@@ -22,7 +22,7 @@ def test_unsupported_keys_are_named():
                               "loss_type": "huber", "ip_noise_gamma": 0.1})
     errors, notes = check_support(cfg)
     text = "\n".join(notes)
-    assert "face_crop_aug_range" in text and "'algo'" in text
+    assert "face_crop_aug_range" not in text and "'algo'" in text  # (honoured now)
     assert "full_bf16 = True" not in text and "full_bf16: the LoRA weights, their gradients and the optimizer state " \
         "stay in fp32" in text
     assert "'loraplus_lr_ratio' is not supported" not in text  # honoured now

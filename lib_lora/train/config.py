@@ -468,6 +468,8 @@ def _coerce(key: str, value: Any, kind: str, notes: list[str]) -> Any:
                 raise _Bad(f"{key} must be two numbers 'low,high', got {value!r}") from None
             if a > b:
                 raise _Bad(f"{key} must be 'low,high' with low <= high, got {value!r}")
+            if a <= 0:  # (face sizes across the crop: 0 would divide by zero in the crop)
+                raise _Bad(f"{key} must be two numbers above 0, e.g. [2.0, 4.0], got {value!r}")
             return (a, b)
         raise _Bad(f"{key} must be two numbers 'low,high', got {value!r}")
     if kind == "list_str" and key in PATH_LIST_KEYS:  # (a path may hold spaces: a string is one path)

@@ -29,7 +29,7 @@ from .buckets import (
 from .captions import CaptionFileError, contains_word, find_caption, caption_candidates, tag_frequency
 from .config import DatasetSpec, SubsetSpec, TrainConfig, TrainConfigError, load_dataset_config
 from .folders import Finding, split_class_tokens, subsets_from_folders
-from .images import image_extensions, is_upscaled, probe_image, sd_scripts_would_glob
+from .images import face_from_name, image_extensions, is_upscaled, probe_image, sd_scripts_would_glob
 
 # extensions people drop into datasets that sd-scripts does not read
 _UNSUPPORTED_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".ico", ".psd")
@@ -526,9 +526,32 @@ def _finish_part(part: DatasetPart, findings: list[Finding]) -> None:
     part.batches_without_reg = batches_per_epoch(part.bucket_counts_train_only, ds.batch_size)
 
 
+def _face_crop_findings(part: DatasetPart, s: SubsetPlan, findings: list[Finding]) -> None:
+    rng = s.spec.face_crop_aug_range
+    where = f"'{s.name}'"
+    if rng is None:
+        return
+    if len(rng) != 2 or not all(v > 0 for v in rng) or rng[0] > rng[1]:
+        findings.append(Finding("error", "face-crop-range",
+                                f"{where}: face_crop_aug_range = {list(rng)} must be two numbers above 0, the smaller "
+                                "first, e.g. [2.0, 4.0] (the crop is 2 to 4 face sizes across)"))
+        return
+    if part.spec.enable_bucket:
+        findings.append(Finding("warning", "face-crop-buckets",
+                                f"{where}: face_crop_aug_range is used only with enable_bucket = false (sd-scripts "
+                                "ignores it with buckets too); these images are bucketed and not face-cropped"))
+        return
+    without = [e.path.name for e in s.images if face_from_name(e.path) is None]
+    if without:
+        findings.append(Finding("info", "face-crop-no-face",
+                                f"{where}: {len(without)} of {len(s.images)} image(s) carry no face position in their "
+                                f"name (name_cx_cy_w_h.png, in pixels) and are centre-cropped: {_names(without)}"))
+
+
 def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
     for s in part.subsets:
         where = f"'{s.name}'"
+        _face_crop_findings(part, s, findings)
         if s.unreadable:
             findings.append(Finding(
                 "warning", "unreadable",

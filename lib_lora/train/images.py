@@ -347,6 +347,76 @@ def resize_and_crop(
     return PreparedImage(np.ascontiguousarray(img), original_size, get_crop_ltrb(bucket_reso, original_size), (x, y))
 
 
+def face_from_name(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """The face box sd-scripts reads from a file name ``name_cx_cy_w_h.png`` (``load_image_with_face_info``): the
+    last four ``_``-separated parts of the stem, centre x/y and width/height in the image's pixels. None when the
+    name carries none (sd-scripts stops on a name whose last parts are not numbers; here such an image is simply
+    not face-cropped, and the plan counts it) or the centre x is 0 (sd-scripts' "no face" value)."""
+    tokens = Path(path).stem.split("_")
+    if len(tokens) < 5:
+        return None
+    try:
+        cx, cy, fw, fh = (int(t) for t in tokens[-4:])
+    except ValueError:
+        return None
+    return (cx, cy, fw, fh) if cx > 0 else None
+
+
+def face_crop_box(size: tuple[int, int], face: tuple[int, int, int, int], target: tuple[int, int],
+                  aug_range: tuple[float, float], random_crop: bool = False,
+                  rng: random.Random | None = None) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """sd-scripts' ``crop_target`` (face_crop_aug_range, datasets without buckets) as geometry: the size the image is
+    scaled to and the (x, y) of the ``target`` crop in it, or None for an image already of the target size. The
+    scale puts the face's longer side between ``target short side / aug_range[1]`` and ``/ aug_range[0]`` (never
+    enlarging), drawn with ``rng.uniform``; the crop centres the face, jittered by +-face/20 when the range is a
+    range, or moved by a wide random offset with ``random_crop``; draws in sd-scripts' order (scale, then y, x).
+    An image smaller than the target (sd-scripts stops there) is scaled up just enough to cover it."""
+    rng = rng or random
+    width, height = size
+    tw, th = target
+    if (width, height) == (tw, th):
+        return None
+    cx, cy, fw, fh = face
+    face_size = max(fw, fh)
+    short = min(th, tw)
+    cover = max(th / height, tw / width)
+    lo = min(1.0, max(cover, short / (face_size * aug_range[1])))
+    hi = min(1.0, max(lo, short / (face_size * aug_range[0])))
+    scale = lo if lo >= hi else rng.uniform(lo, hi)
+    if cover > 1.0:
+        scale = cover
+    nh, nw = int(height * scale + 0.5), int(width * scale + 0.5)
+    nh, nw = max(nh, th), max(nw, tw)  # (a cover scale rounded down by a pixel)
+    centre = (int(cy * scale + 0.5), int(cx * scale + 0.5))
+    at = []
+    for want, length, face_p in zip((th, tw), (nh, nw), centre):
+        p1 = face_p - want // 2
+        if random_crop:  # off the centre more often than not, to bring in the background
+            span = max(length - face_p, face_p)
+            p1 = p1 + (rng.randint(0, span) + rng.randint(0, span)) - span
+        elif aug_range[0] != aug_range[1] and face_size > short // 10 and face_size >= 40:
+            p1 = p1 + rng.randint(-face_size // 20, face_size // 20)
+        at.append(max(0, min(p1, length - want)))
+    return (nw, nh), (at[1], at[0])
+
+
+def face_crop(img: np.ndarray, face: tuple[int, int, int, int], target: tuple[int, int],
+              aug_range: tuple[float, float], random_crop: bool = False, rng: random.Random | None = None,
+              interpolation: str | None = None) -> PreparedImage:
+    """The image (or an alpha channel: the same ``rng`` state gives the same box) cropped around its face by
+    ``face_crop_box``. As in sd-scripts the SDXL size numbers are those of the crop (original size = target,
+    crop box 0)."""
+    h, w = img.shape[:2]
+    box = face_crop_box((w, h), face, target, aug_range, random_crop, rng)
+    x = y = 0
+    if box is not None:
+        (nw, nh), (x, y) = box
+        if (nw, nh) != (w, h):
+            img = _resize(img, (nw, nh), interpolation)
+        img = img[y : y + target[1], x : x + target[0]]
+    return PreparedImage(np.ascontiguousarray(img), tuple(target), (0, 0, 0, 0), (x, y))
+
+
 def sdxl_size_conditioning(
     original_size: tuple[int, int],
     crop_ltrb: tuple[float, float, float, float],

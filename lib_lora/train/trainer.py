@@ -32,7 +32,8 @@ from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
 from .host_guard import guarded
-from .images import color_aug, load_image_alpha, load_image_rgb, resize_and_crop, sdxl_size_conditioning
+from .images import (color_aug, face_crop, face_from_name, load_image_alpha, load_image_rgb, resize_and_crop,
+                     sdxl_size_conditioning)
 from .fp8 import compute_dtype, fp8_parts, fp8_storage, text_encoder_root
 from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
@@ -76,6 +77,8 @@ class Sample:
     random_crop: bool = False        # cropped anew every step (so encoded every step, never cached)
     color_aug: bool = False          # colours jittered every step (likewise)
     mask_path: str | None = None     # masked_loss: a mask image whose R channel weights the loss
+    face: tuple | None = None        # face_crop_aug_range: (cx, cy, w, h) from the file name
+    face_range: tuple | None = None  # (its range; only in datasets without buckets, as in sd-scripts)
 
     @property
     def masked(self) -> bool:
@@ -84,7 +87,12 @@ class Sample:
     @property
     def per_step(self) -> bool:
         """Augmented anew every step, so encoded every step instead of cached (sd-scripts refuses to cache them)."""
-        return self.random_crop or self.color_aug
+        return self.random_crop or self.color_aug or self.face_cropped_per_step
+
+    @property
+    def face_cropped_per_step(self) -> bool:
+        """A face crop draws its scale and position every step unless the range is one value (no random_crop)."""
+        return self.face is not None and (self.random_crop or self.face_range[0] != self.face_range[1])
 
 
 @dataclass
@@ -123,6 +131,15 @@ def _latent_mask(alpha: np.ndarray, flip: bool) -> torch.Tensor:
     return torch.nn.functional.interpolate(t, size=(t.shape[2] // 8, t.shape[3] // 8), mode="area")[0]
 
 
+def _face(entry, sub, ds) -> tuple:
+    """(face box, range) for a face-cropped image, else (None, None)."""
+    rng = getattr(sub, "face_crop_aug_range", None)
+    if rng is None or getattr(ds, "enable_bucket", True):
+        return None, None
+    face = face_from_name(entry.path)
+    return (face, tuple(rng)) if face is not None else (None, None)
+
+
 def _seed_for(*parts) -> int:
     h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
@@ -144,7 +161,8 @@ class PlanData:
                                            sub.captions, bool(getattr(sub, "flip_aug", False)),
                                            bool(getattr(sub, "alpha_mask", False)),
                                            bool(getattr(sub, "random_crop", False)),
-                                           bool(getattr(sub, "color_aug", False)), _mask_path(e)))
+                                           bool(getattr(sub, "color_aug", False)), _mask_path(e),
+                                           *_face(e, sub, part.spec)))
         # held-out images (validation_split): plain captions, no flip, for the validation loss
         self.validation: list[Sample] = [
             Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False,
@@ -431,7 +449,9 @@ class Trainer:
         st = os.stat(s.path)
         return hashlib.sha256(
             f"{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}|{s.bucket}|{s.resized}|{flip}|"
-            f"{self.cfg.resize_interpolation}|{self.host.model_id}".encode()).hexdigest()[:32]
+            f"{self.cfg.resize_interpolation}|{self.host.model_id}"
+            # (a fixed face crop is another picture of the file: keys without it stay as they were)
+            f"{f'|face {s.face} {s.face_range}' if s.face is not None else ''}".encode()).hexdigest()[:32]
 
     def _cache_latents(self, cache_dir: str | None):
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
@@ -468,9 +488,7 @@ class Trainer:
         for a per-step sample (``rng_seed`` given) a random crop and colour jitter as its subset asks; then the
         flip (sd-scripts' order: crop, colours, flip)."""
         fresh = rng_seed is not None
-        prep = resize_and_crop(load_image_rgb(s.path), s.bucket, s.resized, random_crop=fresh and s.random_crop,
-                               rng=random.Random(rng_seed) if fresh else None,
-                               interpolation=self.cfg.resize_interpolation)
+        prep = self._crop(load_image_rgb(s.path), s, rng_seed)
         px = prep.pixels
         if fresh and s.color_aug:
             px = color_aug(px, random.Random(_seed_for(rng_seed, "color")))
@@ -510,11 +528,18 @@ class Trainer:
         alpha = load_image_rgb(s.mask_path)[:, :, 0] if s.mask_path else load_image_alpha(s.path)
         if alpha is None:
             return None
+        return _latent_mask(self._crop(alpha, s, rng_seed).pixels, flip)
+
+    def _crop(self, img, s, rng_seed: int | None):
+        """Scale and crop to the sample's bucket: around its face (face_crop_aug_range), else centred or, for a
+        per-step sample, at random_crop's offset. The same ``rng_seed`` gives the same box (pixels and mask)."""
         fresh = rng_seed is not None
-        prep = resize_and_crop(alpha, s.bucket, s.resized, random_crop=fresh and s.random_crop,
+        if s.face is not None:  # (a one-value range without random_crop draws nothing: cached like any image)
+            return face_crop(img, s.face, s.bucket, s.face_range, s.random_crop, random.Random(rng_seed or 0),
+                             self.cfg.resize_interpolation)
+        return resize_and_crop(img, s.bucket, s.resized, random_crop=fresh and s.random_crop,
                                rng=random.Random(rng_seed) if fresh else None,
                                interpolation=self.cfg.resize_interpolation)
-        return _latent_mask(prep.pixels, flip)
 
     def _loss_weight(self, i: int) -> float:
         """prior_loss_weight for regularisation images, 1 for the others."""
@@ -688,11 +713,15 @@ class Trainer:
             self._cache_latents(cache_dir)
             n_fresh = sum(1 for s in self.samples if s.per_step)
             if n_fresh:
-                what = " and ".join(k for k in ("random_crop", "color_aug")
-                                    if any(getattr(s, k) for s in self.samples))
+                kinds = {"random_crop": lambda s: s.random_crop, "color_aug": lambda s: s.color_aug,
+                         "face_crop_aug_range": lambda s: s.face_cropped_per_step}
+                what = " and ".join(k for k, has in kinds.items() if any(has(s) for s in self.samples))
+                faces = any(s.face_cropped_per_step for s in self.samples)
                 self._note(f"{what}: {n_fresh} image(s) are augmented anew and encoded by the VAE every step (their "
-                           "latents cannot be cached)" + ("; cache_latents does not apply to them (sd-scripts refuses "
-                                                         "the combination)" if c.cache_latents else ""))
+                           "latents cannot be cached)" + (
+                               "; cache_latents does not apply to them (sd-scripts refuses random_crop and color_aug "
+                               "with it" + (", and with it trains uncropped latents instead of face crops)" if faces
+                                            else ")") if c.cache_latents else ""))
 
             try:
                 te = TextEncoder(self.sd_model, self.family, clip_skip=c.clip_skip or 1,
