@@ -501,3 +501,82 @@ def test_dim_from_weights_builds_each_module_as_lycoris_does(algo, tmp_path):
     host = ModelHost(sd1, "m")
     with pytest.raises(TrainingError, match=f"holds {algo} modules, not lora ones: .*algo={algo}"):
         Trainer(host, cfg, plan_for(host, cfg)).run()
+
+
+@pytest.mark.parametrize("algo, maps, first_args, second_args", [
+    # LoKr: attention decomposed (w1 and w2 as low-rank pairs, factor 16), MLP whole (full_matrix, factor 8); the
+    # second run's own settings (factor 4, dim 8) would give other shapes
+    ("lokr", '[module_algo_map.CLIPAttention]\ndim = 2\nalpha = 1\nfactor = 16\ndecompose_both = true\n'
+             '[module_algo_map.CLIPMLP]\ndim = 6\nalpha = 3\nfactor = 8\nfull_matrix = true\n',
+     [], ["factor=4"]),
+    # OFT: block sizes 2 and 6 (from dim), a constraint and a trained rescale the second run does not set
+    ("diag-oft", '[module_algo_map.CLIPAttention]\ndim = 2\n[module_algo_map.CLIPMLP]\ndim = 6\n',
+     ["constraint=0.01", "rescaled=True"], []),
+    ("boft", '[module_algo_map.CLIPAttention]\ndim = 6\n[module_algo_map.CLIPMLP]\ndim = 12\n',
+     ["constraint=0.02", "rescaled=True"], []),
+])
+def test_dim_from_weights_reads_lokr_and_oft_files_as_lycoris_does(algo, maps, first_args, second_args, tmp_path):
+    """dim_from_weights with LoKr / OFT / BOFT files: each module takes the file's factor shapes (whole, low-rank
+    or Tucker factors), block size, constraint and rescale, whatever the second run's network_args say; LyCORIS'
+    create_network_from_weights builds the same modules (tensor shapes, scale or constraint) from the same file."""
+    lk = pytest.importorskip("lycoris.kohya")
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    (tmp_path / "maps.toml").write_text('unet_target_module = []\nunet_target_name = []\n'
+                                        'text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]\n' + maps)
+    first = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, max_train_steps=2, network_args=[
+        f"algo={algo}", "preset=maps.toml", *first_args]))
+    assert first.status == "done"
+    sd = load_tensors(first.final)
+    cfg = _cfg(tmp_path, img, output_dir=str(tmp_path / "o2"), max_train_steps=2, network_dim=8,
+               network_args=[f"algo={algo}", *second_args], network_weights=first.final, dim_from_weights=True)
+    assert check_support(cfg, "sd1")[0] == []
+    res = run_training(ModelHost(sd1, "m"), cfg)
+    assert res.status == "done", res
+    again = load_tensors(res.final)
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in sd.items()}
+    assert any(f"modules of {first.final} keeps its own" in n for n in res.notes), res.notes
+    assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in res.notes)
+    clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
+    _lycoris_defaults()
+    ref, _ = lk.create_network_from_weights(1.0, first.final, None, clip, nn.Module(), weights_sd=sd)
+    names = {k.split(".", 1)[0] for k in again}
+    assert {m.lora_name for m in ref.text_encoder_loras} == names and len(names) == 2 * 6  # (2 CLIP layers)
+    kinds = set()
+    for m in ref.text_encoder_loras:
+        for k, v in m.state_dict().items():
+            if f"{m.lora_name}.{k}" in again:
+                assert again[f"{m.lora_name}.{k}"].shape == v.shape, (m.lora_name, k)
+        if algo == "lokr":
+            w1a, w2b = again.get(f"{m.lora_name}.lokr_w1_a"), again.get(f"{m.lora_name}.lokr_w2_b")
+            rank = w1a.shape[1] if w1a is not None else w2b.shape[0] if w2b is not None else None
+            ours = 1.0 if rank is None else float(again[f"{m.lora_name}.alpha"]) / rank
+            assert ours == pytest.approx(float(m.scale)), m.lora_name
+            kinds.add(tuple(sorted(k.split(".", 1)[1] for k in again if k.startswith(m.lora_name + "."))))
+        else:
+            assert float(again[f"{m.lora_name}.alpha"]) == pytest.approx(float(m.constraint) / m.shape[0])
+            assert f"{m.lora_name}.rescale" in again and m.rescaled
+            kinds.add(tuple(again[f"{m.lora_name}.oft_blocks"].shape[-2:]))
+    if algo == "lokr":  # both layouts came back
+        assert kinds == {("alpha", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"), ("alpha", "lokr_w1", "lokr_w2")}
+    else:
+        assert kinds == ({(2, 2), (6, 6)} if algo == "diag-oft" else {(6, 6), (12, 12)})
+
+
+def test_dim_from_weights_keeps_a_lokr_files_tucker_cores(tmp_path):
+    """A LoKr file with Tucker cores on the UNet's 3x3 convs (use_tucker) continues with them under settings that
+    have none (and another factor and rank): every tensor keeps its shape."""
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    first = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, max_train_steps=1, network_train_unet_only=True,
+                                                   network_args=["algo=lokr", "conv_dim=4", "conv_alpha=1",
+                                                                 "use_tucker=True", "factor=8",
+                                                                 "decompose_both=True"]))
+    sd = load_tensors(first.final)
+    assert sum(k.endswith(".lokr_t2") for k in sd) > 20
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, output_dir=str(tmp_path / "o2"), max_train_steps=1,
+                                                 network_train_unet_only=True, network_dim=16,
+                                                 network_args=["algo=lokr"], network_weights=first.final,
+                                                 dim_from_weights=True))
+    assert res.status == "done"
+    assert {k: v.shape for k, v in load_tensors(res.final).items()} == {k: v.shape for k, v in sd.items()}

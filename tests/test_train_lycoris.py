@@ -616,6 +616,10 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
     wa, wb = load_tensors(a.final), load_tensors(b.final)
     assert wa.keys() == wb.keys() and not any("conv_in" in k or "resnets" in k for k in wa)  # attn-mlp: no convs
     for k in wa:
+        # (a zero-start tensor that never moved a tenth of one AdamW step got gradients at Adam's eps, where the
+        # summation order decides the update: only its size can be compared; e.g. OFT on the tiny mid block's q/k)
+        if k.endswith("oft_blocks") and max(float(wa[k].abs().max()), float(wb[k].abs().max())) < 2e-4:
+            continue
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=k)
     learned = {"diag-oft": "oft_blocks", "glora": "a2.weight"}.get(args[0].split("=")[1], "lokr_w2_b")
     assert max(float(wa[k].abs().max()) for k in wa if k.endswith(learned)) > 1e-3  # it did learn
@@ -710,14 +714,10 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     assert not errors and "dora_wd, use_tucker change nothing with algo=glora" in text and "rs_lora" not in text
     assert "scale_weight_norms changes nothing with algo=glora" in text
     assert "rank_dropout is not applied with algo=glora" in text and "network with errors" in text
-    # dim_from_weights: LoHa / GLoRA / IA3 / full files give each module its own (test_train_lyco_preset.py);
-    # LoKr and OFT shapes cannot be read back from a file here
-    for algo in ("glora", "ia3", "loha", "full"):
+    # dim_from_weights: every LyCORIS file gives each module its own (test_train_lyco_preset.py)
+    for algo in ("glora", "ia3", "loha", "full", "lokr", "diag-oft", "boft"):
         assert check_support(_cfg(tmp_path, img, "x", network_args=[f"algo={algo}"], dim_from_weights=True),
                              "sd1")[0] == [], algo
-    for algo in ("lokr", "diag-oft", "boft"):
-        assert any("dim_from_weights reads the ranks of LoRA, LoHa and GLoRA files" in e for e in check_support(
-            _cfg(tmp_path, img, "x", network_args=[f"algo={algo}"], dim_from_weights=True), "sd1")[0]), algo
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -185,7 +185,8 @@ class LoRANetwork(nn.Module):
                  lyco: LycoSettings | None = None, lora_fa: bool = False, dylora_unit: int | None = None,
                  kohya_oft: tuple[bool, bool] | None = None, lyco_max_norm: bool = False):
         """``blocks``: per-block ranks (block_dims / block learning rates); ``module_dims``: a rank and alpha per
-        kohya module name (a start file with several ranks): a module without one gets no LoRA, as in sd-scripts'
+        kohya module name (a start file with several ranks), and for LyCORIS LoKr / OFT a third item, what else the
+        file fixes (make_pair's ``from_file``): a module without one gets no LoRA, as in sd-scripts'
         create_network_from_weights. ``lyco``: a LyCORIS network (lycoris.kohya): its preset's layers, and LoHa /
         LoKr modules for those algorithms. ``lora_fa``: sd-scripts' networks.lora_fa, lora_down frozen at its
         random start. ``dylora_unit``: sd-scripts' networks.dylora with that unit (DyLoraPair modules).
@@ -244,7 +245,7 @@ class LoRANetwork(nn.Module):
             if module_dims is not None:
                 # an MHA needs all four projections (they share one forward)
                 dims = [module_dims.get(n) for n in (names or [t.kohya_name])]
-                d, a = (dims[0] if all(dims) else (0, None))
+                d, a = (dims[0][:2] if all(dims) else (0, None))
             if not d:
                 self.skipped.append(t.kohya_name)
                 continue
@@ -283,16 +284,18 @@ class LoRANetwork(nn.Module):
         elif t.kind == "mha":
             e = m.embed_dim
             has_bias = m.in_proj_bias is not None
-            for n, (dn, an) in zip(names, dims if dims is not None else [(d, a)] * len(names)):
-                self.pairs[n] = (make_pair(lyco, (e, e), dn, an, bias=has_bias) if weight_path
+            for n, (dn, an, *got) in zip(names, dims if dims is not None else [(d, a)] * len(names)):
+                self.pairs[n] = (make_pair(lyco, (e, e), dn, an, bias=has_bias, from_file=got[0] if got else None)
+                                 if weight_path
                                  else DyLoraPair((e, e), dn, an, unit) if unit else LoRAPair(e, e, dn, an))
             self._mha.append((t, names))
         elif unit:
             self.pairs[t.kohya_name] = DyLoraPair(tuple(m.weight.shape), d, a, unit, getattr(m, "stride", 1),
                                                   getattr(m, "padding", 0))
         elif weight_path:
+            got = dims[0][2:] if dims is not None else ()
             self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a, bias=m.bias is not None,
-                                                 on_input=on_input)
+                                                 on_input=on_input, from_file=got[0] if got else None)
         elif t.kind == "conv":
             self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
                                                 m.padding, tucker=lyco is not None and lyco.tucker)

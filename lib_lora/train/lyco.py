@@ -13,6 +13,8 @@ one of those tools cannot). The layer sets are LyCORIS' presets as they land on 
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import math
 import os
@@ -490,15 +492,26 @@ class LokrPair(_WeightPair):
 
     kind = "lokr"
 
-    def __init__(self, shape: tuple, dim: int, alpha, s: LycoSettings):
+    def __init__(self, shape: tuple, dim: int, alpha, s: LycoSettings, layout: dict | None = None):
+        """``layout`` (dim_from_weights): a file's own factor shapes and which factors are whole, decomposed or
+        Tucker (out_l, in_m, use_w1, use_w2, tucker), instead of those the settings give."""
         super().__init__()
         self.shape = tuple(shape)
         out_dim, in_dim, k = shape[0], shape[1], tuple(shape[2:])
-        in_m, in_n = factorization(in_dim, s.factor)
-        out_l, out_k = factorization(out_dim, s.factor)
-        if s.unbalanced:
-            out_l, out_k = out_k, out_l
+        if layout is not None:
+            out_l, in_m = layout["out_l"], layout["in_m"]
+            if out_dim % out_l or in_dim % in_m:
+                raise ValueError(f"the file's LoKr factor ({out_l}, {in_m}) does not divide this layer's "
+                                 f"{out_dim}x{in_dim} weight: the file is for another model")
+            out_k, in_n = out_dim // out_l, in_dim // in_m
+        else:
+            in_m, in_n = factorization(in_dim, s.factor)
+            out_l, out_k = factorization(out_dim, s.factor)
+            if s.unbalanced:
+                out_l, out_k = out_k, out_l
         self.use_w1 = not (s.decompose_both and dim < max(out_l, in_m) / 2 and not s.full_matrix)
+        if layout is not None:
+            self.use_w1 = layout["use_w1"]
         if self.use_w1:
             self.lokr_w1 = nn.Parameter(torch.empty(out_l, in_m))
         else:
@@ -506,6 +519,8 @@ class LokrPair(_WeightPair):
             self.lokr_w1_b = nn.Parameter(torch.empty(dim, in_m))
         self.use_w2 = dim >= max(out_k, in_n) / 2 or s.full_matrix
         self.tucker = not self.use_w2 and _tucker_conv(self.shape, s)
+        if layout is not None:
+            self.use_w2, self.tucker = layout["use_w2"], layout["tucker"]
         if self.use_w2:
             self.lokr_w2 = nn.Parameter(torch.empty(out_k, in_n, *k))
         elif self.tucker:
@@ -902,9 +917,14 @@ class GloraPair(PairBase):
 
 
 def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False,
-              on_input: bool = False) -> PairBase:
+              on_input: bool = False, from_file: dict | None = None) -> PairBase:
     """The module of ``s.algo`` for a host weight of ``shape`` (``bias``: the layer has one, for full;
-    ``on_input``: IA3 scales the input channels)."""
+    ``on_input``: IA3 scales the input channels; ``from_file``: what dim_from_weights read for this module
+    beyond its rank: LoKr's ``layout``, OFT's ``constraint`` / ``rescaled``)."""
+    from_file = dict(from_file or {})
+    layout = from_file.pop("layout", None)
+    if from_file:
+        s = dataclasses.replace(s, **from_file)
     if s.algo == "ia3":
         return Ia3Pair(shape, on_input)
     if s.algo == "full":
@@ -915,4 +935,4 @@ def make_pair(s: LycoSettings, shape: tuple, dim: int, alpha, bias: bool = False
         return BoftPair(shape, dim, s)
     if s.algo == "glora":
         return GloraPair(shape, dim, alpha)
-    return LohaPair(shape, dim, alpha, s) if s.algo == "loha" else LokrPair(shape, dim, alpha, s)
+    return LohaPair(shape, dim, alpha, s) if s.algo == "loha" else LokrPair(shape, dim, alpha, s, layout)

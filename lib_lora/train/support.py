@@ -155,7 +155,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         raise ValueError(f"network_args {', '.join(given)}: block learning rates and block ranks are networks.lora "
                          "options that LyCORIS does not read; remove them, or train with network_module = "
                          "networks.lora")
-    if s.tucker:
+    if s.tucker and s.algo != "lokr":  # (a LoKr file says per module whether it has a Tucker core)
         if cfg.dim_from_weights:
             raise ValueError("dim_from_weights reads the ranks of kohya LoRA files; with Tucker factors (use_tucker / "
                              "use_cp) set network_dim and conv_dim instead")
@@ -166,9 +166,6 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.rs_lora and cfg.dim_from_weights:
         raise ValueError("dim_from_weights with rs_lora: the file's alphas already hold the rank-stabilised scale; "
                          "set network_dim and network_alpha instead")
-    if s.weight_path and cfg.dim_from_weights and s.algo not in ("loha", "glora", "ia3", "full"):
-        raise ValueError(f"dim_from_weights reads the ranks of LoRA, LoHa and GLoRA files; with algo={s.algo} set "
-                         "network_dim (and conv_dim, factor) instead")
     if s.dora and cfg.scale_weight_norms and s.algo not in lyco.NO_MAX_NORM:
         notes.append(f"scale_weight_norms with {what} caps the norm of the delta before DoRA's renormalisation, as "
                      "LyCORIS does (the magnitude is not capped)")

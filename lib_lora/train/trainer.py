@@ -346,40 +346,80 @@ class Trainer:
             self._note(f"step {step}: the loss was not finite but the LoRA weights are, so that step was skipped "
                        "(fp16 loss scaling does this now and then); training goes on")
 
-    # dim_from_weights: the tensor whose first axis is a module's rank, per LyCORIS algorithm (IA3 and full have no
-    # rank: their marker only says which modules the file has)
-    _RANK_KEYS = {"loha": ".hada_w1_b", "glora": ".a2.weight", "ia3": ".on_input", "full": ".diff"}
+    # dim_from_weights: a tensor each module of a LyCORIS algorithm has (for LoKr: one of two); IA3 and full have
+    # no rank, their marker only says which modules the file has
+    _RANK_KEYS = {"loha": (".hada_w1_b",), "glora": (".a2.weight",), "ia3": (".on_input",), "full": (".diff",),
+                  "lokr": (".lokr_w1", ".lokr_w1_a"), "diag-oft": (".oft_blocks",), "boft": (".oft_blocks",)}
+
+    @staticmethod
+    def _file_algos(sd: dict) -> dict[str, list[str]]:
+        """Algorithm -> the file's module names of it (diag-oft and boft share a key: 3-d vs 4-d blocks)."""
+        markers = {"lora": (".lora_down.weight",), **Trainer._RANK_KEYS}
+        out: dict[str, list[str]] = {}
+        for k, v in sd.items():
+            for algo, ends in markers.items():
+                end = next((e for e in ends if k.endswith(e)), None)
+                if end is None or (algo in ("diag-oft", "boft") and v.dim() != (3 if algo == "diag-oft" else 4)):
+                    continue
+                out.setdefault(algo, []).append(k[: -len(end)])
+        return out
+
+    @staticmethod
+    def _from_file(algo: str, sd: dict, name: str) -> tuple:
+        """(rank, alpha[, from_file]) of one LyCORIS module of the file, as LyCORIS' make_module_from_state_dict
+        reads it: LoKr's factor shapes and whole / decomposed / Tucker factors, OFT's block size, constraint
+        (alpha) and rescale."""
+        get = lambda key: sd.get(f"{name}.{key}")  # noqa: E731
+        alpha = get("alpha")
+        if algo in ("ia3", "full"):
+            return 1, 1.0
+        if algo in ("diag-oft", "boft"):
+            blocks = get("oft_blocks")
+            return (int(blocks.shape[-1]), None, {"constraint": float(alpha) if alpha is not None else 0.0,
+                                                    "rescaled": get("rescale") is not None})
+        if algo == "lokr":
+            w1, w1a, w1b = get("lokr_w1"), get("lokr_w1_a"), get("lokr_w1_b")
+            w2, w2b, t2 = get("lokr_w2"), get("lokr_w2_b"), get("lokr_t2")
+            if w1 is None and (w1a is None or w1b is None) or w2 is None and w2b is None:
+                raise TrainingError(f"dim_from_weights: {name} in the network_weights file lacks LoKr factors "
+                                    "(lokr_w1 or lokr_w1_a/_b, and lokr_w2 or lokr_w2_a/_b): the file is damaged")
+            out_l, in_m = (w1.shape if w1 is not None else (w1a.shape[0], w1b.shape[1]))
+            rank = int(w1a.shape[1]) if w1a is not None else int(w2b.shape[0]) if w2 is None else 1
+            layout = {"out_l": int(out_l), "in_m": int(in_m), "use_w1": w1 is not None, "use_w2": w2 is not None,
+                      "tucker": t2 is not None}
+            return rank, float(alpha) if alpha is not None else float(rank), {"layout": layout}
+        rank = int(get(Trainer._RANK_KEYS[algo][0][1:]).shape[0])
+        return rank, float(alpha) if alpha is not None else float(rank)
 
     def _dims_from_weights(self, sd: dict, lyco=None):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
         the network_weights file ``sd``. A file with several ranks (block_dims, resized LoRAs) gives each module its
-        own rank and alpha instead (the returned per-module dict; None for one rank per kind). LyCORIS LoHa /
-        GLoRA / IA3 / full networks: always per module, as LyCORIS' create_network_from_weights builds them."""
+        own rank and alpha instead (the returned per-module dict; None for one rank per kind). LyCORIS networks
+        (LoHa, LoKr, GLoRA, IA3, full, OFT, BOFT): always per module, each as the file has it, as LyCORIS'
+        create_network_from_weights builds them."""
         c = self.cfg
         algo = lyco.algo if lyco is not None and lyco.weight_path else "lora"
-        markers = {"lora": ".lora_down.weight", **self._RANK_KEYS}
-        found = sorted(a for a, m in markers.items() if any(k.endswith(m) for k in sd))
+        found = self._file_algos(sd)
         if algo not in found:
             if algo == "lora" and not found:
                 raise TrainingError(f"dim_from_weights: {c.network_weights} holds no kohya LoRA (lora_down) weights")
-            have = (f"{found[0]} modules, not {algo} ones: train them with network_module = \"lycoris.kohya\" and "
-                    f"network_args algo={found[0]}" if found else f"no {algo} modules")
+            first = sorted(found)[0] if found else None
+            have = (f"{first} modules, not {algo} ones: train them with network_module = \"lycoris.kohya\" and "
+                    f"network_args algo={first}" if first else f"no {algo} modules")
             raise TrainingError(f"dim_from_weights: {c.network_weights} holds {have} (LyCORIS takes each module's "
                                 "type from the file)")
         if len(found) > 1:
-            self._note(f"dim_from_weights: {c.network_weights} also holds {', '.join(a for a in found if a != algo)} "
-                       f"modules; only its algo={algo} modules train here (one network trains one algorithm)")
+            self._note(f"dim_from_weights: {c.network_weights} also holds "
+                       f"{', '.join(a for a in sorted(found) if a != algo)} modules; only its algo={algo} modules "
+                       "train here (one network trains one algorithm)")
         if algo != "lora":
-            per_module = {}
-            for k, v in sd.items():
-                if k.endswith(markers[algo]):
-                    name = k[: -len(markers[algo])]
-                    a = sd.get(name + ".alpha")
-                    per_module[name] = ((int(v.shape[0]), float(a) if a is not None else float(v.shape[0]))
-                                        if algo in ("loha", "glora") else (1, 1.0))
+            per_module = {name: self._from_file(algo, sd, name) for name in found[algo]}
+            what = {"loha": "rank and alpha", "glora": "rank and alpha", "ia3": "layer", "full": "layer",
+                    "lokr": "factor shapes, rank and alpha", "diag-oft": "block size, constraint and rescale",
+                    "boft": "block size, constraint and rescale"}[algo]
             self._note(f"dim_from_weights: each of the {len(per_module)} {lyco.kind} modules of {c.network_weights} "
-                       "keeps its own " + ("rank and alpha" if algo in ("loha", "glora") else "layer") + ", and "
-                       "layers it does not have get none (as LyCORIS' create_network_from_weights)")
+                       f"keeps its own {what}, and layers it does not have get none (as LyCORIS' "
+                       "create_network_from_weights)")
             # (a conv rank only so that the file's 3x3 conv modules are looked for; each takes its own)
             return int(c.network_dim or 4), c.network_alpha, int(c.network_dim or 4), None, per_module
         ranks: dict[str, set] = {"linear": set(), "conv": set()}
