@@ -268,8 +268,10 @@ def test_preset_file_mistakes_are_said_before_the_job(tmp_path):
     files = {
         "bad.toml": ("unet_target_module = [\"Transformer2DModel\"\n", r"bad.toml is not a TOML file"),
         "keys.toml": ("unet_modules = [\"Transformer2DModel\"]\n", r"unknown keys unet_modules .*valid keys: enable_conv"),
-        "maps.toml": ("[module_algo_map.CrossAttention]\nalgo = \"lokr\"\n",
-                      r"maps layers to algo=lokr while network_args algo=locon: .* set network_args algo=lokr"),
+        "maps.toml": ("[module_algo_map.CrossAttention]\nalgo = \"lokrr\"\n",
+                      r"maps layers to algo=lokrr: use one of lora, locon, loha, lokr"),
+        "dylora.toml": ("[module_algo_map.CrossAttention]\nalgo = \"dylora\"\n",
+                        r"algo=dylora: .*use network_module = networks.dylora"),
         "mapkey.toml": ("[module_algo_map.CrossAttention]\nlinear_dim = 8\n",
                         r"module_algo_map.CrossAttention sets linear_dim, which is not trained per layer here; a map "
                         r"entry may set algo, dim, alpha, factor"),
@@ -495,8 +497,15 @@ def test_dim_from_weights_builds_each_module_as_lycoris_does(algo, tmp_path):
     notes = [e.message for e in events if e.kind == "note"]
     assert any("keeps its own" in n and "layers it does not have get none" in n for n in notes), notes
     assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in notes), notes
-    # a file of another type: what to set
-    cfg = _cfg(tmp_path, img, output_dir=str(tmp_path / "o3"), network_args=["algo=locon"],
+    # another algo in network_args: LyCORIS builds the file's own types all the same, and so does this (a note)
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, output_dir=str(tmp_path / "o3"),
+                                                 network_args=["algo=locon"], network_weights=first.final,
+                                                 dim_from_weights=True))
+    assert res.status == "done"
+    assert {k: v.shape for k, v in load_tensors(res.final).items()} == {k: v.shape for k, v in sd.items()}
+    assert any("it holds no algo=locon module, so network_args algo=locon trains nothing" in n for n in res.notes)
+    # networks.lora cannot hold them: what to set
+    cfg = _cfg(tmp_path, img, output_dir=str(tmp_path / "o4"), network_module="networks.lora",
                network_weights=first.final, dim_from_weights=True)
     host = ModelHost(sd1, "m")
     with pytest.raises(TrainingError, match=f"holds {algo} modules, not lora ones: .*algo={algo}"):
@@ -535,7 +544,7 @@ def test_dim_from_weights_reads_lokr_and_oft_files_as_lycoris_does(algo, maps, f
     assert res.status == "done", res
     again = load_tensors(res.final)
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in sd.items()}
-    assert any(f"modules of {first.final} keeps its own" in n for n in res.notes), res.notes
+    assert any(f"each module of {first.final} (" in n and "keeps its own algorithm" in n for n in res.notes)
     assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in res.notes)
     clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
     _lycoris_defaults()
@@ -580,3 +589,89 @@ def test_dim_from_weights_keeps_a_lokr_files_tucker_cores(tmp_path):
                                                  dim_from_weights=True))
     assert res.status == "done"
     assert {k: v.shape for k, v in load_tensors(res.final).items()} == {k: v.shape for k, v in sd.items()}
+
+
+MIXED = ('text_encoder_target_module = ["CLIPAttention"]\n'  # (name maps apply to layers picked by name)
+         'text_encoder_target_name = ["text_model.encoder.layers.1.mlp.fc1", "text_model.encoder.layers.0.mlp.fc2", '
+         '"text_model.encoder.layers.0.mlp.fc1"]\n'
+         '[module_algo_map.CLIPAttention]\nalgo = "lokr"\ndim = 2\nfactor = 16\ndecompose_both = true\n'
+         '[name_algo_map."text_model.encoder.layers.1.mlp.fc1"]\nalgo = "loha"\ndim = 3\nalpha = 1\n'
+         '[name_algo_map."text_model.encoder.layers.0.mlp.fc2"]\nalgo = "ia3"\n')
+
+
+def test_preset_maps_to_other_algorithms_build_what_lycoris_builds(tmp_path):
+    """A preset file whose maps give layers other algorithms than the network's (LoKr attention, one LoHa and one
+    IA3 MLP layer in a LoCon network): each layer gets the module LyCORIS' create_network makes for it on the same
+    CLIP, with the same tensors (names, shapes) and scale."""
+    lk = pytest.importorskip("lycoris.kohya")
+    sd1 = models.make_sd1(seed=4)
+    (tmp_path / "mixed.toml").write_text(MIXED)
+    clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
+    cls = lk.LycorisNetworkKohya
+    keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
+                                          "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "UNET_TARGET_REPLACE_MODULE",
+                                          "UNET_TARGET_REPLACE_NAME")}
+    _lycoris_defaults()
+    try:
+        ref = lk.create_network(1.0, 8, 4, None, clip, nn.Module(), preset=str(tmp_path / "mixed.toml"),
+                                algo="locon")
+    finally:
+        for k, v in keep.items():
+            setattr(cls, k, v)
+    want = {}
+    for m in ref.text_encoder_loras:
+        tensors = {k: tuple(v.shape) for k, v in m.state_dict().items() if k != "alpha"}
+        want[m.lora_name] = (type(m).__name__, tensors, round(float(getattr(m, "scale", 1.0)), 6))
+    kinds = {"LoConModule": "LoRAPair", "LokrModule": "LokrPair", "LohaModule": "LohaPair", "IA3Module": "Ia3Pair"}
+    assert {v[0] for v in want.values()} == set(kinds)
+    net = LoRANetwork(sd1, "sd1", dim=8, alpha=4, train_unet=False,
+                      lyco=LycoSettings("locon", custom=lp.read_preset(tmp_path / "mixed.toml", "mixed.toml")))
+    sd = net.kohya_state_dict()
+    got = {}
+    for name, pair in net.pairs.items():
+        tensors = {k.split(".", 1)[1]: tuple(v.shape) for k, v in sd.items()
+                   if k.startswith(name + ".") and not k.endswith(".alpha")}
+        got[name] = (type(pair).__name__, tensors, round(float(getattr(pair, "scale", 1.0)), 6))
+    assert {n: (kinds[c], t, s) for n, (c, t, s) in want.items()} == got
+
+
+def test_a_mixed_algorithm_preset_trains_and_loads(tmp_path):
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    (tmp_path / "mixed.toml").write_text('unet_target_module = ["Transformer2DModel"]\n' + MIXED)
+    cfg = _cfg(tmp_path, img, max_train_steps=2, network_args=["algo=locon", "preset=mixed.toml"])
+    errors, notes = check_support(cfg, "sd1")
+    assert errors == [] and any("maps give algo=ia3, loha, lokr train as that algorithm" in n for n in notes), notes
+    assert any(n.startswith("IA3 layers apply in this extension's <lora:>") for n in notes)
+    before = models.model_state_hash(sd1)
+    res = run_training(ModelHost(sd1, "m"), cfg)
+    assert res.status == "done" and models.model_state_hash(sd1) == before
+    sd = load_tensors(res.final)
+    assert any(k.endswith("self_attn_q_proj.lokr_w1_a") for k in sd)
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc1.hada_w1_a" in sd
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc2.weight" in sd
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in sd)
+    net = load_network(res.final, "sd1", layer_names=set(layer_mapping(sd1)))
+    assert len(net.report.matched) == net.report.total_modules == len({k.split(".")[0] for k in sd})
+
+
+def test_dim_from_weights_rebuilds_a_mixed_file_with_tucker_cores(tmp_path):
+    """A file of several algorithms (a mixed preset: LoKr attention, LoHa and IA3 MLP layers, LoCon elsewhere with
+    Tucker cores on the UNet's 3x3 convs) continues under a network of another algorithm and settings: every
+    module keeps its type and every tensor its shape."""
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    (tmp_path / "mixed.toml").write_text('unet_target_module = ["ResnetBlock2D", "Transformer2DModel"]\n'
+                                         'enable_conv = true\n' + MIXED)
+    first = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, max_train_steps=1, network_args=[
+        "algo=locon", "preset=mixed.toml", "conv_dim=2", "conv_alpha=1", "use_tucker=True"]))
+    assert first.status == "done"
+    sd = load_tensors(first.final)
+    assert sum(k.endswith(".lora_mid.weight") for k in sd) > 10 and any(k.endswith(".hada_w1_a") for k in sd)
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, output_dir=str(tmp_path / "o2"), max_train_steps=1,
+                                                 network_dim=16, network_args=["algo=lokr", "factor=4"],
+                                                 network_weights=first.final, dim_from_weights=True))
+    assert res.status == "done"
+    assert {k: v.shape for k, v in load_tensors(res.final).items()} == {k: v.shape for k, v in sd.items()}
+    assert any("keeps its own algorithm" in n and "LoRA/LoCon" in n for n in res.notes), res.notes
+    assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in res.notes)

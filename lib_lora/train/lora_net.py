@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
 from .fp8 import is_fp8
-from .lyco import KohyaOftPair, LycorisMaxNorm, LycoSettings, NormPair, PairBase, make_pair
+from .lyco import NO_SCALE, KohyaOftPair, LycorisMaxNorm, LycoSettings, NormPair, PairBase, make_pair, settings_for
 from .lyco_preset import custom_targets
 from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, kohya_oft_targets, lyco_preset_convs, lycoris_unet_targets,
                       text_encoder_targets, unet_targets)
@@ -255,10 +255,12 @@ class LoRANetwork(nn.Module):
                 raise NetworkShapeError(f"{t.kohya_name}: {e}") from None
         for pair in self.pairs.values():  # the network-wide switches, on every module
             if lyco is not None:
-                if lyco.rs_lora:
+                # (a preset map's IA3 / full / OFT layers in a network of another algorithm: no scale to change)
+                own = getattr(pair, "kind", None) not in NO_SCALE
+                if lyco.rs_lora and own:
                     pair.use_rs_scale()
                 pair.rank_dropout_scale = lyco.rank_dropout_scale
-                if lyco.use_scalar and not isinstance(pair, NormPair):
+                if lyco.use_scalar and own and not isinstance(pair, NormPair):
                     pair.enable_scalar()
                 elif lyco_max_norm and isinstance(pair, LoRAPair):
                     pair.enable_fixed_scalar()
@@ -270,12 +272,15 @@ class LoRANetwork(nn.Module):
     def _add(self, t: TrainTarget, d: int, a, names: list[str] | None, dims: list | None, weight_path: bool):
         """The module(s) of one target (an MHA: one per projection trained)."""
         m, lyco = t.module, self.lyco
-        if t.override:  # (a preset file's LoKr shape settings for this layer)
+        if t.override:  # (a preset file's algorithm and LoKr shape settings for this layer)
             o = t.override
-            lyco = dataclasses.replace(lyco, factor=o.get("factor", lyco.factor),
+            lyco = dataclasses.replace(settings_for(lyco, o.get("algo")), factor=o.get("factor", lyco.factor),
                                        decompose_both=o.get("decompose_both", lyco.decompose_both),
                                        full_matrix=o.get("full_matrix", lyco.full_matrix),
                                        unbalanced=o.get("unbalanced_factorization", lyco.unbalanced))
+            weight_path = lyco.weight_path
+        extra = dict(dims[0][2]) if dims is not None and len(dims[0]) > 2 and t.kind != "mha" else {}
+        lyco, weight_path = self._file_settings(lyco, weight_path, extra)
         self.targets.append(t)
         on_input = lyco is not None and lyco.preset == "ia3" and t.kohya_name.endswith(IA3_ON_INPUT)
         unit = self.dylora_unit
@@ -285,17 +290,17 @@ class LoRANetwork(nn.Module):
             e = m.embed_dim
             has_bias = m.in_proj_bias is not None
             for n, (dn, an, *got) in zip(names, dims if dims is not None else [(d, a)] * len(names)):
-                self.pairs[n] = (make_pair(lyco, (e, e), dn, an, bias=has_bias, from_file=got[0] if got else None)
-                                 if weight_path
+                ex = dict(got[0]) if got else {}
+                ly, wp = self._file_settings(lyco, weight_path, ex)
+                self.pairs[n] = (make_pair(ly, (e, e), dn, an, bias=has_bias, from_file=ex or None) if wp
                                  else DyLoraPair((e, e), dn, an, unit) if unit else LoRAPair(e, e, dn, an))
             self._mha.append((t, names))
         elif unit:
             self.pairs[t.kohya_name] = DyLoraPair(tuple(m.weight.shape), d, a, unit, getattr(m, "stride", 1),
                                                   getattr(m, "padding", 0))
         elif weight_path:
-            got = dims[0][2:] if dims is not None else ()
             self.pairs[t.kohya_name] = make_pair(lyco, tuple(m.weight.shape), d, a, bias=m.bias is not None,
-                                                 on_input=on_input, from_file=got[0] if got else None)
+                                                 on_input=on_input, from_file=extra or None)
         elif t.kind == "conv":
             self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, m.kernel_size, m.stride,
                                                 m.padding, tucker=lyco is not None and lyco.tucker)
@@ -310,6 +315,18 @@ class LoRANetwork(nn.Module):
                     self.pairs[n].init_dora(w[part], lyco.wd_on_output)
             else:
                 self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
+
+    @staticmethod
+    def _file_settings(lyco, weight_path: bool, extra: dict):
+        """dim_from_weights: the settings of a module whose file entry names its own algorithm (``algo``, taken
+        out of ``extra``) or Tucker core (``tucker``, a LoCon conv); (settings, whether it is a weight-path
+        module)."""
+        if lyco is None or not ("algo" in extra or "tucker" in extra):
+            return lyco, weight_path
+        out = settings_for(lyco, extra.pop("algo", None))
+        if "tucker" in extra:
+            out = dataclasses.replace(out, tucker=extra.pop("tucker"))
+        return out, out.weight_path
 
     # ---- counts, parameters -------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -168,13 +168,20 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], resolve=Non
     if custom is not None:
         same = {"lora", "locon"} if algo in ("lora", "locon") else {algo}
         other = sorted(custom.algos() - same)
+        unknown = [a for a in other if a not in ALGOS]
+        if unknown:
+            raise ValueError(f"preset file {os.path.basename(preset)} maps layers to algo={', '.join(unknown)}: "
+                             f"use one of {', '.join(ALGOS)} in its maps" + (
+                                 " (LyCORIS' DyLoRA is not trained here: use network_module = networks.dylora for "
+                                 "a whole DyLoRA network)" if "dylora" in unknown else ""))
         if other:
-            raise ValueError(f"preset file {os.path.basename(preset)} maps layers to algo={', '.join(other)} while "
-                             f"network_args algo={algo}: one network trains one algorithm here; set network_args "
-                             f"algo={other[0]} or remove algo from the map (its ranks, alphas and LoKr factors apply)")
+            notes.append(f"preset file {os.path.basename(preset)}: the layers its maps give "
+                         f"algo={', '.join(other)} train as that algorithm, the others as algo={algo}; the network's "
+                         "switches apply to each as its LyCORIS module takes them (as LyCORIS builds such a "
+                         "network)")
         lokr_keys = sorted({k for o in custom.entries() for k in o
                             if k in ("factor", "decompose_both", "full_matrix", "unbalanced_factorization")})
-        if lokr_keys and algo != "lokr":
+        if lokr_keys and algo != "lokr" and "lokr" not in other:
             notes.append(f"preset file {os.path.basename(preset)}: {', '.join(lokr_keys)} in its maps shape LoKr "
                          f"modules only; with algo={algo} they change nothing (as in LyCORIS)")
     s.rank_dropout_scale = _bool(nargs.get("rank_dropout_scale", False))
@@ -223,6 +230,20 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], resolve=Non
         notes.append(f"network_args factor / decompose_both / full_matrix / unbalanced_factorization shape LoKr "
                      f"modules only; with algo={algo} they change nothing (as in LyCORIS)")
     return s
+
+
+def settings_for(s: LycoSettings, algo: str | None) -> LycoSettings:
+    """The settings of a layer a preset file maps to another algorithm: the network's, less what that
+    algorithm's LyCORIS module does not take (lyco_settings drops the same for the network's own algorithm)."""
+    if algo is None or algo == s.algo or {algo, s.algo} <= {"lora", "locon"}:
+        return s
+    t = dataclasses.replace(s, algo=algo)
+    if algo in NO_SCALE + ("glora",):
+        t.tucker = t.dora = False
+        t.rs_lora = s.rs_lora and algo == "glora"
+    if algo in NO_SCALE:
+        t.use_scalar = False
+    return t
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

@@ -155,10 +155,6 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         raise ValueError(f"network_args {', '.join(given)}: block learning rates and block ranks are networks.lora "
                          "options that LyCORIS does not read; remove them, or train with network_module = "
                          "networks.lora")
-    if s.tucker and s.algo != "lokr":  # (a LoKr file says per module whether it has a Tucker core)
-        if cfg.dim_from_weights:
-            raise ValueError("dim_from_weights reads the ranks of kohya LoRA files; with Tucker factors (use_tucker / "
-                             "use_cp) set network_dim and conv_dim instead")
     what = f"algo={s.algo}" + (" with dora_wd" if s.dora else "")
     if not s.weight_forward and "rank_dropout" in nargs:
         notes.append(f"rank_dropout with algo={s.algo} works as in kohya's networks.lora (rank channels dropped per "
@@ -184,9 +180,13 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.algo in lyco.NO_MAX_NORM and cfg.scale_weight_norms:
         notes.append(f"scale_weight_norms changes nothing with algo={s.algo}: LyCORIS caps the norms of LoRA, "
                      "LoHa, LoKr and OFT modules only")
-    if s.algo == "glora":
+    mapped = s.custom.algos() if s.custom is not None else set()  # (a preset file's layers of other algorithms)
+    if s.algo == "glora" or "glora" in mapped:
         notes.append("GLoRA files apply in this extension's <lora:>, LyCORIS and ComfyUI; A1111's built-in Lora "
                      "(1.10) reads only LyCORIS' older GLoRA layout and reports this file as a network with errors")
+    if s.algo != "ia3" and "ia3" in mapped:
+        notes.append("IA3 layers apply in this extension's <lora:>, A1111's built-in Lora and LyCORIS; ComfyUI "
+                     "has no IA3 loader (it reports their keys as not loaded)")
     if s.algo in lyco.NO_RANK:
         if s.algo == "ia3":
             notes.append("IA3 files apply in this extension's <lora:>, A1111's built-in Lora and LyCORIS; ComfyUI "

@@ -371,6 +371,10 @@ class Trainer:
         (alpha) and rescale."""
         get = lambda key: sd.get(f"{name}.{key}")  # noqa: E731
         alpha = get("alpha")
+        if algo == "lora":  # (LoCon: a Tucker core on a 3x3 conv, or none)
+            rank = int(get("lora_down.weight").shape[0])
+            return rank, float(alpha) if alpha is not None else float(rank), {"tucker": get("lora_mid.weight")
+                                                                              is not None}
         if algo in ("ia3", "full"):
             return 1, 1.0
         if algo in ("diag-oft", "boft"):
@@ -391,6 +395,27 @@ class Trainer:
         rank = int(get(Trainer._RANK_KEYS[algo][0][1:]).shape[0])
         return rank, float(alpha) if alpha is not None else float(rank)
 
+    def _lyco_dims_from_weights(self, sd: dict, found: dict, algo: str, lyco):
+        """dim_from_weights for a LyCORIS network: every module of the file as the file has it (its algorithm,
+        rank, alpha, shapes), as LyCORIS' create_network_from_weights builds it whatever network_args say."""
+        c = self.cfg
+        per_module = {}
+        for a, names in found.items():
+            for name in names:
+                rank, alpha, *extra = self._from_file(a, sd, name)
+                extra = dict(extra[0]) if extra else {}
+                if a != algo:
+                    extra["algo"] = "locon" if a == "lora" else a
+                per_module[name] = (rank, alpha, extra) if extra else (rank, alpha)
+        counts = ", ".join(f"{len(v)} {a if a != 'lora' else 'LoRA/LoCon'}" for a, v in sorted(found.items()))
+        self._note(f"dim_from_weights: each module of {c.network_weights} ({counts}) keeps its own algorithm, "
+                   "ranks, alpha and shapes (LoKr factors, OFT blocks, constraint, rescale, Tucker cores), and layers "
+                   "it does not have get none (as LyCORIS' create_network_from_weights)"
+                   + (f"; it holds no algo={lyco.algo} module, so network_args algo={lyco.algo} trains nothing"
+                      if algo not in found else ""))
+        # (a conv rank only so that the file's 3x3 conv modules are looked for; each takes its own)
+        return int(c.network_dim or 4), c.network_alpha, int(c.network_dim or 4), None, per_module
+
     def _dims_from_weights(self, sd: dict, lyco=None):
         """``dim_from_weights``: network_dim / alpha (and conv_dim / conv_alpha for 3x3 LoCon modules) taken from
         the network_weights file ``sd``. A file with several ranks (block_dims, resized LoRAs) gives each module its
@@ -400,6 +425,9 @@ class Trainer:
         c = self.cfg
         algo = lyco.algo if lyco is not None and lyco.weight_path else "lora"
         found = self._file_algos(sd)
+        if lyco is not None and found and (set(found) != {algo} or algo != "lora"
+                                           or any(k.endswith(".lora_mid.weight") for k in sd)):
+            return self._lyco_dims_from_weights(sd, found, algo, lyco)
         if algo not in found:
             if algo == "lora" and not found:
                 raise TrainingError(f"dim_from_weights: {c.network_weights} holds no kohya LoRA (lora_down) weights")
@@ -410,18 +438,8 @@ class Trainer:
                                 "type from the file)")
         if len(found) > 1:
             self._note(f"dim_from_weights: {c.network_weights} also holds "
-                       f"{', '.join(a for a in sorted(found) if a != algo)} modules; only its algo={algo} modules "
-                       "train here (one network trains one algorithm)")
-        if algo != "lora":
-            per_module = {name: self._from_file(algo, sd, name) for name in found[algo]}
-            what = {"loha": "rank and alpha", "glora": "rank and alpha", "ia3": "layer", "full": "layer",
-                    "lokr": "factor shapes, rank and alpha", "diag-oft": "block size, constraint and rescale",
-                    "boft": "block size, constraint and rescale"}[algo]
-            self._note(f"dim_from_weights: each of the {len(per_module)} {lyco.kind} modules of {c.network_weights} "
-                       f"keeps its own {what}, and layers it does not have get none (as LyCORIS' "
-                       "create_network_from_weights)")
-            # (a conv rank only so that the file's 3x3 conv modules are looked for; each takes its own)
-            return int(c.network_dim or 4), c.network_alpha, int(c.network_dim or 4), None, per_module
+                       f"{', '.join(a for a in sorted(found) if a != 'lora')} modules (LyCORIS types); only its LoRA "
+                       "modules train here. Train with network_module = \"lycoris.kohya\" to keep them all")
         ranks: dict[str, set] = {"linear": set(), "conv": set()}
         alphas: dict[str, set] = {"linear": set(), "conv": set()}
         per_module: dict[str, tuple[int, float]] = {}
