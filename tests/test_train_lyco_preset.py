@@ -136,7 +136,7 @@ def test_nested_target_classes_train_each_layer_once(full_unets):
     assert set(inner) < set(outer) and both == outer and len(both) == len(set(both)) == 16 * 10
 
 
-def _lycoris_te_names(tmp_path, clip, d):
+def _lycoris_te_names(tmp_path, clip, d, **kw):
     import lycoris.kohya as lk
     cls = lk.LycorisNetworkKohya
     keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
@@ -146,7 +146,7 @@ def _lycoris_te_names(tmp_path, clip, d):
     path.write_text(_toml(d))
     _lycoris_defaults()
     try:
-        net = lk.create_network(1.0, 4, 1, None, clip, nn.Module(), preset=str(path), algo="locon")
+        net = lk.create_network(1.0, 4, 1, None, clip, nn.Module(), preset=str(path), algo="locon", **kw)
     finally:
         for k, v in keep.items():
             setattr(cls, k, v)
@@ -200,14 +200,40 @@ def test_open_clip_text_encoders_are_lycoris_on_their_clip_conversion(family, d,
     assert want and got == want
 
 
-def test_text_encoder_norms_with_train_norm_are_refused():
+def test_text_encoder_norms_with_train_norm_are_lycoris_norm_modules(tmp_path):
+    """train_norm with a preset file that picks text-encoder blocks: their LayerNorms get norm modules, as LyCORIS
+    gives them on the same CLIP; without train_norm none (as in LyCORIS)."""
+    pytest.importorskip("lycoris")
     sd1 = models.make_sd1(seed=2)
-    with pytest.raises(lp.PresetError, match=r"picks \d+ text-encoder norm layers .*exclude_name"):
-        lp.custom_targets(sd1, "sd1", _preset({"text_encoder_target_module": ["CLIPEncoderLayer"]}), True, False,
-                          True, True, [])
-    # without train_norm the norm layers are not picked at all (as in LyCORIS)
-    assert lp.custom_targets(sd1, "sd1", _preset({"text_encoder_target_module": ["CLIPEncoderLayer"]}), True, False,
-                             True, False, [])
+    d = {"text_encoder_target_module": ["CLIPEncoderLayer"], "text_encoder_target_name": ["text_model.final_layer_norm"]}
+    clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
+    want = _lycoris_te_names(tmp_path, clip, d, train_norm="True")
+    got = sorted(t.kohya_name for t in lp.custom_targets(sd1, "sd1", _preset(d), True, False, True, True, []))
+    assert got == want and "lora_te_text_model_encoder_layers_0_layer_norm1" in got
+    assert "lora_te_text_model_final_layer_norm" in got
+    plain = [t.kohya_name for t in lp.custom_targets(sd1, "sd1", _preset(d), True, False, True, False, [])]
+    assert plain and not any("norm" in n for n in plain)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_text_encoder_norms_train_and_apply(family, tmp_path):
+    """The trained text-encoder norm modules (w_norm / b_norm) change the text encoder's output and load whole in
+    this extension's <lora:> (SD2: on open_clip's ln_1 / ln_2 under sd-scripts' CLIP names)."""
+    sd = models.make_sd1(seed=4) if family == "sd1" else models.make_sd2(seed=4)
+    img, _ = _dataset(tmp_path)
+    (tmp_path / "te.toml").write_text('unet_target_module = []\nunet_target_name = []\n'
+                                      'text_encoder_target_module = ["CLIPEncoderLayer"]\n')
+    before = models.model_state_hash(sd)
+    res = run_training(ModelHost(sd, "m"), _cfg(tmp_path, img, max_train_steps=2, learning_rate=1e-2,
+                                                text_encoder_lr=1e-2,
+                                                network_args=["algo=locon", "preset=te.toml", "train_norm=True"]))
+    assert res.status == "done" and models.model_state_hash(sd) == before
+    w = load_tensors(res.final)
+    norms = [k for k in w if k.endswith(".w_norm")]
+    assert norms and all(k.startswith("lora_te_") and "layer_norm" in k for k in norms)
+    assert max(float(w[k].abs().max()) for k in norms) > 0  # (they start at zero)
+    net = load_network(res.final, family, layer_names=set(layer_mapping(sd)))
+    assert len(net.report.matched) == net.report.total_modules == len({k.split(".")[0] for k in w})
 
 
 def test_misses_are_said_like_lycoris_warns():

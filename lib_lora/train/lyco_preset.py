@@ -410,8 +410,7 @@ def _unmatched(where: str, modules: tuple, names: tuple, matched: set, rows: lis
 
 def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, train_unet: bool, train_te: bool,
                    train_norm: bool, notes: list[str]):
-    """The layers a preset file picks on the loaded model, as TrainTargets; PresetError when it picks none (or
-    text-encoder norm layers, which are not trained here)."""
+    """The layers a preset file picks on the loaded model, as TrainTargets; PresetError when it picks none."""
     from .targets import TrainTarget, unet_target_named
     out: list = []
     conv = conv and preset.enable_conv
@@ -427,7 +426,6 @@ def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, trai
                 out.append(t)
         notes += _unmatched(f"preset file {name}, UNet", preset.unet_modules, preset.unet_names, matched, rows)
     if train_te:
-        te_norms = []
         for view, kprefix, hprefix, component in _te_views(sd_model, family):
             matched = set()
             mha: dict = {}
@@ -439,8 +437,9 @@ def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, trai
                 if not trainable(row, False, train_norm, conf):
                     continue
                 under = row.path.replace(".", "_")
-                if isinstance(row.module, NORM_CLASSES):
-                    te_norms.append(kprefix + under)
+                if isinstance(row.module, NORM_CLASSES):  # (train_norm: LyCORIS' NormModule, as in the UNet)
+                    out.append(TrainTarget(kprefix + under, hprefix + row.host.replace(".", "_"), row.module,
+                                           component, "norm"))
                 elif row.part is not None:  # open_clip: one MultiheadAttention holds q, k, v and out
                     kname = kprefix + under.rsplit("_", 2)[0]  # (..._self_attn)
                     t = mha.get(kname)
@@ -458,10 +457,6 @@ def custom_targets(sd_model, family: str, preset: CustomPreset, conv: bool, trai
                                            component, "linear", override=conf or None))
             notes += _unmatched(f"preset file {name}, text encoder {component[-1]}", preset.te_modules,
                                 preset.te_names, matched, view)
-        if te_norms:
-            raise PresetError(f"preset file {name} with train_norm picks {len(te_norms)} text-encoder norm layers "
-                              f"(e.g. {te_norms[0]}); norm layers train in the UNet only here. Leave the text "
-                              "encoder's layer_norm layers out of the preset (exclude_name), or remove train_norm")
     if not out:
         raise PresetError(f"preset file {name} picks no layer of this {family.upper()} model; its class names and "
                           "paths are matched against sd-scripts' model (Transformer2DModel, ResnetBlock2D, "
