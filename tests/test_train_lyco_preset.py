@@ -701,3 +701,24 @@ def test_dim_from_weights_rebuilds_a_mixed_file_with_tucker_cores(tmp_path):
     assert {k: v.shape for k, v in load_tensors(res.final).items()} == {k: v.shape for k, v in sd.items()}
     assert any("keeps its own algorithm" in n and "LoRA/LoCon" in n for n in res.notes), res.notes
     assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in res.notes)
+
+
+@pytest.mark.parametrize("algo, axis", [("locon", "True"), ("lokr", "False")])
+def test_dim_from_weights_keeps_a_files_dora_magnitudes(algo, axis, tmp_path):
+    """A DoRA file (dora_wd, either axis) continues as DoRA under network_args without dora_wd, on SD2 (its text
+    encoder's MultiheadAttention projections too): every tensor, dora_scale included, keeps its shape and the run
+    starts from all of them, as LyCORIS' create_network_from_weights builds DoRA modules from dora_scale."""
+    sd2 = models.make_sd2(seed=4)
+    img, _ = _dataset(tmp_path)
+    first = run_training(ModelHost(sd2, "m"), _cfg(tmp_path, img, max_train_steps=1, network_args=[
+        f"algo={algo}", "preset=attn-mlp", "dora_wd=True", f"wd_on_output={axis}"]))
+    assert first.status == "done"
+    sd = load_tensors(first.final)
+    assert any(k.startswith("lora_te_") and k.endswith("self_attn_q_proj.dora_scale") for k in sd)
+    res = run_training(ModelHost(sd2, "m"), _cfg(tmp_path, img, output_dir=str(tmp_path / "o2"), max_train_steps=1,
+                                                 network_args=["algo=locon", "preset=attn-mlp"],
+                                                 network_weights=first.final, dim_from_weights=True))
+    assert res.status == "done"
+    assert {k: v.shape for k, v in load_tensors(res.final).items()} == {k: v.shape for k, v in sd.items()}
+    assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in res.notes)
+    assert not any("not used (e.g." in n for n in res.notes), res.notes

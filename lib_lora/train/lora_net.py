@@ -289,11 +289,15 @@ class LoRANetwork(nn.Module):
         elif t.kind == "mha":
             e = m.embed_dim
             has_bias = m.in_proj_bias is not None
-            for n, (dn, an, *got) in zip(names, dims if dims is not None else [(d, a)] * len(names)):
+            w = dict(zip(("q", "k", "v", "out"), (*m.in_proj_weight.detach().chunk(3), m.out_proj.weight)))
+            for n, part, (dn, an, *got) in zip(names, t.parts,
+                                               dims if dims is not None else [(d, a)] * len(names)):
                 ex = dict(got[0]) if got else {}
                 ly, wp = self._file_settings(lyco, weight_path, ex)
                 self.pairs[n] = (make_pair(ly, (e, e), dn, an, bias=has_bias, from_file=ex or None) if wp
                                  else DyLoraPair((e, e), dn, an, unit) if unit else LoRAPair(e, e, dn, an))
+                if ly is not None and ly.dora:
+                    self.pairs[n].init_dora(w[part], ly.wd_on_output)
             self._mha.append((t, names))
         elif unit:
             self.pairs[t.kohya_name] = DyLoraPair(tuple(m.weight.shape), d, a, unit, getattr(m, "stride", 1),
@@ -308,24 +312,21 @@ class LoRANetwork(nn.Module):
             self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
         else:
             self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
-        if lyco is not None and lyco.dora:  # (norm modules have none: they never come here)
-            if t.kind == "mha":
-                w = dict(zip(("q", "k", "v", "out"), (*m.in_proj_weight.detach().chunk(3), m.out_proj.weight)))
-                for n, part in zip(names, t.parts):
-                    self.pairs[n].init_dora(w[part], lyco.wd_on_output)
-            else:
-                self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
+        if lyco is not None and lyco.dora and t.kind != "mha":  # (norm modules have none: they never come here)
+            self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
 
     @staticmethod
     def _file_settings(lyco, weight_path: bool, extra: dict):
         """dim_from_weights: the settings of a module whose file entry names its own algorithm (``algo``, taken
-        out of ``extra``) or Tucker core (``tucker``, a LoCon conv); (settings, whether it is a weight-path
-        module)."""
-        if lyco is None or not ("algo" in extra or "tucker" in extra):
+        out of ``extra``), Tucker core (``tucker``, a LoCon conv) or DoRA magnitude (``dora``, ``wd_on_output``);
+        (settings, whether it is a weight-path module)."""
+        keys = ("tucker", "dora", "wd_on_output")
+        if lyco is None or not ("algo" in extra or any(k in extra for k in keys)):
             return lyco, weight_path
         out = settings_for(lyco, extra.pop("algo", None))
-        if "tucker" in extra:
-            out = dataclasses.replace(out, tucker=extra.pop("tucker"))
+        given = {k: extra.pop(k) for k in keys if k in extra}
+        if given:
+            out = dataclasses.replace(out, **given)
         return out, out.weight_path
 
     # ---- counts, parameters -------------------------------------------------------------------------------

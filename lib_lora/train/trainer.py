@@ -368,7 +368,18 @@ class Trainer:
     def _from_file(algo: str, sd: dict, name: str) -> tuple:
         """(rank, alpha[, from_file]) of one LyCORIS module of the file, as LyCORIS' make_module_from_state_dict
         reads it: LoKr's factor shapes and whole / decomposed / Tucker factors, OFT's block size, constraint
-        (alpha) and rescale."""
+        (alpha) and rescale; a DoRA magnitude (dora_scale) and its axis."""
+        got = Trainer._from_file_shape(algo, sd, name)
+        ds = sd.get(f"{name}.dora_scale")
+        if ds is None or algo in ("ia3", "full", "diag-oft", "boft"):
+            return got
+        extra = dict(got[2]) if len(got) > 2 else {}
+        # (LyCORIS lays the magnitude out per output row (O, 1, ...) or per input column (1, I, ...))
+        extra.update(dora=True, wd_on_output=ds.dim() < 2 or ds.shape[1] == 1)
+        return got[0], got[1], extra
+
+    @staticmethod
+    def _from_file_shape(algo: str, sd: dict, name: str) -> tuple:
         get = lambda key: sd.get(f"{name}.{key}")  # noqa: E731
         alpha = get("alpha")
         if algo == "lora":  # (LoCon: a Tucker core on a 3x3 conv, or none)
@@ -409,7 +420,8 @@ class Trainer:
                 per_module[name] = (rank, alpha, extra) if extra else (rank, alpha)
         counts = ", ".join(f"{len(v)} {a if a != 'lora' else 'LoRA/LoCon'}" for a, v in sorted(found.items()))
         self._note(f"dim_from_weights: each module of {c.network_weights} ({counts}) keeps its own algorithm, "
-                   "ranks, alpha and shapes (LoKr factors, OFT blocks, constraint, rescale, Tucker cores), and layers "
+                   "ranks, alpha and shapes (LoKr factors, OFT blocks, constraint, rescale, Tucker cores, DoRA "
+                   "magnitudes), and layers "
                    "it does not have get none (as LyCORIS' create_network_from_weights)"
                    + (f"; it holds no algo={lyco.algo} module, so network_args algo={lyco.algo} trains nothing"
                       if algo not in found else ""))
@@ -426,7 +438,7 @@ class Trainer:
         algo = lyco.algo if lyco is not None and lyco.weight_path else "lora"
         found = self._file_algos(sd)
         if lyco is not None and found and (set(found) != {algo} or algo != "lora"
-                                           or any(k.endswith(".lora_mid.weight") for k in sd)):
+                                           or any(k.endswith((".lora_mid.weight", ".dora_scale")) for k in sd)):
             return self._lyco_dims_from_weights(sd, found, algo, lyco)
         if algo not in found:
             if algo == "lora" and not found:
