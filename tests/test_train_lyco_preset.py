@@ -136,21 +136,27 @@ def test_nested_target_classes_train_each_layer_once(full_unets):
     assert set(inner) < set(outer) and both == outer and len(both) == len(set(both)) == 16 * 10
 
 
-def _lycoris_te_names(tmp_path, clip, d, **kw):
+def _lycoris_te_net(clip, preset_path, dim=8, alpha=4, **kw):
+    """LyCORIS' create_network with a preset file on a text encoder (its kohya wrapper's class state put back
+    after)."""
     import lycoris.kohya as lk
     cls = lk.LycorisNetworkKohya
     keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
-                                          "USE_FNMATCH", "TARGET_EXCLUDE_NAME", "ENABLE_CONV",
-                                          "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME")}
-    path = tmp_path / "te.toml"
-    path.write_text(_toml(d))
+                                          "USE_FNMATCH", "TARGET_EXCLUDE_NAME", "ENABLE_CONV", "MODULE_ALGO_MAP",
+                                          "NAME_ALGO_MAP", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME")}
     _lycoris_defaults()
     try:
-        net = lk.create_network(1.0, 4, 1, None, clip, nn.Module(), preset=str(path), algo="locon", **kw)
+        return lk.create_network(1.0, dim, alpha, None, clip, nn.Module(), preset=str(preset_path), algo="locon",
+                                 **kw)
     finally:
         for k, v in keep.items():
             setattr(cls, k, v)
-    return sorted(m.lora_name for m in net.text_encoder_loras)
+
+
+def _lycoris_te_names(tmp_path, clip, d, **kw):
+    path = tmp_path / "te.toml"
+    path.write_text(_toml(d))
+    return sorted(m.lora_name for m in _lycoris_te_net(clip, path, 4, 1, **kw).text_encoder_loras)
 
 
 TE_PRESETS = [
@@ -406,7 +412,7 @@ dim = 3
 def test_text_encoder_map_entries_are_lycoris(family, tmp_path):
     """Ranks and alphas from the maps on the text encoder: LyCORIS on the same CLIP (SD1) or on its transformers
     conversion (SD2's open_clip) builds each module with the rank and scale ours has."""
-    lk = pytest.importorskip("lycoris.kohya")
+    pytest.importorskip("lycoris.kohya")
     from transformers import CLIPTextConfig, CLIPTextModel
     (tmp_path / "te.toml").write_text(TE_MAP)
     sd = models.make_sd1(seed=2) if family == "sd1" else models.make_sd2(seed=2)
@@ -420,16 +426,7 @@ def test_text_encoder_map_entries_are_lycoris(family, tmp_path):
                              num_attention_heads=tower.transformer.resblocks[0].attn.num_heads)
         with torch.device("meta"):
             clip = CLIPTextModel(cfg)
-    cls = lk.LycorisNetworkKohya
-    keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
-                                          "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "UNET_TARGET_REPLACE_MODULE",
-                                          "UNET_TARGET_REPLACE_NAME")}
-    _lycoris_defaults()
-    try:
-        ref = lk.create_network(1.0, 8, 4, None, clip, nn.Module(), preset=str(tmp_path / "te.toml"), algo="locon")
-    finally:
-        for k, v in keep.items():
-            setattr(cls, k, v)
+    ref = _lycoris_te_net(clip, tmp_path / "te.toml")
     want = {m.lora_name: (m.lora_dim, round(float(m.scale), 6)) for m in ref.text_encoder_loras}
     net = LoRANetwork(sd, family, dim=8, alpha=4, lyco=LycoSettings("locon", custom=lp.read_preset(
         tmp_path / "te.toml", "te.toml")))
@@ -629,21 +626,11 @@ def test_preset_maps_to_other_algorithms_build_what_lycoris_builds(tmp_path):
     """A preset file whose maps give layers other algorithms than the network's (LoKr attention, one LoHa and one
     IA3 MLP layer in a LoCon network): each layer gets the module LyCORIS' create_network makes for it on the same
     CLIP, with the same tensors (names, shapes) and scale."""
-    lk = pytest.importorskip("lycoris.kohya")
+    pytest.importorskip("lycoris.kohya")
     sd1 = models.make_sd1(seed=4)
     (tmp_path / "mixed.toml").write_text(MIXED)
     clip = getattr(sd1.cond_stage_model, "wrapped", sd1.cond_stage_model).transformer
-    cls = lk.LycorisNetworkKohya
-    keep = {k: getattr(cls, k) for k in ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
-                                          "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "UNET_TARGET_REPLACE_MODULE",
-                                          "UNET_TARGET_REPLACE_NAME")}
-    _lycoris_defaults()
-    try:
-        ref = lk.create_network(1.0, 8, 4, None, clip, nn.Module(), preset=str(tmp_path / "mixed.toml"),
-                                algo="locon")
-    finally:
-        for k, v in keep.items():
-            setattr(cls, k, v)
+    ref = _lycoris_te_net(clip, tmp_path / "mixed.toml")
     want = {}
     for m in ref.text_encoder_loras:
         tensors = {k: tuple(v.shape) for k, v in m.state_dict().items() if k != "alpha"}
