@@ -11,6 +11,7 @@ References, none of them our code:
 """
 import json
 import os
+import re
 import types
 
 import pytest
@@ -452,7 +453,10 @@ def _loaded_module_is_lycoris_forward(ref, layer, loaded, sd, name, multiplier=0
     g = torch.Generator().manual_seed(1)
     w = layer.weight.detach()
     delta, db = loaded.delta(w, multiplier)[:2]
-    assert float(delta.abs().max()) > 0, name
+    # (the tiny models' mid block attends over one latent pixel: softmax of one score has no gradient, so the
+    # q/k of its self-attention learn nothing, exactly so on some CPUs)
+    if not re.search(r"mid_block_attentions_\d+_transformer_blocks_\d+_attn1_to_[qk]$", name):
+        assert float(delta.abs().max()) > 0, name
     b = layer.bias if db is None else layer.bias + db
     with torch.no_grad():
         if isinstance(layer, nn.Linear):
@@ -616,8 +620,8 @@ def test_fast_path_trains_lokr_like_the_plain_step(sd1, tmp_path, args):
     wa, wb = load_tensors(a.final), load_tensors(b.final)
     assert wa.keys() == wb.keys() and not any("conv_in" in k or "resnets" in k for k in wa)  # attn-mlp: no convs
     for k in wa:
-        # (a zero-start tensor that never moved a tenth of one AdamW step got gradients at Adam's eps, where the
-        # summation order decides the update: only its size can be compared; e.g. OFT on the tiny mid block's q/k)
+        # (a zero-start tensor that never moved a tenth of one AdamW step had no real gradient, only float noise
+        # whose summation order decides the update: the tiny mid block's self-attention q/k, over one latent pixel)
         if k.endswith("oft_blocks") and max(float(wa[k].abs().max()), float(wb[k].abs().max())) < 2e-4:
             continue
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=k)
