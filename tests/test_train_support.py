@@ -86,3 +86,11 @@ def test_cache_text_encoder_outputs_says_what_happens():
     _, notes = check_support(parse_train_config({"train_data_dir": "x", "cache_text_encoder_outputs": True,
                                                  "text_encoder_lr": 5e-5}))
     assert any("cache_text_encoder_outputs with a trained text encoder" in n for n in notes), notes
+
+
+def test_the_schedulefree_wrapper_is_said_to_be_off_in_sd_scripts_too():
+    cfg = parse_train_config({"train_data_dir": "x", "optimizer_schedulefree_wrapper": True,
+                              "schedulefree_wrapper_args": ["momentum=0.9"]})
+    said = [n for n in cfg.notes if "schedulefree_wrapper" in n]
+    assert len(said) == 2 and all("sd-scripts has switched this option off" in n and "AdamWScheduleFree" in n
+                                  for n in said)

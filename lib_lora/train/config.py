@@ -272,8 +272,9 @@ KNOWN_UNUSED = {
                                           "not trained); nothing is written to disk",
     "text_encoder_batch_size": "not needed: text-encoder outputs are computed with each step's batch and kept "
                                "per caption",
-    "optimizer_schedulefree_wrapper": "not supported yet",
-    "schedulefree_wrapper_args": "not supported yet",
+    **{k: "sd-scripts has switched this option off (its code is disabled), so it does nothing there either; for a "
+          "schedule-free run choose optimizer_type AdamWScheduleFree, RAdamScheduleFree or SGDScheduleFree"
+       for k in ("optimizer_schedulefree_wrapper", "schedulefree_wrapper_args")},
     "perlin_noise": "not supported",
     "in_json": "fine-tuning metadata datasets are not supported; use folders with caption files",
     "dataset_repeats": "fine-tuning metadata datasets are not supported; use folder repeats",
