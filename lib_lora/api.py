@@ -41,7 +41,7 @@ API_VERSION = 1
 
 # Config keys holding a filesystem path the trainer reads or writes.
 PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "output_dir", "network_weights", "sample_prompts",
-             "resume", "logging_dir", "vae", "base_weights")
+             "resume", "logging_dir", "vae", "base_weights", "in_json")
 # Keys used as file-name parts inside output_dir / logging_dir: a separator there would write elsewhere.
 NAME_KEYS = ("output_name", "log_prefix")
 
@@ -164,7 +164,10 @@ class PathPolicy:
             specs, _notes = load_dataset_config(path)
             for ds in specs:
                 for sub in ds.subsets:
-                    self.resolve(sub.image_dir, f"image_dir in {os.path.basename(path)}")
+                    if sub.image_dir:
+                        self.resolve(sub.image_dir, f"image_dir in {os.path.basename(path)}")
+                    if sub.metadata_file:
+                        self.resolve(sub.metadata_file, f"metadata_file in {os.path.basename(path)}")
         return out
 
 

@@ -442,3 +442,19 @@ def test_settings_no_model_can_train_are_refused_at_submit(env):
     assert "this job would not train" in r.json()["detail"] and "optimizers are imported by name" in r.json()["detail"]
     assert q.list() == []
     assert c.post(PREFIX + "/jobs", json=cfg_for(optimizer_type="torch.optim.RAdam")).status_code == 201
+
+
+def test_metadata_files_are_checked(env):
+    """sd-scripts' fine-tuning datasets read a metadata JSON: in_json and a dataset config's metadata_file are
+    paths like any other."""
+    tmp, root = env
+    c, _ = make_client(tmp, root)
+    (root / "meta.json").write_text("{}")
+    base = {"output_dir": "output", "train_data_dir": "training_data"}
+    assert c.post(PREFIX + "/jobs", json={**base, "in_json": "meta.json"}).status_code == 201
+    r = c.post(PREFIX + "/jobs", json={**base, "in_json": "../outside/meta.json"})
+    assert r.status_code == 403 and "in_json" in r.json()["detail"]
+    (root / "ds_meta.toml").write_text('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\n'
+                                       'metadata_file = "../outside/meta.json"\n')
+    r = c.post(PREFIX + "/jobs", json={"output_dir": "output", "dataset_config": "ds_meta.toml"})
+    assert r.status_code == 403 and "metadata_file" in r.json()["detail"]

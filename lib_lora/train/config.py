@@ -55,6 +55,9 @@ class TrainConfig:
     train_data_dir: str | None = None
     reg_data_dir: str | None = None
     dataset_config: str | None = None
+    # sd-scripts' fine-tuning dataset: captions (and tags) from a metadata JSON instead of caption files
+    in_json: str | None = None
+    dataset_repeats: int = 1
     resolution: tuple[int, int] | None = None  # (width, height)
     train_batch_size: int = 1
     enable_bucket: bool = False
@@ -275,9 +278,8 @@ KNOWN_UNUSED = {
     **{k: "sd-scripts has switched this option off (its code is disabled), so it does nothing there either; for a "
           "schedule-free run choose optimizer_type AdamWScheduleFree, RAdamScheduleFree or SGDScheduleFree"
        for k in ("optimizer_schedulefree_wrapper", "schedulefree_wrapper_args")},
-    "perlin_noise": "not supported",
-    "in_json": "fine-tuning metadata datasets are not supported; use folders with caption files",
-    "dataset_repeats": "fine-tuning metadata datasets are not supported; use folder repeats",
+    "perlin_noise": "sd-scripts has switched this option off (its argument is commented out), so it does nothing "
+                    "there either; noise_offset or multires_noise_iterations shape the noise",
     "dataset_class": "custom dataset classes are not supported",
     "conditioning_data_dir": "train_network reads mask images per subset: give conditioning_data_dir in a "
                              "dataset_config subset, with masked_loss = true (ControlNet training is not supported)",
@@ -708,9 +710,13 @@ class SubsetSpec:
     custom_attributes: dict = field(default_factory=dict)
     resize_interpolation: str | None = None
     from_folder_name: bool = False  # repeats/class tokens came from an `N_name` folder name
+    # sd-scripts' fine-tuning subset: image keys and captions from this JSON (image_dir: where keys are looked up)
+    metadata_file: str | None = None
 
     @property
     def name(self) -> str:
+        if self.metadata_file:  # (sd-scripts keys its tag frequency by the metadata file's name)
+            return os.path.basename(self.metadata_file)
         return os.path.basename(os.path.normpath(self.image_dir))
 
 
@@ -749,15 +755,17 @@ _DATASET_ASCENDABLE = {
     "max_bucket_reso": "int", "min_bucket_reso": "int", "validation_seed": "int", "validation_split": "float",
     "resolution": "reso", "network_multiplier": "float", "resize_interpolation": "str",
 }
+_FT_SUBSET_DISTINCT = {"metadata_file": "str"}  # (a fine-tuning subset's own key)
 _GENERAL_KEYS = {**_DATASET_ASCENDABLE, **_SUBSET_ASCENDABLE, **_DB_SUBSET_ASCENDABLE, **_DROPOUT_ASCENDABLE}
 _DATASET_KEYS = {**_GENERAL_KEYS}
-_SUBSET_KEYS = {**_SUBSET_ASCENDABLE, **_DB_SUBSET_DISTINCT, **_DB_SUBSET_ASCENDABLE, **_DROPOUT_ASCENDABLE}
+_SUBSET_KEYS = {**_SUBSET_ASCENDABLE, **_DB_SUBSET_DISTINCT, **_DB_SUBSET_ASCENDABLE, **_DROPOUT_ASCENDABLE,
+                **_FT_SUBSET_DISTINCT}
 _ARGPARSE_ONLY = ("prior_loss_weight", "max_token_length", "debug_dataset")
-_UNSUPPORTED_SUBSET_KINDS = {
-    "metadata_file": "fine-tuning subsets (metadata_file) are not supported; use image_dir with caption files",
-}
+_UNSUPPORTED_SUBSET_KINDS: dict[str, str] = {}
+# the DreamBooth-only keys a fine-tuning subset may not have (sd-scripts' FT subset schema)
+_DB_ONLY = ("is_reg", "class_tokens", "caption_extension", "cache_info", "conditioning_data_dir")
 # TrainConfig names for dataset keys where they differ.
-_FROM_TRAIN_CONFIG = {"batch_size": "train_batch_size"}
+_FROM_TRAIN_CONFIG = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 
 
 def _check_level(table: dict, allowed: dict, level: str, where: str, problems: list[str]) -> dict:
@@ -860,24 +868,35 @@ def parse_dataset_config(
             problems.append(f"{where}: no [[datasets.subsets]] defined")
             subsets_raw = []
         seen_dirs: set[str] = set()
+        ft = [isinstance(r, dict) and "metadata_file" in r for r in subsets_raw]
+        if any(ft) and not all(ft):
+            problems.append(f"{where}: subsets with metadata_file (fine-tuning) and without it (image folders) "
+                            "cannot be mixed in one dataset (sd-scripts' rule); put them in separate [[datasets]]")
         for j, sub_raw in enumerate(subsets_raw):
             swhere = f"{where} subset #{j + 1}"
             if not isinstance(sub_raw, dict):
                 problems.append(f"{swhere}: must be a table")
                 continue
             sub = coerce_table(_check_level(sub_raw, _SUBSET_KEYS, "subset", swhere, problems), _SUBSET_KEYS, swhere)
-            if "image_dir" not in sub:
-                if "metadata_file" not in sub_raw:
-                    problems.append(f"{swhere}: image_dir is required")
+            metadata_file = sub.get("metadata_file")
+            if metadata_file:
+                wrong = [k for k in _DB_ONLY if k in sub]
+                if wrong:
+                    problems.append(f"{swhere}: {', '.join(wrong)} cannot be set in a fine-tuning subset "
+                                    "(metadata_file): its captions come from the metadata file (sd-scripts' rule)")
+            elif "image_dir" not in sub:
+                problems.append(f"{swhere}: image_dir is required (or metadata_file, for a fine-tuning subset)")
                 continue
-            image_dir = sub["image_dir"]
-            resolved = str(_resolve(image_dir, base_dir))
-            if resolved in seen_dirs:
+            image_dir = sub.get("image_dir")
+            resolved = str(_resolve(image_dir, base_dir)) if image_dir else ""
+            if image_dir and resolved in seen_dirs and not metadata_file:
                 notes.append(f"{swhere}: image_dir {image_dir!r} repeats an earlier subset of this dataset and is "
                              "ignored (sd-scripts' rule)")
                 continue
             seen_dirs.add(resolved)
             sch = [sub, ds, general]
+            if metadata_file:  # (DreamBooth-only keys of [general] or the dataset do not reach it)
+                sch = [{k: v for k, v in t.items() if k not in _DB_ONLY} for t in sch]
             cap_ext = lookup("caption_extension", sch, ".txt")
             if cap_ext and not cap_ext.startswith("."):
                 cap_ext = "." + cap_ext
@@ -901,6 +920,7 @@ def parse_dataset_config(
                 cache_info=lookup("cache_info", sch, False),
                 custom_attributes=lookup("custom_attributes", sch, None) or {},
                 resize_interpolation=lookup("resize_interpolation", sch, None),
+                metadata_file=str(_resolve(metadata_file, base_dir)) if metadata_file else None,
             )
             spec.subsets.append(specs_sub)
         for k in ("resize_interpolation",):

@@ -295,15 +295,21 @@ class DatasetPlan:
                         "keep_tokens_separator": c.keep_tokens_separator, "secondary_separator": c.secondary_separator,
                         "enable_wildcard": bool(c.enable_wildcard), "caption_prefix": c.caption_prefix,
                         "caption_suffix": c.caption_suffix, "resize_interpolation": s.spec.resize_interpolation,
-                        "image_dir": s.name, "class_tokens": s.spec.class_tokens, "is_reg": s.is_reg,
                     })
+                    if s.spec.image_dir:
+                        subs[-1]["image_dir"] = Path(s.spec.image_dir).name
+                    if s.spec.metadata_file:  # (a fine-tuning subset)
+                        subs[-1]["metadata_file"] = s.name
+                    else:
+                        subs[-1].update(class_tokens=s.spec.class_tokens, is_reg=s.is_reg)
                     if not s.is_reg:
                         key, i = s.name, 2
                         while key in dirs:
                             key, i = f"{s.name} ({i})", i + 1
                         dirs[key] = {"n_repeats": s.repeats, "img_count": s.n_images}
                 datasets_md.append({
-                    "is_dreambooth": True, "batch_size_per_device": d.spec.batch_size,
+                    "is_dreambooth": not any(sub.spec.metadata_file for sub in d.subsets),
+                    "batch_size_per_device": d.spec.batch_size,
                     "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
                     "resolution": d.spec.resolution, "enable_bucket": bool(d.spec.enable_bucket),
                     "min_bucket_reso": d.spec.min_bucket_reso if d.spec.enable_bucket else None,
@@ -359,8 +365,119 @@ def _validation_split(paths: list, split: float, seed: int) -> tuple[list, list]
     return items[: math.ceil(n * (1 - split))], items[n - round(n * split):]
 
 
+def _metadata_image(key: str, image_dir: str | None) -> Path | None:
+    """FineTuningDataset's lookup of a metadata key: the key as a path, else the first of image_dir/key.<image
+    extension> in sorted order (keys are file stems unless merge_captions_to_metadata ran with --full_path)."""
+    if Path(key).is_file():
+        return Path(key)
+    if image_dir:
+        d = Path(image_dir)
+        hits = sorted((d / (key + ext) for ext in image_extensions() for ext in (ext, ext.upper())),
+                      key=lambda p: str(p))
+        for p in hits:
+            if p.is_file():
+                return p
+    return None
+
+
+def _metadata_caption(md: dict, sep: str, wildcard: bool) -> tuple[str, str | None]:
+    """(caption, tags) of one metadata entry as FineTuningDataset joins them: caption + separator + tags; tags
+    alone when there is no caption; with enable_wildcard, the tags appended to each caption line."""
+    caption, tags = md.get("caption"), md.get("tags")
+    if caption is None:
+        caption, tags = tags, None
+    if wildcard:
+        if tags is not None:
+            tags = tags.replace("\n", sep)
+        if caption is not None and tags is not None:
+            caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip() != "")
+    elif tags:
+        caption = caption + sep + tags
+    return caption or "", tags
+
+
+def _plan_metadata_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings: list[Finding],
+                          seed: int) -> SubsetPlan:
+    """A fine-tuning subset (metadata_file / in_json): sd-scripts' FineTuningDataset, images found by their keys,
+    captions and tags from the JSON."""
+    plan = SubsetPlan(spec)
+    where = f"'{spec.name}'"
+    path = Path(spec.metadata_file)
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        findings.append(Finding("error", "metadata-missing", f"metadata file '{path}' does not exist (in_json / "
+                                "metadata_file); make it with sd-scripts' merge_captions_to_metadata.py, or train "
+                                "from caption files in N_name folders instead", [str(path)]))
+        return plan
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        findings.append(Finding("error", "metadata-unreadable", f"metadata file '{path}' cannot be read as JSON: {e}",
+                                [str(path)]))
+        return plan
+    if not isinstance(metadata, dict) or not all(isinstance(v, dict) for v in metadata.values()):
+        findings.append(Finding("error", "metadata-format",
+                                f"metadata file '{path}' is not sd-scripts' metadata (an object of image key -> "
+                                "{\"caption\": ..., \"tags\": ...})", [str(path)]))
+        return plan
+    if not metadata:
+        findings.append(Finding("warning", "metadata-empty", f"{where}: the metadata file has no entries; the subset "
+                                "is skipped (as in sd-scripts)", [str(path)]))
+        return plan
+    if spec.image_dir and not Path(spec.image_dir).is_dir():
+        findings.append(Finding("error", "missing-dir", f"image_dir '{spec.image_dir}' does not exist or is not a "
+                                "folder", [spec.image_dir]))
+        return plan
+    found, missing, npz_only = [], [], []
+    for key, md in metadata.items():
+        p = _metadata_image(key, spec.image_dir or None)
+        if p is None:
+            stem = Path(key).with_suffix("") if Path(key).suffix else Path(key)
+            npz = [q for q in (Path(f"{stem}.npz"), Path(spec.image_dir or ".") / f"{key}.npz") if q.is_file()]
+            (npz_only if npz else missing).append(key)
+            continue
+        found.append((p, md))
+    if missing or npz_only:
+        text = (f"{where}: {len(missing) + len(npz_only)} metadata key(s) have no image "
+                + (f"in '{spec.image_dir}'" if spec.image_dir else "(no image_dir / train_data_dir is set)")
+                + f": {_names(missing + npz_only)}. sd-scripts stops on this too. Put the images there (file name = "
+                "key + .png/.jpg/...), or remove those entries")
+        if npz_only:
+            text += (f"; {len(npz_only)} have only a cached .npz latent, which LoRA Studio does not read (it caches "
+                     "latents itself from the images)")
+        findings.append(Finding("error", "metadata-no-image", text, [str(path)]))
+    if any("train_resolution" in md for _, md in found):
+        findings.append(Finding("info", "metadata-buckets",
+                                f"{where}: train_resolution in the metadata (prepare_buckets_latents.py) is not used; "
+                                "the images are bucketed from their own sizes with this dataset's bucket settings "
+                                "(sd-scripts takes the buckets from the metadata and resizes each image to one)"))
+    if ds.validation_split > 0:
+        keep, val = _validation_split([p for p, _ in found], ds.validation_split, seed)
+        val_set = set(val)
+        groups = ([(p, md) for p, md in found if p not in val_set], [(p, md) for p, md in found if p in val_set])
+    else:
+        groups = (found, [])
+    tags_list = []
+    for group, target in zip(groups, (plan.images, plan.validation_images)):
+        for p, md in group:
+            probe = probe_image(p, check_pixels=check_pixels)
+            if not probe.ok:
+                plan.unreadable.append((p.name, probe.error))
+                continue
+            caption, tags = _metadata_caption(md, spec.captions.caption_separator or ",",
+                                              spec.captions.enable_wildcard)
+            if tags and not spec.captions.enable_wildcard and target is plan.images:
+                tags_list.append(tags)
+            target.append(ImageEntry(p, probe.size, caption, "metadata", None, False, spec.num_repeats,
+                                     notes=list(probe.notes)))
+    # (sd-scripts counts the tags field only, per metadata file)
+    plan.tag_counts = tag_frequency(tags_list)
+    return plan
+
+
 def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings: list[Finding],
                  seed: int) -> SubsetPlan:
+    if spec.metadata_file:
+        return _plan_metadata_subset(spec, ds, check_pixels, findings, seed)
     plan = SubsetPlan(spec)
     d = Path(spec.image_dir)
     if not d.is_dir():
@@ -567,7 +684,7 @@ def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
                 "warning", "unsupported-ext",
                 f"{where}: {len(s.unsupported_files)} file(s) in formats sd-scripts does not read are skipped: "
                 f"{_names(s.unsupported_files)} (convert them to PNG or JPEG)"))
-        if not s.images and not s.unreadable:
+        if not s.images and not s.unreadable and not s.spec.metadata_file:  # (a metadata subset says why itself)
             findings.append(Finding("warning", "empty-subset", f"{where}: no images found; the folder is skipped",
                                     [str(s.path)]))
         if s.other_extension_captions:
@@ -578,7 +695,7 @@ def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
                 f"read from {s.spec.caption_extension} files, so those captions are NOT used: "
                 f"{_names(s.other_extension_captions)}. Set caption_extension = \"{other}\" to use them."))
         missing_caption = [e.path.name for e in s.images if e.caption_source != "file"]
-        if s.images and missing_caption and not s.is_reg:
+        if s.images and missing_caption and not s.is_reg and not s.spec.metadata_file:
             fallback = f"the folder tokens '{s.class_tokens}'" if s.class_tokens else "an empty caption"
             findings.append(Finding(
                 "info" if s.n_captioned == 0 else "warning", "no-caption",
@@ -635,9 +752,21 @@ def build_plan(config: TrainConfig, family: str | None = None, check_pixels: boo
             for sub in spec.subsets:
                 _check_subset_dir_level(sub, findings)
     else:
-        subsets, f = subsets_from_folders(config.resolve(config.train_data_dir), config.resolve(config.reg_data_dir),
-                                          config)
-        findings.extend(f)
+        if config.in_json:  # sd-scripts' fine-tuning dataset: one subset, the images in train_data_dir
+            subsets = [SubsetSpec(image_dir=str(config.resolve(config.train_data_dir) or ""),
+                                  num_repeats=config.dataset_repeats,
+                                  captions=config.caption_options(), color_aug=config.color_aug,
+                                  flip_aug=config.flip_aug, random_crop=config.random_crop,
+                                  face_crop_aug_range=config.face_crop_aug_range, alpha_mask=config.alpha_mask,
+                                  resize_interpolation=config.resize_interpolation,
+                                  metadata_file=str(config.resolve(config.in_json)))]
+            if config.reg_data_dir:
+                findings.append(Finding("warning", "in-json-reg", "reg_data_dir is not used with in_json (sd-scripts' "
+                                        "fine-tuning dataset has no regularisation images)"))
+        else:
+            subsets, f = subsets_from_folders(config.resolve(config.train_data_dir),
+                                              config.resolve(config.reg_data_dir), config)
+            findings.extend(f)
         specs = [DatasetSpec(
             resolution=config.resolution, batch_size=config.train_batch_size, enable_bucket=config.enable_bucket,
             min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
@@ -758,7 +887,7 @@ def _attach_masks(part: DatasetPart, config: TrainConfig, findings: list[Finding
 
 def _check_subset_dir_level(sub: SubsetSpec, findings: list[Finding]) -> None:
     d = Path(sub.image_dir)
-    if not d.is_dir():
+    if sub.metadata_file or not d.is_dir():
         return
     has_images = any(is_img(p) for p in _safe_iter(d))
     numbered = sorted(p.name for p in _safe_iter(d) if p.is_dir() and any(is_img(q) for q in _safe_iter(p)))
@@ -822,7 +951,9 @@ def _report(plan: DatasetPlan) -> str:
         out.append(f"  dataset config: {cfg.dataset_config}")
     else:
         out.append(f"  train_data_dir: {cfg.resolve(cfg.train_data_dir)}")
-        if cfg.reg_data_dir:
+        if cfg.in_json:
+            out.append(f"  in_json:        {cfg.resolve(cfg.in_json)} (captions from the metadata)")
+        elif cfg.reg_data_dir:
             out.append(f"  reg_data_dir:   {cfg.resolve(cfg.reg_data_dir)}")
     for di, part in enumerate(plan.datasets):
         ds = part.spec
@@ -834,14 +965,21 @@ def _report(plan: DatasetPlan) -> str:
                     f"buckets {ds.min_bucket_reso}-{ds.max_bucket_reso} step {ds.bucket_reso_steps}")
         else:
             mode = "buckets off"
+        exts = sorted({s.spec.caption_extension for s in part.subsets if not s.spec.metadata_file})
         out.append(f"  resolution {reso}, batch size {ds.batch_size}, {mode}, captions from "
-                   f"{', '.join(sorted({s.spec.caption_extension for s in part.subsets})) or '-'} files")
+                   + (f"{', '.join(exts)} files" if exts else "the metadata file"))
         for kind, subs in (("Training folders", [s for s in part.subsets if not s.is_reg]),
                            ("Regularisation folders", [s for s in part.subsets if s.is_reg])):
             if not subs:
                 continue
             out.append(f"  {kind}:")
             for s in subs:
+                if s.spec.metadata_file:
+                    out.append(f"    {s.name}: {_plural(s.repeats, 'repeat')}; {_plural(s.n_images, 'image')} with "
+                               f"captions from the metadata -> {s.samples} samples"
+                               + (f"; {len(s.validation_images)} held out for validation"
+                                  if s.validation_images else ""))
+                    continue
                 if not s.is_reg and s.instance_token:
                     tokens = f"trigger '{s.instance_token}'" + (f", class '{s.class_token}'" if s.class_token else "")
                 else:

@@ -43,6 +43,7 @@ HONOURED = {
     "max_validation_steps", "dim_from_weights", "save_n_epoch_ratio", "alpha_mask", "masked_loss", "lr_decay_steps",
     "lr_scheduler_min_lr_ratio", "lr_scheduler_args", "lr_scheduler_type", "lr_scheduler_timescale", "logging_dir",
     "log_prefix", "random_crop", "initial_epoch", "initial_step", "skip_until_initial_step", "face_crop_aug_range",
+    "in_json", "dataset_repeats",
     "color_aug", "weighted_captions", "fp8_base", "fp8_base_unet", "full_fp16", "full_bf16",
     "base_weights", "base_weights_multiplier",
 }
