@@ -630,7 +630,7 @@ def _post_checks(cfg: TrainConfig, flat: dict, notes: list[str]) -> None:
     if cfg.caption_extension and not cfg.caption_extension.startswith("."):
         notes.append(f"caption_extension {cfg.caption_extension!r} read as '.{cfg.caption_extension}'")
         cfg.caption_extension = "." + cfg.caption_extension
-    if "caption_extension" not in flat and "caption_extention" not in flat:
+    if "caption_extension" not in flat and "caption_extention" not in flat and not cfg.in_json:
         notes.append("captions are read from .txt files next to the images (sd-scripts' default would be "
                      ".caption and would skip .txt files)")
     if cfg.network_module is None:

@@ -106,7 +106,7 @@ class SubsetPlan:
 
     @property
     def n_captioned(self) -> int:
-        return sum(1 for e in self.images if e.caption_source == "file")
+        return sum(1 for e in self.images if e.caption_source in ("file", "metadata"))
 
     @property
     def samples(self) -> int:
