@@ -167,4 +167,4 @@ def test_dataset_toml_refuses_bad_keys_and_levels(tmp_path):
     assert "unknown key 'shufle_caption' (did you mean 'shuffle_caption'" in msg
     assert "prior_loss_weight cannot be set in a dataset config" in msg
     assert "batch_size is not allowed here; it belongs in [general] or [[datasets]]" in msg
-    assert "fine-tuning subsets (metadata_file) are not supported" in msg
+    assert "subsets with metadata_file (fine-tuning) and without it (image folders) cannot be mixed" in msg
