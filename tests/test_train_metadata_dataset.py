@@ -26,7 +26,7 @@ def _images(root):
 
 def _meta(root, d):
     md = {"a": {"caption": "a photo", "tags": "red, square"},
-          "b": {"tags": "blue"},
+          "b.jpg": {"tags": "blue"},  # (a file name in image_dir: read here, sd-scripts would look in its cwd)
           str(d / "c.png"): {"caption": "line1\nline2", "tags": "t1\nt2"}}
     (root / "meta.json").write_text(json.dumps(md))
     return root / "meta.json"

@@ -367,17 +367,21 @@ def _validation_split(paths: list, split: float, seed: int) -> tuple[list, list]
 
 def _metadata_image(key: str, image_dir: str | None) -> Path | None:
     """FineTuningDataset's lookup of a metadata key: the key as a path, else the first of image_dir/key.<image
-    extension> in sorted order (keys are file stems unless merge_captions_to_metadata ran with --full_path)."""
-    if Path(key).is_file():
-        return Path(key)
+    extension> in sorted order (keys are file stems unless merge_captions_to_metadata ran with --full_path). A
+    relative key is tried in image_dir before the working folder (sd-scripts tries only the latter, which in the
+    WebUI is the WebUI's own folder)."""
+    k = Path(key)
+    if k.is_absolute() and k.is_file():
+        return k
     if image_dir:
         d = Path(image_dir)
-        hits = sorted((d / (key + ext) for ext in image_extensions() for ext in (ext, ext.upper())),
-                      key=lambda p: str(p))
-        for p in hits:
+        if (d / key).is_file():
+            return d / key
+        exts = [e for x in image_extensions() for e in dict.fromkeys((x, x.upper()))]
+        for p in sorted((d / (key + e) for e in exts), key=str):
             if p.is_file():
                 return p
-    return None
+    return k if k.is_file() else None
 
 
 def _metadata_caption(md: dict, sep: str, wildcard: bool) -> tuple[str, str | None]:
