@@ -338,6 +338,35 @@ def test_lowvram_is_refused(fresh, monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().out.count("--lowvram moves every UNet block") == 1  # said once, not per poll
 
 
+def test_a_job_started_while_the_webui_loads_its_checkpoint_waits_for_it(fresh):
+    """A1111 loads the first checkpoint in a thread after start-up; a job queued before that (a script that starts
+    the WebUI and posts jobs) waits for the load, as a generation would, instead of failing. A checkpoint the user
+    unloaded is not loaded again: that job says none is loaded."""
+    ns = fresh
+    md = ns.sd_models.model_data
+    loads = []
+
+    def slow_load():
+        time.sleep(0.3)
+        loads.append(1)
+        return ns.model
+
+    saved = md.sd_model, md.was_loaded_at_least_once, md.loader
+    try:
+        md.sd_model, md.was_loaded_at_least_once, md.loader = None, False, slow_load
+        job = ns.backend.submit(config(ns, "earlyjob"), name="earlyjob")
+        done = finished(ns, job["id"])
+        assert done["status"] == "done", done.get("error")
+        assert loads == [1] and md.sd_model is ns.model
+        md.sd_model = None  # unloaded by the user (was_loaded_at_least_once stays true)
+        job = ns.backend.submit(config(ns, "unloadedjob"), name="unloadedjob")
+        done = finished(ns, job["id"])
+        assert done["status"] == "failed" and "No checkpoint is loaded" in done["error"] and loads == [1]
+    finally:
+        md.sd_model, md.was_loaded_at_least_once, md.loader = saved
+    assert models.model_state_hash(ns.model) == ns.before
+
+
 def test_forge_is_refused(fresh, monkeypatch, tmp_path):
     ns = fresh
     monkeypatch.setitem(sys.modules, "ldm_patched", types.ModuleType("ldm_patched"))
@@ -411,3 +440,4 @@ def test_a_network_that_cannot_fit_the_loaded_model_is_not_queued(fresh, tmp_pat
     finally:
         ns.shared.opts.lora_studio_api_roots = ""
     assert len(ns.backend.jobs()) == before and models.model_state_hash(ns.model) == ns.before
+

@@ -106,8 +106,25 @@ class WebUIBackend(LocalBackend):
         refused = self._refused
         return refused[1] if refused is not None and refused[0] is loaded_model() else None
 
+    def _wait_for_model(self):
+        """A job that starts while the WebUI is still loading its first checkpoint (it loads in a thread after
+        start-up) waits for it instead of failing: A1111's get_sd_model waits on the loader's lock, or loads the
+        selected checkpoint if none was ever loaded, as a generation would. A checkpoint the user unloaded is not
+        reloaded (the job then says that none is loaded)."""
+        try:
+            from modules import sd_models
+            md = sd_models.model_data
+        except Exception:  # (not an A1111-shaped host)
+            return
+        if md.sd_model is None and not getattr(md, "was_loaded_at_least_once", True):
+            console("LoRA Studio: the WebUI is still loading its checkpoint; the job starts once it has loaded")
+            md.get_sd_model()
+
     def _need_host(self):
         host = self._current_host()
+        if host is None and getattr(self._job, "id", None):  # (a job, not the tab's or the API's poll)
+            self._wait_for_model()
+            host = self._current_host()
         if host is None:
             reason = self.refusal()
             if reason:  # say why, not "no checkpoint is loaded"
