@@ -61,6 +61,10 @@ def test_captions_and_tags_join_as_sd_scripts_does(tmp_path):
     plan = build_plan(_cfg(tmp_path, enable_wildcard=True), family="sd1")
     got = {e.path.name: e.caption for e in plan.subsets[0].images}
     assert got["c.png"] == "line1,t1,t2\nline2,t1,t2" and got["a.png"] == "a photo,red, square"
+    # tags as a list (another tagger's JSON) read as those tags
+    (tmp_path / "list.json").write_text(json.dumps({"a": {"caption": "x", "tags": ["red", "square"]}}))
+    plan = build_plan(_cfg(tmp_path, in_json=str(tmp_path / "list.json")), family="sd1")
+    assert [e.caption for e in plan.subsets[0].images] == ["x,red, square"]
 
 
 def test_mistakes_are_said(tmp_path):

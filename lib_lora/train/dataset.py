@@ -387,7 +387,9 @@ def _metadata_image(key: str, image_dir: str | None) -> Path | None:
 def _metadata_caption(md: dict, sep: str, wildcard: bool) -> tuple[str, str | None]:
     """(caption, tags) of one metadata entry as FineTuningDataset joins them: caption + separator + tags; tags
     alone when there is no caption; with enable_wildcard, the tags appended to each caption line."""
-    caption, tags = md.get("caption"), md.get("tags")
+    def text(v):  # (tools write strings; a list of tags from another tagger reads as those tags)
+        return v if v is None or isinstance(v, str) else ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+    caption, tags = text(md.get("caption")), text(md.get("tags"))
     if caption is None:
         caption, tags = tags, None
     if wildcard:
@@ -455,7 +457,7 @@ def _plan_metadata_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool,
                                 "the images are bucketed from their own sizes with this dataset's bucket settings "
                                 "(sd-scripts takes the buckets from the metadata and resizes each image to one)"))
     if ds.validation_split > 0:
-        keep, val = _validation_split([p for p, _ in found], ds.validation_split, seed)
+        _, val = _validation_split([p for p, _ in found], ds.validation_split, seed)
         val_set = set(val)
         groups = ([(p, md) for p, md in found if p not in val_set], [(p, md) for p, md in found if p in val_set])
     else:
