@@ -709,3 +709,25 @@ def test_dim_from_weights_keeps_a_files_dora_magnitudes(algo, axis, tmp_path):
     assert {k: v.shape for k, v in load_tensors(res.final).items()} == {k: v.shape for k, v in sd.items()}
     assert any(n.startswith(f"started from {first.final} (0 tensors not in that file)") for n in res.notes)
     assert not any("not used (e.g." in n for n in res.notes), res.notes
+
+
+def test_dim_from_weights_with_rs_lora_keeps_the_files_scale(tmp_path):
+    """An rs_lora file holds alpha·dim/sqrt(dim), so alpha/dim is its trained scale; continuing it with
+    dim_from_weights and rs_lora again applies that scale once (as LyCORIS builds modules from a file): the
+    alphas are written back unchanged, not rank-stabilised a second time."""
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    args = ["algo=locon", "preset=attn-mlp", "rs_lora=True"]
+    first = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, max_train_steps=1, network_args=args))
+    sd = load_tensors(first.final)
+    alphas = {k: float(v) for k, v in sd.items() if k.endswith(".alpha")}
+    assert set(alphas.values()) == {4.0}  # (network_alpha 2 at rank 4: 2·4/sqrt(4))
+    cfg = _cfg(tmp_path, img, output_dir=str(tmp_path / "o2"), max_train_steps=1, network_dim=16,
+               network_args=args, network_weights=first.final, dim_from_weights=True)
+    errors, notes = check_support(cfg, "sd1")
+    assert errors == [] and any(n.startswith("rs_lora changes nothing with dim_from_weights") for n in notes)
+    res = run_training(ModelHost(sd1, "m"), cfg)
+    assert res.status == "done"
+    again = load_tensors(res.final)
+    assert {k: float(v) for k, v in again.items() if k.endswith(".alpha")} == alphas
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in sd.items()}

@@ -161,8 +161,11 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
         notes.append(f"rank_dropout with algo={s.algo} works as in kohya's networks.lora (rank channels dropped per "
                      "sample and the rest scaled up); LyCORIS drops output rows of the whole delta without scaling")
     if s.rs_lora and cfg.dim_from_weights:
-        raise ValueError("dim_from_weights with rs_lora: the file's alphas already hold the rank-stabilised scale; "
-                         "set network_dim and network_alpha instead")
+        # (an rs_lora file's alpha is written as alpha·dim/sqrt(dim), so alpha/dim is the trained scale; LyCORIS'
+        # create_network_from_weights builds plain modules from it)
+        notes.append("rs_lora changes nothing with dim_from_weights: each module takes the file's alpha, which "
+                     "already holds the rank-stabilised scale (as LyCORIS builds modules from a file)")
+        s.rs_lora = False
     if s.dora and cfg.scale_weight_norms and s.algo not in lyco.NO_MAX_NORM:
         notes.append(f"scale_weight_norms with {what} caps the norm of the delta before DoRA's renormalisation, as "
                      "LyCORIS does (the magnitude is not capped)")
