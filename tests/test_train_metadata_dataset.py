@@ -115,6 +115,11 @@ def test_dataset_config_metadata_subsets(tmp_path):
         load_dataset_config(tmp_path / "bad.toml")
     assert "cannot be mixed in one dataset" in str(e.value)
     assert "class_tokens cannot be set in a fine-tuning subset" in str(e.value)
+    (tmp_path / "level.toml").write_text('[general]\nmetadata_file = "meta.json"\n[[datasets]]\nresolution = 64\n'
+                                         '[[datasets.subsets]]\nimage_dir = "imgs"\n')
+    with pytest.raises(TrainConfigError, match=r"\[general\]: metadata_file is not allowed here; it belongs in "
+                                               r"\[\[datasets.subsets\]\]"):
+        load_dataset_config(tmp_path / "level.toml")
 
 
 def test_in_json_trains_and_writes_sd_scripts_metadata(tmp_path):

@@ -761,7 +761,6 @@ _DATASET_KEYS = {**_GENERAL_KEYS}
 _SUBSET_KEYS = {**_SUBSET_ASCENDABLE, **_DB_SUBSET_DISTINCT, **_DB_SUBSET_ASCENDABLE, **_DROPOUT_ASCENDABLE,
                 **_FT_SUBSET_DISTINCT}
 _ARGPARSE_ONLY = ("prior_loss_weight", "max_token_length", "debug_dataset")
-_UNSUPPORTED_SUBSET_KINDS: dict[str, str] = {}
 # the DreamBooth-only keys a fine-tuning subset may not have (sd-scripts' FT subset schema)
 _DB_ONLY = ("is_reg", "class_tokens", "caption_extension", "cache_info", "conditioning_data_dir")
 # TrainConfig names for dataset keys where they differ.
@@ -776,13 +775,11 @@ def _check_level(table: dict, allowed: dict, level: str, where: str, problems: l
             out[k] = v
         elif k == "subsets" and level == "dataset":
             continue
-        elif k in _UNSUPPORTED_SUBSET_KINDS:
-            problems.append(f"{where}: {_UNSUPPORTED_SUBSET_KINDS[k]}")
         elif k in _ARGPARSE_ONLY:
             problems.append(f"{where}: {k} cannot be set in a dataset config (sd-scripts takes it from the training "
                             f"config only); move it to the training config")
         elif k in all_levels:
-            if k in _DB_SUBSET_DISTINCT or k == "subsets":
+            if k in _DB_SUBSET_DISTINCT or k in _FT_SUBSET_DISTINCT or k == "subsets":
                 home = "[[datasets.subsets]]" if k != "subsets" else "[[datasets]]"
             else:
                 home = "[general] or [[datasets]]"
