@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockDims, block_index
 from .fp8 import is_fp8
-from .lyco import NO_SCALE, KohyaOftPair, LycorisMaxNorm, LycoSettings, NormPair, PairBase, make_pair, settings_for
+from .lyco import KohyaOftPair, LycorisMaxNorm, LycoSettings, NormPair, PairBase, make_pair, settings_for
 from .lyco_preset import custom_targets
 from .targets import (IA3_ON_INPUT, LYCO_TE, TrainTarget, kohya_oft_targets, lyco_preset_convs, lycoris_unet_targets,
                       text_encoder_targets, unet_targets)
@@ -226,6 +226,7 @@ class LoRANetwork(nn.Module):
         self.pairs = nn.ModuleDict()
         self.skipped: list[str] = []  # rank 0 from block_dims or a block learning-rate weight of 0
         self._mha: list[tuple[TrainTarget, list[str]]] = []
+        self._built_with: dict[str, LycoSettings] = {}  # (a module's own settings: a preset map's or the file's)
         self.targets = []
         for t in targets:
             m = t.module
@@ -253,20 +254,20 @@ class LoRANetwork(nn.Module):
                 self._add(t, d, a, names, dims if module_dims is not None else None, weight_path)
             except ValueError as e:
                 raise NetworkShapeError(f"{t.kohya_name}: {e}") from None
-        for pair in self.pairs.values():  # the network-wide switches, on every module
+        for name, pair in self.pairs.items():  # the network-wide switches, on every module, as its algorithm takes them
             if lyco is not None:
-                # (a preset map's IA3 / full / OFT layers in a network of another algorithm: no scale to change)
-                own = getattr(pair, "kind", None) not in NO_SCALE
-                if lyco.rs_lora and own:
+                ps = self._built_with.get(name, lyco)
+                if ps.rs_lora:
                     pair.use_rs_scale()
                 pair.rank_dropout_scale = lyco.rank_dropout_scale
-                if lyco.use_scalar and own and not isinstance(pair, NormPair):
+                if ps.use_scalar and not isinstance(pair, NormPair):
                     pair.enable_scalar()
                 elif lyco_max_norm and isinstance(pair, LoRAPair):
                     pair.enable_fixed_scalar()
             if lora_fa:
                 pair.freeze_down()
                 pair.reset_parameters()
+        del self._built_with  # (needed while building only)
         self._attached = False
 
     def _add(self, t: TrainTarget, d: int, a, names: list[str] | None, dims: list | None, weight_path: bool):
@@ -296,6 +297,7 @@ class LoRANetwork(nn.Module):
                 ly, wp = self._file_settings(lyco, weight_path, ex)
                 self.pairs[n] = (make_pair(ly, (e, e), dn, an, bias=has_bias, from_file=ex or None) if wp
                                  else DyLoraPair((e, e), dn, an, unit) if unit else LoRAPair(e, e, dn, an))
+                self._built_with[n] = ly
                 if ly is not None and ly.dora:
                     self.pairs[n].init_dora(w[part], ly.wd_on_output)
             self._mha.append((t, names))
@@ -312,6 +314,8 @@ class LoRANetwork(nn.Module):
             self.pairs[t.kohya_name] = LoRAPair(m.in_channels, m.out_channels, d, a, (1, 1), m.stride, m.padding)
         else:
             self.pairs[t.kohya_name] = LoRAPair(m.in_features, m.out_features, d, a)
+        if t.kind != "mha":
+            self._built_with[t.kohya_name] = lyco
         if lyco is not None and lyco.dora and t.kind != "mha":  # (norm modules have none: they never come here)
             self.pairs[t.kohya_name].init_dora(m.weight, lyco.wd_on_output)
 

@@ -220,8 +220,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], resolve=Non
             why = ("its modules have no alpha scale, Tucker factors or DoRA magnitude" if algo != "glora" else
                    "its modules have no DoRA magnitude and no Tucker core")
             notes.append(f"network_args {', '.join(given)} change nothing with algo={algo}: {why} (as in LyCORIS)")
-        s.tucker = s.dora = False
-        s.rs_lora = s.rs_lora and algo == "glora"
+        _drop_unsupported(s)
     elif "wd_on_output" in nargs and not s.dora:
         notes.append("network_args wd_on_output sets the axis of DoRA's magnitude and changes nothing without "
                      "dora_wd=True (as in LyCORIS)")
@@ -238,12 +237,18 @@ def settings_for(s: LycoSettings, algo: str | None) -> LycoSettings:
     if algo is None or algo == s.algo or {algo, s.algo} <= {"lora", "locon"}:
         return s
     t = dataclasses.replace(s, algo=algo)
-    if algo in NO_SCALE + ("glora",):
-        t.tucker = t.dora = False
-        t.rs_lora = s.rs_lora and algo == "glora"
-    if algo in NO_SCALE:
-        t.use_scalar = False
+    _drop_unsupported(t)
     return t
+
+
+def _drop_unsupported(s: LycoSettings) -> None:
+    """Switches off, in place, what ``s.algo``'s LyCORIS module takes and does nothing with: IA3 / full / OFT
+    have no scale, Tucker core, DoRA magnitude or scalar; GLoRA has no Tucker core or DoRA but keeps rs_lora."""
+    if s.algo in NO_SCALE + ("glora",):
+        s.tucker = s.dora = False
+        s.rs_lora = s.rs_lora and s.algo == "glora"
+    if s.algo in NO_SCALE:
+        s.use_scalar = False
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

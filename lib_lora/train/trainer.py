@@ -489,7 +489,6 @@ class Trainer:
             return None
         return (self.cfg.dynamo_backend or "inductor").lower()
 
-
     def _network_args(self) -> dict:
         try:
             return network_args(self.cfg)
@@ -933,9 +932,8 @@ class Trainer:
                     self._note("initial_epoch / initial_step are not used with resume: the state file continues "
                                f"its run exactly where it stopped (step {step})")
             elif self.plan.start is not None and self.plan.start.explanation:
-                start = self.plan.start
-                step, first_epoch, skip_batches, self.end_step = (start.step, start.first_epoch, start.skip_batches,
-                                                                  start.end_step)
+                start = self.plan.start  # (its end_step is self.end_step already)
+                step, first_epoch, skip_batches = start.step, start.first_epoch, start.skip_batches
                 self._note(f"start: {start.explanation}")
 
             prefixes = net.trained_prefixes(unet_lr, te_lr)
