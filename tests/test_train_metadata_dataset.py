@@ -77,13 +77,17 @@ def test_mistakes_are_said(tmp_path):
     meta.write_text(json.dumps(md))
     plan = build_plan(_cfg(tmp_path, reg_data_dir=str(d)), family="sd1")
     (err,) = [f.message for f in plan.errors]
-    assert "2 metadata key(s) have no image in" in err and "gone, cached" in err and "cached .npz latent" in err
+    assert "1 metadata key(s) have no image in" in err and ": gone." in err and "no cached latent" in err
+    # (an empty .npz in the image's place is named as unreadable, not taken for a missing image)
+    (bad,) = [f.message for f in plan.findings if f.code == "unreadable"]
+    assert "cached.npz (cannot be read as .npz" in bad
     assert any(f.code == "in-json-reg" for f in plan.findings)
     plan = build_plan(_cfg(tmp_path, in_json=str(tmp_path / "nope.json")), family="sd1")
     assert "does not exist" in plan.errors[0].message and "merge_captions_to_metadata" in plan.errors[0].message
     (tmp_path / "bad.json").write_text("[1, 2]")
     plan = build_plan(_cfg(tmp_path, in_json=str(tmp_path / "bad.json")), family="sd1")
     assert "is not sd-scripts' metadata" in plan.errors[0].message
+    (d / "cached.npz").unlink()
     md = {k: {**v, "train_resolution": [64, 64]} for k, v in json.loads(meta.read_text()).items()
           if k not in ("gone", "cached")}
     meta.write_text(json.dumps(md))
@@ -130,3 +134,131 @@ def test_in_json_trains_and_writes_sd_scripts_metadata(tmp_path):
     md = read_metadata(res.final)
     assert json.loads(md["ss_dataset_dirs"]) == {"meta.json": {"n_repeats": 2, "img_count": 3}}
     assert md["ss_num_train_images"] == "6" and os.path.basename(res.final) == "ft.safetensors"
+
+
+# ---- keys whose images are gone: sd-scripts' cached latents (.npz) ------------------------------------------------
+
+REF = os.path.join(os.path.dirname(__file__), "data", "sd_scripts_latents")
+
+
+def _ref_arrays():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "sds_latents_ref", os.path.join(os.path.dirname(__file__), "data", "sd_scripts_latents_reference.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sd_scripts_latent_files_are_read_as_sd_scripts_wrote_them(tmp_path):
+    """Files written by sd-scripts' own SdSdxlLatentsCachingStrategy (tests/data/sd_scripts_latents_reference.py):
+    a key without an image trains on its latent, bucketed at the latent's size; a latent for the other family or of
+    a size the UNet cannot take is refused with what to do."""
+    import shutil
+
+    import numpy as np
+    from lib_lora.train.sd_latents import load_latent
+
+    ref = _ref_arrays()
+    d = tmp_path / "imgs"
+    shutil.copytree(REF, d)
+    (tmp_path / "meta.json").write_text(json.dumps({"cat": {"caption": "a cat"}, "old": {"tags": "x",
+                                                    "train_resolution": [64, 64]}}))
+    plan = build_plan(_cfg(tmp_path, flip_aug=True, alpha_mask=True, random_crop=True, resolution=128), family="sd1")
+    assert not plan.errors, [f.message for f in plan.errors]
+    got = {e.path.name: e for e in plan.subsets[0].images}
+    assert set(got) == {"cat_0100x0200_sd.npz", "old.npz"}
+    cat, old = got["cat_0100x0200_sd.npz"], got["old.npz"]
+    # the size from the file name (what sd-scripts buckets by), the bucket from the latent
+    assert cat.size == (100, 200) and cat.bucket == (64, 128) and old.bucket == (64, 64)
+    assert cat.latent.original_size == (100, 200) and cat.latent.crop_ltrb == (2, 0, 66, 128)
+    assert cat.latent.flipped and cat.latent.alpha and not old.latent.flipped and old.latent.made_for is None
+    assert cat.caption == "a cat" and old.caption == "x"
+    z, zf, a = ref.arrays("cat", (64, 128))
+    lz, la = load_latent(cat.latent, False)
+    assert np.array_equal(lz, z) and np.array_equal(la, a)
+    lz, la = load_latent(cat.latent, True)
+    assert np.array_equal(lz, zf) and np.array_equal(la, a[:, ::-1])
+    (note,) = [f for f in plan.findings if f.code == "cached-latents"]
+    assert note.level == "warning" and "random_crop" in note.message and "flip_aug: 1 have no flipped" in note.message
+    assert "alpha_mask: 1 hold no alpha mask" in note.message and "old.npz" in note.message
+    # images present win over their latents; no note on train_resolution for a latent
+    assert not any(f.code == "metadata-buckets" for f in plan.findings)
+    # SDXL latent on an SD1 model, a 96-pixel latent on SD1: refused with what to do
+    (tmp_path / "meta.json").write_text(json.dumps({"dog": {}, "odd": {}, "cat": {}}))
+    plan = build_plan(_cfg(tmp_path, resolution=128), family="sd1")
+    msgs = {f.code: f.message for f in plan.errors}
+    assert "were made for SDXL" in msgs["cached-latents-family"] and "dog_0128x0064_sdxl.npz" in msgs["cached-latents-family"]
+    assert "multiples of 64" in msgs["cached-latents-size"] and "odd_0096x0096_sd.npz (96x96)" in msgs["cached-latents-size"]
+    # on SDXL the same files: dog and odd (multiple of 32) are fine, cat (an SD latent) is not
+    plan = build_plan(_cfg(tmp_path, resolution=128), family="sdxl")
+    assert [f.code for f in plan.errors] == ["cached-latents-family"] and "cat_0100x0200_sd.npz" in plan.errors[0].message
+    # damaged or foreign .npz files are left out and named; a key with neither image nor latent is an error
+    np.savez(d / "junk.npz", arr_0=np.zeros(3))
+    (d / "bad_0064x0064_sd.npz").write_bytes(b"not a zip")
+    (tmp_path / "meta.json").write_text(json.dumps({"cat": {}, "junk": {}, "bad": {}, "none": {}}))
+    plan = build_plan(_cfg(tmp_path, resolution=128), family="sd1")
+    (unreadable,) = [f.message for f in plan.findings if f.code == "unreadable"]
+    assert "junk.npz (not an sd-scripts latent cache" in unreadable and "old-format" in unreadable
+    assert "bad_0064x0064_sd.npz (cannot be read as .npz" in unreadable
+    (err,) = [f.message for f in plan.errors]
+    assert "1 metadata key(s) have no image" in err and "no cached latent" in err and ": none." in err
+
+
+def _encode(host, px):
+    """The VAE's latent (mode, unscaled: what sd-scripts stores) of uint8 HxWx3 pixels."""
+    import torch
+    x = torch.from_numpy(px).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+    with torch.no_grad():
+        post = host.sd_model.first_stage_model.encode(x)
+    return (post if isinstance(post, torch.Tensor) else post.mode())[0].numpy()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_cached_latents_train_exactly_like_their_images(tmp_path, family):
+    """A key whose image is replaced by an .npz holding that image's latent (flipped latent, alpha mask, SDXL
+    size numbers as sd-scripts writes them) trains to the same LoRA as the image itself."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from lib_lora.formats.safetensors_io import load_tensors
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    w = 96 if family == "sdxl" else 64  # (SDXL: a centre crop 16 px from the left, told by crop_ltrb)
+    pics = {}
+    for i, key in enumerate(("a", "b")):
+        rgb = np.asarray(train_data.concept_image(i, w, 64).convert("RGB"))
+        alpha = np.tile(np.linspace(40, 255, w, dtype=np.float32).astype(np.uint8), (64, 1))
+        Image.fromarray(np.dstack([rgb, alpha])).save(d / f"{key}.png")
+        pics[key] = (rgb, alpha)
+    (tmp_path / "meta.json").write_text(json.dumps({"a": {"caption": "red"}, "b": {"caption": "blue"}}))
+    make = models.make_sdxl if family == "sdxl" else models.make_sd1
+    kw = dict(flip_aug=family == "sd1", alpha_mask=True, masked_loss=True, enable_bucket=False, max_train_steps=3,
+              train_batch_size=2)
+    first = run_training(ModelHost(make(seed=3), "m"), _cfg(tmp_path, output_name="img", **kw))
+    assert first.status == "done"
+    host = ModelHost(make(seed=3), "m")
+    for key, (rgb, alpha) in pics.items():
+        left = (w - 64) // 2
+        rgb, alpha = rgb[:, left:left + 64], alpha[:, left:left + 64]
+        # crop_ltrb as sd-scripts computes it (BucketManager.get_crop_ltrb: the image's aspect fitted into the
+        # bucket, not the crop really made)
+        fw, fh = (64 * w / 64, 64) if 1 > w / 64 else (64, 64 / (w / 64))
+        cl, ct = (64 - fw) // 2, (64 - fh) // 2
+        arrays = dict(latents=_encode(host, rgb), original_size=np.array([w, 64]),
+                      crop_ltrb=np.array([cl, ct, cl + fw, ct + fh]),
+                      alpha_mask=alpha.astype(np.float32) / 255.0)
+        if family == "sd1":
+            arrays["latents_flipped"] = _encode(host, rgb[:, ::-1].copy())
+        # (the keys sd-scripts' save_latents_to_disk writes: see the reference files)
+        with np.load(os.path.join(REF, "cat_0100x0200_sd.npz")) as ref:
+            assert set(arrays) <= set(ref.files)
+        np.savez(d / f"{key}_{w:04d}x0064_{'sdxl' if family == 'sdxl' else 'sd'}.npz", **arrays)
+        (d / f"{key}.png").unlink()
+    second = run_training(host, _cfg(tmp_path, output_name="npz", **kw))
+    assert second.status == "done"
+    a, b = load_tensors(first.final), load_tensors(second.final)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=1e-6), k

@@ -30,6 +30,7 @@ from .captions import CaptionFileError, contains_word, find_caption, caption_can
 from .config import DatasetSpec, SubsetSpec, TrainConfig, TrainConfigError, load_dataset_config
 from .folders import Finding, split_class_tokens, subsets_from_folders
 from .images import face_from_name, image_extensions, is_upscaled, probe_image, sd_scripts_would_glob
+from .sd_latents import LatentFile, LatentFileError, find_latent, name_size, read_latent
 
 # extensions people drop into datasets that sd-scripts does not read
 _UNSUPPORTED_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".ico", ".psd")
@@ -51,6 +52,7 @@ class ImageEntry:
     ar_error: float = 0.0
     notes: list[str] = field(default_factory=list)
     mask_path: Path | None = None  # masked_loss: its mask image from the subset's conditioning_data_dir
+    latent: LatentFile | None = None  # fine-tuning key without its image: sd-scripts' cached latent (path = the .npz)
 
     @property
     def upscaled(self) -> bool:
@@ -433,29 +435,35 @@ def _plan_metadata_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool,
         findings.append(Finding("error", "missing-dir", f"image_dir '{spec.image_dir}' does not exist or is not a "
                                 "folder", [spec.image_dir]))
         return plan
-    found, missing, npz_only = [], [], []
+    found, missing, latents = [], [], {}
     for key, md in metadata.items():
         p = _metadata_image(key, spec.image_dir or None)
         if p is None:
-            stem = Path(key).with_suffix("") if Path(key).suffix else Path(key)
-            npz = [q for q in (Path(f"{stem}.npz"), Path(spec.image_dir or ".") / f"{key}.npz") if q.is_file()]
-            (npz_only if npz else missing).append(key)
-            continue
+            npz = find_latent(key, spec.image_dir or None)
+            if not npz:
+                missing.append(key)
+                continue
+            p = npz[0]
+            try:
+                latents[p] = read_latent(p)
+            except LatentFileError as e:
+                plan.unreadable.append((p.name, str(e)))
+                continue
         found.append((p, md))
-    if missing or npz_only:
-        text = (f"{where}: {len(missing) + len(npz_only)} metadata key(s) have no image "
-                + (f"in '{spec.image_dir}'" if spec.image_dir else "(no image_dir / train_data_dir is set)")
-                + f": {_names(missing + npz_only)}. sd-scripts stops on this too. Put the images there (file name = "
-                "key + .png/.jpg/...), or remove those entries")
-        if npz_only:
-            text += (f"; {len(npz_only)} have only a cached .npz latent, which LoRA Studio does not read (it caches "
-                     "latents itself from the images)")
-        findings.append(Finding("error", "metadata-no-image", text, [str(path)]))
-    if any("train_resolution" in md for _, md in found):
+    if missing:
+        findings.append(Finding("error", "metadata-no-image",
+                                f"{where}: {len(missing)} metadata key(s) have no image "
+                                + (f"in '{spec.image_dir}'" if spec.image_dir else "(no image_dir / train_data_dir is set)")
+                                + f" and no cached latent (.npz) either: {_names(missing)}. sd-scripts stops on this "
+                                "too. Put the images there (file name = key + .png/.jpg/...), or remove those entries",
+                                [str(path)]))
+    if any("train_resolution" in md for p, md in found if p not in latents):
         findings.append(Finding("info", "metadata-buckets",
                                 f"{where}: train_resolution in the metadata (prepare_buckets_latents.py) is not used; "
                                 "the images are bucketed from their own sizes with this dataset's bucket settings "
-                                "(sd-scripts takes the buckets from the metadata and resizes each image to one)"))
+                                "(as sd-scripts' fine-tuning dataset does)"))
+    if latents:
+        _latent_findings(spec, where, list(latents.values()), findings)
     if ds.validation_split > 0:
         _, val = _validation_split([p for p, _ in found], ds.validation_split, seed)
         val_set = set(val)
@@ -465,19 +473,45 @@ def _plan_metadata_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool,
     tags_list = []
     for group, target in zip(groups, (plan.images, plan.validation_images)):
         for p, md in group:
-            probe = probe_image(p, check_pixels=check_pixels)
-            if not probe.ok:
-                plan.unreadable.append((p.name, probe.error))
-                continue
+            lat = latents.get(p)
+            if lat is None:
+                probe = probe_image(p, check_pixels=check_pixels)
+                if not probe.ok:
+                    plan.unreadable.append((p.name, probe.error))
+                    continue
+                size, notes = probe.size, list(probe.notes)
+            else:  # (sd-scripts buckets such a key by the size in the file name)
+                size, notes = name_size(p) or lat.original_size, []
             caption, tags = _metadata_caption(md, spec.captions.caption_separator or ",",
                                               spec.captions.enable_wildcard)
             if tags and not spec.captions.enable_wildcard and target is plan.images:
                 tags_list.append(tags)
-            target.append(ImageEntry(p, probe.size, caption, "metadata", None, False, spec.num_repeats,
-                                     notes=list(probe.notes)))
+            target.append(ImageEntry(p, size, caption, "metadata", None, False, spec.num_repeats,
+                                     notes=notes, latent=lat))
     # (sd-scripts counts the tags field only, per metadata file)
     plan.tag_counts = tag_frequency(tags_list)
     return plan
+
+
+def _latent_findings(spec: SubsetSpec, where: str, lats: list[LatentFile], findings: list[Finding]) -> None:
+    """What training from sd-scripts' cached latents (no image) means for this subset, said once."""
+    text = (f"{where}: {len(lats)} metadata key(s) have no image but sd-scripts' cached latent (.npz), which is "
+            "trained on as it is: at the size it was cached at (its bucket), and it must come from this model's VAE "
+            "(the same base model)")
+    off = [k for k, on in (("random_crop", spec.random_crop), ("color_aug", spec.color_aug),
+                           ("face_crop_aug_range", spec.face_crop_aug_range is not None)) if on]
+    if off:
+        text += f"; {' / '.join(off)} cannot change a cached latent and do not apply to them"
+    unflipped = [lat.path.name for lat in lats if not lat.flipped]
+    if spec.flip_aug and unflipped:
+        text += (f"; flip_aug: {len(unflipped)} have no flipped latent (made without flip_aug) and are not flipped: "
+                 f"{_names(unflipped)}")
+    no_alpha = [lat.path.name for lat in lats if not lat.alpha]
+    if spec.alpha_mask and no_alpha:
+        text += f"; alpha_mask: {len(no_alpha)} hold no alpha mask and are not masked: {_names(no_alpha)}"
+    findings.append(Finding("warning" if off or (spec.flip_aug and unflipped) or (spec.alpha_mask and no_alpha)
+                            else "info", "cached-latents", text + ". Put the images back to train them fully",
+                            [str(lat.path) for lat in lats]))
 
 
 def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings: list[Finding],
@@ -604,9 +638,42 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
             "centre-cropped (sd-scripts does this when caching latents; without caching it would refuse images of "
             "any other size)"))
 
+    step = 32 if family == "sdxl" else 64  # (what the UNet's downsampling takes)
     for s in part.subsets:
-        keep = []
+        keep, wrong_family, wrong_size, own_size = [], [], [], []
+        for e in s.images + s.validation_images:
+            if e.latent is None:
+                continue
+            made, bw, bh = e.latent.made_for, *e.latent.bucket
+            if family and made and (made == "sdxl") != (family == "sdxl"):
+                wrong_family.append(e.path.name)
+            elif family and (bw % step or bh % step):
+                wrong_size.append(f"{e.path.name} ({bw}x{bh})")
+            else:
+                e.bucket = e.resized_size = e.latent.bucket
+                if manager.select_bucket(*e.size).reso != e.latent.bucket:
+                    own_size.append(e.path.name)
+        if wrong_family:
+            findings.append(Finding("error", "cached-latents-family",
+                                    f"'{s.name}': {len(wrong_family)} cached latent(s) were made for "
+                                    f"{'SDXL' if family != 'sdxl' else 'SD1/SD2'} (the file name says so), not "
+                                    f"for this {family.upper()} model: {_names(wrong_family)}. Train them with the "
+                                    "images, or on the model they were cached with"))
+        if wrong_size:
+            findings.append(Finding("error", "cached-latents-size",
+                                    f"'{s.name}': {len(wrong_size)} cached latent(s) have a size this model cannot "
+                                    f"train on (width and height must be multiples of {step}): {_names(wrong_size)}. "
+                                    "Train them with the images instead"))
+        if own_size:
+            findings.append(Finding("info", "cached-latents-bucket",
+                                    f"'{s.name}': {len(own_size)} cached latent(s) were made with other bucket "
+                                    "settings than this dataset's and train at their cached size: "
+                                    f"{_names(own_size)}"))
         for e in s.images:
+            if e.latent is not None:
+                if e.bucket is not None:
+                    keep.append(e)
+                continue
             choice = manager.select_bucket(*e.size)
             if choice.reso[0] <= 0 or choice.reso[1] <= 0:
                 s.too_small.append(e.path.name)
@@ -615,6 +682,8 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
             keep.append(e)
         s.images = keep
         for e in s.validation_images:  # held-out images get buckets too (validation loss); never counted
+            if e.latent is not None:
+                continue
             choice = manager.select_bucket(*e.size)
             if choice.reso[0] > 0 and choice.reso[1] > 0:
                 e.bucket, e.resized_size = choice.reso, choice.resized_size
@@ -664,7 +733,7 @@ def _face_crop_findings(part: DatasetPart, s: SubsetPlan, findings: list[Finding
                                 f"{where}: face_crop_aug_range is used only with enable_bucket = false (sd-scripts "
                                 "ignores it with buckets too); these images are bucketed and not face-cropped"))
         return
-    without = [e.path.name for e in s.images if face_from_name(e.path) is None]
+    without = [e.path.name for e in s.images if e.latent is None and face_from_name(e.path) is None]
     if without:
         findings.append(Finding("info", "face-crop-no-face",
                                 f"{where}: {len(without)} of {len(s.images)} image(s) carry no face position in their "

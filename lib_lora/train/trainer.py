@@ -40,6 +40,7 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
                        sync_free_clip_mask, to_device_async, unused_text_encoder_params)
 from .lora_net import LoRANetwork, NetworkShapeError
 from .lyco_preset import PresetError
+from .sd_latents import load_latent
 from .support import base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args, part_lrs
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
@@ -79,6 +80,7 @@ class Sample:
     mask_path: str | None = None     # masked_loss: a mask image whose R channel weights the loss
     face: tuple | None = None        # face_crop_aug_range: (cx, cy, w, h) from the file name
     face_range: tuple | None = None  # (its range; only in datasets without buckets, as in sd-scripts)
+    latent: object = None            # sd_latents.LatentFile: sd-scripts' cached latent stands in for the image
 
     @property
     def masked(self) -> bool:
@@ -123,11 +125,12 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
 
-def _latent_mask(alpha: np.ndarray, flip: bool) -> torch.Tensor:
-    """An alpha channel at pixel size (uint8, cropped like the image) -> [1, h/8, w/8] loss weights, averaged
-    over each latent pixel's 8x8 block (sd-scripts: F.interpolate(mode="area") to the loss size)."""
+def _latent_mask(alpha: np.ndarray, flip: bool, full: float = 255.0) -> torch.Tensor:
+    """An alpha channel at pixel size (uint8, cropped like the image; or 0..1 with ``full`` 1) -> [1, h/8, w/8]
+    loss weights, averaged over each latent pixel's 8x8 block (sd-scripts: F.interpolate(mode="area") to the loss
+    size)."""
     a = alpha[:, ::-1].copy() if flip else alpha
-    t = torch.from_numpy(a.astype(np.float32) / 255.0)[None, None]
+    t = torch.from_numpy(a.astype(np.float32) / full)[None, None]
     return torch.nn.functional.interpolate(t, size=(t.shape[2] // 8, t.shape[3] // 8), mode="area")[0]
 
 
@@ -138,6 +141,10 @@ def _face(entry, sub, ds) -> tuple:
         return None, None
     face = face_from_name(entry.path)
     return (face, tuple(rng)) if face is not None else (None, None)
+
+
+def _alpha(sub, lat) -> bool:
+    return bool(getattr(sub, "alpha_mask", False)) and (lat is None or lat.alpha)
 
 
 def _seed_for(*parts) -> int:
@@ -157,16 +164,18 @@ class PlanData:
             for e in part.used_entries():
                 sub = part.subsets[e.subset_index].spec
                 self._index[id(e)] = len(self.samples)
+                lat = e.latent  # (a cached latent flips and masks only as far as the file holds them)
                 self.samples.append(Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), e.is_reg,
-                                           sub.captions, bool(getattr(sub, "flip_aug", False)),
-                                           bool(getattr(sub, "alpha_mask", False)),
-                                           bool(getattr(sub, "random_crop", False)),
-                                           bool(getattr(sub, "color_aug", False)), _mask_path(e),
-                                           *_face(e, sub, part.spec)))
+                                           sub.captions,
+                                           bool(getattr(sub, "flip_aug", False)) and (lat is None or lat.flipped),
+                                           _alpha(sub, lat),
+                                           bool(getattr(sub, "random_crop", False)) and lat is None,
+                                           bool(getattr(sub, "color_aug", False)) and lat is None, _mask_path(e),
+                                           *(_face(e, sub, part.spec) if lat is None else (None, None)), latent=lat))
         # held-out images (validation_split): plain captions, no flip, for the validation loss
         self.validation: list[Sample] = [
             Sample(str(e.path), e.caption, tuple(e.bucket), tuple(e.resized_size), False, None, False,
-                   bool(getattr(sub.spec, "alpha_mask", False)), mask_path=_mask_path(e))
+                   _alpha(sub.spec, e.latent), mask_path=_mask_path(e), latent=e.latent)
             for part in plan.datasets for sub in part.subsets for e in sub.validation_images
             if e.bucket is not None]
 
@@ -569,6 +578,8 @@ class Trainer:
         """The latent (from the disk cache when there is a good file), SDXL size numbers and alpha mask. A cache
         hit does not decode the image: the size numbers are kept in the file's metadata (only an alpha mask needs
         the image again)."""
+        if s.latent is not None:
+            return self._sd_scripts_latent(s, flip)
         z = cond = None
         path = os.path.join(cache_dir, key + ".safetensors") if cache_dir else None
         if path and os.path.exists(path):
@@ -588,6 +599,17 @@ class Trainer:
             save_file_atomic({"latent": z.contiguous()}, path,
                              {"image": os.path.basename(s.path), "size_cond": json.dumps(cond)})
         return z, cond, mask
+
+    def _sd_scripts_latent(self, s, flip: bool):
+        """An sd-scripts cached latent (its image is gone): scaled by the model's factor as sd-scripts does at
+        train time, SDXL size numbers and alpha mask from the file."""
+        try:
+            z, alpha = load_latent(s.latent, flip)
+        except (OSError, ValueError, KeyError) as e:  # (checked when planned; changed since)
+            raise TrainingError(f"cached latent {s.path} cannot be read any more ({e})") from None
+        z = torch.from_numpy(z) * float(getattr(self.sd_model, "scale_factor", 0.18215))
+        cond = sdxl_size_conditioning(s.latent.original_size, s.latent.crop_ltrb, s.bucket, flipped=flip)
+        return z, cond, _latent_mask(alpha, False, 1.0) if s.alpha_mask and alpha is not None else None
 
     def _alpha_mask(self, s, flip: bool, rng_seed: int | None = None):
         """The alpha channel cropped and scaled like the pixels (the same random offsets for a per-step sample),
