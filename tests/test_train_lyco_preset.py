@@ -711,6 +711,25 @@ def test_dim_from_weights_keeps_a_files_dora_magnitudes(algo, axis, tmp_path):
     assert not any("not used (e.g." in n for n in res.notes), res.notes
 
 
+def test_dim_from_weights_without_dora_magnitudes_adds_none(tmp_path):
+    """A file without dora_scale continued under dora_wd=True stays without DoRA (LyCORIS' make_module turns
+    weight decomposition on from the file's keys only), and the run says so."""
+    sd1 = models.make_sd1(seed=4)
+    img, _ = _dataset(tmp_path)
+    first = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, max_train_steps=1, network_args=[
+        "algo=loha", "preset=attn-mlp"]))
+    sd = load_tensors(first.final)
+    res = run_training(ModelHost(sd1, "m"), _cfg(tmp_path, img, output_dir=str(tmp_path / "o2"), max_train_steps=1,
+                                                 network_args=["algo=locon", "preset=attn-mlp", "dora_wd=True"],
+                                                 network_weights=first.final, dim_from_weights=True))
+    assert res.status == "done"
+    got = load_tensors(res.final)
+    assert not any(k.endswith(".dora_scale") for k in got)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in sd.items()}
+    n = len({k.split(".")[0] for k in sd})
+    assert any(f"{n} module(s) of {first.final} have no DoRA magnitude" in m for m in res.notes), res.notes
+
+
 def test_dim_from_weights_with_rs_lora_keeps_the_files_scale(tmp_path):
     """An rs_lora file holds alpha·dim/sqrt(dim), so alpha/dim is its trained scale; continuing it with
     dim_from_weights and rs_lora again applies that scale once (as LyCORIS builds modules from a file): the

@@ -380,11 +380,13 @@ class Trainer:
         (alpha) and rescale; a DoRA magnitude (dora_scale) and its axis."""
         got = Trainer._from_file_shape(algo, sd, name)
         ds = sd.get(f"{name}.dora_scale")
-        if ds is None or algo in ("ia3", "full", "diag-oft", "boft"):
+        if algo in ("ia3", "full", "diag-oft", "boft"):
             return got
         extra = dict(got[2]) if len(got) > 2 else {}
-        # (LyCORIS lays the magnitude out per output row (O, 1, ...) or per input column (1, I, ...))
-        extra.update(dora=True, wd_on_output=ds.dim() < 2 or ds.shape[1] == 1)
+        # (a module without dora_scale is no DoRA module, whatever dora_wd says: LyCORIS builds it from the keys)
+        extra["dora"] = ds is not None
+        if ds is not None:  # (LyCORIS lays the magnitude out per output row (O, 1, ...) or per input column)
+            extra["wd_on_output"] = ds.dim() < 2 or ds.shape[1] == 1
         return got[0], got[1], extra
 
     @staticmethod
@@ -428,6 +430,11 @@ class Trainer:
                     extra["algo"] = "locon" if a == "lora" else a
                 per_module[name] = (rank, alpha, extra) if extra else (rank, alpha)
         counts = ", ".join(f"{len(v)} {a if a != 'lora' else 'LoRA/LoCon'}" for a, v in sorted(found.items()))
+        plain = sum(1 for v in per_module.values() if len(v) > 2 and v[2].get("dora") is False)
+        if lyco.dora and plain:
+            self._note(f"dim_from_weights: {plain} module(s) of {c.network_weights} have no DoRA magnitude "
+                       "(dora_scale) and train without DoRA, whatever dora_wd says (as LyCORIS builds them from the "
+                       "file); train a new network to add DoRA")
         self._note(f"dim_from_weights: each module of {c.network_weights} ({counts}) keeps its own algorithm, "
                    "ranks, alpha and shapes (LoKr factors, OFT blocks, constraint, rescale, Tucker cores, DoRA "
                    "magnitudes), and layers "
