@@ -17,6 +17,7 @@ Safety rules (A1111 gives extension routes no auth and no path policy of their o
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import secrets
@@ -32,7 +33,9 @@ from pydantic import BaseModel, conint
 
 from .jobs.queue import FINISHED, QUEUED, INTERRUPTED, RUNNING
 from .train import kohya_gui
+from .train.dataset import metadata_image
 from .train.lyco import PRESETS as LYCO_PRESETS
+from .train.sd_latents import find_latent
 from .train.config import (TrainConfigError, load_dataset_config, parse_train_config, parse_train_config_text,
                            translate_gui_preset)
 
@@ -160,6 +163,9 @@ class PathPolicy:
                 if isinstance(v, str) and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v):
                     raise PathRefused(f"{key} = {v!r} refused: it must be a plain file name, not a path "
                                       "(the files are written into output_dir)")
+        first = lambda key: next((t[key] for t in tables if isinstance(t.get(key), str) and t[key]), None)  # noqa: E731
+        if first("in_json"):
+            self._check_metadata_keys(first("in_json"), first("train_data_dir"), "in_json")
         for path in dataset_files:
             specs, _notes = load_dataset_config(path)
             for ds in specs:
@@ -167,8 +173,29 @@ class PathPolicy:
                     if sub.image_dir:
                         self.resolve(sub.image_dir, f"image_dir in {os.path.basename(path)}")
                     if sub.metadata_file:
-                        self.resolve(sub.metadata_file, f"metadata_file in {os.path.basename(path)}")
+                        meta = self.resolve(sub.metadata_file, f"metadata_file in {os.path.basename(path)}")
+                        self._check_metadata_keys(meta, sub.image_dir, f"metadata_file in {os.path.basename(path)}")
         return out
+
+    def _check_metadata_keys(self, meta_path: str, image_dir: str | None, what: str) -> None:
+        """A fine-tuning metadata file names its images by key (a full path, or a name in image_dir): every file
+        a key would read (the image, or its cached latent) must be inside the allowed folders too."""
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                metadata = json.load(f)
+        except (OSError, ValueError):  # (missing or not JSON: the dataset plan says so)
+            return
+        if not isinstance(metadata, dict):
+            return
+        for key in metadata:
+            found = metadata_image(key, image_dir) if isinstance(key, str) and "\0" not in key else None
+            paths = [found] if found is not None else find_latent(key, image_dir)[:1]
+            for p in paths:
+                real = os.path.realpath(p)
+                if not self.is_allowed(real):
+                    raise PathRefused(f"{what}: the metadata key {key!r} reads {real!r}, which is outside the "
+                                      f"folders the HTTP API may use ({', '.join(self.roots())}). Move the images "
+                                      f"into one of them, or add the folder in {self.setting}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

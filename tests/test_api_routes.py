@@ -1,5 +1,6 @@
 """HTTP API (/lora-studio/v1): submit/validate, path policy, auth, disabled access, queue control, downloads."""
 
+import json
 import math
 import os
 import threading
@@ -458,3 +459,29 @@ def test_metadata_files_are_checked(env):
                                        'metadata_file = "../outside/meta.json"\n')
     r = c.post(PREFIX + "/jobs", json={"output_dir": "output", "dataset_config": "ds_meta.toml"})
     assert r.status_code == 403 and "metadata_file" in r.json()["detail"]
+
+
+def test_metadata_keys_cannot_read_outside_the_allowed_folders(env):
+    """A metadata key is a file name in the image folder or a full path: through the API, the image (or cached
+    latent) a key would read must be inside the allowed folders too, like every path in the config."""
+    tmp, root = env
+    c, _ = make_client(tmp, root)
+    outside = tmp / "outside" / "data"
+    (outside / "secret.png").write_bytes(b"x")
+    (outside / "lat_0064x0064_sd.npz").write_bytes(b"x")
+    (root / "training_data" / "ok.png").write_bytes(b"x")
+    base = {"output_dir": "output", "train_data_dir": "training_data", "in_json": "meta.json"}
+    cases = {str(outside / "secret.png"): "secret.png", "../../outside/data/secret": "secret.png",
+             str(outside / "lat"): "lat_0064x0064_sd.npz"}
+    for key, name in cases.items():
+        (root / "meta.json").write_text(json.dumps({"ok": {}, key: {"caption": "x"}}))
+        r = c.post(PREFIX + "/jobs", json=base)
+        assert r.status_code == 403, (key, r.text)
+        assert f"the metadata key {key!r} reads" in r.json()["detail"] and name in r.json()["detail"]
+    (root / "meta.json").write_text(json.dumps({"ok": {}, "missing": {}}))  # (the plan says what is missing)
+    assert c.post(PREFIX + "/jobs", json=base).status_code == 201
+    (root / "ds_meta.toml").write_text('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\n'
+                                       'image_dir = "training_data"\nmetadata_file = "meta2.json"\n')
+    (root / "meta2.json").write_text(json.dumps({str(outside / "secret.png"): {}}))
+    r = c.post(PREFIX + "/jobs", json={"output_dir": "output", "dataset_config": "ds_meta.toml"})
+    assert r.status_code == 403 and "metadata_file in ds_meta.toml: the metadata key" in r.json()["detail"]

@@ -367,7 +367,7 @@ def _validation_split(paths: list, split: float, seed: int) -> tuple[list, list]
     return items[: math.ceil(n * (1 - split))], items[n - round(n * split):]
 
 
-def _metadata_image(key: str, image_dir: str | None) -> Path | None:
+def metadata_image(key: str, image_dir: str | None) -> Path | None:
     """FineTuningDataset's lookup of a metadata key: the key as a path, else the first of image_dir/key.<image
     extension> in sorted order (keys are file stems unless merge_captions_to_metadata ran with --full_path). A
     relative key is tried in image_dir before the working folder (sd-scripts tries only the latter, which in the
@@ -437,7 +437,7 @@ def _plan_metadata_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool,
         return plan
     found, missing, latents = [], [], {}
     for key, md in metadata.items():
-        p = _metadata_image(key, spec.image_dir or None)
+        p = metadata_image(key, spec.image_dir or None)
         if p is None:
             npz = find_latent(key, spec.image_dir or None)
             if not npz:
