@@ -172,6 +172,8 @@ class PathPolicy:
                 for sub in ds.subsets:
                     if sub.image_dir:
                         self.resolve(sub.image_dir, f"image_dir in {os.path.basename(path)}")
+                    if sub.conditioning_data_dir:  # (masked_loss reads its mask images)
+                        self.resolve(sub.conditioning_data_dir, f"conditioning_data_dir in {os.path.basename(path)}")
                     if sub.metadata_file:
                         meta = self.resolve(sub.metadata_file, f"metadata_file in {os.path.basename(path)}")
                         self._check_metadata_keys(meta, sub.image_dir, f"metadata_file in {os.path.basename(path)}")

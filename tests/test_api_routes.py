@@ -485,3 +485,8 @@ def test_metadata_keys_cannot_read_outside_the_allowed_folders(env):
     (root / "meta2.json").write_text(json.dumps({str(outside / "secret.png"): {}}))
     r = c.post(PREFIX + "/jobs", json={"output_dir": "output", "dataset_config": "ds_meta.toml"})
     assert r.status_code == 403 and "metadata_file in ds_meta.toml: the metadata key" in r.json()["detail"]
+    # masked_loss mask images (a subset's conditioning_data_dir) likewise
+    (root / "ds_mask.toml").write_text('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\n'
+                                       'image_dir = "training_data"\nconditioning_data_dir = "../outside/data"\n')
+    r = c.post(PREFIX + "/jobs", json={"output_dir": "output", "dataset_config": "ds_mask.toml", "masked_loss": True})
+    assert r.status_code == 403 and "conditioning_data_dir in ds_mask.toml" in r.json()["detail"]
