@@ -35,6 +35,7 @@ from .jobs.queue import FINISHED, QUEUED, INTERRUPTED, RUNNING
 from .train import kohya_gui
 from .train.dataset import metadata_image
 from .train.lyco import PRESETS as LYCO_PRESETS
+from .train.saving import output_dir_problem
 from .train.sd_latents import find_latent
 from .train.config import (TrainConfigError, load_dataset_config, parse_train_config, parse_train_config_text,
                            translate_gui_preset)
@@ -333,12 +334,14 @@ class _Api:
         return dict(info) if info else None
 
     def _settings_problems(self, cfg, family: str | None = None) -> tuple[list[str], list[str]]:
-        """check_support's (problems, notes), then what building the network on the loaded model would stop on."""
+        """check_support's (problems, notes), then what building the network on the loaded model would stop on,
+        and an output folder the files could not be written to."""
         from .train.support import check_support
         problems, notes = check_support(cfg, family)
         if not problems and self.check_network is not None:
             problems += self.check_network(cfg)
-        return problems, notes
+        out = output_dir_problem(str(cfg.resolve(cfg.output_dir))) if cfg.output_dir else None
+        return problems + ([out] if out else []), notes
 
     def _check_run(self, config: dict) -> tuple[list[str], list[str], str]:
         """(problems, notes, the dataset plan's report) of a checked config, as the run would find them; the

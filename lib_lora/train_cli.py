@@ -37,14 +37,14 @@ def add_commands(subparsers) -> None:
             "and every config note are printed first; Ctrl-C stops after the current step and saves a state you "
             "can --resume.", 100),
         epilog=f"examples:\n  {PROG} train my_lora.toml --dry-run\n  {PROG} train my_lora.toml --device cuda\n"
-               f"  {PROG} train my_lora.toml --resume out/my_lora-cancelled-state.pt",
+               f"  {PROG} train my_lora.toml --resume out/my_lora-cancelled-state.lsstate",
         formatter_class=_raw())
     pt.add_argument("config", metavar="CONFIG.toml", help="training config (sd-scripts --config_file format), or a "
                                                           "kohya_ss GUI preset (.json)")
     pt.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and configs "
                                                     "(required for SDXL)")
     pt.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (default: cpu)")
-    pt.add_argument("--resume", metavar="STATE", help="continue from a state file (*-state.pt) of a cancelled or "
+    pt.add_argument("--resume", metavar="STATE", help="continue from a state file (*-state.lsstate) of a cancelled or "
                                                       "saved run")
     pt.add_argument("--dry-run", action="store_true", help="check the config, the checkpoint header and the "
                                                            "dataset, print the plan, and stop before loading")

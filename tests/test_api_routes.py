@@ -490,3 +490,13 @@ def test_metadata_keys_cannot_read_outside_the_allowed_folders(env):
                                        'image_dir = "training_data"\nconditioning_data_dir = "../outside/data"\n')
     r = c.post(PREFIX + "/jobs", json={"output_dir": "output", "dataset_config": "ds_mask.toml", "masked_loss": True})
     assert r.status_code == 403 and "conditioning_data_dir in ds_mask.toml" in r.json()["detail"]
+
+
+def test_an_output_folder_that_is_a_file_is_refused(env):
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    (root / "afile").write_text("x")
+    for dry in (False, True):
+        r = c.post(PREFIX + "/jobs" + ("?dry_run=true" if dry else ""), json=cfg_for(output_dir="afile"))
+        assert r.status_code == 422 and "afile is a file, not a folder" in r.json()["detail"], r.text
+    assert q.list() == []

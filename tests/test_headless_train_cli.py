@@ -124,7 +124,7 @@ def test_user_errors_are_one_line(run_cli, tiny_ckpt, tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat --w wide\n", encoding="utf-8")
     code, _, err = run_cli("train", cfg)
     assert code == 1 and "prompts.txt:1: --w needs a whole number" in err
-    code, _, err = run_cli("train", cfg, "--resume", tmp_path / "nope-state.pt")
+    code, _, err = run_cli("train", cfg, "--resume", tmp_path / "nope-state.lsstate")
     assert code == 1 and "state file not found" in err
     code, _, err = run_cli("train")
     assert code == 2
@@ -146,7 +146,7 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
     code, out, err = run_cli("train", cfg)
     assert code == 130, out + err
     assert "Ctrl-C: stopping after this step" in out
-    state = tmp_path / "out" / "svs-cancelled-state.pt"
+    state = tmp_path / "out" / "svs-cancelled-state.lsstate"
     assert state.exists()
     assert f"--resume {state}" in out
     monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", orig)

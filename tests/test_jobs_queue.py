@@ -15,7 +15,7 @@ def _runner(log, gate=None):
             if gate is not None:
                 gate.wait(5)
             if should_cancel():
-                return TrainResult("cancelled", [], None, s, [], [], state_file="x-state.pt")
+                return TrainResult("cancelled", [], None, s, [], [], state_file="x-state.lsstate")
             emit(TrainEvent("step", step=s, total=5, epoch=1, epochs=1, loss=1.0 / s))
         if job.config.get("fail"):
             raise ValueError("the dataset folder is empty")
@@ -53,7 +53,7 @@ def test_cancel_running_and_waiting(tmp_path):
     gate.set()
     assert q.wait_idle(20)
     q.stop(5)
-    assert q.get(a.id).status == CANCELLED and q.get(a.id).resume_state == "x-state.pt"
+    assert q.get(a.id).status == CANCELLED and q.get(a.id).resume_state == "x-state.lsstate"
     assert q.get(b.id).status == CANCELLED
 
 

@@ -584,12 +584,12 @@ def test_step_saves_with_save_state_write_resumable_states(sd1, tmp_path):
     assert full.status == "done" and full.steps == 18
     files = sorted(os.listdir(tmp_path / "a" / "out"))
     # steps 4..16 saved; states of steps < 16 - 5 removed; epoch states: only the newest (epoch 2) is kept
-    assert [f for f in files if "-step" in f and f.endswith("-state.pt")] == [
-        "x-step00000012-state.pt", "x-step00000016-state.pt"]
-    assert [f for f in files if f.endswith("-state.pt") and "step" not in f] == ["x-000002-state.pt",
-                                                                                 "x-final-state.pt"]
+    assert [f for f in files if "-step" in f and f.endswith("-state.lsstate")] == [
+        "x-step00000012-state.lsstate", "x-step00000016-state.lsstate"]
+    assert [f for f in files if f.endswith("-state.lsstate") and "step" not in f] == ["x-000002-state.lsstate",
+                                                                                 "x-final-state.lsstate"]
     assert {"x-000001.safetensors", "x-000002.safetensors"} <= set(files)
-    assert any("removed old state x-step00000004-state.pt" in e.message for e in events if e.kind == "note")
+    assert any("removed old state x-step00000004-state.lsstate" in e.message for e in events if e.kind == "note")
     # step 16 is the 4th batch of epoch 3: resume from there
     cfg = parse_train_config({"train_data_dir": img, "resolution": 64, "train_batch_size": 1,
                               "output_dir": str(tmp_path / "b"), "output_name": "x", "network_dim": 4,
@@ -597,7 +597,7 @@ def test_step_saves_with_save_state_write_resumable_states(sd1, tmp_path):
                               "save_precision": "float", "max_train_epochs": 3}, base_dir=str(tmp_path))
     host = ModelHost(sd1, "m")
     resumed = Trainer(host, cfg, plan_for(host, cfg)).run(
-        resume_state=str(tmp_path / "a" / "out" / "x-step00000016-state.pt"))
+        resume_state=str(tmp_path / "a" / "out" / "x-step00000016-state.lsstate"))
     assert resumed.status == "done" and resumed.steps == 18
     a, b = load_tensors(full.final), load_tensors(resumed.final)
     for k in a:

@@ -106,6 +106,61 @@ def test_resume_after_cancel_gives_the_same_weights(sd1, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_resume_state_loads_under_the_webuis_torch_load_and_runs_no_code(sd1, tmp_path, monkeypatch):
+    """The WebUI swaps torch.load for a checker that turns current torch's zip files down and answers None: a
+    resume must not go through it. State files are read by torch's weights-only unpickler (an earlier version's
+    -state.pt with numpy's RNG array too), a pickle that would run code is refused unrun, and state files are
+    not LoRAs (the WebUI's Lora page lists every .pt: they are not .pt any more, and ours hides the old ones)."""
+    import pickle
+
+    from lib_lora.host.discovery import walk_lora_files
+    from lib_lora.train.saving import STATE_EXT, StateFileError, load_state
+
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    kw = dict(max_train_epochs=2, save_precision="float", flip_aug=True)
+    full = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, **kw))
+    assert full.status == "done" and full.steps == 4
+    seen = {"step": 0}
+    part = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw),
+                        on_event=lambda e: e.kind == "step" and seen.update(step=e.step),
+                        should_cancel=lambda: seen["step"] >= 3)
+    assert part.status == "cancelled" and part.state_file.endswith("svs-cancelled" + STATE_EXT)
+    assert list(walk_lora_files(str(tmp_path / "b" / "out"))) == []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # (A1111's modules/safe.py on a file it rejects)
+    resumed = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), resume=part.state_file)
+    assert resumed.status == "done" and resumed.steps == 4
+    a, b = _train_state(full.final), _train_state(resumed.final)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # an earlier version's state: numpy's RNG state as its array, the python state as its tuples, in a -state.pt
+    st = torch.serialization.load(part.state_file, weights_only=True)
+    name, keys, *rest = st["rng"]["numpy"]
+    py = st["rng"]["python"]
+    st["rng"].update(numpy=(name, keys.numpy().astype(np.uint32), *rest), python=(py[0], tuple(py[1]), py[2]))
+    old = tmp_path / "c" / "out" / "svs-cancelled-state.pt"
+    old.parent.mkdir(parents=True)
+    torch.save(st, old)
+    assert list(walk_lora_files(str(old.parent))) == []
+    again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "c"), img, **kw), resume=str(old))
+    for k, v in _train_state(again.final).items():
+        torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6, msg=k)
+
+    # a state file whose pickle would run code: refused, nothing run
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil-state.lsstate"
+    torch.save({**st, "extra": Evil()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(StateFileError, match="cannot be read as a LoRA Studio resume state"):
+        load_state(str(evil))
+    assert not marker.exists()
+    with pytest.raises(TrainingError, match="does not exist"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), resume=str(tmp_path / "nope") + STATE_EXT)
+
+
 def test_cancel_takes_effect_within_one_step(sd1, tmp_path):
     img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=10)
     steps = []
@@ -203,3 +258,42 @@ def test_sd_scripts_noise_and_loss_switches_train(sd1, tmp_path):
     assert res.status == "done" and all(np.isfinite(v) for _, v in res.losses)
     assert not any("not supported" in n for n in res.notes), res.notes
     assert state_fingerprint(sd1) == before
+
+
+def test_output_folder_and_disk_space_are_checked_before_the_first_step(sd1, tmp_path, monkeypatch):
+    """A run refuses, before any step, an output folder it cannot write into and a disk without room for its
+    final LoRA and a resume state; it notes when its planned saves would not all fit."""
+    import errno
+    from collections import namedtuple
+
+    import lib_lora.train.saving as saving
+
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    steps = []
+    on_event = lambda e: e.kind == "step" and steps.append(e.step)  # noqa: E731
+    (tmp_path / "afile").write_text("x")
+    cfg = _cfg(str(tmp_path / "a"), img, max_train_epochs=2)
+    cfg.output_dir = str(tmp_path / "afile")
+    with pytest.raises(TrainingError, match="is a file, not a folder"):
+        run_training(ModelHost(sd1, "m"), cfg, on_event=on_event)
+
+    def no_write(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    with monkeypatch.context() as m:
+        m.setattr(saving.tempfile, "mkstemp", no_write)
+        with pytest.raises(TrainingError, match=r"cannot be written to \(Read-only file system\).*Nothing was trained"):
+            run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=2), on_event=on_event)
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:
+        m.setattr(saving.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9, 100_000))
+        with pytest.raises(TrainingError, match=r"has 0\.1 MiB free; the trained LoRA and a resume state needs "
+                                                r"about .* MiB\. Free some space .* Nothing was trained"):
+            run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "c"), img, max_train_epochs=2), on_event=on_event)
+    assert steps == []
+    # (room for the final file and a state, about 9 MiB here, not for three of each)
+    cfg = _cfg(str(tmp_path / "e"), img, max_train_epochs=2, save_every_n_epochs=1, save_state=True)
+    with monkeypatch.context() as m:
+        m.setattr(saving.shutil, "disk_usage", lambda p: usage(10 ** 9, 0, 20 * 2 ** 20))
+        res = run_training(ModelHost(sd1, "m"), cfg)
+    assert res.status == "done"
+    assert any("this run's 3 LoRA file(s) and 3 state(s) needs about" in n for n in res.notes), res.notes

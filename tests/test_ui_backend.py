@@ -155,3 +155,21 @@ def test_no_model_loaded_is_said_plainly(tmp_path):
         b.generate("a bear", 1, 0, 64, 64)
     with pytest.raises(UiError, match="BLIP is not available"):
         b.interrogate(Image.new("RGB", (8, 8)), "blip")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_when_queued(host, dataset, tmp_path, monkeypatch):
+    """A file where the folder should be, or a folder that cannot be written (read-only disk, permissions): the
+    job is not queued, instead of training to its end and then failing to save."""
+    import lib_lora.train.saving as saving
+
+    b = LocalBackend(host, str(tmp_path / "store"), autostart=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UiError, match=r"The job was not queued: The output folder .*afile is a file, not a folder"):
+        b.submit(_config(dataset, tmp_path / "afile"))
+    with pytest.raises(UiError, match=r"cannot be made: .*afile is a file"):
+        b.submit(_config(dataset, tmp_path / "afile" / "sub"))
+    monkeypatch.setattr(saving.os, "access", lambda *a, **k: False)  # (tests run as root: permissions do not bite)
+    monkeypatch.setattr(saving, "_read_only", lambda p: True)
+    with pytest.raises(UiError, match=r"cannot be written to \(read-only disk\): choose a folder you can write to"):
+        b.submit(_config(dataset, tmp_path / "new" / "deep"))
+    assert b.jobs() == [] and not (tmp_path / "new").exists()

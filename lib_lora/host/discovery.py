@@ -155,7 +155,8 @@ def walk_lora_files(root: str, list_hidden: bool = True) -> Iterable[str]:
         if not list_hidden and ("/." in dirpath or "\\." in dirpath):
             continue
         for fn in sorted(files, key=_natural_key):
-            if os.path.splitext(fn)[1].lower() in LORA_EXTENSIONS:
+            # (earlier versions' resume states, name-000002-state.pt, are not LoRAs)
+            if os.path.splitext(fn)[1].lower() in LORA_EXTENSIONS and not fn.lower().endswith("-state.pt"):
                 yield os.path.join(dirpath, fn)
 
 

@@ -8,6 +8,8 @@ import json
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -102,7 +104,7 @@ def prune_old_steps(folder: str, output_name: str, step: int, keep_steps: int, e
 
 def prune_old(folder: str, output_name: str, keep_last: int, ext: str = ".safetensors",
               with_state: bool = True) -> list[str]:
-    """Keep the newest N numbered saves of this run (``ext`` "-state.pt": its epoch states); never touches other
+    """Keep the newest N numbered saves of this run (``ext`` STATE_EXT: its epoch states); never touches other
     files. ``with_state``: a removed LoRA takes its epoch's state along (sd-scripts' default when
     save_last_n_epochs_state is not set)."""
     if not keep_last or keep_last <= 0:
@@ -112,16 +114,76 @@ def prune_old(folder: str, output_name: str, keep_last: int, ext: str = ".safete
     removed = []
     for _, f in found[:-keep_last]:
         os.remove(os.path.join(folder, f))
-        state = os.path.join(folder, f[: -len(ext)] + "-state.pt")
-        if with_state and os.path.exists(state):
-            os.remove(state)
+        for state_ext in (STATE_EXT, OLD_STATE_EXT) if with_state else ():
+            state = os.path.join(folder, f[: -len(ext)] + state_ext)
+            if os.path.exists(state):
+                os.remove(state)
         removed.append(f)
     return removed
 
 
 # ---- full training state -------------------------------------------------------------------------------------
+def output_dir_problem(path: str) -> str | None:
+    """Why LoRA files could not be written into ``path`` (None when they can), without creating anything: asked
+    when a job is queued, so that a run does not train to its end and then fail to save."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        return f"the output folder {p} is a file, not a folder: choose a folder for the LoRA files"
+    probe = p
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"the output folder {p} cannot be made: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):  # (a read-only disk or mount, permissions, an immutable folder)
+        what = "the output folder" if probe == p else f"the output folder {p} cannot be made there:"
+        return (f"{what} {probe} cannot be written to ({'read-only disk' if _read_only(probe) else 'no permission'})"
+                ": choose a folder you can write to")
+    return None
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return False
+
+
+def ensure_output_dir(path: str) -> None:
+    """Make the output folder and write a test file into it, before the first step; ValueError with what to do."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise ValueError(problem)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lora-studio-write-test-", dir=path)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ValueError(f"the output folder {path} cannot be written to ({e.strerror or e}): choose a folder you "
+                         "can write to. Nothing was trained") from None
+
+
+def disk_space_problem(path: str, needed: int, what: str) -> str | None:
+    """A message when the disk holding ``path`` has less than ``needed`` bytes free, else None."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    if free >= needed:
+        return None
+    return (f"the disk holding {path} has {free / 2**20:.1f} MiB free; {what} needs about {needed / 2**20:.1f} MiB. "
+            "Free some space or choose another output folder")
+
+
+STATE_EXT = "-state.lsstate"  # (not .pt: the WebUI's Lora page and other tools list every .pt as a LoRA)
+OLD_STATE_EXT = "-state.pt"    # (what earlier versions wrote; still resumed)
+
+
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # (numpy's key as a tensor: the state file then loads with torch's restricted, weights-only unpickler)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                   int(has_gauss), float(cached)], "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -129,20 +191,53 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict):
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    name, keys, *rest = st["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    py = st["python"]  # (a weights-only load gives the inner tuple back as a list)
+    random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def save_state(path: str, state: dict):
     """torch.save to a temp file in the same folder, then rename: a kill mid-save never leaves a broken state."""
-    write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".pt", fsync=True)
+    write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".tmp", fsync=True)
+
+
+class StateFileError(ValueError):
+    """A resume state that cannot be read; the message says why and what to do."""
 
 
 def load_state(path: str) -> dict:
-    # our own file, written by save_state; weights_only=False because it holds RNG and optimizer objects
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A state file, through torch's weights-only unpickler (nothing in it can run code). torch.serialization.load
+    is called directly: the WebUI swaps torch.load for a checker that turns current torch's zip layout down and
+    answers None. Files of earlier versions hold numpy's RNG key as an array, allowed here by name."""
+    if not os.path.isfile(path):
+        raise StateFileError(f"the state file {path} does not exist; resume from a *{STATE_EXT} (or *{OLD_STATE_EXT}) "
+                             "file that a cancelled or save_state run wrote")
+    try:
+        try:
+            st = torch.serialization.load(path, map_location="cpu", weights_only=True)
+        except Exception as first:
+            allow = getattr(torch.serialization, "safe_globals", None)
+            if allow is None or "numpy" not in str(first):
+                raise
+            with allow(_numpy_rng_globals()):
+                st = torch.serialization.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # (a damaged file, or one that is not ours)
+        raise StateFileError(f"the state file {os.path.basename(path)} cannot be read as a LoRA Studio resume "
+                             f"state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Resume from "
+                             "another state file, or start again from the last saved LoRA with network_weights")
+    if not isinstance(st, dict) or not {"network", "optimizer", "step", "rng"} <= set(st):
+        raise StateFileError(f"{os.path.basename(path)} is not a LoRA Studio resume state (it lacks the network, "
+                             "optimizer, step or RNG entries)")
+    return st
+
+
+def _numpy_rng_globals() -> list:
+    from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CsvLog:

@@ -45,9 +45,9 @@ from .support import base_dims, block_settings, kohya_oft_switches, lyco_setting
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
                     make_torch_scheduler, shown_lr)
-from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, CsvLog, ckpt_name, load_state,
-                     metadata_strings, modelspec, prune_old, prune_old_steps,
-                     save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
+from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, STATE_EXT, CsvLog, StateFileError,
+                     ckpt_name, disk_space_problem, ensure_output_dir, load_state, metadata_strings, modelspec,
+                     prune_old, prune_old_steps, save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
 
 
 class TrainingError(RuntimeError):
@@ -496,6 +496,25 @@ class Trainer:
                    + (f", conv_dim {conv[0]}, conv_alpha {conv[1]:g}" if conv[0] else "") + " from the file")
         return dim, alpha, conv[0], conv[1], None
 
+    def _check_disk_space(self, net, out_dir: str) -> None:
+        """Refuse a run whose final LoRA (and resume state) cannot fit on the disk; note when all its planned
+        saves would not. (A full disk mid-run still fails that save with a clear message.)"""
+        c = self.cfg
+        n = sum(p.numel() for pair in net.pairs.values() for p in pair.parameters())
+        lora = int(n * SAVE_DTYPES[(c.save_precision or "float").lower()].itemsize * 1.05) + 2 ** 20
+        state = n * 4 * 4 + 2 ** 20  # (fp32 weights and up to three optimizer slots)
+        problem = disk_space_problem(out_dir, lora + state, "the trained LoRA and a resume state")
+        if problem:
+            raise TrainingError(problem + ". Nothing was trained")
+        every = c.save_every_n_epochs or 0
+        saves = 1 + (self.epochs // every if every else 0) + (
+            self.total_steps // c.save_every_n_steps if c.save_every_n_steps else 0)
+        states = saves if c.save_state else 0
+        problem = disk_space_problem(out_dir, saves * lora + states * state, f"this run's {saves} LoRA file(s)"
+                                     + (f" and {states} state(s)" if states else ""))
+        if problem:
+            self._note(problem + " (files it removes on the way, save_last_n_*, are not counted)")
+
     def _compile_backend(self) -> str | None:
         """torch_compile from the config, else the host's setting (WebUI: Settings -> LoRA Studio); off by default."""
         on = self.cfg.torch_compile
@@ -682,7 +701,10 @@ class Trainer:
         out_dir = str(c.resolve(c.output_dir)) if c.output_dir else None
         if not out_dir:
             raise TrainingError("output_dir is not set: choose the folder the LoRA files are written to")
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            ensure_output_dir(out_dir)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         name = c.output_name or "lora"
         seed = int(c.seed if c.seed is not None else random.randint(0, 2 ** 31 - 1))
         self.seed = seed
@@ -772,6 +794,7 @@ class Trainer:
             if net.skipped:
                 self._note(f"{len(net.skipped)} module(s) get no LoRA: they {why} (e.g. "
                            f"{', '.join(net.skipped[:3])})")
+            self._check_disk_space(net, out_dir)
             torch.manual_seed(_seed_for(seed, "init"))
             for pair in net.pairs.values():  # deterministic kohya / LyCORIS init from the run's seed
                 pair.reset_parameters()
@@ -939,7 +962,10 @@ class Trainer:
 
             step, first_epoch, skip_batches = 0, 1, 0
             if resume_state:
-                st = load_state(resume_state)
+                try:
+                    st = load_state(resume_state)
+                except StateFileError as e:
+                    raise TrainingError(str(e)) from None
                 net.load_kohya_state_dict(st["network"])
                 try:  # state files hold the optimizer per weight, whichever path wrote them
                     load_optimizer_state(optimizer, flat.state_dict_flat(st["optimizer"]) if flat else st["optimizer"])
@@ -1072,7 +1098,7 @@ class Trainer:
                     return save_resume_now(epoch_no, batch_in_epoch, tag)
 
             def save_resume_now(epoch_no, batch_in_epoch, tag):
-                path = os.path.join(out_dir, f"{name}-{tag}-state.pt")
+                path = os.path.join(out_dir, f"{name}-{tag}{STATE_EXT}")
                 opt_sd = flat.state_dict_per_weight(optimizer.state_dict()) if flat else optimizer.state_dict()
                 save_state(path, {"network": net.kohya_state_dict(torch.float32, raw=True), "optimizer": opt_sd,
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -1149,7 +1175,7 @@ class Trainer:
                                 at = (epoch, b_idx + 1) if b_idx + 1 < len(batches) else (epoch + 1, 0)
                                 save_resume(*at, f"step{step:08d}")
                                 keep = c.save_last_n_steps_state or c.save_last_n_steps
-                                for f in prune_old_steps(out_dir, name, step, keep or 0, ext="-state.pt"):
+                                for f in prune_old_steps(out_dir, name, step, keep or 0, ext=STATE_EXT):
                                     self._note(f"removed old state {f} (keep states of the last {keep} steps)")
                         if (self.validation and c.validate_every_n_steps
                                 and step % c.validate_every_n_steps == 0):
@@ -1179,7 +1205,7 @@ class Trainer:
                                                with_state=not c.save_last_n_epochs_state):
                                 self._note(f"removed old save {f} (keep last {c.save_last_n_epochs})")
                         if c.save_state and c.save_last_n_epochs_state:
-                            for f in prune_old(out_dir, name, c.save_last_n_epochs_state, ext="-state.pt"):
+                            for f in prune_old(out_dir, name, c.save_last_n_epochs_state, ext=STATE_EXT):
                                 self._note(f"removed old state {f} (keep last {c.save_last_n_epochs_state})")
                 net.eval()
                 final = save(ckpt_name(name, None), self.epochs, final=True)

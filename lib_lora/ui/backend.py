@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..jobs.queue import INTERRUPTED, QUEUED, RUNNING, JobQueue
 from ..train.config import parse_train_config
+from ..train.saving import output_dir_problem
 
 
 class UiError(Exception):
@@ -255,6 +256,9 @@ class LocalBackend:
                front: bool = False) -> dict:
         cfg = parse_train_config(dict(config), source="the job's settings")  # refuse now what would fail later
         problems = self.network_problems(cfg)
+        out = output_dir_problem(str(cfg.resolve(cfg.output_dir))) if cfg.output_dir else None
+        if out:
+            problems.append(out[0].upper() + out[1:] + ".")
         if problems:
             raise UiError("The job was not queued: " + " ".join(problems))
         with self._lock:  # the worker's "start" event waits here until the task id is known
