@@ -211,7 +211,10 @@ def test_full_flow(server, page):
     fill(page, "lora_studio_output_name", "job_c")
     page.click("#lora_studio_queue")
     wait_text(page, "lora_studio_train_status", r"Queued 'job_c'.*waits behind 2")
-    # job_c is selected after queueing: move it ahead of job_b, check the order, then remove it
+    # the selection (and so Cancel) stays on the job that is training while others are queued behind it
+    assert "job_a" in page.locator("#lora_studio_job input").input_value()
+    # move job_c ahead of job_b, check the order, then remove it
+    choose(page, "lora_studio_job", "job_c")
     page.click("#lora_studio_up")
     wait_text(page, "lora_studio_jobs", r"1\s+job_c[\s\S]*2\s+job_b")
     page.click("#lora_studio_remove")

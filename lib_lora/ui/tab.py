@@ -858,10 +858,13 @@ def build_tab(backend) -> gr.Blocks:
             exists = os.path.exists(os.path.join(paths["output_dir"], paths["output_name"] + ".safetensors"))
             warn = (f" Note: {paths['output_name']}.safetensors already exists in the output folder and will be "
                     "overwritten.") if exists else ""
+            # the panel (and Cancel) stays on the job that is training; a new job is selected when it starts now
+            running = next((j for j in jobs if j["status"] == "running" and j["id"] != job["id"]), None)
+            shown = running or job
             return {train_status: ok_html(f"Queued '{job['name']}': {rep.total_steps} steps over {rep.epochs} "
                                           f"epoch(s). {where}{warn}"),
-                    job_select: gr.update(choices=[job_label(j) for j in jobs], value=job_label(job)),
-                    jobs_box: jobs_table_html(jobs, job["id"])}
+                    job_select: gr.update(choices=[job_label(j) for j in jobs], value=job_label(shown)),
+                    jobs_box: jobs_table_html(jobs, shown["id"])}
 
         submit_outputs = [train_status, job_select, jobs_box]
         train_btn.click(guarded(train_status)(functools.partial(submit, True)), [task_id] + settings, submit_outputs,
