@@ -168,6 +168,11 @@ def test_bad_caption_files_are_errors(tmp_path):
     (d / "a.txt").write_text("", encoding="utf-8")
     plan = build_plan(_cfg(tmp_path / "train"))
     assert not plan.ok and any(f.code == "caption-file" and "empty" in f.message for f in plan.errors)
+    # a caption in another encoding is said to be unreadable, not said to lack the trigger word it holds
+    (d / "a.txt").write_bytes("svs, caf\u00e9".encode("utf-16"))
+    plan = build_plan(_cfg(tmp_path / "train"))
+    assert any(f.code == "caption-file" and "not UTF-8" in f.message for f in plan.errors)
+    assert not any(f.code == "missing-trigger" for f in plan.findings)
 
 
 def _png16_rgb(path, rgb16):

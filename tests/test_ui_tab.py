@@ -110,6 +110,8 @@ def test_job_table_progress_and_labels():
 def test_error_messages_are_plain(capsys):
     assert "Error:</b> No checkpoint" in T.error_html(UiError("No checkpoint is loaded."))
     assert "not valid TOML" in T.error_html(TrainConfigError("x: not valid TOML"))
+    # several problems show one per line (escaped first: the line breaks are ours, not the message's markup)
+    assert "queued:<br>- a &lt;b&gt;<br>- c" in T.error_html(UiError("The job was not queued:\n- a <b>\n- c"))
     fnf = T.error_html(FileNotFoundError(2, "No such file", "/x/y"))
     assert "was not found: /x/y" in fnf
     bug = T.error_html(ZeroDivisionError("division by zero"))

@@ -575,8 +575,9 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
     trigger = plan.instance_token
     if trigger:
         pre, suf = spec.captions.caption_prefix or "", spec.captions.caption_suffix or ""
-        plan.missing_trigger = [e.path.name for e in plan.images
-                                if not contains_word(f"{pre} {e.caption} {suf}", trigger)]
+        unread = {n for n, _ in plan.caption_errors}  # (an unreadable caption is said as such, not as lacking it)
+        plan.missing_trigger = [e.path.name for e in plan.images if e.path.name not in unread
+                                and not contains_word(f"{pre} {e.caption} {suf}", trigger)]
     return plan
 
 

@@ -260,7 +260,8 @@ class LocalBackend:
         if out:
             problems.append(out[0].upper() + out[1:] + ".")
         if problems:
-            raise UiError("The job was not queued: " + " ".join(problems))
+            raise UiError("The job was not queued: " + problems[0] if len(problems) == 1 else
+                          "The job was not queued:" + "".join(f"\n- {p}" for p in problems))
         with self._lock:  # the worker's "start" event waits here until the task id is known
             if task_id:
                 self.hooks.queued(task_id, None)

@@ -67,7 +67,7 @@ def error_html(e: BaseException) -> str:
         traceback.print_exc()
         msg = (f"Something unexpected went wrong ({type(e).__name__}: {e}). This is a bug in LoRA Studio; the "
                "details are in the WebUI's console. Please report them.")
-    return f'<div class="ls-msg ls-error" role="alert"><b>Error:</b> {_e(msg)}</div>'
+    return f'<div class="ls-msg ls-error" role="alert"><b>Error:</b> {_e(msg).replace(chr(10), "<br>")}</div>'
 
 
 def ok_html(msg: str) -> str:
@@ -848,7 +848,8 @@ def build_tab(backend) -> gr.Blocks:
                             check_pixels=False)
             if not rep.ok:
                 problems = rep.errors or ["no batches could be formed from the dataset"]
-                raise UiError("The job was not queued: " + " ".join(problems) + " (See the Dataset tab's report.)")
+                raise UiError("The job was not queued:" + "".join(f"\n- {p}" for p in problems)
+                              + "\n(See the Dataset tab's report.)")
             job = backend.submit(cfg, name=paths["output_name"], task_id=(task or None), front=front)
             jobs = backend.jobs()
             others = [j for j in jobs if j["id"] != job["id"] and j["status"] in ("queued", "running", "interrupted")]
