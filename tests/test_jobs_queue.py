@@ -23,7 +23,7 @@ def _runner(log, gate=None):
     return run
 
 
-def test_runs_in_order_records_progress_and_failures(tmp_path):
+def test_runs_in_order_records_progress_and_failures(tmp_path, capsys):
     log = []
     q = JobQueue(str(tmp_path), _runner(log), autostart=False)
     a = q.submit({"output_name": "a"})
@@ -37,6 +37,11 @@ def test_runs_in_order_records_progress_and_failures(tmp_path):
     assert q.get(a.id).status == DONE and q.get(a.id).step == 5 and len(q.get(a.id).losses) == 5
     assert q.get(b.id).status == FAILED and "dataset folder is empty" in q.get(b.id).error
     assert q.get(c.id).notes == ["a note"]
+    # each job's end is in the console too, with the traceback of an unexpected error
+    out, err = capsys.readouterr()
+    assert "LoRA Studio: job 'b' failed: the dataset folder is empty" in out
+    assert "LoRA Studio: job 'a' done: finished (1 file(s) in " in out
+    assert "Traceback" in err and "ValueError: the dataset folder is empty" in err
 
 
 def test_cancel_running_and_waiting(tmp_path):

@@ -233,13 +233,17 @@ class JobQueue:
                 job.status = FAILED
                 job.error = f"{type(e).__name__}: {e}"
                 job.message = str(e)
-                if not _is_user_error(e):  # a bug: keep the traceback for the report
+                if not _is_user_error(e):  # a bug: keep the traceback for the report, and in the console
                     job.notes.append(traceback.format_exc(limit=8))
+                    traceback.print_exc()
         finally:
             with self._lock:
                 self._cancel.discard(job.id)
                 job.finished = time.time()
                 self._save()
+        # (the console is where WebUI users look first, and the only record a headless server keeps)
+        where = f" ({len(job.files)} file(s) in {os.path.dirname(os.path.abspath(job.files[-1]))})" if job.files else ""
+        print(f"LoRA Studio: job '{job.name}' {job.status}: {job.message}{where}", flush=True)
         self._notify(job, job.status)
 
     def _on_event(self, job: Job, ev):

@@ -265,6 +265,7 @@ def render_loss_png(losses: list, path: str, title: str = "", val_losses: list |
     validation loss (held-out images, fixed timesteps and noise) as points when there is one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 2.8), dpi=100)
     FigureCanvasAgg(fig)
@@ -277,6 +278,7 @@ def render_loss_png(losses: list, path: str, title: str = "", val_losses: list |
         ax.plot([s for s, _ in val_losses], [v for _, v in val_losses], color="#2563eb", marker="o",
                 markersize=4, linewidth=1.5, label="validation")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (steps are whole: no 2.5 on a short run)
     ax.set_ylabel("loss")
     if title:
         ax.set_title(title, fontsize=10)
