@@ -32,7 +32,7 @@ function lora_studio_start_training() {
         var anchor = app.querySelector("#lora_studio_progressbar");
         if (anchor) {
             try {
-                requestProgress(id, anchor, null, function() {}, function() {});
+                requestProgress(id, anchor, null, lsRefreshCards, function() {});
             } catch (e) {
                 console.warn("LoRA Studio: the WebUI progress bar could not start:", e);
             }
@@ -69,8 +69,21 @@ function lora_studio_use_tag(tag, status) {
         "</code> to the txt2img prompt.</div>";
 }
 
+// A finished job's LoRA files show on the txt2img / img2img card pages without pressing their Refresh: the
+// WebUI builds those pages once and keeps them (a browser reload shows the old list), and each page's hidden
+// refresh button rebuilds them all.
+function lsRefreshCards() {
+    var app = lsApp();
+    if (!app || !app.querySelector) return;
+    ["txt2img", "img2img"].forEach(function(tab) {
+        var btn = app.querySelector('[id^="' + tab + '_"][id$="_extra_refresh_internal"]');
+        if (btn) btn.dispatchEvent(new Event("click"));
+    });
+}
+
 // Auto refresh: every 1.5 s while a job waits or trains, every 10 s otherwise; only while the Train tab shows.
 var lsLastPoll = 0;
+var lsWasActive = false;
 
 function lsPollSoon() {
     lsLastPoll = 0;
@@ -86,6 +99,8 @@ function lsTick() {
     if (auto && !auto.checked) return;
     var jobs = panel.querySelector(".ls-jobs");
     var active = jobs && jobs.getAttribute("data-active") === "1";
+    if (lsWasActive && !active) lsRefreshCards();  // (the queue ran out: its last job wrote its files)
+    lsWasActive = !!active;
     var now = Date.now();
     if (now - lsLastPoll < (active ? 1500 : 10000)) return;
     lsLastPoll = now;

@@ -146,8 +146,11 @@ def assert_webui_left_clean(ns):
 
 # ------------------------------------------------------------------------------------------------ jobs
 
-def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, rendered):
+def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, rendered, monkeypatch):
     ns = fresh
+    from lib_lora.host.webui import builtin_networks
+    listed = []  # (the built-in's list, which /sdapi/v1/loras and its card page read, is renewed after the job)
+    monkeypatch.setattr(builtin_networks(), "list_available_networks", lambda: listed.append(1), raising=False)
     ns.sd_hijack.model_hijack.optimization_method = "Doggettx"  # class-replaced attention without backward
     job = ns.backend.submit(config(ns, "tabjob", sample_every_n_epochs=1, sample_prompts=ns.prompts),
                             name="tabjob", task_id="task(tab1)")
@@ -176,6 +179,9 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     assert p.disable_extra_networks is True and p.prompt == "svs cat" and p.seed == 3 and p.steps == 2
     assert (p.width, p.height) == (64, 64) and p.sd_model is ns.model and p.closed
     assert rendered.calls[0]["lock_free"] is False  # still inside the job
+    assert listed == [1]
+    # the card picture of the LoRA is its sample
+    assert os.path.exists(job["files"][-1][: -len(".safetensors")] + ".preview.png")
 
 
 def test_api_job_trains_and_leaves_attention_alone(fresh, rendered):
@@ -335,7 +341,10 @@ def test_lowvram_is_refused(fresh, monkeypatch, tmp_path, capsys):
     ns = fresh
     monkeypatch.setattr(ns.shared.cmd_opts, "lowvram", True, raising=False)
     _refused(ns, tmp_path, "--lowvram")
-    assert capsys.readouterr().out.count("--lowvram moves every UNet block") == 1  # said once, not per poll
+    lines = capsys.readouterr().out.splitlines()
+    # said once, not per poll (besides the line that tells how the refused job ended)
+    assert sum("--lowvram moves every UNet block" in ln for ln in lines if not ln.startswith("LoRA Studio: job ")) == 1
+    assert any(ln.startswith("LoRA Studio: job 'refused' failed: ") for ln in lines)
 
 
 def test_a_job_started_while_the_webui_loads_its_checkpoint_waits_for_it(fresh):

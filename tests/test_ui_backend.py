@@ -10,7 +10,7 @@ import models
 from lib_lora.host.base import ModelHost
 from lib_lora.train.config import TrainConfigError
 from lib_lora.ui.backend import (LocalBackend, ProgressHooks, UiError, ddim_sampler, describe_file, parse_numbers,
-                                 write_sample_prompts)
+                                 write_previews, write_sample_prompts)
 from lib_lora.ui.tab import model_mismatches
 
 
@@ -80,6 +80,10 @@ def test_queue_trains_with_samples_and_reports_progress(trained, host):
     assert job["model"]["name"] == host.model_name and job["model"]["family"] == "sd1"
     assert hooks.calls == [("queued", "task(abc)"), ("started", "task(abc)"), ("finished", "task(abc)", "done")]
     assert [describe_file(f) for f in job["files"]] == ["epoch 1", "final"]
+    # each file's card picture is the sample of its epoch (the final file: the last epoch's)
+    for f, smp in zip(job["files"], job["samples"]):
+        pic = os.path.splitext(f)[0] + ".preview.png"
+        assert np.array_equal(np.asarray(Image.open(pic)), np.asarray(Image.open(smp["path"]))), pic
 
 
 def test_results_grid_merges_each_file_and_restores_the_model(trained, host):
@@ -173,3 +177,22 @@ def test_an_output_folder_that_cannot_be_written_is_refused_when_queued(host, da
     with pytest.raises(UiError, match=r"cannot be written to \(read-only disk\): choose a folder you can write to"):
         b.submit(_config(dataset, tmp_path / "new" / "deep"))
     assert b.jobs() == [] and not (tmp_path / "new").exists()
+
+
+def test_card_pictures_come_from_the_samples_and_never_replace_one(tmp_path):
+    pics = {}
+    for name, color in (("e1", (255, 0, 0)), ("e2", (0, 255, 0)), ("s8", (0, 0, 255))):
+        pics[name] = str(tmp_path / f"{name}.png")
+        Image.new("RGB", (8, 8), color).save(pics[name])
+    samples = [{"epoch": 1, "step": 4, "path": pics["e1"]}, {"epoch": 2, "step": 8, "path": pics["s8"]},
+               {"epoch": 2, "step": 8, "path": pics["e2"]}]
+    files = [str(tmp_path / n) for n in ("x-000001.safetensors", "x-step00000008.safetensors", "x.safetensors",
+                                          "mine.safetensors")]
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "mine.preview.png")
+    assert [os.path.basename(p) for p in write_previews(files, samples)] == [
+        "x-000001.preview.png", "x-step00000008.preview.png", "x.preview.png"]
+    color = lambda n: Image.open(tmp_path / n).getpixel((0, 0))  # noqa: E731
+    assert color("x-000001.preview.png") == (255, 0, 0) and color("x-step00000008.preview.png") == (0, 0, 255)
+    assert color("x.preview.png") == (0, 0, 255)  # (the first image of the last sampled epoch)
+    assert color("mine.preview.png") == (9, 9, 9)  # (a picture the user set is kept)
+    assert write_previews(files, []) == []

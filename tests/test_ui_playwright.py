@@ -205,6 +205,11 @@ def test_full_flow(server, page):
     # job_a went in without A1111's requestProgress (standalone); from here on a stand-in records its calls
     page.evaluate("window.__lsCalls = []; window.requestProgress = function(id, anchor) {"
                   " window.__lsCalls.push([id, anchor && anchor.id]); }; 0")
+    # and a stand-in for the WebUI's hidden refresh button of the txt2img card pages
+    page.evaluate("window.__lsCardRefresh = 0; var b = document.createElement('button');"
+                  " b.id = 'txt2img_lora_extra_refresh_internal'; b.style.display = 'none';"
+                  " b.addEventListener('click', function() { window.__lsCardRefresh += 1; });"
+                  " (document.querySelector('gradio-app') || document.body).appendChild(b); 0")
     fill(page, "lora_studio_output_name", "job_b")
     page.click("#lora_studio_queue")
     wait_text(page, "lora_studio_train_status", r"Queued 'job_b'.*waits behind 1")
@@ -232,6 +237,8 @@ def test_full_flow(server, page):
     choose(page, "lora_studio_job", "job_b")
     wait_text(page, "lora_studio_progress", r"job_b.*finished", timeout=120)
     wait_text(page, "lora_studio_jobs", r"job_a\s+cancelled[\s\S]*job_b\s+finished")
+    # the queue ran out: the card pages were told to list the new files
+    page.wait_for_function("window.__lsCardRefresh >= 1", timeout=30000)
     page.wait_for_function("document.querySelectorAll('#lora_studio_samples .thumbnail-item').length >= 2",
                            timeout=30000)
     assert os.path.exists(os.path.join(server["root"], "Lora", "job_b.safetensors"))

@@ -137,9 +137,22 @@ class WebUIBackend(LocalBackend):
         # the trainer gets a job host whose lock() also switches attention / medvram for training
         self._job.id = job.id
         try:
-            return super()._run(job, emit, should_cancel)
+            result = super()._run(job, emit, should_cancel)
         finally:
             self._job.id = None
+        if result.files:  # (new files are listed at once: /sdapi/v1/loras, <lora:> names, our card page)
+            self._list_new_files()
+        return result
+
+    def _list_new_files(self) -> None:
+        from .webui import builtin_networks
+        try:
+            self.session.discovery.refresh()
+            mod = builtin_networks()
+            if mod is not None and hasattr(mod, "list_available_networks"):
+                mod.list_available_networks()
+        except Exception as e:  # (a listing is a nicety: the job itself is done)
+            print(f"LoRA Studio: the LoRA lists could not be refreshed after the job ({type(e).__name__}: {e})")
 
     def model_info(self) -> dict:
         info = super().model_info()

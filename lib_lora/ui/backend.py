@@ -131,6 +131,34 @@ def describe_file(path: str) -> str:
     return "final"
 
 
+def write_previews(files: list[str], samples: list[dict]) -> list[str]:
+    """Each saved LoRA file without a card picture gets the first sample image made at its epoch (or step; the
+    final file: the last sampled epoch's) as ``<stem>.preview.png``, the picture the WebUI's cards show."""
+    first: dict = {}
+    for smp in samples:
+        first.setdefault(("epoch", smp.get("epoch")), smp["path"])
+        first.setdefault(("step", smp.get("step")), smp["path"])
+    last = max((smp for smp in samples if smp.get("epoch")), key=lambda smp: smp["epoch"], default=None)
+    written = []
+    for f in files:
+        stem = os.path.splitext(f)[0]
+        target = stem + ".preview.png"
+        if os.path.exists(target):
+            continue
+        m_epoch, m_step = re.search(r"-(\d{6})$", stem), re.search(r"-step(\d{8})$", stem)
+        src = (first.get(("epoch", int(m_epoch.group(1)))) if m_epoch else
+               first.get(("step", int(m_step.group(1)))) if m_step else
+               first.get(("epoch", last["epoch"])) if last else None)
+        if not src or not os.path.isfile(src):
+            continue
+        with Image.open(src) as im:
+            tmp = target + ".tmp"
+            im.save(tmp, format="PNG")
+        os.replace(tmp, target)
+        written.append(target)
+    return written
+
+
 class LocalBackend:
     def __init__(self, host, store_dir: str, *, output_dir: str | None = None,
                  interrogators: dict[str, Callable] | None = None, sampler: Callable | None = None,
@@ -358,9 +386,14 @@ class LocalBackend:
             if ev.kind == "start":  # the trainer emits it once it holds host.lock()
                 self._task_event(job, "started")
 
-        return run_training(host, cfg, on_event=on_event,
-                            should_cancel=lambda: should_cancel() or self.hooks.interrupted(),
-                            resume=resume, sample_fn=sample_fn)
+        result = run_training(host, cfg, on_event=on_event,
+                              should_cancel=lambda: should_cancel() or self.hooks.interrupted(),
+                              resume=resume, sample_fn=sample_fn)
+        try:
+            write_previews(result.files, list(job.samples))
+        except OSError as e:  # (a card picture is a nicety: the LoRA files are what matter)
+            result.notes.append(f"no card pictures were written from the samples: {e}")
+        return result
 
     def _task_event(self, job, what):
         """``started`` once per job, when the trainer announces it holds the model."""
