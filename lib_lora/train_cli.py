@@ -194,6 +194,28 @@ def cmd_train(args, out) -> int:
         raise TrainCliError(f"vae = {cfg.vae!r}: file not found ({vae_path})")
     if args.resume and not os.path.isfile(args.resume):
         raise TrainCliError(f"--resume: state file not found: {args.resume}")
+    # everything that can be checked without the model is checked before it loads (and by --dry-run)
+    if not cfg.output_dir:
+        raise TrainCliError(f"{args.config}: output_dir is not set: choose the folder the LoRA files are written to")
+    from .train.saving import StateFileError, load_state, output_dir_problem
+    problem = output_dir_problem(str(cfg.resolve(cfg.output_dir)))
+    if problem:
+        raise TrainCliError(f"{args.config}: {problem}")
+    if args.resume:
+        try:
+            load_state(args.resume)
+        except StateFileError as e:
+            raise TrainCliError(f"--resume: {e}") from None
+    if cfg.network_weights:
+        from .formats.safetensors_io import read_header
+        try:
+            read_header(str(cfg.resolve(cfg.network_weights)))
+        except Exception as e:  # (the message says what is wrong with the file)
+            raise TrainCliError(f"network_weights: {e}") from None
+    if args.webui and not os.path.isdir(args.webui):
+        raise TrainCliError(f"--webui {args.webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
+    if args.device == "cpu" and torch.cuda.is_available():
+        out.write("note: training on the CPU although a CUDA GPU is available; add --device cuda to use it\n")
 
     from .host.headless import SDXL_NEEDS_WEBUI, CheckpointError, checkpoint_family, load_checkpoint
     from .train.run import plan_for
@@ -205,6 +227,10 @@ def cmd_train(args, out) -> int:
         if importlib.util.find_spec("sgm") is None:
             raise CheckpointError(SDXL_NEEDS_WEBUI, ckpt)
     for n in _family_notes(cfg, family):
+        out.write(f"note: {n}\n")
+    from .train.support import check_support
+    support_notes = check_support(cfg, family)[1]  # (printed now: the dry run has no other chance to say them)
+    for n in support_notes:
         out.write(f"note: {n}\n")
 
     class _FamilyOnly:  # the plan needs the family only; the model is loaded after the plan is known good
@@ -230,7 +256,7 @@ def cmd_train(args, out) -> int:
     if args.dry_run:
         steps = plan.steps
         out.write(f"dry run: {family.upper()} checkpoint {ckpt}; would train {steps.max_train_steps} steps over "
-                  f"{steps.num_epochs} epoch(s) into {cfg.resolve(cfg.output_dir) if cfg.output_dir else '(output_dir not set)'}\n")
+                  f"{steps.num_epochs} epoch(s) into {cfg.resolve(cfg.output_dir)}\n")
         return EXIT_OK
 
     out.write(f"loading {ckpt} ...\n")
@@ -254,7 +280,7 @@ def cmd_train(args, out) -> int:
             sample_fn = None
 
     from .train.run import run_training
-    printer = ProgressPrinter(out, already_shown={str(w) for w in plan.warnings})
+    printer = ProgressPrinter(out, already_shown={str(w) for w in plan.warnings} | set(support_notes))
     with _CtrlC(out) as ctrl:
         try:
             result = run_training(host, cfg, on_event=printer, should_cancel=ctrl.event.is_set,
@@ -270,6 +296,7 @@ def cmd_train(args, out) -> int:
         if result.state_file:
             out.write(f"resumable state: {result.state_file}\n")
             out.write(f"resume with: {PROG} train {args.config} --resume {result.state_file}"
+                      + (f" --model {args.model}" if args.model else "")
                       + (f" --webui {args.webui}" if args.webui else "")
                       + (f" --device {args.device}" if args.device != "cpu" else "") + "\n")
         return EXIT_CANCELLED

@@ -130,6 +130,31 @@ def test_user_errors_are_one_line(run_cli, tiny_ckpt, tmp_path):
     assert code == 2
 
 
+def test_dry_run_checks_what_the_run_would_stop_on_before_loading_the_model(run_cli, tiny_ckpt, tmp_path):
+    """Everything that can be told without the model is told by --dry-run too: the output folder, the
+    network_weights and resume files, the --webui folder, and the settings' notes."""
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    text = cfg.read_text()
+    (tmp_path / "afile").write_text("x")
+    cases = [('output_dir = "out"', 'output_dir = "afile"', "is a file, not a folder"),
+             ('output_dir = "out"\n', "", "output_dir is not set"),
+             ('network_dim = 4', 'network_dim = 4\nnetwork_weights = "trunc.safetensors"', "trunc.safetensors")]
+    (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    for old, new, words in cases:
+        cfg.write_text(text.replace(old, new))
+        code, out, err = run_cli("train", cfg, "--dry-run")
+        assert code == 1 and words in err and "loading" not in out, (words, out, err)
+    cfg.write_text(text)
+    (tmp_path / "trunc-state.lsstate").write_bytes(b"PK\x03\x04 not a whole file")
+    code, out, err = run_cli("train", cfg, "--dry-run", "--resume", tmp_path / "trunc-state.lsstate")
+    assert code == 1 and "--resume: the state file trunc-state.lsstate cannot be read" in err, err
+    code, out, err = run_cli("train", cfg, "--dry-run", "--webui", tmp_path / "nowebui")
+    assert code == 1 and "no such folder" in err
+    cfg.write_text(text.replace("network_dim = 4", "network_dim = 4\nfull_fp16 = true"))
+    code, out, err = run_cli("train", cfg, "--dry-run")
+    assert code == 0 and "note: full_fp16" in out, out + err
+
+
 def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_path, monkeypatch):
     """Ctrl-C is the trainer's should_cancel; simulate it after the first step."""
     from lib_lora import train_cli
@@ -143,12 +168,12 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", press_ctrl_c_after_step_1)
-    code, out, err = run_cli("train", cfg)
+    code, out, err = run_cli("train", cfg, "--model", tiny_ckpt)
     assert code == 130, out + err
     assert "Ctrl-C: stopping after this step" in out
     state = tmp_path / "out" / "svs-cancelled-state.lsstate"
     assert state.exists()
-    assert f"--resume {state}" in out
+    assert f"--resume {state} --model {tiny_ckpt}" in out  # (the printed command runs as it is)
     monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", orig)
     code, out, err = run_cli("train", cfg, "--resume", state)
     assert code == 0, out + err

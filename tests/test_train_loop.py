@@ -297,3 +297,26 @@ def test_output_folder_and_disk_space_are_checked_before_the_first_step(sd1, tmp
         res = run_training(ModelHost(sd1, "m"), cfg)
     assert res.status == "done"
     assert any("this run's 3 LoRA file(s) and 3 state(s) needs about" in n for n in res.notes), res.notes
+
+
+def test_resume_with_more_epochs_trains_to_the_new_end_and_another_network_is_refused(sd1, tmp_path):
+    """A finished run's state resumed with a longer schedule continues to the new end (progress counts to it); one
+    resumed again at its end says there is nothing left; a state of another network_dim is refused with what to
+    set, not a traceback."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    first = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1,
+                                                   save_state_on_train_end=True))
+    assert first.status == "done" and first.state_file and first.steps == 1
+    totals = []
+    longer = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=3),
+                          on_event=lambda e: e.kind == "step" and totals.append((e.step, e.total)),
+                          resume=first.state_file)
+    assert longer.status == "done" and longer.steps == 3
+    assert totals == [(2, 3), (3, 3)]
+    again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1),
+                         resume=first.state_file)
+    assert any("nothing is left to train" in n for n in again.notes), again.notes
+    with pytest.raises(TrainingError, match=r"cannot resume from svs-final-state.lsstate: its network does not fit "
+                                            r"this config's: .* Resume with the network settings"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2, network_dim=8),
+                     resume=first.state_file)

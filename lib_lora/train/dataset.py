@@ -1042,8 +1042,10 @@ def _report(plan: DatasetPlan) -> str:
         else:
             mode = "buckets off"
         exts = sorted({s.spec.caption_extension for s in part.subsets if not s.spec.metadata_file})
-        out.append(f"  resolution {reso}, batch size {ds.batch_size}, {mode}, captions from "
-                   + (f"{', '.join(exts)} files" if exts else "the metadata file"))
+        meta = any(s.spec.metadata_file for s in part.subsets)
+        source = ", ".join([f"{', '.join(exts)} files"] * bool(exts) + ["the metadata file"] * meta)
+        out.append(f"  resolution {reso}, batch size {ds.batch_size}, {mode}"
+                   + (f", captions from {source}" if source else ""))
         for kind, subs in (("Training folders", [s for s in part.subsets if not s.is_reg]),
                            ("Regularisation folders", [s for s in part.subsets if s.is_reg])):
             if not subs:

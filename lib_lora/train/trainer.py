@@ -966,7 +966,13 @@ class Trainer:
                     st = load_state(resume_state)
                 except StateFileError as e:
                     raise TrainingError(str(e)) from None
-                net.load_kohya_state_dict(st["network"])
+                try:
+                    net.load_kohya_state_dict(st["network"])
+                except ValueError as e:  # (another network_dim / algorithm than the run that wrote it)
+                    raise TrainingError(f"cannot resume from {os.path.basename(resume_state)}: its network does not "
+                                        f"fit this config's: {str(e).split('. Set the same')[0]}. Resume with the "
+                                        "network settings (network_module, network_dim, conv_dim, network_args) of "
+                                        "the run that wrote it") from None
                 try:  # state files hold the optimizer per weight, whichever path wrote them
                     load_optimizer_state(optimizer, flat.state_dict_flat(st["optimizer"]) if flat else st["optimizer"])
                 except ValueError as e:
@@ -978,7 +984,15 @@ class Trainer:
                 if scaler is not None and st.get("scaler"):
                     scaler.load_state_dict(st["scaler"])
                 step, first_epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
-                self.end_step = int(st.get("end_step") or self.total_steps)
+                # a run that stopped short of its schedule (initial_epoch) stops there again; otherwise this
+                # config's length counts, so a run resumed with more epochs trains (and counts) to the new end
+                # (initial_epoch / initial_step of this config are not used with resume)
+                st_end, st_total = st.get("end_step"), st.get("total_steps")
+                self.end_step = (int(st_end) if st_end and st_total and int(st_end) < int(st_total) == self.total_steps
+                                 else self.total_steps)
+                if step >= self.end_step:
+                    self._note(f"the state is at the end of this run (step {step} of {self.end_step}): nothing is "
+                               "left to train; raise max_train_epochs or max_train_steps to continue it")
                 self.losses = list(st.get("losses", []))
                 set_rng_state(st["rng"])
                 seed = self.seed = st["seed"]
@@ -1103,7 +1117,7 @@ class Trainer:
                 save_state(path, {"network": net.kohya_state_dict(torch.float32, raw=True), "optimizer": opt_sd,
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                                   "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
-                                  "end_step": self.end_step,
+                                  "end_step": self.end_step, "total_steps": self.total_steps,
                                   "losses": self.losses, "rng": rng_state(), "config_source": c.source})
                 return path
 
