@@ -196,3 +196,14 @@ def test_card_pictures_come_from_the_samples_and_never_replace_one(tmp_path):
     assert color("x.preview.png") == (0, 0, 255)  # (the first image of the last sampled epoch)
     assert color("mine.preview.png") == (9, 9, 9)  # (a picture the user set is kept)
     assert write_previews(files, []) == []
+
+
+def test_results_grid_stops_between_rows_and_restores_the_model(trained, host):
+    from lib_lora.ui.backend import GridStopped
+    b, job, _ = trained
+    before = models.model_state_hash(host.sd_model)
+    rows = []
+    with pytest.raises(GridStopped, match=r"Stopped after 1 of 4 row\(s\); nothing was saved"):
+        b.render_grid(job["files"], [0.5, 1.0], [1], "svs bear", width=64, height=64, steps=1,
+                      progress=lambda d, t: rows.append(d), should_stop=lambda: len(rows) >= 1)
+    assert rows == [1] and models.model_state_hash(host.sd_model) == before

@@ -131,6 +131,11 @@ def describe_file(path: str) -> str:
     return "final"
 
 
+class GridStopped(UiError):
+    def __init__(self, done: int, total: int):
+        super().__init__(f"Stopped after {done} of {total} row(s); nothing was saved and the model is as it was.")
+
+
 def write_previews(files: list[str], samples: list[dict]) -> list[str]:
     """Each saved LoRA file without a card picture gets the first sample image made at its epoch (or step; the
     final file: the last sampled epoch's) as ``<stem>.preview.png``, the picture the WebUI's cards show."""
@@ -251,8 +256,10 @@ class LocalBackend:
 
     def render_grid(self, files: list[str], strengths: list[float], seeds: list[int], prompt: str,
                     negative_prompt: str = "", width: int | None = None, height: int | None = None,
-                    steps: int | None = None, progress: Callable | None = None) -> list[list[list[Image.Image]]]:
-        """images[file][strength][seed], each LoRA merged at that strength into the loaded model, then restored."""
+                    steps: int | None = None, progress: Callable | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[list[list[Image.Image]]]:
+        """images[file][strength][seed], each LoRA merged at that strength into the loaded model, then restored.
+        GridStopped between rows when ``should_stop()`` says so (the model restored)."""
         from ..apply import Patcher, layer_mapping, load_network
 
         host = self._need_host()
@@ -268,6 +275,8 @@ class LocalBackend:
                     net = load_network(f, host.family)
                     rows = []
                     for s in strengths:
+                        if should_stop and should_stop():
+                            raise GridStopped(done, total)
                         patcher.apply(mapping, [(net, float(s), float(s), None)])
                         rows.append(self.sampler(host, [prompt] * len(seeds), negative_prompt, list(seeds), width,
                                                  height, self._steps(steps), self.cfg_scale))

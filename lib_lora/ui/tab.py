@@ -583,7 +583,10 @@ def build_tab(backend) -> gr.Blocks:
                         r_h = gr.Number(label="Height", value=512, precision=0, minimum=64, elem_id="lora_studio_r_h")
                         r_steps = gr.Number(label="Sampling steps", value=20, precision=0, minimum=1,
                                             elem_id="lora_studio_r_steps")
-                    r_render = gr.Button("Render grid", variant="primary", elem_id="lora_studio_r_render")
+                    with gr.Row():
+                        r_render = gr.Button("Render grid", variant="primary", elem_id="lora_studio_r_render",
+                                             scale=3)
+                        r_stop = gr.Button("Stop", elem_id="lora_studio_r_stop", scale=1)
                     r_status = gr.HTML(elem_id="lora_studio_r_status")
                     r_gallery = gr.Gallery(label="Click the image you like best", columns=5, height=420,
                                            elem_id="lora_studio_r_gallery", preview=False)
@@ -1099,6 +1102,8 @@ def build_tab(backend) -> gr.Blocks:
 
         r_job.change(r_do_pick_job, [r_job], [r_files, r_prompt, r_w, r_h, r_status])
 
+        grid_stop = threading.Event()  # (the Stop button: read between rows)
+
         @guarded(r_status)
         def r_do_render(label, file_labels, prompt, negative, strengths_text, seeds_text, w, h, steps):
             j = backend.job(job_id_of(label)) if label else None
@@ -1113,6 +1118,7 @@ def build_tab(backend) -> gr.Blocks:
             if not str(prompt or "").strip():
                 raise UiError("Write a prompt (with the trigger word) to render.")
             _refuse_while_training("Render the grid")
+            grid_stop.clear()
             total = len(files) * len(strengths)
             q: _queue.Queue = _queue.Queue()
             result = {}
@@ -1121,13 +1127,16 @@ def build_tab(backend) -> gr.Blocks:
                 try:
                     result["images"] = backend.render_grid(files, strengths, seeds, prompt, negative or "",
                                                            int(w or 512), int(h or 512), int(steps or 20),
-                                                           progress=lambda d, t: q.put((d, t)))
+                                                           progress=lambda d, t: q.put((d, t)),
+                                                           should_stop=grid_stop.is_set)
                 except Exception as e:  # handed to the UI thread below
                     result["error"] = e
                 q.put(None)
 
             threading.Thread(target=work, daemon=True).start()
-            yield {r_status: info_html(f"Rendering {total} row(s) of {len(seeds)} images...")}
+            yield {r_status: info_html(f"Rendering {total} row(s) of {len(seeds)} images at {int(w or 512)}x"
+                                       f"{int(h or 512)}, {int(steps or 20)} steps each... (Stop ends it after the "
+                                       "current row)")}
             while True:
                 item = q.get()
                 if item is None:
@@ -1164,6 +1173,11 @@ def build_tab(backend) -> gr.Blocks:
                    r_pick_strength: gr.update(choices=[f"{s:g}" for s in strengths], value=f"{strengths[-1]:g}"),
                    r_pick_seed: gr.update(choices=[str(s) for s in seeds], value=str(seeds[0]))}
 
+        def r_do_stop():
+            grid_stop.set()
+            return info_html("Stopping after the current row...")
+
+        r_stop.click(r_do_stop, [], [r_status], queue=False)
         r_render.click(r_do_render, [r_job, r_files, r_prompt, r_negative, r_strengths, r_seeds, r_w, r_h, r_steps],
                        [r_status, r_grid, r_gallery, r_state, r_pick_file, r_pick_strength, r_pick_seed])
 
