@@ -288,6 +288,17 @@ def _format_metadata(summary: dict, n_keys: int) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------- inspect
 
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def _refuse_checkpoint(path: str, keys) -> None:
+    """A whole model given where a LoRA belongs: said as such, not listed as hundreds of unreadable modules."""
+    n = sum(1 for k in keys if k.startswith(_CHECKPOINT_PREFIXES))
+    if n and n >= len(keys) // 2:
+        raise CliError(f"{os.path.basename(path)} is a full model checkpoint ({n} of its {len(keys)} tensors are "
+                       "UNet / VAE / text-encoder weights), not a LoRA. Give it as --model, or inspect a LoRA file")
+
+
 def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) -> dict:
     """Everything `inspect` prints, as plain data (the --json output)."""
     from .apply.loader import detect_writer
@@ -303,6 +314,7 @@ def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) 
     header = read_header(path)
     metadata = dict(header.get("__metadata__") or {})
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    _refuse_checkpoint(path, shapes)
     dtypes = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__")
     info: dict = {"file": os.path.abspath(path), "size_bytes": os.path.getsize(path), "tensors": len(shapes),
                   "dtypes": dict(dtypes)}
@@ -544,6 +556,12 @@ def cmd_merge(args, out) -> int:
         raise UsageError(f"{dest} already exists; pass --overwrite to replace it")
     for path, _, _ in loras:
         _require_file(path, "LoRA file")
+    folder = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(folder):  # (said before the merge, not after it)
+        raise CliError(f"cannot write {dest}: {folder} " + ("is a file, not a folder" if os.path.exists(folder)
+                                                             else "does not exist") + "; choose another OUT")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"cannot write {dest}: no permission to write into {folder}; choose another OUT")
 
     import torch
     from .apply.checkpoint import CheckpointModel, detect_checkpoint_family

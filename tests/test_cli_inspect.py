@@ -141,6 +141,12 @@ def test_inspect_refused_family(tmp_path):
     assert "base model: Flux (not supported" in out
 
 
+def test_inspect_says_a_checkpoint_is_not_a_lora(sd1_ckpt):
+    rc, out, err = inspect(sd1_ckpt)
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert "tiny-sd1.safetensors is a full model checkpoint" in err and "not a LoRA. Give it as --model" in err
+
+
 def test_inspect_corrupt_and_missing_files(tmp_path):
     good = tmp_path / "good.safetensors"
     write_kohya(good, _targets(SD1_TARGETS, ["lora_te_text_model_encoder_layers_1_mlp_fc2"]), rank=4, alpha=4,

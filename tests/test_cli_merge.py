@@ -454,6 +454,16 @@ def test_merge_usage_and_file_errors(ckpts, tmp_path, capsys):
     assert rc == 1 and "broken.safetensors" in err and err.count("\n") == 1
     assert not out.exists()
 
+    # an OUT whose folder is a file (or missing) is refused before anything is merged
+    (tmp_path / "afile").write_text("x")
+    good = tmp_path / "good.safetensors"
+    write_kohya(good, _targets(SD1_TARGETS, ["lora_te_text_model_encoder_layers_1_mlp_fc2"]), rank=2, alpha=2,
+                seed=1, metadata=KOHYA_V1)
+    rc, _, err = run_main("merge", base_path, tmp_path / "afile" / "o.safetensors", "--lora", good)
+    assert rc == 1 and "afile is a file, not a folder; choose another OUT" in err
+    rc, _, err = run_main("merge", base_path, tmp_path / "nodir" / "o.safetensors", "--lora", good)
+    assert rc == 1 and "nodir does not exist" in err
+
     notsd = tmp_path / "vae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(2, 2)}, str(notsd))
     rc, _, err = run_main("merge", notsd, out, "--lora", bad)

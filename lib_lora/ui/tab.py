@@ -659,9 +659,12 @@ def build_tab(backend) -> gr.Blocks:
                                     optimizer=v["optimizer_type"], fp8=fp8,
                                     full=doc.trains_full(v["network_module"],
                                                          str(v["network_args"] or "").split()))
+            cpu = (" The model is on the CPU here: this is what a GPU would need for a full-size "
+                   f"{info.get('family', '').upper() or 'SD'} model; on the CPU it is system memory.") \
+                if str(info.get("device") or "").startswith("cpu") else ""
             return (f'<p class="ls-vram"><b>Estimated VRAM: about {est.total_gb:.1f} GB</b> at the resolution, '
                     f"without larger buckets (an estimate, not a measurement). {_e(est.explanation)}. "
-                    + " ".join(_e(a) for a in est.advice) + "</p>")
+                    + " ".join(_e(a) for a in est.advice) + _e(cpu) + "</p>")
 
         vram_inputs = [comps[k] for k in vram_keys]
         for c in vram_inputs:
