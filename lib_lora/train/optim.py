@@ -305,7 +305,7 @@ def optimizer_class(name: str):
     if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
         return found
     raise OptimizerNameError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}, another of "
-                             "sd-scripts' names (DAdaptAdam, PagedAdamW8bit, RAdamScheduleFree, ...), a torch.optim "
+                             "sd-scripts' names (DAdaptAdaGrad, PagedLion8bit, SGDScheduleFree, ...), a torch.optim "
                              "class (e.g. Adam) or module.Class from " + ", ".join(DOTTED_PACKAGES[1:]))
 
 
