@@ -62,6 +62,16 @@ def test_cancel_running_and_waiting(tmp_path):
     assert q.get(b.id).status == CANCELLED
 
 
+def test_a_removed_job_takes_its_loss_plot_along(tmp_path):
+    q = JobQueue(str(tmp_path), None, autostart=False)
+    a, b = q.submit({"output_name": "a"}), q.submit({"output_name": "b"})
+    (tmp_path / "plots").mkdir()
+    for j in (a, b):
+        (tmp_path / "plots" / f"{j.id}.png").write_bytes(b"png")
+    q.remove(a.id)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [f"{b.id}.png"]
+
+
 def test_persists_across_restart(tmp_path):
     q = JobQueue(str(tmp_path), None, autostart=False)
     a = q.submit({"output_name": "a"})

@@ -126,14 +126,17 @@ def test_resume_state_loads_under_the_webuis_torch_load_and_runs_no_code(sd1, tm
                         should_cancel=lambda: seen["step"] >= 3)
     assert part.status == "cancelled" and part.state_file.endswith("svs-cancelled" + STATE_EXT)
     assert list(walk_lora_files(str(tmp_path / "b" / "out"))) == []
+    st = torch.serialization.load(part.state_file, weights_only=True)
     monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # (A1111's modules/safe.py on a file it rejects)
     resumed = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), resume=part.state_file)
     assert resumed.status == "done" and resumed.steps == 4
     a, b = _train_state(full.final), _train_state(resumed.final)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # the cancel's state has done its work: removed, so it cannot be resumed again over the finished files
+    assert not os.path.exists(part.state_file)
+    assert any(n == "removed svs-cancelled-state.lsstate: the run it continued has finished" for n in resumed.notes)
     # an earlier version's state: numpy's RNG state as its array, the python state as its tuples, in a -state.pt
-    st = torch.serialization.load(part.state_file, weights_only=True)
     name, keys, *rest = st["rng"]["numpy"]
     py = st["rng"]["python"]
     st["rng"].update(numpy=(name, keys.numpy().astype(np.uint32), *rest), python=(py[0], tuple(py[1]), py[2]))
@@ -320,3 +323,24 @@ def test_resume_with_more_epochs_trains_to_the_new_end_and_another_network_is_re
                                             r"this config's: .* Resume with the network settings"):
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2, network_dim=8),
                      resume=first.state_file)
+
+
+def test_a_cancel_whose_state_cannot_be_written_says_so(sd1, tmp_path, monkeypatch):
+    """The output folder went read-only (or the disk filled) during the run: the cancel's state cannot be written.
+    The job ends with what happened, not an errno naming a temp file."""
+    import errno
+
+    import lib_lora.train.saving as saving
+
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".tmp-x.tmp"))
+    monkeypatch.setattr(saving, "write_atomic", read_only)
+    seen = {"step": 0}
+    with pytest.raises(TrainingError, match=r"cancelled at step 1, but could not write the resumable state "
+                                            r"svs-cancelled-state.lsstate to .*: Read-only file system\. Free some "
+                                            r"space or make the folder writable; the run so far could not be kept"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2),
+                     on_event=lambda e: e.kind == "step" and seen.update(step=e.step),
+                     should_cancel=lambda: seen["step"] >= 1)

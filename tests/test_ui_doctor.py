@@ -153,6 +153,10 @@ def test_settings_problems_are_reported(tmp_path):
     assert any("Both learning rates are 0" in e for e in rep.errors)
     assert any("needs a GPU" in w for w in rep.warnings)
     assert not rep.ok
+    # the memory estimate is a GPU's for the full-size model: said when the model is on the CPU
+    assert doc.cpu_vram_note("sd1") in rep.vram.advice
+    assert "on the CPU it is system memory" in doc.to_html(rep) and "on the CPU it is system memory" in doc.to_markdown(rep)
+    assert doc.cpu_vram_note("sd1") not in doc.check(_cfg(tmp_path / "train"), "sd1", device_type="cuda").vram.advice
 
 
 def test_vram_formula_by_hand():

@@ -255,6 +255,15 @@ def test_full_flow(server, page):
     assert os.path.exists(os.path.join(server["root"], "Lora", "job_b-000001.safetensors"))
     page.screenshot(path=os.path.join(SHOTS, "05-trained.png"), full_page=True)
 
+    # Resume the cancelled job_a: a new row continues it (told apart by its name); cancel that one again
+    choose(page, "lora_studio_job", "job_a")
+    page.click("#lora_studio_resume")
+    wait_text(page, "lora_studio_train_status", r"'job_a' queued again as 'job_a \(resumed\)'; it continues from step")
+    assert "job_a (resumed)" in page.locator("#lora_studio_job input").input_value()
+    wait_text(page, "lora_studio_progress", r"job_a \(resumed\).*training", timeout=90)
+    page.click("#lora_studio_cancel")
+    wait_text(page, "lora_studio_jobs", r"job_a \(resumed\)\s+cancelled", timeout=60)
+
     # --- results grid: 2 saved epochs x 4 strengths x 5 seeds
     sub_tab(page, "Results")
     page.wait_for_function(

@@ -150,6 +150,10 @@ class JobQueue:
                 raise ValueError(f"job {job.name} is running; cancel it first")
             self.jobs.remove(job)
             self._save()
+        try:  # (the tab's loss plot of the job, kept in the store: it goes with the job)
+            os.remove(os.path.join(self.store_dir, "plots", f"{job_id}.png"))
+        except OSError:
+            pass
 
     def move(self, job_id: str, position: int) -> None:
         """Reorder waiting jobs; position counts among the waiting ones (0 = next to run)."""

@@ -4,6 +4,7 @@ hashes, sd-scripts file naming, keep-last-N pruning, atomic writes; plus the ful
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import random
@@ -202,7 +203,13 @@ def set_rng_state(st: dict):
 
 def save_state(path: str, state: dict):
     """torch.save to a temp file in the same folder, then rename: a kill mid-save never leaves a broken state."""
-    write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".tmp", fsync=True)
+    try:
+        write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".tmp", fsync=True)
+    except OSError as e:
+        folder = os.path.dirname(os.path.abspath(path))
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise StateFileError(f"could not write the resumable state {os.path.basename(path)} to {folder}: {why}. "
+                             "Free some space or make the folder writable") from None
 
 
 class StateFileError(ValueError):

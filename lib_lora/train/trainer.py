@@ -1114,11 +1114,15 @@ class Trainer:
             def save_resume_now(epoch_no, batch_in_epoch, tag):
                 path = os.path.join(out_dir, f"{name}-{tag}{STATE_EXT}")
                 opt_sd = flat.state_dict_per_weight(optimizer.state_dict()) if flat else optimizer.state_dict()
-                save_state(path, {"network": net.kohya_state_dict(torch.float32, raw=True), "optimizer": opt_sd,
-                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                                  "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
-                                  "end_step": self.end_step, "total_steps": self.total_steps,
-                                  "losses": self.losses, "rng": rng_state(), "config_source": c.source})
+                try:
+                    save_state(path, {
+                        "network": net.kohya_state_dict(torch.float32, raw=True), "optimizer": opt_sd,
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                        "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
+                        "end_step": self.end_step, "total_steps": self.total_steps,
+                        "losses": self.losses, "rng": rng_state(), "config_source": c.source})
+                except StateFileError as e:  # (a full disk, a folder gone read-only: said, not a traceback)
+                    raise TrainingError(str(e)) from None
                 return path
 
             status, state_file = "done", None
@@ -1229,16 +1233,34 @@ class Trainer:
                 status = "cancelled"
                 final = None
                 # keep what was learned: a resumable state, so cancelling never loses work
-                state_file = save_resume(cur_epoch, window_start, "cancelled", averaged=False)
+                try:
+                    state_file = save_resume(cur_epoch, window_start, "cancelled", averaged=False)
+                except TrainingError as e:
+                    raise TrainingError(f"cancelled at step {step}, but {e}; the run so far could not be kept "
+                                        "(earlier saved files are unchanged)") from None
                 self._emit("cancelled", step=step, message=f"cancelled at step {step}; resume with {state_file}",
                            path=state_file)
             finally:
                 net.eval()
+        if status == "done" and resume_state:
+            self._drop_used_cancel_state(resume_state, out_dir, name)
         result = TrainResult(status, self.files, final, step, self.losses, self.notes, state_file,
                              self.val_losses)
         if status == "done":
             self._emit("done", step=step, path=final, message=f"finished: {final}")
         return result
+
+    def _drop_used_cancel_state(self, resume_state: str, out_dir: str, name: str) -> None:
+        """A cancel's state (name-cancelled-state.lsstate in this run's folder) has done its work once the run it
+        continued has finished: removed, so that it is neither resumed again over the finished files nor left
+        taking space. States the user asked for (save_state) are kept."""
+        mine = os.path.join(out_dir, f"{name}-cancelled{STATE_EXT}")
+        try:
+            if os.path.exists(mine) and os.path.samefile(resume_state, mine):
+                os.remove(mine)
+                self._note(f"removed {os.path.basename(mine)}: the run it continued has finished")
+        except OSError as e:  # (kept: only space is lost)
+            self._note(f"could not remove {os.path.basename(mine)} ({e.strerror or e}); delete it by hand")
 
     # ---- pieces -------------------------------------------------------------------------------------------
     def _cond(self, te: TextEncoder, caps: list[str], cache: dict | None, grad: bool, runner) -> dict:

@@ -62,6 +62,13 @@ class VramEstimate:
     advice: list[str] = field(default_factory=list)
 
 
+def cpu_vram_note(family: str | None) -> str:
+    """Said beside the estimate when the loaded model is on the CPU (the numbers are a GPU's, for the full-size
+    model of the family)."""
+    return ("The model is on the CPU here: this is what a GPU would need for a full-size "
+            f"{(family or '').upper() or 'SD'} model; on the CPU it is system memory.")
+
+
 def trains_full(network_module: str | None, network_args: list[str] | None) -> bool:
     """LyCORIS algo=full (native fine-tuning): memory as a fine-tune, not a LoRA."""
     return network_module == "lycoris.kohya" and any(
@@ -242,6 +249,8 @@ def diagnose(plan: DatasetPlan, family: str | None, *, weight_bytes: int | None 
                              train_unet=bool(unet_lr), train_te=bool(te_lr) and not cfg.network_train_unet_only,
                              optimizer=cfg.optimizer_type or "AdamW", fp8=fp8_parts_of(cfg, weight_bytes),
                              full=trains_full(cfg.network_module, cfg.network_args))
+    if vram is not None and str(device_type or "").startswith("cpu"):
+        vram.advice.append(cpu_vram_note(family))
     words = getattr(_dataset, "_reg_words", None)  # the engine's own wording of the reg arithmetic
     reg_words = (" ".join(w for w in (words(p) for p in plan.datasets) if w) or None) if words else None
     return DoctorReport(
@@ -374,7 +383,8 @@ def to_markdown(rep: DoctorReport) -> str:
     if rep.buckets:
         lines.append("Buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in rep.buckets.items()))
     if rep.vram:
-        lines.append(f"Estimated VRAM: about {rep.vram.total_gb:.1f} GB ({rep.vram.explanation}).")
+        lines.append(f"Estimated VRAM: about {rep.vram.total_gb:.1f} GB ({rep.vram.explanation})."
+                     + "".join(f" {a}" for a in rep.vram.advice))
     if rep.notes:
         lines += ["", "Notes:"] + [f"- {m}" for m in rep.notes]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from ..train.config import TrainConfigError
 from ..train.folders import parse_folder_name
 from . import dataset_helper as dh
 from . import doctor as doc
-from .backend import UiError, describe_file, parse_numbers, write_sample_prompts
+from .backend import GridStopped, UiError, describe_file, parse_numbers, write_sample_prompts
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
                       export_toml, form_defaults, preset_for_family)
 
@@ -659,9 +659,8 @@ def build_tab(backend) -> gr.Blocks:
                                     optimizer=v["optimizer_type"], fp8=fp8,
                                     full=doc.trains_full(v["network_module"],
                                                          str(v["network_args"] or "").split()))
-            cpu = (" The model is on the CPU here: this is what a GPU would need for a full-size "
-                   f"{info.get('family', '').upper() or 'SD'} model; on the CPU it is system memory.") \
-                if str(info.get("device") or "").startswith("cpu") else ""
+            cpu = " " + doc.cpu_vram_note(info.get("family")) if str(info.get("device") or "").startswith("cpu") \
+                else ""
             return (f'<p class="ls-vram"><b>Estimated VRAM: about {est.total_gb:.1f} GB</b> at the resolution, '
                     f"without larger buckets (an estimate, not a measurement). {_e(est.explanation)}. "
                     + " ".join(_e(a) for a in est.advice) + _e(cpu) + "</p>")
@@ -924,14 +923,19 @@ def build_tab(backend) -> gr.Blocks:
             if j is None:
                 raise UiError("That job is no longer in the list.")
             state = j.get("resume_state")
-            if j["status"] not in ("cancelled", "failed") or not state or not os.path.exists(state):
+            if j["status"] not in ("cancelled", "failed") or not state:
                 raise UiError(f"'{j['name']}' has no saved state to resume from (only cancelled jobs keep one). "
                               "Queue it again with Train instead.")
+            if not os.path.exists(state):
+                raise UiError(f"The state file of '{j['name']}' ({os.path.basename(state)}) is gone: a resume that "
+                              "finished removes it, or it was moved or deleted. Queue the job again with Train.")
             cfg = dict(j["config"])
             cfg["resume"] = state
-            new = backend.submit(cfg, name=j["name"], task_id=(task or None), front=False)
+            base = re.sub(r" \(resumed\)$", "", j["name"])  # (the list tells the two rows apart)
+            new = backend.submit(cfg, name=f"{base} (resumed)", task_id=(task or None), front=False)
             jobs = backend.jobs()
-            return {train_status: ok_html(f"'{j['name']}' queued again; it continues from step {j['step']}."),
+            return {train_status: ok_html(f"'{j['name']}' queued again as '{new['name']}'; it continues from step "
+                                          f"{j['step']}."),
                     jobs_box: jobs_table_html(jobs, new["id"]),
                     job_select: gr.update(choices=[job_label(x) for x in jobs], value=job_label(new))}
 
@@ -1145,6 +1149,9 @@ def build_tab(backend) -> gr.Blocks:
                 if item is None:
                     break
                 yield {r_status: info_html(f"Rendered {item[0]} of {item[1]} row(s)...")}
+            if isinstance(result.get("error"), GridStopped):  # (asked for: not an error)
+                yield {r_status: info_html(str(result["error"]))}
+                return
             if "error" in result:
                 raise result["error"]
             images = result["images"]
