@@ -263,6 +263,13 @@ def test_full_flow(server, page):
     wait_text(page, "lora_studio_progress", r"job_a \(resumed\).*training", timeout=90)
     page.click("#lora_studio_cancel")
     wait_text(page, "lora_studio_jobs", r"job_a \(resumed\)\s+cancelled", timeout=60)
+    # a refused Train ends the progress bar the page started for it (no 'Waiting...' left behind)
+    fill(page, "lora_studio_output_name", "")
+    page.click("#lora_studio_train")
+    wait_text(page, "lora_studio_train_status", r"Give the LoRA a name")
+    refused = page.evaluate("window.__lsCalls")[-1][0]
+    hooks = open(os.path.join(server["root"], "hooks.log")).read().split("\n")
+    assert f"finished {refused} -" in hooks and not any(h.startswith(f"queued {refused}") for h in hooks)
 
     # --- results grid: 2 saved epochs x 4 strengths x 5 seeds
     sub_tab(page, "Results")

@@ -331,6 +331,14 @@ class LocalBackend:
                           "cancel. Use Remove to take it off the list.")
         return _public(self.queue.cancel(job_id))
 
+    def release_task(self, task_id: str) -> None:
+        """A progress bar the page started for a job that was not queued: told it is over (else A1111 shows
+        'Waiting...' until its inactivity timeout)."""
+        with self._lock:
+            if task_id in self._tasks.values():
+                return
+        self.hooks.finished(task_id, None)
+
     def remove(self, job_id: str) -> None:
         job = self._need_job(job_id)
         if job.status == RUNNING:

@@ -835,6 +835,18 @@ def build_tab(backend) -> gr.Blocks:
         ui.load(safe_poll, [job_select, poll_state], poll_outputs, queue=False)
 
         def submit(front, task, *args):
+            try:
+                return _submit(front, task, *args)
+            except Exception:  # (the page started a progress bar for this task: a refused job ends it now)
+                _release(task)
+                raise
+
+        def _release(task):
+            release = getattr(backend, "release_task", None)
+            if task and release is not None:
+                release(task)
+
+        def _submit(front, task, *args):
             ui_values, paths = _split_settings(args)
             if not paths["train_data_dir"]:
                 raise UiError("Set the training folder on the Dataset tab first.")
@@ -919,6 +931,13 @@ def build_tab(backend) -> gr.Blocks:
 
         @guarded(train_status)
         def do_resume(task, label):
+            try:
+                return _resume(task, label)
+            except Exception:
+                _release(task)
+                raise
+
+        def _resume(task, label):
             j = backend.job(_selected(label))
             if j is None:
                 raise UiError("That job is no longer in the list.")
