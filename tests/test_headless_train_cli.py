@@ -150,6 +150,10 @@ def test_dry_run_checks_what_the_run_would_stop_on_before_loading_the_model(run_
     assert code == 1 and "--resume: the state file trunc-state.lsstate cannot be read" in err, err
     code, out, err = run_cli("train", cfg, "--dry-run", "--webui", tmp_path / "nowebui")
     assert code == 1 and "no such folder" in err
+    # a dataset error is said once, above the plan (not again in its list)
+    cfg.write_text(text.replace('train_data_dir = "img"', 'train_data_dir = "nothere"'))
+    code, out, err = run_cli("train", cfg, "--dry-run")
+    assert code == 1 and (out + err).count("does not exist") == 1 and "Dataset plan" in out + err, out + err
     cfg.write_text(text.replace("network_dim = 4", "network_dim = 4\nfull_fp16 = true"))
     code, out, err = run_cli("train", cfg, "--dry-run")
     assert code == 0 and "note: full_fp16" in out, out + err

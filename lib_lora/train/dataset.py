@@ -324,8 +324,9 @@ class DatasetPlan:
         return md
 
     # --- text
-    def report(self) -> str:
-        return _report(self)
+    def report(self, errors: bool = True) -> str:
+        """The plan as text; ``errors=False`` leaves the errors out (a message that lists them already)."""
+        return _report(self, errors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1020,7 +1021,7 @@ def _reg_words(part: DatasetPart) -> str | None:
     return " ".join(lines)
 
 
-def _report(plan: DatasetPlan) -> str:
+def _report(plan: DatasetPlan, errors: bool = True) -> str:
     cfg = plan.config
     out: list[str] = ["Dataset plan (kohya sd-scripts rules)"]
     if plan.from_dataset_config:
@@ -1096,7 +1097,7 @@ def _report(plan: DatasetPlan) -> str:
             out.append(f"  Without the reg images it would be {plan.steps_without_reg.max_train_steps} steps.")
         if plan.start and plan.start.explanation:
             out.append(f"  Start: {plan.start.explanation}.")
-    for level in ("error", "warning", "info"):
+    for level in ("error", "warning", "info") if errors else ("warning", "info"):
         items = [f for f in plan.findings if f.level == level]
         if items:
             out.append({"error": "Errors:", "warning": "Warnings:", "info": "Notes:"}[level])

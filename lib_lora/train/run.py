@@ -15,7 +15,7 @@ def plan_for(host, cfg, check_pixels: bool = True):
     plan = build_plan(cfg, family=host.family, check_pixels=check_pixels)
     if not plan.ok or plan.steps is None:
         problems = "\n".join(f"- {f}" for f in plan.errors) or "- no batches could be formed"
-        raise TrainingError(f"the dataset cannot be trained as it is:\n{problems}\n\n{plan.report()}")
+        raise TrainingError(f"the dataset cannot be trained as it is:\n{problems}\n\n{plan.report(errors=False)}")
     return plan
 
 
