@@ -115,7 +115,7 @@ class ProgressPrinter:
             self._w(f"{'saved' if e.kind == 'save' else 'sample'}: {e.path}")
         elif e.kind == "epoch":
             self._w(e.message)
-        elif e.kind in ("start", "cancelled", "done", "error"):
+        elif e.kind in ("start", "done", "error"):  # (a cancel is told after the run, with the resume command)
             if e.message:
                 self._w(e.message)
 

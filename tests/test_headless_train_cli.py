@@ -178,6 +178,7 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
     state = tmp_path / "out" / "svs-cancelled-state.lsstate"
     assert state.exists()
     assert f"--resume {state} --model {tiny_ckpt}" in out  # (the printed command runs as it is)
+    assert out.count("cancelled at step") == 1
     monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", orig)
     code, out, err = run_cli("train", cfg, "--resume", state)
     assert code == 0, out + err
