@@ -40,7 +40,7 @@ def test_runs_in_order_records_progress_and_failures(tmp_path, capsys):
     # each job's end is in the console too, with the traceback of an unexpected error
     out, err = capsys.readouterr()
     assert "LoRA Studio: job 'b' failed: the dataset folder is empty" in out
-    assert "LoRA Studio: job 'a' done: finished (1 file(s) in " in out
+    assert "LoRA Studio: job 'a' finished (1 file(s) in " in out
     assert "Traceback" in err and "ValueError: the dataset folder is empty" in err
 
 

@@ -247,7 +247,8 @@ class JobQueue:
                 self._save()
         # (the console is where WebUI users look first, and the only record a headless server keeps)
         where = f" ({len(job.files)} file(s) in {os.path.dirname(os.path.abspath(job.files[-1]))})" if job.files else ""
-        print(f"LoRA Studio: job '{job.name}' {job.status}: {job.message}{where}", flush=True)
+        said = job.message if job.status in (DONE, CANCELLED) else f"{job.status}: {job.message}"
+        print(f"LoRA Studio: job '{job.name}' {said}{where}", flush=True)
         self._notify(job, job.status)
 
     def _on_event(self, job: Job, ev):
