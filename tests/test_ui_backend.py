@@ -203,7 +203,14 @@ def test_results_grid_stops_between_rows_and_restores_the_model(trained, host):
     b, job, _ = trained
     before = models.model_state_hash(host.sd_model)
     rows = []
-    with pytest.raises(GridStopped, match=r"Stopped after 1 of 4 row\(s\); nothing was saved"):
+    with pytest.raises(GridStopped, match=r"Stopped after 1 of 4 row\(s\); nothing was saved") as e:
         b.render_grid(job["files"], [0.5, 1.0], [1], "svs bear", width=64, height=64, steps=1,
                       progress=lambda d, t: rows.append(d), should_stop=lambda: len(rows) >= 1)
-    assert rows == [1] and models.model_state_hash(host.sd_model) == before
+    assert rows == [1] and e.value.images == [] and models.model_state_hash(host.sd_model) == before
+    # stopped after the first file's rows: that file's images come with the stop
+    rows.clear()
+    with pytest.raises(GridStopped, match=r"Stopped after 2 of 4 row\(s\); the 1 file\(s\) rendered in full") as e:
+        b.render_grid(job["files"], [0.5, 1.0], [1], "svs bear", width=64, height=64, steps=1,
+                      progress=lambda d, t: rows.append(d), should_stop=lambda: len(rows) >= 2)
+    assert len(e.value.images) == 1 and len(e.value.images[0]) == 2 and e.value.images[0][0][0].size == (64, 64)
+    assert models.model_state_hash(host.sd_model) == before

@@ -305,6 +305,19 @@ def test_full_flow(server, page):
                           " const r = lora_studio_use_tag('<lora:x:1>', ''); el.id = 'txt2img_prompt'; return r; }")
     assert "not on this page" in alone and "&lt;lora:x:1&gt;" in alone
 
+    # Stop on the Results tab, after the first epoch's rows: that epoch's images are kept and shown
+    page.locator("#tabs > .tab-nav button", has_text="LoRA Studio").first.click()
+    sub_tab(page, "Results")
+    fill(page, "lora_studio_r_steps", 20)  # (slow enough rows for the click to land mid-grid)
+    page.click("#lora_studio_r_render")
+    wait_text(page, "lora_studio_r_status", r"Rendered [4-6] of 8 row", timeout=120)
+    page.click("#lora_studio_r_stop")
+    wait_text(page, "lora_studio_r_status", r"Stopped after [5-7] of 8 row\(s\); the 1 file\(s\) rendered in full are "
+              r"shown, and the model is as it was\. Saved in", timeout=120)
+    saved = re.search(r"Saved in (\S+?)\.?$", html_text(page, "lora_studio_r_status").strip()).group(1)
+    pngs = sorted(f for f in os.listdir(saved) if f.endswith(".png"))
+    assert len(pngs) == 21 and "grid.png" in pngs and all(f.startswith("00_") for f in pngs if f != "grid.png")
+
     assert not page.errors, page.errors
 
 

@@ -132,8 +132,13 @@ def describe_file(path: str) -> str:
 
 
 class GridStopped(UiError):
-    def __init__(self, done: int, total: int):
-        super().__init__(f"Stopped after {done} of {total} row(s); nothing was saved and the model is as it was.")
+    """Stop pressed: ``images`` holds the files rendered in full before it (images[file][strength][seed])."""
+
+    def __init__(self, done: int, total: int, images: list | None = None):
+        self.images = images or []
+        kept = (f"the {len(self.images)} file(s) rendered in full are shown" if self.images
+                else "nothing was saved")
+        super().__init__(f"Stopped after {done} of {total} row(s); {kept}, and the model is as it was.")
 
 
 def write_previews(files: list[str], samples: list[dict]) -> list[str]:
@@ -276,7 +281,7 @@ class LocalBackend:
                     rows = []
                     for s in strengths:
                         if should_stop and should_stop():
-                            raise GridStopped(done, total)
+                            raise GridStopped(done, total, list(out))
                         patcher.apply(mapping, [(net, float(s), float(s), None)])
                         rows.append(self.sampler(host, [prompt] * len(seeds), negative_prompt, list(seeds), width,
                                                  height, self._steps(steps), self.cfg_scale))

@@ -1168,9 +1168,13 @@ def build_tab(backend) -> gr.Blocks:
                 if item is None:
                     break
                 yield {r_status: info_html(f"Rendered {item[0]} of {item[1]} row(s)...")}
-            if isinstance(result.get("error"), GridStopped):  # (asked for: not an error)
-                yield {r_status: info_html(str(result["error"]))}
-                return
+            stopped = result.get("error") if isinstance(result.get("error"), GridStopped) else None
+            if stopped is not None:  # (asked for: not an error; what was rendered in full is kept)
+                if not stopped.images:
+                    yield {r_status: info_html(str(stopped))}
+                    return
+                result = {"images": stopped.images}
+                files = files[:len(stopped.images)]
             if "error" in result:
                 raise result["error"]
             images = result["images"]
@@ -1195,8 +1199,9 @@ def build_tab(backend) -> gr.Blocks:
             state = {"files": files, "strengths": strengths, "seeds": seeds, "paths": paths,
                      "rows": [_row_label(j, f) for f in files]}
             flabels = [_file_label(f) for f in files]
-            yield {r_status: ok_html(f"Rendered {len(gallery)} images (saved in {out_dir}). Click the one you like, "
-                                     "then press Use this one."),
+            yield {r_status: (info_html(f"{stopped} Saved in {out_dir}.") if stopped is not None else
+                              ok_html(f"Rendered {len(gallery)} images (saved in {out_dir}). Click the one you like, "
+                                      "then press Use this one.")),
                    r_grid: grid_path, r_gallery: gr.update(value=gallery, columns=len(seeds)), r_state: state,
                    r_pick_file: gr.update(choices=flabels, value=flabels[-1]),
                    r_pick_strength: gr.update(choices=[f"{s:g}" for s in strengths], value=f"{strengths[-1]:g}"),
