@@ -273,9 +273,12 @@ def test_full_flow(server, page):
 
     # --- results grid: 2 saved epochs x 4 strengths x 5 seeds
     sub_tab(page, "Results")
+    # (the newest job with files is picked by itself; the resumed job_a may have saved an epoch before its cancel)
     page.wait_for_function(
-        "() => { const i = document.querySelector('#lora_studio_r_job input'); return i && /job_b/.test(i.value); }",
+        "() => { const i = document.querySelector('#lora_studio_r_job input'); return i && /job_/.test(i.value); }",
         timeout=30000)
+    if "job_b" not in page.locator("#lora_studio_r_job input").input_value():
+        choose(page, "lora_studio_r_job", "job_b")
     page.wait_for_function("document.querySelectorAll('#lora_studio_r_files input[type=checkbox]:checked').length"
                            " == 2", timeout=30000)
     for key, value in (("r_w", 64), ("r_h", 64), ("r_steps", 2)):
