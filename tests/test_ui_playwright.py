@@ -118,6 +118,26 @@ def fill(page, elem_id, value):
     loc.press("Tab")  # gradio commits on blur
 
 
+def choose_typed(page, elem_id, text):
+    """Pick an option by typing part of its name into the dropdown (its filter), then clicking it: steadier than
+    scrolling the open list while the job list refreshes itself."""
+    for attempt in range(4):
+        try:
+            box = page.locator(f"#{elem_id} input").first
+            box.click()
+            box.fill(text)
+            page.locator(f"#{elem_id} ul.options li", has_text=text).first.click(timeout=5000)
+            page.wait_for_function(
+                "([id, t]) => { const i = document.querySelector('#' + id + ' input'); return i && i.value.includes(t); }",
+                arg=[elem_id, text], timeout=5000)
+            return
+        except Exception:
+            page.keyboard.press("Escape")
+            if attempt == 3:
+                raise
+            time.sleep(1)
+
+
 def choose(page, elem_id, text):
     # the job list refreshes itself every 1.5 s and may re-render the options under the pointer: retry
     for attempt in range(4):
@@ -219,7 +239,7 @@ def test_full_flow(server, page):
     # the selection (and so Cancel) stays on the job that is training while others are queued behind it
     assert "job_a" in page.locator("#lora_studio_job input").input_value()
     # move job_c ahead of job_b, check the order, then remove it
-    choose(page, "lora_studio_job", "job_c")
+    choose_typed(page, "lora_studio_job", "job_c")
     page.click("#lora_studio_up")
     wait_text(page, "lora_studio_jobs", r"1\s+job_c[\s\S]*2\s+job_b")
     page.click("#lora_studio_remove")
