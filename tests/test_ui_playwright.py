@@ -121,28 +121,17 @@ def fill(page, elem_id, value):
 def choose_typed(page, elem_id, text):
     """Pick an option by typing part of its name into the dropdown (its filter), then clicking it: steadier than
     scrolling the open list while the job list refreshes itself."""
+    choose(page, elem_id, text, typed=True)
+
+
+def choose(page, elem_id, text, typed=False):
+    # the job list refreshes itself every 1.5 s and may re-render the options under the pointer: retry
     for attempt in range(4):
         try:
             box = page.locator(f"#{elem_id} input").first
             box.click()
-            box.fill(text)
-            page.locator(f"#{elem_id} ul.options li", has_text=text).first.click(timeout=5000)
-            page.wait_for_function(
-                "([id, t]) => { const i = document.querySelector('#' + id + ' input'); return i && i.value.includes(t); }",
-                arg=[elem_id, text], timeout=5000)
-            return
-        except Exception:
-            page.keyboard.press("Escape")
-            if attempt == 3:
-                raise
-            time.sleep(1)
-
-
-def choose(page, elem_id, text):
-    # the job list refreshes itself every 1.5 s and may re-render the options under the pointer: retry
-    for attempt in range(4):
-        try:
-            page.locator(f"#{elem_id} input").first.click()
+            if typed:
+                box.fill(text)
             page.locator(f"#{elem_id} ul.options li", has_text=text).first.click(timeout=5000)
             page.wait_for_function(
                 "([id, t]) => { const i = document.querySelector('#' + id + ' input'); return i && i.value.includes(t); }",
@@ -152,6 +141,8 @@ def choose(page, elem_id, text):
             if attempt == 3:
                 raise
             page.keyboard.press("Escape")
+            if typed:
+                time.sleep(1)
 
 
 def checkbox(page, elem_id, on: bool):
