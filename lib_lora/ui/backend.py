@@ -151,22 +151,30 @@ def write_previews(files: list[str], samples: list[dict]) -> list[str]:
     last = max((smp for smp in samples if smp.get("epoch")), key=lambda smp: smp["epoch"], default=None)
     written = []
     for f in files:
-        stem = os.path.splitext(f)[0]
-        target = stem + ".preview.png"
-        if os.path.exists(target):
+        if os.path.exists(preview_path(f)):
             continue
-        m_epoch, m_step = re.search(r"-(\d{6})$", stem), re.search(r"-step(\d{8})$", stem)
+        m_epoch, m_step = _EPOCH_RE.search(os.path.basename(f)), _STEP_RE.search(os.path.basename(f))
         src = (first.get(("epoch", int(m_epoch.group(1)))) if m_epoch else
                first.get(("step", int(m_step.group(1)))) if m_step else
                first.get(("epoch", last["epoch"])) if last else None)
         if not src or not os.path.isfile(src):
             continue
         with Image.open(src) as im:
-            tmp = target + ".tmp"
-            im.save(tmp, format="PNG")
-        os.replace(tmp, target)
-        written.append(target)
+            written.append(save_preview(f, im))
     return written
+
+
+def preview_path(lora_path: str) -> str:
+    """``<stem>.preview.png`` next to the LoRA: the WebUI's card thumbnail (find_preview)."""
+    return os.path.splitext(lora_path)[0] + ".preview.png"
+
+
+def save_preview(lora_path: str, image: Image.Image) -> str:
+    path = preview_path(lora_path)
+    tmp = path + ".tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 class LocalBackend:
@@ -373,13 +381,7 @@ class LocalBackend:
         return f"<lora:{stem}:{float(weight):g}>"
 
     def save_preview(self, lora_path: str, image: Image.Image) -> str:
-        """``<stem>.preview.png`` next to the LoRA: the WebUI's card thumbnail (find_preview)."""
-        stem = os.path.splitext(lora_path)[0]
-        path = stem + ".preview.png"
-        tmp = path + ".tmp"
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-        return path
+        return save_preview(lora_path, image)
 
     # ---- the runner the queue calls -----------------------------------------------------------------------
     def _sample_fn(self, host, cfg):
