@@ -30,7 +30,6 @@ class LatentFile:
     flipped: bool                    # holds latents_flipped (flip_aug)
     alpha: bool                      # holds alpha_mask
     made_for: str | None             # 'sd' | 'sdxl' from the file name; None for <stem>.npz
-    size_known: bool                 # original_size was in the file (else the bucket stands in for it)
 
 
 class LatentFileError(ValueError):
@@ -49,8 +48,8 @@ def find_latent(key: str, image_dir: str | None) -> list[Path]:
         near = sorted(base.parent.glob(f"{_escape(base.name)}_*x*_sd*.npz"), key=str)
     except OSError:
         near = []
-    found += [p for p in near if _NEW_NAME.search(p.name) and p.name[: len(base.name)] == base.name
-              and _NEW_NAME.sub("", p.name[len(base.name):]) == ""]
+    # (the glob already gave the stem; the rest must be exactly _<W>x<H>_sd(xl).npz, not another key's longer name)
+    found += [p for p in near if _NEW_NAME.fullmatch(p.name[len(base.name):])]
     return found
 
 
@@ -76,8 +75,8 @@ def read_latent(path: Path) -> LatentFile:
             if "latents_flipped" in keys and npz["latents_flipped"].shape != z.shape:
                 raise LatentFileError("its flipped latents have another shape than its latents")
             bucket = (int(z.shape[2]) * 8, int(z.shape[1]) * 8)
-            size_known = "original_size" in keys
-            orig = tuple(int(v) for v in npz["original_size"].tolist()) if size_known else bucket
+            # (without original_size, from older tools, the bucket stands in for it)
+            orig = tuple(int(v) for v in npz["original_size"].tolist()) if "original_size" in keys else bucket
             crop = tuple(float(v) for v in npz["crop_ltrb"].tolist()) if "crop_ltrb" in keys else (0, 0, *bucket)
             alpha = "alpha_mask" in keys
             if alpha and tuple(npz["alpha_mask"].shape) != (bucket[1], bucket[0]):
@@ -90,8 +89,7 @@ def read_latent(path: Path) -> LatentFile:
     if len(orig) != 2 or len(crop) != 4:
         raise LatentFileError("its original_size / crop_ltrb are not (w, h) / (left, top, right, bottom)")
     m = _NEW_NAME.search(path.name)
-    return LatentFile(path, bucket, orig, crop, "latents_flipped" in keys, alpha,
-                      m.group(3) if m else None, size_known)
+    return LatentFile(path, bucket, orig, crop, "latents_flipped" in keys, alpha, m.group(3) if m else None)
 
 
 def load_latent(lat: LatentFile, flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
