@@ -43,7 +43,8 @@ def add_commands(subparsers) -> None:
                                                           "kohya_ss GUI preset (.json)")
     pt.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and configs "
                                                     "(required for SDXL)")
-    pt.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (default: cpu)")
+    pt.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where to train (default: auto = the CUDA GPU when there is one, else the CPU)")
     pt.add_argument("--resume", metavar="STATE", help="continue from a state file (*-state.lsstate) of a cancelled or "
                                                       "saved run")
     pt.add_argument("--dry-run", action="store_true", help="check the config, the checkpoint header and the "
@@ -189,6 +190,12 @@ def cmd_train(args, out) -> int:
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TrainCliError("--device cuda: no CUDA GPU is available to this torch build; use --device cpu")
+    device_asked = args.device
+    if args.device == "auto":
+        # a rented GPU must not train on its CPU because a flag was left out
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        out.write(f"device: {args.device}" + ("" if args.device == "cuda" else " (no CUDA GPU is available to this "
+                                                                               "torch build)") + "\n")
     vae_path = str(cfg.resolve(cfg.vae)) if cfg.vae else None
     if vae_path and not os.path.isfile(vae_path):
         raise TrainCliError(f"vae = {cfg.vae!r}: file not found ({vae_path})")
@@ -214,8 +221,6 @@ def cmd_train(args, out) -> int:
             raise TrainCliError(f"network_weights: {e}") from None
     if args.webui and not os.path.isdir(args.webui):
         raise TrainCliError(f"--webui {args.webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
-    if args.device == "cpu" and torch.cuda.is_available():
-        out.write("note: training on the CPU although a CUDA GPU is available; add --device cuda to use it\n")
 
     from .host.headless import SDXL_NEEDS_WEBUI, CheckpointError, checkpoint_family, load_checkpoint
     from .train.run import plan_for
@@ -298,7 +303,7 @@ def cmd_train(args, out) -> int:
             out.write(f"resume with: {PROG} train {args.config} --resume {result.state_file}"
                       + (f" --model {args.model}" if args.model else "")
                       + (f" --webui {args.webui}" if args.webui else "")
-                      + (f" --device {args.device}" if args.device != "cpu" else "") + "\n")
+                      + (f" --device {device_asked}" if device_asked != "auto" else "") + "\n")
         return EXIT_CANCELLED
     out.write(f"done: {result.steps} steps\n")
     for f in result.files:

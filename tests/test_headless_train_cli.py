@@ -92,6 +92,19 @@ def test_dry_run_stops_before_loading(run_cli, tiny_ckpt, tmp_path):
     assert code == 0, err
     assert "dry run: SD1 checkpoint" in out and "would train 4 steps over 2 epoch(s)" in out
     assert not (tmp_path / "out").exists()
+    assert "device: cpu (no CUDA GPU" in out
+
+
+def test_device_auto_picks_the_gpu_when_torch_sees_one(run_cli, tiny_ckpt, tmp_path, monkeypatch):
+    import torch
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    code, out, err = run_cli("train", cfg, "--dry-run")
+    assert code == 0, err
+    assert "device: cuda\n" in out
+    code, out, err = run_cli("train", cfg, "--dry-run", "--device", "cpu")  # asked for: no auto line
+    assert code == 0, err
+    assert "device:" not in out
 
 
 def test_unknown_key_exits_1_with_the_suggestion(run_cli, tiny_ckpt, tmp_path):

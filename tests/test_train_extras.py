@@ -741,3 +741,40 @@ def test_adafactor_without_arguments_uses_its_own_lr_and_says_so(sd1, tmp_path):
     g = opt.param_groups[0]
     assert lrs[-1] == pytest.approx(opt._get_lr(g, opt.state[g["params"][0]]))  # what Adafactor used
     assert read_metadata(res.final)["ss_optimizer"] == "transformers.optimization.Adafactor(relative_step=True)"
+
+
+# ---- vae_batch_size ------------------------------------------------------------------------------------------------
+def test_vae_batch_size_encodes_a_bucket_per_call_with_the_same_latents(sd1, tmp_path, monkeypatch):
+    """Up to vae_batch_size images of one bucket go through the VAE together (as sd-scripts batches them); the
+    latents, disk cache files and trained LoRA are those of one-at-a-time encoding."""
+    from lib_lora.train import trainer as T
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=5, repeats=1)
+    for i in range(2):  # a second bucket
+        train_data.concept_image(i + 5, 128, 64).save(os.path.join(img, "1_svs cat", f"w{i}.png"))
+    calls = []
+    orig = T.Trainer._vae_encode
+
+    def spy(self, px):
+        calls.append(1 if isinstance(px, np.ndarray) else len(px))
+        return orig(self, px)
+
+    monkeypatch.setattr(T.Trainer, "_vae_encode", spy)
+    kw = dict(max_train_steps=3, resolution=128, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=256,
+              flip_aug=True, cache_latents_to_disk=True)
+    one, res1, _ = _run(sd1, tmp_path / "one", img, **kw)
+    assert calls == [1] * 14  # 7 images, each also flipped
+    calls.clear()
+    many, res4, _ = _run(sd1, tmp_path / "many", img, vae_batch_size=4, **kw)
+    # per bucket: the 5 square images give 10 latents (4+4+2), the 2 wide ones 4
+    assert sorted(calls) == [2, 4, 4, 4], calls
+    assert one.latents.keys() == many.latents.keys()
+    for k in one.latents:
+        torch.testing.assert_close(many.latents[k], one.latents[k], atol=1e-5, rtol=1e-5)
+        assert one.size_cond[k] == many.size_cond[k]
+    a, b = load_tensors(res1.final), load_tensors(res4.final)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    files = sorted(os.listdir(tmp_path / "many" / "out" / ".lora-studio-cache" / "latents"))
+    assert files == sorted(os.listdir(tmp_path / "one" / "out" / ".lora-studio-cache" / "latents")) and len(files) == 14
+    calls.clear()
+    _run(sd1, tmp_path / "many", img, vae_batch_size=4, **kw)  # the disk cache is used as it is
+    assert calls == []

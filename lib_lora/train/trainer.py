@@ -531,11 +531,13 @@ class Trainer:
             raise TrainingError(str(e)) from None
 
     # ---- caches -------------------------------------------------------------------------------------------
-    def _vae_encode(self, pixels: np.ndarray) -> torch.Tensor:
+    def _vae_encode(self, pixels) -> torch.Tensor:
+        """Latents of one HxWx3 image, or of a list of same-sized images in one VAE call (vae_batch_size)."""
         m = self.sd_model
         vae = m.first_stage_model
         dtype = next(vae.parameters()).dtype
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+        stack = [pixels] if isinstance(pixels, np.ndarray) else pixels
+        x = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p in stack]).float().div(127.5).sub(1.0)
         with torch.no_grad():
             post = vae.encode(x.to(self.device, dtype))
             # ldm returns a distribution; newer sgm returns the latent tensor itself (which also has .mode())
@@ -569,12 +571,17 @@ class Trainer:
         val: dict[int, tuple] = {}
         jobs += [(None, val, i, s, False) for i, s in enumerate(self.validation)]
         n = len(jobs)
+        keys = [self._latent_key(s, flip) for _, _, _, s, flip in jobs]
+        batch = max(1, int(self.cfg.vae_batch_size or 1))
         for k, (lat, conds, index, s, flip) in enumerate(jobs, 1):
-            key = self._latent_key(s, flip)
+            key = keys[k - 1]
             if key not in done:
                 if self.should_cancel():
                     raise Cancelled()
-                done[key] = self._encode_cached(s, flip, key, cache_dir)
+                if batch > 1 and self._needs_vae(s, key, cache_dir):
+                    done.update(self._encode_batch(jobs, keys, k - 1, batch, done, cache_dir))
+                else:
+                    done[key] = self._encode_cached(s, flip, key, cache_dir)
                 self._emit("cache", step=k, message=f"caching latents {k}/{n}", extra={"n": n})
             z, cond, mask = done[key]
             if lat is not None:
@@ -625,6 +632,34 @@ class Trainer:
             save_file_atomic({"latent": z.contiguous()}, path,
                              {"image": os.path.basename(s.path), "size_cond": json.dumps(cond)})
         return z, cond, mask
+
+    @staticmethod
+    def _needs_vae(s, key: str, cache_dir: str | None) -> bool:
+        return s.latent is None and not (cache_dir and os.path.exists(os.path.join(cache_dir, key + ".safetensors")))
+
+    def _encode_batch(self, jobs, keys, start: int, batch: int, done: dict, cache_dir: str | None) -> dict:
+        """vae_batch_size: the image at ``start`` and the next ones of its bucket that need the VAE, encoded in one
+        call (as sd-scripts batches by bucket); results and disk cache files as _encode_cached gives them."""
+        bucket = jobs[start][3].bucket
+        picked, seen = [], set()
+        for j in range(start, len(jobs)):
+            s, flip, key = jobs[j][3], jobs[j][4], keys[j]
+            if key in done or key in seen or s.bucket != bucket or not self._needs_vae(s, key, cache_dir):
+                continue
+            picked.append((s, flip, key))
+            seen.add(key)
+            if len(picked) == batch:
+                break
+        prepared = [self._prepare(s, flip) for s, flip, _ in picked]
+        zs = self._vae_encode([px for px, _, _ in prepared])
+        out = {}
+        for (s, flip, key), (_, cond, mask), z in zip(picked, prepared, zs):
+            z = z.contiguous()
+            if cache_dir:
+                save_file_atomic({"latent": z}, os.path.join(cache_dir, key + ".safetensors"),
+                                 {"image": os.path.basename(s.path), "size_cond": json.dumps(cond)})
+            out[key] = (z, cond, mask)
+        return out
 
     def _sd_scripts_latent(self, s, flip: bool):
         """An sd-scripts cached latent (its image is gone): scaled by the model's factor as sd-scripts does at
