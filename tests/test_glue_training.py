@@ -170,10 +170,16 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
                                  ("finish_task", "task(tab1)")]
     assert ns.progress.current_task is None and "task(tab1)" in ns.progress.finished_tasks
     assert_webui_left_clean(ns)
-    # samples: the WebUI's own sampler, extra networks off (the LoRA is attached already), into <output>/samples
+    # samples: the WebUI's own sampler, extra networks off (the LoRA is attached already), into the WebUI's
+    # image folder (a samples/ folder beside the LoRAs would be a folder button on the card pages)
+    from modules import paths_internal
     assert [s["epoch"] for s in job["samples"]] == [1]
     path = job["samples"][0]["path"]
-    assert os.path.dirname(path) == os.path.join(ns.root, "out", "tabjob", "samples") and os.path.exists(path)
+    assert os.path.dirname(path) == os.path.join(paths_internal.data_path, "outputs", "lora-studio", "samples",
+                                                 "tabjob") and os.path.exists(path)
+    assert not [d for d in os.listdir(ns.root / "out" / "tabjob") if os.path.isdir(ns.root / "out" / "tabjob" / d)]
+    r = ns.client.get(f"{API}/jobs/{job['id']}/files/{os.path.basename(path)}")  # the API serves it from there
+    assert r.status_code == 200 and r.content == open(path, "rb").read(), r.text
     assert len(rendered.calls) == 1
     p = rendered.calls[0]["p"]
     assert p.disable_extra_networks is True and p.prompt == "svs cat" and p.seed == 3 and p.steps == 2
@@ -182,6 +188,23 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     assert listed == [1]
     # the card picture of the LoRA is its sample
     assert os.path.exists(job["files"][-1][: -len(".safetensors")] + ".preview.png")
+
+
+def test_samples_and_grids_follow_the_webui_image_folder_setting(webui):
+    from lib_lora.host.webui import images_dir
+    opts = webui.shared.opts
+    try:
+        opts.data["outdir_txt2img_samples"] = str(webui.root / "imgs" / "txt2img-images")
+        assert images_dir() == str(webui.root / "imgs" / "lora-studio")
+        opts.data["outdir_samples"] = str(webui.root / "all")  # Settings -> Paths: one folder for all images
+        assert images_dir() == str(webui.root / "all" / "lora-studio")
+        assert webui.backend.samples_dir("/any/Lora", "svs") == str(webui.root / "all" / "lora-studio" / "samples" /
+                                                                    "svs")
+        assert webui.backend.grids_dir("/any/Lora/svs.safetensors") == str(webui.root / "all" / "lora-studio" /
+                                                                           "grids")
+    finally:
+        opts.data.pop("outdir_txt2img_samples", None)
+        opts.data.pop("outdir_samples", None)
 
 
 def test_api_job_trains_and_leaves_attention_alone(fresh, rendered):

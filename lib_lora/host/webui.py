@@ -44,6 +44,20 @@ def lora_dirs() -> list[str]:
     return [d for d in dirs if d]
 
 
+def images_dir() -> str:
+    """Where our samples and grids go: ``lora-studio`` in the WebUI's image output folder (Settings → Paths:
+    the images folder when set, else the folder holding txt2img's), not in the LoRA folder, whose every subfolder
+    would show as a folder button on the card pages."""
+    base = str(opt("outdir_samples", "") or "").strip()
+    if not base:
+        t2i = str(opt("outdir_txt2img_samples", "") or "").strip()
+        base = os.path.dirname(os.path.normpath(t2i)) if t2i else ""
+    if not base:
+        from modules import paths_internal
+        base = os.path.join(paths_internal.data_path, "outputs")
+    return os.path.join(base, "lora-studio")
+
+
 def hashing_allowed() -> bool:
     return not cmd_opt("no_hashing", False)
 

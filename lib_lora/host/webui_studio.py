@@ -8,7 +8,7 @@ import os
 import threading
 
 from ..ui.backend import LocalBackend, ProgressHooks
-from .webui import cmd_opt, console, data_dir, lora_dirs, opt, shared
+from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, opt, shared
 from .webui_train import WebUIHost, WebUINotReady
 
 
@@ -166,6 +166,12 @@ class WebUIBackend(LocalBackend):
         # read each time: a changed setting applies without a restart
         return output_dir() or super().default_output_dir()
 
+    def samples_dir(self, output_dir: str, name: str) -> str:
+        return os.path.join(images_dir(), "samples", name)
+
+    def grids_dir(self, lora_file: str) -> str:
+        return os.path.join(images_dir(), "grids")
+
     def prepare_model(self, host) -> None:
         # LoRAs merged by the last generation must not be baked into a grid or a training run
         self.session.restore()
@@ -190,7 +196,7 @@ class Studio:
     def allowed_roots(self) -> list[str]:
         extra = [p.strip() for p in (opt("lora_studio_api_roots", "") or "").replace("\n", ",").split(",")
                  if p.strip()]
-        return [data_dir(), *lora_dirs(), *extra]
+        return [data_dir(), *lora_dirs(), images_dir(), *extra]  # (images_dir: the jobs' samples, served)
 
     def mount_api(self, app):
         from ..api import mount

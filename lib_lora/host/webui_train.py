@@ -150,13 +150,13 @@ class WebUIHost(ModelHost):
         return bool(shared().state.interrupted)
 
     # ---- samples with the WebUI's own sampler ------------------------------------------------------------
-    def make_sample_fn(self, cfg, out_dir: str):
+    def make_sample_fn(self, cfg, folder: str):
+        """Samples into ``folder`` (the backend's samples_dir)."""
         from ..train.sampling import config_prompts
 
         prompts = config_prompts(cfg)
         if prompts is None:
             return None
-        folder = os.path.join(out_dir, "samples")
         name = cfg.output_name or "lora"
 
         def sample_fn(epoch: int | None, step: int, should_cancel=None):

@@ -449,7 +449,8 @@ def config_prompts(cfg) -> list[SamplePrompt] | None:
     return None
 
 
-def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None = None, on_note=None):
+def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None = None, on_note=None,
+                   folder: str | None = None):
     """The trainer's ``sample_fn(epoch=, step=)``: renders cfg.sample_prompts (or ``prompts``) with the LoRA as it
     is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call)."""
     if prompts is None:
@@ -461,7 +462,7 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
     for sp in prompts:
         for n in sp.notes:
             (on_note or (lambda _m: None))(n)
-    folder = os.path.join(out_dir, "samples")
+    folder = folder or os.path.join(out_dir, "samples")
     name = cfg.output_name or "lora"
     base_seed = int(cfg.seed) if cfg.seed is not None else 0
     clip_skip = cfg.clip_skip or 1

@@ -68,6 +68,8 @@ class ProgressHooks:
 class Backend(Protocol):
     def model_info(self) -> dict: ...
     def default_output_dir(self) -> str: ...
+    def samples_dir(self, output_dir: str, name: str) -> str: ...
+    def grids_dir(self, lora_file: str) -> str: ...
     def interrogate(self, image: Image.Image, method: str) -> str: ...
     def generate(self, prompt: str, n: int, seed: int, width: int, height: int, negative_prompt: str = "",
                  steps: int | None = None, on_image: Callable | None = None) -> list[Image.Image]: ...
@@ -383,9 +385,16 @@ class LocalBackend:
     def save_preview(self, lora_path: str, image: Image.Image) -> str:
         return save_preview(lora_path, image)
 
+    def samples_dir(self, output_dir: str, name: str) -> str:
+        """Where a job's samples (and the tab's sample prompt file) go: <output>/samples, as sd-scripts does."""
+        return os.path.join(output_dir, "samples")
+
+    def grids_dir(self, lora_file: str) -> str:
+        return os.path.join(os.path.dirname(lora_file), "grids")
+
     # ---- the runner the queue calls -----------------------------------------------------------------------
     def _sample_fn(self, host, cfg):
-        """The host's own sampler when it has one (the WebUI's), else ours; files go to <output>/samples."""
+        """The host's own sampler when it has one (the WebUI's), else ours; files go to samples_dir."""
         from ..train.sampling import make_sample_fn
 
         prompts_path = str(cfg.resolve(cfg.sample_prompts)) if cfg.sample_prompts else None
@@ -393,8 +402,9 @@ class LocalBackend:
             raise UiError(f"The sample prompt file {prompts_path} does not exist. Clear 'Sample images every N "
                           "epochs' or write a sample prompt.")
         out_dir = str(cfg.resolve(cfg.output_dir))
+        folder = self.samples_dir(out_dir, cfg.output_name or "lora")
         own = getattr(host, "make_sample_fn", None)
-        return own(cfg, out_dir) if own is not None else make_sample_fn(host, cfg, out_dir)
+        return own(cfg, folder) if own is not None else make_sample_fn(host, cfg, out_dir, folder=folder)
 
     def _run(self, job, emit, should_cancel):
         from ..train.run import run_training

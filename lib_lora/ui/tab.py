@@ -692,7 +692,8 @@ def build_tab(backend) -> gr.Blocks:
             if prompt.strip() and cfg.get("sample_every_n_epochs") and cfg.get("output_dir"):
                 name = cfg.get("output_name") or "lora"
                 cfg["sample_prompts"] = write_sample_prompts(
-                    os.path.join(cfg["output_dir"], "samples", f"{name}-prompts.txt"), _sample_line(cfg, prompt))
+                    os.path.join(backend.samples_dir(cfg["output_dir"], name), f"{name}-prompts.txt"),
+                    _sample_line(cfg, prompt))
             return cfg
 
         def _sample_line(cfg: dict, prompt: str) -> str:
@@ -1178,8 +1179,7 @@ def build_tab(backend) -> gr.Blocks:
             if "error" in result:
                 raise result["error"]
             images = result["images"]
-            out_dir = os.path.join(os.path.dirname(files[0]), "grids",
-                                   f"{j['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            out_dir = os.path.join(backend.grids_dir(files[0]), f"{j['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
             os.makedirs(out_dir, exist_ok=True)
             paths, gallery = [], []
             for fi, f in enumerate(files):
