@@ -210,7 +210,7 @@ def cmd_train(args, out) -> int:
         raise TrainCliError(f"{args.config}: {problem}")
     if args.resume:
         try:
-            load_state(args.resume)
+            load_state(args.resume, check_only=True)  # (the trainer reads it in full later)
         except StateFileError as e:
             raise TrainCliError(f"--resume: {e}") from None
     if cfg.network_weights:

@@ -144,6 +144,8 @@ def test_resume_state_loads_under_the_webuis_torch_load_and_runs_no_code(sd1, tm
     old.parent.mkdir(parents=True)
     torch.save(st, old)
     assert list(walk_lora_files(str(old.parent))) == []
+    checked = load_state(str(old), check_only=True)  # (the CLI's check before the model loads: tensors mapped)
+    assert checked["step"] == st["step"] and checked["network"].keys() == st["network"].keys()
     again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "c"), img, **kw), resume=str(old))
     for k, v in _train_state(again.final).items():
         torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6, msg=k)
@@ -157,8 +159,9 @@ def test_resume_state_loads_under_the_webuis_torch_load_and_runs_no_code(sd1, tm
 
     evil = tmp_path / "evil-state.lsstate"
     torch.save({**st, "extra": Evil()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
-    with pytest.raises(StateFileError, match="cannot be read as a LoRA Studio resume state"):
-        load_state(str(evil))
+    for check_only in (False, True):
+        with pytest.raises(StateFileError, match="cannot be read as a LoRA Studio resume state"):
+            load_state(str(evil), check_only=check_only)
     assert not marker.exists()
     with pytest.raises(TrainingError, match="does not exist"):
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), resume=str(tmp_path / "nope") + STATE_EXT)

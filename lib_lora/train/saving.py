@@ -216,22 +216,32 @@ class StateFileError(ValueError):
     """A resume state that cannot be read; the message says why and what to do."""
 
 
-def load_state(path: str) -> dict:
+def load_state(path: str, check_only: bool = False) -> dict:
     """A state file, through torch's weights-only unpickler (nothing in it can run code). torch.serialization.load
     is called directly: the WebUI swaps torch.load for a checker that turns current torch's zip layout down and
-    answers None. Files of earlier versions hold numpy's RNG key as an array, allowed here by name."""
+    answers None. Files of earlier versions hold numpy's RNG key as an array, allowed here by name.
+    ``check_only``: the tensors are memory-mapped, not read (a check before the model loads)."""
     if not os.path.isfile(path):
         raise StateFileError(f"the state file {path} does not exist; resume from a *{STATE_EXT} (or *{OLD_STATE_EXT}) "
                              "file that a cancelled or save_state run wrote")
+
+    def read():
+        if check_only:
+            try:
+                return torch.serialization.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # (mmap needs torch's zip layout: read it the ordinary way and say what is wrong)
+                pass
+        return torch.serialization.load(path, map_location="cpu", weights_only=True)
+
     try:
         try:
-            st = torch.serialization.load(path, map_location="cpu", weights_only=True)
+            st = read()
         except Exception as first:
             allow = getattr(torch.serialization, "safe_globals", None)
             if allow is None or "numpy" not in str(first):
                 raise
             with allow(_numpy_rng_globals()):
-                st = torch.serialization.load(path, map_location="cpu", weights_only=True)
+                st = read()
     except Exception as e:  # (a damaged file, or one that is not ours)
         raise StateFileError(f"the state file {os.path.basename(path)} cannot be read as a LoRA Studio resume "
                              f"state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Resume from "
