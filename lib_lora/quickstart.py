@@ -212,7 +212,7 @@ def run_quickstart(out_dir: str = DEFAULT_OUT, steps: int | None = None, seed: i
     from .apply.parser import parse_prompt
     from .apply.patcher import Patcher
     from .host.base import ModelHost
-    from .host.tiny import make_tiny_sd15
+    from .host.tiny import make_tiny_sd15, quiet_third_party
     from .train.config import parse_train_config
     from .train.run import plan_for, run_training
     from .train.sampling import SamplePrompt, generate
@@ -228,7 +228,8 @@ def run_quickstart(out_dir: str = DEFAULT_OUT, steps: int | None = None, seed: i
         f.write("made by `python -m lib_lora quickstart`; safe to delete\n")
 
     log("1/6 building the embedded tiny SD1.5-shaped model (random weights, CPU)")
-    model = make_tiny_sd15(seed)
+    with quiet_third_party():
+        model = make_tiny_sd15(seed)
     host = ModelHost(model, name="tiny-sd15 (embedded)", device=torch.device("cpu"))
 
     log("2/6 writing a small dataset (kohya layout)")

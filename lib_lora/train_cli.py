@@ -266,8 +266,10 @@ def cmd_train(args, out) -> int:
 
     out.write(f"loading {ckpt} ...\n")
     out.flush()
-    host = load_checkpoint(ckpt, webui=args.webui, device=args.device,
-                           v_parameterization=True if cfg.v_parameterization else None)
+    from .host.tiny import quiet_third_party
+    with quiet_third_party():
+        host = load_checkpoint(ckpt, webui=args.webui, device=args.device,
+                               v_parameterization=True if cfg.v_parameterization else None)
     out.write(host.load_report.summary() + "\n")
     for n in host.notes:
         out.write(f"note: {n}\n")

@@ -76,3 +76,39 @@ def test_refuses_a_folder_with_other_files(tmp_path):
     with pytest.raises(QuickstartError, match="already holds other files"):
         run_quickstart(str(tmp_path), steps=1, log=lambda _: None)
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_third_party_chatter_is_kept_off_the_terminal_while_building(capsys, monkeypatch):
+    """Import-time notices of ldm's dependencies are hidden (hooked, so filters a package adds while importing do
+    not bring them back); our own warnings still show; ldm's prints come back when building fails."""
+    import logging
+    import warnings
+
+    from lib_lora.host.tiny import quiet_third_party
+    monkeypatch.delenv("LORA_STUDIO_VERBOSE", raising=False)
+    bnb = logging.getLogger("bitsandbytes")
+    before = bnb.level
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+    with quiet_third_party():
+        warnings.simplefilter("always")  # (as pytorch_lightning's import does for its own warning class)
+        warnings.warn_explicit("Failed to load image Python extension", UserWarning,
+                               "/venv/site-packages/torchvision/io/image.py", 13)
+        warnings.warn("timm.models.layers is deprecated", FutureWarning)
+        warnings.warn("rank_zero_only moved", DeprecationWarning)
+        warnings.warn_explicit("ours", UserWarning, "/x/lib_lora/train/images.py", 1)
+        print("DiffusionWrapper has 10.36 M params.")
+        assert bnb.getEffectiveLevel() == logging.ERROR
+    out, err = capsys.readouterr()
+    assert "DiffusionWrapper" not in out
+    assert shown == ["ours"]
+    assert bnb.level == before
+    with pytest.raises(RuntimeError):
+        with quiet_third_party():
+            print("LatentDiffusion: Running in eps-prediction mode")
+            raise RuntimeError("building failed")
+    assert "Running in eps-prediction mode" in capsys.readouterr().out
+    monkeypatch.setenv("LORA_STUDIO_VERBOSE", "1")
+    with quiet_third_party():
+        print("shown when asked")
+    assert "shown when asked" in capsys.readouterr().out

@@ -46,6 +46,50 @@ def offline_clip(text_config):
         yield
 
 
+_NOISY = r"[\\/](torchvision|timm|lightning_fabric|pytorch_lightning|lightning|xformers|bitsandbytes|accelerate|" \
+         r"pkg_resources)[\\/]"
+
+
+@contextmanager
+def quiet_third_party():
+    """For the command line: the import-time chatter of ldm and the packages it pulls in (deprecation notices,
+    torchvision's image extension, bitsandbytes' CPU kernels, ldm's prints) is kept off the terminal while a model is
+    built; the prints are shown if building fails. LORA_STUDIO_VERBOSE=1 shows everything."""
+    import io
+    import logging
+    import os
+    import re
+    import sys
+    import warnings
+    from contextlib import redirect_stdout
+
+    if os.environ.get("LORA_STUDIO_VERBOSE", "") not in ("", "0"):
+        yield
+        return
+    chatter = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "sgm", "xformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+
+    def show(message, category, filename, lineno, file=None, line=None, _orig=warnings.showwarning):
+        # (a hook, not filters: packages such as pytorch_lightning add their own filters while importing)
+        if issubclass(category, (FutureWarning, DeprecationWarning)) or re.search(_NOISY, str(filename)):
+            return
+        _orig(message, category, filename, lineno, file, line)
+
+    try:
+        with warnings.catch_warnings(), redirect_stdout(chatter):
+            warnings.showwarning = show
+            yield
+    except BaseException:
+        sys.stdout.write(chatter.getvalue())
+        raise
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 @contextmanager
 def skip_default_init():
     """Skip torch/HF/open_clip default initialisation while building: the weights are overwritten right after
