@@ -196,6 +196,8 @@ def test_samples_and_grids_follow_the_webui_image_folder_setting(webui):
     try:
         opts.data["outdir_txt2img_samples"] = str(webui.root / "imgs" / "txt2img-images")
         assert images_dir() == str(webui.root / "imgs" / "lora-studio")
+        opts.data["outdir_txt2img_samples"] = os.path.join("outputs", "txt2img-images")  # (A1111's default form)
+        assert images_dir() == os.path.join(os.getcwd(), "outputs", "lora-studio")
         opts.data["outdir_samples"] = str(webui.root / "all")  # Settings -> Paths: one folder for all images
         assert images_dir() == str(webui.root / "all" / "lora-studio")
         assert webui.backend.samples_dir("/any/Lora", "svs") == str(webui.root / "all" / "lora-studio" / "samples" /

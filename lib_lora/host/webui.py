@@ -55,7 +55,8 @@ def images_dir() -> str:
     if not base:
         from modules import paths_internal
         base = os.path.join(paths_internal.data_path, "outputs")
-    return os.path.join(base, "lora-studio")
+    # (absolute: job records keep where the files are, whatever the working folder of whoever reads them)
+    return os.path.abspath(os.path.join(base, "lora-studio"))
 
 
 def hashing_allowed() -> bool:
