@@ -152,8 +152,9 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     listed = []  # (the built-in's list, which /sdapi/v1/loras and its card page read, is renewed after the job)
     monkeypatch.setattr(builtin_networks(), "list_available_networks", lambda: listed.append(1), raising=False)
     ns.sd_hijack.model_hijack.optimization_method = "Doggettx"  # class-replaced attention without backward
-    job = ns.backend.submit(config(ns, "tabjob", sample_every_n_epochs=1, sample_prompts=ns.prompts),
-                            name="tabjob", task_id="task(tab1)")
+    lora_sub = os.path.join(ns.shared.cmd_opts.lora_dir, "studio-glue")  # (a subfolder the card pages scan)
+    job = ns.backend.submit(config(ns, "tabjob", sample_every_n_epochs=1, sample_prompts=ns.prompts,
+                                   output_dir=lora_sub), name="tabjob", task_id="task(tab1)")
     job = finished(ns, job["id"], task="task(tab1)")
     assert job["status"] == "done", job
     assert os.path.basename(job["files"][-1]) == "tabjob.safetensors" and os.path.exists(job["files"][-1])
@@ -171,13 +172,14 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     assert ns.progress.current_task is None and "task(tab1)" in ns.progress.finished_tasks
     assert_webui_left_clean(ns)
     # samples: the WebUI's own sampler, extra networks off (the LoRA is attached already), into the WebUI's
-    # image folder (a samples/ folder beside the LoRAs would be a folder button on the card pages)
+    # image folder under the same subfolder (a samples/ folder beside the LoRAs would be a folder button on the
+    # card pages)
     from modules import paths_internal
     assert [s["epoch"] for s in job["samples"]] == [1]
     path = job["samples"][0]["path"]
     assert os.path.dirname(path) == os.path.join(paths_internal.data_path, "outputs", "lora-studio", "samples",
-                                                 "tabjob") and os.path.exists(path)
-    assert not [d for d in os.listdir(ns.root / "out" / "tabjob") if os.path.isdir(ns.root / "out" / "tabjob" / d)]
+                                                 "studio-glue", "tabjob") and os.path.exists(path)
+    assert not [d for d in os.listdir(lora_sub) if os.path.isdir(os.path.join(lora_sub, d))]
     r = ns.client.get(f"{API}/jobs/{job['id']}/files/{os.path.basename(path)}")  # the API serves it from there
     assert r.status_code == 200 and r.content == open(path, "rb").read(), r.text
     assert len(rendered.calls) == 1
@@ -200,10 +202,18 @@ def test_samples_and_grids_follow_the_webui_image_folder_setting(webui):
         assert images_dir() == os.path.join(os.getcwd(), "outputs", "lora-studio")
         opts.data["outdir_samples"] = str(webui.root / "all")  # Settings -> Paths: one folder for all images
         assert images_dir() == str(webui.root / "all" / "lora-studio")
-        assert webui.backend.samples_dir("/any/Lora", "svs") == str(webui.root / "all" / "lora-studio" / "samples" /
-                                                                    "svs")
-        assert webui.backend.grids_dir("/any/Lora/svs.safetensors") == str(webui.root / "all" / "lora-studio" /
-                                                                           "grids")
+        lora = webui.shared.cmd_opts.lora_dir
+        images = webui.root / "all" / "lora-studio"
+        assert webui.backend.samples_dir(lora, "svs") == str(images / "samples" / "svs")
+        assert webui.backend.samples_dir(os.path.join(lora, "chars", "a"), "svs") == str(
+            images / "samples" / "chars" / "a" / "svs")
+        assert webui.backend.grids_dir(os.path.join(lora, "svs.safetensors")) == str(images / "grids")
+        assert webui.backend.grids_dir(os.path.join(lora, "chars", "svs.safetensors")) == str(images / "grids" /
+                                                                                             "chars")
+        # a folder the card pages do not scan keeps them beside the LoRAs, as sd-scripts does
+        assert webui.backend.samples_dir("/data/loras", "svs") == os.path.join("/data/loras", "samples")
+        assert webui.backend.grids_dir("/data/loras/svs.safetensors") == os.path.join("/data/loras", "grids")
+        assert webui.backend.samples_dir(lora + "-other", "svs") == os.path.join(lora + "-other", "samples")
     finally:
         opts.data.pop("outdir_txt2img_samples", None)
         opts.data.pop("outdir_samples", None)

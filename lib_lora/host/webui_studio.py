@@ -166,15 +166,35 @@ class WebUIBackend(LocalBackend):
         # read each time: a changed setting applies without a restart
         return output_dir() or super().default_output_dir()
 
+    # A folder inside a LoRA folder would be a folder button on the card pages: samples and grids of LoRAs saved
+    # there go to the image folder instead, under the same subfolder path; elsewhere they stay beside the LoRAs.
     def samples_dir(self, output_dir: str, name: str) -> str:
-        return os.path.join(images_dir(), "samples", name)
+        rel = _in_lora_dir(output_dir)
+        return super().samples_dir(output_dir, name) if rel is None else os.path.join(images_dir(), "samples",
+                                                                                       *rel, name)
 
     def grids_dir(self, lora_file: str) -> str:
-        return os.path.join(images_dir(), "grids")
+        rel = _in_lora_dir(os.path.dirname(lora_file))
+        return super().grids_dir(lora_file) if rel is None else os.path.join(images_dir(), "grids", *rel)
 
     def prepare_model(self, host) -> None:
         # LoRAs merged by the last generation must not be baked into a grid or a training run
         self.session.restore()
+
+
+def _in_lora_dir(folder: str) -> list[str] | None:
+    """``folder``'s path inside the first LoRA folder holding it ([] for the LoRA folder itself), else None."""
+    real = os.path.realpath(folder)
+    for root in lora_dirs():
+        try:
+            rel = os.path.relpath(real, os.path.realpath(root))
+        except ValueError:  # (Windows: another drive)
+            continue
+        if rel == ".":
+            return []
+        if rel != ".." and not rel.startswith(".." + os.sep) and not os.path.isabs(rel):
+            return rel.split(os.sep)
+    return None
 
 
 def output_dir() -> str:

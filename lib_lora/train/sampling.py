@@ -452,7 +452,8 @@ def config_prompts(cfg) -> list[SamplePrompt] | None:
 def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None = None, on_note=None,
                    folder: str | None = None):
     """The trainer's ``sample_fn(epoch=, step=)``: renders cfg.sample_prompts (or ``prompts``) with the LoRA as it
-    is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call)."""
+    is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call), or into
+    ``folder`` when given."""
     if prompts is None:
         prompts = config_prompts(cfg)
         if prompts is None:
