@@ -46,6 +46,8 @@ API_VERSION = 1
 # Config keys holding a filesystem path the trainer reads or writes.
 PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "output_dir", "network_weights", "sample_prompts",
              "resume", "logging_dir", "vae", "base_weights", "in_json")
+# Folders whose files a job reads: links inside them are checked too.
+TREE_KEYS = ("train_data_dir", "reg_data_dir")
 # Keys used as file-name parts inside output_dir / logging_dir: a separator there would write elsewhere.
 NAME_KEYS = ("output_name", "log_prefix")
 
@@ -164,6 +166,10 @@ class PathPolicy:
                 if isinstance(v, str) and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v):
                     raise PathRefused(f"{key} = {v!r} refused: it must be a plain file name, not a path "
                                       "(the files are written into output_dir)")
+        for table in tables:  # a link inside a data folder must not read from outside either
+            for key in TREE_KEYS:
+                if isinstance(table.get(key), str) and table[key]:
+                    self._check_tree(table[key], key)
         first = lambda key: next((t[key] for t in tables if isinstance(t.get(key), str) and t[key]), None)  # noqa: E731
         if first("in_json"):
             self._check_metadata_keys(first("in_json"), first("train_data_dir"), "in_json")
@@ -172,13 +178,34 @@ class PathPolicy:
             for ds in specs:
                 for sub in ds.subsets:
                     if sub.image_dir:
-                        self.resolve(sub.image_dir, f"image_dir in {os.path.basename(path)}")
+                        what = f"image_dir in {os.path.basename(path)}"
+                        self._check_tree(self.resolve(sub.image_dir, what), what)
                     if sub.conditioning_data_dir:  # (masked_loss reads its mask images)
-                        self.resolve(sub.conditioning_data_dir, f"conditioning_data_dir in {os.path.basename(path)}")
+                        what = f"conditioning_data_dir in {os.path.basename(path)}"
+                        self._check_tree(self.resolve(sub.conditioning_data_dir, what), what)
                     if sub.metadata_file:
                         meta = self.resolve(sub.metadata_file, f"metadata_file in {os.path.basename(path)}")
                         self._check_metadata_keys(meta, sub.image_dir, f"metadata_file in {os.path.basename(path)}")
         return out
+
+    def _check_tree(self, folder: str, what: str) -> None:
+        """Every symbolic link below a data folder (a subset folder, an image, a caption) must resolve inside the
+        allowed folders: the dataset reads through links."""
+        seen = set()
+        for top, dirs, files in os.walk(folder, followlinks=True):
+            real_top = os.path.realpath(top)
+            if real_top in seen:  # (a link loop)
+                dirs[:] = []
+                continue
+            seen.add(real_top)
+            for name in dirs + files:
+                p = os.path.join(top, name)
+                if os.path.islink(p):
+                    real = os.path.realpath(p)
+                    if not self.is_allowed(real):
+                        raise PathRefused(f"{what}: {p!r} is a link to {real!r}, which is outside the folders the "
+                                          f"HTTP API may use ({', '.join(self.roots())}). Copy the files in instead "
+                                          f"of linking them, or add the folder in {self.setting}.")
 
     def _check_metadata_keys(self, meta_path: str, image_dir: str | None, what: str) -> None:
         """A fine-tuning metadata file names its images by key (a full path, or a name in image_dir): every file

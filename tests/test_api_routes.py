@@ -174,6 +174,33 @@ def test_paths_outside_the_roots_are_refused(env):
     assert q.list() == []
 
 
+def test_links_inside_a_data_folder_must_stay_inside_the_roots(env):
+    """A caption, image or subset folder that links out of the allowed folders would be read by the job (a caption's
+    words end up in the downloadable LoRA's ss_tag_frequency): refused, naming the link; links within stay fine."""
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    outside = tmp / "outside"
+    (outside / "sub").mkdir(parents=True, exist_ok=True)
+    (outside / "secret.txt").write_text("secret_token")
+    data = root / "training_data"
+    sub = next(p for p in data.iterdir() if p.is_dir())
+    caption = sub / "linked.txt"
+    caption.symlink_to(outside / "secret.txt")
+    r = c.post(PREFIX + "/jobs", json=cfg_for())
+    assert r.status_code == 403 and "linked.txt" in r.json()["detail"] and SETTING in r.json()["detail"], r.text
+    r = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for())
+    assert r.status_code == 403, r.text
+    caption.unlink()
+    (data / "3_svs out").symlink_to(outside / "sub", target_is_directory=True)
+    r = c.post(PREFIX + "/jobs", json=cfg_for())
+    assert r.status_code == 403 and "3_svs out" in r.json()["detail"], r.text
+    (data / "3_svs out").unlink()
+    (data / "3_svs in").symlink_to(sub, target_is_directory=True)  # within the roots
+    (sub / "loop").symlink_to(data, target_is_directory=True)      # a loop ends the walk, not the server
+    assert c.post(PREFIX + "/jobs", json=cfg_for()).status_code == 201
+    assert len(q.list()) == 1
+
+
 def test_a_preset_file_inside_the_roots_is_read_from_there(env):
     """A relative preset path resolves against the default root, as the other paths do; built-in names stay."""
     tmp, root = env
