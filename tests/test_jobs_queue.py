@@ -93,3 +93,82 @@ def test_unreadable_queue_file_is_kept_not_lost(tmp_path):
     assert q.list() == []
     assert "could not be read" in q.load_error
     assert any(p.name.startswith("queue.json.unreadable-") for p in tmp_path.iterdir())
+
+
+def test_a_job_cut_off_by_a_restart_continues_from_its_newest_state(tmp_path):
+    """The queue records each state the run saves; after a restart the job says it continues from there, gets it
+    as its resume state, and its history is not repeated. Without a state it says it starts again and its record
+    starts again too."""
+    import shutil
+
+    state = tmp_path / "a-step00000002-state.lsstate"
+    gate, cut = threading.Event(), threading.Event()
+
+    def first_run(job, emit, should_cancel):
+        for s in (1, 2, 3):
+            emit(TrainEvent("step", step=s, total=5, epoch=1, epochs=1, loss=1.0 / s))
+            if s == 2:
+                state.write_bytes(b"state")
+                (tmp_path / "a-step00000002.safetensors").write_bytes(b"lora")
+                emit(TrainEvent("save", step=2, path=str(tmp_path / "a-step00000002.safetensors")))
+                emit(TrainEvent("state", step=2, path=str(state)))
+                emit(TrainEvent("note", message="a note of the run"))
+        cut.set()
+        gate.wait(10)  # (the WebUI "dies" here: the test copies the queue file as it stands)
+        return TrainResult("done", [], None, 3, [], [])
+
+    live = tmp_path / "live"
+    q = JobQueue(str(live), first_run)
+    a = q.submit({"output_name": "a"})
+    b = q.submit({"output_name": "b"})
+    assert cut.wait(10)
+    restarted = tmp_path / "restarted"
+    restarted.mkdir()
+    shutil.copy(live / "queue.json", restarted / "queue.json")
+    gate.set()
+    q.wait_idle(10)
+    q.stop(5)
+
+    seen = {}
+
+    def second_run(job, emit, should_cancel):
+        seen[job.name] = (job.resume_state, list(job.notes), job.step)
+        start = 3 if job.resume_state else 1
+        for s in range(start, 6):
+            emit(TrainEvent("step", step=s, total=5, epoch=1, epochs=1, loss=1.0 / s))
+        emit(TrainEvent("save", step=2, path=str(tmp_path / "a-step00000002.safetensors")))  # (saved again)
+        return TrainResult("done", [str(tmp_path / "a.safetensors")], None, 5, [], [])
+
+    q2 = JobQueue(str(restarted), second_run, autostart=False)
+    j = q2.get(a.id)
+    assert j.status == INTERRUPTED
+    assert j.message == ("the WebUI stopped while this job ran; it will continue from its last saved state "
+                         "(a-step00000002-state.lsstate, step 2)")
+    q2.start()
+    assert q2.wait_idle(10)
+    q2.stop(5)
+    resume, notes, step = seen["a"]
+    assert resume == str(state) and step == 2
+    assert notes == ["the WebUI stopped while this job ran; it continues from its last saved state "
+                     "(a-step00000002-state.lsstate, step 2)"]  # (the run says its own notes again)
+    j = q2.get(a.id)
+    assert j.status == DONE and [p[0] for p in j.losses] == [1, 2, 3, 4, 5]
+    assert j.files == [str(tmp_path / "a-step00000002.safetensors"), str(tmp_path / "a.safetensors")]
+    assert q2.get(b.id).status == DONE
+
+    # the same cut without any state saved: said, and the record starts again
+    state.unlink()
+    q3 = JobQueue(str(tmp_path / "again"), None, autostart=False)
+    shutil.copy(restarted / "queue.json", tmp_path / "again" / "queue.json")
+    data = json.loads((tmp_path / "again" / "queue.json").read_text())
+    data["jobs"][0].update(status="running", losses=[[1, 1.0], [2, 0.5], [3, 0.3]], step=3)
+    (tmp_path / "again" / "queue.json").write_text(json.dumps(data))
+    seen.clear()
+    q3 = JobQueue(str(tmp_path / "again"), second_run, autostart=False)
+    assert "no resumable state had been saved (save_state keeps one with each save), so it will start again from " \
+           "the beginning" in q3.get(a.id).message
+    q3.start()
+    assert q3.wait_idle(10)
+    q3.stop(5)
+    assert seen["a"][0] is None and seen["a"][2] == 0
+    assert [p[0] for p in q3.get(a.id).losses] == [1, 2, 3, 4, 5]

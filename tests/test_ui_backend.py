@@ -214,3 +214,49 @@ def test_results_grid_stops_between_rows_and_restores_the_model(trained, host):
                       progress=lambda d, t: rows.append(d), should_stop=lambda: len(rows) >= 2)
     assert len(e.value.images) == 1 and len(e.value.images[0]) == 2 and e.value.images[0][0][0].size == (64, 64)
     assert models.model_state_hash(host.sd_model) == before
+
+
+def test_a_job_cut_off_by_a_restart_trains_on_from_its_newest_state_to_the_same_weights(host, dataset, tmp_path):
+    """The WebUI dies after the step-4 save of a save_state run: after the restart the job continues from that
+    state (not from step 1) and ends with the weights of the run that was never cut off."""
+    import shutil
+    import threading
+
+    from lib_lora.formats.safetensors_io import load_tensors
+    from lib_lora.jobs.queue import INTERRUPTED
+
+    cfg = _config(dataset, tmp_path / "out", max_train_epochs=None, max_train_steps=8, save_every_n_epochs=None,
+                  save_every_n_steps=4, save_state=True)
+    store, copy = tmp_path / "s", tmp_path / "restarted"
+    b = LocalBackend(host, str(store))
+    copied = threading.Event()
+
+    def snapshot(job, kind):  # the queue file as a WebUI killed at step 5 would have left it
+        if kind == "step" and job.step == 5 and not copied.is_set():
+            copy.mkdir()
+            shutil.copy(store / "queue.json", copy / "queue.json")
+            copied.set()
+
+    b.queue.subscribe(snapshot)
+    job = b.submit(cfg, name="cut")
+    assert b.queue.wait_idle(120)
+    b.stop()
+    whole = load_tensors(b.job(job["id"])["files"][-1])
+    assert copied.is_set() and b.job(job["id"])["status"] == "done"
+
+    b2 = LocalBackend(host, str(copy), autostart=False)
+    j = b2.job(job["id"])
+    assert j["status"] == INTERRUPTED and "continue from its last saved state (bear-step00000004-state.lsstate, " \
+                                          "step 4)" in j["message"]
+    steps = []
+    b2.queue.subscribe(lambda jb, kind: kind == "step" and steps.append(jb.step))
+    b2.queue.start()
+    assert b2.queue.wait_idle(120)
+    b2.stop()
+    j = b2.job(job["id"])
+    assert j["status"] == "done", j
+    assert steps == [5, 6, 7, 8]  # on from the state, not from step 1
+    assert [p[0] for p in j["losses"]] == list(range(1, 9))
+    again = load_tensors(j["files"][-1])
+    for k in whole:
+        np.testing.assert_allclose(again[k].numpy(), whole[k].numpy(), rtol=0, atol=1e-6, err_msg=k)

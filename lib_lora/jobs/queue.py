@@ -54,11 +54,38 @@ class Job:
     kept_notes: list = field(default_factory=list)  # said at submission and not known to the run (a GUI preset)
     error: str | None = None
     resume_state: str | None = None
+    resume_step: int | None = None    # the step resume_state was saved at
 
     def public(self) -> dict:
         d = asdict(self)
         d["progress"] = (self.step / self.total) if self.total else 0.0
         return d
+
+
+def _usable_state(job: Job) -> str | None:
+    return job.resume_state if job.resume_state and os.path.exists(job.resume_state) else None
+
+
+def _restart_plan(job: Job, will: str = "will ") -> str:
+    state = _usable_state(job)
+    if state:
+        at = f", step {job.resume_step}" if job.resume_step is not None else ""
+        return f"it {will}continue{'' if will else 's'} from its last saved state ({os.path.basename(state)}{at})"
+    return ("no resumable state had been saved (save_state keeps one with each save), so it "
+            f"{will}start{'' if will else 's'} again from the beginning")
+
+
+def _rewind(job: Job) -> None:
+    """An interrupted job about to run again: its record restarts where the run will (the newest state, or the
+    beginning); the run says its notes again."""
+    note = "the WebUI stopped while this job ran; " + _restart_plan(job, will="")
+    job.notes = list(job.kept_notes) + [note]
+    if _usable_state(job):
+        job.step = job.resume_step or 0
+    else:
+        job.resume_state = job.resume_step = None
+        job.step, job.losses, job.val_losses, job.files, job.samples = 0, [], [], [], []
+    job.error = None
 
 
 class JobQueue:
@@ -96,9 +123,9 @@ class JobQueue:
             known = {k: v for k, v in d.items() if k in Job.__dataclass_fields__}
             job = Job(**known)
             if job.status == RUNNING:
-                # the WebUI stopped mid-job: it goes back in line and resumes from its last saved state
+                # the WebUI stopped mid-job: it goes back in line, to continue from its newest state if it has one
                 job.status = INTERRUPTED
-                job.message = "the WebUI stopped while this job ran; it will resume from its last saved state"
+                job.message = "the WebUI stopped while this job ran; " + _restart_plan(job)
             self.jobs.append(job)
 
     def _save(self):
@@ -217,6 +244,8 @@ class JobQueue:
                     job = self._next()
                 if self._stop:
                     return
+                if job.status == INTERRUPTED:
+                    _rewind(job)
                 job.status, job.started, job.message = RUNNING, time.time(), "starting"
                 self._save()
             self.run_one(job)
@@ -227,7 +256,9 @@ class JobQueue:
             result = self.runner(job, lambda ev: self._on_event(job, ev), lambda: job.id in self._cancel)
             with self._lock:
                 job.status = CANCELLED if getattr(result, "status", "done") == "cancelled" else DONE
-                job.files = list(getattr(result, "files", job.files))
+                # (a run continued after a restart lists only its own saves; the earlier ones still on disk stay)
+                ran = list(getattr(result, "files", job.files))
+                job.files = [f for f in dict.fromkeys(job.files + ran) if f in ran or os.path.exists(f)]
                 job.resume_state = getattr(result, "state_file", None)
                 job.notes = list(dict.fromkeys(job.kept_notes + list(getattr(result, "notes", job.notes))))
                 job.message = "cancelled; the work so far is kept as a resumable state" if job.status == CANCELLED \
@@ -260,18 +291,26 @@ class JobQueue:
                 job.epoch, job.epochs = ev.epoch or job.epoch, ev.epochs or job.epochs
                 if kind == "step":
                     job.loss, job.avg_loss, job.lr, job.eta_s = ev.loss, ev.avg_loss, ev.lr, ev.eta_s
+                    # a run continued from a state (after a restart) starts again at an earlier step: its history
+                    # from there on is rewritten, not repeated
+                    if job.losses and job.losses[-1][0] >= ev.step:
+                        job.losses = [p for p in job.losses if p[0] < ev.step]
+                        job.val_losses = [p for p in job.val_losses if p[0] < ev.step]
                     job.losses.append([ev.step, ev.loss])
             if kind == "validation":
                 job.val_losses.append([ev.step, ev.loss])
-            if kind == "save" and ev.path:
+            if kind == "save" and ev.path and ev.path not in job.files:
                 job.files.append(ev.path)
+            if kind == "state" and ev.path:
+                job.resume_state, job.resume_step = ev.path, ev.step
             if kind == "sample" and ev.path:
+                job.samples = [s for s in job.samples if s.get("path") != ev.path]
                 job.samples.append({"epoch": ev.epoch, "step": ev.step, "path": ev.path})
             if kind == "note":
                 job.notes.append(ev.message)
             if ev.message:
                 job.message = ev.message
-            if kind in ("save", "epoch", "sample", "note", "start", "validation"):
+            if kind in ("save", "state", "epoch", "sample", "note", "start", "validation"):
                 self._save()
         self._notify(job, kind)
 

@@ -99,7 +99,7 @@ class Sample:
 
 @dataclass
 class TrainEvent:
-    kind: str  # start | cache | step | validation | epoch | save | sample | note | done | cancelled | error
+    kind: str  # start | cache | step | validation | epoch | save | state | sample | note | done | cancelled | error
     step: int = 0
     total: int = 0
     epoch: int = 0
@@ -1158,6 +1158,8 @@ class Trainer:
                         "losses": self.losses, "rng": rng_state(), "config_source": c.source})
                 except StateFileError as e:  # (a full disk, a folder gone read-only: said, not a traceback)
                     raise TrainingError(str(e)) from None
+                # (the queue keeps the newest: a job cut off by a WebUI restart continues from it)
+                self._emit("state", step=step, epoch=epoch_no, path=path)
                 return path
 
             status, state_file = "done", None

@@ -944,8 +944,8 @@ def build_tab(backend) -> gr.Blocks:
                 raise UiError("That job is no longer in the list.")
             state = j.get("resume_state")
             if j["status"] not in ("cancelled", "failed") or not state:
-                raise UiError(f"'{j['name']}' has no saved state to resume from (only cancelled jobs keep one). "
-                              "Queue it again with Train instead.")
+                raise UiError(f"'{j['name']}' has no saved state to resume from (cancelled jobs keep one, failed "
+                              "ones their newest save_state). Queue it again with Train instead.")
             if not os.path.exists(state):
                 raise UiError(f"The state file of '{j['name']}' ({os.path.basename(state)}) is gone: a resume that "
                               "finished removes it, or it was moved or deleted. Queue the job again with Train.")
@@ -954,8 +954,9 @@ def build_tab(backend) -> gr.Blocks:
             base = re.sub(r" \(resumed\)$", "", j["name"])  # (the list tells the two rows apart)
             new = backend.submit(cfg, name=f"{base} (resumed)", task_id=(task or None), front=False)
             jobs = backend.jobs()
+            at = j.get("resume_step") if j.get("resume_step") is not None else j["step"]
             return {train_status: ok_html(f"'{j['name']}' queued again as '{new['name']}'; it continues from step "
-                                          f"{j['step']}."),
+                                          f"{at}."),
                     jobs_box: jobs_table_html(jobs, new["id"]),
                     job_select: gr.update(choices=[job_label(x) for x in jobs], value=job_label(new))}
 
