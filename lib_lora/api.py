@@ -31,12 +31,13 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, conint
 
-from .jobs.queue import FINISHED, QUEUED, INTERRUPTED, RUNNING
+from .jobs.queue import FINISHED, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST
 from .train import kohya_gui
 from .train.dataset import metadata_image
 from .train.lyco import PRESETS as LYCO_PRESETS
 from .train.saving import output_dir_problem
 from .train.sd_latents import find_latent
+from .train.support import loaded_model_notes
 from .train.config import (TrainConfigError, load_dataset_config, parse_train_config, parse_train_config_text,
                            translate_gui_preset)
 
@@ -385,6 +386,28 @@ class _Api:
         notes += [f.message for f in plan.warnings]
         return problems, notes, plan.report()
 
+    def _output_notes(self, config: dict) -> list[str]:
+        """Another waiting or running job that writes the same files is refused (409): the later run would
+        overwrite the earlier one's LoRAs and states while both are listed as their own. A file already there is
+        said (sd-scripts overwrites it too)."""
+        cfg = parse_train_config(dict(config), source="<request>")
+        out, name = str(cfg.resolve(cfg.output_dir)), cfg.output_name or "lora"
+        for job in self.queue.list():
+            if job.status not in (QUEUED, INTERRUPTED, RUNNING):
+                continue
+            try:
+                other = parse_train_config(dict(job.config), source=f"job {job.id}")
+            except TrainConfigError:
+                continue
+            if (other.output_name or "lora") == name and os.path.realpath(str(other.resolve(other.output_dir))) \
+                    == os.path.realpath(out):
+                raise HTTPException(409, detail=f"job {job.name} ({job.id}) is {job.status} and writes the same files "
+                                                f"({name}*.safetensors in {out}); give this job another output_name "
+                                                "or output_dir, or queue it after that one has finished")
+        final = os.path.join(out, name + ".safetensors")
+        return [f"{final} already exists: this job overwrites it (and its epoch files of the same name)"] \
+            if os.path.exists(final) else []
+
     # ---- routes
     def submit(self, body: Dict[str, Any] = Body(..., description="training config (sections or flat keys) or "
                                                                  "{\"toml\": \"<text>\"}"),
@@ -422,6 +445,13 @@ class _Api:
             raise HTTPException(403, detail=str(e)) from e
         except TrainConfigError as e:  # the dataset config named in the request is unreadable or invalid
             raise HTTPException(422, detail=str(e)) from e
+        try:
+            model = self._model_info()
+        except Exception as e:  # the job is still worth queueing; say why the model is unknown
+            model = None
+            notes.append(f"the loaded model could not be read ({type(e).__name__}: {e})")
+        said = loaded_model_notes(cfg, model) + self._output_notes(config)  # (the run itself cannot know these)
+        notes = said + [n for n in notes if n not in said]
         if dry_run:  # the whole check a run starts with: settings for the loaded model, and the dataset plan
             problems, plan_notes, report = self._check_run(config)
             if problems:
@@ -434,15 +464,10 @@ class _Api:
         problems, _ = self._settings_problems(parse_train_config(config, source="<request>"))
         if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
             raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
-        try:
-            model = self._model_info()
-        except Exception as e:  # the job is still worth queueing; say why the model is unknown
-            model = None
-            notes.append(f"the loaded model could not be read ({type(e).__name__}: {e})")
         job = self.queue.submit(config, name=name or cfg.output_name, model=model or {})
         # the parse notes show while the job waits; the runner's result replaces them with its full list
         job.notes.extend([n for n in notes if n not in job.notes])
-        job.kept_notes = list(gui_notes)
+        job.kept_notes = list(gui_notes) + said
         return JSONResponse(_json_safe(self._describe(job)), status_code=201)
 
     def list_jobs(self):
@@ -454,7 +479,8 @@ class _Api:
     def cancel(self, job_id: str):
         job = self._job(job_id)
         if job.status in FINISHED:
-            raise HTTPException(409, detail=f"job {job.name} ({job_id}) has already {job.status}; nothing to cancel")
+            raise HTTPException(409, detail=f"job {job.name} ({job_id}) has already {STATUS_PAST.get(job.status, job.status)}"
+                                            "; nothing to cancel")
         job = self.queue.cancel(job_id)
         return JSONResponse(_json_safe(self._describe(job, with_losses=False)))
 

@@ -81,6 +81,7 @@ def cfg_for(**kw):
 def test_seed_config_accepted_as_dict_and_as_toml_text(env):
     tmp, root = env
     c, q = make_client(tmp, root)
+    names = []
     for body in (tomllib.loads(SEED_TOML), {"toml": SEED_TOML}):
         r = c.post(PREFIX + "/jobs", json=body)
         assert r.status_code == 201, r.text
@@ -92,7 +93,9 @@ def test_seed_config_accepted_as_dict_and_as_toml_text(env):
         assert j["config"]["training"]["output_dir"] == os.path.realpath(root / "output")
         assert j["model"] == MODEL
         assert parse_train_config(j["config"]).train_batch_size == 2
-    assert [j.name for j in q.list()] == ["my_lora", "my_lora"]
+        names.append(j["name"])
+        q.remove(j["id"])  # (a second waiting job writing the same files would be refused)
+    assert names == ["my_lora", "my_lora"]
 
 
 def test_dry_run_checks_the_dataset_and_queues_nothing(env):
@@ -210,7 +213,8 @@ def test_a_preset_file_inside_the_roots_is_read_from_there(env):
                                               network_args=["algo=loha", "preset=p.toml"]))
     assert r.status_code == 201, r.text
     assert r.json()["config"]["network_args"] == ["algo=loha", "preset=" + os.path.realpath(root / "p.toml")]
-    r = c.post(PREFIX + "/jobs", json=cfg_for(network_module="lycoris.kohya", network_args=["preset=attn-mlp"]))
+    r = c.post(PREFIX + "/jobs", json=cfg_for(network_module="lycoris.kohya", network_args=["preset=attn-mlp"],
+                                              output_name="t2"))
     assert r.status_code == 201 and r.json()["config"]["network_args"] == ["preset=attn-mlp"], r.text
 
 
@@ -224,7 +228,7 @@ def test_symlink_within_roots_and_second_root_are_allowed(env):
     mount(app, q, allowed_roots=lambda: [str(root), str(other)], default_root=str(root))
     c = TestClient(app)
     assert c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir="link_in")).status_code == 201
-    r = c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir=str(other / "imgs")))
+    r = c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir=str(other / "imgs"), output_name="t2"))
     assert r.status_code == 201 and r.json()["config"]["train_data_dir"] == os.path.realpath(other / "imgs")
     info = c.get(PREFIX + "/info").json()
     assert os.path.realpath(other) in info["allowed_roots"]
@@ -450,6 +454,7 @@ def test_kohya_gui_preset_is_checked_and_kept_as_sd_scripts_keys(env):
     assert any("sample_prompts as the path of a prompt file" in n for n in j["notes"])
     assert parse_train_config(j["config"]).network_args == parse_train_config(preset).network_args
     # the translation notes stay on the job after its run (the run sees only the sd-scripts keys)
+    q.remove(j["id"])
     c2, q2 = make_client(tmp, root, runner=fake_runner(), autostart=True)
     try:
         jid = c2.post(PREFIX + "/jobs", json=preset).json()["id"]
@@ -527,3 +532,51 @@ def test_an_output_folder_that_is_a_file_is_refused(env):
         r = c.post(PREFIX + "/jobs" + ("?dry_run=true" if dry else ""), json=cfg_for(output_dir="afile"))
         assert r.status_code == 422 and "afile is a file, not a folder" in r.json()["detail"], r.text
     assert q.list() == []
+
+
+def test_a_second_waiting_job_writing_the_same_files_is_refused_and_an_existing_file_is_said(env):
+    """Two jobs with one output_dir + output_name: the later one overwrote the earlier one's LoRAs while both
+    listed them as their own. Refused (409) while the first waits or runs; afterwards the overwrite is said."""
+    tmp, root = env
+    c, q = make_client(tmp, root, runner=fake_runner(), autostart=False)
+    first = c.post(PREFIX + "/jobs", json=cfg_for(output_name="same"))
+    assert first.status_code == 201
+    for url in ("/jobs", "/jobs?dry_run=true"):
+        r = c.post(PREFIX + url, json=cfg_for(output_name="same", seed=2))
+        assert r.status_code == 409 and "writes the same files" in r.json()["detail"] and \
+            first.json()["id"] in r.json()["detail"], r.text
+    assert c.post(PREFIX + "/jobs", json=cfg_for(output_name="other")).status_code == 201
+    q.start()
+    assert q.wait_idle(10)
+    q.stop(5)
+    r = c.post(PREFIX + "/jobs", json=cfg_for(output_name="same", seed=2))
+    assert r.status_code == 201, r.text
+    assert any("same.safetensors already exists: this job overwrites it" in n for n in r.json()["notes"])
+
+
+def test_model_keys_of_a_pasted_config_are_said_to_choose_nothing(env):
+    """Inside the WebUI the loaded checkpoint is trained as it is: a pasted config's model keys are named in the
+    notes (dry run, submit, and after the run) where they disagree with it."""
+    from PIL import Image
+    tmp, root = env
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "training_data" / "10_cat" / "a.png")
+    c, q = make_client(tmp, root, runner=fake_runner(), autostart=False)
+    body = cfg_for(pretrained_model_name_or_path="./models/sd/sd_xl_base_1.0.safetensors", v2=True,
+                   v_parameterization=True, vae="vae-ft-mse.safetensors")
+    dry = c.post(PREFIX + "/jobs?dry_run=true", json=body)
+    assert dry.status_code == 200, dry.text
+    r = c.post(PREFIX + "/jobs", json=body)
+    assert r.status_code == 201
+    q.start()
+    assert q.wait_idle(10)
+    q.stop(5)
+    after = c.get(PREFIX + f"/jobs/{r.json()['id']}").json()["notes"]
+    for notes in (dry.json()["notes"], r.json()["notes"], after):
+        text = "\n".join(notes)
+        assert "The config names the model sd_xl_base_1.0.safetensors; LoRA Studio trains the checkpoint loaded " \
+               "in the WebUI (v1-5-pruned)" in text
+        assert "v2 = true, but the loaded model (v1-5-pruned) is SD1" in text
+        assert "v_parameterization = true, but the loaded model (v1-5-pruned) predicts eps" in text
+        assert "vae = 'vae-ft-mse.safetensors' is not loaded" in text
+    ok = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(pretrained_model_name_or_path="/m/v1-5-pruned.ckpt"))
+    assert not any("names the model" in n for n in ok.json()["notes"])

@@ -19,6 +19,7 @@ from ..formats.safetensors_io import write_atomic
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED, INTERRUPTED = "queued", "running", "done", "cancelled", "failed", "interrupted"
 FINISHED = (DONE, CANCELLED, FAILED)
+STATUS_PAST = {DONE: "finished", CANCELLED: "been cancelled", FAILED: "failed"}  # "has already ..."
 
 
 def _is_user_error(e: BaseException) -> bool:

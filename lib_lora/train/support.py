@@ -8,6 +8,7 @@ would be wrong, an error before anything starts).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -334,6 +335,31 @@ def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
             return [], [f"{e} {twin} will be used instead (same results, more memory)."]
         return [str(e)], []
     return [], []
+
+
+def loaded_model_notes(cfg: TrainConfig, info: dict | None) -> list[str]:
+    """Inside the WebUI a job trains the loaded checkpoint as it is: the model keys of a pasted sd-scripts config
+    (``pretrained_model_name_or_path``, ``v2``, ``v_parameterization``, ``vae``) choose nothing; say so where they
+    disagree with it. ``info``: the backend's model_info (name, family, parameterization)."""
+    if not info or not info.get("loaded", True):
+        return []
+    name, family = info.get("name") or "the loaded model", info.get("family")
+    notes = []
+    if cfg.pretrained_model_name_or_path:
+        want = os.path.basename(str(cfg.pretrained_model_name_or_path).rstrip("/\\"))
+        if os.path.splitext(want)[0] not in name:
+            notes.append(f"The config names the model {want}; LoRA Studio trains the checkpoint loaded in the WebUI "
+                         f"({name}). Load {want} first if you meant it.")
+    if cfg.v2 and family and family != "sd2":
+        notes.append(f"v2 = true, but the loaded model ({name}) is {family.upper()}: it is trained as it is")
+    param = info.get("parameterization")
+    if cfg.v_parameterization and param and param != "v":
+        notes.append(f"v_parameterization = true, but the loaded model ({name}) predicts {param}: it is trained as "
+                     "it predicts (the key chooses for a checkpoint the command line loads)")
+    if cfg.vae:
+        notes.append(f"vae = {cfg.vae!r} is not loaded: jobs in the WebUI use the VAE chosen in the WebUI "
+                     "(Settings → Stable Diffusion → SD VAE)")
+    return notes
 
 
 def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str], list[str]]:

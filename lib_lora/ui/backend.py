@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
-from ..jobs.queue import INTERRUPTED, QUEUED, RUNNING, JobQueue
+from ..jobs.queue import INTERRUPTED, QUEUED, RUNNING, STATUS_PAST, JobQueue
 from ..train.config import parse_train_config
 from ..train.saving import output_dir_problem
 
@@ -116,7 +116,6 @@ def _public(job) -> dict:
     return job.public() if job is not None else None
 
 
-STATUS_PAST = {"done": "finished", "cancelled": "been cancelled", "failed": "failed"}
 _EPOCH_RE = re.compile(r"-(\d{6})\.safetensors$")
 _STEP_RE = re.compile(r"-step(\d+)\.safetensors$")
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..train.config import TrainConfigError
 from ..train.folders import parse_folder_name
+from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
 from .backend import GridStopped, UiError, describe_file, parse_numbers, write_sample_prompts
@@ -752,13 +753,7 @@ def build_tab(backend) -> gr.Blocks:
                 values["ui_sample_prompt"] = cfg.sample_prompt_text
             out = {comps[k]: v for k, v in values.items() if k in comps}
             out.update({comps[k]: v for k, v in paths.items() if v})
-            notes = list(cfg.notes)
-            info = backend.model_info()
-            if cfg.pretrained_model_name_or_path and info.get("loaded"):
-                want = os.path.basename(str(cfg.pretrained_model_name_or_path))
-                if os.path.splitext(want)[0] not in (info.get("name") or ""):
-                    notes.insert(0, f"The config names the model {want}; LoRA Studio trains the checkpoint loaded "
-                                    f"in the WebUI ({info.get('name')}). Load {want} first if you meant it.")
+            notes = loaded_model_notes(cfg, backend.model_info()) + list(cfg.notes)
             msg = "Imported into the form." + ("" if not notes else " Notes: " + " ".join(
                 f"({i + 1}) {n}" for i, n in enumerate(notes)))
             out[toml_status] = ok_html(msg)
