@@ -364,8 +364,9 @@ class _Api:
     def _settings_problems(self, cfg, family: str | None = None) -> tuple[list[str], list[str]]:
         """check_support's (problems, notes), then what building the network on the loaded model would stop on,
         and an output folder the files could not be written to."""
-        from .train.support import check_support
+        from .train.support import check_support, input_file_problems
         problems, notes = check_support(cfg, family)
+        problems += input_file_problems(cfg, family)
         if not problems and self.check_network is not None:
             problems += self.check_network(cfg)
         out = output_dir_problem(str(cfg.resolve(cfg.output_dir))) if cfg.output_dir else None
@@ -461,7 +462,8 @@ class _Api:
                                             "notes": notes + [n for n in plan_notes if n not in notes],
                                             "plan": report}))
         # (on the checked paths: a LyCORIS preset file is read there)
-        problems, _ = self._settings_problems(parse_train_config(config, source="<request>"))
+        problems, _ = self._settings_problems(parse_train_config(config, source="<request>"),
+                                              (model or {}).get("family"))
         if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
             raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
         job = self.queue.submit(config, name=name or cfg.output_name, model=model or {})

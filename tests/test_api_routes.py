@@ -580,3 +580,32 @@ def test_model_keys_of_a_pasted_config_are_said_to_choose_nothing(env):
         assert "vae = 'vae-ft-mse.safetensors' is not loaded" in text
     ok = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(pretrained_model_name_or_path="/m/v1-5-pruned.ckpt"))
     assert not any("names the model" in n for n in ok.json()["notes"])
+
+
+def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):
+    """A missing data folder, network_weights, resume or sample prompt file, a LoRA for another model family as
+    network_weights, a resume file that is not a state: each a 422 naming it (the run stopped on each), queueing
+    nothing."""
+    import torch
+    from safetensors.torch import save_file
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    sdxl = {"lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280)}
+    save_file(sdxl, str(root / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    (root / "bad-state.lsstate").write_bytes(b"not a state")
+    cases = [
+        ({"train_data_dir": "nope"}, f"train_data_dir: {os.path.realpath(root)}/nope", "does not exist"),
+        ({"network_weights": "missing.safetensors"}, "network_weights: ", "missing.safetensors does not exist"),
+        ({"network_weights": "xl.safetensors"}, "network_weights: xl.safetensors is a LoRA for SDXL, the loaded "
+                                                "model is SD1", "load an SDXL"),
+        ({"resume": "gone-state.lsstate"}, "resume: the state file", "does not exist"),
+        ({"resume": "bad-state.lsstate"}, "resume: the state file bad-state.lsstate cannot be read", "Resume from"),
+        ({"sample_prompts": "prompts.txt", "sample_every_n_epochs": 1}, "sample_prompts: ", "prompts.txt does not "
+                                                                                               "exist"),
+    ]
+    for override, what, hint in cases:
+        for url in ("/jobs", "/jobs?dry_run=true"):
+            r = c.post(PREFIX + url, json=cfg_for(**override))
+            assert r.status_code == 422 and what in r.json()["detail"] and hint in r.json()["detail"], (url, r.text)
+    assert q.list() == []

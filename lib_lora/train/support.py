@@ -337,6 +337,49 @@ def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
     return [], []
 
 
+def input_file_problems(cfg: TrainConfig, family: str | None = None) -> list[str]:
+    """What a run would stop on in the files it reads before its first step, found without loading them (headers,
+    names): missing folders and files, a network_weights / base_weights file that is not a LoRA or is one for
+    another model family than ``family``, a resume file that is not a state. Each says what to change."""
+    from ..formats.family import detect_family
+    from ..formats.keymap import label
+    from ..formats.safetensors_io import read_header
+    from .saving import StateFileError, load_state
+
+    problems = []
+    for key in ("train_data_dir", "reg_data_dir", "dataset_config", "in_json", "sample_prompts"):
+        value = getattr(cfg, key, None)
+        if value and not os.path.exists(cfg.resolve(value)):
+            problems.append(f"{key}: {cfg.resolve(value)} does not exist")
+    weights = [("network_weights", cfg.network_weights)] + [("base_weights", w) for w in cfg.base_weights or []]
+    for key, value in weights:
+        if not value:
+            continue
+        path = str(cfg.resolve(value))
+        if not os.path.isfile(path):
+            problems.append(f"{key}: {path} does not exist")
+            continue
+        try:
+            header = read_header(path)
+        except Exception as e:  # (the message says what is wrong with the file)
+            problems.append(f"{key}: {e}")
+            continue
+        shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        fam = detect_family(shapes, header.get("__metadata__") or {})
+        if fam.refused:
+            problems.append(f"{key}: {fam.refusal_message(path)}")
+        elif family and fam.family and fam.family != family:
+            problems.append(f"{key}: {os.path.basename(path)} is a LoRA for {label(fam.family)}, the loaded model is "
+                            f"{label(family)}: give a file trained on this model family, or load an "
+                            f"{label(fam.family)} checkpoint")
+    if cfg.resume:
+        try:
+            load_state(str(cfg.resolve(cfg.resume)), check_only=True)
+        except StateFileError as e:
+            problems.append(f"resume: {e}")
+    return problems
+
+
 def loaded_model_notes(cfg: TrainConfig, info: dict | None) -> list[str]:
     """Inside the WebUI a job trains the loaded checkpoint as it is: the model keys of a pasted sd-scripts config
     (``pretrained_model_name_or_path``, ``v2``, ``v_parameterization``, ``vae``) choose nothing; say so where they
