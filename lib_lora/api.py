@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Union
 from urllib.parse import quote
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, conint
@@ -94,7 +94,7 @@ class PathPolicy:
         for r in _value(self._roots) or []:
             if r:
                 out.append(os.path.realpath(os.path.expanduser(os.fspath(r))))
-        return out
+        return list(dict.fromkeys(out))  # (the built-in's two LoRA folder flags often name one folder)
 
     def default_root(self) -> str | None:
         d = _value(self._default_root)
@@ -361,12 +361,12 @@ class _Api:
         info = self.get_model()
         return dict(info) if info else None
 
-    def _settings_problems(self, cfg, family: str | None = None) -> tuple[list[str], list[str]]:
+    def _settings_problems(self, cfg, family: str | None = None, folders: bool = True) -> tuple[list[str], list[str]]:
         """check_support's (problems, notes), then what building the network on the loaded model would stop on,
         and an output folder the files could not be written to."""
         from .train.support import check_support, input_file_problems
         problems, notes = check_support(cfg, family)
-        problems += input_file_problems(cfg, family)
+        problems += input_file_problems(cfg, family, folders)
         if not problems and self.check_network is not None:
             problems += self.check_network(cfg)
         out = output_dir_problem(str(cfg.resolve(cfg.output_dir))) if cfg.output_dir else None
@@ -381,7 +381,7 @@ class _Api:
             family = (self._model_info() or {}).get("family")
         except Exception:  # (the model is read again when the job runs)
             family = None
-        problems, notes = self._settings_problems(cfg, family)
+        problems, notes = self._settings_problems(cfg, family, folders=False)  # (the plan reports those)
         plan = build_plan(cfg, family=family, check_pixels=False)
         problems += [f.message for f in plan.errors]
         notes += [f.message for f in plan.warnings]
@@ -410,10 +410,15 @@ class _Api:
             if os.path.exists(final) else []
 
     # ---- routes
-    def submit(self, body: Dict[str, Any] = Body(..., description="training config (sections or flat keys) or "
-                                                                 "{\"toml\": \"<text>\"}"),
+    def submit(self, request: Request,
+               body: Dict[str, Any] = Body(..., description="training config (sections or flat keys) or "
+                                                            "{\"toml\": \"<text>\"}"),
                name: Optional[str] = Query(None, description="job name (default: output_name)"),
                dry_run: bool = Query(False, description="validate only; queue nothing")):
+        unknown = sorted(set(request.query_params) - {"name", "dry_run"})
+        if unknown:  # (a misspelled ?dryrun=true must not queue a real job)
+            raise HTTPException(422, detail=f"unknown query parameter(s) {', '.join(unknown)}: POST /jobs takes "
+                                            "name and dry_run")
         try:
             if isinstance(body.get("toml"), str):
                 extra = set(body) - {"toml"}

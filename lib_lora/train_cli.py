@@ -181,6 +181,13 @@ def _family_notes(cfg, family: str) -> list[str]:
 
 
 def cmd_train(args, out) -> int:
+    from .host.tiny import quiet_third_party
+    # (the optimizer check imports bitsandbytes, the model load ldm and its dependencies: their notices are noise)
+    with quiet_third_party():
+        return _train(args, out)
+
+
+def _train(args, out) -> int:
     from .train.config import load_train_config
 
     cfg = load_train_config(args.config)
@@ -266,10 +273,8 @@ def cmd_train(args, out) -> int:
 
     out.write(f"loading {ckpt} ...\n")
     out.flush()
-    from .host.tiny import quiet_third_party
-    with quiet_third_party():
-        host = load_checkpoint(ckpt, webui=args.webui, device=args.device,
-                               v_parameterization=True if cfg.v_parameterization else None)
+    host = load_checkpoint(ckpt, webui=args.webui, device=args.device,
+                           v_parameterization=True if cfg.v_parameterization else None)
     out.write(host.load_report.summary() + "\n")
     for n in host.notes:
         out.write(f"note: {n}\n")

@@ -595,7 +595,7 @@ def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):
     save_file(sdxl, str(root / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     (root / "bad-state.lsstate").write_bytes(b"not a state")
     cases = [
-        ({"train_data_dir": "nope"}, f"train_data_dir: {os.path.realpath(root)}/nope", "does not exist"),
+        ({"train_data_dir": "nope"}, f"{os.path.realpath(root)}/nope", "does not exist"),
         ({"network_weights": "missing.safetensors"}, "network_weights: ", "missing.safetensors does not exist"),
         ({"network_weights": "xl.safetensors"}, "network_weights: xl.safetensors is a LoRA for SDXL, the loaded "
                                                 "model is SD1", "load an SDXL"),
@@ -609,3 +609,20 @@ def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):
             r = c.post(PREFIX + url, json=cfg_for(**override))
             assert r.status_code == 422 and what in r.json()["detail"] and hint in r.json()["detail"], (url, r.text)
     assert q.list() == []
+
+
+def test_a_misspelled_query_parameter_queues_nothing(env):
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    r = c.post(PREFIX + "/jobs?dryrun=true", json=cfg_for())
+    assert r.status_code == 422 and "unknown query parameter(s) dryrun" in r.json()["detail"], r.text
+    assert q.list() == []
+    assert c.post(PREFIX + "/jobs?name=x&dry_run=false", json=cfg_for()).status_code == 201
+
+
+def test_info_lists_each_allowed_folder_once(env):
+    tmp, root = env
+    q = JobQueue(str(tmp / "queue"), None, autostart=False)
+    app = FastAPI()
+    mount(app, q, allowed_roots=[str(root), str(root) + "/", str(root / "output" / "..")], default_root=str(root))
+    assert TestClient(app).get(PREFIX + "/info").json()["allowed_roots"] == [os.path.realpath(root)]

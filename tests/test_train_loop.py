@@ -319,9 +319,12 @@ def test_resume_with_more_epochs_trains_to_the_new_end_and_another_network_is_re
                           resume=first.state_file)
     assert longer.status == "done" and longer.steps == 3
     assert totals == [(2, 3), (3, 3)]
+    assert any(n.startswith("the state's run was 1 step(s) long, this one is 3: the learning-rate schedule is "
+                            "stretched") for n in longer.notes), longer.notes
     again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1),
                          resume=first.state_file)
     assert any("nothing is left to train" in n for n in again.notes), again.notes
+    assert not any("schedule is stretched" in n for n in again.notes)
     with pytest.raises(TrainingError, match=r"cannot resume from svs-final-state.lsstate: its network does not fit "
                                             r"this config's: .* Resume with the network settings"):
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2, network_dim=8),

@@ -117,7 +117,7 @@ class WebUIBackend(LocalBackend):
         except Exception:  # (not an A1111-shaped host)
             return
         if md.sd_model is None and not getattr(md, "was_loaded_at_least_once", True):
-            console("LoRA Studio: the WebUI is still loading its checkpoint; the job starts once it has loaded")
+            console("the WebUI is still loading its checkpoint; the job starts once it has loaded")
             md.get_sd_model()
 
     def _need_host(self):

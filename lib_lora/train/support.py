@@ -337,17 +337,19 @@ def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
     return [], []
 
 
-def input_file_problems(cfg: TrainConfig, family: str | None = None) -> list[str]:
+def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bool = True) -> list[str]:
     """What a run would stop on in the files it reads before its first step, found without loading them (headers,
     names): missing folders and files, a network_weights / base_weights file that is not a LoRA or is one for
-    another model family than ``family``, a resume file that is not a state. Each says what to change."""
+    another model family than ``family``, a resume file that is not a state. Each says what to change.
+    ``folders=False``: the dataset's own files are left to the dataset plan, which reports them."""
     from ..formats.family import detect_family
     from ..formats.keymap import label
     from ..formats.safetensors_io import read_header
     from .saving import StateFileError, load_state
 
     problems = []
-    for key in ("train_data_dir", "reg_data_dir", "dataset_config", "in_json", "sample_prompts"):
+    keys = ("train_data_dir", "reg_data_dir", "dataset_config", "in_json") if folders else ()
+    for key in keys + ("sample_prompts",):
         value = getattr(cfg, key, None)
         if value and not os.path.exists(cfg.resolve(value)):
             problems.append(f"{key}: {cfg.resolve(value)} does not exist")

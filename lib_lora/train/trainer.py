@@ -537,7 +537,8 @@ class Trainer:
         vae = m.first_stage_model
         dtype = next(vae.parameters()).dtype
         stack = [pixels] if isinstance(pixels, np.ndarray) else pixels
-        x = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p in stack]).float().div(127.5).sub(1.0)
+        # (torch.tensor copies: decoded images are often read-only arrays, which from_numpy warns about)
+        x = torch.stack([torch.tensor(p).permute(2, 0, 1) for p in stack]).float().div(127.5).sub(1.0)
         with torch.no_grad():
             post = vae.encode(x.to(self.device, dtype))
             # ldm returns a distribution; newer sgm returns the latent tensor itself (which also has .mode())
@@ -1028,6 +1029,10 @@ class Trainer:
                 if step >= self.end_step:
                     self._note(f"the state is at the end of this run (step {step} of {self.end_step}): nothing is "
                                "left to train; raise max_train_epochs or max_train_steps to continue it")
+                if st_total and int(st_total) != self.total_steps and step < self.end_step:
+                    self._note(f"the state's run was {int(st_total)} step(s) long, this one is {self.total_steps}: the "
+                               "learning-rate schedule is stretched to the new length from here on (an exact "
+                               "continuation keeps max_train_epochs / max_train_steps as they were)")
                 self.losses = list(st.get("losses", []))
                 set_rng_state(st["rng"])
                 seed = self.seed = st["seed"]
