@@ -477,8 +477,15 @@ class _Api:
         job.kept_notes = list(gui_notes) + said
         return JSONResponse(_json_safe(self._describe(job)), status_code=201)
 
-    def list_jobs(self):
-        return JSONResponse(_json_safe({"jobs": [self._describe(j, with_losses=False) for j in self.queue.list()]}))
+    def list_jobs(self, status: Optional[str] = Query(None, description="only these statuses, comma-separated "
+                                                                        "(e.g. queued,running)")):
+        wanted = {s.strip() for s in status.split(",") if s.strip()} if status else None
+        known = {QUEUED, INTERRUPTED, RUNNING, *FINISHED}
+        if wanted and not wanted <= known:
+            raise HTTPException(422, detail=f"unknown status {', '.join(sorted(wanted - known))}; choose from "
+                                            f"{', '.join(sorted(known))}")
+        jobs = [j for j in self.queue.list() if wanted is None or j.status in wanted]
+        return JSONResponse(_json_safe({"jobs": [self._describe(j, with_losses=False) for j in jobs]}))
 
     def get_job(self, job_id: str, since: Optional[int] = Query(None, description="only loss points after this step")):
         return JSONResponse(_json_safe(self._describe(self._job(job_id), since=since)))

@@ -320,7 +320,13 @@ def test_list_move_cancel_remove(env):
 
     r = c.post(PREFIX + f"/jobs/{ids[0]}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    assert c.post(PREFIX + f"/jobs/{ids[0]}/cancel").status_code == 409
+    r = c.post(PREFIX + f"/jobs/{ids[0]}/cancel")
+    assert r.status_code == 409 and "has already been cancelled; nothing to cancel" in r.json()["detail"]
+    # a long-lived queue: only the jobs of some statuses
+    assert [j["name"] for j in c.get(PREFIX + "/jobs?status=queued").json()["jobs"]] == ["c", "b"]
+    assert [j["name"] for j in c.get(PREFIX + "/jobs?status=cancelled,running").json()["jobs"]] == ["a"]
+    r = c.get(PREFIX + "/jobs?status=finished")
+    assert r.status_code == 422 and "unknown status finished" in r.json()["detail"]
     assert c.post(PREFIX + f"/jobs/{ids[0]}/move", json={"position": 0}).status_code == 409
     assert c.post(PREFIX + "/jobs/nope/cancel").status_code == 404
 
