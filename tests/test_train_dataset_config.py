@@ -72,6 +72,35 @@ def test_unknown_keys_refused_with_suggestions():
     assert "completely_new" in msg
 
 
+def test_unknown_key_in_a_section_says_which_section():
+    with pytest.raises(TrainConfigError) as ei:
+        parse_train_config({"foo": {"bar": 1}, "training": {"network_dimm": 8}, "model": {"network_dimm": 4},
+                            "lerning_rate": 1e-4})
+    msg = str(ei.value)
+    assert "  - in [foo]: bar\n" in msg
+    assert "  - in [training] and [model]: network_dimm (did you mean 'network_dim'" in msg
+    assert "  - lerning_rate (did you mean 'learning_rate'" in msg  # (the top level: no section to name)
+
+
+def test_null_leaves_a_key_at_its_default():
+    """The HTTP API takes JSON: null means "not set", flat or inside a section, for any kind of key."""
+    c = parse_train_config({"max_train_steps": None, "network_dim": None, "network_args": None, "seed": None,
+                            "training": {"max_train_epochs": None, "save_every_n_epochs": None,
+                                         "optimizer_args": None, "learning_rate": None, "enable_bucket": None},
+                            "dataset": {"resolution": None, "caption_extension": None}})
+    d = TrainConfig()
+    for k in ("max_train_steps", "network_dim", "network_args", "seed", "max_train_epochs", "save_every_n_epochs",
+              "optimizer_args", "learning_rate", "enable_bucket", "resolution"):
+        assert getattr(c, k) == getattr(d, k), k
+    assert c.caption_extension == ".txt" and any(".txt files" in n for n in c.notes)  # (not given: the note says)
+    c = parse_train_config_text('{"network_args": ["conv_dim=4"], "max_train_steps": null, '
+                                '"network": {"network_dim": 8}, "model": {"network_dim": null}}')
+    assert c.network_args == ["conv_dim=4"] and c.max_train_steps == 1600
+    assert c.network_dim == 8 and not any("set in both" in n for n in c.notes)  # (null does not undo [network])
+    with pytest.raises(TrainConfigError, match="max_train_stepz \\(did you mean 'max_train_steps'"):
+        parse_train_config({"max_train_stepz": None})  # a misspelt key is refused even when null
+
+
 def test_values_checked_and_known_unused_keys_noted():
     with pytest.raises(TrainConfigError, match="mixed_precision = 'fp32'"):
         parse_train_config({"mixed_precision": "fp32"})
@@ -168,3 +197,18 @@ def test_dataset_toml_refuses_bad_keys_and_levels(tmp_path):
     assert "prior_loss_weight cannot be set in a dataset config" in msg
     assert "batch_size is not allowed here; it belongs in [general] or [[datasets]]" in msg
     assert "subsets with metadata_file (fine-tuning) and without it (image folders) cannot be mixed" in msg
+
+
+def test_dataset_toml_counts_are_checked_as_in_the_training_config(tmp_path):
+    p = tmp_path / "counts.toml"
+    p.write_text('[general]\nkeep_tokens = -1\n[[datasets]]\nresolution = 512\nbatch_size = 0\nmin_bucket_reso = 0\n'
+                 '  [[datasets.subsets]]\n  image_dir = "a"\n  caption_dropout_every_n_epochs = -2\n'
+                 '  [[datasets.subsets]]\n  image_dir = "b"\n  num_repeats = 0\n', encoding="utf-8")
+    with pytest.raises(TrainConfigError) as ei:
+        load_dataset_config(p)
+    msg = str(ei.value)
+    assert "[general]: keep_tokens = -1 must be at least 0" in msg
+    assert "[[datasets]] #1: batch_size = 0 must be at least 1 (images per step)" in msg
+    assert "[[datasets]] #1: min_bucket_reso = 0 must be at least 1" in msg
+    assert "[[datasets]] #1 subset #1: caption_dropout_every_n_epochs = -2 must be at least 0" in msg
+    assert "num_repeats" not in msg  # (below 1 leaves the subset out, as in sd-scripts)

@@ -64,6 +64,70 @@ def test_values_a_run_cannot_use_are_refused_with_the_range(key, value, says):
         parse_train_config({"train_data_dir": "x", key: value})
 
 
+@pytest.mark.parametrize("key, value, says", [
+    # a user review of the HTTP API: each of these queued a job that "finished" with an untrained LoRA
+    ("max_train_steps", -3, "max_train_steps = -3 must be at least 1 (optimizer steps in the run)"),
+    ("max_train_steps", 0, "max_train_steps = 0 must be at least 1"),
+    ("max_train_epochs", -2, "max_train_epochs = -2 must be at least 1 (passes over the dataset; leave it out"),
+    ("max_train_epochs", 0, "max_train_epochs = 0 must be at least 1"),
+    # sd-scripts divides by these (global_step % save_every_n_steps), so 0 is not "off" there
+    ("save_every_n_steps", 0, "save_every_n_steps = 0 must be at least 1 (steps between saves; leave it out"),
+    ("save_every_n_epochs", -1, "save_every_n_epochs = -1 must be at least 1 (epochs between saves; leave it out"),
+    ("save_every_n_epochs", 0, "save_every_n_epochs = 0 must be at least 1"),
+    ("validate_every_n_steps", 0, "validate_every_n_steps = 0 must be at least 1"),
+    ("validate_every_n_epochs", 0, "validate_every_n_epochs = 0 must be at least 1"),
+    ("lr_scheduler_timescale", 0, "lr_scheduler_timescale = 0 must be at least 1"),
+    # 0 keeps or trains nothing
+    ("save_last_n_epochs", 0, "save_last_n_epochs = 0 must be at least 1 (epoch saves kept; leave it out"),
+    ("save_last_n_steps", -5, "save_last_n_steps = -5 must be at least 1"),
+    ("max_validation_steps", 0, "max_validation_steps = 0 must be at least 1"),
+    ("lr_scheduler_num_cycles", 0, "lr_scheduler_num_cycles = 0 must be at least 1"),
+    ("dataset_repeats", 0, "dataset_repeats = 0 must be at least 1"),
+    ("train_batch_size", 0, "train_batch_size = 0 must be at least 1"),
+    ("vae_batch_size", 0, "vae_batch_size = 0 must be at least 1"),
+    ("bucket_reso_steps", 0, "bucket_reso_steps = 0 must be at least 1"),
+    ("min_bucket_reso", 0, "min_bucket_reso = 0 must be at least 1"),
+    # 0 is off (as in sd-scripts); a negative count is a mistake
+    ("sample_every_n_epochs", -1, "sample_every_n_epochs = -1 must be at least 0 (epochs between sample sets; "
+                                  "0 = off)"),
+    ("sample_every_n_steps", -10, "sample_every_n_steps = -10 must be at least 0"),
+    ("save_n_epoch_ratio", -1, "save_n_epoch_ratio = -1 must be at least 0"),
+    ("save_last_n_epochs_state", -1, "save_last_n_epochs_state = -1 must be at least 0"),
+    ("save_last_n_steps_state", -1, "save_last_n_steps_state = -1 must be at least 0"),
+    ("caption_dropout_every_n_epochs", -2, "caption_dropout_every_n_epochs = -2 must be at least 0"),
+    ("token_warmup_step", -0.5, "token_warmup_step = -0.5 must be at least 0"),
+    ("token_warmup_min", -1, "token_warmup_min = -1 must be at least 0"),
+    ("multires_noise_iterations", -6, "multires_noise_iterations = -6 must be at least 0"),
+    ("lr_decay_steps", -100, "lr_decay_steps = -100 must be at least 0"),
+    ("initial_step", -1, "initial_step = -1 must be at least 0"),
+    ("initial_epoch", -1, "initial_epoch = -1 must be at least 0"),
+])
+def test_counts_that_make_no_sense_are_refused(key, value, says):
+    with pytest.raises(TrainConfigError, match=re.escape(says)):
+        parse_train_config({"train_data_dir": "x", key: value})
+
+
+def test_zero_stays_off_where_sd_scripts_reads_it_as_off():
+    off = ("sample_every_n_epochs", "sample_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs_state",
+           "save_last_n_steps_state", "caption_dropout_every_n_epochs", "token_warmup_step",
+           "multires_noise_iterations", "lr_decay_steps", "lr_warmup_steps", "keep_tokens", "token_warmup_min",
+           "initial_step", "initial_epoch")
+    cfg = parse_train_config({"train_data_dir": "x", **{k: 0 for k in off}})
+    assert all(getattr(cfg, k) == 0 for k in off)
+    cfg = parse_train_config({"train_data_dir": "x", "max_train_steps": 1, "max_train_epochs": 1,
+                              "save_every_n_steps": 1, "save_every_n_epochs": 1, "save_last_n_epochs": 1})
+    assert (cfg.max_train_steps, cfg.max_train_epochs, cfg.save_every_n_steps) == (1, 1, 1)
+
+
+def test_every_integer_key_has_a_range():
+    """A new integer key must say which counts make sense, or why any integer does."""
+    from lib_lora.train.config import _RANGES, CHOICES, _field_kinds
+    any_integer = {"seed", "validation_seed",  # (any integer seeds the generators)
+                   "max_bucket_reso"}  # (the dataset plan refuses one below the resolution, with both sizes)
+    ints = {k for k, kind in _field_kinds().items() if kind in ("int", "num")}
+    assert ints - set(_RANGES) - set(CHOICES) - any_integer == set()
+
+
 def test_timestep_order_and_network_arg_numbers():
     with pytest.raises(TrainConfigError, match="min_timestep = 500 must be below max_timestep = 400"):
         parse_train_config({"train_data_dir": "x", "min_timestep": 500, "max_timestep": 400})

@@ -331,7 +331,8 @@ def _kind(annotation: str) -> str:
 
 
 # Values a training cannot run with (or runs with a meaning nobody wants), refused before anything starts:
-# key -> (lowest, highest, whether the highest is allowed, what the value is)
+# key -> (lowest, highest, whether the highest is allowed, what the value is). A count is at least 0 where sd-scripts
+# reads 0 as off, else at least 1 (0 would divide by zero in sd-scripts, or train or keep nothing).
 _RANGES = {
     "network_dim": (1, None, True, "the LoRA's rank; 4 to 128 is common"),
     "network_alpha": (0, None, True, "0 means the rank itself"),
@@ -342,7 +343,13 @@ _RANGES = {
     "gradient_accumulation_steps": (1, None, True, "batches per optimizer step"),
     "max_grad_norm": (0, None, True, "0 turns clipping off"),
     "lr_warmup_steps": (0, None, True, "steps, or a share of the run below 1"),
+    "lr_decay_steps": (0, None, True, "steps, or a share of the run below 1"),
+    "lr_scheduler_num_cycles": (1, None, True, "cosine_with_restarts' cycles; 1 is plain cosine"),
+    "lr_scheduler_timescale": (1, None, True, "inverse_sqrt's timescale in steps; leave it out for the warm-up's"),
     "keep_tokens": (0, None, True, "tags kept at the front"),
+    "token_warmup_min": (0, None, True, "tags shown at the first step"),
+    "token_warmup_step": (0, None, True, "steps, or a share of the run below 1; 0 = off"),
+    "caption_dropout_every_n_epochs": (0, None, True, "0 = off"),
     "prior_loss_weight": (0, None, True, "the regularisation images' loss weight, 1 as usual"),
     "caption_dropout_rate": (0, 1, True, "a share of the steps"),
     "caption_tag_dropout_rate": (0, 1, True, "a chance per tag"),
@@ -350,21 +357,46 @@ _RANGES = {
     "min_timestep": (0, 1000, False, "of the 1000 noise steps"),
     "max_timestep": (1, 1000, True, "of the 1000 noise steps"),
     "clip_skip": (0, None, True, "1 = the last layer, 2 = the one before"),
+    "multires_noise_iterations": (0, None, True, "6 to 10 is common; 0 = off"),
     # 1 or more would hold out every image
     "validation_split": (0, 1, False, "the share of images held out, e.g. 0.1"),
+    "validate_every_n_steps": (1, None, True, "steps between validations; leave it out to validate per epoch"),
+    "validate_every_n_epochs": (1, None, True, "epochs between validations; leave it out for every epoch"),
+    "max_validation_steps": (1, None, True, "validation batches per check; leave it out for all"),
+    "dataset_repeats": (1, None, True, "how often each image is seen per epoch"),
+    "vae_batch_size": (1, None, True, "images per VAE call while caching latents"),
+    "min_bucket_reso": (1, None, True, "the shortest bucket side in pixels; 256 as usual"),
+    "bucket_reso_steps": (1, None, True, "bucket sides are multiples of it; 64 as usual"),
+    "max_train_steps": (1, None, True, "optimizer steps in the run"),
+    "max_train_epochs": (1, None, True, "passes over the dataset; leave it out to train max_train_steps"),
+    "initial_epoch": (0, None, True, "1 = the first epoch"),
+    "initial_step": (0, None, True, "0 = the first step"),
+    "save_every_n_epochs": (1, None, True, "epochs between saves; leave it out to save the final file only"),
+    "save_every_n_steps": (1, None, True, "steps between saves; leave it out for no step saves"),
+    "save_n_epoch_ratio": (0, None, True, "at least this many saves over the run; 0 = off"),
+    "save_last_n_epochs": (1, None, True, "epoch saves kept; leave it out to keep them all"),
+    "save_last_n_steps": (1, None, True, "steps whose saves are kept; leave it out to keep them all"),
+    "save_last_n_epochs_state": (0, None, True, "epoch states kept; 0 = as save_last_n_epochs"),
+    "save_last_n_steps_state": (0, None, True, "steps whose states are kept; 0 = as save_last_n_steps"),
+    "sample_every_n_epochs": (0, None, True, "epochs between sample sets; 0 = off"),
+    "sample_every_n_steps": (0, None, True, "steps between sample sets; 0 = off"),
 }
 
 
+def _out_of_range(key: str, v: Any, name: str | None = None) -> str | None:
+    """What is wrong with ``v`` for the ``_RANGES`` key ``key`` (written as ``name``), or None."""
+    if key not in _RANGES or v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    lo, hi, hi_ok, what = _RANGES[key]
+    if v < lo or (hi is not None and (v > hi or (v == hi and not hi_ok))):
+        span = (f"at least {lo}" if hi is None else
+                f"from {lo} to {hi}" if hi_ok else f"at least {lo} and below {hi}")
+        return f"{name or key} = {v!r} must be {span} ({what})"
+    return None
+
+
 def _range_problems(values: dict) -> list[str]:
-    out = []
-    for key, (lo, hi, hi_ok, what) in _RANGES.items():
-        v = values.get(key)
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if v < lo or (hi is not None and (v > hi or (v == hi and not hi_ok))):
-            span = (f"at least {lo}" if hi is None else
-                    f"from {lo} to {hi}" if hi_ok else f"at least {lo} and below {hi}")
-            out.append(f"{key} = {v!r} must be {span} ({what})")
+    out = [p for p in (_out_of_range(key, values.get(key)) for key in _RANGES) if p]
     lo_t, hi_t = values.get("min_timestep"), values.get("max_timestep")
     if isinstance(lo_t, int) and isinstance(hi_t, int) and lo_t >= hi_t:
         out.append(f"min_timestep = {lo_t} must be below max_timestep = {hi_t}")
@@ -519,19 +551,29 @@ def _field_kinds() -> dict[str, str]:
 # training config
 
 
-def _flatten_sections(data: dict, notes: list[str]) -> dict[str, Any]:
-    """Merge all ``[section]`` tables into one dict, later sections winning, as sd-scripts does."""
+def _flatten_sections(data: dict, notes: list[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Merge all ``[section]`` tables into one dict, later sections winning, as sd-scripts does.
+
+    Returns ``(flat, sections)``: ``sections`` names the sections each key was written in (empty: the top level).
+    A ``None`` value (JSON ``null``) leaves its key unset, as a JSON client means it; the key still counts as
+    written, so a misspelt one is still refused."""
     flat: dict[str, Any] = {}
     where: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
     for section, value in data.items():
         items = value.items() if isinstance(value, dict) else [(section, value)]
         label = f"[{section}]" if isinstance(value, dict) else "the top level"
         for k, v in items:
+            sections.setdefault(k, [])
+            if isinstance(value, dict) and label not in sections[k]:
+                sections[k].append(label)
+            if v is None:
+                continue
             if k in flat and flat[k] != v:
                 notes.append(f"{k} is set in both {where[k]} and {label}; the value from {label} ({v!r}) is used, as in sd-scripts")
             flat[k] = v
             where[k] = label
-    return flat
+    return flat, sections
 
 
 def translate_gui_preset(data: dict, source: str = "<config>") -> tuple[dict, list[str], str | None]:
@@ -558,11 +600,12 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
     prompt_text = None
     if kohya_gui.is_gui_preset(data):
         data, notes, prompt_text = translate_gui_preset(data, source)
-    flat = _flatten_sections(data, notes)
+    flat, sections = _flatten_sections(data, notes)
 
-    unknown = sorted(k for k in flat if k not in known_names)
+    unknown = sorted(k for k in sections if k not in known_names)
     if unknown:
-        lines = [f"  - {k}{_suggest(k, known_names)}" for k in unknown]
+        at = {k: f"in {' and '.join(sections[k])}: " if sections[k] else "" for k in unknown}
+        lines = [f"  - {at[k]}{k}{_suggest(k, known_names)}" for k in unknown]
         raise TrainConfigError(
             f"{source}: unknown key(s), nothing was started:\n" + "\n".join(lines)
             + "\nFix the spelling or remove them; the accepted keys are sd-scripts' option names."
@@ -823,6 +866,11 @@ def parse_dataset_config(
                 out[k] = _coerce(k, v, kinds[k], notes)
             except _Bad as e:
                 problems.append(f"{where}: {e}")
+                continue
+            # (the training config's ranges; num_repeats below 1 is sd-scripts' way to leave a subset out)
+            bad = None if k == "num_repeats" else _out_of_range(_FROM_TRAIN_CONFIG.get(k, k), out[k], k)
+            if bad:
+                problems.append(f"{where}: {bad}")
         return out
 
     general = coerce_table(_check_level(general_raw, _GENERAL_KEYS, "general", "[general]", problems),
