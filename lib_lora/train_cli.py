@@ -203,6 +203,9 @@ def _train(args, out) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
         out.write(f"device: {args.device}" + ("" if args.device == "cuda" else " (no CUDA GPU is available to this "
                                                                                "torch build)") + "\n")
+    if args.dry_run and (cfg.mixed_precision or "").lower() == "fp16" and args.device == "cpu":
+        from .train.support import CPU_FP16_NOTE
+        out.write(f"note: {CPU_FP16_NOTE}\n")  # (a run says it when it starts)
     vae_path = str(cfg.resolve(cfg.vae)) if cfg.vae else None
     if vae_path and not os.path.isfile(vae_path):
         raise TrainCliError(f"vae = {cfg.vae!r}: file not found ({vae_path})")

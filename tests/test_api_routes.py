@@ -584,8 +584,12 @@ def test_model_keys_of_a_pasted_config_are_said_to_choose_nothing(env):
         assert "v2 = true, but the loaded model (v1-5-pruned) is SD1" in text
         assert "v_parameterization = true, but the loaded model (v1-5-pruned) predicts eps" in text
         assert "vae = 'vae-ft-mse.safetensors' is not loaded" in text
-    ok = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(pretrained_model_name_or_path="/m/v1-5-pruned.ckpt"))
-    assert not any("names the model" in n for n in ok.json()["notes"])
+    ok = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(pretrained_model_name_or_path="/m/v1-5-pruned.ckpt",
+                                                           mixed_precision="fp16", output_name="ok"))
+    assert not any("names the model" in n or "fp16" in n for n in ok.json()["notes"])
+    c2, _ = make_client(tmp, root, get_model=lambda: dict(MODEL, device="cpu"))
+    cpu = c2.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(mixed_precision="fp16", output_name="ok"))
+    assert "mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead." in cpu.json()["notes"]
 
 
 def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):

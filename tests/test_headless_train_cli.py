@@ -105,6 +105,9 @@ def test_device_auto_picks_the_gpu_when_torch_sees_one(run_cli, tiny_ckpt, tmp_p
     code, out, err = run_cli("train", cfg, "--dry-run", "--device", "cpu")  # asked for: no auto line
     assert code == 0, err
     assert "device:" not in out
+    cfg = _write_config(tmp_path, tiny_ckpt, extra='mixed_precision = "fp16"')
+    code, out, err = run_cli("train", cfg, "--dry-run", "--device", "cpu")  # said before the run, not only in it
+    assert out.count("note: mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead.") == 1
 
 
 def test_unknown_key_exits_1_with_the_suggestion(run_cli, tiny_ckpt, tmp_path):

@@ -337,6 +337,9 @@ def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
     return [], []
 
 
+CPU_FP16_NOTE = "mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead."
+
+
 def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bool = True) -> list[str]:
     """What a run would stop on in the files it reads before its first step, found without loading them (headers,
     names): missing folders and files, a network_weights / base_weights file that is not a LoRA or is one for
@@ -404,6 +407,8 @@ def loaded_model_notes(cfg: TrainConfig, info: dict | None) -> list[str]:
     if cfg.vae:
         notes.append(f"vae = {cfg.vae!r} is not loaded: jobs in the WebUI use the VAE chosen in the WebUI "
                      "(Settings → Stable Diffusion → SD VAE)")
+    if (cfg.mixed_precision or "").lower() == "fp16" and str(info.get("device", "")).startswith("cpu"):
+        notes.append(CPU_FP16_NOTE)
     return notes
 
 

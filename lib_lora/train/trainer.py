@@ -41,7 +41,8 @@ from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, 
 from .lora_net import LoRANetwork, NetworkShapeError
 from .lyco_preset import PresetError
 from .sd_latents import load_latent
-from .support import base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args, part_lrs
+from .support import (CPU_FP16_NOTE, base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args,
+                      part_lrs)
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
                     make_torch_scheduler, shown_lr)
@@ -237,7 +238,7 @@ class Trainer:
         dev = self.device.type
         if mp == "fp16" and dev != "cuda":
             if not fp8:
-                self._note("mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead.")
+                self._note(CPU_FP16_NOTE)
             mp = "no"
         if mp == "bf16" and dev == "cuda" and not torch.cuda.is_bf16_supported():
             self._note("this GPU has no bf16; using fp16 mixed precision instead.")
