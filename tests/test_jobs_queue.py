@@ -153,6 +153,7 @@ def test_a_job_cut_off_by_a_restart_continues_from_its_newest_state(tmp_path):
                      "(a-step00000002-state.lsstate, step 2)"]  # (the run says its own notes again)
     j = q2.get(a.id)
     assert j.status == DONE and [p[0] for p in j.losses] == [1, 2, 3, 4, 5]
+    assert j.notes[0].startswith("the WebUI stopped while this job ran; it continues from")
     assert j.files == [str(tmp_path / "a-step00000002.safetensors"), str(tmp_path / "a.safetensors")]
     assert q2.get(b.id).status == DONE
 

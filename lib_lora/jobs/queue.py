@@ -80,7 +80,8 @@ def _rewind(job: Job) -> None:
     """An interrupted job about to run again: its record restarts where the run will (the newest state, or the
     beginning); the run says its notes again."""
     note = "the WebUI stopped while this job ran; " + _restart_plan(job, will="")
-    job.notes = list(job.kept_notes) + [note]
+    job.kept_notes = list(job.kept_notes) + [note]  # (kept through the run: its record says it was cut off)
+    job.notes = list(job.kept_notes)
     if _usable_state(job):
         job.step = job.resume_step or 0
     else:
