@@ -375,6 +375,18 @@ def test_dataset_config_plan(tmp_path):
     assert json.loads(md["ss_dataset_dirs"]) == {"imgs": {"n_repeats": 3, "img_count": 2}, "parent": {"n_repeats": 1, "img_count": 0}}
 
 
+def test_a_subset_with_num_repeats_below_1_is_left_out_and_said(tmp_path):
+    _img(tmp_path / "imgs" / "a.png", (512, 512))
+    _img(tmp_path / "off" / "b.png", (512, 512))
+    (tmp_path / "ds.toml").write_text(
+        '[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = "imgs"\n  num_repeats = 2\n'
+        '  [[datasets.subsets]]\n  image_dir = "off"\n  num_repeats = 0\n', encoding="utf-8")
+    plan = build_plan(parse_train_config({"dataset_config": "ds.toml", "max_train_epochs": 1}, base_dir=tmp_path))
+    assert plan.num_train_images == 2
+    f = [f for f in plan.warnings if f.code == "zero-repeats"]
+    assert len(f) == 1 and f[0].message == "subset 'off': num_repeats = 0 is below 1, so the subset is left out"
+
+
 def test_bucket_setting_errors_and_epoch_batches(tmp_path):
     train = _four_train_images(tmp_path)
     plan = build_plan(_cfg(train, min_bucket_reso=640))

@@ -517,6 +517,11 @@ def _latent_findings(spec: SubsetSpec, where: str, lats: list[LatentFile], findi
 
 def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings: list[Finding],
                  seed: int) -> SubsetPlan:
+    if spec.num_repeats < 1:  # (sd-scripts' way to leave a subset out; said, as sd-scripts warns)
+        where = spec.image_dir or spec.metadata_file
+        findings.append(Finding("warning", "zero-repeats", f"subset '{spec.name}': num_repeats = {spec.num_repeats} "
+                                                           "is below 1, so the subset is left out", [str(where)]))
+        return SubsetPlan(spec)
     if spec.metadata_file:
         return _plan_metadata_subset(spec, ds, check_pixels, findings, seed)
     plan = SubsetPlan(spec)
