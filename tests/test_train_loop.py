@@ -350,3 +350,18 @@ def test_a_cancel_whose_state_cannot_be_written_says_so(sd1, tmp_path, monkeypat
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2),
                      on_event=lambda e: e.kind == "step" and seen.update(step=e.step),
                      should_cancel=lambda: seen["step"] >= 1)
+
+
+def test_seed_minus_one_draws_a_random_seed_and_says_which(sd1, tmp_path):
+    """-1 means random, as in the WebUI's seed fields (sd-scripts would stop on it); the drawn seed is named and
+    repeats the run."""
+    from lib_lora.formats.safetensors_io import read_metadata
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    a = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_steps=1, seed=-1))
+    note = next(n for n in a.notes if n.startswith("seed = -1: a random seed was drawn, "))
+    drawn = int(read_metadata(a.final)["ss_seed"])
+    assert note.endswith(f"set seed = {drawn} to repeat this run") and drawn >= 0
+    b = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_steps=1, seed=drawn))
+    assert not any("random seed" in n for n in b.notes)
+    ta, tb = _train_state(a.final), _train_state(b.final)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -743,7 +743,11 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(str(e)) from None
         name = c.output_name or "lora"
-        seed = int(c.seed if c.seed is not None else random.randint(0, 2 ** 31 - 1))
+        # (-1 is "random" in the WebUI's seed fields, as the tab reads it)
+        seed = int(c.seed if c.seed is not None and c.seed >= 0 else random.randint(0, 2 ** 31 - 1))
+        if (c.seed is None or c.seed < 0) and not resume_state:  # (a resume takes its run's seed)
+            self._note(f"seed {'not set' if c.seed is None else f'= {c.seed}'}: a random seed was drawn, {seed} "
+                       f"(also in the file's ss_seed); set seed = {seed} to repeat this run")
         self.seed = seed
         unet_lr, te_lr = part_lrs(c)
         if not unet_lr and not te_lr:
