@@ -223,12 +223,6 @@ def _train(args, out) -> int:
             load_state(args.resume, check_only=True)  # (the trainer reads it in full later)
         except StateFileError as e:
             raise TrainCliError(f"--resume: {e}") from None
-    if cfg.network_weights:
-        from .formats.safetensors_io import read_header
-        try:
-            read_header(str(cfg.resolve(cfg.network_weights)))
-        except Exception as e:  # (the message says what is wrong with the file)
-            raise TrainCliError(f"network_weights: {e}") from None
     if args.webui and not os.path.isdir(args.webui):
         raise TrainCliError(f"--webui {args.webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
 
@@ -243,7 +237,11 @@ def _train(args, out) -> int:
             raise CheckpointError(SDXL_NEEDS_WEBUI, ckpt)
     for n in _family_notes(cfg, family):
         out.write(f"note: {n}\n")
-    from .train.support import check_support
+    from .train.support import check_support, input_file_problems
+    # network_weights / base_weights (header and model family), the config's resume and sample prompt files
+    problems = input_file_problems(cfg, family, folders=False)  # (the dataset plan below reports its folders)
+    if problems:
+        raise TrainCliError("; ".join(problems))
     support_notes = check_support(cfg, family)[1]  # (printed now: the dry run has no other chance to say them)
     for n in support_notes:
         out.write(f"note: {n}\n")

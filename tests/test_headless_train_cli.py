@@ -154,8 +154,15 @@ def test_dry_run_checks_what_the_run_would_stop_on_before_loading_the_model(run_
     (tmp_path / "afile").write_text("x")
     cases = [('output_dir = "out"', 'output_dir = "afile"', "is a file, not a folder"),
              ('output_dir = "out"\n', "", "output_dir is not set"),
-             ('network_dim = 4', 'network_dim = 4\nnetwork_weights = "trunc.safetensors"', "trunc.safetensors")]
+             ('network_dim = 4', 'network_dim = 4\nnetwork_weights = "trunc.safetensors"', "trunc.safetensors"),
+             ('network_dim = 4', 'network_dim = 4\nnetwork_weights = "xl.safetensors"',
+              "network_weights: xl.safetensors is a LoRA for SDXL, the loaded model is SD1")]
     (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    import torch
+    from safetensors.torch import save_file
+    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280)},
+              str(tmp_path / "xl.safetensors"))
     for old, new, words in cases:
         cfg.write_text(text.replace(old, new))
         code, out, err = run_cli("train", cfg, "--dry-run")
