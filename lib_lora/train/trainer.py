@@ -321,6 +321,13 @@ class Trainer:
             raise TrainingError(f"network_weights {path}: {e}") from None
         total = sum(1 for p in net.parameters())
         if len(missing) == total:
+            from ..formats.family import detect_family
+            from ..formats.keymap import label
+            fam = detect_family({k: tuple(v.shape) for k, v in sd.items()}, {})
+            if fam.family and self.family and fam.family != self.family:
+                raise TrainingError(f"network_weights {path} is a LoRA for {label(fam.family)}, the model is "
+                                    f"{label(self.family)}: give a file trained on this model family, or train on "
+                                    f"an {label(fam.family)} checkpoint")
             raise TrainingError(f"network_weights {path}: none of its tensors belong to this network (e.g. "
                                 f"{', '.join(sorted(sd)[:2])}); it is another network type (LoRA / LoHa / LoKr, "
                                 "DoRA) or for another model. Set network_module and network_args as the file was "
