@@ -122,30 +122,34 @@ class ProgressPrinter:
 
 
 class _CtrlC:
-    """First Ctrl-C asks the trainer to stop after the current step (it saves a resumable state); a second one
-    aborts at once. Only the main thread can own signal handlers; elsewhere Ctrl-C keeps its default."""
+    """First Ctrl-C (or SIGTERM: a rented machine being stopped, `docker stop`) asks the trainer to stop after the
+    current step (it saves a resumable state); a second one aborts at once. Only the main thread can own signal
+    handlers; elsewhere the signals keep their default."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, err):
         self.err = err
         self.event = threading.Event()
-        self._old = None
+        self._old = {}
 
     def _handler(self, signum, frame):
         if self.event.is_set():
             raise KeyboardInterrupt
         self.event.set()
-        self.err.write("\nCtrl-C: stopping after this step and saving a resumable state "
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.err.write(f"\n{what}: stopping after this step and saving a resumable state "
                        "(press Ctrl-C again to abort without saving)\n")
         self.err.flush()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
         return False
 
 

@@ -206,3 +206,25 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
     code, out, err = run_cli("train", cfg, "--resume", state)
     assert code == 0, out + err
     assert (tmp_path / "out" / "svs.safetensors").exists()
+
+
+def test_sigterm_stops_like_ctrl_c_with_a_resumable_state(run_cli, tiny_ckpt, tmp_path, monkeypatch):
+    """A rented machine being stopped (or `docker stop`) sends SIGTERM: the run keeps its work as a state."""
+    import signal
+
+    from lib_lora import train_cli
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    orig = train_cli.ProgressPrinter.__call__
+
+    def sigterm_after_step_1(self, e):
+        orig(self, e)
+        if e.kind == "step" and e.step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", sigterm_after_step_1)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = run_cli("train", cfg)
+    assert code == 130, out + err
+    assert "SIGTERM: stopping after this step and saving a resumable state" in out
+    assert (tmp_path / "out" / "svs-cancelled-state.lsstate").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
