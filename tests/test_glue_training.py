@@ -445,6 +445,32 @@ def test_output_folder_setting_applies_without_restart(webui, tmp_path):
         ns.shared.opts.set("lora_studio_output_dir", "")
 
 
+def test_a_stop_signal_lets_the_running_job_save_a_state_and_keeps_it_in_line(fresh):
+    """Ctrl-C (A1111 exits at once) or SIGTERM while a job trains: our handler lets the job save a state and stay
+    in the queue as interrupted, then passes the signal on; with no job running it passes it on at once."""
+    import signal
+
+    from lib_lora.host import webui_studio as ws
+    ns = fresh
+    passed = []
+    assert ws.install_stop_handlers(ns.studio) and ws._stop_state["studio"] is ns.studio
+    job = ns.backend.submit(config(ns, "sigjob", max_train_epochs=None, max_train_steps=500), name="sigjob")
+    wait_for(lambda: ns.backend.job(job["id"])["step"] >= 2, what="two steps")
+    try:
+        ws._on_stop_signal(signal.SIGTERM, None, lambda signum, frame: passed.append(signum))
+        j = ns.backend.job(job["id"])
+        assert j["status"] == "interrupted" and passed == [signal.SIGTERM]
+        assert j["resume_state"].endswith("sigjob-cancelled-state.lsstate") and os.path.exists(j["resume_state"])
+        assert "it will continue from its last saved state (sigjob-cancelled-state.lsstate, step" in j["message"]
+        assert models.model_state_hash(ns.model) == ns.before
+        ws._on_stop_signal(signal.SIGINT, None, lambda signum, frame: passed.append(signum))  # a second one
+        assert passed == [signal.SIGTERM, signal.SIGINT]
+    finally:
+        ws._stop_state["stopping"] = False
+        ns.backend.queue.remove(job["id"])
+        ns.backend.queue.start()
+
+
 def test_shutdown_stops_the_queue_thread(webui):
     ns = webui
     thread = ns.backend.queue._thread

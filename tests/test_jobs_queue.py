@@ -173,3 +173,47 @@ def test_a_job_cut_off_by_a_restart_continues_from_its_newest_state(tmp_path):
     q3.stop(5)
     assert seen["a"][0] is None and seen["a"][2] == 0
     assert [p[0] for p in q3.get(a.id).losses] == [1, 2, 3, 4, 5]
+
+
+def test_a_queue_stopped_under_a_running_job_keeps_it_to_go_on_later(tmp_path):
+    """The WebUI going away (a reload, a signal) stops the queue: the running job saves a state as on a cancel,
+    but stays in line as interrupted and continues from that state when the queue runs again. A cancel the user
+    asked for stays a cancel."""
+    gate = threading.Event()
+    state = tmp_path / "a-cancelled-state.lsstate"
+
+    def run(job, emit, should_cancel):
+        for s in range(1, 100):
+            emit(TrainEvent("step", step=s, total=99, epoch=1, epochs=1, loss=1.0))
+            gate.set()
+            if should_cancel():
+                state.write_bytes(b"state")
+                return TrainResult("cancelled", [], None, s, [], [], state_file=str(state))
+            time.sleep(0.01)
+        return TrainResult("done", [], None, 99, [], [])
+
+    q = JobQueue(str(tmp_path / "q"), run)
+    a = q.submit({"output_name": "a"})
+    assert gate.wait(10)
+    q.stop(10)
+    j = q.get(a.id)
+    assert j.status == INTERRUPTED and j.resume_state == str(state) and j.resume_step == j.step
+    assert j.message == ("the WebUI stopped while this job ran; it will continue from its last saved state "
+                         f"(a-cancelled-state.lsstate, step {j.step})")
+    seen = []
+    q2 = JobQueue(str(tmp_path / "q"), lambda job, emit, sc: seen.append(job.resume_state) or TrainResult(
+        "done", [], None, 99, [], []), autostart=False)
+    assert q2.get(a.id).status == INTERRUPTED
+    q2.start()
+    assert q2.wait_idle(10)
+    q2.stop(5)
+    assert seen == [str(state)] and q2.get(a.id).status == DONE
+
+    gate.clear()
+    q3 = JobQueue(str(tmp_path / "q3"), run)
+    b = q3.submit({"output_name": "b"})
+    assert gate.wait(10)
+    q3.cancel(b.id)
+    assert q3.wait_idle(10)
+    q3.stop(5)
+    assert q3.get(b.id).status == CANCELLED

@@ -153,6 +153,12 @@ class Session:
                 self.studio.mount_api(app)
             except Exception:  # the WebUI must start even if our routes cannot be added
                 self.host.console("could not add the training API routes:\n" + traceback.format_exc())
+        if not self.forge:
+            try:
+                from .webui_studio import install_stop_handlers
+                install_stop_handlers(self.studio)
+            except Exception:  # (a host where signals cannot be handled: jobs still resume from save_state)
+                self.host.console("could not install the stop handlers:\n" + traceback.format_exc())
 
     @property
     def studio(self):
@@ -243,7 +249,7 @@ class Session:
         """on_script_unloaded: leave clean weights and the registry to the next session."""
         try:
             if getattr(self, "_studio", None) is not None:
-                self._studio.stop()  # a running job is cancelled and keeps a resumable state
+                self._studio.stop()  # a running job saves a state and stays in line, to go on afterwards
             self.restore()
         finally:
             if self.network is not None and not self.forge:

@@ -236,5 +236,51 @@ class Studio:
         from ..ui.tab import on_ui_tabs_entry
         return on_ui_tabs_entry(self.backend)
 
-    def stop(self):
-        self.backend.stop(5.0)
+    def stop(self, timeout: float = 5.0):
+        self.backend.stop(timeout)
+
+    def running_job(self):
+        return next((j for j in self.backend.queue.list() if j.status == "running"), None)
+
+
+# ---- stopping the WebUI under a running job ----------------------------------------------------------------------
+# A1111 exits at once on Ctrl-C (os._exit) and a SIGTERM (a rented machine or container being stopped) kills it: a
+# running job would lose the work since its last save. Our handlers let it save a state first and keep it in the
+# queue (it continues when the WebUI starts again); a second signal exits at once. Installed once per process, for
+# whichever Studio is current (a UI reload makes a new one).
+STOP_WAIT_S = 60.0
+_stop_state = {"studio": None, "installed": False, "stopping": False}
+
+
+def install_stop_handlers(studio) -> bool:
+    import signal
+
+    _stop_state["studio"] = studio
+    if _stop_state["installed"] or threading.current_thread() is not threading.main_thread():
+        return _stop_state["installed"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        signal.signal(sig, lambda signum, frame, previous=previous: _on_stop_signal(signum, frame, previous))
+    _stop_state["installed"] = True
+    return True
+
+
+def _on_stop_signal(signum, frame, previous):
+    studio = _stop_state["studio"]
+    job = studio.running_job() if studio is not None else None
+    if job is not None and not _stop_state["stopping"]:
+        _stop_state["stopping"] = True
+        console(f"job '{job.name}' is saving a resumable state before the WebUI stops (send the signal again to "
+                "stop at once)")
+        studio.stop(STOP_WAIT_S)  # (the queue prints how the job ended)
+    _pass_on(signum, frame, previous)
+
+
+def _pass_on(signum, frame, previous):
+    import signal
+
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:  # (SIGTERM's default: end the process, as the signal meant)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)

@@ -99,6 +99,7 @@ class JobQueue:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._cancel: set[str] = set()
+        self._asked: set[str] = set()  # cancels the user asked for (not a stop of the queue)
         self._listeners = []
         self.jobs: list[Job] = []
         self.load_error: str | None = None
@@ -168,6 +169,7 @@ class JobQueue:
                 self._save()
             elif job.status == RUNNING:
                 self._cancel.add(job_id)  # the runner sees it at the next step
+                self._asked.add(job_id)
                 job.message = "cancelling…"
         self._notify(job, "cancel")
         return job
@@ -262,9 +264,14 @@ class JobQueue:
                 ran = list(getattr(result, "files", job.files))
                 job.files = [f for f in dict.fromkeys(job.files + ran) if f in ran or os.path.exists(f)]
                 job.resume_state = getattr(result, "state_file", None)
+                job.resume_step = getattr(result, "steps", None) if job.resume_state else None
                 job.notes = list(dict.fromkeys(job.kept_notes + list(getattr(result, "notes", job.notes))))
                 job.message = "cancelled; the work so far is kept as a resumable state" if job.status == CANCELLED \
                     else "finished"
+                if job.status == CANCELLED and self._stop and job.id not in self._asked:
+                    # stopped by the WebUI going away, not by the user: it goes on when the queue runs again
+                    job.status = INTERRUPTED
+                    job.message = "the WebUI stopped while this job ran; " + _restart_plan(job)
         except Exception as e:  # any failure is recorded on the job and shown; the queue keeps going
             with self._lock:
                 job.status = FAILED
@@ -276,6 +283,7 @@ class JobQueue:
         finally:
             with self._lock:
                 self._cancel.discard(job.id)
+                self._asked.discard(job.id)
                 job.finished = time.time()
                 self._save()
         # (the console is where WebUI users look first, and the only record a headless server keeps)
