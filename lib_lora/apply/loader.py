@@ -125,7 +125,7 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
         mismatch = f"this LoRA is for {label(info.family)}, the loaded model is {label(family)}"
         if on_mismatch == "raise":
             raise FamilyMismatchError(
-                f"{os.path.basename(path)}: {mismatch} (detected from {info.evidence}). Load a "
+                f"{os.path.basename(path)}: {mismatch} (detected from {info.evidence}). Load an "
                 f"{label(info.family)} checkpoint to use it.", path)
 
     tensors = load_tensors(path)
