@@ -236,8 +236,9 @@ class Studio:
         from ..ui.tab import on_ui_tabs_entry
         return on_ui_tabs_entry(self.backend)
 
-    def stop(self, timeout: float = 5.0):
-        self.backend.stop(timeout)
+    def stop(self, timeout: float | None = None):
+        # (long enough for a step and a state: a reload's next queue must not start the job while this one saves)
+        self.backend.stop(STOP_WAIT_S if timeout is None else timeout)
 
     def running_job(self):
         return next((j for j in self.backend.queue.list() if j.status == "running"), None)
