@@ -212,3 +212,46 @@ def test_dataset_toml_counts_are_checked_as_in_the_training_config(tmp_path):
     assert "[[datasets]] #1: min_bucket_reso = 0 must be at least 1" in msg
     assert "[[datasets]] #1 subset #1: caption_dropout_every_n_epochs = -2 must be at least 0" in msg
     assert "num_repeats" not in msg  # (below 1 leaves the subset out, as in sd-scripts)
+
+
+def test_dataset_toml_floats_are_checked_as_in_the_training_config(tmp_path):
+    p = tmp_path / "floats.toml"
+    p.write_text('[general]\ncaption_dropout_rate = 1.5\nnetwork_multiplier = nan\n'
+                 '[[datasets]]\nresolution = 512\nvalidation_split = inf\n'
+                 '  [[datasets.subsets]]\n  image_dir = "a"\n  token_warmup_step = nan\n'
+                 '  face_crop_aug_range = [2.0, inf]\n  caption_tag_dropout_rate = -0.1\n', encoding="utf-8")
+    with pytest.raises(TrainConfigError) as ei:
+        load_dataset_config(p)
+    msg = str(ei.value)
+    assert "[general]: caption_dropout_rate = 1.5 must be from 0 to 1 (a share of the steps)" in msg
+    assert "[general]: network_multiplier = nan must be a finite number" in msg
+    assert "[[datasets]] #1: validation_split = inf must be a finite number (the share of images held out" in msg
+    assert "[[datasets]] #1 subset #1: token_warmup_step = nan must be a finite number" in msg
+    assert "[[datasets]] #1 subset #1: face_crop_aug_range must be two finite numbers" in msg
+    assert "[[datasets]] #1 subset #1: caption_tag_dropout_rate = -0.1 must be from 0 to 1" in msg
+
+
+def test_dataset_json_null_means_not_set(tmp_path):
+    """A .json dataset config (load_dataset_config reads it as the TOML) from a JSON client: null is "not set", at
+    every level, as in the training config."""
+    p = tmp_path / "ds.json"
+    p.write_text('{"general": {"keep_tokens": null, "caption_dropout_rate": null, "shuffle_caption": true}, '
+                 '"datasets": [{"resolution": 512, "batch_size": null, "network_multiplier": null, "subsets": '
+                 '[{"image_dir": "a", "num_repeats": null, "class_tokens": null, "metadata_file": null, '
+                 '"face_crop_aug_range": null, "flip_aug": null}]}]}', encoding="utf-8")
+    (ds,), _ = load_dataset_config(p, TrainConfig(train_batch_size=2, keep_tokens=3))
+    (sub,) = ds.subsets
+    assert (ds.batch_size, ds.network_multiplier) == (2, 1.0)  # (the training config's, the default)
+    assert (sub.num_repeats, sub.class_tokens, sub.metadata_file, sub.face_crop_aug_range, sub.flip_aug) == \
+        (1, None, None, None, False)
+    assert (sub.captions.keep_tokens, sub.captions.caption_dropout_rate, sub.captions.shuffle_caption) == (3, 0.0, True)
+    p.write_text('{"general": null, "datasets": [{"resolution": 512, "subsets": [{"image_dir": "a"}]}]}',
+                 encoding="utf-8")
+    assert len(load_dataset_config(p)[0]) == 1
+    p.write_text('{"general": {"shufle_caption": null, "prior_loss_weight": null}, "datasets": [{"resolution": 512, '
+                 '"subsets": [{"image_dir": "a", "batch_size": null}]}]}', encoding="utf-8")
+    with pytest.raises(TrainConfigError) as ei:
+        load_dataset_config(p)  # a misspelt or misplaced key is refused even when null
+    msg = str(ei.value)
+    assert "unknown key 'shufle_caption'" in msg and "prior_loss_weight cannot be set in a dataset config" in msg
+    assert "batch_size is not allowed here" in msg

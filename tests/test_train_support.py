@@ -128,6 +128,90 @@ def test_every_integer_key_has_a_range():
     assert ints - set(_RANGES) - set(CHOICES) - any_integer == set()
 
 
+@pytest.mark.parametrize("key, value, says", [
+    # the noise is gaussian: a negative strength trains exactly as the positive one, never "the other way"
+    ("noise_offset", -0.05, "noise_offset = -0.05 must be at least 0 without adaptive_noise_scale (the offset's "
+                            "sign is random, so it trains as 0.05; write 0.05"),
+    ("ip_noise_gamma", -0.1, "ip_noise_gamma = -0.1 must be at least 0 (the input perturbation's strength"),
+    ("multires_noise_discount", -0.3, "multires_noise_discount = -0.3 must be at least 0"),
+    # the loss weights turn negative (or the loss vanishes): the run climbs the loss or learns nothing
+    ("min_snr_gamma", -5, "min_snr_gamma = -5.0 must be at least 0 (5 is common; 0 = off)"),
+    ("v_pred_like_loss", -0.1, "v_pred_like_loss = -0.1 must be at least 0"),
+    ("huber_c", 0, "huber_c = 0.0 must be above 0 (the Huber loss's threshold; 0.1 as usual)"),
+    ("huber_c", -0.1, "huber_c = -0.1 must be above 0"),
+    ("huber_scale", 0, "huber_scale = 0.0 must be above 0"),
+    # sqrt of a negative ratio: every LoRA weight becomes nan after the first step
+    ("scale_weight_norms", -1, "scale_weight_norms = -1.0 must be at least 0 (the largest norm of a module's "
+                               "weights; 1 to start with; 0 = off)"),
+    # the schedule: a rate growing without bound, a negative last rate, a "minimum" above the start
+    ("lr_scheduler_power", -1, "lr_scheduler_power = -1.0 must be at least 0 (polynomial's exponent"),
+    ("lr_scheduler_min_lr_ratio", -0.1, "lr_scheduler_min_lr_ratio = -0.1 must be from 0 to 1"),
+    ("lr_scheduler_min_lr_ratio", 1.5, "lr_scheduler_min_lr_ratio = 1.5 must be from 0 to 1"),
+    # (already checked; kept here with the other float keys)
+    ("unet_lr", -1e-4, "unet_lr = -0.0001 must be at least 0"),
+    ("max_grad_norm", -1, "max_grad_norm = -1.0 must be at least 0 (0 turns clipping off)"),
+    ("prior_loss_weight", -1, "prior_loss_weight = -1.0 must be at least 0"),
+    ("caption_tag_dropout_rate", 1.5, "caption_tag_dropout_rate = 1.5 must be from 0 to 1"),
+    ("network_alpha", -8, "network_alpha = -8.0 must be at least 0"),
+])
+def test_float_values_that_break_a_run_are_refused(key, value, says):
+    with pytest.raises(TrainConfigError, match=re.escape(says)):
+        parse_train_config({"train_data_dir": "x", key: value})
+
+
+def test_float_values_sd_scripts_gives_a_meaning_are_kept():
+    off = ("noise_offset", "ip_noise_gamma", "min_snr_gamma", "v_pred_like_loss", "scale_weight_norms",
+           "multires_noise_discount", "lr_scheduler_power", "lr_scheduler_min_lr_ratio", "max_grad_norm",
+           "prior_loss_weight", "caption_dropout_rate", "network_dropout", "adaptive_noise_scale")
+    cfg = parse_train_config({"train_data_dir": "x", **{k: 0 for k in off}})
+    assert all(getattr(cfg, k) == 0 for k in off)
+    cfg = parse_train_config({"train_data_dir": "x", "lr_scheduler_min_lr_ratio": 1, "caption_dropout_rate": 1,
+                              "huber_c": 2.5, "huber_scale": 0.5, "multires_noise_discount": 1.5,
+                              "base_weights": ["a", "b"], "base_weights_multiplier": [-1, 0]})
+    assert (cfg.lr_scheduler_min_lr_ratio, cfg.huber_c, cfg.base_weights_multiplier) == (1.0, 2.5, [-1.0, 0.0])
+    # a negative adaptive_noise_scale lowers the offset for images far from grey; with it, a negative
+    # noise_offset is a threshold (sd-scripts clamps the sum at 0)
+    cfg = parse_train_config({"train_data_dir": "x", "noise_offset": 0.1, "adaptive_noise_scale": -0.05})
+    assert (cfg.noise_offset, cfg.adaptive_noise_scale) == (0.1, -0.05)
+    cfg = parse_train_config({"train_data_dir": "x", "noise_offset": -0.02, "adaptive_noise_scale": 0.1})
+    assert cfg.noise_offset == -0.02
+
+
+def _float_keys():
+    from lib_lora.train.config import _field_kinds
+    return sorted(k for k, kind in _field_kinds().items() if kind in ("float", "num", "list_float", "pair_float"))
+
+
+@pytest.mark.parametrize("key", _float_keys())
+def test_no_float_key_takes_nan_or_inf(key):
+    """nan passes every range comparison and inf reaches int() (lr_warmup_steps) or the loss; JSON and TOML carry
+    both, and a string spells them too."""
+    for bad in (float("nan"), float("inf"), float("-inf"), "nan", "1e999"):
+        value = [2.0, bad] if key == "face_crop_aug_range" else [1.0, bad] if key == "base_weights_multiplier" else bad
+        with pytest.raises(TrainConfigError, match="must be (a finite number|finite numbers|two finite numbers)"):
+            parse_train_config({"train_data_dir": "x", key: value})
+
+
+def test_nan_and_inf_in_json_and_toml_text():
+    with pytest.raises(TrainConfigError, match=re.escape("learning_rate = nan must be a finite number (e.g. 1e-4)")):
+        parse_train_config_text('{"learning_rate": NaN}')
+    with pytest.raises(TrainConfigError, match=re.escape("lr_warmup_steps = inf must be a finite number (steps, or")):
+        parse_train_config_text("lr_warmup_steps = inf")
+    with pytest.raises(TrainConfigError, match="noise_offset = -inf must be a finite number"):
+        parse_train_config_text('{"training": {"noise_offset": -Infinity}}')
+    with pytest.raises(TrainConfigError, match="learning_rate = 1000.* must be a finite number"):
+        parse_train_config_text('{"learning_rate": 1' + "0" * 400 + "}")  # (too large for a float)
+    with pytest.raises(TrainConfigError, match="resolution must be 'size' or 'width,height'"):
+        parse_train_config({"train_data_dir": "x", "resolution": "inf"})  # (crashed int() with OverflowError)
+
+
+def test_every_float_key_has_a_range():
+    """A new float key must say which values make sense (lo None: any finite one), as the integer keys do."""
+    from lib_lora.train.config import _RANGES
+    checked_where_read = {"face_crop_aug_range"}  # (two sizes above 0, low <= high: _coerce)
+    assert set(_float_keys()) - set(_RANGES) - checked_where_read == set()
+
+
 def test_timestep_order_and_network_arg_numbers():
     with pytest.raises(TrainConfigError, match="min_timestep = 500 must be below max_timestep = 400"):
         parse_train_config({"train_data_dir": "x", "min_timestep": 500, "max_timestep": 400})

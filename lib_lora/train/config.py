@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import kohya_gui
 from .captions import CaptionOptions
@@ -330,9 +331,18 @@ def _kind(annotation: str) -> str:
     return table[a]
 
 
+class _Range(NamedTuple):
+    lo: float | None  # None: no lowest (a float key still has to be finite)
+    hi: float | None
+    hi_ok: bool  # whether hi itself is allowed
+    what: str  # what the value is, and what to write
+    lo_ok: bool = True  # whether lo itself is allowed
+
+
 # Values a training cannot run with (or runs with a meaning nobody wants), refused before anything starts:
-# key -> (lowest, highest, whether the highest is allowed, what the value is). A count is at least 0 where sd-scripts
-# reads 0 as off, else at least 1 (0 would divide by zero in sd-scripts, or train or keep nothing).
+# key -> _Range fields as a tuple. A count is at least 0 where sd-scripts reads 0 as off, else at least 1 (0 would
+# divide by zero in sd-scripts, or train or keep nothing). Every float key is here, and none may be nan or inf.
+# A strength that multiplies fresh gaussian noise is at least 0: the noise's sign is random, so -x would train as x.
 _RANGES = {
     "network_dim": (1, None, True, "the LoRA's rank; 4 to 128 is common"),
     "network_alpha": (0, None, True, "0 means the rank itself"),
@@ -380,6 +390,27 @@ _RANGES = {
     "save_last_n_steps_state": (0, None, True, "steps whose states are kept; 0 = as save_last_n_steps"),
     "sample_every_n_epochs": (0, None, True, "epochs between sample sets; 0 = off"),
     "sample_every_n_steps": (0, None, True, "steps between sample sets; 0 = off"),
+    # negative: the rate grows without bound toward the end (0 ** -p divides by zero at the last step)
+    "lr_scheduler_power": (0, None, True, "polynomial's exponent; 1 decays linearly, 0 keeps the rate"),
+    # below 0: warmup_stable_decay ends on a negative rate, cosine_with_min_lr reaches 0 before the end; above 1
+    # the "minimum" is above the starting rate
+    "lr_scheduler_min_lr_ratio": (0, 1, True, "the last learning rate as a share of the first, e.g. 0.1"),
+    # below 0 the rescale takes the square root of a negative ratio: every weight becomes nan
+    "scale_weight_norms": (0, None, True, "the largest norm of a module's weights; 1 to start with; 0 = off"),
+    # (its lowest depends on adaptive_noise_scale: _range_problems)
+    "noise_offset": (None, None, True, "the offset noise's strength; 0.05 to 0.1 is common; 0 = off"),
+    # added to noise_offset per image before the clamp at 0, so a negative one lowers it (sd-scripts allows it)
+    "adaptive_noise_scale": (None, None, True, "times the latents' mean, added to noise_offset; e.g. 0.01"),
+    "multires_noise_discount": (0, None, True, "each coarser noise level's weight; 0.1 to 0.3 is common"),
+    "ip_noise_gamma": (0, None, True, "the input perturbation's strength; 0.1 is common; 0 = off"),
+    # 0 or less: log(0) in the exponential schedule, a zero (or negative: ascending) Huber loss in the others
+    "huber_c": (0, None, True, "the Huber loss's threshold; 0.1 as usual", False),
+    "huber_scale": (0, None, True, "scales huber_c in the constant and exponential schedules; 1 as usual", False),
+    # below 0 the weights turn negative: the loss would be climbed, not descended
+    "min_snr_gamma": (0, None, True, "5 is common; 0 = off"),
+    "v_pred_like_loss": (0, None, True, "the weight of the added v-prediction-like loss, e.g. 0.1; 0 = off"),
+    # a merge weight: 0 merges nothing, a negative one subtracts the LoRA
+    "base_weights_multiplier": (None, None, True, "each base_weights file's merge weight, 1 as usual"),
 }
 
 
@@ -387,12 +418,25 @@ def _out_of_range(key: str, v: Any, name: str | None = None) -> str | None:
     """What is wrong with ``v`` for the ``_RANGES`` key ``key`` (written as ``name``), or None."""
     if key not in _RANGES or v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    lo, hi, hi_ok, what = _RANGES[key]
-    if v < lo or (hi is not None and (v > hi or (v == hi and not hi_ok))):
-        span = (f"at least {lo}" if hi is None else
-                f"from {lo} to {hi}" if hi_ok else f"at least {lo} and below {hi}")
+    lo, hi, hi_ok, what, lo_ok = _Range(*_RANGES[key])
+    too_low = lo is not None and (v < lo or (v == lo and not lo_ok))
+    if too_low or (hi is not None and (v > hi or (v == hi and not hi_ok))):
+        low = None if lo is None else f"at least {lo}" if lo_ok else f"above {lo}"
+        high = None if hi is None else f"at most {hi}" if hi_ok else f"below {hi}"
+        span = f"from {lo} to {hi}" if low and high and lo_ok and hi_ok else " and ".join(p for p in (low, high) if p)
         return f"{name or key} = {v!r} must be {span} ({what})"
     return None
+
+
+def _finite(key: str, shown: Any, *values: float) -> None:
+    """nan and inf pass every comparison of a range (or crash int()), so no float key takes them."""
+    if not all(math.isfinite(v) for v in values):
+        raise _not_finite(key, shown, "finite numbers" if isinstance(shown, (list, tuple)) else "a finite number")
+
+
+def _not_finite(key: str, shown: Any, must: str = "a finite number") -> _Bad:
+    what = f" ({_RANGES[key][3]})" if key in _RANGES else ""
+    return _Bad(f"{key} = {shown!r} must be {must}{what}")
 
 
 def _range_problems(values: dict) -> list[str]:
@@ -400,6 +444,11 @@ def _range_problems(values: dict) -> list[str]:
     lo_t, hi_t = values.get("min_timestep"), values.get("max_timestep")
     if isinstance(lo_t, int) and isinstance(hi_t, int) and lo_t >= hi_t:
         out.append(f"min_timestep = {lo_t} must be below max_timestep = {hi_t}")
+    # the offset's sign is drawn at random; only adaptive_noise_scale (added before the clamp at 0) gives it a meaning
+    off = values.get("noise_offset")
+    if isinstance(off, (int, float)) and off < 0 and not values.get("adaptive_noise_scale"):
+        out.append(f"noise_offset = {off!r} must be at least 0 without adaptive_noise_scale (the offset's sign is "
+                   f"random, so it trains as {-off!r}; write {-off!r}, or 0 for no offset)")
     name = values.get("output_name")
     if isinstance(name, str) and ("/" in name or "\\" in name):
         out.append(f"output_name = {name!r} must be a file name without folders (the folder is output_dir)")
@@ -422,7 +471,7 @@ def parse_resolution(value: Any, key: str = "resolution") -> tuple[tuple[int, in
     elif isinstance(value, str):
         try:
             parts = [int(float(p.strip())) for p in value.replace("x", ",").split(",")]
-        except ValueError:
+        except (ValueError, OverflowError):  # (OverflowError: "inf")
             raise _Bad(f"{key} must be 'size' or 'width,height' (e.g. \"512\" or \"512,768\"), got {value!r}") from None
     elif isinstance(value, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -471,14 +520,21 @@ def _coerce(key: str, value: Any, kind: str, notes: list[str]) -> Any:
         if isinstance(value, bool):
             raise _Bad(f"{key} must be a number, got {value!r}")
         if isinstance(value, int):
-            return value if kind == "num" else float(value)
+            if kind == "num":
+                return value
+            try:
+                return float(value)
+            except OverflowError:  # (a JSON integer of 400 digits)
+                raise _not_finite(key, value) from None
         if isinstance(value, float):
+            _finite(key, value, value)
             return value
         if isinstance(value, str):
             try:
                 v = float(value.strip())
             except ValueError:
                 raise _Bad(f"{key} must be a number, got {value!r}") from None
+            _finite(key, value, v)
             if kind == "num" and v.is_integer() and "." not in value and "e" not in value.lower():
                 v = int(v)
             notes.append(f"{key} = {value!r} (a string) read as the number {v!r}")
@@ -499,8 +555,10 @@ def _coerce(key: str, value: Any, kind: str, notes: list[str]) -> Any:
         if isinstance(value, (list, tuple)) and len(value) == 2:
             try:
                 a, b = float(value[0]), float(value[1])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise _Bad(f"{key} must be two numbers 'low,high', got {value!r}") from None
+            if not (math.isfinite(a) and math.isfinite(b)):
+                raise _Bad(f"{key} must be two finite numbers 'low,high', e.g. [2.0, 4.0], got {value!r}")
             if a > b:
                 raise _Bad(f"{key} must be 'low,high' with low <= high, got {value!r}")
             if a <= 0:  # (face sizes across the crop: 0 would divide by zero in the crop)
@@ -519,9 +577,11 @@ def _coerce(key: str, value: Any, kind: str, notes: list[str]) -> Any:
         try:
             if any(isinstance(v, bool) for v in items):
                 raise ValueError
-            return [float(v) for v in items]
-        except (TypeError, ValueError):
+            out = [float(v) for v in items]
+        except (TypeError, ValueError, OverflowError):
             raise _Bad(f"{key} must be a number or a list of numbers, got {value!r}") from None
+        _finite(key, value, *out)
+        return out
     if kind == "list_str":
         if isinstance(value, str):
             return value.split()
@@ -848,11 +908,12 @@ def parse_dataset_config(
         if k not in ("general", "datasets"):
             problems.append(f"{source}: unknown top-level key {k!r}{_suggest(k, ['general', 'datasets'])}; "
                             "a dataset config holds [general] and [[datasets]] only")
-    general_raw = data.get("general", {})
+    # (JSON null, here and for any key below, means "not set", as in the training config)
+    general_raw = data.get("general") if data.get("general") is not None else {}
     if not isinstance(general_raw, dict):
         problems.append(f"{source}: [general] must be a table")
         general_raw = {}
-    datasets_raw = data.get("datasets", [])
+    datasets_raw = data.get("datasets") if data.get("datasets") is not None else []
     if not isinstance(datasets_raw, list):
         problems.append(f"{source}: datasets must be an array of tables ([[datasets]])")
         datasets_raw = []
@@ -862,6 +923,8 @@ def parse_dataset_config(
     def coerce_table(table: dict, kinds: dict, where: str) -> dict:
         out = {}
         for k, v in table.items():
+            if v is None:  # (a misspelt or misplaced key was reported by _check_level all the same)
+                continue
             try:
                 out[k] = _coerce(k, v, kinds[k], notes)
             except _Bad as e:
@@ -913,7 +976,7 @@ def parse_dataset_config(
             problems.append(f"{where}: no [[datasets.subsets]] defined")
             subsets_raw = []
         seen_dirs: set[str] = set()
-        ft = [isinstance(r, dict) and "metadata_file" in r for r in subsets_raw]
+        ft = [isinstance(r, dict) and r.get("metadata_file") is not None for r in subsets_raw]
         if any(ft) and not all(ft):
             problems.append(f"{where}: subsets with metadata_file (fine-tuning) and without it (image folders) "
                             "cannot be mixed in one dataset (sd-scripts' rule); put them in separate [[datasets]]")
