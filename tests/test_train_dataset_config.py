@@ -255,3 +255,13 @@ def test_dataset_json_null_means_not_set(tmp_path):
     msg = str(ei.value)
     assert "unknown key 'shufle_caption'" in msg and "prior_loss_weight cannot be set in a dataset config" in msg
     assert "batch_size is not allowed here" in msg
+
+
+def test_a_dataset_network_multiplier_is_said_to_change_nothing(tmp_path):
+    p = tmp_path / "ds.toml"
+    p.write_text('[[datasets]]\nresolution = 512\nnetwork_multiplier = -1.0\n  [[datasets.subsets]]\n  image_dir = "a"\n'
+                 '[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = "b"\n', encoding="utf-8")
+    _, notes = load_dataset_config(p)
+    said = [n for n in notes if "network_multiplier" in n]
+    assert said == ["[[datasets]] #1: network_multiplier = -1 changes nothing: the LoRA trains at strength 1 "
+                    "(sd-scripts' train_network.py reads it too but does not apply it)"]

@@ -971,6 +971,9 @@ def parse_dataset_config(
         )
         if spec.resolution is None:
             problems.append(f"{where}: resolution is required (set it here, in [general] or in the training config)")
+        if spec.network_multiplier != 1.0:
+            notes.append(f"{where}: network_multiplier = {spec.network_multiplier:g} changes nothing: the LoRA trains "
+                         "at strength 1 (sd-scripts' train_network.py reads it too but does not apply it)")
         subsets_raw = ds_raw.get("subsets", [])
         if not isinstance(subsets_raw, list) or not subsets_raw:
             problems.append(f"{where}: no [[datasets.subsets]] defined")
