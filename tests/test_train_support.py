@@ -221,6 +221,10 @@ def test_timestep_order_and_network_arg_numbers():
     assert any("conv_dim=-2 must be at least 0" in e for e in errors)
     assert any("rank_dropout=1 must be at least 0 and below 1" in e for e in errors)
     assert any("module_dropout=x: not a number" in e for e in errors)
+    errors, _ = check_support(parse_train_config({"train_data_dir": "x", "network_args": [
+        "rank_dropout=nan", "conv_alpha=inf"]}))
+    assert any("rank_dropout=nan must be a finite number" in e for e in errors)
+    assert any("conv_alpha=inf must be a finite number" in e for e in errors)
 
 
 def test_cache_text_encoder_outputs_says_what_happens():

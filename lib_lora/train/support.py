@@ -8,6 +8,7 @@ would be wrong, an error before anything starts).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -102,7 +103,9 @@ def network_number_problems(nargs: dict) -> list[str]:
             out.append(f"network_args {key}={nargs[key]}: not {'a whole number' if kind is int else 'a number'} "
                        f"({what})")
             continue
-        if v < lo or (below is not None and v >= below):
+        if not math.isfinite(v):  # (nan passes every comparison below)
+            out.append(f"network_args {key}={nargs[key]} must be a finite number ({what})")
+        elif v < lo or (below is not None and v >= below):
             span = f"at least {lo}" + (f" and below {below}" if below is not None else "")
             out.append(f"network_args {key}={nargs[key]} must be {span} ({what})")
     return out
