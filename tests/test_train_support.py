@@ -246,3 +246,11 @@ def test_the_schedulefree_wrapper_is_said_to_be_off_in_sd_scripts_too():
     said = [n for n in cfg.notes if "schedulefree_wrapper" in n]
     assert len(said) == 2 and all("sd-scripts has switched this option off" in n and "AdamWScheduleFree" in n
                                   for n in said)
+
+
+def test_adaptive_noise_scale_without_noise_offset_is_said_to_change_nothing():
+    _, notes = check_support(parse_train_config({"train_data_dir": "x", "adaptive_noise_scale": 0.01}))
+    assert any(n.startswith("adaptive_noise_scale = 0.01 changes nothing without noise_offset") for n in notes)
+    _, notes = check_support(parse_train_config({"train_data_dir": "x", "adaptive_noise_scale": 0.01,
+                                                 "noise_offset": 0.05}))
+    assert not any("adaptive_noise_scale" in n for n in notes)

@@ -420,6 +420,9 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
     network_args are checked too (their lengths depend on it)."""
     errors: list[str] = []
     notes: list[str] = []
+    if cfg.adaptive_noise_scale and not cfg.noise_offset:  # (sd-scripts stops here; a GUI preset may carry it)
+        notes.append(f"adaptive_noise_scale = {cfg.adaptive_noise_scale:g} changes nothing without noise_offset "
+                     "(it adjusts the offset); set noise_offset too, e.g. 0.0357")
     defaults = _defaults()
     for name, default in defaults.items():
         f = TrainConfig.__dataclass_fields__[name]
