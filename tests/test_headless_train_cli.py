@@ -182,19 +182,29 @@ def test_dry_run_checks_what_the_run_would_stop_on_before_loading_the_model(run_
     assert code == 0 and "note: full_fp16" in out, out + err
 
 
-def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_path, monkeypatch):
-    """Ctrl-C is the trainer's should_cancel; simulate it after the first step."""
+def _signal_after_step_1(monkeypatch, sig):
+    """The signal arrives once the first step is printed; returns the printer's own call, to undo it."""
+    import signal
+
     from lib_lora import train_cli
-    cfg = _write_config(tmp_path, tiny_ckpt)
     orig = train_cli.ProgressPrinter.__call__
 
-    def press_ctrl_c_after_step_1(self, e):
+    def printer(self, e):
         orig(self, e)
         if e.kind == "step" and e.step == 1:
-            import signal
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
 
-    monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", press_ctrl_c_after_step_1)
+    monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", printer)
+    return orig
+
+
+def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_path, monkeypatch):
+    """Ctrl-C is the trainer's should_cancel; simulate it after the first step."""
+    import signal
+
+    from lib_lora import train_cli
+    cfg = _write_config(tmp_path, tiny_ckpt)
+    orig = _signal_after_step_1(monkeypatch, signal.SIGINT)
     code, out, err = run_cli("train", cfg, "--model", tiny_ckpt)
     assert code == 130, out + err
     assert "Ctrl-C: stopping after this step" in out
@@ -211,17 +221,8 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
 def test_sigterm_stops_like_ctrl_c_with_a_resumable_state(run_cli, tiny_ckpt, tmp_path, monkeypatch):
     """A rented machine being stopped (or `docker stop`) sends SIGTERM: the run keeps its work as a state."""
     import signal
-
-    from lib_lora import train_cli
     cfg = _write_config(tmp_path, tiny_ckpt)
-    orig = train_cli.ProgressPrinter.__call__
-
-    def sigterm_after_step_1(self, e):
-        orig(self, e)
-        if e.kind == "step" and e.step == 1:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", sigterm_after_step_1)
+    _signal_after_step_1(monkeypatch, signal.SIGTERM)
     before = signal.getsignal(signal.SIGTERM)
     code, out, err = run_cli("train", cfg)
     assert code == 130, out + err
