@@ -104,6 +104,10 @@ def test_job_table_progress_and_labels():
     failed = T.job_progress_html(_job(status="failed", message="CUDA out of memory. Tried to allocate 2 GiB"))
     assert "Training failed" in failed and "gradient checkpointing" in failed and 'role="alert"' in failed
     assert T.job_id_of(T.job_label(_job())) == "0123456789ab"
+    import time
+    at = time.mktime((2026, 12, 1, 14, 58, 0, 0, 0, -1))
+    assert T.job_label(_job(created=at)) == "bear · Dec 01 14:58 [0123456789ab]"  # (runs of one name told apart)
+    assert T.job_id_of(T.job_label(_job(created=at))) == "0123456789ab"
     assert T.job_id_of(None) is None
 
 

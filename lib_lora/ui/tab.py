@@ -161,8 +161,11 @@ def fmt_eta(s) -> str:
 
 def job_label(j: dict) -> str:
     # no status in it: a label that changes as the job runs would make every poll rewrite the selection, and a
-    # poll that started before the user picked another job would then put the old one back
-    return f"{j['name']} [{j['id']}]"
+    # poll that started before the user picked another job would then put the old one back. The time it was
+    # queued tells apart the runs of one name in a long history.
+    created = j.get("created")
+    when = time.strftime(" · %b %d %H:%M", time.localtime(created)) if created else ""
+    return f"{j['name']}{when} [{j['id']}]"
 
 
 _ID_RE = re.compile(r"\[([0-9a-f]+)\]\s*$")
