@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, conint
 
-from .jobs.queue import FINISHED, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST
+from .jobs.queue import ACTIVE, FINISHED, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST
 from .train import kohya_gui
 from .train.dataset import metadata_image
 from .train.lyco import PRESETS as LYCO_PRESETS
@@ -372,29 +372,23 @@ class _Api:
         out = output_dir_problem(str(cfg.resolve(cfg.output_dir))) if cfg.output_dir else None
         return problems + ([out] if out else []), notes
 
-    def _check_run(self, config: dict) -> tuple[list[str], list[str], str]:
-        """(problems, notes, the dataset plan's report) of a checked config, as the run would find them; the
-        images' headers are read, their pixels are not."""
+    def _check_run(self, cfg, family: str | None) -> tuple[list[str], list[str], str]:
+        """(problems, notes, the dataset plan's report) of a checked config, as the run would find them for the
+        loaded model ``family``; the images' headers are read, their pixels are not."""
         from .train.dataset import build_plan
-        cfg = parse_train_config(dict(config), source="<request>")
-        try:
-            family = (self._model_info() or {}).get("family")
-        except Exception:  # (the model is read again when the job runs)
-            family = None
         problems, notes = self._settings_problems(cfg, family, folders=False)  # (the plan reports those)
         plan = build_plan(cfg, family=family, check_pixels=False)
         problems += [f.message for f in plan.errors]
         notes += [f.message for f in plan.warnings]
         return problems, notes, plan.report()
 
-    def _output_notes(self, config: dict) -> list[str]:
+    def _output_notes(self, cfg) -> list[str]:
         """Another waiting or running job that writes the same files is refused (409): the later run would
         overwrite the earlier one's LoRAs and states while both are listed as their own. A file already there is
         said (sd-scripts overwrites it too)."""
-        cfg = parse_train_config(dict(config), source="<request>")
         out, name = str(cfg.resolve(cfg.output_dir)), cfg.output_name or "lora"
         for job in self.queue.list():
-            if job.status not in (QUEUED, INTERRUPTED, RUNNING):
+            if job.status not in ACTIVE:
                 continue
             try:
                 other = parse_train_config(dict(job.config), source=f"job {job.id}")
@@ -456,10 +450,12 @@ class _Api:
         except Exception as e:  # the job is still worth queueing; say why the model is unknown
             model = None
             notes.append(f"the loaded model could not be read ({type(e).__name__}: {e})")
-        said = loaded_model_notes(cfg, model) + self._output_notes(config)  # (the run itself cannot know these)
+        checked = parse_train_config(config, source="<request>")  # (the config on the checked real paths)
+        # (the run cannot know these; the model keys as the user wrote them)
+        said = loaded_model_notes(cfg, model) + self._output_notes(checked)
         notes = said + [n for n in notes if n not in said]
         if dry_run:  # the whole check a run starts with: settings for the loaded model, and the dataset plan
-            problems, plan_notes, report = self._check_run(config)
+            problems, plan_notes, report = self._check_run(checked, (model or {}).get("family"))
             if problems:
                 raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems)
                                     + (f"\n\n{report}" if report else ""))
@@ -467,8 +463,7 @@ class _Api:
                                             "notes": notes + [n for n in plan_notes if n not in notes],
                                             "plan": report}))
         # (on the checked paths: a LyCORIS preset file is read there)
-        problems, _ = self._settings_problems(parse_train_config(config, source="<request>"),
-                                              (model or {}).get("family"))
+        problems, _ = self._settings_problems(checked, (model or {}).get("family"))
         if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
             raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
         job = self.queue.submit(config, name=name or cfg.output_name, model=model or {})
@@ -480,7 +475,7 @@ class _Api:
     def list_jobs(self, status: Optional[str] = Query(None, description="only these statuses, comma-separated "
                                                                         "(e.g. queued,running)")):
         wanted = {s.strip() for s in status.split(",") if s.strip()} if status else None
-        known = {QUEUED, INTERRUPTED, RUNNING, *FINISHED}
+        known = {*ACTIVE, *FINISHED}
         if wanted and not wanted <= known:
             raise HTTPException(422, detail=f"unknown status {', '.join(sorted(wanted - known))}; choose from "
                                             f"{', '.join(sorted(known))}")
@@ -493,8 +488,8 @@ class _Api:
     def cancel(self, job_id: str):
         job = self._job(job_id)
         if job.status in FINISHED:
-            raise HTTPException(409, detail=f"job {job.name} ({job_id}) has already {STATUS_PAST.get(job.status, job.status)}"
-                                            "; nothing to cancel")
+            past = STATUS_PAST.get(job.status, job.status)
+            raise HTTPException(409, detail=f"job {job.name} ({job_id}) has already {past}; nothing to cancel")
         job = self.queue.cancel(job_id)
         return JSONResponse(_json_safe(self._describe(job, with_losses=False)))
 

@@ -19,6 +19,7 @@ from ..formats.safetensors_io import write_atomic
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED, INTERRUPTED = "queued", "running", "done", "cancelled", "failed", "interrupted"
 FINISHED = (DONE, CANCELLED, FAILED)
+ACTIVE = (QUEUED, INTERRUPTED, RUNNING)  # waiting or running
 STATUS_PAST = {DONE: "finished", CANCELLED: "been cancelled", FAILED: "failed"}  # "has already ..."
 
 
@@ -228,7 +229,7 @@ class JobQueue:
         end = time.time() + timeout
         while time.time() < end:
             with self._lock:
-                if not any(j.status in (QUEUED, INTERRUPTED, RUNNING) for j in self.jobs):
+                if not any(j.status in ACTIVE for j in self.jobs):
                     return True
             time.sleep(0.05)
         return False

@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
-from ..jobs.queue import INTERRUPTED, QUEUED, RUNNING, STATUS_PAST, JobQueue
+from ..jobs.queue import ACTIVE, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST, JobQueue
 from ..train.config import parse_train_config
 from ..train.saving import output_dir_problem
 
@@ -340,7 +340,7 @@ class LocalBackend:
 
     def cancel(self, job_id: str) -> dict:
         job = self._need_job(job_id)
-        if job.status not in (QUEUED, INTERRUPTED, RUNNING):
+        if job.status not in ACTIVE:
             raise UiError(f"'{job.name}' has already {STATUS_PAST.get(job.status, job.status)}; there is nothing to "
                           "cancel. Use Remove to take it off the list.")
         return _public(self.queue.cancel(job_id))
