@@ -130,6 +130,22 @@ def test_gui_rules_for_length_warmup_and_unknown_types():
     assert any("ignored: some_future_gui_key" in n for n in cfg.notes)
 
 
+def test_bucket_limits_a_preset_leaves_out_fit_its_own_resolution():
+    """The fresh GUI's min_bucket_reso 256 would stop a 128 px preset on a key its author never wrote."""
+    cfg = _translate(dict(STANDARD, max_resolution="128,192", enable_bucket=True))
+    assert (cfg.min_bucket_reso, cfg.max_bucket_reso) == (128, 2048)
+    assert any("no min_bucket_reso and the GUI's default 256 is above its resolution 128,192: min_bucket_reso = 128"
+               in n for n in cfg.notes), cfg.notes
+    cfg = _translate(dict(STANDARD, max_resolution="100", enable_bucket=True, bucket_reso_steps=32))
+    assert cfg.min_bucket_reso == 96
+    cfg = _translate(dict(STANDARD, max_resolution="4096,4096", enable_bucket=True))
+    assert cfg.max_bucket_reso == 4096 and any("max_bucket_reso = 4096" in n for n in cfg.notes)
+    # written by the preset's author: kept (and refused by the bucket check with its own key named)
+    cfg = _translate(dict(STANDARD, max_resolution="128,128", enable_bucket=True, min_bucket_reso=256))
+    assert cfg.min_bucket_reso == 256 and not any("min_bucket_reso =" in n for n in cfg.notes)
+    assert _translate(dict(STANDARD, max_resolution="512,650", enable_bucket=True)).min_bucket_reso == 256
+
+
 def test_json_text_and_json_files_are_read(tmp_path):
     text = json.dumps(LOKR_SDXL)
     assert parse_train_config_text(text).network_args == LOKR_SDXL_ARGS
@@ -149,7 +165,7 @@ def test_a_gui_loha_preset_trains_here(tmp_path):
         "LoRA_type": "LyCORIS/LoHa", "network_dim": 4, "network_alpha": 2, "conv_dim": 2, "conv_alpha": 1,
         "epoch": 1, "max_resolution": "64,64", "train_batch_size": 1, "learning_rate": "0.001",
         "text_encoder_lr": "0.0005", "unet_lr": "0.001", "optimizer": "AdamW", "lr_scheduler": "cosine",
-        "lr_warmup": 0, "seed": "3", "enable_bucket": False, "save_precision": "float", "cache_latents": True,
+        "lr_warmup": 0, "seed": "3", "enable_bucket": True, "save_precision": "float", "cache_latents": True,
         "train_data_dir": img, "output_dir": str(tmp_path / "out"), "output_name": "gui",
     })
     p = tmp_path / "preset.json"

@@ -225,6 +225,7 @@ def from_gui_preset(data: dict, known_keys: set[str]) -> tuple[dict, list[str], 
     out["optimizer_args"] = _args(g.get("optimizer_args"))
     out["lr_scheduler_args"] = _args(g.get("lr_scheduler_args"))
     out["resolution"] = str(g["max_resolution"])
+    _fit_bucket_defaults(data, g, notes)
 
     # ---- noise: the type picks which settings go on
     if g["noise_offset_type"] == "Multires":
@@ -268,6 +269,28 @@ def from_gui_preset(data: dict, known_keys: set[str]) -> tuple[dict, list[str], 
     out = {k: (int(v) if isinstance(v, float) and v.is_integer() and k not in _FLOAT_KEYS else v)
            for k, v in out.items() if not _dropped(v)}
     return out, notes, prompt
+
+
+def _fit_bucket_defaults(data: dict, g: dict, notes: list[str]) -> None:
+    """A bucket limit the preset leaves out comes from the fresh GUI (256 / 2048); where that contradicts the
+    preset's own resolution (sd-scripts would stop on a key its author never wrote), it is moved to the resolution."""
+    try:
+        sides = [int(float(x)) for x in str(g["max_resolution"]).replace(" ", "").split(",") if x]
+    except ValueError:
+        return  # the config check names the bad resolution
+    if not sides or not g.get("enable_bucket"):
+        return
+    step = max(1, _int(g.get("bucket_reso_steps"), 64))
+    if data.get("min_bucket_reso") is None and min(sides) < g["min_bucket_reso"]:
+        new = max(step, min(sides) - min(sides) % step)
+        notes.append(f"the preset has no min_bucket_reso and the GUI's default {g['min_bucket_reso']} is above its "
+                     f"resolution {g['max_resolution']}: min_bucket_reso = {new}")
+        g["min_bucket_reso"] = new
+    if data.get("max_bucket_reso") is None and max(sides) > g["max_bucket_reso"]:
+        new = -(-max(sides) // step) * step
+        notes.append(f"the preset has no max_bucket_reso and the GUI's default {g['max_bucket_reso']} is below its "
+                     f"resolution {g['max_resolution']}: max_bucket_reso = {new}")
+        g["max_bucket_reso"] = new
 
 
 # kept as floats even when whole (the rest are ints in sd-scripts' parser)
