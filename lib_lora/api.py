@@ -473,14 +473,18 @@ class _Api:
         return JSONResponse(_json_safe(self._describe(job)), status_code=201)
 
     def list_jobs(self, status: Optional[str] = Query(None, description="only these statuses, comma-separated "
-                                                                        "(e.g. queued,running)")):
+                                                                        "(e.g. queued,running)"),
+                  offset: int = Query(0, ge=0, description="skip this many jobs (of those matching)"),
+                  limit: Optional[int] = Query(None, ge=1, description="at most this many jobs")):
         wanted = {s.strip() for s in status.split(",") if s.strip()} if status else None
         known = {*ACTIVE, *FINISHED}
         if wanted and not wanted <= known:
             raise HTTPException(422, detail=f"unknown status {', '.join(sorted(wanted - known))}; choose from "
                                             f"{', '.join(sorted(known))}")
         jobs = [j for j in self.queue.list() if wanted is None or j.status in wanted]
-        return JSONResponse(_json_safe({"jobs": [self._describe(j, with_losses=False) for j in jobs]}))
+        page = jobs[offset:None if limit is None else offset + limit]
+        return JSONResponse(_json_safe({"jobs": [self._describe(j, with_losses=False) for j in page],
+                                        "total": len(jobs), "offset": offset}))
 
     def get_job(self, job_id: str, since: Optional[int] = Query(None, description="only loss points after this step")):
         return JSONResponse(_json_safe(self._describe(self._job(job_id), since=since)))

@@ -327,6 +327,13 @@ def test_list_move_cancel_remove(env):
     assert [j["name"] for j in c.get(PREFIX + "/jobs?status=cancelled,running").json()["jobs"]] == ["a"]
     r = c.get(PREFIX + "/jobs?status=finished")
     assert r.status_code == 422 and "unknown status finished" in r.json()["detail"]
+    # and a page of them
+    page = c.get(PREFIX + "/jobs?offset=1&limit=1").json()
+    assert [j["name"] for j in page["jobs"]] == ["a"] and (page["total"], page["offset"]) == (3, 1)  # c, a, b
+    page = c.get(PREFIX + "/jobs?status=queued&offset=1").json()
+    assert [j["name"] for j in page["jobs"]] == ["b"] and page["total"] == 2
+    assert c.get(PREFIX + "/jobs?offset=5").json()["jobs"] == []
+    assert c.get(PREFIX + "/jobs?limit=0").status_code == 422 and c.get(PREFIX + "/jobs?offset=-1").status_code == 422
     assert c.post(PREFIX + f"/jobs/{ids[0]}/move", json={"position": 0}).status_code == 409
     assert c.post(PREFIX + "/jobs/nope/cancel").status_code == 404
 
