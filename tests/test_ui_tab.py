@@ -107,6 +107,13 @@ def test_job_table_progress_and_labels():
     import time
     at = time.mktime((2026, 12, 1, 14, 58, 0, 0, 0, -1))
     assert T.job_label(_job(created=at)) == "bear · Dec 01 14:58 [0123456789ab]"  # (runs of one name told apart)
+    # the table: when each was queued, and which row a resume from the tab continues
+    first = _job(status="cancelled", created=at, resume_state="/o/bear-cancelled-state.lsstate", config={})
+    again = _job(id="bbbbbbbbbbbb", name="bear (resumed)", status="queued", created=at + 60,
+                 config={"resume": "/o/bear-cancelled-state.lsstate"})
+    html = T.jobs_table_html([first, again, _job(id="cccccccccccc", name="other", config={"resume": "/x.lsstate"})])
+    assert "<th scope=\"col\">Queued</th>" in html and "<td>Dec 01 14:58</td>" in html and "Dec 01 14:59" in html
+    assert html.count("continues") == 1 and "continues bear [0123456789ab]" in html
     assert T.job_id_of(T.job_label(_job(created=at))) == "0123456789ab"
     assert T.job_id_of(None) is None
 

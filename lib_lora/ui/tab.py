@@ -159,13 +159,17 @@ def fmt_eta(s) -> str:
     return f"{s}s"
 
 
+def _queued_at(j: dict) -> str:
+    created = j.get("created")
+    return time.strftime("%b %d %H:%M", time.localtime(created)) if created else ""
+
+
 def job_label(j: dict) -> str:
     # no status in it: a label that changes as the job runs would make every poll rewrite the selection, and a
     # poll that started before the user picked another job would then put the old one back. The time it was
     # queued tells apart the runs of one name in a long history.
-    created = j.get("created")
-    when = time.strftime(" · %b %d %H:%M", time.localtime(created)) if created else ""
-    return f"{j['name']}{when} [{j['id']}]"
+    when = _queued_at(j)
+    return f"{j['name']}{' · ' + when if when else ''} [{j['id']}]"
 
 
 _ID_RE = re.compile(r"\[([0-9a-f]+)\]\s*$")
@@ -187,7 +191,12 @@ def jobs_table_html(jobs: list[dict], selected: str | None = None) -> str:
                 "dataset and press Train.</p></div>")
     rows = []
     waiting = 0
+    # a resume from the tab is a new job whose resume file is the state an earlier row kept
+    by_state = {j["resume_state"]: j for j in jobs if j.get("resume_state")}
     for j in jobs:
+        origin = by_state.get((j.get("config") or {}).get("resume"))
+        cont = (f'<br><span class="ls-muted">continues {_e(origin["name"])} [{_e(origin["id"])}]</span>'
+                if origin is not None and origin is not j else "")
         pos = ""
         if j["status"] in ("queued", "interrupted"):
             waiting += 1
@@ -196,12 +205,12 @@ def jobs_table_html(jobs: list[dict], selected: str | None = None) -> str:
         loss = f"{j['avg_loss']:.4f}" if j.get("avg_loss") is not None else ""
         eta = fmt_eta(j.get("eta_s")) if j["status"] == "running" else ""
         sel = ' class="ls-selected" aria-current="true"' if j["id"] == selected else ""
-        rows.append(f"<tr{sel}><td>{pos}</td><td>{_e(j['name'])}</td>"
+        rows.append(f"<tr{sel}><td>{pos}</td><td>{_e(j['name'])}{cont}</td><td>{_e(_queued_at(j))}</td>"
                     f'<td><span class="ls-status ls-st-{_e(j["status"])}">{_e(STATUS_WORDS.get(j["status"], j["status"]))}'
                     f"</span></td><td>{prog}</td><td>{loss}</td><td>{eta}</td></tr>")
     return (f'<div class="ls-jobs" data-active="{int(active)}"><table class="ls-table"><caption>Jobs (one trains at '
             "a time; the list is kept when the WebUI restarts)</caption><thead><tr>"
-            '<th scope="col">Next</th><th scope="col">Name</th><th scope="col">Status</th><th scope="col">Steps</th>'
+            '<th scope="col">Next</th><th scope="col">Name</th><th scope="col">Queued</th><th scope="col">Status</th><th scope="col">Steps</th>'
             '<th scope="col">Loss</th><th scope="col">Time left</th></tr></thead><tbody>' + "".join(rows)
             + "</tbody></table></div>")
 
