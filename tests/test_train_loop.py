@@ -374,6 +374,6 @@ def test_network_weights_for_another_model_family_says_so(sd1, tmp_path):
                "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_up.weight": torch.zeros(640, 4),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280)},
               str(tmp_path / "xl.safetensors"))
-    with pytest.raises(TrainingError, match=r"network_weights .*xl.safetensors is a LoRA for SDXL, the model is SD1"):
+    with pytest.raises(TrainingError, match=r"network_weights: .*xl.safetensors is a LoRA for SDXL, the loaded model is SD1"):
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_steps=1,
                                                network_weights=str(tmp_path / "xl.safetensors")))

@@ -343,13 +343,20 @@ def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
 CPU_FP16_NOTE = "mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead."
 
 
+def wrong_family_message(key: str, name: str, file_family: str, model_family: str) -> str:
+    """A network_weights / base_weights file made for another model family (the check before a run and the run's
+    own check say the same)."""
+    from ..formats.keymap import label
+    return (f"{key}: {name} is a LoRA for {label(file_family)}, the loaded model is {label(model_family)}: give a "
+            f"file trained on this model family, or load an {label(file_family)} checkpoint")
+
+
 def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bool = True) -> list[str]:
     """What a run would stop on in the files it reads before its first step, found without loading them (headers,
     names): missing folders and files, a network_weights / base_weights file that is not a LoRA or is one for
     another model family than ``family``, a resume file that is not a state. Each says what to change.
     ``folders=False``: the dataset's own files are left to the dataset plan, which reports them."""
     from ..formats.family import detect_family
-    from ..formats.keymap import label
     from ..formats.safetensors_io import read_header
     from .saving import StateFileError, load_state
 
@@ -377,9 +384,7 @@ def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bo
         if fam.refused:
             problems.append(f"{key}: {fam.refusal_message(path)}")
         elif family and fam.family and fam.family != family:
-            problems.append(f"{key}: {os.path.basename(path)} is a LoRA for {label(fam.family)}, the loaded model is "
-                            f"{label(family)}: give a file trained on this model family, or load an "
-                            f"{label(fam.family)} checkpoint")
+            problems.append(wrong_family_message(key, os.path.basename(path), fam.family, family))
     if cfg.resume:
         try:
             load_state(str(cfg.resolve(cfg.resume)), check_only=True)

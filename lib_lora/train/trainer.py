@@ -42,7 +42,7 @@ from .lora_net import LoRANetwork, NetworkShapeError
 from .lyco_preset import PresetError
 from .sd_latents import load_latent
 from .support import (CPU_FP16_NOTE, base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args,
-                      part_lrs)
+                      part_lrs, wrong_family_message)
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
                     make_torch_scheduler, shown_lr)
@@ -322,12 +322,9 @@ class Trainer:
         total = sum(1 for p in net.parameters())
         if len(missing) == total:
             from ..formats.family import detect_family
-            from ..formats.keymap import label
             fam = detect_family({k: tuple(v.shape) for k, v in sd.items()}, {})
             if fam.family and self.family and fam.family != self.family:
-                raise TrainingError(f"network_weights {path} is a LoRA for {label(fam.family)}, the model is "
-                                    f"{label(self.family)}: give a file trained on this model family, or train on "
-                                    f"an {label(fam.family)} checkpoint")
+                raise TrainingError(wrong_family_message("network_weights", path, fam.family, self.family))
             raise TrainingError(f"network_weights {path}: none of its tensors belong to this network (e.g. "
                                 f"{', '.join(sorted(sd)[:2])}); it is another network type (LoRA / LoHa / LoKr, "
                                 "DoRA) or for another model. Set network_module and network_args as the file was "
