@@ -19,6 +19,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = os.path.join(ROOT, "tests", "_artifacts", "ui")
+WHEN = r"[A-Z][a-z]{2} \d\d \d\d:\d\d"  # the jobs table's Queued column
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"Debian chromium is not installed at {CHROMIUM} "
@@ -247,7 +248,7 @@ def test_full_flow(server, page):
 
     choose(page, "lora_studio_job", "job_b")
     wait_text(page, "lora_studio_progress", r"job_b.*finished", timeout=120)
-    wait_text(page, "lora_studio_jobs", r"job_a\s+cancelled[\s\S]*job_b\s+finished")
+    wait_text(page, "lora_studio_jobs", rf"job_a\s+{WHEN}\s+cancelled[\s\S]*job_b\s+{WHEN}\s+finished")
     # the queue ran out: the card pages were told to list the new files
     page.wait_for_function("window.__lsCardRefresh >= 1", timeout=30000)
     page.wait_for_function("document.querySelectorAll('#lora_studio_samples .thumbnail-item').length >= 2",
@@ -273,7 +274,8 @@ def test_full_flow(server, page):
     assert "job_a (resumed)" in page.locator("#lora_studio_job input").input_value()
     wait_text(page, "lora_studio_progress", r"job_a \(resumed\).*training", timeout=90)
     page.click("#lora_studio_cancel")
-    wait_text(page, "lora_studio_jobs", r"job_a \(resumed\)\s+cancelled", timeout=60)
+    wait_text(page, "lora_studio_jobs", rf"job_a \(resumed\)\s+continues job_a \[[0-9a-f]+\]\s+{WHEN}\s+cancelled",
+              timeout=60)
     # a refused Train ends the progress bar the page started for it (no 'Waiting...' left behind)
     fill(page, "lora_studio_output_name", "")
     page.click("#lora_studio_train")
@@ -341,7 +343,7 @@ def _stop_training(page):
     sub_tab(page, "Train")
     page.click("#lora_studio_refresh")
     time.sleep(1)
-    m = re.search(r"(\S+)\s+training\b", html_text(page, "lora_studio_jobs"))
+    m = re.search(rf"(\S+)\s+{WHEN}\s+training\b", html_text(page, "lora_studio_jobs"))
     if m:
         choose(page, "lora_studio_job", m.group(1))
         page.click("#lora_studio_cancel")

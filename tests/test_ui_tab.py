@@ -114,6 +114,8 @@ def test_job_table_progress_and_labels():
     html = T.jobs_table_html([first, again, _job(id="cccccccccccc", name="other", config={"resume": "/x.lsstate"})])
     assert "<th scope=\"col\">Queued</th>" in html and "<td>Dec 01 14:58</td>" in html and "Dec 01 14:59" in html
     assert html.count("continues") == 1 and "continues bear [0123456789ab]" in html
+    again["resume_state"] = first["resume_state"]  # cancelled again: its state has the same name
+    assert T.jobs_table_html([first, again]).count("continues bear [0123456789ab]") == 1
     assert T.job_id_of(T.job_label(_job(created=at))) == "0123456789ab"
     assert T.job_id_of(None) is None
 

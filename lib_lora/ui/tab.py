@@ -184,6 +184,15 @@ STATUS_WORDS = {"queued": "waiting", "running": "training", "done": "finished", 
                 "failed": "failed", "interrupted": "waiting (interrupted, resumes)"}
 
 
+def _continued(j: dict, jobs: list[dict]) -> dict | None:
+    """A resume from the tab is a new job whose resume file is the state an earlier job kept (the newest such one:
+    a resumed job cancelled again keeps its state under the same name)."""
+    state = (j.get("config") or {}).get("resume")
+    before = [o for o in jobs if state and o is not j and o.get("resume_state") == state
+              and (o.get("created") or 0) <= (j.get("created") or 0)]
+    return max(before, key=lambda o: o.get("created") or 0) if before else None
+
+
 def jobs_table_html(jobs: list[dict], selected: str | None = None) -> str:
     active = any(j["status"] in ("queued", "running", "interrupted") for j in jobs)
     if not jobs:
@@ -191,12 +200,10 @@ def jobs_table_html(jobs: list[dict], selected: str | None = None) -> str:
                 "dataset and press Train.</p></div>")
     rows = []
     waiting = 0
-    # a resume from the tab is a new job whose resume file is the state an earlier row kept
-    by_state = {j["resume_state"]: j for j in jobs if j.get("resume_state")}
     for j in jobs:
-        origin = by_state.get((j.get("config") or {}).get("resume"))
+        origin = _continued(j, jobs)
         cont = (f'<br><span class="ls-muted">continues {_e(origin["name"])} [{_e(origin["id"])}]</span>'
-                if origin is not None and origin is not j else "")
+                if origin is not None else "")
         pos = ""
         if j["status"] in ("queued", "interrupted"):
             waiting += 1
@@ -842,17 +849,22 @@ def build_tab(backend) -> gr.Blocks:
         job_select.select(safe_poll, [job_select, poll_state], poll_outputs, queue=False, show_progress="hidden")
         ui.load(safe_poll, [job_select, poll_state], poll_outputs, queue=False)
 
-        def submit(front, task, *args):
-            try:
-                return _submit(front, task, *args)
-            except Exception:  # (the page started a progress bar for this task: a refused job ends it now)
-                _release(task)
-                raise
+        def releasing(fn):
+            """The page started a progress bar for the task (first argument): a refused job ends it now."""
+            @functools.wraps(fn)
+            def run(task, *args, **kwargs):
+                try:
+                    return fn(task, *args, **kwargs)
+                except Exception:
+                    release = getattr(backend, "release_task", None)
+                    if task and release is not None:
+                        release(task)
+                    raise
+            return run
 
-        def _release(task):
-            release = getattr(backend, "release_task", None)
-            if task and release is not None:
-                release(task)
+        @releasing
+        def submit(task, *args, front):
+            return _submit(front, task, *args)
 
         def _submit(front, task, *args):
             ui_values, paths = _split_settings(args)
@@ -895,9 +907,9 @@ def build_tab(backend) -> gr.Blocks:
                     jobs_box: jobs_table_html(jobs, shown["id"])}
 
         submit_outputs = [train_status, job_select, jobs_box]
-        train_btn.click(guarded(train_status)(functools.partial(submit, True)), [task_id] + settings, submit_outputs,
+        train_btn.click(guarded(train_status)(functools.partial(submit, front=True)), [task_id] + settings, submit_outputs,
                         _js="lora_studio_start_training")
-        queue_btn.click(guarded(train_status)(functools.partial(submit, False)), [task_id] + settings,
+        queue_btn.click(guarded(train_status)(functools.partial(submit, front=False)), [task_id] + settings,
                         submit_outputs, _js="lora_studio_start_training")
 
         def _refuse_while_training(what):
@@ -938,14 +950,8 @@ def build_tab(backend) -> gr.Blocks:
                                                                            value=None)}
 
         @guarded(train_status)
+        @releasing
         def do_resume(task, label):
-            try:
-                return _resume(task, label)
-            except Exception:
-                _release(task)
-                raise
-
-        def _resume(task, label):
             j = backend.job(_selected(label))
             if j is None:
                 raise UiError("That job is no longer in the list.")
