@@ -159,6 +159,44 @@ def test_activate_apply_and_restore(webui):
     assert "Lora hashes" not in p.extra_generation_params
 
 
+def test_add_network_to_prompt_adds_the_tag_once(webui):
+    """sd_lora: we are registered as lora and lorastudio, so a prompt without tags activates us twice per pass."""
+    ns = webui
+    ns.shared.opts.data["sd_lora"] = "test_lora"  # (the built-in Lora's setting; not in the fake's table)
+    try:
+        p = generate(ns, "a cat", n_iter=2, enable_hr=True)
+    finally:
+        del ns.shared.opts.data["sd_lora"]
+    assert p.all_prompts == ["a cat<lora:test_lora:1.0>"] * 2
+    assert [r[0] for r in ns.session.status()["applied"]] == ["test_lora"]
+    assert not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
+    generate(ns, "")
+    assert_pristine(ns)
+
+
+def test_a_rewritten_file_under_the_same_name_drops_the_cached_conditioning(webui, tmp_path):
+    """A1111 reuses a prompt's conditioning by prompt text; a retrained or re-downloaded file must not meet the
+    old file's text-encoder part there, and its new hash is what the infotext says."""
+    ns = webui
+    path = ns.data / "models" / "Lora" / "swap.safetensors"
+    lora_files.write_lora(str(path), seed=5)
+    p = generate(ns, "a cat <lora:swap:1>")
+    first_hash = p.extra_generation_params["Lora hashes"]
+    cached = ns.processing.StableDiffusionProcessing.cached_c
+    cached[:] = [("key",), "conds of the old file"]  # what A1111 keeps after a job (persistent_cond_cache)
+    generate(ns, "a cat <lora:swap:1>")
+    assert cached == [("key",), "conds of the old file"]  # same file: kept
+    lora_files.write_lora(str(path), seed=6)
+    os.utime(path, ns=(2_000_000_000, 2_000_000_000))  # (same size; the clock may not have ticked)
+    p = generate(ns, "a cat <lora:swap:1>")
+    assert cached == [None, None] and p.cached_c is cached
+    assert p.extra_generation_params["Lora hashes"] != first_hash
+    assert p.extra_generation_params["Lora hashes"].split(": ")[1] == ns.session.discovery.resolve("swap").shorthash
+    os.remove(path)
+    generate(ns, "")
+    assert_pristine(ns)
+
+
 def test_params_forms_and_subfolder_and_lyco(webui):
     ns = webui
     p = generate(ns, "x <lyco:sub dir/other:te=0.5:unet=1>")

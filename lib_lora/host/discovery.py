@@ -322,8 +322,8 @@ class Discovery:
         with self._lock:
             self.ensure_scanned()
             entry = self._lookup(name)
-            if entry is not None and not os.path.exists(entry.filename):
-                entry = None  # deleted since the scan
+            if entry is not None and not _unchanged(entry):
+                entry = None  # deleted or rewritten since the scan: its hash and metadata are read again
             if entry is None and rescan:
                 self.refresh()
                 entry = self._lookup(name)
@@ -360,3 +360,11 @@ class Discovery:
         with self._lock:
             self.ensure_scanned()
             return self.hash_lookup.get(str(shorthash).strip().lower()[:12])
+
+
+def _unchanged(entry: LoraEntry) -> bool:
+    try:
+        st = os.stat(entry.filename)
+    except OSError:
+        return False
+    return (st.st_mtime, st.st_size) == (entry.mtime, entry.size)

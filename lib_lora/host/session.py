@@ -57,6 +57,7 @@ class Session:
         self.last_messages: list[str] = []
         self.last_result = None
         self._console_details: list[str] = []
+        self._file_ids: dict[str, tuple] = {}  # tag name -> (path, mtime_ns, size) of the file last applied
 
     # ------------------------------------------------------------------ settings
     def settings_spec(self) -> dict:
@@ -281,7 +282,9 @@ class Session:
         return self.host.builtin_extra_network() is not None and self.host.opt("sd_lora", "None") not in ("None", "", None)
 
     def _default_lora(self, p, refs):
-        """The built-in's "Add network to prompt" setting (sd_lora): honoured when we own <lora:…>."""
+        """The built-in's "Add network to prompt" setting (sd_lora): honoured when we own <lora:…>. The tag goes
+        into the prompts once per job: activate runs again for the hires pass, each batch, and once more for each
+        name we are registered under."""
         additional = self.host.opt("sd_lora", "None")
         if not self.took_over or additional in ("None", "", None) or any(r.name == additional for r in refs):
             return refs
@@ -289,7 +292,9 @@ class Session:
             return refs
         from ..apply.parser import parse_params
         mult = self.host.opt("extra_networks_default_multiplier", 1.0)
-        p.all_prompts = [x + f"<lora:{additional}:{mult}>" for x in p.all_prompts]
+        if not getattr(p, "lora_studio_default_added", False):
+            p.all_prompts = [x + f"<lora:{additional}:{mult}>" for x in p.all_prompts]
+            p.lora_studio_default_added = True
         return refs + [parse_params([additional, mult])]
 
     def activate(self, p, params_list):
@@ -340,11 +345,25 @@ class Session:
             self._report(p, msgs)
             return
         self.applied = used
+        self._forget_conds_if_files_changed(p, used)
         self._report_result(result, used, msgs)
         names_hashes = [(ref.name, self.discovery.read_hash(entry)) for entry, ref, _ in used]
         if self.host.opt("lora_add_hashes_to_infotext", True):
             infotext.record_hashes(p, names_hashes, self._hashes_key())
         self._report(p, msgs)
+
+    def _forget_conds_if_files_changed(self, p, used):
+        """A file rewritten under a name (a retrained LoRA, a new download) must not meet the conditioning A1111
+        cached for the same prompt with the old file's text-encoder part."""
+        changed = False
+        for entry, ref, net in used:
+            ident = getattr(net, "key", None)
+            if self._file_ids.get(ref.name, ident) != ident:
+                changed = True
+            self._file_ids[ref.name] = ident
+        forget = getattr(self.host, "forget_conds", None)
+        if changed and forget is not None:
+            forget(p)
 
     def _hashes_key(self) -> str:
         return infotext.HASHES_KEY if self.took_over else infotext.OWN_HASHES_KEY

@@ -140,6 +140,23 @@ def without_autocast():
     return stack
 
 
+def forget_conds(p=None):
+    """A1111 caches a prompt's conditioning by its text and tags, not by the files behind the tags: after a LoRA
+    file changed under the same name, the next conditioning is computed again (reference §4.4). The lists are
+    emptied in place: ``p`` holds the same list objects as the class."""
+    try:
+        from modules import processing
+    except ImportError:
+        return
+    lists = [getattr(processing.StableDiffusionProcessing, n, None) for n in ("cached_c", "cached_uc")]
+    txt2img = getattr(processing, "StableDiffusionProcessingTxt2Img", None)
+    lists += [getattr(txt2img, n, None) for n in ("cached_hr_c", "cached_hr_uc")]
+    lists += [getattr(p, n, None) for n in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")]
+    for cache in lists:
+        if isinstance(cache, list) and len(cache) == 2:
+            cache[0] = cache[1] = None
+
+
 # ------------------------------------------------------------------ Forge
 def forge_info() -> str | None:
     """A description of the Forge/reForge host, or None on A1111 (reference §11: detection)."""

@@ -11,6 +11,9 @@ from modules import extra_networks
 
 
 class StableDiffusionProcessing:
+    cached_uc = [None, None]  # A1111's cond cache: (cache key, conditioning), shared by every job
+    cached_c = [None, None]
+
     def __init__(self, prompt="", negative_prompt="", n_iter=1, batch_size=1, disable_extra_networks=False,
                  enable_hr=False, hr_prompt="", extra_generation_params=None, override_settings=None,
                  sd_model=None, seed=-1, steps=50, width=512, height=512, cfg_scale=7.0, sampler_name=None,
@@ -45,6 +48,8 @@ class StableDiffusionProcessing:
         self.iteration = 0
         self.seeds = []
         self.subseeds = []
+        self.cached_uc = StableDiffusionProcessing.cached_uc
+        self.cached_c = StableDiffusionProcessing.cached_c
 
     def comment(self, text):
         self.comments[text] = 1
@@ -60,7 +65,13 @@ class StableDiffusionProcessing:
 
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    pass
+    cached_hr_uc = [None, None]
+    cached_hr_c = [None, None]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cached_hr_uc = StableDiffusionProcessingTxt2Img.cached_hr_uc
+        self.cached_hr_c = StableDiffusionProcessingTxt2Img.cached_hr_c
 
 
 class Processed:
