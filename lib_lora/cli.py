@@ -37,7 +37,7 @@ class CliError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="LoRA studio command line: inspect LoRA files, bake LoRAs into checkpoints, and "
+        prog=PROG, description="LoRA Studio command line: inspect LoRA files, bake LoRAs into checkpoints, and "
                                "train headless.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"lora-studio {__version__}")

@@ -184,7 +184,7 @@ def _plot(losses: list[tuple[int, float]], before: float, after: float, path: st
     ax.axhline(after, color="#3a3", ls="--", label=f"fixed-noise loss after: {after:.4f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (MSE)")
-    ax.set_title("LoRA studio quickstart")
+    ax.set_title("LoRA Studio quickstart")
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -240,7 +240,7 @@ def run_quickstart(out_dir: str = DEFAULT_OUT, steps: int | None = None, seed: i
         "output_dir": lora_dir, "output_name": NAME, "network_module": "networks.lora", "network_dim": 8,
         "network_alpha": 4, "learning_rate": 1e-3, "unet_lr": 1e-3, "text_encoder_lr": 5e-4,
         "max_train_steps": steps, "seed": seed, "lr_scheduler": "constant", "optimizer_type": "AdamW",
-        "save_precision": "fp16", "metadata_title": "LoRA studio quickstart",
+        "save_precision": "fp16", "metadata_title": "LoRA Studio quickstart",
     }, source="quickstart", base_dir=out)
     plan = plan_for(host, cfg)
     log(plan.report())

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import models
@@ -352,6 +352,21 @@ def test_loader_refuses_pickles(tmp_path):
     p.write_bytes(b"\x80\x04junk")
     with pytest.raises(LoraFileError, match="pickle"):
         load_network(p, "sd1", cache=None)
+
+
+def test_loader_refuses_a_file_with_nan_or_inf(sd1, tmp_path):
+    """A NaN in one lora_up only gives black images and an A1111 error that names no LoRA: said at load."""
+    mp = layer_mapping(sd1)
+    keys = _with_parts(dict(list(SD1_KEYS.items())[:2]))
+    path = tmp_path / "nan.safetensors"
+    write_kohya(path, keys, mp, {"ss_network_module": "networks.lora"})
+    t = load_file(str(path))
+    up = sorted(k for k in t if k.endswith("lora_up.weight"))[0]
+    t[up][0, 0] = float("nan")
+    save_file(t, str(path))
+    with pytest.raises(LoraFileError, match=rf"nan.safetensors: 1 tensor\(s\) hold NaN or infinite values \(e.g. "
+                                            rf"{up}\): the file is damaged"):
+        load_network(path, "sd1", cache=None)
 
 
 def test_switch_between_two_files_uses_delta_cache(sd1, tmp_path):

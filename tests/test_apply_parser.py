@@ -79,6 +79,8 @@ def test_parse_prompt(prompt, clean, expected):
     ("<lora:cat:nan>", "not a finite number"),
     ("<lora:cat:inf>", "not a finite number"),
     ("<lora: :1>", "no LoRA name"),
+    ("<lora:cat:1e9>", "the text-encoder multiplier 1e9 is far beyond what a LoRA takes (usually -2 to 2; at most"),
+    ("<lora:cat:1:-150>", "the UNet multiplier -150 is far beyond"),
 ])
 def test_bad_numbers_name_the_tag(prompt, fragment):
     if fragment is None:
@@ -91,6 +93,13 @@ def test_bad_numbers_name_the_tag(prompt, fragment):
     assert fragment in msg
     assert prompt.strip() in msg or "<lora:" in msg  # the tag is quoted
     assert isinstance(ei.value, ValueError)
+
+
+def test_a_large_weight_is_applied_with_a_note():
+    _, refs = parse_prompt("<lora:cat:8> <lora:dog:1:-6> <lora:ok:2:-2>")
+    assert [r.unet for r in refs] == [8.0, -6.0, -2.0]
+    assert refs[0].notes() == ["<lora:cat:8>: weight 8 is far outside the usual -2 to 2; expect a broken or black image"]
+    assert "weight -6 is far outside" in refs[1].notes()[0] and refs[2].notes() == []
 
 
 def test_error_message_quotes_whole_tag():

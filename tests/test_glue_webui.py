@@ -212,7 +212,7 @@ def test_errors_are_reported_not_silent(webui, capsys):
                  n_iter=2)
     text = " ".join(p.comments)
     assert "LoRA not found: 'does_not_exist'" in text
-    assert "LoRA 'partial' partially applied" in text and "1 file module(s) match no layer" in text
+    assert "LoRA 'partial' partly applied (1 of its 2 modules): 1 of its modules match no layer" in text
     assert "LoRA 'corrupt' not applied" in text and "corrupt.safetensors" in text
     assert "LoRA 'xl_only' not applied" in text and "SDXL" in text
     assert "not a number" in text  # <lora:test_lora:x>
@@ -222,6 +222,80 @@ def test_errors_are_reported_not_silent(webui, capsys):
     assert out.count("LoRA not found: 'does_not_exist'") == 1  # once per job, not per activation
     # the good part was still applied
     assert not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
+    generate(ns, "")
+    assert_pristine(ns)
+
+
+def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
+    """A file that is no LoRA says what it is; a module that fails is not counted as applied and its layer is
+    named; a module missing half its tensors is called incomplete, not unmatched; shared names and aliases say
+    which files; the infotext carries no local folder."""
+    ns = webui
+    lib = ns.data / "models" / "Lora" / "odd"
+    made = []
+    from safetensors.torch import save_file
+
+    def put(name, tensors, metadata=None):
+        path = lib / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=metadata)
+        made.append(path)
+    put("a_checkpoint.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+                                     "alphas_cumprod": torch.ones(10)})
+    put("an_embedding.safetensors", {"emb_params": torch.zeros(2, 768)})
+    bad = lora_files.SD1_SHAPES.copy()
+    bad[list(T)[0]] = (40, 32)  # one module's lora_up is 40 rows for a 32-row layer
+    made.append(lib / "wrong_shape.safetensors")
+    lora_files.write_lora(str(lib / "wrong_shape.safetensors"), seed=7, shapes=bad)
+    made.append(lib / "no_up.safetensors")
+    lora_files.write_lora(str(lib / "no_up.safetensors"), seed=8)
+    from safetensors.torch import load_file
+    t = load_file(str(lib / "no_up.safetensors"))
+    del t[f"{list(T)[1]}.lora_up.weight"]
+    put("no_up.safetensors", t, {"ss_network_module": "networks.lora"})
+    for sub in ("x", "y"):
+        made.append(lib / sub / "twin.safetensors")
+        lora_files.write_lora(str(lib / sub / "twin.safetensors"), seed=9, metadata={"ss_output_name": "Shared"})
+    made.append(lib / "old.pt")
+    (lib / "old.pt").write_bytes(b"\x80\x02}q\x00.")  # (refused by its extension, never unpickled)
+    ns.session.discovery.refresh()
+    try:
+        p = generate(ns, "<lora:a_checkpoint:1> <lora:an_embedding:1> <lora:wrong_shape:1> <lora:no_up:1> "
+                         "<lora:twin:1> <lora:Shared:1> <lora:TEST_LORA:1> <lora:nothing_like_it:1> <lora:old:1>")
+        text = "\n".join(p.comments)
+        assert "old.pt: '.pt' files are Python pickles" in text and "The built-in Lora does open them" in text
+        assert ("LoRA 'a_checkpoint' not applied: a_checkpoint.safetensors: it is a full Stable Diffusion checkpoint, "
+                "not a LoRA: move it to models/Stable-diffusion" in text), text
+        assert "LoRA 'an_embedding' not applied: an_embedding.safetensors: it is a textual-inversion embedding" in text
+        assert ("LoRA 'wrong_shape' partly applied (3 of its 4 modules): 1 layer(s) failed (e.g. "
+                "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q:" in text), text
+        assert f"LoRA 'no_up' partly applied (3 of its 4 modules): 1 module(s) are damaged or incomplete (e.g. {list(T)[1]}" in text
+        assert "match no layer" not in text.split("LoRA 'no_up'")[1].split("\n")[0]
+        assert "LoRA 'twin' names 2 files; used odd/y/twin (not odd/x/twin): write <lora:odd/x/twin:…> for another" in text
+        assert ("LoRA 'Shared' is the name (ss_output_name) of several files (odd/x/twin, odd/y/twin): write the "
+                "file's own name instead" in text), text
+        assert "LoRA not found: 'TEST_LORA'" in text and "did you mean 'test_lora'?" in text
+        assert "LoRA not found: 'nothing_like_it'" in text and "did you mean" not in text.split("nothing_like_it")[1]
+        warned = p.extra_generation_params["LoRA Studio warnings"]
+        assert str(ns.data) not in warned  # no local paths in images
+        assert warned.index("'a_checkpoint'") < warned.index("'Shared'")  # in prompt order, not sorted
+        assert "'nothing_like_it' was looked for in " + str(ns.data) in capsys.readouterr().out  # (the console)
+        # the cards say it before anyone writes a tag
+        made.append(lib / "colon: v2.safetensors")
+        lora_files.write_lora(str(lib / "colon: v2.safetensors"), seed=10)
+        page = next(x for x in ns.ui_extra_networks.extra_pages if x.name == "lora_studio")
+        page.refresh()
+        page.create_html("txt2img")
+        cards = {k: v["description"] or "" for k, v in page.items.items()}
+        assert cards["a_checkpoint"].startswith("Not a LoRA: it is a full Stable Diffusion checkpoint")
+        assert cards["an_embedding"].startswith("Not a LoRA: it is a textual-inversion embedding")
+        assert cards["corrupt"].startswith("Unreadable file: ")
+        assert cards["colon: v2"].startswith("Rename this file: ':' or '>' in its name ends a <lora:…> tag")
+        assert not cards["wrong_shape"] and not cards["no_up"]
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+        ns.session.discovery.refresh()
     generate(ns, "")
     assert_pristine(ns)
 

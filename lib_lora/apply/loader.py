@@ -7,10 +7,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from ..formats.errors import FamilyMismatchError, LoraError, UnsupportedFamilyError
+from ..formats.errors import FamilyMismatchError, LoraError, LoraFileError, UnsupportedFamilyError
 from ..formats.family import detect_family
 from ..formats.keymap import FAMILIES, Target, group_modules, label
-from ..formats.report import MatchReport
+from ..formats.report import MatchReport, not_a_lora
 from ..formats.safetensors_io import load_tensors, read_header, refuse_pickle
 from ..networks import ModuleContext, build_module
 from .cache import LRU
@@ -117,6 +117,9 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
     header = read_header(path)
     metadata = {k: v for k, v in (header.get("__metadata__") or {}).items()}
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    kind = not_a_lora(shapes)  # (before reading gigabytes of a checkpoint)
+    if kind:
+        raise LoraError(f"{os.path.basename(path)}: {kind}", path)
     info = detect_family(shapes, metadata)
     if info.refused:
         raise UnsupportedFamilyError(info.refusal_message(path), path)
@@ -125,10 +128,11 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
         mismatch = f"this LoRA is for {label(info.family)}, the loaded model is {label(family)}"
         if on_mismatch == "raise":
             raise FamilyMismatchError(
-                f"{os.path.basename(path)}: {mismatch} (detected from {info.evidence}). Load an "
-                f"{label(info.family)} checkpoint to use it.", path)
+                f"{os.path.basename(path)}: {mismatch}. Load an {label(info.family)} checkpoint to use it.", path,
+                detail=f"{label(info.family)} detected from {info.evidence}")
 
     tensors = load_tensors(path)
+    _refuse_non_finite(path, tensors)
     warnings: list[str] = []
     writer = detect_writer(metadata, tensors.keys())
     adapter_cfg = _adapter_config(metadata, warnings)
@@ -175,6 +179,17 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
     if cache is not None:
         cache.put(ckey, net)
     return net
+
+
+def _refuse_non_finite(path: str, tensors: dict) -> None:
+    """A NaN or infinity in a file only gives black images, and A1111 then stops the job with advice that does not
+    name the LoRA: say it here, once per file (the result is cached)."""
+    import torch
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise LoraFileError(f"{os.path.basename(path)}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. "
+                            f"{bad[0]}): the file is damaged, or it was saved from a training run that diverged. "
+                            "Download it again, or use an earlier epoch's file.", path)
 
 
 def _unmatch(report: MatchReport, module_key: str, reason: str) -> None:

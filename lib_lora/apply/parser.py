@@ -22,6 +22,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
+MAX_WEIGHT = 100.0  # beyond: refused (only NaN comes of it)
+LARGE_WEIGHT = 5.0  # beyond: applied, with a note
+
 try:  # share the engine's error base when formats is importable; the parser itself needs nothing from it
     from ..formats.errors import LoraError as _ErrorBase
 except ImportError:  # formats missing or broken: the parser stays usable standalone
@@ -55,6 +58,10 @@ class LoraRef:
             out.append(f"{self.tag or self.name}: ignored unsupported argument(s) {args}")
         if self.extra_positional:
             out.append(f"{self.tag or self.name}: ignored extra argument(s) {':'.join(self.extra_positional)}")
+        big = [w for w in (self.te, self.unet) if abs(w) > LARGE_WEIGHT]
+        if big:
+            out.append(f"{self.tag or self.name}: weight {big[0]:g} is far outside the usual -2 to 2; expect a "
+                       "broken or black image")
         return out
 
 
@@ -75,6 +82,9 @@ def _float(value, what: str, tag: str) -> float | None:
             raise LoraTagError(f"{tag}: the {what} multiplier '{s}' is not a number (expected e.g. 0.8)") from None
     if not math.isfinite(v):
         raise LoraTagError(f"{tag}: the {what} multiplier '{value}' is not a finite number")
+    if abs(v) > MAX_WEIGHT:  # only NaN images come of it (A1111 then stops the job with advice that misleads)
+        raise LoraTagError(f"{tag}: the {what} multiplier {value} is far beyond what a LoRA takes (usually -2 to 2; "
+                           f"at most ±{MAX_WEIGHT:g} here); the tag was not applied")
     return v
 
 

@@ -59,9 +59,14 @@ class NetworkApplyStats:
     def unmatched_count(self) -> int:
         return len(self.unmatched)
 
+    @property
+    def applied(self) -> int:
+        """Targets whose delta is in the weights (found, computed, and not skipped)."""
+        return max(0, self.matched - len(self.errors) - len(self.skipped))
+
     def summary(self) -> str:
         total = self.matched + len(self.unmatched)
-        s = f"lora '{self.name}': {self.matched}/{total} targets applied"
+        s = f"lora '{self.name}': {self.applied}/{total} targets applied"
         if self.unmatched:
             s += f", {len(self.unmatched)} not in the model"
         if self.errors:
@@ -364,7 +369,7 @@ class Patcher:
         if not ok:
             st.signature = None
             result.stale_dropped += 1
-            msg = (f"{st.name}: weights were changed outside LoRA studio (checkpoint reload?); "
+            msg = (f"{st.name}: weights were changed outside LoRA Studio (checkpoint reload?); "
                    f"kept them and dropped the old backup")
             result.messages.append(msg)
             log.info(msg)
@@ -534,7 +539,7 @@ class Patcher:
         for pname in list(st.written):
             mark = st.marks.get(pname)
             if mark is None or not self._unchanged(st.module, pname, mark):
-                msg = (f"{st.name}: weights were changed outside LoRA studio (checkpoint reload?); "
+                msg = (f"{st.name}: weights were changed outside LoRA Studio (checkpoint reload?); "
                        f"kept them instead of restoring the old backup")
                 result.messages.append(msg)
                 result.stale_dropped += 1

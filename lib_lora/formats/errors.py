@@ -5,8 +5,9 @@ import os
 class LoraError(Exception):
     """Base class: the message says what happened and what to do, and names the file when there is one."""
 
-    def __init__(self, message, path=None):
+    def __init__(self, message, path=None, detail=None):
         self.path = os.fspath(path) if path is not None else None
+        self.detail = detail  # evidence for the console and `inspect`, kept out of the one-line message
         if self.path is not None and os.path.basename(self.path) not in message:
             message = f"{os.path.basename(self.path)}: {message}"
         super().__init__(message)

@@ -115,3 +115,27 @@ class MatchReport:
             if len(items) > limit:
                 lines.append(f"    ... and {len(items) - limit} more")
         return "\n".join(lines)
+
+
+_CHECKPOINT_ROOTS = ("first_stage_model.", "cond_stage_model.", "conditioner.embedders.", "model_ema.")
+_EMBEDDING_ROOTS = {"emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g", "name", "step",
+                    "sd_checkpoint", "sd_checkpoint_name"}
+
+
+def not_a_lora(keys) -> str | None:
+    """What a file of the LoRA folder is when it is no network at all, and where it belongs; None otherwise.
+    (Only the tell-tale keys of checkpoints, VAEs and embeddings: a ComfyUI ``model.diffusion_model.*.diff`` file is
+    a network.)"""
+    keys = [k for k in keys if k != "__metadata__"]
+    if not keys:
+        return "it holds no tensors"
+    if any(k.startswith(_CHECKPOINT_ROOTS) for k in keys) or "alphas_cumprod" in keys:
+        return ("it is a full Stable Diffusion checkpoint, not a LoRA: move it to models/Stable-diffusion and choose "
+                "it in the checkpoint list")
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys) and any(
+            k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
+        return "it is a VAE, not a LoRA: move it to models/VAE and choose it in the VAE setting"
+    if {k.split(".", 1)[0] for k in keys} <= _EMBEDDING_ROOTS:
+        return ("it is a textual-inversion embedding, not a LoRA: move it to the embeddings folder and write its "
+                "name in the prompt")
+    return None

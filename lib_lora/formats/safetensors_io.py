@@ -41,7 +41,7 @@ def refuse_pickle(path):
     if ext in PICKLE_EXTENSIONS:
         raise LoraFileError(
             f"{_name(path)}: '{ext}' files are Python pickles, and loading a pickle file can run code hidden in it, "
-            f"so LoRA studio does not open them. Convert it to .safetensors with a tool you trust (for example "
+            f"so LoRA Studio does not open them. Convert it to .safetensors with a tool you trust (for example "
             f"kohya's sd-scripts or a one-off `torch.load` + `safetensors.torch.save_file` on a file whose source "
             f"you trust), or get the .safetensors version from the author.", path)
 

@@ -48,6 +48,7 @@ class LoraEntry:
     family_evidence: str = ""
     refused_family: str | None = None   # e.g. 'flux' when the file is for a family we don't apply
     error: str | None = None  # header unreadable: shown on the card, reported on use
+    not_lora: str | None = None  # e.g. "it is a full Stable Diffusion checkpoint, …": shown on the card
 
     @property
     def is_safetensors(self) -> bool:
@@ -260,6 +261,9 @@ class Discovery:
         entry = LoraEntry(name=name, filename=path, relname=relname, root=root, mtime=st.st_mtime,
                           size=st.st_size, metadata=metadata, error=error)
         entry.alias = str(raw.get("ss_output_name") or name)
+        if shapes:
+            from ..formats.report import not_a_lora
+            entry.not_lora = not_a_lora(shapes)
         cached = self.cache.get(path, st.st_mtime, st.st_size)
         entry.hash = str(raw.get("sshs_model_hash") or cached.get("sha256") or "").strip().lower()
         entry.sd_version, entry.family_evidence, entry.refused_family = self._detect_version(
@@ -331,6 +335,32 @@ class Discovery:
 
     def is_forbidden_alias(self, name: str) -> bool:
         return name.lower() in self.forbidden
+
+    def alias_owners(self, alias: str) -> list[LoraEntry]:
+        """The files whose alias (ss_output_name) or stem is ``alias``."""
+        with self._lock:
+            return [e for e in self.by_path.values() if alias in (e.alias, e.name)]
+
+    def same_name(self, entry: LoraEntry) -> list[LoraEntry]:
+        """Every file with ``entry``'s stem (in other subfolders or LoRA folders), ``entry`` included."""
+        with self._lock:
+            return [e for e in self.by_path.values() if e.name == entry.name]
+
+    def near_names(self, name: str, limit: int = 2) -> list[str]:
+        """Names a mistyped one probably meant: another case, a file in a subfolder, or a close spelling."""
+        import difflib
+        with self._lock:
+            names = sorted({e.name for e in self.by_path.values()} | {e.alias for e in self.by_path.values()})
+            rel = sorted(e.relname for e in self.by_path.values())
+        low = name.lower()
+        same_case = [n for n in names if n.lower() == low]
+        in_sub = [r for r in rel if r.lower().endswith("/" + low)]
+        close = difflib.get_close_matches(name, names, n=limit, cutoff=0.75)
+        out = []
+        for n in same_case + in_sub + close:
+            if n not in out and n != name:
+                out.append(n)
+        return out[:limit]
 
     # ------------------------------------------------------------------ hashes
     def read_hash(self, entry: LoraEntry) -> str:

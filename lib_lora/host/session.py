@@ -373,41 +373,93 @@ class Session:
         from ..formats.errors import LoraError
         entry = self.discovery.resolve(ref.name)
         if entry is None:
-            dirs = ", ".join(self.discovery.dirs()) or "(no LoRA folder configured)"
-            msgs.append(f"LoRA not found: '{ref.name}' (searched {dirs}; a name, alias or sub/folder/name works)")
+            msgs.append(self._not_found(ref.name))
             return None
+        self._say_if_ambiguous(ref.name, entry, msgs)
         try:
             return entry, load_network(entry.filename, family, layer_names=mapping)
         except LoraError as e:
-            msgs.append(f"LoRA '{ref.name}' not applied: {e}")
+            pickle = os.path.splitext(entry.filename)[1].lower() in (".pt", ".ckpt")
+            hint = (" (The built-in Lora does open them: switch off 'LoRA Studio handles <lora:…> prompt tags' in "
+                    "Settings → LoRA Studio to let it.)" if pickle and self.took_over else "")
+            msgs.append(f"LoRA '{ref.name}' not applied: {e}{hint}")
+            if getattr(e, "detail", None):
+                self._console_details.append(f"LoRA '{ref.name}': {e.detail}")
         except Exception as e:  # unexpected: full traceback to the console, one line to the user
             traceback.print_exc()
-            msgs.append(f"LoRA '{ref.name}' not applied: {type(e).__name__} while loading {entry.filename}: {e}")
+            msgs.append(f"LoRA '{ref.name}' not applied: {type(e).__name__} while loading "
+                        f"{os.path.basename(entry.filename)}: {e}")
         return None
 
+    def _not_found(self, name: str) -> str:
+        disc = self.discovery
+        owners = disc.alias_owners(name) if disc.is_forbidden_alias(name) else []
+        if len(owners) > 1:
+            files = ", ".join(sorted(e.relname for e in owners))
+            return (f"LoRA '{name}' is the name (ss_output_name) of several files ({files}): write the file's own "
+                    "name instead, e.g. from its card")
+        # the folders go to the console only: the message is also written into every image's infotext
+        dirs = ", ".join(disc.dirs()) or "(no LoRA folder configured)"
+        self._console_details.append(f"LoRA '{name}' was looked for in {dirs}")
+        near = disc.near_names(name)
+        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        return (f"LoRA not found: '{name}' (a file name, alias or sub/folder/name from the LoRA folders works; "
+                f"Refresh the Lora tab after adding files){hint}")
+
+    def _say_if_ambiguous(self, name: str, entry, msgs):
+        """A bare name that several files share (in different subfolders): the choice is A1111's, said here."""
+        if "/" in name.replace("\\", "/"):
+            return
+        same = [e for e in self.discovery.same_name(entry) if e is not entry]
+        if same:
+            others = ", ".join(sorted(e.relname for e in same))
+            msgs.append(f"LoRA '{name}' names {len(same) + 1} files; used {entry.relname} (not {others}): write "
+                        f"<lora:{same[0].relname}:…> for another")
+
     def _report_result(self, result, used, msgs=None):
-        """Partial matches and per-layer failures become messages; nothing is dropped silently."""
+        """What could not be applied becomes one message per LoRA that says why; nothing is dropped silently."""
         self.last_result = result
         out = msgs if msgs is not None else []
-        if used:
-            for (entry, ref, net), stats in zip(used, result.networks):
-                report = getattr(net, "report", None)
-                file_unmatched = len(getattr(report, "unmatched", None) or {})
-                if file_unmatched or stats.unmatched or stats.errors or stats.skipped or stats.matched == 0:
-                    what = report.summary() if report is not None else stats.summary()
-                    detail = []
-                    if file_unmatched:
-                        keys = list(report.unmatched)[:3]
-                        detail.append(f"{file_unmatched} file module(s) match no layer of this model "
-                                      f"(e.g. {', '.join(keys)})")
-                    if stats.unmatched or stats.errors or stats.skipped:
-                        detail.append(stats.summary())
-                    if stats.matched == 0:
-                        detail.append("nothing was applied")
-                    out.append(f"LoRA '{ref.name}' partially applied: {what}; " + "; ".join(detail))
-        # Details (which layers, stale backups after a checkpoint reload) go to the console only; the per-LoRA
-        # summary above is what the user sees in the UI and infotext.
-        self._console_details = list(getattr(result, "messages", []) or [])
+        details = []
+        for (entry, ref, net), stats in zip(used or [], result.networks):
+            report = getattr(net, "report", None)
+            unmatched = dict(getattr(report, "unmatched", None) or {})
+            unreadable = {k: r for k, r in unmatched.items() if str(r).startswith("could not be read")}
+            nolayer = [k for k in unmatched if k not in unreadable]
+            why = []
+            if nolayer:
+                why.append(f"{len(nolayer)} of its modules match no layer of this model (e.g. "
+                           f"{', '.join(nolayer[:3])})")
+            if unreadable:
+                k = next(iter(unreadable))
+                why.append(f"{len(unreadable)} module(s) are damaged or incomplete (e.g. {k}: "
+                           f"{unreadable[k][len('could not be read: '):]})")
+            if stats.unmatched:
+                why.append(f"{len(stats.unmatched)} layer(s) could not be patched (e.g. {stats.unmatched[0]})")
+            if stats.errors:
+                why.append(f"{len(stats.errors)} layer(s) failed (e.g. {stats.errors[0]})")
+            if stats.skipped:
+                why.append(f"{len(stats.skipped)} layer(s) skipped (e.g. {stats.skipped[0]})")
+            if why or stats.applied == 0:
+                total = getattr(report, "total_modules", 0) or stats.matched + len(stats.unmatched)
+                head = (f"LoRA '{ref.name}' not applied" if stats.applied == 0 else
+                        f"LoRA '{ref.name}' partly applied ({stats.applied} of its {total} modules)")
+                if report is not None and getattr(report, "family_mismatch", None):
+                    why.insert(0, report.family_mismatch)
+                out.append(head + ": " + ("; ".join(why) or "it changes no layer of this model"))
+                if report is not None:
+                    details.append(report.details())
+                details.extend(f"LoRA '{ref.name}': {m}" for m in stats.unmatched + stats.errors + stats.skipped)
+            notes = list(getattr(net, "warnings", None) or [])
+            notes += [n for n in (getattr(report, "notes", None) or []) if n != getattr(report, "family_mismatch", 0)]
+            notes = [n for n in notes if "could not be read" not in n]
+            if notes:
+                more = f" (and {len(notes) - 1} more, in the console)" if len(notes) > 1 else ""
+                out.append(f"LoRA '{ref.name}': {notes[0]}{more}")
+                details.extend(f"LoRA '{ref.name}': {n}" for n in notes[1:])
+        # Which layers, stale backups after a checkpoint reload: the console only; the per-LoRA line above is
+        # what the UI and the infotext show.
+        self._console_details += details + list(getattr(result, "messages", []) or [])
         if not used:
             self._flush_details(set())
         return out
@@ -432,12 +484,20 @@ class Session:
         if not msgs:
             return
         new = [m for m in msgs if m not in seen]
+        said = getattr(p, "lora_studio_said", None)
+        if not isinstance(said, list):
+            said = []
+            try:
+                p.lora_studio_said = said
+            except AttributeError:
+                pass
         for m in new:
             seen.add(m)
+            said.append(m)  # in prompt order, so each line sits where its tag is
             self.host.console(m)
             if hasattr(p, "comment"):
                 p.comment(m)
-        shown = sorted(m for m in seen if isinstance(m, str))
+        shown = said
         if hasattr(p, "extra_generation_params") and shown:
             p.extra_generation_params[infotext.WARNINGS_KEY] = " | ".join(shown)
 

@@ -61,8 +61,12 @@ def build_item(page, session, entry: LoraEntry, index=None, enable_filter=True) 
     if entry.alias != entry.name:
         search_terms.append(entry.alias)
     description = page.find_description(path)
-    if entry.error:
-        description = f"Unreadable file: {entry.error}" + (f"\n{description}" if description else "")
+    problem = (f"Unreadable file: {entry.error}" if entry.error else
+               f"Not a LoRA: {entry.not_lora}" if entry.not_lora else
+               "Rename this file: ':' or '>' in its name ends a <lora:…> tag early, so no prompt can name it"
+               if any(c in entry.relname for c in ":>") else None)
+    if problem:
+        description = problem + (f"\n{description}" if description else "")
     item = {
         "name": name,
         "filename": entry.filename,
