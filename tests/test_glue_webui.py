@@ -144,6 +144,8 @@ def test_activate_apply_and_restore(webui):
     h = ns.session.discovery.resolve("test_lora").hash
     assert p.extra_generation_params["Lora hashes"] == f"test alias: {h[:12]}"
     assert not p.comments, p.comments
+    p = generate(ns, "a cat <lora:test_lora:0.5> <lora:test_lora:1>")  # (a card clicked twice, a pasted prompt)
+    assert "LoRA 'test_lora' is in the prompt 2 times: their weights add up (0.5 + 1 for the UNet)" in p.comments
     # a changed multiplier re-merges from the originals (not on top of the previous merge)
     generate(ns, "a cat <lora:test_lora:0.4:0.4>")
     w04 = weight(ns, UNET_Q)
@@ -297,6 +299,47 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
             path.unlink(missing_ok=True)
         ns.session.discovery.refresh()
     generate(ns, "")
+    assert_pristine(ns)
+
+
+def test_bundled_embeddings_are_known_while_their_lora_is(webui):
+    """sd-scripts can save textual-inversion embeddings inside a LoRA (bundle_emb.<name>.*); the built-in Lora
+    registers them while the LoRA is in use, so must we (they were dropped without a word)."""
+    ns = webui
+    from safetensors.torch import load_file, save_file
+    db = ns.sd_hijack.model_hijack.embedding_db
+    path = ns.data / "models" / "Lora" / "with_emb.safetensors"
+    lora_files.write_lora(str(path), seed=11)
+    t = load_file(str(path))
+    vec = torch.randn(2, 768)
+    t["bundle_emb.svsdog.string_to_param.*"] = vec
+    t["bundle_emb.wide.string_to_param.*"] = torch.randn(1, 1024)  # an SD2-width one: not for this model
+    save_file(t, str(path), metadata={"ss_network_module": "networks.lora"})
+    mine = ns.textual_inversion.Embedding(torch.zeros(1, 768), "mine")
+    db.word_embeddings["mine"] = mine  # loaded from the embeddings folder
+    t2 = dict(t)
+    t2["bundle_emb.mine.string_to_param.*"] = torch.randn(1, 768)
+    save_file(t2, str(path.with_name("clash.safetensors")), metadata={"ss_network_module": "networks.lora"})
+    ns.session.discovery.refresh()
+    try:
+        p = generate(ns, "a svsdog <lora:with_emb:1>")
+        emb = db.word_embeddings["svsdog"]
+        assert torch.equal(emb.vec, vec) and str(emb.shorthash) == "with_emb"  # TI hashes: "svsdog: with_emb"
+        assert "wide" not in db.word_embeddings
+        assert any("bundled embedding 'wide' is for another model (width 1024, this model's text encoder takes 768)"
+                   in c for c in p.comments), p.comments
+        assert not any("with_emb' not applied" in c for c in p.comments)
+        p = generate(ns, "a mine <lora:clash:1>")
+        assert db.word_embeddings["mine"] is mine and "svsdog" in db.word_embeddings  # (clash bundles it too)
+        assert any("bundled embedding 'mine' is not used: an embedding of that name is already loaded" in c
+                   for c in p.comments)
+        generate(ns, "a svsdog")  # no LoRA: its embeddings go with it, the folder's stays
+        assert "svsdog" not in db.word_embeddings and db.word_embeddings["mine"] is mine
+    finally:
+        db.word_embeddings.pop("mine", None)
+        path.unlink()
+        path.with_name("clash.safetensors").unlink()
+        ns.session.discovery.refresh()
     assert_pristine(ns)
 
 

@@ -38,6 +38,9 @@ class LoadedNetwork:
     metadata: dict[str, str]
     writer: str = "unknown"
     errors: dict[str, str] = field(default_factory=dict)  # module key -> why it could not be built
+    # textual-inversion embeddings saved in the file (sd-scripts' bundle_emb.<name>.*), in the form A1111's
+    # create_embedding_from_data takes: {name: {"string_to_param": {"*": tensor}} or {"clip_l": …, "clip_g": …}}
+    bundle_embeddings: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     family_mismatch: str | None = None  # set when loaded with on_mismatch='flag' despite a mismatch
 
@@ -142,8 +145,7 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
     for mk in bundled:
         del groups[mk]
     report = MatchReport.build(path, list(groups), family, info, available=layer_names)
-    if bundled:
-        report.notes.append(f"{len(bundled)} bundled textual-inversion tensor group(s) ignored")
+    bundles = bundled_embeddings(tensors)
     if mismatch:
         report.notes.append(mismatch)
 
@@ -173,12 +175,29 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
     net = LoadedNetwork(
         name=os.path.splitext(os.path.basename(path))[0], path=path, mtime=mtime, mtime_ns=mtime_ns, size=size,
         family=info.family, model_family=family, modules=modules, report=report, metadata=metadata, writer=writer,
-        errors=errors, warnings=warnings, family_mismatch=mismatch)
+        errors=errors, warnings=warnings, family_mismatch=mismatch, bundle_embeddings=bundles)
     if report.unmatched:
         log.info("%s", report.summary())
     if cache is not None:
         cache.put(ckey, net)
     return net
+
+
+def bundled_embeddings(tensors: dict) -> dict[str, dict]:
+    """``bundle_emb.<name>.string_to_param.<k>`` / ``bundle_emb.<name>.<vec>`` keys grouped per embedding, as the
+    built-in Lora reads them (networks.py load_network)."""
+    out: dict[str, dict] = {}
+    for key, t in tensors.items():
+        root, _, rest = key.partition(".")
+        if root != "bundle_emb" or "." not in rest:
+            continue
+        name, vec = rest.split(".", 1)
+        emb = out.setdefault(name, {})
+        if vec.split(".")[0] == "string_to_param":
+            emb["string_to_param"] = {vec.split(".", 1)[1] if "." in vec else "*": t}
+        else:
+            emb[vec] = t
+    return out
 
 
 def _refuse_non_finite(path: str, tensors: dict) -> None:

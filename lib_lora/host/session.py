@@ -58,6 +58,7 @@ class Session:
         self.last_result = None
         self._console_details: list[str] = []
         self._file_ids: dict[str, tuple] = {}  # tag name -> (path, mtime_ns, size) of the file last applied
+        self._bundled: dict[str, object] = {}   # embedding name -> the Embedding we registered from a LoRA
 
     # ------------------------------------------------------------------ settings
     def settings_spec(self) -> dict:
@@ -245,6 +246,8 @@ class Session:
         if self._patcher is not None:
             self._report_result(self._patcher.restore(), None)
         self.applied = []
+        if self._bundled:
+            self._sync_bundled([], [])
 
     def shutdown(self):
         """on_script_unloaded: leave clean weights and the registry to the next session."""
@@ -310,6 +313,10 @@ class Session:
             refs.append(ref)
             msgs.extend(ref.notes())
         refs = self._default_lora(p, refs)
+        names = [r.name for r in refs]
+        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+            msgs.append(f"LoRA '{name}' is in the prompt {names.count(name)} times: their weights add up "
+                        f"({' + '.join(f'{r.unet:g}' for r in refs if r.name == name)} for the UNet)")
 
         if refs and self._builtin_in_use(p):
             msgs.append("LoRA Studio tags were ignored: the built-in Lora handles <lora:…> in this generation and "
@@ -345,12 +352,49 @@ class Session:
             self._report(p, msgs)
             return
         self.applied = used
+        self._sync_bundled(used, msgs)
         self._forget_conds_if_files_changed(p, used)
         self._report_result(result, used, msgs)
         names_hashes = [(ref.name, self.discovery.read_hash(entry)) for entry, ref, _ in used]
         if self.host.opt("lora_add_hashes_to_infotext", True):
             infotext.record_hashes(p, names_hashes, self._hashes_key())
         self._report(p, msgs)
+
+    def _sync_bundled(self, used, msgs):
+        """Textual-inversion embeddings saved inside the LoRAs in use are known to the prompt while their LoRA is
+        (the built-in Lora does the same); the conditioning is computed after this, so this job sees them."""
+        get_db = getattr(self.host, "embedding_db", None)
+        db = get_db() if get_db is not None else None
+        wanted = [(entry, ref, name, data) for entry, ref, net in used
+                  for name, data in (getattr(net, "bundle_embeddings", None) or {}).items()]
+        if db is None:
+            if wanted:
+                msgs.append(f"LoRA '{wanted[0][1].name}': its bundled embedding '{wanted[0][2]}' is not used "
+                            "(no embedding database here)")
+            return
+        model = self.host.current_model()
+        words = getattr(db, "word_embeddings", {})
+        for name, emb in list(self._bundled.items()):
+            if words.get(name) is emb:  # (never one the embeddings folder has loaded since under that name)
+                db.register_embedding_by_name(None, model, name)
+        self._bundled = {}
+        for entry, ref, name, data in wanted:
+            if name in words:
+                msgs.append(f"LoRA '{ref.name}': its bundled embedding '{name}' is not used: an embedding of that "
+                            "name is already loaded (from the embeddings folder or another LoRA)")
+                continue
+            try:
+                emb = self.host.make_embedding(data, name, entry.filename, ref.name)
+            except Exception as e:  # a malformed bundle must not cost the LoRA itself
+                msgs.append(f"LoRA '{ref.name}': its bundled embedding '{name}' could not be read ({e})")
+                continue
+            expected = getattr(db, "expected_shape", -1)
+            if expected not in (-1, None) and getattr(emb, "shape", expected) != expected:
+                msgs.append(f"LoRA '{ref.name}': its bundled embedding '{name}' is for another model (width "
+                            f"{emb.shape}, this model's text encoder takes {expected}); not used")
+                continue
+            db.register_embedding(emb, model)
+            self._bundled[name] = emb
 
     def _forget_conds_if_files_changed(self, p, used):
         """A file rewritten under a name (a retrained LoRA, a new download) must not meet the conditioning A1111
@@ -440,7 +484,7 @@ class Session:
                 why.append(f"{len(stats.errors)} layer(s) failed (e.g. {stats.errors[0]})")
             if stats.skipped:
                 why.append(f"{len(stats.skipped)} layer(s) skipped (e.g. {stats.skipped[0]})")
-            if why or stats.applied == 0:
+            if why or (stats.applied == 0 and not getattr(net, "bundle_embeddings", None)):
                 total = getattr(report, "total_modules", 0) or stats.matched + len(stats.unmatched)
                 head = (f"LoRA '{ref.name}' not applied" if stats.applied == 0 else
                         f"LoRA '{ref.name}' partly applied ({stats.applied} of its {total} modules)")

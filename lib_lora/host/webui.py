@@ -157,6 +157,33 @@ def forget_conds(p=None):
             cache[0] = cache[1] = None
 
 
+def embedding_db():
+    """A1111's textual-inversion database (where a LoRA's bundled embeddings are registered), or None."""
+    try:
+        from modules import sd_hijack
+    except ImportError:
+        return None
+    return getattr(getattr(sd_hijack, "model_hijack", None), "embedding_db", None)
+
+
+class _BundledTIHash(str):
+    """What "TI hashes" says for a bundled embedding: the LoRA's name, as the built-in writes it (and nothing when
+    its setting lora_bundled_ti_to_infotext is off)."""
+    def __str__(self):
+        return str.__str__(self) if opt("lora_bundled_ti_to_infotext", True) else ""
+
+    def __bool__(self):
+        return bool(str(self))
+
+
+def make_embedding(data: dict, name: str, lora_path: str, lora_name: str):
+    from modules.textual_inversion.textual_inversion import create_embedding_from_data
+    emb = create_embedding_from_data(data, name, filename=lora_path + "/" + name)
+    emb.loaded = True
+    emb.shorthash = _BundledTIHash(lora_name)
+    return emb
+
+
 # ------------------------------------------------------------------ Forge
 def forge_info() -> str | None:
     """A description of the Forge/reForge host, or None on A1111 (reference §11: detection)."""

@@ -59,6 +59,8 @@ def started_webui(data, make_model, prepare=None, app=None):
         ns.model = model
         ns.processing = importlib.import_module("modules.processing")
         ns.scripts = importlib.import_module("modules.scripts")
+        ns.sd_hijack = importlib.import_module("modules.sd_hijack")
+        ns.textual_inversion = importlib.import_module("modules.textual_inversion.textual_inversion")
         ns.networks = sys.modules["networks"]
         ns.script_module = script_module()
         ns.session = ns.script_module.session
