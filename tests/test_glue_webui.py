@@ -455,6 +455,18 @@ def test_infotext_paste_resolves_by_hash(webui):
               "Lora hashes": f"somebody elses name: {h[:12]}, unknown: 000000000000"}
     ns.script_callbacks.infotext_pasted_callback("…", params)
     assert params["Prompt"] == "a cat <lora:test alias:0.7>, <lora:unknown:1>"
+    # a copy of that file under another name: a tag that already reaches a file of the hash is left as written
+    import shutil
+    copy = ns.data / "models" / "Lora" / "a copy.safetensors"
+    shutil.copy(entry.filename, copy)
+    ns.session.discovery.refresh()
+    try:
+        params = {"Prompt": "<lora:a copy:1>", "Lora hashes": f"a copy: {h[:12]}"}
+        ns.script_callbacks.infotext_pasted_callback("…", params)
+        assert params["Prompt"] == "<lora:a copy:1>"
+    finally:
+        copy.unlink()
+        ns.session.discovery.refresh()
 
 
 # ------------------------------------------------------------------------------------------------ cards

@@ -50,14 +50,17 @@ def record_hashes(p, names_and_hashes: list[tuple[str, str]], key: str):
         p.extra_generation_params.pop(key, None)
 
 
-def rewrite_prompt(prompt: str, hashes: dict[str, str], find_by_shorthash, tag_name_for) -> tuple[str, list[str]]:
-    """Rewrite tag names to the local files with matching hashes. Returns (prompt, notes for names not found)."""
+def rewrite_prompt(prompt: str, hashes: dict[str, str], find_by_shorthash, tag_name_for,
+                   already=None) -> tuple[str, list[str]]:
+    """Rewrite tag names to the local files with matching hashes. Returns (prompt, notes for names not found).
+    ``already(name, shorthash)``: True when the name as written reaches a file of that hash here (then it stays:
+    another file of the same content must not rename the tag)."""
     missing = []
 
     def repl(m):
         kind, name = m.group(1), m.group(2)
         h = hashes.get(clean_name(name))
-        if not h:
+        if not h or (already is not None and already(name, h)):
             return m.group(0)
         entry = find_by_shorthash(h)
         if entry is None:
@@ -80,9 +83,14 @@ def infotext_pasted(session, infotext: str, params: dict):
         if isinstance(text, str) and text:
             params[field], missing = rewrite_prompt(
                 text, hashes, session.discovery.find_by_shorthash,
-                lambda entry: session.tag_name_for(entry))
+                lambda entry: session.tag_name_for(entry), lambda name, h: _reaches(session, name, h))
             notes.extend(missing)
     if notes:
         # Not an error: the file may simply not be hashed yet; the name is kept as written.
         session.host.console("pasted infotext names LoRA(s) with no local file of that hash (kept the names as "
                              "written): " + ", ".join(sorted(set(notes))))
+
+
+def _reaches(session, name: str, shorthash: str) -> bool:
+    entry = session.discovery.resolve(name, rescan=False)
+    return entry is not None and (entry.shorthash or session.discovery.read_hash(entry)[:12]) == shorthash.lower()
