@@ -39,3 +39,18 @@ def test_multiplier_change_and_switch_back_hit_the_cache(tmp_path):
     assert torch.equal(layer.weight, want)  # cache hit == fresh computation, bit for bit
     assert not torch.equal(merged_b, want)
     p.restore()
+
+
+def test_loaded_file_cache_is_bounded_by_bytes_too():
+    """Eight multi-GB 'full' LoRAs must not all stay in RAM: the oldest go past the byte bound, the newest stays."""
+    from types import SimpleNamespace
+
+    from lib_lora.apply.cache import LRU
+    lru = LRU(max_items=8, max_bytes=100, size_of=lambda v: v.size)
+    for i, size in enumerate((40, 40, 40)):
+        lru.put(i, SimpleNamespace(size=size))
+    assert lru.get(0) is None and lru.get(1) is not None and lru.get(2) is not None  # 120 > 100: the oldest went
+    lru.put("huge", SimpleNamespace(size=500))
+    assert len(lru) == 1 and lru.get("huge") is not None  # alone larger than the bound: kept (it is in use)
+    from lib_lora.apply.loader import DEFAULT_CACHE
+    assert DEFAULT_CACHE.max_bytes == 2 << 30 and DEFAULT_CACHE.max_items == 8

@@ -86,12 +86,18 @@ class DeltaCache:
 
 
 class LRU:
-    """Small count-bounded LRU (loaded networks). ``max_items=0`` keeps nothing."""
+    """Small LRU (loaded networks), bounded by count and, with ``size_of``, by bytes (the newest item stays even
+    when it alone is larger). ``max_items=0`` keeps nothing."""
 
-    def __init__(self, max_items: int = 8):
+    def __init__(self, max_items: int = 8, max_bytes: int | None = None, size_of=None):
         self._lock = threading.Lock()
         self._data: OrderedDict = OrderedDict()
         self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._size_of = size_of
+
+    def _bytes(self) -> int:
+        return sum(self._size_of(v) for v in self._data.values())
 
     def get(self, key):
         with self._lock:
@@ -106,6 +112,9 @@ class LRU:
             self._data.move_to_end(key)
             while len(self._data) > max(self.max_items, 0):
                 self._data.popitem(last=False)
+            if self.max_bytes is not None and self._size_of is not None:
+                while len(self._data) > 1 and self._bytes() > self.max_bytes:
+                    self._data.popitem(last=False)
 
     def pop_matching(self, pred) -> int:
         """Drop entries whose key satisfies ``pred``; returns how many."""

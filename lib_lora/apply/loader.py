@@ -17,8 +17,9 @@ from .cache import LRU
 
 log = logging.getLogger("lora_studio.apply")
 
-# Count-bounded: a LoadedNetwork holds its tensors on the CPU (the file's size in RAM).
-DEFAULT_CACHE = LRU(max_items=8)
+# A LoadedNetwork holds its tensors on the CPU (about the file's size in RAM): at most 8 files and 2 GiB, so a few
+# multi-GB "full" LoRAs do not stay in memory (the delta cache keeps what switching needs).
+DEFAULT_CACHE = LRU(max_items=8, max_bytes=2 << 30, size_of=lambda net: getattr(net, "size", 0))
 
 _KOHYA_MODULE_PREFIX = ("networks.",)
 _LYCORIS_MODULE_PREFIX = ("lycoris",)
