@@ -144,6 +144,9 @@ def test_activate_apply_and_restore(webui):
     h = ns.session.discovery.resolve("test_lora").hash
     assert p.extra_generation_params["Lora hashes"] == f"test alias: {h[:12]}"
     assert not p.comments, p.comments
+    p = generate(ns, "a cat <LORA:test_lora:1> <Lyco:other:1>")
+    assert "<LORA:…> is not read (tag kinds are lower case): write <lora:…>" in p.comments
+    assert "<Lyco:…> is not read (tag kinds are lower case): write <lyco:…>" in p.comments
     p = generate(ns, "a cat <lora:test_lora:0.5> <lora:test_lora:1>")  # (a card clicked twice, a pasted prompt)
     assert "LoRA 'test_lora' is in the prompt 2 times: their weights add up (0.5 + 1 for the UNet)" in p.comments
     # a changed multiplier re-merges from the originals (not on top of the previous merge)

@@ -19,6 +19,7 @@ Forge: cards only; Forge's own LoRA stays in charge (reference §11).
 from __future__ import annotations
 
 import os
+import re
 import traceback
 import weakref
 
@@ -312,6 +313,7 @@ class Session:
                 continue
             refs.append(ref)
             msgs.extend(ref.notes())
+        msgs.extend(_miscased_tags(p))
         refs = self._default_lora(p, refs)
         names = [r.name for r in refs]
         for name in dict.fromkeys(n for n in names if names.count(n) > 1):
@@ -562,6 +564,17 @@ class Session:
             "lora_dirs": self.discovery.dirs(),
             "files": len(self.discovery.by_path),
         }
+
+
+_KIND_RE = re.compile(r"<(\w+):")
+
+
+def _miscased_tags(p) -> list[str]:
+    """A1111 matches tag kinds case-sensitively: <LORA:…> is taken out of the prompt and applies nothing."""
+    texts = set(getattr(p, "all_prompts", None) or []) | set(getattr(p, "all_hr_prompts", None) or [])
+    wrong = {k for t in texts if isinstance(t, str) for k in _KIND_RE.findall(t)
+             if k.lower() in ("lora", "lyco", "lorastudio") and k != k.lower()}
+    return [f"<{k}:…> is not read (tag kinds are lower case): write <{k.lower()}:…>" for k in sorted(wrong)]
 
 
 def _on_meta(model) -> bool:
