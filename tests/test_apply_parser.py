@@ -79,7 +79,9 @@ def test_parse_prompt(prompt, clean, expected):
     ("<lora:cat:nan>", "not a finite number"),
     ("<lora:cat:inf>", "not a finite number"),
     ("<lora: :1>", "no LoRA name"),
-    ("<lora:cat:1e9>", "the text-encoder multiplier 1e9 is far beyond what a LoRA takes (usually -2 to 2; at most"),
+    ("<lora:cat:1e9>", "the weight 1e9 is far beyond what a LoRA takes (usually -2 to 2; at most"),
+    ("<lora:cat:abc>", "the weight 'abc' is not a number"),
+    ("<lora:cat:abc:1>", "the text-encoder multiplier 'abc' is not a number"),
     ("<lora:cat:1:-150>", "the UNet multiplier -150 is far beyond"),
 ])
 def test_bad_numbers_name_the_tag(prompt, fragment):

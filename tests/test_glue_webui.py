@@ -144,11 +144,21 @@ def test_activate_apply_and_restore(webui):
     h = ns.session.discovery.resolve("test_lora").hash
     assert p.extra_generation_params["Lora hashes"] == f"test alias: {h[:12]}"
     assert not p.comments, p.comments
+    colon = ns.data / "models" / "Lora" / "style: v2.safetensors"
+    lora_files.write_lora(str(colon), seed=12)
+    ns.session.discovery.refresh()
+    p = generate(ns, "a cat <lora:style: v2:1>")
+    colon.unlink()
+    ns.session.discovery.refresh()
+    assert ("<lora:style: v2:1>: the text-encoder multiplier 'v2' is not a number (expected e.g. 0.8) (a LoRA file is "
+            "named 'style: v2': ':' ends the name in a tag, so rename the file)" in p.comments), p.comments
     p = generate(ns, "a cat <LORA:test_lora:1> <Lyco:other:1>")
     assert "<LORA:…> is not read (tag kinds are lower case): write <lora:…>" in p.comments
     assert "<Lyco:…> is not read (tag kinds are lower case): write <lyco:…>" in p.comments
     p = generate(ns, "a cat <lora:test_lora:0.5> <lora:test_lora:1>")  # (a card clicked twice, a pasted prompt)
     assert "LoRA 'test_lora' is in the prompt 2 times: their weights add up (0.5 + 1 for the UNet)" in p.comments
+    p = generate(ns, "a cat <lora:test_lora:0.5> <lora:test alias:0.5>")  # (name and alias of one file)
+    assert "LoRA 'test_lora' and 'test alias' are one file: their weights add up" in p.comments
     # a changed multiplier re-merges from the originals (not on top of the previous merge)
     generate(ns, "a cat <lora:test_lora:0.4:0.4>")
     w04 = weight(ns, UNET_Q)
@@ -167,15 +177,26 @@ def test_activate_apply_and_restore(webui):
 def test_add_network_to_prompt_adds_the_tag_once(webui):
     """sd_lora: we are registered as lora and lorastudio, so a prompt without tags activates us twice per pass."""
     ns = webui
+    cached = ns.processing.StableDiffusionProcessing.cached_c
+    generate(ns, "a cat")
     ns.shared.opts.data["sd_lora"] = "test_lora"  # (the built-in Lora's setting; not in the fake's table)
     try:
+        # A1111 keys the cached conditioning by the prompt's own tags, which lack the added one: a change of
+        # sd_lora must not meet conds computed without it (or with it, after it is switched off)
+        cached[:] = [("a cat",), "conds without the LoRA"]
         p = generate(ns, "a cat", n_iter=2, enable_hr=True)
+        assert cached == [None, None]
+        cached[:] = [("a cat",), "conds with the LoRA"]
+        generate(ns, "a cat")
+        assert cached == [("a cat",), "conds with the LoRA"]  # (no change: kept)
     finally:
         del ns.shared.opts.data["sd_lora"]
     assert p.all_prompts == ["a cat<lora:test_lora:1.0>"] * 2
+    assert p.all_hr_prompts == ["a cat<lora:test_lora:1.0>"] * 2  # ("Hires prompt" equals the prompt: not written)
     assert [r[0] for r in ns.session.status()["applied"]] == ["test_lora"]
     assert not torch.equal(weight(ns, UNET_Q), orig(ns, UNET_Q))
-    generate(ns, "")
+    generate(ns, "a cat")
+    assert cached == [None, None]
     assert_pristine(ns)
 
 
@@ -248,6 +269,11 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
     put("a_checkpoint.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
                                      "alphas_cumprod": torch.ones(10)})
     put("an_embedding.safetensors", {"emb_params": torch.zeros(2, 768)})
+    put("a_vae.safetensors", {"encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(4, 4, 3, 3),
+                              "decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(4, 4, 3, 3),
+                              "quant_conv.weight": torch.zeros(8, 8, 1, 1)})  # (diffusers layout)
+    os.symlink(lib / "a_checkpoint.safetensors", lib / "linked.safetensors")
+    made.append(lib / "linked.safetensors")
     bad = lora_files.SD1_SHAPES.copy()
     bad[list(T)[0]] = (40, 32)  # one module's lora_up is 40 rows for a 32-row layer
     made.append(lib / "wrong_shape.safetensors")
@@ -266,7 +292,8 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
     ns.session.discovery.refresh()
     try:
         p = generate(ns, "<lora:a_checkpoint:1> <lora:an_embedding:1> <lora:wrong_shape:1> <lora:no_up:1> "
-                         "<lora:twin:1> <lora:Shared:1> <lora:TEST_LORA:1> <lora:nothing_like_it:1> <lora:old:1>")
+                         "<lora:twin:1> <lora:Shared:1> <lora:TEST_LORA:1> <lora:nothing_like_it:1> <lora:old:1> "
+                         "<lora:a_vae:1> <lora:linked:1>")
         text = "\n".join(p.comments)
         assert "old.pt: '.pt' files are Python pickles" in text and "The built-in Lora does open them" in text
         assert ("LoRA 'a_checkpoint' not applied: a_checkpoint.safetensors: it is a full Stable Diffusion checkpoint, "
@@ -274,12 +301,17 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         assert "LoRA 'an_embedding' not applied: an_embedding.safetensors: it is a textual-inversion embedding" in text
         assert ("LoRA 'wrong_shape' partly applied (3 of its 4 modules): 1 layer(s) failed (e.g. "
                 "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q:" in text), text
+        assert "LoraError" not in text  # (a user-facing error's class name says nothing to a user)
+        hashes = p.extra_generation_params["Lora hashes"]
+        assert "wrong_shape: " in hashes and "a_checkpoint" not in hashes and "an_embedding" not in hashes
         assert f"LoRA 'no_up' partly applied (3 of its 4 modules): 1 module(s) are damaged or incomplete (e.g. {list(T)[1]}" in text
         assert "match no layer" not in text.split("LoRA 'no_up'")[1].split("\n")[0]
         assert "LoRA 'twin' names 2 files; used odd/y/twin (not odd/x/twin): write <lora:odd/x/twin:…> for another" in text
         assert ("LoRA 'Shared' is the name (ss_output_name) of several files (odd/x/twin, odd/y/twin): write the "
                 "file's own name instead" in text), text
-        assert "LoRA not found: 'TEST_LORA'" in text and "did you mean 'test_lora'?" in text
+        assert "LoRA not found: 'TEST_LORA'" in text and "did you mean 'test_lora'?" in text  # (one name per file)
+        assert "LoRA 'a_vae' not applied: a_vae.safetensors: it is a VAE, not a LoRA: move it to models/VAE" in text
+        assert "LoRA 'linked' not applied: linked.safetensors: it is a full Stable Diffusion checkpoint" in text
         assert "LoRA not found: 'nothing_like_it'" in text and "did you mean" not in text.split("nothing_like_it")[1]
         warned = p.extra_generation_params["LoRA Studio warnings"]
         assert str(ns.data) not in warned  # no local paths in images
@@ -292,8 +324,9 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         page.refresh()
         page.create_html("txt2img")
         cards = {k: v["description"] or "" for k, v in page.items.items()}
-        assert cards["a_checkpoint"].startswith("Not a LoRA: it is a full Stable Diffusion checkpoint")
-        assert cards["an_embedding"].startswith("Not a LoRA: it is a textual-inversion embedding")
+        assert cards["a_checkpoint"].startswith("It is a full Stable Diffusion checkpoint, not a LoRA: move it to")
+        assert cards["an_embedding"].startswith("It is a textual-inversion embedding, not a LoRA")
+        assert cards["old"].startswith("A Python pickle: LoRA Studio does not open these")
         assert cards["corrupt"].startswith("Unreadable file: ")
         assert cards["colon: v2"].startswith("Rename this file: ':' or '>' in its name ends a <lora:…> tag")
         assert not cards["wrong_shape"] and not cards["no_up"]
@@ -463,11 +496,21 @@ def test_infotext_paste_resolves_by_hash(webui):
     copy = ns.data / "models" / "Lora" / "a copy.safetensors"
     shutil.copy(entry.filename, copy)
     ns.session.discovery.refresh()
+    # the built-in has hashed test_lora once (take-over off): its own paste callback would rename the tag first
+    ns.networks.available_network_hash_lookup[h[:12]] = types.SimpleNamespace(get_alias=lambda: "test alias")
     try:
         params = {"Prompt": "<lora:a copy:1>", "Lora hashes": f"a copy: {h[:12]}"}
         ns.script_callbacks.infotext_pasted_callback("…", params)
         assert params["Prompt"] == "<lora:a copy:1>"
+        assert ns.shared.opts.set("lora_studio_take_over", False)
+        try:  # with the built-in in charge, its renaming is back
+            params = {"Prompt": "<lora:a copy:1>", "Lora hashes": f"a copy: {h[:12]}"}
+            ns.script_callbacks.infotext_pasted_callback("…", params)
+            assert params["Prompt"] == "<lora:test alias:1>"
+        finally:
+            ns.shared.opts.set("lora_studio_take_over", True)
     finally:
+        ns.networks.available_network_hash_lookup.clear()
         copy.unlink()
         ns.session.discovery.refresh()
 

@@ -106,7 +106,8 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
         raise UnsupportedFamilyError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     if on_mismatch not in ("raise", "flag"):
         raise ValueError("on_mismatch must be 'raise' or 'flag'")
-    path = os.path.realpath(os.fspath(path))
+    given = os.fspath(path)  # messages name the file as the user knows it (a link, not its target)
+    path = os.path.realpath(given)
     refuse_pickle(path)
     if not os.path.isfile(path):
         raise LoraError(f"LoRA file not found: {path}", path)
@@ -123,7 +124,7 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     kind = not_a_lora(shapes)  # (before reading gigabytes of a checkpoint)
     if kind:
-        raise LoraError(f"{os.path.basename(path)}: {kind}", path)
+        raise LoraError(f"{os.path.basename(given)}: {kind}", given)
     info = detect_family(shapes, metadata)
     if info.refused:
         raise UnsupportedFamilyError(info.refusal_message(path), path)
@@ -132,11 +133,11 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
         mismatch = f"this LoRA is for {label(info.family)}, the loaded model is {label(family)}"
         if on_mismatch == "raise":
             raise FamilyMismatchError(
-                f"{os.path.basename(path)}: {mismatch}. Load an {label(info.family)} checkpoint to use it.", path,
+                f"{os.path.basename(given)}: {mismatch}. Load an {label(info.family)} checkpoint to use it.", given,
                 detail=f"{label(info.family)} detected from {info.evidence}")
 
     tensors = load_tensors(path)
-    _refuse_non_finite(path, tensors)
+    _refuse_non_finite(given, tensors)
     warnings: list[str] = []
     writer = detect_writer(metadata, tensors.keys())
     adapter_cfg = _adapter_config(metadata, warnings)

@@ -70,6 +70,8 @@ def _tag_text(items, kind: str = "lora") -> str:
 
 
 def _float(value, what: str, tag: str) -> float | None:
+    """``what``: whose multiplier ('' = the tag's one weight for both)."""
+    label = f"the {what} multiplier" if what else "the weight"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
     else:
@@ -79,12 +81,12 @@ def _float(value, what: str, tag: str) -> float | None:
         try:
             v = float(s)
         except ValueError:
-            raise LoraTagError(f"{tag}: the {what} multiplier '{s}' is not a number (expected e.g. 0.8)") from None
+            raise LoraTagError(f"{tag}: {label} '{s}' is not a number (expected e.g. 0.8)") from None
     if not math.isfinite(v):
-        raise LoraTagError(f"{tag}: the {what} multiplier '{value}' is not a finite number")
+        raise LoraTagError(f"{tag}: {label} '{value}' is not a finite number")
     if abs(v) > MAX_WEIGHT:  # only NaN images come of it (A1111 then stops the job with advice that misleads)
-        raise LoraTagError(f"{tag}: the {what} multiplier {value} is far beyond what a LoRA takes (usually -2 to 2; "
-                           f"at most ±{MAX_WEIGHT:g} here); the tag was not applied")
+        raise LoraTagError(f"{tag}: {label} {value} is far beyond what a LoRA takes (usually -2 to 2; at most "
+                           f"±{MAX_WEIGHT:g} here); the tag was not applied")
     return v
 
 
@@ -124,7 +126,7 @@ def parse_params(items, kind: str = "lora") -> LoraRef:
         else:
             positional.append(item)
 
-    te = _float(positional[0], "text-encoder", tag) if len(positional) > 0 else None
+    te = _float(positional[0], "text-encoder" if len(positional) > 1 else "", tag) if positional else None
     te = 1.0 if te is None else te
     if "te" in named:
         v = _float(named["te"], "text-encoder (te=)", tag)

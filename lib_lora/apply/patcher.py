@@ -487,7 +487,8 @@ class Patcher:
                 dW, dB = self._delta(st, c, w, b, wname, dtype, dev, result)
             except Exception as e:  # noqa: BLE001 - one bad target must not stop the others; reported per network
                 label = st.name if part is None else f"{st.name}[{part}]"
-                msg = f"{label}: {type(e).__name__}: {e}"
+                # a LoraError says what is wrong in words; anything else is a bug: keep its class for the report
+                msg = f"{label}: {e}" if _is_user_error(e) else f"{label}: {type(e).__name__}: {e}"
                 st.errors.append((pos, msg))
                 result.networks[c.index].errors.append(msg)
                 log.debug("delta failed for %s", label, exc_info=True)
@@ -589,3 +590,8 @@ def _bias_len(module: nn.Module, wname: str, part: str | None) -> int:
     if isinstance(module, nn.MultiheadAttention):
         return 3 * module.embed_dim
     return getattr(module, wname).shape[0]
+
+
+def _is_user_error(e: Exception) -> bool:
+    from ..formats.errors import LoraError
+    return isinstance(e, LoraError)

@@ -132,8 +132,8 @@ def not_a_lora(keys) -> str | None:
     if any(k.startswith(_CHECKPOINT_ROOTS) for k in keys) or "alphas_cumprod" in keys:
         return ("it is a full Stable Diffusion checkpoint, not a LoRA: move it to models/Stable-diffusion and choose "
                 "it in the checkpoint list")
-    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys) and any(
-            k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
+    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."))
+           for k in keys) and any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
         return "it is a VAE, not a LoRA: move it to models/VAE and choose it in the VAE setting"
     if {k.split(".", 1)[0] for k in keys} <= _EMBEDDING_ROOTS:
         return ("it is a textual-inversion embedding, not a LoRA: move it to the embeddings folder and write its "

@@ -356,10 +356,12 @@ class Discovery:
         same_case = [n for n in names if n.lower() == low]
         in_sub = [r for r in rel if r.lower().endswith("/" + low)]
         close = difflib.get_close_matches(name, names, n=limit, cutoff=0.75)
-        out = []
+        out, files = [], set()
         for n in same_case + in_sub + close:
-            if n not in out and n != name:
+            entry = self._lookup(n)
+            if n != name and (entry is None or entry.filename not in files):
                 out.append(n)
+                files.add(entry.filename if entry is not None else n)
         return out[:limit]
 
     # ------------------------------------------------------------------ hashes

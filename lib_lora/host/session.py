@@ -60,6 +60,7 @@ class Session:
         self._console_details: list[str] = []
         self._file_ids: dict[str, tuple] = {}  # tag name -> (path, mtime_ns, size) of the file last applied
         self._bundled: dict[str, object] = {}   # embedding name -> the Embedding we registered from a LoRA
+        self._default_now = self._default_last = None  # sd_lora's (name, weight) while it is added
 
     # ------------------------------------------------------------------ settings
     def settings_spec(self) -> dict:
@@ -200,6 +201,9 @@ class Session:
                                   "(setting 'lora_studio_take_over' switches back to it).")
             self.took_over = True
             self.host.neutralise_builtin((), clear_loaded=True)
+            mute = getattr(self.host, "mute_builtin_paste", None)
+            if mute is not None:
+                mute(lambda: self.took_over)
         else:
             self.network.name = OWN_NAME
             builtin = self.host.builtin_extra_network()
@@ -285,19 +289,33 @@ class Session:
                 return True
         return self.host.builtin_extra_network() is not None and self.host.opt("sd_lora", "None") not in ("None", "", None)
 
+    def _colon_hint(self, items) -> str:
+        """A file whose name holds ':' splits its own tag; say so when the joined name is a file."""
+        items = [str(x) for x in items]
+        for n in range(2, len(items) + 1):
+            if self.discovery.resolve(":".join(items[:n]).strip(), rescan=False) is not None:
+                return (f" (a LoRA file is named '{':'.join(items[:n]).strip()}': ':' ends the name in a tag, so "
+                        "rename the file)")
+        return ""
+
     def _default_lora(self, p, refs):
         """The built-in's "Add network to prompt" setting (sd_lora): honoured when we own <lora:…>. The tag goes
         into the prompts once per job: activate runs again for the hires pass, each batch, and once more for each
         name we are registered under."""
         additional = self.host.opt("sd_lora", "None")
-        if not self.took_over or additional in ("None", "", None) or any(r.name == additional for r in refs):
+        if not self.took_over or additional in ("None", "", None):
             return refs
-        if not isinstance(getattr(p, "all_prompts", None), list):
+        mult = self.host.opt("extra_networks_default_multiplier", 1.0)
+        self._default_now = (additional, mult)
+        if any(r.name == additional for r in refs) or not isinstance(getattr(p, "all_prompts", None), list):
             return refs
         from ..apply.parser import parse_params
-        mult = self.host.opt("extra_networks_default_multiplier", 1.0)
         if not getattr(p, "lora_studio_default_added", False):
-            p.all_prompts = [x + f"<lora:{additional}:{mult}>" for x in p.all_prompts]
+            tag = f"<lora:{additional}:{mult}>"
+            p.all_prompts = [x + tag for x in p.all_prompts]
+            # the hires prompts too: else the infotext's "Hires prompt" lacks the tag and does not reproduce
+            if getattr(p, "enable_hr", False) and isinstance(getattr(p, "all_hr_prompts", None), list):
+                p.all_hr_prompts = [x + tag for x in p.all_hr_prompts]
             p.lora_studio_default_added = True
         return refs + [parse_params([additional, mult])]
 
@@ -309,12 +327,19 @@ class Session:
             try:
                 ref = parse_params(params.items)
             except LoraTagError as e:
-                msgs.append(str(e))
+                msgs.append(str(e) + self._colon_hint(params.items))
                 continue
             refs.append(ref)
             msgs.extend(ref.notes())
         msgs.extend(_miscased_tags(p))
+        self._default_now = None
         refs = self._default_lora(p, refs)
+        if self._default_now != self._default_last:
+            # A1111 keys its cached conditioning by the prompt's own tags: the added LoRA is not among them
+            self._default_last = self._default_now
+            forget = getattr(self.host, "forget_conds", None)
+            if forget is not None:
+                forget(p)
         names = [r.name for r in refs]
         for name in dict.fromkeys(n for n in names if names.count(n) > 1):
             msgs.append(f"LoRA '{name}' is in the prompt {names.count(name)} times: their weights add up "
@@ -357,7 +382,17 @@ class Session:
         self._sync_bundled(used, msgs)
         self._forget_conds_if_files_changed(p, used)
         self._report_result(result, used, msgs)
-        names_hashes = [(ref.name, self.discovery.read_hash(entry)) for entry, ref, _ in used]
+        # only what changed the image: a file that applied nothing is no ingredient to reproduce it with
+        names_hashes = [(ref.name, self.discovery.read_hash(entry))
+                        for (entry, ref, net), stats in zip(used, result.networks)
+                        if stats.applied or getattr(net, "bundle_embeddings", None)]
+        by_file: dict[str, list[str]] = {}
+        for entry, ref, _ in used:
+            by_file.setdefault(entry.filename, []).append(ref.name)
+        for names in by_file.values():
+            if len(set(names)) > 1:
+                msgs.append(f"LoRA {' and '.join(repr(n) for n in dict.fromkeys(names))} are one file: their weights "
+                            "add up")
         if self.host.opt("lora_add_hashes_to_infotext", True):
             infotext.record_hashes(p, names_hashes, self._hashes_key())
         self._report(p, msgs)

@@ -295,6 +295,33 @@ def neutralise_builtin(layer_modules, clear_loaded: bool) -> int:
     return touched
 
 
+def mute_builtin_paste(active) -> int:
+    """The built-in Lora's infotext_pasted renames every <lora:NAME:…> whose hash it has cached to its own choice of
+    file, before ours runs (callbacks run in load order): while ``active()`` (take-over), it does nothing and ours
+    renames, keeping a name that already reaches a file of that hash. Its other paste callback (AddNet fields to
+    tags, in networks.py) keeps running. Returns how many callbacks were wrapped now."""
+    try:
+        from modules import script_callbacks
+    except ImportError:
+        return 0
+    wrapped = 0
+    tail = os.path.join("Lora", "scripts", "lora_script.py")
+    for c in script_callbacks.callback_map.get("callbacks_infotext_pasted", []):
+        fn = getattr(c, "callback", None)
+        if (not os.path.normpath(str(getattr(c, "script", ""))).endswith(tail) or fn is None
+                or getattr(fn, "__module__", "") == "networks" or getattr(fn, "_lora_studio_muted", False)):
+            continue
+
+        def muted(infotext, params, _orig=fn):
+            if not active():
+                return _orig(infotext, params)
+        muted._lora_studio_muted = True
+        muted.__wrapped__ = fn
+        c.callback = muted
+        wrapped += 1
+    return wrapped
+
+
 def builtin_wants_networks() -> bool:
     nw = builtin_networks()
     return bool(nw is not None and nw.loaded_networks)

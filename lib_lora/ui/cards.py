@@ -62,9 +62,12 @@ def build_item(page, session, entry: LoraEntry, index=None, enable_filter=True) 
         search_terms.append(entry.alias)
     description = page.find_description(path)
     problem = (f"Unreadable file: {entry.error}" if entry.error else
-               f"Not a LoRA: {entry.not_lora}" if entry.not_lora else
+               entry.not_lora[:1].upper() + entry.not_lora[1:] if entry.not_lora else
                "Rename this file: ':' or '>' in its name ends a <lora:…> tag early, so no prompt can name it"
-               if any(c in entry.relname for c in ":>") else None)
+               if any(c in entry.relname for c in ":>") else
+               "A Python pickle: LoRA Studio does not open these (loading one can run code hidden in it); the "
+               "built-in Lora does, with 'LoRA Studio handles <lora:…>' off, or convert it to .safetensors"
+               if not entry.is_safetensors else None)
     if problem:
         description = problem + (f"\n{description}" if description else "")
     item = {

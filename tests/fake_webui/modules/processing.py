@@ -41,6 +41,7 @@ class StableDiffusionProcessing:
         self.scripts = None
         self.script_args = []
         self.all_prompts = None
+        self.all_hr_prompts = None
         self.prompts = None
         self.extra_network_data = None
         self.hr_extra_network_data = None
@@ -59,6 +60,8 @@ class StableDiffusionProcessing:
 
     def setup_prompts(self):
         self.all_prompts = [self.prompt] * (self.n_iter * self.batch_size)
+        if self.enable_hr:
+            self.all_hr_prompts = [self.hr_prompt or self.prompt] * (self.n_iter * self.batch_size)
 
     def parse_extra_network_prompts(self):
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
@@ -107,7 +110,8 @@ def process_images(p, sample=None):
         if sample is not None:
             images += sample(p) or []
         if p.enable_hr:
-            _, p.hr_extra_network_data = extra_networks.parse_prompts([p.hr_prompt or p.prompt])
+            _, p.hr_extra_network_data = extra_networks.parse_prompts(
+                p.all_hr_prompts[n * p.batch_size:(n + 1) * p.batch_size])
             p.is_hr_pass = True
             activate(p.hr_extra_network_data)
             if sample is not None:

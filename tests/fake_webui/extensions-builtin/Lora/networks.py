@@ -19,6 +19,7 @@ from modules import devices
 
 fake_files: "dict[str, network.Network]" = {}  # test hook
 loaded_networks = []
+available_network_hash_lookup = {}  # shorthash -> NetworkOnDisk, filled as the built-in hashes files
 originals = None       # lora_patches.LoraPatches, set by scripts/lora_script.py
 extra_network_lora = None
 

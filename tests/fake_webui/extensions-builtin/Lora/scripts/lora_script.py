@@ -2,6 +2,8 @@
 does at import (reference §9.1): patch the torch classes, register its callbacks (model_loaded, script_unloaded,
 before_ui, infotext_pasted) and add its settings to ``options_templates``. Its ``before_ui`` registers the
 ``lora`` extra network and the ``lyco`` alias (the card page is left out)."""
+import re
+
 import extra_networks_lora
 import lora_patches
 import networks
@@ -24,6 +26,27 @@ script_callbacks.on_model_loaded(networks.assign_network_names_to_compvis_module
 script_callbacks.on_script_unloaded(unload)
 script_callbacks.on_before_ui(before_ui)
 script_callbacks.on_infotext_pasted(networks.infotext_pasted)
+
+
+def infotext_pasted(infotext, d):
+    """The built-in's hash renaming: every <lora:NAME: whose "Lora hashes" entry it has cached becomes that file's
+    alias (A1111 lora_script.py infotext_pasted)."""
+    hashes = d.get("Lora hashes")
+    if not hashes:
+        return
+    pairs = [x.strip().split(":", 1) for x in hashes.split(",")]
+    hashes = {x[0].strip().replace(",", ""): x[1].strip() for x in pairs}
+
+    def network_replacement(m):
+        shorthash = hashes.get(m.group(1))
+        on_disk = networks.available_network_hash_lookup.get(shorthash) if shorthash else None
+        return m.group(0) if on_disk is None else f"<lora:{on_disk.get_alias()}:"
+
+    d["Prompt"] = re.sub(re_lora, network_replacement, d["Prompt"])
+
+
+re_lora = re.compile("<lora:([^:]+):")
+script_callbacks.on_infotext_pasted(infotext_pasted)
 
 shared.options_templates.update(shared.options_section(("extra_networks", "Extra Networks"), {
     "sd_lora": shared.OptionInfo("None", "LoRA added to every prompt"),
