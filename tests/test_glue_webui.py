@@ -305,7 +305,8 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         hashes = p.extra_generation_params["Lora hashes"]
         assert "wrong_shape: " in hashes and "a_checkpoint" not in hashes and "an_embedding" not in hashes
         assert f"LoRA 'no_up' partly applied (3 of its 4 modules): 1 module(s) are damaged or incomplete (e.g. {list(T)[1]}" in text
-        assert "match no layer" not in text.split("LoRA 'no_up'")[1].split("\n")[0]
+        no_up = text.split("LoRA 'no_up'")[1].split("\n")[0]
+        assert "match no layer" not in no_up and no_up.count(list(T)[1]) == 1, no_up
         assert "LoRA 'twin' names 2 files; used odd/y/twin (not odd/x/twin): write <lora:odd/x/twin:…> for another" in text
         assert ("LoRA 'Shared' is the name (ss_output_name) of several files (odd/x/twin, odd/y/twin): write the "
                 "file's own name instead" in text), text

@@ -513,8 +513,8 @@ class Session:
                            f"{', '.join(nolayer[:3])})")
             if unreadable:
                 k = next(iter(unreadable))
-                why.append(f"{len(unreadable)} module(s) are damaged or incomplete (e.g. {k}: "
-                           f"{unreadable[k][len('could not be read: '):]})")
+                reason = unreadable[k][len("could not be read: "):].replace(f"module '{k}': ", "")
+                why.append(f"{len(unreadable)} module(s) are damaged or incomplete (e.g. {k}: {reason})")
             if stats.unmatched:
                 why.append(f"{len(stats.unmatched)} layer(s) could not be patched (e.g. {stats.unmatched[0]})")
             if stats.errors:
