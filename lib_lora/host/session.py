@@ -60,7 +60,7 @@ class Session:
         self._console_details: list[str] = []
         self._file_ids: dict[str, tuple] = {}  # tag name -> (path, mtime_ns, size) of the file last applied
         self._bundled: dict[str, object] = {}   # embedding name -> the Embedding we registered from a LoRA
-        self._default_now = self._default_last = None  # sd_lora's (name, weight) while it is added
+        self._default_last = None  # sd_lora's (name, weight) while it is added
 
     # ------------------------------------------------------------------ settings
     def settings_spec(self) -> dict:
@@ -303,10 +303,16 @@ class Session:
         into the prompts once per job: activate runs again for the hires pass, each batch, and once more for each
         name we are registered under."""
         additional = self.host.opt("sd_lora", "None")
-        if not self.took_over or additional in ("None", "", None):
-            return refs
         mult = self.host.opt("extra_networks_default_multiplier", 1.0)
-        self._default_now = (additional, mult)
+        now = None if not self.took_over or additional in ("None", "", None) else (additional, mult)
+        if now != self._default_last:
+            # A1111 keys its cached conditioning by the prompt's own tags, and the added LoRA is not among them
+            self._default_last = now
+            forget = getattr(self.host, "forget_conds", None)
+            if forget is not None:
+                forget(p)
+        if now is None:
+            return refs
         if any(r.name == additional for r in refs) or not isinstance(getattr(p, "all_prompts", None), list):
             return refs
         from ..apply.parser import parse_params
@@ -332,18 +338,8 @@ class Session:
             refs.append(ref)
             msgs.extend(ref.notes())
         msgs.extend(_miscased_tags(p))
-        self._default_now = None
         refs = self._default_lora(p, refs)
-        if self._default_now != self._default_last:
-            # A1111 keys its cached conditioning by the prompt's own tags: the added LoRA is not among them
-            self._default_last = self._default_now
-            forget = getattr(self.host, "forget_conds", None)
-            if forget is not None:
-                forget(p)
-        names = [r.name for r in refs]
-        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
-            msgs.append(f"LoRA '{name}' is in the prompt {names.count(name)} times: their weights add up "
-                        f"({' + '.join(f'{r.unet:g}' for r in refs if r.name == name)} for the UNet)")
+        msgs.extend(_repeated_tags(refs))
 
         if refs and self._builtin_in_use(p):
             msgs.append("LoRA Studio tags were ignored: the built-in Lora handles <lora:…> in this generation and "
@@ -386,13 +382,7 @@ class Session:
         names_hashes = [(ref.name, self.discovery.read_hash(entry))
                         for (entry, ref, net), stats in zip(used, result.networks)
                         if stats.applied or getattr(net, "bundle_embeddings", None)]
-        by_file: dict[str, list[str]] = {}
-        for entry, ref, _ in used:
-            by_file.setdefault(entry.filename, []).append(ref.name)
-        for names in by_file.values():
-            if len(set(names)) > 1:
-                msgs.append(f"LoRA {' and '.join(repr(n) for n in dict.fromkeys(names))} are one file: their weights "
-                            "add up")
+        msgs.extend(_one_file_under_two_names(used))
         if self.host.opt("lora_add_hashes_to_infotext", True):
             infotext.record_hashes(p, names_hashes, self._hashes_key())
         self._report(p, msgs)
@@ -599,6 +589,21 @@ class Session:
             "lora_dirs": self.discovery.dirs(),
             "files": len(self.discovery.by_path),
         }
+
+
+def _repeated_tags(refs) -> list[str]:
+    names = [r.name for r in refs]
+    return [f"LoRA '{name}' is in the prompt {names.count(name)} times: their weights add up "
+            f"({' + '.join(f'{r.unet:g}' for r in refs if r.name == name)} for the UNet)"
+            for name in dict.fromkeys(n for n in names if names.count(n) > 1)]
+
+
+def _one_file_under_two_names(used) -> list[str]:
+    by_file: dict[str, list[str]] = {}
+    for entry, ref, _ in used:
+        by_file.setdefault(entry.filename, []).append(ref.name)
+    return [f"LoRA {' and '.join(repr(n) for n in dict.fromkeys(names))} are one file: their weights add up"
+            for names in by_file.values() if len(set(names)) > 1]
 
 
 _KIND_RE = re.compile(r"<(\w+):")
