@@ -519,7 +519,6 @@ def _same_file(a: str, b: str) -> bool:
 def _precast(sd: dict, dtype) -> int:
     """Upcast (never downcast) floating tensors to `dtype` before merging, so the merge itself runs at the output
     precision; downcasts happen once, at write time, after the merge (one rounding either way)."""
-    import torch
     target = _PRECISION_RANK[str(dtype).replace("torch.", "")]
     n = 0
     for k, t in sd.items():
