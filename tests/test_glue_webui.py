@@ -287,13 +287,16 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
     for sub in ("x", "y"):
         made.append(lib / sub / "twin.safetensors")
         lora_files.write_lora(str(lib / sub / "twin.safetensors"), seed=9, metadata={"ss_output_name": "Shared"})
+    for sub, md in (("p", {"ss_output_name": "PairP"}), ("q", {})):  # one stem, one of them with its own alias
+        made.append(lib / sub / "pair.safetensors")
+        lora_files.write_lora(str(lib / sub / "pair.safetensors"), seed=13, metadata=md)
     made.append(lib / "old.pt")
     (lib / "old.pt").write_bytes(b"\x80\x02}q\x00.")  # (refused by its extension, never unpickled)
     ns.session.discovery.refresh()
     try:
         p = generate(ns, "<lora:a_checkpoint:1> <lora:an_embedding:1> <lora:wrong_shape:1> <lora:no_up:1> "
                          "<lora:twin:1> <lora:Shared:1> <lora:TEST_LORA:1> <lora:nothing_like_it:1> <lora:old:1> "
-                         "<lora:a_vae:1> <lora:linked:1>")
+                         "<lora:a_vae:1> <lora:linked:1> <lora:PairP:0.1>")
         text = "\n".join(p.comments)
         assert "old.pt: '.pt' files are Python pickles" in text and "The built-in Lora does open them" in text
         assert ("LoRA 'a_checkpoint' not applied: a_checkpoint.safetensors: it is a full Stable Diffusion checkpoint, "
@@ -308,6 +311,7 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         no_up = text.split("LoRA 'no_up'")[1].split("\n")[0]
         assert "match no layer" not in no_up and no_up.count(list(T)[1]) == 1, no_up
         assert "LoRA 'twin' names 2 files; used odd/y/twin (not odd/x/twin): write <lora:odd/x/twin:…> for another" in text
+        assert "'PairP' names" not in text  # (an alias reaches one file)
         assert ("LoRA 'Shared' is the name (ss_output_name) of several files (odd/x/twin, odd/y/twin): write the "
                 "file's own name instead" in text), text
         assert "LoRA not found: 'TEST_LORA'" in text and "did you mean 'test_lora'?" in text  # (one name per file)

@@ -479,7 +479,7 @@ class Session:
 
     def _say_if_ambiguous(self, name: str, entry, msgs):
         """A bare name that several files share (in different subfolders): the choice is A1111's, said here."""
-        if "/" in name.replace("\\", "/"):
+        if name != entry.name:  # a sub/folder/name or an alias reaches one file
             return
         same = [e for e in self.discovery.same_name(entry) if e is not entry]
         if same:
