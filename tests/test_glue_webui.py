@@ -557,6 +557,24 @@ def test_cards(webui):
     finally:
         ns.shared.opts.set("lora_studio_show_all", False)
     assert page.create_item("xl_only", enable_filter=False) is not None  # get-single-card path
+    # folder buttons: A1111 makes one of every subfolder; ours only of those that hold a LoRA
+    samples = ns.data / "models" / "Lora" / "my dataset" / "10_svs cat"
+    samples.mkdir(parents=True)
+    (samples / "a.png").write_bytes(b"\x89PNG")
+    try:
+        every = super(type(page), page).create_dirs_view_html("txt2img")
+        ours = page.create_dirs_view_html("txt2img")
+        assert "my dataset/" in every and "10_svs cat" in every and "sub dir/" in every
+        assert "my dataset" not in ours and "10_svs cat" not in ours and "sub dir/" in ours and ">\n        all" in ours
+        from lib_lora.ui.cards import only_lora_folders
+        b = "".join(f"<button class='x{' search-all' if n == 'all' else ''}'>\n {n}\n </button>"
+                    for n in ("all", "a/", "a/b/", "a/c/", "d &amp; e/", "empty"))
+        kept = only_lora_folders(b, ["a/b/x", "d & e/y", "top"])
+        assert [m for m in ("all", "a/", "a/b/", "a/c/", "d &amp; e/", "empty") if f" {m}\n" in kept] == \
+            ["all", "a/", "a/b/", "d &amp; e/"]
+    finally:
+        import shutil
+        shutil.rmtree(ns.data / "models" / "Lora" / "my dataset")
     assert os.path.abspath(ns.shared.cmd_opts.lora_dir) in ns.ui_extra_networks.allowed_dirs
 
 

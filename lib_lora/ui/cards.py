@@ -11,7 +11,9 @@ unreadable files say so on the card.
 """
 from __future__ import annotations
 
+import html
 import os
+import re
 
 from ..host.discovery import SD_VERSIONS, LoraEntry
 
@@ -116,6 +118,22 @@ def build_item(page, session, entry: LoraEntry, index=None, enable_filter=True) 
     return item
 
 
+_BUTTON_RE = re.compile(r"<button\b[^>]*>\s*(.*?)\s*</button>", re.S)
+
+
+def only_lora_folders(buttons_html: str, relnames: list[str]) -> str:
+    """Drop the folder buttons of folders that hold no LoRA file at any depth; the "all" button stays."""
+    held = set()
+    for rel in relnames:
+        parts = rel.split("/")[:-1]
+        held.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+    def keep(m):
+        label = html.unescape(m.group(1)).replace("\\", "/").strip("/")
+        return m.group(0) if "search-all" in m.group(0) or label in held else ""
+    return _BUTTON_RE.sub(keep, buttons_html)
+
+
 def make_page(session):
     """Instantiate the page; the base class comes from the WebUI, so the subclass is made here, lazily."""
     base = session.host.page_base_class()
@@ -148,6 +166,12 @@ def make_page(session):
 
         def allowed_directories_for_previews(self):
             return session.discovery.dirs()
+
+        def create_dirs_view_html(self, tabname):
+            # A1111 makes a button of every subfolder; ours keeps those that hold a LoRA (a dataset or an image
+            # folder kept next to the LoRAs is no filter). Unknown markup: left as it is.
+            out = super().create_dirs_view_html(tabname)
+            return only_lora_folders(out, [e.relname for e in session.discovery.entries()])
 
         def create_user_metadata_editor(self, ui, tabname):
             return session.host.user_metadata_editor(ui, tabname, self)

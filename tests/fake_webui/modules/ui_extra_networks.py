@@ -65,6 +65,28 @@ class ExtraNetworksPage:
         from modules import ui_extra_networks_user_metadata
         return ui_extra_networks_user_metadata.UserMetadataEditor(ui, tabname, self)
 
+    def create_dirs_view_html(self, tabname):
+        """A1111 1.10.1's folder buttons: every subfolder of the allowed dirs (with or without model files), as
+        ``<button …>subdir/</button>``, preceded by an "all" button (default option values)."""
+        import html
+        subdirs = {}
+        for parentdir in [os.path.abspath(x) for x in self.allowed_directories_for_previews()]:
+            for root, dirs, _ in sorted(os.walk(parentdir, followlinks=True)):
+                for dirname in sorted(dirs):
+                    x = os.path.join(root, dirname)
+                    subdir = os.path.abspath(x)[len(parentdir):].lstrip(os.path.sep)
+                    if os.listdir(x) and not subdir.endswith(os.path.sep):
+                        subdir += os.path.sep
+                    if not (os.path.sep + "." in subdir or subdir.startswith(".")):
+                        subdirs[subdir] = 1
+        if subdirs:
+            subdirs = {"": 1, **subdirs}
+        return "".join(f"""
+        <button class='lg secondary gradio-button custom-button{" search-all" if subdir == "" else ""}' onclick='extraNetworksSearchButton("{tabname}", "{self.extra_networks_tabname}", event)'>
+        {html.escape(subdir if subdir != "" else "all")}
+        </button>
+        """ for subdir in subdirs)
+
     # --- building the cards
     def create_html(self, tabname, *, empty=False):
         self.lister.reset()
