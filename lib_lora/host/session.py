@@ -308,9 +308,7 @@ class Session:
         if now != self._default_last:
             # A1111 keys its cached conditioning by the prompt's own tags, and the added LoRA is not among them
             self._default_last = now
-            forget = getattr(self.host, "forget_conds", None)
-            if forget is not None:
-                forget(p)
+            self._forget_conds(p)
         if now is None:
             return refs
         if any(r.name == additional for r in refs) or not isinstance(getattr(p, "all_prompts", None), list):
@@ -432,8 +430,12 @@ class Session:
             if self._file_ids.get(ref.name, ident) != ident:
                 changed = True
             self._file_ids[ref.name] = ident
-        forget = getattr(self.host, "forget_conds", None)
-        if changed and forget is not None:
+        if changed:
+            self._forget_conds(p)
+
+    def _forget_conds(self, p):
+        forget = getattr(self.host, "forget_conds", None)  # (hosts without A1111's cond cache have none)
+        if forget is not None:
             forget(p)
 
     def _hashes_key(self) -> str:

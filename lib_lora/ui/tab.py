@@ -184,13 +184,21 @@ STATUS_WORDS = {"queued": "waiting", "running": "training", "done": "finished", 
                 "failed": "failed", "interrupted": "waiting (interrupted, resumes)"}
 
 
-def _continued(j: dict, jobs: list[dict]) -> dict | None:
-    """A resume from the tab is a new job whose resume file is the state an earlier job kept (the newest such one:
-    a resumed job cancelled again keeps its state under the same name)."""
-    state = (j.get("config") or {}).get("resume")
-    before = [o for o in jobs if state and o is not j and o.get("resume_state") == state
-              and (o.get("created") or 0) <= (j.get("created") or 0)]
-    return max(before, key=lambda o: o.get("created") or 0) if before else None
+def _continued(jobs: list[dict]) -> dict[str, dict]:
+    """{job id: the job it continues}. A resume from the tab is a new job whose resume file is the state an earlier
+    job kept (the newest such one: a resumed job cancelled again keeps its state under the same name). Indexed once
+    per table: the table is drawn on every poll and the list keeps every finished job."""
+    by_state: dict[str, list[dict]] = {}
+    for o in jobs:
+        if o.get("resume_state"):
+            by_state.setdefault(o["resume_state"], []).append(o)
+    out = {}
+    for j in jobs:
+        before = [o for o in by_state.get((j.get("config") or {}).get("resume"), ())
+                  if o is not j and (o.get("created") or 0) <= (j.get("created") or 0)]
+        if before:
+            out[j["id"]] = max(before, key=lambda o: o.get("created") or 0)
+    return out
 
 
 def jobs_table_html(jobs: list[dict], selected: str | None = None) -> str:
@@ -200,8 +208,9 @@ def jobs_table_html(jobs: list[dict], selected: str | None = None) -> str:
                 "dataset and press Train.</p></div>")
     rows = []
     waiting = 0
+    continues = _continued(jobs)
     for j in jobs:
-        origin = _continued(j, jobs)
+        origin = continues.get(j["id"])
         cont = (f'<br><span class="ls-muted">continues {_e(origin["name"])} [{_e(origin["id"])}]</span>'
                 if origin is not None else "")
         pos = ""
@@ -864,9 +873,6 @@ def build_tab(backend) -> gr.Blocks:
 
         @releasing
         def submit(task, *args, front):
-            return _submit(front, task, *args)
-
-        def _submit(front, task, *args):
             ui_values, paths = _split_settings(args)
             if not paths["train_data_dir"]:
                 raise UiError("Set the training folder on the Dataset tab first.")
