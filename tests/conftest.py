@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -6,7 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # the tokenizer and checkpoint-hash caches go to a throwaway folder, never the user's ~/.cache
-os.environ.setdefault("LORA_STUDIO_CACHE", tempfile.mkdtemp(prefix="lora-studio-test-cache-"))
+if "LORA_STUDIO_CACHE" not in os.environ:
+    os.environ["LORA_STUDIO_CACHE"] = tempfile.mkdtemp(prefix="lora-studio-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LORA_STUDIO_CACHE"], True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.join(ROOT, "tests")):
