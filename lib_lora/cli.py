@@ -288,15 +288,14 @@ def _format_metadata(summary: dict, n_keys: int) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------- inspect
 
-_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
-
-
-def _refuse_checkpoint(path: str, keys) -> None:
-    """A whole model given where a LoRA belongs: said as such, not listed as hundreds of unreadable modules."""
-    n = sum(1 for k in keys if k.startswith(_CHECKPOINT_PREFIXES))
-    if n and n >= len(keys) // 2:
-        raise CliError(f"{os.path.basename(path)} is a full model checkpoint ({n} of its {len(keys)} tensors are "
-                       "UNet / VAE / text-encoder weights), not a LoRA. Give it as --model, or inspect a LoRA file")
+def _refuse_not_a_lora(path: str, shapes: dict, metadata: dict) -> None:
+    """A checkpoint, VAE or embedding given where a LoRA belongs: said as such (the WebUI's words), not listed as
+    hundreds of unreadable modules."""
+    from .formats.report import not_a_lora
+    kind = not_a_lora(shapes, metadata)
+    if kind:
+        hint = ". To merge a LoRA into a checkpoint, give the checkpoint as --model" if kind.startswith("it is a full") else ""
+        raise CliError(f"{os.path.basename(path)}: {kind}{hint}")
 
 
 def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) -> dict:
@@ -314,7 +313,7 @@ def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) 
     header = read_header(path)
     metadata = dict(header.get("__metadata__") or {})
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    _refuse_checkpoint(path, shapes)
+    _refuse_not_a_lora(path, shapes, metadata)
     dtypes = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__")
     info: dict = {"file": os.path.abspath(path), "size_bytes": os.path.getsize(path), "tensors": len(shapes),
                   "dtypes": dict(dtypes)}

@@ -144,7 +144,26 @@ def test_inspect_refused_family(tmp_path):
 def test_inspect_says_a_checkpoint_is_not_a_lora(sd1_ckpt):
     rc, out, err = inspect(sd1_ckpt)
     assert rc == 1 and out == "" and err.count("\n") == 1
-    assert "tiny-sd1.safetensors is a full model checkpoint" in err and "not a LoRA. Give it as --model" in err
+    assert "tiny-sd1.safetensors: it is a full Stable Diffusion checkpoint, not a LoRA" in err
+    assert "give the checkpoint as --model" in err
+
+
+def test_inspect_says_what_other_files_are(tmp_path):
+    """The WebUI's classifier: a VAE, a bare UNet and a file of unrelated tensors are named, not listed as
+    hundreds of unreadable modules."""
+    files = {
+        "vae": ({"encoder.down.0.block.0.conv1.weight": torch.zeros(4, 4, 3, 3),
+                 "quant_conv.weight": torch.zeros(8, 8, 1, 1)}, "it is a VAE, not a LoRA"),
+        "unet": ({f"model.diffusion_model.input_blocks.{i}.0.weight": torch.zeros(4, 4, 3, 3) for i in range(3)},
+                 "it holds plain model weights (3 layers such as model.diffusion_model.input_blocks.0.0)"),
+        "other": ({"foo.bar": torch.zeros(2), "foo.baz": torch.zeros(2)},
+                  "none of its 2 tensor names (e.g. foo.bar, foo.baz) is a LoRA layer of SD1.x/SD2.x/SDXL"),
+    }
+    for name, (tensors, said) in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        rc, out, err = inspect(tmp_path / f"{name}.safetensors", "--no-hash")
+        assert rc == 1 and out == "" and f"{name}.safetensors: {said}" in err, err
+        assert "--model" not in err
 
 
 def test_inspect_corrupt_and_missing_files(tmp_path):

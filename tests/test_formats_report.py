@@ -1,5 +1,6 @@
 """MatchReport: counts per component, unmatched keys with reasons, family mismatch wording."""
 from lib_lora.formats import MatchReport, detect_family, group_modules
+from lib_lora.formats.report import not_a_lora
 
 SD1_KEYS = [
     "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
@@ -70,3 +71,26 @@ def test_te_only_file_does_not_mention_unet():
     rep = MatchReport.build("te.safetensors", ["lora_te_text_model_encoder_layers_0_mlp_fc1"], "sd2")
     assert rep.summary() == "lora 'te': 1/1 modules matched (te 1)"
     assert "unet" not in rep.details()
+
+
+def test_not_a_lora_tells_model_files_from_networks():
+    conv = (320, 320, 3, 3)
+    unet = {f"model.diffusion_model.input_blocks.{i}.0.{p}": (conv if p == "weight" else (320,))
+            for i in range(1, 4) for p in ("weight", "bias")}
+    assert not_a_lora(unet).startswith("it holds plain model weights (3 layers such as ")
+    diffusers_unet = {f"down_blocks.0.resnets.{i}.conv1.weight": conv for i in range(2)}
+    assert not_a_lora(diffusers_unet).startswith("it holds plain model weights")
+    # networks with the same roots or plain suffixes stay networks
+    assert not_a_lora({f"model.diffusion_model.input_blocks.{i}.0.diff": conv for i in range(3)}) is None
+    ia3 = {f"lora_unet_down_blocks_0_attentions_0_proj_in.{s}": (320,) for s in ("weight", "on_input")}
+    assert not_a_lora(ia3) is None and not_a_lora({k: (320,) for k in SD1_KEYS}) is None
+    assert not_a_lora({"lora_unet_a.weight": (320,), "lora_unet_b.weight": (320,)}) is None  # IA3 without on_input
+    # unrelated tensors are said to be no SD LoRA; a LoRA of another model is left to the family refusal
+    assert not_a_lora({"foo.bar": (3,)}) == ("its only tensor name (foo.bar) is not a LoRA layer of "
+                                             "SD1.x/SD2.x/SDXL: it is not a LoRA, or one for a model this "
+                                             "extension cannot apply")
+    flux = {"single_transformer_blocks.0.attn.to_q.lora_A.weight": (4, 3072)}
+    assert not_a_lora(flux, {"ss_base_model_version": "flux1"}) is None
+    assert detect_family(flux, {"ss_base_model_version": "flux1"}).refused
+    assert not_a_lora({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": (4, 3072)}) is None
+    assert not_a_lora({}) == "it holds no tensors"

@@ -272,6 +272,7 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
     put("a_vae.safetensors", {"encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(4, 4, 3, 3),
                               "decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(4, 4, 3, 3),
                               "quant_conv.weight": torch.zeros(8, 8, 1, 1)})  # (diffusers layout)
+    put("unrelated.safetensors", {"foo.bar": torch.zeros(3), "foo.baz": torch.zeros(3)})
     os.symlink(lib / "a_checkpoint.safetensors", lib / "linked.safetensors")
     made.append(lib / "linked.safetensors")
     bad = lora_files.SD1_SHAPES.copy()
@@ -296,7 +297,7 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
     try:
         p = generate(ns, "<lora:a_checkpoint:1> <lora:an_embedding:1> <lora:wrong_shape:1> <lora:no_up:1> "
                          "<lora:twin:1> <lora:Shared:1> <lora:TEST_LORA:1> <lora:nothing_like_it:1> <lora:old:1> "
-                         "<lora:a_vae:1> <lora:linked:1> <lora:PairP:0.1>")
+                         "<lora:a_vae:1> <lora:linked:1> <lora:PairP:0.1> <lora:unrelated:1>")
         text = "\n".join(p.comments)
         assert "old.pt: '.pt' files are Python pickles" in text and "The built-in Lora does open them" in text
         assert ("LoRA 'a_checkpoint' not applied: a_checkpoint.safetensors: it is a full Stable Diffusion checkpoint, "
@@ -317,6 +318,9 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         assert "LoRA not found: 'TEST_LORA'" in text and "did you mean 'test_lora'?" in text  # (one name per file)
         assert "LoRA 'a_vae' not applied: a_vae.safetensors: it is a VAE, not a LoRA: move it to models/VAE" in text
         assert "LoRA 'linked' not applied: linked.safetensors: it is a full Stable Diffusion checkpoint" in text
+        assert ("LoRA 'unrelated' not applied: unrelated.safetensors: none of its 2 tensor names (e.g. foo.bar, "
+                "foo.baz) is a LoRA layer of SD1.x/SD2.x/SDXL" in text), text
+        assert "unrelated" not in hashes
         assert "LoRA not found: 'nothing_like_it'" in text and "did you mean" not in text.split("nothing_like_it")[1]
         warned = p.extra_generation_params["LoRA Studio warnings"]
         assert str(ns.data) not in warned  # no local paths in images
@@ -331,6 +335,7 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         cards = {k: v["description"] or "" for k, v in page.items.items()}
         assert cards["a_checkpoint"].startswith("It is a full Stable Diffusion checkpoint, not a LoRA: move it to")
         assert cards["an_embedding"].startswith("It is a textual-inversion embedding, not a LoRA")
+        assert cards["unrelated"].startswith("None of its 2 tensor names"), cards["unrelated"]
         assert cards["old"].startswith("A Python pickle: LoRA Studio does not open these")
         assert cards["corrupt"].startswith("Unreadable file: ")
         assert cards["colon: v2"].startswith("Rename this file: ':' or '>' in its name ends a <lora:…> tag")

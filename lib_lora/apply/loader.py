@@ -122,7 +122,7 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
     header = read_header(path)
     metadata = {k: v for k, v in (header.get("__metadata__") or {}).items()}
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    kind = not_a_lora(shapes)  # (before reading gigabytes of a checkpoint)
+    kind = not_a_lora(shapes, metadata)  # (before reading gigabytes of a checkpoint)
     if kind:
         raise LoraError(f"{os.path.basename(given)}: {kind}", given)
     info = detect_family(shapes, metadata)

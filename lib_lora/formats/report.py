@@ -2,7 +2,8 @@
 import os
 from dataclasses import dataclass, field
 
-from .keymap import Target, component_of, label, map_module_key_with_reason
+from .keymap import FOREIGN_PREFIXES, PREFIXES, Target, component_of, group_modules, label, \
+    map_module_key_with_reason
 
 # Prefix component code -> the Target component it lands on (for counting unmatched keys per component).
 _COMPONENT_OF_CODE = {"unet": "unet", "te": "te1", "te1": "te1", "te2": "te2", "te_h": "te1"}
@@ -122,10 +123,12 @@ _EMBEDDING_ROOTS = {"emb_params", "string_to_param", "string_to_token", "clip_l"
                     "sd_checkpoint", "sd_checkpoint_name"}
 
 
-def not_a_lora(keys) -> str | None:
+def not_a_lora(keys, metadata=None) -> str | None:
     """What a file of the LoRA folder is when it is no network at all, and where it belongs; None otherwise.
-    (Only the tell-tale keys of checkpoints, VAEs and embeddings: a ComfyUI ``model.diffusion_model.*.diff`` file is
-    a network.)"""
+    `keys`: the header's tensor names, or {name: shape} (shapes let plain UNet/text-encoder weights be told from
+    IA3's 1-D vectors). One classifier for the WebUI, its cards and the command line. (A ComfyUI
+    ``model.diffusion_model.*.diff`` file is a network.)"""
+    shapes = keys if isinstance(keys, dict) else None
     keys = [k for k in keys if k != "__metadata__"]
     if not keys:
         return "it holds no tensors"
@@ -138,4 +141,20 @@ def not_a_lora(keys) -> str | None:
     if {k.split(".", 1)[0] for k in keys} <= _EMBEDDING_ROOTS:
         return ("it is a textual-inversion embedding, not a LoRA: move it to the embeddings folder and write its "
                 "name in the prompt")
+    groups = group_modules(keys)
+    if shapes is not None:
+        # a layer's own weight matrix/kernel with no network tensor beside it (IA3's 'weight' is a 1-D vector)
+        plain = [mk for mk, sfx in groups.items()
+                 if set(sfx) <= {"weight", "bias"} and len(shapes.get(sfx.get("weight"), ())) >= 2]
+        if len(plain) >= max(2, len(groups) // 2):
+            return (f"it holds plain model weights ({len(plain)} layers such as {plain[0]}), not a LoRA: a UNet or "
+                    "text-encoder file. A1111 loads only full checkpoints, from models/Stable-diffusion")
+    known = tuple(p for p, *_ in PREFIXES) + tuple(p for p, _ in FOREIGN_PREFIXES)
+    if not any(mk.startswith(known) for mk in groups):
+        from .family import detect_family
+        if detect_family(shapes or {k: () for k in keys}, metadata or {}).refused:
+            return None  # a LoRA of another model: the family refusal names it
+        names = (f"its only tensor name ({keys[0]}) is not" if len(keys) == 1 else
+                 f"none of its {len(keys)} tensor names (e.g. {', '.join(sorted(keys)[:3])}) is")
+        return f"{names} a LoRA layer of SD1.x/SD2.x/SDXL: it is not a LoRA, or one for a model this extension cannot apply"
     return None

@@ -263,7 +263,7 @@ class Discovery:
         entry.alias = str(raw.get("ss_output_name") or name)
         if shapes:
             from ..formats.report import not_a_lora
-            entry.not_lora = not_a_lora(shapes)
+            entry.not_lora = not_a_lora(shapes, raw)
         cached = self.cache.get(path, st.st_mtime, st.st_size)
         entry.hash = str(raw.get("sshs_model_hash") or cached.get("sha256") or "").strip().lower()
         entry.sd_version, entry.family_evidence, entry.refused_family = self._detect_version(
