@@ -614,10 +614,13 @@ def test_reload_ui_restores_and_new_session_takes_over(webui):
     ns.shared.opts.reorder()  # as after startup: data_labels is no longer options_templates
     ns.script_callbacks.script_unloaded_callback()  # Reload UI: our shutdown restores weights
     assert_pristine(ns)
+    from modules import devices
+    assert not hasattr(devices.test_for_nans, "_lora_studio_note")  # (A1111's own NaN check back)
     initialize.initialize_rest([BUILTIN_LORA, ROOT], reload_script_modules=True)
     fake_startup.start()
     ns.script_module = glue_harness.script_module()
     ns.session = ns.script_module.session
+    assert devices.test_for_nans._lora_studio_note[0] == ns.session.nan_note
     ns.networks = sys.modules["networks"]
     assert ns.session is not old
     assert ns.extra_networks.extra_network_registry["lora"] is ns.session.network
@@ -631,3 +634,33 @@ def test_reload_ui_restores_and_new_session_takes_over(webui):
     assert reg["lora"] is ns.networks.extra_network_lora and reg["lorastudio"] is ns.session.network
     ns.shared.opts.set("lora_studio_take_over", True)
     assert reg["lora"] is ns.session.network
+
+
+def test_a1111_nan_error_names_the_loras_to_suspect(webui):
+    """A1111 stops a NaN job advising --disable-nan-check; with LoRAs applied, its message names them (a far-out
+    weight as the likely cause), and its own text and exception class stay (its fp32-VAE retry catches that)."""
+    ns = webui
+    from modules import devices
+
+    def nan_job(prompt):
+        p = ns.processing.StableDiffusionProcessingTxt2Img(prompt=prompt)
+        p.scripts = ns.scripts.scripts_txt2img
+        with pytest.raises(devices.NansException) as e:
+            ns.processing.process_images(p, sample=lambda p: [torch.full((1, 4, 8, 8), float("nan"))])
+        return str(e.value)
+    said = nan_job("a cat <lora:test_lora:8>")
+    assert said.startswith("A tensor with NaNs was produced in Unet. Use --disable-nan-check"), said
+    assert said.endswith("LoRA Studio: <lora:test_lora:8> has a weight far outside the usual -2 to 2, the likely "
+                         "cause: lower it and generate again (--disable-nan-check would only hide a black image)."), said
+    said = nan_job("a cat <lora:test_lora:0.8>")
+    assert "LoRA Studio: this image applied <lora:test_lora:0.8>; if the prompt works without it, it is" in said, said
+    assert "LoRA Studio" not in nan_job("a cat")  # (nothing applied: A1111's words alone)
+    # a reload of the extension does not wrap the check twice
+    wrapper = devices.test_for_nans
+    ns.session.host.explain_nans(ns.session.nan_note)
+    assert devices.test_for_nans is wrapper and not hasattr(wrapper.__wrapped__, "__wrapped__")
+    generate(ns, "")
+    assert_pristine(ns)
+    ns.session.host.explain_nans(None)  # (what the extension's unload does)
+    assert devices.test_for_nans is wrapper.__wrapped__
+    ns.session.host.explain_nans(ns.session.nan_note)

@@ -144,6 +144,9 @@ class Session:
     def before_ui(self):
         self.report_forge()
         self.ensure_registered()  # first: a failing page must not cost the <lora:…> handling
+        explain = getattr(self.host, "explain_nans", None)
+        if explain is not None and not self.forge:
+            explain(self.nan_note)
         self.discovery.refresh()
         from ..ui import cards
         self.page = cards.make_page(self)
@@ -270,6 +273,9 @@ class Session:
                 if builtin is not None and "lora" not in reg:
                     self.host.register_extra_network(builtin, "lora")
                     self.host.register_extra_network_alias(builtin, "lyco")
+            explain = getattr(self.host, "explain_nans", None)
+            if explain is not None and not self.forge:
+                explain(None)
 
     # ------------------------------------------------------------------ activation
     def tag_name_for(self, entry) -> str:
@@ -577,6 +583,21 @@ class Session:
     def deactivate(self, p):
         # Weights stay merged until the wanted set changes (as the built-in); problems were reported on activate.
         pass
+
+    def nan_note(self) -> str:
+        """Added to A1111's NaN error while LoRAs are applied: the tags to suspect, a far-out weight first."""
+        from ..apply.parser import LARGE_WEIGHT
+        if not self.applied:
+            return ""
+        refs = [ref for _, ref, _ in self.applied]
+        tag = (lambda r: r.tag or f"<lora:{r.name}:{r.unet:g}>")
+        big = [r for r in refs if max(abs(r.te), abs(r.unet)) > LARGE_WEIGHT]
+        if big:
+            return (f"LoRA Studio: {', '.join(tag(r) for r in big)} has a weight far outside the usual -2 to 2, the "
+                    "likely cause: lower it and generate again (--disable-nan-check would only hide a black image).")
+        which = "it, it" if len(refs) == 1 else "them, one of them"
+        return (f"LoRA Studio: this image applied {', '.join(tag(r) for r in refs)}; if the prompt works without "
+                f"{which} is the cause (a weight too high, or an overtrained or damaged file: try an earlier epoch).")
 
     # ------------------------------------------------------------------ infotext
     def infotext_pasted(self, infotext_text, params):

@@ -322,6 +322,41 @@ def mute_builtin_paste(active) -> int:
     return wrapped
 
 
+def explain_nans(note) -> bool:
+    """A1111 stops a job whose UNet or VAE output is NaN with advice about precision and --disable-nan-check (which
+    only hides a black image). With LoRAs applied, one of them is the likelier cause: ``note()`` says which, added to
+    A1111's message (same exception class, so its own fp32-VAE retry still catches it). Installed once; a reload of
+    the extension replaces the note, not the wrapper; ``note=None`` puts A1111's own function back."""
+    try:
+        from modules import devices
+    except ImportError:
+        return False
+    current = getattr(devices, "test_for_nans", None)
+    if current is None or not hasattr(devices, "NansException"):
+        return False
+    if getattr(current, "_lora_studio_note", None) is not None:
+        if note is None:
+            devices.test_for_nans = current.__wrapped__
+        current._lora_studio_note[0] = note or (lambda: "")
+        return True
+    if note is None:
+        return False
+    holder = [note]
+
+    def test_for_nans(x, where):
+        try:
+            return current(x, where)
+        except devices.NansException as e:
+            extra = holder[0]()
+            if not extra:
+                raise
+            raise devices.NansException(f"{e}\n{extra}") from e
+    test_for_nans._lora_studio_note = holder
+    test_for_nans.__wrapped__ = current
+    devices.test_for_nans = test_for_nans
+    return True
+
+
 def builtin_wants_networks() -> bool:
     nw = builtin_networks()
     return bool(nw is not None and nw.loaded_networks)

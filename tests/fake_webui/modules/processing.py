@@ -5,9 +5,10 @@
 prompt's tags while ``p.is_hr_pass`` is True; finally ``deactivate`` with the last batch's data, only if it is
 non-empty. Sampling is whatever the test passes as ``sample(p)``; ``Processed.images`` holds what it returned, or
 one blank ``width`` x ``height`` image per prompt when it returned nothing. ``close()`` only marks ``p.closed``."""
+import torch
 from PIL import Image
 
-from modules import extra_networks
+from modules import devices, extra_networks
 
 
 class StableDiffusionProcessing:
@@ -109,6 +110,8 @@ def process_images(p, sample=None):
         hook("process_batch", **batch)
         if sample is not None:
             images += sample(p) or []
+            if images and isinstance(images[-1], torch.Tensor):
+                devices.test_for_nans(images[-1], "unet")  # (processing.py checks the samples so)
         if p.enable_hr:
             _, p.hr_extra_network_data = extra_networks.parse_prompts(
                 p.all_hr_prompts[n * p.batch_size:(n + 1) * p.batch_size])
