@@ -158,3 +158,26 @@ def test_what_sd_scripts_reads_otherwise_is_refused_or_said(sd1, tmp_path):
     cfg = _cfg(tmp_path, img, "x", network_dim=3)
     with pytest.raises(TrainingError, match=r"oft_unet_.*attn1_to_q: networks.oft splits the \d+ output"):
         Trainer(ModelHost(sd1, "m"), cfg, plan_for(ModelHost(sd1, "m"), cfg)).run()
+
+
+def test_large_blocks_on_several_cpu_threads():
+    """SD's feed-forward layers give kohya OFT blocks of hundreds of rows; oneMKL's batched inverse fails for those
+    with more than one CPU thread (torch 2.13), so a CPU run or merge crashed. The rotation must be I + 2Q(I - Q)^-1
+    per block (closed form of the Cayley transform) with two threads too."""
+    from lib_lora.networks.oft import cayley
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pair = KohyaOftPair((512, 32), 2, constraint=1.0)  # 2 blocks of 256 rows
+        with torch.no_grad():
+            pair.oft_blocks.normal_(std=0.01)
+        r = pair.rotation()
+        merged = cayley(pair.oft_blocks.detach().float(), 1.0 * 512, kohya=True)
+    finally:
+        torch.set_num_threads(threads)
+    b = pair.oft_blocks.detach().double()
+    q = b - b.transpose(-1, -2)
+    eye = torch.eye(256, dtype=torch.float64)
+    expected = torch.stack([(eye + qi) @ torch.linalg.inv(eye - qi) for qi in q])
+    assert torch.allclose(r.double(), expected, atol=1e-5) and torch.allclose(merged.double(), expected, atol=1e-5)
+    assert not torch.allclose(r, torch.eye(256).expand_as(r), atol=1e-3)  # (a real rotation, not the identity)

@@ -17,6 +17,17 @@ def _is_kohya(ctx: ModuleContext) -> bool:
     return ctx.writer == "kohya" or ctx.module_key.startswith("oft_unet")
 
 
+def inverse(a: torch.Tensor) -> torch.Tensor:
+    """The inverse of each (b, b) matrix of ``a`` (..., b, b), with no error check (a host sync that a CUDA-graph
+    capture refuses; I - Q is invertible for every skew-symmetric Q). On the CPU, oneMKL's batched LU fails for
+    blocks of about 150 rows and more with several threads (torch 2.13: "Pivots given to lu_solve must all be
+    greater or equal to 1"), as kohya OFT's blocks are: there large blocks are inverted one at a time."""
+    if a.device.type == "cpu" and a.dim() > 2 and a.shape[-1] >= 64 and a.numel() > a.shape[-1] * a.shape[-2]:
+        flat = a.reshape(-1, *a.shape[-2:])
+        return torch.stack([torch.linalg.inv_ex(m)[0] for m in flat]).reshape(a.shape)
+    return torch.linalg.inv_ex(a)[0]
+
+
 def cayley(blocks: torch.Tensor, constraint: float, kohya: bool) -> torch.Tensor:
     """R for every block of `blocks` (..., b, b), computed in fp32."""
     q = blocks - blocks.transpose(-1, -2)
@@ -30,7 +41,7 @@ def cayley(blocks: torch.Tensor, constraint: float, kohya: bool) -> torch.Tensor
         if norm > constraint:
             q = q * (constraint / norm)
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-    return (eye + q) @ torch.linalg.inv(eye - q)
+    return (eye + q) @ inverse(eye - q)
 
 
 class OFT(NetworkModule):

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..networks.oft import inverse
 from .lyco_preset import CustomPreset, read_preset
 
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "full", "diag-oft", "boft", "glora")
@@ -736,9 +737,7 @@ class DiagOftPair(PairBase):
         if self.max_q > 0:
             q = q * torch.clamp(self.max_q / (torch.norm(q) + 1e-8), max=1.0)
         eye = self.eye
-        # (I - Q is always invertible for a skew-symmetric Q: inv_ex skips the error check, a host sync that
-        # a CUDA-graph capture refuses)
-        return (eye + q) @ torch.linalg.inv_ex(eye - q)[0]
+        return (eye + q) @ inverse(eye - q)
 
     def weight_delta(self, weight: torch.Tensor, multiplier: float, rank_dropout: float = 0.0) -> torch.Tensor:
         with torch.autocast(weight.device.type, enabled=False):  # R and W' in fp32 (autocast would use half)
@@ -801,7 +800,7 @@ class KohyaOftPair(DiagOftPair):
         norm = torch.norm(q)
         q = q * ((torch.clamp(norm, max=self.max_q) + 1e-8) / (norm + 1e-8))
         eye = self.eye
-        return (eye + q) @ torch.linalg.inv_ex(eye - q)[0]
+        return (eye + q) @ inverse(eye - q)
 
 
 def power2factorization(dimension: int, factor: int = -1) -> tuple[int | None, int]:
