@@ -684,6 +684,15 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     text = " ".join(notes)
     assert not errors and "not applied with algo=locon with dora_wd" in text
     assert "A1111's built-in Lora (1.10) assumes per-input files" in text and "wd_on_output=False" in text
+    assert "ComfyUI only nearly as trained" in text
+    # ComfyUI's OFT/BOFT (measured against its weight_adapter code): as trained at strength 1, without rescale
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=diag-oft", "rescaled=True"]), "sd1")
+    assert any(n.startswith("diag-oft files apply in ComfyUI as trained at strength 1 only") and
+               "ignores the rescaled scales" in n for n in notes), notes
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=boft"], network_dim=16), "sd1")
+    assert any(n.startswith("boft files apply in ComfyUI") and "rescaled" not in n for n in notes), notes
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon"]), "sd1")
+    assert not any("ComfyUI" in n for n in notes), notes
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True",
                                                                     "wd_on_output=False"]), "sd1")
     assert not any("built-in Lora" in n for n in notes), notes

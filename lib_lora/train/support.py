@@ -209,8 +209,16 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.dora and s.wd_on_output:
         notes.append("DoRA (dora_wd) with the magnitude per output row, LyCORIS' default: this extension's <lora:> "
                      "and LyCORIS apply the file as trained; A1111's built-in Lora (1.10) assumes per-input files "
-                     "and applies it wrongly without an error. Add network_args wd_on_output=False for the "
-                     "per-input layout that tool expects")
+                     "and applies it wrongly without an error, and ComfyUI only nearly as trained (it measures the "
+                     "row norms on the original weight). Add network_args wd_on_output=False for the per-input "
+                     "layout those tools expect")
+    rotations = sorted({"diag-oft", "boft"} & ({s.algo} | mapped))
+    if rotations:
+        # (measured with ComfyUI's weight_adapter oft.py/boft.py against our merge, 2026-12)
+        notes.append(f"{'/'.join(rotations)} files apply in ComfyUI as trained at strength 1 only (at other "
+                     "strengths its rotation differs from LyCORIS' and this extension's)"
+                     + ("; ComfyUI also ignores the rescaled scales, so there the file looks different at any "
+                        "strength" if s.rescaled else ""))
     if s.weight_path:
         if any(k in nargs for k in blocks.PLUS_KEYS):
             notes.append(f"LoRA+ ratios change nothing with algo={s.algo}: they raise the learning rate of lora_up "
@@ -298,6 +306,8 @@ def oft_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[s
         notes.append(("networks.oft on SD1/SD2: " if family is None else "networks.oft: ") + "A1111's built-in Lora "
                      "(1.10) finds none of the layers of such a file (it maps the oft_unet_ names to SDXL's layout "
                      "only; sd-scripts' own SD1 OFT files are the same); this extension's <lora:> applies it")
+    notes.append("networks.oft: ComfyUI loads none of such a file (it has no mapping for sd-scripts' oft_unet_ "
+                 "names); for ComfyUI, train network_module = lycoris.kohya with algo=diag-oft")
     for k in OFT_SWITCHES:
         if k in nargs and str(nargs[k]).strip().lower() not in _OFT_ON:
             errors.append(f"network_args {k}={nargs[k]}: sd-scripts reads any value of {k} as True (bool of the "
