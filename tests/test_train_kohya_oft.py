@@ -103,6 +103,7 @@ def test_attention_oft_run_writes_sd_scripts_file(sd1, tmp_path):
     text = " ".join(res.notes)
     assert "trains the UNet only" in text and "OFT's constraint" not in text
     assert "A1111's built-in Lora (1.10) finds none of the layers" in text
+    assert "on SD1/SD2" not in text and len(set(res.notes)) == len(res.notes)  # (the run knows its model; once)
     assert "ComfyUI loads none of such a file" in text and "algo=diag-oft" in text
     md = read_metadata(res.final)
     assert md["ss_network_module"] == "networks.oft" and float(md["ss_network_alpha"]) == pytest.approx(1e-3)

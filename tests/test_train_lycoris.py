@@ -694,6 +694,15 @@ def test_what_cannot_be_trained_is_refused_with_what_to_change(sd1, tmp_path):
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon"]), "sd1")
     assert not any("ComfyUI" in n for n in notes), notes
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True",
+                                                                    "wd_on_output=False"]), "sd2")
+    assert any(n.startswith("DoRA on SD2: ComfyUI and A1111's built-in Lora (1.10) skip the proj_in/proj_out")
+               for n in notes), notes
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=full"]), "sd2")
+    assert any(n.startswith("algo=full on SD2: ComfyUI skips the proj_in/proj_out") for n in notes), notes
+    for family in ("sd1", "sdxl"):
+        _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=full", "dora_wd=True"]), family)
+        assert not any("on SD2" in n for n in notes), notes
+    _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=locon", "dora_wd=True",
                                                                     "wd_on_output=False"]), "sd1")
     assert not any("built-in Lora" in n for n in notes), notes
     _, notes = check_support(_cfg(tmp_path, img, "x", network_args=["algo=loha", "wd_on_output=False"]), "sd1")

@@ -226,6 +226,21 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     return s
 
 
+def sd2_proj_notes(s, notes: list[str]):
+    """SD2's proj_in/proj_out are Linear in the WebUI and ComfyUI but 1x1 convolutions in sd-scripts' SD2 UNet, whose
+    shapes the file keeps (as LyCORIS' does): DoRA magnitudes and full differences of that shape are skipped there
+    (measured with ComfyUI's loader code and A1111's built-in Lora)."""
+    algos = {s.algo} | (s.custom.algos() if s.custom is not None else set())
+    if s.dora:
+        notes.append("DoRA on SD2: ComfyUI and A1111's built-in Lora (1.10) skip the proj_in/proj_out layers of the "
+                     "file (their magnitudes have sd-scripts' 1x1-convolution shape, as LyCORIS writes them); this "
+                     "extension's <lora:> applies them")
+    if "full" in algos:
+        notes.append("algo=full on SD2: ComfyUI skips the proj_in/proj_out differences of the file (sd-scripts' "
+                     "1x1-convolution shape, as LyCORIS writes them); this extension's <lora:> and A1111's built-in "
+                     "Lora apply them")
+
+
 def block_settings(cfg: TrainConfig, family: str, notes: list[str], from_file: tuple | None = None):
     """(block LR weights, block dims, LoRA+ ratios) from network_args; BlockArgsError / ValueError say what is
     wrong. The trainer and the pre-flight check read them through this one function. ``from_file``: the base
@@ -492,9 +507,12 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         if cfg.network_module == "lycoris.kohya":  # (also when a refusal below stops it: no stray notes)
             supported = SUPPORTED_NETWORK_ARGS | lyco.KEYS
         try:
-            lyco_settings(cfg.network_module, nargs, notes, cfg)
+            s = lyco_settings(cfg.network_module, nargs, notes, cfg)
         except ValueError as e:
             errors.append(str(e))
+        else:
+            if family == "sd2" and s is not None:
+                sd2_proj_notes(s, notes)
     if (cfg.save_model_as or "safetensors") != "safetensors":
         notes.append(f"save_model_as = {cfg.save_model_as!r}: files are written as .safetensors (pickle formats "
                      f"can run code when loaded)")

@@ -230,6 +230,8 @@ class Trainer:
         self.on_event(TrainEvent(kind, total=self.end_step, epochs=self.epochs, **kw))
 
     def _note(self, text):
+        if text in self.notes:  # (the pre-flight check and the run may both find it)
+            return
         self.notes.append(text)
         self._emit("note", message=text)
 
