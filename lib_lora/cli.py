@@ -294,7 +294,8 @@ def _refuse_not_a_lora(path: str, shapes: dict, metadata: dict) -> None:
     from .formats.report import not_a_lora
     kind = not_a_lora(shapes, metadata)
     if kind:
-        hint = ". To merge a LoRA into a checkpoint, give the checkpoint as --model" if kind.startswith("it is a full") else ""
+        full = kind.startswith("it is a full")
+        hint = ". To merge a LoRA into a checkpoint, give the checkpoint as --model" if full else ""
         raise CliError(f"{os.path.basename(path)}: {kind}{hint}")
 
 

@@ -650,8 +650,9 @@ def test_a1111_nan_error_names_the_loras_to_suspect(webui):
         return str(e.value)
     said = nan_job("a cat <lora:test_lora:8>")
     assert said.startswith("A tensor with NaNs was produced in Unet. Use --disable-nan-check"), said
-    assert said.endswith("LoRA Studio: <lora:test_lora:8> has a weight far outside the usual -2 to 2, the likely "
-                         "cause: lower it and generate again (--disable-nan-check would only hide a black image)."), said
+    assert said.endswith("LoRA Studio: <lora:test_lora:8> has a weight far outside the usual -2 to 2, the "
+                         "likely cause: lower it and generate again (--disable-nan-check would only hide a black "
+                         "image)."), said
     said = nan_job("a cat <lora:test_lora:0.8>")
     assert "LoRA Studio: this image applied <lora:test_lora:0.8>; if the prompt works without it, it is" in said, said
     assert "LoRA Studio" not in nan_job("a cat")  # (nothing applied: A1111's words alone)

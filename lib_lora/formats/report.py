@@ -156,5 +156,6 @@ def not_a_lora(keys, metadata=None) -> str | None:
             return None  # a LoRA of another model: the family refusal names it
         names = (f"its only tensor name ({keys[0]}) is not" if len(keys) == 1 else
                  f"none of its {len(keys)} tensor names (e.g. {', '.join(sorted(keys)[:3])}) is")
-        return f"{names} a LoRA layer of SD1.x/SD2.x/SDXL: it is not a LoRA, or one for a model this extension cannot apply"
+        return (f"{names} a LoRA layer of SD1.x/SD2.x/SDXL: it is not a LoRA, or one for a model this extension "
+                "cannot apply")
     return None
