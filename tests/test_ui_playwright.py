@@ -126,8 +126,9 @@ def choose_typed(page, elem_id, text):
 
 
 def choose(page, elem_id, text, typed=False):
-    # the job list refreshes itself every 1.5 s and may re-render the options under the pointer: retry
-    for attempt in range(4):
+    # the job list refreshes itself every 1.5 s and may re-render the options under the pointer: retry (a slow
+    # CI machine training a job beside the browser has needed more than four tries)
+    for attempt in range(8):
         try:
             box = page.locator(f"#{elem_id} input").first
             box.click()
@@ -139,7 +140,7 @@ def choose(page, elem_id, text, typed=False):
                 arg=[elem_id, text], timeout=5000)
             return
         except Exception:
-            if attempt == 3:
+            if attempt == 7:
                 raise
             page.keyboard.press("Escape")
             if typed:
