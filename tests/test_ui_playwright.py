@@ -348,7 +348,7 @@ def _stop_training(page):
     if m:
         choose(page, "lora_studio_job", m.group(1))
         page.click("#lora_studio_cancel")
-        wait_text(page, "lora_studio_jobs", rf"{re.escape(m.group(1))}\s+cancelled")
+        wait_text(page, "lora_studio_jobs", rf"{re.escape(m.group(1))}\s+{WHEN}\s+cancelled")
 
 
 def test_dataset_helper_flow(server, page):
