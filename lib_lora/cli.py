@@ -289,8 +289,8 @@ def _format_metadata(summary: dict, n_keys: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- inspect
 
 def _refuse_not_a_lora(path: str, shapes: dict, metadata: dict) -> None:
-    """A checkpoint, VAE or embedding given where a LoRA belongs: said as such (the WebUI's words), not listed as
-    hundreds of unreadable modules."""
+    """A checkpoint, bare model weights, a VAE, an embedding or unrelated tensors given where a LoRA belongs: said
+    as such (the WebUI's words), not listed as hundreds of unreadable modules."""
     from .formats.report import not_a_lora
     kind = not_a_lora(shapes, metadata)
     if kind:

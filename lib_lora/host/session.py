@@ -144,9 +144,7 @@ class Session:
     def before_ui(self):
         self.report_forge()
         self.ensure_registered()  # first: a failing page must not cost the <lora:…> handling
-        explain = getattr(self.host, "explain_nans", None)
-        if explain is not None and not self.forge:
-            explain(self.nan_note)
+        self._explain_nans(self.nan_note)
         self.discovery.refresh()
         from ..ui import cards
         self.page = cards.make_page(self)
@@ -273,9 +271,7 @@ class Session:
                 if builtin is not None and "lora" not in reg:
                     self.host.register_extra_network(builtin, "lora")
                     self.host.register_extra_network_alias(builtin, "lyco")
-            explain = getattr(self.host, "explain_nans", None)
-            if explain is not None and not self.forge:
-                explain(None)
+            self._explain_nans(None)
 
     # ------------------------------------------------------------------ activation
     def tag_name_for(self, entry) -> str:
@@ -583,6 +579,11 @@ class Session:
     def deactivate(self, p):
         # Weights stay merged until the wanted set changes (as the built-in); problems were reported on activate.
         pass
+
+    def _explain_nans(self, note):
+        explain = getattr(self.host, "explain_nans", None)  # (headless hosts have no A1111 NaN check)
+        if explain is not None and not self.forge:
+            explain(note)
 
     def nan_note(self) -> str:
         """Added to A1111's NaN error while LoRAs are applied: the tags to suspect, a far-out weight first."""

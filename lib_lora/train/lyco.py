@@ -89,6 +89,11 @@ class LycoSettings:
     custom: CustomPreset | None = None  # a preset file's layer rules (preset then holds its path as given)
 
     @property
+    def algos(self) -> set:
+        """Every algorithm the network trains: its own and those a preset file's maps give some layers."""
+        return {self.algo} | (self.custom.algos() if self.custom is not None else set())
+
+    @property
     def weight_path(self) -> bool:
         """LoHa/LoKr/IA3/full/OFT modules (their own tensors) instead of kohya's lora_up/lora_down."""
         return self.algo in ("loha", "lokr", "glora") + NO_SCALE

@@ -188,11 +188,10 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
     if s.algo in lyco.NO_MAX_NORM and cfg.scale_weight_norms:
         notes.append(f"scale_weight_norms changes nothing with algo={s.algo}: LyCORIS caps the norms of LoRA, "
                      "LoHa, LoKr and OFT modules only")
-    mapped = s.custom.algos() if s.custom is not None else set()  # (a preset file's layers of other algorithms)
-    if s.algo == "glora" or "glora" in mapped:
+    if "glora" in s.algos:
         notes.append("GLoRA files apply in this extension's <lora:>, LyCORIS and ComfyUI; A1111's built-in Lora "
                      "(1.10) reads only LyCORIS' older GLoRA layout and reports this file as a network with errors")
-    if s.algo != "ia3" and "ia3" in mapped:
+    if s.algo != "ia3" and "ia3" in s.algos:
         notes.append("IA3 layers apply in this extension's <lora:>, A1111's built-in Lora and LyCORIS; ComfyUI "
                      "has no IA3 loader (it reports their keys as not loaded)")
     if s.algo in lyco.NO_RANK:
@@ -212,7 +211,7 @@ def lyco_settings(module: str | None, nargs: dict, notes: list[str], cfg: TrainC
                      "and applies it wrongly without an error, and ComfyUI only nearly as trained (it measures the "
                      "row norms on the original weight). Add network_args wd_on_output=False for the per-input "
                      "layout those tools expect")
-    rotations = sorted({"diag-oft", "boft"} & ({s.algo} | mapped))
+    rotations = sorted({"diag-oft", "boft"} & s.algos)
     if rotations:
         # (measured with ComfyUI's weight_adapter oft.py/boft.py against our merge, 2026-12)
         notes.append(f"{'/'.join(rotations)} files apply in ComfyUI as trained at strength 1 only (at other "
@@ -230,12 +229,11 @@ def sd2_proj_notes(s, notes: list[str]):
     """SD2's proj_in/proj_out are Linear in the WebUI and ComfyUI but 1x1 convolutions in sd-scripts' SD2 UNet, whose
     shapes the file keeps (as LyCORIS' does): DoRA magnitudes and full differences of that shape are skipped there
     (measured with ComfyUI's loader code and A1111's built-in Lora)."""
-    algos = {s.algo} | (s.custom.algos() if s.custom is not None else set())
     if s.dora:
         notes.append("DoRA on SD2: ComfyUI and A1111's built-in Lora (1.10) skip the proj_in/proj_out layers of the "
                      "file (their magnitudes have sd-scripts' 1x1-convolution shape, as LyCORIS writes them); this "
                      "extension's <lora:> applies them")
-    if "full" in algos:
+    if "full" in s.algos:
         notes.append("algo=full on SD2: ComfyUI skips the proj_in/proj_out differences of the file (sd-scripts' "
                      "1x1-convolution shape, as LyCORIS writes them); this extension's <lora:> and A1111's built-in "
                      "Lora apply them")
