@@ -301,7 +301,7 @@ def _refuse_not_a_lora(path: str, shapes: dict, metadata: dict) -> None:
 
 def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) -> dict:
     """Everything `inspect` prints, as plain data (the --json output)."""
-    from .apply.loader import detect_writer
+    from .apply.loader import check_values, detect_writer
     from .formats.errors import LoraError
     from .formats.family import detect_family
     from .formats.hashes import addnet_hash, sha256_file, shorthash
@@ -331,6 +331,13 @@ def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) 
                       "candidates": list(getattr(fam, "key_candidates", ()) or ())}
 
     tensors = load_tensors(path)
+    notes: list[str] = []
+    try:
+        huge = check_values(path, tensors)
+        if huge:
+            notes.append(huge)
+    except LoraError as e:  # (inspect describes a damaged file rather than refusing it)
+        notes.append(str(e))
     groups = group_modules(tensors.keys())
     # A1111 reads `bundle_emb.*` as textual-inversion embeddings shipped inside the LoRA, not as network modules
     bundled = [mk for mk in groups if mk.startswith("bundle_emb")]
@@ -345,7 +352,6 @@ def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) 
     scales: Counter = Counter()
     components: Counter = Counter()
     unreadable: dict[str, str] = {}
-    notes: list[str] = []
     # family used to name components: the detected one, else any family that knows the key
     fams_for_mapping = [fam.family] if fam.family else list(fam.key_candidates or FAMILIES)
     for module_key, suffixes in groups.items():
@@ -368,7 +374,7 @@ def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) 
         if isinstance(scale, (int, float)):
             scales[_fmt_num(float(scale))] += 1
         for w in getattr(mod, "warnings", [])[:1]:
-            if len(notes) < 5:
+            if len(notes) < 6:
                 notes.append(w)
         comp = None
         for f in fams_for_mapping:

@@ -195,3 +195,29 @@ def test_inspect_corrupt_and_missing_files(tmp_path):
     assert r.returncode == 1 and "truncated.safetensors" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("inspect")
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_inspect_names_nan_and_absurd_values(tmp_path):
+    """A diverged run's file: inspect still describes it, with a note saying what A1111 would do with it."""
+    from safetensors.torch import load_file
+    good = tmp_path / "good.safetensors"
+    write_kohya(good, _targets(SD1_TARGETS), rank=4, alpha=4, seed=3, metadata=KOHYA_V1)
+    rc, out, _ = inspect(good)
+    assert rc == 0 and "note:" not in out
+    t = load_file(str(good))
+    up = sorted(k for k in t if k.endswith("lora_up.weight"))
+    for name, value in (("nan", float("nan")), ("huge", 3e4), ("big_alpha", None)):  # (3e4: fp16 holds it)
+        bad = {k: v.clone() for k, v in t.items()}
+        if value is None:  # a large alpha is unusual, not absurd
+            bad[up[0].replace("lora_up.weight", "alpha")] = torch.tensor(4096.0)
+        else:
+            bad[up[0]][0, 0] = value
+            bad[up[1]][1, 0] = value
+        save_file(bad, str(tmp_path / f"{name}.safetensors"), metadata=KOHYA_V1)
+    rc, out, _ = inspect(tmp_path / "nan.safetensors")
+    assert rc == 0 and "modules: lora" in out
+    assert f"note:       nan.safetensors: 2 tensor(s) hold NaN or infinite values (e.g. {up[0]})" in out
+    rc, out, _ = inspect(tmp_path / "huge.safetensors", "--json")
+    assert json.loads(out)["notes"][0].startswith("2 tensor(s) hold values up to 3e+04 (e.g. ")
+    rc, out, _ = inspect(tmp_path / "big_alpha.safetensors")
+    assert rc == 0 and "note:" not in out

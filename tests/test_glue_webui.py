@@ -656,6 +656,23 @@ def test_a1111_nan_error_names_the_loras_to_suspect(webui):
     said = nan_job("a cat <lora:test_lora:0.8>")
     assert "LoRA Studio: this image applied <lora:test_lora:0.8>; if the prompt works without it, it is" in said, said
     assert "LoRA Studio" not in nan_job("a cat")  # (nothing applied: A1111's words alone)
+    # a file of finite but absurd values (a diverged run's save) is applied with a warning, and named as the cause
+    from safetensors.torch import load_file, save_file
+    t = load_file(ns.lora)
+    t[next(k for k in sorted(t) if k.endswith("lora_up.weight"))][0, 0] = 3e18
+    diverged = ns.data / "models" / "Lora" / "diverged.safetensors"
+    save_file(t, str(diverged), metadata={"ss_network_module": "networks.lora"})
+    ns.session.discovery.refresh()
+    try:
+        p = generate(ns, "a cat <lora:diverged:0.8>")
+        assert any("LoRA 'diverged': 1 tensor(s) hold values up to 3e+18" in c and "training run that diverged" in c
+                   for c in p.comments), p.comments
+        assert nan_job("a cat <lora:diverged:0.8>").endswith(
+            "LoRA Studio: <lora:diverged:0.8>: its file holds values far beyond a LoRA's (saved from a training run "
+            "that diverged), the likely cause: use an earlier epoch's file.")
+    finally:
+        diverged.unlink()
+        ns.session.discovery.refresh()
     # a reload of the extension does not wrap the check twice
     wrapper = devices.test_for_nans
     ns.session.host.explain_nans(ns.session.nan_note)

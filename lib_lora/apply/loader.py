@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class LoadedNetwork:
     bundle_embeddings: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     family_mismatch: str | None = None  # set when loaded with on_mismatch='flag' despite a mismatch
+    huge_values: str | None = None  # the warning when tensors hold absurd (diverged-run) values
 
     @property
     def key(self):
@@ -137,8 +139,8 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
                 detail=f"{label(info.family)} detected from {info.evidence}")
 
     tensors = load_tensors(path)
-    _refuse_non_finite(given, tensors)
-    warnings: list[str] = []
+    huge = check_values(given, tensors)
+    warnings: list[str] = [huge] if huge else []
     writer = detect_writer(metadata, tensors.keys())
     adapter_cfg = _adapter_config(metadata, warnings)
 
@@ -177,7 +179,7 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
     net = LoadedNetwork(
         name=os.path.splitext(os.path.basename(path))[0], path=path, mtime=mtime, mtime_ns=mtime_ns, size=size,
         family=info.family, model_family=family, modules=modules, report=report, metadata=metadata, writer=writer,
-        errors=errors, warnings=warnings, family_mismatch=mismatch, bundle_embeddings=bundles)
+        errors=errors, warnings=warnings, family_mismatch=mismatch, bundle_embeddings=bundles, huge_values=huge)
     if report.unmatched:
         log.info("%s", report.summary())
     if cache is not None:
@@ -202,15 +204,33 @@ def bundled_embeddings(tensors: dict) -> dict[str, dict]:
     return out
 
 
-def _refuse_non_finite(path: str, tensors: dict) -> None:
+HUGE = 1e4        # a network tensor beyond this (fp16 overflows at 65504 once multiplied) is a diverged run
+HUGE_ALPHA = 1e5  # (alpha is a plain scale: a large one is unusual, not absurd)
+
+
+def check_values(path: str, tensors: dict) -> str | None:
     """A NaN or infinity in a file only gives black images, and A1111 then stops the job with advice that does not
-    name the LoRA: say it here, once per file (the result is cached)."""
-    import torch
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    name the LoRA: say it here, once per file (the result is cached). Finite but absurd values (1e18 from a run
+    that diverged) are loaded, with the warning returned."""
+    bad, huge = [], []
+    for k, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        m = float((t.float() if t.element_size() == 1 else t).abs().max())  # (NaN propagates through max)
+        if not math.isfinite(m):
+            bad.append(k)
+        elif m > (HUGE_ALPHA if k.endswith("alpha") else HUGE):
+            huge.append((m, k))
     if bad:
         raise LoraFileError(f"{os.path.basename(path)}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. "
                             f"{bad[0]}): the file is damaged, or it was saved from a training run that diverged. "
                             "Download it again, or use an earlier epoch's file.", path)
+    if huge:
+        m, k = max(huge)
+        return (f"{len(huge)} tensor(s) hold values up to {m:.3g} (e.g. {k}), where a LoRA's weights stay well "
+                f"below {HUGE:g}: the file was probably saved from a training run that diverged, so expect black "
+                "images or a NaN error; use an earlier epoch's file")
+    return None
 
 
 def _unmatch(report: MatchReport, module_key: str, reason: str) -> None:

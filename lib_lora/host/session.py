@@ -596,6 +596,10 @@ class Session:
         if big:
             return (f"LoRA Studio: {', '.join(tag(r) for r in big)} has a weight far outside the usual -2 to 2, the "
                     "likely cause: lower it and generate again (--disable-nan-check would only hide a black image).")
+        absurd = [ref for _, ref, net in self.applied if getattr(net, "huge_values", None)]
+        if absurd:
+            return (f"LoRA Studio: {', '.join(tag(r) for r in absurd)}: its file holds values far beyond a LoRA's "
+                    "(saved from a training run that diverged), the likely cause: use an earlier epoch's file.")
         which = "it, it" if len(refs) == 1 else "them, one of them"
         return (f"LoRA Studio: this image applied {', '.join(tag(r) for r in refs)}; if the prompt works without "
                 f"{which} is the cause (a weight too high, or an overtrained or damaged file: try an earlier epoch).")
