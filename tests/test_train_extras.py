@@ -569,7 +569,11 @@ def test_weights_beyond_fp16_are_saved_in_bf16_not_as_infinity(sd1, tmp_path):
     sd = load_tensors(res.final)
     assert all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in sd.values())
     assert max(float(v.float().abs().max()) for v in sd.values()) > 65504
-    assert any("exceed the range of save_precision = fp16" in e.message for e in events if e.kind == "note")
+    notes = [e.message for e in events if e.kind == "note"]
+    assert any("exceed the range of save_precision = fp16" in m for m in notes)
+    # (and the run is named as diverging, once)
+    assert [m for m in notes if "far beyond a LoRA's usual range: the run is diverging" in m
+            and "no LoRA file was written yet. Lower the learning rate." in m and m.startswith("x.safetensors: ")]
 
 
 # ---- states at step saves, and their pruning --------------------------------------------------------------------

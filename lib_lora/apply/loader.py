@@ -12,7 +12,7 @@ from ..formats.errors import FamilyMismatchError, LoraError, LoraFileError, Unsu
 from ..formats.family import detect_family
 from ..formats.keymap import FAMILIES, Target, group_modules, label
 from ..formats.report import MatchReport, not_a_lora
-from ..formats.safetensors_io import load_tensors, read_header, refuse_pickle
+from ..formats.safetensors_io import ABSURD_ALPHA, ABSURD_VALUE, load_tensors, read_header, refuse_pickle
 from ..networks import ModuleContext, build_module
 from .cache import LRU
 
@@ -204,10 +204,6 @@ def bundled_embeddings(tensors: dict) -> dict[str, dict]:
     return out
 
 
-HUGE = 1e4        # a network tensor beyond this (fp16 overflows at 65504 once multiplied) is a diverged run
-HUGE_ALPHA = 1e5  # (alpha is a plain scale: a large one is unusual, not absurd)
-
-
 def check_values(path: str, tensors: dict) -> str | None:
     """A NaN or infinity in a file only gives black images, and A1111 then stops the job with advice that does not
     name the LoRA: say it here, once per file (the result is cached). Finite but absurd values (1e18 from a run
@@ -219,7 +215,7 @@ def check_values(path: str, tensors: dict) -> str | None:
         m = float((t.float() if t.element_size() == 1 else t).abs().max())  # (NaN propagates through max)
         if not math.isfinite(m):
             bad.append(k)
-        elif m > (HUGE_ALPHA if k.endswith("alpha") else HUGE):
+        elif m > (ABSURD_ALPHA if k.endswith("alpha") else ABSURD_VALUE):
             huge.append((m, k))
     if bad:
         raise LoraFileError(f"{os.path.basename(path)}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. "
@@ -228,8 +224,8 @@ def check_values(path: str, tensors: dict) -> str | None:
     if huge:
         m, k = max(huge)
         return (f"{len(huge)} tensor(s) hold values up to {m:.3g} (e.g. {k}), where a LoRA's weights stay well "
-                f"below {HUGE:g}: the file was probably saved from a training run that diverged, so expect black "
-                "images or a NaN error; use an earlier epoch's file")
+                f"below {ABSURD_VALUE:g}: the file was probably saved from a training run that diverged, so expect "
+                "black images or a NaN error; use an earlier epoch's file")
     return None
 
 

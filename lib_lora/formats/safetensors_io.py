@@ -27,6 +27,9 @@ DTYPE_SIZES = {
 
 # The safetensors library refuses headers above 100 MB; a bigger length means a corrupt file.
 MAX_HEADER_BYTES = 100_000_000
+# A network tensor beyond this is a diverged run's (fp16 overflows at 65504 once it is multiplied out); alpha is a
+# plain scale, where a large value is unusual, not absurd.
+ABSURD_VALUE, ABSURD_ALPHA = 1e4, 1e5
 
 _REDOWNLOAD = "Download it again or re-export it; the file cannot be used as it is."
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..formats.safetensors_io import load_tensors, read_metadata, save_file_atomic
+from ..formats.safetensors_io import ABSURD_VALUE, load_tensors, read_metadata, save_file_atomic
 from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
@@ -212,6 +212,7 @@ class Trainer:
         self.notes: list[str] = list(getattr(cfg, "notes", []) or [])
         self.files: list[str] = []
         self._told_skipped = False  # the "fp16 loss scaling skipped a step" note is said once
+        self._told_absurd = False   # as is the "weights far beyond a LoRA's range" one
         self.losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
         # reading the loss back syncs the host with the GPU: do it every N steps there
@@ -342,8 +343,9 @@ class Trainer:
 
     def _refuse_non_finite(self, net: LoRANetwork, step: int, file: str | None, loss: float | None = None):
         """A LoRA whose weights turned NaN/inf renders black images: stop with the causes instead of training on
-        or writing it (files already written stay). A non-finite loss with finite weights is a step fp16 loss
-        scaling skipped: said once."""
+        or writing it (files already written stay). Weights finite but far out (a run diverging) are said once,
+        at the first file that has them; a non-finite loss with finite weights is a step fp16 loss scaling
+        skipped: said once too."""
         bad = [n.removeprefix("pairs.") for n, p in net.named_parameters() if not torch.isfinite(p).all()]
         written = [os.path.basename(f) for f in self.files]
         kept = f"the last file written, {written[-1]}, is fine" if written else "no LoRA file was written yet"
@@ -357,6 +359,14 @@ class Trainer:
                 f"{c.unet_lr if c.unet_lr is not None else c.learning_rate} for the UNet), fp16 overflow (try "
                 "mixed_precision = bf16 on GPUs that have it), or NaN latents from a half-precision VAE (SDXL: "
                 "start the WebUI with --no-half-vae). The WebUI's model is unchanged.")
+        if file is not None and not self._told_absurd:
+            top = max(((float(p.detach().abs().max()), n) for n, p in net.named_parameters() if p.numel()),
+                      default=(0.0, ""))
+            if top[0] > ABSURD_VALUE:
+                self._told_absurd = True
+                self._note(f"{file}: the LoRA's weights reached {top[0]:.3g} (e.g. {top[1].removeprefix('pairs.')}), "
+                           "far beyond a LoRA's usual range: the run is diverging, and files from here on may render "
+                           f"black or stop the WebUI with a NaN error; {kept}. Lower the learning rate.")
         if loss is not None and not self._told_skipped:
             self._told_skipped = True
             self._note(f"step {step}: the loss was not finite but the LoRA weights are, so that step was skipped "
