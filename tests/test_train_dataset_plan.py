@@ -412,6 +412,31 @@ def test_buckets_off_single_bucket(tmp_path):
     assert any(f.code == "buckets-off" for f in plan.findings)
 
 
+def test_buckets_off_resolution_the_unet_cannot_take(tmp_path):
+    """Buckets off, 100x100 pixels: 12x12 latents the SD1 UNet halves to 3 and cannot concatenate back (a
+    traceback after caching latents, in sd-scripts too): refused before training, with the sizes that work."""
+    train = _four_train_images(tmp_path)
+    plan = build_plan(_cfg(train, enable_bucket=False, resolution=(100, 100)), family="sd1")
+    assert not plan.ok
+    assert [f.message for f in plan.errors if f.code == "resolution-steps"] == [
+        "resolution 100x100 is not a multiple of 64: the model cannot take images of that size. Use 64x64 or "
+        "128x128, or set enable_bucket = true"]
+    for family, ok in (("sdxl", True), (None, True), ("sd2", False)):  # 96: SDXL's 32-step rule; unknown: warned
+        plan = build_plan(_cfg(train, enable_bucket=False, resolution=(512, 96)), family=family)
+        assert plan.ok is ok, (family, plan.report())
+    assert any(f.code == "resolution-steps" and f.level == "warning" and "SDXL accepts 32" in f.message
+               for f in build_plan(_cfg(train, enable_bucket=False, resolution=(512, 96))).findings)
+    # bucket_no_upscale does nothing without buckets: said, and the enlarging note points at both keys
+    d = tmp_path / "small" / "1_x"
+    _img(d / "a.png", (64, 64))
+    plan = build_plan(_cfg(tmp_path / "small", enable_bucket=False, bucket_no_upscale=True), family="sd1")
+    assert any(f.code == "no-upscale-unused" and "works with enable_bucket = true only" in f.message
+               for f in plan.findings)
+    up = [f.message for f in build_plan(_cfg(tmp_path / "small", enable_bucket=False), family="sd1").findings
+          if f.code == "upscaled"]
+    assert up and up[0].endswith("a.png; enable_bucket = true with bucket_no_upscale = true avoids it")
+
+
 def test_validation_split_and_missing_resolution(tmp_path):
     train = _four_train_images(tmp_path)
     plan = build_plan(_cfg(train, validation_split=0.25, validation_seed=0))

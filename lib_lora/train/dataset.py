@@ -638,6 +638,25 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
                                     f"{ds.bucket_reso_steps}"))
         manager = BucketManager(ds.bucket_no_upscale, ds.resolution, lo, hi, ds.bucket_reso_steps)
     else:
+        need = 32 if family == "sdxl" else 64  # (the UNet halves the 1/8-size latent 3 times, SDXL's twice)
+        w, h = ds.resolution
+        if w % need or h % need:
+            sizes = [f"{max(need, w // need * need)}x{max(need, h // need * need)}",
+                     f"{-(-w // need) * need}x{-(-h // need) * need}"]
+            fit = " or ".join(dict.fromkeys(sizes))
+            fatal = family is not None or w % 32 or h % 32  # (an unknown model may be an SDXL one)
+            findings.append(Finding(
+                "error" if fatal else "warning", "resolution-steps",
+                f"resolution {w}x{h} is not a multiple of {need}"
+                + ("" if family else " (SD1/SD2 need 64; SDXL accepts 32)")
+                + f": the model cannot take images of that size. Use {fit}, or set enable_bucket = true"))
+            if fatal:
+                part.bucketing_ok = False
+                return
+        if ds.bucket_no_upscale:
+            findings.append(Finding("info", "no-upscale-unused",
+                                    "bucket_no_upscale works with enable_bucket = true only; with buckets off every "
+                                    f"image is scaled to cover {w}x{h}, smaller ones enlarged"))
         manager = BucketManager(False, ds.resolution, None, None, None, predefined=[ds.resolution])
         findings.append(Finding(
             "info", "buckets-off",
@@ -795,7 +814,9 @@ def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
             findings.append(Finding(
                 "info", "upscaled",
                 f"{where}: {len(up)} image(s) are smaller than their bucket and will be enlarged (Lanczos): "
-                f"{_names(up)}" + ("" if part.spec.bucket_no_upscale else "; bucket_no_upscale = true avoids it")))
+                f"{_names(up)}" + ("" if part.spec.bucket_no_upscale else
+                                    "; bucket_no_upscale = true avoids it" if part.spec.enable_bucket else
+                                    "; enable_bucket = true with bucket_no_upscale = true avoids it")))
         rotated = [e.path.name for e in s.images if any(n.startswith("EXIF orientation") for n in e.notes)]
         if rotated:
             findings.append(Finding("info", "exif-rotation",
