@@ -449,3 +449,56 @@ def test_validation_split_and_missing_resolution(tmp_path):
     plan = build_plan(_cfg(train, resolution=None))
     assert not plan.ok and any(f.code == "no-resolution" for f in plan.errors)
     assert "resolution is not set" in plan.report()
+
+
+def test_caption_and_link_slips_are_said_not_lost(tmp_path):
+    """A typo in a caption's name, lines after the first, a blank or UTF-16 caption and a dangling link each lost
+    data without a word: each is named now."""
+    d = tmp_path / "train" / "5_svs cat"
+    for n in ("a", "b", "c", "x", "y"):
+        _img(d / f"{n}.png")
+    (d / "a.txt").write_text("svs cat, red\nsvs cat, blue\r\n\n", encoding="utf-8")  # two lines: one used
+    (d / "b.txt").write_text("svs cat\n", encoding="utf-8")
+    (d / "c.txt").write_text("svs cat", encoding="utf-8")
+    (d / "x.png.txt").write_text("svs cat", encoding="utf-8")  # (a near miss: x.txt)
+    (d / "y.TXT").write_text("svs cat", encoding="utf-8")
+    (d / "b .txt").write_text("svs cat", encoding="utf-8")  # (b already has its caption: just unused)
+    (d / "orphan.txt").write_text("svs cat", encoding="utf-8")
+    (d / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    plan = build_plan(_cfg(tmp_path / "train"))
+    assert plan.ok, plan.report()
+    (s,) = plan.subsets
+    assert [e.caption for e in s.images if e.path.name == "a.png"] == ["svs cat, red"]  # (sd-scripts' first line)
+    by = {f.code: f.message for f in plan.findings}
+    assert ("1 caption file(s) have more than one line, and only the first line is used (as in sd-scripts): a.txt"
+            in by["caption-lines"])
+    assert by["caption-orphan"] == (
+        "'5_svs cat': 4 caption file(s) belong to no image and are not used: b .txt, orphan.txt, x.png.txt (looks "
+        "like the caption of x.png: rename it to x.txt), y.TXT (looks like the caption of y.png: rename it to y.txt). "
+        "A caption is read from the file named like its image (a.png: a.txt)")
+    assert s.unreadable == [("gone.png", f"a link to {tmp_path / 'nowhere.png'}, which does not exist: fix or "
+                                         "delete the link")]
+    assert "gone.png" in by["unreadable"]
+    # blank and UTF-16-without-BOM captions are errors, not "the trigger word is missing"
+    (d / "c.txt").write_text(" \n\t\n", encoding="utf-8")
+    (d / "b.txt").write_bytes("svs cat".encode("utf-16-le"))
+    plan = build_plan(_cfg(tmp_path / "train"))
+    msgs = sorted(f.message for f in plan.errors if f.code == "caption-file")
+    assert len(msgs) == 2 and "holds NUL bytes: it is probably UTF-16 text; re-save it as UTF-8 (image b.png)" in msgs[0]
+    assert msgs[1].endswith("holds only blank space; write a caption in it or delete it (image c.png)")
+    assert not any(f.code == "missing-trigger" for f in plan.findings)
+
+
+def test_captions_surely_over_max_token_length_are_said_before_training(tmp_path):
+    d = tmp_path / "train" / "5_svs cat"
+    _img(d / "long.png")
+    _img(d / "short.png")
+    (d / "long.txt").write_text("svs cat, " + ", ".join(f"tag{i}" for i in range(40)), encoding="utf-8")
+    (d / "short.txt").write_text("svs cat, it's a photo... (red:1.2)", encoding="utf-8")
+    # at least 152 tokens by the lower bound (tag12: tag, 1, 2; 39 commas): over 75, under 225
+    said = [f.message for f in build_plan(_cfg(tmp_path / "train")).findings if f.code == "caption-too-long"]
+    assert len(said) == 1 and said[0].startswith("1 caption(s) are longer than max_token_length (75 tokens) and "
+                                                  "their ends will not be trained: long.png (at least ")
+    assert said[0].endswith("tokens); set max_token_length = 150 or 225, or shorten them")
+    plan = build_plan(_cfg(tmp_path / "train", max_token_length=225))
+    assert not any(f.code == "caption-too-long" for f in plan.findings)

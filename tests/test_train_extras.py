@@ -6,6 +6,7 @@ apply_max_norm_regularization (its explicit up @ down delta, reproduced here fro
 r x r trace identity); sd-scripts' get_remove_step_no for which step files remain, worked out by hand below.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -574,6 +575,32 @@ def test_weights_beyond_fp16_are_saved_in_bf16_not_as_infinity(sd1, tmp_path):
     # (and the run is named as diverging, once)
     assert [m for m in notes if "far beyond a LoRA's usual range: the run is diverging" in m
             and "no LoRA file was written yet. Lower the learning rate." in m and m.startswith("x.safetensors: ")]
+
+
+def test_a_cut_caption_is_named_once_with_the_fix(sd1, tmp_path):
+    """A caption over max_token_length loses its end: the note names it, its token count (the real tokenizer's)
+    and the setting, once; transformers' "indexing errors" warning about it is not printed."""
+    long = "svs cat, " + ", ".join(f"word{i}" for i in range(60))
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2, captions=[long, "svs cat"])
+    _, res, events = _run(sd1, tmp_path, img, max_train_steps=3)
+    assert res.status == "done"
+    cut = [e.message for e in events if e.kind == "note" and "max_token_length" in e.message]
+    assert len(cut) == 1 and cut[0].startswith("captions longer than max_token_length (75 tokens) are cut, the rest "
+                                               "of them not trained: e.g. 'svs cat, word0, word1, ")
+    assert cut[0].endswith(" tokens; set max_token_length = 150 or 225 (as in sd-scripts), or shorten it")
+    from transformers import CLIPTokenizer
+    from lib_lora.train.conditioning import _hf_spec
+    tok = CLIPTokenizer.from_pretrained(models.tokenizer_dir())  # (a fresh one: HF warns once per tokenizer)
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # (its own handler, not propagated: not in capfd)
+    try:
+        assert len(_hf_spec(tok).encode(long)) > 77 and not any("indexing errors" in m for m in said)
+        tok(long)
+        assert any("indexing errors" in m for m in said)  # (what the encode above no longer prints)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
 
 
 # ---- states at step saves, and their pruning --------------------------------------------------------------------

@@ -66,7 +66,7 @@ def caption_candidates(image_path: str | Path, caption_extension: str) -> list[P
 
 
 def read_caption_file(path: str | Path, enable_wildcard: bool = False) -> str:
-    """The caption text of one caption file. Raises ``CaptionFileError`` for an empty or non-UTF-8 file."""
+    """The caption text of one caption file. Raises ``CaptionFileError`` for an empty, blank or non-UTF-8 file."""
     try:
         with open(path, "rt", encoding="utf-8") as f:
             lines = f.readlines()
@@ -74,9 +74,24 @@ def read_caption_file(path: str | Path, enable_wildcard: bool = False) -> str:
         raise CaptionFileError(f"caption file {str(path)!r} is not UTF-8 ({e.reason}); re-save it as UTF-8") from e
     if not lines:
         raise CaptionFileError(f"caption file {str(path)!r} is empty; write a caption in it or delete it")
+    if any("\0" in line for line in lines):  # (UTF-16 without its byte-order mark decodes as UTF-8 + NULs)
+        raise CaptionFileError(f"caption file {str(path)!r} holds NUL bytes: it is probably UTF-16 text; re-save it "
+                               "as UTF-8")
+    if not any(line.strip() for line in lines):  # (sd-scripts trains it as an empty caption)
+        raise CaptionFileError(f"caption file {str(path)!r} holds only blank space; write a caption in it or "
+                               "delete it")
     if enable_wildcard:
         return "\n".join(line.strip() for line in lines if line.strip() != "")
     return lines[0].strip()
+
+
+def unused_lines(path: str | Path) -> int:
+    """Non-blank lines after the first one of a caption file: what sd-scripts drops without enable_wildcard."""
+    try:
+        with open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f.readlines()[1:] if line.strip())
+    except OSError:
+        return 0
 
 
 def find_caption(image_path: str | Path, caption_extension: str, enable_wildcard: bool = False) -> tuple[str | None, Path | None]:
@@ -197,5 +212,6 @@ __all__ = [
     "find_caption",
     "process_caption",
     "read_caption_file",
+    "unused_lines",
     "tag_frequency",
 ]

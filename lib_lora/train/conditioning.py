@@ -30,7 +30,9 @@ class TokenizerSpec:
 
 def _hf_spec(tok) -> TokenizerSpec:
     vocab = tok.get_vocab()
-    return TokenizerSpec(lambda s: tok(s, truncation=False, add_special_tokens=False)["input_ids"],
+    # (verbose=False: a long caption is chunked here, not fed whole to CLIP, so transformers' "indexing errors"
+    # warning about it would only alarm)
+    return TokenizerSpec(lambda s: tok(s, truncation=False, add_special_tokens=False, verbose=False)["input_ids"],
                          tok.bos_token_id, tok.eos_token_id, tok.eos_token_id, vocab.get(",</w>"))
 
 
@@ -208,8 +210,10 @@ class TextEncoder:
         return [self.te.model if self.family == "sd2" else self.te.transformer]
 
     def tokenize(self, captions: list[str]):
-        """Token ids per caption: a tensor [B, n_chunks, 77] (SDXL: a pair), plus how many were truncated."""
+        """Token ids per caption: a tensor [B, n_chunks, 77] (SDXL: a pair), plus how many were truncated (those
+        captions, with their token counts, in ``last_truncated``)."""
         truncated = 0
+        self.last_truncated: list[tuple[str, int]] = []
         specs = [self.spec1, self.spec2] if self.family == "sdxl" else [self.spec]
         ids: list[list] = [[] for _ in specs]
         ws: list[list] = [[] for _ in specs]
@@ -219,7 +223,9 @@ class TextEncoder:
                 rows, wrows, t = _chunks(toks, weights, spec, self.n_chunks)
                 ids[k].append(rows)
                 ws[k].append(wrows)
-                truncated += t if k == 0 else 0
+                if t and k == 0:
+                    truncated += 1
+                    self.last_truncated.append((c, len(toks)))
         out = [torch.stack(x) for x in ids] + ([torch.stack(x) for x in ws] if self.weighted else [])
         return (out[0] if len(out) == 1 else tuple(out)), truncated
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,8 @@ from .buckets import (
     compute_steps,
     start_point,
 )
-from .captions import CaptionFileError, contains_word, find_caption, caption_candidates, tag_frequency
+from .captions import (CaptionFileError, caption_candidates, contains_word, find_caption, tag_frequency,
+                       unused_lines)
 from .config import DatasetSpec, SubsetSpec, TrainConfig, TrainConfigError, load_dataset_config
 from .folders import Finding, split_class_tokens, subsets_from_folders
 from .images import face_from_name, image_extensions, is_upscaled, probe_image, sd_scripts_would_glob
@@ -69,6 +72,8 @@ class SubsetPlan:
     missing_trigger: list[str] = field(default_factory=list)  # image file names whose caption lacks the trigger
     other_extension_captions: list[str] = field(default_factory=list)  # caption only under .txt/.caption (unused)
     unsupported_files: list[str] = field(default_factory=list)
+    multiline_captions: list[str] = field(default_factory=list)  # caption files whose later lines are dropped
+    orphan_captions: list[str] = field(default_factory=list)  # "name (why)": caption files no image reads
     too_small: list[str] = field(default_factory=list)
     tag_counts: dict[str, int] = field(default_factory=dict)
 
@@ -531,8 +536,13 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
                                 f"image_dir '{d}' does not exist or is not a folder", [str(d)]))
         return plan
     exts = image_extensions()
-    files = sorted((p for p in d.iterdir() if p.is_file()), key=lambda p: str(p))
+    listed = sorted(d.iterdir(), key=lambda p: str(p))
+    files = [p for p in listed if p.is_file()]
     image_files = [p for p in files if p.suffix.lower() in exts]
+    for p in listed:  # (is_file() is False for a dangling link: it would vanish from every count)
+        if p.is_symlink() and not p.exists() and p.suffix.lower() in exts:
+            plan.unreadable.append((p.name, f"a link to {os.readlink(p)}, which does not exist: fix or delete the "
+                                            "link"))
     plan.unsupported_files = [p.name for p in files if p.suffix.lower() in _UNSUPPORTED_IMAGE_EXTS and p.suffix.lower() not in exts]
     mixed = [p.name for p in image_files if not sd_scripts_would_glob(p.name)]
     if mixed:
@@ -566,6 +576,8 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
                 caption, cap_path = "", None
             if caption is not None:
                 source = "file"
+                if cap_path is not None and not spec.captions.enable_wildcard and unused_lines(cap_path):
+                    plan.multiline_captions.append(cap_path.name)
             elif spec.class_tokens is not None:
                 caption, source = spec.class_tokens, "folder"
                 if any(c.is_file() for ext in other_ext for c in caption_candidates(p, ext)):
@@ -577,6 +589,8 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
             target.append(ImageEntry(p, probe.size, caption, source, cap_path, spec.is_reg, spec.num_repeats,
                                      notes=list(probe.notes)))
     plan.tag_counts = tag_frequency(e.caption for e in plan.images)
+    plan.orphan_captions = _orphan_captions(listed, spec.caption_extension,
+                                            {e.caption_path for e in plan.images + plan.validation_images})
 
     trigger = plan.instance_token
     if trigger:
@@ -585,6 +599,44 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
         plan.missing_trigger = [e.path.name for e in plan.images if e.path.name not in unread
                                 and not contains_word(f"{pre} {e.caption} {suf}", trigger)]
     return plan
+
+
+def _orphan_captions(listed: list[Path], ext: str, used: set) -> list[str]:
+    """Caption files no image reads, each "name" or "name (what it looks like)": a typo in a name loses a caption
+    without a word otherwise. A caption of an image left out for another reason (unreadable, unsupported) is not
+    one of them."""
+    stems = {p.stem for p in listed if p.suffix.lower() != ext.lower()}
+    captioned = {c.stem for c in used if c is not None}
+    images = {p.name: p for p in listed if p.suffix.lower() in image_extensions()}
+    by_stem = {p.stem.strip().lower(): p for p in images.values()}
+    out = []
+    for p in listed:
+        if p.suffix.lower() != ext.lower() or p in used or (p.suffix == ext and p.stem in stems):
+            continue
+        img = images.get(p.stem) or by_stem.get(p.stem.strip().lower())  # (x.png.txt, y.TXT, "c0 .txt")
+        if img is not None and p.is_file() and img.stem not in captioned:
+            out.append(f"{p.name} (looks like the caption of {img.name}: rename it to {img.stem}{ext})")
+        elif p.is_file():
+            out.append(p.name)
+    return out
+
+
+# CLIP's pre-tokenizer with every word taken as one token: a lower bound of the BPE count, so a caption over the
+# limit by this count is surely cut (digits are one token each in CLIP, more than counted here)
+_MIN_TOKENS = re.compile(r"'(?:s|t|re|ve|m|ll|d)\b|[^\W\d_]+|\d|[^\w\s]+|_+", re.I)
+
+
+def _long_captions(plan: "DatasetPlan", limit: int, findings: list[Finding]) -> None:
+    """Captions surely longer than max_token_length lose their end in training: said before it starts (the
+    trainer names the rest, counted by the real tokenizer, when it meets them)."""
+    long = [(e.path.name, n) for d in plan.datasets for s in d.subsets for e in s.images
+            if e.caption_source == "file" and (n := len(_MIN_TOKENS.findall(e.caption))) > limit]
+    if long:
+        fix = "set max_token_length = 150 or 225, or shorten them" if limit < 225 else "shorten them"
+        findings.append(Finding(
+            "warning", "caption-too-long",
+            f"{len(long)} caption(s) are longer than max_token_length ({limit} tokens) and their ends will not be "
+            f"trained: {_names([f'{n} (at least {k} tokens)' for n, k in long])}; {fix}"))
 
 
 def _safe_iter(p: Path):
@@ -778,8 +830,23 @@ def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
                 + (f"; and {len(s.unreadable) - 5} more" if len(s.unreadable) > 5 else "")
                 + ". Re-save or delete them.", [str(s.path / n) for n, _ in s.unreadable]))
         for n, why in s.caption_errors:
-            findings.append(Finding("error", "caption-file", f"{where}: {why} (image {n}); sd-scripts stops on it",
+            stops = "NUL bytes" not in why and "blank space" not in why  # (sd-scripts trains those as garbage)
+            findings.append(Finding("error", "caption-file", f"{where}: {why} (image {n})"
+                                    + ("; sd-scripts stops on it" if stops else ""),
                                     [str(s.path / n)]))
+        if s.multiline_captions:
+            findings.append(Finding(
+                "warning", "caption-lines",
+                f"{where}: {len(s.multiline_captions)} caption file(s) have more than one line, and only the first "
+                f"line is used (as in sd-scripts): {_names(s.multiline_captions)}. Put the whole caption on one line, "
+                "or set enable_wildcard = true to train on one of the lines at random each time",
+                [str(s.path / n) for n in s.multiline_captions]))
+        if s.orphan_captions:
+            findings.append(Finding(
+                "warning", "caption-orphan",
+                f"{where}: {len(s.orphan_captions)} caption file(s) belong to no image and are not used: "
+                f"{_names(s.orphan_captions)}. A caption is read from the file named like its image (a.png: a"
+                f"{s.spec.caption_extension})", [str(s.path / n.split(' (')[0]) for n in s.orphan_captions]))
         if s.unsupported_files:
             findings.append(Finding(
                 "warning", "unsupported-ext",
@@ -889,6 +956,7 @@ def build_plan(config: TrainConfig, family: str | None = None, check_pixels: boo
         _subset_findings(part, findings)
         plan.datasets.append(part)
 
+    _long_captions(plan, config.max_token_length or 75, findings)
     if config.masked_loss and not any(sub.spec.conditioning_data_dir or sub.spec.alpha_mask
                                       for d in plan.datasets for sub in d.subsets):
         findings.append(Finding("warning", "masked-loss-no-masks",

@@ -213,6 +213,7 @@ class Trainer:
         self.files: list[str] = []
         self._told_skipped = False  # the "fp16 loss scaling skipped a step" note is said once
         self._told_absurd = False   # as is the "weights far beyond a LoRA's range" one
+        self._told_truncated = False  # and the one about captions cut at max_token_length
         self.losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
         # reading the loss back syncs the host with the GPU: do it every N steps there
@@ -1332,8 +1333,14 @@ class Trainer:
         if cache is not None and all(cp in cache for cp in caps):
             return {k: torch.cat([cache[cp][k] for cp in caps]) for k in cache[caps[0]]}
         tokens, truncated = te.tokenize(caps)
-        if truncated:
-            self._note(f"{truncated} caption(s) longer than max_token_length were cut")
+        if truncated and not self._told_truncated:
+            self._told_truncated = True
+            cap, n = te.last_truncated[0]
+            limit = te.n_chunks * 75
+            more = ("; set max_token_length = 150 or 225 (as in sd-scripts), or shorten it" if limit < 225 else
+                    "; shorten it (225 is the most sd-scripts allows)")
+            self._note(f"captions longer than max_token_length ({limit} tokens) are cut, the rest of them not "
+                       f"trained: e.g. {cap[:60]!r}{'…' if len(cap) > 60 else ''} has {n} tokens{more}")
         if self.fast.enabled:
             tokens = (tuple(to_device_async(t, self.device) for t in tokens) if isinstance(tokens, tuple)
                       else to_device_async(tokens, self.device))
