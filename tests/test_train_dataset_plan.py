@@ -502,3 +502,35 @@ def test_captions_surely_over_max_token_length_are_said_before_training(tmp_path
     assert said[0].endswith("tokens); set max_token_length = 150 or 225, or shorten them")
     plan = build_plan(_cfg(tmp_path / "train", max_token_length=225))
     assert not any(f.code == "caption-too-long" for f in plan.findings)
+
+
+def test_an_output_folder_inside_the_dataset_is_said(tmp_path):
+    train = _four_train_images(tmp_path)
+    said = {}
+    for out in (train / "10_svs cat", train, tmp_path / "out", tmp_path / "train_out"):  # (train_out: a sibling)
+        plan = build_plan(_cfg(train, output_dir=str(out)))
+        assert plan.ok
+        said[out.name] = [f.message for f in plan.findings if f.code == "output-in-dataset"]
+    assert said["10_svs cat"] == [f"output_dir {str(train / '10_svs cat')!r} is inside the dataset folder "
+                                  f"{str(train)!r}: the LoRA files, samples and states would be written among your "
+                                  "images. Choose another output folder"]
+    assert len(said["train"]) == 1 and said["out"] == said["train_out"] == []
+
+
+def test_regularisation_captions_that_undo_it_are_said(tmp_path):
+    """Reg images in '1_' (no class) train with empty captions, and a reg folder named with the trigger teaches
+    the trigger as the class: both ran without a word."""
+    train = _four_train_images(tmp_path)
+    _img(tmp_path / "reg" / "1_" / "r0.png", (512, 512))
+    _img(tmp_path / "reg" / "1_svs cat" / "r1.png", (512, 512))
+    plan = build_plan(_cfg(train, reg=tmp_path / "reg"))
+    by = {f.code: f.message for f in plan.findings}
+    assert by["reg-empty-caption"] == ("'1_': 1 regularisation image(s) train with an empty caption: r0.png. Name "
+                                       "the folder after the class (e.g. 1_cat), or give them captions with the "
+                                       "class word")
+    assert by["reg-trigger"].startswith("'1_svs cat': the trigger word 'svs' is in 1 regularisation caption(s): "
+                                        "r1.png.")
+    assert by["reg-trigger"].endswith("(a folder named 1_cat, not 1_svs cat)")
+    _img(tmp_path / "reg2" / "1_cat" / "r2.png", (512, 512))  # the right way: no finding
+    codes = {f.code for f in build_plan(_cfg(train, reg=tmp_path / "reg2")).findings}
+    assert not codes & {"reg-empty-caption", "reg-trigger"}

@@ -56,12 +56,26 @@ def test_torch_scheduler_type_is_checked_before_queueing():
     ("min_timestep", 2000, "min_timestep = 2000 must be at least 0 and below 1000"),
     ("resolution", 8, "each side must be at least 64 pixels"),
     ("output_name", "a/b", "must be a file name without folders"),
+    ("output_name", "..", "output_name = '..' would make hidden files (...safetensors)"),
 ])
 def test_values_a_run_cannot_use_are_refused_with_the_range(key, value, says):
     """Found by feeding wrong values to a 1-step run: each of these crashed inside torch (negative tensor sizes,
     a 1x1 latent in GroupNorm, dropout > 1, timesteps out of range) or trained something nobody wants."""
     with pytest.raises(TrainConfigError, match=re.escape(says)):
         parse_train_config({"train_data_dir": "x", key: value})
+
+
+def test_output_name_slips_are_read_as_meant_and_said():
+    """A pasted file name, or an empty name, gave 'svs.safetensors.safetensors' or 'lora' without a word."""
+    cfg = parse_train_config({"train_data_dir": "x", "output_name": "svs.safetensors"})
+    assert cfg.output_name == "svs"
+    assert ("output_name = 'svs.safetensors' read as 'svs': the extension is added when saving (the file is "
+            "svs.safetensors, not svs.safetensors.safetensors)") in cfg.notes
+    cfg = parse_train_config({"train_data_dir": "x", "output_name": ""})
+    assert cfg.output_name is None and any(n.startswith("output_name is empty: the files are named lora.safetensors")
+                                           for n in cfg.notes)
+    cfg = parse_train_config({"train_data_dir": "x", "output_name": "my.lora.v2"})
+    assert cfg.output_name == "my.lora.v2" and not any("output_name" in n for n in cfg.notes)
 
 
 @pytest.mark.parametrize("key, value, says", [

@@ -452,6 +452,9 @@ def _range_problems(values: dict) -> list[str]:
     name = values.get("output_name")
     if isinstance(name, str) and ("/" in name or "\\" in name):
         out.append(f"output_name = {name!r} must be a file name without folders (the folder is output_dir)")
+    elif isinstance(name, str) and name.strip().startswith("."):
+        out.append(f"output_name = {name!r} would make hidden files ({name.strip()}.safetensors), which the WebUI's "
+                   "LoRA page does not list: use a name that starts with a letter or digit")
     return out
 
 
@@ -736,6 +739,16 @@ def _post_checks(cfg: TrainConfig, flat: dict, notes: list[str]) -> None:
     if "caption_extension" not in flat and "caption_extention" not in flat and not cfg.in_json:
         notes.append("captions are read from .txt files next to the images (sd-scripts' default would be "
                      ".caption and would skip .txt files)")
+    name = cfg.output_name
+    if isinstance(name, str):
+        stem, ext = os.path.splitext(name.strip())
+        if ext.lower() in (".safetensors", ".ckpt", ".pt") and stem:
+            cfg.output_name = stem
+            notes.append(f"output_name = {name!r} read as {stem!r}: the extension is added when saving (the file is "
+                         f"{stem}.safetensors, not {stem}{ext}.safetensors)")
+        elif not name.strip():
+            cfg.output_name = None
+            notes.append("output_name is empty: the files are named lora.safetensors (then lora-000001 ...)")
     if cfg.network_module is None:
         cfg.network_module = "networks.lora"
         notes.append("network_module not set: a standard kohya LoRA (networks.lora) is trained "

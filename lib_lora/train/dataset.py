@@ -639,6 +639,25 @@ def _long_captions(plan: "DatasetPlan", limit: int, findings: list[Finding]) -> 
             f"trained: {_names([f'{n} (at least {k} tokens)' for n, k in long])}; {fix}"))
 
 
+def _output_among_images(plan: "DatasetPlan", config: TrainConfig, findings: list[Finding]) -> None:
+    """The LoRAs, samples and states would be written into the dataset (a folder picked in the wrong field)."""
+    if not config.output_dir:
+        return
+    out = os.path.realpath(str(config.resolve(config.output_dir)))
+    roots = [config.resolve(config.train_data_dir), config.resolve(config.reg_data_dir)]
+    roots += [s.spec.image_dir for d in plan.datasets for s in d.subsets if s.spec.image_dir]
+    for root in roots:
+        if not root:
+            continue
+        r = os.path.realpath(str(root))
+        if out == r or out.startswith(r.rstrip(os.sep) + os.sep):
+            findings.append(Finding("warning", "output-in-dataset",
+                                    f"output_dir {str(config.output_dir)!r} is inside the dataset folder {r!r}: the "
+                                    "LoRA files, samples and states would be written among your images. Choose "
+                                    "another output folder", [out]))
+            return
+
+
 def _safe_iter(p: Path):
     try:
         return list(p.iterdir())
@@ -818,10 +837,34 @@ def _face_crop_findings(part: DatasetPart, s: SubsetPlan, findings: list[Finding
                                 f"name (name_cx_cy_w_h.png, in pixels) and are centre-cropped: {_names(without)}"))
 
 
+def _reg_caption_findings(part: DatasetPart, s: SubsetPlan, where: str, findings: list[Finding]) -> None:
+    """Regularisation images teach the class as the model knows it: an empty caption, or the subject's trigger
+    word in theirs, undoes that without any error."""
+    subjects = [o for o in part.subsets if not o.is_reg and o.instance_token]
+    cls = next((o.class_token for o in subjects if o.class_token), "cat")
+    empty = [e.path.name for e in s.images if not e.caption.strip()]
+    if empty:
+        findings.append(Finding(
+            "warning", "reg-empty-caption",
+            f"{where}: {len(empty)} regularisation image(s) train with an empty caption: {_names(empty)}. Name the "
+            f"folder after the class (e.g. 1_{cls}), or give them captions with the class word",
+            [str(s.path / n) for n in empty]))
+    for t in dict.fromkeys(o.instance_token for o in subjects):
+        has = [e.path.name for e in s.images if contains_word(e.caption, t)]
+        if has:
+            findings.append(Finding(
+                "warning", "reg-trigger",
+                f"{where}: the trigger word '{t}' is in {len(has)} regularisation caption(s): {_names(has)}. "
+                "Regularisation images show the class without your subject, so the trigger belongs in the training "
+                f"captions only (a folder named 1_{cls}, not 1_{t} {cls})", [str(s.path / n) for n in has]))
+
+
 def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
     for s in part.subsets:
         where = f"'{s.name}'"
         _face_crop_findings(part, s, findings)
+        if s.is_reg and s.images and not s.spec.metadata_file:
+            _reg_caption_findings(part, s, where, findings)
         if s.unreadable:
             findings.append(Finding(
                 "warning", "unreadable",
@@ -957,6 +1000,7 @@ def build_plan(config: TrainConfig, family: str | None = None, check_pixels: boo
         plan.datasets.append(part)
 
     _long_captions(plan, config.max_token_length or 75, findings)
+    _output_among_images(plan, config, findings)
     if config.masked_loss and not any(sub.spec.conditioning_data_dir or sub.spec.alpha_mask
                                       for d in plan.datasets for sub in d.subsets):
         findings.append(Finding("warning", "masked-loss-no-masks",

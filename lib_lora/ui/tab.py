@@ -876,6 +876,7 @@ def build_tab(backend) -> gr.Blocks:
             ui_values, paths = _split_settings(args)
             if not paths["train_data_dir"]:
                 raise UiError("Set the training folder on the Dataset tab first.")
+            paths["output_name"] = re.sub(r"\.safetensors$", "", (paths["output_name"] or "").strip(), flags=re.I)
             if not paths["output_name"]:
                 raise UiError("Give the LoRA a name (LoRA name, above the Train button).")
             if re.search(r'[\\/:*?"<>|]', paths["output_name"]):
