@@ -534,3 +534,33 @@ def test_regularisation_captions_that_undo_it_are_said(tmp_path):
     _img(tmp_path / "reg2" / "1_cat" / "r2.png", (512, 512))  # the right way: no finding
     codes = {f.code for f in build_plan(_cfg(train, reg=tmp_path / "reg2")).findings}
     assert not codes & {"reg-empty-caption", "reg-trigger"}
+
+
+def test_very_large_images_are_said_in_plain_words(tmp_path, monkeypatch, recwarn):
+    """Pillow's limits (shrunk here to fit tiny files): over twice the limit it refuses, with its 'decompression
+    bomb DOS attack' wording, and between once and twice it only warns, on the console at every decode."""
+    d = tmp_path / "train" / "2_svs"
+    _img(d / "big.png", (64, 64))      # 4096 pixels: over 3000, under 6000
+    _img(d / "huge.png", (100, 100))   # 10000 pixels: over 6000
+    _img(d / "ok.png", (40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    plan = build_plan(_cfg(tmp_path / "train", resolution=(64, 64)))
+    (s,) = plan.subsets
+    assert s.unreadable == [("huge.png", "is too large to open (0 megapixels), beyond the image library's safety "
+                                         "limit (0 megapixels): downscale it; a training image needs no more than a "
+                                         "few times the training resolution")]
+    assert [f.message for f in plan.findings if f.code == "large-image"] == [
+        "'2_svs': 1 image(s) are very large (each decode takes seconds and gigabytes; downscale them unless latents "
+        "are cached): big.png"]
+    load_image_rgb(d / "big.png")
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_an_unreadable_exif_block_is_a_note_not_a_console_warning(tmp_path, recwarn):
+    d = tmp_path / "train" / "2_svs"
+    _img(d / "a.png", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")  # (an IFD that runs off the end)
+    plan = build_plan(_cfg(tmp_path / "train"))
+    assert plan.ok and [f.message for f in plan.findings if f.code == "bad-exif"] == [
+        "'2_svs': 1 image(s) have an unreadable EXIF block and are used as stored, without EXIF rotation: a.png"]
+    load_image_rgb(d / "a.png")  # (decoded at every step without latent caching)
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]

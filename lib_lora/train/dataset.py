@@ -936,6 +936,13 @@ def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
         if deep:
             findings.append(Finding("info", "16-bit", f"{where}: 16-bit greyscale image(s) scaled to 8 bits: "
                                                       f"{_names(deep)} (sd-scripts would clip them to white)"))
+        for code, start, what in (("large-image", "very large", "are very large (each decode takes seconds and "
+                                   "gigabytes; downscale them unless latents are cached)"),
+                                  ("bad-exif", "unreadable EXIF", "have an unreadable EXIF block and are used as "
+                                   "stored, without EXIF rotation")):
+            hit = [e.path.name for e in s.images if any(n.startswith(start) for n in e.notes)]
+            if hit:
+                findings.append(Finding("info", code, f"{where}: {len(hit)} image(s) {what}: {_names(hit)}"))
         alpha = [e.path.name for e in s.images if any("alpha channel is dropped" in n for n in e.notes)]
         if alpha:
             findings.append(Finding("info", "alpha", f"{where}: transparency is dropped, not composited, for "

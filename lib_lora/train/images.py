@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,18 @@ class ImageProbe:
         return self.orientation not in (0, 1)
 
 
-def _orientation(img: Image.Image) -> int:
+def _orientation(img: Image.Image, notes: list[str]) -> int:
     try:
-        value = img.getexif().get(EXIF_ORIENTATION_TAG, 1)
-    except Exception as e:  # malformed EXIF must not make the picture unusable
-        warnings.warn(f"ignoring unreadable EXIF block: {e}")
-        return 1
+        with warnings.catch_warnings(record=True) as caught:  # (Pillow warns "Corrupt EXIF data" and goes on)
+            warnings.simplefilter("always")
+            value = img.getexif().get(EXIF_ORIENTATION_TAG, 1)
+        caught = [w for w in caught if issubclass(w.category, UserWarning)]
+    except Exception:  # malformed EXIF must not make the picture unusable
+        caught, value = [True], 1
+    if caught:
+        notes.append("unreadable EXIF block ignored: used as stored, without EXIF rotation")
+        if value == 1:
+            return 1
     try:
         value = int(value)
     except (TypeError, ValueError):
@@ -102,16 +109,26 @@ def probe_image(path: str | os.PathLike, check_pixels: bool = True) -> ImageProb
     """Open ``path`` and report its oriented size and mode; with ``check_pixels`` the whole file is decoded so a
     truncated or corrupt file is caught now rather than mid-training. Never raises for a bad image."""
     p = Path(path)
+    notes: list[str] = []
     try:
-        with Image.open(p) as img:
-            raw = img.size
-            mode = img.mode
-            fmt = img.format or ""
-            orientation = _orientation(img)
-            has_transparency = "transparency" in img.info
-            if check_pixels:
-                img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (said below as a note)
+            with Image.open(p) as img:
+                raw = img.size
+                mode = img.mode
+                fmt = img.format or ""
+                orientation = _orientation(img, notes)
+                has_transparency = "transparency" in img.info
+                if check_pixels:
+                    img.load()
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({int(m.group(1)) / 1e6:,.0f} megapixels)" if m else ""
+        return ImageProbe(p, ok=False, error=f"is too large to open{size}, beyond the image library's safety limit "
+                                             f"({2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:,.0f} megapixels): downscale it; "
+                                             "a training image needs no more than a few times the training "
+                                             "resolution")
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         # OSError covers UnidentifiedImageError and "image file is truncated".
         reason = str(e) or e.__class__.__name__
         if p.stat().st_size == 0:
@@ -122,7 +139,11 @@ def probe_image(path: str | os.PathLike, check_pixels: bool = True) -> ImageProb
         return ImageProbe(p, ok=False, error=f"cannot be read as an image: the {fmt} file is truncated")
     w, h = raw
     size = (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
-    probe = ImageProbe(p, ok=True, size=size, raw_size=raw, mode=mode, format=fmt, orientation=orientation)
+    probe = ImageProbe(p, ok=True, size=size, raw_size=raw, mode=mode, format=fmt, orientation=orientation,
+                       notes=notes)
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        probe.notes.append(f"very large ({w}x{h}, {w * h / 1e6:,.0f} megapixels): each decode takes seconds and "
+                           "gigabytes; downscale it unless latents are cached")
     if w <= 0 or h <= 0:
         probe.ok = False
         probe.error = f"has an invalid size {w}x{h}"
@@ -183,9 +204,14 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
 
     Raises ``OSError`` naming the file when it cannot be decoded (the plan lists such files beforehand)."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (the plan says it once)
+            img = Image.open(path)
+        with img:
             img.load()
-            oriented = ImageOps.exif_transpose(img)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # (a corrupt EXIF block: the plan says it once)
+                oriented = ImageOps.exif_transpose(img)
             return to_rgb_array(oriented)
     except OSError as e:
         raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
@@ -195,9 +221,14 @@ def load_image_alpha(path: str | os.PathLike) -> np.ndarray | None:
     """The alpha channel (HxW uint8, EXIF orientation applied) for ``alpha_mask``, or None when the image has
     none (sd-scripts converts such images to RGBA: a mask of ones, i.e. no masking)."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             img.load()
-            oriented = ImageOps.exif_transpose(img)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # (a corrupt EXIF block: the plan says it once)
+                oriented = ImageOps.exif_transpose(img)
             if oriented.mode in ("RGBA", "LA", "PA") or (oriented.mode == "P" and "transparency" in oriented.info):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
