@@ -564,3 +564,23 @@ def test_an_unreadable_exif_block_is_a_note_not_a_console_warning(tmp_path, recw
         "'2_svs': 1 image(s) have an unreadable EXIF block and are used as stored, without EXIF rotation: a.png"]
     load_image_rgb(d / "a.png")  # (decoded at every step without latent caching)
     assert not [w for w in recwarn if "EXIF" in str(w.message)]
+
+
+def test_folder_and_file_name_slips(tmp_path):
+    """A hidden concept folder, a file named like one, a repeat count that is a date, two images sharing one
+    caption: each ran (or was skipped) without a useful word."""
+    train = tmp_path / "train"
+    _img(train / "10_svs cat" / "a.png")
+    _img(train / "10_svs cat" / "a.jpg")
+    (train / "10_svs cat" / "a.txt").write_text("svs cat", encoding="utf-8")
+    _img(train / ".5_svs dog" / "b.png")
+    (train / "3_svs bird.zip").write_bytes(b"PK\x03\x04")
+    _img(train / "20240501_svs" / "c.png")
+    plan = build_plan(_cfg(train))
+    by = {f.code: f.message for f in plan.findings}
+    assert "Rename it, e.g. to '5_svs dog'" in by["folder-name"]
+    assert by["not-a-folder"].startswith("'3_svs bird.zip' in train_data_dir is named like an image folder but is a "
+                                         "file, not a folder; it is ignored")
+    assert by["many-repeats"].startswith("folder '20240501_svs' repeats each image 20,240,501 times per epoch")
+    assert by["caption-shared"].startswith("'10_svs cat': 1 caption file(s) are read by more than one image of the "
+                                           "same name: a.txt (a.jpg, a.png).")

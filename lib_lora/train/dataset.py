@@ -74,6 +74,7 @@ class SubsetPlan:
     unsupported_files: list[str] = field(default_factory=list)
     multiline_captions: list[str] = field(default_factory=list)  # caption files whose later lines are dropped
     orphan_captions: list[str] = field(default_factory=list)  # "name (why)": caption files no image reads
+    shared_captions: list[str] = field(default_factory=list)  # "a.txt (a.jpg, a.png)": read by several images
     too_small: list[str] = field(default_factory=list)
     tag_counts: dict[str, int] = field(default_factory=dict)
 
@@ -591,6 +592,11 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
     plan.tag_counts = tag_frequency(e.caption for e in plan.images)
     plan.orphan_captions = _orphan_captions(listed, spec.caption_extension,
                                             {e.caption_path for e in plan.images + plan.validation_images})
+    readers: dict[Path, list[str]] = {}
+    for e in plan.images + plan.validation_images:
+        if e.caption_path is not None:
+            readers.setdefault(e.caption_path, []).append(e.path.name)
+    plan.shared_captions = [f"{c.name} ({', '.join(n)})" for c, n in readers.items() if len(n) > 1]
 
     trigger = plan.instance_token
     if trigger:
@@ -884,6 +890,12 @@ def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
                 f"line is used (as in sd-scripts): {_names(s.multiline_captions)}. Put the whole caption on one line, "
                 "or set enable_wildcard = true to train on one of the lines at random each time",
                 [str(s.path / n) for n in s.multiline_captions]))
+        if s.shared_captions:
+            findings.append(Finding(
+                "warning", "caption-shared",
+                f"{where}: {len(s.shared_captions)} caption file(s) are read by more than one image of the same name: "
+                f"{_names(s.shared_captions)}. Each of them trains with it (as in sd-scripts); if they are different "
+                "pictures, rename one, with a caption of its own"))
         if s.orphan_captions:
             findings.append(Finding(
                 "warning", "caption-orphan",

@@ -68,6 +68,9 @@ def _numbered_subdirs(d: Path) -> list[str]:
 
 
 def _rename_hint(name: str, is_reg: bool) -> str:
+    shown = name.lstrip(". ")  # (a hidden '.5_svs cat': the dot is the only mistake)
+    if shown != name and parse_folder_name(shown):
+        return shown
     m = re.match(r"^(.*?)[_ -]?(\d+)$", name)
     if m and m.group(1):
         return f"{m.group(2)}_{m.group(1)}"
@@ -99,6 +102,12 @@ def scan_data_dir(
 
     entries = sorted(data_dir.iterdir(), key=lambda p: p.name)
     loose = [p for p in entries if p.is_file() and is_image_name(p.name)]
+    for f in entries:  # (an archive or a link named like a concept folder: easy to take for one)
+        if not f.is_dir() and not is_image_name(f.name) and (parse_folder_name(f.name) or (0,))[0] >= 1:
+            findings.append(Finding("warning", "not-a-folder",
+                                    f"'{f.name}' in {role} is named like an image folder but is a file, not a folder; "
+                                    "it is ignored (unpack it, or make a folder of that name holding the images)",
+                                    [str(f)]))
     for sub in (p for p in entries if p.is_dir()):
         if _same(sub, skip):
             other = "train_data_dir" if is_reg else "reg_data_dir"
@@ -135,6 +144,10 @@ def scan_data_dir(
             findings.append(Finding("warning", "zero-repeats",
                                     f"folder '{sub.name}' is ignored: its repeat count {repeats} is below 1", [str(sub)]))
             continue
+        if repeats > 1000:  # (a date or an ID taken for the repeat count makes epochs that never end)
+            findings.append(Finding("warning", "many-repeats",
+                                    f"folder '{sub.name}' repeats each image {repeats:,} times per epoch (usual: 1 to "
+                                    "100); the number before the underscore is the repeat count", [str(sub)]))
         subsets.append(SubsetSpec(
             image_dir=str(sub),
             num_repeats=repeats,
