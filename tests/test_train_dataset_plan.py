@@ -584,3 +584,16 @@ def test_folder_and_file_name_slips(tmp_path):
     assert by["many-repeats"].startswith("folder '20240501_svs' repeats each image 20,240,501 times per epoch")
     assert by["caption-shared"].startswith("'10_svs cat': 1 caption file(s) are read by more than one image of the "
                                            "same name: a.txt (a.jpg, a.png).")
+
+
+def test_a_batch_no_bucket_can_fill_is_said(tmp_path):
+    d = tmp_path / "train" / "1_svs"
+    _img(d / "a.png", (512, 512))
+    _img(d / "b.png", (512, 512))
+    said = [f.message for f in build_plan(_cfg(tmp_path / "train", train_batch_size=8)).findings
+            if f.code == "batch-never-full"]
+    assert said == ["batch size 8, but no bucket holds more than 2 sample(s) per epoch (images x repeats), so no "
+                    "batch is ever full: each step trains on fewer images than set. Lower the batch size to 2 or "
+                    "less, or add images or repeats"]
+    assert not [f for f in build_plan(_cfg(tmp_path / "train", train_batch_size=2)).findings
+                if f.code == "batch-never-full"]

@@ -819,6 +819,13 @@ def _finish_part(part: DatasetPart, findings: list[Finding]) -> None:
     part.mean_ar_error = float(sum(errs) / len(errs)) if errs else 0.0
     part.batches = batches_per_epoch(part.bucket_counts, ds.batch_size)
     part.batches_without_reg = batches_per_epoch(part.bucket_counts_train_only, ds.batch_size)
+    biggest = max(counts.values(), default=0)
+    if 0 < biggest < ds.batch_size:  # (a batch never mixes buckets: none can fill, so the batch size is not used)
+        findings.append(Finding(
+            "warning", "batch-never-full",
+            f"batch size {ds.batch_size}, but no bucket holds more than {biggest} sample(s) per epoch (images x "
+            f"repeats), so no batch is ever full: each step trains on fewer images than set. Lower the batch size "
+            f"to {biggest} or less, or add images or repeats"))
 
 
 def _face_crop_findings(part: DatasetPart, s: SubsetPlan, findings: list[Finding]) -> None:
