@@ -131,3 +131,64 @@ def test_regularisation_images(tmp_path):
     with pytest.raises(UiError, match="class prompt"):
         dh.generate_reg_images(fb, str(reg), "", 1, 0, 64, 64)
     assert dh.default_reg_count(15) == 75
+
+
+def test_slips_a_user_makes_in_the_helper_are_said(pictures, tmp_path):
+    """From a review of the sub-tab: a second Create after fixing the trigger copied everything again and both
+    folders trained; unreadable files were copied without a word and stopped 'Caption all' half-way; a trigger
+    pasted with its comma was inserted as 'svs,' at every click; a caption saved after its image was deleted made
+    an orphan; skipped subfolders and files went unsaid."""
+    (pictures / "bad.png").write_bytes(b"not an image")
+    res = dh.create_layout(str(pictures), str(tmp_path / "ds"), "svs", "bear", 10)
+    text = res.summary()
+    assert res.unreadable and res.unreadable[0].startswith("bad.png (cannot be read as an image")
+    assert "1 file(s) were NOT copied because they cannot be read as images: bad.png" in text
+    assert "Not copied (only the images directly in the folder are): notes.md, sub/ (a subfolder)." in text
+    assert not (tmp_path / "ds" / "img" / "10_svs bear" / "bad.png").exists()
+    # the trigger fixed, Create again: the first folder is named
+    again = dh.create_layout(str(pictures), str(tmp_path / "ds"), "svz", "bear", 10)
+    assert again.twins == {"10_svs bear": 4}
+    assert ("The training folder also holds '10_svs bear' with 4 of the same pictures: both folders train"
+            in again.summary())
+    # one trigger rule: a pasted comma is dropped, two words are refused with the fix
+    assert dh.clean_trigger(" svs, ") == "svs"
+    imgs = dh.training_images(str(tmp_path / "ds" / "img"))[:4]
+    dh.write_caption(imgs[1], "a bear")
+    assert dh.insert_trigger(imgs, "svs, ") == 1 and dh.insert_trigger(imgs, "svs,") == 0
+    assert dh.read_caption(imgs[1]) == "svs, a bear"
+    assert dh.read_caption(imgs[0]) == "svs bear, portrait"  # (p0's caption had it already)
+    with pytest.raises(UiError, match="must be one word .* write 'svs_bear'"):
+        dh.create_layout(str(pictures), str(tmp_path / "ds2"), "svs bear", "dog", 10)
+    # Caption all skips a picture it cannot read and goes on
+    (tmp_path / "ds" / "img" / "10_svs bear" / "bad.png").write_bytes(b"not an image")
+    imgs = dh.training_images(str(tmp_path / "ds" / "img"))
+    steps = list(dh.iter_caption(FakeBackend(), [p for p in imgs if "svs bear" in str(p)], "blip", overwrite=True))
+    assert [s[2].name for s in steps if s[3] is False] == ["bad.png"] and len(steps) == 5
+    assert all(isinstance(s[3], str) for s in steps if s[2].name != "bad.png")
+    # a caption for an image that is gone is not written
+    gone = next(p for p in imgs if p.name == "p1.png")
+    os.remove(gone)
+    os.remove(dh.caption_path(gone))
+    with pytest.raises(UiError, match=f"{gone.name} is no longer in .*nothing was saved. Press Reload image list"):
+        dh.write_caption(gone, "svs bear")
+    assert not dh.caption_path(gone).exists()
+
+
+def test_a_captioner_that_fails_writes_nothing_and_is_not_called_our_bug(tmp_path):
+    """Offline, A1111's BLIP answers '<error>' and DeepBooru raises IndexError (their models download on first
+    use): the first became the caption 'svs, <error>' with a green message, the second 'a bug in LoRA Studio'."""
+    from lib_lora.ui.backend import LocalBackend
+
+    def deepbooru(_):
+        raise IndexError("list index out of range")
+    be = LocalBackend.__new__(LocalBackend)
+    be.interrogators = {"blip": lambda _: "<error>", "deepbooru": deepbooru}
+    d = tmp_path / "img" / "5_svs bear"
+    d.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(d / "a.png")
+    for method, why in (("blip", "the WebUI console shows why"), ("deepbooru", "IndexError: list index out of range")):
+        with pytest.raises(UiError) as e:
+            list(dh.iter_caption(be, [d / "a.png"], method, trigger="svs"))
+        assert why in str(e.value) and "downloads its model on first use" in str(e.value)
+        assert "bug" not in str(e.value)
+    assert not (d / "a.txt").exists()

@@ -377,6 +377,14 @@ def test_dataset_helper_flow(server, page):
     wait_text(page, "lora_studio_h_status", r"Saved the caption of pic0\.png")
     assert open(os.path.join(made, "pic0.txt")).read().strip() == "zkx dog, sitting"
     page.screenshot(path=os.path.join(SHOTS, "09-helper.png"), full_page=True)
+    # an edit not saved before Next is saved, not dropped (and Previous shows it)
+    fill(page, "lora_studio_h_caption", "zkx dog, lying down")
+    page.click("#lora_studio_h_next")
+    wait_text(page, "lora_studio_h_status", r"Saved your edit of pic0\.png")
+    assert open(os.path.join(made, "pic0.txt")).read().strip() == "zkx dog, lying down"
+    page.click("#lora_studio_h_prev")
+    page.wait_for_function("() => { const t = document.querySelector('#lora_studio_h_caption textarea');"
+                           " return t && t.value === 'zkx dog, lying down'; }")
     # regularisation images from the loaded model into reg/1_dog (count defaulted to 2 images x 5)
     page.locator("#lora_studio_h_reg_acc .label-wrap").first.click()
     assert page.locator("#lora_studio_h_reg_count input").input_value() == "10"

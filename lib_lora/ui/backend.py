@@ -243,11 +243,24 @@ class LocalBackend:
     # ---- captions and images ------------------------------------------------------------------------------
     def interrogate(self, image: Image.Image, method: str) -> str:
         fn = self.interrogators.get(method)
+        names = {"blip": "BLIP", "deepbooru": "DeepBooru"}
+        name = names.get(method, method)
         if fn is None:
-            names = {"blip": "BLIP", "deepbooru": "DeepBooru"}
-            raise UiError(f"Captioning with {names.get(method, method)} is not available here. Write the captions "
+            raise UiError(f"Captioning with {name} is not available here. Write the captions "
                           "by hand in the editor below, or use the other captioner.")
-        return str(fn(image) or "").strip()
+        # The WebUI downloads the captioner's model on first use; offline, BLIP answers "<error>" (A1111 catches its
+        # own exception) and DeepBooru raises: neither may become a caption or read as a LoRA Studio bug.
+        why = None
+        try:
+            text = str(fn(image) or "").strip()
+        except Exception as e:  # (any failure of the WebUI's captioner)
+            text, why = "", f"{e.__class__.__name__}: {e}"
+        if why or text == "<error>":
+            where = {"blip": "models/BLIP", "deepbooru": "models/torch_deepdanbooru"}.get(method, "models/")
+            raise UiError(f"{name} could not caption the images ({why or 'the WebUI console shows why'}). The WebUI "
+                          f"downloads its model on first use (into {where}): connect to the internet once, use the "
+                          "other captioner, or write the captions by hand below.")
+        return text
 
     def _steps(self, steps):
         return int(steps or self.sample_steps)

@@ -18,14 +18,14 @@ from PIL import Image, ImageOps
 
 from ..train.captions import contains_word
 from ..train.folders import parse_folder_name
-from ..train.images import is_image_name
+from ..train.images import is_image_name, probe_image
 from .backend import UiError
 
 _SAFE = re.compile(r"[^\w .()+-]")
 
 
 def _clean_word(word: str, what: str) -> str:
-    w = " ".join(str(word or "").split())
+    w = " ".join(str(word or "").split()).strip(",;: ")  # ("svs, " pasted from a caption)
     if _SAFE.search(w):
         raise UiError(f"The {what} '{w}' has characters that cannot be in a folder name. Use letters, digits, spaces "
                       "and - only.")
@@ -49,6 +49,10 @@ def plan_layout(dest_root: str, trigger: str, class_word: str, repeats: int, reg
     class_word = _clean_word(class_word, "class word")
     if not trigger:
         raise UiError("Write a trigger word: a rare word the LoRA learns for your subject, e.g. 'svs'.")
+    if " " in trigger:  # (the folder name's first word is the trigger: the rest would be read as the class)
+        raise UiError(f"The trigger word '{trigger}' must be one word (the first word of the folder name is the "
+                      f"trigger, the rest the class): write '{trigger.replace(' ', '_')}', or put the other words "
+                      "into the class word.")
     if not class_word:
         raise UiError("Write a class word: what the subject is, e.g. 'bear', 'woman', 'painting style'.")
     try:
@@ -71,6 +75,9 @@ class CopyResult:
     captions: list[str] = field(default_factory=list)      # caption files copied along
     unchanged: list[str] = field(default_factory=list)     # already there with the same content
     conflicts: list[str] = field(default_factory=list)     # a different file of that name exists: left alone
+    unreadable: list[str] = field(default_factory=list)    # "name (why)": not images after all, not copied
+    skipped: list[str] = field(default_factory=list)       # what the source folder holds besides images
+    twins: dict[str, int] = field(default_factory=dict)    # other `N_name` folder -> how many of these pictures
 
     def summary(self) -> str:
         parts = [f"Copied {len(self.copied)} image(s)"
@@ -78,6 +85,15 @@ class CopyResult:
                  + f" into {self.layout.image_dir}. The originals were not touched."]
         if self.unchanged:
             parts.append(f"{len(self.unchanged)} were already there unchanged.")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} file(s) were NOT copied because they cannot be read as images: "
+                         f"{', '.join(self.unreadable[:5])}" + (" ..." if len(self.unreadable) > 5 else "") + ".")
+        if self.skipped:
+            parts.append(f"Not copied (only the images directly in the folder are): {', '.join(self.skipped[:5])}"
+                         + (" ..." if len(self.skipped) > 5 else "") + ".")
+        for folder, n in self.twins.items():
+            parts.append(f"The training folder also holds '{folder}' with {n} of the same pictures: both folders "
+                         "train (each picture twice, under two names). Delete the folder you no longer want.")
         if self.conflicts:
             parts.append(f"{len(self.conflicts)} were NOT copied because a different file with the same name is "
                          f"already there: {', '.join(self.conflicts[:5])}" + (" ..." if len(self.conflicts) > 5 else "")
@@ -122,11 +138,41 @@ def create_layout(source_dir: str, dest_root: str, trigger: str, class_word: str
     os.makedirs(layout.reg_image_dir, exist_ok=True)
     res = CopyResult(layout)
     for p in imgs:
+        probe = probe_image(p, check_pixels=False)  # (the header only: a garbage or empty file, fast)
+        if not probe.ok:
+            res.unreadable.append(f"{p.name} ({probe.error})")
+            continue
         _copy_one(p, Path(layout.image_dir) / p.name, res, res.copied)
         cap = p.with_suffix(caption_extension)
         if cap.is_file():
             _copy_one(cap, Path(layout.image_dir) / cap.name, res, res.captions)
+    names = {p.name for p in imgs}
+    src = Path(imgs[0].parent)
+    for e in sorted(src.iterdir(), key=lambda e: e.name):
+        if e.name in names or e.name.startswith(".") or e.suffix.lower() == caption_extension.lower():
+            continue
+        if e.is_dir():
+            res.skipped.append(f"{e.name}/ (a subfolder)")
+        elif e.is_symlink() and not e.exists():
+            res.skipped.append(f"{e.name} (a link to a missing file)")
+        elif e.is_file() and e.suffix.lower() not in (".json", ".toml", ".npz"):
+            res.skipped.append(e.name)
+    res.twins = _twin_folders(layout, [p for p in imgs if Path(layout.image_dir, p.name).is_file()])
     return res
+
+
+def _twin_folders(layout: Layout, imgs: list[Path]) -> dict[str, int]:
+    """Other concept folders beside the new one holding these pictures: a second Create after fixing the trigger,
+    the class or the repeats copies everything again, and both folders train."""
+    out: dict[str, int] = {}
+    mine = os.path.realpath(layout.image_dir)
+    for sub in sorted(Path(layout.train_data_dir).iterdir(), key=lambda e: e.name):
+        if not sub.is_dir() or os.path.realpath(sub) == mine or not (parse_folder_name(sub.name) or (0,))[0] >= 1:
+            continue
+        same = sum(1 for p in imgs if (sub / p.name).is_file() and filecmp.cmp(p, sub / p.name, shallow=False))
+        if same:
+            out[sub.name] = same
+    return out
 
 
 def training_images(train_data_dir: str) -> list[Path]:
@@ -163,6 +209,9 @@ def read_caption(image: str | Path, ext: str = ".txt") -> str:
 
 def write_caption(image: str | Path, text: str, ext: str = ".txt") -> str:
     """Writes (or, for an empty text, deletes) the caption beside the image; returns what happened."""
+    if not Path(image).is_file():  # (deleted or renamed since the list was read: a caption would be an orphan)
+        raise UiError(f"{Path(image).name} is no longer in {Path(image).parent}; nothing was saved. Press Reload "
+                      "image list.")
     p = caption_path(image, ext)
     text = " ".join(str(text or "").split())
     if not text:
@@ -183,12 +232,18 @@ def with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
+def clean_trigger(trigger: str) -> str:
+    """The trigger as the folder name and the captions take it (create, insert and caption-all agree)."""
+    t = _clean_word(trigger, "trigger word")
+    if not t:
+        raise UiError("Write the trigger word to insert.")
+    return t
+
+
 def insert_trigger(images: list[Path], trigger: str, ext: str = ".txt") -> int:
     """Put the trigger word first in every existing caption that lacks it; returns how many changed. Images without
     a caption file keep none (the folder name, which holds the trigger, is their caption)."""
-    trigger = " ".join(str(trigger or "").split())
-    if not trigger:
-        raise UiError("Write the trigger word to insert.")
+    trigger = clean_trigger(trigger)
     changed = 0
     for img in images:
         p = caption_path(img, ext)
@@ -204,7 +259,8 @@ def insert_trigger(images: list[Path], trigger: str, ext: str = ".txt") -> int:
 
 def iter_caption(backend, images: list[Path], method: str, trigger: str = "", overwrite: bool = False,
                  ext: str = ".txt") -> Iterator[tuple[int, int, Path, str | None]]:
-    """Captions each image with the WebUI's interrogator; yields (done, total, image, caption or None if kept)."""
+    """Captions each image with the WebUI's interrogator; yields (done, total, image, caption), the caption None
+    when an existing one was kept and False when the picture cannot be read (skipped; the rest go on)."""
     n = len(images)
     for i, img in enumerate(images, 1):
         if caption_path(img, ext).is_file() and not overwrite:
@@ -213,8 +269,9 @@ def iter_caption(backend, images: list[Path], method: str, trigger: str = "", ov
         try:
             with Image.open(img) as im:
                 pic = ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise UiError(f"{img.name} cannot be read as an image ({e}); remove it from the dataset.") from e
+        except (OSError, ValueError):
+            yield i, n, img, False
+            continue
         text = with_trigger(backend.interrogate(pic, method), trigger)
         write_caption(img, text, ext)
         yield i, n, img, text
@@ -265,6 +322,6 @@ def generate_reg_images(backend, reg_image_dir: str, prompt: str, n: int, seed: 
     return paths
 
 
-__all__ = ["CopyResult", "Layout", "caption_path", "create_layout", "default_reg_count", "generate_reg_images",
-           "insert_trigger", "iter_caption", "plan_layout", "read_caption", "source_images", "training_images",
-           "with_trigger", "write_caption"]
+__all__ = ["CopyResult", "Layout", "caption_path", "clean_trigger", "create_layout", "default_reg_count",
+           "generate_reg_images", "insert_trigger", "iter_caption", "plan_layout", "read_caption", "source_images",
+           "training_images", "with_trigger", "write_caption"]

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..train.config import TrainConfigError
 from ..train.folders import parse_folder_name
+from ..train.images import is_image_name
 from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
@@ -77,6 +78,10 @@ def ok_html(msg: str) -> str:
 
 def info_html(msg: str) -> str:
     return f'<div class="ls-msg ls-info" role="status">{_e(msg)}</div>'
+
+
+def warn_html(msg: str) -> str:
+    return f'<div class="ls-msg ls-warn" role="status">{_e(msg)}</div>'
 
 
 def guarded(status):
@@ -493,6 +498,7 @@ def build_tab(backend) -> gr.Blocks:
                                                        info="Saved as a .txt file next to the copy. Empty = the "
                                                             "folder's tokens are the caption.")
                                 h_save = gr.Button("Save caption", elem_id="lora_studio_h_save")
+                                h_shown = gr.State({})  # {"path", "text"}: the caption as shown, to keep edits
                     with gr.Accordion("3. Regularisation images", open=False, elem_id="lora_studio_h_reg_acc"):
                         with gr.Row():
                             h_reg_prompt = gr.Textbox(label="Class prompt", elem_id="lora_studio_h_reg_prompt",
@@ -995,7 +1001,21 @@ def build_tab(backend) -> gr.Blocks:
 
         def _caption_ext(ui_ext):
             ext = str(ui_ext or ".txt").strip() or ".txt"
-            return ext if ext.startswith(".") else "." + ext
+            ext = ext if ext.startswith(".") else "." + ext
+            if is_image_name("x" + ext):  # (a caption saved under it would replace the picture)
+                raise UiError(f"The caption extension '{ext}' is an image type; captions are text files (.txt or "
+                              ".caption). Fix it on the Parameters tab.")
+            return ext
+
+        def _keep_edit(train_dir, shown, text, ext) -> str:
+            """An edited caption is saved before another image (or a caption-all / insert run) replaces it in the
+            box: the edit would be lost without a word otherwise. Returns what was done ('' when nothing)."""
+            path = (shown or {}).get("path")
+            if not path or " ".join(str(text or "").split()) == " ".join(str(shown.get("text", "")).split()):
+                return ""
+            if not str(train_dir or "").strip() or not os.path.isfile(path):
+                return ""
+            return dh.write_caption(path, text, _caption_ext(ext)).replace("Saved the caption", "Saved your edit")
 
         @guarded(h_status)
         def h_do_create(src, dest, trig, cls, rep, reg_rep, ext):
@@ -1024,14 +1044,24 @@ def build_tab(backend) -> gr.Blocks:
         h_reload.click(h_do_reload, [comps["train_data_dir"]], [h_image, h_reg_count, h_status])
 
         @guarded(h_status)
-        def h_show(train_dir, rel, ext):
+        def h_show(train_dir, rel, ext, shown=None, text=None):
+            kept = _keep_edit(train_dir, shown, text, ext) if shown is not None else ""
+            out = {h_status: ok_html(kept)} if kept else {}
             if not rel:
-                return {h_preview: None, h_caption: ""}
+                return {**out, h_preview: None, h_caption: "", h_shown: {}}
             path = os.path.join(os.path.abspath(train_dir), rel)
-            return {h_preview: path, h_caption: dh.read_caption(path, _caption_ext(ext))}
+            caption = dh.read_caption(path, _caption_ext(ext))
+            return {**out, h_preview: path, h_caption: caption, h_shown: {"path": path, "text": caption}}
 
-        h_image.change(h_show, [comps["train_data_dir"], h_image, comps["caption_extension"]],
-                       [h_preview, h_caption, h_status])
+        show_in = [comps["train_data_dir"], h_image, comps["caption_extension"]]
+        show_out = [h_preview, h_caption, h_status, h_shown]
+        # (picking another image, Previous and Next all change h_image: the edit of the one shown is kept first)
+        h_image.change(h_show, show_in + [h_shown, h_caption], show_out)
+
+        @guarded(h_status)
+        def h_flush(train_dir, shown, text, ext):
+            kept = _keep_edit(train_dir, shown, text, ext)
+            return {h_status: ok_html(kept)} if kept else {}
 
         @guarded(h_status)
         def h_step(train_dir, rel, delta):
@@ -1046,38 +1076,59 @@ def build_tab(backend) -> gr.Blocks:
         def h_do_save(train_dir, rel, text, ext):
             if not rel:
                 raise UiError("Pick an image first.")
-            return {h_status: ok_html(dh.write_caption(os.path.join(os.path.abspath(train_dir), rel), text,
-                                                       _caption_ext(ext)))}
+            path = os.path.join(os.path.abspath(train_dir), rel)
+            said = dh.write_caption(path, text, _caption_ext(ext))
+            return {h_status: ok_html(said), h_shown: {"path": path, "text": " ".join(str(text or "").split())}}
 
-        h_save.click(h_do_save, [comps["train_data_dir"], h_image, h_caption, comps["caption_extension"]], [h_status])
+        h_save.click(h_do_save, [comps["train_data_dir"], h_image, h_caption, comps["caption_extension"]],
+                     [h_status, h_shown])
 
         @guarded(h_status)
         def h_do_caption(train_dir, method, overwrite, put_trigger, trig, ext):
             imgs = dh.training_images(train_dir)
-            trigger = (trig or "").strip() if put_trigger else ""
-            if put_trigger and not trigger:
+            if put_trigger and not str(trig or "").strip():
                 raise UiError("Write the trigger word in step 1 (or untick 'Put the trigger word first').")
-            made = kept = 0
-            for i, n, img, text in dh.iter_caption(backend, imgs, method.lower(), trigger, bool(overwrite),
-                                                   _caption_ext(ext)):
-                made += text is not None
-                kept += text is None
-                yield {h_status: info_html(f"Captioning {i} of {n}: {img.name}")}
-            yield {h_status: ok_html(f"Captioned {made} image(s) with {method}"
-                                     + (f"; kept {kept} existing caption(s)" if kept else "") + ".")}
+            trigger = dh.clean_trigger(trig) if put_trigger else ""
+            made, kept, unreadable = 0, 0, []
+            try:
+                for i, n, img, text in dh.iter_caption(backend, imgs, method.lower(), trigger, bool(overwrite),
+                                                       _caption_ext(ext)):
+                    made += isinstance(text, str)
+                    kept += text is None
+                    if text is False:
+                        unreadable.append(img.name)
+                    yield {h_status: info_html(f"Captioning {i} of {n}: {img.name}")}
+            except UiError as e:
+                raise UiError((f"{made} image(s) were captioned before this; their captions stay. " if made else "")
+                              + str(e)) from None
+            skipped = (f" {len(unreadable)} file(s) cannot be read as images and were skipped: "
+                       f"{', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}; remove them from the "
+                       "dataset." if unreadable else "")
+            said = (f"Captioned {made} image(s) with {method}" + (f"; kept {kept} existing caption(s)" if kept else "")
+                    + "." + skipped)
+            yield {h_status: warn_html(said) if unreadable else ok_html(said)}
 
-        h_caption_all.click(h_do_caption, [comps["train_data_dir"], h_method, h_overwrite, h_put_trigger, h_trigger,
-                                           comps["caption_extension"]], [h_status]).then(
-            h_show, [comps["train_data_dir"], h_image, comps["caption_extension"]], [h_preview, h_caption, h_status])
+        h_caption_all.click(h_flush, [comps["train_data_dir"], h_shown, h_caption, comps["caption_extension"]],
+                            [h_status]).then(
+            h_do_caption, [comps["train_data_dir"], h_method, h_overwrite, h_put_trigger, h_trigger,
+                           comps["caption_extension"]], [h_status]).then(h_show, show_in, show_out)
 
         @guarded(h_status)
         def h_do_insert(train_dir, trig, ext):
-            n = dh.insert_trigger(dh.training_images(train_dir), trig, _caption_ext(ext))
-            return {h_status: ok_html(f"Trigger word added to {n} caption(s); the others already had it.")}
+            imgs = dh.training_images(train_dir)
+            n = dh.insert_trigger(imgs, trig, _caption_ext(ext))
+            bare = sum(1 for p in imgs if not dh.caption_path(p, _caption_ext(ext)).is_file())
+            said = f"Trigger word added to {n} caption(s)"
+            said += ("; the others already had it." if n < len(imgs) - bare else ".")
+            if bare:
+                said += (f" {bare} image(s) have no caption file: their folder's name, which holds the trigger, is "
+                         "their caption.")
+            return {h_status: ok_html(said)}
 
-        h_insert.click(h_do_insert, [comps["train_data_dir"], h_trigger, comps["caption_extension"]],
-                       [h_status]).then(h_show, [comps["train_data_dir"], h_image, comps["caption_extension"]],
-                                        [h_preview, h_caption, h_status])
+        h_insert.click(h_flush, [comps["train_data_dir"], h_shown, h_caption, comps["caption_extension"]],
+                       [h_status]).then(
+            h_do_insert, [comps["train_data_dir"], h_trigger, comps["caption_extension"]], [h_status]).then(
+            h_show, show_in, show_out)
 
         @guarded(h_status)
         def h_do_reg(reg_dir, prompt, count, seed, w, h):
