@@ -192,3 +192,12 @@ def test_a_captioner_that_fails_writes_nothing_and_is_not_called_our_bug(tmp_pat
         assert why in str(e.value) and "downloads its model on first use" in str(e.value)
         assert "bug" not in str(e.value)
     assert not (d / "a.txt").exists()
+
+
+def test_a_relative_dataset_folder_is_refused_with_a_full_path_to_use(pictures, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (the WebUI's install folder, where a relative path would land)
+    with pytest.raises(UiError, match=r"Write the full path of the new dataset folder \(e\.g\. .*datasets.mydata\)"):
+        dh.create_layout(str(pictures), "mydata", "svs", "bear", 10)
+    assert not (tmp_path / "mydata").exists()
+    with pytest.raises(UiError, match="Repeats must be whole numbers"):
+        dh.plan_layout(str(tmp_path / "d"), "svs", "bear", float("inf"))

@@ -45,6 +45,10 @@ def plan_layout(dest_root: str, trigger: str, class_word: str, repeats: int, reg
     dest_root = str(dest_root or "").strip()
     if not dest_root:
         raise UiError("Choose a folder for the new dataset (it is created if missing).")
+    if not os.path.isabs(os.path.expanduser(dest_root)):  # (relative to what? the WebUI's install folder)
+        example = os.path.join(os.path.expanduser("~"), "datasets", dest_root)
+        raise UiError(f"Write the full path of the new dataset folder (e.g. {example}): '{dest_root}' would be made "
+                      "inside the WebUI's own folder.")
     trigger = _clean_word(trigger, "trigger word")
     class_word = _clean_word(class_word, "class word")
     if not trigger:
@@ -57,7 +61,7 @@ def plan_layout(dest_root: str, trigger: str, class_word: str, repeats: int, reg
         raise UiError("Write a class word: what the subject is, e.g. 'bear', 'woman', 'painting style'.")
     try:
         repeats, reg_repeats = int(repeats), int(reg_repeats)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UiError("Repeats must be whole numbers (e.g. 10 for the images, 1 for regularisation).") from None
     if repeats < 1 or reg_repeats < 1:
         raise UiError("Repeats must be at least 1.")
@@ -84,7 +88,7 @@ class CopyResult:
                  + (f" and {len(self.captions)} caption file(s)" if self.captions else "")
                  + f" into {self.layout.image_dir}. The originals were not touched."]
         if self.unchanged:
-            parts.append(f"{len(self.unchanged)} were already there unchanged.")
+            parts.append(f"{len(self.unchanged)} file(s) were already there unchanged.")
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} file(s) were NOT copied because they cannot be read as images: "
                          f"{', '.join(self.unreadable[:5])}" + (" ..." if len(self.unreadable) > 5 else "") + ".")
