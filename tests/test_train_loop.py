@@ -183,6 +183,34 @@ def test_cancel_takes_effect_within_one_step(sd1, tmp_path):
     assert res.status == "cancelled" and steps == [1, 2]
 
 
+def test_a_cancel_while_latents_are_cached_is_a_cancel(sd1, tmp_path):
+    """A cancel before the first step (latents still caching) ended as a 'failed' job with an empty message; a
+    resumed run cancelled there keeps the state it continued from (seen in the browser test on a loaded box)."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    before = state_fingerprint(sd1)
+    events = []
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img), on_event=events.append,
+                       should_cancel=lambda: True)
+    assert (res.status, res.steps, res.state_file, res.final) == ("cancelled", 0, None, None)
+    assert [e.message for e in events if e.kind == "cancelled"] == [
+        "cancelled while caching latents, before the first step; nothing was trained"]
+    # a resumed run cancelled before its first step: the state it continued from is kept, with its step
+    flag = {"cancel": False}
+
+    def on_event(e):
+        flag["cancel"] = flag["cancel"] or (e.kind == "step" and e.step == 2)
+    part = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img), on_event=on_event,
+                        should_cancel=lambda: flag["cancel"])
+    assert part.status == "cancelled" and part.steps == 2
+    mtime = os.stat(part.state_file).st_mtime_ns
+    again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img), resume=part.state_file,
+                         should_cancel=lambda: True)
+    assert (again.status, again.steps, again.state_file) == ("cancelled", 2, part.state_file)
+    assert os.stat(part.state_file).st_mtime_ns == mtime
+    assert state_fingerprint(sd1) == before
+    assert not any(p.requires_grad for p in sd1.parameters())
+
+
 def test_failed_job_leaves_host_exact(sd1, tmp_path):
     img, _ = train_data.make_dataset(str(tmp_path), n_concept=2, repeats=1)
     before = state_fingerprint(sd1)

@@ -141,8 +141,13 @@ def choose(page, elem_id, text, typed=False):
             return
         except Exception:
             if attempt == 7:
-                raise
+                options = page.locator(f"#{elem_id} ul.options li").all_inner_texts()
+                raise AssertionError(f"#{elem_id}: no option {text!r} to pick; the list shows {options}") from None
             page.keyboard.press("Escape")
+            if elem_id == "lora_studio_job" and attempt >= 1:
+                # (two CI runs never saw a just-queued job in the list: an explicit refresh redraws its choices)
+                page.click("#lora_studio_refresh")
+                time.sleep(1)
             if typed:
                 time.sleep(1)
 
@@ -342,10 +347,12 @@ def _stop_training(page):
     """When an earlier test stopped halfway, its job still holds the model: cancel it so this test stands alone."""
     page.locator("#tabs > .tab-nav button", has_text="LoRA Studio").first.click()
     sub_tab(page, "Train")
-    page.click("#lora_studio_refresh")
-    time.sleep(1)
-    m = re.search(rf"(\S+)\s+{WHEN}\s+training\b", html_text(page, "lora_studio_jobs"))
-    if m:
+    for _ in range(4):  # (a job left waiting starts when the one before it is cancelled)
+        page.click("#lora_studio_refresh")
+        time.sleep(1)
+        m = re.search(rf"(\S+)\s+{WHEN}\s+(training|waiting)\b", html_text(page, "lora_studio_jobs"))
+        if not m:
+            return
         choose(page, "lora_studio_job", m.group(1))
         page.click("#lora_studio_cancel")
         wait_text(page, "lora_studio_jobs", rf"{re.escape(m.group(1))}\s+{WHEN}\s+cancelled")

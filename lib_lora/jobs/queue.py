@@ -267,8 +267,9 @@ class JobQueue:
                 job.resume_state = getattr(result, "state_file", None)
                 job.resume_step = getattr(result, "steps", None) if job.resume_state else None
                 job.notes = list(dict.fromkeys(job.kept_notes + list(getattr(result, "notes", job.notes))))
-                job.message = "cancelled; the work so far is kept as a resumable state" if job.status == CANCELLED \
-                    else "finished"
+                job.message = ("finished" if job.status != CANCELLED else
+                               "cancelled; the work so far is kept as a resumable state" if job.resume_state else
+                               "cancelled before the first step; nothing was trained")
                 if job.status == CANCELLED and self._stop and job.id not in self._asked:
                     # stopped by the WebUI going away, not by the user: it goes on when the queue runs again
                     job.status = INTERRUPTED

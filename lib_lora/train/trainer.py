@@ -889,7 +889,19 @@ class Trainer:
                 self._note(f"{'fp8_base_unet' if c.fp8_base_unet else 'fp8_base'}: {n} Linear/Conv weights of the "
                            f"{' and '.join('UNet' if r is unet else 'text encoder' for r in fp8_roots)} are "
                            "stored in FP8 for this run; the originals wait in CPU memory and are put back after it")
-            self._cache_latents(cache_dir)
+            try:
+                self._cache_latents(cache_dir)
+            except Cancelled:  # (before the first step: nothing new to keep; a resumed run's state is untouched)
+                kept = resume_state if resume_state and os.path.isfile(resume_state) else None
+                at = 0
+                if kept:
+                    try:  # (the step it resumes at, for the job list; the file stays as it is)
+                        at = int(load_state(kept).get("step", 0))
+                    except Exception:  # (said when it is resumed; not this cancel's business)
+                        pass
+                self._emit("cancelled", step=at, path=kept, message="cancelled while caching latents, before the "
+                           "first step" + (f"; resume again with {kept}" if kept else "; nothing was trained"))
+                return TrainResult("cancelled", self.files, None, at, self.losses, self.notes, kept, self.val_losses)
             n_fresh = sum(1 for s in self.samples if s.per_step)
             if n_fresh:
                 kinds = {"random_crop": lambda s: s.random_crop, "color_aug": lambda s: s.color_aug,
