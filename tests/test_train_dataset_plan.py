@@ -484,7 +484,8 @@ def test_caption_and_link_slips_are_said_not_lost(tmp_path):
     (d / "b.txt").write_bytes("svs cat".encode("utf-16-le"))
     plan = build_plan(_cfg(tmp_path / "train"))
     msgs = sorted(f.message for f in plan.errors if f.code == "caption-file")
-    assert len(msgs) == 2 and "holds NUL bytes: it is probably UTF-16 text; re-save it as UTF-8 (image b.png)" in msgs[0]
+    assert len(msgs) == 2
+    assert "holds NUL bytes: it is probably UTF-16 text; re-save it as UTF-8 (image b.png)" in msgs[0]
     assert msgs[1].endswith("holds only blank space; write a caption in it or delete it (image c.png)")
     assert not any(f.code == "missing-trigger" for f in plan.findings)
 

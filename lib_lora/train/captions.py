@@ -19,7 +19,12 @@ from pathlib import Path
 
 
 class CaptionFileError(ValueError):
-    """A caption file sd-scripts would stop on (empty, not UTF-8)."""
+    """A caption file that cannot train as meant: empty or not UTF-8 (sd-scripts stops on those), blank or UTF-16
+    without a byte-order mark (sd-scripts trains them as garbage: ``sd_scripts_stops`` False)."""
+
+    def __init__(self, message: str, sd_scripts_stops: bool = True):
+        super().__init__(message)
+        self.sd_scripts_stops = sd_scripts_stops
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,10 @@ def read_caption_file(path: str | Path, enable_wildcard: bool = False) -> str:
         raise CaptionFileError(f"caption file {str(path)!r} is empty; write a caption in it or delete it")
     if any("\0" in line for line in lines):  # (UTF-16 without its byte-order mark decodes as UTF-8 + NULs)
         raise CaptionFileError(f"caption file {str(path)!r} holds NUL bytes: it is probably UTF-16 text; re-save it "
-                               "as UTF-8")
+                               "as UTF-8", sd_scripts_stops=False)
     if not any(line.strip() for line in lines):  # (sd-scripts trains it as an empty caption)
         raise CaptionFileError(f"caption file {str(path)!r} holds only blank space; write a caption in it or "
-                               "delete it")
+                               "delete it", sd_scripts_stops=False)
     if enable_wildcard:
         return "\n".join(line.strip() for line in lines if line.strip() != "")
     return lines[0].strip()

@@ -732,6 +732,13 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
     return cfg
 
 
+def output_stem(name: str) -> str:
+    """An output_name as the files are named: a model file's extension typed with it is dropped (saving adds
+    .safetensors)."""
+    stem, ext = os.path.splitext(name.strip())
+    return stem if stem and ext.lower() in (".safetensors", ".ckpt", ".pt") else name.strip()
+
+
 def _post_checks(cfg: TrainConfig, flat: dict, notes: list[str]) -> None:
     if cfg.caption_extension and not cfg.caption_extension.startswith("."):
         notes.append(f"caption_extension {cfg.caption_extension!r} read as '.{cfg.caption_extension}'")
@@ -741,11 +748,11 @@ def _post_checks(cfg: TrainConfig, flat: dict, notes: list[str]) -> None:
                      ".caption and would skip .txt files)")
     name = cfg.output_name
     if isinstance(name, str):
-        stem, ext = os.path.splitext(name.strip())
-        if ext.lower() in (".safetensors", ".ckpt", ".pt") and stem:
+        stem = output_stem(name)
+        if stem != name.strip():
             cfg.output_name = stem
             notes.append(f"output_name = {name!r} read as {stem!r}: the extension is added when saving (the file is "
-                         f"{stem}.safetensors, not {stem}{ext}.safetensors)")
+                         f"{stem}.safetensors, not {name.strip()}.safetensors)")
         elif not name.strip():
             cfg.output_name = None
             notes.append("output_name is empty: the files are named lora.safetensors (then lora-000001 ...)")
@@ -1082,6 +1089,7 @@ __all__ = [
     "load_dataset_config",
     "load_train_config",
     "parse_dataset_config",
+    "output_stem",
     "parse_resolution",
     "parse_train_config",
     "parse_train_config_text",

@@ -68,7 +68,7 @@ class SubsetPlan:
     images: list[ImageEntry] = field(default_factory=list)  # images that train (after any validation split)
     validation_images: list[ImageEntry] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
-    caption_errors: list[tuple[str, str]] = field(default_factory=list)
+    caption_errors: list[tuple[str, str, bool]] = field(default_factory=list)  # (image, why, sd-scripts stops)
     missing_trigger: list[str] = field(default_factory=list)  # image file names whose caption lacks the trigger
     other_extension_captions: list[str] = field(default_factory=list)  # caption only under .txt/.caption (unused)
     unsupported_files: list[str] = field(default_factory=list)
@@ -573,7 +573,7 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
             try:
                 caption, cap_path = find_caption(p, spec.caption_extension, spec.captions.enable_wildcard)
             except CaptionFileError as e:
-                plan.caption_errors.append((p.name, str(e)))
+                plan.caption_errors.append((p.name, str(e), e.sd_scripts_stops))
                 caption, cap_path = "", None
             if caption is not None:
                 source = "file"
@@ -601,7 +601,7 @@ def _plan_subset(spec: SubsetSpec, ds: DatasetSpec, check_pixels: bool, findings
     trigger = plan.instance_token
     if trigger:
         pre, suf = spec.captions.caption_prefix or "", spec.captions.caption_suffix or ""
-        unread = {n for n, _ in plan.caption_errors}  # (an unreadable caption is said as such, not as lacking it)
+        unread = {n for n, _, _ in plan.caption_errors}  # (an unreadable caption is said as such, not as lacking it)
         plan.missing_trigger = [e.path.name for e in plan.images if e.path.name not in unread
                                 and not contains_word(f"{pre} {e.caption} {suf}", trigger)]
     return plan
@@ -691,6 +691,7 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
         findings.append(Finding("error", "batch-size", f"batch size must be at least 1, got {ds.batch_size}"))
         part.bucketing_ok = False
         return
+    need = 32 if family == "sdxl" else 64  # (the UNet halves the 1/8-size latent 3 times, SDXL's twice)
     if ds.enable_bucket:
         try:
             lo, hi, notes = adjust_min_max_bucket_reso(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso,
@@ -702,7 +703,6 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
         for n in notes:
             findings.append(Finding("info", "bucket-settings", n))
         ds.min_bucket_reso, ds.max_bucket_reso = lo, hi
-        need = 32 if family == "sdxl" else 64
         if ds.bucket_reso_steps % need:
             findings.append(Finding(
                 "error" if family else "warning", "bucket-steps",
@@ -715,7 +715,6 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
                                     f"{ds.bucket_reso_steps}"))
         manager = BucketManager(ds.bucket_no_upscale, ds.resolution, lo, hi, ds.bucket_reso_steps)
     else:
-        need = 32 if family == "sdxl" else 64  # (the UNet halves the 1/8-size latent 3 times, SDXL's twice)
         w, h = ds.resolution
         if w % need or h % need:
             sizes = [f"{max(need, w // need * need)}x{max(need, h // need * need)}",
@@ -741,7 +740,6 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
             "centre-cropped (sd-scripts does this when caching latents; without caching it would refuse images of "
             "any other size)"))
 
-    step = 32 if family == "sdxl" else 64  # (what the UNet's downsampling takes)
     for s in part.subsets:
         keep, wrong_family, wrong_size, own_size = [], [], [], []
         for e in s.images + s.validation_images:
@@ -750,7 +748,7 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
             made, bw, bh = e.latent.made_for, *e.latent.bucket
             if family and made and (made == "sdxl") != (family == "sdxl"):
                 wrong_family.append(e.path.name)
-            elif family and (bw % step or bh % step):
+            elif family and (bw % need or bh % need):
                 wrong_size.append(f"{e.path.name} ({bw}x{bh})")
             else:
                 e.bucket = e.resized_size = e.latent.bucket
@@ -765,7 +763,7 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
         if wrong_size:
             findings.append(Finding("error", "cached-latents-size",
                                     f"'{s.name}': {len(wrong_size)} cached latent(s) have a size this model cannot "
-                                    f"train on (width and height must be multiples of {step}): {_names(wrong_size)}. "
+                                    f"train on (width and height must be multiples of {need}): {_names(wrong_size)}. "
                                     "Train them with the images instead"))
         if own_size:
             findings.append(Finding("info", "cached-latents-bucket",
@@ -885,8 +883,7 @@ def _subset_findings(part: DatasetPart, findings: list[Finding]) -> None:
                 + "; ".join(f"{n} ({why})" for n, why in s.unreadable[:5])
                 + (f"; and {len(s.unreadable) - 5} more" if len(s.unreadable) > 5 else "")
                 + ". Re-save or delete them.", [str(s.path / n) for n, _ in s.unreadable]))
-        for n, why in s.caption_errors:
-            stops = "NUL bytes" not in why and "blank space" not in why  # (sd-scripts trains those as garbage)
+        for n, why, stops in s.caption_errors:
             findings.append(Finding("error", "caption-file", f"{where}: {why} (image {n})"
                                     + ("; sd-scripts stops on it" if stops else ""),
                                     [str(s.path / n)]))

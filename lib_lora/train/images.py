@@ -91,13 +91,11 @@ def _orientation(img: Image.Image, notes: list[str]) -> int:
         with warnings.catch_warnings(record=True) as caught:  # (Pillow warns "Corrupt EXIF data" and goes on)
             warnings.simplefilter("always")
             value = img.getexif().get(EXIF_ORIENTATION_TAG, 1)
-        caught = [w for w in caught if issubclass(w.category, UserWarning)]
+        corrupt = any(issubclass(w.category, UserWarning) for w in caught)
     except Exception:  # malformed EXIF must not make the picture unusable
-        caught, value = [True], 1
-    if caught:
+        corrupt, value = True, 1
+    if corrupt:
         notes.append("unreadable EXIF block ignored: used as stored, without EXIF rotation")
-        if value == 1:
-            return 1
     try:
         value = int(value)
     except (TypeError, ValueError):
@@ -124,10 +122,10 @@ def probe_image(path: str | os.PathLike, check_pixels: bool = True) -> ImageProb
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         size = f" ({int(m.group(1)) / 1e6:,.0f} megapixels)" if m else ""
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6  # (Pillow refuses at twice the pixels it warns at)
         return ImageProbe(p, ok=False, error=f"is too large to open{size}, beyond the image library's safety limit "
-                                             f"({2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:,.0f} megapixels): downscale it; "
-                                             "a training image needs no more than a few times the training "
-                                             "resolution")
+                                             f"({limit:,.0f} megapixels): downscale it; a training image needs no "
+                                             "more than a few times the training resolution")
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         # OSError covers UnidentifiedImageError and "image file is truncated".
         reason = str(e) or e.__class__.__name__
@@ -199,20 +197,23 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
+def _decode_oriented(path: str | os.PathLike) -> Image.Image:
+    """The decoded picture with its EXIF orientation applied. Pillow's warnings about a very large picture or a
+    corrupt EXIF block stay off the console: the plan says them once, and this runs at every decode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
+
+
 def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` with its EXIF orientation applied, as an HxWx3 uint8 RGB array.
 
     Raises ``OSError`` naming the file when it cannot be decoded (the plan lists such files beforehand)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (the plan says it once)
-            img = Image.open(path)
-        with img:
-            img.load()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # (a corrupt EXIF block: the plan says it once)
-                oriented = ImageOps.exif_transpose(img)
-            return to_rgb_array(oriented)
+        return to_rgb_array(_decode_oriented(path))
     except OSError as e:
         raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
 
@@ -221,21 +222,14 @@ def load_image_alpha(path: str | os.PathLike) -> np.ndarray | None:
     """The alpha channel (HxW uint8, EXIF orientation applied) for ``alpha_mask``, or None when the image has
     none (sd-scripts converts such images to RGBA: a mask of ones, i.e. no masking)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
-            img.load()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # (a corrupt EXIF block: the plan says it once)
-                oriented = ImageOps.exif_transpose(img)
-            if oriented.mode in ("RGBA", "LA", "PA") or (oriented.mode == "P" and "transparency" in oriented.info):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    return np.asarray(oriented.convert("RGBA"), dtype=np.uint8)[:, :, 3].copy()
-            return None
+        oriented = _decode_oriented(path)
     except OSError as e:
         raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
+    if oriented.mode in ("RGBA", "LA", "PA") or (oriented.mode == "P" and "transparency" in oriented.info):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return np.asarray(oriented.convert("RGBA"), dtype=np.uint8)[:, :, 3].copy()
+    return None
 
 
 def color_aug(img: np.ndarray, rng) -> np.ndarray:

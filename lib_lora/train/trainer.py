@@ -347,7 +347,10 @@ class Trainer:
         or writing it (files already written stay). Weights finite but far out (a run diverging) are said once,
         at the first file that has them; a non-finite loss with finite weights is a step fp16 loss scaling
         skipped: said once too."""
-        bad = [n.removeprefix("pairs.") for n, p in net.named_parameters() if not torch.isfinite(p).all()]
+        # (one pass: the largest magnitude is NaN or inf exactly when a value is; it also finds absurd weights)
+        peaks = [(float(p.detach().abs().max()), n.removeprefix("pairs.")) for n, p in net.named_parameters()
+                 if p.numel()]
+        bad = [n for m, n in peaks if not math.isfinite(m)]
         written = [os.path.basename(f) for f in self.files]
         kept = f"the last file written, {written[-1]}, is fine" if written else "no LoRA file was written yet"
         c = self.cfg
@@ -361,11 +364,10 @@ class Trainer:
                 "mixed_precision = bf16 on GPUs that have it), or NaN latents from a half-precision VAE (SDXL: "
                 "start the WebUI with --no-half-vae). The WebUI's model is unchanged.")
         if file is not None and not self._told_absurd:
-            top = max(((float(p.detach().abs().max()), n) for n, p in net.named_parameters() if p.numel()),
-                      default=(0.0, ""))
+            top = max(peaks, default=(0.0, ""))
             if top[0] > ABSURD_VALUE:
                 self._told_absurd = True
-                self._note(f"{file}: the LoRA's weights reached {top[0]:.3g} (e.g. {top[1].removeprefix('pairs.')}), "
+                self._note(f"{file}: the LoRA's weights reached {top[0]:.3g} (e.g. {top[1]}), "
                            "far beyond a LoRA's usual range: the run is diverging, and files from here on may render "
                            f"black or stop the WebUI with a NaN error; {kept}. Lower the learning rate.")
         if loss is not None and not self._told_skipped:

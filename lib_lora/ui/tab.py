@@ -22,7 +22,7 @@ import traceback
 import gradio as gr
 from PIL import Image, ImageDraw, ImageFont
 
-from ..train.config import TrainConfigError
+from ..train.config import TrainConfigError, output_stem
 from ..train.folders import parse_folder_name
 from ..train.images import is_image_name
 from ..train.support import loaded_model_notes
@@ -882,7 +882,7 @@ def build_tab(backend) -> gr.Blocks:
             ui_values, paths = _split_settings(args)
             if not paths["train_data_dir"]:
                 raise UiError("Set the training folder on the Dataset tab first.")
-            paths["output_name"] = re.sub(r"\.safetensors$", "", (paths["output_name"] or "").strip(), flags=re.I)
+            paths["output_name"] = output_stem(paths["output_name"] or "")
             if not paths["output_name"]:
                 raise UiError("Give the LoRA a name (LoRA name, above the Train button).")
             if re.search(r'[\\/:*?"<>|]', paths["output_name"]):
