@@ -9,8 +9,8 @@ from PIL import Image
 import models
 from lib_lora.host.base import ModelHost
 from lib_lora.train.config import TrainConfigError
-from lib_lora.ui.backend import (LocalBackend, ProgressHooks, UiError, ddim_sampler, describe_file, parse_numbers,
-                                 write_previews, write_sample_prompts)
+from lib_lora.ui.backend import (LocalBackend, ProgressHooks, UiError, ddim_sampler, describe_file, image_size,
+                                 parse_numbers, write_previews, write_sample_prompts)
 from lib_lora.ui.tab import model_mismatches
 
 
@@ -150,6 +150,30 @@ def test_number_lists(tmp_path):
     assert parse_numbers("1,2,3", int) == [1, 2, 3]
     with pytest.raises(UiError, match="'x' in the seeds is not a number"):
         parse_numbers("1, x", int, "seeds")
+
+
+def test_sizes_the_model_cannot_make_are_refused_with_the_sizes_it_can():
+    assert image_size(64, 512) == (64, 512) and image_size(None, "") == (512, 512)
+    with pytest.raises(UiError, match="Width 65 is not a multiple of 8, which the model needs: use 64 or 72"):
+        image_size(65, 64)
+    with pytest.raises(UiError, match="Height 32 is too small: use at least 64"):
+        image_size(64, 32)
+
+
+def test_generation_stops_between_batches_when_asked(host, tmp_path):
+    """Stop in the regularisation sub-tab: the batch under way finishes, no further batch starts."""
+    calls = []
+
+    def sampler(h, prompts, negative, seeds, w, h_, steps, cfg):
+        calls.append(list(seeds))
+        return [Image.new("RGB", (w, h_)) for _ in seeds]
+
+    b = LocalBackend(host, str(tmp_path / "s"), sampler=sampler, autostart=False)
+    got = []
+    out = b.generate("a bear", 10, 5, 64, 64, on_image=lambda i, n, img: got.append(i),
+                     should_stop=lambda: len(got) >= 3)
+    assert calls == [[5, 6, 7, 8]] and len(out) == 4 and got == [1, 2, 3, 4]
+    assert len(b.generate("a bear", 10, 5, 64, 64)) == 10
 
 
 def test_no_model_loaded_is_said_plainly(tmp_path):

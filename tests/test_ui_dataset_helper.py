@@ -20,9 +20,12 @@ class FakeBackend:
         self.asked.append((image.size, method))
         return {"blip": "a bear standing in the grass", "deepbooru": "bear, grass, outdoors"}[method]
 
-    def generate(self, prompt, n, seed, width, height, negative_prompt="", steps=None, on_image=None):
+    def generate(self, prompt, n, seed, width, height, negative_prompt="", steps=None, on_image=None,
+                 should_stop=None):
         out = []
         for i in range(n):
+            if should_stop and should_stop():
+                break
             img = Image.new("RGB", (width, height), ((seed + i) * 40 % 256, 10, 10))
             out.append(img)
             if on_image:
@@ -119,17 +122,23 @@ def test_regularisation_images(tmp_path):
     reg = tmp_path / "reg" / "1_bear"
     fb = FakeBackend()
     seen = []
-    paths = dh.generate_reg_images(fb, str(reg), "a photo of a bear", 3, 7, 64, 48,
+    paths = dh.generate_reg_images(fb, str(reg), "a photo of a bear", 3, 7, 72, 64,
                                    on_image=lambda i, n, p: seen.append((i, n)))
     assert [os.path.basename(p) for p in paths] == ["reg_00001.png", "reg_00002.png", "reg_00003.png"]
     assert seen == [(1, 3), (2, 3), (3, 3)]
-    assert Image.open(paths[0]).size == (64, 48)
-    more = dh.generate_reg_images(fb, str(reg), "a photo of a bear", 2, 10, 64, 48)
+    assert Image.open(paths[0]).size == (72, 64)
+    more = dh.generate_reg_images(fb, str(reg), "a photo of a bear", 2, 10, 72, 64)
     assert [os.path.basename(p) for p in more] == ["reg_00004.png", "reg_00005.png"]
     with pytest.raises(UiError, match="not an `N_class` folder"):
         dh.generate_reg_images(fb, str(tmp_path / "reg"), "a bear", 1, 0, 64, 64)
     with pytest.raises(UiError, match="class prompt"):
         dh.generate_reg_images(fb, str(reg), "", 1, 0, 64, 64)
+    with pytest.raises(UiError, match="Width 65 is not a multiple of 8.*use 64 or 72"):  # (it came out 64 wide)
+        dh.generate_reg_images(fb, str(reg), "a bear", 1, 0, 65, 64)
+    made = []
+    stopped = dh.generate_reg_images(fb, str(reg), "a bear", 5, 0, 64, 64, on_image=lambda i, n, p: made.append(p),
+                                     should_stop=lambda: len(made) >= 2)
+    assert [os.path.basename(p) for p in stopped] == ["reg_00006.png", "reg_00007.png"]
     assert dh.default_reg_count(15) == 75
 
 

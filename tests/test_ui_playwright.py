@@ -399,6 +399,7 @@ def test_dataset_helper_flow(server, page):
         fill(page, f"lora_studio_{key}", value)
     page.click("#lora_studio_h_reg_go")
     wait_text(page, "lora_studio_h_status", r"Wrote 2 regularisation image\(s\)", timeout=60)
+    assert page.locator("#lora_studio_h_reg_seed input").input_value() == "3"  # (more would be new pictures)
     assert sorted(os.listdir(os.path.join(server["root"], "made", "reg", "1_dog"))) == ["reg_00001.png",
                                                                                        "reg_00002.png"]
     # the layout went to the Dataset tab, whose doctor ran on it

@@ -238,6 +238,36 @@ def test_poll_never_puts_back_a_selection_the_user_has_changed_since():
     assert set(out[select]) <= {"__type__"}
 
 
+def test_regularisation_images_stop_and_continue_from_the_next_seed(tmp_path):
+    """Stop ends the generation after the batch under way; the first seed moves on so a second press makes new
+    pictures, not the same ones again."""
+    class GenBackend(FakeBackend):
+        def generate(self, prompt, n, seed, width, height, negative_prompt="", steps=None, on_image=None,
+                     should_stop=None):
+            out = []
+            for i in range(n):
+                if should_stop and should_stop():
+                    break
+                out.append(Image.new("RGB", (width, height)))
+                on_image(i + 1, n, out[-1])
+                if i == 1:
+                    stop()  # (pressed while the second image is made)
+            return out
+
+    blocks = T.build_tab(GenBackend())
+    reg, outs = _handler(blocks, "lora_studio_h_reg_go")
+    stop, _ = _handler(blocks, "lora_studio_h_reg_stop")
+    status, seed = _by_id(outs, "lora_studio_h_status"), _by_id(outs, "lora_studio_h_reg_seed")
+    folder = tmp_path / "reg" / "1_bear"
+    last = list(reg(str(folder), "a bear", 10, 3, 64, 64))[-1]
+    assert "Stopped: wrote 2 of 10 regularisation image(s)" in last[status] and "from seed 5" in last[status]
+    assert last[seed]["value"] == 5 and sorted(os.listdir(folder)) == ["reg_00001.png", "reg_00002.png"]
+    last = list(reg(str(folder), "a bear", 1, 5, 64, 64))[-1]  # (a new press clears the stop)
+    assert "Wrote 1 regularisation image(s)" in last[status] and last[seed]["value"] == 6
+    last = list(reg(str(folder), "a bear", 1, 5, 65, 64))[-1]
+    assert "Width 65 is not a multiple of 8" in html.unescape(last[status])
+
+
 def test_generating_while_a_job_trains_is_refused_at_once_with_what_to_do():
     be = JobsBackend()
     blocks = T.build_tab(be)

@@ -72,7 +72,8 @@ class Backend(Protocol):
     def grids_dir(self, lora_file: str) -> str: ...
     def interrogate(self, image: Image.Image, method: str) -> str: ...
     def generate(self, prompt: str, n: int, seed: int, width: int, height: int, negative_prompt: str = "",
-                 steps: int | None = None, on_image: Callable | None = None) -> list[Image.Image]: ...
+                 steps: int | None = None, on_image: Callable | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[Image.Image]: ...
     def render_grid(self, files: list[str], strengths: list[float], seeds: list[int], prompt: str,
                     negative_prompt: str = "", width: int | None = None, height: int | None = None,
                     steps: int | None = None, progress: Callable | None = None) -> list[list[list[Image.Image]]]: ...
@@ -266,12 +267,16 @@ class LocalBackend:
         return int(steps or self.sample_steps)
 
     def generate(self, prompt: str, n: int, seed: int, width: int, height: int, negative_prompt: str = "",
-                 steps: int | None = None, on_image: Callable | None = None, batch: int = 4) -> list[Image.Image]:
+                 steps: int | None = None, on_image: Callable | None = None, batch: int = 4,
+                 should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+        """Up to ``n`` images; fewer when ``should_stop()`` says so between batches."""
         host = self._need_host()
         images: list[Image.Image] = []
         with host.lock():
             self.prepare_model(host)
             for start in range(0, n, batch):
+                if should_stop and should_stop():
+                    break
                 k = min(batch, n - start)
                 seeds = [int(seed) + start + j for j in range(k)]
                 for img in self.sampler(host, [prompt] * k, negative_prompt, seeds, width, height,
@@ -480,5 +485,20 @@ def parse_numbers(text: str, kind=float, what: str = "values") -> list:
     return out
 
 
-__all__ = ["Backend", "LocalBackend", "ProgressHooks", "UiError", "ddim_sampler", "describe_file",
+def image_size(width, height) -> tuple[int, int]:
+    """The size to render, refused with the nearest sizes that work: the model makes images in steps of 8 pixels
+    (65 would quietly come out 64 wide)."""
+    out = []
+    for what, v in (("Width", width), ("Height", height)):
+        v = int(v or 512)
+        if v < 64:
+            raise UiError(f"{what} {v} is too small: use at least 64.")
+        if v % 8:
+            raise UiError(f"{what} {v} is not a multiple of 8, which the model needs: use {v // 8 * 8} or "
+                          f"{v // 8 * 8 + 8}.")
+        out.append(v)
+    return out[0], out[1]
+
+
+__all__ = ["Backend", "LocalBackend", "ProgressHooks", "UiError", "ddim_sampler", "describe_file", "image_size",
            "parse_numbers", "write_sample_prompts"]

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from ..train.captions import contains_word
 from ..train.folders import parse_folder_name
 from ..train.images import is_image_name, probe_image
-from .backend import UiError
+from .backend import UiError, image_size
 
 _SAFE = re.compile(r"[^\w .()+-]")
 
@@ -296,14 +296,16 @@ def next_index(directory: str, prefix: str = "reg_") -> int:
 
 
 def generate_reg_images(backend, reg_image_dir: str, prompt: str, n: int, seed: int, width: int, height: int,
-                        on_image: Callable | None = None, negative_prompt: str = "") -> list[str]:
+                        on_image: Callable | None = None, negative_prompt: str = "",
+                        should_stop: Callable[[], bool] | None = None) -> list[str]:
     """``n`` images of the class prompt from the loaded model, written as reg_00001.png ... (after any already
-    there) into ``reg_image_dir`` (an `N_class` folder)."""
+    there) into ``reg_image_dir`` (an `N_class` folder); fewer when ``should_stop()`` says so."""
     if not str(prompt or "").strip():
         raise UiError("Write the class prompt (e.g. 'a photo of a bear'): regularisation images show the class "
                       "without your subject.")
     if int(n) < 1:
         raise UiError("The number of regularisation images must be at least 1.")
+    width, height = image_size(width, height)
     reg_image_dir = str(reg_image_dir or "").strip()
     if not reg_image_dir:
         raise UiError("Choose the regularisation image folder (create the layout first).")
@@ -321,8 +323,8 @@ def generate_reg_images(backend, reg_image_dir: str, prompt: str, n: int, seed: 
         if on_image:
             on_image(i, total, p)
 
-    backend.generate(prompt, int(n), int(seed), int(width), int(height), negative_prompt=negative_prompt,
-                     on_image=save)
+    backend.generate(prompt, int(n), int(seed), width, height, negative_prompt=negative_prompt, on_image=save,
+                     should_stop=should_stop)
     return paths
 
 

@@ -28,7 +28,7 @@ from ..train.images import is_image_name
 from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
-from .backend import GridStopped, UiError, describe_file, parse_numbers, write_sample_prompts
+from .backend import GridStopped, UiError, describe_file, image_size, parse_numbers, write_sample_prompts
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
                       export_toml, form_defaults, preset_for_family)
 
@@ -514,8 +514,10 @@ def build_tab(backend) -> gr.Blocks:
                                                 elem_id="lora_studio_h_reg_h")
                         h_reg_dir = gr.Textbox(label="Regularisation image folder", elem_id="lora_studio_h_reg_dir",
                                                info="An `N_class` folder, filled in by Create layout.")
-                        h_reg_go = gr.Button("Generate regularisation images with the loaded model",
-                                             elem_id="lora_studio_h_reg_go")
+                        with gr.Row():
+                            h_reg_go = gr.Button("Generate regularisation images with the loaded model",
+                                                 elem_id="lora_studio_h_reg_go", scale=3)
+                            h_reg_stop = gr.Button("Stop", elem_id="lora_studio_h_reg_stop", scale=1)
                     h_status = gr.HTML(elem_id="lora_studio_h_status")
 
                 # ================================================================ parameters
@@ -1130,17 +1132,20 @@ def build_tab(backend) -> gr.Blocks:
             h_do_insert, [comps["train_data_dir"], h_trigger, comps["caption_extension"]], [h_status]).then(
             h_show, show_in, show_out)
 
+        reg_stop = threading.Event()  # (the Stop button: read between batches of images)
+
         @guarded(h_status)
         def h_do_reg(reg_dir, prompt, count, seed, w, h):
             _refuse_while_training("Generate the regularisation images")
+            reg_stop.clear()
             q: _queue.Queue = _queue.Queue()
             result = {}
 
             def work():
                 try:
                     result["paths"] = dh.generate_reg_images(
-                        backend, reg_dir, prompt, int(count or 0), int(seed or 0), int(w or 512), int(h or 512),
-                        on_image=lambda i, n, p: q.put((i, n)))
+                        backend, reg_dir, prompt, int(count or 0), int(seed or 0), w, h,
+                        on_image=lambda i, n, p: q.put((i, n)), should_stop=reg_stop.is_set)
                 except Exception as e:  # handed to the UI thread below
                     result["error"] = e
                 q.put(None)
@@ -1153,9 +1158,25 @@ def build_tab(backend) -> gr.Blocks:
                 yield {h_status: info_html(f"Generated {item[0]} of {item[1]} regularisation images...")}
             if "error" in result:
                 raise result["error"]
-            yield {h_status: ok_html(f"Wrote {len(result['paths'])} regularisation image(s) to {reg_dir}.")}
+            wrote = len(result["paths"])
+            # (the next press continues the seeds: the same seeds again would make the same pictures)
+            next_seed = gr.update(value=int(seed or 0) + wrote)
+            if reg_stop.is_set() and wrote < int(count or 0):
+                yield {h_status: info_html(f"Stopped: wrote {wrote} of {int(count)} regularisation image(s) to "
+                                           f"{reg_dir}. Generate adds more after them, from seed "
+                                           f"{int(seed or 0) + wrote}."), h_reg_seed: next_seed}
+                return
+            yield {h_status: ok_html(f"Wrote {wrote} regularisation image(s) to {reg_dir}. First seed is now "
+                                     f"{int(seed or 0) + wrote}, so more would be new pictures."),
+                   h_reg_seed: next_seed}
 
-        h_reg_go.click(h_do_reg, [h_reg_dir, h_reg_prompt, h_reg_count, h_reg_seed, h_reg_w, h_reg_h], [h_status])
+        def h_do_reg_stop():
+            reg_stop.set()
+            return info_html("Stopping after the current batch of images...")
+
+        h_reg_go.click(h_do_reg, [h_reg_dir, h_reg_prompt, h_reg_count, h_reg_seed, h_reg_w, h_reg_h],
+                       [h_status, h_reg_seed])
+        h_reg_stop.click(h_do_reg_stop, [], [h_status], queue=False)
 
         # ------------------------------------------------------------------------ results
         def _result_jobs():
@@ -1212,6 +1233,7 @@ def build_tab(backend) -> gr.Blocks:
             files = [by_label[x] for x in (file_labels or []) if x in by_label]
             if not files:
                 raise UiError("Tick at least one saved epoch to compare.")
+            w, h = image_size(w, h)
             strengths = parse_numbers(strengths_text, float, "strengths")
             seeds = parse_numbers(seeds_text, int, "seeds")
             if not str(prompt or "").strip():
