@@ -136,6 +136,20 @@ def test_in_json_trains_and_writes_sd_scripts_metadata(tmp_path):
     assert md["ss_num_train_images"] == "6" and os.path.basename(res.final) == "ft.safetensors"
 
 
+def test_modelspec_resolution_comes_from_the_dataset_toml(tmp_path):
+    """With the resolution in a dataset TOML (none in the config), the file said 512x512 whatever was trained."""
+    d = _images(tmp_path)
+    _meta(tmp_path, d)
+    (tmp_path / "ds.toml").write_text('[[datasets]]\nresolution = [64, 128]\nenable_bucket = false\n'
+                                      '[[datasets.subsets]]\nimage_dir = "imgs"\nmetadata_file = "meta.json"\n')
+    cfg = _cfg(tmp_path, in_json=None, train_data_dir=None, resolution=None, max_train_steps=1,
+               dataset_config=str(tmp_path / "ds.toml"))
+    res = run_training(ModelHost(models.make_sd1(seed=3), "m"), cfg)
+    assert res.status == "done", res.error
+    md = read_metadata(res.final)
+    assert md["modelspec.resolution"] == "64x128" and "ss_resolution" not in md  # (sd-scripts omits it with a TOML)
+
+
 # ---- keys whose images are gone: sd-scripts' cached latents (.npz) ------------------------------------------------
 
 REF = os.path.join(os.path.dirname(__file__), "data", "sd_scripts_latents")

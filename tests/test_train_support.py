@@ -268,3 +268,13 @@ def test_adaptive_noise_scale_without_noise_offset_is_said_to_change_nothing():
     _, notes = check_support(parse_train_config({"train_data_dir": "x", "adaptive_noise_scale": 0.01,
                                                  "noise_offset": 0.05}))
     assert not any("adaptive_noise_scale" in n for n in notes)
+
+
+def test_clip_skip_on_sdxl_is_said_to_do_nothing():
+    """sd-scripts warns; SDXL's encoders always give their penultimate layer, here as in the WebUI."""
+    cfg = parse_train_config({"train_data_dir": "x", "clip_skip": 2})
+    _, notes = check_support(cfg, "sdxl")
+    assert any(n.startswith("clip_skip = 2 is not used on SDXL") for n in notes), notes
+    for family, skip in (("sd1", 2), ("sdxl", 1)):
+        _, notes = check_support(parse_train_config({"train_data_dir": "x", "clip_skip": skip}), family)
+        assert not any("clip_skip" in n for n in notes), notes

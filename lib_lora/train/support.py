@@ -466,6 +466,10 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         notes.append("cache_text_encoder_outputs with a trained text encoder: sd-scripts stops here; this run "
                      "trains the text encoder and computes its outputs at every step. Set network_train_unet_only "
                      "= true (or text_encoder_lr = 0) to train the UNet only with cached outputs")
+    if family == "sdxl" and cfg.clip_skip not in (None, 1):
+        notes.append(f"clip_skip = {cfg.clip_skip} is not used on SDXL: its text encoders always give their "
+                     "penultimate layer, when training as when generating (sd-scripts warns the same); the file "
+                     "still records it")
     for name in ("full_fp16", "full_bf16"):
         if getattr(cfg, name):
             notes.append(f"{name}: the LoRA weights, their gradients and the optimizer state stay in fp32 here (a few "

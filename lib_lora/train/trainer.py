@@ -1146,7 +1146,7 @@ class Trainer:
                 md = self._metadata(net, epoch_no, step, started, seed, opt_desc, unet_lr, te_lr, mp, dim)
                 if c.no_metadata:  # sd-scripts keeps only these (SS_METADATA_MINIMUM_KEYS); modelspec stays
                     md = {k: v for k, v in md.items() if k in MINIMUM_METADATA_KEYS}
-                spec = modelspec(self._family_key(), name, c.resolution or (512, 512),
+                spec = modelspec(self._family_key(), name, self._spec_resolution(),
                                  getattr(self.sd_model, "parameterization", "eps"), c.clip_skip, started,
                                  {"title": c.metadata_title, "author": c.metadata_author,
                                   "description": c.metadata_description, "license": c.metadata_license,
@@ -1440,6 +1440,14 @@ class Trainer:
                 self._emit("sample", step=step, epoch=epoch, path=p)
         finally:
             net.train(was)
+
+    def _spec_resolution(self) -> tuple[int, int]:
+        """modelspec.resolution: the training resolution (a dataset TOML's first dataset when the config has none),
+        else sd-scripts' default for the model (its determine_resolution)."""
+        reso = self.cfg.resolution or next((d.spec.resolution for d in self.plan.datasets if d.spec.resolution), None)
+        if reso:
+            return tuple(reso)
+        return {"sdxl": (1024, 1024), "sd2v": (768, 768)}.get(self._family_key(), (512, 512))
 
     def _family_key(self):
         if self.family == "sd2" and getattr(self.sd_model, "parameterization", "eps") == "v":
