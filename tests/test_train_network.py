@@ -127,6 +127,75 @@ def test_sd2_mha_lora_matches_merged_in_proj():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _mha_case(dropouts, seed=2):
+    sd2 = models.make_sd2(seed=seed)
+    net = LoRANetwork(sd2, "sd2", dim=4, alpha=4, train_unet=False, **dropouts)
+    _rand_lora(net, seed=5)
+    attn = sd2.cond_stage_model.model.transformer.resblocks[0].attn
+    x = torch.randn(3, 7, attn.embed_dim, generator=torch.Generator().manual_seed(1))
+    x = x if getattr(attn, "batch_first", False) else x.transpose(0, 1)
+    mask = torch.full((7, 7), float("-inf")).triu(1)  # (open_clip's causal mask)
+    return net, attn, x, mask
+
+
+def test_sd2_mha_projection_by_projection_equals_the_weight_delta():
+    """With kohya's dropouts the TE attention runs projection by projection; without drawing anything it gives
+    what torch's own MultiheadAttention gives with the deltas merged, attention weights included."""
+    net, attn, x, mask = _mha_case({})
+    prefix = "lora_te_text_model_encoder_layers_0_self_attn_"
+    with torch.no_grad():
+        merged = torch.nn.MultiheadAttention(attn.embed_dim, attn.num_heads,
+                                             batch_first=getattr(attn, "batch_first", False))
+        merged.load_state_dict(attn.state_dict())
+        for i, part in enumerate("qkv"):
+            merged.in_proj_weight[i * attn.embed_dim:(i + 1) * attn.embed_dim] += net.pairs[prefix + part + "_proj"] \
+                .delta_weight()
+        merged.out_proj.weight += net.pairs[prefix + "out_proj"].delta_weight()
+        want, want_w = merged(x, x, x, need_weights=True, attn_mask=mask)
+        net.train()
+        net._mha_by_activation = lambda *a: True
+        with net.attached():
+            got, got_w = attn(x, x, x, need_weights=True, attn_mask=mask)
+            got_bool, _ = attn(x, x, x, need_weights=False, attn_mask=mask.isinf())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_bool, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropouts", [{"rank_dropout": 0.5}, {"dropout": 0.5}])
+def test_sd2_mha_lora_dropouts_act_as_in_sd_scripts(dropouts):
+    """sd-scripts' SD2 text encoder has a Linear LoRA per projection, so its dropouts reach the attention LoRAs;
+    here they did nothing there (train == eval). Dropout keeps the expectation: with LoRAs on v and out only (the
+    output is linear in them) the mean over many draws is the eval output."""
+    net, attn, x, mask = _mha_case(dropouts)
+    prefix = "lora_te_text_model_encoder_layers_0_self_attn_"
+    with torch.no_grad():
+        for part in ("q_proj", "k_proj"):
+            net.pairs[prefix + part].lora_up.weight.zero_()
+        with net.attached():
+            net.eval()
+            want = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+            net.train()
+            torch.manual_seed(0)
+            draws = torch.stack([attn(x, x, x, need_weights=False, attn_mask=mask)[0] for _ in range(1500)])
+    spread = (draws[0] - want).norm()
+    assert spread > 1e-3 * want.norm()  # (a draw differs from eval)
+    assert (draws.mean(0) - want).norm() < 0.1 * spread
+
+
+def test_module_dropout_reaches_the_sd2_attention_loras():
+    net, attn, x, mask = _mha_case({"module_dropout": 1.0})
+    with torch.no_grad():
+        base = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        with net.attached():
+            net.train()
+            dropped = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+            net.eval()
+            applied = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(dropped, base)
+    assert (applied - base).abs().max() > 1e-3
+
+
 def test_sd2_proj_in_saved_4d_like_kohya():
     sd2 = models.make_sd2(seed=0)
     net = LoRANetwork(sd2, "sd2", dim=4, alpha=1, train_text_encoder=False)

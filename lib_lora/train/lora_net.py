@@ -5,7 +5,8 @@ instance's ``forward`` (the class stays untouched, so the WebUI's attention hija
 working). LyCORIS LoHa/LoKr/IA3/full/OFT modules (lyco.py) add ``op(x, ΔW·m)`` with the layer's own op instead,
 train_norm's norm modules ``norm(x; Δw, Δb)``. An
 ``nn.MultiheadAttention`` (SD2 TE, SDXL TE2) has no per-projection modules, so its q/k/v/out deltas are added to the
-weights it passes to ``F.multi_head_attention_forward``. ``detach()`` removes every trace.
+weights it passes to ``F.multi_head_attention_forward``; in training with kohya's neuron or rank dropout, which act on
+each LoRA's activations, it is computed projection by projection instead. ``detach()`` removes every trace.
 """
 
 from __future__ import annotations
@@ -175,6 +176,30 @@ class DyLoraPair(PairBase):
 
 class NetworkShapeError(ValueError):
     """A layer the chosen network type cannot be built on (its size); the message names the layer."""
+
+
+def lora_out(net, pair: LoRAPair, x):
+    """kohya's LoRAModule.forward without the host layer: up(down(x)) · m · alpha/dim, with ``net``'s neuron and
+    rank dropouts in training."""
+    # under autocast the linear casts x itself; casting it first only adds two copies. The dtype checks
+    # in Python skip a no-op .to() dispatch per module (host time per step on a GPU)
+    wd = pair.lora_down.weight.dtype
+    h = pair.lora_down(x if x.dtype == wd or autocast_enabled(x.device.type) else x.to(wd))
+    if pair.lora_mid is not None:
+        h = pair.lora_mid(h)
+    scale = pair.scale
+    if net.training and net.dropout:
+        h = F.dropout(h, p=net.dropout)
+    if net.training and net.rank_dropout:
+        # kohya: whole rank channels dropped per sample, scale compensated
+        r = h.shape[1] if h.dim() == 4 else h.shape[-1]
+        shape = {4: (h.shape[0], r, 1, 1), 3: (h.shape[0], 1, r)}.get(h.dim(), (h.shape[0], r))
+        h = h * (torch.rand(shape, device=h.device) > net.rank_dropout).to(h.dtype)
+        scale = scale / (1.0 - net.rank_dropout)
+    u = pair.lora_up(h) * (net.multiplier * scale)
+    if pair.scalar_on:
+        u = u * pair.scalar.to(u.dtype)
+    return u
 
 
 class LoRANetwork(nn.Module):
@@ -377,8 +402,7 @@ class LoRANetwork(nn.Module):
     # ---- attach / detach ----------------------------------------------------------------------------------
     def _passes_through(self) -> bool:
         """This module adds nothing now: multiplier 0, or dropped for this step (module_dropout)."""
-        return self.multiplier == 0 or bool(self.training and self.module_dropout
-                                            and torch.rand(()) < self.module_dropout)
+        return self.multiplier == 0 or self._module_dropped()
 
     def _pair_forward(self, pair: LoRAPair, org_forward):
         net = self
@@ -387,25 +411,7 @@ class LoRANetwork(nn.Module):
             y = org_forward(x, *args, **kwargs)
             if net._passes_through():
                 return y
-            # under autocast the linear casts x itself; casting it first only adds two copies. The dtype checks
-            # in Python skip a no-op .to() dispatch per module (host time per step on a GPU)
-            wd = pair.lora_down.weight.dtype
-            h = pair.lora_down(x if x.dtype == wd or autocast_enabled(x.device.type) else x.to(wd))
-            if pair.lora_mid is not None:
-                h = pair.lora_mid(h)
-            scale = pair.scale
-            if net.training and net.dropout:
-                h = F.dropout(h, p=net.dropout)
-            if net.training and net.rank_dropout:
-                # kohya: whole rank channels dropped per sample, scale compensated
-                r = h.shape[1] if h.dim() == 4 else h.shape[-1]
-                shape = {4: (h.shape[0], r, 1, 1), 3: (h.shape[0], 1, r)}.get(h.dim(), (h.shape[0], r))
-                mask_shape = shape
-                h = h * (torch.rand(mask_shape, device=h.device) > net.rank_dropout).to(h.dtype)
-                scale = scale / (1.0 - net.rank_dropout)
-            u = pair.lora_up(h) * (net.multiplier * scale)
-            if pair.scalar_on:
-                u = u * pair.scalar.to(u.dtype)
+            u = lora_out(net, pair, x)
             return y + (u if u.dtype == y.dtype else u.to(y.dtype))
 
         return forward
@@ -505,6 +511,9 @@ class LoRANetwork(nn.Module):
         def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
             m = net.multiplier
+            if m and net._mha_by_activation(mha, pairs):
+                return net._mha_activation_forward(mha, pairs, query, key, value, key_padding_mask, need_weights,
+                                                   attn_mask, average_attn_weights, is_causal)
             w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
             w_out, b_out = mha.out_proj.weight, mha.out_proj.bias
             if m:
@@ -516,7 +525,7 @@ class LoRANetwork(nn.Module):
                       for b in (list(b_in.chunk(3)) if b_in is not None else [None] * 3) + [b_out]]
                 bias_changed = False
                 for i, part in enumerate(("q", "k", "v", "out")):
-                    if part not in pairs:
+                    if part not in pairs or net._module_dropped():
                         continue
                     p = pairs[part]
                     if isinstance(p, DyLoraPair):
@@ -544,6 +553,61 @@ class LoRANetwork(nn.Module):
             return out, weights
 
         return forward
+
+    def _module_dropped(self) -> bool:
+        """module_dropout's draw for one module this step (sd-scripts and LyCORIS: one per module)."""
+        return bool(self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
+
+    def _mha_by_activation(self, mha: nn.MultiheadAttention, pairs: dict) -> bool:
+        """kohya LoRA dropouts act on each projection's LoRA activations (per token, per sample), which a weight
+        delta cannot express: in training with them, the attention is computed projection by projection."""
+        return bool(self.training and (self.dropout or self.rank_dropout) and self.lyco is None
+                    and all(type(p) is LoRAPair for p in pairs.values())
+                    and mha.bias_k is None and not mha.add_zero_attn)
+
+    def _mha_activation_forward(self, mha, pairs, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                average_attn_weights, is_causal):
+        """nn.MultiheadAttention's forward with each of q/k/v/out as host projection + kohya LoRA module (as
+        sd-scripts' HF-layout text encoder has them), so that its dropouts apply as they do there."""
+        if not getattr(mha, "batch_first", False):
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
+        ws = list(w_in.chunk(3)) + [mha.out_proj.weight]
+        bs = (list(b_in.chunk(3)) if b_in is not None else [None] * 3) + [mha.out_proj.bias]
+
+        def project(i, part, x):
+            w, b = ws[i], bs[i]
+            if w.dtype != x.dtype and not autocast_enabled(x.device.type):  # (fp8 storage; a half host)
+                w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+            y = F.linear(x, w, b)
+            if part in pairs and not self._module_dropped():
+                u = lora_out(self, pairs[part], x)
+                y = y + (u if u.dtype == y.dtype else u.to(y.dtype))
+            return y
+
+        n, lq, e = query.shape
+        heads = mha.num_heads
+        q, k, v = (project(i, part, x).reshape(n, x.shape[1], heads, e // heads).transpose(1, 2)
+                   for i, (part, x) in enumerate((("q", query), ("k", key), ("v", value))))
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(e // heads))
+        ls = k.shape[2]
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(lq, ls, dtype=torch.bool, device=q.device).triu(1)
+        for mask in (attn_mask, None if key_padding_mask is None else key_padding_mask[:, None, None, :]):
+            if mask is None:
+                continue
+            if mask.dim() == 3:  # (N·heads, L, S)
+                mask = mask.reshape(n, heads, lq, ls)
+            scores = (scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool
+                      else scores + mask.to(scores.dtype))
+        weights = scores.softmax(-1)
+        attn = F.dropout(weights, p=mha.dropout, training=mha.training) if mha.dropout else weights
+        out = project(3, "out", (attn @ v).transpose(1, 2).reshape(n, lq, e))
+        if not getattr(mha, "batch_first", False):
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(1) if average_attn_weights else weights)
 
     def attach(self):
         if self._attached:
