@@ -254,6 +254,8 @@ def _train(args, out) -> int:
         pass
     probe = _FamilyOnly()
     probe.family = family
+    # (an SD2 checkpoint's prediction is known once loaded: run_training checks it then)
+    probe.parameterization = "v" if cfg.v_parameterization else ("eps" if family in ("sd1", "sdxl") else None)
     try:
         plan = plan_for(probe, cfg)
     except TrainingError as e:

@@ -379,6 +379,14 @@ def test_newer_schedules_reach_the_trainer_with_sd_scripts_arguments(sd1, tmp_pa
             f = 0.1
         want.append(1e-3 * f)
     assert lrs == pytest.approx(want, rel=1e-9)
+    # a warm-up with constant (sd-scripts stops) warms up, and polynomial ends against learning_rate as there
+    _, res3, events = _run(sd1, tmp_path / "w", img, max_train_steps=6, lr_warmup_steps=4, unet_lr=1e-3,
+                           text_encoder_lr=1e-3)
+    assert [e.lr for e in events if e.kind == "step"] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert res3.status == "done"  # (check_support's note: test_train_support)
+    _, _, events = _run(sd1, tmp_path / "y", img, max_train_steps=4, lr_scheduler="polynomial", learning_rate=2e-6,
+                        unet_lr=1e-3, text_encoder_lr=1e-3)
+    assert [e.lr for e in events if e.kind == "step"][-1] == pytest.approx(1e-3 * 1e-7 / 2e-6)
     _, res2, _ = _run(sd1, tmp_path / "p", img, max_train_steps=4, lr_scheduler="piecewise_constant",
                       lr_scheduler_args=["step_rules=1:2,0.5"])
     assert res2.status == "done"
@@ -809,3 +817,36 @@ def test_vae_batch_size_encodes_a_bucket_per_call_with_the_same_latents(sd1, tmp
     calls.clear()
     _run(sd1, tmp_path / "many", img, vae_batch_size=4, **kw)  # the disk cache is used as it is
     assert calls == []
+
+
+def test_no_half_vae_encodes_with_an_fp32_copy_and_leaves_the_host_vae_half(tmp_path):
+    """no_half_vae was read and never used inside the WebUI (whose VAE is usually fp16): images are now encoded by
+    a private fp32 copy of the VAE, the host's VAE stays fp16 and unchanged."""
+    from lib_lora.train import trainer as T
+    model = models.make_sd1(seed=8)
+    model.first_stage_model.half()
+    before = {k: v.clone() for k, v in model.first_stage_model.state_dict().items()}
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    got = []
+    orig = T.Trainer._vae_encode
+    calls = []
+
+    def spy(self, px):
+        z = orig(self, px)
+        got.append((self._vae32 is not None, z))
+        calls.append(px if isinstance(px, np.ndarray) else px[0])
+        return z
+
+    import unittest.mock as um
+    with um.patch.object(T.Trainer, "_vae_encode", spy):
+        tr, res, _ = _run(model, tmp_path / "a", img, max_train_steps=1, no_half_vae=True, cache_latents=True)
+    assert res.status == "done" and got and all(made for made, _ in got)
+    vae32 = models.make_sd1(seed=8).first_stage_model.float()
+    vae32.load_state_dict({k: v.float() for k, v in before.items()})
+    with torch.no_grad():
+        x = torch.tensor(calls[0]).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+        want = vae32.encode(x).mode() * model.scale_factor
+    torch.testing.assert_close(got[0][1][:1], want, rtol=1e-5, atol=1e-5)
+    sd = model.first_stage_model.state_dict()
+    assert all(sd[k].dtype == torch.float16 and torch.equal(sd[k], v) for k, v in before.items())
+    assert tr._vae32 is None  # (the copy is dropped with the run)

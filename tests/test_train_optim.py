@@ -33,6 +33,28 @@ def test_schedules_match_transformers(name, ref):
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
 
 
+def test_polynomial_ends_where_sd_scripts_ends_with_unet_lr_alone():
+    """transformers' lr_end is an LR measured against the optimizer's default LR, which sd-scripts sets to
+    learning_rate: with unet_lr 1e-4 and learning_rate 2e-6 the UNet ends at 5e-6, not at ~1e-11."""
+    def lrs(factory):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([{"params": [p], "lr": 1e-4}], lr=2e-6)
+        sched, out = factory(opt), []
+        for _ in range(100):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: make_scheduler(o, "polynomial", 10, 100, power=2.0, lr_init=2e-6))
+    theirs = lrs(lambda o: tro.get_polynomial_decay_schedule_with_warmup(o, 10, 100, lr_end=1e-7, power=2.0))
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+    assert ours[-1] > 5e-6
+    ours = lrs(lambda o: make_scheduler(o, "polynomial", 10, 100, args={"lr_end": "1e-8"}, lr_init=2e-6))
+    theirs = lrs(lambda o: tro.get_polynomial_decay_schedule_with_warmup(o, 10, 100, lr_end=1e-8))
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+
+
 def test_newer_schedules_match_recorded_transformers_numbers():
     """cosine_with_min_lr, warmup_stable_decay and inverse_sqrt are newer than the WebUI's transformers 4.30.2:
     their numbers were recorded from transformers 5.17 (tests/data/lr_schedules_reference.py), with the

@@ -227,8 +227,14 @@ def test_every_float_key_has_a_range():
 
 
 def test_timestep_order_and_network_arg_numbers():
-    with pytest.raises(TrainConfigError, match="min_timestep = 500 must be below max_timestep = 400"):
+    with pytest.raises(TrainConfigError, match="min_timestep = 500 must not be above max_timestep = 400"):
         parse_train_config({"train_data_dir": "x", "min_timestep": 500, "max_timestep": 400})
+    with pytest.raises(TrainConfigError, match="min_timestep = max_timestep = 1000 is past the last noise step"):
+        parse_train_config({"train_data_dir": "x", "min_timestep": 1000})
+    # one fixed noise step, as sd-scripts' get_timesteps gives it (torch.randint refused an empty range)
+    parse_train_config({"train_data_dir": "x", "min_timestep": 500, "max_timestep": 500})
+    from lib_lora.train.loss import sample_timesteps
+    assert sample_timesteps(3, None, "cpu", 500, 500).tolist() == [500, 500, 500]
     cfg = parse_train_config({"train_data_dir": "x", "network_args": ["conv_dim=-2", "rank_dropout=1",
                                                                        "module_dropout=x"]})
     errors, _ = check_support(cfg)
@@ -278,3 +284,61 @@ def test_clip_skip_on_sdxl_is_said_to_do_nothing():
     for family, skip in (("sd1", 2), ("sdxl", 1)):
         _, notes = check_support(parse_train_config({"train_data_dir": "x", "clip_skip": skip}), family)
         assert not any("clip_skip" in n for n in notes), notes
+
+
+def test_loss_scalings_for_the_other_prediction_type_are_refused():
+    """sd-scripts stops on both; inside the WebUI the loaded model decides, so an SD2-768-v config met an SD1.5
+    model and weighted its high-noise steps ~200x less without a word."""
+    cfg = parse_train_config({"train_data_dir": "x", "scale_v_pred_loss_like_noise_pred": True})
+    errors, _ = check_support(cfg, "sd1", "eps")
+    assert any(e.startswith("scale_v_pred_loss_like_noise_pred is for v-prediction models") for e in errors)
+    assert not check_support(cfg, "sd2", "v")[0] and not check_support(cfg, "sd1")[0]
+    cfg = parse_train_config({"train_data_dir": "x", "v_pred_like_loss": 0.1})
+    assert any(e.startswith("v_pred_like_loss = 0.1 is for noise-prediction models")
+               for e in check_support(cfg, "sd2", "v")[0])
+    assert not check_support(cfg, "sd1", "eps")[0]
+
+
+def test_clip_skip_on_sd2_is_said_to_follow_the_webui():
+    _, notes = check_support(parse_train_config({"train_data_dir": "x", "clip_skip": 2}), "sd2")
+    assert any(n.startswith("clip_skip = 2 is not used on SD2: the WebUI gives SD2") for n in notes), notes
+
+
+def test_a_warm_up_with_the_constant_scheduler_warms_up_and_says_so():
+    """sd-scripts stops on lr_warmup_steps with constant; here it was dropped without a word."""
+    _, notes = check_support(parse_train_config({"train_data_dir": "x", "lr_warmup_steps": 10}))
+    assert any("lr_warmup_steps = 10 with lr_scheduler = constant: the LR warms up" in n for n in notes), notes
+    for kw in ({"lr_scheduler": "cosine"}, {"optimizer_type": "Adafactor"}, {"optimizer_type": "AdamWScheduleFree"}):
+        _, notes = check_support(parse_train_config(dict({"train_data_dir": "x", "lr_warmup_steps": 10}, **kw)))
+        assert not any("warms up" in n for n in notes), (kw, notes)
+    _, notes = check_support(parse_train_config({"train_data_dir": "x", "lr_warmup_steps": 10,
+                                                 "optimizer_type": "Adafactor",
+                                                 "optimizer_args": ["relative_step=False"]}))
+    assert any("warms up" in n for n in notes)
+
+
+def test_polynomial_end_value_needs_a_learning_rate_above_it():
+    errors, _ = check_support(parse_train_config({"train_data_dir": "x", "lr_scheduler": "polynomial",
+                                                  "learning_rate": 1e-7, "unet_lr": 1e-4}))
+    assert any("decays to lr_end = 1e-07, which must be smaller than learning_rate (1e-07)" in e for e in errors)
+    assert not check_support(parse_train_config({"train_data_dir": "x", "lr_scheduler": "polynomial"}))[0]
+
+
+def test_prodigy_refusing_two_learning_rates_is_said_before_queueing():
+    """prodigyopt 1.1 stops at the first step (after latent caching) when the groups' LRs differ; the note said
+    they 'act as ratios'."""
+    pytest.importorskip("prodigyopt")
+    cfg = parse_train_config({"train_data_dir": "x", "optimizer_type": "Prodigy", "unet_lr": 1.0,
+                              "text_encoder_lr": 0.5, "learning_rate": 1.0})
+    errors, _ = check_support(cfg)
+    assert any(e.startswith("prodigy refuses a different learning rate per group") and "text_encoder_lr = 0" in e
+               for e in errors), errors
+    for lrs in ({"text_encoder_lr": 1.0}, {"text_encoder_lr": 0}):
+        cfg = parse_train_config(dict({"train_data_dir": "x", "optimizer_type": "Prodigy", "unet_lr": 1.0,
+                                       "learning_rate": 1.0}, **lrs))
+        assert not check_support(cfg)[0]
+    import torch
+    from lib_lora.train.optim import OptimizerGroupsError, make_optimizer
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(OptimizerGroupsError, match="refuses a different learning rate per group"):
+        make_optimizer("Prodigy", [{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.5}], lr=1.0, notes=[])

@@ -442,8 +442,11 @@ def _not_finite(key: str, shown: Any, must: str = "a finite number") -> _Bad:
 def _range_problems(values: dict) -> list[str]:
     out = [p for p in (_out_of_range(key, values.get(key)) for key in _RANGES) if p]
     lo_t, hi_t = values.get("min_timestep"), values.get("max_timestep")
-    if isinstance(lo_t, int) and isinstance(hi_t, int) and lo_t >= hi_t:
-        out.append(f"min_timestep = {lo_t} must be below max_timestep = {hi_t}")
+    hi = hi_t if isinstance(hi_t, int) else 1000
+    if isinstance(lo_t, int) and lo_t > hi:
+        out.append(f"min_timestep = {lo_t} must not be above max_timestep = {hi}")
+    elif isinstance(lo_t, int) and lo_t == hi and hi >= 1000:  # (one fixed step, as sd-scripts allows: 0..999)
+        out.append(f"min_timestep = max_timestep = {hi} is past the last noise step, 999")
     # the offset's sign is drawn at random; only adaptive_noise_scale (added before the clamp at 0) gives it a meaning
     off = values.get("noise_offset")
     if isinstance(off, (int, float)) and off < 0 and not values.get("adaptive_noise_scale"):

@@ -309,8 +309,35 @@ def _resize(img: np.ndarray, size: tuple[int, int], interpolation: str | None) -
     }
     if interpolation not in filters:
         raise ValueError(f"unknown resize_interpolation {interpolation!r}; use one of {sorted(filters)}")
+    cv2 = _cv2()
+    if cv2 is not None and interpolation in _CV2_FLAGS:  # (sd-scripts: cv2 for these, PIL for lanczos and box)
+        return np.ascontiguousarray(cv2.resize(img, (tw, th), interpolation=getattr(cv2, _CV2_FLAGS[interpolation])))
     pil = Image.fromarray(img)
     return np.asarray(pil.resize((tw, th), resample=filters[interpolation]), dtype=np.uint8)
+
+
+# sd-scripts' get_cv2_interpolation: OpenCV's area average shrinks every image it makes smaller by default
+_CV2_FLAGS = {"area": "INTER_AREA", "bilinear": "INTER_LINEAR", "linear": "INTER_LINEAR", "bicubic": "INTER_CUBIC",
+              "cubic": "INTER_CUBIC", "nearest": "INTER_NEAREST_EXACT"}
+_CV2_MODULE: list = []
+
+
+def _cv2():
+    """OpenCV when importable (the WebUI always has it): sd-scripts resizes with it. Without it (a bare headless
+    install) PIL's nearest filters are used, a few grey levels apart (``RESIZE_TAG`` keeps the latent caches
+    apart)."""
+    if not _CV2_MODULE:
+        try:
+            import cv2
+        except ImportError:
+            cv2 = None
+        _CV2_MODULE.append(cv2)
+    return _CV2_MODULE[0]
+
+
+def resize_tag() -> str:
+    """Part of the latent cache key: latents made with OpenCV's resizing are not those made with PIL's."""
+    return "|cv2" if _cv2() is not None else ""
 
 
 def get_crop_ltrb(bucket_reso: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:

@@ -137,6 +137,8 @@ def input_noise(noise: torch.Tensor, generator, opts: LossOptions | None):
 
 
 def sample_timesteps(batch: int, generator: torch.Generator | None, device, min_t: int = 0, max_t: int = 1000):
+    if min_t >= max_t:  # (sd-scripts' get_timesteps: min_timestep = max_timestep trains at that one step)
+        return torch.full((batch,), max_t, device=device, dtype=torch.long)
     return torch.randint(min_t, max_t, (batch,), generator=generator, device=device)
 
 

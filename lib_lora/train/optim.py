@@ -127,8 +127,21 @@ def _lr_lambda(name: str, warmup: int, total: int, cycles: float = 1, power: flo
 
 
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0,
-                   min_lr_ratio: float | None = None, decay_steps: int = 0, args: dict | None = None):
-    f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power, min_lr_ratio, decay_steps, args)
+                   min_lr_ratio: float | None = None, decay_steps: int = 0, args: dict | None = None,
+                   lr_init: float | None = None):
+    """``lr_init``: the LR polynomial's end value is measured against; sd-scripts hands transformers the
+    optimizer's default LR, its ``learning_rate`` (not unet_lr), so with unet_lr 1e-4 and learning_rate 2e-6
+    the UNet ends at 1e-4 · 1e-7/2e-6 = 5e-6."""
+    end_ratio = 1e-7
+    if name == "polynomial":
+        lr_end = float((args or {}).get("lr_end", 1e-7))
+        init = float(lr_init if lr_init is not None else optimizer.defaults.get("lr") or 1.0)
+        if not lr_end < init:  # (transformers stops here too)
+            raise ValueError(f"lr_scheduler = \"polynomial\" decays to lr_end = {lr_end:g}, which must be smaller than "
+                             f"learning_rate ({init:g}); raise learning_rate or set lr_scheduler_args = "
+                             '["lr_end=..."]')
+        end_ratio = lr_end / init
+    f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power, min_lr_ratio, decay_steps, args, end_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [f] * len(optimizer.param_groups))
 
 
@@ -235,6 +248,17 @@ def is_schedule_free(name: str | None) -> bool:
     return optimizer_key(name).endswith("schedulefree")
 
 
+def sets_own_lr(name: str | None, optimizer_args: list[str] | None) -> bool:
+    """Schedule-free optimizers and Adafactor with relative_step (its default here and in sd-scripts) take no LR
+    schedule and so no warm-up."""
+    if is_schedule_free(name):
+        return True
+    if optimizer_key(name).rsplit(".", 1)[-1] != "adafactor":
+        return False
+    kw = {k.strip().lower(): v.strip().lower() for k, _, v in (str(a).partition("=") for a in optimizer_args or [])}
+    return kw.get("relative_step", "true") != "false" or kw.get("warmup_init", "false") == "true"
+
+
 def adapts_lr(name: str | None) -> bool:
     """D-Adaptation and Prodigy find their own step size; sd-scripts warns below lr 0.1."""
     k = optimizer_key(name).rsplit(".", 1)[-1]
@@ -320,6 +344,29 @@ def shown_lr(optimizer, fallback: float) -> float:
     return fallback
 
 
+class OptimizerGroupsError(ValueError):
+    """The optimizer (Prodigy since prodigyopt 1.1) refuses a different LR per parameter group."""
+
+
+def group_lrs_refused(cls, kw: dict) -> str | None:
+    """Whether this optimizer version refuses two groups with different LRs: its error, found by one step on two
+    throwaway parameters (the refusal comes at the first step, after latent caching)."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    try:
+        opt = cls([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.5}], **kw)
+        a.grad, b.grad = torch.ones(1), torch.ones(1)
+        opt.step()
+    except Exception as e:  # (any refusal the package words its own way)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def group_lrs_message(name: str, refused: str) -> str:
+    return (f"{name} refuses a different learning rate per group ({refused}); give the UNet and the text encoder "
+            "the same learning rate (or text_encoder_lr = 0 to train the UNet only), without LoRA+ ratios or "
+            "block learning rates")
+
+
 def make_optimizer(name: str, param_groups: list[dict], lr: float, args: dict | None = None,
                    device: torch.device | None = None, notes: list | None = None) -> tuple[torch.optim.Optimizer, str]:
     """(optimizer, description for ss_optimizer), built as sd-scripts' get_optimizer builds it: the class gets
@@ -356,10 +403,14 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, args: dict | 
         if notes is not None and lr is not None and lr <= 0.1:
             notes.append(f"learning rate {lr:g} is low for {name}, which finds its own step size from the LR "
                          "given: set learning_rate (and unet_lr) to about 1.0 (sd-scripts warns the same)")
-        if notes is not None and len({g.get("lr", lr) for g in param_groups}) > 1:
-            notes.append(f"{name} with several learning rates (UNet / text encoder / blocks): each group's LR "
-                         "multiplies the step size the optimizer finds, so they act as ratios (sd-scripts warns that "
-                         "only the first one takes effect)")
+        if len({g.get("lr", lr) for g in param_groups}) > 1:
+            refused = group_lrs_refused(cls, kw)
+            if refused:
+                raise OptimizerGroupsError(group_lrs_message(name, refused))
+            if notes is not None:
+                notes.append(f"{name} with several learning rates (UNet / text encoder / blocks): each group's LR "
+                             "multiplies the step size the optimizer finds, so they act as ratios (sd-scripts warns "
+                             "that only the first one takes effect)")
     opt = cls(param_groups, lr=lr, **kw, **extra) if lr is not None else cls(param_groups, **kw, **extra)
     if hasattr(opt, "train") and callable(opt.train):
         opt.train()  # schedule-free: train mode before the first step (sd-scripts does the same)

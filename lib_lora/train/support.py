@@ -15,7 +15,7 @@ import torch
 
 from . import blocks, lyco
 from .config import TrainConfig
-from .optim import SCHEDULERS, adapts_lr, make_torch_scheduler
+from .optim import SCHEDULERS, adapts_lr, make_scheduler, make_torch_scheduler, sets_own_lr
 
 # keys whose value changes nothing here, or that we honour fully
 HONOURED = {
@@ -346,13 +346,15 @@ def oft_problems(cfg: TrainConfig, nargs: dict, errors: list[str], notes: list[s
         errors.append("dim_from_weights with networks.oft: set network_dim (the number of blocks) instead")
 
 
-def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
+def optimizer_problems(name: str | None, cfg: TrainConfig | None = None) -> tuple[list[str], list[str]]:
     """(errors, notes) for optimizer_type before queueing: a name nothing provides, a package that is missing
-    (an 8-bit/paged one falls back to its 32-bit twin with a note instead)."""
-    from .optim import OptimizerNameError, OptimizerUnavailable, fallback_twin, optimizer_class
+    (an 8-bit/paged one falls back to its 32-bit twin with a note instead); with ``cfg``, Prodigy's refusal of
+    different UNet and text-encoder learning rates."""
+    from .optim import (OptimizerNameError, OptimizerUnavailable, fallback_twin, group_lrs_message, group_lrs_refused,
+                        optimizer_class, optimizer_key)
 
     try:
-        optimizer_class(name or "AdamW")
+        cls = optimizer_class(name or "AdamW")
     except OptimizerNameError as e:
         return [str(e)], []
     except OptimizerUnavailable as e:
@@ -360,7 +362,22 @@ def optimizer_problems(name: str | None) -> tuple[list[str], list[str]]:
         if twin:
             return [], [f"{e} {twin} will be used instead (same results, more memory)."]
         return [str(e)], []
+    if cfg is not None and adapts_lr(name):
+        unet_lr, te_lr = part_lrs(cfg)
+        if unet_lr and te_lr and unet_lr != te_lr:
+            kw = {k.strip(): v for k, _, v in (str(a).partition("=") for a in cfg.optimizer_args or [])}
+            refused = group_lrs_refused(cls, {k: _literal(v) for k, v in kw.items() if k})
+            if refused:
+                return [group_lrs_message(optimizer_key(name), refused)], []
     return [], []
+
+
+def _literal(v: str):
+    import ast
+    try:
+        return ast.literal_eval(v.strip())
+    except (ValueError, SyntaxError):
+        return v.strip()
 
 
 CPU_FP16_NOTE = "mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead."
@@ -443,9 +460,45 @@ def loaded_model_notes(cfg: TrainConfig, info: dict | None) -> list[str]:
     return notes
 
 
-def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str], list[str]]:
+def schedule_problems(cfg: TrainConfig, notes: list[str]) -> list[str]:
+    """lr_scheduler with the warm-up and end value sd-scripts hands transformers."""
+    if cfg.lr_scheduler_type or sets_own_lr(cfg.optimizer_type, cfg.optimizer_args):
+        return []  # (torch schedulers: torch_scheduler_problems; no schedule at all: the trainer's note)
+    name = cfg.lr_scheduler or "constant"
+    if name == "constant" and cfg.lr_warmup_steps:
+        notes.append(f"lr_warmup_steps = {cfg.lr_warmup_steps:g} with lr_scheduler = constant: the LR warms up over "
+                     "those steps and then stays constant (constant_with_warmup); sd-scripts stops on this "
+                     "combination, since its constant takes no warm-up")
+    if name == "polynomial":
+        args = dict(str(a).partition("=")[::2] for a in cfg.lr_scheduler_args or [])
+        try:
+            make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), name, 0, 10,
+                           args={k.strip(): v.strip() for k, v in args.items()}, lr_init=cfg.learning_rate)
+        except ValueError as e:
+            return [str(e)]
+    return []
+
+
+def prediction_problems(cfg: TrainConfig, parameterization: str | None) -> list[str]:
+    """Loss scalings made for the other prediction type (sd-scripts refuses both): inside the WebUI the loaded
+    model decides, so a config written for SD2-768-v meets an SD1.5 model here."""
+    out = []
+    if parameterization == "eps" and cfg.scale_v_pred_loss_like_noise_pred:
+        out.append("scale_v_pred_loss_like_noise_pred is for v-prediction models (SD2 768-v), but this model "
+                   "predicts noise: it would train high-noise steps hundreds of times less (sd-scripts stops "
+                   "here too); remove it, or load the v-prediction checkpoint the config was written for")
+    if parameterization == "v" and cfg.v_pred_like_loss:
+        out.append(f"v_pred_like_loss = {cfg.v_pred_like_loss:g} is for noise-prediction models, but this model "
+                   "predicts v (sd-scripts stops here too); remove it, or load the noise-prediction checkpoint "
+                   "the config was written for")
+    return out
+
+
+def check_support(cfg: TrainConfig, family: str | None = None,
+                  parameterization: str | None = None) -> tuple[list[str], list[str]]:
     """(errors, notes) for keys this trainer cannot honour as written; with the model ``family`` the per-block
-    network_args are checked too (their lengths depend on it)."""
+    network_args are checked too (their lengths depend on it), with its ``parameterization`` ("eps"/"v") the
+    loss settings made for one of them."""
     errors: list[str] = []
     notes: list[str] = []
     if cfg.adaptive_noise_scale and not cfg.noise_offset:  # (sd-scripts stops here; a GUI preset may carry it)
@@ -466,10 +519,16 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
         notes.append("cache_text_encoder_outputs with a trained text encoder: sd-scripts stops here; this run "
                      "trains the text encoder and computes its outputs at every step. Set network_train_unet_only "
                      "= true (or text_encoder_lr = 0) to train the UNet only with cached outputs")
+    errors += schedule_problems(cfg, notes)
+    errors += prediction_problems(cfg, parameterization)
     if family == "sdxl" and cfg.clip_skip not in (None, 1):
         notes.append(f"clip_skip = {cfg.clip_skip} is not used on SDXL: its text encoders always give their "
                      "penultimate layer, when training as when generating (sd-scripts warns the same); the file "
                      "still records it")
+    if family == "sd2" and cfg.clip_skip not in (None, 1):
+        notes.append(f"clip_skip = {cfg.clip_skip} is not used on SD2: the WebUI gives SD2 the text encoder's "
+                     "penultimate layer whatever its CLIP skip setting, so the LoRA trains on what it will meet "
+                     "when generating (sd-scripts applies it and warns that the result is unexpected)")
     for name in ("full_fp16", "full_bf16"):
         if getattr(cfg, name):
             notes.append(f"{name}: the LoRA weights, their gradients and the optimizer state stay in fp32 here (a few "
@@ -485,7 +544,7 @@ def check_support(cfg: TrainConfig, family: str | None = None) -> tuple[list[str
             oft_problems(cfg, network_args(cfg), errors, notes, family)
         except ValueError:
             pass  # (an entry without '=': reported below)
-    errors_opt, notes_opt = optimizer_problems(cfg.optimizer_type)
+    errors_opt, notes_opt = optimizer_problems(cfg.optimizer_type, cfg)
     errors += errors_opt
     notes += notes_opt
     if cfg.lr_scheduler_timescale and (cfg.lr_scheduler_type or cfg.lr_scheduler != "inverse_sqrt"):

@@ -33,7 +33,7 @@ from .captions import process_caption
 from .conditioning import TextEncoder
 from .host_guard import guarded
 from .images import (color_aug, face_crop, face_from_name, load_image_alpha, load_image_rgb, resize_and_crop,
-                     sdxl_size_conditioning)
+                     resize_tag, sdxl_size_conditioning)
 from .fp8 import compute_dtype, fp8_parts, fp8_storage, text_encoder_root
 from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
@@ -44,8 +44,8 @@ from .sd_latents import load_latent
 from .support import (CPU_FP16_NOTE, base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args,
                       part_lrs, wrong_family_message)
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
-from .optim import (OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer, make_scheduler,
-                    make_torch_scheduler, shown_lr)
+from .optim import (OptimizerGroupsError, OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer,
+                    make_scheduler, make_torch_scheduler, shown_lr)
 from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, STATE_EXT, CsvLog, StateFileError,
                      ckpt_name, disk_space_problem, ensure_output_dir, load_state, metadata_strings, modelspec,
                      prune_old, prune_old_steps, save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
@@ -213,6 +213,8 @@ class Trainer:
         self.files: list[str] = []
         self._told_skipped = False  # the "fp16 loss scaling skipped a step" note is said once
         self._told_absurd = False   # as is the "weights far beyond a LoRA's range" one
+        self._told_vae_nan = False
+        self._vae32 = None
         self._told_truncated = False  # and the one about captions cut at max_token_length
         self.losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
@@ -556,6 +558,8 @@ class Trainer:
         m = self.sd_model
         vae = m.first_stage_model
         dtype = next(vae.parameters()).dtype
+        if self.cfg.no_half_vae and dtype != torch.float32:
+            vae, dtype = self._vae_fp32(vae), torch.float32
         stack = [pixels] if isinstance(pixels, np.ndarray) else pixels
         # (torch.tensor copies: decoded images are often read-only arrays, which from_numpy warns about)
         x = torch.stack([torch.tensor(p).permute(2, 0, 1) for p in stack]).float().div(127.5).sub(1.0)
@@ -565,12 +569,21 @@ class Trainer:
             z = post if isinstance(post, torch.Tensor) else post.mode()
             if not torch.isfinite(z).all() and dtype != torch.float32:
                 # fp16 VAEs overflow on some images (SDXL especially): redo this one in fp32
-                self._note("the VAE produced NaN in half precision; re-encoding in fp32 (consider --no-half-vae)")
-                # a private fp32 copy: the host's VAE is never converted in place
-                z = copy.deepcopy(vae).float().encode(x.to(self.device, torch.float32))
+                if not self._told_vae_nan:
+                    self._told_vae_nan = True
+                    self._note("the VAE produced NaN in half precision; re-encoding such images in fp32 (set "
+                               "no_half_vae = true to encode every image in fp32)")
+                z = self._vae_fp32(vae).encode(x.to(self.device, torch.float32))
                 z = z if isinstance(z, torch.Tensor) else z.mode()
         scale = float(getattr(m, "scale_factor", 0.18215))
         return (z.float() * scale).cpu()
+
+    def _vae_fp32(self, vae):
+        """A private fp32 copy of the host's half-precision VAE, made once per run: the host's VAE is never
+        converted in place."""
+        if self._vae32 is None:
+            self._vae32 = copy.deepcopy(vae).float()
+        return self._vae32
 
     def _latent_key(self, s: Sample, flip: bool) -> str:
         st = os.stat(s.path)
@@ -578,7 +591,8 @@ class Trainer:
             f"{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}|{s.bucket}|{s.resized}|{flip}|"
             f"{self.cfg.resize_interpolation}|{self.host.model_id}"
             # (a fixed face crop is another picture of the file: keys without it stay as they were)
-            f"{f'|face {s.face} {s.face_range}' if s.face is not None else ''}".encode()).hexdigest()[:32]
+            f"{f'|face {s.face} {s.face_range}' if s.face is not None else ''}"
+            f"{resize_tag()}{'|vae32' if self.cfg.no_half_vae else ''}".encode()).hexdigest()[:32]
 
     def _cache_latents(self, cache_dir: str | None):
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
@@ -751,6 +765,12 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self, resume_state: str | None = None) -> TrainResult:
+        try:
+            return self._run(resume_state)
+        finally:
+            self._vae32 = None  # (no_half_vae's or the NaN fallback's VAE copy)
+
+    def _run(self, resume_state: str | None) -> TrainResult:
         c = self.cfg
         if not self.samples:
             raise TrainingError("the dataset has no usable images; check the training folder (see the dataset report)")
@@ -984,7 +1004,7 @@ class Trainer:
                 optimizer, opt_desc = make_optimizer(c.optimizer_type or "AdamW",
                                                      flat.param_groups() if flat else groups, lr=unet_lr or te_lr,
                                                      args=opt_args, device=self.device, notes=opt_notes)
-            except OptimizerNameError as e:
+            except (OptimizerNameError, OptimizerGroupsError) as e:
                 raise TrainingError(str(e)) from None
             except (TypeError, ValueError) as e:  # an argument the optimizer does not take, or a bad value
                 raise TrainingError(f"optimizer {c.optimizer_type or 'AdamW'} refused optimizer_args "
@@ -1024,10 +1044,13 @@ class Trainer:
                 elif c.lr_scheduler_type:  # sd-scripts: the class wins over lr_scheduler
                     scheduler = make_torch_scheduler(optimizer, c.lr_scheduler_type, c.lr_scheduler_args)
                 else:
-                    scheduler = make_scheduler(optimizer, c.lr_scheduler, warmup, self.total_steps,
+                    # (a warm-up with constant: sd-scripts stops; check_support's note says it warms up instead)
+                    sched = "constant_with_warmup" if (c.lr_scheduler or "constant") == "constant" and warmup \
+                        else c.lr_scheduler
+                    scheduler = make_scheduler(optimizer, sched, warmup, self.total_steps,
                                                c.lr_scheduler_num_cycles, c.lr_scheduler_power,
                                                min_lr_ratio=c.lr_scheduler_min_lr_ratio, decay_steps=decay,
-                                               args=sched_args)
+                                               args=sched_args, lr_init=c.learning_rate)
             except ValueError as e:
                 raise TrainingError(str(e)) from e
             scaler = torch.cuda.amp.GradScaler() if mp == "fp16" else None

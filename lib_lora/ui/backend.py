@@ -227,13 +227,13 @@ class LocalBackend:
         return d
 
     def network_problems(self, cfg) -> list[str]:
-        """What building the network on the loaded model would stop on (support.network_build_problems); none
-        without a model (the job then checks when it starts)."""
+        """What the loaded model would stop the job on: loss settings for the other prediction type, building
+        the network (support.network_build_problems); none without a model (the job then checks when it starts)."""
         h = self._host()
         if h is None:
             return []
-        from ..train.support import network_build_problems
-        return network_build_problems(h.sd_model, h.family, cfg)
+        from ..train.support import network_build_problems, prediction_problems
+        return prediction_problems(cfg, h.parameterization) + network_build_problems(h.sd_model, h.family, cfg)
 
     def prepare_model(self, host) -> None:
         """Called with the host locked before the tab samples; the glue restores merged prompt LoRAs here."""
