@@ -143,11 +143,14 @@ def test_modelspec_resolution_comes_from_the_dataset_toml(tmp_path):
     (tmp_path / "ds.toml").write_text('[[datasets]]\nresolution = [64, 128]\nenable_bucket = false\n'
                                       '[[datasets.subsets]]\nimage_dir = "imgs"\nmetadata_file = "meta.json"\n')
     cfg = _cfg(tmp_path, in_json=None, train_data_dir=None, resolution=None, max_train_steps=1,
-               dataset_config=str(tmp_path / "ds.toml"))
+               dataset_config=str(tmp_path / "ds.toml"), clip_skip=1, min_timestep=100)
     res = run_training(ModelHost(models.make_sd1(seed=3), "m"), cfg)
     assert res.status == "done", res.error
     md = read_metadata(res.final)
     assert md["modelspec.resolution"] == "64x128" and "ss_resolution" not in md  # (sd-scripts omits it with a TOML)
+    # written as sd-scripts' sai_model_spec writes them: clip_skip whenever given, the timestep range when set
+    assert md["modelspec.encoder_layer"] == "1" and md["modelspec.timestep_range"] == "100,1000"
+    assert md["ss_resize_interpolation"] == "None"  # (sd-scripts writes it at the top level too)
 
 
 # ---- keys whose images are gone: sd-scripts' cached latents (.npz) ------------------------------------------------

@@ -50,7 +50,7 @@ def metadata_strings(values: dict) -> dict[str, str]:
 
 
 def modelspec(family_key: str, title: str, resolution: tuple[int, int], prediction: str, clip_skip, started: float,
-              extra: dict | None = None) -> dict[str, str]:
+              extra: dict | None = None, timesteps: tuple[int | None, int | None] = (None, None)) -> dict[str, str]:
     md = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": ARCHITECTURE[family_key],
@@ -62,8 +62,10 @@ def modelspec(family_key: str, title: str, resolution: tuple[int, int], predicti
         "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
         "modelspec.implementation_version": "lora-studio",
     }
-    if clip_skip not in (None, 1):
+    if clip_skip is not None:  # (sd-scripts' sai_model_spec: written whenever clip_skip is given)
         md["modelspec.encoder_layer"] = str(clip_skip)
+    if timesteps[0] is not None or timesteps[1] is not None:
+        md["modelspec.timestep_range"] = f"{timesteps[0] or 0},{1000 if timesteps[1] is None else timesteps[1]}"
     for k, v in (extra or {}).items():
         if v not in (None, ""):
             md[f"modelspec.{k}"] = str(v)

@@ -1173,7 +1173,7 @@ class Trainer:
                                  getattr(self.sd_model, "parameterization", "eps"), c.clip_skip, started,
                                  {"title": c.metadata_title, "author": c.metadata_author,
                                   "description": c.metadata_description, "license": c.metadata_license,
-                                  "tags": c.metadata_tags})
+                                  "tags": c.metadata_tags}, timesteps=(c.min_timestep, c.max_timestep))
                 if c.metadata_title:
                     spec["modelspec.title"] = c.metadata_title
                 self._refuse_non_finite(net, step, path_name)
@@ -1538,6 +1538,7 @@ class Trainer:
             "ss_huber_c": c.huber_c,
             "ss_fp8_base": bool(self.fp8),
             "ss_fp8_base_unet": bool(c.fp8_base_unet and self.fp8),
+            "ss_resize_interpolation": c.resize_interpolation,
             "ss_steps": step,
             "ss_epoch": epoch_no,
             "ss_training_finished_at": time.time(),
