@@ -342,6 +342,35 @@ def test_speed_settings_reach_the_trainer_unless_the_config_says(fresh, monkeypa
         ns.shared.opts.set("lora_studio_torch_compile", False)
 
 
+def test_a_checkpoint_picked_while_a_job_samples_does_not_load_into_it(fresh, rendered):
+    """From a host-safety review in the real WebUI: A1111's process_images reloads the checkpoint whenever the
+    setting differs from the loaded model, so a checkpoint picked while a job made samples loaded into the model
+    being trained (the job failed; with fp8_base the new checkpoint was left with the old one's weights). Our
+    samples and grids now leave the reload to A1111's own queued load after the job."""
+    ns = fresh
+    from modules import sd_models
+    kept = {k: v.clone() for k, v in ns.model.state_dict().items()}
+    other = {k: v + 1.0 for k, v in kept.items() if v.is_floating_point()}
+    sd_models.model_data.chosen = other
+    try:
+        job = ns.backend.submit(config(ns, "picked", sample_every_n_epochs=1, sample_prompts=ns.prompts),
+                                name="picked")
+        job = finished(ns, job["id"])
+        assert job["status"] == "done" and job["samples"], job
+        assert len(rendered.calls) == 1
+        assert_webui_left_clean(ns)
+        ns.backend.generate("a cat", 1, 7, 64, 64, steps=2)  # (the tab's generation: the same)
+        assert models.model_state_hash(ns.model) == ns.before
+        real = sd_models.reload_model_weights
+        ns.processing.process_images(ns.processing.StableDiffusionProcessingTxt2Img(prompt="x"))
+        assert sd_models.reload_model_weights is real  # (given back: A1111's own generation still reloads)
+        assert models.model_state_hash(ns.model) != ns.before
+    finally:
+        sd_models.model_data.chosen = None
+        ns.model.load_state_dict(kept)
+    assert models.model_state_hash(ns.model) == ns.before
+
+
 def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
     ns = fresh
     images = ns.backend.generate("a cat", 2, 7, 64, 48, steps=3)

@@ -356,6 +356,29 @@ def test_cancel_during_a_sample_set_stops_it_between_images(sd1, tmp_path):
     res = tr.run()
     assert res.status == "cancelled" and res.steps == 1 and res.state_file
     assert sorted(os.listdir(tmp_path / "out" / "samples")) == ["c_s000001_00.png"]  # 1 of 4 images
+    assert not any("cancel came after the last" in n for n in res.notes)
+
+
+def test_a_cancel_during_the_last_samples_is_answered(sd1, tmp_path):
+    """A cancel during the last step's samples was answered "cancelling" and the job then ended "done" without a
+    word: the run had nothing left to cancel; the notes now say so, and that the samples were cut."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    cancel = {"on": False}
+    cfg = parse_train_config({"train_data_dir": img, "resolution": 64, "train_batch_size": 1,
+                              "output_dir": str(tmp_path / "out"), "output_name": "c", "network_dim": 4,
+                              "learning_rate": 1e-3, "max_train_steps": 2, "sample_every_n_steps": 1,
+                              "seed": 1}, base_dir=str(tmp_path))
+    host = ModelHost(sd1, "m")
+
+    def sample_fn(epoch=None, step=None, should_cancel=None):
+        if step == 2:
+            cancel["on"] = True  # pressed while the last samples render
+        return []
+
+    res = Trainer(host, cfg, plan_for(host, cfg), sample_fn=sample_fn, should_cancel=lambda: cancel["on"]).run()
+    assert res.status == "done" and res.steps == 2 and res.final
+    assert any(n.startswith("the cancel came after the last training step, so the run finished: all 2 steps")
+               and n.endswith("the last sample images were cut short by it") for n in res.notes), res.notes
 
 
 def test_newer_schedules_reach_the_trainer_with_sd_scripts_arguments(sd1, tmp_path):

@@ -1,6 +1,7 @@
 """LocalBackend over the tiny CPU SD1 model: the queue runs a real training with samples, progress hooks get the
 task id, the results grid merges each file at each strength and restores the model exactly."""
 import os
+import time
 
 import numpy as np
 import pytest
@@ -135,6 +136,29 @@ def test_queue_operations_and_restart(host, dataset, tmp_path):
     # the queue is kept across a restart, in the same order
     b2 = LocalBackend(host, str(tmp_path / "s"), autostart=False)
     assert [(j["name"], j["status"]) for j in b2.jobs()] == [("three", "cancelled"), ("two", "queued")]
+
+
+def test_a_job_records_the_checkpoint_it_trained(host, dataset, tmp_path):
+    """Queued while one checkpoint was loaded, started after another was: the record named the first (the file's
+    metadata had the right one)."""
+    other = ModelHost(host.sd_model, name="other.safetensors", path="other.safetensors", sha256="f" * 64)
+    current = [host]
+    b = LocalBackend(lambda: current[0], str(tmp_path / "s"), autostart=False)
+    job = b.submit(_config(dataset, tmp_path / "o", max_train_steps=1), name="switch")
+    assert job["model"]["name"] == host.model_name
+    current[0] = other
+    b.queue.start()
+    try:
+        for _ in range(600):
+            if b.job(job["id"])["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+    finally:
+        b.stop()
+    j = b.job(job["id"])
+    assert j["status"] == "done" and j["model"]["name"] == "other.safetensors", j
+    assert j["notes"][0] == (f"queued while {host.model_name} was loaded; trained on other.safetensors, the "
+                             "checkpoint loaded when it started")
 
 
 def test_model_mismatch_warning():

@@ -116,6 +116,26 @@ def current_model():
     return shared().sd_model
 
 
+@contextlib.contextmanager
+def model_held():
+    """While our own process_images calls run (a job's samples, a results grid with its LoRA merged): A1111's
+    process_images reloads the checkpoint whenever the checkpoint setting differs from the loaded model, i.e. a
+    checkpoint picked while a job trains would load into the model being trained, and (devices.fp8 set for an
+    fp8_base job) a forced reload of the same file would replace its weights. The reload waits: A1111's own queued
+    load of the new checkpoint runs after the job, behind its lock."""
+    from modules import sd_models
+    original = sd_models.reload_model_weights
+
+    def held(sd_model=None, info=None, forced_reload=False):
+        return sd_model or sd_models.model_data.sd_model
+
+    sd_models.reload_model_weights = held
+    try:
+        yield
+    finally:
+        sd_models.reload_model_weights = original
+
+
 def model_sd_version(model) -> str | None:
     """A1111's flags → 'SD1' | 'SD2' | 'SDXL' (names of the built-in's SdVersion), None when unknown."""
     if model is None:

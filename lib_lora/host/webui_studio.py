@@ -8,7 +8,7 @@ import os
 import threading
 
 from ..ui.backend import LocalBackend, ProgressHooks
-from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, opt, shared
+from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, model_held, opt, shared
 from .webui_train import WebUIHost, WebUINotReady
 
 
@@ -50,7 +50,8 @@ def webui_sampler(host, prompts, negative, seeds, width, height, steps=20, cfg_s
             do_not_save_samples=True)
         p.disable_extra_networks = True  # the LoRA under test is already in the weights; prompt tags stay out
         try:
-            images += processing.process_images(p).images[:1]
+            with model_held():  # (the grid's LoRA is merged into these very weights)
+                images += processing.process_images(p).images[:1]
         finally:
             p.close()
     return images

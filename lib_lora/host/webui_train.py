@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .base import ModelHost
-from .webui import cmd_opt, forge_info, loaded_model, opt, shared
+from .webui import cmd_opt, forge_info, loaded_model, model_held, opt, shared
 
 # attention replacements that support backward without surprises; others are swapped for the stock one
 _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
@@ -179,7 +179,8 @@ class WebUIHost(ModelHost):
                         do_not_save_grid=True, do_not_save_samples=True)
                     p.disable_extra_networks = True  # the LoRA being trained is already attached
                     try:
-                        res = processing.process_images(p)
+                        with model_held():  # (a checkpoint picked meanwhile loads after the job)
+                            res = processing.process_images(p)
                     finally:
                         p.close()
                     for j, img in enumerate(res.images):

@@ -214,6 +214,7 @@ class Trainer:
         self._told_skipped = False  # the "fp16 loss scaling skipped a step" note is said once
         self._told_absurd = False   # as is the "weights far beyond a LoRA's range" one
         self._told_vae_nan = False
+        self._samples_cut = False  # the last sample set stopped early on a cancel
         self._vae32 = None
         self._told_truncated = False  # and the one about captions cut at max_token_length
         self.losses: list[tuple[int, float]] = []
@@ -1330,6 +1331,10 @@ class Trainer:
                 final = save(ckpt_name(name, None), self.epochs, final=True)
                 if c.save_state or c.save_state_on_train_end:
                     state_file = save_resume(self.epochs + 1, 0, "final")
+                if self.should_cancel():  # (asked for during the last step or the last samples: nothing was left)
+                    self._note(f"the cancel came after the last training step, so the run finished: all {step} "
+                               "steps are trained and the final LoRA is saved"
+                               + ("; the last sample images were cut short by it" if self._samples_cut else ""))
             except Cancelled:
                 status = "cancelled"
                 final = None
@@ -1459,6 +1464,7 @@ class Trainer:
         try:
             with torch.no_grad():
                 paths = self.sample_fn(**kwargs)
+            self._samples_cut = "should_cancel" in kwargs and self.should_cancel()
             for p in paths or []:
                 self._emit("sample", step=step, epoch=epoch, path=p)
         finally:

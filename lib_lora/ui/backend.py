@@ -432,7 +432,11 @@ class LocalBackend:
         sample_fn = self._sample_fn(host, cfg) if wants and (cfg.sample_prompts or cfg.sample_prompt_text) else None
         resume = job.resume_state if job.resume_state and os.path.exists(job.resume_state) else None
 
+        switched = []
+
         def on_event(ev):
+            if ev.kind == "start":  # (the record names the model the job trained, saved with this event)
+                switched.extend(self._trained_model(job))
             emit(ev)
             if ev.kind == "start":  # the trainer emits it once it holds host.lock()
                 self._task_event(job, "started")
@@ -440,11 +444,25 @@ class LocalBackend:
         result = run_training(host, cfg, on_event=on_event,
                               should_cancel=lambda: should_cancel() or self.hooks.interrupted(),
                               resume=resume, sample_fn=sample_fn)
+        result.notes[:0] = switched
         try:
             write_previews(result.files, list(job.samples))
         except OSError as e:  # (a card picture is a nicety: the LoRA files are what matter)
             result.notes.append(f"no card pictures were written from the samples: {e}")
         return result
+
+    def _trained_model(self, job) -> list[str]:
+        """A checkpoint loaded between queueing and starting is the one trained: the job's record says so."""
+        was, now = job.model or {}, self.model_info()
+        if not now.get("loaded") or not was.get("name"):
+            return []
+        same = (was.get("hash") == now.get("hash") if was.get("hash") and now.get("hash")
+                else was.get("name") == now.get("name"))
+        if same:
+            return []
+        job.model = now
+        return [f"queued while {was['name']} was loaded; trained on {now.get('name')}, the checkpoint loaded when "
+                "it started"]
 
     def _task_event(self, job, what):
         """``started`` once per job, when the trainer announces it holds the model."""

@@ -96,6 +96,9 @@ def process_images(p, sample=None):
         if not p.disable_extra_networks:
             extra_networks.activate(p, data)
 
+    from modules import sd_models
+    if sd_models.model_data.chosen is not None:  # (A1111: the checkpoint setting differs from the loaded model)
+        sd_models.reload_model_weights(info=sd_models.model_data.chosen)
     images = []
     hook("before_process")
     p.setup_prompts()

@@ -11,6 +11,7 @@ class SdModelData:
     def __init__(self):
         self.sd_model = None
         self.loader = None  # test hook: () -> model
+        self.chosen = None  # test hook: a state dict standing for a checkpoint picked in the settings, not loaded
         self.was_loaded_at_least_once = False
 
     def get_sd_model(self):
