@@ -160,6 +160,19 @@ def test_sd2_mha_projection_by_projection_equals_the_weight_delta():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_bool, want, rtol=1e-4, atol=1e-5)
+    # fp8_base stores the projections in FP8: both paths compute from the same fp32 copy
+    kept = attn.in_proj_weight.data, attn.out_proj.weight.data
+    attn.in_proj_weight.data = kept[0].to(torch.float8_e4m3fn)
+    attn.out_proj.weight.data = kept[1].to(torch.float8_e4m3fn)
+    try:
+        with torch.no_grad(), net.attached():
+            outs = []
+            for by_activation in (True, False):
+                net._mha_by_activation = lambda *a, v=by_activation: v
+                outs.append(attn(x, x, x, need_weights=False, attn_mask=mask)[0])
+    finally:
+        attn.in_proj_weight.data, attn.out_proj.weight.data = kept
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dropouts", [{"rank_dropout": 0.5}, {"dropout": 0.5}])

@@ -577,7 +577,9 @@ class LoRANetwork(nn.Module):
 
         def project(i, part, x):
             w, b = ws[i], bs[i]
-            if w.dtype != x.dtype and not autocast_enabled(x.device.type):  # (fp8 storage; a half host)
+            if is_fp8(w.dtype):  # (FP8 storage: computed from fp32, as the weight-delta path does)
+                w, b = w.float(), None if b is None else b.float()
+            if w.dtype != x.dtype and not autocast_enabled(x.device.type):  # (a half host)
                 w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
             y = F.linear(x, w, b)
             if part in pairs and not self._module_dropped():
