@@ -126,6 +126,18 @@ def _lr_lambda(name: str, warmup: int, total: int, cycles: float = 1, power: flo
     raise ValueError(f"unknown lr_scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
 
 
+def polynomial_end_ratio(args: dict | None, lr_init: float) -> float:
+    """polynomial's end LR (``lr_end`` in lr_scheduler_args, transformers' 1e-7 by default) as a share of
+    ``lr_init``; ValueError where transformers stops (lr_end not below it)."""
+    lr_end = float((args or {}).get("lr_end", 1e-7))
+    init = float(lr_init)
+    if not lr_end < init:
+        raise ValueError(f"lr_scheduler = \"polynomial\" decays to lr_end = {lr_end:g}, which must be smaller than "
+                         f"learning_rate ({init:g}); raise learning_rate or set lr_scheduler_args = "
+                         '["lr_end=..."]')
+    return lr_end / init
+
+
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0,
                    min_lr_ratio: float | None = None, decay_steps: int = 0, args: dict | None = None,
                    lr_init: float | None = None):
@@ -134,13 +146,7 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, nu
     the UNet ends at 1e-4 · 1e-7/2e-6 = 5e-6."""
     end_ratio = 1e-7
     if name == "polynomial":
-        lr_end = float((args or {}).get("lr_end", 1e-7))
-        init = float(lr_init if lr_init is not None else optimizer.defaults.get("lr") or 1.0)
-        if not lr_end < init:  # (transformers stops here too)
-            raise ValueError(f"lr_scheduler = \"polynomial\" decays to lr_end = {lr_end:g}, which must be smaller than "
-                             f"learning_rate ({init:g}); raise learning_rate or set lr_scheduler_args = "
-                             '["lr_end=..."]')
-        end_ratio = lr_end / init
+        end_ratio = polynomial_end_ratio(args, lr_init if lr_init is not None else optimizer.defaults.get("lr") or 1.0)
     f = _lr_lambda(name, warmup_steps, total_steps, num_cycles, power, min_lr_ratio, decay_steps, args, end_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [f] * len(optimizer.param_groups))
 

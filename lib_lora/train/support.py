@@ -15,7 +15,7 @@ import torch
 
 from . import blocks, lyco
 from .config import TrainConfig
-from .optim import SCHEDULERS, adapts_lr, make_scheduler, make_torch_scheduler, sets_own_lr
+from .optim import SCHEDULERS, adapts_lr, make_torch_scheduler, polynomial_end_ratio, sets_own_lr
 
 # keys whose value changes nothing here, or that we honour fully
 HONOURED = {
@@ -351,7 +351,7 @@ def optimizer_problems(name: str | None, cfg: TrainConfig | None = None) -> tupl
     (an 8-bit/paged one falls back to its 32-bit twin with a note instead); with ``cfg``, Prodigy's refusal of
     different UNet and text-encoder learning rates."""
     from .optim import (OptimizerNameError, OptimizerUnavailable, fallback_twin, group_lrs_message, group_lrs_refused,
-                        optimizer_class, optimizer_key)
+                        literal_args, optimizer_class, optimizer_key)
 
     try:
         cls = optimizer_class(name or "AdamW")
@@ -365,19 +365,14 @@ def optimizer_problems(name: str | None, cfg: TrainConfig | None = None) -> tupl
     if cfg is not None and adapts_lr(name):
         unet_lr, te_lr = part_lrs(cfg)
         if unet_lr and te_lr and unet_lr != te_lr:
-            kw = {k.strip(): v for k, _, v in (str(a).partition("=") for a in cfg.optimizer_args or [])}
-            refused = group_lrs_refused(cls, {k: _literal(v) for k, v in kw.items() if k})
+            try:
+                kw = literal_args(cfg.optimizer_args)  # (as the trainer reads them)
+            except ValueError:
+                kw = None  # (an entry without '=': the job stops on it when the optimizer is built)
+            refused = group_lrs_refused(cls, kw) if kw is not None else None
             if refused:
                 return [group_lrs_message(optimizer_key(name), refused)], []
     return [], []
-
-
-def _literal(v: str):
-    import ast
-    try:
-        return ast.literal_eval(v.strip())
-    except (ValueError, SyntaxError):
-        return v.strip()
 
 
 CPU_FP16_NOTE = "mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead."
@@ -470,10 +465,9 @@ def schedule_problems(cfg: TrainConfig, notes: list[str]) -> list[str]:
                      "those steps and then stays constant (constant_with_warmup); sd-scripts stops on this "
                      "combination, since its constant takes no warm-up")
     if name == "polynomial":
-        args = dict(str(a).partition("=")[::2] for a in cfg.lr_scheduler_args or [])
+        args = {k.strip(): v.strip() for k, _, v in (str(a).partition("=") for a in cfg.lr_scheduler_args or [])}
         try:
-            make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), name, 0, 10,
-                           args={k.strip(): v.strip() for k, v in args.items()}, lr_init=cfg.learning_rate)
+            polynomial_end_ratio(args, cfg.learning_rate)
         except ValueError as e:
             return [str(e)]
     return []
