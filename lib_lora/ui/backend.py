@@ -27,6 +27,13 @@ from ..train.config import parse_train_config
 from ..train.saving import output_dir_problem
 
 
+def same_model(a: dict, b: dict) -> bool:
+    """Two model records name the same checkpoint: by hash when both have one, else by name."""
+    if a.get("hash") and b.get("hash"):
+        return a["hash"] == b["hash"]
+    return a.get("name") == b.get("name")
+
+
 class UiError(Exception):
     """A problem the user can fix; the message says what happened and what to do."""
 
@@ -454,11 +461,7 @@ class LocalBackend:
     def _trained_model(self, job) -> list[str]:
         """A checkpoint loaded between queueing and starting is the one trained: the job's record says so."""
         was, now = job.model or {}, self.model_info()
-        if not now.get("loaded") or not was.get("name"):
-            return []
-        same = (was.get("hash") == now.get("hash") if was.get("hash") and now.get("hash")
-                else was.get("name") == now.get("name"))
-        if same:
+        if not now.get("loaded") or not was.get("name") or same_model(was, now):
             return []
         job.model = now
         return [f"queued while {was['name']} was loaded; trained on {now.get('name')}, the checkpoint loaded when "

@@ -28,7 +28,8 @@ from ..train.images import is_image_name
 from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
-from .backend import GridStopped, UiError, describe_file, image_size, parse_numbers, write_sample_prompts
+from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, same_model,
+                      write_sample_prompts)
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
                       export_toml, form_defaults, preset_for_family)
 
@@ -122,8 +123,7 @@ def model_mismatches(info: dict, jobs: list[dict]) -> list[str]:
         m = j.get("model") or {}
         if j["status"] not in ("queued", "interrupted", "running") or not m.get("name"):
             continue
-        if (m.get("hash") and info.get("hash") and m["hash"] != info["hash"]) or \
-                (not (m.get("hash") and info.get("hash")) and m.get("name") != info.get("name")):
+        if not same_model(m, info):
             out.append(f"Job '{j['name']}' was queued with {m.get('name')} [{m.get('hash') or '?'}], but "
                        f"{info.get('name')} [{info.get('hash') or '?'}] is loaded now: it will train on the loaded "
                        "model. Load the other checkpoint first if that is not what you want.")
