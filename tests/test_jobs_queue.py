@@ -217,3 +217,39 @@ def test_a_queue_stopped_under_a_running_job_keeps_it_to_go_on_later(tmp_path):
     assert q3.wait_idle(10)
     q3.stop(5)
     assert q3.get(b.id).status == CANCELLED
+
+
+def test_a_full_disk_under_the_queue_file_stops_neither_the_job_nor_the_queue(tmp_path, monkeypatch, capsys):
+    """The queue is saved after events; when the disk fills mid-job the save fails: the running job still ends
+    (with a note), the next one runs, the console says so once, and saving resumes when there is room."""
+    import errno
+
+    import lib_lora.jobs.queue as queue_mod
+    real = queue_mod.write_atomic
+    full = {"now": False}
+
+    def write_atomic(path, *a, **k):
+        if full["now"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **k)
+    monkeypatch.setattr(queue_mod, "write_atomic", write_atomic)
+
+    def runner(job, emit, should_cancel):
+        full["now"] = job.name == "a"  # fills during the first job, freed for the second
+        emit(TrainEvent("note", message="a note"))
+        emit(TrainEvent("step", step=1, total=1, epoch=1, epochs=1, loss=1.0))
+        return TrainResult("done", ["out.safetensors"], "out.safetensors", 1, [], ["a note"])
+    q = JobQueue(str(tmp_path), runner, autostart=False)
+    a, b = q.submit({"output_name": "a"}), q.submit({"output_name": "b"})
+    q.start()
+    assert q.wait_idle(20)
+    q.stop(5)
+    assert q.get(a.id).status == DONE and q.get(b.id).status == DONE
+    problem = (f"the job queue could not be saved to {q.path} (the disk is full); it goes on running, but a WebUI "
+               "restart would not bring back what changed since. Free some space")
+    assert q.get(a.id).notes == ["a note", problem] and q.get(b.id).notes == ["a note"]
+    out = capsys.readouterr().out
+    assert out.count(problem) == 1 and "LoRA Studio: the job queue is saved again" in out
+    assert q.save_error is None
+    saved = {j["name"]: j["status"] for j in json.load(open(q.path))["jobs"]}
+    assert saved == {"a": DONE, "b": DONE}

@@ -320,8 +320,8 @@ def test_output_folder_and_disk_space_are_checked_before_the_first_step(sd1, tmp
     usage = namedtuple("usage", "total used free")
     with monkeypatch.context() as m:
         m.setattr(saving.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9, 100_000))
-        with pytest.raises(TrainingError, match=r"has 0\.1 MiB free; the trained LoRA and a resume state needs "
-                                                r"about .* MiB\. Free some space .* Nothing was trained"):
+        with pytest.raises(TrainingError, match=r"has 0\.1 MiB free; about .* MiB is needed for the trained LoRA "
+                                                r"and a resume state\. Free some space .* Nothing was trained"):
             run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "c"), img, max_train_epochs=2), on_event=on_event)
     assert steps == []
     # (room for the final file and a state, about 9 MiB here, not for three of each)
@@ -330,7 +330,7 @@ def test_output_folder_and_disk_space_are_checked_before_the_first_step(sd1, tmp
         m.setattr(saving.shutil, "disk_usage", lambda p: usage(10 ** 9, 0, 20 * 2 ** 20))
         res = run_training(ModelHost(sd1, "m"), cfg)
     assert res.status == "done"
-    assert any("this run's 3 LoRA file(s) and 3 state(s) needs about" in n for n in res.notes), res.notes
+    assert any("is needed for this run's 3 LoRA file(s) and 3 state(s)" in n for n in res.notes), res.notes
 
 
 def test_resume_with_more_epochs_trains_to_the_new_end_and_another_network_is_refused(sd1, tmp_path):
@@ -378,6 +378,104 @@ def test_a_cancel_whose_state_cannot_be_written_says_so(sd1, tmp_path, monkeypat
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2),
                      on_event=lambda e: e.kind == "step" and seen.update(step=e.step),
                      should_cancel=lambda: seen["step"] >= 1)
+
+
+def _full_disk_after(monkeypatch, fails):
+    """save_lora / the state writer fail with ENOSPC for the file names ``fails(name)`` says, as a full disk does."""
+    import errno
+
+    import lib_lora.train.saving as saving
+    import lib_lora.train.trainer as trainer_mod
+    real_save_lora, real_write = trainer_mod.save_lora, saving.write_atomic
+    tried = []
+
+    def no_space(path):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(os.path.dirname(path), ".x.tmp"))
+
+    def save_lora(path, *a, **k):
+        tried.append(os.path.basename(path))
+        if fails(os.path.basename(path)):
+            from lib_lora.formats.errors import LoraFileError
+            try:
+                no_space(path)
+            except OSError as e:  # (what save_file_atomic raises on ENOSPC)
+                raise LoraFileError(f"the disk is full: could not write {os.path.basename(path)}", path) from e
+        return real_save_lora(path, *a, **k)
+
+    def write_atomic(path, *a, **k):
+        tried.append(os.path.basename(path))
+        if fails(os.path.basename(path)):
+            no_space(path)
+        return real_write(path, *a, **k)
+    monkeypatch.setattr(trainer_mod, "save_lora", save_lora)
+    monkeypatch.setattr(saving, "write_atomic", write_atomic)
+    return tried
+
+
+def test_a_full_disk_costs_the_saves_it_blocks_not_the_run(sd1, tmp_path, monkeypatch):
+    """The disk fills mid-run: an epoch save (and its state) that cannot be written is said and skipped, training
+    goes on; the final LoRA waits for room (tried again until it fits) instead of throwing the finished training
+    away; a final state that does not fit is said, the LoRA is kept. The host model is untouched."""
+    import lib_lora.train.trainer as trainer_mod
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    before = state_fingerprint(sd1)
+    monkeypatch.setattr(trainer_mod.Trainer, "final_save_retry_s", 0.01)
+    final_tries = []
+
+    def fails(name):
+        if name == "svs.safetensors":
+            final_tries.append(name)
+            return len(final_tries) <= 2  # room is made while it waits
+        return name in ("svs-000001.safetensors", "svs-000001-state.lsstate", "svs-final-state.lsstate")
+    tried = _full_disk_after(monkeypatch, fails)
+    steps = []
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=3, save_every_n_epochs=1,
+                                                  save_state=True),
+                       on_event=lambda e: e.kind == "step" and steps.append(e.step))
+    assert res.status == "done" and steps == [1, 2, 3], (res.status, steps)
+    out = str(tmp_path / "a" / "out")
+    assert sorted(os.listdir(out)) == ["svs-000002-state.lsstate", "svs-000002.safetensors", "svs.safetensors"]
+    assert res.final == os.path.join(out, "svs.safetensors") and res.state_file is None
+    assert len(final_tries) == 3 and tried.count("svs.safetensors") == 3
+    notes = "\n".join(res.notes)
+    assert (f"could not write svs-000001.safetensors to {out}: the disk is full. Training goes on and the next save "
+            "tries again") in notes
+    assert "could not write the state of epoch 1" in notes and "could not write the final state" in notes
+    assert (f"could not write the final LoRA svs.safetensors to {out}: the disk is full. The training is finished "
+            "and kept in memory: free some space and it is written") in notes
+    assert state_fingerprint(sd1) == before
+
+
+def test_a_final_lora_that_never_fits_fails_after_the_wait_and_a_cancel_keeps_a_state(sd1, tmp_path, monkeypatch):
+    """No room ever: after the wait the run fails naming the newest file it saved. A cancel while it waits saves a
+    resumable state (room for it here) that then only writes the final LoRA."""
+    import lib_lora.train.trainer as trainer_mod
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    before = state_fingerprint(sd1)
+    monkeypatch.setattr(trainer_mod.Trainer, "final_save_retry_s", 0.01)
+    monkeypatch.setattr(trainer_mod.Trainer, "final_save_wait_s", 0.2)
+    _full_disk_after(monkeypatch, lambda name: name == "svs.safetensors")
+    with pytest.raises(TrainingError, match=r"the final LoRA svs.safetensors could not be written to .*: the disk "
+                                            r"is full, still after .* minutes of waiting; the newest saved file is "
+                                            r"svs-000001.safetensors\. Free some space"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2, save_every_n_epochs=1))
+    assert state_fingerprint(sd1) == before
+
+    monkeypatch.setattr(trainer_mod.Trainer, "final_save_wait_s", 60.0)
+    waiting = {"now": False}
+
+    def on_event(e):
+        if e.kind == "note" and "could not write the final LoRA" in e.message:
+            waiting["now"] = True
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=2),
+                       on_event=on_event, should_cancel=lambda: waiting["now"])
+    assert res.status == "cancelled" and res.state_file.endswith("svs-cancelled-state.lsstate")
+    monkeypatch.undo()  # room again: resuming writes the final LoRA without training a step
+    steps = []
+    again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=2),
+                         resume=res.state_file, on_event=lambda e: e.kind == "step" and steps.append(e.step))
+    assert again.status == "done" and steps == [] and os.path.exists(again.final)
+    assert state_fingerprint(sd1) == before
 
 
 def test_seed_minus_one_draws_a_random_seed_and_says_which(sd1, tmp_path):

@@ -7,6 +7,7 @@ tab all drive this same object and read the same events.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -104,6 +105,7 @@ class JobQueue:
         self._listeners = []
         self.jobs: list[Job] = []
         self.load_error: str | None = None
+        self.save_error: str | None = None
         self._load()
         self._thread = None
         self._stop = False
@@ -133,8 +135,25 @@ class JobQueue:
             self.jobs.append(job)
 
     def _save(self):
+        """Best effort: the queue in memory is the one that runs; a full disk must not stop it or its job."""
         data = {"version": 1, "jobs": [asdict(j) for j in self.jobs]}
-        write_atomic(self.path, lambda f: json.dump(data, f, indent=1, default=str), prefix=".queue-", suffix=".json")
+        try:
+            write_atomic(self.path, lambda f: json.dump(data, f, indent=1, default=str), prefix=".queue-",
+                         suffix=".json")
+        except OSError as e:
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            problem = (f"the job queue could not be saved to {self.path} ({why}); it goes on running, but a WebUI "
+                       "restart would not bring back what changed since. Free some space")
+            if problem != self.save_error:
+                print(f"LoRA Studio: {problem}", flush=True)
+                for j in self.jobs:
+                    if j.status == RUNNING and problem not in j.notes:
+                        j.notes.append(problem)
+            self.save_error = problem
+            return
+        if self.save_error:
+            print("LoRA Studio: the job queue is saved again", flush=True)
+            self.save_error = None
 
     # ---- public operations --------------------------------------------------------------------------------
     def subscribe(self, fn):
@@ -266,7 +285,8 @@ class JobQueue:
                 job.files = [f for f in dict.fromkeys(job.files + ran) if f in ran or os.path.exists(f)]
                 job.resume_state = getattr(result, "state_file", None)
                 job.resume_step = getattr(result, "steps", None) if job.resume_state else None
-                job.notes = list(dict.fromkeys(job.kept_notes + list(getattr(result, "notes", job.notes))))
+                job.notes = list(dict.fromkeys(job.kept_notes + list(getattr(result, "notes", job.notes))
+                                               + [n for n in job.notes if n == self.save_error]))
                 job.message = ("finished" if job.status != CANCELLED else
                                "cancelled; the work so far is kept as a resumable state" if job.resume_state else
                                "cancelled before the first step; nothing was trained")

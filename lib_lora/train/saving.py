@@ -174,8 +174,8 @@ def disk_space_problem(path: str, needed: int, what: str) -> str | None:
         return None
     if free >= needed:
         return None
-    return (f"the disk holding {path} has {free / 2**20:.1f} MiB free; {what} needs about {needed / 2**20:.1f} MiB. "
-            "Free some space or choose another output folder")
+    return (f"the disk holding {path} has {free / 2**20:.1f} MiB free; about {needed / 2**20:.1f} MiB is needed "
+            f"for {what}. Free some space or choose another output folder")
 
 
 STATE_EXT = "-state.lsstate"  # (not .pt: the WebUI's Lora page and other tools list every .pt as a LoRA)
@@ -210,8 +210,10 @@ def save_state(path: str, state: dict):
     except OSError as e:
         folder = os.path.dirname(os.path.abspath(path))
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise StateFileError(f"could not write the resumable state {os.path.basename(path)} to {folder}: {why}. "
-                             "Free some space or make the folder writable") from None
+        err = StateFileError(f"could not write the resumable state {os.path.basename(path)} to {folder}: {why}. "
+                             "Free some space or make the folder writable")
+        err.why = why
+        raise err from None
 
 
 class StateFileError(ValueError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import errno
 import hashlib
 import inspect
 import json
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..formats.errors import LoraFileError
 from ..formats.safetensors_io import ABSURD_VALUE, load_tensors, read_metadata, save_file_atomic
 from .attention import sdpa_attention
 from .captions import process_caption
@@ -59,6 +61,22 @@ class TrainingError(RuntimeError):
 
 class Cancelled(Exception):
     pass
+
+
+class SaveWriteError(TrainingError):
+    """A file of the run could not be written (full disk, folder gone or read-only); ``why`` says which."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why a save failed when the disk or folder is to blame (not the data), else None."""
+    cause = e if isinstance(e, OSError) else e.__cause__
+    if not isinstance(cause, OSError):
+        return None
+    return "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
 
 
 def _mask_path(entry) -> str | None:
@@ -190,6 +208,9 @@ class PlanData:
 
 
 class Trainer:
+    final_save_wait_s = 600.0  # how long a finished run waits for room for its final LoRA
+    final_save_retry_s = 10.0
+
     def __init__(self, host, cfg, plan, *, on_event=None, should_cancel=None, device: torch.device | None = None,
                  sample_fn=None, fast=None):
         self.host = host
@@ -1185,11 +1206,54 @@ class Trainer:
                     self._note(f"{path_name}: {len(over)} tensors (e.g. {over[0]}) exceed the range of "
                                f"save_precision = {c.save_precision} and would turn infinite (a black-image LoRA); "
                                "this file is written in bf16 instead")
-                save_lora(path, sd, md, spec)
+                try:
+                    save_lora(path, sd, md, spec)
+                except LoraFileError as e:
+                    why = _write_failure(e)
+                    if why is None:
+                        raise
+                    raise SaveWriteError(str(e), why) from None
                 self.files.append(path)
                 self._emit("save", step=step, epoch=epoch_no, path=path,
                            message=f"saved {path_name}; {self._match_summary(path)}")
                 return path
+
+            def save_or_go_on(fn, *args, what: str):
+                """An intermediate save that cannot be written costs that file, not the run: said, then on."""
+                try:
+                    return fn(*args)
+                except SaveWriteError as e:
+                    self._note(f"could not write {what} to {out_dir}: {e.why}. Training goes on and the next save "
+                               "tries again; free some space before the run ends, or the final LoRA cannot be "
+                               "written either")
+                    return None
+
+            def save_final():
+                """The run's result: on a full disk (or a folder that cannot be written) it waits for the user to
+                make room, trying again, rather than throw the finished training away."""
+                fname = ckpt_name(name, None)
+                end = time.monotonic() + self.final_save_wait_s
+                while True:
+                    try:
+                        return save(fname, self.epochs, final=True)
+                    except SaveWriteError as e:
+                        if time.monotonic() >= end:
+                            kept = (f"the newest saved file is {os.path.basename(self.files[-1])}"
+                                    if self.files else "no file of this run was saved")
+                            raise TrainingError(
+                                f"the final LoRA {fname} could not be written to {out_dir}: {e.why}, still after "
+                                f"{self.final_save_wait_s / 60:g} minutes of waiting; {kept}. Free some space "
+                                "(or choose another output folder) and train again") from None
+                        self._note(f"could not write the final LoRA {fname} to {out_dir}: {e.why}. The training is "
+                                   f"finished and kept in memory: free some space and it is written, trying again "
+                                   f"every {self.final_save_retry_s:g} s for up to {self.final_save_wait_s / 60:g} "
+                                   "minutes. Cancel (Ctrl-C on the command line) to give up (it saves a resumable "
+                                   "state if there is room for it)")
+                    pause = time.monotonic() + self.final_save_retry_s
+                    while time.monotonic() < min(pause, end):
+                        if self.should_cancel():
+                            raise Cancelled()
+                        time.sleep(0.05)
 
             save_every_epochs = c.save_every_n_epochs
             if c.save_n_epoch_ratio:  # sd-scripts: at least this many saves over the run; overrides the above
@@ -1222,7 +1286,7 @@ class Trainer:
                         "end_step": self.end_step, "total_steps": self.total_steps,
                         "losses": self.losses, "rng": rng_state(), "config_source": c.source})
                 except StateFileError as e:  # (a full disk, a folder gone read-only: said, not a traceback)
-                    raise TrainingError(str(e)) from None
+                    raise SaveWriteError(str(e), getattr(e, "why", None) or str(e)) from None
                 # (the queue keeps the newest: a job cut off by a WebUI restart continues from it)
                 self._emit("state", step=step, epoch=epoch_no, path=path)
                 return path
@@ -1286,14 +1350,15 @@ class Trainer:
                                        extra=extra or {})
                         loss_acc = None
                         if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < self.end_step:
-                            save(step_ckpt_name(name, step), epoch)
+                            save_or_go_on(save, step_ckpt_name(name, step), epoch, what=step_ckpt_name(name, step))
                             if c.save_last_n_steps:
                                 for f in prune_old_steps(out_dir, name, step, c.save_last_n_steps):
                                     self._note(f"removed old save {f} (keep saves of the last "
                                                f"{c.save_last_n_steps} steps)")
                             if c.save_state:  # sd-scripts saves the state with each step save too
                                 at = (epoch, b_idx + 1) if b_idx + 1 < len(batches) else (epoch + 1, 0)
-                                save_resume(*at, f"step{step:08d}")
+                                save_or_go_on(save_resume, *at, f"step{step:08d}",
+                                              what=f"the state of step {step}")
                                 keep = c.save_last_n_steps_state or c.save_last_n_steps
                                 for f in prune_old_steps(out_dir, name, step, keep or 0, ext=STATE_EXT):
                                     self._note(f"removed old state {f} (keep states of the last {keep} steps)")
@@ -1317,9 +1382,10 @@ class Trainer:
                     if last:
                         break
                     if save_every_epochs and epoch % save_every_epochs == 0:
-                        save(ckpt_name(name, epoch), epoch)
+                        save_or_go_on(save, ckpt_name(name, epoch), epoch, what=ckpt_name(name, epoch))
                         if c.save_state:
-                            save_resume(epoch + 1, 0, f"{epoch:06d}")
+                            save_or_go_on(save_resume, epoch + 1, 0, f"{epoch:06d}",
+                                          what=f"the state of epoch {epoch}")
                         if c.save_last_n_epochs:
                             for f in prune_old(out_dir, name, c.save_last_n_epochs,
                                                with_state=not c.save_last_n_epochs_state):
@@ -1328,9 +1394,9 @@ class Trainer:
                             for f in prune_old(out_dir, name, c.save_last_n_epochs_state, ext=STATE_EXT):
                                 self._note(f"removed old state {f} (keep last {c.save_last_n_epochs_state})")
                 net.eval()
-                final = save(ckpt_name(name, None), self.epochs, final=True)
-                if c.save_state or c.save_state_on_train_end:
-                    state_file = save_resume(self.epochs + 1, 0, "final")
+                final = save_final()
+                if c.save_state or c.save_state_on_train_end:  # (the LoRA is saved: a missing state is said)
+                    state_file = save_or_go_on(save_resume, self.epochs + 1, 0, "final", what="the final state")
                 if self.should_cancel():  # (asked for during the last step or the last samples: nothing was left)
                     self._note(f"the cancel came after the last training step, so the run finished: all {step} "
                                "steps are trained and the final LoRA is saved"

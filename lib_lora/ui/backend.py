@@ -396,7 +396,7 @@ class LocalBackend:
         self.queue.move(job_id, max(0, waiting.index(job_id) + int(delta)))
 
     def queue_problem(self) -> str | None:
-        return self.queue.load_error
+        return self.queue.load_error or self.queue.save_error
 
     def stop(self, timeout: float | None = 5.0) -> None:
         self.queue.stop(timeout)
