@@ -1,6 +1,7 @@
 """Headless sampler: sd-scripts prompt files, closed-form checks of DDIM / Euler, determinism on the tiny model."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -182,3 +183,22 @@ def test_ddim_on_the_tiny_model_is_deterministic_per_seed(host, tmp_path):
     assert not np.array_equal(a[0], a[1])                          # other seed, other image
     info = Image.open(paths[0]).text["parameters"]
     assert "Negative prompt: blurry" in info and "Seed: 11" in info and "Sampler: DDIM" in info
+
+
+def test_a_sample_picture_that_does_not_fit_leaves_nothing_behind(tmp_path):
+    """A full disk mid-write: the error is raised (the trainer turns it into a note) and no temp file stays."""
+    import errno
+
+    from PIL import Image
+
+    from lib_lora.train.sampling import save_png
+
+    class Full:
+        def save(self, f, **kw):
+            Image.new("RGB", (8, 8)).save(f, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError):
+        save_png(Full(), str(tmp_path / "a.png"), "prompt")
+    assert os.listdir(tmp_path) == []
+    assert save_png(Image.new("RGB", (8, 8)), str(tmp_path / "b.png"), "prompt") == str(tmp_path / "b.png")
+    assert os.listdir(tmp_path) == ["b.png"] and Image.open(tmp_path / "b.png").text["parameters"] == "prompt"

@@ -446,6 +446,73 @@ def test_a_full_disk_costs_the_saves_it_blocks_not_the_run(sd1, tmp_path, monkey
     assert state_fingerprint(sd1) == before
 
 
+def test_a_full_disk_costs_the_latent_disk_cache_and_sample_pictures_only(sd1, tmp_path, monkeypatch):
+    """cache_latents_to_disk and sample images are conveniences: when they cannot be written the run says so and
+    trains on (latents kept in memory)."""
+    import errno
+
+    import lib_lora.train.trainer as trainer_mod
+    from lib_lora.formats.errors import LoraFileError
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+
+    def no_space(tensors, path, metadata=None):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise LoraFileError("the disk is full", path) from e
+    monkeypatch.setattr(trainer_mod, "save_file_atomic", no_space)
+    sampled = []
+
+    def sample_fn(epoch=None, step=None):
+        sampled.append(epoch)
+        raise OSError(errno.ENOSPC, "No space left on device", "/x/sample.png")
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2,
+                                                  cache_latents_to_disk=True, sample_every_n_epochs=1),
+                       sample_fn=sample_fn)
+    assert res.status == "done" and res.steps == 2 and sampled == [1, 2]
+    cache = os.path.join(str(tmp_path / "a" / "out"), ".lora-studio-cache", "latents")
+    assert (f"the latent disk cache in {cache} could not be written (the disk is full); this run keeps its latents in "
+            "memory, the next one encodes the missing ones again") in res.notes
+    assert "the sample images of epoch 1 could not be written (the disk is full); training goes on" in res.notes
+    assert os.listdir(cache) == []
+
+
+def test_a_loss_log_that_stops_fitting_is_said_and_training_goes_on(sd1, tmp_path, monkeypatch):
+    """logging_dir's CSV: a folder that cannot be written refuses the run before it starts; a disk that fills
+    mid-run stops the log (rows so far kept), not the run."""
+    import errno
+
+    import lib_lora.train.saving as saving
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TrainingError, match=r"logging_dir: the loss log .*losses.csv cannot be written \(.*\); "
+                                            r"choose a folder you can write to, or leave logging_dir empty"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1,
+                                               logging_dir=str(tmp_path / "afile")))
+
+    class Filling:
+        def __init__(self, f):
+            self.f, self.rows = f, 0
+
+        def write(self, text):
+            self.rows += 1
+            if self.rows > 3:  # header + two rows fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+    monkeypatch.setattr(saving, "open", lambda *a, **k: Filling(open(*a, **k)), raising=False)
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=2, train_batch_size=1,
+                                                  logging_dir=str(tmp_path / "logs")))
+    assert res.status == "done" and res.steps == 8
+    assert any(n.startswith("the loss log ") and n.endswith("stopped at step 3 (the disk is full); training goes on")
+               for n in res.notes), res.notes
+    (run_dir,) = os.listdir(tmp_path / "logs")
+    rows = open(tmp_path / "logs" / run_dir / "losses.csv").read().splitlines()
+    assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
 def test_a_final_lora_that_never_fits_fails_after_the_wait_and_a_cancel_keeps_a_state(sd1, tmp_path, monkeypatch):
     """No room ever: after the wait the run fails naming the newest file it saved. A cancel while it waits saves a
     resumable state (room for it here) that then only writes the final LoRA."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..formats.errors import LoraError
+from ..formats.safetensors_io import write_atomic
 from .fp8 import compute_dtype, is_fp8
 
 DEFAULTS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 7.5}  # sd-scripts' sample_image_inference
@@ -413,9 +414,8 @@ def save_png(img, path: str, text: str | None = None) -> str:
     if text:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", text)
-    tmp = path + ".tmp"
-    img.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    # (a full disk leaves no half picture nor temp file behind)
+    write_atomic(path, lambda f: img.save(f, format="PNG", pnginfo=info), binary=True, suffix=".png.tmp")
     return path
 
 

@@ -3,6 +3,7 @@ hashes, sd-scripts file naming, keep-last-N pruning, atomic writes; plus the ful
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -209,7 +210,7 @@ def save_state(path: str, state: dict):
         write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".tmp", fsync=True)
     except OSError as e:
         folder = os.path.dirname(os.path.abspath(path))
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        why = _why(e)
         err = StateFileError(f"could not write the resumable state {os.path.basename(path)} to {folder}: {why}. "
                              "Free some space or make the folder writable")
         err.why = why
@@ -270,11 +271,16 @@ class CsvLog:
 
     def __init__(self, logging_dir: str, prefix: str | None, started: float):
         self.folder = os.path.join(logging_dir, f"{prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime(started))}")
-        os.makedirs(self.folder, exist_ok=True)
         self.path = os.path.join(self.folder, "losses.csv")
-        self._f = open(self.path, "a", encoding="utf-8", newline="")
-        if self._f.tell() == 0:
-            self._f.write(",".join(self.COLUMNS) + "\n")
+        self.failed: str | None = None  # why the log stopped (a full disk mid-run): the run goes on without it
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8", newline="")
+            if self._f.tell() == 0:
+                self._f.write(",".join(self.COLUMNS) + "\n")
+        except OSError as e:
+            raise ValueError(f"logging_dir: the loss log {self.path} cannot be written ({_why(e)}); choose a "
+                             "folder you can write to, or leave logging_dir empty. Nothing was trained") from None
 
     def event(self, e):
         if e.kind == "step":
@@ -284,9 +290,19 @@ class CsvLog:
             row = {"step": e.step, "epoch": e.epoch, "val_loss": e.loss}
         else:
             return
-        self._f.write(",".join("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float)
-                                                              else str(row[c])) for c in self.COLUMNS) + "\n")
-        self._f.flush()
+        if self.failed:
+            return
+        try:
+            self._f.write(",".join("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float)
+                                                                  else str(row[c])) for c in self.COLUMNS) + "\n")
+            self._f.flush()
+        except OSError as e:
+            self.failed = _why(e)
 
     def close(self):
-        self._f.close()
+        with contextlib.suppress(OSError):  # (rows that did not fit were said when they failed)
+            self._f.close()
+
+
+def _why(e: OSError) -> str:
+    return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))

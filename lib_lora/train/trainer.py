@@ -686,9 +686,19 @@ class Trainer:
         if z is None:
             z = self._vae_encode(px)[0]
         if path:  # (a file from an older version without the size numbers is rewritten with them)
-            save_file_atomic({"latent": z.contiguous()}, path,
-                             {"image": os.path.basename(s.path), "size_cond": json.dumps(cond)})
+            self._write_latent(path, z.contiguous(), s, cond)
         return z, cond, mask
+
+    def _write_latent(self, path: str, z, s, cond) -> None:
+        """cache_latents_to_disk saves time on the next run; a file it cannot write (full disk) costs only that."""
+        try:
+            save_file_atomic({"latent": z}, path, {"image": os.path.basename(s.path), "size_cond": json.dumps(cond)})
+        except LoraFileError as e:
+            why = _write_failure(e)
+            if why is None:
+                raise
+            self._note(f"the latent disk cache in {os.path.dirname(path)} could not be written ({why}); this run "
+                       "keeps its latents in memory, the next one encodes the missing ones again")
 
     @staticmethod
     def _needs_vae(s, key: str, cache_dir: str | None) -> bool:
@@ -713,8 +723,7 @@ class Trainer:
         for (s, flip, key), (_, cond, mask), z in zip(picked, prepared, zs):
             z = z.contiguous()
             if cache_dir:
-                save_file_atomic({"latent": z}, os.path.join(cache_dir, key + ".safetensors"),
-                                 {"image": os.path.basename(s.path), "size_cond": json.dumps(cond)})
+                self._write_latent(os.path.join(cache_dir, key + ".safetensors"), z, s, cond)
             out[key] = (z, cond, mask)
         return out
 
@@ -821,13 +830,20 @@ class Trainer:
 
         with ExitStack() as stack:
             if c.logging_dir:
-                log = CsvLog(str(c.resolve(c.logging_dir)), c.log_prefix, started)
+                try:
+                    log = CsvLog(str(c.resolve(c.logging_dir)), c.log_prefix, started)
+                except ValueError as e:
+                    raise TrainingError(str(e)) from None
                 stack.callback(log.close)
                 inner = self.on_event
 
                 def on_event(e, inner=inner):
+                    told = log.failed
                     log.event(e)
                     inner(e)
+                    if log.failed and not told:
+                        self._note(f"the loss log {log.path} stopped at step {e.step} ({log.failed}); training "
+                                   "goes on")
                 self.on_event = on_event
                 stack.callback(setattr, self, "on_event", inner)
                 self._note(f"logging_dir: the losses are written to {log.path} (CSV; TensorBoard is not part of "
@@ -924,7 +940,12 @@ class Trainer:
 
             cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None
             if cache_dir:
-                os.makedirs(cache_dir, exist_ok=True)
+                try:
+                    os.makedirs(cache_dir, exist_ok=True)
+                except OSError as e:
+                    self._note(f"the latent disk cache {cache_dir} could not be made ({_write_failure(e)}); this "
+                               "run keeps its latents in memory")
+                    cache_dir = None
             unet = self.sd_model.model.diffusion_model
             if fp8_roots:
                 # after the network is built: DoRA starts from the full-precision weight (as under sd-scripts)
@@ -1533,6 +1554,10 @@ class Trainer:
             self._samples_cut = "should_cancel" in kwargs and self.should_cancel()
             for p in paths or []:
                 self._emit("sample", step=step, epoch=epoch, path=p)
+        except OSError as e:  # (sample pictures are a nicety: a full disk costs them, not the run)
+            why = _write_failure(e)
+            at = f"step {step}" if by_step else f"epoch {epoch}"
+            self._note(f"the sample images of {at} could not be written ({why}); training goes on")
         finally:
             net.train(was)
 

@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
+from ..formats.safetensors_io import write_atomic
 from ..jobs.queue import ACTIVE, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST, JobQueue
 from ..train.config import parse_train_config
 from ..train.saving import output_dir_problem
@@ -180,9 +181,7 @@ def preview_path(lora_path: str) -> str:
 
 def save_preview(lora_path: str, image: Image.Image) -> str:
     path = preview_path(lora_path)
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: image.save(f, format="PNG"), binary=True, suffix=".png.tmp")
     return path
 
 
