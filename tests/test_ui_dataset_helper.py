@@ -210,3 +210,47 @@ def test_a_relative_dataset_folder_is_refused_with_a_full_path_to_use(pictures, 
     assert not (tmp_path / "mydata").exists()
     with pytest.raises(UiError, match="Repeats must be whole numbers"):
         dh.plan_layout(str(tmp_path / "d"), "svs", "bear", float("inf"))
+
+
+def test_a_full_disk_leaves_no_truncated_picture_or_caption(pictures, tmp_path, monkeypatch):
+    """Copying the pictures, writing a caption and making reg images write through a temp file: when the disk
+    fills half-way the error is raised (the tab shows it) and neither a truncated picture (which a run would train
+    on) nor a temp file stays; an existing caption keeps its text."""
+    import errno
+    import shutil
+
+    def half_then_full(*a, **k):
+        f = real_fdopen(*a, **k)
+        write = f.write
+
+        def w(data):
+            write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write = w
+        return f
+    real_fdopen, real_copy = os.fdopen, shutil.copy2
+
+    def copy_half(src, dst, *a, **k):
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            d.write(s.read()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    dest = tmp_path / "dataset"
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copy2", copy_half)
+        with pytest.raises(OSError):
+            dh.create_layout(str(pictures), str(dest), "svs", "bear", 10)
+    img_dir = dest / "img" / "10_svs bear"
+    assert [n for n in os.listdir(img_dir) if n.endswith((".png", ".tmp"))] == []
+    res = dh.create_layout(str(pictures), str(dest), "svs", "bear", 10)  # room again: all of them, none "changed"
+    assert sorted(res.copied) == ["p0.png", "p1.png", "p2.png", "p3.png"] and res.conflicts == []
+
+    image = img_dir / "p0.png"
+    with monkeypatch.context() as m:
+        m.setattr(os, "fdopen", half_then_full)
+        with pytest.raises(OSError):
+            dh.write_caption(image, "svs bear, a much longer caption that does not fit")
+        with pytest.raises(OSError):
+            dh.generate_reg_images(FakeBackend(), str(dest / "reg" / "1_bear"), "a photo of a bear", 2, 7, 64, 64)
+    assert dh.read_caption(image) == "svs bear, portrait"
+    assert sorted(os.listdir(img_dir)) == ["p0.png", "p0.txt", "p1.png", "p2.png", "p3.png"]
+    assert os.listdir(dest / "reg" / "1_bear") == []

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from ..train.captions import contains_word
 from ..train.folders import parse_folder_name
 from ..train.images import is_image_name, probe_image
+from ..formats.safetensors_io import write_atomic
 from .backend import UiError, image_size
 
 _SAFE = re.compile(r"[^\w .()+-]")
@@ -125,7 +126,15 @@ def _copy_one(src: Path, dst: Path, res: CopyResult, bucket: list[str]):
         else:
             res.conflicts.append(src.name)
         return
-    shutil.copy2(src, dst)  # copy, never move: the user's originals stay as they were
+    # copy, never move: the user's originals stay as they were; through a temp file, so that a full disk leaves
+    # no truncated picture that a later run would train on
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     bucket.append(src.name)
 
 
@@ -223,9 +232,7 @@ def write_caption(image: str | Path, text: str, ext: str = ".txt") -> str:
             p.unlink()
             return f"Caption removed: {Path(image).name} will be captioned with its folder's tokens."
         return f"{Path(image).name} has no caption; it is captioned with its folder's tokens."
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    write_atomic(p, lambda f: f.write(text + "\n"), suffix=".txt.tmp")  # (a full disk keeps the old caption)
     return f"Saved the caption of {Path(image).name}."
 
 
@@ -318,7 +325,8 @@ def generate_reg_images(backend, reg_image_dir: str, prompt: str, n: int, seed: 
 
     def save(i, total, img):
         p = os.path.join(reg_image_dir, f"reg_{start + i - 1:05d}.png")
-        img.save(p)
+        # (a full disk leaves no truncated picture that a run would train on)
+        write_atomic(p, lambda f: img.save(f, format="PNG"), binary=True, suffix=".png.tmp")
         paths.append(p)
         if on_image:
             on_image(i, total, p)
