@@ -380,9 +380,11 @@ def test_a_cancel_whose_state_cannot_be_written_says_so(sd1, tmp_path, monkeypat
                      should_cancel=lambda: seen["step"] >= 1)
 
 
-def _full_disk_after(monkeypatch, fails):
-    """save_lora / the state writer fail with ENOSPC for the file names ``fails(name)`` says, as a full disk does."""
+def _full_disk_after(monkeypatch, fails, code=None):
+    """save_lora / the state writer fail with ENOSPC (or ``code``) for the file names ``fails(name)`` says, as a
+    full disk does."""
     import errno
+    code = code or errno.ENOSPC
 
     import lib_lora.train.saving as saving
     import lib_lora.train.trainer as trainer_mod
@@ -390,7 +392,7 @@ def _full_disk_after(monkeypatch, fails):
     tried = []
 
     def no_space(path):
-        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(os.path.dirname(path), ".x.tmp"))
+        raise OSError(code, os.strerror(code), os.path.join(os.path.dirname(path), ".x.tmp"))
 
     def save_lora(path, *a, **k):
         tried.append(os.path.basename(path))
@@ -527,6 +529,11 @@ def test_a_final_lora_that_never_fits_fails_after_the_wait_and_a_cancel_keeps_a_
                                             r"svs-000001.safetensors\. Free some space"):
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2, save_every_n_epochs=1))
     assert state_fingerprint(sd1) == before
+    import errno  # a folder gone read-only: the advice fits it
+    _full_disk_after(monkeypatch, lambda name: name == "svs.safetensors", errno.EROFS)
+    with pytest.raises(TrainingError, match=r"Read-only file system, still after .* minutes of waiting; no file of "
+                                            r"this run was saved\. Make the folder writable again"):
+        run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "c"), img, max_train_epochs=1))
 
     monkeypatch.setattr(trainer_mod.Trainer, "final_save_wait_s", 60.0)
     waiting = {"now": False}

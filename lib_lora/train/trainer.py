@@ -79,6 +79,10 @@ def _write_failure(e: BaseException) -> str | None:
     return "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
 
 
+def _remedy(why: str) -> str:
+    return "free some space" if why == "the disk is full" else "make the folder writable again"
+
+
 def _mask_path(entry) -> str | None:
     return str(entry.mask_path) if entry.mask_path is not None else None
 
@@ -1245,7 +1249,7 @@ class Trainer:
                     return fn(*args)
                 except SaveWriteError as e:
                     self._note(f"could not write {what} to {out_dir}: {e.why}. Training goes on and the next save "
-                               "tries again; free some space before the run ends, or the final LoRA cannot be "
+                               f"tries again; {_remedy(e.why)} before the run ends, or the final LoRA cannot be "
                                "written either")
                     return None
 
@@ -1263,10 +1267,11 @@ class Trainer:
                                     if self.files else "no file of this run was saved")
                             raise TrainingError(
                                 f"the final LoRA {fname} could not be written to {out_dir}: {e.why}, still after "
-                                f"{self.final_save_wait_s / 60:g} minutes of waiting; {kept}. Free some space "
-                                "(or choose another output folder) and train again") from None
+                                f"{self.final_save_wait_s / 60:g} minutes of waiting; {kept}. "
+                                f"{_remedy(e.why).capitalize()} (or choose another output folder) and train again"
+                            ) from None
                         self._note(f"could not write the final LoRA {fname} to {out_dir}: {e.why}. The training is "
-                                   f"finished and kept in memory: free some space and it is written, trying again "
+                                   f"finished and kept in memory: {_remedy(e.why)} and it is written, trying again "
                                    f"every {self.final_save_retry_s:g} s for up to {self.final_save_wait_s / 60:g} "
                                    "minutes. Cancel (Ctrl-C on the command line) to give up (it saves a resumable "
                                    "state if there is room for it)")
