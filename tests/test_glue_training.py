@@ -371,6 +371,57 @@ def test_a_checkpoint_picked_while_a_job_samples_does_not_load_into_it(fresh, re
     assert models.model_state_hash(ns.model) == ns.before
 
 
+def _builtin_image(ns, name, layer):
+    """A txt2img with the built-in Lora owning <lora:> (take-over off): it merges lazily in the patched forward."""
+    import torch
+    p = ns.processing.StableDiffusionProcessingTxt2Img(prompt=f"<lora:{name}:1>" if name else "")
+    p.scripts = ns.scripts.scripts_txt2img
+    def sample(p):
+        with torch.no_grad():
+            layer(torch.randn(1, layer.in_features))
+    ns.processing.process_images(p, sample=sample)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_builtin_lora_left_merged_is_neither_trained_on_nor_kept(fresh, fp8):
+    """From the real WebUI (SD1/SD2/SDXL): A1111's built-in Lora keeps its last <lora:> merged until a layer's next
+    forward. A job right after such an image trained on top of it (take-over off: a different file, no note), and
+    with take-over switched on in between, an fp8_base job left it merged for good (its FP8 swap put back the
+    merged weights after the built-in's lazy restore had run on the FP8 copy). Jobs now start from the clean model."""
+    import network
+    import torch
+    ns = fresh
+    unet = ns.model.model.diffusion_model
+    layer = unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q  # a layer both LoRAs reach
+    net = network.Network("builtin_xx")
+    net.modules = {layer.network_layer_name: network.FixedDeltaModule(net, torch.full_like(layer.weight, 0.05))}
+    ns.networks.fake_files["builtin_xx"] = net
+    extra = {"fp8_base": True} if fp8 else {}
+    clean = ns.backend.submit(config(ns, f"clean{fp8}", **extra), name="clean")
+    clean = finished(ns, clean["id"])
+    assert clean["status"] == "done", clean
+    ref = ns.studio.backend.job(clean["id"])["files"][-1]
+    try:
+        ns.shared.opts.set("lora_studio_take_over", False)
+        _builtin_image(ns, "builtin_xx", layer)
+        assert models.model_state_hash(ns.model) != ns.before  # merged, as A1111 leaves it
+        if fp8:  # the user switches take-over on without making an image in between
+            ns.shared.opts.set("lora_studio_take_over", True)
+        job = ns.backend.submit(config(ns, f"after{fp8}", **extra), name="after")
+        job = finished(ns, job["id"])
+        assert job["status"] == "done", job
+        from safetensors.torch import load_file
+        a, b = load_file(ref), load_file(job["files"][-1])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "trained on the built-in's merge"
+        assert models.model_state_hash(ns.model) == ns.before, "the built-in's LoRA was left in the model"
+        _builtin_image(ns, "", layer)  # and the built-in is fine with it: an image without <lora:> stays clean
+        assert models.model_state_hash(ns.model) == ns.before
+        assert ns.networks.loaded_networks == []
+    finally:
+        ns.shared.opts.set("lora_studio_take_over", True)
+        ns.networks.fake_files.pop("builtin_xx", None)
+
+
 def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
     ns = fresh
     images = ns.backend.generate("a cat", 2, 7, 64, 48, steps=3)
@@ -539,4 +590,5 @@ def test_a_network_that_cannot_fit_the_loaded_model_is_not_queued(fresh, tmp_pat
     finally:
         ns.shared.opts.lora_studio_api_roots = ""
     assert len(ns.backend.jobs()) == before and models.model_state_hash(ns.model) == ns.before
+
 

@@ -201,7 +201,7 @@ class Session:
                 self.host.console("handling <lora:…> and <lyco:…> tags; the built-in Lora is kept idle "
                                   "(setting 'lora_studio_take_over' switches back to it).")
             self.took_over = True
-            self.host.neutralise_builtin((), clear_loaded=True)
+            self.release_builtin()
             mute = getattr(self.host, "mute_builtin_paste", None)
             if mute is not None:
                 mute(lambda: self.took_over)
@@ -247,6 +247,15 @@ class Session:
         else:
             self._report_result(self._patcher.restore(), None)  # e.g. cached on CPU: leave it clean
         self.applied = []
+
+    def release_builtin(self, model=None) -> int:
+        """Put back what the built-in Lora merged, on every layer of the (loaded) model, and empty its list: it keeps
+        its last <lora:> merged until a layer's next forward, so a take-over or a training job would otherwise keep
+        that merge for good or train on top of it. Its next image loads what its prompt names again."""
+        model = model if model is not None else getattr(self.host, "loaded_model", lambda: None)()
+        if model is None:
+            return self.host.neutralise_builtin((), clear_loaded=True)
+        return self.host.neutralise_builtin(list(model.modules()), clear_loaded=True)
 
     def restore(self):
         if self._patcher is not None:

@@ -60,7 +60,9 @@ class WebUIHost(ModelHost):
 
         st = shared().state
         with call_queue.queue_lock:
-            # our own <lora:> merges must not be trained into (and later restored over) a new LoRA
+            # no <lora:> merge, the built-in's (on top, so first) or ours, may be trained into (and later restored
+            # over) a new LoRA
+            self.session.release_builtin(self.sd_model)
             self.session.restore()
             st.begin(job="lora-studio")
             try:

@@ -8,6 +8,7 @@ device = cpu
 dtype = torch.float32
 dtype_vae = torch.float32
 dtype_unet = torch.float32
+fp8 = False  # (A1111: set while an fp8 model is loaded; its samples then compute FP8 weights)
 
 
 def torch_gc():
