@@ -422,6 +422,29 @@ def test_a_builtin_lora_left_merged_is_neither_trained_on_nor_kept(fresh, fp8):
         ns.networks.fake_files.pop("builtin_xx", None)
 
 
+def test_the_latent_disk_cache_stays_out_of_the_lora_folder(fresh):
+    """From the real WebUI: cache_latents_to_disk wrote <output_dir>/.lora-studio-cache/latents/*.safetensors,
+    which in the LoRA folder A1111 lists as LoRAs (/sdapi/v1/loras) and shows as folder buttons. In the WebUI the
+    cache lives beside A1111's own caches; a second job reads it; an old cache folder is pointed out."""
+    from lib_lora.host.webui import data_dir
+    ns = fresh
+    out = os.path.join(ns.shared.cmd_opts.lora_dir, "cached")
+    cache = os.path.join(data_dir(), "latents")
+    job = finished(ns, ns.backend.submit(config(ns, "cached", output_dir=out, cache_latents_to_disk=True),
+                                         name="cached")["id"])
+    assert job["status"] == "done", job
+    assert sorted(os.listdir(out)) == ["cached.safetensors"]
+    made = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
+    assert made and all(f.endswith(".safetensors") for f in made)
+    os.makedirs(os.path.join(out, ".lora-studio-cache", "latents"))  # what an earlier version left there
+    again = finished(ns, ns.backend.submit(config(ns, "cached", output_dir=out, cache_latents_to_disk=True),
+                                           name="again")["id"])
+    assert again["status"] == "done", again
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == made  # read, not rewritten
+    assert any(n.startswith(f"{os.path.join(out, '.lora-studio-cache')} holds latents cached by an earlier version; "
+                            f"this run caches in {cache}") for n in again["notes"]), again["notes"]
+    assert models.model_state_hash(ns.model) == ns.before
+
 def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
     ns = fresh
     images = ns.backend.generate("a cat", 2, 7, 64, 48, steps=3)

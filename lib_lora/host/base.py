@@ -33,6 +33,9 @@ class ModelHost:
         """Identifies the weights for cache validation (latents depend on the VAE)."""
         return self.model_sha256 or self.model_legacy_hash or f"{self.model_name}:{id(self.sd_model)}"
 
+    # cache_latents_to_disk's folder; None: ``.lora-studio-cache/latents`` in the run's output folder
+    latent_cache_dir: str | None = None
+
     @property
     def parameterization(self) -> str:
         return getattr(self.sd_model, "parameterization", "eps")

@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .base import ModelHost
-from .webui import cmd_opt, forge_info, loaded_model, model_held, opt, shared
+from .webui import cmd_opt, data_dir, forge_info, loaded_model, model_held, opt, shared
 
 # attention replacements that support backward without surprises; others are swapped for the stock one
 _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
@@ -72,6 +72,12 @@ class WebUIHost(ModelHost):
                 st.end()
                 st.interrupted = False  # as wrap_gradio_gpu_call: an Interrupt ends this job, not the next one
                 devices.torch_gc()
+
+    @property
+    def latent_cache_dir(self) -> str:
+        """Beside A1111's own caches, not in the LoRA folder: the WebUI lists every .safetensors there as a LoRA
+        and every subfolder as a button on the card pages. (Keys hold the image, its settings and the model.)"""
+        return os.path.join(data_dir(), "latents")
 
     # the trainer reads these when the training config leaves them unset (Settings -> LoRA Studio)
     def _speed(self):

@@ -942,7 +942,14 @@ class Trainer:
                                + "; this extension's <lora:>, LyCORIS and ComfyUI apply all of it")
             self._emit("start", message=f"{kind} for {net.counts()} modules; seed {seed}")
 
-            cache_dir = os.path.join(out_dir, ".lora-studio-cache", "latents") if c.cache_latents_to_disk else None
+            cache_dir = None
+            if c.cache_latents_to_disk:
+                cache_dir = (getattr(self.host, "latent_cache_dir", None)
+                             or os.path.join(out_dir, ".lora-studio-cache", "latents"))
+                old = os.path.join(out_dir, ".lora-studio-cache")
+                if os.path.isdir(old) and os.path.abspath(os.path.dirname(cache_dir)) != os.path.abspath(old):
+                    self._note(f"{old} holds latents cached by an earlier version; this run caches in {cache_dir}. "
+                               "In the WebUI's LoRA folder its files show up as LoRAs: delete that folder")
             if cache_dir:
                 try:
                     os.makedirs(cache_dir, exist_ok=True)
