@@ -281,3 +281,58 @@ def test_generating_while_a_job_trains_is_refused_at_once_with_what_to_do():
     out = list(render(T.job_label(be.list[1]), [f"{describe_file(done)}: job_b-000001.safetensors"], "svs bear",
                       "", "1", "1", 64, 64, 2))
     assert "busy training &#x27;job_a&#x27;" in out[-1][_by_id(outs, "lora_studio_r_status")]
+
+
+class SwitchingBackend(FakeBackend):
+    """The WebUI's checkpoint changes after the tab was built (A1111 builds the UI once, at start-up)."""
+    info = {"loaded": True, "name": "tiny-sd1", "hash": "92fa3d53d9", "family": "sd1", "parameterization": "eps"}
+
+    def model_info(self):
+        return dict(self.info)
+
+    def queue_problem(self):
+        return None
+
+
+def _load_handler(blocks, name):
+    return next(fn.fn for dep, fn in zip(blocks.dependencies, blocks.fns)
+                if dep["trigger"] == "load" and fn.fn.__name__ == name)
+
+
+def test_the_form_follows_the_checkpoint_loaded_when_the_page_opens():
+    """From the real WebUI: built while SD1 was loaded, the form kept SD1.5 defaults (512 px) after a switch to
+    SDXL, also on a freshly loaded page. A page load now starts from the loaded model's preset; a form that may
+    have been edited (Refresh model, the poll) only gets a hint. SD2 768-v models get their 768 preset."""
+    be = SwitchingBackend()
+    blocks = T.build_tab(be)
+    comps = {c.elem_id: c for c in _components(blocks)}
+    assert comps["lora_studio_preset"].value == "SD1.5 character" and comps["lora_studio_resolution"].value == "512"
+    follow = _load_handler(blocks, "follow_model")
+    fields = [comps[f"lora_studio_{f.key}"].value for f in T.FIELDS]
+    assert set(follow("SD1.5 character", *fields)) == {comps["lora_studio_model"]}  # same model: nothing to do
+    be.info = dict(be.info, name="tiny-sdxl", family="sdxl")
+    out = follow("SD1.5 character", *fields)
+    assert out[comps["lora_studio_preset"]] == "SDXL character" and out[comps["lora_studio_resolution"]] == "1024"
+    assert "holds the" not in out[comps["lora_studio_model"]]
+    assert out[comps["lora_studio_preset_note"]] == T.PRESET_NOTES["SDXL character"]
+    refresh, _ = _handler(blocks, "lora_studio_model_refresh")
+    hint = html.unescape(refresh("SD1.5 character"))
+    assert ("The Parameters tab holds the 'SD1.5 character' preset's settings, but SDXL is loaded: choose the "
+            "'SDXL character' preset there") in hint
+    assert "holds the" not in refresh("SDXL character")
+    be.info = dict(be.info, name="v2-768", family="sd2", parameterization="v")
+    out = follow("SD1.5 character", *fields)
+    assert out[comps["lora_studio_preset"]] == "SD2.x 768-v character" and \
+        out[comps["lora_studio_resolution"]] == "768"
+    be.info = dict(be.info, family="sd1", parameterization="eps")
+    assert "holds the" not in refresh("SD1.5 style")  # another preset of the same family is the user's choice
+
+
+def test_the_doctor_warns_about_sdxl_at_sd15_sizes(tmp_path):
+    from lib_lora.ui.doctor import settings_findings
+    from lib_lora.train.config import parse_train_config
+    cfg = parse_train_config({"train_data_dir": str(tmp_path), "resolution": 512, "output_dir": str(tmp_path)})
+    _, warnings = settings_findings(cfg, "cuda", "sdxl")
+    assert any(w.startswith("SDXL models make their pictures at about 1024x1024; a LoRA trained at 512x512")
+               for w in warnings), warnings
+    assert not any("SDXL models" in w for w in settings_findings(cfg, "cuda", "sd1")[1])

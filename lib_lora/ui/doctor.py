@@ -203,6 +203,11 @@ def settings_findings(cfg: TrainConfig, device_type: str | None,
                       "common start).")
     if not cfg.output_dir:
         errors.append("No output folder is set. Choose where the LoRA files are written.")
+    if family == "sdxl" and cfg.resolution and max(cfg.resolution) < 768:
+        w, h = cfg.resolution
+        warnings.append(f"SDXL models make their pictures at about 1024x1024; a LoRA trained at {w}x{h} learns "
+                        "the subject at a size SDXL rarely draws and looks worse at 1024. Use 1024 (the 'SDXL "
+                        "character' preset) unless you mean to.")
     from ..train.support import check_support  # the same check the trainer runs
     unsupported_errors, unsupported_notes = check_support(cfg, family)
     errors += unsupported_errors

@@ -200,6 +200,8 @@ PRESETS: dict[str, dict] = {
                        "mixed_precision": "bf16", "no_half_vae": True, "network_train_unet_only": True,
                        "text_encoder_lr": 0.0, "min_snr_gamma": 5.0, "noise_offset": 0.0357,
                        "gradient_checkpointing": True},
+    # SD2.x 768-v models were trained at 768: the character preset at their size
+    "SD2.x 768-v character": {"resolution": (768, 768), "max_bucket_reso": 1536},
 }
 PRESET_NOTES = {
     "SD1.5 character": "dim 32 / alpha 16, UNet 1e-4, text encoder 5e-5, AdamW8bit, batch 2, 10 epochs, saves every "
@@ -208,11 +210,18 @@ PRESET_NOTES = {
                    "flips, noise offset 0.05 and 12 epochs.",
     "SDXL character": "1024 with buckets up to 2048, batch 1, bf16 with an fp32 VAE, UNet only, min-SNR 5, "
                       "noise offset 0.0357, gradient checkpointing.",
+    "SD2.x 768-v character": "the SD1.5 character values at 768 px (the size SD2.x 768-v models were trained at), "
+                             "buckets up to 1536.",
 }
 
 
-def preset_for_family(family: str | None) -> str:
-    return "SDXL character" if family == "sdxl" else "SD1.5 character"
+def preset_for_family(family: str | None, parameterization: str | None = None) -> str:
+    """The preset the form starts from for the loaded model."""
+    if family == "sdxl":
+        return "SDXL character"
+    if family == "sd2" and parameterization == "v":
+        return "SD2.x 768-v character"
+    return "SD1.5 character"
 
 
 def preset_values(name: str) -> dict:

@@ -130,7 +130,19 @@ def model_mismatches(info: dict, jobs: list[dict]) -> list[str]:
     return out
 
 
-def model_html(info: dict, jobs: list[dict] | None = None) -> str:
+def preset_hint(info: dict, preset: str | None) -> str | None:
+    """The form holds another model family's preset (the checkpoint changed after the page was built)."""
+    if not info.get("loaded") or not preset:
+        return None
+    want = preset_for_family(info.get("family"), info.get("parameterization"))
+    if preset == want or preset.split(" ")[0] == want.split(" ")[0]:  # (SD1.5 style is fine on SD1.5)
+        return None
+    fam = FAMILY_NAMES.get(info.get("family"), info.get("family") or "?")
+    return (f"The Parameters tab holds the '{preset}' preset's settings, but {fam} is loaded: choose the '{want}' "
+            "preset there (it fills in the size and settings that model wants), or keep yours if you chose them.")
+
+
+def model_html(info: dict, jobs: list[dict] | None = None, preset: str | None = None) -> str:
     if info.get("problem"):  # a model is loaded but cannot be trained here (--lowvram, Forge)
         body = f'<span class="ls-bad">Training is not available:</span> {_e(info["problem"])}'
     elif not info.get("loaded"):
@@ -144,8 +156,9 @@ def model_html(info: dict, jobs: list[dict] | None = None) -> str:
         if info.get("dtype"):
             bits.append(f"{_e(info['dtype'])} on {_e(info.get('device') or '?')}")
         body = "Trains on the loaded checkpoint: " + " &middot; ".join(b for b in bits if b)
+    hint = preset_hint(info, preset)
     warn = "".join(f'<div class="ls-msg ls-warn" role="alert">{_e(w)}</div>'
-                   for w in model_mismatches(info, jobs or []))
+                   for w in model_mismatches(info, jobs or []) + ([hint] if hint else []))
     return f'<div class="ls-model">{body}</div>{warn}'
 
 
@@ -414,7 +427,7 @@ def build_tab(backend) -> gr.Blocks:
     """The tab as a standalone Blocks (``gr.Blocks(analytics_enabled=False)``). ``backend`` implements
     ``lib_lora.ui.backend.Backend``."""
     info0 = backend.model_info()
-    preset0 = preset_for_family(info0.get("family"))
+    preset0 = preset_for_family(info0.get("family"), info0.get("parameterization"))
     defaults = form_defaults(preset0)
     comps: dict[str, gr.components.Component] = {}
 
@@ -644,10 +657,10 @@ def build_tab(backend) -> gr.Blocks:
         settings = [comps[k] for k in SETTING_KEYS]
 
         # ------------------------------------------------------------------------ model
-        def refresh_model():
-            return model_html(backend.model_info(), backend.jobs())
+        def refresh_model(preset_name):
+            return model_html(backend.model_info(), backend.jobs(), preset_name)
 
-        model_refresh.click(refresh_model, None, model_box, queue=False)
+        model_refresh.click(refresh_model, [preset], model_box, queue=False)
 
         # ------------------------------------------------------------------------ doctor
         @guarded(doctor_box)
@@ -723,6 +736,21 @@ def build_tab(backend) -> gr.Blocks:
             return out
 
         preset.change(apply_preset, [preset] + field_comps, field_comps + [preset_note, toml_status])
+
+        def follow_model(name, *current):
+            """On page load: the page was built for the checkpoint loaded at start-up; a fresh form starts from the
+            preset of the one loaded now (a changed form, on Refresh model, only gets a hint)."""
+            info = backend.model_info()
+            want = preset_for_family(info.get("family"), info.get("parameterization"))
+            if not info.get("loaded") or info.get("problem") or want == name:
+                return {model_box: model_html(info, backend.jobs(), name)}
+            out = apply_preset(want, *current)
+            out.pop(toml_status, None)
+            out[preset] = want
+            out[model_box] = model_html(info, backend.jobs(), want)
+            return out
+
+        ui.load(follow_model, [preset] + field_comps, [preset, model_box, preset_note] + field_comps, queue=False)
 
         # ------------------------------------------------------------------------ TOML
         def _prompt_file(cfg: dict, prompt: str) -> dict:
@@ -811,7 +839,7 @@ def build_tab(backend) -> gr.Blocks:
         plots: dict[str, tuple[int, str]] = {}
         plot_lock = threading.Lock()
 
-        def poll(selected_label, state):
+        def poll(selected_label, state, preset_name=None):
             state = dict(state or {})
             jobs = backend.jobs()
             job = _pick(jobs, selected_label)
@@ -819,7 +847,7 @@ def build_tab(backend) -> gr.Blocks:
             value = job_label(job) if job else None
             out = {jobs_box: jobs_table_html(jobs, job["id"] if job else None),
                    progress_box: job_progress_html(job),
-                   model_box: model_html(backend.model_info(), jobs)}
+                   model_box: model_html(backend.model_info(), jobs, preset_name)}
             kept = job is not None and job["id"] == job_id_of(selected_label)
             if kept and labels != state.get("labels"):
                 # the choices only: the selection this poll read may be older than what the user has picked since
@@ -862,9 +890,10 @@ def build_tab(backend) -> gr.Blocks:
 
         poll_outputs = [jobs_box, progress_box, model_box, job_select, loss_plot, samples, log_box, poll_state]
         safe_poll = guarded(progress_box)(poll)
-        refresh_btn.click(safe_poll, [job_select, poll_state], poll_outputs, queue=False, show_progress="hidden")
-        job_select.select(safe_poll, [job_select, poll_state], poll_outputs, queue=False, show_progress="hidden")
-        ui.load(safe_poll, [job_select, poll_state], poll_outputs, queue=False)
+        poll_inputs = [job_select, poll_state, preset]
+        refresh_btn.click(safe_poll, poll_inputs, poll_outputs, queue=False, show_progress="hidden")
+        job_select.select(safe_poll, poll_inputs, poll_outputs, queue=False, show_progress="hidden")
+        ui.load(safe_poll, poll_inputs, poll_outputs, queue=False)
 
         def releasing(fn):
             """The page started a progress bar for the task (first argument): a refused job ends it now."""
