@@ -583,6 +583,29 @@ def test_cards(webui):
     assert os.path.abspath(ns.shared.cmd_opts.lora_dir) in ns.ui_extra_networks.allowed_dirs
 
 
+def test_a_checkpoint_switch_redraws_the_card_pages_on_the_next_page_load(webui):
+    """From the real WebUI: A1111 draws the card pages on the first page load and hands every later one that
+    drawing, so after switching to another model family a fresh page still listed the old family's cards (its own
+    Lora page too) until the refresh button. A model load now drops the drawing: the next page load draws anew."""
+    ns = webui
+    uen = ns.ui_extra_networks
+    assert getattr(uen.create_ui, "_lora_studio_uis", None) is not None  # wrapped in before_ui
+    ui = uen.create_ui(None, [], "txt2img")
+    page_index = next(i for i, p in enumerate(ui.stored_extra_pages) if p.name == "lora_studio")
+    first = ui.pages_html()[page_index]
+    assert "test_lora" in first and "xl_only" not in first
+    assert ui.pages_html()[page_index] is first  # (later page loads: the same drawing)
+    # what the drawing depends on changes (here: show every family), then a model loads
+    ns.shared.opts.set("lora_studio_show_all", True)
+    try:
+        assert "xl_only" not in ui.pages_html()[page_index]  # (without a model load: the old drawing)
+        ns.session.on_model_loaded(ns.model)
+        assert ui.pages_contents == []
+        assert "xl_only" in ui.pages_html()[page_index]
+    finally:
+        ns.shared.opts.set("lora_studio_show_all", False)
+        ns.session.on_model_loaded(ns.model)
+
 # ------------------------------------------------------------------------------------------------ Forge, reload
 
 def test_forge_detection(webui, capsys):

@@ -149,6 +149,9 @@ class Session:
         from ..ui import cards
         self.page = cards.make_page(self)
         self.host.register_page(self.page)
+        track = getattr(self.host, "track_card_pages", None)
+        if track is not None:
+            track()
 
     def app_started(self, demo=None, app=None):
         self.report_forge()
@@ -237,6 +240,9 @@ class Session:
         return self._mapping
 
     def on_model_loaded(self, sd_model):
+        redraw = getattr(self.host, "redraw_card_pages", None)
+        if redraw is not None:
+            redraw()
         old = self._model_ref() if self._model_ref is not None else None
         self._mapping = None
         self._model_ref = None

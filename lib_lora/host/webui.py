@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import weakref
 
 PREFIX = "LoRA Studio:"
 
@@ -398,6 +399,48 @@ def register_page(page):
     # "Reload UI" clears the list first; a repeated before_ui would otherwise add a duplicate tab.
     ui_extra_networks.extra_pages[:] = [x for x in ui_extra_networks.extra_pages if x.name != page.name]
     ui_extra_networks.register_page(page)
+
+
+def track_card_pages() -> bool:
+    """A1111 draws the card pages once per WebUI run (``create_ui``'s ``pages_contents``) and hands every later page
+    load that drawing, filtered for the checkpoint loaded then. Wrapped once so that a model change can drop it.
+    The record lives on the wrapper: a Reload UI imports this module anew, the wrapper stays."""
+    try:
+        from modules import ui_extra_networks as uen
+    except ImportError:
+        return False
+    if getattr(uen.create_ui, "_lora_studio_uis", None) is not None:
+        return False
+    orig = uen.create_ui
+
+    def create_ui(*args, **kwargs):
+        ui = orig(*args, **kwargs)
+        with contextlib.suppress(TypeError):
+            create_ui._lora_studio_uis.append(weakref.ref(ui))
+        return ui
+    create_ui._lora_studio_uis = []
+    create_ui.__wrapped__ = orig
+    uen.create_ui = create_ui
+    return True
+
+
+def redraw_card_pages() -> int:
+    """After a checkpoint change: the next page load draws the card pages anew (ours and the WebUI's own), for the
+    model now loaded; a page already open keeps its cards until its refresh button. Returns how many were reset."""
+    try:
+        from modules import ui_extra_networks as uen
+    except ImportError:
+        return 0
+    refs = getattr(uen.create_ui, "_lora_studio_uis", None) or []
+    n = 0
+    for r in list(refs):
+        ui = r()
+        if ui is None:
+            refs.remove(r)
+        elif getattr(ui, "pages_contents", None):
+            ui.pages_contents = []
+            n += 1
+    return n
 
 
 def user_metadata_editor(ui, tabname, page):

@@ -155,3 +155,34 @@ class ExtraNetworksPage:
             "name": os.path.basename(path).lower(),
             "path": path.lower(),
         }
+
+
+class ExtraNetworksUi:
+    pass
+
+
+def create_ui(interface, unrelated_tabs, tabname):
+    """A1111 1.10.1: the pages are drawn once, on the first page load (``pages_html``), and every later page load
+    gets that drawing until a refresh button redraws them (``refresh``). Gradio wiring left out: the test calls
+    ``ui.pages_html()`` / ``ui.refresh()`` as the load event and the refresh button would."""
+    ui = ExtraNetworksUi()
+    ui.pages_contents = []
+    ui.stored_extra_pages = list(extra_pages)
+    ui.tabname = tabname
+
+    def create_html():
+        ui.pages_contents = [pg.create_html(ui.tabname) for pg in ui.stored_extra_pages]
+
+    def pages_html():
+        if not ui.pages_contents:
+            create_html()
+        return ui.pages_contents
+
+    def refresh():
+        for pg in ui.stored_extra_pages:
+            pg.refresh()
+        create_html()
+        return ui.pages_contents
+
+    ui.pages_html, ui.refresh = pages_html, refresh
+    return ui
