@@ -54,3 +54,28 @@ def test_loaded_file_cache_is_bounded_by_bytes_too():
     assert len(lru) == 1 and lru.get("huge") is not None  # alone larger than the bound: kept (it is in use)
     from lib_lora.apply.loader import DEFAULT_CACHE
     assert DEFAULT_CACHE.max_bytes == 2 << 30 and DEFAULT_CACHE.max_items == 8
+
+
+def test_a_cached_file_does_not_hold_its_disk_space(tmp_path):
+    """From the real WebUI: safetensors maps a file on the CPU, and the loaded-file cache kept those maps, so a LoRA
+    the user deleted (or a job's epoch file they removed to make room) kept its disk space until the WebUI
+    restarted. Cached networks now hold copies; no map of the file is left once it is loaded."""
+    import gc
+    import os
+
+    sd1 = models.make_sd1(seed=4)
+    mapping = layer_mapping(sd1)
+    path = str(tmp_path / "held.safetensors")
+    write_kohya(path, _with_parts(SD1_KEYS), mapping, {"ss_network_module": "networks.lora"}, seed=1)
+
+    def mapped():
+        gc.collect()
+        with open("/proc/self/maps") as f:
+            return [line for line in f if path in line]
+    net = load_network(path, "sd1")
+    assert mapped() == [], "the cached network still maps the file"
+    p = Patcher(cache_mb=0)
+    p.apply(mapping, [(net, 1.0, 1.0, None)])
+    os.remove(path)
+    assert mapped() == []
+    p.restore()

@@ -138,7 +138,7 @@ def load_network(path, family: str, cache: LRU | None = DEFAULT_CACHE, *, on_mis
                 f"{os.path.basename(given)}: {mismatch}. Load an {label(info.family)} checkpoint to use it.", given,
                 detail=f"{label(info.family)} detected from {info.evidence}")
 
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, copy=cache is not None)  # (a cached map would hold a deleted file's space)
     huge = check_values(given, tensors)
     warnings: list[str] = [huge] if huge else []
     writer = detect_writer(metadata, tensors.keys())

@@ -157,14 +157,18 @@ def read_shapes(path):
     return {k: tuple(v["shape"]) for k, v in read_header(path).items() if k != "__metadata__"}
 
 
-def load_tensors(path, device="cpu"):
-    """Load every tensor of a validated safetensors file onto `device`."""
+def load_tensors(path, device="cpu", *, copy=False):
+    """Load every tensor of a validated safetensors file onto `device`. On the CPU safetensors maps the file:
+    ``copy`` for tensors that are kept (a cache), so that a file the user deletes frees its disk space."""
     read_header(path)
     from safetensors.torch import load_file
     try:
-        return load_file(os.fspath(path), device=str(device))
+        tensors = load_file(os.fspath(path), device=str(device))
     except Exception as e:  # safetensors raises its own SafetensorError type (Rust); torch may raise RuntimeError
         raise LoraFileError(f"could not load the tensors of {_name(path)}: {e}. {_REDOWNLOAD}", path) from e
+    if copy and str(device).split(":")[0] == "cpu":
+        tensors = {k: v.clone() for k, v in tensors.items()}
+    return tensors
 
 
 def _check_metadata(metadata, path):
