@@ -237,6 +237,8 @@ def test_a_full_disk_under_the_queue_file_stops_neither_the_job_nor_the_queue(tm
     def runner(job, emit, should_cancel):
         full["now"] = job.name == "a"  # fills during the first job, freed for the second
         emit(TrainEvent("note", message="a note"))
+        if job.name == "b":  # (what the trainer says where the WebUI's console should show it too)
+            emit(TrainEvent("note", message="waiting for room", extra={"console": True}))
         emit(TrainEvent("step", step=1, total=1, epoch=1, epochs=1, loss=1.0))
         return TrainResult("done", ["out.safetensors"], "out.safetensors", 1, [], ["a note"])
     q = JobQueue(str(tmp_path), runner, autostart=False)
@@ -250,6 +252,7 @@ def test_a_full_disk_under_the_queue_file_stops_neither_the_job_nor_the_queue(tm
     assert q.get(a.id).notes == ["a note", problem] and q.get(b.id).notes == ["a note"]
     out = capsys.readouterr().out
     assert out.count(problem) == 1 and "LoRA Studio: the job queue is saved again" in out
+    assert "LoRA Studio: job 'b': waiting for room" in out and "a note" not in out
     assert q.save_error is None
     saved = {j["name"]: j["status"] for j in json.load(open(q.path))["jobs"]}
     assert saved == {"a": DONE, "b": DONE}

@@ -324,13 +324,14 @@ def test_output_folder_and_disk_space_are_checked_before_the_first_step(sd1, tmp
                                                 r"and a resume state\. Free some space .* Nothing was trained"):
             run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "c"), img, max_train_epochs=2), on_event=on_event)
     assert steps == []
-    # (room for the final file and a state, about 9 MiB here, not for three of each)
-    cfg = _cfg(str(tmp_path / "e"), img, max_train_epochs=2, save_every_n_epochs=1, save_state=True)
+    # (room for the final file and a state, about 9 MiB here, not for three of each: epoch 3's save is the final)
+    cfg = _cfg(str(tmp_path / "e"), img, max_train_epochs=3, save_every_n_epochs=1, save_state=True)
     with monkeypatch.context() as m:
         m.setattr(saving.shutil, "disk_usage", lambda p: usage(10 ** 9, 0, 20 * 2 ** 20))
         res = run_training(ModelHost(sd1, "m"), cfg)
     assert res.status == "done"
     assert any("is needed for this run's 3 LoRA file(s) and 3 state(s)" in n for n in res.notes), res.notes
+    assert len([f for f in os.listdir(tmp_path / "e" / "out") if f.endswith(".safetensors")]) == 3
 
 
 def test_resume_with_more_epochs_trains_to_the_new_end_and_another_network_is_refused(sd1, tmp_path):
@@ -544,7 +545,12 @@ def test_a_final_lora_that_never_fits_fails_after_the_wait_and_a_cancel_keeps_a_
     res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=2),
                        on_event=on_event, should_cancel=lambda: waiting["now"])
     assert res.status == "cancelled" and res.state_file.endswith("svs-cancelled-state.lsstate")
-    monkeypatch.undo()  # room again: resuming writes the final LoRA without training a step
+    monkeypatch.undo()  # room for the LoRA only: resuming writes the final LoRA without training a step
+    from collections import namedtuple
+
+    import lib_lora.train.saving as saving
+    monkeypatch.setattr(saving.shutil, "disk_usage",
+                        lambda p: namedtuple("usage", "total used free")(10 ** 9, 0, 3 * 2 ** 20))
     steps = []
     again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=2),
                          resume=res.state_file, on_event=lambda e: e.kind == "step" and steps.append(e.step))

@@ -326,6 +326,11 @@ def test_the_form_follows_the_checkpoint_loaded_when_the_page_opens():
         out[comps["lora_studio_resolution"]] == "768"
     be.info = dict(be.info, family="sd1", parameterization="eps")
     assert "holds the" not in refresh("SD1.5 style")  # another preset of the same family is the user's choice
+    # the page-load poll (which draws the model line from the preset) runs after the preset followed, not beside it
+    deps = list(zip(blocks.dependencies, blocks.fns))
+    i = next(n for n, (d, fn) in enumerate(deps) if d["trigger"] == "load" and fn.fn.__name__ == "follow_model")
+    assert [fn.fn.__name__ for d, fn in deps if d["trigger"] == "load"] == ["vram", "follow_model"]
+    assert [fn.fn.__name__ for d, fn in deps if d.get("trigger_after") == i] == ["poll"]
 
 
 def test_the_doctor_warns_about_sdxl_at_sd15_sizes(tmp_path):

@@ -340,6 +340,8 @@ class JobQueue:
                 job.samples.append({"epoch": ev.epoch, "step": ev.step, "path": ev.path})
             if kind == "note":
                 job.notes.append(ev.message)
+                if (ev.extra or {}).get("console"):  # (e.g. a job waiting for disk space holds up generation)
+                    print(f"LoRA Studio: job '{job.name}': {ev.message}", flush=True)
             if ev.message:
                 job.message = ev.message
             if kind in ("save", "state", "epoch", "sample", "note", "start", "validation"):

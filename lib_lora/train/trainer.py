@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -259,11 +259,12 @@ class Trainer:
     def _emit(self, kind, **kw):
         self.on_event(TrainEvent(kind, total=self.end_step, epochs=self.epochs, **kw))
 
-    def _note(self, text):
+    def _note(self, text, console: bool = False):
+        """``console``: also for the WebUI's console (a wait that holds up image generation says why there)."""
         if text in self.notes:  # (the pre-flight check and the run may both find it)
             return
         self.notes.append(text)
-        self._emit("note", message=text)
+        self._emit("note", message=text, extra={"console": True} if console else {})
 
     def _precision(self, fp8: bool = False):
         mp = (self.cfg.mixed_precision or "no").lower()
@@ -544,19 +545,29 @@ class Trainer:
                    + (f", conv_dim {conv[0]}, conv_alpha {conv[1]:g}" if conv[0] else "") + " from the file")
         return dim, alpha, conv[0], conv[1], None
 
-    def _check_disk_space(self, net, out_dir: str) -> None:
+    def _check_disk_space(self, net, out_dir: str, resume_state: str | None = None) -> None:
         """Refuse a run whose final LoRA (and resume state) cannot fit on the disk; note when all its planned
-        saves would not. (A full disk mid-run still fails that save with a clear message.)"""
+        saves would not. (A full disk mid-run costs the saves it blocks; the final LoRA waits for room.)"""
         c = self.cfg
         n = sum(p.numel() for pair in net.pairs.values() for p in pair.parameters())
         lora = int(n * SAVE_DTYPES[(c.save_precision or "float").lower()].itemsize * 1.05) + 2 ** 20
         state = n * 4 * 4 + 2 ** 20  # (fp32 weights and up to three optimizer slots)
+        finished = False  # a state saved after the last step (a cancel while the final LoRA waited): only that
+        if resume_state:
+            with suppress(Exception):  # (an unreadable state is said when it is loaded)
+                finished = int(load_state(resume_state, check_only=True).get("step") or 0) >= self.end_step
+        if finished:
+            problem = disk_space_problem(out_dir, lora, "the trained LoRA")
+            if problem:
+                raise TrainingError(problem + ". Nothing was written")
+            return
         problem = disk_space_problem(out_dir, lora + state, "the trained LoRA and a resume state")
         if problem:
             raise TrainingError(problem + ". Nothing was trained")
         every = c.save_every_n_epochs or 0
-        saves = 1 + (self.epochs // every if every else 0) + (
-            self.total_steps // c.save_every_n_steps if c.save_every_n_steps else 0)
+        # (no epoch or step save at the end: the final file is that save)
+        saves = 1 + ((self.epochs - 1) // every if every else 0) + (
+            (self.end_step - 1) // c.save_every_n_steps if c.save_every_n_steps else 0)
         states = saves if c.save_state else 0
         problem = disk_space_problem(out_dir, saves * lora + states * state, f"this run's {saves} LoRA file(s)"
                                      + (f" and {states} state(s)" if states else ""))
@@ -916,7 +927,7 @@ class Trainer:
             if net.skipped:
                 self._note(f"{len(net.skipped)} module(s) get no LoRA: they {why} (e.g. "
                            f"{', '.join(net.skipped[:3])})")
-            self._check_disk_space(net, out_dir)
+            self._check_disk_space(net, out_dir, resume_state)
             torch.manual_seed(_seed_for(seed, "init"))
             for pair in net.pairs.values():  # deterministic kohya / LyCORIS init from the run's seed
                 pair.reset_parameters()
@@ -1281,7 +1292,7 @@ class Trainer:
                                    f"finished and kept in memory: {_remedy(e.why)} and it is written, trying again "
                                    f"every {self.final_save_retry_s:g} s for up to {self.final_save_wait_s / 60:g} "
                                    "minutes. Cancel (Ctrl-C on the command line) to give up (it saves a resumable "
-                                   "state if there is room for it)")
+                                   "state if there is room for it)", console=True)
                     pause = time.monotonic() + self.final_save_retry_s
                     while time.monotonic() < min(pause, end):
                         if self.should_cancel():
@@ -1543,7 +1554,8 @@ class Trainer:
         from ..apply.loader import load_network
 
         try:
-            rep = load_network(path, self.family, layer_names=set(layer_mapping(self.sd_model))).report
+            # (not kept in the apply cache: a cached file held its disk space after the user deleted it)
+            rep = load_network(path, self.family, cache=None, layer_names=set(layer_mapping(self.sd_model))).report
         except Exception as e:  # reported, never fatal: the file itself was written
             return f"could not check the saved file against the model: {e}"
         if len(rep.matched) != rep.total_modules:

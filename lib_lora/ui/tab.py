@@ -750,7 +750,8 @@ def build_tab(backend) -> gr.Blocks:
             out[model_box] = model_html(info, backend.jobs(), want)
             return out
 
-        ui.load(follow_model, [preset] + field_comps, [preset, model_box, preset_note] + field_comps, queue=False)
+        followed = ui.load(follow_model, [preset] + field_comps, [preset, model_box, preset_note] + field_comps,
+                           queue=False)
 
         # ------------------------------------------------------------------------ TOML
         def _prompt_file(cfg: dict, prompt: str) -> dict:
@@ -893,7 +894,8 @@ def build_tab(backend) -> gr.Blocks:
         poll_inputs = [job_select, poll_state, preset]
         refresh_btn.click(safe_poll, poll_inputs, poll_outputs, queue=False, show_progress="hidden")
         job_select.select(safe_poll, poll_inputs, poll_outputs, queue=False, show_progress="hidden")
-        ui.load(safe_poll, poll_inputs, poll_outputs, queue=False)
+        # (after the preset followed the model: a poll racing it drew the model line from the page's first preset)
+        followed.then(safe_poll, poll_inputs, poll_outputs, queue=False)
 
         def releasing(fn):
             """The page started a progress bar for the task (first argument): a refused job ends it now."""
