@@ -555,6 +555,8 @@ def test_a_final_lora_that_never_fits_fails_after_the_wait_and_a_cancel_keeps_a_
     again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, max_train_epochs=2),
                          resume=res.state_file, on_event=lambda e: e.kind == "step" and steps.append(e.step))
     assert again.status == "done" and steps == [] and os.path.exists(again.final)
+    assert any(n.startswith("the state was saved after the last step (2), before the final LoRA was written") for n
+               in again.notes) and not any("nothing is left to train" in n for n in again.notes), again.notes
     assert state_fingerprint(sd1) == before
 
 

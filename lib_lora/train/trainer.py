@@ -1150,7 +1150,10 @@ class Trainer:
                 st_end, st_total = st.get("end_step"), st.get("total_steps")
                 self.end_step = (int(st_end) if st_end and st_total and int(st_end) < int(st_total) == self.total_steps
                                  else self.total_steps)
-                if step >= self.end_step:
+                if step >= self.end_step and not os.path.exists(os.path.join(out_dir, ckpt_name(name, None))):
+                    self._note(f"the state was saved after the last step ({step}), before the final LoRA was "
+                               "written (a cancel while it waited for room): only the LoRA is written now")
+                elif step >= self.end_step:
                     self._note(f"the state is at the end of this run (step {step} of {self.end_step}): nothing is "
                                "left to train; raise max_train_epochs or max_train_steps to continue it")
                 if st_total and int(st_total) != self.total_steps and step < self.end_step:
