@@ -230,3 +230,16 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path
     torch.save({"x": torch.zeros(3)}, str(z))
     with pytest.raises(LoraFileError, match="zip archive"):
         read_header(z)
+
+
+def test_write_atomic_gives_new_files_the_usual_mode_and_keeps_an_existing_one(tmp_path):
+    """From the real WebUI: files written through a temp file (captions, reg images, sample and card pictures, the
+    queue, states) came out 0600, from mkstemp, where a plain open() gives 0644."""
+    from lib_lora.formats.safetensors_io import write_atomic
+    new = tmp_path / "caption.txt"
+    write_atomic(new, lambda f: f.write("svs bear"))
+    assert os.stat(new).st_mode & 0o777 == 0o644 and new.read_text() == "svs bear"
+    os.chmod(new, 0o640)
+    write_atomic(new, lambda f: f.write("svs bear, grass"))
+    assert os.stat(new).st_mode & 0o777 == 0o640 and new.read_text() == "svs bear, grass"
+    assert os.listdir(tmp_path) == ["caption.txt"]

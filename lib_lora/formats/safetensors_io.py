@@ -193,11 +193,20 @@ def write_atomic(path, write, *, binary=False, prefix=".tmp-", suffix="", fsync=
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # (mkstemp makes 0600: a caption or picture others cannot read)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _file_mode(path) -> int:
+    """The mode a rewritten file keeps, and a new one gets (0644, as a plain open() under the usual umask)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return 0o644
 
 
 def save_file_atomic(tensors, path, metadata=None):
@@ -221,10 +230,7 @@ def save_file_atomic(tensors, path, metadata=None):
     except (RuntimeError, ValueError, TypeError) as e:
         raise LoraError(f"cannot save {name}: the tensors could not be serialised ({e}). Tensors that share "
                         f"memory must be cloned first.", path) from e
-    try:
-        mode = os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
+    mode = _file_mode(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
