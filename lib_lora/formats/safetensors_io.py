@@ -201,6 +201,11 @@ def write_atomic(path, write, *, binary=False, prefix=".tmp-", suffix="", fsync=
         raise
 
 
+def write_error_reason(e: OSError) -> str:
+    """Why a write failed, in the words our messages use."""
+    return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+
+
 def _file_mode(path) -> int:
     """The mode a rewritten file keeps, and a new one gets (0644, as a plain open() under the usual umask)."""
     try:

@@ -7,7 +7,6 @@ tab all drive this same object and read the same events.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -16,7 +15,7 @@ import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from ..formats.safetensors_io import write_atomic
+from ..formats.safetensors_io import write_atomic, write_error_reason
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED, INTERRUPTED = "queued", "running", "done", "cancelled", "failed", "interrupted"
 FINISHED = (DONE, CANCELLED, FAILED)
@@ -141,7 +140,7 @@ class JobQueue:
             write_atomic(self.path, lambda f: json.dump(data, f, indent=1, default=str), prefix=".queue-",
                          suffix=".json")
         except OSError as e:
-            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            why = write_error_reason(e)
             problem = (f"the job queue could not be saved to {self.path} ({why}); it goes on running, but a WebUI "
                        "restart would not bring back what changed since. Free some space")
             if problem != self.save_error:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from ..formats.hashes import precalculate_safetensors_hashes
-from ..formats.safetensors_io import save_file_atomic, write_atomic
+from ..formats.safetensors_io import save_file_atomic, write_atomic, write_error_reason
 
 SAVE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "fp32": torch.float32, "float": torch.float32, "float32": torch.float32}
@@ -210,7 +209,7 @@ def save_state(path: str, state: dict):
         write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".tmp", fsync=True)
     except OSError as e:
         folder = os.path.dirname(os.path.abspath(path))
-        why = _why(e)
+        why = write_error_reason(e)
         err = StateFileError(f"could not write the resumable state {os.path.basename(path)} to {folder}: {why}. "
                              "Free some space or make the folder writable")
         err.why = why
@@ -279,7 +278,7 @@ class CsvLog:
             if self._f.tell() == 0:
                 self._f.write(",".join(self.COLUMNS) + "\n")
         except OSError as e:
-            raise ValueError(f"logging_dir: the loss log {self.path} cannot be written ({_why(e)}); choose a "
+            raise ValueError(f"logging_dir: the loss log {self.path} cannot be written ({write_error_reason(e)}); choose a "
                              "folder you can write to, or leave logging_dir empty. Nothing was trained") from None
 
     def event(self, e):
@@ -297,12 +296,9 @@ class CsvLog:
                                                                   else str(row[c])) for c in self.COLUMNS) + "\n")
             self._f.flush()
         except OSError as e:
-            self.failed = _why(e)
+            self.failed = write_error_reason(e)
 
     def close(self):
         with contextlib.suppress(OSError):  # (rows that did not fit were said when they failed)
             self._f.close()
 
-
-def _why(e: OSError) -> str:
-    return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))

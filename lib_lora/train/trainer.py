@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import errno
 import hashlib
 import inspect
 import json
@@ -29,7 +28,8 @@ import numpy as np
 import torch
 
 from ..formats.errors import LoraFileError
-from ..formats.safetensors_io import ABSURD_VALUE, load_tensors, read_metadata, save_file_atomic
+from ..formats.safetensors_io import (ABSURD_VALUE, load_tensors, read_metadata, save_file_atomic,
+                                      write_error_reason)
 from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
@@ -76,7 +76,7 @@ def _write_failure(e: BaseException) -> str | None:
     cause = e if isinstance(e, OSError) else e.__cause__
     if not isinstance(cause, OSError):
         return None
-    return "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+    return write_error_reason(cause)
 
 
 def _remedy(why: str) -> str:
