@@ -256,3 +256,22 @@ def test_a_full_disk_under_the_queue_file_stops_neither_the_job_nor_the_queue(tm
     assert q.save_error is None
     saved = {j["name"]: j["status"] for j in json.load(open(q.path))["jobs"]}
     assert saved == {"a": DONE, "b": DONE}
+
+
+def test_a_resumed_run_starts_its_record_at_the_states_step(tmp_path):
+    """The start event of a run continued from a state carries that step: the list showed step 0 of N while the
+    latents were cached, until the first step."""
+    seen = []
+
+    def run(job, emit, should_cancel):
+        emit(TrainEvent("start", step=120, total=180, epochs=10, message="LoRA for 72 modules"))
+        seen.append((job.step, job.total))
+        emit(TrainEvent("cache", step=1, total=180, message="caching latents 1/4"))
+        seen.append((job.step, job.total))
+        return TrainResult("done", [], None, 180, [], [])
+
+    q = JobQueue(str(tmp_path), run)
+    q.submit({"output_name": "a", "resume": "a-state.lsstate"})
+    assert q.wait_idle(20)
+    q.stop(5)
+    assert seen == [(120, 180), (120, 180)]

@@ -203,9 +203,12 @@ def test_a_cancel_while_latents_are_cached_is_a_cancel(sd1, tmp_path):
                         should_cancel=lambda: flag["cancel"])
     assert part.status == "cancelled" and part.steps == 2
     mtime = os.stat(part.state_file).st_mtime_ns
+    events = []
     again = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img), resume=part.state_file,
-                         should_cancel=lambda: True)
+                         should_cancel=lambda: True, on_event=events.append)
     assert (again.status, again.steps, again.state_file) == ("cancelled", 2, part.state_file)
+    # (the start event says where the resumed run begins: the job list shows it while latents are cached)
+    assert [e.step for e in events if e.kind == "start"] == [2]
     assert os.stat(part.state_file).st_mtime_ns == mtime
     assert state_fingerprint(sd1) == before
     assert not any(p.requires_grad for p in sd1.parameters())

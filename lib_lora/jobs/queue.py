@@ -328,6 +328,8 @@ class JobQueue:
                         job.losses = [p for p in job.losses if p[0] < ev.step]
                         job.val_losses = [p for p in job.val_losses if p[0] < ev.step]
                     job.losses.append([ev.step, ev.loss])
+            if kind == "start" and ev.step:  # (a resumed run: its record starts at the state's step)
+                job.step, job.total = ev.step, ev.total or job.total
             if kind == "validation":
                 job.val_losses.append([ev.step, ev.loss])
             if kind == "save" and ev.path and ev.path not in job.files:

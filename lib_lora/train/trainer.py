@@ -545,18 +545,15 @@ class Trainer:
                    + (f", conv_dim {conv[0]}, conv_alpha {conv[1]:g}" if conv[0] else "") + " from the file")
         return dim, alpha, conv[0], conv[1], None
 
-    def _check_disk_space(self, net, out_dir: str, resume_state: str | None = None) -> None:
+    def _check_disk_space(self, net, out_dir: str, resumed_at: int = 0) -> None:
         """Refuse a run whose final LoRA (and resume state) cannot fit on the disk; note when all its planned
         saves would not. (A full disk mid-run costs the saves it blocks; the final LoRA waits for room.)"""
         c = self.cfg
         n = sum(p.numel() for pair in net.pairs.values() for p in pair.parameters())
         lora = int(n * SAVE_DTYPES[(c.save_precision or "float").lower()].itemsize * 1.05) + 2 ** 20
         state = n * 4 * 4 + 2 ** 20  # (fp32 weights and up to three optimizer slots)
-        finished = False  # a state saved after the last step (a cancel while the final LoRA waited): only that
-        if resume_state:
-            with suppress(Exception):  # (an unreadable state is said when it is loaded)
-                finished = int(load_state(resume_state, check_only=True).get("step") or 0) >= self.end_step
-        if finished:
+        # a state saved after the last step (a cancel while the final LoRA waited) needs room for the LoRA only
+        if resumed_at >= self.end_step:
             problem = disk_space_problem(out_dir, lora, "the trained LoRA")
             if problem:
                 raise TrainingError(problem + ". Nothing was written")
@@ -927,7 +924,11 @@ class Trainer:
             if net.skipped:
                 self._note(f"{len(net.skipped)} module(s) get no LoRA: they {why} (e.g. "
                            f"{', '.join(net.skipped[:3])})")
-            self._check_disk_space(net, out_dir, resume_state)
+            resumed_at = 0
+            if resume_state:  # (memory-mapped: the step only; an unreadable state is said when it is loaded)
+                with suppress(Exception):
+                    resumed_at = int(load_state(resume_state, check_only=True).get("step") or 0)
+            self._check_disk_space(net, out_dir, resumed_at)
             torch.manual_seed(_seed_for(seed, "init"))
             for pair in net.pairs.values():  # deterministic kohya / LyCORIS init from the run's seed
                 pair.reset_parameters()
@@ -951,7 +952,8 @@ class Trainer:
                                "out q/k/v bias differences, so there that part of the file "
                                + ("is not used" if partial else "applies without those biases")
                                + "; this extension's <lora:>, LyCORIS and ComfyUI apply all of it")
-            self._emit("start", message=f"{kind} for {net.counts()} modules; seed {seed}")
+            # (step: where a resumed run starts, for the job list while latents are cached)
+            self._emit("start", step=resumed_at, message=f"{kind} for {net.counts()} modules; seed {seed}")
 
             cache_dir = None
             if c.cache_latents_to_disk:
@@ -980,12 +982,7 @@ class Trainer:
                 self._cache_latents(cache_dir)
             except Cancelled:  # (before the first step: nothing new to keep; a resumed run's state is untouched)
                 kept = resume_state if resume_state and os.path.isfile(resume_state) else None
-                at = 0
-                if kept:
-                    try:  # (the step it resumes at, for the job list; the file stays as it is)
-                        at = int(load_state(kept).get("step", 0))
-                    except Exception:  # (said when it is resumed; not this cancel's business)
-                        pass
+                at = resumed_at if kept else 0  # (the step it resumes at, for the job list)
                 self._emit("cancelled", step=at, path=kept, message="cancelled while caching latents, before the "
                            "first step" + (f"; resume again with {kept}" if kept else "; nothing was trained"))
                 return TrainResult("cancelled", self.files, None, at, self.losses, self.notes, kept, self.val_losses)
