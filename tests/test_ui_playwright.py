@@ -305,6 +305,16 @@ def test_full_flow(server, page):
     page.click("#lora_studio_r_render")
     wait_text(page, "lora_studio_r_status", r"Rendered 40 images", timeout=120)
     page.wait_for_function("document.querySelectorAll('#lora_studio_r_gallery .thumbnail-item').length == 40")
+    # 5 seeds: a gallery line is one (epoch, strength) row, and several rows are in view at once
+    tops = page.evaluate("() => [...document.querySelectorAll('#lora_studio_r_gallery .thumbnail-item')].map("
+                         "i => Math.round(i.getBoundingClientRect().top))")
+    assert len(set(tops[:5])) == 1 and tops[5] > tops[4], tops
+    in_view = page.evaluate("() => { const g = document.querySelector('#lora_studio_r_gallery')"
+                            ".getBoundingClientRect(); return [...document.querySelectorAll("
+                            "'#lora_studio_r_gallery .thumbnail-item')].filter(i => { const b = "
+                            "i.getBoundingClientRect(); return b.top >= g.top - 1 && b.bottom <= g.bottom + 1; })"
+                            ".length; }")
+    assert in_view >= 10, in_view
     page.wait_for_selector("#lora_studio_r_grid img", state="attached")
     page.screenshot(path=os.path.join(SHOTS, "06-grid.png"), full_page=True)
 

@@ -170,6 +170,13 @@ def test_grid_index_and_picture():
     assert grid.getpixel((x, y)) == (60, 60, 80)
 
 
+def test_gallery_lines_hold_whole_rows_of_seeds_and_are_not_posters():
+    for n in range(1, 16):
+        cols = T.gallery_columns(n)
+        assert cols % n == 0 and (5 <= cols <= 9 or cols == n), (n, cols)
+    assert [T.gallery_columns(n) for n in (0, 1, 2, 3, 4, 5)] == [6, 6, 6, 6, 8, 5]
+
+
 def test_model_panel():
     assert "No checkpoint is loaded" in T.model_html({"loaded": False})
     html = T.model_html(FakeBackend().model_info(),

@@ -343,6 +343,13 @@ def render_loss_png(losses: list, path: str, title: str = "", val_losses: list |
 # results grid
 
 
+def gallery_columns(n_seeds: int, about: int = 6) -> int:
+    """Thumbnails per gallery line: whole (epoch, strength) rows of seeds, about ``about`` of them (one column per
+    seed made two seeds two posters, 2 of 16 pictures in view; more made the captions unreadable)."""
+    n = max(1, int(n_seeds))
+    return n * max(1, round(about / n))
+
+
 def grid_index(idx: int, n_strengths: int, n_seeds: int) -> tuple[int, int, int]:
     """Gallery index -> (file, strength, seed) indices; the gallery lists files, then strengths, then seeds."""
     per_file = n_strengths * n_seeds
@@ -638,7 +645,7 @@ def build_tab(backend) -> gr.Blocks:
                                              scale=3)
                         r_stop = gr.Button("Stop", elem_id="lora_studio_r_stop", scale=1)
                     r_status = gr.HTML(elem_id="lora_studio_r_status")
-                    r_gallery = gr.Gallery(label="Click the image you like best", columns=5, height=420,
+                    r_gallery = gr.Gallery(label="Click the image you like best", columns=5, height=640,
                                            elem_id="lora_studio_r_gallery", preview=False)
                     with gr.Row():
                         r_pick_file = gr.Dropdown(label="LoRA file", choices=[], elem_id="lora_studio_r_pick_file")
@@ -1325,9 +1332,10 @@ def build_tab(backend) -> gr.Blocks:
                      "rows": [_row_label(j, f) for f in files]}
             flabels = [_file_label(f) for f in files]
             yield {r_status: (info_html(f"{stopped} Saved in {out_dir}.") if stopped is not None else
-                              ok_html(f"Rendered {len(gallery)} images (saved in {out_dir}). Click the one you like, "
+                              ok_html(f"Rendered {len(gallery)} image{'s' if len(gallery) != 1 else ''} (saved in {out_dir}). Click the one you like, "
                                       "then press Use this one.")),
-                   r_grid: grid_path, r_gallery: gr.update(value=gallery, columns=len(seeds)), r_state: state,
+                   r_grid: grid_path, r_gallery: gr.update(value=gallery, columns=gallery_columns(len(seeds))),
+                   r_state: state,
                    r_pick_file: gr.update(choices=flabels, value=flabels[-1]),
                    r_pick_strength: gr.update(choices=[f"{s:g}" for s in strengths], value=f"{strengths[-1]:g}"),
                    r_pick_seed: gr.update(choices=[str(s) for s in seeds], value=str(seeds[0]))}
@@ -1380,5 +1388,6 @@ def on_ui_tabs_entry(backend):
     return [(build_tab(backend), TAB_TITLE, TAB_ID)]
 
 
-__all__ = ["TAB_ID", "TAB_TITLE", "build_tab", "compose_grid", "error_html", "grid_index", "job_progress_html",
-           "jobs_table_html", "model_html", "model_mismatches", "on_ui_tabs_entry", "render_loss_png", "smooth"]
+__all__ = ["TAB_ID", "TAB_TITLE", "build_tab", "compose_grid", "error_html", "gallery_columns", "grid_index",
+           "job_progress_html", "jobs_table_html", "model_html", "model_mismatches", "on_ui_tabs_entry",
+           "render_loss_png", "smooth"]
