@@ -90,6 +90,8 @@ def fresh(webui):
     ns.lowvram.calls.clear()
     ns.probe.hook = None
     ns.sd_hijack.model_hijack.optimization_method = None
+    from modules import sd_samplers
+    sd_samplers.autocorrected.clear()
     yield ns
     ns.probe.hook = None
 
@@ -154,7 +156,8 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     ns.sd_hijack.model_hijack.optimization_method = "Doggettx"  # class-replaced attention without backward
     lora_sub = os.path.join(ns.shared.cmd_opts.lora_dir, "studio-glue")  # (a subfolder the card pages scan)
     job = ns.backend.submit(config(ns, "tabjob", sample_every_n_epochs=1, sample_prompts=ns.prompts,
-                                   output_dir=lora_sub), name="tabjob", task_id="task(tab1)")
+                                   output_dir=lora_sub, sample_sampler="k_euler_a"), name="tabjob",
+                            task_id="task(tab1)")
     job = finished(ns, job["id"], task="task(tab1)")
     assert job["status"] == "done", job
     assert os.path.basename(job["files"][-1]) == "tabjob.safetensors" and os.path.exists(job["files"][-1])
@@ -186,6 +189,12 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     p = rendered.calls[0]["p"]
     assert p.disable_extra_networks is True and p.prompt == "svs cat" and p.seed == 3 and p.steps == 2
     assert (p.width, p.height) == (64, 64) and p.sd_model is ns.model and p.closed
+    # sample_sampler picks A1111's sampler of that name; with the scheduler set A1111 has nothing to correct
+    from modules import sd_samplers
+    assert (p.sampler_name, p.scheduler) == ("Euler a", "Automatic") and sd_samplers.autocorrected == []
+    from PIL import Image
+    with Image.open(path) as im:  # (A1111's infotext kept: PNG Info reads the sample's settings)
+        assert im.info["parameters"].startswith("svs cat\nSteps: 2, Sampler: Euler a, Schedule type: Automatic")
     assert rendered.calls[0]["lock_free"] is False  # still inside the job
     assert listed == [1]
     # the card picture of the LoRA is its sample
@@ -452,6 +461,10 @@ def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
     ps = [c["p"] for c in rendered.calls]
     assert [p.seed for p in ps] == [7, 8] and all(p.disable_extra_networks and p.closed for p in ps)
     assert all(c["lock_free"] is False for c in rendered.calls)
+    # A1111's default sampler, named with its scheduler: nothing for it to autocorrect (a console warning each)
+    from modules import sd_samplers
+    assert {(p.sampler_name, p.scheduler) for p in ps} == {("DPM++ 2M", "Automatic")}
+    assert sd_samplers.autocorrected == []
     assert_webui_left_clean(ns)
 
 

@@ -137,6 +137,21 @@ def model_held():
         sd_models.reload_model_weights = original
 
 
+def sampler_fields(kohya_name: str | None = None) -> dict:
+    """``sampler_name`` and ``scheduler`` for a StableDiffusionProcessing we make: both set, so A1111 has nothing to
+    autocorrect (it logs a warning per picture for unset ones). A kohya sampler name picks its A1111 twin; none,
+    A1111's default sampler."""
+    from modules import sd_samplers
+
+    from ..train.sampling import WEBUI_SAMPLERS
+    want = WEBUI_SAMPLERS.get(str(kohya_name).strip().lower()) if kohya_name else None
+    pick = getattr(sd_samplers, "get_sampler_and_scheduler", None)
+    if pick is None:  # (before A1111 1.9: no schedulers)
+        return {"sampler_name": want} if want else {}
+    name, scheduler = pick(want, "Automatic", convert_automatic=False)
+    return {"sampler_name": name, "scheduler": scheduler}
+
+
 def model_sd_version(model) -> str | None:
     """A1111's flags → 'SD1' | 'SD2' | 'SDXL' (names of the built-in's SdVersion), None when unknown."""
     if model is None:

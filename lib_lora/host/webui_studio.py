@@ -8,7 +8,7 @@ import os
 import threading
 
 from ..ui.backend import LocalBackend, ProgressHooks
-from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, model_held, opt, shared
+from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, model_held, opt, sampler_fields, shared
 from .webui_train import WebUIHost, WebUINotReady
 
 
@@ -47,7 +47,7 @@ def webui_sampler(host, prompts, negative, seeds, width, height, steps=20, cfg_s
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=host.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
             width=int(width), height=int(height), cfg_scale=float(cfg_scale), do_not_save_grid=True,
-            do_not_save_samples=True)
+            do_not_save_samples=True, **sampler_fields())
         p.disable_extra_networks = True  # the LoRA under test is already in the weights; prompt tags stay out
         try:
             with model_held():  # (the grid's LoRA is merged into these very weights)

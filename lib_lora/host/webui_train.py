@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .base import ModelHost
-from .webui import cmd_opt, data_dir, forge_info, loaded_model, model_held, opt, shared
+from .webui import cmd_opt, data_dir, forge_info, loaded_model, model_held, opt, sampler_fields, shared
 
 # attention replacements that support backward without surprises; others are swapped for the stock one
 _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
@@ -170,7 +170,7 @@ class WebUIHost(ModelHost):
         def sample_fn(epoch: int | None, step: int, should_cancel=None):
             from modules import processing
 
-            from ..train.sampling import sample_tag
+            from ..train.sampling import sample_tag, save_png
 
             os.makedirs(folder, exist_ok=True)
             tag = sample_tag(epoch, step)
@@ -184,7 +184,8 @@ class WebUIHost(ModelHost):
                         sd_model=self.sd_model, prompt=sp.prompt, negative_prompt=sp.negative, steps=sp.steps,
                         width=sp.width, height=sp.height, cfg_scale=sp.cfg_scale,
                         seed=sp.seed if sp.seed is not None else -1,
-                        do_not_save_grid=True, do_not_save_samples=True)
+                        do_not_save_grid=True, do_not_save_samples=True,
+                        **sampler_fields(sp.sampler or cfg.sample_sampler))
                     p.disable_extra_networks = True  # the LoRA being trained is already attached
                     try:
                         with model_held():  # (a checkpoint picked meanwhile loads after the job)
@@ -193,8 +194,8 @@ class WebUIHost(ModelHost):
                         p.close()
                     for j, img in enumerate(res.images):
                         path = os.path.join(folder, f"{name}_{tag}_{i:02d}{'_' + str(j) if j else ''}.png")
-                        img.save(path)
-                        paths.append(path)
+                        # (A1111's infotext for its PNG Info tab; through a temp file, as on a full disk)
+                        paths.append(save_png(img, path, (getattr(img, "info", None) or {}).get("parameters")))
             finally:
                 torch.set_rng_state(cpu_rng)
             return paths

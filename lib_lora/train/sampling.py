@@ -34,6 +34,11 @@ _ALIASES = {"ddim": "ddim", "euler": "euler", "k_euler": "euler"}
 _FALLBACK = {"euler_a": "euler", "k_euler_a": "euler", "heun": "euler", "dpm_2": "euler", "k_dpm_2": "euler",
              "dpm_2_a": "euler", "k_dpm_2_a": "euler", "lms": "euler", "k_lms": "euler", "pndm": "ddim",
              "dpmsolver": "ddim", "dpmsolver++": "ddim", "dpmsingle": "ddim"}
+# inside the WebUI: the A1111 sampler of the same name (its DPM++ 2M stands in for diffusers' DPM solvers)
+WEBUI_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "k_lms": "LMS", "euler": "Euler", "k_euler": "Euler",
+                  "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "k_dpm_2": "DPM2",
+                  "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a", "dpmsolver": "DPM++ 2M", "dpmsolver++": "DPM++ 2M",
+                  "dpmsingle": "DPM++ 2M"}
 
 
 class SamplePromptError(LoraError, ValueError):

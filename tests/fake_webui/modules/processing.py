@@ -18,7 +18,7 @@ class StableDiffusionProcessing:
     def __init__(self, prompt="", negative_prompt="", n_iter=1, batch_size=1, disable_extra_networks=False,
                  enable_hr=False, hr_prompt="", extra_generation_params=None, override_settings=None,
                  sd_model=None, seed=-1, steps=50, width=512, height=512, cfg_scale=7.0, sampler_name=None,
-                 do_not_save_grid=False, do_not_save_samples=False):
+                 scheduler=None, do_not_save_grid=False, do_not_save_samples=False):
         self.sd_model = sd_model
         self.seed = seed
         self.steps = steps
@@ -26,6 +26,7 @@ class StableDiffusionProcessing:
         self.height = height
         self.cfg_scale = cfg_scale
         self.sampler_name = sampler_name
+        self.scheduler = scheduler
         self.do_not_save_grid = do_not_save_grid
         self.do_not_save_samples = do_not_save_samples
         self.closed = False
@@ -82,6 +83,10 @@ class Processed:
     def __init__(self, p, images=None):
         self.images = images if images is not None else [
             Image.new("RGB", (int(p.width), int(p.height))) for _ in p.all_prompts]
+        for img in self.images:  # (A1111 with its default enable_pnginfo: the infotext rides on the picture)
+            if isinstance(img, Image.Image):
+                img.info["parameters"] = (f"{p.prompt}\nSteps: {p.steps}, Sampler: {p.sampler_name}, Schedule type: "
+                                          f"{p.scheduler}, Seed: {p.seed}")
         self.all_prompts = p.all_prompts
         self.comments = "".join(f"{text}\n" for text in p.comments)
         self.extra_generation_params = p.extra_generation_params
@@ -96,7 +101,8 @@ def process_images(p, sample=None):
         if not p.disable_extra_networks:
             extra_networks.activate(p, data)
 
-    from modules import sd_models
+    from modules import sd_models, sd_samplers
+    sd_samplers.fix_p_invalid_sampler_and_scheduler(p)
     if sd_models.model_data.chosen is not None:  # (A1111: the checkpoint setting differs from the loaded model)
         sd_models.reload_model_weights(info=sd_models.model_data.chosen)
     images = []
