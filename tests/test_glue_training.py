@@ -103,14 +103,18 @@ def rendered(webui, monkeypatch):
     calls, fail = [], []
     real = ns.processing.process_images
 
+    tqdm_open = []  # (whether A1111's console bar was counting after each picture)
+
     def process_images(p, *args, **kw):
         calls.append(dict(p=p, lock_free=ns.probe._lock_free()))
         if fail:
             raise RuntimeError(fail[0])
-        return real(p, *args, **kw)
+        res = real(p, *args, **kw)
+        tqdm_open.append(ns.shared.total_tqdm.open)
+        return res
 
     monkeypatch.setattr(ns.processing, "process_images", process_images)
-    return types.SimpleNamespace(calls=calls, fail=fail)
+    return types.SimpleNamespace(calls=calls, fail=fail, tqdm_open=tqdm_open)
 
 
 def config(ns, name, **kw):
@@ -192,6 +196,7 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     # sample_sampler picks A1111's sampler of that name; with the scheduler set A1111 has nothing to correct
     from modules import sd_samplers
     assert (p.sampler_name, p.scheduler) == ("Euler a", "Automatic") and sd_samplers.autocorrected == []
+    assert rendered.tqdm_open == [True] and ns.shared.total_tqdm.open is False
     from PIL import Image
     with Image.open(path) as im:  # (A1111's infotext kept: PNG Info reads the sample's settings)
         assert im.info["parameters"].startswith("svs cat\nSteps: 2, Sampler: Euler a, Schedule type: Automatic")
@@ -465,6 +470,8 @@ def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
     from modules import sd_samplers
     assert {(p.sampler_name, p.scheduler) for p in ps} == {("DPM++ 2M", "Automatic")}
     assert sd_samplers.autocorrected == []
+    # A1111's console bar is cleared as txt2img clears it (it counted on into the user's next image)
+    assert rendered.tqdm_open == [True, True] and ns.shared.total_tqdm.open is False
     assert_webui_left_clean(ns)
 
 

@@ -152,6 +152,14 @@ def sampler_fields(kohya_name: str | None = None) -> dict:
     return {"sampler_name": name, "scheduler": scheduler}
 
 
+def clear_console_progress():
+    """A1111's console "Total progress" bar counts every sampling step until txt2img clears it; after our own
+    pictures (samples, grids) it would count on into the user's next image."""
+    bar = getattr(shared(), "total_tqdm", None)
+    if bar is not None:
+        bar.clear()
+
+
 def model_sd_version(model) -> str | None:
     """A1111's flags → 'SD1' | 'SD2' | 'SDXL' (names of the built-in's SdVersion), None when unknown."""
     if model is None:

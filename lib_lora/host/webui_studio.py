@@ -8,7 +8,8 @@ import os
 import threading
 
 from ..ui.backend import LocalBackend, ProgressHooks
-from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, model_held, opt, sampler_fields, shared
+from .webui import (clear_console_progress, cmd_opt, console, data_dir, images_dir, lora_dirs, model_held, opt,
+                    sampler_fields, shared)
 from .webui_train import WebUIHost, WebUINotReady
 
 
@@ -54,6 +55,7 @@ def webui_sampler(host, prompts, negative, seeds, width, height, steps=20, cfg_s
                 images += processing.process_images(p).images[:1]
         finally:
             p.close()
+            clear_console_progress()
     return images
 
 

@@ -12,7 +12,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .base import ModelHost
-from .webui import cmd_opt, data_dir, forge_info, loaded_model, model_held, opt, sampler_fields, shared
+from .webui import (clear_console_progress, cmd_opt, data_dir, forge_info, loaded_model, model_held, opt,
+                    sampler_fields, shared)
 
 # attention replacements that support backward without surprises; others are swapped for the stock one
 _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
@@ -198,6 +199,7 @@ class WebUIHost(ModelHost):
                         paths.append(save_png(img, path, (getattr(img, "info", None) or {}).get("parameters")))
             finally:
                 torch.set_rng_state(cpu_rng)
+                clear_console_progress()
             return paths
 
         return sample_fn

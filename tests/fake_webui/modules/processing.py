@@ -117,6 +117,8 @@ def process_images(p, sample=None):
         p.parse_extra_network_prompts()
         activate(p.extra_network_data)
         hook("process_batch", **batch)
+        from modules import shared
+        shared.total_tqdm.update()  # (A1111's samplers, once per step)
         if sample is not None:
             images += sample(p) or []
             if images and isinstance(images[-1], torch.Tensor):

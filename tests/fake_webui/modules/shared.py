@@ -26,6 +26,25 @@ options_templates.update(options_section(("extra_networks", "Extra Networks", "s
 opts = options.Options(options_templates, set())
 
 
+class _TotalTQDM:
+    """A1111's console "Total progress" bar (shared_total_tqdm.TotalTQDM): each sampling step updates it, and
+    txt2img/img2img clear it after their images; ``open`` says whether a bar is left counting."""
+    def __init__(self):
+        self.open = False
+
+    def update(self):
+        self.open = True
+
+    def updateTotal(self, new_total):
+        pass
+
+    def clear(self):
+        self.open = False
+
+
+total_tqdm = _TotalTQDM()  # (created by shared_init.initialize() at startup)
+
+
 class _SharedModule(type(sys.modules[__name__])):
     @property
     def sd_model(self):
