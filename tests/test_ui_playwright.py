@@ -304,6 +304,10 @@ def test_full_flow(server, page):
         fill(page, f"lora_studio_{key}", value)
     page.click("#lora_studio_r_render")
     wait_text(page, "lora_studio_r_status", r"Rendered 40 images", timeout=120)
+    grid_dir = re.search(r"saved in (\S+?)\)", html_text(page, "lora_studio_r_status")).group(1)
+    with Image.open(os.path.join(grid_dir, "00_0.5_1.png")) as im:  # PNG Info -> txt2img renders it again
+        assert im.info["parameters"].startswith("svs bear <lora:job_b-000001:0.5>\nSteps: 2, Sampler: DDIM"), \
+            im.info
     page.wait_for_function("document.querySelectorAll('#lora_studio_r_gallery .thumbnail-item').length == 40")
     # 5 seeds: a gallery line is one (epoch, strength) row, and several rows are in view at once
     tops = page.evaluate("() => [...document.querySelectorAll('#lora_studio_r_gallery .thumbnail-item')].map("

@@ -170,6 +170,15 @@ def test_grid_index_and_picture():
     assert grid.getpixel((x, y)) == (60, 60, 80)
 
 
+def test_grid_pictures_name_the_lora_they_were_rendered_with():
+    text = "svs bear\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Seed: 3"
+    assert T.tagged_infotext(text, "svs bear", "<lora:a-000002:0.7>") == (
+        "svs bear <lora:a-000002:0.7>\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Seed: 3")
+    assert T.tagged_infotext("styled svs bear\nSteps: 2", "svs bear", "<lora:a:1>") == (
+        "<lora:a:1> styled svs bear\nSteps: 2")
+    assert T.tagged_infotext(None, "svs bear", "<lora:a:1>") is None
+
+
 def test_gallery_lines_hold_whole_rows_of_seeds_and_are_not_posters():
     for n in range(1, 16):
         cols = T.gallery_columns(n)

@@ -104,11 +104,15 @@ class Backend(Protocol):
 def ddim_sampler(host, prompts: list[str], negative: str, seeds: list[int], width: int, height: int,
                  steps: int = 20, cfg_scale: float = 7.0) -> list[Image.Image]:
     """One image per prompt/seed with classifier-free guidance (deterministic DDIM, eta 0)."""
-    from ..train.sampling import SamplePrompt, generate
+    from ..train.sampling import SamplePrompt, generate, infotext
 
     sps = [SamplePrompt(prompt=p, negative=negative, width=width, height=height, steps=steps, seed=int(s),
                         cfg_scale=cfg_scale) for p, s in zip(prompts, seeds)]
-    return [img for img, _, _ in generate(host, sps, sampler="ddim")]
+    images = []
+    for sp, (img, seed, used) in zip(sps, generate(host, sps, sampler="ddim")):
+        img.info["parameters"] = infotext(sp, seed, used, getattr(host, "model_name", None))  # (as A1111's)
+        images.append(img)
+    return images
 
 
 def write_sample_prompts(path: str, prompt: str) -> str:

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..train.config import TrainConfigError, output_stem
 from ..train.folders import parse_folder_name
 from ..train.images import is_image_name
+from ..train.sampling import save_png
 from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
@@ -348,6 +349,16 @@ def gallery_columns(n_seeds: int, about: int = 6) -> int:
     seed made two seeds two posters, 2 of 16 pictures in view; more made the captions unreadable)."""
     n = max(1, int(n_seeds))
     return n * max(1, round(about / n))
+
+
+def tagged_infotext(text: str | None, prompt: str, tag: str) -> str | None:
+    """A grid picture's infotext with the LoRA tag it was rendered with (the LoRA was merged, not named in the
+    prompt), so PNG Info -> Send to txt2img renders it again."""
+    if not text:
+        return None
+    if prompt and text.startswith(prompt):
+        return f"{prompt} {tag}{text[len(prompt):]}"
+    return f"{tag} {text}"
 
 
 def grid_index(idx: int, n_strengths: int, n_seeds: int) -> tuple[int, int, int]:
@@ -1320,14 +1331,16 @@ def build_tab(backend) -> gr.Blocks:
                     per_k = []
                     for ki, seed in enumerate(seeds):
                         p = os.path.join(out_dir, f"{fi:02d}_{s:g}_{seed}.png")
-                        images[fi][si][ki].save(p)
+                        img = images[fi][si][ki]
+                        save_png(img, p, tagged_infotext((getattr(img, "info", None) or {}).get("parameters"),
+                                                         prompt, backend.lora_tag(f, s)))
                         per_k.append(p)
                         gallery.append((p, f"{_row_label(j, f)} · {s:g} · seed {seed}"))
                     per_s.append(per_k)
                 paths.append(per_s)
             grid = compose_grid(images, [_row_label(j, f) for f in files], strengths, seeds)
             grid_path = os.path.join(out_dir, "grid.png")
-            grid.save(grid_path)
+            save_png(grid, grid_path)
             state = {"files": files, "strengths": strengths, "seeds": seeds, "paths": paths,
                      "rows": [_row_label(j, f) for f in files]}
             flabels = [_file_label(f) for f in files]
