@@ -185,6 +185,26 @@ def test_ddim_on_the_tiny_model_is_deterministic_per_seed(host, tmp_path):
     assert "Negative prompt: blurry" in info and "Seed: 11" in info and "Sampler: DDIM" in info
 
 
+def test_sizes_that_are_multiples_of_8_but_not_64_sample_as_in_the_webui(host, tmp_path):
+    """--w 96 --h 64 passes the prompt check (sd-scripts rounds to 8) but the ldm UNet's skips do not match at
+    that size: the run died with 'Sizes of tensors must match'. Samples now bring the upsampled half to its skip's
+    size as A1111 does; the UNet module is left as it was."""
+    import ldm.modules.diffusionmodules.openaimodel as om
+    from PIL import Image
+
+    from lib_lora.train.config import parse_train_config
+    unet = host.sd_model.model.diffusion_model
+    ctx = torch.zeros(2, 77, unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):  # (the ldm UNet as it is)
+        unet(torch.zeros(2, 4, 8, 12), torch.tensor([10, 10]), context=ctx)
+    f = tmp_path / "p.txt"
+    f.write_text("svs cat --w 96 --h 64 --s 3 --d 1\nsvs cat --w 72 --h 120 --s 3 --d 2\n", encoding="utf-8")
+    cfg = parse_train_config({"sample_prompts": str(f), "output_name": "svs"})
+    paths = make_sample_fn(host, cfg, str(tmp_path))(epoch=1, step=4)
+    assert [Image.open(p).size for p in paths] == [(96, 64), (72, 120)]
+    assert om.th is torch
+
+
 def test_a_sample_picture_that_does_not_fit_leaves_nothing_behind(tmp_path):
     """A full disk mid-write: the error is raised (the trainer turns it into a note) and no temp file stays."""
     import errno

@@ -483,6 +483,24 @@ def test_a_full_disk_costs_the_latent_disk_cache_and_sample_pictures_only(sd1, t
     assert os.listdir(cache) == []
 
 
+def test_a_sample_set_that_fails_costs_itself_not_the_run(sd1, tmp_path, capsys):
+    """Any error inside the sample function (a size or option the model cannot take, memory running out there)
+    failed the run with a traceback, before that epoch's save: with one epoch nothing was kept."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    sampled = []
+
+    def sample_fn(epoch=None, step=None):
+        sampled.append(epoch)
+        raise RuntimeError("Sizes of tensors must match except in dimension 1. Expected size 4 but got size 3")
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1,
+                                                  sample_every_n_epochs=1), sample_fn=sample_fn)
+    assert res.status == "done" and res.final and os.path.exists(res.final) and sampled == [1]
+    assert ("the sample images of epoch 1 failed (RuntimeError: Sizes of tensors must match except in dimension 1. "
+            "Expected size 4 but got size 3); training goes on without them. Check the sample prompts' sizes and "
+            "options, or turn samples off") in res.notes
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_a_loss_log_that_stops_fitting_is_said_and_training_goes_on(sd1, tmp_path, monkeypatch):
     """logging_dir's CSV: a folder that cannot be written refuses the run before it starts; a disk that fills
     mid-run stops the log (rows so far kept), not the run."""

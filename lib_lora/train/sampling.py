@@ -17,7 +17,9 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -318,6 +320,34 @@ def _chunks_needed(te, texts: list[str]) -> int:
     return n
 
 
+class _TorchCatToSkip:
+    """``torch`` for an ldm/sgm UNet module, whose ``cat`` brings the upsampled half to its skip connection's size,
+    as A1111's sd_hijack_unet does: sizes that are multiples of 8 but not of 64 (96x64) then sample as in the
+    WebUI instead of failing with a size mismatch."""
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def cat(tensors, *args, **kwargs):
+        if len(tensors) == 2 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            a, b = tensors
+            tensors = (torch.nn.functional.interpolate(a, b.shape[-2:], mode="nearest"), b)
+        return torch.cat(tensors, *args, **kwargs)
+
+
+@contextmanager
+def skips_of_any_size(unet):
+    mod = sys.modules.get(type(unet).__module__)
+    if mod is None or getattr(mod, "th", None) is not torch:  # (not ldm/sgm, or already hijacked by the WebUI)
+        yield
+        return
+    mod.th = _TorchCatToSkip()
+    try:
+        yield
+    finally:
+        mod.th = torch
+
+
 class ModelSampler:
     """Text encoding + guided UNet calls + VAE decode for one host model (the LoRA attached or merged, or not)."""
 
@@ -389,7 +419,8 @@ class ModelSampler:
         noise = torch.randn((1, 4, h // 8, w // 8), generator=g).to(self.device)
         name, _ = resolve_sampler(sampler)
         run = ddim_sample if name == "ddim" else euler_sample
-        z = run(eps_fn, self.alphas_cumprod, noise, sp.steps, callback)
+        with skips_of_any_size(self.unet) if (h // 8) % 8 or (w // 8) % 8 else nullcontext():
+            z = run(eps_fn, self.alphas_cumprod, noise, sp.steps, callback)
         return Image.fromarray(self.decode(z)[0])
 
     @torch.no_grad()

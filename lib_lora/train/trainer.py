@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+import traceback
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
@@ -1578,12 +1579,26 @@ class Trainer:
             self._samples_cut = "should_cancel" in kwargs and self.should_cancel()
             for p in paths or []:
                 self._emit("sample", step=step, epoch=epoch, path=p)
+        except Cancelled:
+            raise
         except OSError as e:  # (sample pictures are a nicety: a full disk costs them, not the run)
             why = _write_failure(e)
-            at = f"step {step}" if by_step else f"epoch {epoch}"
-            self._note(f"the sample images of {at} could not be written ({why}); training goes on")
+            self._note(f"the sample images of {self._at(epoch, step, by_step)} could not be written ({why}); "
+                       "training goes on")
+        except Exception as e:  # (nor does a prompt the model cannot render, or memory running out there)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self._note(f"the sample images of {self._at(epoch, step, by_step)} failed ({type(e).__name__}: "
+                       f"{first[:300]}); training goes on without them. Check the sample prompts' sizes and "
+                       "options, or turn samples off", console=True)
+            traceback.print_exc()  # (for a report, should it be a bug)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         finally:
             net.train(was)
+
+    @staticmethod
+    def _at(epoch, step, by_step: bool) -> str:
+        return f"step {step}" if by_step else f"epoch {epoch}"
 
     def _spec_resolution(self) -> tuple[int, int]:
         """modelspec.resolution: the training resolution (a dataset TOML's first dataset when the config has none),
