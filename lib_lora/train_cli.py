@@ -138,8 +138,9 @@ class _CtrlC:
             raise KeyboardInterrupt
         self.event.set()
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.err.write(f"\n{what}: stopping after this step and saving a resumable state "
-                       "(press Ctrl-C again to abort without saving)\n")
+        self.err.write(f"\n{what}: stopping after this step and saving a resumable state (before the first step, "
+                       "while latents are cached, there is nothing to save); press Ctrl-C again to abort without "
+                       "saving\n")
         self.err.flush()
 
     def __enter__(self):
@@ -213,8 +214,6 @@ def _train(args, out) -> int:
     vae_path = str(cfg.resolve(cfg.vae)) if cfg.vae else None
     if vae_path and not os.path.isfile(vae_path):
         raise TrainCliError(f"vae = {cfg.vae!r}: file not found ({vae_path})")
-    if args.resume and not os.path.isfile(args.resume):
-        raise TrainCliError(f"--resume: state file not found: {args.resume}")
     # everything that can be checked without the model is checked before it loads (and by --dry-run)
     if not cfg.output_dir:
         raise TrainCliError(f"{args.config}: output_dir is not set: choose the folder the LoRA files are written to")
@@ -222,11 +221,17 @@ def _train(args, out) -> int:
     problem = output_dir_problem(str(cfg.resolve(cfg.output_dir)))
     if problem:
         raise TrainCliError(f"{args.config}: {problem}")
+    resume_at = None
     if args.resume:
+        from .train.support import resume_problems
         try:
-            load_state(args.resume, check_only=True)  # (the trainer reads it in full later)
+            state = load_state(args.resume, check_only=True)  # (the trainer reads it in full later)
         except StateFileError as e:
             raise TrainCliError(f"--resume: {e}") from None
+        problems = resume_problems(cfg, state, args.resume)
+        if problems:
+            raise TrainCliError(f"--resume: {problems[0]}")
+        resume_at = int(state.get("step") or 0)
     if args.webui and not os.path.isdir(args.webui):
         raise TrainCliError(f"--webui {args.webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
 
@@ -274,8 +279,10 @@ def _train(args, out) -> int:
 
     if args.dry_run:
         steps = plan.steps
-        out.write(f"dry run: {family.upper()} checkpoint {ckpt}; would train {steps.max_train_steps} steps over "
-                  f"{steps.num_epochs} epoch(s) into {cfg.resolve(cfg.output_dir)}\n")
+        what = (f"would continue from step {resume_at} to {steps.max_train_steps}" if resume_at is not None else
+                f"would train {steps.max_train_steps} steps")
+        out.write(f"dry run: {family.upper()} checkpoint {ckpt}; {what} over {steps.num_epochs} epoch(s) into "
+                  f"{cfg.resolve(cfg.output_dir)}\n")
         return EXIT_OK
 
     out.write(f"loading {ckpt} ...\n")
@@ -311,6 +318,9 @@ def _train(args, out) -> int:
             raise TrainCliError(str(e)) from None
 
     if result.status == "cancelled":
+        if not result.state_file and not result.steps:
+            out.write("cancelled before the first step (while caching latents); nothing to resume\n")
+            return EXIT_CANCELLED
         out.write(f"cancelled at step {result.steps}.\n")
         if result.state_file:
             out.write(f"resumable state: {result.state_file}\n")

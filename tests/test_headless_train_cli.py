@@ -141,7 +141,11 @@ def test_user_errors_are_one_line(run_cli, tiny_ckpt, tmp_path):
     code, _, err = run_cli("train", cfg)
     assert code == 1 and "prompts.txt:1: --w needs a whole number" in err
     code, _, err = run_cli("train", cfg, "--resume", tmp_path / "nope-state.lsstate")
-    assert code == 1 and "state file not found" in err
+    assert code == 1 and "--resume: the state file" in err and "nope-state.lsstate does not exist" in err, err
+    (tmp_path / "svs-000002-state").mkdir()  # sd-scripts' save_state: an Accelerate folder
+    code, _, err = run_cli("train", cfg, "--resume", tmp_path / "svs-000002-state")
+    assert code == 1 and "is a folder: sd-scripts' save_state folders (Accelerate's format) cannot be resumed " \
+        "here" in err and "network_weights" in err, err
     code, _, err = run_cli("train")
     assert code == 2
 
@@ -213,9 +217,39 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
     assert f"--resume {state} --model {tiny_ckpt}" in out  # (the printed command runs as it is)
     assert out.count("cancelled at step") == 1
     monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", orig)
+    code, out, err = run_cli("train", cfg, "--resume", state, "--dry-run")
+    assert code == 0 and "would continue from step 1 to 4 over 2 epoch(s)" in out, out + err
+    # another rank: said before the model loads, not after it and the latent cache (the state is kept)
+    other = tmp_path / "dim8.toml"
+    other.write_text(cfg.read_text().replace("network_dim = 4", "network_dim = 8"))
+    code, out, err = run_cli("train", other, "--resume", state)
+    assert code == 1 and ("--resume: svs-cancelled-state.lsstate was trained with network_dim 4, this config says 8: "
+                          "set network_dim = 4 to continue it") in err and "loading" not in out, out + err
+    assert state.exists()
     code, out, err = run_cli("train", cfg, "--resume", state)
     assert code == 0, out + err
     assert (tmp_path / "out" / "svs.safetensors").exists()
+
+
+def test_ctrl_c_while_latents_are_cached_says_there_is_nothing_to_resume(run_cli, tiny_ckpt, tmp_path,
+                                                                          monkeypatch):
+    """It said 'cancelled at step 0.' after promising a resumable state."""
+    import signal
+
+    from lib_lora import train_cli
+    orig = train_cli.ProgressPrinter.__call__
+
+    def printer(self, e):
+        orig(self, e)
+        if e.kind == "cache":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", printer)
+    code, out, err = run_cli("train", _write_config(tmp_path, tiny_ckpt))
+    assert code == 130, out + err
+    assert "before the first step, while latents are cached, there is nothing to save" in out
+    assert "cancelled before the first step (while caching latents); nothing to resume" in out
+    assert "cancelled at step" not in out and not list((tmp_path / "out").glob("*.lsstate"))
 
 
 def test_sigterm_stops_like_ctrl_c_with_a_resumable_state(run_cli, tiny_ckpt, tmp_path, monkeypatch):

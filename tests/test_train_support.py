@@ -342,3 +342,33 @@ def test_prodigy_refusing_two_learning_rates_is_said_before_queueing():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(OptimizerGroupsError, match="refuses a different learning rate per group"):
         make_optimizer("Prodigy", [{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.5}], lr=1.0, notes=[])
+
+
+def test_a_resume_state_of_another_rank_is_told_before_the_model_loads(tmp_path):
+    import torch
+
+    from lib_lora.train.config import parse_train_config
+    from lib_lora.train.saving import save_state
+    from lib_lora.train.support import input_file_problems, resume_problems
+    net = {"lora_unet_a_to_q.lora_down.weight": torch.zeros(4, 32), "lora_unet_a_to_q.alpha": torch.tensor(4.0),
+           "lora_unet_b_proj_in.lora_down.weight": torch.zeros(4, 32, 1, 1),
+           "lora_unet_c_conv1.lora_down.weight": torch.zeros(2, 32, 3, 3)}
+    path = tmp_path / "svs-cancelled-state.lsstate"
+    save_state(str(path), {"network": net, "optimizer": {}, "step": 3, "rng": {}})
+
+    def cfg(**kw):
+        return parse_train_config({"network_dim": 4, "network_args": ["conv_dim=2"], "resume": str(path), **kw})
+    assert input_file_problems(cfg(), folders=False) == []
+    assert input_file_problems(cfg(network_dim=8), folders=False) == [
+        "resume: svs-cancelled-state.lsstate was trained with network_dim 4, this config says 8: set network_dim = 4 "
+        "to continue it (a state goes on with the network it was saved with), or start a new run without resume"]
+    state = {"network": net}
+    assert "was trained with conv_dim 2 (3x3 convs), this config has none: set network_args conv_dim = 2" in \
+        resume_problems(cfg(network_args=[]), state, str(path))[0]
+    no_conv = {k: v for k, v in net.items() if "conv1" not in k}
+    assert "was trained without 3x3 convs, this config sets conv_dim 2: leave conv_dim out" in \
+        resume_problems(cfg(), {"network": no_conv}, str(path))[0]
+    # block ranks, dim_from_weights and other modules: left to the run's own check
+    assert resume_problems(cfg(network_dim=8, dim_from_weights=True), state, str(path)) == []
+    assert resume_problems(cfg(network_dim=8, network_module="lycoris.kohya"), state, str(path)) == []
+

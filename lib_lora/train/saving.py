@@ -225,6 +225,10 @@ def load_state(path: str, check_only: bool = False) -> dict:
     is called directly: the WebUI swaps torch.load for a checker that turns current torch's zip layout down and
     answers None. Files of earlier versions hold numpy's RNG key as an array, allowed here by name.
     ``check_only``: the tensors are memory-mapped, not read (a check before the model loads)."""
+    if os.path.isdir(path):  # (sd-scripts' save_state writes an Accelerate folder, <name>-state)
+        raise StateFileError(f"{path} is a folder: sd-scripts' save_state folders (Accelerate's format) cannot be "
+                             f"resumed here; resume from a *{STATE_EXT} file that LoRA Studio wrote, or start a new "
+                             "run from the LoRA saved at that point with network_weights = that .safetensors file")
     if not os.path.isfile(path):
         raise StateFileError(f"the state file {path} does not exist; resume from a *{STATE_EXT} (or *{OLD_STATE_EXT}) "
                              "file that a cancelled or save_state run wrote")

@@ -422,9 +422,39 @@ def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bo
             problems.append(wrong_family_message(key, os.path.basename(path), fam.family, family))
     if cfg.resume:
         try:
-            load_state(str(cfg.resolve(cfg.resume)), check_only=True)
+            state = load_state(str(cfg.resolve(cfg.resume)), check_only=True)
         except StateFileError as e:
             problems.append(f"resume: {e}")
+        else:
+            problems += [f"resume: {p}" for p in resume_problems(cfg, state, str(cfg.resume))]
+    return problems
+
+
+def resume_problems(cfg: TrainConfig, state: dict, path: str) -> list[str]:
+    """A networks.lora state whose ranks are not the config's network_dim / conv_dim, told before the model loads
+    (the run found it only after loading the model and caching latents). Block ranks, dim_from_weights and other
+    network modules are left to the run's own check."""
+    nargs = network_args(cfg)
+    if ((cfg.network_module or "networks.lora") not in ("networks.lora", "networks.lora_fa") or cfg.dim_from_weights
+            or "block_dims" in nargs or "conv_block_dims" in nargs):
+        return []
+    downs = [v.shape for k, v in (state.get("network") or {}).items()
+             if k.endswith(".lora_down.weight") and hasattr(v, "shape")]
+    lin = {int(s[0]) for s in downs if len(s) == 2 or tuple(s[2:]) == (1, 1)}
+    conv = {int(s[0]) for s in downs if len(s) == 4 and tuple(s[2:]) != (1, 1)}
+    dim, _, conv_dim, _ = base_dims(cfg, nargs)
+    name, fix = os.path.basename(path), "to continue it (a state goes on with the network it was saved with)"
+    problems = []
+    if len(lin) == 1 and lin != {dim}:
+        problems.append(f"{name} was trained with network_dim {min(lin)}, this config says {dim}: set "
+                        f"network_dim = {min(lin)} {fix}, or start a new run without resume")
+    if len(conv) == 1 and conv != {conv_dim}:
+        problems.append(f"{name} was trained with conv_dim {min(conv)} (3x3 convs), this config has "
+                        + (f"conv_dim {conv_dim}" if conv_dim else "none") + f": set network_args conv_dim = "
+                        f"{min(conv)} {fix}, or start a new run without resume")
+    elif downs and not conv and conv_dim:
+        problems.append(f"{name} was trained without 3x3 convs, this config sets conv_dim {conv_dim}: leave "
+                        f"conv_dim out {fix}, or start a new run without resume")
     return problems
 
 
