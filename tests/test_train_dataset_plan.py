@@ -393,7 +393,10 @@ def test_bucket_setting_errors_and_epoch_batches(tmp_path):
     assert not plan.ok and plan.steps is None
     assert any(f.code == "bucket-settings" and "min_bucket_reso 640" in f.message for f in plan.errors)
     plan = build_plan(_cfg(train, bucket_reso_steps=32), family="sd1")
-    assert any(f.code == "bucket-steps" for f in plan.errors)
+    assert [f.message for f in plan.errors if f.code == "bucket-steps"] == [
+        "bucket_reso_steps 32 is not a multiple of 64: bucket sides must be sizes the model's UNet can take "
+        "(sd-scripts refuses this too). Use bucket_reso_steps = 64 (SDXL: 32)"]
+    assert not plan.ok and "Buckets (samples" not in plan.report()  # (no bucket table for what cannot run)
     plan = build_plan(_cfg(train))
     part = plan.datasets[0]
     batches = part.epoch_batches(seed=1, epoch=2)

@@ -707,7 +707,12 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
             findings.append(Finding(
                 "error" if family else "warning", "bucket-steps",
                 f"bucket_reso_steps {ds.bucket_reso_steps} is not a multiple of {need}"
-                + ("" if family else " (SD1/SD2 need 64; SDXL accepts 32)")))
+                + ("" if family else " (SD1/SD2 need 64; SDXL accepts 32)")
+                + f": bucket sides must be sizes the model's UNet can take (sd-scripts refuses this too). Use "
+                  f"bucket_reso_steps = {need if family else 64}" + ("" if family == "sdxl" else " (SDXL: 32)")))
+            if family:
+                part.bucketing_ok = False  # (no bucket table for settings that cannot run)
+                return
         if ds.bucket_no_upscale:
             findings.append(Finding("info", "no-upscale",
                                     "bucket_no_upscale: min/max_bucket_reso are not used; each image's bucket is its "
