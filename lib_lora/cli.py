@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                f"  {PROG} merge sdxl.safetensors out.safetensors --lora a.safetensors --lora b.safetensors:0.5:0.7 "
                "--precision fp16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    pm.add_argument("base", metavar="BASE.safetensors", help="checkpoint to merge into (not modified)")
+    pm.add_argument("base", metavar="BASE.safetensors", help="checkpoint to merge into (read only, unless OUT is the same file with --overwrite)")
     pm.add_argument("out", metavar="OUT.safetensors", help="where to write the merged checkpoint")
     pm.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                     help="LoRA file, optionally with a weight (default 1.0), or FILE:TE:UNET for separate "
@@ -294,9 +294,17 @@ def _refuse_not_a_lora(path: str, shapes: dict, metadata: dict) -> None:
     from .formats.report import not_a_lora
     kind = not_a_lora(shapes, metadata)
     if kind:
-        full = kind.startswith("it is a full")
-        hint = ". To merge a LoRA into a checkpoint, give the checkpoint as --model" if full else ""
-        raise CliError(f"{os.path.basename(path)}: {kind}{hint}")
+        if kind.startswith("it is a full"):  # (the WebUI's folder advice is none on the command line)
+            kind = ("it is a full Stable Diffusion checkpoint, not a LoRA: it is the BASE of `merge BASE OUT --lora "
+                    "FILE`, the --model of `inspect LORA --model` and of `train`")
+        raise CliError(f"{os.path.basename(path)}: {kind}")
+
+
+def _refuse_a_state(path: str) -> None:
+    from .train.saving import OLD_STATE_EXT, STATE_EXT
+    if path.endswith((STATE_EXT, OLD_STATE_EXT)):
+        raise CliError(f"{os.path.basename(path)} is a LoRA Studio resume state, not a LoRA: continue its run with "
+                       f"`{PROG} train CONFIG --resume {path}`; the run's LoRA files are the .safetensors beside it")
 
 
 def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) -> dict:
@@ -311,6 +319,7 @@ def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) 
     from .networks.registry import build_module
 
     _require_file(path, "LoRA file")
+    _refuse_a_state(path)
     header = read_header(path)
     metadata = dict(header.get("__metadata__") or {})
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
@@ -590,7 +599,10 @@ def cmd_merge(args, out) -> int:
     # Family check before reading gigabytes: a wrong-family LoRA is an error, named as such.
     infos = []
     for path, _te, _unet in loras:
+        _refuse_a_state(path)
         lh = read_header(path)
+        _refuse_not_a_lora(path, {k: tuple(v["shape"]) for k, v in lh.items() if k != "__metadata__"},
+                           lh.get("__metadata__") or {})
         fi = detect_family({k: tuple(v["shape"]) for k, v in lh.items() if k != "__metadata__"},
                            lh.get("__metadata__") or {})
         infos.append(fi)

@@ -145,7 +145,23 @@ def test_inspect_says_a_checkpoint_is_not_a_lora(sd1_ckpt):
     rc, out, err = inspect(sd1_ckpt)
     assert rc == 1 and out == "" and err.count("\n") == 1
     assert "tiny-sd1.safetensors: it is a full Stable Diffusion checkpoint, not a LoRA" in err
-    assert "give the checkpoint as --model" in err
+    assert "it is the BASE of `merge BASE OUT --lora FILE`" in err and "models/Stable-diffusion" not in err
+
+
+def test_inspect_and_merge_say_a_resume_state_is_one(sd1_ckpt, tmp_path):
+    """It was called a pickle saved with a .safetensors name, to be converted."""
+    state = tmp_path / "svs-000001-state.lsstate"
+    state.write_bytes(b"PK\x03\x04 not read")
+    rc, out, err = inspect(state)
+    assert rc == 1 and ("svs-000001-state.lsstate is a LoRA Studio resume state, not a LoRA: continue its run with "
+                        f"`python -m lib_lora train CONFIG --resume {state}`") in err, err
+    err2 = io.StringIO()
+    rc = cli.main(["merge", str(sd1_ckpt), str(tmp_path / "o.safetensors"), "--lora", str(state)],
+                  out=io.StringIO(), err=err2)
+    assert rc == 1 and "is a LoRA Studio resume state" in err2.getvalue()
+    rc = cli.main(["merge", str(sd1_ckpt), str(tmp_path / "o.safetensors"), "--lora", str(sd1_ckpt)],
+                  out=io.StringIO(), err=(err3 := io.StringIO()))
+    assert rc == 1 and "it is a full Stable Diffusion checkpoint, not a LoRA: it is the BASE" in err3.getvalue()
 
 
 def test_inspect_says_what_other_files_are(tmp_path):
