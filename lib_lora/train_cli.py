@@ -157,6 +157,27 @@ class _CtrlC:
 # ---------------------------------------------------------------------------------------------------------------
 # train
 
+def _earlier_run_notes(out_dir: str, output_name: str) -> list[str]:
+    """A run started again without --resume begins at step 0 and writes over the earlier run's files, as
+    sd-scripts does: said, with the state it could continue from."""
+    import glob
+
+    from .train.config import output_stem
+    from .train.saving import STATE_EXT
+    stem = output_stem(output_name)
+    pattern = glob.escape(os.path.join(out_dir, stem))
+    states = sorted(glob.glob(pattern + "-*" + STATE_EXT), key=os.path.getmtime)
+    loras = glob.glob(pattern + ".safetensors") + glob.glob(pattern + "-[0-9]*.safetensors")
+    notes = []
+    if states:
+        notes.append(f"{out_dir} holds {os.path.basename(states[-1])} from an earlier run of '{stem}': to continue "
+                     f"that run instead of starting again, add --resume {states[-1]}")
+    if loras:
+        notes.append(f"{len(loras)} earlier '{stem}' LoRA file(s) in {out_dir} are written over as this run saves "
+                     "its own (change output_name to keep them)")
+    return notes
+
+
 def _checkpoint_path(cfg, override: str | None) -> str:
     raw = override or cfg.pretrained_model_name_or_path
     if not raw:
@@ -232,6 +253,9 @@ def _train(args, out) -> int:
         if problems:
             raise TrainCliError(f"--resume: {problems[0]}")
         resume_at = int(state.get("step") or 0)
+    else:
+        for n in _earlier_run_notes(str(cfg.resolve(cfg.output_dir)), cfg.output_name or "lora"):
+            out.write(f"note: {n}\n")
     if args.webui and not os.path.isdir(args.webui):
         raise TrainCliError(f"--webui {args.webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
 

@@ -82,7 +82,7 @@ def test_train_two_epochs_writes_epoch_and_final_files(run_cli, tiny_ckpt, tmp_p
     assert "step 4/4 (100%)  loss " in out and " avg " in out and " lr 1.00e-03" in out and "ETA" in out
     assert f"final: {tmp_path / 'out' / 'svs.safetensors'}" in out
     md = read_metadata(str(tmp_path / "out" / "svs.safetensors"))
-    assert md["ss_sd_model_name"] == "tiny-sd15" and md["ss_epoch"] == "2"
+    assert md["ss_sd_model_name"] == "tiny-sd15.safetensors" and md["ss_epoch"] == "2"
     assert len(md["ss_new_sd_model_hash"]) == 64 and len(md["ss_sd_model_hash"]) == 8
 
 
@@ -219,6 +219,9 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
     monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", orig)
     code, out, err = run_cli("train", cfg, "--resume", state, "--dry-run")
     assert code == 0 and "would continue from step 1 to 4 over 2 epoch(s)" in out, out + err
+    code, out, err = run_cli("train", cfg, "--dry-run")  # (started again: the state it could continue is named)
+    assert code == 0 and (f"holds svs-cancelled-state.lsstate from an earlier run of 'svs': to continue that run "
+                          f"instead of starting again, add --resume {state}") in out, out + err
     # another rank: said before the model loads, not after it and the latent cache (the state is kept)
     other = tmp_path / "dim8.toml"
     other.write_text(cfg.read_text().replace("network_dim = 4", "network_dim = 8"))

@@ -43,15 +43,23 @@ def test_comments_and_blank_lines_are_skipped():
 @pytest.mark.parametrize("line, message", [
     ("a cat --w big", "p.txt:1: --w needs a whole number, got 'big'"),
     ("a cat --l x", "--l needs a number"),
-    ("a cat --q 3", "unknown option --q"),
     ("a cat --ss ddpm_fancy", "unknown sampler 'ddpm_fancy'"),
-    ("a cat --cn control.png", "ControlNet"),
     ("a cat --d", "--d needs a value"),
 ])
 def test_bad_lines_name_file_line_and_problem(line, message):
     with pytest.raises(SamplePromptError, match="p.txt:1") as e:
         parse_prompt_text(line, "p.txt")
     assert message in str(e.value)
+
+
+def test_options_for_other_models_and_unknown_ones_are_notes_as_sd_scripts_skips_them():
+    """A prompt file of newer sd-scripts (--cn, --ctr ... for other models) was refused."""
+    sp = parse_prompt_text("a cat --cn control.png --ctr 0.5 --q 3 --w 64", "p.txt")[0]
+    assert (sp.prompt, sp.width) == ("a cat", 64)
+    assert sp.notes == ["p.txt:1: --cn (ControlNet image) ignored for SD models, as sd-scripts does",
+                        "p.txt:1: --ctr (CFG truncation) ignored for SD models, as sd-scripts does",
+                        "p.txt:1: unknown option --q ignored (known: --n negative, --w width, --h height, --s steps, "
+                        "--d seed, --l cfg scale, --ss sampler)"]
 
 
 def test_all_bad_lines_reported_together(tmp_path):
@@ -183,6 +191,21 @@ def test_ddim_on_the_tiny_model_is_deterministic_per_seed(host, tmp_path):
     assert not np.array_equal(a[0], a[1])                          # other seed, other image
     info = Image.open(paths[0]).text["parameters"]
     assert "Negative prompt: blurry" in info and "Seed: 11" in info and "Sampler: DDIM" in info
+
+
+def test_the_configs_sampler_fallback_is_said_and_clip_skip_is_in_the_infotext(host, tmp_path):
+    from PIL import Image
+
+    from lib_lora.train.config import parse_train_config
+    f = tmp_path / "p.txt"
+    f.write_text("svs cat --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
+    cfg = parse_train_config({"sample_prompts": str(f), "output_name": "svs", "sample_sampler": "euler_a",
+                              "clip_skip": 2})
+    notes = []
+    paths = make_sample_fn(host, cfg, str(tmp_path), on_note=notes.append)(epoch=1, step=2)
+    assert notes == ["sample_sampler: sampler 'euler_a' is not implemented headless; using euler"]
+    info = Image.open(paths[0]).text["parameters"]
+    assert "Sampler: Euler," in info and info.endswith("Clip skip: 2")
 
 
 def test_sizes_that_are_multiples_of_8_but_not_64_sample_as_in_the_webui(host, tmp_path):

@@ -244,12 +244,12 @@ ALIASES = {
 # Legacy optimiser switches sd-scripts maps to optimizer_type (train_util.get_optimizer).
 _LEGACY_OPTIMIZER_FLAGS = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
 
-_R_ATTN = "the WebUI's own cross-attention optimisation is used"
+_R_ATTN = "attention runs as the host has it: the WebUI's own optimisation, headless PyTorch's SDPA"
 _R_LOADER = "images are loaded in-process"
-_R_DIST = "single-GPU trainer inside the WebUI"
+_R_DIST = "a single-GPU trainer"
 _R_HUB = "nothing is uploaded"
 _R_LOG = "progress and losses are shown in the UI and written to the run's log"
-_R_MODEL = "the model the WebUI has loaded is trained"
+_R_MODEL = "the model is loaded once (inside the WebUI, the loaded checkpoint is trained)"
 # sd-scripts options we recognise and do not use: accepted with a note giving the reason.
 KNOWN_UNUSED = {
     **{k: _R_ATTN for k in ("xformers", "sdpa", "mem_eff_attn")},

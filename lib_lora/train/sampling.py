@@ -113,7 +113,10 @@ def _set_number(sp: SamplePrompt, attr: str, v: str, key: str, where: str) -> No
 
 _OPT_NUMBERS = {"w": "width", "h": "height", "s": "steps", "d": "seed", "l": "cfg_scale"}
 _NUMBERS = tuple(_OPT_NUMBERS.values())
-_OPT = re.compile(r"^(ss|cn|[a-z])(?:\s+(.*))?$", re.S | re.I)
+_OPT = re.compile(r"^([a-z]+)(?:\s+(.*))?$", re.S | re.I)
+# sd-scripts' options for other models than SD1/SD2/SDXL: read by it there, ignored for SD models
+_OTHER_MODELS = {"g": "guidance scale for guidance-distilled models", "cn": "ControlNet image",
+                 "ctr": "CFG truncation", "rcfg": "renormalised CFG", "fs": "flow shift"}
 _KNOWN = "--n negative, --w width, --h height, --s steps, --d seed, --l cfg scale, --ss sampler"
 
 
@@ -139,18 +142,15 @@ def parse_prompt_line(line: str, where: str = "<prompt>") -> SamplePrompt | None
             sp.negative = value.strip()
         elif key in _OPT_NUMBERS:
             _set_number(sp, _OPT_NUMBERS[key], value, key, where)
-        elif key == "g":
-            _float(value, key, where)
-            sp.notes.append(f"{where}: --g (guidance scale for guidance-distilled models) ignored for SD models")
         elif key == "ss":
             sp.sampler = value.strip()
             _, note = resolve_sampler(sp.sampler, where)
             if note:
                 sp.notes.append(note)
-        elif key == "cn":
-            raise SamplePromptError(f"{where}: --cn (ControlNet image) is not supported for sample images")
-        else:
-            raise SamplePromptError(f"{where}: unknown option --{key} (known: {_KNOWN})")
+        elif key in _OTHER_MODELS:
+            sp.notes.append(f"{where}: --{key} ({_OTHER_MODELS[key]}) ignored for SD models, as sd-scripts does")
+        else:  # (sd-scripts skips what it does not know; a typo is said, not fatal)
+            sp.notes.append(f"{where}: unknown option --{key} ignored (known: {_KNOWN})")
     if not sp.prompt:
         sp.notes.append(f"{where}: empty prompt (an unconditional sample)")
     return sp
@@ -432,12 +432,13 @@ class ModelSampler:
         return img.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def infotext(sp: SamplePrompt, seed: int, sampler: str, model_name: str | None = None) -> str:
+def infotext(sp: SamplePrompt, seed: int, sampler: str, model_name: str | None = None, clip_skip: int = 1) -> str:
     """A1111's PNG 'parameters' text, so the WebUI's PNG Info tab reads our samples."""
     lines = [sp.prompt]
     if sp.negative:
         lines.append(f"Negative prompt: {sp.negative}")
     extra = f", Model: {model_name}" if model_name else ""
+    extra += f", Clip skip: {clip_skip}" if clip_skip and clip_skip > 1 else ""  # (A1111 writes it when not 1)
     lines.append(f"Steps: {sp.steps}, Sampler: {'DDIM' if sampler == 'ddim' else 'Euler'}, CFG scale: "
                  f"{sp.cfg_scale:g}, Seed: {seed}, Size: {sp.width}x{sp.height}{extra}")
     return "\n".join(lines)
@@ -495,10 +496,13 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
         if prompts is None:
             raise SamplePromptError("sample_prompts is not set: write a prompt file (one prompt per line)")
     sampler = cfg.sample_sampler or "ddim"
-    resolve_sampler(sampler, "sample_sampler")
+    _, note = resolve_sampler(sampler, "sample_sampler")
+    say = on_note or (lambda _m: None)
+    if note and any(not sp.sampler for sp in prompts):  # (a prompt's own --ss says its own)
+        say(note)
     for sp in prompts:
         for n in sp.notes:
-            (on_note or (lambda _m: None))(n)
+            say(n)
     folder = folder or os.path.join(out_dir, "samples")
     name = cfg.output_name or "lora"
     base_seed = int(cfg.seed) if cfg.seed is not None else 0
@@ -512,7 +516,8 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
         for i, (img, seed, used) in enumerate(generate(host, prompts, sampler=sampler, clip_skip=clip_skip,
                                                        base_seed=base_seed, should_cancel=should_cancel)):
             path = os.path.join(folder, f"{name}_{tag}_{i:02d}.png")
-            paths.append(save_png(img, path, infotext(prompts[i], seed, used, getattr(host, "model_name", None))))
+            paths.append(save_png(img, path, infotext(prompts[i], seed, used, getattr(host, "model_name", None),
+                                                      clip_skip)))
         return paths
 
     return sample_fn

@@ -60,6 +60,9 @@ class TrainingError(RuntimeError):
     user_error = True  # the queue shows the message without a traceback
 
 
+_PART_NAMES = {"unet": "UNet", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2"}
+
+
 class Cancelled(Exception):
     pass
 
@@ -859,8 +862,8 @@ class Trainer:
                                    "goes on")
                 self.on_event = on_event
                 stack.callback(setattr, self, "on_event", inner)
-                self._note(f"logging_dir: the losses are written to {log.path} (CSV; TensorBoard is not part of "
-                           "the WebUI)")
+                self._note(f"logging_dir: the losses are written to {log.path} (CSV; no TensorBoard event files "
+                           "are written)")
             stack.enter_context(self.host.lock())
             stack.enter_context(guarded([self.sd_model]))
             notes: list[str] = []
@@ -954,7 +957,10 @@ class Trainer:
                                + ("is not used" if partial else "applies without those biases")
                                + "; this extension's <lora:>, LyCORIS and ComfyUI apply all of it")
             # (step: where a resumed run starts, for the job list while latents are cached)
-            self._emit("start", step=resumed_at, message=f"{kind} for {net.counts()} modules; seed {seed}")
+            counts = net.counts()
+            parts = ", ".join(f"{_PART_NAMES.get(k, k)} {n}" for k, n in counts.items())
+            self._emit("start", step=resumed_at,
+                       message=f"{kind} for {sum(counts.values())} modules ({parts}); seed {seed}")
 
             cache_dir = None
             if c.cache_latents_to_disk:
@@ -1678,7 +1684,9 @@ class Trainer:
             "ss_steps": step,
             "ss_epoch": epoch_no,
             "ss_training_finished_at": time.time(),
-            "ss_sd_model_name": self.host.model_name,
+            # (sd-scripts: the checkpoint's file name, extension included)
+            "ss_sd_model_name": (os.path.basename(self.host.model_path) if getattr(self.host, "model_path", None)
+                                 else self.host.model_name),
         }
         net_args = dict(a.split("=", 1) for a in (c.network_args or []))
         if c.dim_from_weights and self._net_dims[2]:  # the conv rank came from the file
