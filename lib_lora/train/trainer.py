@@ -958,7 +958,8 @@ class Trainer:
                                + "; this extension's <lora:>, LyCORIS and ComfyUI apply all of it")
             # (step: where a resumed run starts, for the job list while latents are cached)
             counts = net.counts()
-            parts = ", ".join(f"{_PART_NAMES.get(k, k)} {n}" for k, n in counts.items())
+            names = dict(_PART_NAMES, **({} if "te2" in counts else {"te1": "text encoder"}))
+            parts = ", ".join(f"{names.get(k, k)} {n}" for k, n in counts.items())
             self._emit("start", step=resumed_at,
                        message=f"{kind} for {sum(counts.values())} modules ({parts}); seed {seed}")
 
