@@ -191,7 +191,9 @@ def _checkpoint_path(cfg, override: str | None) -> str:
             raise TrainCliError(f"pretrained_model_name_or_path = {raw!r} looks like a Hugging Face repo id; "
                                 "downloads are not supported: download the single-file .safetensors and give its "
                                 "path")
-        raise TrainCliError(f"checkpoint not found: {path}")
+        from .train.config import missing_path_hint
+        raise TrainCliError(f"checkpoint not found: {path}"
+                            + missing_path_hint(path, None if override else cfg.base_dir))
     return path
 
 

@@ -130,6 +130,24 @@ def test_sdxl_checkpoint_without_webui_exits_1_with_the_message(run_cli, tmp_pat
     assert "SDXL checkpoint" in err and "--webui PATH" in err
 
 
+def test_a_path_that_is_not_there_says_what_was_probably_meant(run_cli, tiny_ckpt, tmp_path, monkeypatch):
+    """A kohya user pastes paths relative to where sd-scripts ran; ours are read from the config's folder. A typo
+    got no hint either."""
+    import shutil
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny_ckpt, tmp_path / "models" / "tiny.safetensors")
+    (tmp_path / "cfgs").mkdir()
+    cfg = tmp_path / "cfgs" / "c.toml"
+    cfg.write_text((_write_config(tmp_path, "models/tiny.safetensors")).read_text())
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("train", cfg, "--dry-run")
+    assert code == 1 and (f"checkpoint not found: {tmp_path}/cfgs/models/tiny.safetensors (relative paths are read "
+                          f"from the config file's folder, {tmp_path}/cfgs; {tmp_path}/models/tiny.safetensors "
+                          "exists: write that path)") in err, err
+    code, _, err = run_cli("train", _write_config(tmp_path, str(tmp_path / "models" / "tiny.safetensor")))
+    assert code == 1 and f"(did you mean {tmp_path}/models/tiny.safetensors?)" in err, err
+
+
 def test_user_errors_are_one_line(run_cli, tiny_ckpt, tmp_path):
     code, _, err = run_cli("train", tmp_path / "missing.toml")
     assert code == 1 and "not found" in err

@@ -735,6 +735,25 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
     return cfg
 
 
+def missing_path_hint(path, base_dir=None) -> str:
+    """What a path that does not exist may have meant: the same relative path from the current folder (sd-scripts
+    reads relative paths from there; a config's are read from its own folder), or a name one typo away."""
+    path = os.path.abspath(os.fspath(path))
+    if base_dir:
+        base = os.path.abspath(os.fspath(base_dir))
+        if path.startswith(base + os.sep):
+            alt = os.path.abspath(os.path.relpath(path, base))
+            if alt != path and os.path.exists(alt):
+                return (f" (relative paths are read from the config file's folder, {base}; {alt} exists: write "
+                        "that path)")
+    parent, name = os.path.split(path)
+    try:
+        close = difflib.get_close_matches(name, os.listdir(parent), n=1, cutoff=0.8)
+    except OSError:
+        return ""
+    return f" (did you mean {os.path.join(parent, close[0])}?)" if close else ""
+
+
 def output_stem(name: str) -> str:
     """An output_name as the files are named: a model file's extension typed with it is dropped (saving adds
     .safetensors)."""

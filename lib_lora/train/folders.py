@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import SubsetSpec, TrainConfig
+from .config import SubsetSpec, TrainConfig, missing_path_hint
 from .images import is_image_name
 
 
@@ -94,7 +94,8 @@ def scan_data_dir(
     findings: list[Finding] = []
     subsets: list[SubsetSpec] = []
     if not data_dir.exists():
-        findings.append(Finding("error", "missing-dir", f"{role} '{data_dir}' does not exist", [str(data_dir)]))
+        findings.append(Finding("error", "missing-dir", f"{role} '{data_dir}' does not exist"
+                                + missing_path_hint(data_dir, defaults.base_dir), [str(data_dir)]))
         return subsets, findings
     if not data_dir.is_dir():
         findings.append(Finding("error", "not-a-dir", f"{role} '{data_dir}' is a file, not a folder", [str(data_dir)]))

@@ -14,7 +14,7 @@ import os
 import torch
 
 from . import blocks, lyco
-from .config import TrainConfig
+from .config import TrainConfig, missing_path_hint
 from .optim import SCHEDULERS, adapts_lr, make_torch_scheduler, polynomial_end_ratio, sets_own_lr
 
 # keys whose value changes nothing here, or that we honour fully
@@ -400,14 +400,15 @@ def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bo
     for key in keys + ("sample_prompts",):
         value = getattr(cfg, key, None)
         if value and not os.path.exists(cfg.resolve(value)):
-            problems.append(f"{key}: {cfg.resolve(value)} does not exist")
+            problems.append(f"{key}: {cfg.resolve(value)} does not exist"
+                            + missing_path_hint(cfg.resolve(value), cfg.base_dir))
     weights = [("network_weights", cfg.network_weights)] + [("base_weights", w) for w in cfg.base_weights or []]
     for key, value in weights:
         if not value:
             continue
         path = str(cfg.resolve(value))
         if not os.path.isfile(path):
-            problems.append(f"{key}: {path} does not exist")
+            problems.append(f"{key}: {path} does not exist" + missing_path_hint(path, cfg.base_dir))
             continue
         try:
             header = read_header(path)
