@@ -53,6 +53,7 @@ class QuickstartResult:
     seconds: float
     files: list[str] = field(default_factory=list)
     apply_summary: str = ""
+    kept_config: str | None = None  # keep_model: a config for `train` on the saved tiny model
 
     def summary(self) -> str:
         drop = (1 - self.loss_after / self.loss_before) * 100 if self.loss_before else 0.0
@@ -204,9 +205,55 @@ def _check_out_dir(out: str) -> None:
                               "(the quickstart only reuses folders it made itself)")
 
 
+def keep_model(model, out: str) -> str:
+    """The embedded model as a checkpoint file (``model/tiny-sd15.safetensors``) and ``train.toml``, an sd-scripts
+    style config for the quickstart's dataset, so ``train`` can be tried offline, with no download."""
+    from .formats.safetensors_io import save_file_atomic
+    os.makedirs(os.path.join(out, "model"), exist_ok=True)
+    save_file_atomic({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                     os.path.join(out, "model", "tiny-sd15.safetensors"))
+    path = os.path.join(out, "train.toml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"""# The quickstart's dataset on its tiny model (random weights): try the command line with
+#   python -m lib_lora train {path} --dry-run
+# Relative paths are read from this file's folder.
+[model]
+pretrained_model_name_or_path = "model/tiny-sd15.safetensors"
+
+[dataset]
+train_data_dir = "dataset/img"
+resolution = "64"
+train_batch_size = 2
+caption_extension = ".txt"
+
+[network]
+network_module = "networks.lora"
+network_dim = 8
+network_alpha = 4
+
+[training]
+optimizer_type = "AdamW"
+unet_lr = 1e-3
+text_encoder_lr = 5e-4
+lr_scheduler = "constant"
+max_train_epochs = 4
+save_every_n_epochs = 2
+save_state = true
+mixed_precision = "no"
+seed = 1
+
+[output]
+output_dir = "my-lora"
+output_name = "{NAME}_mine"
+save_precision = "fp16"
+""")
+    return path
+
+
 def run_quickstart(out_dir: str = DEFAULT_OUT, steps: int | None = None, seed: int = 0, log=print,
-                   on_event=None, should_cancel=None) -> QuickstartResult:
-    """Run the quickstart into ``out_dir``; ``log`` gets progress lines, ``on_event`` the trainer's events."""
+                   on_event=None, should_cancel=None, keep: bool = False) -> QuickstartResult:
+    """Run the quickstart into ``out_dir``; ``log`` gets progress lines, ``on_event`` the trainer's events;
+    ``keep``: also write the tiny model and a config for ``train`` (``keep_model``)."""
     from .apply.layers import layer_mapping
     from .apply.loader import load_network
     from .apply.parser import parse_prompt
@@ -293,8 +340,12 @@ def run_quickstart(out_dir: str = DEFAULT_OUT, steps: int | None = None, seed: i
         rows, labels = [data] + rows, ["training"] + labels
     grid = _grid(rows, labels, cols, os.path.join(out, "before_after.png"))
 
+    kept = None
+    if keep:
+        kept = keep_model(model, out)
+        log(f"kept the tiny model as {os.path.join(out, 'model', 'tiny-sd15.safetensors')} and a config for it: {kept}")
     log("6/6 done")
-    return QuickstartResult(out_dir=out, lora_path=res.final, loss_before=loss_before, loss_after=loss_after,
+    return QuickstartResult(kept_config=kept, out_dir=out, lora_path=res.final, loss_before=loss_before, loss_after=loss_after,
                             matched=len(net.report.matched), total=net.report.total_modules,
                             restored_exact=restored, plot_path=plot, grid_path=grid, steps=res.steps,
                             train_seconds=train_s, seconds=time.time() - t0, files=list(res.files),

@@ -61,6 +61,9 @@ def add_commands(subparsers) -> None:
                     help="output folder (default: ./lora-studio-quickstart)")
     pq.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: 80)")
     pq.add_argument("--seed", type=int, default=0, help="seed of the model, data order and noise (default: 0)")
+    pq.add_argument("--keep-model", action="store_true",
+                    help="also write the tiny model (model/tiny-sd15.safetensors, ~260 MB) and train.toml, a config "
+                         "for its dataset, to try `train` offline")
     pq.set_defaults(func=cmd_quickstart)
 
 
@@ -385,7 +388,8 @@ def cmd_quickstart(args, out) -> int:
     with _CtrlC(out) as ctrl:
         try:
             res = run_quickstart(args.out, steps=args.steps, seed=args.seed, log=log,
-                                 on_event=ProgressPrinter(out), should_cancel=ctrl.event.is_set)
+                                 on_event=ProgressPrinter(out), should_cancel=ctrl.event.is_set,
+                                 keep=args.keep_model)
         except Cancelled:
             out.write("cancelled\n")
             return EXIT_CANCELLED
@@ -400,4 +404,8 @@ def cmd_quickstart(args, out) -> int:
         return EXIT_ERROR
     out.write(f"\nnext: copy {res.lora_path} into the WebUI's models/Lora folder, or train your own:\n"
               f"  {PROG} train your_config.toml --dry-run\n")
+    if res.kept_config:
+        out.write(f"or try the command line on the tiny model, offline:\n  {PROG} train {res.kept_config}\n")
+    else:
+        out.write(f"(`quickstart --keep-model` also keeps the tiny model and a config to try `train` on, offline)\n")
     return EXIT_OK

@@ -26,7 +26,8 @@ def quickstart(tmp_path_factory):
     try:
         out, err = io.StringIO(), io.StringIO()
         t0 = time.time()
-        code = cli.main(["quickstart", "--out", str(out_dir), "--steps", str(STEPS)], out=out, err=err)
+        code = cli.main(["quickstart", "--out", str(out_dir), "--steps", str(STEPS), "--keep-model"], out=out,
+                        err=err)
         seconds = time.time() - t0
     finally:
         cli.build_parser = orig
@@ -42,6 +43,18 @@ def test_quickstart_runs_end_to_end(quickstart):
         assert os.path.isfile(out_dir / rel), rel
     assert f"step {STEPS}/{STEPS} (100%)" in out
     assert "weights bit-exact after restore" in out
+
+
+def test_keep_model_leaves_a_model_and_config_that_train_takes(quickstart):
+    """The audit's user could not try `train` offline: no checkpoint, no config."""
+    from lib_lora import cli
+    code, out, err, out_dir, _ = quickstart
+    kept = out_dir / "train.toml"
+    assert f"python -m lib_lora train {kept}" in out and (out_dir / "model" / "tiny-sd15.safetensors").is_file()
+    o, e = io.StringIO(), io.StringIO()
+    rc = cli.main(["train", str(kept), "--dry-run"], out=o, err=e)
+    assert rc == 0 and "would train 80 steps over 4 epoch(s)" in o.getvalue(), o.getvalue() + e.getvalue()
+    assert "warning" not in o.getvalue().lower() and "\nerror" not in o.getvalue().lower()
 
 
 def test_loss_went_down_and_the_file_matches_fully(quickstart):
