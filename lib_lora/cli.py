@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"  {PROG} merge sdxl.safetensors out.safetensors --lora a.safetensors --lora b.safetensors:0.5:0.7 "
                "--precision fp16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    pm.add_argument("base", metavar="BASE.safetensors", help="checkpoint to merge into (read only, unless OUT is the same file with --overwrite)")
+    pm.add_argument("base", metavar="BASE.safetensors",
+                    help="checkpoint to merge into (read only, unless OUT is the same file with --overwrite)")
     pm.add_argument("out", metavar="OUT.safetensors", help="where to write the merged checkpoint")
     pm.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                     help="LoRA file, optionally with a weight (default 1.0), or FILE:TE:UNET for separate "

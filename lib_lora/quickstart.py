@@ -345,7 +345,8 @@ def run_quickstart(out_dir: str = DEFAULT_OUT, steps: int | None = None, seed: i
         kept = keep_model(model, out)
         log(f"kept the tiny model as {os.path.join(out, 'model', 'tiny-sd15.safetensors')} and a config for it: {kept}")
     log("6/6 done")
-    return QuickstartResult(kept_config=kept, out_dir=out, lora_path=res.final, loss_before=loss_before, loss_after=loss_after,
+    return QuickstartResult(kept_config=kept, out_dir=out, lora_path=res.final, loss_before=loss_before,
+                            loss_after=loss_after,
                             matched=len(net.report.matched), total=net.report.total_modules,
                             restored_exact=restored, plot_path=plot, grid_path=grid, steps=res.steps,
                             train_seconds=train_s, seconds=time.time() - t0, files=list(res.files),

@@ -407,5 +407,5 @@ def cmd_quickstart(args, out) -> int:
     if res.kept_config:
         out.write(f"or try the command line on the tiny model, offline:\n  {PROG} train {res.kept_config}\n")
     else:
-        out.write(f"(`quickstart --keep-model` also keeps the tiny model and a config to try `train` on, offline)\n")
+        out.write("(`quickstart --keep-model` also keeps the tiny model and a config to try `train` on, offline)\n")
     return EXIT_OK

@@ -1345,7 +1345,8 @@ def build_tab(backend) -> gr.Blocks:
                      "rows": [_row_label(j, f) for f in files]}
             flabels = [_file_label(f) for f in files]
             yield {r_status: (info_html(f"{stopped} Saved in {out_dir}.") if stopped is not None else
-                              ok_html(f"Rendered {len(gallery)} image{'s' if len(gallery) != 1 else ''} (saved in {out_dir}). Click the one you like, "
+                              ok_html(f"Rendered {len(gallery)} image{'s' if len(gallery) != 1 else ''} (saved in "
+                                      f"{out_dir}). Click the one you like, "
                                       "then press Use this one.")),
                    r_grid: grid_path, r_gallery: gr.update(value=gallery, columns=gallery_columns(len(seeds))),
                    r_state: state,
