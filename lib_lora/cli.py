@@ -178,18 +178,24 @@ def _json_field(metadata: dict, key: str):
 
 
 def _top_tags(metadata: dict, n: int = 10) -> list[tuple[str, int]]:
-    """Most frequent caption tags over all dataset folders (kohya ss_tag_frequency, or ss_datasets' copy)."""
+    """Most frequent caption tags over the training folders (kohya ss_tag_frequency, or ss_datasets' copy); the
+    regularisation folders' tags are the class's, not what the LoRA learnt."""
     freq = _json_field(metadata, "ss_tag_frequency")
+    datasets = _json_field(metadata, "ss_datasets")
+    reg = _json_field(metadata, "ss_reg_dataset_dirs")
+    reg = set(reg) if isinstance(reg, dict) else set()
+    for ds in datasets if isinstance(datasets, list) else []:
+        for sub in (ds.get("subsets") if isinstance(ds, dict) else None) or []:
+            if isinstance(sub, dict) and sub.get("is_reg") and sub.get("image_dir"):
+                reg.add(os.path.basename(str(sub["image_dir"]).rstrip("/\\")))
     per_dir: list[dict] = []
     if isinstance(freq, dict):
-        per_dir = [v for v in freq.values() if isinstance(v, dict)]
-    else:
-        datasets = _json_field(metadata, "ss_datasets")
-        if isinstance(datasets, list):
-            for ds in datasets:
-                tf = ds.get("tag_frequency") if isinstance(ds, dict) else None
-                if isinstance(tf, dict):
-                    per_dir += [v for v in tf.values() if isinstance(v, dict)]
+        per_dir = [v for k, v in freq.items() if isinstance(v, dict) and k not in reg]
+    elif isinstance(datasets, list):
+        for ds in datasets:
+            tf = ds.get("tag_frequency") if isinstance(ds, dict) else None
+            if isinstance(tf, dict):
+                per_dir += [v for k, v in tf.items() if isinstance(v, dict) and k not in reg]
     total: Counter = Counter()
     for d in per_dir:
         for tag, count in d.items():

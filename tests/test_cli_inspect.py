@@ -41,6 +41,16 @@ KOHYA_META = dict(KOHYA_V1, **{
 })
 
 
+def test_top_tags_leave_the_regularisation_folders_out():
+    """sd-scripts counts the reg folders' captions into ss_tag_frequency too; they are the class's words."""
+    meta = {"ss_tag_frequency": json.dumps({"20_svs cat": {"svs": 20, "cat": 20, "red": 4}, "1_cat": {"cat": 90}}),
+            "ss_reg_dataset_dirs": json.dumps({"1_cat": {"n_repeats": 1, "img_count": 90}})}
+    assert cli._top_tags(meta) == [("svs", 20), ("cat", 20), ("red", 4)]
+    ds = [{"subsets": [{"image_dir": "/d/img", "is_reg": False}, {"image_dir": "/d/reg/", "is_reg": True}],
+           "tag_frequency": {"img": {"svs": 3}, "reg": {"cat": 50}}}]
+    assert cli._top_tags({"ss_datasets": json.dumps(ds)}) == [("svs", 3)]
+
+
 def test_inspect_kohya_text_and_json(tmp_path, sd1_ckpt):
     lora = tmp_path / "wc.safetensors"
     write_kohya(lora, _targets(SD1_TARGETS), rank=4, alpha=2, seed=1, metadata=KOHYA_META)
