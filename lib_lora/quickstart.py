@@ -154,11 +154,11 @@ def _grid(rows: list[list], row_labels: list[str], col_labels: list[str], path: 
 
     w, h = rows[0][0].size
     cw, ch = w * scale, h * scale
-    left, top = 70, 30
+    left, top = 70, 34
     grid = Image.new("RGB", (left + cw * len(rows[0]), top + ch * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, lab in enumerate(col_labels):
-        draw.text((left + j * cw + 4, 4), lab, fill="black")
+    for j, lab in enumerate(col_labels):  # (a label's lines: the prompt, then the seed)
+        draw.multiline_text((left + j * cw + 4, 4), lab, fill="black", spacing=3)
     for i, (row, lab) in enumerate(zip(rows, row_labels)):
         draw.text((4, top + i * ch + ch // 2 - 6), lab, fill="black")
         for j, img in enumerate(row):
@@ -332,7 +332,7 @@ def run_quickstart(out_dir: str = DEFAULT_OUT, steps: int | None = None, seed: i
 
     log("5/6 writing the loss plot and the before/after grid")
     plot = _plot(res.losses, loss_before, loss_after, os.path.join(out, "loss.png"))
-    cols = [f"{p[:14]} s{s}" for p in GRID_PROMPTS for s in GRID_SEEDS]
+    cols = [f"{p}\nseed {s}" for p in GRID_PROMPTS for s in GRID_SEEDS]
     from PIL import Image
     data = [Image.open(p).convert("RGB") for p in images[:len(cols)]]
     rows, labels = [base_imgs, lora_imgs], ["base", "+ LoRA"]
