@@ -160,7 +160,7 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     ns.sd_hijack.model_hijack.optimization_method = "Doggettx"  # class-replaced attention without backward
     lora_sub = os.path.join(ns.shared.cmd_opts.lora_dir, "studio-glue")  # (a subfolder the card pages scan)
     job = ns.backend.submit(config(ns, "tabjob", sample_every_n_epochs=1, sample_prompts=ns.prompts,
-                                   output_dir=lora_sub, sample_sampler="k_euler_a"), name="tabjob",
+                                   output_dir=lora_sub, sample_sampler="k_euler_a", clip_skip=2), name="tabjob",
                             task_id="task(tab1)")
     job = finished(ns, job["id"], task="task(tab1)")
     assert job["status"] == "done", job
@@ -196,6 +196,7 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     # sample_sampler picks A1111's sampler of that name; with the scheduler set A1111 has nothing to correct
     from modules import sd_samplers
     assert (p.sampler_name, p.scheduler) == ("Euler a", "Automatic") and sd_samplers.autocorrected == []
+    assert p.override_settings == {"CLIP_stop_at_last_layers": 2}  # (the run's clip_skip, as sd-scripts samples)
     assert rendered.tqdm_open == [True] and ns.shared.total_tqdm.open is False
     from PIL import Image
     with Image.open(path) as im:  # (A1111's infotext kept: PNG Info reads the sample's settings)

@@ -167,6 +167,10 @@ class WebUIHost(ModelHost):
         if prompts is None:
             return None
         name = cfg.output_name or "lora"
+        # the run's clip_skip, as sd-scripts samples with it (A1111 restores its own setting after each picture);
+        # SDXL's conditioner has a fixed layer in both
+        overrides = {"CLIP_stop_at_last_layers": int(cfg.clip_skip)} if (
+            cfg.clip_skip and int(cfg.clip_skip) >= 1 and self.family != "sdxl") else {}
 
         def sample_fn(epoch: int | None, step: int, should_cancel=None):
             from modules import processing
@@ -185,7 +189,7 @@ class WebUIHost(ModelHost):
                         sd_model=self.sd_model, prompt=sp.prompt, negative_prompt=sp.negative, steps=sp.steps,
                         width=sp.width, height=sp.height, cfg_scale=sp.cfg_scale,
                         seed=sp.seed if sp.seed is not None else -1,
-                        do_not_save_grid=True, do_not_save_samples=True,
+                        do_not_save_grid=True, do_not_save_samples=True, override_settings=dict(overrides),
                         **sampler_fields(sp.sampler or cfg.sample_sampler))
                     p.disable_extra_networks = True  # the LoRA being trained is already attached
                     try:
