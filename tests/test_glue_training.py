@@ -159,6 +159,7 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     monkeypatch.setattr(builtin_networks(), "list_available_networks", lambda: listed.append(1), raising=False)
     ns.sd_hijack.model_hijack.optimization_method = "Doggettx"  # class-replaced attention without backward
     lora_sub = os.path.join(ns.shared.cmd_opts.lora_dir, "studio-glue")  # (a subfolder the card pages scan)
+    monkeypatch.delitem(ns.shared.opts.data, "CLIP_stop_at_last_layers")  # (a config.json without it)
     job = ns.backend.submit(config(ns, "tabjob", sample_every_n_epochs=1, sample_prompts=ns.prompts,
                                    output_dir=lora_sub, sample_sampler="k_euler_a", clip_skip=2), name="tabjob",
                             task_id="task(tab1)")
@@ -197,6 +198,8 @@ def test_tab_job_trains_under_the_webui_lock_with_progress_and_samples(fresh, re
     from modules import sd_samplers
     assert (p.sampler_name, p.scheduler) == ("Euler a", "Automatic") and sd_samplers.autocorrected == []
     assert p.override_settings == {"CLIP_stop_at_last_layers": 2}  # (the run's clip_skip, as sd-scripts samples)
+    # A1111 leaves an option that was not in config.json at the picture's value: it is put back as it was
+    assert "CLIP_stop_at_last_layers" not in ns.shared.opts.data and ns.shared.opts.CLIP_stop_at_last_layers == 1
     assert rendered.tqdm_open == [True] and ns.shared.total_tqdm.open is False
     from PIL import Image
     with Image.open(path) as im:  # (A1111's infotext kept: PNG Info reads the sample's settings)

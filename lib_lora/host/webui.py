@@ -152,6 +152,26 @@ def sampler_fields(kohya_name: str | None = None) -> dict:
     return {"sampler_name": name, "scheduler": scheduler}
 
 
+@contextlib.contextmanager
+def settings_kept(keys):
+    """A1111 puts a picture's override_settings back only for options already in opts.data (config.json): one
+    left at its default stayed changed after the picture (the WebUI's clip skip after a job's samples). Put back
+    as they were, present or not."""
+    data = getattr(getattr(shared(), "opts", None), "data", None)
+    if not isinstance(data, dict) or not keys:
+        yield
+        return
+    kept = {k: (k in data, data.get(k)) for k in keys}
+    try:
+        yield
+    finally:
+        for k, (had, value) in kept.items():
+            if had:
+                data[k] = value
+            else:
+                data.pop(k, None)
+
+
 def clear_console_progress():
     """A1111's console "Total progress" bar counts every sampling step until txt2img clears it; after our own
     pictures (samples, grids) it would count on into the user's next image."""

@@ -13,7 +13,7 @@ import torch
 
 from .base import ModelHost
 from .webui import (clear_console_progress, cmd_opt, data_dir, forge_info, loaded_model, model_held, opt,
-                    sampler_fields, shared)
+                    sampler_fields, settings_kept, shared)
 
 # attention replacements that support backward without surprises; others are swapped for the stock one
 _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
@@ -193,8 +193,8 @@ class WebUIHost(ModelHost):
                         **sampler_fields(sp.sampler or cfg.sample_sampler))
                     p.disable_extra_networks = True  # the LoRA being trained is already attached
                     try:
-                        with model_held():  # (a checkpoint picked meanwhile loads after the job)
-                            res = processing.process_images(p)
+                        with model_held(), settings_kept(overrides):  # (a checkpoint picked meanwhile loads
+                            res = processing.process_images(p)        # after the job)
                     finally:
                         p.close()
                     for j, img in enumerate(res.images):

@@ -93,6 +93,21 @@ class Processed:
 
 
 def process_images(p, sample=None):
+    """A1111's override_settings handling: set for the picture, put back afterwards, but only the options that
+    were in opts.data (config.json) before: one left at its default stays changed (A1111 1.10.1's own way)."""
+    from modules import shared
+    opts = shared.opts
+    stored = {k: opts.data[k] for k in p.override_settings if k in opts.data}
+    try:
+        for k, v in p.override_settings.items():
+            opts.set(k, v, is_api=True, run_callbacks=False)
+        return _process_images(p, sample)
+    finally:
+        for k, v in stored.items():
+            opts.data[k] = v
+
+
+def _process_images(p, sample=None):
     def hook(name, **kwargs):
         if p.scripts is not None:
             getattr(p.scripts, name)(p, **kwargs)

@@ -19,6 +19,9 @@ options_templates.update(options_section(("saving-images", "Saving images", "sav
 options_templates.update(options_section(("system", "System", "system"), {
     "list_hidden_files": OptionInfo(True, "List files inside hidden folders"),
 }))
+options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
+    "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),
+}))
 options_templates.update(options_section(("extra_networks", "Extra Networks", "sd"), {
     "extra_networks_default_multiplier": OptionInfo(1.0, "Weight cards insert by default"),
 }))
