@@ -601,3 +601,15 @@ def test_a_batch_no_bucket_can_fill_is_said(tmp_path):
                     "less, or add images or repeats"]
     assert not [f for f in build_plan(_cfg(tmp_path / "train", train_batch_size=2)).findings
                 if f.code == "batch-never-full"]
+
+
+def test_images_left_out_by_bucket_no_upscale_say_why_they_are_too_small(tmp_path):
+    """96x64 images at resolution 64 were 'smaller than bucket_reso_steps 64' though they are not: shrunk to the
+    resolution's area (78x52) their short side is."""
+    d = tmp_path / "train" / "1_svs"
+    _img(d / "a.png", (96, 64))
+    plan = build_plan(_cfg(tmp_path / "train", resolution=(64, 64), bucket_no_upscale=True, min_bucket_reso=64,
+                           max_bucket_reso=128))
+    assert [f.message for f in plan.warnings if f.code == "too-small"] == [
+        "'1_svs': 1 image(s) have a side smaller than bucket_reso_steps 64 once shrunk to the resolution's area "
+        "(64x64), as bucket_no_upscale does with larger images, and are left out: a.png"]

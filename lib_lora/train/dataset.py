@@ -794,9 +794,13 @@ def _bucket_part(part: DatasetPart, family: str | None, findings: list[Finding])
             if choice.reso[0] > 0 and choice.reso[1] > 0:
                 e.bucket, e.resized_size = choice.reso, choice.resized_size
         if s.too_small:
+            w, h = ds.resolution
+            how = (f" once shrunk to the resolution's area ({w}x{h}), as bucket_no_upscale does with larger "
+                   "images," if ds.bucket_no_upscale else "")
             findings.append(Finding("warning", "too-small",
-                                    f"'{s.name}': {len(s.too_small)} image(s) smaller than bucket_reso_steps "
-                                    f"{ds.bucket_reso_steps} are left out: {_names(s.too_small)}"))
+                                    f"'{s.name}': {len(s.too_small)} image(s) have a side smaller than "
+                                    f"bucket_reso_steps {ds.bucket_reso_steps}{how} and are left out: "
+                                    f"{_names(s.too_small)}"))
 
 
 def _finish_part(part: DatasetPart, findings: list[Finding]) -> None:
