@@ -144,7 +144,8 @@ def _fmt_counter(counter: Counter, unit: str = "") -> str:
 
 def _require_file(path: str, what: str) -> None:
     if not os.path.exists(path):
-        raise CliError(f"{what} not found: {path}")
+        from .train.config import missing_path_hint
+        raise CliError(f"{what} not found: {path}{missing_path_hint(path)}")
     if os.path.isdir(path):
         raise CliError(f"{what} is a folder, not a file: {path}")
 

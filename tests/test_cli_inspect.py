@@ -158,6 +158,11 @@ def test_inspect_says_a_checkpoint_is_not_a_lora(sd1_ckpt):
     assert "it is the BASE of `merge BASE OUT --lora FILE`" in err and "models/Stable-diffusion" not in err
 
 
+def test_a_file_name_one_typo_away_is_suggested(sd1_ckpt):
+    rc, out, err = inspect(str(sd1_ckpt)[:-1])
+    assert rc == 1 and f"LoRA file not found: {str(sd1_ckpt)[:-1]} (did you mean {sd1_ckpt}?)" in err, err
+
+
 def test_inspect_and_merge_say_a_resume_state_is_one(sd1_ckpt, tmp_path):
     """It was called a pickle saved with a .safetensors name, to be converted."""
     state = tmp_path / "svs-000001-state.lsstate"
