@@ -106,7 +106,7 @@ def rendered(webui, monkeypatch):
     tqdm_open = []  # (whether A1111's console bar was counting after each picture)
 
     def process_images(p, *args, **kw):
-        calls.append(dict(p=p, lock_free=ns.probe._lock_free()))
+        calls.append(dict(p=p, lock_free=ns.probe._lock_free(), conds=list(p.cached_c) + list(p.cached_uc)))
         if fail:
             raise RuntimeError(fail[0])
         res = real(p, *args, **kw)
@@ -467,6 +467,26 @@ def test_the_latent_disk_cache_stays_out_of_the_lora_folder(fresh):
     assert any(n.startswith(f"{os.path.join(out, '.lora-studio-cache')} holds latents cached by an earlier version; "
                             f"this run caches in {cache}") for n in again["notes"]), again["notes"]
     assert models.model_state_hash(ns.model) == ns.before
+
+def test_samples_and_grids_compute_their_conditioning_afresh_and_leave_none_behind(fresh, rendered):
+    """Seen in the real WebUI: A1111 caches a prompt's conditioning by its text, so every grid row after the
+    first (another LoRA strength in the text encoder) and every sample set after the first reused the first
+    one's, and the user's next 'svs cat' would have got the LoRA's."""
+    ns = fresh
+    stale = ["svs cat key", "conditioning of another text encoder"]
+    ns.processing.StableDiffusionProcessing.cached_c[:] = stale
+    job = ns.backend.submit(config(ns, "condjob", sample_every_n_epochs=1, sample_prompts=ns.prompts,
+                                   max_train_epochs=2, save_every_n_epochs=1), name="condjob")
+    job = finished(ns, job["id"])
+    assert job["status"] == "done" and len(rendered.calls) == 2, job
+    ns.processing.StableDiffusionProcessing.cached_uc[:] = stale
+    ns.backend.render_grid(job["files"], [0.5, 1.0], [1], "svs cat", width=64, height=64, steps=1)
+    assert len(rendered.calls) == 2 + 2 * 2
+    assert all(c["conds"] == [None] * 4 for c in rendered.calls), [c["conds"] for c in rendered.calls]
+    assert ns.processing.StableDiffusionProcessing.cached_c == [None, None]
+    assert ns.processing.StableDiffusionProcessing.cached_uc == [None, None]
+    assert models.model_state_hash(ns.model) == ns.before
+
 
 def test_tab_generate_uses_the_webui_sampler_under_the_lock(fresh, rendered):
     ns = fresh
