@@ -609,10 +609,9 @@ def cmd_merge(args, out) -> int:
     for path, _te, _unet in loras:
         _refuse_a_state(path)
         lh = read_header(path)
-        _refuse_not_a_lora(path, {k: tuple(v["shape"]) for k, v in lh.items() if k != "__metadata__"},
-                           lh.get("__metadata__") or {})
-        fi = detect_family({k: tuple(v["shape"]) for k, v in lh.items() if k != "__metadata__"},
-                           lh.get("__metadata__") or {})
+        lora_shapes = {k: tuple(v["shape"]) for k, v in lh.items() if k != "__metadata__"}
+        _refuse_not_a_lora(path, lora_shapes, lh.get("__metadata__") or {})
+        fi = detect_family(lora_shapes, lh.get("__metadata__") or {})
         infos.append(fi)
         if fi.refused:
             raise UnsupportedFamilyError(fi.refusal_message(path), path)

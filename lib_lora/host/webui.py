@@ -180,6 +180,24 @@ def clear_console_progress():
         bar.clear()
 
 
+def process_own(p, keep=()):
+    """process_images for a picture of ours (a job's sample, a grid cell, a helper's reg image), its prompt's tags
+    off (our LoRA is attached or merged already): the conditioning is computed afresh and none is left cached
+    (A1111 caches it by the prompt's text, not by the text encoder's LoRA), a checkpoint picked meanwhile waits
+    (``model_held``), the ``keep`` options of its override_settings come back as they were, and the console's
+    progress bar is cleared as txt2img clears it. ``p`` is closed."""
+    from modules import processing
+    p.disable_extra_networks = True
+    forget_conds(p)
+    try:
+        with model_held(), settings_kept(keep):
+            return processing.process_images(p)
+    finally:
+        p.close()
+        forget_conds(p)
+        clear_console_progress()
+
+
 def model_sd_version(model) -> str | None:
     """A1111's flags → 'SD1' | 'SD2' | 'SDXL' (names of the built-in's SdVersion), None when unknown."""
     if model is None:

@@ -8,8 +8,7 @@ import os
 import threading
 
 from ..ui.backend import LocalBackend, ProgressHooks
-from .webui import (clear_console_progress, cmd_opt, console, data_dir, forget_conds, images_dir, lora_dirs,
-                    model_held, opt, sampler_fields, shared)
+from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, opt, process_own, sampler_fields, shared
 from .webui_train import WebUIHost, WebUINotReady
 
 
@@ -49,17 +48,7 @@ def webui_sampler(host, prompts, negative, seeds, width, height, steps=20, cfg_s
             sd_model=host.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
             width=int(width), height=int(height), cfg_scale=float(cfg_scale), do_not_save_grid=True,
             do_not_save_samples=True, **sampler_fields())
-        p.disable_extra_networks = True  # the LoRA under test is already in the weights; prompt tags stay out
-        # A1111 caches a prompt's conditioning by its text: each row's text encoder has another LoRA strength,
-        # and the user's next picture must not get the grid's
-        forget_conds(p)
-        try:
-            with model_held():  # (the grid's LoRA is merged into these very weights)
-                images += processing.process_images(p).images[:1]
-        finally:
-            p.close()
-            forget_conds(p)
-            clear_console_progress()
+        images += process_own(p).images[:1]  # (the LoRA under test is merged into these very weights)
     return images
 
 

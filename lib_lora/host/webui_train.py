@@ -12,8 +12,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .base import ModelHost
-from .webui import (clear_console_progress, cmd_opt, data_dir, forge_info, forget_conds, loaded_model, model_held,
-                    opt, sampler_fields, settings_kept, shared)
+from .webui import cmd_opt, data_dir, forge_info, loaded_model, opt, process_own, sampler_fields, shared
 
 # attention replacements that support backward without surprises; others are swapped for the stock one
 _TRAINABLE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
@@ -191,23 +190,13 @@ class WebUIHost(ModelHost):
                         seed=sp.seed if sp.seed is not None else -1,
                         do_not_save_grid=True, do_not_save_samples=True, override_settings=dict(overrides),
                         **sampler_fields(sp.sampler or cfg.sample_sampler))
-                    p.disable_extra_networks = True  # the LoRA being trained is already attached
-                    # A1111 caches a prompt's conditioning by its text: the text encoder's LoRA changed since the
-                    # last set (and the user's next picture must not get this one's)
-                    forget_conds(p)
-                    try:
-                        with model_held(), settings_kept(overrides):  # (a checkpoint picked meanwhile loads
-                            res = processing.process_images(p)        # after the job)
-                    finally:
-                        p.close()
-                        forget_conds(p)
+                    res = process_own(p, keep=overrides)  # (the LoRA being trained is attached already)
                     for j, img in enumerate(res.images):
                         path = os.path.join(folder, f"{name}_{tag}_{i:02d}{'_' + str(j) if j else ''}.png")
                         # (A1111's infotext for its PNG Info tab; through a temp file, as on a full disk)
                         paths.append(save_png(img, path, (getattr(img, "info", None) or {}).get("parameters")))
             finally:
                 torch.set_rng_state(cpu_rng)
-                clear_console_progress()
             return paths
 
         return sample_fn
