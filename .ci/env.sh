@@ -12,8 +12,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
         --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
     "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-test.txt
     # Must come last: PyPI's torchvision for torch 2.13 is a CUDA build that breaks open_clip on CPU, and
-    # stable-diffusion-sdkit's declared dependencies are wrong for A1111 (hence --no-deps).
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps stable-diffusion-sdkit==2.1.5 torchvision==0.16.2
+    # stable-diffusion-sdkit's declared dependencies are wrong for A1111 (hence --no-deps), and k-diffusion's
+    # (training extras, wandb) are not needed for its sampler code, the test reference of our samplers.
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps stable-diffusion-sdkit==2.1.5 torchvision==0.16.2 \
+        k-diffusion==0.0.16
     echo "$want" > "$STAMP"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False

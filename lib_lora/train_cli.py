@@ -335,7 +335,8 @@ def _train(args, out) -> int:
             sample_fn = None
 
     from .train.run import run_training
-    printer = ProgressPrinter(out, already_shown={str(w) for w in plan.warnings} | set(support_notes))
+    printer = ProgressPrinter(out, already_shown={str(w) for w in plan.warnings} | set(support_notes)
+                              | set(getattr(sample_fn, "notes", ())))
     with _CtrlC(out) as ctrl:
         try:
             result = run_training(host, cfg, on_event=printer, should_cancel=ctrl.event.is_set,

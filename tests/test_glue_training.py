@@ -260,6 +260,25 @@ def test_api_job_trains_and_leaves_attention_alone(fresh, rendered):
     assert_webui_left_clean(ns)
 
 
+def test_the_sample_prompts_notes_reach_the_job_and_dpmsolver_renders_as_dpmpp_2m(fresh, rendered):
+    """The prompt file's notes (an option sd-scripts ignores, a sampler that is another algorithm in sd-scripts)
+    were only printed by the CLI: a job from the tab or the API said nothing."""
+    ns = fresh
+    ns.sd_hijack.model_hijack.optimization_method = "Doggettx"
+    prompts = str(ns.root / "prompts-notes.txt")
+    with open(prompts, "w", encoding="utf-8") as f:
+        f.write("svs cat --w 64 --h 64 --s 2 --d 3 --zz 1\n")
+    job = ns.backend.submit(config(ns, "notejob", sample_every_n_epochs=1, sample_prompts=prompts,
+                                   sample_sampler="dpmsolver++"), name="notejob", task_id="task(note)")
+    job = finished(ns, job["id"], task="task(note)")
+    assert job["status"] == "done", job
+    assert any("unknown option --zz ignored" in n for n in job["notes"]), job["notes"]
+    assert any("'dpmsolver++' (diffusers' DPM-Solver++ in sd-scripts) renders with A1111's DPM++ 2M Karras" in n
+               for n in job["notes"]), job["notes"]
+    assert (rendered.calls[0]["p"].sampler_name, rendered.calls[0]["p"].scheduler) == ("DPM++ 2M", "Automatic")
+    assert_webui_left_clean(ns)
+
+
 def test_a_failing_sampler_costs_the_samples_only_and_everything_is_given_back(fresh, rendered, capsys):
     """A sample set that failed (a size the model cannot take, memory running out there) failed the job: with one
     epoch, nothing was saved. Now it is a note and the run goes on."""

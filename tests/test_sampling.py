@@ -1,4 +1,5 @@
-"""Headless sampler: sd-scripts prompt files, closed-form checks of DDIM / Euler, determinism on the tiny model."""
+"""Headless sampler: sd-scripts prompt files, closed-form checks of DDIM / PLMS / Euler, determinism on the tiny
+model. (k-diffusion's own samplers as the reference: test_sampling_kdiffusion.py.)"""
 
 import math
 import os
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib_lora.train.sampling import (SamplePromptError, ddim_sample, ddim_timesteps, euler_sample, load_prompt_file,
-                                     make_sample_fn, parse_prompt_line, parse_prompt_text)
+from lib_lora.train.sampling import (KSchedule, SamplePromptError, a1111_timesteps, ddim_sample, k_denoiser, k_sample,
+                                     load_prompt_file, make_sample_fn, parse_prompt_line, parse_prompt_text,
+                                     plms_sample)
 
 
 # ----------------------------------------------------------------------------------------------- prompt files
@@ -19,7 +21,8 @@ def test_prompt_line_with_every_option():
     assert sp.prompt == "masterpiece, svs cat"
     assert sp.negative == "low quality, blurry"
     assert (sp.width, sp.height, sp.steps, sp.seed, sp.cfg_scale) == (768, 512, 20, 42, 6.5)
-    assert sp.sampler == "euler_a" and any("euler_a" in n for n in sp.notes)  # runs as euler, with a note
+    assert sp.sampler == "euler_a" and not sp.notes  # A1111's Euler a, headless too
+    assert any("DPM++ 2M" in n for n in parse_prompt_line("a cat --ss dpmsolver++").notes)  # another algorithm
 
 
 def test_prompt_defaults_are_sd_scripts_defaults():
@@ -105,27 +108,40 @@ def _sd_alphas_cumprod():
     return torch.tensor(np.cumprod(1 - betas))
 
 
-def test_ddim_timesteps_are_ldm_uniform():
-    # ldm make_ddim_timesteps('uniform', 20, 1000): range(0, 1000, 50) + 1
-    assert ddim_timesteps(1000, 20) == list(range(951, 0, -50))
-    assert ddim_timesteps(1000, 1) == [1]
+def euler_sample(eps_fn, ac, noise, steps):
+    schedule = KSchedule(ac)
+    sigmas = schedule.for_sampler("Euler", steps)
+    return k_sample("Euler", k_denoiser(eps_fn, schedule), noise * sigmas[0], sigmas)
 
 
-def test_oracle_eps_recovers_x0_exactly():
-    """A model that returns the true noise of x_t (given the known x0) makes DDIM and Euler land exactly on x0."""
-    ac = _sd_alphas_cumprod()
+def test_timesteps_are_a1111s():
+    # sd_samplers_timesteps.get_timesteps: clip(range(0, 1000, 1000 // steps) + 1, 0, 999)
+    assert a1111_timesteps(20) == list(range(1, 1000, 50))
+    assert len(a1111_timesteps(30)) == 31 and a1111_timesteps(30)[-1] == 991  # (1000 // 30 = 33)
+    assert a1111_timesteps(1) == [1]
+
+
+def test_oracle_eps_lands_where_a1111s_samplers_end():
+    """A model that returns the true noise of x_t (given the known x0): Euler lands on x0; A1111's DDIM and PLMS
+    walk its timesteps down to the lowest, t = 1 (one model call fewer than timesteps, as A1111 1.10 does), and
+    land on sqrt(a_1) x0 + sqrt(1 - a_1) eps there."""
+    ac = _sd_alphas_cumprod().float()
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
     noise = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    a1 = float(ac[1])
+    for run, steps, calls_wanted in ((ddim_sample, 20, 19), (ddim_sample, 30, 30), (plms_sample, 20, 20)):
+        calls = []
 
-    def eps_ddim(x, t, a):  # x = sqrt(a) x0 + sqrt(1-a) eps  =>  eps = (x - sqrt(a) x0) / sqrt(1-a)
-        return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        def eps_ddim(x, t, a):  # x = sqrt(a) x0 + sqrt(1-a) eps  =>  eps = (x - sqrt(a) x0) / sqrt(1-a)
+            calls.append(t)
+            return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
-    # DDIM starts at x_T built with its first timestep's alpha
-    a_T = float(ac[ddim_timesteps(1000, 10)[0]])
-    xT = math.sqrt(a_T) * x0 + math.sqrt(1 - a_T) * noise
-    out = ddim_sample(eps_ddim, ac, xT, 10)
-    torch.testing.assert_close(out, x0, rtol=0, atol=1e-10)
+        a_T = float(ac[a1111_timesteps(steps)[-1]])
+        xT = math.sqrt(a_T) * x0 + math.sqrt(1 - a_T) * noise
+        out = run(eps_ddim, ac, xT, steps)
+        torch.testing.assert_close(out, math.sqrt(a1) * x0 + math.sqrt(1 - a1) * noise, rtol=0, atol=1e-10)
+        assert len(calls) == calls_wanted and calls[0] == a1111_timesteps(steps)[-1]
 
     calls = []
 
@@ -134,15 +150,15 @@ def test_oracle_eps_recovers_x0_exactly():
         return (x_in - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
     out = euler_sample(eps_euler, ac, noise, 7)
-    torch.testing.assert_close(out, x0, rtol=0, atol=1e-10)
-    assert calls[0] == pytest.approx(999) and calls[-1] == pytest.approx(0) and len(calls) == 7
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+    assert calls[0] == pytest.approx(999) and calls[-1] == pytest.approx(0, abs=1e-3) and len(calls) == 7
 
 
 def test_gaussian_data_matches_probability_flow_closed_form():
     """Data ~ N(0, s^2): the ideal denoiser is D(x) = s^2/(s^2+sigma^2) x, and the probability-flow ODE maps
-    x(sigma_T) to x(0) = x(sigma_T) * s / sqrt(s^2 + sigma_T^2). Both samplers solve that ODE (DDIM is Euler in
-    sigma-space), so with many steps they must reach the closed form."""
-    ac = _sd_alphas_cumprod()
+    x(sigma_T) to x(sigma) = x(sigma_T) * sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2). Euler, Heun, LMS, DPM2 and
+    DPM++ 2M solve that ODE to sigma 0, DDIM and PLMS (in the scaled variable sqrt(a) x) to A1111's last timestep."""
+    ac = _sd_alphas_cumprod().float()
     s = 0.5
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -151,18 +167,22 @@ def test_gaussian_data_matches_probability_flow_closed_form():
         x = x_in / math.sqrt(a)
         return x * math.sqrt(sig2) / (s * s + sig2)
 
-    sig_max = math.sqrt((1 - float(ac[-1])) / float(ac[-1]))
-    want = noise * sig_max * s / math.sqrt(s * s + sig_max ** 2)
-    out = euler_sample(eps_gauss, ac, noise, 400)
-    torch.testing.assert_close(out, want, rtol=0.02, atol=0.01)
+    schedule = KSchedule(ac)
+    for label, steps, tol in (("Euler", 400, 0.02), ("Heun", 60, 0.005), ("LMS", 100, 0.005),
+                              ("DPM2", 60, 0.005), ("DPM++ 2M", 60, 0.005)):
+        sigmas = schedule.for_sampler(label, steps)
+        sig_max = float(sigmas[0])
+        want = noise * sig_max * s / math.sqrt(s * s + sig_max ** 2)
+        out = k_sample(label, k_denoiser(eps_gauss, schedule), noise * sigmas[0], sigmas)
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol, msg=label)
 
-    ts = ddim_timesteps(1000, 500)
-    a_T = float(ac[ts[0]])
+    ts = a1111_timesteps(500)
+    a_T, a_1 = float(ac[ts[-1]]), float(ac[ts[0]])
     xT = noise  # DDIM's x_T is the scaled variable sqrt(a_T) * x(sigma_T)
-    sig_T = math.sqrt((1 - a_T) / a_T)
-    want = (xT / math.sqrt(a_T)) * s / math.sqrt(s * s + sig_T ** 2)
-    out = ddim_sample(eps_gauss, ac, xT, 500)
-    torch.testing.assert_close(out, want, rtol=0.02, atol=0.01)
+    sig_T2, sig_12 = (1 - a_T) / a_T, (1 - a_1) / a_1
+    want = math.sqrt(a_1) * (xT / math.sqrt(a_T)) * math.sqrt(s * s + sig_12) / math.sqrt(s * s + sig_T2)
+    for run in (ddim_sample, plms_sample):
+        torch.testing.assert_close(run(eps_gauss, ac, xT, 500), want, rtol=0.02, atol=0.01)
 
 
 # ----------------------------------------------------------------------------------------------- on the tiny model
@@ -193,19 +213,33 @@ def test_ddim_on_the_tiny_model_is_deterministic_per_seed(host, tmp_path):
     assert "Negative prompt: blurry" in info and "Seed: 11" in info and "Sampler: DDIM" in info
 
 
-def test_the_configs_sampler_fallback_is_said_and_clip_skip_is_in_the_infotext(host, tmp_path):
+def test_the_configs_sampler_is_a1111s_with_its_schedule_and_clip_skip_in_the_infotext(host, tmp_path):
     from PIL import Image
 
     from lib_lora.train.config import parse_train_config
     f = tmp_path / "p.txt"
-    f.write_text("svs cat --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
-    cfg = parse_train_config({"sample_prompts": str(f), "output_name": "svs", "sample_sampler": "euler_a",
+    f.write_text("svs cat --w 64 --h 64 --s 3 --d 1\nsvs cat --w 64 --h 64 --s 3 --d 1 --ss euler_a\n",
+                 encoding="utf-8")
+    cfg = parse_train_config({"sample_prompts": str(f), "output_name": "svs", "sample_sampler": "dpmsolver++",
                               "clip_skip": 2})
     notes = []
     paths = make_sample_fn(host, cfg, str(tmp_path), on_note=notes.append)(epoch=1, step=2)
-    assert notes == ["sample_sampler: sampler 'euler_a' is not implemented headless; using euler"]
-    info = Image.open(paths[0]).text["parameters"]
-    assert "Sampler: Euler," in info and info.endswith("Clip skip: 2")
+    assert notes == ["sample_sampler: sampler 'dpmsolver++' (diffusers' DPM-Solver++ in sd-scripts) renders with "
+                     "A1111's DPM++ 2M Karras"]
+    info = [Image.open(p).text["parameters"] for p in paths]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5," in info[0] and info[0].endswith("Clip skip: 2")
+    assert "Sampler: Euler a, CFG scale" in info[1]
+
+
+def test_every_sampler_renders_on_the_tiny_model_and_an_unknown_one_is_refused(host):
+    from lib_lora.train.sampling import SAMPLERS, SamplePrompt, generate
+    sps = [SamplePrompt("svs cat", width=64, height=64, steps=4, seed=3, sampler=label) for label in SAMPLERS]
+    pics = [np.asarray(img, dtype=np.int16) for img, _, _ in generate(host, sps)]
+    assert len(pics) == 9 and all(p.shape == (64, 64, 3) for p in pics)
+    # another algorithm, another picture (the tiny model is random, but not constant)
+    assert len({p.tobytes() for p in pics}) == 9
+    with pytest.raises(SamplePromptError, match="unknown sampler 'euler_b'.*euler_a"):
+        parse_prompt_line("a cat --ss euler_b")
 
 
 def test_sizes_that_are_multiples_of_8_but_not_64_sample_as_in_the_webui(host, tmp_path):

@@ -139,12 +139,12 @@ def model_held():
 
 def sampler_fields(kohya_name: str | None = None) -> dict:
     """``sampler_name`` and ``scheduler`` for a StableDiffusionProcessing we make: both set, so A1111 has nothing to
-    autocorrect (it logs a warning per picture for unset ones). A kohya sampler name picks its A1111 twin; none,
-    A1111's default sampler."""
+    autocorrect (it logs a warning per picture for unset ones). A kohya sampler name picks its A1111 twin (as the
+    headless samples do); none, A1111's default sampler."""
     from modules import sd_samplers
 
-    from ..train.sampling import WEBUI_SAMPLERS
-    want = WEBUI_SAMPLERS.get(str(kohya_name).strip().lower()) if kohya_name else None
+    from ..train.sampling import resolve_sampler
+    want = resolve_sampler(kohya_name)[0] if kohya_name else None
     pick = getattr(sd_samplers, "get_sampler_and_scheduler", None)
     if pick is None:  # (before A1111 1.9: no schedulers)
         return {"sampler_name": want} if want else {}

@@ -160,11 +160,12 @@ class WebUIHost(ModelHost):
     # ---- samples with the WebUI's own sampler ------------------------------------------------------------
     def make_sample_fn(self, cfg, folder: str):
         """Samples into ``folder`` (the backend's samples_dir)."""
-        from ..train.sampling import config_prompts
+        from ..train.sampling import config_prompts, prompt_notes
 
         prompts = config_prompts(cfg)
         if prompts is None:
             return None
+        notes = prompt_notes(cfg, prompts)  # (an unknown sampler name stops the job at its start)
         name = cfg.output_name or "lora"
         # the run's clip_skip, as sd-scripts samples with it (A1111 restores its own setting after each picture);
         # SDXL's conditioner has a fixed layer in both
@@ -199,4 +200,5 @@ class WebUIHost(ModelHost):
                 torch.set_rng_state(cpu_rng)
             return paths
 
+        sample_fn.notes = notes
         return sample_fn

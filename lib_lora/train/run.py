@@ -29,6 +29,6 @@ def run_training(host, cfg, on_event=None, should_cancel=None, resume: str | Non
     trainer = Trainer(host, cfg, plan, on_event=on_event, should_cancel=should_cancel, sample_fn=sample_fn)
     for f in plan.warnings:
         trainer._note(str(f))
-    for n in notes:
+    for n in [*notes, *getattr(sample_fn, "notes", ())]:  # (the sample prompts' own: options ignored, samplers)
         trainer._note(n)
     return trainer.run(resume_state=resume or (str(cfg.resolve(cfg.resume)) if cfg.resume else None))

@@ -1,6 +1,7 @@
-"""A small sampler of our own for headless sample images: DDIM (eta 0) and Euler (k-diffusion style), with
-classifier-free guidance, on the ldm/sgm model the host holds (``sd_model.model.diffusion_model`` + the text
-encoders through ``TextEncoder`` + ``first_stage_model.decode``). Inside the WebUI its own samplers are used.
+"""Headless sample images with A1111 1.10's own samplers (DDIM, PLMS, Euler, Euler a, LMS, Heun, DPM2, DPM2 a,
+DPM++ 2M Karras) and classifier-free guidance, on the ldm/sgm model the host holds (``sd_model.model.
+diffusion_model`` + the text encoders through ``TextEncoder`` + ``first_stage_model.decode``), so a sample's
+infotext renders the same picture in the WebUI's txt2img. Inside the WebUI its own samplers are used.
 
 Also: sd-scripts' sample prompt files (``--sample_prompts``): ``.txt`` with one prompt per line and options
 ``--n negative --w 512 --h 512 --s 20 --d seed --l cfg_scale --ss sampler`` (``#`` starts a comment line), or
@@ -8,7 +9,7 @@ Also: sd-scripts' sample prompt files (``--sample_prompts``): ``.txt`` with one 
 
 Conventions: noise comes from a CPU generator seeded per image, so a seed gives the same image on every device;
 a prompt without ``--d`` gets ``seed + index`` (sd-scripts draws a random one), so the images of successive epochs
-are comparable. The last DDIM step goes to alpha = 1 (the model's x0 estimate).
+are comparable.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ from ..formats.safetensors_io import write_atomic
 from .fp8 import compute_dtype, is_fp8
 
 DEFAULTS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 7.5}  # sd-scripts' sample_image_inference
-SAMPLERS = ("ddim", "euler")
-# sd-scripts' names (train_util.SCHEDULER_NAMES ...); the ones we do not implement run as the closest we have
-_ALIASES = {"ddim": "ddim", "euler": "euler", "k_euler": "euler"}
-_FALLBACK = {"euler_a": "euler", "k_euler_a": "euler", "heun": "euler", "dpm_2": "euler", "k_dpm_2": "euler",
-             "dpm_2_a": "euler", "k_dpm_2_a": "euler", "lms": "euler", "k_lms": "euler", "pndm": "ddim",
-             "dpmsolver": "ddim", "dpmsolver++": "ddim", "dpmsingle": "ddim"}
-# inside the WebUI: the A1111 sampler of the same name (its DPM++ 2M stands in for diffusers' DPM solvers)
+# sd-scripts' sampler names (train_util.SCHEDULER_NAMES) -> the A1111 sampler that renders them, headless and in
+# the WebUI alike (A1111's DPM++ 2M stands in for diffusers' DPM solvers, its PLMS for PNDM)
 WEBUI_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "k_lms": "LMS", "euler": "Euler", "k_euler": "Euler",
                   "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "k_dpm_2": "DPM2",
                   "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a", "dpmsolver": "DPM++ 2M", "dpmsolver++": "DPM++ 2M",
                   "dpmsingle": "DPM++ 2M"}
+_OTHER_ALGORITHM = {"pndm": "PNDM", "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM-Solver++",
+                    "dpmsingle": "DPM-Solver single-step"}
+SAMPLERS = tuple(dict.fromkeys(WEBUI_SAMPLERS.values()))
+# A1111 1.10's sampler options: the schedule of 'Automatic', and the DPM2s' dropped penultimate sigma
+_KARRAS = {"DPM++ 2M", "DPM2", "DPM2 a"}
+_DISCARD_PENULTIMATE = {"DPM2", "DPM2 a"}
 
 
 class SamplePromptError(LoraError, ValueError):
@@ -62,15 +64,19 @@ class SamplePrompt:
 
 
 def resolve_sampler(name: str | None, where: str = "") -> tuple[str, str | None]:
-    """(our sampler, note or None) for an sd-scripts sampler name."""
+    """(A1111 sampler label, note or None) for an sd-scripts sampler name (or an A1111 label: 'Euler a')."""
     key = (name or "ddim").strip().lower()
-    if key in _ALIASES:
-        return _ALIASES[key], None
-    if key in _FALLBACK:
-        return _FALLBACK[key], (f"{where + ': ' if where else ''}sampler '{name}' is not implemented headless; "
-                                f"using {_FALLBACK[key]}")
-    known = ", ".join(sorted(set(_ALIASES) | set(_FALLBACK)))
-    raise SamplePromptError(f"{where + ': ' if where else ''}unknown sampler '{name}' (known: {known})")
+    if key in WEBUI_SAMPLERS:
+        label = WEBUI_SAMPLERS[key]
+        if key in _OTHER_ALGORITHM:
+            return label, (f"{where + ': ' if where else ''}sampler '{name}' (diffusers' {_OTHER_ALGORITHM[key]} in "
+                           f"sd-scripts) renders with A1111's {label}" + (" Karras" if label in _KARRAS else ""))
+        return label, None
+    for label in SAMPLERS:
+        if key == label.lower():
+            return label, None
+    raise SamplePromptError(f"{where + ': ' if where else ''}unknown sampler '{name}' (known: "
+                            f"{', '.join(WEBUI_SAMPLERS)}; or A1111's {', '.join(SAMPLERS)})")
 
 
 def _size(v: str, key: str, where: str, notes: list[str]) -> int:
@@ -248,59 +254,184 @@ def load_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the samplers (pure functions of an eps predictor, testable without a model)
+# the samplers, as A1111 1.10 runs them, so that a headless sample's infotext renders the same picture in the WebUI
+# (noise from the CPU generator, A1111's "CPU" RNG source). The k-diffusion ones follow k-diffusion 0.0.16 (MIT,
+# Katherine Crowson), the version A1111 pins, with its defaults (eta 1, no churn). Pure functions of an eps
+# predictor ``eps_fn(x_in, t, alpha_t) -> eps``, testable without a model.
 
-def ddim_timesteps(num_train: int, steps: int) -> list[int]:
-    """ldm's 'uniform' DDIM discretisation (steps_offset 1), highest first: 951, 901, ... 1 for 20 of 1000."""
-    steps = max(1, min(int(steps), num_train))
-    c = num_train // steps
-    ts = (np.arange(0, num_train, c)[:steps] + 1).clip(max=num_train - 1)
-    return [int(t) for t in ts[::-1]]
+def a1111_timesteps(steps: int) -> list[int]:
+    """A1111's DDIM/PLMS timesteps (sd_samplers_timesteps.get_timesteps), lowest first: 1, 51, ... 951 for 20."""
+    steps = max(1, min(int(steps), 1000))
+    return [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
+
+
+def _timestep_walk(alphas_cumprod: torch.Tensor, steps: int):
+    """(i, t, alpha_t, alpha_prev) of A1111's timestep samplers: from the highest timestep down to the second,
+    one model call fewer than timesteps (A1111 1.10 ends at t = 1, not at x0)."""
+    ac = alphas_cumprod.detach().float().cpu()
+    ts = a1111_timesteps(steps)
+    for i in range(len(ts) - 1):
+        index = len(ts) - 1 - i
+        yield i, ts[index], float(ac[ts[index]]), float(ac[ts[index - 1]]), ts[max(index - 1, 0)]
+
+
+def _ddim_step(x, eps, a, a_prev):
+    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
 
 
 @torch.no_grad()
 def ddim_sample(eps_fn, alphas_cumprod: torch.Tensor, x: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from x = x_T. ``eps_fn(x_t, t: int, alpha_t: float) -> eps``."""
-    ac = alphas_cumprod.detach().double().cpu()
-    ts = ddim_timesteps(len(ac), steps)
-    for i, t in enumerate(ts):
-        a = float(ac[t])
-        a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        eps = eps_fn(x, t, a)
-        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    """A1111's DDIM (eta 0) from x = x_T (unit noise)."""
+    n = len(a1111_timesteps(steps)) - 1
+    for i, t, a, a_prev, _ in _timestep_walk(alphas_cumprod, steps):
+        x = _ddim_step(x, eps_fn(x, t, a), a, a_prev)
         if callback:
-            callback(i + 1, len(ts))
+            callback(i + 1, n)
     return x
 
 
-def discrete_sigmas(alphas_cumprod: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's DiscreteSchedule.get_sigmas(n): t evenly from T-1 to 0, sigma interpolated in log space;
-    a final 0 appended. Returns (sigmas [n+1], the matching continuous timesteps [n])."""
-    ac = alphas_cumprod.detach().double().cpu()
-    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
-    t = torch.linspace(len(ac) - 1, 0, max(1, int(steps)), dtype=torch.float64)
-    lo = t.floor().long()
-    hi = t.ceil().long()
-    w = t - lo
-    sig = ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
-    return torch.cat([sig, sig.new_zeros(1)]), t
+@torch.no_grad()
+def plms_sample(eps_fn, alphas_cumprod: torch.Tensor, x: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
+    """A1111's PLMS: a pseudo improved-Euler first step, then Adams-Bashforth of order 2, 3, 4 on eps."""
+    n = len(a1111_timesteps(steps)) - 1
+    ac = alphas_cumprod.detach().float().cpu()
+    old = []
+    for i, t, a, a_prev, t_next in _timestep_walk(alphas_cumprod, steps):
+        e = eps_fn(x, t, a)
+        if not old:
+            e_next = eps_fn(_ddim_step(x, e, a, a_prev), t_next, float(ac[t_next]))
+            e_prime = (e + e_next) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = _ddim_step(x, e_prime, a, a_prev)
+        old = (old + [e])[-3:]
+        if callback:
+            callback(i + 1, n)
+    return x
+
+
+class KSchedule:
+    """k-diffusion's DiscreteSchedule on a model's alphas_cumprod (float32, as A1111 builds it): the sigma <-> t
+    maps and the sigma lists of A1111's schedules."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        ac = alphas_cumprod.detach().float().cpu()
+        self.sigmas = ((1 - ac) / ac) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.float()
+        lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        log_sigma = sigma.log()
+        dists = log_sigma - self.log_sigmas[:, None]
+        lo = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
+        low, high = self.log_sigmas[lo], self.log_sigmas[lo + 1]
+        w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+        return ((1 - w) * lo + w * (lo + 1)).view(sigma.shape)
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """get_sigmas(n): t evenly from T-1 to 0 (A1111's 'Automatic' for Euler, Euler a, LMS, Heun)."""
+        t = torch.linspace(len(self.sigmas) - 1, 0, n)
+        return torch.cat([self.t_to_sigma(t), torch.zeros(1)])
+
+    def karras(self, n: int, rho: float = 7.0) -> torch.Tensor:
+        """get_sigmas_karras between the model's sigma_min and sigma_max (A1111 1.10's default for it)."""
+        ramp = torch.linspace(0, 1, n)
+        lo, hi = self.sigmas[0].item() ** (1 / rho), self.sigmas[-1].item() ** (1 / rho)
+        return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1)])
+
+    def for_sampler(self, label: str, steps: int) -> torch.Tensor:
+        """The sigmas A1111's KDiffusionSampler.get_sigmas gives ``label`` with scheduler 'Automatic'."""
+        discard = label in _DISCARD_PENULTIMATE
+        n = max(1, int(steps)) + (1 if discard else 0)
+        sigmas = self.karras(n) if label in _KARRAS else self.uniform(n)
+        return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+
+def k_denoiser(eps_fn, schedule: KSchedule):
+    """k-diffusion's CompVisDenoiser: x0 = x - sigma * eps(x / sqrt(sigma² + 1), t(sigma))."""
+    def denoise(x, sigma):
+        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        eps = eps_fn(x * c_in, float(schedule.sigma_to_t(sigma)), float(1 / (1 + sigma ** 2)))
+        return x - eps * sigma
+    return denoise
+
+
+def _ancestral_step(sigma_from, sigma_to):
+    sigma_up = min(sigma_to, (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def _lms_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
+    """The integral over [t_i, t_i+1] of the Lagrange basis polynomial j (k-diffusion integrates it numerically)."""
+    roots = [t[i - k] for k in range(order) if k != j]
+    denom = float(np.prod([t[i - j] - r for r in roots])) if roots else 1.0
+    integral = np.polyint(np.poly(roots) if roots else np.array([1.0]))
+    return float(np.polyval(integral, t[i + 1]) - np.polyval(integral, t[i])) / denom
 
 
 @torch.no_grad()
-def euler_sample(eps_fn, alphas_cumprod: torch.Tensor, noise: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
-    """k-diffusion ``sample_euler`` with a CompVis (eps) denoiser, from unit ``noise``. The model sees
-    x / sqrt(sigma² + 1) at continuous timestep t(sigma). ``eps_fn(x_in, t: float, alpha: float) -> eps``."""
-    sigmas, ts = discrete_sigmas(alphas_cumprod, steps)
-    x = noise * float(sigmas[0])
-    for i in range(len(ts)):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        c_in = 1.0 / math.sqrt(s * s + 1)
-        eps = eps_fn(x * c_in, float(ts[i]), 1.0 / (1 + s * s))
-        # denoised = x - s*eps, d = (x - denoised)/s = eps
-        x = x + (s_next - s) * eps
+def k_sample(label: str, denoise, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
+    """k-diffusion's sampler for A1111 ``label`` from x = noise * sigmas[0]; ``noise()`` gives the ancestral
+    samplers' fresh noise (A1111 draws it from the picture's generator)."""
+    n = len(sigmas) - 1
+    old = None
+    ds = []
+    t_np = sigmas.double().numpy()
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        den = denoise(x, s)
+        d = (x - den) / s
+        if label == "Euler" or (label in ("Heun", "DPM2") and s_next == 0):
+            x = x + d * (s_next - s)
+        elif label == "Heun":
+            x_2 = x + d * (s_next - s)
+            d_2 = (x_2 - denoise(x_2, s_next)) / s_next
+            x = x + (d + d_2) / 2 * (s_next - s)
+        elif label == "DPM2":
+            mid = s.log().lerp(s_next.log(), 0.5).exp()
+            x_2 = x + d * (mid - s)
+            x = x + (x_2 - denoise(x_2, mid)) / mid * (s_next - s)
+        elif label == "Euler a":
+            down, up = _ancestral_step(s, s_next)
+            x = x + d * (down - s)
+            if s_next > 0:
+                x = x + noise() * up
+        elif label == "DPM2 a":
+            down, up = _ancestral_step(s, s_next)
+            if down == 0:
+                x = x + d * (down - s)
+            else:
+                mid = s.log().lerp(down.log(), 0.5).exp()
+                x_2 = x + d * (mid - s)
+                x = x + (x_2 - denoise(x_2, mid)) / mid * (down - s)
+                x = x + noise() * up
+        elif label == "LMS":
+            ds = (ds + [d])[-4:]
+            order = min(i + 1, 4)
+            x = x + sum(_lms_coeff(order, t_np, i, j) * dj for j, dj in enumerate(reversed(ds)))
+        elif label == "DPM++ 2M":
+            t, t_next = -s.log(), -s_next.log()
+            h = t_next - t
+            if old is not None and s_next != 0:
+                r = (t - (-sigmas[i - 1].log())) / h
+                den_d = (1 + 1 / (2 * r)) * den - (1 / (2 * r)) * old
+            else:
+                den_d = den
+            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * den_d
+            old = den
+        else:
+            raise ValueError(f"not a k-diffusion sampler: {label}")
         if callback:
-            callback(i + 1, len(ts))
+            callback(i + 1, n)
     return x
 
 
@@ -416,11 +547,19 @@ class ModelSampler:
             return (u + scale * (c - u)).to(x.device)
 
         g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((1, 4, h // 8, w // 8), generator=g).to(self.device)
-        name, _ = resolve_sampler(sampler)
-        run = ddim_sample if name == "ddim" else euler_sample
+        shape = (1, 4, h // 8, w // 8)
+        noise = torch.randn(shape, generator=g).to(self.device)
+        label, _ = resolve_sampler(sampler)
         with skips_of_any_size(self.unet) if (h // 8) % 8 or (w // 8) % 8 else nullcontext():
-            z = run(eps_fn, self.alphas_cumprod, noise, sp.steps, callback)
+            if label in ("DDIM", "PLMS"):
+                run = ddim_sample if label == "DDIM" else plms_sample
+                z = run(eps_fn, self.alphas_cumprod, noise, sp.steps, callback)
+            else:
+                schedule = KSchedule(self.alphas_cumprod)
+                sigmas = schedule.for_sampler(label, sp.steps)
+                # (the ancestral samplers' noise goes on from the picture's generator, as A1111's does)
+                z = k_sample(label, k_denoiser(eps_fn, schedule), noise * sigmas[0], sigmas,
+                             noise=lambda: torch.randn(shape, generator=g).to(self.device), callback=callback)
         return Image.fromarray(self.decode(z)[0])
 
     @torch.no_grad()
@@ -428,7 +567,7 @@ class ModelSampler:
         vae = self.m.first_stage_model
         scale = float(getattr(self.m, "scale_factor", 0.18215))
         img = vae.decode((z / scale).to(self.device, next(vae.parameters()).dtype)).float()
-        img = ((img + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+        img = ((img + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)  # (truncated, as A1111 does)
         return img.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -439,7 +578,9 @@ def infotext(sp: SamplePrompt, seed: int, sampler: str, model_name: str | None =
         lines.append(f"Negative prompt: {sp.negative}")
     extra = f", Model: {model_name}" if model_name else ""
     extra += f", Clip skip: {clip_skip}" if clip_skip and clip_skip > 1 else ""  # (A1111 writes it when not 1)
-    lines.append(f"Steps: {sp.steps}, Sampler: {'DDIM' if sampler == 'ddim' else 'Euler'}, CFG scale: "
+    label, _ = resolve_sampler(sampler)
+    schedule = ", Schedule type: Karras" if label in _KARRAS else ""  # (A1111 writes its sampler's default)
+    lines.append(f"Steps: {sp.steps}, Sampler: {label}{schedule}, CFG scale: "
                  f"{sp.cfg_scale:g}, Seed: {seed}, Size: {sp.width}x{sp.height}{extra}")
     return "\n".join(lines)
 
@@ -486,23 +627,29 @@ def config_prompts(cfg) -> list[SamplePrompt] | None:
     return None
 
 
+def prompt_notes(cfg, prompts: list[SamplePrompt]) -> list[str]:
+    """What the run's sample prompts and sample_sampler are noted for (the job says them once, at its start); an
+    unknown sampler name raises."""
+    _, note = resolve_sampler(cfg.sample_sampler or "ddim", "sample_sampler")
+    notes = [note] if note and any(not sp.sampler for sp in prompts) else []  # (a prompt's own --ss: its own)
+    for sp in prompts:
+        notes.extend(sp.notes)
+    return notes
+
+
 def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None = None, on_note=None,
                    folder: str | None = None):
-    """The trainer's ``sample_fn(epoch=, step=)``: renders cfg.sample_prompts (or ``prompts``) with the LoRA as it
-    is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call), or into
+    """The trainer's ``sample_fn(epoch=, step=)``, with ``.notes``: renders cfg.sample_prompts (or ``prompts``)
+    with the LoRA as it is attached, into ``<out_dir>/samples/<name>_e000002_00.png`` (``_s000100_`` for a step-based call), or into
     ``folder`` when given."""
     if prompts is None:
         prompts = config_prompts(cfg)
         if prompts is None:
             raise SamplePromptError("sample_prompts is not set: write a prompt file (one prompt per line)")
     sampler = cfg.sample_sampler or "ddim"
-    _, note = resolve_sampler(sampler, "sample_sampler")
-    say = on_note or (lambda _m: None)
-    if note and any(not sp.sampler for sp in prompts):  # (a prompt's own --ss says its own)
-        say(note)
-    for sp in prompts:
-        for n in sp.notes:
-            say(n)
+    notes = prompt_notes(cfg, prompts)
+    for n in notes:
+        (on_note or (lambda _m: None))(n)
     folder = folder or os.path.join(out_dir, "samples")
     name = cfg.output_name or "lora"
     base_seed = int(cfg.seed) if cfg.seed is not None else 0
@@ -520,4 +667,5 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
                                                       clip_skip)))
         return paths
 
+    sample_fn.notes = notes  # (run_training notes them in the job)
     return sample_fn
