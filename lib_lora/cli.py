@@ -78,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow OUT to be an existing file, including BASE itself")
     pm.set_defaults(func=cmd_merge)
 
-    # `train` and `quickstart` live in train_cli.py (same handler convention: func(args, out) -> exit code)
-    from . import train_cli
+    # `train` and `quickstart` live in train_cli.py, `grid` in grid_cli.py (same handler convention: func(args, out)
+    # -> exit code)
+    from . import grid_cli, train_cli
     train_cli.add_commands(sub)
+    grid_cli.add_commands(sub)
     return p
 
 
@@ -313,6 +315,28 @@ def _refuse_a_state(path: str) -> None:
     if path.endswith((STATE_EXT, OLD_STATE_EXT)):
         raise CliError(f"{os.path.basename(path)} is a LoRA Studio resume state, not a LoRA: continue its run with "
                        f"`{PROG} train CONFIG --resume {path}`; the run's LoRA files are the .safetensors beside it")
+
+
+def check_lora_family(path: str, family: str, ckpt: str, advice: str):
+    """A LoRA file's family info, read from its header; a state, a file that is no LoRA, a family we do not read
+    and one for another family than the checkpoint's are refused (``advice`` ends that message, {} its family)."""
+    from .formats.errors import FamilyMismatchError, UnsupportedFamilyError
+    from .formats.family import detect_family
+    from .formats.safetensors_io import read_header
+
+    _refuse_a_state(path)
+    h = read_header(path)
+    shapes = {k: tuple(v["shape"]) for k, v in h.items() if k != "__metadata__"}
+    _refuse_not_a_lora(path, shapes, h.get("__metadata__") or {})
+    fi = detect_family(shapes, h.get("__metadata__") or {})
+    if fi.refused:
+        raise UnsupportedFamilyError(fi.refusal_message(path), path)
+    if fi.family and fi.family != family:
+        raise FamilyMismatchError(
+            f"{os.path.basename(path)}: this LoRA is for {_family_label(fi.family)}, the checkpoint is "
+            f"{_family_label(family)} ({os.path.basename(ckpt)}). {advice.format(_family_label(fi.family))}. "
+            f"LoRA family detected from {fi.evidence}", path)
+    return fi
 
 
 def inspect_file(path: str, model: str | None = None, with_hashes: bool = True) -> dict:
@@ -590,7 +614,6 @@ def cmd_merge(args, out) -> int:
     from .apply.layers import layer_mapping
     from .apply.patcher import Patcher
     from .formats.errors import FamilyMismatchError, LoraError, UnsupportedFamilyError
-    from .formats.family import detect_family
     from .formats.safetensors_io import load_tensors, read_header, save_file_atomic
 
     t0 = time.perf_counter()
@@ -607,19 +630,7 @@ def cmd_merge(args, out) -> int:
     # Family check before reading gigabytes: a wrong-family LoRA is an error, named as such.
     infos = []
     for path, _te, _unet in loras:
-        _refuse_a_state(path)
-        lh = read_header(path)
-        lora_shapes = {k: tuple(v["shape"]) for k, v in lh.items() if k != "__metadata__"}
-        _refuse_not_a_lora(path, lora_shapes, lh.get("__metadata__") or {})
-        fi = detect_family(lora_shapes, lh.get("__metadata__") or {})
-        infos.append(fi)
-        if fi.refused:
-            raise UnsupportedFamilyError(fi.refusal_message(path), path)
-        if fi.family and fi.family != family:
-            raise FamilyMismatchError(
-                f"{os.path.basename(path)}: this LoRA is for {_family_label(fi.family)}, the checkpoint is "
-                f"{fam_label} ({os.path.basename(base)}). Merge it into an {_family_label(fi.family)} checkpoint "
-                f"instead. LoRA family detected from {fi.evidence}", path)
+        infos.append(check_lora_family(path, family, base, "Merge it into an {} checkpoint instead"))
     nets = []
     for (path, te, unet), fi in zip(loras, infos):
         net = _load_network(path, family, names)

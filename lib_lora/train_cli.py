@@ -200,6 +200,20 @@ def _checkpoint_path(cfg, override: str | None) -> str:
     return path
 
 
+def pick_device(asked: str, out) -> str:
+    """'cpu' or 'cuda' for --device; auto says which it took."""
+    import torch
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise TrainCliError("--device cuda: no CUDA GPU is available to this torch build; use --device cpu")
+    if asked != "auto":
+        return asked
+    # a rented GPU must not train on its CPU because a flag was left out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out.write(f"device: {device}" + ("" if device == "cuda" else " (no CUDA GPU is available to this torch build)")
+              + "\n")
+    return device
+
+
 def _family_notes(cfg, family: str) -> list[str]:
     notes = []
     if family == "sd2" and not cfg.v2:
@@ -225,15 +239,8 @@ def _train(args, out) -> int:
     out.write(f"config: {os.path.abspath(args.config)}\n")  # its notes are listed in the dataset plan below
     ckpt = _checkpoint_path(cfg, args.model)
 
-    import torch
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TrainCliError("--device cuda: no CUDA GPU is available to this torch build; use --device cpu")
     device_asked = args.device
-    if args.device == "auto":
-        # a rented GPU must not train on its CPU because a flag was left out
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        out.write(f"device: {args.device}" + ("" if args.device == "cuda" else " (no CUDA GPU is available to this "
-                                                                               "torch build)") + "\n")
+    args.device = pick_device(args.device, out)
     if args.dry_run and (cfg.mixed_precision or "").lower() == "fp16" and args.device == "cpu":
         from .train.support import CPU_FP16_NOTE
         out.write(f"note: {CPU_FP16_NOTE}\n")  # (a run says it when it starts)

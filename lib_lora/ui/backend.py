@@ -302,33 +302,20 @@ class LocalBackend:
                     should_stop: Callable[[], bool] | None = None) -> list[list[list[Image.Image]]]:
         """images[file][strength][seed], each LoRA merged at that strength into the loaded model, then restored.
         GridStopped between rows when ``should_stop()`` says so (the model restored)."""
-        from ..apply import Patcher, layer_mapping, load_network
+        from .grid import render_rows
 
         host = self._need_host()
         width, height = int(width or 512), int(height or 512)
-        out: list[list[list[Image.Image]]] = []
-        total, done = len(files) * len(strengths), 0
         with host.lock():
             self.prepare_model(host)
-            mapping = layer_mapping(host.sd_model)
-            patcher = Patcher(cache_mb=0)
-            try:
-                for f in files:
-                    net = load_network(f, host.family)
-                    rows = []
-                    for s in strengths:
-                        if should_stop and should_stop():
-                            raise GridStopped(done, total, list(out))
-                        patcher.apply(mapping, [(net, float(s), float(s), None)])
-                        rows.append(self.sampler(host, [prompt] * len(seeds), negative_prompt, list(seeds), width,
-                                                 height, self._steps(steps), self.cfg_scale))
-                        done += 1
-                        if progress:
-                            progress(done, total)
-                    out.append(rows)
-            finally:
-                patcher.restore()
-        return out
+            rows, done, total, stopped = render_rows(
+                host, files, strengths,
+                lambda: self.sampler(host, [prompt] * len(seeds), negative_prompt, list(seeds), width, height,
+                                     self._steps(steps), self.cfg_scale),
+                progress=progress, should_stop=should_stop)
+        if stopped:
+            raise GridStopped(done, total, rows)
+        return rows
 
     # ---- jobs ---------------------------------------------------------------------------------------------
     def submit(self, config: dict, name: str | None = None, task_id: str | None = None,

@@ -20,7 +20,7 @@ import time
 import traceback
 
 import gradio as gr
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..train.config import TrainConfigError, output_stem
 from ..train.folders import parse_folder_name
@@ -31,6 +31,7 @@ from . import dataset_helper as dh
 from . import doctor as doc
 from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, same_model,
                       write_sample_prompts)
+from .grid import compose_grid, tagged_infotext
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
                       export_toml, form_defaults, preset_for_family)
 
@@ -351,44 +352,10 @@ def gallery_columns(n_seeds: int, about: int = 6) -> int:
     return n * max(1, round(about / n))
 
 
-def tagged_infotext(text: str | None, prompt: str, tag: str) -> str | None:
-    """A grid picture's infotext with the LoRA tag it was rendered with (the LoRA was merged, not named in the
-    prompt), so PNG Info -> Send to txt2img renders it again."""
-    if not text:
-        return None
-    if prompt and text.startswith(prompt):
-        return f"{prompt} {tag}{text[len(prompt):]}"
-    return f"{tag} {text}"
-
-
 def grid_index(idx: int, n_strengths: int, n_seeds: int) -> tuple[int, int, int]:
     """Gallery index -> (file, strength, seed) indices; the gallery lists files, then strengths, then seeds."""
     per_file = n_strengths * n_seeds
     return idx // per_file, (idx % per_file) // n_seeds, idx % n_seeds
-
-
-def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], strengths: list[float],
-                 seeds: list[int], cell: int = 192) -> Image.Image:
-    """One labelled picture: a row per (file, strength), a column per seed."""
-    font = ImageFont.load_default()
-    rows = [(fl, s, row) for fl, per_file in zip(file_labels, images) for s, row in zip(strengths, per_file)]
-    sample = rows[0][2][0]
-    cw = min(cell, sample.width)
-    ch = max(1, round(sample.height * cw / sample.width))
-    label_w, head_h, pad = 150, 22, 4
-    W = label_w + len(seeds) * (cw + pad)
-    H = head_h + len(rows) * (ch + pad)
-    grid = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(grid)
-    for k, seed in enumerate(seeds):
-        d.text((label_w + k * (cw + pad) + 4, 6), f"seed {seed}", fill="black", font=font)
-    for r, (fl, s, row) in enumerate(rows):
-        y = head_h + r * (ch + pad)
-        d.text((4, y + ch // 2 - 12), fl[:24], fill="black", font=font)
-        d.text((4, y + ch // 2 + 2), f"strength {s:g}", fill="black", font=font)
-        for k, img in enumerate(row):
-            grid.paste(img.convert("RGB").resize((cw, ch), Image.LANCZOS), (label_w + k * (cw + pad), y))
-    return grid
 
 
 # ---------------------------------------------------------------------------------------------------------------

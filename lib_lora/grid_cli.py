@@ -1,0 +1,289 @@
+"""``python -m lib_lora grid``: the Results tab's checkpoint x strength x seed grid from the command line, to pick
+the best epoch of a headless run (a rented GPU, a batch of runs) without a WebUI.
+
+Each saved LoRA file is merged at each strength into the checkpoint (put back after) and rendered with A1111's
+sampler of the given name for each seed; every picture is kept with its infotext and the ``<lora:name:strength>``
+tag it was rendered with (PNG Info -> txt2img renders it again), beside one labelled grid.png. Handlers follow
+cli.py's convention ``func(args, out) -> exit code``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+
+from .formats.errors import LoraError
+
+EXIT_OK = 0
+STRENGTHS = "0.5, 0.7, 0.8, 1.0"  # (the Results tab's default)
+_STATE_EXTS = (".lsstate", ".pt", ".ckpt", ".bin")
+
+
+class GridCliError(LoraError):
+    """A grid problem the user can fix."""
+
+
+def add_commands(subparsers) -> None:
+    from .cli import PROG
+
+    pg = subparsers.add_parser(
+        "grid", help="render saved LoRA files x strengths x seeds, to pick the best epoch",
+        description="Render each LoRA file at each strength for each seed on a checkpoint, with A1111's sampler "
+                    "of that name, into one labelled grid.png and a picture per cell (its PNG info holds the "
+                    "<lora:name:strength> tag it was rendered with). A folder stands for the LoRA files in it, "
+                    "in epoch order (the final file last).",
+        epilog="examples:\n"
+               f"  {PROG} grid out/ --model v1-5.safetensors\n"
+               f"  {PROG} grid out/svs_cat-000004.safetensors out/svs_cat.safetensors --model v1-5.safetensors "
+               "--prompt 'svs cat, on a sofa' --strengths 0.6,0.8,1 --seeds 1,2,3",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pg.add_argument("loras", nargs="+", metavar="LORA", help="LoRA .safetensors files, or folders of them")
+    pg.add_argument("--model", required=True, metavar="CKPT", help="SD1/SD2/SDXL .safetensors checkpoint")
+    pg.add_argument("--prompt", help="prompt with the trigger word (default: the instance and class words of the "
+                                     "LoRA's training folder, e.g. 'svs cat' from '20_svs cat')")
+    pg.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    pg.add_argument("--strengths", default=STRENGTHS, metavar="LIST", help=f"default: {STRENGTHS}")
+    pg.add_argument("--seeds", default="1, 2", metavar="LIST", help="default: 1, 2")
+    pg.add_argument("--width", type=int, metavar="W", help="default: the LoRA's training resolution, else 512 "
+                                                           "(1024 for SDXL)")
+    pg.add_argument("--height", type=int, metavar="H", help="default: as --width")
+    pg.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    pg.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default: 7)")
+    pg.add_argument("--sampler", default="DPM++ 2M", help="A1111's sampler name or sd-scripts' (euler_a, ddim...); "
+                                                          "default: DPM++ 2M, A1111's default")
+    pg.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                    help="default: the LoRA's training clip skip (SD1/SD2), else 1")
+    pg.add_argument("--out", metavar="DIR", help="default: grids/<name>-<time>/ beside the LoRA files (for files in "
+                                                 "a WebUI's models/Lora: its outputs/lora-studio/grids/)")
+    pg.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and configs "
+                                                    "(SDXL needs its sgm code)")
+    pg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="auto: the CUDA GPU when torch sees one, else the CPU")
+    pg.set_defaults(func=cmd_grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the files
+
+_EPOCH = re.compile(r"-(\d{6})$")
+_STEP = re.compile(r"-step(\d+)$")
+
+
+def _run_name(path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = _STEP.search(stem) or _EPOCH.search(stem)
+    return stem[: m.start()] if m else stem
+
+
+def _order(path: str):
+    """A run's files in training order (by the step each was saved at), the final file (no suffix) last."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = _STEP.search(stem) or _EPOCH.search(stem)
+    return (_run_name(path), m is None, _int(_metadata(path).get("ss_steps"), int(m.group(1)) if m else 0))
+
+
+def lora_files(args: list[str]) -> list[str]:
+    """Files as given; a folder's LoRA files in epoch order (card pictures, states and other files left out)."""
+    from .train.config import missing_path_hint
+
+    files: list[str] = []
+    for a in args:
+        path = os.path.expanduser(a)
+        if os.path.isdir(path):
+            found = sorted((os.path.join(path, n) for n in os.listdir(path)
+                            if n.endswith(".safetensors") and os.path.isfile(os.path.join(path, n))), key=_order)
+            if not found:
+                raise GridCliError(f"{path}: no .safetensors file in this folder (give the folder a training run "
+                                   "wrote its LoRA files to, or the files themselves)")
+            files += found
+        elif os.path.isfile(path):
+            if path.endswith(_STATE_EXTS):
+                raise GridCliError(f"{path}: not a LoRA .safetensors file (a resume state or pickle); give the LoRA "
+                                   "files a run saved")
+            files.append(path)
+        else:
+            raise GridCliError(f"LoRA file not found: {path}" + missing_path_hint(path, None))
+    seen = set()
+    return [f for f in files if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+
+
+def _metadata(path: str) -> dict:
+    from .formats.safetensors_io import read_header
+
+    return dict(read_header(path).get("__metadata__") or {})
+
+
+def default_prompt(meta: dict) -> str | None:
+    """'svs cat' from a kohya training folder '20_svs cat' in the file's ss_dataset_dirs (the first one)."""
+    from .train.folders import parse_folder_name
+
+    try:
+        dirs = json.loads(meta.get("ss_dataset_dirs") or "{}")
+    except ValueError:
+        return None
+    for name in dirs if isinstance(dirs, dict) else ():
+        parsed = parse_folder_name(os.path.basename(str(name)))
+        if parsed and parsed[1].strip():
+            return parsed[1].strip()
+    return None
+
+
+def default_size(meta: dict, family: str) -> tuple[int, int]:
+    """The LoRA's training resolution (ss_resolution "(512, 768)"), else the model's usual size."""
+    nums = re.findall(r"\d+", str(meta.get("ss_resolution") or ""))
+    if len(nums) >= 2:
+        return int(nums[0]), int(nums[1])
+    return (1024, 1024) if family == "sdxl" else (512, 512)
+
+
+def default_out(lora_file: str) -> str:
+    """grids/<name>-<time>/ beside the file; for a file in a WebUI's models/Lora folder, in its
+    outputs/lora-studio/grids/ as the tab does (a subfolder there would be a folder button on the card pages)."""
+    stem = os.path.splitext(os.path.basename(lora_file))[0]
+    folder = os.path.dirname(os.path.abspath(lora_file))
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rel, d = [], folder
+    while os.path.dirname(d) != d:
+        if os.path.basename(d).lower() in ("lora", "lycoris") and os.path.basename(os.path.dirname(d)) == "models":
+            return os.path.join(os.path.dirname(os.path.dirname(d)), "outputs", "lora-studio", "grids", *rel, name)
+        rel.insert(0, os.path.basename(d))
+        d = os.path.dirname(d)
+    return os.path.join(folder, "grids", name)
+
+
+def _int(v, default: int) -> int:
+    try:
+        return int(str(v))
+    except ValueError:  # (sd-scripts writes "None" for an unset value)
+        return default
+
+
+def row_labels(files: list[str]) -> list[str]:
+    """'epoch 2' / 'step 500' / 'final (epoch 10)' per file; with the run's name when the files are of several."""
+    from .ui.backend import describe_file
+
+    runs = {_run_name(f) for f in files}
+    labels = []
+    for f in files:
+        what = describe_file(f)
+        if what == "final":
+            epoch = _int(_metadata(f).get("ss_epoch"), 0)
+            what = f"final (epoch {epoch})" if epoch else what
+        labels.append(f"{_run_name(f)} {what}" if len(runs) > 1 else what)
+    return labels
+
+
+def _numbers(text: str, kind, what: str) -> list:
+    from .ui.backend import UiError, parse_numbers
+
+    try:
+        return parse_numbers(text, kind, what)
+    except UiError as e:
+        from .cli import UsageError
+        raise UsageError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+def cmd_grid(args, out) -> int:
+    from .host.tiny import quiet_third_party
+
+    with quiet_third_party():
+        return _grid(args, out)
+
+
+def _grid(args, out) -> int:
+    from .cli import UsageError
+    from .host.headless import checkpoint_family, load_checkpoint
+    from .train.config import missing_path_hint
+    from .train.sampling import SamplePrompt, generate, infotext, resolve_sampler, save_png
+    from .ui.grid import compose_grid, render_rows, tagged_infotext
+
+    t0 = time.perf_counter()
+    files = lora_files(args.loras)
+    ckpt = os.path.expanduser(args.model)
+    if not os.path.isfile(ckpt):
+        raise GridCliError(f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
+    family = checkpoint_family(ckpt)
+    from .cli import check_lora_family
+    for f in files:  # (before the checkpoint loads)
+        check_lora_family(f, family, ckpt, "Render it on an {} checkpoint (--model)")
+    strengths = _numbers(args.strengths, float, "strengths")
+    seeds = _numbers(args.seeds, int, "seeds")
+    if args.steps < 1 or args.steps > 1000:
+        raise UsageError("--steps must be between 1 and 1000")
+    sampler, note = resolve_sampler(args.sampler, "--sampler")
+    meta = _metadata(files[0])
+    prompt = args.prompt if args.prompt is not None else default_prompt(meta)
+    if not (prompt or "").strip():
+        raise UsageError(f"{os.path.basename(files[0])} does not say its training folder's words: give --prompt "
+                         "with the trigger word")
+    w, h = default_size(meta, family)
+    w = args.width or (args.height if args.height and not args.width else w)
+    h = args.height or (args.width if args.width and not args.height else h)
+    if w < 64 or h < 64 or w % 8 or h % 8:
+        raise UsageError(f"--width/--height {w}x{h}: use multiples of 8 from 64 up")
+    clip_skip = args.clip_skip if args.clip_skip is not None else _int(meta.get("ss_clip_skip"), 1)
+    if family == "sdxl":
+        clip_skip = 1  # (SDXL's conditioner has a fixed layer)
+    out_dir = os.path.expanduser(args.out) if args.out else default_out(files[-1])
+    os.makedirs(out_dir, exist_ok=True)
+
+    out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "
+              f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "
+              f"CFG {args.cfg:g}; prompt: {prompt}\n")
+    if args.prompt is None:
+        out.write("note: the prompt is the LoRA's training folder words; give --prompt to change it\n")
+    if note:
+        out.write(f"note: {note}\n")
+    import torch
+
+    from .train_cli import pick_device
+    device = pick_device(args.device, out)
+    out.write(f"loading {ckpt} ...\n")
+    out.flush()
+    # (half precision on a GPU, as the WebUI renders by default)
+    host = load_checkpoint(ckpt, webui=args.webui, device=device,
+                           dtype=torch.float16 if device == "cuda" else torch.float32)
+    out.write(host.load_report.summary() + "\n")
+
+    sps = [SamplePrompt(prompt, negative=args.negative, width=w, height=h, steps=args.steps, seed=s,
+                        cfg_scale=args.cfg) for s in seeds]
+    model_name = os.path.splitext(os.path.basename(ckpt))[0]
+
+    def said(path, result):
+        for n in result.networks:
+            out.write(f"{os.path.basename(path)}: {n.summary()}\n")
+            for u in n.unmatched[:5]:
+                out.write(f"  not in the model: {u}\n")
+            if len(n.unmatched) > 5:
+                out.write(f"  ... and {len(n.unmatched) - 5} more\n")
+            for e in n.errors[:3]:
+                out.write(f"  failed: {e}\n")
+
+    def render():
+        return [(img, infotext(sp, seed, used, model_name, clip_skip))
+                for sp, (img, seed, used) in zip(sps, generate(host, sps, sampler=sampler, clip_skip=clip_skip))]
+
+    rows, _, total, _ = render_rows(host, files, strengths, render, on_network=said,
+                                    progress=lambda d, t: out.write(f"row {d}/{t} rendered\n") or out.flush())
+    labels = row_labels(files)
+    for fi, f in enumerate(files):
+        tag_name = os.path.splitext(os.path.basename(f))[0]
+        for si, s in enumerate(strengths):
+            for (img, text), seed in zip(rows[fi][si], seeds):
+                save_png(img, os.path.join(out_dir, f"{fi:02d}_{s:g}_{seed}.png"),
+                         tagged_infotext(text, prompt, f"<lora:{tag_name}:{s:g}>"))
+    grid = compose_grid([[[img for img, _ in cells] for cells in per_file] for per_file in rows], labels,
+                        strengths, seeds)
+    grid_path = save_png(grid, os.path.join(out_dir, "grid.png"))
+    out.write(f"wrote {grid_path} (rows: {', '.join(labels)} at strengths "
+              f"{', '.join(f'{s:g}' for s in strengths)}; columns: seeds {', '.join(map(str, seeds))}) and "
+              f"{total * len(seeds)} pictures in {out_dir} in {time.perf_counter() - t0:.0f} s\n")
+    out.write("each picture's PNG info holds its <lora:name:strength> tag: PNG Info -> Send to txt2img renders "
+              "it again with the LoRA file in the WebUI's LoRA folder\n")
+    return EXIT_OK

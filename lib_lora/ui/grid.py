@@ -1,0 +1,72 @@
+"""The checkpoint x strength x seed grid without gradio: the tab, the headless backend and ``python -m lib_lora
+grid`` share it."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def tagged_infotext(text: str | None, prompt: str, tag: str) -> str | None:
+    """A grid picture's infotext with the LoRA tag it was rendered with (the LoRA was merged, not named in the
+    prompt), so PNG Info -> Send to txt2img renders it again."""
+    if not text:
+        return None
+    if prompt and text.startswith(prompt):
+        return f"{prompt} {tag}{text[len(prompt):]}"
+    return f"{tag} {text}"
+
+
+def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], strengths: list[float],
+                 seeds: list[int], cell: int = 192) -> Image.Image:
+    """One labelled picture: a row per (file, strength), a column per seed."""
+    font = ImageFont.load_default()
+    rows = [(fl, s, row) for fl, per_file in zip(file_labels, images) for s, row in zip(strengths, per_file)]
+    sample = rows[0][2][0]
+    cw = min(cell, sample.width)
+    ch = max(1, round(sample.height * cw / sample.width))
+    label_w, head_h, pad = 150, 22, 4
+    W = label_w + len(seeds) * (cw + pad)
+    H = head_h + len(rows) * (ch + pad)
+    grid = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(grid)
+    for k, seed in enumerate(seeds):
+        d.text((label_w + k * (cw + pad) + 4, 6), f"seed {seed}", fill="black", font=font)
+    for r, (fl, s, row) in enumerate(rows):
+        y = head_h + r * (ch + pad)
+        d.text((4, y + ch // 2 - 12), fl[:24], fill="black", font=font)
+        d.text((4, y + ch // 2 + 2), f"strength {s:g}", fill="black", font=font)
+        for k, img in enumerate(row):
+            grid.paste(img.convert("RGB").resize((cw, ch), Image.LANCZOS), (label_w + k * (cw + pad), y))
+    return grid
+
+
+def render_rows(host, files: list[str], strengths: list[float], render, progress=None, should_stop=None,
+                on_network=None):
+    """``rows[file][strength] = render()`` with each LoRA merged at that strength (text encoder and UNet) into the
+    host's model; the model is put back afterwards, on an error too. Between rows ``should_stop()`` may end it:
+    returns (rows of the files rendered in full, rows done, rows in all, stopped). ``on_network(path, result)``
+    gets each file's first apply result (its matched and unmatched layers)."""
+    from ..apply import Patcher, layer_mapping, load_network
+
+    mapping = layer_mapping(host.sd_model)
+    patcher = Patcher(cache_mb=0)
+    out: list[list] = []
+    total, done = len(files) * len(strengths), 0
+    try:
+        for f in files:
+            net = load_network(f, host.family)
+            rows = []
+            for s in strengths:
+                if should_stop and should_stop():
+                    return out, done, total, True
+                result = patcher.apply(mapping, [(net, float(s), float(s), None)])
+                if on_network is not None and not rows:
+                    on_network(f, result)
+                rows.append(render())
+                done += 1
+                if progress:
+                    progress(done, total)
+            out.append(rows)
+    finally:
+        patcher.restore()
+    return out, done, total, False

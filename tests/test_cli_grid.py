@@ -1,0 +1,141 @@
+"""`python -m lib_lora grid`: the Results tab's epoch x strength x seed grid headless, on a run the CLI trained."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_data
+from lib_lora.formats.safetensors_io import read_metadata, save_file_atomic
+
+
+def run_cli(*argv):
+    from lib_lora import cli
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main([str(a) for a in argv], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A checkpoint, and the LoRA files of a 2-epoch CLI run on it (epoch 1, final, and the run's states)."""
+    from lib_lora.host.tiny import make_tiny_sd15
+    root = tmp_path_factory.mktemp("grid")
+    ckpt = root / "tiny-sd15.safetensors"
+    save_file_atomic({k: v.contiguous() for k, v in make_tiny_sd15(seed=6).state_dict().items()}, str(ckpt))
+    train_data.make_dataset(str(root), n_concept=2, repeats=2, captions=["svs cat, red", "svs cat"])
+    cfg = root / "lora.toml"
+    cfg.write_text(f"""
+pretrained_model_name_or_path = "{ckpt}"
+train_data_dir = "img"
+resolution = "64"
+caption_extension = ".txt"
+train_batch_size = 2
+output_dir = "out"
+output_name = "svs"
+network_dim = 4
+network_alpha = 4
+learning_rate = 5e-2
+max_train_epochs = 2
+save_every_n_epochs = 1
+save_state = true
+seed = 5
+""", encoding="utf-8")
+    code, out, err = run_cli("train", cfg)
+    assert code == 0, out + err
+    return root, ckpt, root / "out"
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_a_runs_folder_renders_in_epoch_order_with_tags_that_txt2img_reads(run, tmp_path):
+    root, ckpt, out_dir = run
+    assert {"svs-000001-state.lsstate", "svs-final-state.lsstate"} <= set(os.listdir(out_dir))
+    grid_dir = tmp_path / "g"
+    code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--strengths", "0, 1", "--seeds", "3,4",
+                             "--steps", "4", "--out", grid_dir)
+    assert code == 0, out + err
+    # the training folder's words as the prompt, said so; the training size; epoch order, the final file last
+    assert "prompt: svs cat" in out and "note: the prompt is the LoRA's training folder words" in out
+    assert "2 file(s) x 2 strength(s) x 2 seed(s) = 8 pictures at 64x64, 4 steps, DPM++ 2M" in out
+    assert "svs-000001.safetensors: lora 'svs-000001': " in out and "rows: epoch 1, final (epoch 2) at" in out
+    cells = sorted(n for n in os.listdir(grid_dir) if n != "grid.png")
+    assert cells == ["00_0_3.png", "00_0_4.png", "00_1_3.png", "00_1_4.png",
+                     "01_0_3.png", "01_0_4.png", "01_1_3.png", "01_1_4.png"]
+    info = Image.open(grid_dir / "01_1_4.png").text["parameters"]
+    assert info.startswith("svs cat <lora:svs:1>\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7,"
+                           " Seed: 4, Size: 64x64, Model: tiny-sd15"), info
+    assert Image.open(grid_dir / "grid.png").size[0] > 2 * 64
+    # strength 0 is the checkpoint itself: the same picture for both files; the trained LoRA changes it
+    assert np.array_equal(_pixels(grid_dir / "00_0_3.png"), _pixels(grid_dir / "01_0_3.png"))
+    assert np.abs(_pixels(grid_dir / "01_1_3.png") - _pixels(grid_dir / "01_0_3.png")).mean() > 1
+
+
+def test_a_cell_is_the_picture_of_the_checkpoint_merged_at_that_strength(run, tmp_path):
+    """The grid merges in memory; `merge` (checked against independent deltas) writes the merged checkpoint: the
+    same prompt, seed and sampler on it give the same picture."""
+    from lib_lora.host.headless import load_checkpoint
+    from lib_lora.train.sampling import SamplePrompt, generate
+    root, ckpt, out_dir = run
+    code, out, err = run_cli("grid", out_dir / "svs-000001.safetensors", "--model", ckpt, "--strengths", "0.7",
+                             "--seeds", "9", "--steps", "3", "--prompt", "svs cat, red", "--sampler", "euler_a",
+                             "--out", tmp_path / "g")
+    assert code == 0, out + err
+    merged = tmp_path / "merged.safetensors"
+    code, out, err = run_cli("merge", ckpt, merged, "--lora", f"{out_dir / 'svs-000001.safetensors'}:0.7",
+                             "--precision", "fp32")
+    assert code == 0, out + err
+    host = load_checkpoint(str(merged))
+    img, _, _ = generate(host, [SamplePrompt("svs cat, red", width=64, height=64, steps=3, seed=9,
+                                             cfg_scale=7.0, sampler="euler_a")])[0]
+    diff = np.abs(_pixels(tmp_path / "g" / "00_0.7_9.png") - np.asarray(img, dtype=np.int16))
+    assert diff.max() <= 1, diff.max()  # (merged in float32 in both; a rounding step apart at most)
+
+
+def test_files_in_a_webuis_lora_folder_get_their_grid_in_its_outputs(run, tmp_path):
+    """A grids/ folder beside LoRAs in models/Lora would be a folder button on the WebUI's card pages."""
+    import shutil
+    root, ckpt, out_dir = run
+    lora_dir = tmp_path / "webui" / "models" / "Lora" / "chars"
+    lora_dir.mkdir(parents=True)
+    shutil.copy(out_dir / "svs.safetensors", lora_dir)
+    code, out, err = run_cli("grid", lora_dir, "--model", ckpt, "--strengths", "1", "--seeds", "1", "--steps", "1")
+    assert code == 0, out + err
+    (made,) = os.listdir(tmp_path / "webui" / "outputs" / "lora-studio" / "grids" / "chars")
+    assert made.startswith("svs-") and os.listdir(lora_dir) == ["svs.safetensors"]
+    from lib_lora.grid_cli import default_out
+    assert os.path.dirname(default_out(str(out_dir / "svs.safetensors"))) == str(out_dir / "grids")
+
+
+def test_wrong_inputs_are_said_before_the_model_loads(run, tmp_path):
+    import torch
+    root, ckpt, out_dir = run
+    code, out, err = run_cli("grid", out_dir / "svs-final-state.lsstate", "--model", ckpt)
+    assert code == 1 and "not a LoRA .safetensors file (a resume state" in err, err
+    code, out, err = run_cli("grid", tmp_path / "nowhere", "--model", ckpt)
+    assert code == 1 and "LoRA file not found" in err, err
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli("grid", tmp_path / "empty", "--model", ckpt)
+    assert code == 1 and "no .safetensors file in this folder" in err, err
+    code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--strengths", "a lot")
+    assert code == 2 and "strengths" in err, err
+    code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--width", "100")
+    assert code == 2 and "multiples of 8" in err, err
+    # another model family: named, nothing loaded
+    xl = tmp_path / "xl.safetensors"
+    key = "lora_te2_text_model_encoder_layers_0_mlp_fc1"  # (SDXL's second text encoder)
+    save_file_atomic({f"{key}.lora_down.weight": torch.zeros(4, 1280), f"{key}.lora_up.weight": torch.zeros(5120, 4),
+                      f"{key}.alpha": torch.tensor(4.0)}, str(xl), {"ss_base_model_version": "sdxl_base_v1-0"})
+    code, out, err = run_cli("grid", xl, "--model", ckpt)
+    assert code == 1 and "this LoRA is for SDXL, the checkpoint is SD1" in err and "loading" not in out, err
+    # no training folder words in the file and no --prompt
+    bare = tmp_path / "bare.safetensors"
+    from safetensors.torch import load_file
+    save_file_atomic(load_file(str(out_dir / "svs.safetensors")), str(bare), {})
+    code, out, err = run_cli("grid", bare, "--model", ckpt)
+    assert code == 2 and "give --prompt" in err, err
+    assert read_metadata(str(out_dir / "svs.safetensors"))["ss_epoch"] == "2"
