@@ -17,7 +17,7 @@ import time
 
 from .formats.errors import LoraError
 
-EXIT_OK = 0
+EXIT_OK, EXIT_CANCELLED = 0, 130
 STRENGTHS = "0.5, 0.7, 0.8, 1.0"  # (the Results tab's default)
 _STATE_EXTS = (".lsstate", ".pt", ".ckpt", ".bin")
 
@@ -265,22 +265,37 @@ def _grid(args, out) -> int:
             for e in n.errors[:3]:
                 out.write(f"  failed: {e}\n")
 
-    def render():
-        return [(img, infotext(sp, seed, used, model_name, clip_skip))
-                for sp, (img, seed, used) in zip(sps, generate(host, sps, sampler=sampler, clip_skip=clip_skip))]
+    done: dict[str, list[list]] = {}  # file -> its rows' pictures, each saved as soon as it is rendered
 
-    rows, _, total, _ = render_rows(host, files, strengths, render, on_network=said,
-                                    progress=lambda d, t: out.write(f"row {d}/{t} rendered\n") or out.flush())
-    labels = row_labels(files)
-    for fi, f in enumerate(files):
-        tag_name = os.path.splitext(os.path.basename(f))[0]
-        for si, s in enumerate(strengths):
-            for (img, text), seed in zip(rows[fi][si], seeds):
-                save_png(img, os.path.join(out_dir, f"{fi:02d}_{s:g}_{seed}.png"),
-                         tagged_infotext(text, prompt, f"<lora:{tag_name}:{s:g}>"))
-    grid = compose_grid([[[img for img, _ in cells] for cells in per_file] for per_file in rows], labels,
-                        strengths, seeds)
+    def render(f, s):
+        tag = f"<lora:{os.path.splitext(os.path.basename(f))[0]}:{s:g}>"
+        row = []
+        for sp, (img, seed, used) in zip(sps, generate(host, sps, sampler=sampler, clip_skip=clip_skip)):
+            save_png(img, os.path.join(out_dir, f"{files.index(f):02d}_{s:g}_{seed}.png"),
+                     tagged_infotext(infotext(sp, seed, used, model_name, clip_skip), prompt, tag))
+            row.append(img)
+        done.setdefault(f, []).append(row)
+        return row
+
+    total = len(files) * len(strengths)
+    try:
+        render_rows(host, files, strengths, render, on_network=said,
+                    progress=lambda d, t: out.write(f"row {d}/{t} rendered\n") or out.flush())
+        stopped = False
+    except KeyboardInterrupt:  # (a long grid on a rented GPU: what is rendered is kept, with its grid)
+        stopped = True
+    rendered = [f for f in files if f in done]
+    if not rendered:
+        out.write("stopped before the first row was rendered; nothing was written\n")
+        return EXIT_CANCELLED
+    labels = row_labels(rendered)
+    grid = compose_grid([done[f] for f in rendered], labels, strengths, seeds)
     grid_path = save_png(grid, os.path.join(out_dir, "grid.png"))
+    n_rows = sum(len(r) for r in done.values())
+    if stopped:
+        out.write(f"stopped after {n_rows} of {total} rows: wrote {grid_path} with those and their "
+                  f"{n_rows * len(seeds)} pictures in {out_dir}\n")
+        return EXIT_CANCELLED
     out.write(f"wrote {grid_path} (rows: {', '.join(labels)} at strengths "
               f"{', '.join(f'{s:g}' for s in strengths)}; columns: seeds {', '.join(map(str, seeds))}) and "
               f"{total * len(seeds)} pictures in {out_dir} in {time.perf_counter() - t0:.0f} s\n")

@@ -96,6 +96,25 @@ def test_a_cell_is_the_picture_of_the_checkpoint_merged_at_that_strength(run, tm
     assert diff.max() <= 1, diff.max()  # (merged in float32 in both; a rounding step apart at most)
 
 
+def test_ctrl_c_keeps_the_rows_rendered_and_their_grid(run, tmp_path, monkeypatch):
+    from lib_lora.train import sampling
+    root, ckpt, out_dir = run
+    real, calls = sampling.generate, []
+
+    def generate(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sampling, "generate", generate)
+    code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--strengths", "0.5,1", "--seeds", "1", "--steps", "1",
+                             "--out", tmp_path / "g")
+    assert code == 130, out + err
+    assert "stopped after 2 of 4 rows" in out
+    assert sorted(os.listdir(tmp_path / "g")) == ["00_0.5_1.png", "00_1_1.png", "grid.png"]
+
+
 def test_files_in_a_webuis_lora_folder_get_their_grid_in_its_outputs(run, tmp_path):
     """A grids/ folder beside LoRAs in models/Lora would be a folder button on the WebUI's card pages."""
     import shutil

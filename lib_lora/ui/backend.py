@@ -310,8 +310,8 @@ class LocalBackend:
             self.prepare_model(host)
             rows, done, total, stopped = render_rows(
                 host, files, strengths,
-                lambda: self.sampler(host, [prompt] * len(seeds), negative_prompt, list(seeds), width, height,
-                                     self._steps(steps), self.cfg_scale),
+                lambda _f, _s: self.sampler(host, [prompt] * len(seeds), negative_prompt, list(seeds), width,
+                                            height, self._steps(steps), self.cfg_scale),
                 progress=progress, should_stop=should_stop)
         if stopped:
             raise GridStopped(done, total, rows)

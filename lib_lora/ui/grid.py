@@ -42,7 +42,7 @@ def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], 
 
 def render_rows(host, files: list[str], strengths: list[float], render, progress=None, should_stop=None,
                 on_network=None):
-    """``rows[file][strength] = render()`` with each LoRA merged at that strength (text encoder and UNet) into the
+    """``rows[file][strength] = render(file, strength)`` with each LoRA merged at that strength (text encoder and UNet) into the
     host's model; the model is put back afterwards, on an error too. Between rows ``should_stop()`` may end it:
     returns (rows of the files rendered in full, rows done, rows in all, stopped). ``on_network(path, result)``
     gets each file's first apply result (its matched and unmatched layers)."""
@@ -62,7 +62,7 @@ def render_rows(host, files: list[str], strengths: list[float], render, progress
                 result = patcher.apply(mapping, [(net, float(s), float(s), None)])
                 if on_network is not None and not rows:
                     on_network(f, result)
-                rows.append(render())
+                rows.append(render(f, s))
                 done += 1
                 if progress:
                     progress(done, total)
