@@ -23,7 +23,7 @@ import os
 import secrets
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
@@ -274,6 +274,21 @@ class MoveRequest(BaseModel):
     position: conint(ge=0)  # 0 = next waiting job to run
 
 
+class GridRequest(BaseModel):
+    prompt: str  # with the trigger word
+    negative_prompt: str = ""
+    files: Optional[List[str]] = None  # names from GET /jobs/{id}/files (default: every LoRA file the job saved)
+    strengths: List[float] = [0.5, 0.7, 0.8, 1.0]
+    seeds: List[int] = [1, 2]
+    width: Optional[int] = None  # default 512
+    height: Optional[int] = None
+    steps: Optional[int] = None  # default: the tab's (20)
+    send_images: bool = True  # each cell's PNG as base64, as /sdapi/v1/txt2img sends them
+
+
+MAX_GRID_PICTURES = 400  # (one request holds the model; a typo such as seeds 1..1000 must not hold it for hours)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 
@@ -324,8 +339,10 @@ def _outputs(job) -> list[_OutputFile]:
 
 
 class _Api:
-    def __init__(self, queue, policy: PathPolicy, get_model, default_output_dir, prefix, check_network=None):
+    def __init__(self, queue, policy: PathPolicy, get_model, default_output_dir, prefix, check_network=None,
+                 grid=None):
         self.check_network = check_network
+        self.render_grid = grid
         self.queue = queue
         self.policy = policy
         self.get_model = get_model
@@ -549,6 +566,46 @@ class _Api:
                                             "(moved or deleted)")
         return FileResponse(real, filename=name)
 
+    def grid(self, job_id: str, req: GridRequest):
+        import base64
+
+        job = self._job(job_id)
+        if self.render_grid is None:
+            raise HTTPException(501, detail="grids are rendered only where a model is loaded (inside the WebUI)")
+        n = len(req.strengths) * len(req.seeds) * (len(req.files) if req.files else len(job.files or []) or 1)
+        if not req.strengths or not req.seeds:
+            raise HTTPException(422, detail="give at least one strength and one seed")
+        if n > MAX_GRID_PICTURES:
+            raise HTTPException(422, detail=f"{n} pictures asked for; at most {MAX_GRID_PICTURES} per request "
+                                            "(fewer files, strengths or seeds)")
+        try:
+            res = self.render_grid(job_id, req.prompt, files=req.files, strengths=req.strengths, seeds=req.seeds,
+                                   negative_prompt=req.negative_prompt, width=req.width, height=req.height,
+                                   steps=req.steps)
+        except Exception as e:
+            if not getattr(e, "user_error", False):
+                raise
+            busy = "busy training" in str(e)
+            raise HTTPException(409 if busy or "no saved LoRA file" in str(e) else 422, detail=str(e)) from e
+
+        def b64(path):
+            with open(path, "rb") as f:
+                return base64.b64encode(f.read()).decode("ascii")
+
+        cells = []
+        for fi, f in enumerate(res["files"]):
+            for si, st in enumerate(res["strengths"]):
+                for ki, seed in enumerate(res["seeds"]):
+                    path = res["paths"][fi][si][ki]
+                    name = os.path.splitext(os.path.basename(f))[0]
+                    cell = {"file": os.path.basename(f), "row": res["labels"][fi], "strength": st, "seed": seed,
+                            "tag": f"<lora:{name}:{st:g}>", "path": path}
+                    if req.send_images:
+                        cell["image"] = b64(path)
+                    cells.append(cell)
+        return JSONResponse(_json_safe({"job": job_id, "saved_in": res["out_dir"],
+                                        "grid": {"path": res["grid"], "image": b64(res["grid"])}, "cells": cells}))
+
     def model(self):
         try:
             info = self._model_info()
@@ -582,7 +639,8 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
           api_auth: str | None = None, access_disabled: ValueOrCallable = False,
           get_model: Callable[[], dict | None] | None = None, default_output_dir: ValueOrCallable = None,
           roots_setting: str = DEFAULT_ROOTS_SETTING, prefix: str = PREFIX,
-          check_network: Callable[[Any], list[str]] | None = None) -> PathPolicy | None:
+          check_network: Callable[[Any], list[str]] | None = None,
+          grid: Callable[..., dict] | None = None) -> PathPolicy | None:
     """Add the ``/lora-studio/v1`` routes to ``app`` (a FastAPI app; the WebUI's, or a fresh one in tests).
 
     queue: the ``JobQueue`` the tab and CLI share. allowed_roots: folders (list, or a callable returning one)
@@ -591,6 +649,7 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
     get_model: returns ``{name, hash, family, parameterization}`` of the loaded model, or None.
     default_output_dir: used when a config has no output_dir (else such a config is refused).
     check_network: given the parsed config, what building its network on the loaded model would stop on.
+    grid: the backend's ``job_grid`` (renders a job's Results grid on the loaded model).
     Returns the PathPolicy (the runner can re-check a job's paths with it), or None when access is disabled.
     """
     _drop_routes(app, prefix)
@@ -603,7 +662,7 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
         return None
 
     policy = PathPolicy(allowed_roots, default_root, roots_setting)
-    api = _Api(queue, policy, get_model, default_output_dir, prefix, check_network)
+    api = _Api(queue, policy, get_model, default_output_dir, prefix, check_network, grid)
     router = APIRouter(prefix=prefix, tags=["LoRA Studio"], dependencies=[Depends(_make_auth(parse_api_auth(api_auth)))])
     router.add_api_route("/jobs", api.submit, methods=["POST"], status_code=201,
                          summary="Queue a training job (config as JSON sections/flat keys, or {\"toml\": text})")
@@ -614,11 +673,13 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
     router.add_api_route("/jobs/{job_id}/move", api.move, methods=["POST"], summary="Reorder a waiting job")
     router.add_api_route("/jobs/{job_id}/files", api.files, methods=["GET"], summary="The job's output files")
     router.add_api_route("/jobs/{job_id}/files/{name}", api.download, methods=["GET"], summary="Download one output")
+    router.add_api_route("/jobs/{job_id}/grid", api.grid, methods=["POST"],
+                         summary="Render a job's saved files x strengths x seeds (the Results tab's grid)")
     router.add_api_route("/model", api.model, methods=["GET"], summary="The loaded model")
     router.add_api_route("/info", api.info, methods=["GET"], summary="API version and allowed folders")
     app.include_router(router)
     return policy
 
 
-__all__ = ["DISABLED_MESSAGE", "PATH_KEYS", "PREFIX", "MoveRequest", "PathPolicy", "PathRefused", "mount",
-           "parse_api_auth"]
+__all__ = ["DISABLED_MESSAGE", "GridRequest", "PATH_KEYS", "PREFIX", "MoveRequest", "PathPolicy", "PathRefused",
+           "mount", "parse_api_auth"]

@@ -102,6 +102,60 @@ def test_results_grid_merges_each_file_and_restores_the_model(trained, host):
     assert np.array_equal(np.asarray(again[1]), np.asarray(base[1]))  # deterministic per seed
 
 
+def test_http_grid_renders_a_jobs_files_and_sends_tagged_pictures(trained, host, monkeypatch):
+    """POST /lora-studio/v1/jobs/{id}/grid: the Results tab's grid for scripts (a rented GPU, a batch of runs)."""
+    import base64
+    import io
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_lora.api import PREFIX, mount
+    b, job, _ = trained
+    root = os.path.dirname(os.path.dirname(job["files"][0]))
+    app = FastAPI()
+    mount(app, b.queue, allowed_roots=[root], grid=b.job_grid)
+    client = TestClient(app)
+    before = models.model_state_hash(host.sd_model)
+    r = client.post(f"{PREFIX}/jobs/{job['id']}/grid", json={"prompt": "svs bear", "strengths": [0, 1], "seeds": [4],
+                                                               "width": 64, "height": 64, "steps": 2})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert models.model_state_hash(host.sd_model) == before
+    assert [(c["file"], c["row"], c["strength"], c["seed"], c["tag"]) for c in d["cells"]] == [
+        ("bear-000001.safetensors", "epoch 1", 0, 4, "<lora:bear-000001:0>"),
+        ("bear-000001.safetensors", "epoch 1", 1, 4, "<lora:bear-000001:1>"),
+        ("bear.safetensors", "final (epoch 2)", 0, 4, "<lora:bear:0>"),
+        ("bear.safetensors", "final (epoch 2)", 1, 4, "<lora:bear:1>")]
+    pics = [Image.open(io.BytesIO(base64.b64decode(c["image"]))) for c in d["cells"]]
+    assert pics[3].text["parameters"].startswith("svs bear <lora:bear:1>\nSteps: 2, Sampler: DDIM")
+    base = ddim_sampler(host, ["svs bear"], "", [4], 64, 64, 2, b.cfg_scale)[0]
+    assert np.array_equal(np.asarray(pics[2].convert("RGB")), np.asarray(base))  # strength 0: the bare model
+    assert not np.array_equal(np.asarray(pics[3].convert("RGB")), np.asarray(base))
+    assert os.path.isfile(d["grid"]["path"]) and d["saved_in"] == os.path.dirname(d["grid"]["path"])
+    assert Image.open(io.BytesIO(base64.b64decode(d["grid"]["image"]))).size[0] > 64
+    # one file by name, no pictures in the answer (they are on disk)
+    r = client.post(f"{PREFIX}/jobs/{job['id']}/grid", json={"prompt": "svs bear", "files": ["bear.safetensors"],
+                                                               "strengths": [1], "seeds": [1], "width": 64,
+                                                               "height": 64, "steps": 1, "send_images": False})
+    assert r.status_code == 200 and [c["file"] for c in r.json()["cells"]] == ["bear.safetensors"]
+    assert "image" not in r.json()["cells"][0] and os.path.isfile(r.json()["cells"][0]["path"])
+    # what the caller can change
+    url = f"{PREFIX}/jobs/{job['id']}/grid"
+    for body, code, said in (({"prompt": "svs bear", "files": ["nope.safetensors"]}, 422, "saved no file named"),
+                             ({"prompt": " "}, 422, "Write a prompt"),
+                             ({"prompt": "svs bear", "width": 65}, 422, "not a multiple of 8"),
+                             ({"prompt": "svs bear", "seeds": list(range(300))}, 422, "at most 400"),
+                             ({"prompt": "svs bear", "seeds": []}, 422, "at least one")):
+        r = client.post(url, json=body)
+        assert r.status_code == code and said in r.json()["detail"], (body, r.text)
+    assert client.post(f"{PREFIX}/jobs/nojob/grid", json={"prompt": "x"}).status_code == 404
+    monkeypatch.setattr(b, "jobs", lambda: [{"name": "other", "status": "running", "step": 3, "total": 9}])
+    r = client.post(url, json={"prompt": "svs bear"})
+    assert r.status_code == 409 and "busy training 'other' (step 3/9)" in r.json()["detail"], r.text
+    assert models.model_state_hash(host.sd_model) == before
+
+
 def test_preview_and_tag(trained, tmp_path):
     b, job, _ = trained
     final = job["files"][-1]

@@ -226,7 +226,8 @@ class Studio:
                      api_auth=cmd_opt("api_auth", None),
                      access_disabled=lambda: bool(cmd_opt("disable_extension_access", False)),
                      get_model=model, default_output_dir=lambda: self.backend.default_output_dir(),
-                     roots_setting="lora_studio_api_roots", check_network=self.backend.network_problems)
+                     roots_setting="lora_studio_api_roots", check_network=self.backend.network_problems,
+                     grid=self.backend.job_grid)
 
     def tab(self):
         from ..ui.tab import on_ui_tabs_entry

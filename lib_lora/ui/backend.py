@@ -145,6 +145,12 @@ def describe_file(path: str) -> str:
     return "final"
 
 
+def row_label(job: dict, path: str) -> str:
+    """A grid row's name for a job's file: 'epoch 2', 'step 500', 'final (epoch 10)'."""
+    what = describe_file(path)
+    return f"final (epoch {job['epochs']})" if what == "final" and job.get("epochs") else what
+
+
 class GridStopped(UiError):
     """Stop pressed: ``images`` holds the files rendered in full before it (images[file][strength][seed])."""
 
@@ -316,6 +322,67 @@ class LocalBackend:
         if stopped:
             raise GridStopped(done, total, rows)
         return rows
+
+    def save_grid(self, job: dict, files: list[str], strengths: list[float], seeds: list[int], prompt: str,
+                  images: list[list[list[Image.Image]]]) -> dict:
+        """A rendered grid (the files rendered in full) saved as the Results tab saves it, in
+        grids_dir/<job>-<time>/: a picture per cell whose infotext holds the <lora:name:strength> tag it was
+        rendered with, and grid.png. Returns out_dir, paths[file][strength][seed], grid, labels."""
+        import time
+
+        from ..train.sampling import save_png
+        from .grid import compose_grid, tagged_infotext
+
+        files = files[:len(images)]
+        out_dir = os.path.join(self.grids_dir(files[0]), f"{job['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(out_dir, exist_ok=True)
+        paths = []
+        for fi, f in enumerate(files):
+            per_s = []
+            for si, s in enumerate(strengths):
+                per_k = []
+                for ki, seed in enumerate(seeds):
+                    p = os.path.join(out_dir, f"{fi:02d}_{s:g}_{seed}.png")
+                    img = images[fi][si][ki]
+                    save_png(img, p, tagged_infotext((getattr(img, "info", None) or {}).get("parameters"), prompt,
+                                                     self.lora_tag(f, s)))
+                    per_k.append(p)
+                per_s.append(per_k)
+            paths.append(per_s)
+        labels = [row_label(job, f) for f in files]
+        grid = save_png(compose_grid(images, labels, strengths, seeds), os.path.join(out_dir, "grid.png"))
+        return {"out_dir": out_dir, "paths": paths, "grid": grid, "labels": labels}
+
+    def job_grid(self, job_id: str, prompt: str, files: list[str] | None = None,
+                 strengths: list[float] | None = None, seeds: list[int] | None = None, negative_prompt: str = "",
+                 width: int | None = None, height: int | None = None, steps: int | None = None) -> dict:
+        """A job's Results grid in one call (the HTTP API's): its saved files (all, or those named) x strengths x
+        seeds, rendered and saved as the tab does. UiError for what the caller can change."""
+        j = self.job(job_id)
+        if j is None:
+            raise UiError(f"There is no job {job_id}.")
+        busy = next((x for x in self.jobs() if x["status"] == RUNNING), None)
+        if busy is not None:  # (the render would wait for the job's hold on the model)
+            raise UiError(f"The model is busy training '{busy['name']}' (step {busy['step']}/{busy['total']}). "
+                          "Render when it has finished.")
+        saved = [f for f in j.get("files") or [] if os.path.exists(f)]
+        if not saved:
+            raise UiError(f"'{j['name']}' has no saved LoRA file to render (it is {j['status']}).")
+        if files:
+            by_name = {os.path.basename(f): f for f in saved}
+            unknown = [n for n in files if n not in by_name]
+            if unknown:
+                raise UiError(f"'{j['name']}' saved no file named {unknown[0]!r}; its files: "
+                              f"{', '.join(by_name)}.")
+            saved = [by_name[n] for n in files]
+        if not str(prompt or "").strip():
+            raise UiError("Write a prompt (with the trigger word) to render.")
+        strengths = list(strengths or [0.5, 0.7, 0.8, 1.0])
+        seeds = [int(x) for x in (seeds or [1, 2])]
+        width, height = image_size(width, height)
+        images = self.render_grid(saved, strengths, seeds, prompt, negative_prompt, width, height, steps)
+        return {**self.save_grid(j, saved, strengths, seeds, prompt, images), "files": saved,
+                "strengths": strengths, "seeds": seeds, "images": images}
 
     # ---- jobs ---------------------------------------------------------------------------------------------
     def submit(self, config: dict, name: str | None = None, task_id: str | None = None,
@@ -512,4 +579,5 @@ def image_size(width, height) -> tuple[int, int]:
 
 
 __all__ = ["Backend", "LocalBackend", "ProgressHooks", "UiError", "ddim_sampler", "describe_file", "image_size",
+           "row_label",
            "parse_numbers", "write_sample_prompts"]

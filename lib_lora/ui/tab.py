@@ -25,11 +25,10 @@ from PIL import Image
 from ..train.config import TrainConfigError, output_stem
 from ..train.folders import parse_folder_name
 from ..train.images import is_image_name
-from ..train.sampling import save_png
 from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
-from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, same_model,
+from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, row_label, same_model,
                       write_sample_prompts)
 from .grid import compose_grid, tagged_infotext
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
@@ -1201,9 +1200,7 @@ def build_tab(backend) -> gr.Blocks:
         def _file_label(path):
             return f"{describe_file(path)}: {os.path.basename(path)}"
 
-        def _row_label(job, path):
-            what = describe_file(path)
-            return f"final (epoch {job['epochs']})" if what == "final" and job.get("epochs") else what
+        _row_label = row_label
 
         @guarded(r_status)
         def r_do_reload(current):
@@ -1289,25 +1286,11 @@ def build_tab(backend) -> gr.Blocks:
             if "error" in result:
                 raise result["error"]
             images = result["images"]
-            out_dir = os.path.join(backend.grids_dir(files[0]), f"{j['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.makedirs(out_dir, exist_ok=True)
-            paths, gallery = [], []
-            for fi, f in enumerate(files):
-                per_s = []
-                for si, s in enumerate(strengths):
-                    per_k = []
-                    for ki, seed in enumerate(seeds):
-                        p = os.path.join(out_dir, f"{fi:02d}_{s:g}_{seed}.png")
-                        img = images[fi][si][ki]
-                        save_png(img, p, tagged_infotext((getattr(img, "info", None) or {}).get("parameters"),
-                                                         prompt, backend.lora_tag(f, s)))
-                        per_k.append(p)
-                        gallery.append((p, f"{_row_label(j, f)} · {s:g} · seed {seed}"))
-                    per_s.append(per_k)
-                paths.append(per_s)
-            grid = compose_grid(images, [_row_label(j, f) for f in files], strengths, seeds)
-            grid_path = os.path.join(out_dir, "grid.png")
-            save_png(grid, grid_path)
+            saved = backend.save_grid(j, files, strengths, seeds, prompt, images)
+            out_dir, paths, grid_path = saved["out_dir"], saved["paths"], saved["grid"]
+            gallery = [(paths[fi][si][ki], f"{_row_label(j, f)} · {s:g} · seed {seed}")
+                       for fi, f in enumerate(files) for si, s in enumerate(strengths)
+                       for ki, seed in enumerate(seeds)]
             state = {"files": files, "strengths": strengths, "seeds": seeds, "paths": paths,
                      "rows": [_row_label(j, f) for f in files]}
             flabels = [_file_label(f) for f in files]
@@ -1371,4 +1354,4 @@ def on_ui_tabs_entry(backend):
 
 __all__ = ["TAB_ID", "TAB_TITLE", "build_tab", "compose_grid", "error_html", "gallery_columns", "grid_index",
            "job_progress_html", "jobs_table_html", "model_html", "model_mismatches", "on_ui_tabs_entry",
-           "render_loss_png", "smooth"]
+           "render_loss_png", "smooth", "tagged_infotext"]
