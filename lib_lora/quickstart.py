@@ -216,6 +216,8 @@ def keep_model(model, out: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"""# The quickstart's dataset on its tiny model (random weights): try the command line with
 #   python -m lib_lora train {path} --dry-run
+# and once trained, compare its epochs with
+#   python -m lib_lora grid {os.path.join(out, "my-lora")} --model {os.path.join(out, "model", "tiny-sd15.safetensors")}
 # Relative paths are read from this file's folder.
 [model]
 pretrained_model_name_or_path = "model/tiny-sd15.safetensors"

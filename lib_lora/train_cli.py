@@ -413,7 +413,10 @@ def cmd_quickstart(args, out) -> int:
     out.write(f"\nnext: copy {res.lora_path} into the WebUI's models/Lora folder, or train your own:\n"
               f"  {PROG} train your_config.toml --dry-run\n")
     if res.kept_config:
-        out.write(f"or try the command line on the tiny model, offline:\n  {PROG} train {res.kept_config}\n")
+        base = os.path.dirname(res.kept_config)
+        out.write(f"or try the command line on the tiny model, offline:\n  {PROG} train {res.kept_config}\n"
+                  f"and compare its epochs:\n  {PROG} grid {os.path.join(base, 'my-lora')} --model "
+                  f"{os.path.join(base, 'model', 'tiny-sd15.safetensors')}\n")
     else:
         out.write("(`quickstart --keep-model` also keeps the tiny model and a config to try `train` on, offline)\n")
     return EXIT_OK

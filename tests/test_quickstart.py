@@ -51,6 +51,7 @@ def test_keep_model_leaves_a_model_and_config_that_train_takes(quickstart):
     code, out, err, out_dir, _ = quickstart
     kept = out_dir / "train.toml"
     assert f"python -m lib_lora train {kept}" in out and (out_dir / "model" / "tiny-sd15.safetensors").is_file()
+    assert f"python -m lib_lora grid {out_dir / 'my-lora'} --model {out_dir / 'model' / 'tiny-sd15.safetensors'}" in out
     o, e = io.StringIO(), io.StringIO()
     rc = cli.main(["train", str(kept), "--dry-run"], out=o, err=e)
     assert rc == 0 and "would train 80 steps over 4 epoch(s)" in o.getvalue(), o.getvalue() + e.getvalue()
