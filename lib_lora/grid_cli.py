@@ -197,10 +197,13 @@ def cmd_grid(args, out) -> int:
 
 
 def _grid(args, out) -> int:
-    from .cli import UsageError
+    import torch
+
+    from .cli import UsageError, check_lora_family
     from .host.headless import checkpoint_family, load_checkpoint
     from .train.config import missing_path_hint
     from .train.sampling import SamplePrompt, generate, infotext, resolve_sampler, save_png
+    from .train_cli import pick_device
     from .ui.grid import compose_grid, render_rows, tagged_infotext
 
     t0 = time.perf_counter()
@@ -209,7 +212,6 @@ def _grid(args, out) -> int:
     if not os.path.isfile(ckpt):
         raise GridCliError(f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
     family = checkpoint_family(ckpt)
-    from .cli import check_lora_family
     for f in files:  # (before the checkpoint loads)
         check_lora_family(f, family, ckpt, "Render it on an {} checkpoint (--model)")
     strengths = _numbers(args.strengths, float, "strengths")
@@ -231,7 +233,7 @@ def _grid(args, out) -> int:
     if family == "sdxl":
         clip_skip = 1  # (SDXL's conditioner has a fixed layer)
     out_dir = os.path.expanduser(args.out) if args.out else default_out(files[-1])
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)  # (a folder it cannot write is said before the model loads)
 
     out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "
               f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "
@@ -240,9 +242,6 @@ def _grid(args, out) -> int:
         out.write("note: the prompt is the LoRA's training folder words; give --prompt to change it\n")
     if note:
         out.write(f"note: {note}\n")
-    import torch
-
-    from .train_cli import pick_device
     device = pick_device(args.device, out)
     out.write(f"loading {ckpt} ...\n")
     out.flush()
