@@ -202,7 +202,7 @@ def _grid(args, out) -> int:
     from .cli import UsageError, check_lora_family
     from .host.headless import checkpoint_family, load_checkpoint
     from .train.config import missing_path_hint
-    from .train.sampling import SamplePrompt, generate, infotext, resolve_sampler, save_png
+    from .train.sampling import SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png
     from .train_cli import pick_device
     from .ui.grid import compose_grid, render_rows, tagged_infotext
 
@@ -240,8 +240,9 @@ def _grid(args, out) -> int:
               f"CFG {args.cfg:g}; prompt: {prompt}\n")
     if args.prompt is None:
         out.write("note: the prompt is the LoRA's training folder words; give --prompt to change it\n")
-    if note:
-        out.write(f"note: {note}\n")
+    for n in (note, a1111_syntax_note(prompt, "--prompt"), a1111_syntax_note(args.negative, "--negative", True)):
+        if n:
+            out.write(f"note: {n}\n")
     device = pick_device(args.device, out)
     out.write(f"loading {ckpt} ...\n")
     out.flush()

@@ -279,3 +279,78 @@ def test_a_sample_picture_that_does_not_fit_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path) == []
     assert save_png(Image.new("RGB", (8, 8)), str(tmp_path / "b.png"), "prompt") == str(tmp_path / "b.png")
     assert os.listdir(tmp_path) == ["b.png"] and Image.open(tmp_path / "b.png").text["parameters"] == "prompt"
+
+
+# ----------------------------------------------------------------------------------------------- A1111's prompt reading
+
+# modules/prompt_parser.parse_prompt_attention of A1111 1.10.1, run on these prompts
+A1111_PARSED = {
+    "svs cat BREAK window": [("svs cat", 1.0), ("BREAK", -1), ("window", 1.0)],
+    "BREAK svs cat": [("", 1.0), ("BREAK", -1), ("svs cat", 1.0)],
+    "a (svs:1.3) cat BREAK (on a sofa) [x]": [("a ", 1.0), ("svs", 1.3), (" cat", 1.0), ("BREAK", -1), ("", 1.0),
+                                              ("on a sofa", 1.1), (" ", 1.0), ("x", 0.9090909090909091)],
+    "aBREAKb BREAKBREAK c": [("aBREAKb BREAKBREAK c", 1.0)],
+    "(a BREAK b:1.2)": [("a", 1.2), ("BREAK", -1.2), ("b", 1.2)],  # (a weighted BREAK is the word, in A1111)
+}
+
+
+@pytest.mark.parametrize("text", list(A1111_PARSED))
+def test_prompts_parse_as_a1111_parses_them(text):
+    from lib_lora.train.conditioning import parse_prompt_attention
+    got = parse_prompt_attention(text, breaks=True)
+    assert [t for t, _ in got] == [t for t, _ in A1111_PARSED[text]]
+    assert [w for _, w in got] == pytest.approx([w for _, w in A1111_PARSED[text]])
+
+
+def test_break_starts_a_chunk_and_emphasis_keeps_each_chunks_mean(host):
+    """A1111's tokenize_line pads the chunk a BREAK ends; its 'Original' emphasis scales a token's hidden state
+    by its weight, then brings the chunk's mean back to what it was."""
+    from lib_lora.train.conditioning import TextEncoder
+    from lib_lora.train.sampling import _chunk_count
+    te = TextEncoder(host.sd_model, "sd1", emphasis=True)
+    assert _chunk_count(te, "svs cat") == 1 and _chunk_count(te, "svs cat BREAK window") == 2
+    assert _chunk_count(te, "BREAK svs cat") == 2 and _chunk_count(te, "(a BREAK b:1.2)") == 1
+    te.n_chunks = 2
+    ids, _ = te.tokenize(["svs cat BREAK window"])
+    spec = te.spec
+    a, b = spec.encode("svs cat"), spec.encode("window")
+    assert ids[0][0, 0, 1:1 + len(a)].tolist() == a and ids[0][0, 0, 1 + len(a)].item() == spec.eos
+    assert ids[0][0, 1, 1:1 + len(b)].tolist() == b
+    plain = TextEncoder(host.sd_model, "sd1")
+    plain.n_chunks = te.n_chunks = 1
+    with torch.no_grad():
+        base = plain.encode(plain.tokenize(["svs cat"])[0], "cpu")["crossattn"]
+        same = te.encode(te.tokenize(["(svs:1.0) cat"])[0], "cpu")["crossattn"]
+        up = te.encode(te.tokenize(["(svs:1.3) cat"])[0], "cpu")["crossattn"]
+    torch.testing.assert_close(same, base)
+    assert float(up.mean()) == pytest.approx(float(base.mean()), rel=1e-4)  # the chunk's mean kept
+    # "svs" (from token 1) scaled by 1.3, then every token by the mean's correction (seen on the padding)
+    correction = float((up[0, 76] / base[0, 76]).median())
+    assert float((up[0, 1] / base[0, 1]).median()) == pytest.approx(1.3 * correction, rel=1e-4)
+    assert correction != pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_long_prompt_and_a_short_negative_are_run_apart_as_in_a1111(host, request):
+    """A1111 1.10 pads neither (pad_cond_uncond is off): a 2-chunk prompt and a 1-chunk negative prompt go
+    through the UNet one by one."""
+    from lib_lora.train.sampling import ModelSampler, SamplePrompt, _chunk_count
+    ms = ModelSampler(host.sd_model, "sd1", "cpu")
+    seen = []
+    hook = ms.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0].shape[0], kwargs["context"].shape[1])), with_kwargs=True)
+    request.addfinalizer(hook.remove)
+    long = ", ".join(f"word{i} thing" for i in range(40))
+    ms.image(SamplePrompt(long, negative="blurry", width=64, height=64, steps=1), 1, "euler")
+    assert seen == [(1, 77), (1, 77 * _chunk_count(ms.te, long))] and _chunk_count(ms.te, long) > 1
+    seen.clear()
+    ms.image(SamplePrompt("svs cat", negative="blurry", width=64, height=64, steps=1), 1, "euler")
+    assert seen == [(2, 77)]
+
+
+def test_a1111_syntax_read_as_plain_text_is_said():
+    from lib_lora.train.sampling import a1111_syntax_note
+    assert a1111_syntax_note("(svs:1.3) cat, sofa BREAK window") is None  # (read as A1111 reads it)
+    assert "AND" in a1111_syntax_note("a cat AND a dog", "p.txt:1")
+    assert "AND" in a1111_syntax_note("a cat: 0.5") and a1111_syntax_note("10:30 pm, a cat") is None
+    assert "prompt editing" in a1111_syntax_note("a [cat:dog:0.5]") and "editing" in a1111_syntax_note("[a|b]")
+    assert a1111_syntax_note("bad AND worse", negative=True) is None  # (A1111 does not split a negative prompt)

@@ -50,9 +50,14 @@ _RE_ATTENTION = re.compile(r"""
 """, re.X)
 
 
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+BREAK_ID = -1  # (in a token list: A1111's BREAK, which starts a new 75-token chunk)
+
+
+def parse_prompt_attention(text: str, breaks: bool = False) -> list[tuple[str, float]]:
     """``(word)`` x1.1, ``[word]`` /1.1, ``(word:1.3)`` x1.3, nesting multiplies, ``\\(`` is a literal bracket,
-    unclosed brackets still count; runs of equal weight are merged."""
+    unclosed brackets still count; runs of equal weight are merged. ``breaks``: A1111's ``BREAK`` comes out as
+    ("BREAK", -1), as its prompt parser gives it."""
     res: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
@@ -75,6 +80,11 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             multiply(round_open.pop(), 1.1)
         elif tok == "]" and square_open:
             multiply(square_open.pop(), 1 / 1.1)
+        elif breaks:
+            for i, part in enumerate(_RE_BREAK.split(tok)):
+                if i:
+                    res.append(["BREAK", -1.0])
+                res.append([part, 1.0])
         else:
             res.append([tok, 1.0])
     for start in round_open:
@@ -92,27 +102,35 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged]
 
 
-def weighted_ids(text: str, spec: TokenizerSpec) -> tuple[list[int], list[float]]:
+def weighted_ids(text: str, spec: TokenizerSpec, breaks: bool = False) -> tuple[list[int], list[float]]:
     """Token ids of a caption with emphasis, and each token's weight (each emphasised piece tokenized alone, as
-    A1111 and sd-scripts do)."""
+    A1111 and sd-scripts do); with ``breaks`` a BREAK is BREAK_ID."""
     ids: list[int] = []
     weights: list[float] = []
-    for piece, w in parse_prompt_attention(text):
+    for piece, w in parse_prompt_attention(text, breaks):
+        if breaks and piece == "BREAK" and w == -1:
+            ids.append(BREAK_ID)
+            weights.append(1.0)
+            continue
         toks = spec.encode(piece)
         ids += toks
         weights += [w] * len(toks)
     return ids, weights
 
 
-def _chunks(ids: list[int], weights: list[float] | None, spec: TokenizerSpec, n_chunks: int):
-    """A1111 chunking into exactly n_chunks rows of 77 ids, and with ``weights`` the tokens' weights in the same
-    layout (1 for BOS/EOS/padding; None without)."""
+def split_chunks(ids: list[int], weights: list[float] | None, spec: TokenizerSpec) -> list[list[tuple]]:
+    """A1111's tokenize_line: (id, weight) runs of at most 75, the words after a nearby comma moved on, a new
+    chunk at each BREAK_ID."""
     ws = weights if weights is not None else [1.0] * len(ids)
     chunks: list[list[tuple[int, float]]] = []
     cur: list[tuple[int, float]] = []
     last_comma = -1
     for item in zip(ids, ws):
         tok = item[0]
+        if tok == BREAK_ID:
+            chunks.append(cur)
+            cur, last_comma = [], -1
+            continue
         if spec.comma is not None and tok == spec.comma:
             last_comma = len(cur)
         elif len(cur) == CHUNK and last_comma != -1 and len(cur) - last_comma <= COMMA_BACKTRACK:
@@ -127,6 +145,13 @@ def _chunks(ids: list[int], weights: list[float] | None, spec: TokenizerSpec, n_
         cur.append(item)
     if cur or not chunks:
         chunks.append(cur)
+    return chunks
+
+
+def _chunks(ids: list[int], weights: list[float] | None, spec: TokenizerSpec, n_chunks: int):
+    """A1111 chunking into exactly n_chunks rows of 77 ids, and with ``weights`` the tokens' weights in the same
+    layout (1 for BOS/EOS/padding; None without)."""
+    chunks = split_chunks(ids, weights, spec)
     truncated = len(chunks) > n_chunks
     chunks = chunks[:n_chunks]
     while len(chunks) < n_chunks:
@@ -182,8 +207,12 @@ class TextEncoder:
     """Encodes captions for one host model family; output matches what the UNet gets at inference."""
 
     def __init__(self, sd_model, family: str, clip_skip: int = 1, max_token_length: int = 75,
-                 weighted: bool = False):
+                 weighted: bool = False, emphasis: bool = False):
         self.family = family
+        # emphasis: A1111's prompt reading for pictures, (word:1.2) weights with each chunk's mean kept (its
+        # "Original" emphasis) and BREAK
+        self.emphasis = emphasis
+        weighted = weighted or emphasis
         # weighted_captions: (word:1.2) emphasis scales that word's hidden states, as sd-scripts does; the tokens
         # then carry their weights (SD: (ids, w); SDXL: (ids1, ids2, w1, w2))
         self.weighted = weighted
@@ -219,7 +248,7 @@ class TextEncoder:
         ws: list[list] = [[] for _ in specs]
         for c in captions:
             for k, spec in enumerate(specs):
-                toks, weights = weighted_ids(c, spec) if self.weighted else (spec.encode(c), None)
+                toks, weights = weighted_ids(c, spec, self.emphasis) if self.weighted else (spec.encode(c), None)
                 rows, wrows, t = _chunks(toks, weights, spec, self.n_chunks)
                 ids[k].append(rows)
                 ws[k].append(wrows)
@@ -230,7 +259,14 @@ class TextEncoder:
         return (out[0] if len(out) == 1 else tuple(out)), truncated
 
     def _weigh(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return h * w.reshape(h.shape[0], -1, 1).to(h.device, h.dtype)
+        out = h * w.reshape(h.shape[0], -1, 1).to(h.device, h.dtype)
+        if not self.emphasis:
+            return out
+        # A1111's EmphasisOriginal: each prompt's chunk keeps its mean (it encodes a prompt's chunks one by one)
+        b, n = h.shape[0], self.n_chunks
+        before = h.reshape(b, n, -1).mean(-1, keepdim=True)
+        after = out.reshape(b, n, -1).mean(-1, keepdim=True)
+        return (out.reshape(b, n, -1) * (before / after)).reshape(h.shape)
 
     def encode(self, tokens, device) -> dict:
         """{'crossattn': [B, 77*n, C]} and for SDXL also {'pooled': [B, 1280]}."""

@@ -126,6 +126,25 @@ _OTHER_MODELS = {"g": "guidance scale for guidance-distilled models", "cn": "Con
 _KNOWN = "--n negative, --w width, --h height, --s steps, --d seed, --l cfg scale, --ss sampler"
 
 
+_RE_AND = re.compile(r"\bAND\b")
+_RE_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # (A1111 prompt_parser)
+_RE_EDIT = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]")
+
+
+def a1111_syntax_note(text: str, where: str = "", negative: bool = False) -> str | None:
+    """A note for A1111 prompt syntax that headless pictures read as plain text (emphasis and BREAK they read):
+    AND and a prompt's closing ': weight' (composable prompts), [from:to:when] and [a|b] (prompt editing)."""
+    what = []
+    if not negative and (_RE_AND.search(text) or (_RE_WEIGHT.search(text) or [None] * 3)[2] is not None):
+        what.append("AND / ': weight' (composable prompts)")
+    if _RE_EDIT.search(text):
+        what.append("[from:to:when] / [a|b] (prompt editing)")
+    if not what:
+        return None
+    return (f"{where + ': ' if where else ''}{' and '.join(what)} in the {'negative ' if negative else ''}prompt: "
+            "read as plain text here, while the WebUI's txt2img reads it as that syntax, so its picture differs")
+
+
 def parse_prompt_line(line: str, where: str = "<prompt>") -> SamplePrompt | None:
     """One line of a sd-scripts .txt prompt file; None for blank and ``#`` comment lines."""
     text = line.strip()
@@ -438,17 +457,13 @@ def k_sample(label: str, denoise, x: torch.Tensor, sigmas: torch.Tensor, noise=N
 # ---------------------------------------------------------------------------------------------------------------
 # on a model
 
-def _chunks_needed(te, texts: list[str]) -> int:
-    from .conditioning import chunk_ids
+def _chunk_count(te, text: str) -> int:
+    """The 75-token chunks A1111 gives a prompt (emphasis pieces tokenized alone, BREAK, comma backtracking)."""
+    from .conditioning import split_chunks, weighted_ids
 
     spec = te.spec1 if te.family == "sdxl" else te.spec
-    n = 1
-    for text in texts:
-        ids, _ = chunk_ids(spec.encode(text), spec, 64)
-        empty = chunk_ids([], spec, 1)[0][0]
-        used = max((i + 1 for i, row in enumerate(ids) if not torch.equal(row, empty)), default=1)
-        n = max(n, used)
-    return n
+    ids, weights = weighted_ids(text, spec, breaks=True)
+    return len(split_chunks(ids, weights, spec))
 
 
 class _TorchCatToSkip:
@@ -488,7 +503,7 @@ class ModelSampler:
         self.m = sd_model
         self.family = family
         self.device = torch.device(device)
-        self.te = TextEncoder(sd_model, family, clip_skip=clip_skip or 1)
+        self.te = TextEncoder(sd_model, family, clip_skip=clip_skip or 1, emphasis=True)
         self.unet = sd_model.model.diffusion_model
         self.unet_dtype = next(self.unet.parameters()).dtype
         if is_fp8(self.unet_dtype):  # FP8 storage computes in bf16/fp16 under autocast, as the WebUI does
@@ -504,46 +519,50 @@ class ModelSampler:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.unet_dtype)
 
-    def _encode(self, texts: list[str], width: int, height: int, zero: list[bool]) -> dict:
+    def _encode(self, text: str, width: int, height: int, zero: bool = False):
+        """(crossattn, SDXL vector or None) of one prompt, read as A1111 reads it (emphasis, BREAK), with as
+        many chunks as it needs: A1111 encodes prompt and negative prompt apart, and leaves them unpadded."""
         from .conditioning import sdxl_vector
 
-        self.te.n_chunks = _chunks_needed(self.te, texts)  # cond and uncond padded to the same length (A1111)
-        tokens, _ = self.te.tokenize(texts)
+        self.te.n_chunks = _chunk_count(self.te, text)
+        tokens, _ = self.te.tokenize([text])
         with self._autocast():
             out = self.te.encode(tokens, self.device)
         ctx = out["crossattn"]
         y = None
         if self.family == "sdxl":
             pooled = out["pooled"]
-            keep = torch.tensor([0.0 if z else 1.0 for z in zero], device=ctx.device, dtype=ctx.dtype)
-            # A1111 zeroes an all-empty SDXL negative prompt (crossattn and pooled) before the size embeddings
-            ctx = ctx * keep.view(-1, 1, 1)
-            pooled = pooled * keep.view(-1, 1).to(pooled.dtype)
-            b = len(texts)
-            y = sdxl_vector(pooled, [(height, width)] * b, [(0, 0)] * b, [(height, width)] * b)
-        return {"ctx": ctx, "y": y}
+            if zero:  # A1111 zeroes an all-empty SDXL negative prompt (crossattn and pooled)
+                ctx, pooled = ctx * 0, pooled * 0
+            y = sdxl_vector(pooled, [(height, width)], [(0, 0)], [(height, width)]).to(self.unet_dtype)
+        return ctx.to(self.unet_dtype), y
 
     @torch.no_grad()
     def image(self, sp: SamplePrompt, seed: int, sampler: str = "ddim", callback=None):
         from PIL import Image
 
         w, h = sp.width, sp.height
-        cond = self._encode([sp.negative, sp.prompt], w, h,
-                            zero=[self.family == "sdxl" and sp.negative == "", False])
-        ctx = cond["ctx"].to(self.unet_dtype)
-        y = cond["y"].to(self.unet_dtype) if cond["y"] is not None else None
+        ctx_u, y_u = self._encode(sp.negative, w, h, zero=self.family == "sdxl" and sp.negative == "")
+        ctx_c, y_c = self._encode(sp.prompt, w, h)
         scale = float(sp.cfg_scale)
 
-        def eps_fn(x, t, a):
-            xin = torch.cat([x, x]).to(self.device, self.unet_dtype)
-            tt = torch.full((2,), t, device=self.device,
+        def model_eps(xin, t, a, ctx, y):
+            tt = torch.full((xin.shape[0],), t, device=self.device,
                             dtype=torch.long if isinstance(t, int) else torch.float32)
             with self._autocast():
                 out = (self.unet(xin, tt, context=ctx, y=y) if y is not None
                        else self.unet(xin, tt, context=ctx)).float()
             if self.v:  # eps = sqrt(a)·v + sqrt(1-a)·x_t
                 out = math.sqrt(a) * out + math.sqrt(1 - a) * xin.float()
-            u, c = out.chunk(2)
+            return out
+
+        def eps_fn(x, t, a):
+            xin = x.to(self.device, self.unet_dtype)
+            if ctx_u.shape[1] == ctx_c.shape[1]:  # one batch of two, as A1111 runs them
+                y = torch.cat([y_u, y_c]) if y_u is not None else None
+                u, c = model_eps(torch.cat([xin, xin]), t, a, torch.cat([ctx_u, ctx_c]), y).chunk(2)
+            else:  # (prompts of different chunk counts: A1111 runs them apart)
+                u, c = model_eps(xin, t, a, ctx_u, y_u), model_eps(xin, t, a, ctx_c, y_c)
             return (u + scale * (c - u)).to(x.device)
 
         g = torch.Generator().manual_seed(int(seed))
@@ -647,7 +666,8 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
         if prompts is None:
             raise SamplePromptError("sample_prompts is not set: write a prompt file (one prompt per line)")
     sampler = cfg.sample_sampler or "ddim"
-    notes = prompt_notes(cfg, prompts)
+    notes = prompt_notes(cfg, prompts) + [n for sp in prompts for n in (
+        a1111_syntax_note(sp.prompt, sp.where), a1111_syntax_note(sp.negative, sp.where, negative=True)) if n]
     for n in notes:
         (on_note or (lambda _m: None))(n)
     folder = folder or os.path.join(out_dir, "samples")
