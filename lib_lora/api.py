@@ -279,11 +279,14 @@ class GridRequest(BaseModel):
     negative_prompt: str = ""
     files: Optional[List[str]] = None  # names from GET /jobs/{id}/files (default: every LoRA file the job saved)
     strengths: List[float] = [0.5, 0.7, 0.8, 1.0]
-    seeds: List[int] = [1, 2]
-    width: Optional[int] = None  # default 512
-    height: Optional[int] = None
-    steps: Optional[int] = None  # default: the tab's (20)
+    seeds: List[conint(strict=True, ge=0)] = [1, 2]  # (fixed seeds: -1 would be a random one per picture)
+    width: Optional[conint(strict=True, ge=64)] = None  # default 512
+    height: Optional[conint(strict=True, ge=64)] = None
+    steps: Optional[conint(strict=True, ge=1, le=1000)] = None  # default: the tab's (20)
     send_images: bool = True  # each cell's PNG as base64, as /sdapi/v1/txt2img sends them
+
+    class Config:
+        extra = "forbid"  # ("negative" or "seed" for "negative_prompt"/"seeds" would be dropped without a word)
 
 
 MAX_GRID_PICTURES = 400  # (one request holds the model; a typo such as seeds 1..1000 must not hold it for hours)
@@ -583,6 +586,9 @@ class _Api:
                                    negative_prompt=req.negative_prompt, width=req.width, height=req.height,
                                    steps=req.steps)
         except Exception as e:
+            from .formats.errors import LoraError
+            if isinstance(e, LoraError):  # (a file for another model family than the loaded one, a bad file)
+                raise HTTPException(422, detail=str(e)) from e
             if not getattr(e, "user_error", False):
                 raise
             busy = "busy training" in str(e)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import time
@@ -45,11 +46,13 @@ def add_commands(subparsers) -> None:
     pg.add_argument("--prompt", help="prompt with the trigger word (default: the instance and class words of the "
                                      "LoRA's training folder, e.g. 'svs cat' from '20_svs cat')")
     pg.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
-    pg.add_argument("--strengths", default=STRENGTHS, metavar="LIST", help=f"default: {STRENGTHS}")
+    pg.add_argument("--strengths", default=STRENGTHS, metavar="LIST",
+                    help=f"default: {STRENGTHS}; a list that starts with a minus needs '=': --strengths=-1,0,1")
     pg.add_argument("--seeds", default="1, 2", metavar="LIST", help="default: 1, 2")
     pg.add_argument("--width", type=int, metavar="W", help="default: the LoRA's training resolution, else 512 "
                                                            "(1024 for SDXL)")
-    pg.add_argument("--height", type=int, metavar="H", help="default: as --width")
+    pg.add_argument("--height", type=int, metavar="H", help="default: the training height, or --width when only "
+                                                           "that is given")
     pg.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     pg.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default: 7)")
     pg.add_argument("--sampler", default="DPM++ 2M", help="A1111's sampler name or sd-scripts' (euler_a, ddim...); "
@@ -190,13 +193,28 @@ def _numbers(text: str, kind, what: str) -> list:
 # the command
 
 def cmd_grid(args, out) -> int:
+    import signal
+    import threading
+
     from .host.tiny import quiet_third_party
 
-    with quiet_third_party():
-        return _grid(args, out)
+    def stop(signum, frame):  # SIGTERM (a rented machine stopping, docker stop) as Ctrl-C: the rows done are kept
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    made: list[str] = []
+    try:
+        with quiet_third_party():
+            return _grid(args, out, made)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        for d in made:  # (a load that failed or was stopped leaves no empty grid folder behind)
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
 
 
-def _grid(args, out) -> int:
+def _grid(args, out, made: list[str]) -> int:
     import torch
 
     from .cli import UsageError, check_lora_family
@@ -204,7 +222,7 @@ def _grid(args, out) -> int:
     from .train.config import missing_path_hint
     from .train.sampling import SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png
     from .train_cli import pick_device
-    from .ui.grid import compose_grid, render_rows, tagged_infotext
+    from .ui.grid import compose_grid, new_folder, render_rows, tagged_infotext
 
     t0 = time.perf_counter()
     files = lora_files(args.loras)
@@ -218,7 +236,12 @@ def _grid(args, out) -> int:
     seeds = _numbers(args.seeds, int, "seeds")
     if args.steps < 1 or args.steps > 1000:
         raise UsageError("--steps must be between 1 and 1000")
-    sampler, note = resolve_sampler(args.sampler, "--sampler")
+    if not math.isfinite(args.cfg):
+        raise UsageError(f"--cfg {args.cfg}: give a number such as 7")
+    try:
+        sampler, note = resolve_sampler(args.sampler, "--sampler")
+    except LoraError as e:
+        raise UsageError(str(e)) from None
     meta = _metadata(files[0])
     prompt = args.prompt if args.prompt is not None else default_prompt(meta)
     if not (prompt or "").strip():
@@ -227,13 +250,23 @@ def _grid(args, out) -> int:
     w, h = default_size(meta, family)
     w = args.width or (args.height if args.height and not args.width else w)
     h = args.height or (args.width if args.width and not args.height else h)
-    if w < 64 or h < 64 or w % 8 or h % 8:
+    if args.width == 0 or args.height == 0 or w < 64 or h < 64 or w % 8 or h % 8:
         raise UsageError(f"--width/--height {w}x{h}: use multiples of 8 from 64 up")
     clip_skip = args.clip_skip if args.clip_skip is not None else _int(meta.get("ss_clip_skip"), 1)
     if family == "sdxl":
-        clip_skip = 1  # (SDXL's conditioner has a fixed layer)
-    out_dir = os.path.expanduser(args.out) if args.out else default_out(files[-1])
-    os.makedirs(out_dir, exist_ok=True)  # (a folder it cannot write is said before the model loads)
+        if args.clip_skip not in (None, 1):
+            out.write(f"note: --clip-skip {args.clip_skip} is not used on SDXL (its text encoders give a fixed "
+                      "layer, in the WebUI too)\n")
+        clip_skip = 1
+    if args.out:
+        out_dir = os.path.expanduser(args.out)
+        if not os.path.isdir(out_dir):
+            made.append(out_dir)
+        os.makedirs(out_dir, exist_ok=True)  # (a folder it cannot write is said before the model loads)
+    else:
+        os.makedirs(os.path.dirname(default_out(files[-1])), exist_ok=True)
+        out_dir = new_folder(default_out(files[-1]))
+        made.append(out_dir)
 
     out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "
               f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "

@@ -611,6 +611,7 @@ def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):
             "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280)}
     save_file(sdxl, str(root / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     (root / "bad-state.lsstate").write_bytes(b"not a state")
+    (root / "bad-prompts.txt").write_text("svs cat --ss eulr_a\n", encoding="utf-8")
     cases = [
         ({"train_data_dir": "nope"}, f"{os.path.realpath(root)}/nope", "does not exist"),
         ({"network_weights": "missing.safetensors"}, "network_weights: ", "missing.safetensors does not exist"),
@@ -620,6 +621,10 @@ def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):
         ({"resume": "bad-state.lsstate"}, "resume: the state file bad-state.lsstate cannot be read", "Resume from"),
         ({"sample_prompts": "prompts.txt", "sample_every_n_epochs": 1}, "sample_prompts: ", "prompts.txt does not "
                                                                                                "exist"),
+        # (a sampler typo failed the run once the model had loaded, from the grid audit)
+        ({"sample_sampler": "eulr_a"}, "sample_sampler: unknown sampler 'eulr_a'", "euler_a"),
+        ({"sample_prompts": "bad-prompts.txt", "sample_every_n_epochs": 1}, "bad-prompts.txt:1: unknown sampler",
+         "euler_a"),
     ]
     for override, what, hint in cases:
         for url in ("/jobs", "/jobs?dry_run=true"):

@@ -96,7 +96,10 @@ def test_a_cell_is_the_picture_of_the_checkpoint_merged_at_that_strength(run, tm
     assert diff.max() <= 1, diff.max()  # (merged in float32 in both; a rounding step apart at most)
 
 
-def test_ctrl_c_keeps_the_rows_rendered_and_their_grid(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_the_rows_rendered_and_their_grid(run, tmp_path, monkeypatch, how):
+    import signal
+
     from lib_lora.train import sampling
     root, ckpt, out_dir = run
     real, calls = sampling.generate, []
@@ -104,6 +107,10 @@ def test_ctrl_c_keeps_the_rows_rendered_and_their_grid(run, tmp_path, monkeypatc
     def generate(*a, **kw):
         calls.append(1)
         if len(calls) == 3:
+            if how == "sigterm":  # (a rented machine stopping, docker stop: the handler the grid set for it)
+                handler = signal.getsignal(signal.SIGTERM)
+                assert callable(handler) and handler is not signal.default_int_handler
+                handler(signal.SIGTERM, None)
             raise KeyboardInterrupt
         return real(*a, **kw)
 
@@ -111,7 +118,7 @@ def test_ctrl_c_keeps_the_rows_rendered_and_their_grid(run, tmp_path, monkeypatc
     code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--strengths", "0.5,1", "--seeds", "1", "--steps", "1",
                              "--out", tmp_path / "g")
     assert code == 130, out + err
-    assert "stopped after 2 of 4 rows" in out
+    assert "stopped after 2 of 4 rows" in out and signal.getsignal(signal.SIGTERM) is not None
     assert sorted(os.listdir(tmp_path / "g")) == ["00_0.5_1.png", "00_1_1.png", "grid.png"]
 
 
@@ -128,6 +135,18 @@ def test_files_in_a_webuis_lora_folder_get_their_grid_in_its_outputs(run, tmp_pa
     assert made.startswith("svs-") and os.listdir(lora_dir) == ["svs.safetensors"]
     from lib_lora.grid_cli import default_out
     assert os.path.dirname(default_out(str(out_dir / "svs.safetensors"))) == str(out_dir / "grids")
+
+
+def test_sampler_labels_and_numbers_are_checked(run, tmp_path):
+    root, ckpt, out_dir = run
+    for args, said in ((["--sampler", "eular_a"], "unknown sampler 'eular_a'"), (["--seeds", "1.5"], "whole number"),
+                       (["--cfg", "nan"], "--cfg nan"), (["--width", "0"], "multiples of 8"),
+                       (["--strengths", "1,inf"], "'inf' in the strengths is not a number")):
+        code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--out", tmp_path / "never", *args)
+        assert code == 2 and said in err, (args, err)
+    assert not (tmp_path / "never").exists()
+    from lib_lora.train.sampling import resolve_sampler
+    assert resolve_sampler("DPM++ 2M Karras") == ("DPM++ 2M", None)  # (A1111's label before 1.9)
 
 
 def test_wrong_inputs_are_said_before_the_model_loads(run, tmp_path):

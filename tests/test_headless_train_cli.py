@@ -95,6 +95,12 @@ def test_dry_run_stops_before_loading(run_cli, tiny_ckpt, tmp_path):
     assert "device: cpu (no CUDA GPU" in out
 
 
+def test_a_sample_sampler_typo_stops_the_dry_run(run_cli, tiny_ckpt, tmp_path):
+    cfg = _write_config(tmp_path, tiny_ckpt, extra='sample_sampler = "eulr_a"')
+    code, out, err = run_cli("train", cfg, "--dry-run")
+    assert code == 1 and "sample_sampler: unknown sampler 'eulr_a' (known: ddim, pndm" in err, out + err
+
+
 def test_device_auto_picks_the_gpu_when_torch_sees_one(run_cli, tiny_ckpt, tmp_path, monkeypatch):
     import torch
     cfg = _write_config(tmp_path, tiny_ckpt)

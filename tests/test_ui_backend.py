@@ -146,10 +146,22 @@ def test_http_grid_renders_a_jobs_files_and_sends_tagged_pictures(trained, host,
                              ({"prompt": " "}, 422, "Write a prompt"),
                              ({"prompt": "svs bear", "width": 65}, 422, "not a multiple of 8"),
                              ({"prompt": "svs bear", "seeds": list(range(300))}, 422, "at most 400"),
-                             ({"prompt": "svs bear", "seeds": []}, 422, "at least one")):
+                             ({"prompt": "svs bear", "seeds": []}, 422, "at least one"),
+                             # (from the grid audit: each was dropped, coerced or a 500)
+                             ({"prompt": "svs bear", "seed": [1]}, 422, "extra fields not permitted"),
+                             ({"prompt": "svs bear", "seeds": [-1]}, 422, "greater than or equal to 0"),
+                             ({"prompt": "svs bear", "seeds": [1.7]}, 422, "integer"),
+                             ({"prompt": "svs bear", "steps": 0}, 422, "greater than or equal to 1"),
+                             ({"prompt": "svs bear", "steps": -3}, 422, "greater than or equal to 1"),
+                             ({"prompt": "svs bear", "width": 0}, 422, "greater than or equal to 64")):
         r = client.post(url, json=body)
-        assert r.status_code == code and said in r.json()["detail"], (body, r.text)
+        assert r.status_code == code and said in str(r.json()["detail"]), (body, r.text)
     assert client.post(f"{PREFIX}/jobs/nojob/grid", json={"prompt": "x"}).status_code == 404
+    # two grids in the same second get folders of their own
+    one = {"prompt": "svs bear", "files": ["bear.safetensors"], "strengths": [1], "seeds": [1], "width": 64,
+           "height": 64, "steps": 1, "send_images": False}
+    a, b2 = client.post(url, json=one).json(), client.post(url, json=one).json()
+    assert a["saved_in"] != b2["saved_in"] and os.path.isfile(a["grid"]["path"])
     monkeypatch.setattr(b, "jobs", lambda: [{"name": "other", "status": "running", "step": 3, "total": 9}])
     r = client.post(url, json={"prompt": "svs bear"})
     assert r.status_code == 409 and "busy training 'other' (step 3/9)" in r.json()["detail"], r.text
@@ -226,8 +238,12 @@ def test_model_mismatch_warning():
 def test_number_lists(tmp_path):
     assert parse_numbers("0.5, 0.7 1") == [0.5, 0.7, 1.0]
     assert parse_numbers("1,2,3", int) == [1, 2, 3]
-    with pytest.raises(UiError, match="'x' in the seeds is not a number"):
+    with pytest.raises(UiError, match="'x' in the seeds is not a whole number"):
         parse_numbers("1, x", int, "seeds")
+    with pytest.raises(UiError, match="'1.5' in the seeds is not a whole number"):  # (it was rendered as seed 1)
+        parse_numbers("1.5", int, "seeds")
+    with pytest.raises(UiError, match="'nan' in the strengths is not a number"):
+        parse_numbers("0.5, nan", float, "strengths")
 
 
 def test_sizes_the_model_cannot_make_are_refused_with_the_sizes_it_can():

@@ -75,6 +75,8 @@ def resolve_sampler(name: str | None, where: str = "") -> tuple[str, str | None]
     for label in SAMPLERS:
         if key == label.lower():
             return label, None
+        if key == f"{label} karras".lower() and label in _KARRAS:  # (A1111's labels before 1.9, kohya_ss presets)
+            return label, None
     raise SamplePromptError(f"{where + ': ' if where else ''}unknown sampler '{name}' (known: "
                             f"{', '.join(WEBUI_SAMPLERS)}; or A1111's {', '.join(SAMPLERS)})")
 

@@ -386,6 +386,24 @@ def wrong_family_message(key: str, name: str, file_family: str, model_family: st
             f"file trained on this model family, or load an {label(file_family)} checkpoint")
 
 
+def sample_problems(cfg: TrainConfig) -> list[str]:
+    """A sample_sampler name no sampler has, or a sample prompt file with a line that cannot be read: the run
+    would stop on them when it starts its samples, after the model has loaded."""
+    from .sampling import SamplePromptError, config_prompts, resolve_sampler
+
+    problems = []
+    try:
+        resolve_sampler(cfg.sample_sampler or "ddim", "sample_sampler")
+    except SamplePromptError as e:
+        problems.append(str(e))
+    if cfg.sample_prompt_text or (cfg.sample_prompts and os.path.isfile(cfg.resolve(cfg.sample_prompts))):
+        try:
+            config_prompts(cfg)
+        except (SamplePromptError, OSError) as e:
+            problems.append(str(e))
+    return problems
+
+
 def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bool = True) -> list[str]:
     """What a run would stop on in the files it reads before its first step, found without loading them (headers,
     names): missing folders and files, a network_weights / base_weights file that is not a LoRA or is one for
@@ -402,6 +420,7 @@ def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bo
         if value and not os.path.exists(cfg.resolve(value)):
             problems.append(f"{key}: {cfg.resolve(value)} does not exist"
                             + missing_path_hint(cfg.resolve(value), cfg.base_dir))
+    problems += sample_problems(cfg)
     weights = [("network_weights", cfg.network_weights)] + [("base_weights", w) for w in cfg.base_weights or []]
     for key, value in weights:
         if not value:

@@ -15,6 +15,7 @@ generation left merged before the tab samples).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -331,11 +332,10 @@ class LocalBackend:
         import time
 
         from ..train.sampling import save_png
-        from .grid import compose_grid, tagged_infotext
+        from .grid import compose_grid, new_folder, tagged_infotext
 
         files = files[:len(images)]
-        out_dir = os.path.join(self.grids_dir(files[0]), f"{job['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = new_folder(os.path.join(self.grids_dir(files[0]), f"{job['name']}-{time.strftime('%Y%m%d-%H%M%S')}"))
         paths = []
         for fi, f in enumerate(files):
             per_s = []
@@ -554,9 +554,13 @@ def parse_numbers(text: str, kind=float, what: str = "values") -> list:
     out = []
     for t in items:
         try:
-            out.append(kind(float(t)) if kind is int else kind(t))
+            v = float(t)
+            if not math.isfinite(v) or (kind is int and v != int(v)):  # (seed 1.5 was rendered as seed 1)
+                raise ValueError(t)
+            out.append(int(v) if kind is int else kind(t))
         except ValueError:
-            raise UiError(f"'{t}' in the {what} is not a number. Write numbers separated by commas, e.g. "
+            raise UiError(f"'{t}' in the {what} is not a {'whole ' if kind is int else ''}number. Write numbers "
+                          "separated by commas, e.g. "
                           + ("1, 2, 3, 4, 5" if kind is int else "0.5, 0.7, 0.8, 1.0")) from None
     if not out:
         raise UiError(f"No {what} given. Write numbers separated by commas.")

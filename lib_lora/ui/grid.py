@@ -3,7 +3,21 @@ grid`` share it."""
 
 from __future__ import annotations
 
+import os
+
 from PIL import Image, ImageDraw, ImageFont
+
+
+def new_folder(path: str) -> str:
+    """``path``, or ``path-2``, ``-3``... when it exists: two grids in the same second get folders of their own."""
+    for n in range(1, 1000):
+        candidate = path if n == 1 else f"{path}-{n}"
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(path)
 
 
 def tagged_infotext(text: str | None, prompt: str, tag: str) -> str | None:
@@ -24,7 +38,11 @@ def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], 
     sample = rows[0][2][0]
     cw = min(cell, sample.width)
     ch = max(1, round(sample.height * cw / sample.width))
-    label_w, head_h, pad = 150, 22, 4
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # (the label column fits the longest label: run names cut short made rows of two epochs look alike)
+    label_w = max(150, 12 + max(int(d.textlength(t, font=font)) for fl, s, _ in rows
+                                 for t in (fl, f"strength {s:g}")) if rows else 150)
+    head_h, pad = 22, 4
     W = label_w + len(seeds) * (cw + pad)
     H = head_h + len(rows) * (ch + pad)
     grid = Image.new("RGB", (W, H), "white")
@@ -33,7 +51,7 @@ def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], 
         d.text((label_w + k * (cw + pad) + 4, 6), f"seed {seed}", fill="black", font=font)
     for r, (fl, s, row) in enumerate(rows):
         y = head_h + r * (ch + pad)
-        d.text((4, y + ch // 2 - 12), fl[:24], fill="black", font=font)
+        d.text((4, y + ch // 2 - 12), fl, fill="black", font=font)
         d.text((4, y + ch // 2 + 2), f"strength {s:g}", fill="black", font=font)
         for k, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((cw, ch), Image.LANCZOS), (label_w + k * (cw + pad), y))
@@ -42,8 +60,8 @@ def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], 
 
 def render_rows(host, files: list[str], strengths: list[float], render, progress=None, should_stop=None,
                 on_network=None):
-    """``rows[file][strength] = render(file, strength)`` with each LoRA merged at that strength (text encoder and UNet) into the
-    host's model; the model is put back afterwards, on an error too. Between rows ``should_stop()`` may end it:
+    """``rows[file][strength] = render(file, strength)`` with each LoRA merged at that strength (text encoder and
+    UNet) into the host's model; the model is put back afterwards, on an error too. Between rows ``should_stop()`` may end it:
     returns (rows of the files rendered in full, rows done, rows in all, stopped). ``on_network(path, result)``
     gets each file's first apply result (its matched and unmatched layers)."""
     from ..apply import Patcher, layer_mapping, load_network
