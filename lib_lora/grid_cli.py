@@ -220,9 +220,10 @@ def _grid(args, out, made: list[str]) -> int:
     from .cli import UsageError, check_lora_family
     from .host.headless import checkpoint_family, load_checkpoint
     from .train.config import missing_path_hint
-    from .train.sampling import SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png
+    from .train.sampling import (SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png,
+                                 tagged_infotext)
     from .train_cli import pick_device
-    from .ui.grid import compose_grid, new_folder, render_rows, tagged_infotext
+    from .ui.grid import compose_grid, new_folder, render_rows
 
     t0 = time.perf_counter()
     files = lora_files(args.loras)

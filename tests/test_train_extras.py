@@ -159,6 +159,26 @@ def test_samples_every_n_steps_and_at_first(sd1, tmp_path):
     assert calls == [(1, 4), (2, 8)]
 
 
+def test_samples_are_told_the_file_saved_with_their_weights(sd1, tmp_path):
+    """For the <lora:> tag in the samples' PNG info: the file saved at that step or epoch, or None."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)  # 4 steps per epoch at batch 1
+    calls = []
+
+    def sample_fn(epoch, step, lora=None):
+        calls.append((epoch, step, lora))
+        return []
+
+    _, res, _ = _run(sd1, tmp_path, img, sample_fn=sample_fn, max_train_steps=7, sample_every_n_steps=3,
+                     save_every_n_steps=6, sample_at_first=True)
+    assert calls == [(0, 0, None), (None, 3, None), (None, 6, "x-step00000006"), (2, 7, "x")]
+    calls.clear()
+    _run(sd1, tmp_path / "b", img, sample_fn=sample_fn, max_train_epochs=3, sample_every_n_epochs=1,
+         save_every_n_epochs=2)
+    assert calls == [(1, 4, None), (2, 8, "x-000002"), (3, 12, "x")]
+    assert sorted(f for f in os.listdir(tmp_path / "b" / "out") if f.endswith(".safetensors")) == [
+        "x-000002.safetensors", "x.safetensors"]
+
+
 # ---- save_last_n_steps, no_metadata --------------------------------------------------------------------------------
 def test_save_last_n_steps_keeps_what_sd_scripts_keeps(sd1, tmp_path):
     img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=3)

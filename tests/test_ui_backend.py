@@ -77,6 +77,9 @@ def test_queue_trains_with_samples_and_reports_progress(trained, host):
     assert [(s["epoch"], os.path.basename(s["path"])) for s in job["samples"]] == [
         (1, "bear_e000001_00.png"), (2, "bear_e000002_00.png")]
     assert all(os.path.exists(s["path"]) for s in job["samples"])
+    # each sample's PNG info names the file saved with its weights (PNG Info -> txt2img renders it again)
+    assert [Image.open(s["path"]).text["parameters"].split("\n")[0] for s in job["samples"]] == [
+        "svs bear <lora:bear-000001:1>", "svs bear <lora:bear:1>"]
     assert job["total"] == 12 and job["step"] == 12 and len(job["losses"]) == 12
     assert job["model"]["name"] == host.model_name and job["model"]["family"] == "sd1"
     assert hooks.calls == [("queued", "task(abc)"), ("started", "task(abc)"), ("finished", "task(abc)", "done")]

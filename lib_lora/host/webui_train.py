@@ -172,10 +172,10 @@ class WebUIHost(ModelHost):
         overrides = {"CLIP_stop_at_last_layers": int(cfg.clip_skip)} if (
             cfg.clip_skip and int(cfg.clip_skip) >= 1 and self.family != "sdxl") else {}
 
-        def sample_fn(epoch: int | None, step: int, should_cancel=None):
+        def sample_fn(epoch: int | None, step: int, should_cancel=None, lora: str | None = None):
             from modules import processing
 
-            from ..train.sampling import sample_tag, save_png
+            from ..train.sampling import sample_tag, save_png, tagged_infotext
 
             os.makedirs(folder, exist_ok=True)
             tag = sample_tag(epoch, step)
@@ -195,7 +195,10 @@ class WebUIHost(ModelHost):
                     for j, img in enumerate(res.images):
                         path = os.path.join(folder, f"{name}_{tag}_{i:02d}{'_' + str(j) if j else ''}.png")
                         # (A1111's infotext for its PNG Info tab; through a temp file, as on a full disk)
-                        paths.append(save_png(img, path, (getattr(img, "info", None) or {}).get("parameters")))
+                        text = (getattr(img, "info", None) or {}).get("parameters")
+                        # (with the tag of the file saved with these weights: PNG Info -> txt2img renders it)
+                        paths.append(save_png(img, path, tagged_infotext(text, sp.prompt, f"<lora:{lora}:1>")
+                                              if lora else text))
             finally:
                 torch.set_rng_state(cpu_rng)
             return paths

@@ -606,6 +606,16 @@ def infotext(sp: SamplePrompt, seed: int, sampler: str, model_name: str | None =
     return "\n".join(lines)
 
 
+def tagged_infotext(text: str | None, prompt: str, tag: str) -> str | None:
+    """A picture's infotext with the LoRA tag it was rendered with (the LoRA was attached or merged, not named in
+    the prompt), so PNG Info -> Send to txt2img renders it again."""
+    if not text:
+        return None
+    if prompt and text.startswith(prompt):
+        return f"{prompt} {tag}{text[len(prompt):]}"
+    return f"{tag} {text}"
+
+
 def save_png(img, path: str, text: str | None = None) -> str:
     from PIL import PngImagePlugin
 
@@ -677,7 +687,7 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
     base_seed = int(cfg.seed) if cfg.seed is not None else 0
     clip_skip = cfg.clip_skip or 1
 
-    def sample_fn(epoch=None, step=None, should_cancel=None):
+    def sample_fn(epoch=None, step=None, should_cancel=None, lora=None):
         os.makedirs(folder, exist_ok=True)
         tag = sample_tag(epoch, step)
         paths = []
@@ -685,8 +695,9 @@ def make_sample_fn(host, cfg, out_dir: str, prompts: list[SamplePrompt] | None =
         for i, (img, seed, used) in enumerate(generate(host, prompts, sampler=sampler, clip_skip=clip_skip,
                                                        base_seed=base_seed, should_cancel=should_cancel)):
             path = os.path.join(folder, f"{name}_{tag}_{i:02d}.png")
-            paths.append(save_png(img, path, infotext(prompts[i], seed, used, getattr(host, "model_name", None),
-                                                      clip_skip)))
+            text = infotext(prompts[i], seed, used, getattr(host, "model_name", None), clip_skip)
+            paths.append(save_png(img, path, tagged_infotext(text, prompts[i].prompt, f"<lora:{lora}:1>")
+                                  if lora else text))
         return paths
 
     sample_fn.notes = notes  # (run_training notes them in the job)

@@ -1230,8 +1230,19 @@ class Trainer:
                     optimizer.train()
 
             def sample(epoch_no, at_step, by_step=False):
+                # the file saved with these weights (the samples name it in their <lora:> tag), if one is
+                if by_step:
+                    saved = step_ckpt_name(name, at_step) if (c.save_every_n_steps and at_step < self.end_step and
+                                                              at_step % c.save_every_n_steps == 0) else None
+                elif epoch_no and (at_step >= self.total_steps or epoch_no == self.epochs):
+                    saved = ckpt_name(name, None)
+                elif epoch_no and save_every_epochs and epoch_no % save_every_epochs == 0:
+                    saved = ckpt_name(name, epoch_no)
+                else:
+                    saved = None
                 with eval_weights():
-                    self._sample(net, epoch_no, at_step, by_step=by_step)
+                    self._sample(net, epoch_no, at_step, by_step=by_step,
+                                 lora=os.path.splitext(saved)[0] if saved else None)
 
             def save(path_name, epoch_no, final=False):
                 with eval_weights():
@@ -1570,14 +1581,18 @@ class Trainer:
             self._note(f"the saved file does not fully match the model: {rep.summary()}\n{rep.details()}")
         return rep.summary()
 
-    def _sample(self, net, epoch, step, by_step: bool = False):
-        """One sample set; a step-based one is named by its step (epoch=None to the sample function)."""
+    def _sample(self, net, epoch, step, by_step: bool = False, lora: str | None = None):
+        """One sample set; a step-based one is named by its step (epoch=None to the sample function). ``lora``: the
+        name of the file saved with these weights, for the pictures' <lora:> tag."""
         was = net.training
         net.eval()
         kwargs = {"epoch": None if by_step else epoch, "step": step}
         try:
-            if "should_cancel" in inspect.signature(self.sample_fn).parameters:
+            params = inspect.signature(self.sample_fn).parameters
+            if "should_cancel" in params:
                 kwargs["should_cancel"] = self.should_cancel  # stops between images on a cancel
+            if "lora" in params:
+                kwargs["lora"] = lora
         except (TypeError, ValueError):  # a callable without a signature: called the plain way
             pass
         try:

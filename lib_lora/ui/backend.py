@@ -331,8 +331,8 @@ class LocalBackend:
         rendered with, and grid.png. Returns out_dir, paths[file][strength][seed], grid, labels."""
         import time
 
-        from ..train.sampling import save_png
-        from .grid import compose_grid, new_folder, tagged_infotext
+        from ..train.sampling import save_png, tagged_infotext
+        from .grid import compose_grid, new_folder
 
         files = files[:len(images)]
         out_dir = new_folder(os.path.join(self.grids_dir(files[0]), f"{job['name']}-{time.strftime('%Y%m%d-%H%M%S')}"))

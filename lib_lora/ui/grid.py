@@ -20,16 +20,6 @@ def new_folder(path: str) -> str:
     raise FileExistsError(path)
 
 
-def tagged_infotext(text: str | None, prompt: str, tag: str) -> str | None:
-    """A grid picture's infotext with the LoRA tag it was rendered with (the LoRA was merged, not named in the
-    prompt), so PNG Info -> Send to txt2img renders it again."""
-    if not text:
-        return None
-    if prompt and text.startswith(prompt):
-        return f"{prompt} {tag}{text[len(prompt):]}"
-    return f"{tag} {text}"
-
-
 def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], strengths: list[float],
                  seeds: list[int], cell: int = 192) -> Image.Image:
     """One labelled picture: a row per (file, strength), a column per seed."""

@@ -25,12 +25,13 @@ from PIL import Image
 from ..train.config import TrainConfigError, output_stem
 from ..train.folders import parse_folder_name
 from ..train.images import is_image_name
+from ..train.sampling import tagged_infotext
 from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
 from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, row_label, same_model,
                       write_sample_prompts)
-from .grid import compose_grid, tagged_infotext
+from .grid import compose_grid
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
                       export_toml, form_defaults, preset_for_family)
 
