@@ -309,6 +309,17 @@ def _json_safe(v):
     return str(v)
 
 
+def _infotext(png_path: str) -> str | None:
+    """A picture's PNG info ('parameters'), as /sdapi/v1/png-info reads it."""
+    from PIL import Image
+
+    try:
+        with Image.open(png_path) as im:
+            return im.text.get("parameters")
+    except OSError:
+        return None
+
+
 def _public(job) -> dict:
     for _ in range(3):
         try:
@@ -605,7 +616,7 @@ class _Api:
                     path = res["paths"][fi][si][ki]
                     name = os.path.splitext(os.path.basename(f))[0]
                     cell = {"file": os.path.basename(f), "row": res["labels"][fi], "strength": st, "seed": seed,
-                            "tag": f"<lora:{name}:{st:g}>", "path": path}
+                            "tag": f"<lora:{name}:{st:g}>", "path": path, "infotext": _infotext(path)}
                     if req.send_images:
                         cell["image"] = b64(path)
                     cells.append(cell)

@@ -223,7 +223,7 @@ def _grid(args, out, made: list[str]) -> int:
     from .train.sampling import (SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png,
                                  tagged_infotext)
     from .train_cli import pick_device
-    from .ui.grid import compose_grid, new_folder, render_rows
+    from .ui.grid import compose_grid, new_folder, prompt_tags_problem, render_rows
 
     t0 = time.perf_counter()
     files = lora_files(args.loras)
@@ -244,7 +244,13 @@ def _grid(args, out, made: list[str]) -> int:
     except LoraError as e:
         raise UsageError(str(e)) from None
     meta = _metadata(files[0])
-    prompt = args.prompt if args.prompt is not None else default_prompt(meta)
+    # each run its own training folder's words, unless --prompt says
+    own = {f: (args.prompt if args.prompt is not None else default_prompt(_metadata(f))) for f in files}
+    prompt = own[files[0]] or next((p for p in own.values() if p), None)
+    prompts = {f: own[f] or prompt for f in files}
+    problem = prompt_tags_problem(prompt or "", args.negative)
+    if problem:
+        raise UsageError(problem[0].upper() + problem[1:])
     if not (prompt or "").strip():
         raise UsageError(f"{os.path.basename(files[0])} does not say its training folder's words: give --prompt "
                          "with the trigger word")
@@ -273,7 +279,11 @@ def _grid(args, out, made: list[str]) -> int:
               f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "
               f"CFG {args.cfg:g}; prompt: {prompt}\n")
     if args.prompt is None:
-        out.write("note: the prompt is the LoRA's training folder words; give --prompt to change it\n")
+        runs = {_run_name(f): prompts[f] for f in files}
+        out.write("note: the prompt is the LoRA's training folder words; give --prompt to change it\n"
+                  if len(set(runs.values())) == 1 else
+                  "note: each run's prompt is its training folder words: "
+                  + "; ".join(f"{r}: {p}" for r, p in runs.items()) + " (--prompt sets one for all)\n")
     for n in (note, a1111_syntax_note(prompt, "--prompt"), a1111_syntax_note(args.negative, "--negative", True)):
         if n:
             out.write(f"note: {n}\n")
@@ -285,8 +295,8 @@ def _grid(args, out, made: list[str]) -> int:
                            dtype=torch.float16 if device == "cuda" else torch.float32)
     out.write(host.load_report.summary() + "\n")
 
-    sps = [SamplePrompt(prompt, negative=args.negative, width=w, height=h, steps=args.steps, seed=s,
-                        cfg_scale=args.cfg) for s in seeds]
+    sps = {p: [SamplePrompt(p, negative=args.negative, width=w, height=h, steps=args.steps, seed=s,
+                            cfg_scale=args.cfg) for s in seeds] for p in set(prompts.values())}
     model_name = os.path.splitext(os.path.basename(ckpt))[0]
 
     def said(path, result):
@@ -304,9 +314,10 @@ def _grid(args, out, made: list[str]) -> int:
     def render(f, s):
         tag = f"<lora:{os.path.splitext(os.path.basename(f))[0]}:{s:g}>"
         row = []
-        for sp, (img, seed, used) in zip(sps, generate(host, sps, sampler=sampler, clip_skip=clip_skip)):
+        batch = sps[prompts[f]]
+        for sp, (img, seed, used) in zip(batch, generate(host, batch, sampler=sampler, clip_skip=clip_skip)):
             save_png(img, os.path.join(out_dir, f"{files.index(f):02d}_{s:g}_{seed}.png"),
-                     tagged_infotext(infotext(sp, seed, used, model_name, clip_skip), prompt, tag))
+                     tagged_infotext(infotext(sp, seed, used, model_name, clip_skip), sp.prompt, tag))
             row.append(img)
         done.setdefault(f, []).append(row)
         return row

@@ -137,6 +137,29 @@ def test_files_in_a_webuis_lora_folder_get_their_grid_in_its_outputs(run, tmp_pa
     assert os.path.dirname(default_out(str(out_dir / "svs.safetensors"))) == str(out_dir / "grids")
 
 
+def test_several_runs_each_get_their_own_words_and_tags_in_the_prompt_are_refused(run, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    root, ckpt, out_dir = run
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    shutil.copy(out_dir / "svs.safetensors", mix)
+    md = read_metadata(str(out_dir / "svs.safetensors"))
+    md["ss_dataset_dirs"] = json.dumps({"5_ohwx dog": {"n_repeats": 5, "img_count": 2}})
+    save_file_atomic(load_file(str(out_dir / "svs.safetensors")), str(mix / "dogrun.safetensors"), md)
+    code, out, err = run_cli("grid", mix, "--model", ckpt, "--strengths", "1", "--seeds", "2", "--steps", "1",
+                             "--out", tmp_path / "g")
+    assert code == 0, out + err
+    assert "note: each run's prompt is its training folder words: dogrun: ohwx dog; svs: svs cat" in out
+    assert Image.open(tmp_path / "g" / "00_1_2.png").text["parameters"].startswith("ohwx dog <lora:dogrun:1>\n")
+    assert Image.open(tmp_path / "g" / "01_1_2.png").text["parameters"].startswith("svs cat <lora:svs:1>\n")
+    # a <lora:> tag in the prompt would be applied by txt2img from the PNG info, not by the grid: refused
+    code, out, err = run_cli("grid", mix, "--model", ckpt, "--prompt", "svs cat <lora:style:0.5>")
+    assert code == 2 and "applies no tag of its prompt" in err and "merge" in err, err
+
+
 def test_sampler_labels_and_numbers_are_checked(run, tmp_path):
     root, ckpt, out_dir = run
     for args, said in ((["--sampler", "eular_a"], "unknown sampler 'eular_a'"), (["--seeds", "1.5"], "whole number"),

@@ -131,6 +131,7 @@ def test_http_grid_renders_a_jobs_files_and_sends_tagged_pictures(trained, host,
         ("bear.safetensors", "final (epoch 2)", 0, 4, "<lora:bear:0>"),
         ("bear.safetensors", "final (epoch 2)", 1, 4, "<lora:bear:1>")]
     pics = [Image.open(io.BytesIO(base64.b64decode(c["image"]))) for c in d["cells"]]
+    assert d["cells"][3]["infotext"] == pics[3].text["parameters"]
     assert pics[3].text["parameters"].startswith("svs bear <lora:bear:1>\nSteps: 2, Sampler: DDIM")
     base = ddim_sampler(host, ["svs bear"], "", [4], 64, 64, 2, b.cfg_scale)[0]
     assert np.array_equal(np.asarray(pics[2].convert("RGB")), np.asarray(base))  # strength 0: the bare model
@@ -142,6 +143,10 @@ def test_http_grid_renders_a_jobs_files_and_sends_tagged_pictures(trained, host,
                                                                "strengths": [1], "seeds": [1], "width": 64,
                                                                "height": 64, "steps": 1, "send_images": False})
     assert r.status_code == 200 and [c["file"] for c in r.json()["cells"]] == ["bear.safetensors"]
+    r2 = client.post(f"{PREFIX}/jobs/{job['id']}/grid", json={
+        "prompt": "svs bear", "files": ["bear.safetensors", "bear.safetensors"], "strengths": [1, 1], "seeds": [1, 1],
+        "width": 64, "height": 64, "steps": 1, "send_images": False})
+    assert r2.status_code == 200 and len(r2.json()["cells"]) == 1  # (repeats are one picture)
     assert "image" not in r.json()["cells"][0] and os.path.isfile(r.json()["cells"][0]["path"])
     # what the caller can change
     url = f"{PREFIX}/jobs/{job['id']}/grid"
@@ -150,6 +155,7 @@ def test_http_grid_renders_a_jobs_files_and_sends_tagged_pictures(trained, host,
                              ({"prompt": "svs bear", "width": 65}, 422, "not a multiple of 8"),
                              ({"prompt": "svs bear", "seeds": list(range(300))}, 422, "at most 400"),
                              ({"prompt": "svs bear", "seeds": []}, 422, "at least one"),
+                             ({"prompt": "svs bear <lora:style:1>"}, 422, "applies no tag of its prompt"),
                              # (from the grid audit: each was dropped, coerced or a 500)
                              ({"prompt": "svs bear", "seed": [1]}, 422, "extra fields not permitted"),
                              ({"prompt": "svs bear", "seeds": [-1]}, 422, "greater than or equal to 0"),

@@ -365,20 +365,28 @@ class LocalBackend:
         if busy is not None:  # (the render would wait for the job's hold on the model)
             raise UiError(f"The model is busy training '{busy['name']}' (step {busy['step']}/{busy['total']}). "
                           "Render when it has finished.")
-        saved = [f for f in j.get("files") or [] if os.path.exists(f)]
+        recorded = list(j.get("files") or [])
+        saved = [f for f in recorded if os.path.exists(f)]
         if not saved:
-            raise UiError(f"'{j['name']}' has no saved LoRA file to render (it is {j['status']}).")
+            raise UiError(f"'{j['name']}' has no saved LoRA file to render (it is {j['status']})." if not recorded
+                          else f"The files '{j['name']}' saved were moved or deleted (e.g. {recorded[-1]}).")
         if files:
             by_name = {os.path.basename(f): f for f in saved}
             unknown = [n for n in files if n not in by_name]
             if unknown:
-                raise UiError(f"'{j['name']}' saved no file named {unknown[0]!r}; its files: "
-                              f"{', '.join(by_name)}.")
-            saved = [by_name[n] for n in files]
+                gone = any(os.path.basename(f) == unknown[0] for f in recorded)
+                raise UiError(f"'{j['name']}' " + ("saved " + repr(unknown[0]) + " but it was moved or deleted"
+                                                   if gone else f"saved no file named {unknown[0]!r}")
+                              + f"; its files: {', '.join(by_name)}.")
+            saved = [by_name[n] for n in dict.fromkeys(files)]
         if not str(prompt or "").strip():
             raise UiError("Write a prompt (with the trigger word) to render.")
-        strengths = list(strengths or [0.5, 0.7, 0.8, 1.0])
-        seeds = [int(x) for x in (seeds or [1, 2])]
+        from .grid import prompt_tags_problem
+        problem = prompt_tags_problem(prompt, negative_prompt)
+        if problem:
+            raise UiError(problem[0].upper() + problem[1:] + ".")
+        strengths = list(dict.fromkeys(strengths or [0.5, 0.7, 0.8, 1.0]))  # (a repeat would be the same picture)
+        seeds = list(dict.fromkeys(int(x) for x in (seeds or [1, 2])))
         width, height = image_size(width, height)
         images = self.render_grid(saved, strengths, seeds, prompt, negative_prompt, width, height, steps)
         return {**self.save_grid(j, saved, strengths, seeds, prompt, images), "files": saved,

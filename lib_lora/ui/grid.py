@@ -8,6 +8,20 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 
+def prompt_tags_problem(prompt: str, negative: str = "") -> str | None:
+    """A grid renders one LoRA file at a time and applies no <lora:...> (or other extra network) tag of its
+    prompt, while the pictures' PNG info would carry them to txt2img, which applies them: said, not rendered."""
+    from ..apply.parser import TAG_RE
+
+    tags = [m.group(0) for m in TAG_RE.finditer(f"{prompt or ''} {negative or ''}")]
+    if not tags:
+        return None
+    return (f"the prompt has {', '.join(tags[:3])}: a grid merges one LoRA file at a time and applies no tag of its "
+            "prompt, while its pictures' PNG info would make txt2img apply it. Take the tag out; to judge a LoRA "
+            "on top of another, bake the other into the checkpoint first (python -m lib_lora merge, or the "
+            "WebUI's Checkpoint Merger) and render on that")
+
+
 def new_folder(path: str) -> str:
     """``path``, or ``path-2``, ``-3``... when it exists: two grids in the same second get folders of their own."""
     for n in range(1, 1000):

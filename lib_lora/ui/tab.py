@@ -31,7 +31,7 @@ from . import dataset_helper as dh
 from . import doctor as doc
 from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, row_label, same_model,
                       write_sample_prompts)
-from .grid import compose_grid
+from .grid import compose_grid, prompt_tags_problem
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
                       export_toml, form_defaults, preset_for_family)
 
@@ -1252,6 +1252,9 @@ def build_tab(backend) -> gr.Blocks:
             seeds = parse_numbers(seeds_text, int, "seeds")
             if not str(prompt or "").strip():
                 raise UiError("Write a prompt (with the trigger word) to render.")
+            problem = prompt_tags_problem(prompt, negative)
+            if problem:
+                raise UiError(problem[0].upper() + problem[1:] + ".")
             _refuse_while_training("Render the grid")
             grid_stop.clear()
             total = len(files) * len(strengths)
