@@ -88,19 +88,34 @@ def _order(path: str):
     return (_run_name(path), m is None, _int(_metadata(path).get("ss_steps"), int(m.group(1)) if m else 0))
 
 
-def lora_files(args: list[str]) -> list[str]:
-    """Files as given; a folder's LoRA files in epoch order (card pictures, states and other files left out)."""
+def _not_a_lora(path: str) -> str | None:
+    from .formats.report import not_a_lora
+    from .formats.safetensors_io import read_header
+
+    h = read_header(path)
+    return not_a_lora({k: tuple(v["shape"]) for k, v in h.items() if k != "__metadata__"},
+                      h.get("__metadata__") or {})
+
+
+def lora_files(args: list[str], notes: list[str] | None = None) -> list[str]:
+    """Files as given; a folder's LoRA files in epoch order (card pictures, states and other files left out, and
+    other .safetensors, e.g. an embedding, with a note)."""
     from .train.config import missing_path_hint
 
     files: list[str] = []
     for a in args:
         path = os.path.expanduser(a)
         if os.path.isdir(path):
-            found = sorted((os.path.join(path, n) for n in os.listdir(path)
-                            if n.endswith(".safetensors") and os.path.isfile(os.path.join(path, n))), key=_order)
+            found = [os.path.join(path, n) for n in sorted(os.listdir(path))
+                     if n.endswith(".safetensors") and os.path.isfile(os.path.join(path, n))]
+            others = {f: why for f in found for why in [_not_a_lora(f)] if why}
+            for f, why in others.items():
+                if notes is not None:
+                    notes.append(f"{os.path.basename(f)} left out: {why}")
+            found = sorted((f for f in found if f not in others), key=_order)
             if not found:
-                raise GridCliError(f"{path}: no .safetensors file in this folder (give the folder a training run "
-                                   "wrote its LoRA files to, or the files themselves)")
+                raise GridCliError(f"{path}: no LoRA .safetensors file in this folder (give the folder a training "
+                                   "run wrote its LoRA files to, or the files themselves)")
             files += found
         elif os.path.isfile(path):
             if path.endswith(_STATE_EXTS):
@@ -226,7 +241,8 @@ def _grid(args, out, made: list[str]) -> int:
     from .ui.grid import compose_grid, new_folder, prompt_tags_problem, render_rows
 
     t0 = time.perf_counter()
-    files = lora_files(args.loras)
+    left_out: list[str] = []
+    files = lora_files(args.loras, left_out)
     ckpt = os.path.expanduser(args.model)
     if not os.path.isfile(ckpt):
         raise GridCliError(f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
@@ -278,6 +294,8 @@ def _grid(args, out, made: list[str]) -> int:
     out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "
               f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "
               f"CFG {args.cfg:g}; prompt: {prompt}\n")
+    for n in left_out:
+        out.write(f"note: {n}\n")
     if args.prompt is None:
         runs = {_run_name(f): prompts[f] for f in files}
         out.write("note: the prompt is the LoRA's training folder words; give --prompt to change it\n"

@@ -149,9 +149,11 @@ def test_several_runs_each_get_their_own_words_and_tags_in_the_prompt_are_refuse
     md = read_metadata(str(out_dir / "svs.safetensors"))
     md["ss_dataset_dirs"] = json.dumps({"5_ohwx dog": {"n_repeats": 5, "img_count": 2}})
     save_file_atomic(load_file(str(out_dir / "svs.safetensors")), str(mix / "dogrun.safetensors"), md)
+    shutil.copy(ckpt, mix / "a-checkpoint.safetensors")  # (another .safetensors in the folder: left out, said)
     code, out, err = run_cli("grid", mix, "--model", ckpt, "--strengths", "1", "--seeds", "2", "--steps", "1",
                              "--out", tmp_path / "g")
     assert code == 0, out + err
+    assert "note: a-checkpoint.safetensors left out: it is a full Stable Diffusion checkpoint" in out
     assert "note: each run's prompt is its training folder words: dogrun: ohwx dog; svs: svs cat" in out
     assert Image.open(tmp_path / "g" / "00_1_2.png").text["parameters"].startswith("ohwx dog <lora:dogrun:1>\n")
     assert Image.open(tmp_path / "g" / "01_1_2.png").text["parameters"].startswith("svs cat <lora:svs:1>\n")
@@ -181,7 +183,7 @@ def test_wrong_inputs_are_said_before_the_model_loads(run, tmp_path):
     assert code == 1 and "LoRA file not found" in err, err
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli("grid", tmp_path / "empty", "--model", ckpt)
-    assert code == 1 and "no .safetensors file in this folder" in err, err
+    assert code == 1 and "no LoRA .safetensors file in this folder" in err, err
     code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--strengths", "a lot")
     assert code == 2 and "strengths" in err, err
     code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--width", "100")
