@@ -287,9 +287,11 @@ def _grid(args, out, made: list[str]) -> int:
             made.append(out_dir)
         os.makedirs(out_dir, exist_ok=True)  # (a folder it cannot write is said before the model loads)
     else:
-        os.makedirs(os.path.dirname(default_out(files[-1])), exist_ok=True)
+        parent = os.path.dirname(default_out(files[-1]))
+        had_parent = os.path.isdir(parent)
+        os.makedirs(parent, exist_ok=True)
         out_dir = new_folder(default_out(files[-1]))
-        made.append(out_dir)
+        made += [out_dir] if had_parent else [out_dir, parent]  # (removed in this order when left empty)
 
     out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "
               f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "
