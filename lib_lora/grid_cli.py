@@ -233,7 +233,7 @@ def _grid(args, out, made: list[str]) -> int:
     import torch
 
     from .cli import UsageError, check_lora_family
-    from .host.headless import checkpoint_family, load_checkpoint
+    from .host.headless import SDXL_NEEDS_WEBUI, CheckpointError, checkpoint_family, load_checkpoint
     from .train.config import missing_path_hint
     from .train.sampling import (SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png,
                                  tagged_infotext)
@@ -247,6 +247,10 @@ def _grid(args, out, made: list[str]) -> int:
     if not os.path.isfile(ckpt):
         raise GridCliError(f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
     family = checkpoint_family(ckpt)
+    if family == "sdxl" and not args.webui:
+        import importlib.util
+        if importlib.util.find_spec("sgm") is None:  # (said now, not after the checks and the output folder)
+            raise CheckpointError(SDXL_NEEDS_WEBUI, ckpt)
     for f in files:  # (before the checkpoint loads)
         check_lora_family(f, family, ckpt, "Render it on an {} checkpoint (--model)")
     strengths = _numbers(args.strengths, float, "strengths")

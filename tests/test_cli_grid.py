@@ -162,6 +162,18 @@ def test_several_runs_each_get_their_own_words_and_tags_in_the_prompt_are_refuse
     assert code == 2 and "applies no tag of its prompt" in err and "merge" in err, err
 
 
+def test_an_sdxl_checkpoint_without_webui_is_said_first(run, tmp_path):
+    import models
+    root, ckpt, out_dir = run
+    xl = models.make_sdxl(seed=0)
+    path = tmp_path / "xl.safetensors"
+    save_file_atomic({k.replace(".wrapped.", "."): v.contiguous().clone() for k, v in xl.state_dict().items()
+                      if not k.startswith("cond_stage_model.")}, str(path))
+    code, out, err = run_cli("grid", out_dir, "--model", path, "--out", tmp_path / "never")
+    assert code == 1 and "SDXL checkpoint" in err and "--webui PATH" in err and "LoRA Studio tab" in err, err
+    assert not (tmp_path / "never").exists()
+
+
 def test_sampler_labels_and_numbers_are_checked(run, tmp_path):
     root, ckpt, out_dir = run
     for args, said in ((["--sampler", "eular_a"], "unknown sampler 'eular_a'"), (["--seeds", "1.5"], "whole number"),

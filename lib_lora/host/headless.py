@@ -130,7 +130,7 @@ _WEBUI_REPOS = {"ldm": ("repositories", "stable-diffusion-stability-ai"),
 SDXL_NEEDS_WEBUI = (
     "this is an SDXL checkpoint; building SDXL needs Stability's `sgm` code, which no package ships. Pass the "
     "folder of an AUTOMATIC1111 WebUI install (--webui PATH): its repositories/generative-models holds sgm and "
-    "configs/inference/sd_xl_base.yaml. Or train it from the LoRA Studio tab inside the WebUI.")
+    "configs/inference/sd_xl_base.yaml. Or use the LoRA Studio tab inside the WebUI.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
