@@ -174,6 +174,8 @@ def test_http_grid_renders_a_jobs_files_and_sends_tagged_pictures(trained, host,
     monkeypatch.setattr(b, "jobs", lambda: [{"name": "other", "status": "running", "step": 3, "total": 9}])
     r = client.post(url, json={"prompt": "svs bear"})
     assert r.status_code == 409 and "busy training 'other' (step 3/9)" in r.json()["detail"], r.text
+    monkeypatch.setattr(b, "jobs", lambda: [{"name": "other", "status": "running", "step": 0, "total": 0}])
+    assert "busy training 'other' (starting)" in client.post(url, json={"prompt": "svs bear"}).json()["detail"]
     assert models.model_state_hash(host.sd_model) == before
 
 

@@ -146,6 +146,11 @@ def describe_file(path: str) -> str:
     return "final"
 
 
+def training_at(job: dict) -> str:
+    """'step 12/400' for a running job, 'starting' before it knows its steps."""
+    return f"step {job.get('step') or 0}/{job['total']}" if job.get("total") else "starting"
+
+
 def row_label(job: dict, path: str) -> str:
     """A grid row's name for a job's file: 'epoch 2', 'step 500', 'final (epoch 10)'."""
     what = describe_file(path)
@@ -363,7 +368,7 @@ class LocalBackend:
             raise UiError(f"There is no job {job_id}.")
         busy = next((x for x in self.jobs() if x["status"] == RUNNING), None)
         if busy is not None:  # (the render would wait for the job's hold on the model)
-            raise UiError(f"The model is busy training '{busy['name']}' (step {busy['step']}/{busy['total']}). "
+            raise UiError(f"The model is busy training '{busy['name']}' ({training_at(busy)}). "
                           "Render when it has finished.")
         recorded = list(j.get("files") or [])
         saved = [f for f in recorded if os.path.exists(f)]

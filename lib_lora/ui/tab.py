@@ -30,7 +30,7 @@ from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
 from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, row_label, same_model,
-                      write_sample_prompts)
+                      training_at, write_sample_prompts)
 from .grid import compose_grid, prompt_tags_problem
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
                       export_toml, form_defaults, preset_for_family)
@@ -947,7 +947,7 @@ def build_tab(backend) -> gr.Blocks:
             # generation waits for the training job's hold on the model: say so now instead of hanging for hours
             for j in backend.jobs():
                 if j["status"] == "running":
-                    raise UiError(f"The model is busy training '{j['name']}' (step {j['step']}/{j['total']}). "
+                    raise UiError(f"The model is busy training '{j['name']}' ({training_at(j)}). "
                                   f"{what} when it has finished, or cancel it on the Train tab.")
 
         def _selected(label):
