@@ -67,9 +67,8 @@ FIELDS: tuple[Field, ...] = (
           "Renders the sample prompt with the LoRA trained so far (and at the end); 0 = no samples.", "length",
           off=0, minimum=0),
     Field("ui_sample_prompt", "Sample prompt", "text",
-          "Written to a prompts file next to the LoRA; include your trigger word. sd-scripts options (--n, --s, "
-          "--d, --w, --h, --l, --ss euler_a) work; the sampler is DDIM unless --ss says, as in sd-scripts.",
-          "length"),
+          "Saved as a prompts file; include your trigger word. sd-scripts options work: --n --s --d --w --h --l, "
+          "--ss euler_a (default ddim).", "length"),
     # --- batch and resolution
     Field("train_batch_size", "Batch size", "int",
           "Images per step; more needs more VRAM (SD1.5: 1-2 on 8 GB, 4 on 24 GB).", "batch", minimum=1),
