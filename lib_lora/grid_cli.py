@@ -10,6 +10,7 @@ cli.py's convention ``func(args, out) -> exit code``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ class GridCliError(LoraError):
 
 def add_commands(subparsers) -> None:
     from .cli import PROG
+    from .train_cli import add_model_args
 
     pg = subparsers.add_parser(
         "grid", help="render saved LoRA files x strengths x seeds, to pick the best epoch",
@@ -61,10 +63,7 @@ def add_commands(subparsers) -> None:
                     help="default: the LoRA's training clip skip (SD1/SD2), else 1")
     pg.add_argument("--out", metavar="DIR", help="default: grids/<name>-<time>/ beside the LoRA files (for files in "
                                                  "a WebUI's models/Lora: its outputs/lora-studio/grids/)")
-    pg.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and configs "
-                                                    "(SDXL needs its sgm code)")
-    pg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                    help="auto: the CUDA GPU when torch sees one, else the CPU")
+    add_model_args(pg, "auto: the CUDA GPU when torch sees one, else the CPU")
     pg.set_defaults(func=cmd_grid)
 
 
@@ -90,9 +89,8 @@ def _order(path: str):
 
 def _not_a_lora(path: str) -> str | None:
     from .formats.report import not_a_lora
-    from .formats.safetensors_io import read_header
 
-    h = read_header(path)
+    h = _header(path)
     return not_a_lora({k: tuple(v["shape"]) for k, v in h.items() if k != "__metadata__"},
                       h.get("__metadata__") or {})
 
@@ -128,10 +126,22 @@ def lora_files(args: list[str], notes: list[str] | None = None) -> list[str]:
     return [f for f in files if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
 
 
-def _metadata(path: str) -> dict:
+def _header(path: str) -> dict:
+    """The file's safetensors header, read once per version of the file (the sort, the checks, the labels and the
+    prompts all ask)."""
+    st = os.stat(path)
+    return _read_header(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_header(path: str, mtime_ns: int, size: int) -> dict:
     from .formats.safetensors_io import read_header
 
-    return dict(read_header(path).get("__metadata__") or {})
+    return read_header(path)
+
+
+def _metadata(path: str) -> dict:
+    return dict(_header(path).get("__metadata__") or {})
 
 
 def default_prompt(meta: dict) -> str | None:
@@ -233,11 +243,11 @@ def _grid(args, out, made: list[str]) -> int:
     import torch
 
     from .cli import UsageError, check_lora_family
-    from .host.headless import SDXL_NEEDS_WEBUI, CheckpointError, checkpoint_family, load_checkpoint
+    from .host.headless import load_checkpoint
     from .train.config import missing_path_hint
     from .train.sampling import (SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png,
                                  tagged_infotext)
-    from .train_cli import pick_device
+    from .train_cli import model_family, pick_device
     from .ui.grid import compose_grid, new_folder, prompt_tags_problem, render_rows
 
     t0 = time.perf_counter()
@@ -246,11 +256,7 @@ def _grid(args, out, made: list[str]) -> int:
     ckpt = os.path.expanduser(args.model)
     if not os.path.isfile(ckpt):
         raise GridCliError(f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
-    family = checkpoint_family(ckpt)
-    if family == "sdxl" and not args.webui:
-        import importlib.util
-        if importlib.util.find_spec("sgm") is None:  # (said now, not after the checks and the output folder)
-            raise CheckpointError(SDXL_NEEDS_WEBUI, ckpt)
+    family = model_family(ckpt, args.webui)  # (said now, not after the checks and the output folder)
     for f in files:  # (before the checkpoint loads)
         check_lora_family(f, family, ckpt, "Render it on an {} checkpoint (--model)")
     strengths = _numbers(args.strengths, float, "strengths")
@@ -291,10 +297,11 @@ def _grid(args, out, made: list[str]) -> int:
             made.append(out_dir)
         os.makedirs(out_dir, exist_ok=True)  # (a folder it cannot write is said before the model loads)
     else:
-        parent = os.path.dirname(default_out(files[-1]))
+        wanted = default_out(files[-1])
+        parent = os.path.dirname(wanted)
         had_parent = os.path.isdir(parent)
         os.makedirs(parent, exist_ok=True)
-        out_dir = new_folder(default_out(files[-1]))
+        out_dir = new_folder(wanted)
         made += [out_dir] if had_parent else [out_dir, parent]  # (removed in this order when left empty)
 
     out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "

@@ -41,10 +41,7 @@ def add_commands(subparsers) -> None:
         formatter_class=_raw())
     pt.add_argument("config", metavar="CONFIG.toml", help="training config (sd-scripts --config_file format), or a "
                                                           "kohya_ss GUI preset (.json)")
-    pt.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and configs "
-                                                    "(required for SDXL)")
-    pt.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                    help="where to train (default: auto = the CUDA GPU when there is one, else the CPU)")
+    add_model_args(pt, "where to train (default: auto = the CUDA GPU when there is one, else the CPU)")
     pt.add_argument("--resume", metavar="STATE", help="continue from a state file (*-state.lsstate) of a cancelled or "
                                                       "saved run")
     pt.add_argument("--dry-run", action="store_true", help="check the config, the checkpoint header and the "
@@ -200,6 +197,28 @@ def _checkpoint_path(cfg, override: str | None) -> str:
     return path
 
 
+def add_model_args(parser, device_help: str) -> None:
+    """--webui and --device, the same for every command that loads a checkpoint."""
+    parser.add_argument("--webui", metavar="PATH", help="AUTOMATIC1111 WebUI folder: use its ldm/sgm code and "
+                                                        "configs (required for SDXL)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=device_help)
+
+
+def model_family(ckpt: str, webui: str | None) -> str:
+    """The checkpoint's family, once --webui is a folder and an SDXL checkpoint has the sgm code it needs (said
+    before anything else is checked or written)."""
+    from .host.headless import SDXL_NEEDS_WEBUI, CheckpointError, checkpoint_family
+
+    if webui and not os.path.isdir(webui):
+        raise TrainCliError(f"--webui {webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
+    family = checkpoint_family(ckpt)
+    if family == "sdxl" and not webui:
+        import importlib.util
+        if importlib.util.find_spec("sgm") is None:
+            raise CheckpointError(SDXL_NEEDS_WEBUI, ckpt)
+    return family
+
+
 def pick_device(asked: str, out) -> str:
     """'cpu' or 'cuda' for --device; auto says which it took."""
     import torch
@@ -268,18 +287,11 @@ def _train(args, out) -> int:
     else:
         for n in _earlier_run_notes(str(cfg.resolve(cfg.output_dir)), cfg.output_name or "lora"):
             out.write(f"note: {n}\n")
-    if args.webui and not os.path.isdir(args.webui):
-        raise TrainCliError(f"--webui {args.webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
-
-    from .host.headless import SDXL_NEEDS_WEBUI, CheckpointError, checkpoint_family, load_checkpoint
+    from .host.headless import load_checkpoint
     from .train.run import plan_for
     from .train.trainer import Cancelled, TrainingError
 
-    family = checkpoint_family(ckpt)
-    if family == "sdxl" and not args.webui:
-        import importlib.util
-        if importlib.util.find_spec("sgm") is None:
-            raise CheckpointError(SDXL_NEEDS_WEBUI, ckpt)
+    family = model_family(ckpt, args.webui)
     for n in _family_notes(cfg, family):
         out.write(f"note: {n}\n")
     from .train.support import check_support, input_file_problems

@@ -200,6 +200,8 @@ def test_wrong_inputs_are_said_before_the_model_loads(run, tmp_path):
     assert code == 2 and "strengths" in err, err
     code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--width", "100")
     assert code == 2 and "multiples of 8" in err, err
+    code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--webui", tmp_path / "no-webui")
+    assert code == 1 and "no-webui: no such folder (give the AUTOMATIC1111 WebUI's folder)" in err, err
     # another model family: named, nothing loaded
     xl = tmp_path / "xl.safetensors"
     key = "lora_te2_text_model_encoder_layers_0_mlp_fc1"  # (SDXL's second text encoder)
