@@ -1,6 +1,7 @@
 """The training loop end to end on tiny real models: outputs, resume, cancel, failure, host safety."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -163,6 +164,13 @@ def test_resume_state_loads_under_the_webuis_torch_load_and_runs_no_code(sd1, tm
         with pytest.raises(StateFileError, match="cannot be read as a LoRA Studio resume state"):
             load_state(str(evil), check_only=check_only)
     assert not marker.exists()
+    # what a state was mistaken for is named, not torch's unpickler advice
+    (tmp_path / "lora.toml").write_text('output_name = "svs"\n')
+    for path, said in ((tmp_path / "lora.toml", "lora.toml is a text file (a training config?), not a resume state"),
+                       (full.final, "is a LoRA .safetensors file (to train on from its weights, give it as "
+                                    "network_weights), not a resume state")):
+        with pytest.raises(StateFileError, match=re.escape(said)):
+            load_state(str(path))
     with pytest.raises(TrainingError, match="does not exist"):
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), resume=str(tmp_path / "nope") + STATE_EXT)
 

@@ -233,6 +233,11 @@ def load_state(path: str, check_only: bool = False) -> dict:
         raise StateFileError(f"the state file {path} does not exist; resume from a *{STATE_EXT} (or *{OLD_STATE_EXT}) "
                              "file that a cancelled or save_state run wrote")
 
+    what = _not_a_state(path)
+    if what:
+        raise StateFileError(f"{os.path.basename(path)} is {what}, not a resume state: resume from a "
+                             f"*{STATE_EXT} file that a cancelled or save_state run wrote (beside its LoRA files)")
+
     def read():
         if check_only:
             try:
@@ -251,13 +256,33 @@ def load_state(path: str, check_only: bool = False) -> dict:
             with allow(_numpy_rng_globals()):
                 st = read()
     except Exception as e:  # (a damaged file, or one that is not ours)
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if "Weights only load failed" in why:  # (torch's long advice about weights_only is not for this case)
+            why = "it holds Python objects that a state file does not, left unloaded as they could run code"
         raise StateFileError(f"the state file {os.path.basename(path)} cannot be read as a LoRA Studio resume "
-                             f"state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Resume from "
-                             "another state file, or start again from the last saved LoRA with network_weights")
+                             f"state ({why}). Resume from another state file, or start again from the last saved "
+                             "LoRA with network_weights")
     if not isinstance(st, dict) or not {"network", "optimizer", "step", "rng"} <= set(st):
         raise StateFileError(f"{os.path.basename(path)} is not a LoRA Studio resume state (it lacks the network, "
                              "optimizer, step or RNG entries)")
     return st
+
+
+def _not_a_state(path: str) -> str | None:
+    """What a file given as a state plainly is instead ("a LoRA .safetensors file", "a text file"), from its first
+    bytes; None for a zip (torch's layout) or an old-style pickle, which the unpickler judges."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "an empty file (a save cut short?)"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return None
+    if len(head) >= 9 and head[8:9] == b"{":
+        return ("a LoRA .safetensors file (to train on from its weights, give it as network_weights)"
+                if path.lower().endswith(".safetensors") else "a safetensors file")
+    if any(b < 9 or 13 < b < 32 for b in head):
+        return "a binary file of another kind"
+    return "a text file" + (" (a training config?)" if path.lower().endswith((".toml", ".json")) else "")
 
 
 def _numpy_rng_globals() -> list:
