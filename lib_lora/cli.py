@@ -614,7 +614,7 @@ def cmd_merge(args, out) -> int:
     from .apply.layers import layer_mapping
     from .apply.patcher import Patcher
     from .formats.errors import FamilyMismatchError, LoraError, UnsupportedFamilyError
-    from .formats.safetensors_io import load_tensors, read_header, save_file_atomic
+    from .formats.safetensors_io import leftover_temps, load_tensors, read_header, remove_files, save_file_atomic
 
     t0 = time.perf_counter()
     header = read_header(base)
@@ -685,6 +685,13 @@ def cmd_merge(args, out) -> int:
     meta = dict(base_meta)
     meta["lora_studio_merge"] = json.dumps(
         [{"file": os.path.basename(p), "te": te, "unet": unet} for p, te, unet in loras], separators=(",", ":"))
+    # an interrupted merge's hidden temp file (a checkpoint's size) that nothing is writing any more
+    stale = [p for p in leftover_temps(os.path.dirname(os.path.abspath(dest)), os.path.basename(dest))
+             if time.time() - os.path.getmtime(p) > 120]
+    n_stale, size = remove_files(stale)
+    if n_stale:
+        out.write(f"  removed {n_stale} unfinished file(s) ({_fmt_size(size)}) an interrupted write of "
+                  f"{os.path.basename(dest)} left\n")
     save_file_atomic(merged, dest, meta)
     dt = time.perf_counter() - t0
     out.write(f"merged {result.modules_merged} layers ({touched} tensors) of the {fam_label} checkpoint; "

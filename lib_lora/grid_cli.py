@@ -182,11 +182,36 @@ def default_out(lora_file: str) -> str:
     return os.path.join(folder, "grids", name)
 
 
+_CELL = re.compile(r"\d{2}_[-+0-9.e]+_\d+\.png|grid\.png")
+
+
+def _grid_pictures(folder: str) -> list[str]:
+    """A grid's pictures in the folder (cells 00_0.8_1.png, grid.png), as this command names them."""
+    try:
+        return sorted(n for n in os.listdir(folder) if _CELL.fullmatch(n))
+    except OSError:
+        return []
+
+
 def _int(v, default: int) -> int:
     try:
         return int(str(v))
     except ValueError:  # (sd-scripts writes "None" for an unset value)
         return default
+
+
+def mixed_runs(files: list[str]) -> list[str]:
+    """Notes for files of one name that come from different training runs (their ss_session_id differs), as a run
+    started again over a killed one leaves them: their rows are not one run's epochs."""
+    by_run: dict[str, dict[str, list[str]]] = {}
+    for f in files:
+        sid = _metadata(f).get("ss_session_id")
+        if sid:
+            by_run.setdefault(_run_name(f), {}).setdefault(sid, []).append(os.path.splitext(os.path.basename(f))[0])
+    return [f"the '{run}' files come from {len(ids)} different training runs (their ss_session_id differs): "
+            + " | ".join(", ".join(names) for names in ids.values())
+            + "; their rows are not one run's epochs (a run started again over another one writes this mix)"
+            for run, ids in by_run.items() if len(ids) > 1]
 
 
 def row_labels(files: list[str]) -> list[str]:
@@ -293,6 +318,10 @@ def _grid(args, out, made: list[str]) -> int:
         clip_skip = 1
     if args.out:
         out_dir = os.path.expanduser(args.out)
+        earlier = _grid_pictures(out_dir)
+        if earlier:  # (its same-named cells would be replaced and the others mixed in with this grid's)
+            raise UsageError(f"--out {out_dir} holds an earlier grid ({len(earlier)} picture(s), e.g. "
+                             f"{earlier[0]}): give a new folder, or leave --out out and each grid gets its own")
         if not os.path.isdir(out_dir):
             made.append(out_dir)
         os.makedirs(out_dir, exist_ok=True)  # (a folder it cannot write is said before the model loads)
@@ -307,7 +336,7 @@ def _grid(args, out, made: list[str]) -> int:
     out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "
               f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "
               f"CFG {args.cfg:g}; prompt: {prompt}\n")
-    for n in left_out:
+    for n in left_out + mixed_runs(files):
         out.write(f"note: {n}\n")
     if args.prompt is None:
         runs = {_run_name(f): prompts[f] for f in files}

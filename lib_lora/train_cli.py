@@ -37,13 +37,15 @@ def add_commands(subparsers) -> None:
             "and every config note are printed first; Ctrl-C stops after the current step and saves a state you "
             "can --resume.", 100),
         epilog=f"examples:\n  {PROG} train my_lora.toml --dry-run\n  {PROG} train my_lora.toml --device cuda\n"
-               f"  {PROG} train my_lora.toml --resume out/my_lora-cancelled-state.lsstate",
+               f"  {PROG} train my_lora.toml --resume out/my_lora-cancelled-state.lsstate\n"
+               f"  {PROG} train my_lora.toml --resume auto",
         formatter_class=_raw())
     pt.add_argument("config", metavar="CONFIG.toml", help="training config (sd-scripts --config_file format), or a "
                                                           "kohya_ss GUI preset (.json)")
     add_model_args(pt, "where to train (default: auto = the CUDA GPU when there is one, else the CPU)")
     pt.add_argument("--resume", metavar="STATE", help="continue from a state file (*-state.lsstate) of a cancelled or "
-                                                      "saved run")
+                                                      "saved run; 'auto': from this run's newest state when there "
+                                                      "is one, else start (for restart scripts)")
     pt.add_argument("--dry-run", action="store_true", help="check the config, the checkpoint header and the "
                                                            "dataset, print the plan, and stop before loading")
     pt.add_argument("--model", metavar="CKPT", help="checkpoint to use instead of pretrained_model_name_or_path")
@@ -157,24 +159,44 @@ class _CtrlC:
 # ---------------------------------------------------------------------------------------------------------------
 # train
 
+def _earlier_states(out_dir: str, output_name: str) -> list[str]:
+    """The resume states of runs of this name in the folder, oldest first."""
+    from .train.config import output_stem
+    from .train.saving import OLD_STATE_EXT, STATE_EXT, run_files
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return []
+    ours = run_files(output_stem(output_name))
+    paths = []
+    for n in names:
+        as_new = n[: -len(OLD_STATE_EXT)] + STATE_EXT if n.endswith(OLD_STATE_EXT) else n  # (earlier versions')
+        if as_new.endswith(STATE_EXT) and ours.fullmatch(as_new):
+            paths.append(os.path.join(out_dir, n))
+    return sorted(paths, key=os.path.getmtime)
+
+
 def _earlier_run_notes(out_dir: str, output_name: str) -> list[str]:
     """A run started again without --resume begins at step 0 and writes over the earlier run's files, as
     sd-scripts does: said, with the state it could continue from."""
     import glob
 
     from .train.config import output_stem
-    from .train.saving import STATE_EXT
     stem = output_stem(output_name)
     pattern = glob.escape(os.path.join(out_dir, stem))
-    states = sorted(glob.glob(pattern + "-*" + STATE_EXT), key=os.path.getmtime)
-    loras = glob.glob(pattern + ".safetensors") + glob.glob(pattern + "-[0-9]*.safetensors")
+    states = _earlier_states(out_dir, output_name)
+    loras = glob.glob(pattern + ".safetensors") + glob.glob(pattern + "-[0-9]*.safetensors") \
+        + glob.glob(pattern + "-step[0-9]*.safetensors")
     notes = []
     if states:
         notes.append(f"{out_dir} holds {os.path.basename(states[-1])} from an earlier run of '{stem}': to continue "
-                     f"that run instead of starting again, add --resume {states[-1]}")
-    if loras:
-        notes.append(f"{len(loras)} earlier '{stem}' LoRA file(s) in {out_dir} are written over as this run saves "
-                     "its own (change output_name to keep them)")
+                     f"that run instead of starting again, stop now (Ctrl-C) and add --resume {states[-1]} (or "
+                     "--resume auto)")
+    if loras or states:
+        what = " and ".join(x for x in (f"{len(loras)} LoRA file(s)" if loras else "",
+                                         f"{len(states)} resume state(s)" if states else "") if x)
+        notes.append(f"the earlier '{stem}' run's {what} in {out_dir} are written over as this run saves its own "
+                     "(change output_name to keep them)")
     return notes
 
 
@@ -195,6 +217,20 @@ def _checkpoint_path(cfg, override: str | None) -> str:
         raise TrainCliError(f"checkpoint not found: {path}"
                             + missing_path_hint(path, None if override else cfg.base_dir))
     return path
+
+
+def _check_run_lock(out_dir: str, output_name: str) -> None:
+    """Another live run writing this name's files there is said before the model loads (the trainer holds the
+    lock itself for the run)."""
+    from .train.config import output_stem
+    from .train.saving import RunLock, RunLockedError
+    if not os.path.isdir(out_dir):
+        return
+    try:
+        with RunLock(out_dir, output_stem(output_name)):
+            pass
+    except RunLockedError as e:
+        raise TrainCliError(str(e)) from None
 
 
 def add_model_args(parser, device_help: str) -> None:
@@ -274,6 +310,13 @@ def _train(args, out) -> int:
     if problem:
         raise TrainCliError(f"{args.config}: {problem}")
     resume_at = None
+    out_dir = str(cfg.resolve(cfg.output_dir))
+    _check_run_lock(out_dir, cfg.output_name or "lora")
+    if args.resume == "auto":
+        states = _earlier_states(out_dir, cfg.output_name or "lora")
+        args.resume = states[-1] if states else None
+        out.write(f"--resume auto: continuing from {states[-1]}, the newest state of this run\n" if states else
+                  f"--resume auto: no resume state of '{cfg.output_name or 'lora'}' in {out_dir}; starting the run\n")
     if args.resume:
         from .train.support import resume_problems
         try:
@@ -285,7 +328,7 @@ def _train(args, out) -> int:
             raise TrainCliError(f"--resume: {problems[0]}")
         resume_at = int(state.get("step") or 0)
     else:
-        for n in _earlier_run_notes(str(cfg.resolve(cfg.output_dir)), cfg.output_name or "lora"):
+        for n in _earlier_run_notes(out_dir, cfg.output_name or "lora"):
             out.write(f"note: {n}\n")
     from .host.headless import load_checkpoint
     from .train.run import plan_for

@@ -73,6 +73,9 @@ def test_a_runs_folder_renders_in_epoch_order_with_tags_that_txt2img_reads(run, 
     # strength 0 is the checkpoint itself: the same picture for both files; the trained LoRA changes it
     assert np.array_equal(_pixels(grid_dir / "00_0_3.png"), _pixels(grid_dir / "01_0_3.png"))
     assert np.abs(_pixels(grid_dir / "01_1_3.png") - _pixels(grid_dir / "01_0_3.png")).mean() > 1
+    # the same --out again: the earlier grid is not mixed with or partly replaced by the new one
+    code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--steps", "4", "--out", grid_dir)
+    assert code == 2 and f"--out {grid_dir} holds an earlier grid (9 picture(s), e.g. 00_0_3.png)" in err, out + err
 
 
 def test_a_cell_is_the_picture_of_the_checkpoint_merged_at_that_strength(run, tmp_path):

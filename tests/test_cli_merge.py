@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -430,10 +431,17 @@ def test_merge_refuses_to_overwrite_base(ckpts, tmp_path):
     assert rc == 2 and "already exists" in err
     assert other.read_bytes() == b"keep me"
 
+    # a merge killed while writing left its hidden temp file: removed once nothing writes it (minutes old)
+    stale, fresh = tmp_path / ".base.safetensors.k1ll3d_x.tmp", tmp_path / ".base.safetensors.wr1t1ng_.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    fresh.write_bytes(b"\0" * 10)
+    os.utime(stale, (time.time() - 600, time.time() - 600))
     r = run_cli("merge", base, base, "--lora", lora, "--overwrite")
     assert r.returncode == 0, r.stderr
+    assert "removed 1 unfinished file(s) (4.0 KB) an interrupted write of base.safetensors left" in r.stdout, r.stdout
     assert base.read_bytes() != before
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic write left no temp file
+    # atomic write left no temp file; one still being written (by another merge, say) is not touched
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == [fresh.name]
 
 
 def test_merge_usage_and_file_errors(ckpts, tmp_path, capsys):

@@ -245,7 +245,25 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
     assert code == 0 and "would continue from step 1 to 4 over 2 epoch(s)" in out, out + err
     code, out, err = run_cli("train", cfg, "--dry-run")  # (started again: the state it could continue is named)
     assert code == 0 and (f"holds svs-cancelled-state.lsstate from an earlier run of 'svs': to continue that run "
-                          f"instead of starting again, add --resume {state}") in out, out + err
+                          f"instead of starting again, stop now (Ctrl-C) and add --resume {state} (or --resume "
+                          "auto)") in out, out + err
+    assert "the earlier 'svs' run's 1 resume state(s) in" in out and "are written over" in out, out
+    # a restart script: the newest state of this run, or a fresh start when there is none
+    code, out, err = run_cli("train", cfg, "--resume", "auto", "--dry-run")
+    assert code == 0 and f"--resume auto: continuing from {state}, the newest state of this run" in out, out + err
+    assert "would continue from step 1 to 4 over 2 epoch(s)" in out, out
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(cfg.read_text().replace('output_name = "svs"', 'output_name = "other"'))
+    code, out, err = run_cli("train", fresh, "--resume", "auto", "--dry-run")
+    assert code == 0 and "--resume auto: no resume state of 'other' in" in out and "would train" in out, out + err
+    if os.name == "posix":  # another live run of this name there: said before the model loads
+        holder = train_data.hold_run_lock(tmp_path / "out", "svs")
+        try:
+            code, out, err = run_cli("train", cfg, "--resume", state)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert code == 1 and "another training is writing 'svs' files in" in err and "loading" not in out, out + err
     # another rank: said before the model loads, not after it and the latent cache (the state is kept)
     other = tmp_path / "dim8.toml"
     other.write_text(cfg.read_text().replace("network_dim = 4", "network_dim = 8"))

@@ -64,3 +64,16 @@ def cancelled_then_resumed(host, cfg, at_step: int):
                    should_cancel=lambda: seen["step"] >= at_step).run()
     assert part.status == "cancelled" and part.state_file and part.steps >= at_step
     return part, Trainer(host, cfg, plan_for(host, cfg)).run(resume_state=part.state_file)
+
+
+def hold_run_lock(folder, name):
+    """Another process holding the run lock of ``name`` in ``folder``, as a second training would; kill it with
+    SIGKILL to see what a kill -9 leaves."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys, time; sys.path.insert(0, {root!r}); from lib_lora.train.saving import RunLock; "
+            f"RunLock({str(folder)!r}, {name!r}, 'a test run').__enter__(); print('held', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p

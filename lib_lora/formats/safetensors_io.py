@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 
@@ -181,11 +182,14 @@ def _check_metadata(metadata, path):
     return dict(metadata)
 
 
-def write_atomic(path, write, *, binary=False, prefix=".tmp-", suffix="", fsync=False):
+def write_atomic(path, write, *, binary=False, prefix=None, suffix=".tmp", fsync=False):
     """Write a file through ``write(f)`` into a temp file beside ``path``, then os.replace it onto ``path``: readers
     never see half a file. On any failure the temp file is removed and the error raised. ``fsync`` for files a
-    power cut must not lose (training state); text is UTF-8."""
+    power cut must not lose (training state), the rename included; text is UTF-8. The temp file is named after
+    ``path`` (``.name.XXXXXXXX.tmp``), so one a kill leaves behind can be traced and cleaned."""
     path = os.fspath(path)
+    if prefix is None:
+        prefix = f".{os.path.basename(path)}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -199,6 +203,40 @@ def write_atomic(path, write, *, binary=False, prefix=".tmp-", suffix="", fsync=
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    if fsync:
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+_TEMP = re.compile(r"\.(?P<of>.+)\.[a-z0-9_]{8}\.tmp")  # (tempfile's 8 random characters)
+
+
+def leftover_temps(folder: str, of) -> list[str]:
+    """Temp files of this module's atomic writes in ``folder`` (a kill mid-write leaves one) whose target file
+    name matches ``of`` (a compiled pattern, or a name); hidden files, so said and removed by their owners."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    match = of.fullmatch if hasattr(of, "fullmatch") else of.__eq__
+    out = []
+    for n in sorted(names):
+        m = _TEMP.fullmatch(n)
+        if m and match(m.group("of")) and os.path.isfile(os.path.join(folder, n)):
+            out.append(os.path.join(folder, n))
+    return out
+
+
+def remove_files(paths: list[str]) -> tuple[int, int]:
+    """(how many, bytes) removed; a file that cannot be removed is left."""
+    n = size = 0
+    for p in paths:
+        try:
+            b = os.path.getsize(p)
+            os.remove(p)
+        except OSError:
+            continue
+        n, size = n + 1, size + b
+    return n, size
 
 
 def write_error_reason(e: OSError) -> str:

@@ -624,7 +624,7 @@ def save_png(img, path: str, text: str | None = None) -> str:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", text)
     # (a full disk leaves no half picture nor temp file behind)
-    write_atomic(path, lambda f: img.save(f, format="PNG", pnginfo=info), binary=True, suffix=".png.tmp")
+    write_atomic(path, lambda f: img.save(f, format="PNG", pnginfo=info), binary=True)
     return path
 
 

@@ -182,6 +182,125 @@ STATE_EXT = "-state.lsstate"  # (not .pt: the WebUI's Lora page and other tools 
 OLD_STATE_EXT = "-state.pt"    # (what earlier versions wrote; still resumed)
 
 
+def run_files(output_name: str) -> re.Pattern:
+    """The names of the files a run of ``output_name`` writes in its output folder (LoRAs, states)."""
+    n = re.escape(output_name)
+    return re.compile(rf"{n}(?:-\d{{6}}|-step\d{{8}})?\.safetensors|"
+                      rf"{n}-(?:\d{{6}}|step\d{{8}}|final|cancelled){re.escape(STATE_EXT)}")
+
+
+class RunLockedError(ValueError):
+    """Another live process is training into the same output folder under the same output_name."""
+
+
+class RunLock:
+    """One training at a time per output folder and output_name: ``.<name>.lock`` held with an OS lock, which
+    the OS drops when its process ends however it ends (a kill -9 leaves no stale lock, only the small file,
+    which the next run takes over). It names its holder for the message. A folder that takes no locks (some
+    network shares) runs unlocked, as before."""
+
+    def __init__(self, folder: str, output_name: str, by: str = ""):
+        self.path = os.path.join(folder, f".{output_name}.lock")
+        self.name, self.by, self.fd = output_name, by, None
+
+    def __enter__(self):
+        for _ in range(5):  # (the file may be removed by its holder between our open and our lock)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return self
+            got = _os_lock(fd)
+            if got is False:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise RunLockedError(
+                    f"another training is writing '{self.name}' files in {os.path.dirname(self.path)} right now"
+                    f"{f' ({holder})' if holder else ''}; two runs there would write over each other's files. Wait "
+                    "for it to end, or give this run another output_name or output_dir")
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except OSError:
+                same = False
+            if same or got is None:
+                break
+            _os_unlock(fd)
+            os.close(fd)
+        else:
+            return self
+        self.fd = fd
+        with contextlib.suppress(OSError):
+            info = {"pid": os.getpid(), "host": _hostname(), "by": self.by,
+                    "started": datetime.datetime.now().isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(info).encode())
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):  # (removed while held: a waiting opener then sees another file)
+            os.remove(self.path)
+        _os_unlock(self.fd)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _hostname() -> str:
+    import socket
+    try:
+        return socket.gethostname()
+    except OSError:
+        return "?"
+
+
+def _lock_holder(fd) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(info, dict) or "pid" not in info:
+        return ""
+    where = "" if info.get("host") == _hostname() else f" on {info.get('host')}"
+    by = f"{info['by']}, " if info.get("by") else ""
+    return f"{by}process {info['pid']}{where}, started {str(info.get('started', '?')).replace('T', ' ')}"
+
+
+def _os_lock(fd):
+    """True: locked; False: another process holds it; None: this filesystem takes no locks."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows: a byte far past the data, so the holder's note stays readable
+            import msvcrt
+            os.lseek(fd, 1 << 30, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        import errno
+        return False if e.errno in (errno.EACCES, errno.EAGAIN, getattr(errno, "EDEADLOCK", errno.EDEADLK)) else None
+    except ImportError:
+        return None
+
+
+def _os_unlock(fd) -> None:
+    with contextlib.suppress(Exception):
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except ImportError:
+            import msvcrt
+            os.lseek(fd, 1 << 30, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
 def rng_state() -> dict:
     # (numpy's key as a tensor: the state file then loads with torch's restricted, weights-only unpickler)
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -206,7 +325,7 @@ def set_rng_state(st: dict):
 def save_state(path: str, state: dict):
     """torch.save to a temp file in the same folder, then rename: a kill mid-save never leaves a broken state."""
     try:
-        write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".tmp", fsync=True)
+        write_atomic(path, lambda f: torch.save(state, f), binary=True, fsync=True)
     except OSError as e:
         folder = os.path.dirname(os.path.abspath(path))
         why = write_error_reason(e)

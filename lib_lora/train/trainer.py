@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..formats.errors import LoraFileError
-from ..formats.safetensors_io import (ABSURD_VALUE, load_tensors, read_metadata, save_file_atomic,
-                                      write_error_reason)
+from ..formats.safetensors_io import (ABSURD_VALUE, leftover_temps, load_tensors, read_metadata, remove_files,
+                                      save_file_atomic, write_error_reason)
 from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
@@ -49,9 +49,10 @@ from .support import (CPU_FP16_NOTE, base_dims, block_settings, kohya_oft_switch
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerGroupsError, OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer,
                     make_scheduler, make_torch_scheduler, shown_lr)
-from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, STATE_EXT, CsvLog, StateFileError,
-                     ckpt_name, disk_space_problem, ensure_output_dir, load_state, metadata_strings, modelspec,
-                     prune_old, prune_old_steps, save_lora, save_state, set_rng_state, rng_state, step_ckpt_name)
+from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, STATE_EXT, CsvLog, RunLock,
+                     RunLockedError, StateFileError, ckpt_name, disk_space_problem, ensure_output_dir, load_state,
+                     metadata_strings, modelspec, prune_old, prune_old_steps, rng_state, run_files, save_lora,
+                     save_state, set_rng_state, step_ckpt_name)
 
 
 class TrainingError(RuntimeError):
@@ -84,7 +85,9 @@ def _write_failure(e: BaseException) -> str | None:
 
 
 def _remedy(why: str) -> str:
-    return "free some space" if why == "the disk is full" else "make the folder writable again"
+    if why == "the disk is full":
+        return "free some space"
+    return "make the folder available again" if "folder is gone" in why else "make the folder writable again"
 
 
 def _mask_path(entry) -> str | None:
@@ -693,8 +696,9 @@ class Trainer:
                 z = load_tensors(path)["latent"]
                 saved = read_metadata(path).get("size_cond")
                 cond = tuple(tuple(int(v) for v in pair) for pair in json.loads(saved)) if saved else None
-            except Exception as e:  # a damaged cache file is rebuilt, never trusted
-                self._note(f"latent cache {os.path.basename(path)} unreadable ({e}); re-encoding")
+            except Exception:  # a damaged cache file is rebuilt, never trusted
+                self._note(f"latent cache file {os.path.basename(path)} in {os.path.dirname(path)} is damaged (a "
+                           "write cut short?); its image is encoded again and the file rewritten")
                 z = cond = None
         if z is not None and cond is not None:
             return z, cond, self._alpha_mask(s, flip) if s.masked else None
@@ -845,6 +849,15 @@ class Trainer:
         started = time.time()
 
         with ExitStack() as stack:
+            by = "a WebUI job" if type(self.host).__name__ == "WebUIHost" else "a LoRA Studio training"
+            try:
+                stack.enter_context(RunLock(out_dir, name, by))
+            except RunLockedError as e:
+                raise TrainingError(f"{e}. Nothing was trained") from None
+            left, size = remove_files(leftover_temps(out_dir, run_files(name)))
+            if left:  # (ours: no other run of this name is live, the lock says)
+                self._note(f"removed {left} unfinished file(s) ({size / 2**20:.1f} MiB) an interrupted save of an "
+                           f"earlier '{name}' run left in {out_dir}")
             if c.logging_dir:
                 try:
                     log = CsvLog(str(c.resolve(c.logging_dir)), c.log_prefix, started)
@@ -1168,6 +1181,7 @@ class Trainer:
                 self.losses = list(st.get("losses", []))
                 set_rng_state(st["rng"])
                 seed = self.seed = st["seed"]
+                started = st.get("started", started)  # (the same run: its files keep one session id)
                 self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
                 if c.initial_epoch is not None or c.initial_step is not None:
                     self._note("initial_epoch / initial_step are not used with resume: the state file continues "
@@ -1248,7 +1262,21 @@ class Trainer:
                 with eval_weights():
                     return save_now(path_name, epoch_no)
 
+            def folder_back():
+                """An output folder removed or renamed mid-run is made again, so the run is not lost with it."""
+                if os.path.isdir(out_dir):
+                    return
+                try:
+                    os.makedirs(out_dir)
+                except OSError as e:
+                    raise SaveWriteError(f"the output folder {out_dir} is gone and cannot be made again",
+                                         f"the folder is gone and cannot be made again ({write_error_reason(e)})"
+                                         ) from None
+                self._note(f"the output folder {out_dir} was gone (removed or renamed while training); it was made "
+                           "again and this run's files are saved in it from now on", console=True)
+
             def save_now(path_name, epoch_no):
+                folder_back()
                 path = os.path.join(out_dir, path_name)
                 md = self._metadata(net, epoch_no, step, started, seed, opt_desc, unet_lr, te_lr, mp, dim)
                 if c.no_metadata:  # sd-scripts keeps only these (SS_METADATA_MINIMUM_KEYS); modelspec stays
@@ -1339,6 +1367,7 @@ class Trainer:
                     return save_resume_now(epoch_no, batch_in_epoch, tag)
 
             def save_resume_now(epoch_no, batch_in_epoch, tag):
+                folder_back()
                 path = os.path.join(out_dir, f"{name}-{tag}{STATE_EXT}")
                 opt_sd = flat.state_dict_per_weight(optimizer.state_dict()) if flat else optimizer.state_dict()
                 try:
@@ -1347,7 +1376,7 @@ class Trainer:
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                         "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
                         "end_step": self.end_step, "total_steps": self.total_steps,
-                        "losses": self.losses, "rng": rng_state(), "config_source": c.source})
+                        "losses": self.losses, "rng": rng_state(), "config_source": c.source, "started": started})
                 except StateFileError as e:  # (a full disk, a folder gone read-only: said, not a traceback)
                     raise SaveWriteError(str(e), getattr(e, "why", None) or str(e)) from None
                 # (the queue keeps the newest: a job cut off by a WebUI restart continues from it)

@@ -197,7 +197,7 @@ def preview_path(lora_path: str) -> str:
 
 def save_preview(lora_path: str, image: Image.Image) -> str:
     path = preview_path(lora_path)
-    write_atomic(path, lambda f: image.save(f, format="PNG"), binary=True, suffix=".png.tmp")
+    write_atomic(path, lambda f: image.save(f, format="PNG"), binary=True)
     return path
 
 

@@ -232,7 +232,7 @@ def write_caption(image: str | Path, text: str, ext: str = ".txt") -> str:
             p.unlink()
             return f"Caption removed: {Path(image).name} will be captioned with its folder's tokens."
         return f"{Path(image).name} has no caption; it is captioned with its folder's tokens."
-    write_atomic(p, lambda f: f.write(text + "\n"), suffix=".txt.tmp")  # (a full disk keeps the old caption)
+    write_atomic(p, lambda f: f.write(text + "\n"))  # (a full disk keeps the old caption)
     return f"Saved the caption of {Path(image).name}."
 
 
@@ -326,7 +326,7 @@ def generate_reg_images(backend, reg_image_dir: str, prompt: str, n: int, seed: 
     def save(i, total, img):
         p = os.path.join(reg_image_dir, f"reg_{start + i - 1:05d}.png")
         # (a full disk leaves no truncated picture that a run would train on)
-        write_atomic(p, lambda f: img.save(f, format="PNG"), binary=True, suffix=".png.tmp")
+        write_atomic(p, lambda f: img.save(f, format="PNG"), binary=True)
         paths.append(p)
         if on_image:
             on_image(i, total, p)
