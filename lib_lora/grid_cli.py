@@ -268,6 +268,7 @@ def _grid(args, out, made: list[str]) -> int:
     import torch
 
     from .cli import UsageError, check_lora_family
+    from .formats.safetensors_io import write_error_reason
     from .host.headless import load_checkpoint
     from .train.config import missing_path_hint
     from .train.sampling import (SamplePrompt, a1111_syntax_note, generate, infotext, resolve_sampler, save_png,
@@ -280,7 +281,8 @@ def _grid(args, out, made: list[str]) -> int:
     files = lora_files(args.loras, left_out)
     ckpt = os.path.expanduser(args.model)
     if not os.path.isfile(ckpt):
-        raise GridCliError(f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
+        raise GridCliError(f"--model {ckpt} is a folder: give the checkpoint file itself" if os.path.isdir(ckpt)
+                           else f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
     family = model_family(ckpt, args.webui)  # (said now, not after the checks and the output folder)
     for f in files:  # (before the checkpoint loads)
         check_lora_family(f, family, ckpt, "Render it on an {} checkpoint (--model)")
@@ -371,13 +373,26 @@ def _grid(args, out, made: list[str]) -> int:
 
     done: dict[str, list[list]] = {}  # file -> its rows' pictures, each saved as soon as it is rendered
 
+    written = [0]
+
+    def write(img, name, info=None):
+        """A picture into the grid's folder; a full disk (or a folder gone) is said with what was kept."""
+        try:
+            path = save_png(img, os.path.join(out_dir, name), info)
+        except OSError as e:
+            raise GridCliError(f"could not write {name} to {out_dir}: {write_error_reason(e)}; the "
+                               f"{written[0]} picture(s) written before it are there. Free some space (or give "
+                               "--out on another disk) and render the grid again") from None
+        written[0] += 1
+        return path
+
     def render(f, s):
         tag = f"<lora:{os.path.splitext(os.path.basename(f))[0]}:{s:g}>"
         row = []
         batch = sps[prompts[f]]
         for sp, (img, seed, used) in zip(batch, generate(host, batch, sampler=sampler, clip_skip=clip_skip)):
-            save_png(img, os.path.join(out_dir, f"{files.index(f):02d}_{s:g}_{seed}.png"),
-                     tagged_infotext(infotext(sp, seed, used, model_name, clip_skip), sp.prompt, tag))
+            write(img, f"{files.index(f):02d}_{s:g}_{seed}.png",
+                  tagged_infotext(infotext(sp, seed, used, model_name, clip_skip), sp.prompt, tag))
             row.append(img)
         done.setdefault(f, []).append(row)
         return row
@@ -395,7 +410,7 @@ def _grid(args, out, made: list[str]) -> int:
         return EXIT_CANCELLED
     labels = row_labels(rendered)
     grid = compose_grid([done[f] for f in rendered], labels, strengths, seeds)
-    grid_path = save_png(grid, os.path.join(out_dir, "grid.png"))
+    grid_path = write(grid, "grid.png")
     n_rows = sum(len(r) for r in done.values())
     if stopped:
         out.write(f"stopped after {n_rows} of {total} rows: wrote {grid_path} with those and their "

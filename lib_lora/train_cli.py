@@ -247,6 +247,9 @@ def model_family(ckpt: str, webui: str | None) -> str:
 
     if webui and not os.path.isdir(webui):
         raise TrainCliError(f"--webui {webui}: no such folder (give the AUTOMATIC1111 WebUI's folder)")
+    if webui and not any(os.path.isdir(os.path.join(webui, d)) for d in ("modules", "repositories")):
+        raise TrainCliError(f"--webui {webui} is not an AUTOMATIC1111 WebUI folder (it has no modules/ or "
+                            "repositories/): give the folder that holds webui.py")
     family = checkpoint_family(ckpt)
     if family == "sdxl" and not webui:
         import importlib.util

@@ -203,8 +203,14 @@ def test_wrong_inputs_are_said_before_the_model_loads(run, tmp_path):
     assert code == 2 and "strengths" in err, err
     code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--width", "100")
     assert code == 2 and "multiples of 8" in err, err
+    code, out, err = run_cli("grid", out_dir, "--model", out_dir / "svs.safetensors")  # (files swapped)
+    assert code == 1 and "(it is a LoRA: the checkpoint is the model it applies to" in err, err
+    code, out, err = run_cli("grid", out_dir, "--model", tmp_path)
+    assert code == 1 and f"--model {tmp_path} is a folder: give the checkpoint file itself" in err, err
     code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--webui", tmp_path / "no-webui")
     assert code == 1 and "no-webui: no such folder (give the AUTOMATIC1111 WebUI's folder)" in err, err
+    code, out, err = run_cli("grid", out_dir, "--model", ckpt, "--webui", root)
+    assert code == 1 and f"--webui {root} is not an AUTOMATIC1111 WebUI folder" in err, err
     # another model family: named, nothing loaded
     xl = tmp_path / "xl.safetensors"
     key = "lora_te2_text_model_encoder_layers_0_mlp_fc1"  # (SDXL's second text encoder)
@@ -219,3 +225,24 @@ def test_wrong_inputs_are_said_before_the_model_loads(run, tmp_path):
     code, out, err = run_cli("grid", bare, "--model", ckpt)
     assert code == 2 and "give --prompt" in err, err
     assert read_metadata(str(out_dir / "svs.safetensors"))["ss_epoch"] == "2"
+
+
+def test_a_full_disk_names_the_picture_and_what_was_kept(run, tmp_path, monkeypatch):
+    import errno
+
+    import lib_lora.train.sampling as sampling
+    root, ckpt, out_dir = run
+    real, calls = sampling.write_atomic, []
+
+    def fills_up(path, *a, **k):
+        calls.append(path)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **k)
+    monkeypatch.setattr(sampling, "write_atomic", fills_up)
+    grid_dir = tmp_path / "g"
+    code, out, err = run_cli("grid", out_dir / "svs.safetensors", "--model", ckpt, "--strengths", "1", "--seeds",
+                             "1,2,3", "--steps", "1", "--out", grid_dir)
+    assert code == 1 and (f"could not write 00_1_3.png to {grid_dir}: the disk is full; the 2 picture(s) written "
+                          "before it are there. Free some space (or give --out on another disk)") in err, out + err
+    assert sorted(os.listdir(grid_dir)) == ["00_1_1.png", "00_1_2.png"]

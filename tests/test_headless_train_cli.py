@@ -157,6 +157,11 @@ def test_a_path_that_is_not_there_says_what_was_probably_meant(run_cli, tiny_ckp
 def test_user_errors_are_one_line(run_cli, tiny_ckpt, tmp_path):
     code, _, err = run_cli("train", tmp_path / "missing.toml")
     assert code == 1 and "not found" in err
+    code, _, err = run_cli("train", tmp_path)  # (the dataset folder given instead of the config)
+    assert code == 1 and f"{str(tmp_path)!r} is a folder, not a config file: give the training config" in err, err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    code, _, err = run_cli("train", tmp_path / "list.json")
+    assert code == 1 and "a training config must be a JSON object of keys, got list" in err, err
     cfg = _write_config(tmp_path, "org/some-model")
     code, _, err = run_cli("train", cfg)
     assert code == 1 and "Hugging Face repo id" in err

@@ -2,6 +2,7 @@
 output folder and name at a time (an OS lock a kill -9 cannot leave behind), an interrupted save's temp files
 removed by the next run, a removed folder made again instead of the run being lost."""
 
+import glob
 import os
 import shutil
 import signal
@@ -122,3 +123,42 @@ def test_a_resumed_run_keeps_its_session_and_a_mix_of_two_runs_is_named_by_the_g
     assert mixed_runs(lora_files([str(out)])) == [
         "the 'svs' files come from 2 different training runs (their ss_session_id differs): svs-000001 | "
         "svs-000002, svs; their rows are not one run's epochs (a run started again over another one writes this mix)"]
+
+
+def test_an_image_damaged_mid_run_keeps_the_steps_trained_as_a_resumable_state(sd1, tmp_path):
+    """color_aug decodes every step: an image rewritten badly while training stops the run, and the steps so
+    far are kept (they were lost), to resume once the image is fixed."""
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=2)
+    victim = sorted(p for p in glob.glob(os.path.join(img, "*", "*.png")))[0]
+    good = open(victim, "rb").read()
+
+    def damage(e):
+        if e.kind == "step" and e.step == 2:
+            with open(victim, "wb") as f:
+                f.write(b"not a picture any more")
+
+    cfg = _cfg(str(tmp_path / "a"), img, max_train_epochs=3, color_aug=True)
+    with pytest.raises(TrainingError) as err:
+        run_training(ModelHost(sd1, "m"), cfg, on_event=damage)
+    state = str(tmp_path / "a" / "out" / "svs-cancelled-state.lsstate")
+    assert f"cannot read training image {victim!r}" in str(err.value)
+    assert (f"The 2 step(s) trained so far are kept as a resumable state, {state}: fix, replace or remove the "
+            "image, then resume from it") in str(err.value)
+    with open(victim, "wb") as f:
+        f.write(good)
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=3, color_aug=True),
+                       resume=state)
+    assert res.status == "done" and res.steps == 6
+
+
+def test_a_state_of_another_name_or_seed_is_resumed_with_a_note(sd1, tmp_path):
+    img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
+    first = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1, output_name="intr",
+                                                   save_state_on_train_end=True))
+    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2, seed=9),
+                       resume=first.state_file)
+    assert res.status == "done"
+    assert ("resume: the state's run has seed 7, this config says 9; the run goes on with its own seed (its data "
+            "order and noise)") in res.notes
+    assert ("resume: intr-final-state.lsstate is not of a run named 'svs'; it is continued and saved as 'svs' "
+            "(check that it is the run you mean)") in res.notes

@@ -107,6 +107,8 @@ def test_caption_files(tmp_path):
     (tmp_path / "l.txt").write_bytes("caf\u00e9".encode("latin-1"))
     with pytest.raises(CaptionFileError, match="not UTF-8"):
         find_caption(tmp_path / "l.png", ".txt")
+    (tmp_path / "bom.txt").write_text("svs cat, caf\u00e9", encoding="utf-8-sig")  # (Windows Notepad's UTF-8)
+    assert find_caption(tmp_path / "bom.png", ".txt")[0] == "svs cat, caf\u00e9"
 
 
 def test_contains_word():

@@ -249,21 +249,29 @@ def test_corrupt_files_listed_never_crash(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), np.uint8)).save(buf, "JPEG")
     (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    # a PNG whose pixel data is damaged (its header and EXIF are fine): not blamed on EXIF and used
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    at = png.find(b"IDAT") + 4
+    png[at:at + 2] = b"\0\0"
+    (d / "bad_idat.png").write_bytes(bytes(png))
     (d / "anim.gif").write_bytes(b"GIF89a")
     (d / "notes.txt.bak").write_text("x")
     (d / "UPPER.PNG").write_bytes((d / "ok.png").read_bytes())
     (d / "Mixed.Png").write_bytes((d / "ok.png").read_bytes())
     plan = build_plan(_cfg(tmp_path / "train"))
     (s,) = plan.subsets
-    assert sorted(n for n, _ in s.unreadable) == ["empty.webp", "garbage.png", "truncated.jpg"]
+    assert sorted(n for n, _ in s.unreadable) == ["bad_idat.png", "empty.webp", "garbage.png", "truncated.jpg"]
     assert dict(s.unreadable)["empty.webp"].endswith("the file is empty (0 bytes)")
+    assert "EXIF" not in plan.report()
     assert sorted(e.path.name for e in s.images) == ["Mixed.Png", "UPPER.PNG", "ok.png"]
     # 3 usable x 3 repeats, one 512x512 bucket -> ceil(9/2) = 5 batches
     assert plan.num_train_images == 9 and plan.batches_per_epoch == 5
     assert s.unsupported_files == ["anim.gif"]
     assert plan.ok  # unreadable files are left out with a warning, not fatal
     text = plan.report()
-    assert "3 file(s) cannot be read and are left out" in text and "truncated.jpg" in text
+    assert "4 file(s) cannot be read and are left out" in text and "truncated.jpg" in text
     assert any(f.code == "mixed-case-ext" and "Mixed.Png" in f.message for f in plan.findings)
 
 

@@ -372,3 +372,48 @@ def test_a_resume_state_of_another_rank_is_told_before_the_model_loads(tmp_path)
     assert resume_problems(cfg(network_dim=8, dim_from_weights=True), state, str(path)) == []
     assert resume_problems(cfg(network_dim=8, network_module="lycoris.kohya"), state, str(path)) == []
 
+
+
+def test_a_checkpoint_or_an_embedding_given_as_network_weights_is_said_before_the_model_loads(tmp_path):
+    import torch
+
+    from lib_lora.formats.safetensors_io import save_file_atomic
+    from lib_lora.train.config import parse_train_config
+    from lib_lora.train.support import input_file_problems
+    ckpt = tmp_path / "model.safetensors"
+    save_file_atomic({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3),
+                      "alphas_cumprod": torch.zeros(1000)}, str(ckpt))
+    emb = tmp_path / "emb.safetensors"
+    save_file_atomic({"emb_params": torch.zeros(2, 768)}, str(emb))
+    cfg = parse_train_config({"network_weights": str(ckpt), "base_weights": [str(emb)]})
+    assert input_file_problems(cfg, folders=False) == [
+        "network_weights: model.safetensors: it is a full Stable Diffusion checkpoint, not a LoRA; network_weights "
+        "takes a LoRA file the run starts from (the model to train on is pretrained_model_name_or_path, or the "
+        "WebUI's)",
+        "base_weights: emb.safetensors: it is a textual-inversion embedding, not a LoRA; base_weights takes a LoRA "
+        "file the run merges into the model first (the model to train on is pretrained_model_name_or_path, or the "
+        "WebUI's)"]
+
+
+def test_a_network_args_typo_is_refused_with_the_setting_meant_and_other_keys_noted():
+    from lib_lora.train.config import parse_train_config
+    from lib_lora.train.support import check_support
+    errors, notes = check_support(parse_train_config({"network_args": ["conv_dimm=4", "conv_alpha=1", "lbw=1"]}))
+    assert errors == ["network_args 'conv_dimm' is not a setting: did you mean 'conv_dim'?"]
+    assert any(n.startswith("network_args 'lbw' is not supported yet and is ignored (supported: ") for n in notes)
+
+
+def test_spaces_around_a_name_are_left_out_with_a_note():
+    from lib_lora.train.config import parse_train_config
+    c = parse_train_config({"optimizer_type": "AdamW8bit ", "lr_scheduler": " cosine"})
+    assert (c.optimizer_type, c.lr_scheduler) == ("AdamW8bit", "cosine")
+    assert "optimizer_type = 'AdamW8bit ' read as 'AdamW8bit'" in c.notes
+
+
+def test_learning_rates_of_zero_are_refused_by_the_check():
+    from lib_lora.train.config import parse_train_config
+    from lib_lora.train.support import check_support
+    said = "both learning rates are 0, so nothing would train; set unet_lr or text_encoder_lr"
+    assert said in check_support(parse_train_config({"learning_rate": 0}))[0]
+    assert said in check_support(parse_train_config({"unet_lr": 0, "network_train_unet_only": True}))[0]
+    assert said not in check_support(parse_train_config({"learning_rate": 0, "unet_lr": 1e-4}))[0]

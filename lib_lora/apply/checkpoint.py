@@ -57,6 +57,9 @@ def detect_checkpoint_family(shapes: dict[str, tuple]) -> str:
             hint = " (it looks like an SD3 model)"
         elif any(k.startswith(("down_blocks.", "unet.")) for k in keys):
             hint = " (it looks like a diffusers-format UNet; use a single-file A1111 checkpoint)"
+        elif any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) for k in keys):
+            hint = (" (it is a LoRA: the checkpoint is the model it applies to, e.g. v1-5-pruned-emaonly.safetensors; "
+                    "give the LoRA as --lora, network_weights or a <lora:> tag)")
         raise UnsupportedFamilyError(
             f"no 'model.diffusion_model.*' keys: not an SD1.x/SD2.x/SDXL single-file checkpoint{hint}")
     if any(k.startswith(SDXL_TE_PREFIX) for k in keys):

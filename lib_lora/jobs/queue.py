@@ -296,7 +296,8 @@ class JobQueue:
         except Exception as e:  # any failure is recorded on the job and shown; the queue keeps going
             with self._lock:
                 job.status = FAILED
-                job.error = f"{type(e).__name__}: {e}"
+                # (a message that says what to do needs no class name in front; a bug keeps it)
+                job.error = str(e) if _is_user_error(e) else f"{type(e).__name__}: {e}"
                 job.message = str(e)
                 if not _is_user_error(e):  # a bug: keep the traceback for the report, and in the console
                     job.notes.append(traceback.format_exc(limit=8))

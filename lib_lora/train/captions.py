@@ -73,7 +73,7 @@ def caption_candidates(image_path: str | Path, caption_extension: str) -> list[P
 def read_caption_file(path: str | Path, enable_wildcard: bool = False) -> str:
     """The caption text of one caption file. Raises ``CaptionFileError`` for an empty, blank or non-UTF-8 file."""
     try:
-        with open(path, "rt", encoding="utf-8") as f:
+        with open(path, "rt", encoding="utf-8-sig") as f:  # (a BOM from Notepad is not part of the caption)
             lines = f.readlines()
     except UnicodeDecodeError as e:
         raise CaptionFileError(f"caption file {str(path)!r} is not UTF-8 ({e.reason}); re-save it as UTF-8") from e

@@ -292,6 +292,8 @@ KNOWN_UNUSED = {
                                   "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding")},
 }
 
+_NAMES = {"optimizer_type", "network_module", "lr_scheduler_type", "sample_sampler"}  # (names, not free text)
+
 CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "save_precision": (None, "float", "fp16", "bf16"),
@@ -654,7 +656,8 @@ def translate_gui_preset(data: dict, source: str = "<config>") -> tuple[dict, li
 def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.PathLike | None = None) -> TrainConfig:
     """Build a ``TrainConfig`` from an already-parsed TOML dict (sections allowed)."""
     if not isinstance(data, dict):
-        raise TrainConfigError(f"{source}: a training config must be a TOML table of keys, got {type(data).__name__}")
+        kind = "JSON object" if str(source).lower().endswith(".json") else "TOML table"
+        raise TrainConfigError(f"{source}: a training config must be a {kind} of keys, got {type(data).__name__}")
     if "datasets" in data or "general" in data:
         raise TrainConfigError(
             f"{source}: this looks like a dataset config ([general] / [[datasets]]), not a training config. "
@@ -712,6 +715,11 @@ def parse_train_config(data: dict, source: str = "<config>", base_dir: str | os.
             values[target] = _coerce(target, v, kinds[target], notes)
         except _Bad as e:
             problems.append(str(e))
+    for k in set(CHOICES) | _NAMES:  # (a GUI field or a paste can carry a space around a name)
+        val = values.get(k)
+        if isinstance(val, str) and val != val.strip():
+            notes.append(f"{k} = {val!r} read as {val.strip()!r}")
+            values[k] = val.strip()
     for k, allowed in CHOICES.items():
         if k in values:
             val = values[k]
@@ -739,6 +747,8 @@ def missing_path_hint(path, base_dir=None) -> str:
     """What a path that does not exist may have meant: the same relative path from the current folder (sd-scripts
     reads relative paths from there; a config's are read from its own folder), or a name one typo away."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return " (that is a folder: give the file itself)"
     if base_dir:
         base = os.path.abspath(os.fspath(base_dir))
         if path.startswith(base + os.sep):
@@ -815,8 +825,11 @@ def parse_train_config_text(text: str, source: str = "<pasted config>", base_dir
 
 def _read_toml(p: Path) -> dict:
     """A TOML file, or a .json one (a kohya_ss GUI preset)."""
+    if p.is_dir():
+        raise TrainConfigError(f"{str(p)!r} is a folder, not a config file: give the training config (.toml, or a "
+                               "kohya_ss GUI preset .json)")
     if not p.is_file():
-        raise TrainConfigError(f"config file {str(p)!r} not found")
+        raise TrainConfigError(f"config file {str(p)!r} not found" + missing_path_hint(p))
     try:
         if p.suffix.lower() == ".json":
             with open(p, encoding="utf-8") as f:

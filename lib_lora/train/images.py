@@ -115,10 +115,10 @@ def probe_image(path: str | os.PathLike, check_pixels: bool = True) -> ImageProb
                 raw = img.size
                 mode = img.mode
                 fmt = img.format or ""
+                if check_pixels:  # (first: a PNG's getexif() decodes the pixels and reports their damage as EXIF's)
+                    img.load()
                 orientation = _orientation(img, notes)
                 has_transparency = "transparency" in img.info
-                if check_pixels:
-                    img.load()
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         size = f" ({int(m.group(1)) / 1e6:,.0f} megapixels)" if m else ""
@@ -208,6 +208,12 @@ def _decode_oriented(path: str | os.PathLike) -> Image.Image:
             return ImageOps.exif_transpose(img)
 
 
+class ImageReadError(OSError):
+    """A training image that cannot be decoded (damaged, or changed on disk since the dataset was checked)."""
+
+    user_error = True  # (the message names the file and what to do: no traceback in the job's notes)
+
+
 def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` with its EXIF orientation applied, as an HxWx3 uint8 RGB array.
 
@@ -215,7 +221,7 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
     try:
         return to_rgb_array(_decode_oriented(path))
     except OSError as e:
-        raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
+        raise ImageReadError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
 
 
 def load_image_alpha(path: str | os.PathLike) -> np.ndarray | None:
@@ -224,7 +230,7 @@ def load_image_alpha(path: str | os.PathLike) -> np.ndarray | None:
     try:
         oriented = _decode_oriented(path)
     except OSError as e:
-        raise OSError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
+        raise ImageReadError(f"cannot read training image {os.fspath(path)!r}: {e}. Remove or re-save the file.") from e
     if oriented.mode in ("RGBA", "LA", "PA") or (oriented.mode == "P" and "transparency" in oriented.info):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

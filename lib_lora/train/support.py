@@ -410,6 +410,7 @@ def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bo
     another model family than ``family``, a resume file that is not a state. Each says what to change.
     ``folders=False``: the dataset's own files are left to the dataset plan, which reports them."""
     from ..formats.family import detect_family
+    from ..formats.report import not_a_lora
     from ..formats.safetensors_io import read_header
     from .saving import StateFileError, load_state
 
@@ -435,6 +436,12 @@ def input_file_problems(cfg: TrainConfig, family: str | None = None, folders: bo
             problems.append(f"{key}: {e}")
             continue
         shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        what = not_a_lora(shapes, header.get("__metadata__") or {})
+        if what:  # (the run would find none of its tensors fit the network, after loading the model)
+            problems.append(f"{key}: {os.path.basename(path)}: {what.split(':')[0]}; {key} takes a LoRA file the run "
+                            + ("starts from" if key == "network_weights" else "merges into the model first")
+                            + " (the model to train on is pretrained_model_name_or_path, or the WebUI's)")
+            continue
         fam = detect_family(shapes, header.get("__metadata__") or {})
         if fam.refused:
             problems.append(f"{key}: {fam.refusal_message(path)}")
@@ -563,6 +570,8 @@ def check_support(cfg: TrainConfig, family: str | None = None,
         notes.append("cache_text_encoder_outputs with a trained text encoder: sd-scripts stops here; this run "
                      "trains the text encoder and computes its outputs at every step. Set network_train_unet_only "
                      "= true (or text_encoder_lr = 0) to train the UNet only with cached outputs")
+    if part_lrs(cfg) == (0.0, 0.0):  # (the run stops on it; said before the model loads)
+        errors.append("both learning rates are 0, so nothing would train; set unet_lr or text_encoder_lr")
     errors += schedule_problems(cfg, notes)
     errors += prediction_problems(cfg, parameterization)
     if family == "sdxl" and cfg.clip_skip not in (None, 1):
@@ -623,7 +632,13 @@ def check_support(cfg: TrainConfig, family: str | None = None,
                      f"can run code when loaded)")
     for item in cfg.network_args or []:
         key = item.split("=", 1)[0].strip()
-        if key not in supported:
+        if key in supported:
+            continue
+        import difflib
+        close = difflib.get_close_matches(key, sorted(supported), n=1, cutoff=0.85)
+        if close:  # (a typo of a setting: ignoring it would train without what it asks for)
+            errors.append(f"network_args {key!r} is not a setting: did you mean {close[0]!r}?")
+        else:
             notes.append(f"network_args {key!r} is not supported yet and is ignored "
                          f"(supported: {', '.join(sorted(supported))})")
     if cfg.weighted_captions and (cfg.shuffle_caption or cfg.caption_tag_dropout_rate or cfg.keep_tokens):

@@ -35,8 +35,8 @@ from .attention import sdpa_attention
 from .captions import process_caption
 from .conditioning import TextEncoder
 from .host_guard import guarded
-from .images import (color_aug, face_crop, face_from_name, load_image_alpha, load_image_rgb, resize_and_crop,
-                     resize_tag, sdxl_size_conditioning)
+from .images import (ImageReadError, color_aug, face_crop, face_from_name, load_image_alpha, load_image_rgb,
+                     resize_and_crop, resize_tag, sdxl_size_conditioning)
 from .fp8 import compute_dtype, fp8_parts, fp8_storage, text_encoder_root
 from .fastpath import (FastPath, FlatParams, InputCache, InStepCond, StepBatch, StepRunner,
                        cached_timestep_embedding, elementwise_optimizer, fused_adamw_supported, load_optimizer_state,
@@ -1180,6 +1180,13 @@ class Trainer:
                                "continuation keeps max_train_epochs / max_train_steps as they were)")
                 self.losses = list(st.get("losses", []))
                 set_rng_state(st["rng"])
+                if c.seed is not None and c.seed >= 0 and c.seed != st["seed"]:
+                    self._note(f"resume: the state's run has seed {st['seed']}, this config says {c.seed}; the run "
+                               "goes on with its own seed (its data order and noise)")
+                own = os.path.basename(resume_state)
+                if not own.startswith(name + "-"):
+                    self._note(f"resume: {own} is not of a run named '{name}'; it is continued and saved as "
+                               f"'{name}' (check that it is the run you mean)")
                 seed = self.seed = st["seed"]
                 started = st.get("started", started)  # (the same run: its files keep one session id)
                 self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
@@ -1313,6 +1320,10 @@ class Trainer:
                 try:
                     return fn(*args)
                 except SaveWriteError as e:
+                    if what == "the final state":  # (after the final LoRA: no later save to try again)
+                        self._note(f"could not write {what} to {out_dir}: {e.why}. The final LoRA is saved; the run "
+                                   "cannot be resumed from its end (its newest state, if any, is an earlier one)")
+                        return None
                     self._note(f"could not write {what} to {out_dir}: {e.why}. Training goes on and the next save "
                                f"tries again; {_remedy(e.why)} before the run ends, or the final LoRA cannot be "
                                "written either")
@@ -1493,6 +1504,16 @@ class Trainer:
                     self._note(f"the cancel came after the last training step, so the run finished: all {step} "
                                "steps are trained and the final LoRA is saved"
                                + ("; the last sample images were cut short by it" if self._samples_cut else ""))
+            except ImageReadError as e:  # (changed on disk mid-run, or damaged past what the check decodes)
+                if not step:
+                    raise
+                try:
+                    kept = save_resume(cur_epoch, window_start, "cancelled", averaged=False)
+                except TrainingError:
+                    raise TrainingError(f"{e} The {step} step(s) trained so far could not be kept (no room for a "
+                                        "resumable state)") from None
+                raise TrainingError(f"{e} The {step} step(s) trained so far are kept as a resumable state, "
+                                    f"{kept}: fix, replace or remove the image, then resume from it") from None
             except Cancelled:
                 status = "cancelled"
                 final = None
