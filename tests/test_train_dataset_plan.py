@@ -302,6 +302,12 @@ def test_folder_name_problems(tmp_path):
     assert "repeat count 0" in msgs["zero-repeats"]
     assert "directly inside train_data_dir" in msgs["loose-images"]
     assert plan.ok
+    # the only folder has 0 repeats: the error itself says so
+    _img(tmp_path / "only" / "0_svs" / "a.png")
+    plan = build_plan(_cfg(tmp_path / "only"))
+    assert not plan.ok and [f.message for f in plan.errors] == [
+        f"no usable `N_name` folder in train_data_dir '{tmp_path / 'only'}': '0_svs' repeat their images 0 times; "
+        "give a repeat count of 1 or more, e.g. rename to '1_svs'"]
 
 
 def test_wrong_level_folders(tmp_path):

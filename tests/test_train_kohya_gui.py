@@ -126,6 +126,8 @@ def test_gui_rules_for_length_warmup_and_unknown_types():
         _translate(dict(STANDARD, LoRA_type="LyCORIS/Whatever"))
     with pytest.raises(TrainConfigError, match="all 0"):
         _translate(dict(STANDARD, learning_rate=0, unet_lr=0, text_encoder_lr=0))
+    cfg = _translate(dict(STANDARD, epoch="abc"))  # (a hand-edited preset: named, as the GUI reads it)
+    assert "epoch = 'abc' is not a number: read as 0, as the GUI reads it" in cfg.notes
     cfg = _translate(dict(STANDARD, some_future_gui_key=3))
     assert any("ignored: some_future_gui_key" in n for n in cfg.notes)
 

@@ -187,11 +187,15 @@ def scan_data_dir(
                 f"{_n(len(loose), 'image')} directly inside {role} '{data_dir}' ignored; only images inside its "
                 f"`N_name` subfolders are used", [str(p) for p in loose[:20]]))
     elif not subsets and not any(f.code == "nested-data-dir" for f in findings):
+        zero = [f.paths[0] for f in findings if f.code == "zero-repeats"]
         findings.append(Finding(
             "error" if not is_reg else "warning", "no-subsets",
-            f"no `N_name` folders found in {role} '{data_dir}'"
-            + (" (sd-scripts: 'train_data_dir must be the parent of folders with images')" if not is_reg else
-               "; no regularisation images will be used"), [str(data_dir)]))
+            (f"no usable `N_name` folder in {role} '{data_dir}': "
+             + ", ".join(f"'{Path(z).name}'" for z in zero) + " repeat their images 0 times; give a repeat count of "
+             f"1 or more, e.g. rename to '{re.sub(r'^-?[0-9]+', '1', Path(zero[0]).name)}'" if zero else
+             f"no `N_name` folders found in {role} '{data_dir}'")
+            + (" (sd-scripts: 'train_data_dir must be the parent of folders with images')" if not is_reg and not zero
+               else "; no regularisation images will be used" if is_reg else ""), [str(data_dir)]))
     if not subsets:
         # nothing usable here: a nested data dir is the likely cause, so it blocks
         for f in findings:

@@ -133,12 +133,14 @@ def from_gui_preset(data: dict, known_keys: set[str]) -> tuple[dict, list[str], 
     g: dict[str, Any] = dict(_DEFAULTS)
     g["optimizer"] = "AdamW8bit" if data.get("use_8bit_adam") else "AdamW"
     g.update({k: v for k, v in data.items() if v is not None})
-    for k, fallback in _INTS.items():
-        if k in g:
-            g[k] = _int(g[k], fallback)
-    for k, fallback in _FLOATS.items():
-        if k in g:
-            g[k] = _float(g[k], fallback)
+    not_numbers = []
+    for table, read in ((_INTS, _int), (_FLOATS, _float)):
+        for k, fallback in table.items():
+            if k in g:
+                v = read(g[k], None)
+                if v is None and not _dropped(g[k]):
+                    not_numbers.append(f"{k} = {g[k]!r} is not a number: read as {fallback!r}, as the GUI reads it")
+                g[k] = fallback if v is None else v
     if g["LoRA_type"] == "LoCon":
         g["LoRA_type"] = "LyCORIS/LoCon"
     if isinstance(g.get("xformers"), bool):
@@ -148,7 +150,7 @@ def from_gui_preset(data: dict, known_keys: set[str]) -> tuple[dict, list[str], 
 
     lora_type = str(g["LoRA_type"])
     notes = [f"read as a kohya_ss GUI preset (LoRA type {lora_type!r}), translated to the sd-scripts settings the "
-             "GUI passes on"]
+             "GUI passes on"] + not_numbers
     out: dict[str, Any] = {}
 
     # ---- network type
