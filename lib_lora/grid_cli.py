@@ -48,6 +48,9 @@ def add_commands(subparsers) -> None:
     pg.add_argument("--prompt", help="prompt with the trigger word (default: the instance and class words of the "
                                      "LoRA's training folder, e.g. 'svs cat' from '20_svs cat')")
     pg.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    pg.add_argument("--with", dest="under", action="append", default=[], metavar="LORA[:WEIGHT]",
+                    help="a LoRA merged beneath every row (default weight 1), to judge the files on top of it, "
+                         "e.g. a style on a character LoRA; repeat for more")
     pg.add_argument("--strengths", default=STRENGTHS, metavar="LIST",
                     help=f"default: {STRENGTHS}; a list that starts with a minus needs '=': --strengths=-1,0,1")
     pg.add_argument("--seeds", default="1, 2", metavar="LIST", help="default: 1, 2")
@@ -138,6 +141,29 @@ def _read_header(path: str, mtime_ns: int, size: int) -> dict:
     from .formats.safetensors_io import read_header
 
     return read_header(path)
+
+
+def _with_file(spec: str) -> tuple[str, float]:
+    """--with FILE[:WEIGHT] (a weight only after the last colon, so C:\\ paths stay whole)."""
+    from .cli import UsageError
+    from .train.config import missing_path_hint
+
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass
+    if not math.isfinite(weight):
+        raise UsageError(f"--with {spec}: give the weight as a number, e.g. {path}:0.8")
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise GridCliError(f"--with {spec}: LoRA file not found: {path}" + missing_path_hint(path, None))
+    why = _not_a_lora(path)
+    if why:
+        raise GridCliError(f"--with {spec}: {why}")
+    return path, weight
 
 
 def _metadata(path: str) -> dict:
@@ -284,7 +310,8 @@ def _grid(args, out, made: list[str]) -> int:
         raise GridCliError(f"--model {ckpt} is a folder: give the checkpoint file itself" if os.path.isdir(ckpt)
                            else f"checkpoint not found: {ckpt}" + missing_path_hint(ckpt, None))
     family = model_family(ckpt, args.webui)  # (said now, not after the checks and the output folder)
-    for f in files:  # (before the checkpoint loads)
+    under = [_with_file(w) for w in args.under]
+    for f in files + [u for u, _ in under]:  # (before the checkpoint loads)
         check_lora_family(f, family, ckpt, "Render it on an {} checkpoint (--model)")
     strengths = _numbers(args.strengths, float, "strengths")
     seeds = _numbers(args.seeds, int, "seeds")
@@ -301,7 +328,7 @@ def _grid(args, out, made: list[str]) -> int:
     own = {f: (args.prompt if args.prompt is not None else default_prompt(_metadata(f))) for f in files}
     prompt = own[files[0]] or next((p for p in own.values() if p), None)
     prompts = {f: own[f] or prompt for f in files}
-    problem = prompt_tags_problem(prompt or "", args.negative)
+    problem = prompt_tags_problem(prompt or "", args.negative, "give the other as --with FILE:WEIGHT")
     if problem:
         raise UsageError(problem[0].upper() + problem[1:])
     if not (prompt or "").strip():
@@ -338,6 +365,8 @@ def _grid(args, out, made: list[str]) -> int:
     out.write(f"{len(files)} file(s) x {len(strengths)} strength(s) x {len(seeds)} seed(s) = "
               f"{len(files) * len(strengths) * len(seeds)} pictures at {w}x{h}, {args.steps} steps, {sampler}, "
               f"CFG {args.cfg:g}; prompt: {prompt}\n")
+    if under:
+        out.write("on top of " + ", ".join(f"{os.path.basename(u)} at {w:g}" for u, w in under) + " in every row\n")
     for n in left_out + mixed_runs(files):
         out.write(f"note: {n}\n")
     if args.prompt is None:
@@ -361,15 +390,21 @@ def _grid(args, out, made: list[str]) -> int:
                             cfg_scale=args.cfg) for s in seeds] for p in set(prompts.values())}
     model_name = os.path.splitext(os.path.basename(ckpt))[0]
 
+    told_under = []
+
     def said(path, result):
-        for n in result.networks:
-            out.write(f"{os.path.basename(path)}: {n.summary()}\n")
+        names = [u for u, _ in under] + [path]
+        for i, n in enumerate(result.networks):
+            if i < len(under) and told_under:  # (the LoRAs beneath are the same in every row: said once)
+                continue
+            out.write(f"{os.path.basename(names[min(i, len(under))])}: {n.summary()}\n")
             for u in n.unmatched[:5]:
                 out.write(f"  not in the model: {u}\n")
             if len(n.unmatched) > 5:
                 out.write(f"  ... and {len(n.unmatched) - 5} more\n")
             for e in n.errors[:3]:
                 out.write(f"  failed: {e}\n")
+        told_under.append(True)
 
     done: dict[str, list[list]] = {}  # file -> its rows' pictures, each saved as soon as it is rendered
 
@@ -386,8 +421,10 @@ def _grid(args, out, made: list[str]) -> int:
         written[0] += 1
         return path
 
+    beneath = "".join(f"<lora:{os.path.splitext(os.path.basename(u))[0]}:{w:g}> " for u, w in under)
+
     def render(f, s):
-        tag = f"<lora:{os.path.splitext(os.path.basename(f))[0]}:{s:g}>"
+        tag = beneath + f"<lora:{os.path.splitext(os.path.basename(f))[0]}:{s:g}>"
         row = []
         batch = sps[prompts[f]]
         for sp, (img, seed, used) in zip(batch, generate(host, batch, sampler=sampler, clip_skip=clip_skip)):
@@ -399,7 +436,7 @@ def _grid(args, out, made: list[str]) -> int:
 
     total = len(files) * len(strengths)
     try:
-        render_rows(host, files, strengths, render, on_network=said,
+        render_rows(host, files, strengths, render, on_network=said, under=under,
                     progress=lambda d, t: out.write(f"row {d}/{t} rendered\n") or out.flush())
         stopped = False
     except KeyboardInterrupt:  # (a long grid on a rented GPU: what is rendered is kept, with its grid)

@@ -246,3 +246,28 @@ def test_a_full_disk_names_the_picture_and_what_was_kept(run, tmp_path, monkeypa
     assert code == 1 and (f"could not write 00_1_3.png to {grid_dir}: the disk is full; the 2 picture(s) written "
                           "before it are there. Free some space (or give --out on another disk)") in err, out + err
     assert sorted(os.listdir(grid_dir)) == ["00_1_1.png", "00_1_2.png"]
+
+
+def test_with_judges_the_files_on_top_of_another_lora(run, tmp_path):
+    """--with merges a LoRA beneath every row: at row strength 0 the cell is the other LoRA alone (the same picture
+    as its own row at that weight), and each picture's PNG info carries both tags for txt2img."""
+    root, ckpt, out_dir = run
+    epoch1, final = out_dir / "svs-000001.safetensors", out_dir / "svs.safetensors"
+    code, out, err = run_cli("grid", epoch1, "--model", ckpt, "--strengths", "0.7", "--seeds", "3", "--steps", "3",
+                             "--out", tmp_path / "alone")
+    assert code == 0, out + err
+    code, out, err = run_cli("grid", final, "--model", ckpt, "--with", f"{epoch1}:0.7", "--strengths", "0,1",
+                             "--seeds", "3", "--steps", "3", "--out", tmp_path / "on")
+    assert code == 0, out + err
+    assert "on top of svs-000001.safetensors at 0.7 in every row" in out
+    assert out.count("svs-000001.safetensors: lora 'svs-000001'") == 1 and "svs.safetensors: lora 'svs'" in out, out
+    assert np.array_equal(_pixels(tmp_path / "on" / "00_0_3.png"), _pixels(tmp_path / "alone" / "00_0.7_3.png"))
+    assert np.abs(_pixels(tmp_path / "on" / "00_1_3.png") - _pixels(tmp_path / "on" / "00_0_3.png")).mean() > 1
+    info = Image.open(tmp_path / "on" / "00_1_3.png").text["parameters"]
+    assert info.startswith("svs cat <lora:svs-000001:0.7> <lora:svs:1>\n"), info
+    code, out, err = run_cli("grid", final, "--model", ckpt, "--prompt", "svs cat <lora:svs-000001:1>")
+    assert code == 2 and "give the other as --with FILE:WEIGHT" in err, err
+    code, out, err = run_cli("grid", final, "--model", ckpt, "--with", tmp_path / "none.safetensors")
+    assert code == 1 and "LoRA file not found" in err, err
+    code, out, err = run_cli("grid", final, "--model", ckpt, "--with", ckpt)
+    assert code == 1 and "it is a full Stable Diffusion checkpoint, not a LoRA" in err, err

@@ -8,9 +8,10 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 
-def prompt_tags_problem(prompt: str, negative: str = "") -> str | None:
+def prompt_tags_problem(prompt: str, negative: str = "", on_top: str | None = None) -> str | None:
     """A grid renders one LoRA file at a time and applies no <lora:...> (or other extra network) tag of its
-    prompt, while the pictures' PNG info would carry them to txt2img, which applies them: said, not rendered."""
+    prompt, while the pictures' PNG info would carry them to txt2img, which applies them: said, not rendered.
+    ``on_top``: how this grid judges a LoRA on top of another, when it can."""
     from ..apply.parser import TAG_RE
 
     tags = [m.group(0) for m in TAG_RE.finditer(f"{prompt or ''} {negative or ''}")]
@@ -18,8 +19,8 @@ def prompt_tags_problem(prompt: str, negative: str = "") -> str | None:
         return None
     return (f"the prompt has {', '.join(tags[:3])}: a grid merges one LoRA file at a time and applies no tag of its "
             "prompt, while its pictures' PNG info would make txt2img apply it. Take the tag out; to judge a LoRA "
-            "on top of another, bake the other into the checkpoint first (python -m lib_lora merge, or the "
-            "WebUI's Checkpoint Merger) and render on that")
+            "on top of another, " + (on_top or "bake the other into the checkpoint first (python -m lib_lora "
+                                              "merge, or the WebUI's Checkpoint Merger) and render on that"))
 
 
 def new_folder(path: str) -> str:
@@ -63,17 +64,19 @@ def compose_grid(images: list[list[list[Image.Image]]], file_labels: list[str], 
 
 
 def render_rows(host, files: list[str], strengths: list[float], render, progress=None, should_stop=None,
-                on_network=None):
+                on_network=None, under: list[tuple[str, float]] = ()):
     """``rows[file][strength] = render(file, strength)`` with each LoRA merged at that strength (text encoder and
     UNet) into the host's model; the model is put back afterwards, on an error too. Between rows ``should_stop()`` may end it:
     returns (rows of the files rendered in full, rows done, rows in all, stopped). ``on_network(path, result)``
-    gets each file's first apply result (its matched and unmatched layers)."""
+    gets each file's first apply result (its matched and unmatched layers). ``under``: (file, weight) LoRAs merged
+    beneath every row, to judge a LoRA on top of them."""
     from ..apply import Patcher, layer_mapping, load_network
 
     mapping = layer_mapping(host.sd_model)
     patcher = Patcher(cache_mb=0)
     out: list[list] = []
     total, done = len(files) * len(strengths), 0
+    base = [(load_network(f, host.family), float(w)) for f, w in under]
     try:
         for f in files:
             net = load_network(f, host.family)
@@ -81,7 +84,7 @@ def render_rows(host, files: list[str], strengths: list[float], render, progress
             for s in strengths:
                 if should_stop and should_stop():
                     return out, done, total, True
-                result = patcher.apply(mapping, [(net, float(s), float(s), None)])
+                result = patcher.apply(mapping, [(n, w, w, None) for n, w in base] + [(net, float(s), float(s), None)])
                 if on_network is not None and not rows:
                     on_network(f, result)
                 rows.append(render(f, s))
