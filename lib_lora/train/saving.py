@@ -353,6 +353,10 @@ def load_state(path: str, check_only: bool = False) -> dict:
                              "file that a cancelled or save_state run wrote")
 
     what = _not_a_state(path)
+    if what and path.endswith((STATE_EXT, OLD_STATE_EXT)):  # (named as a state: a damaged one)
+        raise StateFileError(f"the state file {os.path.basename(path)} cannot be read as a LoRA Studio resume "
+                             f"state (it is {what}). Resume from another state file, or start again from the last "
+                             "saved LoRA with network_weights")
     if what:
         raise StateFileError(f"{os.path.basename(path)} is {what}, not a resume state: resume from a "
                              f"*{STATE_EXT} file that a cancelled or save_state run wrote (beside its LoRA files)")
@@ -393,7 +397,7 @@ def _not_a_state(path: str) -> str | None:
     with open(path, "rb") as f:
         head = f.read(16)
     if not head:
-        return "an empty file (a save cut short?)"
+        return "an empty file, perhaps a save cut short"
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return None
     if len(head) >= 9 and head[8:9] == b"{":
