@@ -111,6 +111,10 @@ def test_settings_section(webui):
         assert key in labels and labels[key].section == ("lora_studio", "LoRA Studio")
         assert labels[key].category_id == "sd"
     assert webui.shared.opts.lora_studio_take_over is True
+    # (comment_after is HTML in the settings page: a raw <lora:…> there would vanish as an unknown tag)
+    for key in ("lora_studio_take_over",):
+        shown = labels[key].comment_after
+        assert "&lt;lora:…&gt;" in shown and "<lora" not in shown and "<lorastudio" not in shown, shown
 
 
 # ------------------------------------------------------------------------------------------------ registry

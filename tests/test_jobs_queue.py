@@ -87,6 +87,29 @@ def test_persists_across_restart(tmp_path):
     assert [j.id for j in JobQueue(str(tmp_path), None, autostart=False).list()] == [a.id]
 
 
+def test_a_cancel_asked_before_the_webui_stopped_stands_after_the_restart(tmp_path):
+    """The WebUI stopped (or died) while a cancel waited for the job's slow set-up: the job did not run again."""
+    gate = threading.Event()
+    q = JobQueue(str(tmp_path), _runner([], gate), autostart=False)
+    a = q.submit({"output_name": "a"})
+    q.start()
+    for _ in range(100):
+        if q.get(a.id).status == "running":
+            break
+        time.sleep(0.02)
+    q.cancel(a.id)
+    # the process dies here: the file holds a running job with the cancel asked
+    data = json.loads((tmp_path / "queue.json").read_text())
+    assert data["jobs"][0]["status"] == "running" and data["jobs"][0]["cancel_asked"] is True
+    q2 = JobQueue(str(tmp_path), None, autostart=False)
+    job = q2.get(a.id)
+    assert job.status == CANCELLED and job.message == ("cancelled (the WebUI stopped before the cancel was done); "
+                                                       "no resumable state was saved")
+    assert q2.pending() == []  # (nothing to run again)
+    gate.set()
+    q.stop(5)
+
+
 def test_unreadable_queue_file_is_kept_not_lost(tmp_path):
     (tmp_path / "queue.json").write_text("{not json")
     q = JobQueue(str(tmp_path), None, autostart=False)

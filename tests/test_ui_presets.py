@@ -26,6 +26,8 @@ def test_sd15_character_preset_is_the_tutorial():
     assert (c.optimizer_type, c.train_batch_size, c.max_train_epochs, c.save_every_n_epochs) == ("AdamW8bit", 2, 10, 2)
     assert (c.resolution, c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso) == ((512, 512), True, 256, 1024)
     assert (c.mixed_precision, c.lr_warmup_steps, c.caption_extension) == ("fp16", 100, ".txt")
+    # the form's Network type is a choice, not a key left out: no "network_module not set" note on every run
+    assert cfg["network_module"] == "networks.lora" and not any("network_module not set" in n for n in c.notes)
 
 
 def test_sdxl_preset():

@@ -69,7 +69,8 @@ class Session:
             "lora_studio_take_over": dict(
                 default=True, label="LoRA Studio handles <lora:…> prompt tags (instead of the built-in Lora)",
                 onchange=self.on_take_over_changed,
-                info="off: the built-in keeps <lora:…>; use <lorastudio:…> for LoRA Studio"),
+                # (the WebUI shows info as HTML: the brackets are escaped or the tags vanish)
+                info="off: the built-in keeps &lt;lora:…&gt;; use &lt;lorastudio:…&gt; for LoRA Studio"),
             "lora_studio_default_multiplier": dict(
                 default=0.0, label="LoRA Studio cards: default weight", component=self.host.gradio_component("Slider"),
                 component_args={"minimum": 0.0, "maximum": 2.0, "step": 0.05},

@@ -57,6 +57,7 @@ class Job:
     error: str | None = None
     resume_state: str | None = None
     resume_step: int | None = None    # the step resume_state was saved at
+    cancel_asked: bool = False        # kept in the file: a WebUI stopped mid-cancel does not run the job again
 
     def public(self) -> dict:
         d = asdict(self)
@@ -127,7 +128,12 @@ class JobQueue:
         for d in data.get("jobs", []):
             known = {k: v for k, v in d.items() if k in Job.__dataclass_fields__}
             job = Job(**known)
-            if job.status == RUNNING:
+            if job.status == RUNNING and job.cancel_asked:  # (the user's cancel stands)
+                job.status, job.finished = CANCELLED, job.finished or time.time()
+                job.message = ("cancelled (the WebUI stopped before the cancel was done); "
+                               + ("the work so far is kept as a resumable state" if _usable_state(job) else
+                                  "no resumable state was saved"))
+            elif job.status == RUNNING:
                 # the WebUI stopped mid-job: it goes back in line, to continue from its newest state if it has one
                 job.status = INTERRUPTED
                 job.message = "the WebUI stopped while this job ran; " + _restart_plan(job)
@@ -190,6 +196,8 @@ class JobQueue:
                 self._cancel.add(job_id)  # the runner sees it at the next step
                 self._asked.add(job_id)
                 job.message = "cancelling…"
+                job.cancel_asked = True
+                self._save()
         self._notify(job, "cancel")
         return job
 

@@ -360,7 +360,7 @@ def optimizer_problems(name: str | None, cfg: TrainConfig | None = None) -> tupl
     except OptimizerUnavailable as e:
         twin = fallback_twin(name)
         if twin:
-            return [], [f"{e} {twin} will be used instead (same results, more memory)."]
+            return [], [f"{e} Until then {twin} is used instead."]
         return [str(e)], []
     if cfg is not None and adapts_lr(name):
         unet_lr, te_lr = part_lrs(cfg)

@@ -325,6 +325,8 @@ def collect_config(ui_values: dict, paths: dict | None = None) -> tuple[dict, st
             cfg[k] = v
     if cfg.get("max_train_epochs") is not None:
         cfg.pop("max_train_steps", None)  # epochs decide the length; keeping both only earns a note
+    if "network_module" in ui_values:  # (the field's choice, not "not set": no note that it was left out)
+        cfg.setdefault("network_module", "networks.lora")
     return cfg, str(ui_values.get("ui_sample_prompt") or "")
 
 
