@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, conint
 
-from .jobs.queue import ACTIVE, FINISHED, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST
+from .jobs.queue import ACTIVE, FINISHED, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST, same_files_job
 from .train import kohya_gui
 from .train.dataset import metadata_image
 from .train.lyco import PRESETS as LYCO_PRESETS
@@ -418,18 +418,11 @@ class _Api:
         overwrite the earlier one's LoRAs and states while both are listed as their own. A file already there is
         said (sd-scripts overwrites it too)."""
         out, name = str(cfg.resolve(cfg.output_dir)), cfg.output_name or "lora"
-        for job in self.queue.list():
-            if job.status not in ACTIVE:
-                continue
-            try:
-                other = parse_train_config(dict(job.config), source=f"job {job.id}")
-            except TrainConfigError:
-                continue
-            if (other.output_name or "lora") == name and os.path.realpath(str(other.resolve(other.output_dir))) \
-                    == os.path.realpath(out):
-                raise HTTPException(409, detail=f"job {job.name} ({job.id}) is {job.status} and writes the same files "
-                                                f"({name}*.safetensors in {out}); give this job another output_name "
-                                                "or output_dir, or queue it after that one has finished")
+        job = same_files_job(self.queue.list(), cfg)
+        if job is not None:
+            raise HTTPException(409, detail=f"job {job.name} ({job.id}) is {job.status} and writes the same files "
+                                            f"({name}*.safetensors in {out}); give this job another output_name "
+                                            "or output_dir, or queue it after that one has finished")
         final = os.path.join(out, name + ".safetensors")
         return [f"{final} already exists: this job overwrites it (and its epoch files of the same name)"] \
             if os.path.exists(final) else []

@@ -193,8 +193,12 @@ def test_queue_operations_and_restart(host, dataset, tmp_path):
     b = LocalBackend(host, str(tmp_path / "s"), hooks=hooks, autostart=False)
     cfg = _config(dataset, tmp_path / "o")
     j1 = b.submit(cfg, name="one", task_id="t1")
-    j2 = b.submit(cfg, name="two", task_id="t2")
-    j3 = b.submit(cfg, name="three", task_id="t3", front=True)
+    # the same files twice (a second click on Train): refused, as the HTTP API refuses it
+    with pytest.raises(UiError, match=r"The job was not queued: job 'one' is queued and writes the same files "
+                                      r"\(bear\*\.safetensors in .*\); give this one another output name"):
+        b.submit(cfg, name="again", task_id="t0")
+    j2 = b.submit({**cfg, "output_name": "bear2"}, name="two", task_id="t2")
+    j3 = b.submit({**cfg, "output_name": "bear3"}, name="three", task_id="t3", front=True)
     assert [j["name"] for j in b.jobs()] == ["three", "one", "two"]
     b.move(j2["id"], -1)
     assert [j["name"] for j in b.jobs()] == ["three", "two", "one"]

@@ -65,6 +65,24 @@ class Job:
         return d
 
 
+def same_files_job(jobs: list[Job], cfg) -> Job | None:
+    """A waiting or running job that writes the files a job of ``cfg`` would (same output_dir and output_name):
+    the later run would overwrite the earlier one's LoRAs and states while both list them as their own."""
+    from ..train.config import TrainConfigError, parse_train_config
+
+    out, name = os.path.realpath(str(cfg.resolve(cfg.output_dir))), cfg.output_name or "lora"
+    for job in jobs:
+        if job.status not in ACTIVE:
+            continue
+        try:
+            other = parse_train_config(dict(job.config), source=f"job {job.id}")
+        except TrainConfigError:
+            continue
+        if (other.output_name or "lora") == name and os.path.realpath(str(other.resolve(other.output_dir))) == out:
+            return job
+    return None
+
+
 def _usable_state(job: Job) -> str | None:
     return job.resume_state if job.resume_state and os.path.exists(job.resume_state) else None
 

@@ -405,6 +405,13 @@ class LocalBackend:
         out = output_dir_problem(str(cfg.resolve(cfg.output_dir))) if cfg.output_dir else None
         if out:
             problems.append(out[0].upper() + out[1:] + ".")
+        if cfg.output_dir:
+            from ..jobs.queue import same_files_job
+            other = same_files_job(self.queue.list(), cfg)
+            if other is not None:  # (a second click on Train, or the same name twice: as the HTTP API refuses it)
+                problems.append(f"job '{other.name}' is {other.status} and writes the same files "
+                                f"({cfg.output_name or 'lora'}*.safetensors in {cfg.resolve(cfg.output_dir)}); give "
+                                "this one another output name, or queue it after that one has finished.")
         if problems:
             raise UiError("The job was not queued: " + problems[0] if len(problems) == 1 else
                           "The job was not queued:" + "".join(f"\n- {p}" for p in problems))
