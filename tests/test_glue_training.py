@@ -239,6 +239,20 @@ def test_samples_and_grids_follow_the_webui_image_folder_setting(webui):
         opts.data.pop("outdir_samples", None)
 
 
+def test_loras_outside_the_lora_folders_are_said_and_get_no_tag_txt2img_cannot_find(webui):
+    from lib_lora.ui.backend import UiError
+    lora = webui.shared.cmd_opts.lora_dir
+    b = webui.backend
+    assert b.lora_folder_note(lora) is None and b.lora_folder_note(os.path.join(lora, "chars")) is None
+    assert b.lora_tag(os.path.join(lora, "chars", "svs-000002.safetensors"), 0.8) == "<lora:svs-000002:0.8>"
+    note = b.lora_folder_note("/data/loras")
+    assert note == (f"/data/loras is outside the WebUI's LoRA folder ({lora}): LoRAs saved there get no cards, and "
+                    "<lora:…> tags do not find them until they are copied there")
+    with pytest.raises(UiError, match=r"svs\.safetensors: /data/loras is outside the WebUI's LoRA folder .* Copy it "
+                                      r"there, then use <lora:svs:0\.5>"):
+        b.lora_tag("/data/loras/svs.safetensors", 0.5)
+
+
 def test_api_job_trains_and_leaves_attention_alone(fresh, rendered):
     ns = fresh
     ns.sd_hijack.model_hijack.optimization_method = "sdp-no-mem"  # supports backward: left in place

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ..ui.backend import LocalBackend, ProgressHooks
+from ..ui.backend import LocalBackend, ProgressHooks, UiError
 from .webui import cmd_opt, console, data_dir, images_dir, lora_dirs, opt, process_own, sampler_fields, shared
 from .webui_train import WebUIHost, WebUINotReady
 
@@ -168,6 +168,19 @@ class WebUIBackend(LocalBackend):
         rel = _in_lora_dir(output_dir)
         return super().samples_dir(output_dir, name) if rel is None else os.path.join(images_dir(), "samples",
                                                                                        *rel, name)
+
+    def lora_folder_note(self, folder: str) -> str | None:
+        if not folder or _in_lora_dir(folder) is not None or not lora_dirs():
+            return None
+        return (f"{folder} is outside the WebUI's LoRA folder ({lora_dirs()[0]}): LoRAs saved there get no cards, "
+                "and <lora:…> tags do not find them until they are copied there")
+
+    def lora_tag(self, path: str, weight: float) -> str:
+        note = self.lora_folder_note(os.path.dirname(os.path.abspath(path)))
+        if note:  # (a tag txt2img cannot resolve, or one that finds another file of that name)
+            raise UiError(f"{os.path.basename(path)}: {note}. Copy it there, then use <lora:"
+                          f"{os.path.splitext(os.path.basename(path))[0]}:{float(weight):g}>")
+        return super().lora_tag(path, weight)
 
     def grids_dir(self, lora_file: str) -> str:
         rel = _in_lora_dir(os.path.dirname(lora_file))

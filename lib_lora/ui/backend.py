@@ -95,6 +95,7 @@ class Backend(Protocol):
     def move(self, job_id: str, delta: int) -> None: ...
     def queue_problem(self) -> str | None: ...
     def lora_tag(self, path: str, weight: float) -> str: ...
+    def lora_folder_note(self, folder: str) -> str | None: ...
     def save_preview(self, lora_path: str, image: Image.Image) -> str: ...
 
 
@@ -482,6 +483,10 @@ class LocalBackend:
     def lora_tag(self, path: str, weight: float) -> str:
         stem = os.path.splitext(os.path.basename(path))[0]
         return f"<lora:{stem}:{float(weight):g}>"
+
+    def lora_folder_note(self, folder: str) -> str | None:
+        """Why LoRAs saved in ``folder`` cannot be used by name (outside the host's LoRA folders), or None."""
+        return None
 
     def save_preview(self, lora_path: str, image: Image.Image) -> str:
         return save_preview(lora_path, image)

@@ -905,6 +905,8 @@ def build_tab(backend) -> gr.Blocks:
                 raise UiError("Give the LoRA a name (LoRA name, above the Train button).")
             if re.search(r'[\\/:*?"<>|]', paths["output_name"]):
                 raise UiError("The LoRA name cannot contain \\ / : * ? \" < > |. Use letters, digits, - and _.")
+            if not paths["output_dir"]:  # (as Settings -> LoRA Studio says: empty = the LoRA folder)
+                paths["output_dir"] = backend.default_output_dir()
             if not paths["output_dir"]:
                 raise UiError("Choose the output folder the LoRA files are written to.")
             cfg, prompt = collect_config(ui_values, paths)
@@ -929,6 +931,8 @@ def build_tab(backend) -> gr.Blocks:
             exists = os.path.exists(os.path.join(paths["output_dir"], paths["output_name"] + ".safetensors"))
             warn = (f" Note: {paths['output_name']}.safetensors already exists in the output folder and will be "
                     "overwritten.") if exists else ""
+            outside = backend.lora_folder_note(paths["output_dir"])
+            warn += f" Note: {outside}." if outside else ""
             # the panel (and Cancel) stays on the job that is training; a new job is selected when it starts now
             running = next((j for j in jobs if j["status"] == "running" and j["id"] != job["id"]), None)
             shown = running or job
