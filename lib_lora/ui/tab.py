@@ -897,6 +897,7 @@ def build_tab(backend) -> gr.Blocks:
 
         @releasing
         def submit(task, *args, front):
+            *args, preset_name = args  # (the preset the form was filled from: said when it is another model's)
             ui_values, paths = _split_settings(args)
             if not paths["train_data_dir"]:
                 raise UiError("Set the training folder on the Dataset tab first.")
@@ -933,6 +934,8 @@ def build_tab(backend) -> gr.Blocks:
                     "overwritten.") if exists else ""
             outside = backend.lora_folder_note(paths["output_dir"])
             warn += f" Note: {outside}." if outside else ""
+            other = preset_hint(info, preset_name)
+            warn += f" Note: {other}" if other else ""
             # the panel (and Cancel) stays on the job that is training; a new job is selected when it starts now
             running = next((j for j in jobs if j["status"] == "running" and j["id"] != job["id"]), None)
             shown = running or job
@@ -942,10 +945,11 @@ def build_tab(backend) -> gr.Blocks:
                     jobs_box: jobs_table_html(jobs, shown["id"])}
 
         submit_outputs = [train_status, job_select, jobs_box]
-        train_btn.click(guarded(train_status)(functools.partial(submit, front=True)), [task_id] + settings, submit_outputs,
+        submit_inputs = [task_id] + settings + [preset]
+        train_btn.click(guarded(train_status)(functools.partial(submit, front=True)), submit_inputs, submit_outputs,
                         _js="lora_studio_start_training")
-        queue_btn.click(guarded(train_status)(functools.partial(submit, front=False)), [task_id] + settings,
-                        submit_outputs, _js="lora_studio_start_training")
+        queue_btn.click(guarded(train_status)(functools.partial(submit, front=False)), submit_inputs, submit_outputs,
+                        _js="lora_studio_start_training")
 
         def _refuse_while_training(what):
             # generation waits for the training job's hold on the model: say so now instead of hanging for hours
