@@ -309,17 +309,17 @@ def _train(args, out) -> int:
     if not cfg.output_dir:
         raise TrainCliError(f"{args.config}: output_dir is not set: choose the folder the LoRA files are written to")
     from .train.saving import StateFileError, load_state, output_dir_problem
-    problem = output_dir_problem(str(cfg.resolve(cfg.output_dir)))
+    out_dir, name = str(cfg.resolve(cfg.output_dir)), cfg.output_name or "lora"
+    problem = output_dir_problem(out_dir)
     if problem:
         raise TrainCliError(f"{args.config}: {problem}")
     resume_at = None
-    out_dir = str(cfg.resolve(cfg.output_dir))
-    _check_run_lock(out_dir, cfg.output_name or "lora")
+    _check_run_lock(out_dir, name)
     if args.resume == "auto":
-        states = _earlier_states(out_dir, cfg.output_name or "lora")
+        states = _earlier_states(out_dir, name)
         args.resume = states[-1] if states else None
         out.write(f"--resume auto: continuing from {states[-1]}, the newest state of this run\n" if states else
-                  f"--resume auto: no resume state of '{cfg.output_name or 'lora'}' in {out_dir}; starting the run\n")
+                  f"--resume auto: no resume state of '{name}' in {out_dir}; starting the run\n")
     if args.resume:
         from .train.support import resume_problems
         try:
@@ -331,7 +331,7 @@ def _train(args, out) -> int:
             raise TrainCliError(f"--resume: {problems[0]}")
         resume_at = int(state.get("step") or 0)
     else:
-        for n in _earlier_run_notes(out_dir, cfg.output_name or "lora"):
+        for n in _earlier_run_notes(out_dir, name):
             out.write(f"note: {n}\n")
     from .host.headless import load_checkpoint
     from .train.run import plan_for
@@ -390,8 +390,7 @@ def _train(args, out) -> int:
         out.write(host.load_vae(vae_path) + "\n")
 
     sample_fn = None
-    out_dir = str(cfg.resolve(cfg.output_dir)) if cfg.output_dir else None
-    if sample_prompts is not None and out_dir:
+    if sample_prompts is not None:
         from .train.sampling import make_sample_fn
         sample_fn = make_sample_fn(host, cfg, out_dir, prompts=sample_prompts,
                                    on_note=lambda m: out.write(f"note: {m}\n"))

@@ -35,6 +35,8 @@ class ModelHost:
 
     # cache_latents_to_disk's folder; None: ``.lora-studio-cache/latents`` in the run's output folder
     latent_cache_dir: str | None = None
+    # who holds a run's lock, as a second run is told
+    runs_as: str = "a LoRA Studio training"
 
     @property
     def parameterization(self) -> str:

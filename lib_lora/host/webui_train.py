@@ -25,6 +25,8 @@ class WebUINotReady(RuntimeError):
 class WebUIHost(ModelHost):
     """The model the WebUI has loaded, as the trainer sees it."""
 
+    runs_as = "a WebUI job"
+
     def __init__(self, session, job_id: str | None = None):
         forge = forge_info()
         if forge:

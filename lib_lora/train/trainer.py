@@ -849,9 +849,8 @@ class Trainer:
         started = time.time()
 
         with ExitStack() as stack:
-            by = "a WebUI job" if type(self.host).__name__ == "WebUIHost" else "a LoRA Studio training"
             try:
-                stack.enter_context(RunLock(out_dir, name, by))
+                stack.enter_context(RunLock(out_dir, name, getattr(self.host, "runs_as", "")))
             except RunLockedError as e:
                 raise TrainingError(f"{e}. Nothing was trained") from None
             left, size = remove_files(leftover_temps(out_dir, run_files(name)))
@@ -1315,12 +1314,13 @@ class Trainer:
                            message=f"saved {path_name}; {self._match_summary(path)}")
                 return path
 
-            def save_or_go_on(fn, *args, what: str):
-                """An intermediate save that cannot be written costs that file, not the run: said, then on."""
+            def save_or_go_on(fn, *args, what: str, last: bool = False):
+                """An intermediate save that cannot be written costs that file, not the run: said, then on.
+                ``last``: the state after the final LoRA, which no later save tries again."""
                 try:
                     return fn(*args)
                 except SaveWriteError as e:
-                    if what == "the final state":  # (after the final LoRA: no later save to try again)
+                    if last:
                         self._note(f"could not write {what} to {out_dir}: {e.why}. The final LoRA is saved; the run "
                                    "cannot be resumed from its end (its newest state, if any, is an earlier one)")
                         return None
@@ -1499,7 +1499,8 @@ class Trainer:
                 net.eval()
                 final = save_final()
                 if c.save_state or c.save_state_on_train_end:  # (the LoRA is saved: a missing state is said)
-                    state_file = save_or_go_on(save_resume, self.epochs + 1, 0, "final", what="the final state")
+                    state_file = save_or_go_on(save_resume, self.epochs + 1, 0, "final", what="the final state",
+                                               last=True)
                 if self.should_cancel():  # (asked for during the last step or the last samples: nothing was left)
                     self._note(f"the cancel came after the last training step, so the run finished: all {step} "
                                "steps are trained and the final LoRA is saved"
