@@ -159,34 +159,40 @@ class _CtrlC:
 # ---------------------------------------------------------------------------------------------------------------
 # train
 
-def _earlier_states(out_dir: str, output_name: str) -> list[str]:
-    """The resume states of runs of this name in the folder, oldest first."""
+def _earlier_files(out_dir: str, output_name: str) -> tuple[list[str], list[str]]:
+    """The LoRAs and the resume states that runs of this name wrote in the folder, each oldest first (another
+    run's ``name-2.safetensors`` is not one of them)."""
     from .train.config import output_stem
     from .train.saving import OLD_STATE_EXT, STATE_EXT, run_files
     try:
         names = os.listdir(out_dir)
     except OSError:
-        return []
+        return [], []
     ours = run_files(output_stem(output_name))
-    paths = []
+    loras, states = [], []
     for n in names:
         as_new = n[: -len(OLD_STATE_EXT)] + STATE_EXT if n.endswith(OLD_STATE_EXT) else n  # (earlier versions')
-        if as_new.endswith(STATE_EXT) and ours.fullmatch(as_new):
-            paths.append(os.path.join(out_dir, n))
-    return sorted(paths, key=os.path.getmtime)
+        if ours.fullmatch(as_new):
+            (states if as_new.endswith(STATE_EXT) else loras).append(os.path.join(out_dir, n))
+    def age(p):
+        try:
+            return os.path.getmtime(p)
+        except OSError:  # (removed meanwhile)
+            return 0.0
+    return sorted(loras, key=age), sorted(states, key=age)
+
+
+def _earlier_states(out_dir: str, output_name: str) -> list[str]:
+    """The resume states of runs of this name in the folder, oldest first."""
+    return _earlier_files(out_dir, output_name)[1]
 
 
 def _earlier_run_notes(out_dir: str, output_name: str) -> list[str]:
     """A run started again without --resume begins at step 0 and writes over the earlier run's files, as
     sd-scripts does: said, with the state it could continue from."""
-    import glob
-
     from .train.config import output_stem
     stem = output_stem(output_name)
-    pattern = glob.escape(os.path.join(out_dir, stem))
-    states = _earlier_states(out_dir, output_name)
-    loras = glob.glob(pattern + ".safetensors") + glob.glob(pattern + "-[0-9]*.safetensors") \
-        + glob.glob(pattern + "-step[0-9]*.safetensors")
+    loras, states = _earlier_files(out_dir, output_name)
     notes = []
     if states:
         notes.append(f"{out_dir} holds {os.path.basename(states[-1])} from an earlier run of '{stem}': to continue "

@@ -253,6 +253,13 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
                           f"instead of starting again, stop now (Ctrl-C) and add --resume {state} (or --resume "
                           "auto)") in out, out + err
     assert "the earlier 'svs' run's 1 resume state(s) in" in out and "are written over" in out, out
+    for other_run in ("svs-2.safetensors", "svs-final.safetensors", "svs-v2-000001.safetensors"):
+        (tmp_path / "out" / other_run).write_bytes(b"")  # (other runs' names: not written over, not counted)
+    (tmp_path / "out" / "svs-000001.safetensors").write_bytes(b"")
+    code, out, err = run_cli("train", cfg, "--dry-run")
+    assert code == 0 and "the earlier 'svs' run's 1 LoRA file(s) and 1 resume state(s) in" in out, out + err
+    for n in ("svs-2.safetensors", "svs-final.safetensors", "svs-v2-000001.safetensors", "svs-000001.safetensors"):
+        (tmp_path / "out" / n).unlink()
     # a restart script: the newest state of this run, or a fresh start when there is none
     code, out, err = run_cli("train", cfg, "--resume", "auto", "--dry-run")
     assert code == 0 and f"--resume auto: continuing from {state}, the newest state of this run" in out, out + err

@@ -331,7 +331,7 @@ def save_state(path: str, state: dict):
         why = write_error_reason(e)
         err = StateFileError(f"could not write the resumable state {os.path.basename(path)} to {folder}: {why}. "
                              "Free some space or make the folder writable")
-        err.why = why
+        err.why, err.errno = why, e.errno
         raise err from None
 
 

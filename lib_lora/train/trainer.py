@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import errno
 import hashlib
 import inspect
 import json
@@ -68,26 +69,30 @@ class Cancelled(Exception):
     pass
 
 
-class SaveWriteError(TrainingError):
-    """A file of the run could not be written (full disk, folder gone or read-only); ``why`` says which."""
+_REMEDIES = {errno.ENOSPC: "free some space", getattr(errno, "EDQUOT", errno.ENOSPC): "free some space",
+             errno.ENOENT: "make the folder available again"}
 
-    def __init__(self, message: str, why: str):
+
+class SaveWriteError(TrainingError):
+    """A file of the run could not be written (full disk, folder gone or read-only); ``why`` says which in words,
+    ``remedy`` what the user does about it (from the OS error's code)."""
+
+    def __init__(self, message: str, why: str, code: int | None = None):
         super().__init__(message)
         self.why = why
+        self.remedy = _REMEDIES.get(code, "make the folder writable again")
+
+
+def _write_cause(e: BaseException) -> OSError | None:
+    """The OS error behind a failed save when the disk or folder is to blame (not the data), else None."""
+    cause = e if isinstance(e, OSError) else e.__cause__
+    return cause if isinstance(cause, OSError) else None
 
 
 def _write_failure(e: BaseException) -> str | None:
-    """Why a save failed when the disk or folder is to blame (not the data), else None."""
-    cause = e if isinstance(e, OSError) else e.__cause__
-    if not isinstance(cause, OSError):
-        return None
-    return write_error_reason(cause)
-
-
-def _remedy(why: str) -> str:
-    if why == "the disk is full":
-        return "free some space"
-    return "make the folder available again" if "folder is gone" in why else "make the folder writable again"
+    """Why a save failed, in words, when the disk or folder is to blame, else None."""
+    cause = _write_cause(e)
+    return None if cause is None else write_error_reason(cause)
 
 
 def _mask_path(entry) -> str | None:
@@ -1276,8 +1281,8 @@ class Trainer:
                     os.makedirs(out_dir)
                 except OSError as e:
                     raise SaveWriteError(f"the output folder {out_dir} is gone and cannot be made again",
-                                         f"the folder is gone and cannot be made again ({write_error_reason(e)})"
-                                         ) from None
+                                         f"the folder is gone and cannot be made again ({write_error_reason(e)})",
+                                         errno.ENOENT) from None
                 self._note(f"the output folder {out_dir} was gone (removed or renamed while training); it was made "
                            "again and this run's files are saved in it from now on", console=True)
 
@@ -1305,10 +1310,10 @@ class Trainer:
                 try:
                     save_lora(path, sd, md, spec)
                 except LoraFileError as e:
-                    why = _write_failure(e)
-                    if why is None:
+                    cause = _write_cause(e)
+                    if cause is None:
                         raise
-                    raise SaveWriteError(str(e), why) from None
+                    raise SaveWriteError(str(e), write_error_reason(cause), cause.errno) from None
                 self.files.append(path)
                 self._emit("save", step=step, epoch=epoch_no, path=path,
                            message=f"saved {path_name}; {self._match_summary(path)}")
@@ -1325,7 +1330,7 @@ class Trainer:
                                    "cannot be resumed from its end (its newest state, if any, is an earlier one)")
                         return None
                     self._note(f"could not write {what} to {out_dir}: {e.why}. Training goes on and the next save "
-                               f"tries again; {_remedy(e.why)} before the run ends, or the final LoRA cannot be "
+                               f"tries again; {e.remedy} before the run ends, or the final LoRA cannot be "
                                "written either")
                     return None
 
@@ -1344,10 +1349,10 @@ class Trainer:
                             raise TrainingError(
                                 f"the final LoRA {fname} could not be written to {out_dir}: {e.why}, still after "
                                 f"{self.final_save_wait_s / 60:g} minutes of waiting; {kept}. "
-                                f"{_remedy(e.why).capitalize()} (or choose another output folder) and train again"
+                                f"{e.remedy.capitalize()} (or choose another output folder) and train again"
                             ) from None
                         self._note(f"could not write the final LoRA {fname} to {out_dir}: {e.why}. The training is "
-                                   f"finished and kept in memory: {_remedy(e.why)} and it is written, trying again "
+                                   f"finished and kept in memory: {e.remedy} and it is written, trying again "
                                    f"every {self.final_save_retry_s:g} s for up to {self.final_save_wait_s / 60:g} "
                                    "minutes. Cancel (Ctrl-C on the command line) to give up (it saves a resumable "
                                    "state if there is room for it)", console=True)
@@ -1389,7 +1394,7 @@ class Trainer:
                         "end_step": self.end_step, "total_steps": self.total_steps,
                         "losses": self.losses, "rng": rng_state(), "config_source": c.source, "started": started})
                 except StateFileError as e:  # (a full disk, a folder gone read-only: said, not a traceback)
-                    raise SaveWriteError(str(e), getattr(e, "why", None) or str(e)) from None
+                    raise SaveWriteError(str(e), getattr(e, "why", None) or str(e), getattr(e, "errno", None)) from None
                 # (the queue keeps the newest: a job cut off by a WebUI restart continues from it)
                 self._emit("state", step=step, epoch=epoch_no, path=path)
                 return path
