@@ -366,6 +366,12 @@ def _train(args, out) -> int:
     except TrainingError as e:
         raise TrainCliError(str(e)) from None
     out.write(plan.report() + "\n")  # includes the config's notes and the dataset's warnings
+    data_notes = []
+    if args.resume:
+        from .train.support import resume_data_notes
+        data_notes = resume_data_notes(os.path.basename(args.resume), state, plan)
+        for n in data_notes:
+            out.write(f"note: {n}\n")
 
     sample_prompts = None
     if cfg.sample_prompts or cfg.sample_prompt_text:
@@ -406,7 +412,7 @@ def _train(args, out) -> int:
 
     from .train.run import run_training
     printer = ProgressPrinter(out, already_shown={str(w) for w in plan.warnings} | set(support_notes)
-                              | set(getattr(sample_fn, "notes", ())))
+                              | set(getattr(sample_fn, "notes", ())) | set(data_notes))
     with _CtrlC(out) as ctrl:
         try:
             result = run_training(host, cfg, on_event=printer, should_cancel=ctrl.event.is_set,

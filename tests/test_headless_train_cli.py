@@ -2,6 +2,7 @@
 
 import io
 import os
+import shutil
 
 import pytest
 
@@ -248,6 +249,17 @@ def test_cancel_saves_state_and_prints_how_to_resume(run_cli, tiny_ckpt, tmp_pat
     monkeypatch.setattr(train_cli.ProgressPrinter, "__call__", orig)
     code, out, err = run_cli("train", cfg, "--resume", state, "--dry-run")
     assert code == 0 and "would continue from step 1 to 4 over 2 epoch(s)" in out, out + err
+    assert "trained on other data" not in out, out
+    # resumed on other data (an image added, another resolution): allowed as sd-scripts does, but said
+    extra_img = tmp_path / "img" / "2_svs cat" / "added.png"
+    shutil.copy(tmp_path / "img" / "2_svs cat" / "c0.png", extra_img)
+    moved = tmp_path / "moved.toml"
+    moved.write_text(cfg.read_text().replace('resolution = "64"', 'resolution = "128"'))
+    code, out, err = run_cli("train", moved, "--resume", state, "--dry-run")
+    assert code == 0 and ("note: resume: svs-cancelled-state.lsstate was trained on other data (2 training images "
+                          "then, 3 now; resolution 64x64 then, 128x128 now; 2 batches per epoch then, 3 now): the run "
+                          "goes on with this data from step 1") in out, out + err
+    extra_img.unlink()
     code, out, err = run_cli("train", cfg, "--dry-run")  # (started again: the state it could continue is named)
     assert code == 0 and (f"holds svs-cancelled-state.lsstate from an earlier run of 'svs': to continue that run "
                           f"instead of starting again, stop now (Ctrl-C) and add --resume {state} (or --resume "

@@ -101,6 +101,7 @@ def test_resume_after_cancel_gives_the_same_weights(sd1, tmp_path):
     assert state_fingerprint(sd1) == before
     resumed = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "b"), img, **kw), resume=part.state_file)
     assert resumed.status == "done" and resumed.steps == 6
+    assert not any("other data" in n for n in resumed.notes), resumed.notes  # (the same data: nothing said)
     a, b = _train_state(full.final), _train_state(resumed.final)
     assert a.keys() == b.keys()
     for k in a:

@@ -9,6 +9,7 @@ the doctor, the CLI and the tab show; the training loop reads ``ImageEntry`` obj
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -241,6 +242,17 @@ class DatasetPlan:
     @property
     def batches_per_epoch(self) -> int:
         return sum(d.batches for d in self.datasets)
+
+    def signature(self) -> dict:
+        """What a resume state records of the data it was trained on, to tell a resumed run on other data:
+        counts, sizes, and a digest of the images' folder/file names with their repeats (not their captions)."""
+        used = [e for d in self.datasets for e in d.entries() if e.num_repeats > 0]
+        names = sorted(f"{e.path.parent.name}/{e.path.name}*{e.num_repeats}" for e in used)
+        return {"images": sum(1 for e in used if not e.is_reg), "reg_images": sum(1 for e in used if e.is_reg),
+                "files": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
+                "batches_per_epoch": self.batches_per_epoch,
+                "resolution": [list(d.spec.resolution) if d.spec.resolution else None for d in self.datasets],
+                "batch_size": [d.spec.batch_size for d in self.datasets]}
 
     @property
     def bucket_histogram(self) -> dict[tuple[int, int], int]:
@@ -1284,3 +1296,29 @@ __all__ = [
     "balance_reg_repeats",
     "build_plan",
 ]
+
+
+def signature_changes(then: dict | None, now: dict) -> list[str]:
+    """What differs between a state's data (``DatasetPlan.signature``) and this run's, in words; [] when the
+    same or when the state is of a version that did not record it."""
+    if not then:
+        return []
+    out = []
+    for key, what in (("images", "training images"), ("reg_images", "regularisation images")):
+        if then.get(key) != now.get(key):
+            out.append(f"{then.get(key)} {what} then, {now.get(key)} now")
+    if not out and then.get("files") != now.get("files"):
+        out.append("other image files or repeat counts (the same number of images)")
+
+    def one(v):
+        return v[0] if isinstance(v, list) and len(v) == 1 else v
+    for key, what in (("resolution", "resolution"), ("batch_size", "batch size")):
+        if then.get(key) != now.get(key):
+            a, b = one(then.get(key)), one(now.get(key))
+            fmt = (lambda r: "x".join(map(str, r)) if isinstance(r, list) and r and not isinstance(r[0], list)
+                   else str(r)) if key == "resolution" else str
+            out.append(f"{what} {fmt(a)} then, {fmt(b)} now")
+    if then.get("batches_per_epoch") != now.get("batches_per_epoch"):
+        out.append(f"{then.get('batches_per_epoch')} batches per epoch then, {now.get('batches_per_epoch')} now")
+    return out
+

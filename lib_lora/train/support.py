@@ -485,6 +485,18 @@ def resume_problems(cfg: TrainConfig, state: dict, path: str) -> list[str]:
     return problems
 
 
+def resume_data_notes(name: str, state: dict, plan) -> list[str]:
+    """A state continued on other data (images added or removed, another resolution or batch size) is allowed,
+    as sd-scripts allows it, but said: the steps and epochs it counts then mean other things."""
+    from .dataset import signature_changes
+    changes = signature_changes(state.get("data"), plan.signature())
+    if not changes:
+        return []
+    return [f"resume: {name} was trained on other data ({'; '.join(changes)}): the run goes on with this data "
+            f"from step {int(state.get('step') or 0)}. If that is not what you meant, point the config at the "
+            "dataset of that run, or train without resume to start over on this one"]
+
+
 def loaded_model_notes(cfg: TrainConfig, info: dict | None) -> list[str]:
     """Inside the WebUI a job trains the loaded checkpoint as it is: the model keys of a pasted sd-scripts config
     (``pretrained_model_name_or_path``, ``v2``, ``v_parameterization``, ``vae``) choose nothing; say so where they

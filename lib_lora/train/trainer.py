@@ -46,7 +46,7 @@ from .lora_net import LoRANetwork, NetworkShapeError
 from .lyco_preset import PresetError
 from .sd_latents import load_latent
 from .support import (CPU_FP16_NOTE, base_dims, block_settings, kohya_oft_switches, lyco_settings, network_args,
-                      part_lrs, wrong_family_message)
+                      part_lrs, resume_data_notes, wrong_family_message)
 from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerGroupsError, OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer,
                     make_scheduler, make_torch_scheduler, shown_lr)
@@ -1191,6 +1191,8 @@ class Trainer:
                 if not own.startswith(name + "-"):
                     self._note(f"resume: {own} is not of a run named '{name}'; it is continued and saved as "
                                f"'{name}' (check that it is the run you mean)")
+                for n in resume_data_notes(own, st, self.plan):
+                    self._note(n)
                 seed = self.seed = st["seed"]
                 started = st.get("started", started)  # (the same run: its files keep one session id)
                 self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
@@ -1392,7 +1394,8 @@ class Trainer:
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                         "step": step, "epoch": epoch_no, "batch_in_epoch": batch_in_epoch, "seed": seed,
                         "end_step": self.end_step, "total_steps": self.total_steps,
-                        "losses": self.losses, "rng": rng_state(), "config_source": c.source, "started": started})
+                        "losses": self.losses, "rng": rng_state(), "config_source": c.source, "started": started,
+                        "data": self.plan.signature()})
                 except StateFileError as e:  # (a full disk, a folder gone read-only: said, not a traceback)
                     raise SaveWriteError(str(e), getattr(e, "why", None) or str(e), getattr(e, "errno", None)) from None
                 # (the queue keeps the newest: a job cut off by a WebUI restart continues from it)
