@@ -61,7 +61,7 @@ def test_create_layout_copies_and_never_touches_originals(pictures, tmp_path):
     assert lay.reg_image_dir == str(tmp_path / "dataset" / "reg" / "1_bear")
     assert sorted(res.copied) == ["p0.png", "p1.png", "p2.png", "p3.png"] and res.captions == ["p0.txt"]
     assert sorted(os.listdir(lay.image_dir)) == ["p0.png", "p0.txt", "p1.png", "p2.png", "p3.png"]
-    assert os.path.isdir(lay.reg_image_dir)
+    assert not os.path.exists(lay.reg_image_dir)  # (made with its first image: empty, every check warns of it)
     assert _digest(pictures) == before  # same bytes, same mtimes, nothing moved
     # running it again copies nothing; a different file with a taken name is left alone and reported
     again = dh.create_layout(str(pictures), str(tmp_path / "dataset"), "svs", "bear", 10)

@@ -394,6 +394,9 @@ def test_dataset_helper_flow(server, page):
     fill(page, "lora_studio_h_class", "dog")
     page.click("#lora_studio_h_create")
     wait_text(page, "lora_studio_h_status", r"Copied 2 image\(s\)")
+    reg_box = page.locator("#lora_studio_reg_dir textarea, #lora_studio_reg_dir input").first
+    assert reg_box.input_value() == ""  # (no empty reg folder for the doctor to warn of: made with its images)
+    assert not os.path.exists(os.path.join(server["root"], "made", "reg"))
     page.click("#lora_studio_h_caption_all")
     wait_text(page, "lora_studio_h_status", r"Captioned 2 image\(s\) with BLIP")
     page.wait_for_function("() => { const t = document.querySelector('#lora_studio_h_caption textarea');"
@@ -424,10 +427,14 @@ def test_dataset_helper_flow(server, page):
     assert page.locator("#lora_studio_h_reg_seed input").input_value() == "3"  # (more would be new pictures)
     assert sorted(os.listdir(os.path.join(server["root"], "made", "reg", "1_dog"))) == ["reg_00001.png",
                                                                                        "reg_00002.png"]
+    page.wait_for_function("(want) => { const t = document.querySelector('#lora_studio_reg_dir textarea, "
+                           "#lora_studio_reg_dir input'); return t && t.value === want; }",
+                           arg=os.path.join(server["root"], "made", "reg"))
     # the layout went to the Dataset tab, whose doctor ran on it
     sub_tab(page, "Dataset")
-    text = wait_text(page, "lora_studio_doctor", r"10_zkx dog")
-    assert re.search(r"2\s+training images", text), text
+    text = wait_text(page, "lora_studio_doctor", r"1_dog")
+    assert re.search(r"2\s+training images", text) and "10_zkx dog" in text, text
+    assert "no images found" not in text, text
     assert not page.errors, page.errors
 
 

@@ -147,9 +147,8 @@ def create_layout(source_dir: str, dest_root: str, trigger: str, class_word: str
         if os.path.realpath(d) == src_dir:
             raise UiError("The new dataset folder would put the copies on top of the originals. Choose another "
                           "dataset folder.")
-    os.makedirs(layout.image_dir, exist_ok=True)
-    os.makedirs(layout.reg_image_dir, exist_ok=True)
-    res = CopyResult(layout)
+    os.makedirs(layout.image_dir, exist_ok=True)  # (the reg folder is made with its first image: empty, it is a
+    res = CopyResult(layout)                        # warning in every dataset check until then)
     for p in imgs:
         probe = probe_image(p, check_pixels=False)  # (the header only: a garbage or empty file, fast)
         if not probe.ok:
@@ -288,6 +287,13 @@ def iter_caption(backend, images: list[Path], method: str, trigger: str = "", ov
         yield i, n, img, text
 
 
+def has_images(folder: str) -> bool:
+    try:
+        return any(is_image_name(n) for n in os.listdir(folder))
+    except OSError:
+        return False
+
+
 def default_reg_count(n_train_images: int) -> int:
     return max(1, int(n_train_images) * 5)
 
@@ -337,5 +343,5 @@ def generate_reg_images(backend, reg_image_dir: str, prompt: str, n: int, seed: 
 
 
 __all__ = ["CopyResult", "Layout", "caption_path", "clean_trigger", "create_layout", "default_reg_count",
-           "generate_reg_images", "insert_trigger", "iter_caption", "plan_layout", "read_caption", "source_images",
+           "generate_reg_images", "has_images", "insert_trigger", "iter_caption", "plan_layout", "read_caption", "source_images",
            "training_images", "with_trigger", "write_caption"]

@@ -1049,9 +1049,14 @@ def build_tab(backend) -> gr.Blocks:
             lay = res.layout
             choices = _image_choices(lay.train_data_dir)
             n = len(choices)
-            return {h_status: ok_html(res.summary() + f" Training folder: {lay.train_data_dir}; regularisation "
-                                      f"folder: {lay.reg_data_dir}. Both are filled in on the Dataset tab."),
-                    comps["train_data_dir"]: lay.train_data_dir, comps["reg_data_dir"]: lay.reg_data_dir,
+            # (the reg folder is given to the Dataset tab once it holds images: step 3 makes them)
+            has_reg = dh.has_images(lay.reg_image_dir)
+            where = (f"; regularisation folder: {lay.reg_data_dir}. Both are filled in on the Dataset tab." if has_reg
+                     else " (filled in on the Dataset tab). Regularisation images are optional: step 3 below makes "
+                     f"them in {lay.reg_image_dir} and fills in the regularisation folder.")
+            return {h_status: ok_html(res.summary() + f" Training folder: {lay.train_data_dir}{where}"),
+                    comps["train_data_dir"]: lay.train_data_dir,
+                    comps["reg_data_dir"]: lay.reg_data_dir if has_reg else "",
                     h_image: gr.update(choices=choices, value=choices[0] if choices else None),
                     h_reg_dir: lay.reg_image_dir, h_reg_prompt: cls, h_reg_count: dh.default_reg_count(n)}
 
@@ -1186,20 +1191,24 @@ def build_tab(backend) -> gr.Blocks:
             # (the next press continues the seeds: the same seeds again would make the same pictures)
             next_seed = gr.update(value=int(seed or 0) + wrote)
             if reg_stop.is_set() and wrote < int(count or 0):
+                reg_root = os.path.dirname(os.path.normpath(str(reg_dir).strip()))
                 yield {h_status: info_html(f"Stopped: wrote {wrote} of {int(count)} regularisation image(s) to "
                                            f"{reg_dir}. Generate adds more after them, from seed "
-                                           f"{int(seed or 0) + wrote}."), h_reg_seed: next_seed}
+                                           f"{int(seed or 0) + wrote}."), h_reg_seed: next_seed,
+                       **({comps["reg_data_dir"]: reg_root} if wrote else {})}
                 return
-            yield {h_status: ok_html(f"Wrote {wrote} regularisation image(s) to {reg_dir}. First seed is now "
+            reg_root = os.path.dirname(os.path.normpath(str(reg_dir).strip()))
+            yield {h_status: ok_html(f"Wrote {wrote} regularisation image(s) to {reg_dir}; the Dataset tab's "
+                                     f"regularisation folder is {reg_root}. First seed is now "
                                      f"{int(seed or 0) + wrote}, so more would be new pictures."),
-                   h_reg_seed: next_seed}
+                   h_reg_seed: next_seed, comps["reg_data_dir"]: reg_root}
 
         def h_do_reg_stop():
             reg_stop.set()
             return info_html("Stopping after the current batch of images...")
 
         h_reg_go.click(h_do_reg, [h_reg_dir, h_reg_prompt, h_reg_count, h_reg_seed, h_reg_w, h_reg_h],
-                       [h_status, h_reg_seed])
+                       [h_status, h_reg_seed, comps["reg_data_dir"]]).then(run_doctor, settings, doctor_box)
         h_reg_stop.click(h_do_reg_stop, [], [h_status], queue=False)
 
         # ------------------------------------------------------------------------ results
