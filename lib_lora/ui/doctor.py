@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 
 from ..train import dataset as _dataset
@@ -315,6 +316,22 @@ _HEAD = ["Folder", "Role", "Images", "Repeats", "Tokens", "Captions", "Trigger i
          "Unreadable", "Samples"]
 
 
+_TAB_LABELS = {"train_data_dir": "Training folder", "reg_data_dir": "Regularisation folder"}
+
+
+def tab_words(msg: str) -> str:
+    """The dataset checks speak sd-scripts' config keys (the command line reads them); the tab's boxes are named
+    otherwise: ``give train_data_dir = 'x'`` reads "Set the Training folder to 'x'", and the folder rule is
+    spelt out once."""
+    keys = r"(train_data_dir|reg_data_dir)"
+    msg = re.sub(r"\b([Gg])ive " + keys + " = '", lambda m: ("S" if m.group(1) == "G" else "s") + "et the "
+                 + _TAB_LABELS[m.group(2)] + " to '", msg)
+    msg = re.sub(r"\b" + keys + " = '", lambda m: "the " + _TAB_LABELS[m.group(1)] + " '", msg)
+    msg = re.sub(r"(^|\b(?:no|the) )?(?<!')\b" + keys + r"\b",
+                 lambda m: (m.group(1) or ("The " if m.start() == 0 else "the ")) + _TAB_LABELS[m.group(2)], msg)
+    return msg.replace("`N_name`", "`N_name` (repeats, underscore, words: e.g. `10_svs cat`)", 1)
+
+
 def to_html(rep: DoctorReport) -> str:
     out = ['<div class="lora-studio-doctor">']
     if rep.ok:
@@ -329,7 +346,7 @@ def to_html(rep: DoctorReport) -> str:
             for k, v in cards) + "</div>")
     for title, items, cls in (("Problems", rep.errors, "ls-errors"), ("Warnings", rep.warnings, "ls-warnings")):
         if items:
-            out.append(f'<div class="{cls}"><b>{title}</b><ul>' + "".join(f"<li>{_e(m)}</li>" for m in items)
+            out.append(f'<div class="{cls}"><b>{title}</b><ul>' + "".join(f"<li>{_e(tab_words(m))}</li>" for m in items)
                        + "</ul></div>")
     if rep.folders:
         out.append('<table class="ls-table"><caption>Folders</caption><thead><tr>'
@@ -363,7 +380,7 @@ def to_html(rep: DoctorReport) -> str:
                    f"measurement). {_e(v.explanation)}. " + " ".join(_e(a) for a in v.advice) + "</p>")
     if rep.notes:
         out.append('<details class="ls-notes"><summary>Notes (' + str(len(rep.notes)) + ")</summary><ul>"
-                   + "".join(f"<li>{_e(m)}</li>" for m in rep.notes) + "</ul></details>")
+                   + "".join(f"<li>{_e(tab_words(m))}</li>" for m in rep.notes) + "</ul></details>")
     out.append("</div>")
     return "".join(out)
 
