@@ -453,6 +453,12 @@ def test_toml_export_and_import(server, page):
     page.click("#lora_studio_import")
     wait_text(page, "lora_studio_toml_status", r"Imported into the form")
     assert page.locator("#lora_studio_network_dim input").input_value() == "8"
+    # the preset box says the form holds the import now (and its change kept the imported values)
+    assert page.locator("#lora_studio_preset input").first.input_value() == "Imported config"
+    wait_text(page, "lora_studio_preset_note", r"The fields hold the values of the pasted config")
+    time.sleep(1)
+    assert page.locator("#lora_studio_network_dim input").input_value() == "8"
+    assert "Imported into the form" in html_text(page, "lora_studio_toml_status")
     page.screenshot(path=os.path.join(SHOTS, "10-toml.png"), full_page=False)
     # a kohya_ss GUI preset (its .json) goes through the same box
     preset = {"LoRA_type": "LyCORIS/LoHa", "network_dim": 12, "conv_dim": 4, "conv_alpha": 2, "epoch": 3,

@@ -132,9 +132,12 @@ def model_mismatches(info: dict, jobs: list[dict]) -> list[str]:
     return out
 
 
+IMPORTED = "Imported config"  # (the preset box's entry while the form holds an imported config's values)
+
+
 def preset_hint(info: dict, preset: str | None) -> str | None:
     """The form holds another model family's preset (the checkpoint changed after the page was built)."""
-    if not info.get("loaded") or not preset:
+    if not info.get("loaded") or not preset or preset not in PRESETS:
         return None
     want = preset_for_family(info.get("family"), info.get("parameterization"))
     if preset == want or preset.split(" ")[0] == want.split(" ")[0]:  # (SD1.5 style is fine on SD1.5)
@@ -710,6 +713,8 @@ def build_tab(backend) -> gr.Blocks:
 
         @guarded(toml_status)
         def apply_preset(name, *current):
+            if name == IMPORTED:  # (set by Import: the form holds the imported values)
+                return {preset_note: gr.update()}  # (an empty dict reads as one missing value in gradio 3.41)
             if name not in PRESETS:
                 return {toml_status: info_html("Choose a preset from the list.")}
             vals = form_defaults(name)
@@ -807,9 +812,13 @@ def build_tab(backend) -> gr.Blocks:
             msg = "Imported into the form." + ("" if not notes else " Notes: " + " ".join(
                 f"({i + 1}) {n}" for i, n in enumerate(notes)))
             out[toml_status] = ok_html(msg)
+            # (the preset box no longer names where the values came from)
+            out[preset] = gr.update(choices=list(PRESETS) + [IMPORTED], value=IMPORTED)
+            out[preset_note] = (f"The fields hold the values of {source}. Choosing a preset replaces them (your "
+                                "sample prompt stays).")
             return out
 
-        import_btn.click(do_import, [toml_text, toml_file], settings + [toml_status])
+        import_btn.click(do_import, [toml_text, toml_file], settings + [toml_status, preset, preset_note])
 
         # ------------------------------------------------------------------------ jobs
         def _pick(jobs, selected_label):
