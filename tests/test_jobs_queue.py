@@ -298,3 +298,28 @@ def test_a_resumed_run_starts_its_record_at_the_states_step(tmp_path):
     assert q.wait_idle(20)
     q.stop(5)
     assert seen == [(120, 180), (120, 180)]
+
+
+def test_cancelling_stays_said_while_the_current_image_or_step_finishes(tmp_path):
+    """A cancel during latent caching waits for the image being encoded; the list said 'caching latents 2/4' again
+    at the next image, as if the cancel had been lost."""
+    asked, seen = threading.Event(), []
+
+    def run(job, emit, should_cancel):
+        emit(TrainEvent("cache", step=0, total=8, message="caching latents 0/4"))
+        asked.wait(10)
+        emit(TrainEvent("cache", step=1, total=8, message="caching latents 1/4"))
+        seen.append(job.message)
+        return TrainResult("cancelled", [], None, 0, [], [])
+
+    q = JobQueue(str(tmp_path), run)
+    job = q.submit({"output_name": "a"})
+    for _ in range(100):
+        if q.get(job.id).message.startswith("caching latents 0/4"):
+            break
+        time.sleep(0.05)
+    q.cancel(job.id)
+    asked.set()
+    assert q.wait_idle(20)
+    q.stop(5)
+    assert seen == ["cancelling…"]

@@ -370,7 +370,7 @@ class JobQueue:
                 job.notes.append(ev.message)
                 if (ev.extra or {}).get("console"):  # (e.g. a job waiting for disk space holds up generation)
                     print(f"LoRA Studio: job '{job.name}': {ev.message}", flush=True)
-            if ev.message:
+            if ev.message and not (job.cancel_asked and kind in ("cache", "step")):  # ("cancelling…" stays)
                 job.message = ev.message
             if kind in ("save", "state", "epoch", "sample", "note", "start", "validation"):
                 self._save()

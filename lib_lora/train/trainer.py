@@ -654,6 +654,9 @@ class Trainer:
         n = len(jobs)
         keys = [self._latent_key(s, flip) for _, _, _, s, flip in jobs]
         batch = max(1, int(self.cfg.vae_batch_size or 1))
+        if n:  # (the first image can take a while on a slow VAE: the job list says what the job is doing)
+            self._emit("cache", step=0, message=f"caching latents 0/{n} (the VAE encodes each training image once)",
+                       extra={"n": n})
         for k, (lat, conds, index, s, flip) in enumerate(jobs, 1):
             key = keys[k - 1]
             if key not in done:
