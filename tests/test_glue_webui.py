@@ -566,6 +566,23 @@ def test_cards(webui):
     finally:
         ns.shared.opts.set("lora_studio_show_all", False)
     assert page.create_item("xl_only", enable_filter=False) is not None  # get-single-card path
+    # every card hidden by the family filter: said so, not A1111's "Nothing here. Add some content to ..."
+    flags = {k: getattr(ns.model, k, None) for k in ("is_sd1", "is_sd2", "is_sdxl")}
+    ns.model.is_sd1, ns.model.is_sd2, ns.model.is_sdxl = False, True, False
+    hide = ns.shared.opts.data.get("lora_hide_unknown_for_versions")
+    ns.shared.opts.data["lora_hide_unknown_for_versions"] = ["SD2"]  # (the unreadable file's card too)
+    try:
+        html_page = page.create_html("txt2img")
+        assert not page.items, list(page.items)
+        n = len(ns.session.discovery.entries())
+        assert (f"{n} LoRA file(s) here are for another model family than the loaded SD2 checkpoint" in html_page
+                and "Nothing here" not in html_page), html_page
+    finally:
+        for k, v in flags.items():
+            setattr(ns.model, k, v)
+        ns.shared.opts.data["lora_hide_unknown_for_versions"] = hide
+    html_page = page.create_html("txt2img")
+    assert page.items and "No LoRA for the loaded" not in html_page and "data-name" in html_page
     # folder buttons: A1111 makes one of every subfolder; ours only of those that hold a LoRA
     samples = ns.data / "models" / "Lora" / "my dataset" / "10_svs cat"
     samples.mkdir(parents=True)

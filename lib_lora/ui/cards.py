@@ -134,6 +134,17 @@ def only_lora_folders(buttons_html: str, relnames: list[str]) -> str:
     return _BUTTON_RE.sub(keep, buttons_html)
 
 
+def hidden_cards_html(n_files: int, model_version: str | None) -> str | None:
+    """The card page's text when it shows no card while LoRA files are there: the model-family filter hides
+    them all."""
+    if not n_files or model_version is None:
+        return None
+    return ("<div class='nocards'><h1>No LoRA for the loaded model's family</h1>"
+            f"<p>{n_files} LoRA file(s) here are for another model family than the loaded {model_version} "
+            "checkpoint, so their cards are hidden. Load a checkpoint of their family, or turn on <i>LoRA Studio "
+            "cards: show LoRAs of every model family</i> in Settings &rarr; LoRA Studio.</p></div>")
+
+
 def make_page(session):
     """Instantiate the page; the base class comes from the WebUI, so the subclass is made here, lazily."""
     base = session.host.page_base_class()
@@ -172,6 +183,15 @@ def make_page(session):
             # folder kept next to the LoRAs is no filter). Unknown markup: left as it is.
             out = super().create_dirs_view_html(tabname)
             return only_lora_folders(out, [e.relname for e in session.discovery.entries()])
+
+        def create_card_view_html(self, tabname, *args, **kwargs):
+            # (A1111's "Nothing here. Add some content to ..." is wrong when every LoRA is hidden by the filter)
+            if not getattr(self, "items", None) and not args and kwargs.get("none_message") is None:
+                msg = hidden_cards_html(len(session.discovery.entries()),
+                                        session.host.model_sd_version(session.host.loaded_model()))
+                if msg:
+                    kwargs["none_message"] = msg
+            return super().create_card_view_html(tabname, *args, **kwargs)
 
         def create_user_metadata_editor(self, ui, tabname):
             return session.host.user_metadata_editor(ui, tabname, self)

@@ -95,7 +95,16 @@ class ExtraNetworksPage:
         for item in self.items.values():
             if "user_metadata" not in item:
                 self.read_user_metadata(item)
-        return "".join(f"<div class='card' data-name={quote_js(name)}></div>" for name in self.items)
+        return self.create_card_view_html(tabname, none_message="Loading..." if empty else None)
+
+    def create_card_view_html(self, tabname, *, none_message):
+        """As 1.10.1: the cards, or ``none_message`` / the no-cards template (its text) when there are none."""
+        res = [f"<div class='card' data-name={quote_js(name)}></div>" for name in self.items]
+        if not res:
+            dirs = "".join([f"<li>{x}</li>" for x in self.allowed_directories_for_previews()])
+            res = [none_message or "<div class='nocards'><h1>Nothing here. Add some content to the following "
+                   f"directories:</h1><ul>{dirs}</ul></div>"]
+        return "".join(res)
 
     # --- helpers for create_item
     def read_user_metadata(self, item, use_cache=True):
