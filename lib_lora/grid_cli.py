@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import re
@@ -170,21 +169,6 @@ def _metadata(path: str) -> dict:
     return dict(_header(path).get("__metadata__") or {})
 
 
-def default_prompt(meta: dict) -> str | None:
-    """'svs cat' from a kohya training folder '20_svs cat' in the file's ss_dataset_dirs (the first one)."""
-    from .train.folders import parse_folder_name
-
-    try:
-        dirs = json.loads(meta.get("ss_dataset_dirs") or "{}")
-    except ValueError:
-        return None
-    for name in dirs if isinstance(dirs, dict) else ():
-        parsed = parse_folder_name(os.path.basename(str(name)))
-        if parsed and parsed[1].strip():
-            return parsed[1].strip()
-    return None
-
-
 def default_size(meta: dict, family: str) -> tuple[int, int]:
     """The LoRA's training resolution (ss_resolution "(512, 768)"), else the model's usual size."""
     nums = re.findall(r"\d+", str(meta.get("ss_resolution") or ""))
@@ -325,7 +309,8 @@ def _grid(args, out, made: list[str]) -> int:
         raise UsageError(str(e)) from None
     meta = _metadata(files[0])
     # each run its own training folder's words, unless --prompt says
-    own = {f: (args.prompt if args.prompt is not None else default_prompt(_metadata(f))) for f in files}
+    from .train.folders import trained_words
+    own = {f: (args.prompt if args.prompt is not None else trained_words(_metadata(f))) for f in files}
     prompt = own[files[0]] or next((p for p in own.values() if p), None)
     prompts = {f: own[f] or prompt for f in files}
     problem = prompt_tags_problem(prompt or "", args.negative, "give the other as --with FILE:WEIGHT")

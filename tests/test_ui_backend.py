@@ -1,5 +1,6 @@
 """LocalBackend over the tiny CPU SD1 model: the queue runs a real training with samples, progress hooks get the
 task id, the results grid merges each file at each strength and restores the model exactly."""
+import json
 import os
 import time
 
@@ -88,6 +89,19 @@ def test_queue_trains_with_samples_and_reports_progress(trained, host):
     for f, smp in zip(job["files"], job["samples"]):
         pic = os.path.splitext(f)[0] + ".preview.png"
         assert np.array_equal(np.asarray(Image.open(pic)), np.asarray(Image.open(smp["path"]))), pic
+    # ... and its activation text the training folder's words (the '10_svs bear' folder), in the sidecar the WebUI
+    # reads a card's user metadata from; a sidecar the user wrote is kept
+    for f in job["files"]:
+        with open(os.path.splitext(f)[0] + ".json", encoding="utf-8") as fh:
+            assert json.load(fh) == {"activation text": "svs bear"}
+    assert any("add 'svs bear' (its training folder's words) to the prompt" in n for n in job["notes"]), job["notes"]
+    from lib_lora.ui.backend import write_card_words
+    mine = os.path.splitext(job["files"][0])[0] + ".json"
+    with open(mine, "w", encoding="utf-8") as fh:
+        json.dump({"activation text": "mine"}, fh)
+    assert write_card_words(job["files"]) is None
+    with open(mine, encoding="utf-8") as fh:
+        assert json.load(fh) == {"activation text": "mine"}
 
 
 def test_results_grid_merges_each_file_and_restores_the_model(trained, host):

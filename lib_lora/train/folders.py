@@ -12,6 +12,7 @@ order matters only for which reg images are used first when there are more than 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -232,4 +233,20 @@ def subsets_from_folders(
     return subsets, findings
 
 
-__all__ = ["Finding", "parse_folder_name", "scan_data_dir", "split_class_tokens", "subsets_from_folders"]
+__all__ = ["Finding", "parse_folder_name", "scan_data_dir", "split_class_tokens", "subsets_from_folders",
+           "trained_words"]
+
+
+def trained_words(meta: dict) -> str | None:
+    """'svs cat' from a kohya training folder '20_svs cat' in a LoRA's ss_dataset_dirs (the first one): the words
+    its folder-captioned images were trained with, a grid's default prompt and a card's activation text."""
+    try:
+        dirs = json.loads(meta.get("ss_dataset_dirs") or "{}")
+    except ValueError:
+        return None
+    for name in dirs if isinstance(dirs, dict) else ():
+        parsed = parse_folder_name(os.path.basename(str(name)))
+        if parsed and parsed[1].strip():
+            return parsed[1].strip()
+    return None
+

@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
+from ..formats.errors import LoraError
 from ..formats.safetensors_io import write_atomic
 from ..jobs.queue import ACTIVE, INTERRUPTED, QUEUED, RUNNING, STATUS_PAST, JobQueue
 from ..train.config import parse_train_config
@@ -189,6 +190,28 @@ def write_previews(files: list[str], samples: list[dict]) -> list[str]:
         with Image.open(src) as im:
             written.append(save_preview(f, im))
     return written
+
+
+def write_card_words(files: list[str]) -> str | None:
+    """Each saved LoRA file without a card sidecar (``<stem>.json``, the WebUI's user metadata) gets its training
+    folder's words as the card's activation text, so a click on the card puts the trigger into the prompt too.
+    Returns the words written (None when none)."""
+    import json
+
+    from ..formats.safetensors_io import read_metadata
+    from ..train.folders import trained_words
+    said = None
+    for f in files:
+        sidecar = os.path.splitext(f)[0] + ".json"
+        if os.path.exists(sidecar) or not os.path.isfile(f):
+            continue
+        words = trained_words(read_metadata(f) or {})
+        if not words:
+            continue
+        text = json.dumps({"activation text": words}, indent=4)
+        write_atomic(sidecar, lambda fh: fh.write(text))
+        said = words
+    return said
 
 
 def preview_path(lora_path: str) -> str:
@@ -538,6 +561,13 @@ class LocalBackend:
             write_previews(result.files, list(job.samples))
         except OSError as e:  # (a card picture is a nicety: the LoRA files are what matter)
             result.notes.append(f"no card pictures were written from the samples: {e}")
+        try:
+            words = write_card_words(result.files)
+            if words:
+                result.notes.append(f"the cards of this run's LoRA files add '{words}' (its training folder's words) "
+                                    "to the prompt with the tag: edit the card (its activation text) to change it")
+        except (OSError, LoraError) as e:  # (a nicety too)
+            result.notes.append(f"the cards' activation text was not written: {e}")
         return result
 
     def _trained_model(self, job) -> list[str]:
