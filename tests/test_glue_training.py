@@ -491,7 +491,7 @@ def test_the_latent_disk_cache_stays_out_of_the_lora_folder(fresh):
     job = finished(ns, ns.backend.submit(config(ns, "cached", output_dir=out, cache_latents_to_disk=True),
                                          name="cached")["id"])
     assert job["status"] == "done", job
-    assert sorted(os.listdir(out)) == ["cached.safetensors"]
+    assert sorted(os.listdir(out)) == ["cached.json", "cached.safetensors"]  # the LoRA and its card's words
     made = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
     assert made and all(f.endswith(".safetensors") for f in made)
     os.makedirs(os.path.join(out, ".lora-studio-cache", "latents"))  # what an earlier version left there
