@@ -227,6 +227,43 @@ def test_a_rewritten_file_under_the_same_name_drops_the_cached_conditioning(webu
     assert_pristine(ns)
 
 
+def test_a_file_added_after_not_found_or_gone_since_drops_the_cached_conditioning(webui):
+    """Seen in the audit: a tag that was 'not found' cached conds without its text-encoder part, and once the file
+    was added the same prompt got only the UNet part while the infotext said it applied (and the reverse)."""
+    ns = webui
+    path = ns.data / "models" / "Lora" / "later.safetensors"
+    cached = ns.processing.StableDiffusionProcessing.cached_c
+    p = generate(ns, "a cat <lora:later:1>")
+    assert "Lora hashes" not in p.extra_generation_params
+    cached[:] = [("key",), "conds without the LoRA"]
+    generate(ns, "a cat <lora:later:1>")
+    assert cached == [("key",), "conds without the LoRA"]  # still missing: nothing changed, kept
+    lora_files.write_lora(str(path), seed=5)
+    ns.session.discovery.refresh()
+    p = generate(ns, "a cat <lora:later:1>")
+    assert cached == [None, None] and "later: " in p.extra_generation_params["Lora hashes"]
+    cached[:] = [("key",), "conds with the LoRA"]
+    os.remove(path)
+    ns.session.discovery.refresh()
+    generate(ns, "a cat <lora:later:1>")
+    assert cached == [None, None]
+    generate(ns, "")
+    assert_pristine(ns)
+
+
+def test_a_tag_in_the_negative_prompt_is_said_to_do_nothing(webui):
+    """Seen in the audit: <lora:…> in the negative prompt stayed words for the text encoder, nothing said."""
+    ns = webui
+    p = generate(ns, "a cat", negative_prompt="ugly, <lora:test_lora:0.5>, <LyCo:other:1:te=0>")
+    text = "\n".join(p.comments)
+    assert ("<LyCo:other:1:te=0>, <lora:test_lora:0.5> in the negative prompt: not applied (LoRA tags work in the "
+            "prompt only)" in text), text
+    assert text.count("in the negative prompt:") == 1 and "Lora hashes" not in p.extra_generation_params
+    p = generate(ns, "a cat", negative_prompt="ugly, <hypernet:x:1>")
+    assert "negative prompt" not in "\n".join(p.comments)
+    assert_pristine(ns)
+
+
 def test_params_forms_and_subfolder_and_lyco(webui):
     ns = webui
     p = generate(ns, "x <lyco:sub dir/other:te=0.5:unet=1>")
@@ -295,13 +332,22 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
     for sub, md in (("p", {"ss_output_name": "PairP"}), ("q", {})):  # one stem, one of them with its own alias
         made.append(lib / sub / "pair.safetensors")
         lora_files.write_lora(str(lib / sub / "pair.safetensors"), seed=13, metadata=md)
+    for sub in ("", "deep"):  # one in the folder's top level, one in a subfolder: the tag takes the subfolder's
+        made.append(lib.parent / sub / "solo.safetensors")
+        lora_files.write_lora(str(lib.parent / sub / "solo.safetensors"), seed=14)
+    made.append(lib / "nan.safetensors")  # (a header like any other: the card cannot tell before a use)
+    lora_files.write_lora(str(lib / "nan.safetensors"), seed=15)
+    t = load_file(str(lib / "nan.safetensors"))
+    t[f"{list(T)[0]}.lora_up.weight"][0, 0] = float("nan")
+    put("nan.safetensors", t, {"ss_network_module": "networks.lora"})
     made.append(lib / "old.pt")
     (lib / "old.pt").write_bytes(b"\x80\x02}q\x00.")  # (refused by its extension, never unpickled)
     ns.session.discovery.refresh()
     try:
         p = generate(ns, "<lora:a_checkpoint:1> <lora:an_embedding:1> <lora:wrong_shape:1> <lora:no_up:1> "
                          "<lora:twin:1> <lora:Shared:1> <lora:TEST_LORA:1> <lora:nothing_like_it:1> <lora:old:1> "
-                         "<lora:a_vae:1> <lora:linked:1> <lora:PairP:0.1> <lora:unrelated:1>")
+                         "<lora:a_vae:1> <lora:linked:1> <lora:PairP:0.1> <lora:unrelated:1> <lora:solo:1> "
+                         "<lora:nan:1> <lora:XL_only:1>")
         text = "\n".join(p.comments)
         assert "old.pt: '.pt' files are Python pickles" in text and "The built-in Lora does open them" in text
         assert ("LoRA 'a_checkpoint' not applied: a_checkpoint.safetensors: it is a full Stable Diffusion checkpoint, "
@@ -315,11 +361,18 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         assert f"LoRA 'no_up' partly applied (3 of its 4 modules): 1 module(s) are damaged or incomplete (e.g. {list(T)[1]}" in text
         no_up = text.split("LoRA 'no_up'")[1].split("\n")[0]
         assert "match no layer" not in no_up and no_up.count(list(T)[1]) == 1, no_up
-        assert "LoRA 'twin' names 2 files; used odd/y/twin (not odd/x/twin): write <lora:odd/x/twin:…> for another" in text
+        assert ("LoRA 'twin' names 2 files; used odd/y/twin (not odd/x/twin): write <lora:odd/x/twin:…> for the "
+                "other" in text)
+        # (the top-level file's relative path is its stem, which names the subfolder's: its file name reaches it)
+        assert ("LoRA 'solo' names 2 files; used deep/solo (not solo): write <lora:solo.safetensors:…> for the "
+                "other" in text), text
+        assert ns.session.discovery.resolve("solo.safetensors").filename == str(lib.parent / "solo.safetensors")
         assert "'PairP' names" not in text  # (an alias reaches one file)
         assert ("LoRA 'Shared' is the name (ss_output_name) of several files (odd/x/twin, odd/y/twin): write the "
                 "file's own name instead" in text), text
         assert "LoRA not found: 'TEST_LORA'" in text and "did you mean 'test_lora'?" in text  # (one name per file)
+        assert "LoRA not found: 'XL_only'" in text and "did you mean" not in text.split("'XL_only'")[1].split("\n")[0]
+        assert ns.session.discovery.near_names("XL_only") == ["xl_only"]  # (an SDXL file: no use to this model)
         assert "LoRA 'a_vae' not applied: a_vae.safetensors: it is a VAE, not a LoRA: move it to models/VAE" in text
         assert "LoRA 'linked' not applied: linked.safetensors: it is a full Stable Diffusion checkpoint" in text
         assert ("LoRA 'unrelated' not applied: unrelated.safetensors: none of its 2 tensor names (e.g. foo.bar, "
@@ -337,6 +390,10 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         page.refresh()
         page.create_html("txt2img")
         cards = {k: v["description"] or "" for k, v in page.items.items()}
+        # both same-named files have a card, each with a tag that reaches it
+        assert page.items["solo"]["filename"] == str(lib.parent / "deep" / "solo.safetensors")
+        top = page.items["solo.safetensors"]
+        assert top["filename"] == str(lib.parent / "solo.safetensors") and "<lora:solo.safetensors:" in top["prompt"]
         assert cards["a_checkpoint"].startswith("It is a full Stable Diffusion checkpoint, not a LoRA: move it to")
         assert cards["an_embedding"].startswith("It is a textual-inversion embedding, not a LoRA")
         assert cards["unrelated"].startswith("None of its 2 tensor names"), cards["unrelated"]
@@ -344,6 +401,14 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         assert cards["corrupt"].startswith("Unreadable file: ")
         assert cards["colon: v2"].startswith("Rename this file: ':' or '>' in its name ends a <lora:…> tag")
         assert not cards["wrong_shape"] and not cards["no_up"]
+        # refused on use: the card says so from then on (a restart too: the hash cache keeps it), until it changes
+        assert cards["nan"].startswith("Not applied when last used: nan.safetensors: 1 tensor(s) hold NaN"), cards
+        assert ns.session.discovery.cache.get(str(lib / "nan.safetensors"), *[
+            getattr(os.stat(lib / "nan.safetensors"), k) for k in ("st_mtime", "st_size")])["damaged"]
+        lora_files.write_lora(str(lib / "nan.safetensors"), seed=15)
+        page.refresh()
+        page.create_html("txt2img")
+        assert not page.items["nan"]["description"]
     finally:
         for path in made:
             path.unlink(missing_ok=True)

@@ -49,6 +49,7 @@ class LoraEntry:
     refused_family: str | None = None   # e.g. 'flux' when the file is for a family we don't apply
     error: str | None = None  # header unreadable: shown on the card, reported on use
     not_lora: str | None = None  # e.g. "it is a full Stable Diffusion checkpoint, …": shown on the card
+    damaged: str | None = None   # why its tensors were refused when last used (NaN values, cut short): on the card
 
     @property
     def is_safetensors(self) -> bool:
@@ -268,7 +269,16 @@ class Discovery:
         entry.hash = str(raw.get("sshs_model_hash") or cached.get("sha256") or "").strip().lower()
         entry.sd_version, entry.family_evidence, entry.refused_family = self._detect_version(
             path, raw, shapes, cached, st)
+        entry.damaged = cached.get("damaged")
         return entry
+
+    def note_damaged(self, entry: LoraEntry, why: str):
+        """A file whose tensors were refused on use (the header alone looks fine): its card says so from now on,
+        until the file changes. Kept in the hash cache, so a restart does not forget it."""
+        with self._lock:
+            entry.damaged = why
+            self.cache.put(entry.filename, entry.mtime, entry.size, damaged=why)
+            self.cache.save()
 
     def _detect_version(self, path, raw, shapes, cached, st):
         v = sd_version_from_metadata(raw)
@@ -346,12 +356,15 @@ class Discovery:
         with self._lock:
             return [e for e in self.by_path.values() if e.name == entry.name]
 
-    def near_names(self, name: str, limit: int = 2) -> list[str]:
-        """Names a mistyped one probably meant: another case, a file in a subfolder, or a close spelling."""
+    def near_names(self, name: str, limit: int = 2, family: str | None = None) -> list[str]:
+        """Names a mistyped one probably meant: another case, a file in a subfolder, or a close spelling; with
+        ``family``, of files not known to be for another model family (they could not apply anyway)."""
         import difflib
         with self._lock:
-            names = sorted({e.name for e in self.by_path.values()} | {e.alias for e in self.by_path.values()})
-            rel = sorted(e.relname for e in self.by_path.values())
+            files = [e for e in self.by_path.values()
+                     if family is None or e.family in (None, family) and not e.refused_family]
+            names = sorted({e.name for e in files} | {e.alias for e in files})
+            rel = sorted(e.relname for e in files)
         low = name.lower()
         same_case = [n for n in names if n.lower() == low]
         in_sub = [r for r in rel if r.lower().endswith("/" + low)]

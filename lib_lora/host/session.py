@@ -354,6 +354,7 @@ class Session:
             refs.append(ref)
             msgs.extend(ref.notes())
         msgs.extend(_miscased_tags(p))
+        msgs.extend(_negative_tags(p))
         refs = self._default_lora(p, refs)
         msgs.extend(_repeated_tags(refs))
 
@@ -392,7 +393,7 @@ class Session:
             return
         self.applied = used
         self._sync_bundled(used, msgs)
-        self._forget_conds_if_files_changed(p, used)
+        self._forget_conds_if_files_changed(p, refs, used)
         self._report_result(result, used, msgs)
         # only what changed the image: a file that applied nothing is no ingredient to reproduce it with
         names_hashes = [(ref.name, self.discovery.read_hash(entry))
@@ -439,13 +440,14 @@ class Session:
             db.register_embedding(emb, model)
             self._bundled[name] = emb
 
-    def _forget_conds_if_files_changed(self, p, used):
-        """A file rewritten under a name (a retrained LoRA, a new download) must not meet the conditioning A1111
-        cached for the same prompt with the old file's text-encoder part."""
+    def _forget_conds_if_files_changed(self, p, refs, used):
+        """A file rewritten under a name (a retrained LoRA, a new download), added after a 'not found' or gone
+        since, must not meet the conditioning A1111 cached for the same prompt with the old text-encoder part."""
+        loaded = {ref.name: getattr(net, "key", None) for entry, ref, net in used}
         changed = False
-        for entry, ref, net in used:
-            ident = getattr(net, "key", None)
-            if self._file_ids.get(ref.name, ident) != ident:
+        for ref in refs:
+            ident = loaded.get(ref.name)  # (None: not found or not readable this time)
+            if ref.name in self._file_ids and self._file_ids[ref.name] != ident:
                 changed = True
             self._file_ids[ref.name] = ident
         if changed:
@@ -461,16 +463,18 @@ class Session:
 
     def _load(self, ref, family, msgs, mapping):
         from ..apply.loader import load_network
-        from ..formats.errors import LoraError
+        from ..formats.errors import LoraError, LoraFileError
         entry = self.discovery.resolve(ref.name)
         if entry is None:
-            msgs.append(self._not_found(ref.name))
+            msgs.append(self._not_found(ref.name, family))
             return None
         self._say_if_ambiguous(ref.name, entry, msgs)
         try:
             return entry, load_network(entry.filename, family, layer_names=mapping)
         except LoraError as e:
             pickle = os.path.splitext(entry.filename)[1].lower() in (".pt", ".ckpt")
+            if isinstance(e, LoraFileError) and entry.is_safetensors and not (entry.error or entry.not_lora):
+                self.discovery.note_damaged(entry, str(e))
             hint = (" (The built-in Lora does open them: switch off 'LoRA Studio handles <lora:…> prompt tags' in "
                     "Settings → LoRA Studio to let it.)" if pickle and self.took_over else "")
             msgs.append(f"LoRA '{ref.name}' not applied: {e}{hint}")
@@ -482,7 +486,7 @@ class Session:
                         f"{os.path.basename(entry.filename)}: {e}")
         return None
 
-    def _not_found(self, name: str) -> str:
+    def _not_found(self, name: str, family: str | None = None) -> str:
         disc = self.discovery
         owners = disc.alias_owners(name) if disc.is_forbidden_alias(name) else []
         if len(owners) > 1:
@@ -492,7 +496,7 @@ class Session:
         # the folders go to the console only: the message is also written into every image's infotext
         dirs = ", ".join(disc.dirs()) or "(no LoRA folder configured)"
         self._console_details.append(f"LoRA '{name}' was looked for in {dirs}")
-        near = disc.near_names(name)
+        near = disc.near_names(name, family=family)
         hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
         return (f"LoRA not found: '{name}' (a file name, alias or sub/folder/name from the LoRA folders works; "
                 f"Refresh the Lora tab after adding files){hint}")
@@ -504,8 +508,9 @@ class Session:
         same = [e for e in self.discovery.same_name(entry) if e is not entry]
         if same:
             others = ", ".join(sorted(e.relname for e in same))
+            tags = " or ".join(f"<lora:{self.tag_name_for(e)}:…>" for e in same[:2])
             msgs.append(f"LoRA '{name}' names {len(same) + 1} files; used {entry.relname} (not {others}): write "
-                        f"<lora:{same[0].relname}:…> for another")
+                        f"{tags} for {'another' if len(same) > 1 else 'the other'}")
 
     def _report_result(self, result, used, msgs=None):
         """What could not be applied becomes one message per LoRA that says why; nothing is dropped silently."""
@@ -659,6 +664,22 @@ def _miscased_tags(p) -> list[str]:
     wrong = {k for t in texts if isinstance(t, str) for k in _KIND_RE.findall(t)
              if k.lower() in ("lora", "lyco", "lorastudio") and k != k.lower()}
     return [f"<{k}:…> is not read (tag kinds are lower case): write <{k.lower()}:…>" for k in sorted(wrong)]
+
+
+_NEGATIVE_TAG_RE = re.compile(r"<(lora|lyco|lorastudio):([^:>]*)[^>]*>", re.IGNORECASE)
+
+
+def _negative_tags(p) -> list[str]:
+    """A1111 takes extra-network tags out of the prompt only: in the negative prompt they stay words for the text
+    encoder and apply nothing, which looks like the LoRA was used."""
+    texts = (list(getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", None) or ""])
+             + list(getattr(p, "all_hr_negative_prompts", None) or []))
+    tags = sorted({m.group(0) for t in texts if isinstance(t, str) for m in _NEGATIVE_TAG_RE.finditer(t)})
+    if not tags:
+        return []
+    shown = ", ".join(tags[:3]) + (f" and {len(tags) - 3} more" if len(tags) > 3 else "")
+    return [f"{shown} in the negative prompt: not applied (LoRA tags work in the prompt only) and read as words by "
+            "the text encoder; remove from the negative prompt"]
 
 
 def _on_meta(model) -> bool:

@@ -24,19 +24,26 @@ DEFAULT_WEIGHT_JS = "(opts.lora_studio_default_multiplier || opts.extra_networks
 
 
 def tag_name_for(session, entry: LoraEntry) -> str:
-    """The name to write into `<lora:NAME:…>` so that it resolves back to exactly this file."""
+    """The name to write into `<lora:NAME:…>` so that it resolves back to exactly this file: its alias, stem or
+    sub/folder path, or, for a file in the folder's top level that a same-named file in a subfolder shadows (A1111's
+    name lookup takes the last one found), the file name with its extension."""
     disc = session.discovery
-    name = disc.get_alias(entry)
-    if ":" in name or ">" in name or disc.resolve(name, rescan=False) is not entry:
-        name = entry.name
-    if ":" in name or ">" in name or disc.resolve(name, rescan=False) is not entry:
-        name = entry.relname
-    return name
+    for name in (disc.get_alias(entry), entry.name, entry.relname, _relname_ext(entry)):
+        if ":" not in name and ">" not in name and disc.resolve(name, rescan=False) is entry:
+            return name
+    return entry.relname
+
+
+def _relname_ext(entry: LoraEntry) -> str:
+    return entry.relname + os.path.splitext(entry.filename)[1]
 
 
 def item_name_for(session, entry: LoraEntry) -> str:
-    """Card id (``data-name``): the stem, or the relative path when another file shadows that stem."""
-    return entry.name if session.discovery.by_name.get(entry.name) is entry else entry.relname
+    """Card id (``data-name``): the stem, or the relative path when another file shadows that stem (with the
+    extension when that path is the stem itself: a top-level file shadowed from a subfolder)."""
+    if session.discovery.by_name.get(entry.name) is entry:
+        return entry.name
+    return entry.relname if entry.relname != entry.name else _relname_ext(entry)
 
 
 def visible_for_model(sd_version: str, model_version: str | None, show_all: bool, hide_unknown_for,
@@ -69,7 +76,8 @@ def build_item(page, session, entry: LoraEntry, index=None, enable_filter=True) 
                if any(c in entry.relname for c in ":>") else
                "A Python pickle: LoRA Studio does not open these (loading one can run code hidden in it); the "
                "built-in Lora does, with 'LoRA Studio handles <lora:…>' off, or convert it to .safetensors"
-               if not entry.is_safetensors else None)
+               if not entry.is_safetensors else
+               f"Not applied when last used: {entry.damaged}" if entry.damaged else None)
     if problem:
         description = problem + (f"\n{description}" if description else "")
     item = {
