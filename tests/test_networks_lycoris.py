@@ -5,8 +5,6 @@ Each case builds a real LyCORIS module on a real nn.Linear / nn.Conv2d / norm la
 tensors, and compares layer(x) with the LyCORIS module applied against F.linear/F.conv2d with our W + dW.
 LyCORIS' merge path (get_merged_weight) is NOT used: it applies alpha/r twice for LoHa/LoKr (lora-formats.md §2.2).
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

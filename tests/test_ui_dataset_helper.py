@@ -228,7 +228,7 @@ def test_a_full_disk_leaves_no_truncated_picture_or_caption(pictures, tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device")
         f.write = w
         return f
-    real_fdopen, real_copy = os.fdopen, shutil.copy2
+    real_fdopen = os.fdopen
 
     def copy_half(src, dst, *a, **k):
         with open(src, "rb") as s, open(dst, "wb") as d:

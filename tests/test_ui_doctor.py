@@ -124,8 +124,8 @@ def test_reg_nested_inside_training_folder(tmp_path):
     assert [r.name for r in rep.folders] == ["5_svs dog"]
     # the tab names its boxes, not the config keys the command line reads
     html = doc.to_html(rep)
-    assert (f"folder &#x27;reg&#x27; in the Training folder is not an `N_name` (repeats, underscore, words: e.g. "
-            f"`10_svs cat`) folder") in html and f"set the Regularisation folder to &#x27;{tmp_path / 'train' / 'reg'}" \
+    assert ("folder &#x27;reg&#x27; in the Training folder is not an `N_name` (repeats, underscore, words: e.g. "
+            "`10_svs cat`) folder") in html and f"set the Regularisation folder to &#x27;{tmp_path / 'train' / 'reg'}" \
         in html, html
     assert "_data_dir" not in html, html
 
