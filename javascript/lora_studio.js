@@ -42,30 +42,36 @@ function lora_studio_start_training() {
     return args;
 }
 
-// _js after "Use this one": tag (from Python) -> txt2img prompt; returns the status HTML to show.
+// _js after "Use this one": "tag" or "tag\nwords" (from Python) -> txt2img prompt; returns the status HTML to show.
 function lora_studio_use_tag(tag, status) {
     status = status || "";
     if (!tag) return status;
+    var parts = tag.split("\n");
+    tag = parts[0];
+    var words = (parts[1] || "").trim();
     var app = lsApp();
     var ta = app.querySelector("#txt2img_prompt textarea");
     if (!ta) {
         return status + '<div class="ls-msg ls-info" role="status">The txt2img prompt is not on this page; ' +
-            "copy the tag yourself: <code>" + lsEscape(tag) + "</code></div>";
+            "copy the tag yourself: <code>" + lsEscape(tag + (words ? " " + words : "")) + "</code></div>";
     }
     var name = tag.replace(/^<lora:([^:>]+).*$/, "$1");
     var same = new RegExp("<lora:" + name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "(:[^>]*)?>");
+    var added = tag;
     if (same.test(ta.value)) {
         ta.value = ta.value.replace(same, tag);  // the same LoRA again: change its weight, don't add it twice
     } else {
+        // the trigger words too (the card's activation text), unless the prompt has them already
+        if (words && ta.value.toLowerCase().indexOf(words.toLowerCase()) < 0) added = tag + " " + words;
         var sep = (typeof opts === "object" && opts && opts.extra_networks_add_text_separator) || " ";
-        ta.value = ta.value && !/\s$/.test(ta.value) ? ta.value + sep + tag : ta.value + tag;
+        ta.value = ta.value && !/\s$/.test(ta.value) ? ta.value + sep + added : ta.value + added;
     }
     if (typeof updateInput === "function") {
         updateInput(ta);
     } else {
         ta.dispatchEvent(new Event("input", {bubbles: true}));
     }
-    return status + '<div class="ls-msg ls-ok" role="status">Added <code>' + lsEscape(tag) +
+    return status + '<div class="ls-msg ls-ok" role="status">Added <code>' + lsEscape(added) +
         "</code> to the txt2img prompt.</div>";
 }
 

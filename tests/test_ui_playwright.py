@@ -334,17 +334,21 @@ def test_full_flow(server, page):
     page.locator("#lora_studio_r_gallery .thumbnail-item").nth(7).click()
     wait_text(page, "lora_studio_r_use_status", r"Chosen: epoch 1 at strength 0\.7, seed 3")
     page.click("#lora_studio_r_use")
-    wait_text(page, "lora_studio_r_use_status", r"Added <lora:job_b-000001:0\.7> to the txt2img prompt")
+    # the trigger words come along (the card's activation text: here the training folder's, '2_svs bear')
+    wait_text(page, "lora_studio_r_use_status", r"Added <lora:job_b-000001:0\.7> svs bear to the txt2img prompt")
     preview = os.path.join(server["root"], "Lora", "job_b-000001.preview.png")
     assert os.path.exists(preview)
     shot(page, "07-use.png")
     page.locator("#tabs > .tab-nav button", has_text="txt2img").first.click()
-    assert page.locator("#txt2img_prompt textarea").input_value() == "<lora:job_b-000001:0.7>"
+    assert page.locator("#txt2img_prompt textarea").input_value() == "<lora:job_b-000001:0.7> svs bear"
     shot(page, "08-txt2img.png")
 
     # the same LoRA again changes its weight instead of adding a second tag; without txt2img the tag is shown
-    page.evaluate("lora_studio_use_tag('<lora:job_b-000001:1>', '')")
-    assert page.locator("#txt2img_prompt textarea").input_value() == "<lora:job_b-000001:1>"
+    page.evaluate("lora_studio_use_tag('<lora:job_b-000001:1>\\nsvs bear', '')")
+    assert page.locator("#txt2img_prompt textarea").input_value() == "<lora:job_b-000001:1> svs bear"
+    # another LoRA whose words the prompt has already: only its tag is added
+    page.evaluate("lora_studio_use_tag('<lora:job_b:1>\\nSVS Bear', '')")
+    assert page.locator("#txt2img_prompt textarea").input_value() == "<lora:job_b-000001:1> svs bear <lora:job_b:1>"
     alone = page.evaluate("() => { const el = document.querySelector('#txt2img_prompt'); el.id = 'elsewhere';"
                           " const r = lora_studio_use_tag('<lora:x:1>', ''); el.id = 'txt2img_prompt'; return r; }")
     assert "not on this page" in alone and "&lt;lora:x:1&gt;" in alone

@@ -214,6 +214,26 @@ def write_card_words(files: list[str]) -> str | None:
     return said
 
 
+def card_words(lora_path: str) -> str | None:
+    """The words a prompt with this LoRA wants: its card's activation text (the user's, or what training wrote),
+    else its training folder's words."""
+    import json
+
+    from ..formats.safetensors_io import read_metadata
+    from ..train.folders import trained_words
+    try:
+        with open(os.path.splitext(lora_path)[0] + ".json", encoding="utf-8") as f:
+            words = json.load(f).get("activation text")
+        if isinstance(words, str) and words.strip():
+            return words.strip()
+    except (OSError, ValueError, AttributeError):
+        pass  # no sidecar, or one hand-edited into something else: the file's own words
+    try:
+        return trained_words(read_metadata(lora_path) or {})
+    except Exception:  # (an unreadable file: the tag alone)
+        return None
+
+
 def preview_path(lora_path: str) -> str:
     """``<stem>.preview.png`` next to the LoRA: the WebUI's card thumbnail (find_preview)."""
     return os.path.splitext(lora_path)[0] + ".preview.png"

@@ -29,7 +29,7 @@ from ..train.sampling import tagged_infotext
 from ..train.support import loaded_model_notes
 from . import dataset_helper as dh
 from . import doctor as doc
-from .backend import (GridStopped, UiError, describe_file, image_size, parse_numbers, row_label, same_model,
+from .backend import (GridStopped, UiError, card_words, describe_file, image_size, parse_numbers, row_label, same_model,
                       training_at, write_sample_prompts)
 from .grid import compose_grid, prompt_tags_problem
 from .presets import (FIELDS, FIELD_BY_KEY, GROUPS, PATH_KEYS, PRESET_NOTES, PRESETS, collect_config, config_to_ui,
@@ -1367,7 +1367,10 @@ def build_tab(backend) -> gr.Blocks:
                 with Image.open(src) as im:
                     preview = backend.save_preview(lora, im.copy())
                 tag = backend.lora_tag(lora, float(strength))
-                return {r_use_status: ok_html(f"Preview saved as {preview}. Prompt tag: {tag}"), r_tag: tag}
+                words = card_words(lora)
+                # (the script adds the words after the tag unless the prompt has them already)
+                return {r_use_status: ok_html(f"Preview saved as {preview}. Prompt tag: {tag}"),
+                        r_tag: tag + (f"\n{words}" if words else "")}
             except Exception as e:  # shown in the tab; the tag is cleared so nothing stale is sent to txt2img
                 return {r_use_status: error_html(e), r_tag: ""}
 
