@@ -102,6 +102,14 @@ def test_queue_trains_with_samples_and_reports_progress(trained, host):
     assert write_card_words(job["files"]) is None
     with open(mine, encoding="utf-8") as fh:
         assert json.load(fh) == {"activation text": "mine"}
+    # 'Use this one' adds the card's words: the user's, else the training folder's (a broken json too)
+    from lib_lora.ui.backend import card_words
+    assert card_words(job["files"][0]) == "mine"
+    with open(mine, "w", encoding="utf-8") as fh:
+        fh.write("[1, 2")
+    assert card_words(job["files"][0]) == "svs bear"
+    os.remove(mine)
+    assert card_words(job["files"][0]) == "svs bear" and card_words(mine + ".missing") is None
 
 
 def test_results_grid_merges_each_file_and_restores_the_model(trained, host):
