@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -205,6 +206,15 @@ def _check_out_dir(out: str) -> None:
                               "(the quickstart only reuses folders it made itself)")
 
 
+def command_prefix() -> str:
+    """How to run ``lib_lora`` again from this folder: a virtual environment's Python by its path (the quickstart
+    runs in ``.venv``, where a plain ``python`` has no torch), else ``python``."""
+    if sys.prefix == sys.base_prefix or not sys.executable:
+        return "python -m lib_lora"
+    rel = os.path.relpath(sys.executable)
+    return f"{sys.executable if rel.startswith('..') else rel} -m lib_lora"
+
+
 def keep_model(model, out: str) -> str:
     """The embedded model as a checkpoint file (``model/tiny-sd15.safetensors``) and ``train.toml``, an sd-scripts
     style config for the quickstart's dataset, so ``train`` can be tried offline, with no download."""
@@ -215,9 +225,9 @@ def keep_model(model, out: str) -> str:
     path = os.path.join(out, "train.toml")
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"""# The quickstart's dataset on its tiny model (random weights): try the command line with
-#   python -m lib_lora train {path} --dry-run
+#   {command_prefix()} train {path} --dry-run
 # and once trained, compare its epochs with
-#   python -m lib_lora grid {os.path.join(out, "my-lora")} --model {os.path.join(out, "model", "tiny-sd15.safetensors")}
+#   {command_prefix()} grid {os.path.join(out, "my-lora")} --model {os.path.join(out, "model", "tiny-sd15.safetensors")}
 # Relative paths are read from this file's folder.
 [model]
 pretrained_model_name_or_path = "model/tiny-sd15.safetensors"

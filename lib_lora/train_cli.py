@@ -449,7 +449,7 @@ def _train(args, out) -> int:
 # quickstart
 
 def cmd_quickstart(args, out) -> int:
-    from .quickstart import run_quickstart
+    from .quickstart import command_prefix, run_quickstart
 
     if args.steps is not None and args.steps < 1:
         from .cli import UsageError
@@ -479,12 +479,13 @@ def cmd_quickstart(args, out) -> int:
     if not res.loss_after < res.loss_before:
         out.write(f"warning: the loss did not go down in {res.steps} steps; try more --steps\n")
         return EXIT_ERROR
+    prog = command_prefix()
     out.write(f"\nnext: copy {res.lora_path} into the WebUI's models/Lora folder, or train your own:\n"
-              f"  {PROG} train your_config.toml --dry-run\n")
+              f"  {prog} train your_config.toml --dry-run\n")
     if res.kept_config:
         base = os.path.dirname(res.kept_config)
-        out.write(f"or try the command line on the tiny model, offline:\n  {PROG} train {res.kept_config}\n"
-                  f"and compare its epochs:\n  {PROG} grid {os.path.join(base, 'my-lora')} --model "
+        out.write(f"or try the command line on the tiny model, offline:\n  {prog} train {res.kept_config}\n"
+                  f"and compare its epochs:\n  {prog} grid {os.path.join(base, 'my-lora')} --model "
                   f"{os.path.join(base, 'model', 'tiny-sd15.safetensors')}\n")
     else:
         out.write("(`quickstart --keep-model` also keeps the tiny model and a config to try `train` on, offline)\n")

@@ -2,6 +2,7 @@
 
 import io
 import os
+import sys
 import time
 
 import pytest
@@ -50,8 +51,13 @@ def test_keep_model_leaves_a_model_and_config_that_train_takes(quickstart):
     from lib_lora import cli
     code, out, err, out_dir, _ = quickstart
     kept = out_dir / "train.toml"
-    assert f"python -m lib_lora train {kept}" in out and (out_dir / "model" / "tiny-sd15.safetensors").is_file()
-    assert f"python -m lib_lora grid {out_dir / 'my-lora'} --model {out_dir / 'model' / 'tiny-sd15.safetensors'}" in out
+    from lib_lora.quickstart import command_prefix
+    prog = command_prefix()
+    assert f"{prog} train {kept}" in out and (out_dir / "model" / "tiny-sd15.safetensors").is_file()
+    assert f"{prog} grid {out_dir / 'my-lora'} --model {out_dir / 'model' / 'tiny-sd15.safetensors'}" in out
+    assert f"#   {prog} train {kept} --dry-run" in kept.read_text()
+    if sys.prefix != sys.base_prefix:  # (bash .ci/quickstart runs in .venv: a plain `python` there has no torch)
+        assert prog != "python -m lib_lora" and os.path.samefile(prog.split(" -m ")[0], sys.executable), prog
     o, e = io.StringIO(), io.StringIO()
     rc = cli.main(["train", str(kept), "--dry-run"], out=o, err=e)
     assert rc == 0 and "would train 80 steps over 4 epoch(s)" in o.getvalue(), o.getvalue() + e.getvalue()
