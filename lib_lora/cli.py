@@ -237,6 +237,8 @@ def summarize_metadata(metadata: dict) -> dict:
     put("max_train_steps", "ss_max_train_steps")
     put("resolution", "ss_resolution", "modelspec.resolution")
     put("learning_rate", "ss_learning_rate")
+    put("unet_lr", "ss_unet_lr")  # (each overrides learning_rate for its part, which then trains at neither)
+    put("text_encoder_lr", "ss_text_encoder_lr")
     put("optimizer", "ss_optimizer")
     put("clip_skip", "ss_clip_skip")
     put("training_comment", "ss_training_comment")
@@ -283,8 +285,14 @@ def _format_metadata(summary: dict, n_keys: int) -> list[str]:
         row("epochs", "/".join(str(s[k]) for k in ("epoch", "num_epochs") if k in s))
     if any(k in s for k in ("steps", "max_train_steps")):
         row("steps", "/".join(str(s[k]) for k in ("steps", "max_train_steps") if k in s))
-    for key, label in (("resolution", "resolution"), ("learning_rate", "learning rate"),
-                       ("optimizer", "optimizer"), ("clip_skip", "clip skip"), ("training_comment", "comment")):
+    if "resolution" in s:
+        row("resolution", s["resolution"])
+    if "unet_lr" in s or "text_encoder_lr" in s:
+        lr = s.get("learning_rate", "?")
+        row("learning rate", f"UNet {s.get('unet_lr', lr)}, text encoder {s.get('text_encoder_lr', lr)}")
+    elif "learning_rate" in s:
+        row("learning rate", s["learning_rate"])
+    for key, label in (("optimizer", "optimizer"), ("clip_skip", "clip skip"), ("training_comment", "comment")):
         if key in s:
             row(label, s[key])
     if "top_tags" in s:

@@ -51,6 +51,17 @@ def test_top_tags_leave_the_regularisation_folders_out():
     assert cli._top_tags({"ss_datasets": json.dumps(ds)}) == [("svs", 3)]
 
 
+def test_the_learning_rate_shown_is_the_one_each_part_trained_at():
+    """sd-scripts writes learning_rate as ss_learning_rate even when unet_lr/text_encoder_lr override it; the audit
+    saw 'learning rate 2e-06' for a run trained at 1e-3."""
+    meta = {"ss_learning_rate": "2e-06", "ss_unet_lr": "0.001", "ss_text_encoder_lr": "None"}
+    s = cli.summarize_metadata(meta)
+    assert (s["learning_rate"], s["unet_lr"]) == ("2e-06", "0.001") and "text_encoder_lr" not in s
+    assert "  learning rate   UNet 0.001, text encoder 2e-06" in cli._format_metadata(s, 3)
+    s = cli.summarize_metadata({"ss_learning_rate": "0.0001", "ss_unet_lr": "None", "ss_text_encoder_lr": "None"})
+    assert "  learning rate   0.0001" in cli._format_metadata(s, 3)
+
+
 def test_inspect_kohya_text_and_json(tmp_path, sd1_ckpt):
     lora = tmp_path / "wc.safetensors"
     write_kohya(lora, _targets(SD1_TARGETS), rank=4, alpha=2, seed=1, metadata=KOHYA_META)

@@ -366,6 +366,15 @@ def test_resume_with_more_epochs_trains_to_the_new_end_and_another_network_is_re
                          resume=first.state_file)
     assert any("nothing is left to train" in n for n in again.notes), again.notes
     assert not any("schedule is stretched" in n for n in again.notes)
+    # (svs.safetensors is the longer run's now: the state's own LoRA is written again, not the other one kept)
+    assert "svs.safetensors is kept as that run wrote it (no step was trained)" not in again.notes
+    assert "resumed from svs-final-state.lsstate at step 1, the end of its run" in again.notes, again.notes
+    final = os.path.join(tmp_path, "a", "out", "svs.safetensors")
+    before = os.stat(final).st_mtime_ns
+    last = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=1),
+                        resume=first.state_file)  # its own LoRA this time: kept as it is
+    assert "svs.safetensors is kept as that run wrote it (no step was trained)" in last.notes, last.notes
+    assert os.stat(final).st_mtime_ns == before and last.files == [final] and last.status == "done"
     with pytest.raises(TrainingError, match=r"cannot resume from svs-final-state.lsstate: its network does not fit "
                                             r"this config's: .* Resume with the network settings"):
         run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=2, network_dim=8),

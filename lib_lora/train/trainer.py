@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..formats.errors import LoraFileError
+from ..formats.errors import LoraError, LoraFileError
 from ..formats.safetensors_io import (ABSURD_VALUE, leftover_temps, load_tensors, read_metadata, remove_files,
                                       save_file_atomic, write_error_reason)
 from .attention import sdpa_attention
@@ -180,6 +180,18 @@ def _face(entry, sub, ds) -> tuple:
 
 def _alpha(sub, lat) -> bool:
     return bool(getattr(sub, "alpha_mask", False)) and (lat is None or lat.alpha)
+
+
+def _written_by(path: str, started, step: int) -> bool:
+    """Whether the LoRA at ``path`` is the one the run that began at ``started`` saved at ``step`` (a later run of
+    the same name may have replaced it since)."""
+    from ..formats.safetensors_io import read_metadata
+    try:
+        md = read_metadata(path) or {}
+        return (float(md.get("ss_training_started_at")) == float(started)
+                and int(md.get("ss_steps")) == int(step))
+    except (OSError, TypeError, ValueError, LoraError):
+        return False
 
 
 def _seed_for(*parts) -> int:
@@ -1146,6 +1158,7 @@ class Trainer:
             scaler = torch.cuda.amp.GradScaler() if mp == "fp16" else None
 
             step, first_epoch, skip_batches = 0, 1, 0
+            done_before = False  # (resumed from the state a finished run saved at its end)
             if resume_state:
                 try:
                     st = load_state(resume_state)
@@ -1181,6 +1194,7 @@ class Trainer:
                 elif step >= self.end_step:
                     self._note(f"the state is at the end of this run (step {step} of {self.end_step}): nothing is "
                                "left to train; raise max_train_epochs or max_train_steps to continue it")
+                    done_before = True
                 if st_total and int(st_total) != self.total_steps and step < self.end_step:
                     self._note(f"the state's run was {int(st_total)} step(s) long, this one is {self.total_steps}: the "
                                "learning-rate schedule is stretched to the new length from here on (an exact "
@@ -1198,7 +1212,8 @@ class Trainer:
                     self._note(n)
                 seed = self.seed = st["seed"]
                 started = st.get("started", started)  # (the same run: its files keep one session id)
-                self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, epoch {first_epoch}")
+                self._note(f"resumed from {os.path.basename(resume_state)} at step {step}, "
+                           + ("the end of its run" if step >= self.end_step else f"epoch {first_epoch}"))
                 if c.initial_epoch is not None or c.initial_step is not None:
                     self._note("initial_epoch / initial_step are not used with resume: the state file continues "
                                f"its run exactly where it stopped (step {step})")
@@ -1343,6 +1358,10 @@ class Trainer:
                 """The run's result: on a full disk (or a folder that cannot be written) it waits for the user to
                 make room, trying again, rather than throw the finished training away."""
                 fname = ckpt_name(name, None)
+                if done_before and _written_by(os.path.join(out_dir, fname), started, step):
+                    self._note(f"{fname} is kept as that run wrote it (no step was trained)")
+                    self.files.append(os.path.join(out_dir, fname))
+                    return self.files[-1]
                 end = time.monotonic() + self.final_save_wait_s
                 while True:
                     try:
