@@ -394,6 +394,12 @@ def test_what_could_not_be_applied_is_named_with_its_reason(webui, capsys):
         assert page.items["solo"]["filename"] == str(lib.parent / "deep" / "solo.safetensors")
         top = page.items["solo.safetensors"]
         assert top["filename"] == str(lib.parent / "solo.safetensors") and "<lora:solo.safetensors:" in top["prompt"]
+        # get-single-card (after a card edit) asks by the card id: each id gives its own file back
+        from lib_lora.ui.cards import entry_for_item, item_name_for
+        for entry in ns.session.discovery.entries():
+            assert entry_for_item(ns.session.discovery, item_name_for(ns.session, entry)) is entry, entry.relname
+        assert page.create_item("solo", enable_filter=False)["filename"] == str(lib.parent / "deep" / "solo.safetensors")
+        assert page.create_item("solo.safetensors", enable_filter=False)["filename"] == str(lib.parent / "solo.safetensors")
         assert cards["a_checkpoint"].startswith("It is a full Stable Diffusion checkpoint, not a LoRA: move it to")
         assert cards["an_embedding"].startswith("It is a textual-inversion embedding, not a LoRA")
         assert cards["unrelated"].startswith("None of its 2 tensor names"), cards["unrelated"]

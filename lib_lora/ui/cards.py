@@ -15,7 +15,7 @@ import html
 import os
 import re
 
-from ..host.discovery import SD_VERSIONS, LoraEntry
+from ..host.discovery import LORA_EXTENSIONS, SD_VERSIONS, LoraEntry
 
 PAGE_TITLE = "LoRA Studio"
 PAGE_NAME = "lora_studio"   # also the DOM tab name; no space so name == extra_networks_tabname (see make_page)
@@ -44,6 +44,16 @@ def item_name_for(session, entry: LoraEntry) -> str:
     if session.discovery.by_name.get(entry.name) is entry:
         return entry.name
     return entry.relname if entry.relname != entry.name else _relname_ext(entry)
+
+
+def entry_for_item(disc, name: str) -> LoraEntry | None:
+    """The file of a card id (item_name_for's inverse; get-single-card asks by it): a stem names the file the stem's
+    tag reaches, which a top-level file's relative path (its stem too) must not take from it."""
+    entry = disc.by_name.get(name) or disc.by_relname.get(name)
+    stem, ext = os.path.splitext(name)
+    if entry is None and ext.lower() in LORA_EXTENSIONS:
+        entry = disc.by_relname.get(stem)
+    return entry
 
 
 def visible_for_model(sd_version: str, model_version: str | None, show_all: bool, hide_unknown_for,
@@ -171,7 +181,7 @@ def make_page(session):
         def create_item(self, name, index=None, enable_filter=True):
             disc = session.discovery
             disc.ensure_scanned()
-            entry = disc.by_relname.get(name) or disc.by_name.get(name)
+            entry = entry_for_item(disc, name)
             if entry is None:
                 return None
             return build_item(self, session, entry, index, enable_filter)
