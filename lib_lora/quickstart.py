@@ -223,11 +223,12 @@ def keep_model(model, out: str) -> str:
     save_file_atomic({k: v.detach().contiguous() for k, v in model.state_dict().items()},
                      os.path.join(out, "model", "tiny-sd15.safetensors"))
     path = os.path.join(out, "train.toml")
+    prog = command_prefix()
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"""# The quickstart's dataset on its tiny model (random weights): try the command line with
-#   {command_prefix()} train {path} --dry-run
+#   {prog} train {path} --dry-run
 # and once trained, compare its epochs with
-#   {command_prefix()} grid {os.path.join(out, "my-lora")} --model {os.path.join(out, "model", "tiny-sd15.safetensors")}
+#   {prog} grid {os.path.join(out, "my-lora")} --model {os.path.join(out, "model", "tiny-sd15.safetensors")}
 # Relative paths are read from this file's folder.
 [model]
 pretrained_model_name_or_path = "model/tiny-sd15.safetensors"

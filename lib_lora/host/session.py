@@ -666,7 +666,7 @@ def _miscased_tags(p) -> list[str]:
     return [f"<{k}:…> is not read (tag kinds are lower case): write <{k.lower()}:…>" for k in sorted(wrong)]
 
 
-_NEGATIVE_TAG_RE = re.compile(r"<(lora|lyco|lorastudio):([^:>]*)[^>]*>", re.IGNORECASE)
+_NEGATIVE_TAG_RE = re.compile(r"<(?:lora|lyco|lorastudio):[^>]*>", re.IGNORECASE)
 
 
 def _negative_tags(p) -> list[str]:

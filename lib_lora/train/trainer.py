@@ -185,7 +185,6 @@ def _alpha(sub, lat) -> bool:
 def _written_by(path: str, started, step: int) -> bool:
     """Whether the LoRA at ``path`` is the one the run that began at ``started`` saved at ``step`` (a later run of
     the same name may have replaced it since)."""
-    from ..formats.safetensors_io import read_metadata
     try:
         md = read_metadata(path) or {}
         return (float(md.get("ss_training_started_at")) == float(started)
