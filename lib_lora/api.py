@@ -407,11 +407,29 @@ class _Api:
         """(problems, notes, the dataset plan's report) of a checked config, as the run would find them for the
         loaded model ``family``; the images' headers are read, their pixels are not."""
         from .train.dataset import build_plan
+        from .train.support import dry_run_space_problems
         problems, notes = self._settings_problems(cfg, family, folders=False)  # (the plan reports those)
         plan = build_plan(cfg, family=family, check_pixels=False)
         problems += [f.message for f in plan.errors]
         notes += [f.message for f in plan.warnings]
+        if not problems and plan.steps is not None:
+            space, note = dry_run_space_problems(cfg, family, plan.steps.num_epochs, plan.steps.max_train_steps,
+                                                 self._resume_step(cfg))
+            problems += [space] if space else []
+            notes += [note] if note else []
         return problems, notes, plan.report()
+
+    @staticmethod
+    def _resume_step(cfg) -> int:
+        """The step a config's resume state was saved at (0 without one, or when it cannot be read: the other
+        checks say why)."""
+        if not cfg.resume:
+            return 0
+        from .train.saving import StateFileError, load_state
+        try:
+            return int(load_state(str(cfg.resolve(cfg.resume)), check_only=True).get("step") or 0)
+        except (StateFileError, OSError, ValueError):
+            return 0
 
     def _output_notes(self, cfg) -> list[str]:
         """Another waiting or running job that writes the same files is refused (409): the later run would
@@ -533,6 +551,13 @@ class _Api:
         except ValueError as e:  # it started between the check and the removal
             raise HTTPException(409, detail=str(e)) from e
         return {"removed": job_id}
+
+    def clear_finished(self, keep_resumable: bool = Query(True, description="keep cancelled or failed jobs whose "
+                                                                          "resumable state is still on disk")):
+        removed, kept = self.queue.clear_finished(keep_resumable=keep_resumable)
+        return {"removed": [j.id for j in removed],
+                "kept": [{"id": j.id, "name": j.name, "status": j.status, "resume_state": j.resume_state}
+                         for j in kept]}
 
     def move(self, job_id: str, req: MoveRequest):
         self._job(job_id)
@@ -677,6 +702,8 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
     router.add_api_route("/jobs", api.submit, methods=["POST"], status_code=201,
                          summary="Queue a training job (config as JSON sections/flat keys, or {\"toml\": text})")
     router.add_api_route("/jobs", api.list_jobs, methods=["GET"], summary="All jobs, in queue order")
+    router.add_api_route("/jobs", api.clear_finished, methods=["DELETE"],
+                         summary="Remove the finished jobs (done, cancelled, failed) from the list; files stay")
     router.add_api_route("/jobs/{job_id}", api.get_job, methods=["GET"], summary="Status, progress, loss, ETA")
     router.add_api_route("/jobs/{job_id}", api.remove, methods=["DELETE"], summary="Remove a waiting or finished job")
     router.add_api_route("/jobs/{job_id}/cancel", api.cancel, methods=["POST"], summary="Cancel a job")

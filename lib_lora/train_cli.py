@@ -385,6 +385,12 @@ def _train(args, out) -> int:
 
     if args.dry_run:
         steps = plan.steps
+        from .train.support import dry_run_space_problems
+        problem, note = dry_run_space_problems(cfg, family, steps.num_epochs, steps.max_train_steps, resume_at or 0)
+        if problem:
+            raise TrainCliError(f"the run would stop at its start: {problem}")
+        if note:
+            out.write(f"note: {note}\n")
         what = (f"would continue from step {resume_at} to {steps.max_train_steps}" if resume_at is not None else
                 f"would train {steps.max_train_steps} steps")
         out.write(f"dry run: {family.upper()} checkpoint {ckpt}; {what} over {steps.num_epochs} epoch(s) into "

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import threading
 import tomllib
 
@@ -342,6 +343,11 @@ def test_list_move_cancel_remove(env):
     assert c.get(PREFIX + f"/jobs/{ids[0]}").status_code == 404
     assert c.delete(PREFIX + f"/jobs/{ids[0]}").status_code == 404
     assert [j.id for j in q.list()] == [ids[2]]
+    # clearing the finished ones leaves waiting (and running) jobs alone
+    q.cancel(ids[2])
+    d = q.submit({"output_name": "d"})
+    assert c.delete(PREFIX + "/jobs").json() == {"removed": [ids[2]], "kept": []}
+    assert [j.id for j in q.list()] == [d.id]
 
 
 def test_cancel_running_job_and_refuse_removing_it(env):
@@ -597,6 +603,37 @@ def test_model_keys_of_a_pasted_config_are_said_to_choose_nothing(env):
     c2, _ = make_client(tmp, root, get_model=lambda: dict(MODEL, device="cpu"))
     cpu = c2.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(mixed_precision="fp16", output_name="ok"))
     assert "mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead." in cpu.json()["notes"]
+
+
+def test_dry_run_says_a_disk_without_room_for_the_run(env, monkeypatch):
+    """The run refuses to start without room for its final LoRA and a state; the dry run says so first, with the
+    network's size estimated for the loaded model's family (an SD1 LoRA at network_dim 32: 18.9 M parameters,
+    about 366 MiB saved in fp16 with a state), and notes when only the planned saves would not fit."""
+    from collections import namedtuple
+
+    from PIL import Image
+
+    import lib_lora.train.saving as saving
+    tmp, root = env
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "training_data" / "10_cat" / "a.png")
+    c, q = make_client(tmp, root)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda p: usage(10 ** 12, 0, 100 * 2 ** 20))
+    r = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(network_dim=32))
+    assert r.status_code == 422, r.text
+    assert re.search(r"has 100\.0 MiB free; about 365\.6 MiB is needed for the trained LoRA and a resume state\. "
+                     r"Free some space or choose another output folder \(estimated for a full-size SD1 model at "
+                     r"network_dim 32;", r.json()["detail"]), r.text
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda p: usage(10 ** 12, 0, 500 * 2 ** 20))
+    r = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(network_dim=32, max_train_epochs=4, save_every_n_epochs=1,
+                                                           save_state=True))
+    assert r.status_code == 200, r.text
+    assert any("for this run's 4 LoRA file(s) and 4 state(s)" in n for n in r.json()["notes"]), r.json()["notes"]
+    # a network type whose size the estimate does not know is left to the run's own check
+    r = c.post(PREFIX + "/jobs?dry_run=true", json=cfg_for(network_dim=32, network_module="lycoris.kohya",
+                                                           network_args=["algo=lokr"]))
+    assert r.status_code == 200 and not any("MiB" in n for n in r.json()["notes"]), r.text
+    assert q.list() == []
 
 
 def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):

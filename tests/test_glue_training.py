@@ -344,6 +344,39 @@ def test_interrupt_button_cancels_and_is_not_left_set(fresh):
     assert_webui_left_clean(ns)  # interrupted is cleared again for the next job
 
 
+def test_a_final_lora_waiting_for_disk_room_gives_the_model_back_meanwhile(fresh, monkeypatch):
+    """The disk is full when the job ends: while it waits for room the WebUI's queue lock is free and its model as
+    it was (a generation can run), and that generation's Interrupt does not cancel the waiting job."""
+    import errno
+
+    import lib_lora.train.trainer as trainer_mod
+    from lib_lora.formats.errors import LoraFileError
+    ns = fresh
+    monkeypatch.setattr(trainer_mod.Trainer, "final_save_retry_s", 0.01)
+    real, seen = trainer_mod.save_lora, []
+
+    def save_lora(path, *a, **k):
+        if os.path.basename(path) == "fulljob.safetensors" and len(seen) < 3:
+            if seen:  # waiting: what a generation started now would find
+                seen.append((ns.probe._lock_free(), models.model_state_hash(ns.model) == ns.before,
+                             ns.shared.state.calls[-1]))
+                ns.shared.state.interrupt()  # (that generation's Interrupt button)
+            else:
+                seen.append("first try")
+            raise LoraFileError("the disk is full: could not write fulljob.safetensors", path) from OSError(
+                errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "save_lora", save_lora)
+    job = ns.backend.submit(config(ns, "fulljob"), name="fulljob")
+    job = finished(ns, job["id"])
+    assert job["status"] == "done" and job["files"][-1].endswith("fulljob.safetensors"), job
+    assert seen[1:] == [(True, True, ("end", "lora-studio"))] * 2, seen
+    assert any("The model is given back meanwhile: image generation goes on" in n for n in job["notes"]), job["notes"]
+    ns.shared.state.interrupted = False  # (the generation's own begin() clears it in A1111)
+    assert_webui_left_clean(ns)
+
+
 # ------------------------------------------------------------------------------------------------ the host
 
 @pytest.mark.parametrize("method, undone", [("Doggettx", True), ("sub-quadratic", True), ("V1", True),

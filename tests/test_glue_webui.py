@@ -450,10 +450,13 @@ def test_bundled_embeddings_are_known_while_their_lora_is(webui):
         assert any("bundled embedding 'wide' is for another model (width 1024, this model's text encoder takes 768)"
                    in c for c in p.comments), p.comments
         assert not any("with_emb' not applied" in c for c in p.comments)
+        generate(ns, "a svsdog <lora:with_emb:0.5>")  # the same file again: its embedding is not built again
+        assert db.word_embeddings["svsdog"] is emb
         p = generate(ns, "a mine <lora:clash:1>")
         assert db.word_embeddings["mine"] is mine and "svsdog" in db.word_embeddings  # (clash bundles it too)
         assert any("bundled embedding 'mine' is not used: an embedding of that name is already loaded" in c
                    for c in p.comments)
+        assert db.word_embeddings["svsdog"] is not emb  # (clash's own svsdog: another file's)
         generate(ns, "a svsdog")  # no LoRA: its embeddings go with it, the folder's stays
         assert "svsdog" not in db.word_embeddings and db.word_embeddings["mine"] is mine
     finally:

@@ -323,3 +323,28 @@ def test_cancelling_stays_said_while_the_current_image_or_step_finishes(tmp_path
     assert q.wait_idle(20)
     q.stop(5)
     assert seen == ["cancelling…"]
+
+
+def test_clear_finished_keeps_waiting_jobs_and_resumable_ones(tmp_path):
+    q = JobQueue(str(tmp_path), None, autostart=False)
+    done, failed, cancelled, resumable, waiting = (q.submit({"output_name": n}) for n in "abcde")
+    state = tmp_path / "d-cancelled-state.lsstate"
+    state.write_bytes(b"state")
+    for job, status in ((done, DONE), (failed, FAILED), (cancelled, CANCELLED), (resumable, CANCELLED)):
+        job.status = status
+    cancelled.resume_state = str(tmp_path / "gone.lsstate")  # (its state was deleted: nothing left to resume)
+    resumable.resume_state = str(state)
+    done.resume_state = str(state)  # (a finished run's own state: the job is done, the file stays on disk)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / f"{done.id}.png").write_bytes(b"png")
+
+    removed, kept = q.clear_finished()
+    assert [j.id for j in removed] == [done.id, failed.id, cancelled.id] and [j.id for j in kept] == [resumable.id]
+    assert [j.id for j in q.list()] == [resumable.id, waiting.id]
+    assert not (tmp_path / "plots" / f"{done.id}.png").exists() and state.exists()
+    # the list on disk changed too: a restart brings back what is left
+    assert [j.id for j in JobQueue(str(tmp_path), None, autostart=False).list()] == [resumable.id, waiting.id]
+    # and the resumable one goes when asked
+    removed, kept = q.clear_finished(keep_resumable=False)
+    assert [j.id for j in removed] == [resumable.id] and kept == [] and [j.id for j in q.list()] == [waiting.id]
+    assert q.clear_finished() == ([], [])

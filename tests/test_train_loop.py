@@ -444,19 +444,23 @@ def test_a_full_disk_costs_the_saves_it_blocks_not_the_run(sd1, tmp_path, monkey
     img, _ = train_data.make_dataset(str(tmp_path / "d"), n_concept=2, repeats=1)
     before = state_fingerprint(sd1)
     monkeypatch.setattr(trainer_mod.Trainer, "final_save_retry_s", 0.01)
-    final_tries = []
+    final_tries, while_waiting = [], []
+    host = ModelHost(sd1, "m")
 
     def fails(name):
         if name == "svs.safetensors":
             final_tries.append(name)
+            if len(final_tries) > 1:  # the wait gives the model back: generation is not held up by it
+                while_waiting.append((host._lock.locked(), state_fingerprint(sd1) == before))
             return len(final_tries) <= 2  # room is made while it waits
         return name in ("svs-000001.safetensors", "svs-000001-state.lsstate", "svs-final-state.lsstate")
     tried = _full_disk_after(monkeypatch, fails)
     steps = []
-    res = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "a"), img, max_train_epochs=3, save_every_n_epochs=1,
-                                                  save_state=True),
+    res = run_training(host, _cfg(str(tmp_path / "a"), img, max_train_epochs=3, save_every_n_epochs=1,
+                                  save_state=True),
                        on_event=lambda e: e.kind == "step" and steps.append(e.step))
     assert res.status == "done" and steps == [1, 2, 3], (res.status, steps)
+    assert while_waiting == [(False, True), (False, True)], while_waiting
     out = str(tmp_path / "a" / "out")
     assert sorted(os.listdir(out)) == ["svs-000002-state.lsstate", "svs-000002.safetensors", "svs.safetensors"]
     assert res.final == os.path.join(out, "svs.safetensors") and res.state_file is None
@@ -469,7 +473,14 @@ def test_a_full_disk_costs_the_saves_it_blocks_not_the_run(sd1, tmp_path, monkey
             "resumed from its end (its newest state, if any, is an earlier one)") in notes
     assert (f"could not write the final LoRA svs.safetensors to {out}: the disk is full. The training is finished "
             "and kept in memory: free some space and it is written") in notes
+    assert "The model is given back meanwhile" in notes and "image generation goes on" not in notes  # (headless)
     assert state_fingerprint(sd1) == before
+    # the final LoRA written after the model went back holds the trained weights (as a run with room writes them)
+    monkeypatch.undo()
+    roomy = run_training(ModelHost(sd1, "m"), _cfg(str(tmp_path / "r"), img, max_train_epochs=3, save_every_n_epochs=1,
+                                                    save_state=True))
+    a, b = _train_state(res.final), _train_state(roomy.final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_full_disk_costs_the_latent_disk_cache_and_sample_pictures_only(sd1, tmp_path, monkeypatch):

@@ -366,6 +366,18 @@ def test_full_flow(server, page):
     pngs = sorted(f for f in os.listdir(saved) if f.endswith(".png"))
     assert len(pngs) == 21 and "grid.png" in pngs and all(f.startswith("00_") for f in pngs if f != "grid.png")
 
+    # Clear finished: job_b (done) leaves the list, its files stay; the two cancelled runs keep a state to resume
+    sub_tab(page, "Train")
+    choose(page, "lora_studio_job", "job_b")
+    wait_text(page, "lora_studio_progress", r"job_b.*finished")
+    page.click("#lora_studio_clear")
+    wait_text(page, "lora_studio_train_status", r"Cleared 1 finished job\(s\) from the list \(their files stay\)\. "
+              r"Kept 2 that can still be resumed \('job_a', 'job_a \(resumed\)'\)")
+    jobs_text = html_text(page, "lora_studio_jobs")
+    assert "job_b" not in jobs_text and "job_a (resumed)" in jobs_text, jobs_text
+    wait_text(page, "lora_studio_progress", r"job_a \(resumed\).*cancelled")  # (no longer the cleared job's panel)
+    assert os.path.exists(os.path.join(server["root"], "Lora", "job_b.safetensors"))
+
     assert not page.errors, page.errors
 
 

@@ -59,7 +59,7 @@ class Session:
         self.last_result = None
         self._console_details: list[str] = []
         self._file_ids: dict[str, tuple] = {}  # tag name -> (path, mtime_ns, size) of the file last applied
-        self._bundled: dict[str, object] = {}   # embedding name -> the Embedding we registered from a LoRA
+        self._bundled: dict[str, tuple] = {}    # embedding name -> (the Embedding we registered, its source)
         self._default_last = None  # sd_lora's (name, weight) while it is added
 
     # ------------------------------------------------------------------ settings
@@ -406,23 +406,39 @@ class Session:
 
     def _sync_bundled(self, used, msgs):
         """Textual-inversion embeddings saved inside the LoRAs in use are known to the prompt while their LoRA is
-        (the built-in Lora does the same); the conditioning is computed after this, so this job sees them."""
+        (the built-in Lora does the same); the conditioning is computed after this, so this job sees them. One
+        still registered from the same file for the same model is kept as it is, not rebuilt per generation."""
         get_db = getattr(self.host, "embedding_db", None)
         db = get_db() if get_db is not None else None
-        wanted = [(entry, ref, name, data) for entry, ref, net in used
+        wanted = [(entry, ref, net, name, data) for entry, ref, net in used
                   for name, data in (getattr(net, "bundle_embeddings", None) or {}).items()]
         if db is None:
             if wanted:
-                msgs.append(f"LoRA '{wanted[0][1].name}': its bundled embedding '{wanted[0][2]}' is not used "
+                msgs.append(f"LoRA '{wanted[0][1].name}': its bundled embedding '{wanted[0][3]}' is not used "
                             "(no embedding database here)")
             return
         model = self.host.current_model()
         words = getattr(db, "word_embeddings", {})
-        for name, emb in list(self._bundled.items()):
-            if words.get(name) is emb:  # (never one the embeddings folder has loaded since under that name)
+
+        def ident(entry, net):  # (None: a file read without a content key is built again)
+            key = getattr(net, "key", None)
+            return None if key is None else (entry.filename, key, id(model))
+
+        first = {}
+        for entry, _ref, net, name, _data in wanted:
+            first.setdefault(name, ident(entry, net))
+        kept = {}
+        for name, (emb, was) in list(self._bundled.items()):
+            if words.get(name) is not emb:  # (one the embeddings folder has loaded since under that name stays)
+                continue
+            if was is not None and first.get(name) == was:
+                kept[name] = (emb, was)
+            else:
                 db.register_embedding_by_name(None, model, name)
-        self._bundled = {}
-        for entry, ref, name, data in wanted:
+        self._bundled = dict(kept)
+        for entry, ref, net, name, data in wanted:
+            if kept.pop(name, None) is not None and ident(entry, net) == first[name]:
+                continue  # (registered from this file already)
             if name in words:
                 msgs.append(f"LoRA '{ref.name}': its bundled embedding '{name}' is not used: an embedding of that "
                             "name is already loaded (from the embeddings folder or another LoRA)")
@@ -438,7 +454,7 @@ class Session:
                             f"{emb.shape}, this model's text encoder takes {expected}); not used")
                 continue
             db.register_embedding(emb, model)
-            self._bundled[name] = emb
+            self._bundled[name] = (emb, ident(entry, net))
 
     def _forget_conds_if_files_changed(self, p, refs, used):
         """A file rewritten under a name (a retrained LoRA, a new download), added after a 'not found' or gone

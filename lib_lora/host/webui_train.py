@@ -47,6 +47,7 @@ class WebUIHost(ModelHost):
         self.session = session
         self.job_id = job_id
         self.trains = False  # set on the copy for_job() hands a training job
+        self.holds_model = False  # inside lock(): only then is A1111's Interrupt meant for this job
         self.use_sdpa = False  # the WebUI's own attention optimisation stays in charge
 
     def for_job(self, job_id: str) -> "WebUIHost":
@@ -67,10 +68,12 @@ class WebUIHost(ModelHost):
             self.session.release_builtin(self.sd_model)
             self.session.restore()
             st.begin(job="lora-studio")
+            self.holds_model = True
             try:
                 with self.training() if self.trains else nullcontext():
                     yield
             finally:
+                self.holds_model = False
                 st.end()
                 st.interrupted = False  # as wrap_gradio_gpu_call: an Interrupt ends this job, not the next one
                 devices.torch_gc()

@@ -226,6 +226,25 @@ class JobQueue:
                 raise ValueError(f"job {job.name} is running; cancel it first")
             self.jobs.remove(job)
             self._save()
+        self._drop_plot(job_id)
+
+    def clear_finished(self, keep_resumable: bool = True) -> tuple[list[Job], list[Job]]:
+        """Take the finished jobs (done, cancelled, failed) off the list; their files stay. A job whose resumable
+        state is still on disk is kept unless ``keep_resumable`` is off: the list is what the Resume button reads.
+        Returns (removed, kept)."""
+        with self._lock:
+            ended = [j for j in self.jobs if j.status in FINISHED]
+            kept = [j for j in ended if keep_resumable and j.status != DONE and _usable_state(j)]
+            removed = [j for j in ended if j not in kept]
+            if removed:
+                gone = {j.id for j in removed}
+                self.jobs = [j for j in self.jobs if j.id not in gone]
+                self._save()
+        for j in removed:
+            self._drop_plot(j.id)
+        return removed, kept
+
+    def _drop_plot(self, job_id: str) -> None:
         try:  # (the tab's loss plot of the job, kept in the store: it goes with the job)
             os.remove(os.path.join(self.store_dir, "plots", f"{job_id}.png"))
         except OSError:
@@ -368,7 +387,7 @@ class JobQueue:
                 job.samples.append({"epoch": ev.epoch, "step": ev.step, "path": ev.path})
             if kind == "note":
                 job.notes.append(ev.message)
-                if (ev.extra or {}).get("console"):  # (e.g. a job waiting for disk space holds up generation)
+                if (ev.extra or {}).get("console"):  # (e.g. a finished job waiting for disk space)
                     print(f"LoRA Studio: job '{job.name}': {ev.message}", flush=True)
             if ev.message and not (job.cancel_asked and kind in ("cache", "step")):  # ("cancelling…" stays)
                 job.message = ev.message

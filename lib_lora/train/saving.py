@@ -178,6 +178,59 @@ def disk_space_problem(path: str, needed: int, what: str) -> str | None:
             f"for {what}. Free some space or choose another output folder")
 
 
+def run_space_problems(out_dir: str, n_params: int, cfg, epochs: int, end_step: int,
+                       resumed_at: int = 0) -> tuple[str | None, str | None]:
+    """(problem, note) of a run whose network has ``n_params`` parameters: a problem when its final LoRA and a
+    resume state cannot fit on the disk of ``out_dir``; a note when all its planned saves would not. A state saved
+    after the last step (a cancel while the final LoRA waited) needs room for the LoRA only."""
+    lora = int(n_params * SAVE_DTYPES[(cfg.save_precision or "float").lower()].itemsize * 1.05) + 2 ** 20
+    state = n_params * 4 * 4 + 2 ** 20  # (fp32 weights and up to three optimizer slots)
+    if resumed_at >= end_step:
+        return disk_space_problem(out_dir, lora, "the trained LoRA"), None
+    problem = disk_space_problem(out_dir, lora + state, "the trained LoRA and a resume state")
+    if problem:
+        return problem, None
+    every = cfg.save_every_n_epochs or 0
+    # (no epoch or step save at the end: the final file is that save)
+    saves = 1 + ((epochs - 1) // every if every else 0) + (
+        (end_step - 1) // cfg.save_every_n_steps if cfg.save_every_n_steps else 0)
+    states = saves if cfg.save_state else 0
+    problem = disk_space_problem(out_dir, saves * lora + states * state, f"this run's {saves} LoRA file(s)"
+                                 + (f" and {states} state(s)" if states else ""))
+    return None, (problem + " (files it removes on the way, save_last_n_*, are not counted)" if problem else None)
+
+
+# LoRA parameters per unit of network_dim on kohya's default targets of the full-size models: (UNet, text encoder(s))
+LORA_PARAMS_PER_DIM = {"sd1": (423_936, 165_888), "sd2": (432_128, 423_936), "sdxl": (2_659_840, 903_168)}
+
+
+# network_args that never make a network smaller than network_dim on the default targets says
+_SIZE_NEUTRAL_ARGS = {"algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker",
+                      "use_scalar", "rank_stabilized", "weight_decompose", "train_norm", "loraplus_lr_ratio",
+                      "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "use_cp"}
+
+
+def estimated_lora_params(cfg, family: str | None, train_unet: bool, train_te: bool) -> int | None:
+    """Before the network is built (a dry run): about how many parameters a LoRA, LoCon or LoHa of ``cfg`` has on
+    the full-size model of ``family`` (its conv layers uncounted: a lower bound); None for other network types."""
+    if family not in LORA_PARAMS_PER_DIM or cfg.dim_from_weights:
+        return None
+    keys = {a.split("=", 1)[0].strip().lower() for a in cfg.network_args or []}
+    if keys - _SIZE_NEUTRAL_ARGS:  # (block dims, block LR weights of 0, LyCORIS presets: fewer or smaller layers)
+        return None
+    algo = "lora"
+    if cfg.network_module == "lycoris.kohya":
+        algo = next((a.split("=", 1)[1].strip().lower() for a in cfg.network_args or []
+                     if a.replace(" ", "").lower().startswith("algo=")), "lora")
+    elif cfg.network_module not in (None, "", "networks.lora"):
+        return None
+    factor = {"lora": 1, "locon": 1, "loha": 2}.get(algo)
+    if factor is None:
+        return None
+    unet, te = LORA_PARAMS_PER_DIM[family]
+    return factor * int(cfg.network_dim or 4) * ((unet if train_unet else 0) + (te if train_te else 0))
+
+
 STATE_EXT = "-state.lsstate"  # (not .pt: the WebUI's Lora page and other tools list every .pt as a LoRA)
 OLD_STATE_EXT = "-state.pt"    # (what earlier versions wrote; still resumed)
 

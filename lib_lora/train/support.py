@@ -696,3 +696,24 @@ def network_build_problems(sd_model, family: str, cfg: TrainConfig) -> list[str]
     except (NetworkShapeError, PresetError) as e:
         return [str(e)]
     return []
+
+
+def dry_run_space_problems(cfg: TrainConfig, family: str | None, epochs: int, end_step: int,
+                           resumed_at: int = 0) -> tuple[str | None, str | None]:
+    """A dry run's (problem, note) for the disk of the output folder, as the run's own check at its start finds
+    them, with the network's size estimated for the full-size model of ``family`` (LoRA, LoCon, LoHa; other
+    network types are checked when the run starts)."""
+    from .saving import estimated_lora_params, run_space_problems
+
+    unet_lr, te_lr = part_lrs(cfg)
+    n = estimated_lora_params(cfg, family, bool(unet_lr), bool(te_lr))
+    if not n or not cfg.output_dir:
+        return None, None
+    folder = os.path.abspath(str(cfg.resolve(cfg.output_dir)))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:  # (made when the run starts)
+        folder = os.path.dirname(folder)
+    problem, note = run_space_problems(folder, n, cfg, epochs, end_step, resumed_at)
+    said = (f" (estimated for a full-size {family.upper()} model at network_dim {int(cfg.network_dim or 4)}; "
+            "the run checks the exact size when it starts)")
+    return (problem + said if problem else None), (note + said if note else None)
+

@@ -51,8 +51,8 @@ from .loss import LossOptions, NoiseSchedule, zero_terminal_snr
 from .optim import (OptimizerGroupsError, OptimizerNameError, effective_optimizer, is_schedule_free, make_optimizer,
                     make_scheduler, make_torch_scheduler, shown_lr)
 from .saving import (BASE_MODEL_VERSION, MINIMUM_METADATA_KEYS, SAVE_DTYPES, STATE_EXT, CsvLog, RunLock,
-                     RunLockedError, StateFileError, ckpt_name, disk_space_problem, ensure_output_dir, load_state,
-                     metadata_strings, modelspec, prune_old, prune_old_steps, rng_state, run_files, save_lora,
+                     RunLockedError, StateFileError, ckpt_name, ensure_output_dir, load_state, metadata_strings,
+                     modelspec, prune_old, prune_old_steps, rng_state, run_files, run_space_problems, save_lora,
                      save_state, set_rng_state, step_ckpt_name)
 
 
@@ -283,7 +283,7 @@ class Trainer:
         self.on_event(TrainEvent(kind, total=self.end_step, epochs=self.epochs, **kw))
 
     def _note(self, text, console: bool = False):
-        """``console``: also for the WebUI's console (a wait that holds up image generation says why there)."""
+        """``console``: also for the WebUI's console (a finished job waiting for disk room says so there)."""
         if text in self.notes:  # (the pre-flight check and the run may both find it)
             return
         self.notes.append(text)
@@ -571,28 +571,13 @@ class Trainer:
     def _check_disk_space(self, net, out_dir: str, resumed_at: int = 0) -> None:
         """Refuse a run whose final LoRA (and resume state) cannot fit on the disk; note when all its planned
         saves would not. (A full disk mid-run costs the saves it blocks; the final LoRA waits for room.)"""
-        c = self.cfg
         n = sum(p.numel() for pair in net.pairs.values() for p in pair.parameters())
-        lora = int(n * SAVE_DTYPES[(c.save_precision or "float").lower()].itemsize * 1.05) + 2 ** 20
-        state = n * 4 * 4 + 2 ** 20  # (fp32 weights and up to three optimizer slots)
-        # a state saved after the last step (a cancel while the final LoRA waited) needs room for the LoRA only
-        if resumed_at >= self.end_step:
-            problem = disk_space_problem(out_dir, lora, "the trained LoRA")
-            if problem:
-                raise TrainingError(problem + ". Nothing was written")
-            return
-        problem = disk_space_problem(out_dir, lora + state, "the trained LoRA and a resume state")
+        problem, note = run_space_problems(out_dir, n, self.cfg, self.epochs, self.end_step, resumed_at)
         if problem:
-            raise TrainingError(problem + ". Nothing was trained")
-        every = c.save_every_n_epochs or 0
-        # (no epoch or step save at the end: the final file is that save)
-        saves = 1 + ((self.epochs - 1) // every if every else 0) + (
-            (self.end_step - 1) // c.save_every_n_steps if c.save_every_n_steps else 0)
-        states = saves if c.save_state else 0
-        problem = disk_space_problem(out_dir, saves * lora + states * state, f"this run's {saves} LoRA file(s)"
-                                     + (f" and {states} state(s)" if states else ""))
-        if problem:
-            self._note(problem + " (files it removes on the way, save_last_n_*, are not counted)")
+            raise TrainingError(problem + (". Nothing was written" if resumed_at >= self.end_step else
+                                           ". Nothing was trained"))
+        if note:
+            self._note(note)
 
     def _compile_backend(self) -> str | None:
         """torch_compile from the config, else the host's setting (WebUI: Settings -> LoRA Studio); off by default."""
@@ -895,8 +880,10 @@ class Trainer:
                 stack.callback(setattr, self, "on_event", inner)
                 self._note(f"logging_dir: the losses are written to {log.path} (CSV; no TensorBoard event files "
                            "are written)")
-            stack.enter_context(self.host.lock())
-            stack.enter_context(guarded([self.sd_model]))
+            # everything that holds the model, apart: a final LoRA waiting for disk room gives it back early
+            held = stack.enter_context(ExitStack())
+            held.enter_context(self.host.lock())
+            held.enter_context(guarded([self.sd_model]))
             notes: list[str] = []
             try:
                 lyco = lyco_settings(c.network_module, nargs, [], c)  # (its notes came with check_support's)
@@ -904,7 +891,7 @@ class Trainer:
                 raise TrainingError(str(e)) from None
             dim, alpha, conv_dim, conv_alpha = base_dims(c, nargs, lyco=lyco is not None)
             if c.base_weights:
-                stack.enter_context(self._base_weights_merged())
+                held.enter_context(self._base_weights_merged())
             if c.dim_from_weights and not c.network_weights:
                 raise TrainingError("dim_from_weights needs network_weights: the file whose ranks are to be used")
             start_sd = load_tensors(str(c.resolve(c.network_weights))) if c.network_weights else None
@@ -1012,8 +999,8 @@ class Trainer:
             unet = self.sd_model.model.diffusion_model
             if fp8_roots:
                 # after the network is built: DoRA starts from the full-precision weight (as under sd-scripts)
-                stack.enter_context(self.host.fp8_weights())
-                n = stack.enter_context(fp8_storage(fp8_roots))
+                held.enter_context(self.host.fp8_weights())
+                n = held.enter_context(fp8_storage(fp8_roots))
                 self._note(f"{'fp8_base_unet' if c.fp8_base_unet else 'fp8_base'}: {n} Linear/Conv weights of the "
                            f"{' and '.join('UNet' if r is unet else 'text encoder' for r in fp8_roots)} are "
                            "stored in FP8 for this run; the originals wait in CPU memory and are put back after it")
@@ -1057,13 +1044,13 @@ class Trainer:
             # the recomputed forward must redraw the same LoRA dropout masks; without dropout the RNG state need not
             # be saved (which also keeps the step capturable: reading the CUDA RNG state is refused while capturing)
             lora_random = bool(net.dropout or net.rank_dropout)
-            stack.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing, lora_random))
+            held.enter_context(_grad_checkpointing(self.sd_model, c.gradient_checkpointing, lora_random))
             # the WebUI has its own attention hijack; headless we switch the stock einsum attention to SDPA
-            stack.enter_context(sdpa_attention(self.sd_model.model, getattr(self.host, "use_sdpa", True)))
-            stack.enter_context(net.attached())
+            held.enter_context(sdpa_attention(self.sd_model.model, getattr(self.host, "use_sdpa", True)))
+            held.enter_context(net.attached())
             if fast.enabled:
-                stack.enter_context(cached_timestep_embedding(unet))
-                stack.enter_context(sync_free_clip_mask())  # the text encoder runs inside the step when trained
+                held.enter_context(cached_timestep_embedding(unet))
+                held.enter_context(sync_free_clip_mask())  # the text encoder runs inside the step when trained
             net.train()
 
             groups = net.param_groups(unet_lr, te_lr, block_lr, loraplus)
@@ -1362,6 +1349,7 @@ class Trainer:
                     self.files.append(os.path.join(out_dir, fname))
                     return self.files[-1]
                 end = time.monotonic() + self.final_save_wait_s
+                given_back = False
                 while True:
                     try:
                         return save(fname, self.epochs, final=True)
@@ -1374,11 +1362,16 @@ class Trainer:
                                 f"{self.final_save_wait_s / 60:g} minutes of waiting; {kept}. "
                                 f"{e.remedy.capitalize()} (or choose another output folder) and train again"
                             ) from None
+                        if not given_back:  # (the file and state are written from the network alone)
+                            held.close()
+                            given_back = True
+                        webui = getattr(self.host, "runs_as", "") == "a WebUI job"
                         self._note(f"could not write the final LoRA {fname} to {out_dir}: {e.why}. The training is "
                                    f"finished and kept in memory: {e.remedy} and it is written, trying again "
                                    f"every {self.final_save_retry_s:g} s for up to {self.final_save_wait_s / 60:g} "
                                    "minutes. Cancel (Ctrl-C on the command line) to give up (it saves a resumable "
-                                   "state if there is room for it)", console=True)
+                                   "state if there is room for it). The model is given back meanwhile"
+                                   + (": image generation goes on" if webui else ""), console=True)
                     pause = time.monotonic() + self.final_save_retry_s
                     while time.monotonic() < min(pause, end):
                         if self.should_cancel():

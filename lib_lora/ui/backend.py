@@ -93,6 +93,7 @@ class Backend(Protocol):
     def job(self, job_id: str) -> dict | None: ...
     def cancel(self, job_id: str) -> dict: ...
     def remove(self, job_id: str) -> None: ...
+    def clear_finished(self) -> tuple[list[dict], list[dict]]: ...
     def move(self, job_id: str, delta: int) -> None: ...
     def queue_problem(self) -> str | None: ...
     def lora_tag(self, path: str, weight: float) -> str: ...
@@ -509,6 +510,12 @@ class LocalBackend:
         if task:
             self.hooks.finished(task, job)  # a removed waiting job must not keep a progress bar waiting
 
+    def clear_finished(self) -> tuple[list[dict], list[dict]]:
+        """The finished jobs off the list (files stay); cancelled or failed ones that can still be resumed are
+        kept. Returns (removed, kept)."""
+        removed, kept = self.queue.clear_finished()
+        return [_public(j) for j in removed], [_public(j) for j in kept]
+
     def move(self, job_id: str, delta: int) -> None:
         job = self._need_job(job_id)
         if job.status not in (QUEUED, INTERRUPTED):
@@ -574,7 +581,10 @@ class LocalBackend:
                 self._task_event(job, "started")
 
         result = run_training(host, cfg, on_event=on_event,
-                              should_cancel=lambda: should_cancel() or self.hooks.interrupted(),
+                              # (A1111's Interrupt stops whatever holds its queue lock: a job that gave the
+                              # model back, to wait for disk room, leaves it to the generation running then)
+                              should_cancel=lambda: should_cancel() or (getattr(host, "holds_model", True)
+                                                                        and self.hooks.interrupted()),
                               resume=resume, sample_fn=sample_fn)
         result.notes[:0] = switched
         try:

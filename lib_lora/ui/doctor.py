@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from ..train import dataset as _dataset
 from ..train.config import TrainConfig, parse_train_config
 from ..train.dataset import DatasetPlan, build_plan
+from ..train.saving import LORA_PARAMS_PER_DIM
 
 GB = 1024 ** 3
 
@@ -44,7 +45,7 @@ WEIGHT_PARAMS = {  # parameters of the whole checkpoint: UNet, text encoder(s), 
     "sd2": {"unet": 865.9e6, "te": 354.0e6, "vae": 83.7e6},
     "sdxl": {"unet": 2567.5e6, "te": 817.6e6, "vae": 83.7e6},
 }
-LORA_PER_DIM = {"sd1": (423_936, 165_888), "sd2": (432_128, 423_936), "sdxl": (2_659_840, 903_168)}
+LORA_PER_DIM = LORA_PARAMS_PER_DIM
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "prodigy": 16, "adafactor": 4,
                    "sgdnesterov": 4}
 ACT_GB_PER_MP = {"sd1": 16.0, "sd2": 14.0, "sdxl": 9.0}

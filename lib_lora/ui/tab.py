@@ -591,6 +591,7 @@ def build_tab(backend) -> gr.Blocks:
                                 down_btn = gr.Button("Move down", size="sm", elem_id="lora_studio_down")
                                 remove_btn = gr.Button("Remove", size="sm", elem_id="lora_studio_remove")
                                 resume_btn = gr.Button("Resume", size="sm", elem_id="lora_studio_resume")
+                                clear_btn = gr.Button("Clear finished", size="sm", elem_id="lora_studio_clear")
                             with gr.Row():
                                 # (read by javascript/lora_studio.js, which polls while it is ticked)
                                 gr.Checkbox(label="Update automatically", value=True, elem_id="lora_studio_auto")
@@ -998,6 +999,24 @@ def build_tab(backend) -> gr.Blocks:
                                                                            value=None)}
 
         @guarded(train_status)
+        def do_clear(label):
+            removed, kept = backend.clear_finished()
+            jobs = backend.jobs()
+            gone = {j["id"] for j in removed}
+            if not removed and not kept:
+                msg = "No finished jobs to clear."
+            else:
+                msg = (f"Cleared {len(removed)} finished job(s) from the list (their files stay)." if removed
+                       else "Nothing was cleared.")
+                if kept:
+                    names = ", ".join(f"'{j['name']}'" for j in kept[:3]) + (" …" if len(kept) > 3 else "")
+                    msg += (f" Kept {len(kept)} that can still be resumed ({names}): select one and press Resume, "
+                            "or Remove to take it off the list (its state file stays in its folder).")
+            label = None if job_id_of(label) in gone else label
+            return {train_status: ok_html(msg), jobs_box: jobs_table_html(jobs, job_id_of(label)),
+                    job_select: gr.update(choices=[job_label(x) for x in jobs], value=label)}
+
+        @guarded(train_status)
         @releasing
         def do_resume(task, label):
             j = backend.job(_selected(label))
@@ -1024,7 +1043,11 @@ def build_tab(backend) -> gr.Blocks:
         cancel_btn.click(do_cancel, [job_select], [train_status, jobs_box])
         up_btn.click(lambda s: do_move(s, -1), [job_select], [jobs_box, train_status])
         down_btn.click(lambda s: do_move(s, 1), [job_select], [jobs_box, train_status])
-        remove_btn.click(do_remove, [job_select], [train_status, jobs_box, job_select])
+        # (then the panel: it would keep showing a job no longer in the list, as nothing polls an idle queue)
+        remove_btn.click(do_remove, [job_select], [train_status, jobs_box, job_select]).then(
+            safe_poll, poll_inputs, poll_outputs, queue=False, show_progress="hidden")
+        clear_btn.click(do_clear, [job_select], [train_status, jobs_box, job_select]).then(
+            safe_poll, poll_inputs, poll_outputs, queue=False, show_progress="hidden")
         resume_btn.click(do_resume, [task_id, job_select], [train_status, jobs_box, job_select],
                          _js="lora_studio_start_training")
 
