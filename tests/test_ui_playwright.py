@@ -297,6 +297,24 @@ def test_full_flow(server, page):
     refused = page.evaluate("window.__lsCalls")[-1][0]
     hooks = open(os.path.join(server["root"], "hooks.log")).read().split("\n")
     assert f"finished {refused} -" in hooks and not any(h.startswith(f"queued {refused}") for h in hooks)
+    # so does a number under its field's minimum, named by its field (gradio's own check named none, and its
+    # toast left the progress bar waiting)
+    fill(page, "lora_studio_output_name", "job_z")
+    sub_tab(page, "Parameters")
+    fill(page, "lora_studio_train_batch_size", 0)
+    sub_tab(page, "Train")
+    page.click("#lora_studio_train")
+    wait_text(page, "lora_studio_train_status", r"Batch size must be at least 1, got 0")
+    refused = page.evaluate("window.__lsCalls")[-1][0]
+    for _ in range(50):
+        hooks = open(os.path.join(server["root"], "hooks.log")).read().split("\n")
+        if f"finished {refused} -" in hooks:
+            break
+        time.sleep(0.1)
+    assert f"finished {refused} -" in hooks, hooks
+    sub_tab(page, "Parameters")
+    fill(page, "lora_studio_train_batch_size", 1)
+    sub_tab(page, "Train")
 
     # --- results grid: 2 saved epochs x 4 strengths x 5 seeds
     sub_tab(page, "Results")

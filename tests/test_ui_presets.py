@@ -103,6 +103,11 @@ def test_off_values_and_bad_input():
     assert cfg["optimizer_args"] == ["weight_decay=0.1", "betas=0.9,0.99"]
     with pytest.raises(TrainConfigError, match="Network rank"):
         P.collect_config({**form, "network_dim": 0}, PATHS)
+    # (the form's numbers have no gradio minimum, whose toast names no field: the message names it)
+    with pytest.raises(TrainConfigError, match=r"^Batch size must be at least 1, got 0$"):
+        P.collect_config({**form, "train_batch_size": 0}, PATHS)
+    with pytest.raises(TrainConfigError, match=r"^UNet learning rate must be at least 0, got -0.0001$"):
+        P.collect_config({**form, "unet_lr": -1e-4}, PATHS)
     with pytest.raises(TrainConfigError, match="whole number"):
         P.collect_config({**form, "train_batch_size": 1.5}, PATHS)
     with pytest.raises(TrainConfigError, match="not valid TOML"):

@@ -380,9 +380,11 @@ def _component(f, value):
         v = value if value in f.choices or (f.custom and value) else f.choices[0]
         return gr.Dropdown(choices=list(f.choices), value=v, allow_custom_value=f.custom, **common)
     if f.kind == "int":
-        return gr.Number(value=value, precision=0, minimum=f.minimum, **common)
+        # (no gradio minimum: its check runs before the handler and shows a toast that names no field, and a
+        # Train click's progress bar would wait for a job that never comes; collect_config names the field)
+        return gr.Number(value=value, precision=0, **common)
     if f.kind == "float":
-        return gr.Number(value=value, minimum=f.minimum, step=0.00001 if "lr" in f.key else 0.01, **common)
+        return gr.Number(value=value, step=0.00001 if "lr" in f.key else 0.01, **common)
     lines = 3 if f.key == "ui_extra_toml" else (2 if f.key == "ui_sample_prompt" else 1)
     return gr.Textbox(value=value if value is not None else "", lines=lines, **common)
 
@@ -463,10 +465,10 @@ def build_tab(backend) -> gr.Blocks:
                                                    info="A rare word the LoRA learns, e.g. svs.")
                             h_class = gr.Textbox(label="Class word", elem_id="lora_studio_h_class",
                                                  info="What the subject is, e.g. bear, woman, watercolor style.")
-                            h_repeats = gr.Number(label="Repeats", value=10, precision=0, minimum=1,
+                            h_repeats = gr.Number(label="Repeats", value=10, precision=0,
                                                   elem_id="lora_studio_h_repeats",
                                                   info="Each image is seen this many times per epoch.")
-                            h_reg_repeats = gr.Number(label="Regularisation repeats", value=1, precision=0, minimum=1,
+                            h_reg_repeats = gr.Number(label="Regularisation repeats", value=1, precision=0,
                                                       elem_id="lora_studio_h_reg_repeats",
                                                       info="1 is usual; the trainer balances the count anyway.")
                         h_create = gr.Button("Create layout (copy images)", variant="primary",
@@ -504,14 +506,14 @@ def build_tab(backend) -> gr.Blocks:
                         with gr.Row():
                             h_reg_prompt = gr.Textbox(label="Class prompt", elem_id="lora_studio_h_reg_prompt",
                                                       info="The class without your subject, e.g. 'a photo of a bear'.")
-                            h_reg_count = gr.Number(label="Number of images", value=50, precision=0, minimum=1,
+                            h_reg_count = gr.Number(label="Number of images", value=50, precision=0,
                                                     elem_id="lora_studio_h_reg_count",
                                                     info="Default: 5 per training image.")
                             h_reg_seed = gr.Number(label="First seed", value=1, precision=0,
                                                    elem_id="lora_studio_h_reg_seed")
-                            h_reg_w = gr.Number(label="Width", value=512, precision=0, minimum=64,
+                            h_reg_w = gr.Number(label="Width", value=512, precision=0,
                                                 elem_id="lora_studio_h_reg_w")
-                            h_reg_h = gr.Number(label="Height", value=512, precision=0, minimum=64,
+                            h_reg_h = gr.Number(label="Height", value=512, precision=0,
                                                 elem_id="lora_studio_h_reg_h")
                         h_reg_dir = gr.Textbox(label="Regularisation image folder", elem_id="lora_studio_h_reg_dir",
                                                info="An `N_class` folder, filled in by Create layout.")
@@ -618,9 +620,9 @@ def build_tab(backend) -> gr.Blocks:
                                                  info="LoRA weights to try, separated by commas.")
                         r_seeds = gr.Textbox(label="Seeds", value=SEEDS, elem_id="lora_studio_r_seeds",
                                              info="At least 5 seeds show what is luck and what is the LoRA.")
-                        r_w = gr.Number(label="Width", value=512, precision=0, minimum=64, elem_id="lora_studio_r_w")
-                        r_h = gr.Number(label="Height", value=512, precision=0, minimum=64, elem_id="lora_studio_r_h")
-                        r_steps = gr.Number(label="Sampling steps", value=20, precision=0, minimum=1,
+                        r_w = gr.Number(label="Width", value=512, precision=0, elem_id="lora_studio_r_w")
+                        r_h = gr.Number(label="Height", value=512, precision=0, elem_id="lora_studio_r_h")
+                        r_steps = gr.Number(label="Sampling steps", value=20, precision=0,
                                             elem_id="lora_studio_r_steps")
                     with gr.Row():
                         r_render = gr.Button("Render grid", variant="primary", elem_id="lora_studio_r_render",
@@ -1297,6 +1299,8 @@ def build_tab(backend) -> gr.Blocks:
             if not files:
                 raise UiError("Tick at least one saved epoch to compare.")
             w, h = image_size(w, h)
+            if not 1 <= int(steps or 20) <= 1000:
+                raise UiError(f"Sampling steps {int(steps)} is out of range: use 1 to 1000.")
             strengths = parse_numbers(strengths_text, float, "strengths")
             seeds = parse_numbers(seeds_text, int, "seeds")
             if not str(prompt or "").strip():
