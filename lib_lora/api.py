@@ -596,7 +596,9 @@ class _Api:
         if not os.path.isfile(real):
             raise HTTPException(404, detail=f"{name!r} was recorded by the job but is no longer at {match.path!r} "
                                             "(moved or deleted)")
-        return FileResponse(real, filename=name)
+        # (Starlette guesses text/plain for .safetensors; a script saving the body wants bytes)
+        media = "image/png" if name.lower().endswith(".png") else "application/octet-stream"
+        return FileResponse(real, filename=name, media_type=media)
 
     def grid(self, job_id: str, req: GridRequest):
         import base64

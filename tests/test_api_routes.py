@@ -400,7 +400,9 @@ def test_run_progress_since_and_downloads(env):
     r = c.get(by_name["cat.safetensors"]["url"])
     assert r.status_code == 200 and r.content == b"dummy lora bytes"
     assert "cat.safetensors" in r.headers["content-disposition"]
-    assert c.get(by_name["cat_e2.png"]["url"]).content == b"\x89PNG fake"
+    assert r.headers["content-type"] == "application/octet-stream"  # (not a guessed text/plain)
+    png = c.get(by_name["cat_e2.png"]["url"])
+    assert png.content == b"\x89PNG fake" and png.headers["content-type"] == "image/png"
 
     # only the job's own outputs, by name: no traversal, no other files of the folder
     (root / "output" / "other.safetensors").write_bytes(b"x")
@@ -655,6 +657,9 @@ def test_files_the_run_reads_first_are_checked_at_submit_and_dry_run(env):
         ({"network_weights": "xl.safetensors"}, "network_weights: xl.safetensors is a LoRA for SDXL, the loaded "
                                                 "model is SD1", "load an SDXL"),
         ({"resume": "gone-state.lsstate"}, "resume: the state file", "does not exist"),
+        # (a restart script's --resume auto is the command line's: said so, from the API audit)
+        ({"resume": "auto"}, "resume: the state file", "'auto' is the command line's --resume auto: over HTTP give "
+                                                      "the job's resume_state"),
         ({"resume": "bad-state.lsstate"}, "resume: the state file bad-state.lsstate cannot be read", "Resume from"),
         ({"sample_prompts": "prompts.txt", "sample_every_n_epochs": 1}, "sample_prompts: ", "prompts.txt does not "
                                                                                                "exist"),

@@ -402,8 +402,10 @@ def load_state(path: str, check_only: bool = False) -> dict:
                              f"resumed here; resume from a *{STATE_EXT} file that LoRA Studio wrote, or start a new "
                              "run from the LoRA saved at that point with network_weights = that .safetensors file")
     if not os.path.isfile(path):
+        auto = ("; 'auto' is the command line's --resume auto: over HTTP give the job's resume_state (GET "
+                "/jobs/{id}/files lists it as kind \"state\")" if os.path.basename(path).lower() == "auto" else "")
         raise StateFileError(f"the state file {path} does not exist; resume from a *{STATE_EXT} (or *{OLD_STATE_EXT}) "
-                             "file that a cancelled or save_state run wrote")
+                             f"file that a cancelled or save_state run wrote{auto}")
 
     what = _not_a_state(path)
     if what and path.endswith((STATE_EXT, OLD_STATE_EXT)):  # (named as a state: a damaged one)
