@@ -354,8 +354,9 @@ def _outputs(job) -> list[_OutputFile]:
 
 class _Api:
     def __init__(self, queue, policy: PathPolicy, get_model, default_output_dir, prefix, check_network=None,
-                 grid=None):
+                 grid=None, folder_note=None):
         self.check_network = check_network
+        self.folder_note = folder_note
         self.render_grid = grid
         self.queue = queue
         self.policy = policy
@@ -403,16 +404,17 @@ class _Api:
         out = output_dir_problem(str(cfg.resolve(cfg.output_dir))) if cfg.output_dir else None
         return problems + ([out] if out else []), notes
 
-    def _check_run(self, cfg, family: str | None) -> tuple[list[str], list[str], str]:
+    def _check_run(self, cfg, family: str | None, space: bool = True) -> tuple[list[str], list[str], str]:
         """(problems, notes, the dataset plan's report) of a checked config, as the run would find them for the
-        loaded model ``family``; the images' headers are read, their pixels are not."""
+        loaded model ``family``; the images' headers are read, their pixels are not. ``space``: the free disk
+        space too (a dry run; a queued job may wait for room to be made)."""
         from .train.dataset import build_plan
         from .train.support import dry_run_space_problems
         problems, notes = self._settings_problems(cfg, family, folders=False)  # (the plan reports those)
         plan = build_plan(cfg, family=family, check_pixels=False)
         problems += [f.message for f in plan.errors]
         notes += [f.message for f in plan.warnings]
-        if not problems and plan.steps is not None:
+        if space and not problems and plan.steps is not None:
             space, note = dry_run_space_problems(cfg, family, plan.steps.num_epochs, plan.steps.max_train_steps,
                                                  self._resume_step(cfg))
             problems += [space] if space else []
@@ -442,8 +444,10 @@ class _Api:
                                             f"({name}*.safetensors in {out}); give this job another output_name "
                                             "or output_dir, or queue it after that one has finished")
         final = os.path.join(out, name + ".safetensors")
-        return [f"{final} already exists: this job overwrites it (and its epoch files of the same name)"] \
+        said = [f"{final} already exists: this job overwrites it (and its epoch files of the same name)"] \
             if os.path.exists(final) else []
+        outside = self.folder_note(out) if self.folder_note is not None else None
+        return said + ([outside] if outside else [])  # (the Train tab warns of it too)
 
     # ---- routes
     def submit(self, request: Request,
@@ -504,10 +508,13 @@ class _Api:
             return JSONResponse(_json_safe({"ok": True, "config": config,
                                             "notes": notes + [n for n in plan_notes if n not in notes],
                                             "plan": report}))
-        # (on the checked paths: a LyCORIS preset file is read there)
-        problems, _ = self._settings_problems(checked, (model or {}).get("family"))
-        if problems:  # settings no model can train with (a missing optimizer package, ...): not worth a queue slot
-            raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems))
+        # (on the checked paths: a LyCORIS preset file is read there). Settings no model can train with, or a
+        # dataset no batch can be formed from, are not worth a queue slot: the Train tab refuses them too.
+        problems, plan_notes, report = self._check_run(checked, (model or {}).get("family"), space=False)
+        if problems:
+            raise HTTPException(422, detail="this job would not train:\n" + "\n".join(f"- {p}" for p in problems)
+                                + (f"\n\n{report}" if report else ""))
+        notes += [n for n in plan_notes if n not in notes]
         job = self.queue.submit(config, name=name or cfg.output_name, model=model or {})
         # the parse notes show while the job waits; the runner's result replaces them with its full list
         job.notes.extend([n for n in notes if n not in job.notes])
@@ -677,7 +684,8 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
           get_model: Callable[[], dict | None] | None = None, default_output_dir: ValueOrCallable = None,
           roots_setting: str = DEFAULT_ROOTS_SETTING, prefix: str = PREFIX,
           check_network: Callable[[Any], list[str]] | None = None,
-          grid: Callable[..., dict] | None = None) -> PathPolicy | None:
+          grid: Callable[..., dict] | None = None,
+          folder_note: Callable[[str], str | None] | None = None) -> PathPolicy | None:
     """Add the ``/lora-studio/v1`` routes to ``app`` (a FastAPI app; the WebUI's, or a fresh one in tests).
 
     queue: the ``JobQueue`` the tab and CLI share. allowed_roots: folders (list, or a callable returning one)
@@ -687,6 +695,7 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
     default_output_dir: used when a config has no output_dir (else such a config is refused).
     check_network: given the parsed config, what building its network on the loaded model would stop on.
     grid: the backend's ``job_grid`` (renders a job's Results grid on the loaded model).
+    folder_note: why LoRAs saved in a folder cannot be used by name (outside the WebUI's LoRA folders), or None.
     Returns the PathPolicy (the runner can re-check a job's paths with it), or None when access is disabled.
     """
     _drop_routes(app, prefix)
@@ -699,7 +708,7 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
         return None
 
     policy = PathPolicy(allowed_roots, default_root, roots_setting)
-    api = _Api(queue, policy, get_model, default_output_dir, prefix, check_network, grid)
+    api = _Api(queue, policy, get_model, default_output_dir, prefix, check_network, grid, folder_note)
     router = APIRouter(prefix=prefix, tags=["LoRA Studio"], dependencies=[Depends(_make_auth(parse_api_auth(api_auth)))])
     router.add_api_route("/jobs", api.submit, methods=["POST"], status_code=201,
                          summary="Queue a training job (config as JSON sections/flat keys, or {\"toml\": text})")

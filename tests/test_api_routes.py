@@ -56,6 +56,8 @@ def fake_runner(gate=None, nan_at=None):
 def env(tmp_path):
     root = tmp_path / "root"
     (root / "training_data" / "10_cat").mkdir(parents=True)
+    from PIL import Image  # (a job is queued only when the dataset plan finds images)
+    Image.new("RGB", (64, 64), (120, 60, 30)).save(root / "training_data" / "10_cat" / "a.png")
     (root / "output").mkdir()
     (tmp_path / "outside" / "data").mkdir(parents=True)
     return tmp_path, root
@@ -104,6 +106,7 @@ def test_dry_run_checks_the_dataset_and_queues_nothing(env):
     422 with the dataset plan, a good dataset 200 with the plan; nothing is queued either way."""
     tmp, root = env
     c, q = make_client(tmp, root)
+    (root / "training_data" / "10_cat" / "a.png").unlink()
     r = c.post(PREFIX + "/jobs", params={"dry_run": "true"}, json=cfg_for())
     assert r.status_code == 422 and "this job would not train" in r.json()["detail"], r.text
     assert "no training images" in r.json()["detail"] and "Dataset plan" in r.json()["detail"]
@@ -222,7 +225,9 @@ def test_a_preset_file_inside_the_roots_is_read_from_there(env):
 def test_symlink_within_roots_and_second_root_are_allowed(env):
     tmp, root = env
     other = tmp / "other_root"
-    (other / "imgs").mkdir(parents=True)
+    (other / "imgs" / "1_x").mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(other / "imgs" / "1_x" / "a.png")
     (root / "link_in").symlink_to(root / "training_data", target_is_directory=True)
     q = JobQueue(str(tmp / "queue"), None, autostart=False)
     app = FastAPI()
@@ -503,8 +508,10 @@ def test_metadata_files_are_checked(env):
     paths like any other."""
     tmp, root = env
     c, _ = make_client(tmp, root)
-    (root / "meta.json").write_text("{}")
-    base = {"output_dir": "output", "train_data_dir": "training_data"}
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(root / "training_data" / "ok.png")
+    (root / "meta.json").write_text(json.dumps({"ok": {"caption": "x"}}))
+    base = {"output_dir": "output", "train_data_dir": "training_data", "resolution": 512}
     assert c.post(PREFIX + "/jobs", json={**base, "in_json": "meta.json"}).status_code == 201
     r = c.post(PREFIX + "/jobs", json={**base, "in_json": "../outside/meta.json"})
     assert r.status_code == 403 and "in_json" in r.json()["detail"]
@@ -522,8 +529,9 @@ def test_metadata_keys_cannot_read_outside_the_allowed_folders(env):
     outside = tmp / "outside" / "data"
     (outside / "secret.png").write_bytes(b"x")
     (outside / "lat_0064x0064_sd.npz").write_bytes(b"x")
-    (root / "training_data" / "ok.png").write_bytes(b"x")
-    base = {"output_dir": "output", "train_data_dir": "training_data", "in_json": "meta.json"}
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(root / "training_data" / "ok.png")
+    base = {"output_dir": "output", "train_data_dir": "training_data", "in_json": "meta.json", "resolution": 512}
     cases = {str(outside / "secret.png"): "secret.png", "../../outside/data/secret": "secret.png",
              str(outside / "lat"): "lat_0064x0064_sd.npz"}
     for key, name in cases.items():
@@ -531,7 +539,11 @@ def test_metadata_keys_cannot_read_outside_the_allowed_folders(env):
         r = c.post(PREFIX + "/jobs", json=base)
         assert r.status_code == 403, (key, r.text)
         assert f"the metadata key {key!r} reads" in r.json()["detail"] and name in r.json()["detail"]
-    (root / "meta.json").write_text(json.dumps({"ok": {}, "missing": {}}))  # (the plan says what is missing)
+    # a key inside the folders that has no image is not a path problem: the dataset plan refuses the job for it
+    (root / "meta.json").write_text(json.dumps({"ok": {"caption": "x"}, "missing": {}}))
+    r = c.post(PREFIX + "/jobs", json=base)
+    assert r.status_code == 422 and "have no image" in r.json()["detail"] and "missing" in r.json()["detail"], r.text
+    (root / "meta.json").write_text(json.dumps({"ok": {"caption": "x"}}))
     assert c.post(PREFIX + "/jobs", json=base).status_code == 201
     (root / "ds_meta.toml").write_text('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\n'
                                        'image_dir = "training_data"\nmetadata_file = "meta2.json"\n')
@@ -690,3 +702,26 @@ def test_info_lists_each_allowed_folder_once(env):
     app = FastAPI()
     mount(app, q, allowed_roots=[str(root), str(root) + "/", str(root / "output" / "..")], default_root=str(root))
     assert TestClient(app).get(PREFIX + "/info").json()["allowed_roots"] == [os.path.realpath(root)]
+
+
+def test_a_dataset_no_batch_can_be_formed_from_is_refused_at_submit(env):
+    """Images directly in train_data_dir (no N_name folder) were queued over HTTP and failed when the job's turn
+    came; the Train tab refused them at once. Now a real POST builds the dataset plan too: 422 with the plan, and
+    nothing is queued."""
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    from PIL import Image
+    flat = root / "flat"
+    flat.mkdir()
+    Image.new("RGB", (64, 64)).save(flat / "a.png")
+    r = c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir="flat"))
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "this job would not train" in detail and "Dataset plan" in detail and "N_name" in detail, detail
+    assert q.list() == []
+    (flat / "5_cat").mkdir()
+    (flat / "a.png").rename(flat / "5_cat" / "a.png")
+    (flat / "3_dog").mkdir()
+    r = c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir="flat"))
+    assert r.status_code == 201, r.text
+    assert any("3_dog" in n and "skipped" in n for n in r.json()["notes"])  # the plan's warnings come as notes

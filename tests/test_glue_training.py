@@ -261,11 +261,16 @@ def test_api_job_trains_and_leaves_attention_alone(fresh, rendered):
     assert r.status_code == 200 and r.json()["name"] == "tiny-sd1-s0", r.text
     r = ns.client.post(f"{API}/jobs", json=config(ns, "apijob"))
     assert r.status_code == 201, r.text
+    outside = f"{ns.root / 'out' / 'apijob'} is outside the WebUI's LoRA folder"  # (as the Train tab warns)
+    assert any(n.startswith(outside) for n in r.json()["notes"]), r.json()["notes"]
     job_id = r.json()["id"]
     wait_for(lambda: ns.client.get(f"{API}/jobs/{job_id}").json()["status"] in ("done", "failed"), what="API job")
     job = ns.client.get(f"{API}/jobs/{job_id}").json()
     assert job["status"] == "done", job
     assert job["model"]["name"] == "tiny-sd1-s0"
+    # its notes say the files get no cards there, not what "the cards" add
+    assert any(n.startswith(outside) for n in job["notes"]) and not any("the cards of" in n for n in job["notes"])
+    assert any(n.startswith("once copied to the LoRA folder") for n in job["notes"]), job["notes"]
     files = ns.client.get(f"{API}/jobs/{job_id}/files").json()
     assert "apijob.safetensors" in str(files)
     seen = ns.probe.seen[job_id]

@@ -240,7 +240,7 @@ class Studio:
                      access_disabled=lambda: bool(cmd_opt("disable_extension_access", False)),
                      get_model=model, default_output_dir=lambda: self.backend.default_output_dir(),
                      roots_setting="lora_studio_api_roots", check_network=self.backend.network_problems,
-                     grid=self.backend.job_grid)
+                     grid=self.backend.job_grid, folder_note=self.backend.lora_folder_note)
 
     def tab(self):
         from ..ui.tab import on_ui_tabs_entry

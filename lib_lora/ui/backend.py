@@ -591,13 +591,19 @@ class LocalBackend:
             write_previews(result.files, list(job.samples))
         except OSError as e:  # (a card picture is a nicety: the LoRA files are what matter)
             result.notes.append(f"no card pictures were written from the samples: {e}")
+        # (a folder outside the LoRA folders gets no cards until the files are copied there: say so, not "cards")
+        outside = self.lora_folder_note(os.path.dirname(result.files[0])) if result.files else None
         try:
             words = write_card_words(result.files)
             if words:
                 result.notes.append(f"the cards of this run's LoRA files add '{words}' (its training folder's words) "
-                                    "to the prompt with the tag: edit the card (its activation text) to change it")
+                                    "to the prompt with the tag: edit the card (its activation text) to change it"
+                                    if not outside else f"once copied to the LoRA folder (with the .json beside "
+                                    f"them), this run's LoRA files' cards add '{words}' to the prompt with the tag")
         except (OSError, LoraError) as e:  # (a nicety too)
             result.notes.append(f"the cards' activation text was not written: {e}")
+        if outside:
+            result.notes.append(outside)
         return result
 
     def _trained_model(self, job) -> list[str]:
