@@ -409,29 +409,32 @@ class _Api:
         loaded model ``family``; the images' headers are read, their pixels are not. ``space``: the free disk
         space too (a dry run; a queued job may wait for room to be made)."""
         from .train.dataset import build_plan
-        from .train.support import dry_run_space_problems
+        from .train.support import dry_run_space_problems, resume_data_notes
         problems, notes = self._settings_problems(cfg, family, folders=False)  # (the plan reports those)
         plan = build_plan(cfg, family=family, check_pixels=False)
         problems += [f.message for f in plan.errors]
         notes += [f.message for f in plan.warnings]
+        state = self._resume_state(cfg)
+        if state is not None and plan.steps is not None:  # (other data than the state's run: as the run says it)
+            notes += resume_data_notes(os.path.basename(str(cfg.resume)), state, plan)
         if space and not problems and plan.steps is not None:
             space, note = dry_run_space_problems(cfg, family, plan.steps.num_epochs, plan.steps.max_train_steps,
-                                                 self._resume_step(cfg))
+                                                 int((state or {}).get("step") or 0))
             problems += [space] if space else []
             notes += [note] if note else []
         return problems, notes, plan.report()
 
     @staticmethod
-    def _resume_step(cfg) -> int:
-        """The step a config's resume state was saved at (0 without one, or when it cannot be read: the other
-        checks say why)."""
+    def _resume_state(cfg) -> dict | None:
+        """A config's resume state, its tensors memory-mapped (None without one, or when it cannot be read: the
+        other checks say why)."""
         if not cfg.resume:
-            return 0
+            return None
         from .train.saving import StateFileError, load_state
         try:
-            return int(load_state(str(cfg.resolve(cfg.resume)), check_only=True).get("step") or 0)
+            return load_state(str(cfg.resolve(cfg.resume)), check_only=True)
         except (StateFileError, OSError, ValueError):
-            return 0
+            return None
 
     def _output_notes(self, cfg) -> list[str]:
         """Another waiting or running job that writes the same files is refused (409): the later run would

@@ -725,3 +725,21 @@ def test_a_dataset_no_batch_can_be_formed_from_is_refused_at_submit(env):
     r = c.post(PREFIX + "/jobs", json=cfg_for(train_data_dir="flat"))
     assert r.status_code == 201, r.text
     assert any("3_dog" in n and "skipped" in n for n in r.json()["notes"])  # the plan's warnings come as notes
+
+
+def test_a_dry_run_of_a_resume_says_the_data_changed(env):
+    """The run said a state continued on other data (images added, another resolution), the command line's
+    --dry-run too; the HTTP dry run did not. The state here is written as the trainer writes one (torch.save of
+    the dict load_state checks); its data record says 3 images at 512 where the folder now has 1."""
+    import torch
+    tmp, root = env
+    c, q = make_client(tmp, root)
+    state = {"network": {}, "optimizer": {}, "step": 7, "rng": {}, "seed": 1,
+             "data": {"images": 3, "reg_images": 0, "files": "0" * 16, "batches_per_epoch": 30,
+                      "resolution": [[512, 512]], "batch_size": [1]}}
+    torch.save(state, str(root / "output" / "t-state.lsstate"))
+    for url in ("/jobs?dry_run=true", "/jobs"):
+        r = c.post(PREFIX + url, json=cfg_for(resume="output/t-state.lsstate"))
+        assert r.status_code in (200, 201), r.text
+        said = [n for n in r.json()["notes"] if n.startswith("resume: t-state.lsstate was trained on other data")]
+        assert said and "3 training images then, 1 now" in said[0] and "from step 7" in said[0], r.json()["notes"]
