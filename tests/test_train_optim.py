@@ -255,9 +255,19 @@ def test_names_nothing_provides_and_modules_outside_the_list_are_refused_before_
     errors, _ = check("os.system")
     assert errors and "optimizers are imported by name from these packages only" in errors[0]
     errors, _ = check("AdamW9bit")
-    assert errors and errors[0].startswith("unknown optimizer 'AdamW9bit'; choose one of")
+    assert errors and errors[0].startswith("unknown optimizer 'AdamW9bit' (did you mean AdamW8bit?); choose one of")
+    errors, _ = check("xyzzy")  # (nothing close: no guess)
+    assert errors and errors[0].startswith("unknown optimizer 'xyzzy'; choose one of")
     errors, _ = check("torch.optim.NoSuch")
-    assert errors and "torch.optim has no optimizer class 'NoSuch'" in errors[0]
+    assert errors and errors[0].endswith("torch.optim has no optimizer class 'NoSuch'")
+    # a typo gets the name it is closest to, in the spelling that works (sd-scripts' names, or torch.optim's case)
+    for typo, meant in (("Prodgy", "Prodigy"), ("adafactr", "Adafactor"), ("AdamW8", "AdamW8bit"),
+                        ("Lion8bt", "Lion8bit"), ("adam", "Adam"), ("sgd", "SGD"),
+                        ("RAdamSchedulFree", "RAdamScheduleFree")):
+        errors, _ = check(typo)
+        assert errors and f"(did you mean {meant}?)" in errors[0], (typo, errors)
+    errors, _ = check("torch.optim.adamw")
+    assert errors and errors[0].endswith("has no optimizer class 'adamw'; did you mean torch.optim.AdamW?")
     assert check("DAdaptAdam") == ([], []) and check("torch.optim.RAdam") == ([], [])
     real = optim._import
 

@@ -9,8 +9,10 @@ user: a missing one is a clear error that says what to install or which optimize
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import math
+import sys
 
 import torch
 
@@ -329,14 +331,43 @@ def optimizer_class(name: str):
         found = getattr(_import(module, name, f"Install {module.split('.')[0]} yourself, or choose AdamW."), cls,
                         None)
         if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
-            raise OptimizerNameError(f"optimizer_type {name!r}: {module} has no optimizer class {cls!r}")
+            mod = sys.modules.get(module)
+            close = _close_name(cls, {c.lower(): c for c in _optimizer_classes(mod)}) if mod is not None else None
+            raise OptimizerNameError(f"optimizer_type {name!r}: {module} has no optimizer class {cls!r}"
+                                     + (f"; did you mean {module}.{close}?" if close else ""))
         return found
     found = getattr(torch.optim, name, None)  # sd-scripts: any other name is a torch.optim class (case as written)
     if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
         return found
-    raise OptimizerNameError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}, another of "
-                             "sd-scripts' names (DAdaptAdaGrad, PagedLion8bit, SGDScheduleFree, ...), a torch.optim "
-                             "class (e.g. Adam) or module.Class from " + ", ".join(DOTTED_PACKAGES[1:]))
+    names = {optimizer_key(n): n for n in (*_NAMED_DISPLAY, *_BNB.values(), *OPTIMIZERS)}
+    names.update({c.lower(): c for c in _optimizer_classes(torch.optim) if c.lower() not in names})
+    close = _close_name(optimizer_key(name), names)
+    raise OptimizerNameError(f"unknown optimizer {name!r}" + (f" (did you mean {close}?)" if close else "")
+                             + f"; choose one of: {', '.join(OPTIMIZERS)}, another of sd-scripts' names "
+                             "(DAdaptAdaGrad, PagedLion8bit, SGDScheduleFree, ...), a torch.optim class (e.g. Adam) or "
+                             "module.Class from " + ", ".join(DOTTED_PACKAGES[1:]))
+
+
+# sd-scripts' spelling of the _NAMED keys (what a "did you mean" offers)
+_NAMED_DISPLAY = ("DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP",
+                  "DAdaptLion", "DAdaptSGD", "Prodigy", "RAdamScheduleFree", "AdamWScheduleFree", "SGDScheduleFree")
+
+
+def _optimizer_classes(module) -> list[str]:
+    return [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)
+            and v is not torch.optim.Optimizer]
+
+
+def _close_name(key: str, names: dict[str, str]) -> str | None:
+    """The spelling of the one known name closest to ``key`` (lower case keys), or None."""
+    low = key.lower()
+    if low in names:  # (the case differs only: torch.optim takes its names as written)
+        return names[low]
+    longer = [k for k in names if k.startswith(low)]
+    if len(low) >= 4 and len(longer) == 1:  # (a name cut short: AdamW8 -> AdamW8bit, not AdamW)
+        return names[longer[0]]
+    close = difflib.get_close_matches(low, list(names), n=1, cutoff=0.75)
+    return names[close[0]] if close else None
 
 
 def shown_lr(optimizer, fallback: float) -> float:
