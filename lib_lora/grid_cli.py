@@ -414,7 +414,8 @@ def _grid(args, out, made: list[str]) -> int:
         batch = sps[prompts[f]]
         for sp, (img, seed, used) in zip(batch, generate(host, batch, sampler=sampler, clip_skip=clip_skip)):
             write(img, f"{files.index(f):02d}_{s:g}_{seed}.png",
-                  tagged_infotext(infotext(sp, seed, used, model_name, clip_skip), sp.prompt, tag))
+                  tagged_infotext(infotext(sp, seed, used, model_name, clip_skip), sp.prompt, tag,
+                                  lora_files=[u for u, _ in under] + [f]))
             row.append(img)
         done.setdefault(f, []).append(row)
         return row

@@ -48,6 +48,13 @@ seed = 5
     return root, ckpt, root / "out"
 
 
+def _sshs(path) -> str:
+    """What A1111's built-in Lora takes as a file's short hash (network_on_disk: metadata sshs_model_hash)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["sshs_model_hash"][:12]
+
+
 def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
@@ -69,6 +76,8 @@ def test_a_runs_folder_renders_in_epoch_order_with_tags_that_txt2img_reads(run, 
     info = Image.open(grid_dir / "01_1_4.png").text["parameters"]
     assert info.startswith("svs cat <lora:svs:1>\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7,"
                            " Seed: 4, Size: 64x64, Model: tiny-sd15"), info
+    # the file's hash as the WebUI's built-in Lora writes it: its sshs_model_hash, the first 12 hex digits
+    assert info.endswith(f', Lora hashes: "svs: {_sshs(out_dir / "svs.safetensors")}"'), info
     assert Image.open(grid_dir / "grid.png").size[0] > 2 * 64
     # strength 0 is the checkpoint itself: the same picture for both files; the trained LoRA changes it
     assert np.array_equal(_pixels(grid_dir / "00_0_3.png"), _pixels(grid_dir / "01_0_3.png"))
@@ -265,6 +274,7 @@ def test_with_judges_the_files_on_top_of_another_lora(run, tmp_path):
     assert np.abs(_pixels(tmp_path / "on" / "00_1_3.png") - _pixels(tmp_path / "on" / "00_0_3.png")).mean() > 1
     info = Image.open(tmp_path / "on" / "00_1_3.png").text["parameters"]
     assert info.startswith("svs cat <lora:svs-000001:0.7> <lora:svs:1>\n"), info
+    assert info.endswith(f', Lora hashes: "svs-000001: {_sshs(epoch1)}, svs: {_sshs(final)}"'), info
     code, out, err = run_cli("grid", final, "--model", ckpt, "--prompt", "svs cat <lora:svs-000001:1>")
     assert code == 2 and "give the other as --with FILE:WEIGHT" in err, err
     code, out, err = run_cli("grid", final, "--model", ckpt, "--with", tmp_path / "none.safetensors")

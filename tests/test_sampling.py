@@ -354,3 +354,32 @@ def test_a1111_syntax_read_as_plain_text_is_said():
     assert "AND" in a1111_syntax_note("a cat: 0.5") and a1111_syntax_note("10:30 pm, a cat") is None
     assert "prompt editing" in a1111_syntax_note("a [cat:dog:0.5]") and "editing" in a1111_syntax_note("[a|b]")
     assert a1111_syntax_note("bad AND worse", negative=True) is None  # (A1111 does not split a negative prompt)
+
+
+def test_tagged_infotext_writes_lora_hashes_as_the_webui_does(tmp_path):
+    """Grid cells carry "Lora hashes" as A1111 writes them: among the extra parameters before Version, quoted, the
+    name without ':' and ','. A file without sshs metadata gets the addnet hash: sha256 of the bytes after the
+    safetensors header, computed here by hand."""
+    import hashlib
+    import struct
+
+    from safetensors.torch import save_file
+
+    from lib_lora.train.sampling import tagged_infotext
+    path = tmp_path / "my,lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3)}, str(path))
+    data = path.read_bytes()
+    want = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()[:12]
+    text = "svs cat\nNegative prompt: bad\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 64x64, Version: v1.10.1"
+    out = tagged_infotext(text, "svs cat", "<lora:my,lora:0.5>", lora_files=[str(path)])
+    assert out == ("svs cat <lora:my,lora:0.5>\nNegative prompt: bad\nSteps: 20, Sampler: Euler a, Seed: 1, "
+                   f'Size: 64x64, Lora hashes: "mylora: {want}", Version: v1.10.1')
+    # read back as A1111 1.10.1 reads it (modules/infotext_utils.py: re_param_code, unquote)
+    import json
+    import re
+    fields = {k: (json.loads(v) if v[:1] == '"' else v) for k, v in
+              re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', out.split("\n")[-1])}
+    assert fields["Lora hashes"] == f"mylora: {want}" and fields["Version"] == "v1.10.1"
+    # a file gone since: the tag stays, without a hash
+    assert tagged_infotext(text, "svs cat", "<lora:x:1>", lora_files=[str(tmp_path / "gone.safetensors")]) == \
+        text.replace("svs cat\n", "svs cat <lora:x:1>\n", 1)

@@ -155,6 +155,9 @@ def test_http_grid_renders_a_jobs_files_and_sends_tagged_pictures(trained, host,
     pics = [Image.open(io.BytesIO(base64.b64decode(c["image"]))) for c in d["cells"]]
     assert d["cells"][3]["infotext"] == pics[3].text["parameters"]
     assert pics[3].text["parameters"].startswith("svs bear <lora:bear:1>\nSteps: 2, Sampler: DDIM")
+    from safetensors import safe_open  # (the short hash A1111's built-in Lora reads: metadata sshs_model_hash)
+    with safe_open(job["files"][-1], framework="pt") as f:
+        assert pics[3].text["parameters"].endswith(f', Lora hashes: "bear: {f.metadata()["sshs_model_hash"][:12]}"')
     base = ddim_sampler(host, ["svs bear"], "", [4], 64, 64, 2, b.cfg_scale)[0]
     assert np.array_equal(np.asarray(pics[2].convert("RGB")), np.asarray(base))  # strength 0: the bare model
     assert not np.array_equal(np.asarray(pics[3].convert("RGB")), np.asarray(base))

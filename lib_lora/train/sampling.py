@@ -14,6 +14,7 @@ are comparable.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -606,14 +607,44 @@ def infotext(sp: SamplePrompt, seed: int, sampler: str, model_name: str | None =
     return "\n".join(lines)
 
 
-def tagged_infotext(text: str | None, prompt: str, tag: str) -> str | None:
-    """A picture's infotext with the LoRA tag it was rendered with (the LoRA was attached or merged, not named in
-    the prompt), so PNG Info -> Send to txt2img renders it again."""
+def tagged_infotext(text: str | None, prompt: str, tag: str, lora_files: list[str] | None = None) -> str | None:
+    """A picture's infotext with the LoRA tag(s) it was rendered with (the LoRA was attached or merged, not named
+    in the prompt), so PNG Info -> Send to txt2img renders it again. ``lora_files``: the files the tags name (by
+    their stems), whose hashes go in "Lora hashes" as the WebUI writes them: image sites find the LoRA by it, and
+    a paste finds the file by it under another name."""
     if not text:
         return None
     if prompt and text.startswith(prompt):
-        return f"{prompt} {tag}{text[len(prompt):]}"
-    return f"{tag} {text}"
+        text = f"{prompt} {tag}{text[len(prompt):]}"
+    else:
+        text = f"{tag} {text}"
+    return _with_lora_hashes(text, lora_files) if lora_files else text
+
+
+@functools.lru_cache(maxsize=64)
+def _short_lora_hash(path: str, _stamp: tuple) -> str:  # (a grid's cells share their files: hashed once each)
+    from ..formats.hashes import lora_hash, shorthash
+    return shorthash(lora_hash(path))
+
+
+def _with_lora_hashes(text: str, lora_files: list[str]) -> str:
+    lines = text.split("\n")
+    if not lines[-1].startswith("Steps: ") or "Lora hashes: " in lines[-1]:
+        return text
+    try:
+        hashes = {}
+        for f in lora_files:
+            st = os.stat(f)
+            hashes[os.path.splitext(os.path.basename(f))[0].translate(str.maketrans("", "", ":,"))] = \
+                _short_lora_hash(os.path.abspath(f), (st.st_mtime_ns, st.st_size))
+    except Exception:  # (a file gone or damaged since it rendered: the picture keeps its tags, without hashes)
+        return text
+    # A1111's form: the names as in the tags without ':' and ',', quoted as its infotext quotes such values, among
+    # the extra parameters, before Version
+    field = "Lora hashes: " + json.dumps(", ".join(f"{k}: {v}" for k, v in hashes.items()), ensure_ascii=False)
+    head, sep, version = lines[-1].partition(", Version: ")
+    lines[-1] = f"{head}, {field}{sep}{version}"
+    return "\n".join(lines)
 
 
 def save_png(img, path: str, text: str | None = None) -> str:

@@ -395,7 +395,7 @@ class LocalBackend:
                     p = os.path.join(out_dir, f"{fi:02d}_{s:g}_{seed}.png")
                     img = images[fi][si][ki]
                     save_png(img, p, tagged_infotext((getattr(img, "info", None) or {}).get("parameters"), prompt,
-                                                     self.lora_tag(f, s)))
+                                                     self.lora_tag(f, s), lora_files=[f]))
                     per_k.append(p)
                 per_s.append(per_k)
             paths.append(per_s)
