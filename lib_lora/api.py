@@ -341,8 +341,8 @@ def _outputs(job) -> list[_OutputFile]:
     seen: dict[str, _OutputFile] = {}
     items: list[tuple[str, str]] = [(p, "lora") for p in list(job.files)]
     items += [(s.get("path"), "sample") for s in list(job.samples) if isinstance(s, dict)]
-    if job.resume_state:
-        items.append((job.resume_state, "state"))
+    # every state it saved (save_state each epoch: resume from an earlier one too), the newest last
+    items += [(p, "state") for p in [*getattr(job, "states", []), job.resume_state] if p]
     for path, kind in items:
         if not path:
             continue

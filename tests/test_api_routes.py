@@ -743,3 +743,33 @@ def test_a_dry_run_of_a_resume_says_the_data_changed(env):
         assert r.status_code in (200, 201), r.text
         said = [n for n in r.json()["notes"] if n.startswith("resume: t-state.lsstate was trained on other data")]
         assert said and "3 training images then, 1 now" in said[0] and "from step 7" in said[0], r.json()["notes"]
+
+
+def test_files_lists_every_state_the_run_saved(env):
+    """With save_state each epoch, GET /files listed only the newest state; an earlier epoch's state (to resume
+    from a better point) had to be found on disk. Now each state the run saved is listed, the newest last."""
+    tmp, root = env
+
+    def run(job, emit, should_cancel):
+        out = parse_train_config(job.config).output_dir
+        paths = []
+        for epoch, tag in ((1, "000001"), (2, "final")):
+            path = os.path.join(out, f"cat-{tag}.lsstate")
+            with open(path, "wb") as f:
+                f.write(b"state %d" % epoch)
+            emit(TrainEvent("state", step=2 * epoch, epoch=epoch, path=path))
+            paths.append(path)
+        return TrainResult("done", [], None, 4, [], [], state_file=paths[-1])
+
+    c, q = make_client(tmp, root, runner=run, autostart=True)
+    try:
+        jid = c.post(PREFIX + "/jobs", json=cfg_for(output_name="cat")).json()["id"]
+        assert q.wait_idle(10)
+    finally:
+        q.stop(5)
+    files = c.get(PREFIX + f"/jobs/{jid}/files").json()["files"]
+    assert [(f["name"], f["kind"], f["exists"]) for f in files] == [("cat-000001.lsstate", "state", True),
+                                                                    ("cat-final.lsstate", "state", True)]
+    assert c.get(files[0]["url"]).content == b"state 1"
+    job = c.get(PREFIX + f"/jobs/{jid}").json()
+    assert job["resume_state"].endswith("cat-final.lsstate") and len(job["states"]) == 2

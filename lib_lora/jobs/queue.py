@@ -57,6 +57,7 @@ class Job:
     error: str | None = None
     resume_state: str | None = None
     resume_step: int | None = None    # the step resume_state was saved at
+    states: list = field(default_factory=list)   # every resume state the run saved (resume_state: the newest)
     cancel_asked: bool = False        # kept in the file: a WebUI stopped mid-cancel does not run the job again
 
     def public(self) -> dict:
@@ -382,6 +383,8 @@ class JobQueue:
                 job.files.append(ev.path)
             if kind == "state" and ev.path:
                 job.resume_state, job.resume_step = ev.path, ev.step
+                if ev.path not in job.states:
+                    job.states.append(ev.path)
             if kind == "sample" and ev.path:
                 job.samples = [s for s in job.samples if s.get("path") != ev.path]
                 job.samples.append({"epoch": ev.epoch, "step": ev.step, "path": ev.path})
