@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, conint
@@ -672,6 +674,43 @@ class _Api:
 # mounting
 
 
+def validation_detail(errors: list[dict], body_keys: list[str] | None = None) -> str:
+    """FastAPI's list of validation errors as one text, like every other error of this API: where (a query
+    parameter, a body key such as seeds[0]) and what is wrong; an unknown body key with the keys it takes."""
+    parts = []
+    for e in errors:
+        loc, kind, msg = list(e.get("loc") or []), e.get("type", ""), e.get("msg", "invalid")
+        where = loc.pop(0) if loc and loc[0] in ("body", "query", "path") else "body"
+        name = "".join(f"[{p}]" if isinstance(p, int) else f"{'.' if i else ''}{p}" for i, p in enumerate(loc))
+        if kind == "value_error.jsondecode":
+            parts.append(f"the body is not valid JSON ({msg})")
+        elif where == "body" and not loc and kind == "type_error.dict":
+            parts.append("the body must be a JSON object")
+        elif where == "query":
+            parts.append(f"query parameter {name}: {msg}")
+        else:
+            known = f" (it takes {', '.join(body_keys)})" if kind == "value_error.extra" and body_keys else ""
+            parts.append(f"{name or 'the body'}: {msg}{known}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+class _Route(APIRoute):
+    """A request FastAPI cannot validate answers 422 with a ``detail`` text, as our own checks do, not FastAPI's
+    list (a per-router route class: the WebUI's own handlers are left alone)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        model = getattr(getattr(self, "body_field", None), "type_", None)
+        keys = list(getattr(model, "__fields__", {}) or {}) if isinstance(model, type) else None
+
+        async def route(request):
+            try:
+                return await handler(request)
+            except RequestValidationError as e:
+                raise HTTPException(422, detail=validation_detail(e.errors(), keys)) from None
+        return route
+
+
 def _drop_routes(app, prefix: str) -> int:
     """Remove routes an earlier mount added (Reload UI on the same app): Starlette serves the first match, so old
     routes would keep serving the old queue."""
@@ -712,7 +751,8 @@ def mount(app, queue, *, allowed_roots: ValueOrCallable, default_root: ValueOrCa
 
     policy = PathPolicy(allowed_roots, default_root, roots_setting)
     api = _Api(queue, policy, get_model, default_output_dir, prefix, check_network, grid, folder_note)
-    router = APIRouter(prefix=prefix, tags=["LoRA Studio"], dependencies=[Depends(_make_auth(parse_api_auth(api_auth)))])
+    router = APIRouter(prefix=prefix, tags=["LoRA Studio"], dependencies=[Depends(_make_auth(parse_api_auth(api_auth)))],
+                       route_class=_Route)
     router.add_api_route("/jobs", api.submit, methods=["POST"], status_code=201,
                          summary="Queue a training job (config as JSON sections/flat keys, or {\"toml\": text})")
     router.add_api_route("/jobs", api.list_jobs, methods=["GET"], summary="All jobs, in queue order")

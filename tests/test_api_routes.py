@@ -773,3 +773,28 @@ def test_files_lists_every_state_the_run_saved(env):
     assert c.get(files[0]["url"]).content == b"state 1"
     job = c.get(PREFIX + f"/jobs/{jid}").json()
     assert job["resume_state"].endswith("cat-final.lsstate") and len(job["states"]) == 2
+
+
+def test_requests_fastapi_cannot_read_get_a_detail_text(env):
+    """FastAPI's own validation answered a list of {loc, msg, type} objects where every other error of this API
+    is a detail text; a script printing r.json()["detail"] showed a Python list. Each is one text now, naming the
+    query parameter or body key, with the keys a body takes when one is unknown."""
+    tmp, root = env
+    c, q = make_client(tmp, root, grid=lambda *a, **k: {})
+    job = q.submit(cfg_for(), name="x")
+    cases = [
+        ("post", "/jobs", {"content": b"not json", "headers": {"content-type": "application/json"}},
+         "the body is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+        ("post", "/jobs", {"json": [1, 2]}, "the body must be a JSON object"),
+        ("post", f"/jobs/{job.id}/move", {"json": {"position": "x"}}, "position: value is not a valid integer"),
+        ("post", f"/jobs/{job.id}/move", {"json": {}}, "position: field required"),
+        ("get", f"/jobs/{job.id}?since=abc", {}, "query parameter since: value is not a valid integer"),
+        ("delete", "/jobs?keep_resumable=maybe", {}, "query parameter keep_resumable: value could not be parsed to "
+                                                    "a boolean"),
+        ("post", f"/jobs/{job.id}/grid", {"json": {"prompt": "a", "seeds": [-1], "negative": "x"}},
+         "seeds[0]: ensure this value is greater than or equal to 0; negative: extra fields not permitted (it takes "
+         "prompt, negative_prompt, files, strengths, seeds, width, height, steps, send_images)"),
+    ]
+    for method, url, kw, detail in cases:
+        r = getattr(c, method)(PREFIX + url, **kw)
+        assert r.status_code == 422 and r.json() == {"detail": detail}, (url, r.text)
