@@ -753,12 +753,13 @@ def test_files_lists_every_state_the_run_saved(env):
     def run(job, emit, should_cancel):
         out = parse_train_config(job.config).output_dir
         paths = []
-        for epoch, tag in ((1, "000001"), (2, "final")):
+        for epoch, tag in ((1, "000001"), (2, "000002"), (3, "final")):
             path = os.path.join(out, f"cat-{tag}.lsstate")
             with open(path, "wb") as f:
                 f.write(b"state %d" % epoch)
             emit(TrainEvent("state", step=2 * epoch, epoch=epoch, path=path))
             paths.append(path)
+        os.remove(paths.pop(0))  # (save_last_n_epochs_state pruned it: not listed as if kept)
         return TrainResult("done", [], None, 4, [], [], state_file=paths[-1])
 
     c, q = make_client(tmp, root, runner=run, autostart=True)
@@ -768,9 +769,9 @@ def test_files_lists_every_state_the_run_saved(env):
     finally:
         q.stop(5)
     files = c.get(PREFIX + f"/jobs/{jid}/files").json()["files"]
-    assert [(f["name"], f["kind"], f["exists"]) for f in files] == [("cat-000001.lsstate", "state", True),
+    assert [(f["name"], f["kind"], f["exists"]) for f in files] == [("cat-000002.lsstate", "state", True),
                                                                     ("cat-final.lsstate", "state", True)]
-    assert c.get(files[0]["url"]).content == b"state 1"
+    assert c.get(files[0]["url"]).content == b"state 2"
     job = c.get(PREFIX + f"/jobs/{jid}").json()
     assert job["resume_state"].endswith("cat-final.lsstate") and len(job["states"]) == 2
 

@@ -329,6 +329,8 @@ class JobQueue:
                 ran = list(getattr(result, "files", job.files))
                 job.files = [f for f in dict.fromkeys(job.files + ran) if f in ran or os.path.exists(f)]
                 job.resume_state = getattr(result, "state_file", None)
+                # (states the run pruned itself, save_last_n_epochs_state, are not listed as if kept)
+                job.states = [p for p in job.states if p == job.resume_state or os.path.exists(p)]
                 job.resume_step = getattr(result, "steps", None) if job.resume_state else None
                 job.notes = list(dict.fromkeys(job.kept_notes + list(getattr(result, "notes", job.notes))
                                                + [n for n in job.notes if n == self.save_error]))
